@@ -1,0 +1,71 @@
+"""Where every part of the local stack lives: ports, folders, topic names.
+
+One place, read from environment variables with defaults, so the stack scripts, the jobs,
+the CLI, serving and the tests agree. Override any value with its ``UGT_*`` variable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Kafka topic names (`<domain>.<stage>`, lower case, dots as separators)."""
+
+    raw: str = "events.raw"
+    items: str = "items.catalog"
+    tokens: str = "events.tokens"
+    dlq: str = "events.dlq"
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_port: int = int(_env("UGT_KAFKA_PORT", "9092"))
+    kafka_controller_port: int = int(_env("UGT_KAFKA_CONTROLLER_PORT", "9093"))
+    registry_port: int = int(_env("UGT_REGISTRY_PORT", "8085"))
+    redis_port: int = int(_env("UGT_REDIS_PORT", "6379"))
+    flink_rest_port: int = int(_env("UGT_FLINK_PORT", "8081"))
+    serving_port: int = int(_env("UGT_SERVING_PORT", "8000"))
+    # var/: logs, Kafka/Redis data, Flink checkpoints of the local stack (ignored by git)
+    var_dir: Path = Path(_env("UGT_VAR", str(REPO_ROOT / "var")))
+    # cache: downloads that survive a fresh clone (Maven jars, datasets)
+    cache_dir: Path = Path(_env("UGT_CACHE", str(Path.home() / ".cache" / "ugt")))
+    topics: Topics = field(default_factory=Topics)
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return _env("UGT_KAFKA_BOOTSTRAP", f"localhost:{self.kafka_port}")
+
+    @property
+    def registry_url(self) -> str:
+        """Confluent-compatible Schema Registry base URL."""
+        return _env("UGT_REGISTRY_URL", f"http://localhost:{self.registry_port}/apis/ccompat/v7")
+
+    @property
+    def redis_url(self) -> str:
+        return _env("UGT_REDIS_URL", f"redis://localhost:{self.redis_port}/0")
+
+    @property
+    def flink_rest_url(self) -> str:
+        return _env("UGT_FLINK_REST", f"http://localhost:{self.flink_rest_port}")
+
+    @property
+    def log_dir(self) -> Path:
+        return self.var_dir / "log"
+
+    @property
+    def feature_repo(self) -> Path:
+        return Path(_env("UGT_FEATURE_REPO", str(REPO_ROOT / "feature_repo")))
+
+
+def get_settings() -> Settings:
+    return Settings()
