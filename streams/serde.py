@@ -12,7 +12,7 @@ import json
 import struct
 import threading
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ class RegistryError(RuntimeError):
     """The Schema Registry is unreachable or refused a request."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def schema_text(name: str) -> str:
     """The JSON text of schemas/<name>.avsc."""
     path = SCHEMA_DIR / f"{name}.avsc"
@@ -48,7 +48,7 @@ def schema_text(name: str) -> str:
     return path.read_text()
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(name: str) -> Any:
     """schemas/<name>.avsc parsed by fastavro (cached)."""
     return fastavro.parse_schema(json.loads(schema_text(name)))

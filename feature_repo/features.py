@@ -1,0 +1,42 @@
+"""Feature views: what serving reads. Field names match models/user_state.py FEATURE_NAMES."""
+
+from datetime import timedelta
+
+from entities import item, user
+from feast import FeatureView, Field
+from feast.types import Array, Int64, String
+from sources import item_metadata_push, user_recent_events_push
+
+user_recent_events = FeatureView(
+    name="user_recent_events",
+    entities=[user],
+    ttl=timedelta(days=90),
+    schema=[
+        Field(name="recent_item_ids", dtype=Array(String), description="Last N item ids, oldest first."),
+        Field(name="recent_action_tokens", dtype=Array(Int64), description="Action token per event (models.tokenizer)."),
+        Field(name="recent_rating_tokens", dtype=Array(Int64), description="Rating token per event."),
+        Field(name="recent_event_times", dtype=Array(Int64), description="Event time per event, epoch ms."),
+        Field(name="event_count", dtype=Int64, description="Events applied to this user so far."),
+        Field(name="last_event_time", dtype=Int64, description="Newest event time, epoch ms."),
+        Field(name="state_version", dtype=Int64, description="models.user_state.STATE_VERSION of the writer."),
+    ],
+    source=user_recent_events_push,
+    online=True,
+    tags={"owner": "jobs/user_state.py", "freshness": "per event"},
+)
+
+item_metadata = FeatureView(
+    name="item_metadata",
+    entities=[item],
+    ttl=timedelta(days=3650),
+    schema=[
+        Field(name="title", dtype=String),
+        Field(name="domain", dtype=String),
+        Field(name="categories", dtype=Array(String)),
+        Field(name="year", dtype=Int64),
+        Field(name="semantic_ids", dtype=Array(Int64), description="The item's semantic-ID levels, when assigned."),
+    ],
+    source=item_metadata_push,
+    online=True,
+    tags={"owner": "jobs/item_semantic_ids.py"},
+)

@@ -1,0 +1,26 @@
+"""Sources: parquet files are the offline store; push sources let the Flink jobs write online at once."""
+
+from pathlib import Path
+
+from feast import FileSource, PushSource
+
+DATA = Path(__file__).resolve().parent / "data"
+
+user_recent_events_batch = FileSource(
+    name="user_recent_events_batch",
+    path=str(DATA / "user_recent_events.parquet"),
+    timestamp_field="event_timestamp",
+    description="Snapshots of each user's recent-event state (written by the user_state job and backfills).",
+)
+
+# The user_state job pushes every updated state here (PushMode.ONLINE, or ONLINE_AND_OFFLINE).
+user_recent_events_push = PushSource(name="user_recent_events_push", batch_source=user_recent_events_batch)
+
+item_metadata_batch = FileSource(
+    name="item_metadata_batch",
+    path=str(DATA / "item_metadata.parquet"),
+    timestamp_field="event_timestamp",
+    description="Item catalog metadata (from items.catalog events or `ugt data fetch`).",
+)
+
+item_metadata_push = PushSource(name="item_metadata_push", batch_source=item_metadata_batch)

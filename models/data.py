@@ -1,0 +1,269 @@
+"""Sequences and leave-one-out splits under the HSTU protocol, as padded numpy arrays.
+
+Why this shape: HSTU's ML-1M numbers (and the SASRec baseline beside them) come from one preprocessing
+(meta-recsys/generative-recommenders, ``research/data/preprocessor.py``): ``ratings.sort_values(by=
+["unix_timestamp"])`` -- pandas' default *quicksort*, which is not stable, so events with equal
+timestamps are reordered -- then ``groupby("user_id")``. We reproduce that call exactly on the ratings in
+their original file order (``tie_order="hstu"``) and offer ``tie_order="stable"`` (ties keep file order)
+beside it. numpy's quicksort on int64 may dispatch to SIMD sorts, so the HSTU tie order can differ between
+CPUs; the stable variant is the one that is reproducible everywhere.
+
+Splits (leave-one-out by time, per user): the last event is the test target, the one before it the
+validation target (early stopping), and everything before that is training data. The test history is the
+whole sequence before the last event (so it includes the validation item), as SASRec's and HSTU's
+evaluation do. Each model input is the most recent ``max_len`` events; like HSTU, sequences are
+left-aligned (real events first, padding after), so causal attention never sees padding.
+
+Tokens come from :mod:`models.tokenizer` (rating tokens, time-gap buckets), so the trainer and the
+streaming jobs agree on what a token is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from models.tokenizer import TokenVocab, rating_token, time_gap_bucket
+
+TIE_ORDERS = ("hstu", "stable")
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class SequenceData:
+    """Per-user chronological sequences (item indices, 0 = padding) plus item metadata."""
+
+    name: str
+    tie_order: str
+    vocab: TokenVocab
+    user_ids: list[str]
+    items: list[np.ndarray]  # per user, int64 item indices (1..num_items)
+    times: list[np.ndarray]  # per user, int64 epoch seconds
+    ratings: list[np.ndarray]  # per user, int64 rating tokens (models.tokenizer.rating_token)
+    genre_names: list[str]
+    item_genres: np.ndarray  # [num_items + 1, max_genres] genre index + 1 (0 = none)
+    item_year_bucket: np.ndarray  # [num_items + 1] 0 = unknown, else decade bucket
+    item_titles: list[str] = field(default_factory=list)  # index -> title ("" for padding)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    def item_popularity(self, split: str = "train") -> np.ndarray:
+        """Counts per item index over the events a model may learn from in ``split``."""
+        cut = {"train": 2, "valid": 2, "test": 1}[split]
+        counts = np.zeros(self.num_items + 1, dtype=np.int64)
+        for seq in self.items:
+            np.add.at(counts, seq[: max(0, len(seq) - cut)], 1)
+        counts[0] = 0
+        return counts
+
+
+def order_ratings(ratings: pd.DataFrame, tie_order: str) -> pd.DataFrame:
+    """Sort ratings by time the way HSTU's preprocessor does, or stably.
+
+    The input is first put in original file order (the ``row`` column), which is what HSTU's
+    ``pd.read_csv`` of ratings.dat hands to ``sort_values``.
+    """
+    if tie_order not in TIE_ORDERS:
+        raise ValueError(f"tie_order must be one of {TIE_ORDERS}, got {tie_order!r}")
+    base = ratings.sort_values("row", kind="stable").reset_index(drop=True)
+    if tie_order == "hstu":
+        # Exactly HSTU's call: default kind (quicksort, unstable) on the timestamp column.
+        return base.sort_values(by=["timestamp"])
+    return base.sort_values(by=["timestamp"], kind="stable")
+
+
+def _vectorized(fn, values: np.ndarray) -> np.ndarray:
+    """Apply a pure scalar tokenizer function through its unique values (fast, and exactly the same)."""
+    uniques, inverse = np.unique(values, return_inverse=True)
+    mapped = np.array([fn(v) for v in uniques.tolist()], dtype=np.int64)
+    return mapped[inverse].reshape(values.shape)
+
+
+def build_sequences(dataset, tie_order: str = "hstu") -> SequenceData:
+    """Turn a ``streams.datasets.Dataset`` into per-user sequences.
+
+    The vocabulary holds every catalog item (HSTU ranks over all movies of movies.dat, rated or not),
+    then any rated item missing from the catalog.
+    """
+    ratings = dataset.ratings
+    missing = {"user_id", "item_id", "timestamp", "row"} - set(ratings.columns)
+    if missing:
+        raise ValueError(f"ratings lack columns {sorted(missing)}")
+    if len(ratings) == 0:
+        raise ValueError("dataset has no ratings")
+    vocab = TokenVocab()
+    catalog = dataset.items
+    for item_id in catalog["item_id"].astype(str):
+        vocab.add(item_id)
+    for item_id in pd.unique(ratings["item_id"].astype(str)):
+        vocab.add(item_id)
+
+    ordered = order_ratings(ratings, tie_order)
+    item_index = ordered["item_id"].astype(str).map(vocab.item_to_index).to_numpy(np.int64)
+    rating_values = ordered["rating"].to_numpy(np.float64) if "rating" in ordered else np.full(len(ordered), np.nan)
+    rating_tokens = _vectorized(lambda r: 0 if r != r else rating_token(r), rating_values)
+    times = ordered["timestamp"].to_numpy(np.int64)
+    users = ordered["user_id"].astype(str).to_numpy()
+    # groupby keeps the sorted order within each user (as HSTU's groupby(...).apply(list) does).
+    codes, uniques = pd.factorize(users, sort=True)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
+    seq_items, seq_times, seq_ratings = [], [], []
+    for u in range(len(uniques)):
+        idx = order[bounds[u] : bounds[u + 1]]
+        seq_items.append(item_index[idx])
+        seq_times.append(times[idx])
+        seq_ratings.append(rating_tokens[idx])
+
+    genre_names = sorted({g for gs in catalog["genres"] for g in gs}) if "genres" in catalog else []
+    genre_of = {g: i + 1 for i, g in enumerate(genre_names)}
+    max_genres = max([len(gs) for gs in catalog.get("genres", [])] + [1])
+    item_genres = np.zeros((len(vocab) + 1, max_genres), dtype=np.int64)
+    item_year = np.zeros(len(vocab) + 1, dtype=np.int64)
+    titles = [""] * (len(vocab) + 1)
+    for row in catalog.itertuples(index=False):
+        index = vocab.index_of(str(row.item_id))
+        for j, g in enumerate(getattr(row, "genres", []) or []):
+            item_genres[index, j] = genre_of[g]
+        year = getattr(row, "year", None)
+        if year is not None and not pd.isna(year):
+            item_year[index] = int(np.clip((int(year) - 1900) // 10 + 1, 1, 15))
+        titles[index] = str(getattr(row, "title", ""))
+    return SequenceData(
+        name=getattr(dataset, "name", "dataset"),
+        tie_order=tie_order,
+        vocab=vocab,
+        user_ids=[str(u) for u in uniques],
+        items=seq_items,
+        times=seq_times,
+        ratings=seq_ratings,
+        genre_names=genre_names,
+        item_genres=item_genres,
+        item_year_bucket=item_year,
+        item_titles=titles,
+    )
+
+
+def time_gap_buckets(times: np.ndarray) -> np.ndarray:
+    """Tokenizer time-gap bucket of each event vs. the one before it (0 for the first)."""
+    gaps = np.diff(times, prepend=times[:1]) if len(times) else times
+    return _vectorized(time_gap_bucket, gaps.astype(np.float64)) if len(times) else gaps
+
+
+@dataclass
+class Batchable:
+    """One split as padded arrays: row b is one example (left-aligned, 0 = padding).
+
+    For training rows every position t predicts ``targets[b, t]`` (0 = no target). For eval rows only
+    the last real position predicts ``target[b]``. ``query_times[b, t]`` is the time of the event that
+    position t predicts (HSTU's relative time bias uses it: the request time is known when serving).
+    """
+
+    ids: np.ndarray  # [R, N]
+    times: np.ndarray  # [R, N]
+    query_times: np.ndarray  # [R, N]
+    ratings: np.ndarray  # [R, N]
+    gaps: np.ndarray  # [R, N] time-gap bucket vs. previous event
+    lengths: np.ndarray  # [R]
+    targets: np.ndarray  # [R, N] (train) or [R] (eval)
+    users: np.ndarray  # [R] user row index
+    long_ids: np.ndarray  # [R, E] events older than the window (for long-term compression), 0 = pad
+    long_times: np.ndarray  # [R, E]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "ids": self.ids[index],
+            "times": self.times[index],
+            "query_times": self.query_times[index],
+            "ratings": self.ratings[index],
+            "gaps": self.gaps[index],
+            "lengths": self.lengths[index],
+            "targets": self.targets[index],
+            "users": self.users[index],
+            "long_ids": self.long_ids[index],
+            "long_times": self.long_times[index],
+        }
+
+
+def make_split(data: SequenceData, split: str, max_len: int, max_long: int = 0) -> Batchable:
+    """Padded arrays for ``split`` with at most ``max_len`` model positions per row.
+
+    train: each user's events except the last two; input = events[:-1] (last max_len), targets = next
+    events. valid/test: history = events before the target (last max_len), target = events[-2] / [-1].
+    ``max_long`` > 0 also keeps up to that many older events (before the window) for long-term
+    compression (UGT's multi-scale input); the baselines ignore them, as HSTU drops them.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if max_len < 1:
+        raise ValueError("max_len must be >= 1")
+    keep = [u for u, s in enumerate(data.items) if len(s) >= 3]
+    R, N, E = len(keep), max_len, max(max_long, 1)
+    out = {k: np.zeros((R, N), dtype=np.int64) for k in ("ids", "times", "query_times", "ratings", "gaps")}
+    lengths = np.zeros(R, dtype=np.int64)
+    targets = np.zeros((R, N) if split == "train" else R, dtype=np.int64)
+    long_ids = np.zeros((R, E), dtype=np.int64)
+    long_times = np.zeros((R, E), dtype=np.int64)
+    for r, u in enumerate(keep):
+        items, times, ratings = data.items[u], data.times[u], data.ratings[u]
+        gaps = time_gap_buckets(times)
+        end = len(items) - (2 if split in ("train", "valid") else 1)  # events[:end] is the history
+        if split == "train":
+            start = max(0, end - 1 - N)
+            hist = slice(start, end - 1)
+            n = end - 1 - start
+            targets[r, :n] = items[start + 1 : end]
+            qt = times[start + 1 : end]
+        else:
+            start = max(0, end - N)
+            hist = slice(start, end)
+            n = end - start
+            targets[r] = items[end]
+            qt = np.append(times[start + 1 : end], times[end])
+        out["ids"][r, :n] = items[hist]
+        out["times"][r, :n] = times[hist]
+        out["ratings"][r, :n] = ratings[hist]
+        out["gaps"][r, :n] = gaps[hist]
+        out["query_times"][r, :n] = qt
+        lengths[r] = n
+        if max_long > 0 and start > 0:
+            ls = max(0, start - max_long)
+            m = start - ls
+            long_ids[r, :m] = items[ls:start]
+            long_times[r, :m] = times[ls:start]
+    return Batchable(
+        ids=out["ids"],
+        times=out["times"],
+        query_times=out["query_times"],
+        ratings=out["ratings"],
+        gaps=out["gaps"],
+        lengths=lengths,
+        targets=targets,
+        users=np.asarray(keep, dtype=np.int64),
+        long_ids=long_ids,
+        long_times=long_times,
+    )
+
+
+def iterate_batches(split: Batchable, batch_size: int, shuffle: bool, rng: np.random.Generator | None = None,
+                    drop_last: bool = False):
+    """Yield dicts of numpy arrays; shuffled when training."""
+    index = np.arange(len(split))
+    if shuffle:
+        (rng or np.random.default_rng()).shuffle(index)
+    stop = len(index) - (len(index) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        chunk = index[start : start + batch_size]
+        if len(chunk):
+            yield split.rows(chunk)
