@@ -34,6 +34,7 @@ class Settings:
     registry_port: int = int(_env("UGT_REGISTRY_PORT", "8085"))
     redis_port: int = int(_env("UGT_REDIS_PORT", "6379"))
     flink_rest_port: int = int(_env("UGT_FLINK_PORT", "8081"))
+    flink_rpc_port: int = int(_env("UGT_FLINK_RPC_PORT", "6123"))  # JobManager RPC (TaskManagers dial it)
     serving_port: int = int(_env("UGT_SERVING_PORT", "8000"))
     # var/: logs, Kafka/Redis data, Flink checkpoints of the local stack (ignored by git)
     var_dir: Path = Path(_env("UGT_VAR", str(REPO_ROOT / "var")))

@@ -172,8 +172,10 @@ class Batchable:
     query_times: np.ndarray  # [R, N]
     ratings: np.ndarray  # [R, N]
     gaps: np.ndarray  # [R, N] time-gap bucket vs. previous event
+    query_gaps: np.ndarray  # [R, N] time-gap bucket from each event to the event it predicts
     lengths: np.ndarray  # [R]
     targets: np.ndarray  # [R, N] (train) or [R] (eval)
+    target_ratings: np.ndarray  # rating tokens of the targets, same shape as targets
     users: np.ndarray  # [R] user row index
     long_ids: np.ndarray  # [R, E] events older than the window (for long-term compression), 0 = pad
     long_times: np.ndarray  # [R, E]
@@ -188,8 +190,10 @@ class Batchable:
             "query_times": self.query_times[index],
             "ratings": self.ratings[index],
             "gaps": self.gaps[index],
+            "query_gaps": self.query_gaps[index],
             "lengths": self.lengths[index],
             "targets": self.targets[index],
+            "target_ratings": self.target_ratings[index],
             "users": self.users[index],
             "long_ids": self.long_ids[index],
             "long_times": self.long_times[index],
@@ -213,6 +217,7 @@ def make_split(data: SequenceData, split: str, max_len: int, max_long: int = 0) 
     out = {k: np.zeros((R, N), dtype=np.int64) for k in ("ids", "times", "query_times", "ratings", "gaps")}
     lengths = np.zeros(R, dtype=np.int64)
     targets = np.zeros((R, N) if split == "train" else R, dtype=np.int64)
+    target_ratings = np.zeros_like(targets)
     long_ids = np.zeros((R, E), dtype=np.int64)
     long_times = np.zeros((R, E), dtype=np.int64)
     for r, u in enumerate(keep):
@@ -224,12 +229,14 @@ def make_split(data: SequenceData, split: str, max_len: int, max_long: int = 0) 
             hist = slice(start, end - 1)
             n = end - 1 - start
             targets[r, :n] = items[start + 1 : end]
+            target_ratings[r, :n] = ratings[start + 1 : end]
             qt = times[start + 1 : end]
         else:
             start = max(0, end - N)
             hist = slice(start, end)
             n = end - start
             targets[r] = items[end]
+            target_ratings[r] = ratings[end]
             qt = np.append(times[start + 1 : end], times[end])
         out["ids"][r, :n] = items[hist]
         out["times"][r, :n] = times[hist]
@@ -242,7 +249,10 @@ def make_split(data: SequenceData, split: str, max_len: int, max_long: int = 0) 
             m = start - ls
             long_ids[r, :m] = items[ls:start]
             long_times[r, :m] = times[ls:start]
+    query_gaps = _vectorized(time_gap_bucket, (out["query_times"] - out["times"]).astype(np.float64))
+    query_gaps[out["ids"] == 0] = 0
     return Batchable(
+        query_gaps=query_gaps,
         ids=out["ids"],
         times=out["times"],
         query_times=out["query_times"],
@@ -250,6 +260,7 @@ def make_split(data: SequenceData, split: str, max_len: int, max_long: int = 0) 
         gaps=out["gaps"],
         lengths=lengths,
         targets=targets,
+        target_ratings=target_ratings,
         users=np.asarray(keep, dtype=np.int64),
         long_ids=long_ids,
         long_times=long_times,

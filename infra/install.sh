@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what a FRESH machine needs for the local stack (`ugt stack up`), idempotently:
+#   - Debian's redis-server (if missing),
+#   - Java 17 and Maven (if missing),
+#   - the Maven artifacts (Kafka 4.x broker jars, the Flink Kafka SQL connector) copied into
+#     ${UGT_CACHE:-~/.cache/ugt}/lib/{kafka,flink-connectors} by infra/maven/pom.xml.
+# The Python side (apache-flink, confluent-kafka, redis, fastavro) comes from pyproject.toml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "install.sh: apt-get install ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need_apt[@]}"
+fi
+# Debian's package starts its own redis on 6379 as a system service; the stack runs its own
+# redis-server (data and log under var/), so stop the system one where systemd/service runs it.
+if [[ " ${need_apt[*]:-} " == *" redis-server "* ]]; then
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet redis-server 2>/dev/null; then
+    systemctl stop redis-server || true
+    systemctl disable redis-server >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/redis-server ]; then
+    /etc/init.d/redis-server stop >/dev/null 2>&1 || true
+  fi
+fi
+
+lib="${UGT_CACHE:-$HOME/.cache/ugt}/lib"
+if ls "$lib"/kafka/kafka_2.13-*.jar >/dev/null 2>&1 && ls "$lib"/flink-connectors/flink-sql-connector-kafka-*.jar >/dev/null 2>&1; then
+  echo "install.sh: jars already in $lib"
+else
+  echo "install.sh: resolving Maven artifacts into $lib (first time: ~1 min)"
+  mvn -q -B -f infra/maven/pom.xml package -Dugt.lib="$lib"
+fi
+echo "install.sh: done (redis-server $(redis-server --version | awk '{print $3}'), jars in $lib)"

@@ -1,0 +1,54 @@
+"""`ugt stack up|down|status`: the local Kafka, Schema Registry, Redis and Flink cluster."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from infra import stack
+from infra.settings import get_settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Start, stop or inspect the local stack. Ports come from UGT_KAFKA_PORT, UGT_REGISTRY_PORT, "
+        "UGT_REDIS_PORT, UGT_FLINK_PORT, ...; data and logs live under var/ (UGT_VAR), logs in var/log/."
+    )
+    parser.add_argument("action", choices=("up", "down", "status"),
+                        help="up: start what is not healthy (idempotent); down: stop; status: print a table")
+    parser.add_argument("--only", default="",
+                        help=f"comma-separated subset of {','.join(stack.SERVICES)} (default: all)")
+
+
+def _only(text: str) -> list[str] | None:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    return names or None
+
+
+def print_status(rows: list[dict[str, object]]) -> None:
+    print(f"{'service':9s} {'port':>5s}  {'pid':13s} {'healthy':7s}  log")
+    for r in rows:
+        pids = " ".join(map(str, r["pid"])) or "-"  # type: ignore[call-overload]
+        print(f"{r['service']!s:9s} {r['port']!s:>5s}  {pids:13s} {'yes' if r['healthy'] else 'NO':7s}  {r['log']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    only = _only(args.only)
+    try:
+        if args.action == "up":
+            took = stack.up(only)
+            print(f"stack up in {took['total']:.1f} s")
+            print_status(stack.status(only))
+            s = get_settings()
+            print(f"kafka {s.kafka_bootstrap} | registry {s.registry_url} | redis {s.redis_url} | "
+                  f"flink {s.flink_rest_url} (FLINK_CONF_DIR={stack.flink_conf_dir(s)})")
+        elif args.action == "down":
+            stack.down(only)
+        else:
+            rows = stack.status(only)
+            print_status(rows)
+            return 0 if all(r["healthy"] for r in rows) else 1
+    except stack.StackError as exc:
+        print(f"ugt stack {args.action}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,82 @@
+"""PyFlink job `user_state`: events.tokens -> per-user state (keyed ValueState) -> Feast online + popularity.
+
+    <pyflink>/bin/flink run -py jobs/user_state.py [--bounded] [--max-events 200] ...   # on the cluster
+    python jobs/user_state.py --local [--bounded] ...                                  # in-process
+
+Wiring only; the logic is jobs/user_state_logic.py, the operators jobs/operators/user_state_fn.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("ugt.jobs.user_state")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from infra.settings import get_settings
+    from jobs.common import add_common_arguments
+    from models.user_state import DEFAULT_MAX_EVENTS
+
+    s = get_settings()
+    parser.add_argument("--source-topic", default=s.topics.tokens, help="input topic (default: %(default)s)")
+    parser.add_argument("--dlq-topic", default=s.topics.dlq, help="dead-letter topic (default: %(default)s)")
+    parser.add_argument("--max-events", type=int, default=DEFAULT_MAX_EVENTS,
+                        help="events kept per user, newest last (default: %(default)s)")
+    parser.add_argument("--feature-repo", default=str(s.feature_repo), help="Feast repo (default: %(default)s)")
+    parser.add_argument("--flush-rows", type=int, default=500,
+                        help="write to Feast once this many users changed (default: %(default)s)")
+    parser.add_argument("--flush-ms", type=int, default=200,
+                        help="... or once the oldest change waited this long (default: %(default)s)")
+    add_common_arguments(parser, "user_state")
+
+
+def build_pipeline(env, t_env, cfg) -> None:
+    """events.tokens -> decode -> key_by(user_id) -> UserStateFunction (writes Feast + Redis); bad records -> DLQ."""
+    from pyflink.common import Types
+
+    from jobs.common import add_kafka_sink, discard, kafka_source
+    from jobs.operators.user_state_fn import DLQ_TAG, DecodeTokensFunction, UserStateFunction, keyed_event_type
+
+    x = cfg.extra
+    tokens = kafka_source(t_env, "tokens_source", x["source_topic"], cfg)
+    events = tokens.process(DecodeTokensFunction(cfg.registry, x["dlq_topic"]), output_type=keyed_event_type()) \
+        .name("decode-tokens").uid("decode-tokens")
+    states = events.key_by(lambda row: row[0], key_type=Types.STRING()) \
+        .process(UserStateFunction(cfg.redis, x["feature_repo"], x["max_events"], x["flush_rows"], x["flush_ms"]),
+                 output_type=Types.BOOLEAN()) \
+        .name("user-state").uid("user-state")
+    discard(states)
+    statements = t_env.create_statement_set()
+    add_kafka_sink(t_env, statements, events.get_side_output(DLQ_TAG), "dlq_sink", x["dlq_topic"], cfg)
+    statements.attach_as_datastream()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.common import JobSetupError, config_from_args, create_env, describe
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="flink run -py jobs/user_state.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        if args.max_events < 1 or args.flush_rows < 1 or args.flush_ms < 1:
+            raise JobSetupError("--max-events, --flush-rows and --flush-ms must be >= 1")
+        cfg = config_from_args(args, "user_state", source_topic=args.source_topic, dlq_topic=args.dlq_topic,
+                               max_events=args.max_events, feature_repo=args.feature_repo,
+                               flush_rows=args.flush_rows, flush_ms=args.flush_ms)
+        env, t_env = create_env(cfg)
+    except JobSetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log.info(describe(cfg))
+    build_pipeline(env, t_env, cfg)
+    env.execute(cfg.job_name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

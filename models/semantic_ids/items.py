@@ -1,0 +1,85 @@
+"""One canonical item record, whichever way an item arrives.
+
+Offline the builder reads `load_dataset(...).items` rows (item_id, title, year, genres); online the
+Flink item job sees `schemas/item_event.avsc` records (item_id, title, description, categories,
+attributes={"year": "1995", ...}). Both go through :func:`canonical_item`, so an item gets the same
+embedding, and so the same semantic ID, on either path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+DEFAULT_TEXT_TEMPLATE = "{title} ({year}): {genres}"
+
+
+class ItemError(ValueError):
+    """An item record the encoders cannot use (says which item and why)."""
+
+
+def _year(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    try:
+        text = str(value).strip()
+        if not text or text.lower() in ("nan", "<na>", "none"):
+            return None
+        return int(float(text))
+    except (TypeError, ValueError):
+        return None
+
+
+def canonical_item(item: Mapping[str, Any]) -> dict[str, Any]:
+    """item_id, title, year (int|None), genres (list[str]), description, attributes (dict[str, str])."""
+    if not isinstance(item, Mapping):
+        raise ItemError(f"an item must be a mapping, got {type(item).__name__}")
+    item_id = item.get("item_id")
+    if item_id is None or str(item_id) == "":
+        raise ItemError(f"item has no item_id: {dict(item)!r:.200}")
+    attributes = {str(k): str(v) for k, v in dict(item.get("attributes") or {}).items()}
+    genres = item.get("genres")
+    if genres is None or (isinstance(genres, float) and math.isnan(genres)):
+        genres = item.get("categories")
+    genres = [str(g) for g in (list(genres) if genres is not None else [])]
+    year = _year(item.get("year"))
+    if year is None:
+        year = _year(attributes.get("year"))
+    if year is not None:
+        attributes.setdefault("year", str(year))
+    return {
+        "item_id": str(item_id),
+        "title": str(item.get("title") or ""),
+        "year": year,
+        "genres": genres,
+        "description": str(item.get("description") or ""),
+        "attributes": attributes,
+    }
+
+
+def item_text(item: Mapping[str, Any], template: str = DEFAULT_TEXT_TEMPLATE) -> str:
+    """Text for the text encoder: "title (year): genre, genre" by default; missing parts drop out cleanly."""
+    c = canonical_item(item)
+    text = template.format(
+        title=c["title"],
+        year="" if c["year"] is None else c["year"],
+        genres=", ".join(c["genres"]),
+        description=c["description"],
+        item_id=c["item_id"],
+    )
+    # a missing year leaves "Title (): ..." behind; tidy it so it reads like the other items
+    text = text.replace(" ()", "").replace("()", "").strip()
+    if text.endswith(":"):
+        text = text[:-1].rstrip()
+    return text
+
+
+def items_from_frame(frame: Any) -> list[dict[str, Any]]:
+    """Rows of a pandas DataFrame (load_dataset(...).items) as canonical item dicts."""
+    missing = {"item_id", "title"} - set(frame.columns)
+    if missing:
+        raise ItemError(f"items frame lacks column(s) {sorted(missing)}; has {list(frame.columns)}")
+    return [canonical_item(row) for row in frame.to_dict("records")]

@@ -1,0 +1,117 @@
+"""Unified input embedding: item (ID and/or semantic-ID tokens) + position + token type + time + features.
+
+One vector per event token (HSTU-style, the event's parts summed rather than interleaved, which keeps the
+sequence short): the item's identity (its ID row, or the sum of its semantic-ID code embeddings, or
+both), the event's rating token and time-gap bucket from :mod:`models.tokenizer`, the item's genres and
+release decade, a token-type embedding (the GLN group) and a learned position. The item part is also the
+output item representation used for retrieval, so input and output share one space (as HSTU does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.tokenizer import NUM_RATING_TOKENS, NUM_TIME_GAP_BUCKETS
+
+ITEM_REPRS = ("id", "sid", "id+sid")
+
+
+@dataclass
+class EmbeddingConfig:
+    item_repr: str = "id"  # "id" | "sid" | "id+sid": how an item token is embedded
+    use_rating: bool = True  # rating token of the event
+    use_gap: bool = True  # time-gap bucket since the previous event
+    use_genres: bool = True  # item genres (mean of genre embeddings)
+    use_year: bool = True  # item release decade
+    output_features: bool = True  # genres/year/semantic ID also in the output item vectors
+    num_types: int = 4
+    dropout: float = 0.2
+
+
+class UnifiedEmbedding(nn.Module):
+    """Embeds event tokens; holds item metadata (genres, year, semantic-ID codes) as buffers."""
+
+    def __init__(self, d_model: int, num_items: int, max_positions: int, config: EmbeddingConfig,
+                 item_genres: np.ndarray | None = None, item_year: np.ndarray | None = None,
+                 item_codes: np.ndarray | None = None, codebook_sizes: list[int] | None = None):
+        super().__init__()
+        if config.item_repr not in ITEM_REPRS:
+            raise ValueError(f"item_repr must be one of {ITEM_REPRS}, got {config.item_repr!r}")
+        if "sid" in config.item_repr and (item_codes is None or not codebook_sizes):
+            raise ValueError("item_repr uses semantic IDs but no item_codes/codebook_sizes were given")
+        self.config, self.d_model, self.num_items = config, d_model, num_items
+        genres = np.zeros((num_items + 1, 1), np.int64) if item_genres is None else item_genres
+        year = np.zeros(num_items + 1, np.int64) if item_year is None else item_year
+        self.register_buffer("item_genres", torch.as_tensor(genres, dtype=torch.long), persistent=True)
+        self.register_buffer("item_year", torch.as_tensor(year, dtype=torch.long), persistent=True)
+        self.item_emb = nn.Embedding(num_items + 1, d_model, padding_idx=0)
+        nn.init.trunc_normal_(self.item_emb.weight, std=0.02)
+        self.codebook_sizes = list(codebook_sizes or [])
+        if item_codes is not None and self.codebook_sizes:
+            offsets = np.concatenate([[0], np.cumsum(self.codebook_sizes)[:-1]]).astype(np.int64)
+            shifted = np.asarray(item_codes, np.int64) + offsets + 1  # 0 = padding row
+            shifted[0] = 0
+            self.register_buffer("item_codes", torch.as_tensor(shifted), persistent=True)
+            self.code_emb = nn.Embedding(int(sum(self.codebook_sizes)) + 1, d_model, padding_idx=0)
+            nn.init.trunc_normal_(self.code_emb.weight, std=0.02)
+        else:
+            self.item_codes = None
+            self.code_emb = None
+        self.genre_emb = nn.Embedding(int(genres.max()) + 1, d_model, padding_idx=0)
+        self.year_emb = nn.Embedding(int(year.max()) + 1, d_model, padding_idx=0)
+        self.rating_emb = nn.Embedding(NUM_RATING_TOKENS, d_model)
+        self.gap_emb = nn.Embedding(NUM_TIME_GAP_BUCKETS, d_model)
+        self.type_emb = nn.Embedding(config.num_types, d_model)
+        self.pos_emb = nn.Embedding(max_positions, d_model)
+        for emb in (self.genre_emb, self.year_emb, self.rating_emb, self.gap_emb, self.type_emb, self.pos_emb):
+            nn.init.trunc_normal_(emb.weight, std=0.02)
+
+    def sid_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Sum of the item's semantic-ID code embeddings (..., D); zeros without semantic IDs."""
+        if self.code_emb is None:
+            return self.item_emb.weight.new_zeros(*ids.shape, self.d_model)
+        return self.code_emb(self.item_codes[ids]).sum(-2)
+
+    def feature_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item metadata part: mean genre embedding + decade embedding."""
+        out = self.item_emb.weight.new_zeros(*ids.shape, self.d_model)
+        if self.config.use_genres:
+            g = self.item_genres[ids]
+            count = (g > 0).sum(-1, keepdim=True).clamp(min=1)
+            out = out + self.genre_emb(g).sum(-2) / count
+        if self.config.use_year:
+            out = out + self.year_emb(self.item_year[ids])
+        return out
+
+    def item_vectors(self, ids: torch.Tensor, with_features: bool = True) -> torch.Tensor:
+        """The item token content (..., D): ID and/or semantic-ID part, plus metadata features."""
+        repr_ = self.config.item_repr
+        out = self.item_emb(ids) if "id" in repr_.split("+") else self.item_emb.weight.new_zeros(*ids.shape, self.d_model)
+        if "sid" in repr_:
+            out = out + self.sid_vectors(ids)
+        if with_features:
+            out = out + self.feature_vectors(ids)
+        return out
+
+    def output_table(self) -> torch.Tensor:
+        """L2-normalised output vectors of every item (row 0 = padding) for retrieval / softmax."""
+        ids = torch.arange(self.num_items + 1, device=self.item_emb.weight.device)
+        return F.normalize(self.item_vectors(ids, self.config.output_features), dim=-1, eps=1e-6)
+
+    def forward(self, ids: torch.Tensor, ratings: torch.Tensor, gaps: torch.Tensor, token_types: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+        """Event tokens (B, N, D); padding rows (ids == 0) come out as zeros."""
+        x = self.item_vectors(ids) * math.sqrt(self.d_model)
+        if self.config.use_rating:
+            x = x + self.rating_emb(ratings)
+        if self.config.use_gap:
+            x = x + self.gap_emb(gaps)
+        x = x + self.type_emb(token_types) + self.pos_emb(positions)
+        x = F.dropout(x, p=self.config.dropout, training=self.training)
+        return x * (ids != 0).unsqueeze(-1).to(x.dtype)

@@ -1,0 +1,280 @@
+"""The HTTP layer: FastAPI routes, request bounds, error bodies, metrics; the pipeline lives in service.py.
+
+``create_app(settings, config)`` builds the real parts (Redis, Feast, popularity) and fails at once when
+they cannot be built; tests pass ``components=`` with fakes instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from typing import Any
+
+import redis
+from fastapi import Body, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from infra.settings import Settings, get_settings
+from serving.config import ConfigError, ServingConfig
+from serving.fallback import NoPopularity, PopularityFallback, load_popularity_file
+from serving.generator import PopularityGenerator
+from serving.metrics import ServingMetrics
+from serving.reranker import FilterReranker
+from serving.schemas import (
+    REQUEST_EXAMPLES,
+    ErrorResponse,
+    HealthResponse,
+    RecommendRequest,
+    RecommendResponse,
+)
+from serving.service import Components, RecommendService
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = ("/recommend", "/health", "/metrics", "/docs", "/openapi.json")
+
+
+def redis_client(settings: Settings, config: ServingConfig) -> redis.Redis:
+    """Serving's own Redis client, with timeouts so a hung Redis costs one timeout, not a hung request."""
+    timeout = config.redis_timeout_ms / 1000.0
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def build_components(settings: Settings, config: ServingConfig, client: redis.Redis) -> Components:
+    """The real parts named by the config; raises ConfigError with what is wrong."""
+    file_items = {}
+    if config.popularity_file:
+        try:
+            file_items = load_popularity_file(config.popularity_file)
+        except ValueError as exc:
+            raise ConfigError(f"popularity_file: {exc}") from exc
+    fallback = PopularityFallback(
+        client,
+        file_items,
+        key_prefix=config.popularity_key_prefix,
+        cache_size=config.popularity_cache_size,
+        refresh_interval_s=config.popularity_refresh_s,
+    )
+    if config.state_reader == "feast":
+        from infra.feast_store import open_feature_store
+        from serving.state import FeastStateReader
+
+        try:
+            reader = FeastStateReader(open_feature_store(settings), config.feature_service, client)
+        except Exception as exc:  # Feast raises many types for an unapplied or broken repo
+            raise ConfigError(
+                f"cannot open Feast feature service {config.feature_service!r} from {settings.feature_repo} "
+                f"(has `feast -c feature_repo apply` run?): {exc}"
+            ) from exc
+    else:
+        from serving.feast_redis import FeastRedisLayout
+        from serving.state import RedisStateReader
+
+        try:
+            layout = FeastRedisLayout.from_repo(settings.feature_repo)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"state_reader redis: cannot use {settings.feature_repo}: {exc}") from exc
+        reader = RedisStateReader(client, layout, config.feature_view)
+    generator = PopularityGenerator(fallback, version=config.generator_version)
+    return Components(state_reader=reader, generator=generator, fallback=fallback, reranker=FilterReranker())
+
+
+def _error(status: int, error: str, message: str, errors: list[dict[str, str]] | None = None) -> JSONResponse:
+    body = ErrorResponse(error=error, message=message, errors=errors or [])
+    return JSONResponse(status_code=status, content=body.model_dump())
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    """400 for a body that is not JSON or missing, 422 (with every field's problem) for a wrong one."""
+    assert isinstance(exc, RequestValidationError)
+    problems = exc.errors()
+    for problem in problems:
+        if problem.get("type") == "json_invalid":
+            detail = (problem.get("ctx") or {}).get("error", "")
+            return _error(400, "bad_json", f"request body is not valid JSON: {detail}".rstrip(": "))
+        if tuple(problem.get("loc", ())) == ("body",) and problem.get("type") == "missing":
+            return _error(400, "missing_body", "request body is required: a JSON object like "
+                          + json.dumps(REQUEST_EXAMPLES["known_user"]["value"]))
+    errors = []
+    for problem in problems:
+        field = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
+        text = str(problem.get("msg", "invalid"))
+        if field == "body" and problem.get("type") == "model_attributes_type":
+            text = ("must be a JSON object sent as Content-Type: application/json, like "
+                    + json.dumps(REQUEST_EXAMPLES["exclude_and_domain"]["value"]))
+        errors.append({"field": field, "message": text, "type": str(problem.get("type"))})
+    message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return _error(422, "invalid_request", message, errors)
+
+
+class GuardMiddleware:
+    """Pure ASGI: caps request bodies (413) before parsing and counts every response by endpoint and status."""
+
+    def __init__(self, app: Any, max_body_bytes: int, metrics: ServingMetrics):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            too_big = self._declared_too_big(scope)
+            if too_big is not None:
+                await too_big(scope, receive, counting_send)
+                return
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                body, over = await self._read_body(receive)
+                if over:
+                    await self._too_large()(scope, receive, counting_send)
+                    return
+                receive = self._replay(body, receive)
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+
+    def _too_large(self) -> JSONResponse:
+        return _error(413, "body_too_large", f"request body is larger than {self.max_body_bytes} bytes")
+
+    def _declared_too_big(self, scope: dict) -> JSONResponse | None:
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                if not value.isdigit():
+                    return _error(400, "bad_content_length", f"Content-Length is not a number: {value[:32]!r}")
+                if int(value) > self.max_body_bytes:
+                    return self._too_large()
+        return None
+
+    async def _read_body(self, receive: Any) -> tuple[bytes, bool]:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(chunks), False  # client went away; the app sees an empty body
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return b"", True
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), False
+
+    @staticmethod
+    def _replay(body: bytes, receive: Any) -> Any:
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls wait for the disconnect, as Starlette expects
+
+        return replay
+
+
+def create_app(
+    settings: Settings | None = None,
+    config: ServingConfig | None = None,
+    *,
+    components: Components | None = None,
+    client: redis.Redis | None = None,
+) -> FastAPI:
+    """The /recommend service. Builds Redis / Feast / popularity parts unless ``components`` is given."""
+    settings = settings or get_settings()
+    config = config or ServingConfig()
+    if client is None and components is None:
+        client = redis_client(settings, config)
+    if components is None:
+        assert client is not None
+        components = build_components(settings, config, client)
+    metrics = ServingMetrics()
+    service = RecommendService(config, components, metrics)
+    log.info("serving config: %s", asdict(config))
+    log.info("model %s, state reader %s, Redis %s", service.model_name, components.state_reader.name, settings.redis_url)
+
+    app = FastAPI(
+        title="UGT recommend",
+        version="0.1.0",
+        description="Recommendations from the user's streaming state; degrades to a popularity fallback, "
+        "marked in the response, instead of failing.",
+    )
+    app.state.service = service
+    app.state.metrics = metrics
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(GuardMiddleware, max_body_bytes=config.max_body_bytes, metrics=metrics)
+    error_responses: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorResponse, "description": "Body is not JSON, or missing."},
+        413: {"model": ErrorResponse, "description": f"Body larger than {config.max_body_bytes} bytes."},
+        422: {"model": ErrorResponse, "description": "A field is missing, of the wrong type or out of bounds."},
+        503: {"model": ErrorResponse, "description": "Neither the model nor any popularity source can answer."},
+    }
+
+    @app.post("/recommend", response_model=RecommendResponse, responses=error_responses)
+    def recommend(request: RecommendRequest = Body(openapi_examples=REQUEST_EXAMPLES)) -> Any:
+        """Top-k items for a user: state -> generator -> reranker, or the popularity fallback (marked)."""
+        if len(request.exclude) > config.max_exclude:
+            message = f"exclude: at most {config.max_exclude} items, got {len(request.exclude)}"
+            return _error(422, "invalid_request", message, [{"field": "exclude", "message": message}])
+        try:
+            return service.recommend(request)
+        except NoPopularity as exc:
+            return _error(503, "no_recommendations", f"no recommendations available: {exc}")
+
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    def health() -> Any:
+        """ok: Redis, the state store and popularity all work; degraded: answering from fallbacks; down (503)."""
+        checks = _health_checks(client, components, config)
+        if not checks["popularity"]["ok"]:
+            status_text, code = "down", 503
+        elif all(c["ok"] for c in checks.values()):
+            status_text, code = "ok", 200
+        else:
+            status_text, code = "degraded", 200
+        body = HealthResponse(status=status_text, model=service.model_name, checks=checks)
+        return JSONResponse(status_code=code, content=body.model_dump())
+
+    @app.get("/metrics", response_class=Response)
+    def prometheus_metrics() -> Response:
+        """Prometheus text exposition (ugt_serving_* series)."""
+        return Response(content=metrics.render(), media_type=metrics.content_type)
+
+    return app
+
+
+def _health_checks(client: redis.Redis | None, parts: Components, config: ServingConfig) -> dict[str, dict]:
+    checks: dict[str, dict] = {}
+    if client is None:
+        checks["redis"] = {"ok": False, "detail": "no Redis client (components injected)"}
+    else:
+        started = time.perf_counter()
+        try:
+            client.ping()
+            checks["redis"] = {"ok": True, "detail": f"PING {1000 * (time.perf_counter() - started):.2f} ms"}
+        except (redis.RedisError, OSError) as exc:
+            checks["redis"] = {"ok": False, "detail": f"unreachable: {exc}"}
+    try:
+        checks["state"] = {"ok": True, "detail": f"{parts.state_reader.name}: {parts.state_reader.check()}"}
+    except Exception as exc:
+        checks["state"] = {"ok": False, "detail": f"{parts.state_reader.name}: {exc}"}
+    try:
+        ranked, source = parts.fallback.ranking(config.default_domain)
+        checks["popularity"] = {
+            "ok": True,
+            "detail": f"{len(ranked)} items for domain {config.default_domain!r} from {source}",
+        }
+    except NoPopularity as exc:
+        checks["popularity"] = {"ok": False, "detail": str(exc)}
+    return checks

@@ -1,0 +1,179 @@
+"""Serving configuration: one flat, typed dataclass read from a YAML file, then ``UGT_SERVING_*`` env overrides.
+
+Everything is validated when the service starts, so a typo or a bad value stops ``ugt serve`` at once with a
+message naming the key, instead of surfacing as a wrong answer or a 500 under load.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "default.yaml"
+ENV_PREFIX = "UGT_SERVING_"
+
+STATE_READERS = ("feast", "redis")  # Feast SDK get_online_features | direct read of Feast's Redis hashes
+GENERATORS = ("popularity",)  # later: "ugt"
+DOMAIN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A serving config that cannot start; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    host: str = "127.0.0.1"  # where `ugt serve` listens
+    port: int = 0  # 0 = Settings.serving_port (UGT_SERVING_PORT)
+    generator: str = "popularity"  # the main model, one of GENERATORS
+    generator_version: str = "v1"  # reported in every response as "<generator>-<version>"
+    state_reader: str = "feast"  # how user state is fetched, one of STATE_READERS
+    feature_view: str = "user_recent_events"  # the Feast view holding models.user_state.FEATURE_NAMES
+    feature_service: str = "recommend_v1"  # what the Feast SDK reader asks for
+    default_domain: str = "movie"  # used when a request names no domain (schemas/user_event.avsc default)
+    popularity_key_prefix: str = "ugt:popularity:"  # Redis ZSET per domain, kept by the user_state job
+    popularity_file: str = ""  # JSON fallback when Redis is down; relative to the config file; "" = none
+    popularity_refresh_s: float = 1.0  # the ZSET is re-read at most this often per domain
+    popularity_cache_size: int = 2500  # top items cached per domain: must cover k + history + exclude
+    redis_timeout_ms: int = 200  # socket connect/read timeout of serving's own Redis client
+    max_body_bytes: int = 65536  # larger request bodies get 413
+    max_exclude: int = 1000  # longest accepted `exclude` list
+    max_history: int = 200  # user-state events assumed at most (models.user_state.DEFAULT_MAX_EVENTS)
+    log_level: str = "info"  # uvicorn / logging level
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.generator}-{self.generator_version}"
+
+
+def _problems(config: ServingConfig, base_dir: Path) -> list[str]:
+    """Every reason ``config`` cannot start, empty when it is fine."""
+    out: list[str] = []
+    if not config.host:
+        out.append("host: must not be empty")
+    if not 0 <= config.port <= 65535:
+        out.append(f"port: must be 0..65535, got {config.port}")
+    if config.generator not in GENERATORS:
+        out.append(f"generator: must be one of {list(GENERATORS)}, got {config.generator!r}")
+    if not config.generator_version:
+        out.append("generator_version: must not be empty")
+    if config.state_reader not in STATE_READERS:
+        out.append(f"state_reader: must be one of {list(STATE_READERS)}, got {config.state_reader!r}")
+    if not config.feature_view or not config.feature_service:
+        out.append("feature_view / feature_service: must not be empty")
+    if not DOMAIN_PATTERN.match(config.default_domain):
+        out.append(f"default_domain: must match {DOMAIN_PATTERN.pattern}, got {config.default_domain!r}")
+    if not config.popularity_key_prefix:
+        out.append("popularity_key_prefix: must not be empty")
+    if config.popularity_file and not resolve_path(config.popularity_file, base_dir).is_file():
+        out.append(f"popularity_file: no such file {str(resolve_path(config.popularity_file, base_dir))!r}")
+    if not 0 < config.popularity_refresh_s <= 3600:
+        out.append(f"popularity_refresh_s: must be in (0, 3600], got {config.popularity_refresh_s}")
+    if not 1 <= config.redis_timeout_ms <= 60_000:
+        out.append(f"redis_timeout_ms: must be 1..60000, got {config.redis_timeout_ms}")
+    if not 1024 <= config.max_body_bytes <= 16 * 1024 * 1024:
+        out.append(f"max_body_bytes: must be 1024..16777216, got {config.max_body_bytes}")
+    if not 0 <= config.max_exclude <= 100_000:
+        out.append(f"max_exclude: must be 0..100000, got {config.max_exclude}")
+    if not 0 <= config.max_history <= 100_000:
+        out.append(f"max_history: must be 0..100000, got {config.max_history}")
+    from serving.schemas import MAX_K  # the API bound; the cache must be able to fill the largest answer
+
+    needed = MAX_K + config.max_exclude + config.max_history
+    if config.popularity_cache_size < needed:
+        out.append(
+            f"popularity_cache_size: must be >= max k ({MAX_K}) + max_exclude + max_history = {needed}, "
+            f"got {config.popularity_cache_size}"
+        )
+    if config.log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
+        out.append(f"log_level: not a log level: {config.log_level!r}")
+    return out
+
+
+def resolve_path(value: str, base_dir: Path) -> Path:
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else (base_dir / path)
+
+
+def _coerce(name: str, kind: type, value: Any, origin: str) -> tuple[Any, str | None]:
+    """Convert one raw value to the field's type; return (value, problem)."""
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value, None
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+                return value.lower() in ("1", "true", "yes"), None
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value), None
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value), None
+        if value is None:
+            return "", None
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError
+        return str(value), None
+    except (TypeError, ValueError):
+        return None, f"{name}: expected {kind.__name__} ({origin}), got {value!r}"
+
+
+_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def build_config(
+    values: Mapping[str, Any], env: Mapping[str, str] | None = None, base_dir: Path | None = None
+) -> ServingConfig:
+    """A validated config from a mapping (the parsed YAML) plus ``UGT_SERVING_<KEY>`` env overrides."""
+    env = os.environ if env is None else env
+    base_dir = base_dir or Path.cwd()
+    known = {f.name: _TYPES[str(f.type)] for f in fields(ServingConfig)}
+    problems = [
+        f"{key}: unknown key (known keys: {', '.join(sorted(known))})" for key in values if key not in known
+    ]
+    updates: dict[str, Any] = {}
+    for name, kind in known.items():
+        env_name = ENV_PREFIX + name.upper()
+        if env_name in env:
+            raw, origin = env[env_name], f"env {env_name}"
+        elif name in values:
+            raw, origin = values[name], "config file"
+        else:
+            continue
+        value, problem = _coerce(name, kind, raw, origin)
+        if problem:
+            problems.append(problem)
+        else:
+            updates[name] = value
+    config = replace(ServingConfig(), **updates)
+    problems += _problems(config, base_dir)
+    if problems:
+        raise ConfigError("invalid serving config:\n  - " + "\n  - ".join(problems))
+    if config.popularity_file:
+        config = replace(config, popularity_file=str(resolve_path(config.popularity_file, base_dir)))
+    return config
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> ServingConfig:
+    """Read, override and validate the serving config (default: serving/configs/default.yaml)."""
+    path = Path(path) if path else DEFAULT_CONFIG_PATH
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read serving config {str(path)!r}: {exc.strerror or exc}") from exc
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"serving config {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"serving config {str(path)!r} must be a mapping of key: value, got {type(values).__name__}")
+    return build_config(values, env=env, base_dir=path.resolve().parent)

@@ -1,0 +1,42 @@
+"""Prometheus metrics of the service, in a registry per app (so tests and several apps never collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+# Sub-millisecond resolution: the state fetch target is 0.3 ms p99, the request target 20 ms p99.
+STAGE_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)
+STAGES = ("state", "generate", "rerank", "total")
+
+
+class ServingMetrics:
+    """Names (all prefixed ``ugt_serving_``): requests_total, stage_seconds, fallbacks_total, popularity_source_total."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "ugt_serving_requests_total", "HTTP requests by endpoint and status code.",
+            ["endpoint", "status"], registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "ugt_serving_stage_seconds", "Seconds per /recommend stage (state, generate, rerank, total).",
+            ["stage"], buckets=STAGE_BUCKETS, registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "ugt_serving_fallbacks_total", "/recommend answers given by the fallback, by reason.",
+            ["reason"], registry=self.registry,
+        )
+        self.popularity_source = Counter(
+            "ugt_serving_popularity_source_total",
+            "Where popularity lists came from: redis, redis_stale (Redis failing) or file.",
+            ["source"], registry=self.registry,
+        )
+        for stage in STAGES:  # expose every series from the start, so dashboards see zeros rather than gaps
+            self.stage_seconds.labels(stage)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

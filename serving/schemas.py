@@ -1,0 +1,138 @@
+"""The HTTP contract of /recommend: request bounds, response shape, error body, OpenAPI examples.
+
+Pydantic models only (no I/O), so the bounds are unit-tested and shown in the OpenAPI page exactly as enforced.
+Strict types: ``"k": "10"`` or ``"k": true`` is a client bug worth a 422, not a silent cast.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+MAX_K = 1000
+MAX_USER_ID_CHARS = 256
+MAX_ITEM_ID_CHARS = 256
+HARD_MAX_EXCLUDE = 100_000  # the config's max_exclude is checked in the app, below this hard cap
+DOMAIN_REGEX = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # it becomes part of a Redis key
+
+ItemId = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ITEM_ID_CHARS)]
+
+REQUEST_EXAMPLES = {
+    "known_user": {
+        "summary": "Top 10 for a user",
+        "value": {"user_id": "42", "k": 10},
+    },
+    "exclude_and_domain": {
+        "summary": "Exclude items already on screen, in one domain",
+        "value": {"user_id": "42", "k": 5, "exclude": ["2858", "260"], "domain": "movie"},
+    },
+}
+
+
+class RecommendRequest(BaseModel):
+    """POST /recommend body."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [REQUEST_EXAMPLES["known_user"]["value"]]})
+
+    user_id: StrictStr = Field(
+        min_length=1, max_length=MAX_USER_ID_CHARS, description="The user id as published in user events."
+    )
+    k: StrictInt = Field(default=10, ge=1, le=MAX_K, description="How many items to return.")
+    exclude: list[ItemId] = Field(
+        default_factory=list,
+        max_length=HARD_MAX_EXCLUDE,
+        description="Item ids never to return (besides the user's own history).",
+    )
+    domain: StrictStr | None = Field(
+        default=None,
+        pattern=DOMAIN_REGEX,
+        description="Item domain (movie, product, ...); the service's default_domain when absent.",
+    )
+
+    @field_validator("user_id")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("user_id must not be blank")
+        return value
+
+
+class ScoredItemOut(BaseModel):
+    item_id: str
+    score: float
+
+
+class Timings(BaseModel):
+    """Milliseconds spent per stage of this request, measured in the handler."""
+
+    state: float
+    generate: float
+    rerank: float
+    total: float
+
+
+class RecommendResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "42",
+                    "items": [{"item_id": "2858", "score": 3428.0}, {"item_id": "260", "score": 2991.0}],
+                    "fallback": False,
+                    "fallback_reason": None,
+                    "model": "popularity-v1",
+                    "timings_ms": {"state": 0.21, "generate": 0.05, "rerank": 0.01, "total": 0.31},
+                },
+                {
+                    "user_id": "new-user",
+                    "items": [{"item_id": "2858", "score": 3428.0}],
+                    "fallback": True,
+                    "fallback_reason": "unknown_user",
+                    "model": "popularity-fallback",
+                    "timings_ms": {"state": 0.2, "generate": 0.04, "rerank": 0.01, "total": 0.29},
+                },
+            ]
+        }
+    )
+
+    user_id: str
+    items: list[ScoredItemOut]
+    fallback: bool = Field(description="True when the answer did not come from the main model.")
+    fallback_reason: str | None = Field(
+        default=None,
+        description="Why the fallback answered: unknown_user, state_unavailable, bad_state, generator_error.",
+    )
+    model: str = Field(description="What produced the items: <name>-<version>.")
+    timings_ms: Timings
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body: a machine-readable code, a sentence for humans, and per-field details for 422."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": "invalid_request",
+                    "message": "k: Input should be less than or equal to 1000",
+                    "errors": [{"field": "k", "message": "Input should be less than or equal to 1000"}],
+                }
+            ]
+        }
+    )
+
+    error: str
+    message: str
+    errors: list[dict[str, str]] = Field(default_factory=list)
+
+
+class CheckOut(BaseModel):
+    ok: bool
+    detail: str
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(description="ok: every part works; degraded: answering from fallbacks; down: cannot answer.")
+    model: str
+    checks: dict[str, CheckOut]

@@ -1,0 +1,144 @@
+"""Reading a user's state at request time: one protocol, two readers (Feast SDK, direct Redis).
+
+Both return the same typed :class:`UserStateView` (or None for a user the stream has never seen) and turn
+any failure to reach the store into :class:`StateUnavailable`, which the app answers with the fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import redis
+from google.protobuf.message import DecodeError
+
+from models.user_state import FEATURE_NAMES
+from serving.feast_redis import FeastRedisLayout, UnsupportedValue, decode_value, feature_field
+
+USER_JOIN_KEY = "user_id"
+
+
+class StateError(Exception):
+    """Base of the errors a state read can raise."""
+
+
+class StateUnavailable(StateError):
+    """The online store could not be reached or did not answer in time."""
+
+
+class BadState(StateError):
+    """The stored state exists but cannot be used (wrong shape or type); the user is served the fallback."""
+
+
+@dataclass(frozen=True, slots=True)
+class UserStateView:
+    """The read-only state a generator sees; fields mirror models.user_state.FEATURE_NAMES."""
+
+    user_id: str
+    item_ids: tuple[str, ...]
+    action_tokens: tuple[int, ...]
+    rating_tokens: tuple[int, ...]
+    event_times: tuple[int, ...]  # epoch ms, oldest first
+    event_count: int
+    last_event_time: int
+    state_version: int
+
+    @classmethod
+    def from_features(cls, user_id: str, features: Mapping[str, Any]) -> UserStateView | None:
+        """None when the store has nothing for the user; BadState when what it has is malformed."""
+        if all(features.get(name) is None for name in FEATURE_NAMES):
+            return None
+        try:
+            view = cls(
+                user_id=user_id,
+                item_ids=tuple(str(i) for i in features.get("recent_item_ids") or ()),
+                action_tokens=tuple(int(t) for t in features.get("recent_action_tokens") or ()),
+                rating_tokens=tuple(int(t) for t in features.get("recent_rating_tokens") or ()),
+                event_times=tuple(int(t) for t in features.get("recent_event_times") or ()),
+                event_count=int(features.get("event_count") or 0),
+                last_event_time=int(features.get("last_event_time") or 0),
+                state_version=int(features.get("state_version") or 0),
+            )
+        except (TypeError, ValueError) as exc:
+            raise BadState(f"state of user {user_id!r} has a malformed feature: {exc}") from exc
+        lengths = {len(view.item_ids), len(view.action_tokens), len(view.rating_tokens), len(view.event_times)}
+        if len(lengths) != 1:
+            raise BadState(f"state of user {user_id!r} has per-event lists of different lengths {sorted(lengths)}")
+        return view
+
+
+@runtime_checkable
+class UserStateReader(Protocol):
+    """Where user state comes from. ``name`` appears in /health."""
+
+    name: str
+
+    def read(self, user_id: str) -> UserStateView | None:
+        """The user's state, None if unknown; raises StateUnavailable / BadState."""
+        ...
+
+    def check(self) -> str:
+        """Raise StateUnavailable unless the store answers; return a one-line detail."""
+        ...
+
+
+def _ping(client: redis.Redis) -> str:
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        raise StateUnavailable(f"Redis does not answer: {exc}") from exc
+    return "Redis answers PING"
+
+
+class FeastStateReader:
+    """get_online_features through the Feast SDK for the feature service (default recommend_v1)."""
+
+    name = "feast"
+
+    def __init__(self, store: Any, feature_service: str, health_client: redis.Redis):
+        self.store = store
+        # Resolved once at start: a missing service or an unapplied repo fails `ugt serve` at once.
+        self.feature_service = store.get_feature_service(feature_service)
+        self.health_client = health_client
+
+    def read(self, user_id: str) -> UserStateView | None:
+        try:
+            response = self.store.get_online_features(
+                features=self.feature_service, entity_rows=[{USER_JOIN_KEY: user_id}]
+            ).to_dict()
+        except (redis.RedisError, OSError) as exc:
+            raise StateUnavailable(f"Feast online store unreachable: {exc}") from exc
+        return UserStateView.from_features(user_id, {name: _first(response.get(name)) for name in FEATURE_NAMES})
+
+    def check(self) -> str:
+        return _ping(self.health_client) + f"; Feast feature service {self.feature_service.name!r} loaded"
+
+
+def _first(values: Sequence[Any] | None) -> Any:
+    return values[0] if values else None
+
+
+class RedisStateReader:
+    """One HMGET on the hash Feast wrote for the user (same data as FeastStateReader, no SDK overhead)."""
+
+    name = "redis"
+
+    def __init__(self, client: redis.Redis, layout: FeastRedisLayout, feature_view: str):
+        self.client = client
+        self.layout = layout
+        self.fields = [feature_field(feature_view, name) for name in FEATURE_NAMES]
+
+    def read(self, user_id: str) -> UserStateView | None:
+        try:
+            raw = self.client.hmget(self.layout.entity_key(USER_JOIN_KEY, user_id), self.fields)
+        except (redis.RedisError, OSError) as exc:
+            raise StateUnavailable(f"Redis unreachable: {exc}") from exc
+        try:
+            features = {name: decode_value(data) for name, data in zip(FEATURE_NAMES, raw, strict=True)}
+        except (UnsupportedValue, DecodeError, ValueError) as exc:
+            raise BadState(f"state of user {user_id!r} cannot be decoded: {exc}") from exc
+        return UserStateView.from_features(user_id, features)
+
+    def check(self) -> str:
+        return _ping(self.client)

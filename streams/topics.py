@@ -1,0 +1,97 @@
+"""The project's Kafka topics, created idempotently with the AdminClient.
+
+`ensure_topics(settings)` is safe to call any number of times (the stack calls it on `ugt stack up`,
+the publish CLI before publishing): it creates what is missing and leaves existing topics alone.
+Replication follows the cluster (min(3, brokers)), so the same call serves one local broker and the
+multi-broker scale test.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from infra.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARTITIONS = 4  # 2 cores x 2: room for Flink parallelism 2-4 without repartitioning
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int = DEFAULT_PARTITIONS
+    config: dict[str, str] = field(default_factory=dict)
+
+
+class TopicError(RuntimeError):
+    """Kafka refused to create a topic or could not be reached."""
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """Every topic of the pipeline with its partitions and configuration."""
+    t = settings.topics
+    return [
+        TopicSpec(t.raw),
+        # the catalog is keyed by item id: compaction keeps the latest version of every item forever
+        TopicSpec(t.items, 2, {"cleanup.policy": "compact"}),
+        TopicSpec(t.tokens),
+        TopicSpec(t.dlq, 1),
+    ]
+
+
+def admin_client(settings: Settings) -> AdminClient:
+    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+
+
+def ensure_topics(
+    settings: Settings | None = None,
+    extra: Iterable[TopicSpec | str] = (),
+    timeout_s: float = 30.0,
+) -> dict[str, str]:
+    """Create the pipeline's topics (and any `extra`) if missing; returns {topic: 'created' | 'exists'}."""
+    settings = settings or get_settings()
+    specs = topic_specs(settings) + [TopicSpec(x) if isinstance(x, str) else x for x in extra]
+    admin = admin_client(settings)
+    try:
+        metadata = admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise TopicError(
+            f"Kafka at {settings.kafka_bootstrap} is unreachable ({exc}); is the stack up? `ugt stack status`"
+        ) from exc
+    brokers = max(1, len(metadata.brokers))
+    replication = min(3, brokers)
+    result: dict[str, str] = {}
+    new: list[NewTopic] = []
+    for spec in {s.name: s for s in specs}.values():
+        existing = metadata.topics.get(spec.name)
+        if existing is not None and existing.error is None:
+            result[spec.name] = "exists"
+            if len(existing.partitions) < spec.partitions:
+                log.warning("topic %s has %d partitions, fewer than the %d wanted; left as is",
+                            spec.name, len(existing.partitions), spec.partitions)
+            continue
+        config = dict(spec.config)
+        if replication >= 3:
+            config.setdefault("min.insync.replicas", "2")
+        new.append(NewTopic(spec.name, num_partitions=spec.partitions, replication_factor=replication, config=config))
+    if not new:
+        return result
+    futures = admin.create_topics(new, operation_timeout=timeout_s, request_timeout=timeout_s)
+    for name, future in futures.items():
+        try:
+            future.result()
+            result[name] = "created"
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                result[name] = "exists"  # created concurrently by someone else
+            else:
+                raise TopicError(f"could not create topic {name}: {exc}") from exc
+    log.info("topics: %s", result)
+    return result

@@ -1,0 +1,109 @@
+"""tokenize job logic without Flink: every kind of malformed record gets its reason code and a dead letter."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from jobs.tokenize_logic import EventTokenizer, dead_letter_key
+from models.tokenizer import TokenizedEvent, tokenize_event
+from streams.serde import (
+    MAX_RECORD_BYTES, AvroSerde, RegistryError, SchemaRegistryClient, decode_body, encode_with_id, load_schema,
+    split_header,
+)
+from tests.jobs.conftest import make_event, user_event_variant
+
+RAW, TOKENS, DLQ = "t.raw", "t.tokens", "t.dlq"
+NOW_S = 1_700_000_000.0
+
+
+@pytest.fixture()
+def tokenizer(serde: AvroSerde) -> EventTokenizer:
+    return EventTokenizer(serde, TOKENS, DLQ, clock=lambda: NOW_S)
+
+
+def encode_variant(serde: AvroSerde, subject: str, schema_json: str, record: dict) -> bytes:
+    """Register a broken variant under its own subject (the registry would refuse it under the topic's)."""
+    import json
+
+    import fastavro
+
+    schema_id = serde.registry.register(subject, schema_json)
+    return encode_with_id(schema_id, fastavro.parse_schema(json.loads(schema_json)), record)
+
+
+def dead(tokenizer: EventTokenizer, data: bytes | None, offset: int = 7):
+    out = tokenizer.process(data, RAW, 2, offset)
+    assert out.dead is not None, "expected a dead letter"
+    schema_id, body = split_header(out.value[:5])[0], out.value[5:]  # may exceed the decoder's size limit
+    assert schema_id == tokenizer.dlq_schema_id
+    letter = decode_body(load_schema("dead_letter"), body)
+    assert out.key == dead_letter_key(RAW, 2, offset)
+    assert (letter["topic"], letter["partition"], letter["offset"], letter["job"]) == (RAW, 2, offset, "tokenize")
+    assert letter["original"] == (data or b"")
+    assert letter["reason_code"] == out.dead and letter["reason"]
+    assert int(letter["failed_at"].timestamp()) == int(NOW_S)
+    return out.dead, letter["reason"]
+
+
+def test_valid_event_becomes_tokens(tokenizer: EventTokenizer, serde: AvroSerde):
+    event = make_event(3, user="alice")
+    out = tokenizer.process(serde.encode(f"{RAW}-value", "user_event", event), RAW, 0, 1)
+    assert out.dead is None and out.key == b"alice"
+    decoded = serde.decode(out.value)
+    assert decoded.schema_name == "ugt.events.TokenizedEvent"
+    assert TokenizedEvent.from_record(decoded.record) == tokenize_event(event)
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00\x00", b"garbage that is not avro", b"\x01\x00\x00\x00\x01abc", None])
+def test_bad_bytes_are_bad_magic(tokenizer: EventTokenizer, data):
+    assert dead(tokenizer, data)[0] == "BAD_MAGIC"
+
+
+def test_unknown_schema_id(tokenizer: EventTokenizer, serde: AvroSerde):
+    body = serde.encode(f"{RAW}-value", "user_event", make_event(1))[5:]
+    code, reason = dead(tokenizer, struct.pack(">bI", 0, 987_654) + body)
+    assert code == "UNKNOWN_SCHEMA" and "987654" in reason
+
+
+def test_truncated_body_is_decode_error(tokenizer: EventTokenizer, serde: AvroSerde):
+    data = serde.encode(f"{RAW}-value", "user_event", make_event(1))
+    assert dead(tokenizer, data[: len(data) - 6])[0] == "DECODE_ERROR"
+    assert dead(tokenizer, data + b"\x02\x04")[0] == "DECODE_ERROR"  # trailing bytes
+
+
+def test_oversized(tokenizer: EventTokenizer):
+    assert dead(tokenizer, b"\x00" * (MAX_RECORD_BYTES + 1))[0] == "OVERSIZED"
+
+
+def test_missing_field(tokenizer: EventTokenizer, serde: AvroSerde):
+    event = make_event(1)
+    del event["item_id"]
+    code, reason = dead(tokenizer, encode_variant(serde, "ugt-test-bad-value", user_event_variant(drop="item_id"), event))
+    assert code == "MISSING_FIELD" and "item_id" in reason
+
+
+def test_wrong_type(tokenizer: EventTokenizer, serde: AvroSerde):
+    event = make_event(1, event_time="2020-01-01T00:00:00Z")
+    data = encode_variant(serde, "ugt-test-bad-type-value", user_event_variant(retype={"event_time": "string"}), event)
+    code, reason = dead(tokenizer, data)
+    assert code == "WRONG_TYPE" and "event_time" in reason
+
+
+def test_empty_id_is_bad_value(tokenizer: EventTokenizer, serde: AvroSerde):
+    data = serde.encode(f"{RAW}-value", "user_event", make_event(1, user=""))
+    assert dead(tokenizer, data)[0] == "BAD_VALUE"
+
+
+def test_far_future(tokenizer: EventTokenizer, serde: AvroSerde):
+    data = serde.encode(f"{RAW}-value", "user_event", make_event(1, t_ms=int(NOW_S * 1000) + 2 * 86_400_000))
+    assert dead(tokenizer, data)[0] == "FAR_FUTURE"
+    ok = serde.encode(f"{RAW}-value", "user_event", make_event(1, t_ms=int(NOW_S * 1000) + 3_600_000))
+    assert tokenizer.process(ok, RAW, 0, 0).dead is None
+
+
+def test_registry_outage_is_not_the_records_fault():
+    # nothing listens on port 9: the job must fail (and be restarted), not dead-letter good records
+    with pytest.raises(RegistryError):
+        EventTokenizer(AvroSerde(SchemaRegistryClient("http://127.0.0.1:9", timeout_s=0.5)), TOKENS, DLQ)
