@@ -49,6 +49,7 @@ class ParsedSchema:
             raw = json.loads(text)
         except (TypeError, json.JSONDecodeError) as exc:
             raise InvalidSchema(f"schema is not valid JSON: {exc}") from exc
+        _require_fields(raw)
         try:
             parsed = parse_schema(raw, _write_hint=False)
         except (SchemaParseException, TypeError, ValueError, KeyError, AttributeError) as exc:
@@ -93,6 +94,24 @@ class ParsedSchema:
         if isinstance(node, dict) and isinstance(node.get("type"), (dict, list)):
             return self.resolve(node["type"])
         return node
+
+
+def _require_fields(node: Any) -> None:
+    """fastavro fills in a missing 'fields' with []; the Avro spec (and Confluent) require it."""
+    if isinstance(node, list):
+        for branch in node:
+            _require_fields(branch)
+    elif isinstance(node, dict):
+        if node.get("type") in ("record", "error"):
+            if not isinstance(node.get("fields"), list):
+                raise InvalidSchema(f"record {node.get('name')!r} needs a 'fields' list")
+            for f in node["fields"]:
+                if isinstance(f, dict):
+                    _require_fields(f.get("type"))
+        for key in ("items", "values"):
+            _require_fields(node.get(key))
+        if isinstance(node.get("type"), (dict, list)):
+            _require_fields(node["type"])
 
 
 def _short(name: str) -> str:

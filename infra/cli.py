@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "publish": ("streams.publish_cli", "publish Avro events to Kafka: one JSON event, a JSONL/CSV file, or a dataset replay"),
     "jobs": ("jobs.cli", "submit, list or cancel the Flink jobs on the running cluster"),
     "serve": ("serving.cli", "run the /recommend HTTP service"),
+    "semantic-ids": ("models.semantic_ids.cli", "build semantic IDs (encoders + RQ-VAE / RQ-k-means + dedup) or report on an artifact"),
     "train": ("models.train_cli", "train semantic IDs and the UGT generator from a YAML config"),
     "eval": ("models.eval_cli", "evaluate a trained model with the HSTU protocol (full ranking, leave-one-out)"),
     "demo": ("infra.demo", "the main job end to end: stack up, fetch ML-1M, replay, jobs, query /recommend"),

@@ -10,6 +10,7 @@ under var/log/<service>/. Ports and folders come from infra/settings.py (UGT_* v
 from __future__ import annotations
 
 import base64
+import fcntl
 import getpass
 import os
 import shutil
@@ -19,7 +20,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -31,7 +34,8 @@ SERVICES = ("kafka", "registry", "redis", "flink")
 # topic -> partitions (replication factor 1: one broker)
 TOPIC_PARTITIONS = {"raw": 4, "items": 2, "tokens": 4, "dlq": 1}
 FLINK_KAFKA_CONNECTOR = "flink-sql-connector-kafka-5.0.0-2.2.jar"
-START_TIMEOUT_S = {"kafka": 60.0, "registry": 20.0, "redis": 15.0, "flink": 90.0}
+# seconds from the start of `up` (generous: a 2-core box shared with builds and tests can be 10x loaded)
+START_TIMEOUT_S = {"kafka": 120.0, "registry": 60.0, "redis": 30.0, "flink": 180.0}
 
 
 class StackError(RuntimeError):
@@ -85,9 +89,19 @@ def flink_env(settings: Settings | None = None) -> dict[str, str]:
         FLINK_PID_DIR=str(s.var_dir / "run" / "flink"),
         FLINK_IDENT_STRING=os.environ.get("USER") or getpass.getuser(),  # names pid and log files
         PYFLINK_CLIENT_EXECUTABLE=sys.executable,
+        # given here, config.sh skips two JVM launches per script (reading env.java.opts.all and
+        # probing the Java version): with ~10 launches per cold start that is seconds on 2 cores
+        FLINK_ENV_JAVA_OPTS="-XX:+IgnoreUnrecognizedVMOptions " + _flink_java_opts(),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
     return env
+
+
+def _flink_java_opts() -> str:
+    """`env.java.opts.all` of infra/flink/config.yaml (the Java 17 module flags Flink needs)."""
+    import yaml
+
+    return str(yaml.safe_load((INFRA / "flink" / "config.yaml").read_text())["env"]["java"]["opts"]["all"])
 
 
 def _run_dir(s: Settings) -> Path:
@@ -127,6 +141,41 @@ def read_pids(s: Settings, name: str) -> list[int]:
     if not path.exists():
         return []
     return [int(x) for x in path.read_text().split() if x.strip().isdigit()]
+
+
+def _is_ours(s: Settings, name: str, pid: int, args: list[str]) -> bool:
+    """Is this process the stack's `name`, started from this var/? (by its arguments or, for
+    redis-server, which rewrites its title, by its working directory var/redis)."""
+    exe = os.path.basename(args[0]) if args else ""
+    joined = " ".join(args)
+    if name == "kafka":
+        return exe.startswith("java") and str(s.var_dir / "kafka" / "server.properties") in joined
+    if name == "registry":
+        return "infra.schema_registry" in joined and str(s.var_dir / "registry" / "registry.json") in joined
+    if name == "flink":
+        return exe.startswith("java") and str(flink_conf_dir(s)) in joined
+    if name == "redis":
+        try:
+            return exe.startswith("redis-server") and os.readlink(f"/proc/{pid}/cwd") == str(s.var_dir / "redis")
+        except OSError:
+            return False
+    return False
+
+
+def owned_pids(s: Settings, name: str) -> list[int]:
+    """Live pids of `name` started from this var/: the pid file, plus a /proc scan for orphans
+    (a pid file lost to a crash or an interrupted `up` must not leave a process nobody can stop)."""
+    pids = {p for p in read_pids(s, name) if pid_alive(p)}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
+        except OSError:
+            continue
+        if _is_ours(s, name, int(entry.name), args) and pid_alive(int(entry.name)):
+            pids.add(int(entry.name))
+    return sorted(pids)
 
 
 def _write_pids(s: Settings, name: str, pids: Iterable[int]) -> None:
@@ -234,7 +283,7 @@ class Service:
         return self.find_log()
 
     def status(self, s: Settings) -> dict[str, object]:
-        pids = [p for p in read_pids(s, self.name) if pid_alive(p)]
+        pids = owned_pids(s, self.name)
         return {"service": self.name, "port": self.port, "pid": pids, "healthy": self.healthy(), "log": self.log}
 
 
@@ -437,53 +486,95 @@ def ensure_topics(s: Settings, timeout_s: float = 30.0) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 # up / down / status
 # ---------------------------------------------------------------------------------------------
-def _wait_healthy(svc: Service, s: Settings, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if svc.healthy():
-            return
-        pids = read_pids(s, svc.name)
-        if pids and not any(pid_alive(p) for p in pids):
-            _reap()
-            raise StackError(f"{svc.name} exited during start-up; see {svc.log}\n{_tail(svc.log)}")
-        time.sleep(0.3)
-    raise StackError(
-        f"{svc.name} did not become healthy on port {svc.port} within {timeout_s:.0f} s; see {svc.log}\n{_tail(svc.log)}"
-    )
+def _wait_all_healthy(pending: list[Service], s: Settings, t0: float) -> Iterator[tuple[str, float]]:
+    """Poll every starting service until healthy; yields (name, seconds since t0) as each gets there.
+    A service that exits, or misses its START_TIMEOUT_S, raises with its log's tail."""
+    pending = list(pending)
+    while pending:
+        for svc in list(pending):
+            if svc.healthy():
+                pending.remove(svc)
+                yield svc.name, time.monotonic() - t0
+                continue
+            pids = read_pids(s, svc.name)
+            if pids and not any(pid_alive(p) for p in pids):
+                _reap()
+                raise StackError(f"{svc.name} exited during start-up; see {svc.log}\n{_tail(svc.log)}")
+            if time.monotonic() - t0 > START_TIMEOUT_S[svc.name]:
+                raise StackError(
+                    f"{svc.name} did not become healthy on port {svc.port} within {START_TIMEOUT_S[svc.name]:.0f} s; "
+                    f"see {svc.log}\n{_tail(svc.log)}"
+                )
+        time.sleep(0.25)
+
+
+@contextmanager
+def _exclusive(s: Settings, log: Callable[[str], None]) -> Iterator[None]:
+    """One `up`/`down` at a time per var/ (two test sessions starting the stack at once must not race)."""
+    _run_dir(s).mkdir(parents=True, exist_ok=True)
+    with open(_run_dir(s) / "stack.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("another `ugt stack up/down` is running on this var/: waiting for it ...")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def up(only: Iterable[str] | None = None, settings: Settings | None = None,
        log: Callable[[str], None] = print) -> dict[str, float]:
     """Start what is not already healthy; returns seconds until each service was healthy (0 = was up)."""
     s = settings or get_settings()
+    with _exclusive(s, log):
+        return _up(s, only, log)
+
+
+def _up(s: Settings, only: Iterable[str] | None, log: Callable[[str], None]) -> dict[str, float]:
     t0 = time.monotonic()
     chosen = services(s, only)
     s.log_dir.mkdir(parents=True, exist_ok=True)
     if any(svc.name == "kafka" for svc in chosen):
         ensure_jars(s, log)
     started: list[Service] = []
+    to_start: list[Service] = []
     took: dict[str, float] = {}
     for svc in chosen:
         if svc.healthy():
             took[svc.name] = 0.0
             log(f"{svc.name:9s} already healthy on port {svc.port}")
-            continue
-        if any(pid_alive(p) for p in read_pids(s, svc.name)):
+        elif owned_pids(s, svc.name):
             log(f"{svc.name:9s} process running but not healthy yet: waiting for it")
             started.append(svc)
-            continue
-        if port_open(svc.port):
+        elif port_open(svc.port):
             raise StackError(
                 f"port {svc.port} is taken by a process that is not a healthy {svc.name}: free it or set its "
                 f"UGT_* port variable (infra/settings.py)"
             )
-        _write_pids(s, svc.name, svc.start())
-        log(f"{svc.name:9s} starting (pid {' '.join(map(str, read_pids(s, svc.name)))}, log {svc.log})")
-        started.append(svc)
-    for svc in started:
-        _wait_healthy(svc, s, START_TIMEOUT_S[svc.name])
-        took[svc.name] = time.monotonic() - t0
-        log(f"{svc.name:9s} healthy after {took[svc.name]:.1f} s")
+        else:
+            to_start.append(svc)
+    # Flink is the slowest (its scripts run ~10 short JVMs before the daemons): start it first, and
+    # every service on its own thread, so the cold start costs the slowest service, not the sum.
+    to_start.sort(key=lambda svc: svc.name != "flink")
+    with ThreadPoolExecutor(max_workers=len(to_start) or 1) as pool:
+        futures = [(svc, pool.submit(svc.start)) for svc in to_start]
+        failures: list[Exception] = []
+        for svc, future in futures:
+            try:
+                pids = future.result()
+            except Exception as exc:  # keep the pids of the others, so `down` can stop them
+                failures.append(exc)
+                continue
+            _write_pids(s, svc.name, pids)
+            log(f"{svc.name:9s} starting (pid {' '.join(map(str, pids))}, log {svc.log})")
+            started.append(svc)
+    if failures:
+        raise failures[0]
+    for name, seconds in _wait_all_healthy(started, s, t0):
+        took[name] = seconds
+        log(f"{name:9s} healthy after {seconds:.1f} s")
     if any(svc.name == "kafka" for svc in chosen):
         topics = ensure_topics(s)
         log("topics    " + ", ".join(f"{t}({n})" for t, n in topics.items()))
@@ -495,8 +586,13 @@ def down(only: Iterable[str] | None = None, settings: Settings | None = None,
          log: Callable[[str], None] = print, grace_s: float = 20.0) -> None:
     """Stop the services this stack started (pids in var/run/), in reverse start order."""
     s = settings or get_settings()
+    with _exclusive(s, log):
+        _down(s, only, log, grace_s)
+
+
+def _down(s: Settings, only: Iterable[str] | None, log: Callable[[str], None], grace_s: float) -> None:
     for svc in reversed(services(s, only)):
-        pids = [p for p in read_pids(s, svc.name) if pid_alive(p)]
+        pids = owned_pids(s, svc.name)
         if not pids:
             note = " (but something healthy answers on its port: not ours, left alone)" if svc.healthy() else ""
             log(f"{svc.name:9s} not running{note}")

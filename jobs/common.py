@@ -151,6 +151,16 @@ def connector_jar(explicit: str | None = None) -> Path:
     )
 
 
+def flink_python_jar() -> Path:
+    """opt/flink-python-<version>.jar of the apache-flink package."""
+    import pyflink
+
+    found = sorted((Path(pyflink.__file__).parent / "opt").glob("flink-python-*.jar"))
+    if not found:
+        raise JobSetupError("flink-python jar not found in the apache-flink package's opt/; reinstall apache-flink")
+    return found[-1]
+
+
 def under_flink_client() -> bool:
     """True when started by `flink run -py` (the Flink client runs the script with a gateway port)."""
     return "PYFLINK_GATEWAY_PORT" in os.environ
@@ -158,8 +168,13 @@ def under_flink_client() -> bool:
 
 def flink_configuration(cfg: JobConfig) -> dict[str, str]:
     """The Flink options the jobs set, as strings (also logged and documented in docs/JOBS.md)."""
+    jars = [Path(cfg.connector_jar).as_uri()]
+    if not cfg.local:
+        # the pip package keeps flink-python in opt/, outside the cluster's lib/: without it on the job's
+        # classpath the JobManager cannot deserialize the Python operators of the submitted graph
+        jars.append(flink_python_jar().as_uri())
     conf = {
-        "pipeline.jars": Path(cfg.connector_jar).as_uri(),
+        "pipeline.jars": ";".join(jars),
         "pipeline.name": cfg.job_name,
         "python.executable": cfg.python,
         "python.client.executable": cfg.python,

@@ -17,11 +17,13 @@ model from the file alone, and ``resume`` continues a run where it stopped.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -147,6 +149,15 @@ def long_history_len(cfg: TrainConfig) -> int:
     return int(ms.get("max_long", UGTConfig().multiscale.max_long)) if groups > 0 else 0
 
 
+def fingerprint(data: SequenceData) -> str:
+    """Hash of every user's ordered item sequence: shows whether two runs saw the same tie order."""
+    h = hashlib.sha256()
+    for seq in data.items:
+        h.update(np.ascontiguousarray(seq, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
 def make_splits(cfg: TrainConfig, data: SequenceData) -> dict[str, Batchable]:
     max_long = long_history_len(cfg)
     return {s: make_split(data, s, cfg.max_len, max_long) for s in ("train", "valid", "test")}
@@ -155,28 +166,30 @@ def make_splits(cfg: TrainConfig, data: SequenceData) -> dict[str, Batchable]:
 # ---- stage 1: semantic IDs ----------------------------------------------------------------------
 
 
-def semantic_codes(cfg: TrainConfig, data: SequenceData, dataset: Any = None) -> tuple[np.ndarray | None, list[int]]:
+def semantic_codes(cfg: TrainConfig, data: SequenceData) -> tuple[np.ndarray | None, list[int]]:
     """Stage 1: semantic-ID codes per vocabulary index ([V + 1, L], row 0 unused) and codebook sizes.
 
-    ``semantic_ids: {artifact: path}`` loads a saved artifact; ``{build: {...}}`` calls the
-    ``models.semantic_ids`` builder on the dataset. Items the artifact lacks are encoded with it.
+    ``semantic_ids: {artifact: path}`` loads a saved ``models.semantic_ids`` artifact (or an ``.npz`` with
+    codes / item_ids / codebook_sizes exported from one); ``{build: {...}}`` runs the builder
+    (``models.semantic_ids.stage1``, its config as the value) into ``<out_dir>/semantic_ids``.
     """
     spec = cfg.semantic_ids or {}
     if not spec:
         return None, []
-    import models.semantic_ids as sid
-
     if "artifact" in spec:
-        artifact = sid.SemanticIDArtifact.load(spec["artifact"])
-    elif "build" in spec:
-        if dataset is None:
-            from streams.datasets import load_dataset
+        path = Path(spec["artifact"])
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                artifact = SimpleNamespace(codes=z["codes"], item_ids=[str(i) for i in z["item_ids"]],
+                                           codebook_sizes=[int(k) for k in z["codebook_sizes"]])
+        else:
+            from models.semantic_ids import SemanticIdArtifact
 
-            dataset = load_dataset(cfg.dataset)
-        artifact = sid.build_semantic_ids(dataset, **(spec.get("build") or {}))
-        out = cfg.output_dir / "semantic_ids"
-        artifact.save(out)
-        log.info("stage 1: semantic IDs saved to %s", out)
+            artifact = SemanticIdArtifact.load(path)
+    elif "build" in spec:
+        from models.semantic_ids import stage1
+
+        artifact = stage1(cfg.dataset, spec.get("build") or {}, cfg.output_dir / "semantic_ids", dataset=cfg.dataset)
     else:
         raise ValueError("semantic_ids needs 'artifact' or 'build'")
     return codes_for_vocab(artifact, data), list(artifact.codebook_sizes)
@@ -399,7 +412,7 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
     codes, sizes = semantic_codes(cfg, data)
     model = build_model(cfg, data, codes, sizes)
     summary: dict[str, Any] = {"name": cfg.name, "model": cfg.model, "tie_order": cfg.tie_order,
-                               "dataset": cfg.dataset, "device": str(device)}
+                               "dataset": cfg.dataset, "device": str(device), "data_fingerprint": fingerprint(data)}
     if isinstance(model, Popularity):
         summary["test"] = evaluate(model, data, splits["test"], "test", device=device, batch_size=cfg.eval_batch_size,
                                    mask_history=cfg.mask_history)
@@ -429,16 +442,19 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
     def step(batch: dict[str, torch.Tensor], _np: dict) -> float:
         nonlocal step_model
         model.train()
+        optimizer.zero_grad(set_to_none=True)
         try:
             loss, _ = stage2_loss(step_model, batch, cfg, codes_t, amp)
+            loss.backward()
         except Exception as exc:
             if step_model is model:
                 raise
             log.warning("compiled step failed (%s: %s); continuing eagerly", type(exc).__name__, exc)
+            summary["compile_fallback"] = f"{type(exc).__name__}: {exc}"[:300]
             step_model = model
+            optimizer.zero_grad(set_to_none=True)
             loss, _ = stage2_loss(model, batch, cfg, codes_t, amp)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            loss.backward()
         optimizer.step()
         return float(loss.detach())
 

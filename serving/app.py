@@ -96,15 +96,20 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
             detail = (problem.get("ctx") or {}).get("error", "")
             return _error(400, "bad_json", f"request body is not valid JSON: {detail}".rstrip(": "))
         if tuple(problem.get("loc", ())) == ("body",) and problem.get("type") == "missing":
-            return _error(400, "missing_body", "request body is required: a JSON object like "
-                          + json.dumps(REQUEST_EXAMPLES["known_user"]["value"]))
+            return _error(
+                400,
+                "missing_body",
+                "request body is required: a JSON object like "
+                + json.dumps(REQUEST_EXAMPLES["known_user"]["value"]),
+            )
     errors = []
     for problem in problems:
         field = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
         text = str(problem.get("msg", "invalid"))
         if field == "body" and problem.get("type") == "model_attributes_type":
-            text = ("must be a JSON object sent as Content-Type: application/json, like "
-                    + json.dumps(REQUEST_EXAMPLES["exclude_and_domain"]["value"]))
+            text = "must be a JSON object sent as Content-Type: application/json, like " + json.dumps(
+                REQUEST_EXAMPLES["exclude_and_domain"]["value"]
+            )
         errors.append({"field": field, "message": text, "type": str(problem.get("type"))})
     message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
     return _error(422, "invalid_request", message, errors)
@@ -152,7 +157,9 @@ class GuardMiddleware:
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 if not value.isdigit():
-                    return _error(400, "bad_content_length", f"Content-Length is not a number: {value[:32]!r}")
+                    return _error(
+                        400, "bad_content_length", f"Content-Length is not a number: {value[:32]!r}"
+                    )
                 if int(value) > self.max_body_bytes:
                     return self._too_large()
         return None
@@ -203,7 +210,12 @@ def create_app(
     metrics = ServingMetrics()
     service = RecommendService(config, components, metrics)
     log.info("serving config: %s", asdict(config))
-    log.info("model %s, state reader %s, Redis %s", service.model_name, components.state_reader.name, settings.redis_url)
+    log.info(
+        "model %s, state reader %s, Redis %s",
+        service.model_name,
+        components.state_reader.name,
+        settings.redis_url,
+    )
 
     app = FastAPI(
         title="UGT recommend",
@@ -218,8 +230,14 @@ def create_app(
     error_responses: dict[int | str, dict[str, Any]] = {
         400: {"model": ErrorResponse, "description": "Body is not JSON, or missing."},
         413: {"model": ErrorResponse, "description": f"Body larger than {config.max_body_bytes} bytes."},
-        422: {"model": ErrorResponse, "description": "A field is missing, of the wrong type or out of bounds."},
-        503: {"model": ErrorResponse, "description": "Neither the model nor any popularity source can answer."},
+        422: {
+            "model": ErrorResponse,
+            "description": "A field is missing, of the wrong type or out of bounds.",
+        },
+        503: {
+            "model": ErrorResponse,
+            "description": "Neither the model nor any popularity source can answer.",
+        },
     }
 
     @app.post("/recommend", response_model=RecommendResponse, responses=error_responses)

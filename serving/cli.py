@@ -12,14 +12,25 @@ from serving.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG_PATH),
-                        help="serving YAML config (default: %(default)s); UGT_SERVING_<KEY> env vars override it")
+    parser.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG_PATH),
+        help="serving YAML config (default: %(default)s); UGT_SERVING_<KEY> env vars override it",
+    )
     parser.add_argument("--host", default=None, help="listen address (default: the config's host)")
-    parser.add_argument("--port", type=int, default=None,
-                        help="listen port (default: the config's port, else UGT_SERVING_PORT / 8000)")
-    parser.add_argument("--snapshot-popularity", metavar="PATH", default=None,
-                        help="write every ugt:popularity:<domain> set in Redis to PATH as a popularity file "
-                        "(the config's popularity_file fallback) and exit")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="listen port (default: the config's port, else UGT_SERVING_PORT / 8000)",
+    )
+    parser.add_argument(
+        "--snapshot-popularity",
+        metavar="PATH",
+        default=None,
+        help="write every ugt:popularity:<domain> set in Redis to PATH as a popularity file "
+        "(the config's popularity_file fallback) and exit",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,8 +46,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ugt serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper() if config.log_level != "trace" else "DEBUG",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.log_level.upper() if config.log_level != "trace" else "DEBUG",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.snapshot_popularity:
         return _snapshot(settings, config, args.snapshot_popularity)
 
@@ -60,16 +73,21 @@ def _snapshot(settings, config, path: str) -> int:
     from serving.app import redis_client
     from serving.fallback import PopularityFallback, write_popularity_file
 
-    fallback = PopularityFallback(redis_client(settings, config), key_prefix=config.popularity_key_prefix,
-                                  cache_size=config.popularity_cache_size)
+    fallback = PopularityFallback(
+        redis_client(settings, config),
+        key_prefix=config.popularity_key_prefix,
+        cache_size=config.popularity_cache_size,
+    )
     try:
         ranked = fallback.snapshot()
     except (redis.RedisError, OSError) as exc:
         print(f"ugt serve: cannot read popularity from {settings.redis_url}: {exc}", file=sys.stderr)
         return 1
     if not ranked:
-        print(f"ugt serve: no {config.popularity_key_prefix}* sets in {settings.redis_url}; nothing written",
-              file=sys.stderr)
+        print(
+            f"ugt serve: no {config.popularity_key_prefix}* sets in {settings.redis_url}; nothing written",
+            file=sys.stderr,
+        )
         return 1
     write_popularity_file(path, ranked)
     summary = ", ".join(f"{domain}: {len(items)}" for domain, items in sorted(ranked.items()))

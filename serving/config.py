@@ -33,7 +33,7 @@ class ServingConfig:
     port: int = 0  # 0 = Settings.serving_port (UGT_SERVING_PORT)
     generator: str = "popularity"  # the main model, one of GENERATORS
     generator_version: str = "v1"  # reported in every response as "<generator>-<version>"
-    state_reader: str = "feast"  # how user state is fetched, one of STATE_READERS
+    state_reader: str = "redis"  # how user state is fetched, one of STATE_READERS (bench/state_fetch.py)
     feature_view: str = "user_recent_events"  # the Feast view holding models.user_state.FEATURE_NAMES
     feature_service: str = "recommend_v1"  # what the Feast SDK reader asks for
     default_domain: str = "movie"  # used when a request names no domain (schemas/user_event.avsc default)
@@ -175,5 +175,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     except yaml.YAMLError as exc:
         raise ConfigError(f"serving config {str(path)!r} is not valid YAML: {exc}") from exc
     if not isinstance(values, dict):
-        raise ConfigError(f"serving config {str(path)!r} must be a mapping of key: value, got {type(values).__name__}")
+        raise ConfigError(
+            f"serving config {str(path)!r} must be a mapping of key: value, got {type(values).__name__}"
+        )
     return build_config(values, env=env, base_dir=path.resolve().parent)

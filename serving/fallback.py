@@ -66,7 +66,12 @@ def load_popularity_file(path: str | Path) -> dict[str, tuple[ScoredItem, ...]]:
         for i, row in enumerate(rows):
             item_id = row.get("item_id") if isinstance(row, dict) else None
             score = row.get("score") if isinstance(row, dict) else None
-            if not isinstance(item_id, str) or not item_id or isinstance(score, bool) or not isinstance(score, (int, float)):
+            if (
+                not isinstance(item_id, str)
+                or not item_id
+                or isinstance(score, bool)
+                or not isinstance(score, (int, float))
+            ):
                 raise ValueError(
                     f"popularity file {str(path)!r}: domains.{domain}[{i}] must be "
                     f'{{"item_id": non-empty string, "score": number}}, got {row!r}'
@@ -81,7 +86,9 @@ def write_popularity_file(path: str | Path, ranked: Mapping[str, Sequence[Scored
     """Write the file :func:`load_popularity_file` reads (e.g. a snapshot of the Redis sets)."""
     data = {
         "version": FILE_FORMAT_VERSION,
-        "domains": {d: [{"item_id": s.item_id, "score": s.score} for s in items] for d, items in ranked.items()},
+        "domains": {
+            d: [{"item_id": s.item_id, "score": s.score} for s in items] for d, items in ranked.items()
+        },
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(data, indent=1) + "\n")

@@ -41,7 +41,9 @@ class FeastRedisLayout:
         config = yaml.safe_load((Path(repo) / "feature_store.yaml").read_text()) or {}
         version = int(config.get("entity_key_serialization_version", 3))
         if version != 3:
-            raise ValueError(f"direct Redis reads need entity_key_serialization_version 3, the repo has {version}")
+            raise ValueError(
+                f"direct Redis reads need entity_key_serialization_version 3, the repo has {version}"
+            )
         registry = config.get("registry")
         if isinstance(registry, dict) and registry.get("enable_online_feature_view_versioning"):
             raise ValueError("direct Redis reads do not support enable_online_feature_view_versioning")
@@ -75,24 +77,47 @@ def feature_field(view: str, feature: str) -> bytes:
 
 def _value_class():
     """A message class with the wire layout of feast.types.Value for the types UGT stores."""
-    fdp = descriptor_pb2.FileDescriptorProto(name="ugt_feast_value.proto", package="ugt.feastwire", syntax="proto3")
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="ugt_feast_value.proto", package="ugt.feastwire", syntax="proto3"
+    )
     f = descriptor_pb2.FieldDescriptorProto
-    for list_name, item_type in (("StringList", f.TYPE_STRING), ("Int64List", f.TYPE_INT64),
-                                 ("Int32List", f.TYPE_INT32), ("DoubleList", f.TYPE_DOUBLE)):
+    for list_name, item_type in (
+        ("StringList", f.TYPE_STRING),
+        ("Int64List", f.TYPE_INT64),
+        ("Int32List", f.TYPE_INT32),
+        ("DoubleList", f.TYPE_DOUBLE),
+    ):
         message = fdp.message_type.add(name=list_name)
         message.field.add(name="val", number=1, type=item_type, label=f.LABEL_REPEATED)
     value = fdp.message_type.add(name="Value")
     value.oneof_decl.add(name="val")
-    scalars = (("string_val", 2, f.TYPE_STRING), ("int32_val", 3, f.TYPE_INT32), ("int64_val", 4, f.TYPE_INT64),
-               ("double_val", 5, f.TYPE_DOUBLE), ("float_val", 6, f.TYPE_FLOAT), ("bool_val", 7, f.TYPE_BOOL),
-               ("unix_timestamp_val", 8, f.TYPE_INT64), ("null_val", 19, f.TYPE_INT32))
+    scalars = (
+        ("string_val", 2, f.TYPE_STRING),
+        ("int32_val", 3, f.TYPE_INT32),
+        ("int64_val", 4, f.TYPE_INT64),
+        ("double_val", 5, f.TYPE_DOUBLE),
+        ("float_val", 6, f.TYPE_FLOAT),
+        ("bool_val", 7, f.TYPE_BOOL),
+        ("unix_timestamp_val", 8, f.TYPE_INT64),
+        ("null_val", 19, f.TYPE_INT32),
+    )
     for name, number, kind in scalars:
         value.field.add(name=name, number=number, type=kind, label=f.LABEL_OPTIONAL, oneof_index=0)
-    lists = (("string_list_val", 12, "StringList"), ("int32_list_val", 13, "Int32List"),
-             ("int64_list_val", 14, "Int64List"), ("double_list_val", 15, "DoubleList"))
+    lists = (
+        ("string_list_val", 12, "StringList"),
+        ("int32_list_val", 13, "Int32List"),
+        ("int64_list_val", 14, "Int64List"),
+        ("double_list_val", 15, "DoubleList"),
+    )
     for name, number, type_name in lists:
-        value.field.add(name=name, number=number, type=f.TYPE_MESSAGE, label=f.LABEL_OPTIONAL,
-                        type_name=f".ugt.feastwire.{type_name}", oneof_index=0)
+        value.field.add(
+            name=name,
+            number=number,
+            type=f.TYPE_MESSAGE,
+            label=f.LABEL_OPTIONAL,
+            type_name=f".ugt.feastwire.{type_name}",
+            oneof_index=0,
+        )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("ugt.feastwire.Value"))

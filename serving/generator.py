@@ -29,9 +29,7 @@ class Generator(Protocol):
     name: str
     version: str
 
-    def recommend(
-        self, state: UserStateView, k: int, exclude: Set[str], *, domain: str
-    ) -> list[ScoredItem]:
+    def recommend(self, state: UserStateView, k: int, exclude: Set[str], *, domain: str) -> list[ScoredItem]:
         """Up to ``k`` items, best first, none in ``exclude``; ``domain`` picks the catalog."""
         ...
 
@@ -49,9 +47,7 @@ class PopularityGenerator:
         self.popularity = popularity
         self.version = version
 
-    def recommend(
-        self, state: UserStateView, k: int, exclude: Set[str], *, domain: str
-    ) -> list[ScoredItem]:
+    def recommend(self, state: UserStateView, k: int, exclude: Set[str], *, domain: str) -> list[ScoredItem]:
         seen = set(exclude)
         seen.update(state.item_ids)
         return self.popularity.recommend(domain, k, seen).items

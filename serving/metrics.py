@@ -6,7 +6,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 # Sub-millisecond resolution: the state fetch target is 0.3 ms p99, the request target 20 ms p99.
 STAGE_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
 )
 STAGES = ("state", "generate", "rerank", "total")
 
@@ -19,21 +32,29 @@ class ServingMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "ugt_serving_requests_total", "HTTP requests by endpoint and status code.",
-            ["endpoint", "status"], registry=self.registry,
+            "ugt_serving_requests_total",
+            "HTTP requests by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=self.registry,
         )
         self.stage_seconds = Histogram(
-            "ugt_serving_stage_seconds", "Seconds per /recommend stage (state, generate, rerank, total).",
-            ["stage"], buckets=STAGE_BUCKETS, registry=self.registry,
+            "ugt_serving_stage_seconds",
+            "Seconds per /recommend stage (state, generate, rerank, total).",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
         )
         self.fallbacks = Counter(
-            "ugt_serving_fallbacks_total", "/recommend answers given by the fallback, by reason.",
-            ["reason"], registry=self.registry,
+            "ugt_serving_fallbacks_total",
+            "/recommend answers given by the fallback, by reason.",
+            ["reason"],
+            registry=self.registry,
         )
         self.popularity_source = Counter(
             "ugt_serving_popularity_source_total",
             "Where popularity lists came from: redis, redis_stale (Redis failing) or file.",
-            ["source"], registry=self.registry,
+            ["source"],
+            registry=self.registry,
         )
         for stage in STAGES:  # expose every series from the start, so dashboards see zeros rather than gaps
             self.stage_seconds.labels(stage)

@@ -33,7 +33,9 @@ REQUEST_EXAMPLES = {
 class RecommendRequest(BaseModel):
     """POST /recommend body."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [REQUEST_EXAMPLES["known_user"]["value"]]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [REQUEST_EXAMPLES["known_user"]["value"]]}
+    )
 
     user_id: StrictStr = Field(
         min_length=1, max_length=MAX_USER_ID_CHARS, description="The user id as published in user events."
@@ -133,6 +135,8 @@ class CheckOut(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: str = Field(description="ok: every part works; degraded: answering from fallbacks; down: cannot answer.")
+    status: str = Field(
+        description="ok: every part works; degraded: answering from fallbacks; down: cannot answer."
+    )
     model: str
     checks: dict[str, CheckOut]

@@ -90,8 +90,12 @@ class RecommendService:
         items = self.parts.reranker.rerank(candidates, k, seen)
         end = time.perf_counter()
 
-        stages = {"state": after_state - start, "generate": after_generate - after_state,
-                  "rerank": end - after_generate, "total": end - start}
+        stages = {
+            "state": after_state - start,
+            "generate": after_generate - after_state,
+            "rerank": end - after_generate,
+            "total": end - start,
+        }
         for stage, seconds in stages.items():
             self.metrics.stage_seconds.labels(stage).observe(seconds)
         if reason is not None:

@@ -62,9 +62,16 @@ class UserStateView:
             )
         except (TypeError, ValueError) as exc:
             raise BadState(f"state of user {user_id!r} has a malformed feature: {exc}") from exc
-        lengths = {len(view.item_ids), len(view.action_tokens), len(view.rating_tokens), len(view.event_times)}
+        lengths = {
+            len(view.item_ids),
+            len(view.action_tokens),
+            len(view.rating_tokens),
+            len(view.event_times),
+        }
         if len(lengths) != 1:
-            raise BadState(f"state of user {user_id!r} has per-event lists of different lengths {sorted(lengths)}")
+            raise BadState(
+                f"state of user {user_id!r} has per-event lists of different lengths {sorted(lengths)}"
+            )
         return view
 
 
@@ -109,7 +116,9 @@ class FeastStateReader:
             ).to_dict()
         except (redis.RedisError, OSError) as exc:
             raise StateUnavailable(f"Feast online store unreachable: {exc}") from exc
-        return UserStateView.from_features(user_id, {name: _first(response.get(name)) for name in FEATURE_NAMES})
+        return UserStateView.from_features(
+            user_id, {name: _first(response.get(name)) for name in FEATURE_NAMES}
+        )
 
     def check(self) -> str:
         return _ping(self.health_client) + f"; Feast feature service {self.feature_service.name!r} loaded"

@@ -1,7 +1,8 @@
 """Publish Avro events to Kafka: idempotent, acks=all, batched, every delivery accounted for.
 
-Records are encoded with :class:`streams.serde.AvroSerde` (subject ``<topic>-value``, Confluent wire
-format). Keys are the user id for user events and the item id for item events, and the partitioner is
+Records are in the Confluent wire format of :mod:`streams.serde` (schema registered through the serde's
+registry client under ``<topic>-value``); the Avro body comes from a schema-compiled encoder
+(:mod:`streams.avro_codegen`) that writes the same bytes as fastavro at a fraction of the cost. Keys are the user id for user events and the item id for item events, and the partitioner is
 murmur2 (the Java client's), so one user's events land in one partition in publish order — what the
 per-user state downstream relies on — whichever client wrote them. The Kafka record timestamp is the
 publish time; the event time travels in the record's ``event_time`` field.
@@ -9,19 +10,23 @@ publish time; the event time travels in the record's ``event_time`` field.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
 from infra.settings import Settings, get_settings
+from streams.avro_codegen import Encoder, compile_encoder
 from streams.records import KEY_FIELD, RecordError
 from streams.serde import (
+    HEADER,
+    MAGIC,
     AvroSerde,
     SchemaRegistryClient,
-    encode_with_id,
     load_schema,
     schema_text,
     subject_for,
@@ -41,6 +46,11 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "message.timeout.ms": 120_000,
     "partitioner": "murmur2_random",  # same key -> same partition as Java producers (Flink, kafka-console)
 }
+
+
+@cache
+def _compiled(schema_name: str) -> Encoder:
+    return compile_encoder(load_schema(schema_name))
 
 
 class PublishError(RuntimeError):
@@ -76,10 +86,11 @@ class EventPublisher:
         self.config = {"bootstrap.servers": self.settings.kafka_bootstrap, **PRODUCER_DEFAULTS, **(config or {})}
         self.config["on_delivery"] = self._on_delivery
         self.config.setdefault("error_cb", self._on_error)
+        self.config.setdefault("logger", logging.getLogger("ugt.kafka"))  # librdkafka logs via logging, not raw stderr
         self._producer = Producer(self.config)
         self.stats = DeliveryStats()
         self.client_errors: Counter[str] = Counter()
-        self._encoders: dict[tuple[str, str], tuple[int, Any]] = {}
+        self._encoders: dict[tuple[str, str], tuple[bytes, Encoder]] = {}
 
     # -- delivery accounting (called from poll()/flush() on this thread) --
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
@@ -94,20 +105,20 @@ class EventPublisher:
         # Transient client errors (broker down, retrying) are retried by librdkafka; keep them for the report.
         self.client_errors[f"{err.name()}: {err.str()}"] += 1
 
-    def _encoder(self, topic: str, schema_name: str) -> tuple[int, Any]:
+    def _encoder(self, topic: str, schema_name: str) -> tuple[bytes, Encoder]:
         key = (topic, schema_name)
         if key not in self._encoders:
             # Registers the schema under <topic>-value once (the registry refuses incompatible changes).
             schema_id = self.serde.registry.register(subject_for(topic), schema_text(schema_name))
-            self._encoders[key] = (schema_id, load_schema(schema_name))
+            self._encoders[key] = (HEADER.pack(MAGIC, schema_id), _compiled(schema_name))
         return self._encoders[key]
 
     def encode(self, topic: str, schema_name: str, record: dict[str, Any]) -> bytes:
-        """The wire-format bytes of a record (same bytes as AvroSerde.encode, schema id looked up once)."""
-        schema_id, parsed = self._encoder(topic, schema_name)
+        """The wire-format bytes of a record: the bytes AvroSerde.encode writes (tested), schema id looked up once."""
+        header, encode_body = self._encoder(topic, schema_name)
         try:
-            return encode_with_id(schema_id, parsed, record)
-        except (ValueError, TypeError, KeyError) as exc:
+            return header + encode_body(record)
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
             raise RecordError([f"{schema_name} record cannot be encoded: {exc}"]) from exc
 
     def publish(self, topic: str, schema_name: str, record: dict[str, Any], key: str | None = None) -> None:
@@ -159,6 +170,13 @@ class EventPublisher:
         if not s.errors and self.client_errors:
             lines.append("  is Kafka up? `ugt stack status`")
         return "\n".join(lines)
+
+    def abort(self) -> int:
+        """Drop everything still queued (after an error or Ctrl-C); returns how many records were dropped."""
+        pending = self.stats.pending
+        self._producer.purge()
+        self._producer.flush(0)
+        return pending
 
     def close(self, timeout_s: float = 60.0) -> DeliveryStats:
         return self.flush(timeout_s)

@@ -220,3 +220,6 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, DatasetError) as exc:
         print(f"ugt publish: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ugt publish: interrupted; records not yet confirmed may be lost", file=sys.stderr)
+        return 130

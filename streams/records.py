@@ -51,7 +51,7 @@ def _iso_to_millis(text: str) -> int:
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp() * 1000)
+    return round(moment.timestamp() * 1000)
 
 
 def _coerce(value: Any, field_type: Any, from_text: bool) -> Any:

@@ -46,7 +46,7 @@ class SemanticIdConfig:
     rqvae: dict[str, Any] = field(default_factory=dict)  # RQVAEConfig fields (codebook_sizes comes from above)
     rqkmeans: dict[str, Any] = field(default_factory=dict)  # RQKMeansConfig fields
     compare_baseline: bool = True  # also fit the other quantizer and put it in the report
-    embedding_cache: bool = True  # cache text embeddings under ~/.cache/ugt/sid-embeddings
+    embedding_cache: str = "use"  # text embeddings under ~/.cache/ugt/sid-embeddings: use | refresh | off
     seed: int = 0
     progress: bool = True
 
@@ -58,6 +58,8 @@ class SemanticIdConfig:
         self.codebook_sizes = [int(k) for k in self.codebook_sizes]
         if int(self.dedup_size) < 1:
             raise ValueError("dedup_size must be >= 1")
+        if self.embedding_cache not in ("use", "refresh", "off"):
+            raise ValueError(f"embedding_cache must be use, refresh or off, got {self.embedding_cache!r}")
         if not self.encoders:
             raise ValueError("encoders must list at least one encoder")
         for key in ("codebook_sizes", "seed", "progress"):
@@ -119,13 +121,13 @@ def _cache_path(part: TextEncoder, items: Sequence[dict[str, Any]]) -> Path:
     return get_settings().cache_dir / "sid-embeddings" / f"{digest.hexdigest()[:24]}.npy"
 
 
-def _encode_parts(fusion: FusionEncoder, items: list[dict[str, Any]], use_cache: bool) -> tuple[list[np.ndarray], list[dict]]:
+def _encode_parts(fusion: FusionEncoder, items: list[dict[str, Any]], cache_mode: str) -> tuple[list[np.ndarray], list[dict]]:
     """Raw output of every part, timed (the throughput numbers of the report); text optionally cached."""
     raw, info = [], []
     for part in fusion.parts:
-        cache = _cache_path(part, items) if use_cache and isinstance(part, TextEncoder) else None
+        cache = _cache_path(part, items) if cache_mode != "off" and isinstance(part, TextEncoder) else None
         start = time.perf_counter()
-        if cache is not None and cache.exists():
+        if cache is not None and cache_mode == "use" and cache.exists():
             out, seconds = np.load(cache), None
         else:
             out = _encode_in_chunks(part, items, fusion)

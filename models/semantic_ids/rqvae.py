@@ -42,6 +42,7 @@ class RQVAEConfig:
     kmeans_init: bool = True
     kmeans_niter: int = 25
     dead_code_reset: bool = True
+    threads: int = 1  # torch CPU threads; 1 is fastest for these small matmuls, and robust on a busy box
     seed: int = 0
     progress: bool = True
 
@@ -126,25 +127,46 @@ class RQVAE(nn.Module):
             moved += len(dead)
         return moved
 
-    def export(self) -> ResidualQuantizer:
-        """The numpy quantizer serving runs (encoder, codebooks, decoder)."""
+    def export(self, mean: np.ndarray, scale: float) -> ResidualQuantizer:
+        """The numpy quantizer serving runs; the input standardisation is folded into the first/last layer."""
 
         def linear_arrays(seq: nn.Sequential) -> MLP:
             lins = [m for m in seq if isinstance(m, nn.Linear)]
             return MLP(
-                [m.weight.detach().cpu().numpy().astype(np.float32) for m in lins],
-                [m.bias.detach().cpu().numpy().astype(np.float32) for m in lins],
+                [m.weight.detach().cpu().numpy().astype(np.float64) for m in lins],
+                [m.bias.detach().cpu().numpy().astype(np.float64) for m in lins],
             )
 
+        enc, dec = linear_arrays(self.encoder), linear_arrays(self.decoder)
+        # encoder sees (x - mean) / scale:  W (x - m)/s + b  =  (W/s) x + (b - W m / s)
+        enc.biases[0] = enc.biases[0] - enc.weights[0] @ mean / scale
+        enc.weights[0] = enc.weights[0] / scale
+        # decoder output is in standardised units: s (W h + b) + m
+        dec.weights[-1], dec.biases[-1] = dec.weights[-1] * scale, dec.biases[-1] * scale + mean
+        as32 = lambda mlp: MLP([w.astype(np.float32) for w in mlp.weights], [b.astype(np.float32) for b in mlp.biases])  # noqa: E731
         books = [b.detach().cpu().numpy().astype(np.float32) for b in self.rq.codebooks]
-        return ResidualQuantizer(books, linear_arrays(self.encoder), linear_arrays(self.decoder))
+        return ResidualQuantizer(books, as32(enc), as32(dec))
 
 
 def fit_rqvae(x: np.ndarray, config: RQVAEConfig) -> tuple[ResidualQuantizer, dict]:
     """Train on fused item vectors ``x`` (N, D) on CPU; returns the numpy quantizer and the training log."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, config.threads))
+    try:
+        return _fit(x, config)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _fit(x: np.ndarray, config: RQVAEConfig) -> tuple[ResidualQuantizer, dict]:
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    data = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    # standardise (one scalar scale keeps the geometry): fused vectors have per-dim variance ~1/D, which
+    # would make the reconstruction loss vanish next to the codebook loss
+    x64 = np.asarray(x, np.float64)
+    mean = x64.mean(0)
+    scale = float(np.sqrt(((x64 - mean) ** 2).mean())) or 1.0
+    data = torch.from_numpy(((x64 - mean) / scale).astype(np.float32))
     model = RQVAE(data.shape[1], config)
     start = time.perf_counter()
     if config.kmeans_init:
@@ -183,4 +205,4 @@ def fit_rqvae(x: np.ndarray, config: RQVAEConfig) -> tuple[ResidualQuantizer, di
         "history": history,
     }
     log.info("rq-vae %s trained %d epochs in %.1fs", config.codebook_sizes, config.epochs, info["train_seconds"])
-    return model.export(), info
+    return model.export(mean, scale), info

@@ -1,0 +1,161 @@
+"""`ugt jobs`: submit, list, wait for or cancel the UGT Flink jobs on the running standalone cluster.
+
+    ugt jobs submit tokenize --detached -- --parallelism 2
+    ugt jobs submit all -- --bounded --startup earliest
+    ugt jobs list
+    ugt jobs wait tokenize --timeout 600
+    ugt jobs cancel user_state
+
+`submit` runs `<pyflink>/bin/flink run [-d] -py jobs/<job>.py <job args>` with the stack's FLINK_CONF_DIR
+(infra.stack.flink_env); the others use Flink's REST API at Settings.flink_rest_url.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+import requests
+
+from infra.settings import REPO_ROOT, get_settings
+
+JOBS = ("tokenize", "user_state")
+TERMINAL = {"FINISHED", "FAILED", "CANCELED"}
+JOB_ID = re.compile(r"JobID ([0-9a-f]{32})")
+
+
+class JobsError(RuntimeError):
+    """The cluster is unreachable, a job is unknown, or a submission failed."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="<action>", required=True)
+    submit = sub.add_parser("submit", help="submit a job (or all) with `flink run -py`",
+                            description="Arguments after `--` go to the job (see `python jobs/<job>.py --help`).")
+    submit.add_argument("job", choices=(*JOBS, "all"))
+    submit.add_argument("--detached", action="store_true", help="return once submitted (flink run -d)")
+    submit.add_argument("job_args", nargs=argparse.REMAINDER, help="-- then the job's own options")
+    sub.add_parser("list", help="list jobs on the cluster (id, name, state, duration)")
+    wait = sub.add_parser("wait", help="wait until a job (id or name) ends; exit 0 only if it FINISHED")
+    wait.add_argument("job", help="job id or name (the newest job of that name)")
+    wait.add_argument("--timeout", type=float, default=600.0, help="seconds (default: %(default)s)")
+    cancel = sub.add_parser("cancel", help="cancel a running job by id, or every running job of a name")
+    cancel.add_argument("job", help="job id or name")
+    parser.add_argument("--rest", default=None, help="Flink REST URL (default: Settings.flink_rest_url)")
+
+
+def rest_url(args: argparse.Namespace) -> str:
+    return (getattr(args, "rest", None) or get_settings().flink_rest_url).rstrip("/")
+
+
+def _get(url: str) -> Any:
+    try:
+        response = requests.get(url, timeout=10)
+    except requests.RequestException as exc:
+        raise JobsError(f"Flink REST API at {url} is unreachable ({exc.__class__.__name__}); is the stack up? "
+                        "Run `ugt stack up`.") from exc
+    if not response.ok:
+        raise JobsError(f"GET {url} -> {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def list_jobs(base: str) -> list[dict[str, Any]]:
+    """Jobs on the cluster, newest first: jid, name, state, start-time, duration (ms)."""
+    jobs = _get(f"{base}/jobs/overview").get("jobs", [])
+    return sorted(jobs, key=lambda j: j.get("start-time", 0), reverse=True)
+
+
+def resolve(base: str, ref: str, running_only: bool = False) -> list[dict[str, Any]]:
+    """Jobs matching an id or a name (all running ones of a name, or the newest when not running_only)."""
+    jobs = list_jobs(base)
+    by_id = [j for j in jobs if j["jid"] == ref]
+    if by_id:
+        return by_id
+    named = [j for j in jobs if j["name"] == ref]
+    if running_only:
+        named = [j for j in named if j["state"] not in TERMINAL]
+    elif named:
+        named = named[:1]
+    if not named:
+        known = ", ".join(sorted({j["name"] for j in jobs})) or "none"
+        raise JobsError(f"no {'running ' if running_only else ''}job with id or name {ref!r} (jobs: {known})")
+    return named
+
+
+def job_command(job: str, job_args: list[str], detached: bool) -> list[str]:
+    from infra.stack import flink_bin
+
+    args = job_args[1:] if job_args[:1] == ["--"] else job_args
+    return [str(flink_bin()), "run", *(["-d"] if detached else []), "-py", str(REPO_ROOT / "jobs" / f"{job}.py"), *args]
+
+
+def submit(job: str, job_args: list[str], detached: bool) -> str | None:
+    """Run `flink run -py`; returns the job id it printed (None if it printed none)."""
+    from infra.stack import flink_env
+
+    command = job_command(job, job_args, detached)
+    print("$ " + " ".join(command), flush=True)
+    lines: list[str] = []
+    with subprocess.Popen(command, env=flink_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            print(line, end="", flush=True)
+    found = JOB_ID.search("".join(lines))
+    if process.returncode != 0:
+        raise JobsError(f"`flink run` for {job} exited with {process.returncode}; see the output above")
+    return found.group(1) if found else None
+
+
+def wait(base: str, ref: str, timeout_s: float) -> str:
+    """Poll until the job ends; returns its final state."""
+    deadline = time.monotonic() + timeout_s
+    jid = resolve(base, ref)[0]["jid"]
+    while True:
+        state = _get(f"{base}/jobs/{jid}")["state"]
+        if state in TERMINAL:
+            return state
+        if time.monotonic() > deadline:
+            raise JobsError(f"job {ref} ({jid}) still {state} after {timeout_s:.0f} s")
+        time.sleep(1.0)
+
+
+def cancel(base: str, ref: str) -> list[str]:
+    cancelled = []
+    for job in resolve(base, ref, running_only=True):
+        response = requests.patch(f"{base}/jobs/{job['jid']}", params={"mode": "cancel"}, timeout=10)
+        if response.status_code not in (200, 202):
+            raise JobsError(f"cancelling {job['jid']} -> {response.status_code}: {response.text[:300]}")
+        cancelled.append(job["jid"])
+    return cancelled
+
+
+def run(args: argparse.Namespace) -> int:
+    base = rest_url(args)
+    try:
+        if args.action == "submit":
+            for job in JOBS if args.job == "all" else (args.job,):
+                # `all` runs both at once, so it is always detached (a blocking tokenize would hold user_state back)
+                jid = submit(job, args.job_args, args.detached or args.job == "all")
+                print(f"{job}: submitted{' as ' + jid if jid else ''}")
+        elif args.action == "list":
+            jobs = list_jobs(base)
+            print(f"{'id':32s}  {'name':12s}  {'state':10s}  duration")
+            for j in jobs:
+                print(f"{j['jid']}  {j['name']:12s}  {j['state']:10s}  {j.get('duration', 0) / 1000:.1f} s")
+        elif args.action == "wait":
+            state = wait(base, args.job, args.timeout)
+            print(state)
+            return 0 if state == "FINISHED" else 1
+        elif args.action == "cancel":
+            for jid in cancel(base, args.job):
+                print(f"cancelled {jid}")
+    except JobsError as exc:
+        print(f"ugt jobs: {exc}", file=sys.stderr)
+        return 1
+    return 0

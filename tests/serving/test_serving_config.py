@@ -1,0 +1,66 @@
+"""ServingConfig: the default file loads; every bad value fails at start naming the key."""
+
+import pytest
+
+from serving.config import DEFAULT_CONFIG_PATH, ConfigError, ServingConfig, build_config, load_config
+
+
+def test_default_config_loads():
+    config = load_config(DEFAULT_CONFIG_PATH, env={})
+    assert isinstance(config, ServingConfig)
+    assert config.model_name == "popularity-v1"
+
+
+def test_env_overrides_the_file():
+    config = load_config(
+        DEFAULT_CONFIG_PATH, env={"UGT_SERVING_STATE_READER": "feast", "UGT_SERVING_MAX_EXCLUDE": "10"}
+    )
+    assert config.state_reader == "feast" and config.max_exclude == 10
+
+
+@pytest.mark.parametrize(
+    "values, env, message",
+    [
+        ({"stat_reader": "redis"}, {}, "stat_reader: unknown key"),
+        ({"state_reader": "cassandra"}, {}, "state_reader: must be one of"),
+        ({"generator": "ugt-xl"}, {}, "generator: must be one of"),
+        ({"port": "eighty"}, {}, "port: expected int"),
+        ({"port": 70000}, {}, "port: must be 0..65535"),
+        ({"popularity_refresh_s": 0}, {}, "popularity_refresh_s"),
+        ({"max_body_bytes": 10}, {}, "max_body_bytes"),
+        ({"popularity_cache_size": 100}, {}, "popularity_cache_size: must be >="),
+        ({"default_domain": "a b"}, {}, "default_domain"),
+        ({"popularity_file": "no/such.json"}, {}, "popularity_file: no such file"),
+        ({"log_level": "loud"}, {}, "log_level"),
+        ({"redis_timeout_ms": True}, {}, "redis_timeout_ms: expected int"),
+        ({}, {"UGT_SERVING_MAX_EXCLUDE": "many"}, "env UGT_SERVING_MAX_EXCLUDE"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(tmp_path, values, env, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(values, env=env, base_dir=tmp_path)
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        build_config({"port": -1, "generator": "x", "bogus": 1}, env={}, base_dir=tmp_path)
+    assert all(key in str(info.value) for key in ("port", "generator", "bogus"))
+
+
+def test_popularity_file_is_resolved_against_the_config_folder(tmp_path):
+    (tmp_path / "pop.json").write_text('{"domains": {}}')
+    (tmp_path / "serve.yaml").write_text("popularity_file: pop.json\n")
+    assert load_config(tmp_path / "serve.yaml", env={}).popularity_file == str(tmp_path / "pop.json")
+
+
+@pytest.mark.parametrize("text, message", [("- a\n- b\n", "must be a mapping"), ("a: [\n", "not valid YAML")])
+def test_bad_files(tmp_path, text, message):
+    path = tmp_path / "serve.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, env={})
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read serving config"):
+        load_config(tmp_path / "nope.yaml", env={})
