@@ -13,6 +13,7 @@ import base64
 import fcntl
 import getpass
 import os
+import re
 import shutil
 import signal
 import socket
@@ -194,11 +195,15 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Pa
     return proc.pid
 
 
-def _tail(path: Path, lines: int = 15) -> str:
-    if not path.exists():
-        return f"({path} does not exist)"
-    text = path.read_text(errors="replace").splitlines()[-lines:]
-    return "\n".join("    " + line for line in text)
+def _tail(path: Path, lines: int = 12) -> str:
+    """What to show from a failed service's log: its last error lines if it has any, else its tail
+    (the tail of a Java log is usually the bottom of a stack trace, which says little)."""
+    if not path.is_file():
+        return f"    ({path} does not exist)"
+    text = path.read_text(errors="replace").splitlines()
+    errors = [line for line in text if re.search(r"\b(ERROR|FATAL)\b|^\S*(Exception|Error)\b", line)]
+    shown = errors[-lines // 2:] if errors else text[-lines:]
+    return "\n".join("    " + line[:400] for line in shown)
 
 
 def _terminate(pids: list[int], grace_s: float) -> list[int]:
@@ -287,6 +292,27 @@ class Service:
         return {"service": self.name, "port": self.port, "pid": pids, "healthy": self.healthy(), "log": self.log}
 
 
+def new_cluster_id() -> str:
+    """A Kafka cluster id like `kafka-storage random-uuid`: 16 random bytes, url-safe base64 without
+    padding, never starting with '-' (Kafka's Uuid rule, so it cannot be mistaken for a flag)."""
+    cid = "-"
+    while cid.startswith("-"):
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    return cid
+
+
+def write_kafka_conf(s: Settings) -> Path:
+    """Render infra/kafka/server.properties into var/kafka/server.properties."""
+    data = s.var_dir / "kafka"
+    data.mkdir(parents=True, exist_ok=True)
+    props = data / "server.properties"
+    template = Template((INFRA / "kafka" / "server.properties").read_text())
+    props.write_text(
+        template.substitute(kafka_port=s.kafka_port, controller_port=s.kafka_controller_port, data_dir=data / "data")
+    )
+    return props
+
+
 def _kafka(s: Settings) -> Service:
     data = s.var_dir / "kafka"
     log_dir = s.log_dir / "kafka"
@@ -304,19 +330,10 @@ def _kafka(s: Settings) -> Service:
 
     def start() -> list[int]:
         cp = f"{lib_dir(s) / 'kafka'}/*"
-        props = data / "server.properties"
-        data.mkdir(parents=True, exist_ok=True)
-        template = Template((INFRA / "kafka" / "server.properties").read_text())
-        props.write_text(
-            template.substitute(kafka_port=s.kafka_port, controller_port=s.kafka_controller_port, data_dir=data / "data")
-        )
+        props = write_kafka_conf(s)
         cluster_file = data / "cluster.id"
         if not cluster_file.exists():
-            # Kafka's Uuid: 16 random bytes, url-safe base64 without padding, never starting with '-'
-            cid = "-"
-            while cid.startswith("-"):
-                cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            cluster_file.write_text(cid + "\n")
+            cluster_file.write_text(new_cluster_id() + "\n")
         jvm = [java(), "-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
                "-Djava.awt.headless=true", f"-Dkafka.logs.dir={log_dir}",
                f"-Dlog4j2.configurationFile={INFRA / 'kafka' / 'log4j2.properties'}", "-cp", cp]
@@ -503,7 +520,7 @@ def _wait_all_healthy(pending: list[Service], s: Settings, t0: float) -> Iterato
             if time.monotonic() - t0 > START_TIMEOUT_S[svc.name]:
                 raise StackError(
                     f"{svc.name} did not become healthy on port {svc.port} within {START_TIMEOUT_S[svc.name]:.0f} s; "
-                    f"see {svc.log}\n{_tail(svc.log)}"
+                    f"see {svc.log} (`ugt stack down --only {svc.name}` then `up` restarts it)\n{_tail(svc.log)}"
                 )
         time.sleep(0.25)
 
@@ -536,8 +553,8 @@ def _up(s: Settings, only: Iterable[str] | None, log: Callable[[str], None]) -> 
     t0 = time.monotonic()
     chosen = services(s, only)
     s.log_dir.mkdir(parents=True, exist_ok=True)
-    if any(svc.name == "kafka" for svc in chosen):
-        ensure_jars(s, log)
+    if any(svc.name in ("kafka", "flink") for svc in chosen):
+        ensure_jars(s, log)  # Kafka's jars, and the connector jar Flink jobs load
     started: list[Service] = []
     to_start: list[Service] = []
     took: dict[str, float] = {}

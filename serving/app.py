@@ -210,6 +210,15 @@ def create_app(
     metrics = ServingMetrics()
     service = RecommendService(config, components, metrics)
     log.info("serving config: %s", asdict(config))
+    if client is not None:
+        try:
+            client.ping()  # opens the first pooled connection now rather than in the first request
+        except (redis.RedisError, OSError) as exc:
+            log.warning(
+                "Redis at %s does not answer (%s): answering from fallbacks until it does",
+                settings.redis_url,
+                exc,
+            )
     log.info(
         "model %s, state reader %s, Redis %s",
         service.model_name,

@@ -98,6 +98,7 @@ class PopularityFallback:
     """Top items per domain from Redis (cached, rate-limited), else the last good list, else the file."""
 
     name = "popularity-fallback"
+    version = "v1"
 
     def __init__(
         self,

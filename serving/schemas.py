@@ -91,7 +91,7 @@ class RecommendResponse(BaseModel):
                     "items": [{"item_id": "2858", "score": 3428.0}],
                     "fallback": True,
                     "fallback_reason": "unknown_user",
-                    "model": "popularity-fallback",
+                    "model": "popularity-fallback-v1",
                     "timings_ms": {"state": 0.2, "generate": 0.04, "rerank": 0.01, "total": 0.29},
                 },
             ]

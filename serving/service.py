@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from serving.config import ServingConfig
-from serving.fallback import PopularityFallback
+from serving.fallback import NoPopularity, PopularityFallback
 from serving.generator import Generator, ScoredItem
 from serving.metrics import ServingMetrics
 from serving.reranker import Reranker
@@ -79,12 +79,14 @@ class RecommendService:
         if state is not None:
             try:
                 candidates = self.parts.generator.recommend(state, k, seen, domain=domain)
+            except NoPopularity:
+                raise  # the popularity model has nothing for the domain: neither has the fallback (503)
             except Exception:
                 log.exception("generator %s failed, answering with the fallback", self.model_name)
                 reason = GENERATOR_ERROR
         if candidates is None:
             candidates = self.parts.fallback.recommend(domain, k, seen).items
-            model = self.parts.fallback.name
+            model = f"{self.parts.fallback.name}-{self.parts.fallback.version}"
         after_generate = time.perf_counter()
 
         items = self.parts.reranker.rerank(candidates, k, seen)

@@ -52,10 +52,10 @@ class UserStateView:
         try:
             view = cls(
                 user_id=user_id,
-                item_ids=tuple(str(i) for i in features.get("recent_item_ids") or ()),
-                action_tokens=tuple(int(t) for t in features.get("recent_action_tokens") or ()),
-                rating_tokens=tuple(int(t) for t in features.get("recent_rating_tokens") or ()),
-                event_times=tuple(int(t) for t in features.get("recent_event_times") or ()),
+                item_ids=tuple(map(str, features.get("recent_item_ids") or ())),
+                action_tokens=tuple(map(int, features.get("recent_action_tokens") or ())),
+                rating_tokens=tuple(map(int, features.get("recent_rating_tokens") or ())),
+                event_times=tuple(map(int, features.get("recent_event_times") or ())),
                 event_count=int(features.get("event_count") or 0),
                 last_event_time=int(features.get("last_event_time") or 0),
                 state_version=int(features.get("state_version") or 0),

@@ -68,9 +68,10 @@ class _Gen:
         if name == "null":
             return
         if name == "string":
-            b = self.var("b")
+            b, n = self.var("b"), self.var("n")
             self.emit(indent, f"{b} = {v}.encode()")
-            self.emit(indent, f"a(zz(len({b}))); a({b})")
+            self.emit(indent, f"{n} = len({b})")  # short strings: the length is one byte, looked up inline
+            self.emit(indent, f"e((SMALL[{n}] if {n} < 64 else zz({n}), {b}))")
         elif name == "bytes":
             self.emit(indent, f"a(zz(len({v}))); a(bytes({v}))")
         elif name in ("int", "long"):
@@ -144,12 +145,13 @@ def compile_encoder(parsed_schema: dict[str, Any]) -> Encoder:
     try:
         gen.emit(1, "parts = []")
         gen.emit(1, "a = parts.append")
+        gen.emit(1, "e = parts.extend")
         gen.record(parsed_schema, "r", 1)
         gen.emit(1, "return b''.join(parts)")
     except Unsupported:
         return with_fastavro
     source = "def fast(r):\n" + "\n".join(gen.lines) + "\n"
-    namespace: dict[str, Any] = {"zz": zigzag, "FLOAT": _FLOAT.pack, "DOUBLE": _DOUBLE.pack, **gen.consts}
+    namespace: dict[str, Any] = {"zz": zigzag, "SMALL": _SMALL, "FLOAT": _FLOAT.pack, "DOUBLE": _DOUBLE.pack, **gen.consts}
     exec(compile(source, f"<avro encoder {parsed_schema.get('name')}>", "exec"), namespace)  # noqa: S102
     fast = namespace["fast"]
 

@@ -12,8 +12,10 @@ import csv
 import gzip
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +139,55 @@ def _json_cell(text: str, what: str) -> Any:
         raise ValueError(f"expected {what}, got {text!r}") from None
 
 
+def _exact(t: Any) -> Callable[[Any], bool] | None:
+    """A check that a value is already exactly what the writer takes (the fast path), or None."""
+    branches = _branches(t)
+    if len(branches) == 2 and "null" in [_type_name(b) for b in branches]:
+        inner = _exact(next(b for b in branches if _type_name(b) != "null"))
+        return None if inner is None else (lambda v: v is None or inner(v))
+    if len(branches) != 1:
+        return None
+    name = _type_name(t)
+    if name == "string":
+        return lambda v: v.__class__ is str
+    if name == "enum":
+        symbols = frozenset(t["symbols"])
+        return lambda v: v.__class__ is str and v in symbols
+    if name == "long":
+        return lambda v: v.__class__ is int and -(2**63) <= v < 2**63
+    if name == "int":
+        return lambda v: v.__class__ is int and -(2**31) <= v < 2**31
+    if name in ("float", "double"):
+        return lambda v: v.__class__ is float
+    if name == "map" and _type_name(t["values"]) == "string" and not isinstance(t["values"], list):
+        return lambda v: v.__class__ is dict and all(k.__class__ is str and x.__class__ is str for k, x in v.items())
+    if name == "array" and _type_name(t["items"]) == "string" and not isinstance(t["items"], list):
+        return lambda v: v.__class__ is list and all(x.__class__ is str for x in v)
+    return None
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    type: Any
+    required: bool
+    nullable: bool
+    default: Callable[[], Any]  # a fresh default value (a new {} / [] each time)
+    exact: Callable[[Any], bool] | None
+
+
+@cache
+def _plan(schema_name: str) -> tuple[tuple[_Field, ...], frozenset[str]]:
+    fields = []
+    for f in load_schema(schema_name)["fields"]:
+        default = f.get("default")
+        factory = (lambda d=default: json.loads(json.dumps(d))) if isinstance(default, (dict, list)) else (
+            lambda d=default: d)
+        nullable = "null" in [_type_name(t) for t in _branches(f["type"])]
+        fields.append(_Field(f["name"], f["type"], "default" not in f, nullable, factory, _exact(f["type"])))
+    return tuple(fields), frozenset(f.name for f in fields)
+
+
 def validate_record(schema_name: str, record: Any, where: str = "", from_text: bool = False) -> dict[str, Any]:
     """The record, complete (defaults filled) and typed for the Avro writer; RecordError lists every problem.
 
@@ -145,31 +196,35 @@ def validate_record(schema_name: str, record: Any, where: str = "", from_text: b
     prefix = f"{where}: " if where else ""
     if not isinstance(record, dict):
         raise RecordError([f"{prefix}expected a JSON object, got {type(record).__name__}"])
-    fields = load_schema(schema_name)["fields"]
-    known = [f["name"] for f in fields]
+    fields, known = _plan(schema_name)
     problems = []
-    missing = [f["name"] for f in fields if f["name"] not in record and "default" not in f]
-    if from_text:  # an empty CSV cell for a required field is as missing as an absent column
-        missing += [f["name"] for f in fields if record.get(f["name"]) == "" and "default" not in f
-                    and "null" not in [_type_name(t) for t in _branches(f["type"])]]
-    if missing:
+    missing = [f.name for f in fields if f.required and (
+        f.name not in record or (from_text and record[f.name] == "" and not f.nullable))]
+    if missing:  # an empty CSV cell for a required field is as missing as an absent column
         problems.append(f"{prefix}missing required field(s) {', '.join(missing)} (schema {schema_name})")
-    unknown = sorted(set(record) - set(known))
-    if unknown:
-        problems.append(f"{prefix}unknown field(s) {', '.join(unknown)}; {schema_name} has {', '.join(known)}")
+    if not known.issuperset(record):
+        unknown = sorted(set(record) - known)
+        problems.append(f"{prefix}unknown field(s) {', '.join(unknown)}; {schema_name} has "
+                        f"{', '.join(f.name for f in fields)}")
     out: dict[str, Any] = {}
     for f in fields:
-        name = f["name"]
-        if name in missing:
+        if f.name not in record:
+            if not f.required:
+                out[f.name] = f.default()
             continue
-        if name not in record or (from_text and record[name] == "" and "default" in f):
-            default = f.get("default")
-            out[name] = json.loads(json.dumps(default))  # a fresh copy of {} / [] defaults
+        value = record[f.name]
+        if from_text and value == "" and not f.required:
+            out[f.name] = f.default()
+            continue
+        if f.exact is not None and f.exact(value):
+            out[f.name] = value  # already exactly what the writer takes: the common case, kept cheap
+            continue
+        if f.name in missing:
             continue
         try:
-            out[name] = _coerce(record[name], f["type"], from_text)
+            out[f.name] = _coerce(value, f.type, from_text)
         except (ValueError, TypeError) as exc:
-            problems.append(f"{prefix}field {name}: {exc}")
+            problems.append(f"{prefix}field {f.name}: {exc}")
     if problems:
         raise RecordError(problems)
     return out

@@ -79,8 +79,15 @@ def kmeans(x: np.ndarray, k: int, niter: int = 25, seed: int = 0, backend: str =
     if k_fit == n_distinct:
         centroids = np.unique(x, axis=0)[:k_fit].astype(np.float32)
     elif faiss is not None:
-        km = faiss.Kmeans(x.shape[1], k_fit, niter=niter, seed=seed, verbose=False, max_points_per_centroid=1 << 20)
-        km.train(x)
+        # small problems run faster on one thread than with OpenMP threads spinning on a busy box
+        threads = faiss.omp_get_max_threads()
+        if len(x) * k_fit < 20_000_000:
+            faiss.omp_set_num_threads(1)
+        try:
+            km = faiss.Kmeans(x.shape[1], k_fit, niter=niter, seed=seed, verbose=False, max_points_per_centroid=1 << 20)
+            km.train(x)
+        finally:
+            faiss.omp_set_num_threads(threads)
         centroids = np.asarray(km.centroids, np.float32)
     else:
         centroids = _kmeans_numpy(x, k_fit, niter, rng)

@@ -160,7 +160,7 @@ def test_unknown_user_gets_the_fallback(served: Served):
     body = served.post({"user_id": f"never-seen-{uuid.uuid4().hex}", "k": 3}).json()
     assert ids(body) == ["p1", "p2", "p3"]
     assert body["fallback"] is True and body["fallback_reason"] == "unknown_user"
-    assert body["model"] == "popularity-fallback"
+    assert body["model"] == "popularity-fallback-v1"
 
 
 def test_bad_requests_are_4xx_with_messages(served: Served):

@@ -54,7 +54,7 @@ def test_unknown_user_gets_the_fallback_marked():
     body = client_for().post("/recommend", json={"user_id": "new", "k": 2}).json()
     assert ids(body) == ["m1", "m2"]
     assert body["fallback"] is True and body["fallback_reason"] == "unknown_user"
-    assert body["model"] == "popularity-fallback"
+    assert body["model"] == "popularity-fallback-v1"
 
 
 def test_domain_picks_the_popularity_set():
@@ -205,3 +205,8 @@ def test_openapi_documents_bounds_and_examples():
     operation = spec["paths"]["/recommend"]["post"]
     assert "examples" in operation["requestBody"]["content"]["application/json"]
     assert {"400", "413", "422", "503"} <= set(operation["responses"])
+
+
+def test_known_user_in_a_domain_without_popularity_is_503():
+    r = client_for().post("/recommend", json={"user_id": "u1", "k": 3, "domain": "games"})
+    assert r.status_code == 503 and "ugt:popularity:games" in r.json()["message"]

@@ -143,3 +143,15 @@ def test_file_type_and_missing_file(tmp_path: Path) -> None:
         check_event_file(_write(tmp_path / "e.parquet", "x"), "user_event")
     with pytest.raises(RecordError, match="no such file"):
         check_event_file(tmp_path / "absent.jsonl", "user_event")
+
+
+def test_csv_empty_cell_takes_the_default(tmp_path: Path) -> None:
+    path = _write(tmp_path / "e.csv", "event_id,user_id,item_id,action,event_time,domain\ne1,42,7,RATE,12,\n")
+    [record] = list(iter_event_file(path, "user_event"))
+    assert record["domain"] == "movie"
+
+
+def test_defaults_are_fresh_objects() -> None:
+    a = validate_record("user_event", GOOD)
+    a["context"]["device"] = "tv"
+    assert validate_record("user_event", GOOD)["context"] == {}
