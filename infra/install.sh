@@ -4,7 +4,8 @@
 #   - Java 17 and Maven (if missing),
 #   - the Maven artifacts (Kafka 4.x broker jars, the Flink Kafka SQL connector) copied into
 #     ${UGT_CACHE:-~/.cache/ugt}/lib/{kafka,flink-connectors} by infra/maven/pom.xml.
-# The Python side (apache-flink, confluent-kafka, redis, fastavro) comes from pyproject.toml.
+#   - the Python environment .venv: every package pinned in infra/requirements.lock (made from
+#     pyproject.toml by `uv pip compile pyproject.toml --extra all -o infra/requirements.lock`), plus UGT itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,4 +37,13 @@ else
   echo "install.sh: resolving Maven artifacts into $lib (first time: ~1 min)"
   mvn -q -B -f infra/maven/pom.xml package -Dugt.lib="$lib"
 fi
+# Python: one venv for the CLI, the Flink Python workers, Feast and serving (docs/DEPENDENCIES.md).
+if [ ! -x .venv/bin/python ]; then
+  echo "install.sh: creating .venv"
+  python3 -m venv .venv
+fi
+[ -x .venv/bin/uv ] || .venv/bin/python -m pip install -q uv
+.venv/bin/uv pip install -q --python .venv/bin/python -r infra/requirements.lock
+.venv/bin/uv pip install -q --python .venv/bin/python --no-deps -e .
+
 echo "install.sh: done (redis-server $(redis-server --version | awk '{print $3}'), jars in $lib)"

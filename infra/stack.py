@@ -22,7 +22,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -503,20 +503,33 @@ def ensure_topics(s: Settings, timeout_s: float = 30.0) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 # up / down / status
 # ---------------------------------------------------------------------------------------------
-def _wait_all_healthy(pending: list[Service], s: Settings, t0: float) -> Iterator[tuple[str, float]]:
-    """Poll every starting service until healthy; yields (name, seconds since t0) as each gets there.
-    A service that exits, or misses its START_TIMEOUT_S, raises with its log's tail."""
+def _wait_all_healthy(
+    pending: list[Service], s: Settings, t0: float, starting: dict[str, Future[list[int]]],
+    log: Callable[[str], None],
+) -> Iterator[tuple[str, float]]:
+    """Poll every service until healthy; yields (name, seconds since t0) as each gets there.
+    `starting` holds the start calls still running (Flink's scripts take a while): a service is polled
+    once its start returned. A service that fails to start, exits, or misses its START_TIMEOUT_S raises
+    with its log's tail."""
     pending = list(pending)
     while pending:
         for svc in list(pending):
-            if svc.healthy():
+            future = starting.get(svc.name)
+            if future is not None and not future.done():
+                pass
+            elif future is not None and not read_pids(s, svc.name):
+                pids = future.result()  # re-raises a failed start
+                _write_pids(s, svc.name, pids)
+                log(f"{svc.name:9s} starting (pid {' '.join(map(str, pids))}, log {svc.log})")
+            elif svc.healthy():
                 pending.remove(svc)
                 yield svc.name, time.monotonic() - t0
                 continue
-            pids = read_pids(s, svc.name)
-            if pids and not any(pid_alive(p) for p in pids):
-                _reap()
-                raise StackError(f"{svc.name} exited during start-up; see {svc.log}\n{_tail(svc.log)}")
+            else:
+                pids = read_pids(s, svc.name)
+                if pids and not any(pid_alive(p) for p in pids):
+                    _reap()
+                    raise StackError(f"{svc.name} exited during start-up; see {svc.log}\n{_tail(svc.log)}")
             if time.monotonic() - t0 > START_TIMEOUT_S[svc.name]:
                 raise StackError(
                     f"{svc.name} did not become healthy on port {svc.port} within {START_TIMEOUT_S[svc.name]:.0f} s; "
@@ -571,27 +584,22 @@ def _up(s: Settings, only: Iterable[str] | None, log: Callable[[str], None]) -> 
                 f"UGT_* port variable (infra/settings.py)"
             )
         else:
+            _pid_file(s, svc.name).unlink(missing_ok=True)  # stale pids of a crashed run
             to_start.append(svc)
-    # Flink is the slowest (its scripts run ~10 short JVMs before the daemons): start it first, and
+    # Flink is the slowest (its scripts run six short JVMs before the daemons): start it first, and
     # every service on its own thread, so the cold start costs the slowest service, not the sum.
     to_start.sort(key=lambda svc: svc.name != "flink")
-    with ThreadPoolExecutor(max_workers=len(to_start) or 1) as pool:
-        futures = [(svc, pool.submit(svc.start)) for svc in to_start]
-        failures: list[Exception] = []
-        for svc, future in futures:
-            try:
-                pids = future.result()
-            except Exception as exc:  # keep the pids of the others, so `down` can stop them
-                failures.append(exc)
-                continue
-            _write_pids(s, svc.name, pids)
-            log(f"{svc.name:9s} starting (pid {' '.join(map(str, pids))}, log {svc.log})")
-            started.append(svc)
-    if failures:
-        raise failures[0]
-    for name, seconds in _wait_all_healthy(started, s, t0):
-        took[name] = seconds
-        log(f"{name:9s} healthy after {seconds:.1f} s")
+    pool = ThreadPoolExecutor(max_workers=max(1, len(to_start)))
+    starting = {svc.name: pool.submit(svc.start) for svc in to_start}
+    try:
+        for name, seconds in _wait_all_healthy(started + to_start, s, t0, starting, log):
+            took[name] = seconds
+            log(f"{name:9s} healthy after {seconds:.1f} s")
+    finally:
+        pool.shutdown(wait=True)
+        for name, future in starting.items():  # record every pid we spawned, even after a failure
+            if future.exception() is None and not read_pids(s, name):
+                _write_pids(s, name, future.result())
     if any(svc.name == "kafka" for svc in chosen):
         topics = ensure_topics(s)
         log("topics    " + ", ".join(f"{t}({n})" for t, n in topics.items()))

@@ -88,6 +88,7 @@ class TrainConfig:
     out_dir: str = ""  # default runs/<name>
     progress: bool = True
     max_users: int = 0  # > 0: keep only the first N users (quick runs)
+    max_minutes: float = 0.0  # > 0: stop training after this long (then evaluate the best state)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -481,6 +482,8 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
         return state["bad_evals"] >= cfg.patience
 
     # Stage 2: next-token prediction (+ auxiliary losses).
+    dpo = DPOConfig(**(cfg.dpo or {}))
+    dpo_on = dpo.enabled and dpo.epochs > 0
     bar = tqdm(range(state["epoch"] + 1, cfg.max_epochs + 1), desc=f"{cfg.name} stage 2", disable=not cfg.progress)
     for epoch in bar:
         loss = _run_epoch(step, splits["train"], cfg, rng, device)
@@ -489,14 +492,17 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
         bar.set_postfix(loss=f"{loss:.4f}", best=f"{state['best_metric']:.4f}@{state['best_epoch']}")
         if stop:
             break
+        if cfg.max_minutes > 0 and (time.time() - t0) / 60 > cfg.max_minutes * (0.8 if dpo_on else 1.0):
+            summary["stopped_by_time"] = epoch
+            log.warning("stage 2 stopped by max_minutes at epoch %d", epoch)
+            break
     bar.close()
     summary["stage2_best"] = {"epoch": state["best_epoch"], "valid_ndcg@10": state["best_metric"]}
     model.load_state_dict(best_state)
 
     # Stage 3: DPO on preference pairs, reference = the best stage-2 model.
-    dpo = DPOConfig(**(cfg.dpo or {}))
-    if dpo.enabled and dpo.epochs > 0:
-        summary["dpo"] = run_dpo(model, cfg, dpo, data, splits, device, amp, rng, state, log_eval, codes_t)
+    if dpo_on:
+        summary["dpo"] = run_dpo(model, cfg, dpo, data, splits, device, amp, rng, state, log_eval, codes_t, t0)
         model.load_state_dict(best_state)
 
     minutes = (time.time() - t0) / 60
@@ -514,7 +520,8 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
     return summary
 
 
-def run_dpo(model, cfg: TrainConfig, dpo: DPOConfig, data, splits, device, amp, rng, state, log_eval, codes_t):
+def run_dpo(model, cfg: TrainConfig, dpo: DPOConfig, data, splits, device, amp, rng, state, log_eval, codes_t,
+            t_start: float):
     """Stage 3. Returns pair counts and preference accuracy before/after on the training pairs."""
     pairs = preference_pairs(splits["train"], dpo, rng)
     n_pairs = int((pairs["pos"] >= 0).sum())
@@ -553,6 +560,8 @@ def run_dpo(model, cfg: TrainConfig, dpo: DPOConfig, data, splits, device, amp, 
             first_acc = float(np.mean(accs[: max(1, len(accs) // 4)]))
         state["epoch"] = epoch
         if log_eval(epoch, loss, 3):
+            break
+        if cfg.max_minutes > 0 and (time.time() - t_start) / 60 > cfg.max_minutes:
             break
     return {"pairs": n_pairs, "pair_rule": asdict(dpo),
             "preference_acc_first_quarter": first_acc,

@@ -30,6 +30,7 @@ class AnchorResult:
     end_to_end_s: float  # first produce -> last record consumed and decoded
     consumed: int
     producer_cpu_s: float  # CPU of the producing process (with librdkafka threads): load-independent
+    topic: str  # the scratch topic (deleted after the run)
 
     @property
     def produce_events_per_s(self) -> float:
@@ -118,12 +119,13 @@ def kafka_raw_anchor(settings: Settings | None = None, n: int = 200_000, timeout
         _drop(settings, topic)
     if bad or consumed != n:
         raise RuntimeError(f"benchmark read back {consumed} of {n} records ({bad} undecodable) from {topic}")
-    return AnchorResult(n, produced - start, last - start, consumed, cpu)
+    return AnchorResult(n, produced - start, last - start, consumed, cpu, topic)
 
 
 def _drop(settings: Settings, topic: str) -> None:
     """Remove the benchmark topic and its registry subject so runs leave nothing behind."""
-    for future in admin_client(settings).delete_topics([topic], operation_timeout=30).values():
+    admin = admin_client(settings)  # keep a reference: the futures fail if the client is destroyed first
+    for future in admin.delete_topics([topic], operation_timeout=30).values():
         try:
             future.result()
         except Exception:  # noqa: BLE001 - best effort cleanup; the result is already measured

@@ -11,6 +11,7 @@ publish time; the event time travels in the record's ``event_time`` field.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -53,6 +54,27 @@ def _compiled(schema_name: str) -> Encoder:
     return compile_encoder(load_schema(schema_name))
 
 
+class _Repeats(logging.Filter):
+    """Lets a librdkafka message through once per `every_s` (a broker outage logs a line per retry)."""
+
+    def __init__(self, every_s: float = 30.0):
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = re.sub(r"\d+", "#", record.getMessage())
+        now = time.monotonic()
+        if now - self._last.get(key, -self.every_s) < self.every_s:
+            return False
+        self._last[key] = now
+        return True
+
+
+KAFKA_LOG = logging.getLogger("ugt.kafka")
+KAFKA_LOG.addFilter(_Repeats())
+
+
 class PublishError(RuntimeError):
     """Some records were not delivered; the message says how many and why."""
 
@@ -86,7 +108,7 @@ class EventPublisher:
         self.config = {"bootstrap.servers": self.settings.kafka_bootstrap, **PRODUCER_DEFAULTS, **(config or {})}
         self.config["on_delivery"] = self._on_delivery
         self.config.setdefault("error_cb", self._on_error)
-        self.config.setdefault("logger", logging.getLogger("ugt.kafka"))  # librdkafka logs via logging, not raw stderr
+        self.config.setdefault("logger", KAFKA_LOG)  # librdkafka logs via logging (deduplicated), not raw stderr
         self._producer = Producer(self.config)
         self.stats = DeliveryStats()
         self.client_errors: Counter[str] = Counter()

@@ -33,7 +33,7 @@ from streams.records import (
 )
 from streams.replay import ReplayResult, replay
 from streams.serde import RegistryError
-from streams.topics import TopicError, ensure_topics
+from streams.topics import TopicError, ensure_subject, ensure_topics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +101,7 @@ def run_event(args: argparse.Namespace, settings: Settings) -> int:
     text = sys.stdin.read() if args.json == "-" else args.json
     record = parse_json_event(text, schema_name)
     ensure_topics(settings, extra=[topic])
+    ensure_subject(settings, topic, schema_name)
     publisher = EventPublisher(settings)
     publisher.publish(topic, schema_name, record)
     publisher.flush(args.flush_timeout)
@@ -113,6 +114,7 @@ def run_file(args: argparse.Namespace, settings: Settings) -> int:
     schema_name, topic = _schema_for(args, settings)
     count = check_event_file(args.path, schema_name)  # all or nothing: bad lines are reported before publishing
     ensure_topics(settings, extra=[topic])
+    ensure_subject(settings, topic, schema_name)
     publisher = EventPublisher(settings)
     time_field = "event_time" if schema_name == "user_event" else "updated_at"
     started = time.monotonic()
@@ -200,6 +202,9 @@ def run_replay(args: argparse.Namespace, settings: Settings) -> int:
     items_topic = args.items_topic or settings.topics.items
     dataset = _load(args.dataset)
     ensure_topics(settings, extra=[topic] + ([items_topic] if args.items else []))
+    ensure_subject(settings, topic, "user_event")
+    if args.items:
+        ensure_subject(settings, items_topic, "item_event")
     publisher = EventPublisher(settings)
     report = replay_dataset(
         publisher, dataset, limit=args.limit, items=args.items, speed=args.speed, max_gap_s=args.max_gap_s,

@@ -1,21 +1,26 @@
-"""The project's Kafka topics, created idempotently with the AdminClient.
+"""The project's Kafka topics and their registry subjects, created idempotently.
 
 `ensure_topics(settings)` is safe to call any number of times (the stack calls it on `ugt stack up`,
 the publish CLI before publishing): it creates what is missing and leaves existing topics alone.
 Replication follows the cluster (min(3, brokers)), so the same call serves one local broker and the
-multi-broker scale test.
+multi-broker scale test. `ensure_subjects(settings)` registers each topic's schema under `<topic>-value`
+with the compatibility rule of schemas/history/compatibility.json, so the registry refuses exactly the
+changes tests/test_schema_compat.py forbids.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import requests
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from infra.settings import Settings, get_settings
+from streams.serde import SCHEMA_DIR, RegistryError, SchemaRegistryClient, schema_text, subject_for
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +100,38 @@ def ensure_topics(
                 raise TopicError(f"could not create topic {name}: {exc}") from exc
     log.info("topics: %s", result)
     return result
+
+
+# schema of each pipeline topic (Topics field -> schemas/<name>.avsc)
+TOPIC_SCHEMAS = {"raw": "user_event", "items": "item_event", "tokens": "tokenized_event", "dlq": "dead_letter"}
+CONTENT_TYPE = {"Content-Type": "application/vnd.schemaregistry.v1+json"}
+
+
+def compatibility_rules() -> dict[str, str]:
+    """schema name -> the registry compatibility level it keeps (schemas/history/compatibility.json)."""
+    data = json.loads((SCHEMA_DIR / "history" / "compatibility.json").read_text())
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def ensure_subject(settings: Settings, topic: str, schema_name: str, timeout_s: float = 5.0) -> int:
+    """Set `<topic>-value`'s compatibility level to the schema's rule, then register the schema; its id."""
+    subject = subject_for(topic)
+    rule = compatibility_rules()[schema_name]
+    try:
+        response = requests.put(f"{settings.registry_url}/config/{subject}", json={"compatibility": rule},
+                                headers=CONTENT_TYPE, timeout=timeout_s)
+    except requests.RequestException as exc:
+        raise RegistryError(f"Schema Registry at {settings.registry_url} is unreachable ({exc.__class__.__name__}); "
+                            "is the stack up? `ugt stack status`") from exc
+    if response.status_code >= 400:
+        raise RegistryError(f"setting {subject} to {rule} -> {response.status_code}: {response.text[:300]}")
+    return SchemaRegistryClient(settings.registry_url, timeout_s).register(subject, schema_text(schema_name))
+
+
+def ensure_subjects(settings: Settings | None = None) -> dict[str, int]:
+    """Every pipeline topic's subject with its rule and current schema; returns {subject: schema id}."""
+    settings = settings or get_settings()
+    return {
+        subject_for(getattr(settings.topics, field)): ensure_subject(settings, getattr(settings.topics, field), name)
+        for field, name in TOPIC_SCHEMAS.items()
+    }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,26 @@ def serde(settings: Settings) -> AvroSerde:
     return AvroSerde(SchemaRegistryClient(settings.registry_url))
 
 
-def fresh_topic(kind: str) -> str:
-    return f"test.publish.{kind}.{uuid.uuid4().hex[:8]}"
+@pytest.fixture
+def fresh_topic(settings: Settings) -> Iterator[Callable[[str], str]]:
+    """Makes unique topic names; the topics and their subjects are deleted after the test."""
+    made: list[str] = []
+
+    def make(kind: str) -> str:
+        made.append(f"test.publish.{kind}.{uuid.uuid4().hex[:8]}")
+        return made[-1]
+
+    yield make
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    existing = admin.list_topics(timeout=10).topics
+    doomed = [t for t in made if t in existing]
+    if doomed:
+        for future in admin.delete_topics(doomed, operation_timeout=30).values():
+            future.result()
+    for topic in made:
+        requests.delete(f"{settings.registry_url}/subjects/{subject_for(topic)}", timeout=5)
 
 
 def ms(value: Any) -> Any:
@@ -91,7 +110,8 @@ def assert_user_partitioning(rows: list[tuple[int, int, str, dict[str, Any]]], p
     assert per_user_read == per_user_sent
 
 
-def test_publish_jsonl_file(settings: Settings, serde: AvroSerde, tmp_path: Path) -> None:
+def test_publish_jsonl_file(settings: Settings, serde: AvroSerde, tmp_path: Path,
+        fresh_topic: Callable[[str], str]) -> None:
     topic = fresh_topic("file")
     actions = load_schema("user_event")["fields"][3]["type"]["symbols"]
     lines = []
@@ -117,7 +137,8 @@ def test_publish_jsonl_file(settings: Settings, serde: AvroSerde, tmp_path: Path
     assert subject_for(topic) in subjects(settings)
 
 
-def test_bad_file_publishes_nothing(settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_file_publishes_nothing(settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture,
+        fresh_topic: Callable[[str], str]) -> None:
     topic = fresh_topic("bad")
     path = tmp_path / "events.csv"
     path.write_text("event_id,user_id,item_id,action,event_time\ne1,1,2,RATE,5\ne2,1,2,NOPE,6\n")
@@ -129,7 +150,8 @@ def test_bad_file_publishes_nothing(settings: Settings, tmp_path: Path, capsys: 
     assert subject_for(topic) not in subjects(settings)
 
 
-def test_replay_ml100k_with_items(settings: Settings, serde: AvroSerde, capsys: pytest.CaptureFixture) -> None:
+def test_replay_ml100k_with_items(settings: Settings, serde: AvroSerde, capsys: pytest.CaptureFixture,
+        fresh_topic: Callable[[str], str]) -> None:
     topic, items_topic = fresh_topic("raw"), fresh_topic("items")
     rc = ugt(["publish", "replay", "ml-100k", "--limit", "2000", "--items", "--topic", topic,
               "--items-topic", items_topic, "--no-progress"])
@@ -157,7 +179,8 @@ def test_replay_ml100k_with_items(settings: Settings, serde: AvroSerde, capsys: 
     assert json.loads(versions["schema"])["name"] == "UserEvent"
 
 
-def test_single_event_cli(settings: Settings, serde: AvroSerde, capsys: pytest.CaptureFixture) -> None:
+def test_single_event_cli(settings: Settings, serde: AvroSerde, capsys: pytest.CaptureFixture,
+        fresh_topic: Callable[[str], str]) -> None:
     topic = fresh_topic("one")
     event = {"event_id": "x1", "user_id": "u1", "item_id": "i1", "action": "LIKE", "event_time": 1_700_000_000_000}
     assert ugt(["publish", "event", json.dumps(event), "--topic", topic]) == 0
@@ -175,7 +198,44 @@ def test_unknown_schema_id_against_the_real_registry(serde: AvroSerde) -> None:
 
 
 def test_bench_anchor_reads_back_everything(settings: Settings) -> None:
+    import time
+
+    from confluent_kafka.admin import AdminClient
+
     from streams.bench_anchor import kafka_raw_anchor
 
     result = kafka_raw_anchor(settings, 5000)
     assert result.consumed == 5000 and result.events_per_s > 0 and result.end_to_end_s >= result.produce_s * 0.5
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    deadline = time.monotonic() + 15
+    while result.topic in admin.list_topics(timeout=10).topics and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert result.topic not in admin.list_topics(timeout=10).topics, "the benchmark topic was left behind"
+    assert subject_for(result.topic) not in subjects(settings)
+
+
+def test_registry_enforces_the_tested_rule(settings: Settings, fresh_topic: Callable[[str], str]) -> None:
+    """The subject gets user_event's rule (FULL_TRANSITIVE): the registry refuses what test_schema_compat forbids."""
+    import copy
+
+    from streams.serde import schema_text
+    from streams.topics import compatibility_rules, ensure_subject
+
+    topic = fresh_topic("rule")
+    first = ensure_subject(settings, topic, "user_event")
+    assert ensure_subject(settings, topic, "user_event") == first  # idempotent
+    config = requests.get(f"{settings.registry_url}/config/{subject_for(topic)}", timeout=5).json()
+    assert config["compatibilityLevel"] == compatibility_rules()["user_event"] == "FULL_TRANSITIVE"
+
+    def post(schema: dict) -> requests.Response:
+        return requests.post(f"{settings.registry_url}/subjects/{subject_for(topic)}/versions",
+                             json={"schema": json.dumps(schema)}, timeout=5)
+
+    base = json.loads(schema_text("user_event"))
+    forward_breaking = copy.deepcopy(base)
+    forward_breaking["fields"] = [f for f in base["fields"] if f["name"] != "item_id"]  # old readers need it
+    assert post(forward_breaking).status_code == 409
+    compatible = copy.deepcopy(base)
+    compatible["fields"].append({"name": "note", "type": ["null", "string"], "default": None})
+    response = post(compatible)
+    assert response.status_code == 200 and response.json()["id"] != first

@@ -64,3 +64,19 @@ def test_bad_files(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read serving config"):
         load_config(tmp_path / "nope.yaml", env={})
+
+
+def test_start_fails_on_a_bad_popularity_file_or_feature_repo(tmp_path, monkeypatch):
+    import redis
+
+    from infra.settings import Settings
+    from serving.app import build_components
+
+    bad = tmp_path / "pop.json"
+    bad.write_text('{"domains": {"movie": [{"item_id": 7}]}}')
+    client = redis.Redis(port=1)  # never contacted while building
+    with pytest.raises(ConfigError, match=r"popularity_file: .*domains.movie\[0\]"):
+        build_components(Settings(), ServingConfig(popularity_file=str(bad)), client)
+    monkeypatch.setenv("UGT_FEATURE_REPO", str(tmp_path / "no-repo"))
+    with pytest.raises(ConfigError, match="state_reader redis: cannot use"):
+        build_components(Settings(), ServingConfig(state_reader="redis"), client)
