@@ -29,17 +29,19 @@ class Topics:
 
 @dataclass(frozen=True)
 class Settings:
-    kafka_port: int = int(_env("UGT_KAFKA_PORT", "9092"))
-    kafka_controller_port: int = int(_env("UGT_KAFKA_CONTROLLER_PORT", "9093"))
-    registry_port: int = int(_env("UGT_REGISTRY_PORT", "8085"))
-    redis_port: int = int(_env("UGT_REDIS_PORT", "6379"))
-    flink_rest_port: int = int(_env("UGT_FLINK_PORT", "8081"))
-    flink_rpc_port: int = int(_env("UGT_FLINK_RPC_PORT", "6123"))  # JobManager RPC (TaskManagers dial it)
-    serving_port: int = int(_env("UGT_SERVING_PORT", "8000"))
+    """Read when constructed (not at import), so UGT_* variables set later still count."""
+
+    kafka_port: int = field(default_factory=lambda: int(_env("UGT_KAFKA_PORT", "9092")))
+    kafka_controller_port: int = field(default_factory=lambda: int(_env("UGT_KAFKA_CONTROLLER_PORT", "9093")))
+    registry_port: int = field(default_factory=lambda: int(_env("UGT_REGISTRY_PORT", "8085")))
+    redis_port: int = field(default_factory=lambda: int(_env("UGT_REDIS_PORT", "6379")))
+    flink_rest_port: int = field(default_factory=lambda: int(_env("UGT_FLINK_PORT", "8081")))
+    flink_rpc_port: int = field(default_factory=lambda: int(_env("UGT_FLINK_RPC_PORT", "6123")))  # JobManager RPC (TaskManagers dial it)
+    serving_port: int = field(default_factory=lambda: int(_env("UGT_SERVING_PORT", "8000")))
     # var/: logs, Kafka/Redis data, Flink checkpoints of the local stack (ignored by git)
-    var_dir: Path = Path(_env("UGT_VAR", str(REPO_ROOT / "var")))
+    var_dir: Path = field(default_factory=lambda: Path(_env("UGT_VAR", str(REPO_ROOT / "var"))))
     # cache: downloads that survive a fresh clone (Maven jars, datasets)
-    cache_dir: Path = Path(_env("UGT_CACHE", str(Path.home() / ".cache" / "ugt")))
+    cache_dir: Path = field(default_factory=lambda: Path(_env("UGT_CACHE", str(Path.home() / ".cache" / "ugt"))))
     topics: Topics = field(default_factory=Topics)
 
     @property

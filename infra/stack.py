@@ -33,7 +33,6 @@ from infra.settings import REPO_ROOT, Settings, get_settings
 INFRA = REPO_ROOT / "infra"
 SERVICES = ("kafka", "registry", "redis", "flink")
 # topic -> partitions (replication factor 1: one broker)
-TOPIC_PARTITIONS = {"raw": 4, "items": 2, "tokens": 4, "dlq": 1}
 FLINK_KAFKA_CONNECTOR = "flink-sql-connector-kafka-5.0.0-2.2.jar"
 # seconds from the start of `up` (generous: a 2-core box shared with builds and tests can be 10x loaded)
 START_TIMEOUT_S = {"kafka": 120.0, "registry": 60.0, "redis": 30.0, "flink": 180.0}
@@ -478,26 +477,17 @@ def services(s: Settings | None = None, only: Iterable[str] | None = None) -> li
 # ---------------------------------------------------------------------------------------------
 # Kafka topics
 # ---------------------------------------------------------------------------------------------
-def ensure_topics(s: Settings, timeout_s: float = 30.0) -> dict[str, int]:
-    """Create the project's topics if missing (and grow partitions if fewer); returns topic -> partitions."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
+def ensure_topics(s: Settings) -> dict[str, str]:
+    """The pipeline's topics and schema subjects, from the one registry of them in streams/topics.py."""
+    from streams.topics import ensure_subjects
+    from streams.topics import ensure_topics as ensure_pipeline_topics
 
-    admin = AdminClient({"bootstrap.servers": f"localhost:{s.kafka_port}"})
-    wanted = {getattr(s.topics, k): n for k, n in TOPIC_PARTITIONS.items()}
-    existing = admin.list_topics(timeout=timeout_s).topics
-    missing = [NewTopic(t, num_partitions=n, replication_factor=1) for t, n in wanted.items() if t not in existing]
-    grow = [NewPartitions(t, n) for t, n in wanted.items() if t in existing and len(existing[t].partitions) < n]
-    futures = {**(admin.create_topics(missing) if missing else {}),
-               **(admin.create_partitions(grow) if grow else {})}
-    for topic, future in futures.items():
-        try:
-            future.result(timeout=timeout_s)
-        except KafkaException as exc:
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):  # a concurrent `up` created it first
-                raise StackError(f"could not create Kafka topic {topic}: {exc}") from exc
-    topics = admin.list_topics(timeout=timeout_s).topics
-    return {t: len(topics[t].partitions) for t in wanted if t in topics}
+    try:
+        topics = ensure_pipeline_topics(s)
+        ensure_subjects(s)
+    except Exception as exc:  # TopicError, RegistryError: say which step failed
+        raise StackError(f"could not create the pipeline's topics or schema subjects: {exc}") from exc
+    return topics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,7 +592,7 @@ def _up(s: Settings, only: Iterable[str] | None, log: Callable[[str], None]) -> 
                 _write_pids(s, name, future.result())
     if any(svc.name == "kafka" for svc in chosen):
         topics = ensure_topics(s)
-        log("topics    " + ", ".join(f"{t}({n})" for t, n in topics.items()))
+        log("topics    " + ", ".join(f"{t} ({state})" for t, state in topics.items()))
     took["total"] = time.monotonic() - t0
     return took
 

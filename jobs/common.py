@@ -10,6 +10,7 @@ element. The `raw` table format gives the value bytes untouched plus the `topic`
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 from infra.settings import REPO_ROOT, Settings, get_settings
 
+log = logging.getLogger("ugt.jobs")
 CONNECTOR_JAR_NAME = "flink-sql-connector-kafka-5.0.0-2.2.jar"
 STARTUP_MODES = {"earliest": "earliest-offset", "latest": "latest-offset", "group": "group-offsets"}
 DELIVERY = ("at-least-once", "exactly-once", "none")
@@ -161,6 +163,29 @@ def flink_python_jar() -> Path:
     return found[-1]
 
 
+def cluster_lib_dir() -> Path:
+    """The lib/ folder the cluster's scripts put on the JVM classpath (FLINK_LIB_DIR, else FLINK_HOME/lib)."""
+    import pyflink
+
+    home = os.environ.get("FLINK_HOME") or str(Path(pyflink.__file__).parent)
+    return Path(os.environ.get("FLINK_LIB_DIR") or Path(home) / "lib")
+
+
+def cluster_has_flink_python() -> bool:
+    return any(cluster_lib_dir().glob("flink-python-*.jar"))
+
+
+def effective_execution_mode(cfg: JobConfig) -> str:
+    """thread needs pemja loaded once per TaskManager JVM, i.e. flink-python in the cluster's lib/.
+
+    Shipped with each job instead, every job's class loader loads pemja's native library again, which
+    Java 17 refuses (pemja: NoSuchFieldException loadedLibraryNames) from the second job on: use process mode.
+    """
+    if cfg.execution_mode == "thread" and not cfg.local and not cluster_has_flink_python():
+        return "process"
+    return cfg.execution_mode
+
+
 def under_flink_client() -> bool:
     """True when started by `flink run -py` (the Flink client runs the script with a gateway port)."""
     return "PYFLINK_GATEWAY_PORT" in os.environ
@@ -169,7 +194,7 @@ def under_flink_client() -> bool:
 def flink_configuration(cfg: JobConfig) -> dict[str, str]:
     """The Flink options the jobs set, as strings (also logged and documented in docs/JOBS.md)."""
     jars = [Path(cfg.connector_jar).as_uri()]
-    if not cfg.local:
+    if not cfg.local and not cluster_has_flink_python():
         # the pip package keeps flink-python in opt/, outside the cluster's lib/: without it on the job's
         # classpath the JobManager cannot deserialize the Python operators of the submitted graph
         jars.append(flink_python_jar().as_uri())
@@ -178,7 +203,7 @@ def flink_configuration(cfg: JobConfig) -> dict[str, str]:
         "pipeline.name": cfg.job_name,
         "python.executable": cfg.python,
         "python.client.executable": cfg.python,
-        "python.execution-mode": cfg.execution_mode,
+        "python.execution-mode": effective_execution_mode(cfg),
         "python.fn-execution.bundle.size": str(cfg.bundle_size),
         "python.state.cache-size": str(cfg.state_cache_size),
         "python.metric.enabled": "true",
@@ -210,6 +235,9 @@ def create_env(cfg: JobConfig):  # -> (StreamExecutionEnvironment, StreamTableEn
             f"{cfg.job_name}: submit it to the cluster with `<pyflink>/bin/flink run -py jobs/{cfg.job_name}.py ...` "
             f"(or `ugt jobs submit {cfg.job_name}`), or pass --local to run it in-process"
         )
+    if effective_execution_mode(cfg) != cfg.execution_mode:
+        log.warning("flink-python is not in the cluster's lib/ (%s): python.execution-mode thread would fail from "
+                    "the second job on; using process mode (see docs/JOBS.md)", cluster_lib_dir())
     configuration = Configuration()
     for key, value in flink_configuration(cfg).items():
         configuration.set_string(key, value)

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.tokenizer import MAX_FUTURE_SKEW_MS, TokenizedEvent, TokenizeError, tokenize_event
-from streams.serde import AvroSerde, RegistryError, SerdeError, encode_with_id, load_schema, schema_text, subject_for
+from streams.serde import (
+    AvroSerde,
+    RegistryError,
+    SerdeError,
+    encode_with_id,
+    load_schema,
+    schema_text,
+    subject_for,
+)
 
 JOB_NAME = "tokenize"
 MAX_REASON_CHARS = 1000

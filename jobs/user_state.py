@@ -38,7 +38,12 @@ def build_pipeline(env, t_env, cfg) -> None:
     from pyflink.common import Types
 
     from jobs.common import add_kafka_sink, discard, kafka_source
-    from jobs.operators.user_state_fn import DLQ_TAG, DecodeTokensFunction, UserStateFunction, keyed_event_type
+    from jobs.operators.user_state_fn import (
+        DLQ_TAG,
+        DecodeTokensFunction,
+        UserStateFunction,
+        keyed_event_type,
+    )
 
     x = cfg.extra
     tokens = kafka_source(t_env, "tokens_source", x["source_topic"], cfg)

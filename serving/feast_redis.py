@@ -141,3 +141,19 @@ def decode_value(data: bytes | None) -> Any:
     if which.endswith("_list_val"):
         return list(value.val)
     return value
+
+
+def decode_typed(data: bytes | None, kind: str) -> Any:
+    """Like :func:`decode_value`, but the value must be stored as ``kind`` (e.g. "int64_list_val");
+    lists come back as tuples straight from the protobuf container (no per-element Python conversion)."""
+    if not data:
+        return None
+    message = _Value()
+    message.ParseFromString(data)
+    which = message.WhichOneof("val")
+    if which == kind:
+        value = getattr(message, which)
+        return tuple(value.val) if which.endswith("_list_val") else value
+    if which == "null_val":
+        return None
+    raise UnsupportedValue(f"stored as {which or 'an unknown type'}, expected {kind}")

@@ -14,9 +14,19 @@ import redis
 from google.protobuf.message import DecodeError
 
 from models.user_state import FEATURE_NAMES
-from serving.feast_redis import FeastRedisLayout, UnsupportedValue, decode_value, feature_field
+from serving.feast_redis import FeastRedisLayout, UnsupportedValue, decode_typed, feature_field
 
 USER_JOIN_KEY = "user_id"
+# How Feast stores each of FEATURE_NAMES (feature_repo/features.py: Array(String), Array(Int64), Int64).
+STORED_KIND: dict[str, str] = {
+    "recent_item_ids": "string_list_val",
+    "recent_action_tokens": "int64_list_val",
+    "recent_rating_tokens": "int64_list_val",
+    "recent_event_times": "int64_list_val",
+    "event_count": "int64_val",
+    "last_event_time": "int64_val",
+    "state_version": "int64_val",
+}
 
 
 class StateError(Exception):
@@ -62,17 +72,21 @@ class UserStateView:
             )
         except (TypeError, ValueError) as exc:
             raise BadState(f"state of user {user_id!r} has a malformed feature: {exc}") from exc
+        return view.checked()
+
+    def checked(self) -> UserStateView:
+        """The view itself, or BadState when its per-event lists disagree in length."""
         lengths = {
-            len(view.item_ids),
-            len(view.action_tokens),
-            len(view.rating_tokens),
-            len(view.event_times),
+            len(self.item_ids),
+            len(self.action_tokens),
+            len(self.rating_tokens),
+            len(self.event_times),
         }
         if len(lengths) != 1:
             raise BadState(
-                f"state of user {user_id!r} has per-event lists of different lengths {sorted(lengths)}"
+                f"state of user {self.user_id!r} has per-event lists of different lengths {sorted(lengths)}"
             )
-        return view
+        return self
 
 
 @runtime_checkable
@@ -144,10 +158,24 @@ class RedisStateReader:
         except (redis.RedisError, OSError) as exc:
             raise StateUnavailable(f"Redis unreachable: {exc}") from exc
         try:
-            features = {name: decode_value(data) for name, data in zip(FEATURE_NAMES, raw, strict=True)}
-        except (UnsupportedValue, DecodeError, ValueError) as exc:
+            v = {
+                name: decode_typed(data, STORED_KIND[name])
+                for name, data in zip(FEATURE_NAMES, raw, strict=True)
+            }
+        except (UnsupportedValue, DecodeError) as exc:
             raise BadState(f"state of user {user_id!r} cannot be decoded: {exc}") from exc
-        return UserStateView.from_features(user_id, features)
+        if all(value is None for value in v.values()):
+            return None
+        return UserStateView(
+            user_id=user_id,
+            item_ids=v["recent_item_ids"] or (),
+            action_tokens=v["recent_action_tokens"] or (),
+            rating_tokens=v["recent_rating_tokens"] or (),
+            event_times=v["recent_event_times"] or (),
+            event_count=v["event_count"] or 0,
+            last_event_time=v["last_event_time"] or 0,
+            state_version=v["state_version"] or 0,
+        ).checked()
 
     def check(self) -> str:
         return _ping(self.client)

@@ -50,18 +50,28 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     ]
 
 
+def planned_topics(settings: Settings, extra: Iterable[TopicSpec | str] = ()) -> list[TopicSpec]:
+    """The pipeline's topics plus `extra`, once each; a pipeline topic named again keeps its own spec."""
+    specs: dict[str, TopicSpec] = {}
+    for spec in topic_specs(settings) + [TopicSpec(x) if isinstance(x, str) else x for x in extra]:
+        specs.setdefault(spec.name, spec)
+    return list(specs.values())
+
+
 def admin_client(settings: Settings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    from streams.producer import KAFKA_LOG  # librdkafka logs through logging, deduplicated
+
+    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "logger": KAFKA_LOG})
 
 
 def ensure_topics(
     settings: Settings | None = None,
     extra: Iterable[TopicSpec | str] = (),
-    timeout_s: float = 30.0,
+    timeout_s: float = 15.0,
 ) -> dict[str, str]:
     """Create the pipeline's topics (and any `extra`) if missing; returns {topic: 'created' | 'exists'}."""
     settings = settings or get_settings()
-    specs = topic_specs(settings) + [TopicSpec(x) if isinstance(x, str) else x for x in extra]
+    specs = planned_topics(settings, extra)
     admin = admin_client(settings)
     try:
         metadata = admin.list_topics(timeout=timeout_s)
@@ -73,7 +83,7 @@ def ensure_topics(
     replication = min(3, brokers)
     result: dict[str, str] = {}
     new: list[NewTopic] = []
-    for spec in {s.name: s for s in specs}.values():
+    for spec in specs:
         existing = metadata.topics.get(spec.name)
         if existing is not None and existing.error is None:
             result[spec.name] = "exists"

@@ -19,10 +19,23 @@ from pyflink.datastream.state import ValueStateDescriptor
 from jobs.common import key_value_type
 from jobs.tokenize_logic import dead_letter_key, dead_letter_record
 from jobs.user_state_logic import (
-    JOB_NAME, OnlineStateWriter, decode_token_event, feast_row_writer, popularity_key, redis_popularity_writer,
+    JOB_NAME,
+    OnlineStateWriter,
+    decode_token_event,
+    feast_row_writer,
+    popularity_key,
+    redis_popularity_writer,
     update_state,
 )
-from streams.serde import AvroSerde, SchemaRegistryClient, SerdeError, encode_with_id, load_schema, schema_text, subject_for
+from streams.serde import (
+    AvroSerde,
+    SchemaRegistryClient,
+    SerdeError,
+    encode_with_id,
+    load_schema,
+    schema_text,
+    subject_for,
+)
 
 DLQ_TAG = OutputTag("dead-letters", key_value_type())
 
@@ -65,8 +78,13 @@ class UserStateFunction(KeyedProcessFunction):
         self.flush_ms = flush_ms
 
     def open(self, runtime_context: RuntimeContext) -> None:
+        import sys
+
         import redis
 
+        # Feast imports torch at import time when it is installed (~10 s and ~300 MB per Python worker on the
+        # 2-core box); nothing in this worker uses it, so make that import fail fast (feast handles it).
+        sys.modules.setdefault("torch", None)
         from infra.feast_store import open_feature_store
         from jobs.common import _JobSettings
 

@@ -151,6 +151,7 @@ class SemanticIdArtifact:
         np.savez(buffer, **arrays)
         tmp = Path(tempfile.mkstemp(dir=folder, prefix=".arrays-", suffix=".npz")[1])
         tmp.write_bytes(buffer.getvalue())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; workers under other users must read it
         manifest = {
             "format": self.version,
             "created_at": self.created_at,

@@ -392,15 +392,17 @@ def _from_checkpoint(path: Path, key: str) -> Any:
     import torch  # lazy: only the collaborative encoder's fit on a checkpoint needs it
 
     obj = torch.load(path, map_location="cpu", weights_only=False)
-    for part in key.split("."):
-        if isinstance(obj, Mapping) and part in obj:
-            obj = obj[part]
-        elif isinstance(obj, Mapping) and key in obj:  # flat state dict with dotted keys
-            obj = obj[key]
-            break
+    parts, i = key.split("."), 0
+    while i < len(parts):  # "model.item_emb.weight": nested dicts, or state-dict keys with dots in them
+        if not isinstance(obj, Mapping):
+            raise EncoderError(f"checkpoint {path}: {'.'.join(parts[:i])!r} is a {type(obj).__name__}, not a mapping")
+        for j in range(len(parts), i, -1):
+            candidate = ".".join(parts[i:j])
+            if candidate in obj:
+                obj, i = obj[candidate], j
+                break
         else:
-            names = list(obj)[:20] if isinstance(obj, Mapping) else type(obj).__name__
-            raise EncoderError(f"checkpoint {path} has no {key!r} (looked for {part!r}; found {names})")
+            raise EncoderError(f"checkpoint {path} has no {key!r} (stuck at {parts[i]!r}; keys there: {list(obj)[:20]})")
     return obj.detach().cpu().numpy() if hasattr(obj, "detach") else obj
 
 

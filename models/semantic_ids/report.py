@@ -70,24 +70,26 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
     for j, name in enumerate(names):
-        used = [u["used_fraction"] for u in methods[name]["codebook_usage"]]
-        bars = ax.bar(np.arange(len(used)) + j * width, used, width, label=name)
-        ax.bar_label(bars, labels=[str(u["used"]) for u in methods[name]["codebook_usage"]], fontsize=7)
+        usage = methods[name]["codebook_usage"]
+        # perplexity / size: 1.0 = every code equally used; "used" alone hides a level where one code takes most items
+        effective = [u["perplexity"] / u["size"] for u in usage]
+        bars = ax.bar(np.arange(len(usage)) + j * width, effective, width, label=name)
+        ax.bar_label(bars, labels=[f"{u['used']} used" for u in usage], fontsize=7)
     ax.set_xticks(np.arange(levels) + width * (len(names) - 1) / 2, [f"L{i + 1}" for i in range(levels)])
     ax.set_ylim(0, 1.1)
-    ax.set_title("codebook use per level (share of codes; labels = codes used)")
+    ax.set_title("codebook use per level: perplexity / size (labels: codes used)", fontsize=10)
     ax.legend()
     ax = axes[1]
     rates = [methods[n]["collisions"]["collision_rate"] for n in names]
     bars = ax.bar(names, rates, color=["C0", "C1", "C2", "C3"][: len(names)])
     ax.bar_label(bars, labels=[f"{r:.3f}" for r in rates])
-    ax.set_title("collision rate before dedup (items needing dedup > 0)")
+    ax.set_title("collision rate before dedup (items needing dedup > 0)", fontsize=10)
     ax = axes[2]
     for j, name in enumerate(names):
         err = methods[name]["reconstruction"]["input"]
         ax.bar(np.arange(len(err)) + j * width, err, width, label=name)
     ax.set_xticks(np.arange(levels) + width * (len(names) - 1) / 2, [f"{i + 1} lvl" for i in range(levels)])
-    ax.set_title("relative reconstruction error of the item vector")
+    ax.set_title("relative reconstruction error of the fused item vector", fontsize=10)
     ax.legend()
     title = f"semantic IDs: {report.get('dataset') or ''} {report.get('items', '')} items, chosen = {report.get('chosen')}"
     fig.suptitle(title)
@@ -100,7 +102,7 @@ def format_summary(report: dict[str, Any]) -> str:
     """A few readable lines for the terminal."""
     lines = [f"items: {report.get('items')}  chosen: {report.get('chosen')}  codebook sizes: {report.get('codebook_sizes')}"]
     for name, m in report.get("quantizers", {}).items():
-        use = " ".join(f"L{u['level'] + 1}={u['used']}/{u['size']}" for u in m["codebook_usage"])
+        use = " ".join(f"L{u['level'] + 1}={u['used']}/{u['size']} (ppl {u['perplexity']:.0f})" for u in m["codebook_usage"])
         err = " ".join(f"{e:.3f}" for e in m["reconstruction"]["input"])
         c = m["collisions"]
         lines.append(

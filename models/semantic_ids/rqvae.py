@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class RQVAEConfig:
     codebook_sizes: list[int] = field(default_factory=lambda: [256, 256, 256])
-    hidden_dims: list[int] = field(default_factory=lambda: [512, 256])
-    latent_dim: int = 64
+    hidden_dims: list[int] = field(default_factory=lambda: [256, 128])
+    latent_dim: int = 32
     beta: float = 0.25  # commitment weight (VQ-VAE / TIGER value)
     epochs: int = 300
     batch_size: int = 256

@@ -124,7 +124,10 @@ def seeded(stack: Settings) -> Iterator[Settings]:
     key = f"ugt:popularity:{DOMAIN}"
     client.zadd(key, POPULAR)
     yield stack
-    client.delete(key)
+    from serving.feast_redis import FeastRedisLayout
+
+    # Leave the shared Redis as found: the test domain's set and the test user's Feast hash.
+    client.delete(key, FeastRedisLayout.from_repo(stack.feature_repo).entity_key("user_id", KNOWN))
 
 
 @pytest.fixture(scope="module", params=["redis", "feast"])

@@ -9,7 +9,13 @@ import pytest
 from jobs.tokenize_logic import EventTokenizer, dead_letter_key
 from models.tokenizer import TokenizedEvent, tokenize_event
 from streams.serde import (
-    MAX_RECORD_BYTES, AvroSerde, RegistryError, SchemaRegistryClient, decode_body, encode_with_id, load_schema,
+    MAX_RECORD_BYTES,
+    AvroSerde,
+    RegistryError,
+    SchemaRegistryClient,
+    decode_body,
+    encode_with_id,
+    load_schema,
     split_header,
 )
 from tests.jobs.conftest import make_event, user_event_variant

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 
 from jobs.user_state_logic import (
-    MonotonicClock, OnlineStateWriter, decode_token_event, popularity_key, update_state,
+    MonotonicClock,
+    OnlineStateWriter,
+    decode_token_event,
+    popularity_key,
+    update_state,
 )
 from models.tokenizer import tokenize_event
 from models.user_state import UserState, states_from_events

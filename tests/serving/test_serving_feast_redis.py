@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from models.user_state import FEATURE_NAMES
-from serving.feast_redis import FeastRedisLayout, UnsupportedValue, decode_value, feature_field
-from serving.state import BadState, UserStateView
+from serving.feast_redis import FeastRedisLayout, UnsupportedValue, decode_typed, decode_value, feature_field
+from serving.state import BadState, RedisStateReader, UserStateView
 
 REPO = Path(__file__).resolve().parents[2] / "feature_repo"
 
@@ -78,3 +78,57 @@ def test_state_view_unknown_and_malformed():
         UserStateView.from_features("u", {**good, "recent_action_tokens": [2, 2]})
     with pytest.raises(BadState, match="malformed"):
         UserStateView.from_features("u", {**good, "event_count": "many"})
+
+
+def test_decode_typed_checks_the_stored_kind():
+    assert decode_typed(b"b\x08\n\x02i1\n\x02i2", "string_list_val") == ("i1", "i2")
+    assert decode_typed(b" \x02", "int64_val") == 2
+    assert decode_typed(None, "int64_val") is None
+    with pytest.raises(UnsupportedValue, match="stored as string_list_val, expected int64_list_val"):
+        decode_typed(b"b\x08\n\x02i1\n\x02i2", "int64_list_val")
+
+
+class HashClient:
+    """hmget over one stored hash (bytes as Feast wrote them)."""
+
+    def __init__(self, hashes):
+        self.hashes = hashes
+
+    def hmget(self, key, fields):
+        stored = self.hashes.get(key, {})
+        return [stored.get(f) for f in fields]
+
+
+STORED_U1 = {  # user "u1": items i1, i2 (captured from a Feast push)
+    GOLDEN_FIELDS["recent_item_ids"]: b"b\x08\n\x02i1\n\x02i2",
+    GOLDEN_FIELDS["recent_action_tokens"]: b"r\x04\n\x02\x02\x02",
+    GOLDEN_FIELDS["recent_rating_tokens"]: b"r\x04\n\x02\x08\n",
+    GOLDEN_FIELDS["recent_event_times"]: b"r\x06\n\x04\xe8\x07\xd0\x0f",
+    GOLDEN_FIELDS["event_count"]: b" \x02",
+    GOLDEN_FIELDS["last_event_time"]: b" \xd0\x0f",
+    GOLDEN_FIELDS["state_version"]: b" \x01",
+}
+
+
+def reader_over(stored):
+    layout = FeastRedisLayout("ugt")
+    return RedisStateReader(
+        HashClient({layout.entity_key("user_id", "u1"): stored}), layout, "user_recent_events"
+    )
+
+
+def test_redis_reader_builds_the_view():
+    state = reader_over(STORED_U1).read("u1")
+    assert state == UserStateView("u1", ("i1", "i2"), (2, 2), (8, 10), (1000, 2000), 2, 2000, 1)
+    assert reader_over(STORED_U1).read("someone-else") is None
+
+
+def test_redis_reader_refuses_bad_state():
+    wrong_kind = {**STORED_U1, GOLDEN_FIELDS["event_count"]: b"b\x03\n\x01x"}
+    with pytest.raises(BadState, match="expected int64_val"):
+        reader_over(wrong_kind).read("u1")
+    short = {**STORED_U1, GOLDEN_FIELDS["recent_action_tokens"]: b"r\x02\n\x00"}
+    with pytest.raises(BadState, match="different lengths"):
+        reader_over(short).read("u1")
+    with pytest.raises(BadState, match="cannot be decoded"):
+        reader_over({**STORED_U1, GOLDEN_FIELDS["state_version"]: b"\xff\xff\xff"}).read("u1")
