@@ -11,7 +11,7 @@ d=$UGT_CACHE/datasets/ml-1m
 mkdir -p "$d" && zcat .ugtdata/ml-1m.inter.gz > "$d/ml-1m.inter" && cp .ugtdata/ml-1m.item .ugtdata/ml-1m.user .ugtdata/SOURCE "$d/" && touch "$d/.complete"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 python3 -c "import torch, numpy, pandas; print('torch', torch.__version__, 'numpy', numpy.__version__, 'pandas', pandas.__version__)"
-python3 bench/ml1m_quality.py "$@" --runs-dir /tmp/runs --out "$out/ml1m_quality.json"
+timeout "${BENCH_TIMEOUT:-560}" python3 bench/ml1m_quality.py "$@" --runs-dir /tmp/runs --out "$out/ml1m_quality.json"
 rc=$?
 tar czf "$out/runs.tgz" --exclude='*.pt' -C /tmp runs
 for f in /tmp/runs/*/stdout.log; do echo "== $f"; tail -n 3 "$f"; done

@@ -197,33 +197,50 @@ class Batchable:
             "users": self.users[index],
             "long_ids": self.long_ids[index],
             "long_times": self.long_times[index],
+            "row_index": np.asarray(index, dtype=np.int64),
         }
 
 
-def make_split(data: SequenceData, split: str, max_len: int, max_long: int = 0) -> Batchable:
+def make_split(data: SequenceData, split: str, max_len: int, max_long: int = 0, all_windows: bool = False,
+               min_window: int = 10) -> Batchable:
     """Padded arrays for ``split`` with at most ``max_len`` model positions per row.
 
     train: each user's events except the last two; input = events[:-1] (last max_len), targets = next
     events. valid/test: history = events before the target (last max_len), target = events[-2] / [-1].
     ``max_long`` > 0 also keeps up to that many older events (before the window) for long-term
     compression (UGT's multi-scale input); the baselines ignore them, as HSTU drops them.
+    ``all_windows`` (train only): users longer than one window also get rows for earlier, non-overlapping
+    windows (at least ``min_window`` events), so every training event is a target once per epoch
+    instead of only the last ``max_len`` per user (HSTU's protocol trains on the last window only).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if max_len < 1:
         raise ValueError("max_len must be >= 1")
     keep = [u for u, s in enumerate(data.items) if len(s) >= 3]
-    R, N, E = len(keep), max_len, max(max_long, 1)
+    # (user, end): events[:end] is the history (train: inputs + targets) of one row.
+    rows_spec = [(u, len(data.items[u]) - (2 if split in ("train", "valid") else 1)) for u in keep]
+    if all_windows and split == "train":
+        extra = []
+        for u, end in rows_spec:
+            end -= max_len
+            while end - 1 >= min_window:
+                extra.append((u, end))
+                end -= max_len
+        rows_spec += extra
+    R, N, E = len(rows_spec), max_len, max(max_long, 1)
     out = {k: np.zeros((R, N), dtype=np.int64) for k in ("ids", "times", "query_times", "ratings", "gaps")}
     lengths = np.zeros(R, dtype=np.int64)
     targets = np.zeros((R, N) if split == "train" else R, dtype=np.int64)
     target_ratings = np.zeros_like(targets)
     long_ids = np.zeros((R, E), dtype=np.int64)
     long_times = np.zeros((R, E), dtype=np.int64)
-    for r, u in enumerate(keep):
+    gaps_of: dict[int, np.ndarray] = {}
+    for r, (u, end) in enumerate(rows_spec):
         items, times, ratings = data.items[u], data.times[u], data.ratings[u]
-        gaps = time_gap_buckets(times)
-        end = len(items) - (2 if split in ("train", "valid") else 1)  # events[:end] is the history
+        if u not in gaps_of:
+            gaps_of[u] = time_gap_buckets(times)
+        gaps = gaps_of[u]
         if split == "train":
             start = max(0, end - 1 - N)
             hist = slice(start, end - 1)
@@ -261,7 +278,7 @@ def make_split(data: SequenceData, split: str, max_len: int, max_long: int = 0) 
         lengths=lengths,
         targets=targets,
         target_ratings=target_ratings,
-        users=np.asarray(keep, dtype=np.int64),
+        users=np.asarray([u for u, _ in rows_spec], dtype=np.int64),
         long_ids=long_ids,
         long_times=long_times,
     )

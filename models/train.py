@@ -88,6 +88,7 @@ class TrainConfig:
     out_dir: str = ""  # default runs/<name>
     progress: bool = True
     max_users: int = 0  # > 0: keep only the first N users (quick runs)
+    train_windows: str = "last"  # last (HSTU: each user's last max_len events) | all (every window)
     max_minutes: float = 0.0  # > 0: stop training after this long (then evaluate the best state)
 
     def __post_init__(self) -> None:
@@ -161,7 +162,10 @@ def fingerprint(data: SequenceData) -> str:
 
 def make_splits(cfg: TrainConfig, data: SequenceData) -> dict[str, Batchable]:
     max_long = long_history_len(cfg)
-    return {s: make_split(data, s, cfg.max_len, max_long) for s in ("train", "valid", "test")}
+    if cfg.train_windows not in ("last", "all"):
+        raise ValueError(f"train_windows must be 'last' or 'all', got {cfg.train_windows!r}")
+    return {s: make_split(data, s, cfg.max_len, max_long, all_windows=cfg.train_windows == "all")
+            for s in ("train", "valid", "test")}
 
 
 # ---- stage 1: semantic IDs ----------------------------------------------------------------------
@@ -530,13 +534,12 @@ def run_dpo(model, cfg: TrainConfig, dpo: DPOConfig, data, splits, device, amp, 
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=dpo.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     split = splits["train"]
-    rows_of = {int(u): r for r, u in enumerate(split.users)}
     pair_t = {k: torch.as_tensor(v) for k, v in pairs.items()}
     accs: list[float] = []
 
     def step(batch: dict[str, torch.Tensor], np_batch: dict) -> float:
         model.train()
-        idx = torch.as_tensor([rows_of[int(u)] for u in np_batch["users"]])
+        idx = torch.as_tensor(np_batch["row_index"])
         pos, ch, rj = (pair_t[k][idx].to(device) for k in ("pos", "chosen", "rejected"))
         with torch.no_grad():
             ref_c, ref_r, _ = pair_logprobs(reference, batch, pos, ch, rj, cfg.temperature, amp)

@@ -26,6 +26,8 @@ STATE_UNAVAILABLE = "state_unavailable"
 BAD_STATE = "bad_state"
 GENERATOR_ERROR = "generator_error"
 
+LOG_EVERY_S = 10.0
+
 
 @dataclass
 class Components:
@@ -47,19 +49,35 @@ class RecommendService:
         self.parts = components
         self.metrics = metrics
         self.model_name = f"{components.generator.name}-{components.generator.version}"
+        self._last_log: dict[str, tuple[float, int]] = {}
         components.fallback.observer = lambda source: metrics.popularity_source.labels(source).inc()
+
+    def _log_sometimes(
+        self, level: int, kind: str, message: str, *args: object, exc_info: bool = False
+    ) -> None:
+        """Log a recurring failure at most once per LOG_EVERY_S per kind (an outage must not flood the log)."""
+        now = time.monotonic()
+        last, suppressed = self._last_log.get(kind, (float("-inf"), 0))
+        if now - last < LOG_EVERY_S:
+            self._last_log[kind] = (last, suppressed + 1)
+            return
+        self._last_log[kind] = (now, 0)
+        note = f" (+{suppressed} like it since the last report)" if suppressed else ""
+        log.log(level, message + ", answering with the fallback" + note, *args, exc_info=exc_info)
 
     def _read_state(self, user_id: str) -> tuple[UserStateView | None, str | None]:
         try:
             state = self.parts.state_reader.read(user_id)
         except StateUnavailable as exc:
-            log.warning("user state unavailable, answering with the fallback: %s", exc)
+            self._log_sometimes(logging.WARNING, STATE_UNAVAILABLE, "user state unavailable: %s", exc)
             return None, STATE_UNAVAILABLE
         except BadState as exc:
-            log.error("unusable user state, answering with the fallback: %s", exc)
+            self._log_sometimes(logging.ERROR, BAD_STATE, "unusable user state: %s", exc)
             return None, BAD_STATE
-        except Exception:  # an unexpected store error must not become a 5xx
-            log.exception("user state read failed, answering with the fallback")
+        except Exception as exc:  # an unexpected store error must not become a 5xx
+            self._log_sometimes(
+                logging.ERROR, "state_error", "user state read failed: %r", exc, exc_info=True
+            )
             return None, STATE_UNAVAILABLE
         return state, None if state is not None else UNKNOWN_USER
 
@@ -81,8 +99,10 @@ class RecommendService:
                 candidates = self.parts.generator.recommend(state, k, seen, domain=domain)
             except NoPopularity:
                 raise  # the popularity model has nothing for the domain: neither has the fallback (503)
-            except Exception:
-                log.exception("generator %s failed, answering with the fallback", self.model_name)
+            except Exception as exc:
+                self._log_sometimes(
+                    logging.ERROR, GENERATOR_ERROR, "generator failed: %r", exc, exc_info=True
+                )
                 reason = GENERATOR_ERROR
         if candidates is None:
             candidates = self.parts.fallback.recommend(domain, k, seen).items

@@ -210,3 +210,12 @@ def test_openapi_documents_bounds_and_examples():
 def test_known_user_in_a_domain_without_popularity_is_503():
     r = client_for().post("/recommend", json={"user_id": "u1", "k": 3, "domain": "games"})
     assert r.status_code == 503 and "ugt:popularity:games" in r.json()["message"]
+
+
+def test_an_outage_is_logged_once_not_per_request(caplog):
+    client = client_for(reader=FakeStateReader(error=StateUnavailable("Connection refused")))
+    with caplog.at_level("WARNING", logger="serving.service"):
+        for _ in range(5):
+            assert client.post("/recommend", json={"user_id": "u1", "k": 1}).status_code == 200
+    records = [r for r in caplog.records if "user state unavailable" in r.getMessage()]
+    assert len(records) == 1 and "Connection refused" in records[0].getMessage()
