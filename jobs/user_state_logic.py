@@ -77,32 +77,36 @@ class OnlineStateWriter:
         self.max_rows = max_rows
         self.max_delay_s = max_delay_s
         self.clock = clock
-        self.rows: dict[str, dict[str, Any]] = {}
+        self.states: dict[str, UserState] = {}  # latest state per user; rows are built at flush
         self.popularity: list[tuple[str, str]] = []
         self.first_at: float | None = None
         self.rows_written = 0
         self.batches_written = 0
 
     def add(self, state: UserState, new_item: tuple[str, str] | None) -> None:
-        """Queue the user's current feature row (replacing an older queued one) and a popularity bump."""
+        """Queue the user's current state (replacing an older queued one) and a popularity bump.
+
+        `state` must not be mutated afterwards (update_state builds a new one per event).
+        """
         if self.first_at is None:
             self.first_at = self.clock()
-        self.rows[state.user_id] = state.to_feature_row()
+        self.states[state.user_id] = state
         if new_item is not None:
             self.popularity.append(new_item)
 
     def due(self) -> bool:
         if self.first_at is None:
             return False
-        return len(self.rows) >= self.max_rows or self.clock() - self.first_at >= self.max_delay_s
+        return len(self.states) >= self.max_rows or self.clock() - self.first_at >= self.max_delay_s
 
     def pending(self) -> int:
-        return len(self.rows)
+        return len(self.states)
 
     def flush(self) -> int:
         """Write what is queued; returns the number of rows written."""
-        rows, popularity = list(self.rows.values()), self.popularity
-        self.rows, self.popularity, self.first_at = {}, [], None
+        rows = [state.to_feature_row() for state in self.states.values()]
+        popularity = self.popularity
+        self.states, self.popularity, self.first_at = {}, [], None
         if rows:
             self.write_rows(rows)
             self.rows_written += len(rows)
@@ -136,6 +140,40 @@ def feast_row_writer(store: Any, push_source: str = PUSH_SOURCE) -> Callable[[li
         frame = pd.DataFrame(rows)
         frame["event_timestamp"] = clock()
         store.push(push_source, frame, to=PushMode.ONLINE)
+
+    return write
+
+
+def feast_direct_writer(store: Any, feature_view: str = FEATURE_VIEW) -> Callable[[list[dict[str, Any]]], None]:
+    """Rows -> one `online_write_batch` of the store's provider, with the protos built here.
+
+    Same Redis entries as `store.push` (the view's schema maps Array(String) / Array(Int64) / Int64 to these
+    value types), at about half the cost: push converts every list element through pandas and pyarrow.
+    Uses FeatureStore._get_provider(), an internal of the pinned feast 0.67.
+    """
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Int64List, StringList, Value
+
+    provider = store._get_provider()
+    view = store.get_feature_view(feature_view)
+    clock = MonotonicClock()
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        now = clock()
+        data = []
+        for r in rows:
+            key = EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=r["user_id"])])
+            values = {
+                "recent_item_ids": Value(string_list_val=StringList(val=r["recent_item_ids"])),
+                "recent_action_tokens": Value(int64_list_val=Int64List(val=r["recent_action_tokens"])),
+                "recent_rating_tokens": Value(int64_list_val=Int64List(val=r["recent_rating_tokens"])),
+                "recent_event_times": Value(int64_list_val=Int64List(val=r["recent_event_times"])),
+                "event_count": Value(int64_val=r["event_count"]),
+                "last_event_time": Value(int64_val=r["last_event_time"]),
+                "state_version": Value(int64_val=r["state_version"]),
+            }
+            data.append((key, values, now, None))
+        provider.online_write_batch(store.config, view, data, None)
 
     return write
 

@@ -22,6 +22,7 @@ from jobs.user_state_logic import (
     JOB_NAME,
     OnlineStateWriter,
     decode_token_event,
+    feast_direct_writer,
     feast_row_writer,
     popularity_key,
     redis_popularity_writer,
@@ -70,7 +71,9 @@ class DecodeTokensFunction(ProcessFunction):
 
 
 class UserStateFunction(KeyedProcessFunction):
-    def __init__(self, redis_url: str, feature_repo: str, max_events: int, flush_rows: int, flush_ms: int):
+    def __init__(self, redis_url: str, feature_repo: str, max_events: int, flush_rows: int, flush_ms: int,
+                 feast_write: str = "direct"):
+        self.feast_write = feast_write
         self.redis_url = redis_url
         self.feature_repo = feature_repo
         self.max_events = max_events
@@ -93,7 +96,8 @@ class UserStateFunction(KeyedProcessFunction):
         store = open_feature_store(settings, repo=self.feature_repo)
         self.redis = redis.Redis.from_url(self.redis_url)
         self.writer = OnlineStateWriter(
-            feast_row_writer(store), redis_popularity_writer(self.redis),
+            feast_direct_writer(store) if self.feast_write == "direct" else feast_row_writer(store),
+            redis_popularity_writer(self.redis),
             max_rows=self.flush_rows, max_delay_s=self.flush_ms / 1000.0,
         )
         group = runtime_context.get_metrics_group().add_group("ugt")
