@@ -89,6 +89,9 @@ def config_from_args(args: argparse.Namespace, job_name: str, **extra: Any) -> J
         raise JobSetupError(f"--parallelism must be >= 1, got {args.parallelism}")
     if args.checkpoint_interval_ms < 0:
         raise JobSetupError(f"--checkpoint-interval-ms must be >= 0, got {args.checkpoint_interval_ms}")
+    if args.delivery == "exactly-once" and args.checkpoint_interval_ms == 0:
+        raise JobSetupError("--delivery exactly-once commits Kafka transactions on checkpoints: "
+                            "set --checkpoint-interval-ms > 0")
     return JobConfig(
         job_name=job_name,
         bootstrap=args.bootstrap,
@@ -119,7 +122,7 @@ def python_executable() -> str:
 
 def site_packages(python: str) -> list[str]:
     """site-packages folders of the interpreter `python` (a venv's own, not its base's)."""
-    if Path(python).resolve() == Path(sys.executable).resolve() or python == sys.executable:
+    if python == sys.executable:  # not resolve(): a venv's python links to its base interpreter
         import site
 
         return [p for p in site.getsitepackages() if Path(p).is_dir()]
@@ -272,8 +275,6 @@ def kafka_source_ddl(table: str, topic: str, cfg: JobConfig) -> str:
         "scan.startup.mode": STARTUP_MODES[cfg.startup],
         "format": "raw",
     }
-    if cfg.startup == "group":
-        options["scan.startup.mode"] = "group-offsets"
     if cfg.bounded:
         options["scan.bounded.mode"] = "latest-offset"
     return (

@@ -307,8 +307,8 @@ def preference_pairs(split: Batchable, dpo: DPOConfig, rng: np.random.Generator)
 
 
 def pair_logprobs(model: Any, batch: dict[str, torch.Tensor], pos: torch.Tensor, chosen: torch.Tensor,
-                  rejected: torch.Tensor, temperature: float, amp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """log p(chosen), log p(rejected) under the full softmax over items, and the step's user states."""
+                  rejected: torch.Tensor, temperature: float, amp: bool, with_aux: bool = False):
+    """log p(chosen), log p(rejected) under the full softmax over items, the step's user states (and aux loss)."""
     with torch.autocast(batch["ids"].device.type, dtype=torch.bfloat16, enabled=amp):
         user, aux = model(batch)
         table = model.item_embeddings()
@@ -316,7 +316,9 @@ def pair_logprobs(model: Any, batch: dict[str, torch.Tensor], pos: torch.Tensor,
     rows = torch.arange(pos.shape[0], device=pos.device).view(-1, 1).expand_as(pos)[keep]
     u = user[rows, pos[keep]].float()
     logp = F.log_softmax(u @ table.float()[1:].T / temperature, dim=-1)
-    return logp.gather(1, (chosen[keep] - 1).view(-1, 1)).squeeze(1), logp.gather(1, (rejected[keep] - 1).view(-1, 1)).squeeze(1), user
+    lc = logp.gather(1, (chosen[keep] - 1).view(-1, 1)).squeeze(1)
+    lr = logp.gather(1, (rejected[keep] - 1).view(-1, 1)).squeeze(1)
+    return (lc, lr, user, aux) if with_aux else (lc, lr, user)
 
 
 # ---- checkpoints, logs, plots -----------------------------------------------------------------------
@@ -543,8 +545,10 @@ def run_dpo(model, cfg: TrainConfig, dpo: DPOConfig, data, splits, device, amp, 
         pos, ch, rj = (pair_t[k][idx].to(device) for k in ("pos", "chosen", "rejected"))
         with torch.no_grad():
             ref_c, ref_r, _ = pair_logprobs(reference, batch, pos, ch, rj, cfg.temperature, amp)
-        pol_c, pol_r, _ = pair_logprobs(model, batch, pos, ch, rj, cfg.temperature, amp)
-        ntp, _ = stage2_loss(model, batch, cfg, codes_t, amp)
+        # One policy forward serves both losses: DPO on the pairs, NTP on every position.
+        pol_c, pol_r, user, aux = pair_logprobs(model, batch, pos, ch, rj, cfg.temperature, amp, with_aux=True)
+        ntp = sampled_softmax_loss(user, batch["targets"], model.item_embeddings(), cfg.num_negatives,
+                                   cfg.temperature) + aux.float()
         pref = dpo_loss(pol_c, pol_r, ref_c, ref_r, dpo.beta) if len(pol_c) else ntp.new_zeros(())
         loss = ntp + dpo.weight * pref
         optimizer.zero_grad(set_to_none=True)

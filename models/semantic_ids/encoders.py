@@ -174,7 +174,8 @@ class SentenceTransformersBackend(TextBackend):
 
     @property
     def dim(self) -> int:
-        return int(self._model.get_sentence_embedding_dimension())
+        getter = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        return int(getter())
 
     def embed(self, texts: list[str]) -> np.ndarray:
         texts = [self._prefix + t for t in texts] if self._prefix else texts

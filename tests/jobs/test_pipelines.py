@@ -5,11 +5,11 @@ from __future__ import annotations
 import struct
 
 import pytest
+from job_events import make_event
 
 from jobs.common import JobConfig, connector_jar, create_env, python_executable, source_row_type
 from models.tokenizer import TokenizedEvent, tokenize_event
 from streams.serde import AvroSerde
-from tests.jobs.conftest import make_event
 
 RAW, TOKENS, DLQ = "p.raw", "p.tokens", "p.dlq"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from job_events import make_event, user_event_variant
 
 from jobs.tokenize_logic import EventTokenizer, dead_letter_key
 from models.tokenizer import TokenizedEvent, tokenize_event
@@ -18,7 +19,6 @@ from streams.serde import (
     load_schema,
     split_header,
 )
-from tests.jobs.conftest import make_event, user_event_variant
 
 RAW, TOKENS, DLQ = "t.raw", "t.tokens", "t.dlq"
 NOW_S = 1_700_000_000.0

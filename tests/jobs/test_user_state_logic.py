@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from job_events import make_event
 
 from jobs.user_state_logic import (
     MonotonicClock,
@@ -14,7 +15,6 @@ from jobs.user_state_logic import (
 from models.tokenizer import tokenize_event
 from models.user_state import UserState, states_from_events
 from streams.serde import AvroSerde, SerdeError
-from tests.jobs.conftest import make_event
 
 
 def tokens(n: int, user: str = "u1", start: int = 0):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import STRUCTURED_ONLY, make_items
+from sid_synthetic import STRUCTURED_ONLY, make_items
 
 from models.semantic_ids import ArtifactError, SemanticIdArtifact, build_semantic_ids
 

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import STRUCTURED_ONLY, make_items
+from sid_synthetic import STRUCTURED_ONLY, make_items
 
 from models.semantic_ids.build import SemanticIdConfig, build_semantic_ids, stage1
 from models.semantic_ids.report import QUANTIZER_FIELDS, write_report

@@ -130,3 +130,22 @@ def test_registry_plugs_in_a_new_encoder(items):
         build_encoder({"type": "nope"})
     with pytest.raises(EncoderError, match="unknown text backend"):
         build_encoder({"type": "text", "backend": "nope"})
+
+
+def test_neighbour_quality_rewards_embeddings_that_follow_genres_and_audience():
+    from models.semantic_ids.text_quality import neighbour_quality
+
+    rng = np.random.default_rng(0)
+    n, groups = 200, 5
+    group = np.arange(n) % groups
+    genres = [[f"g{g}"] for g in group]
+    audience = (rng.random((n, 300)) < 0.05).astype(np.float32)
+    for g in range(groups):  # each group has its own fans
+        audience[np.ix_(group == g, np.arange(g * 60, g * 60 + 60))] = (rng.random(((group == g).sum(), 60)) < 0.6)
+    good = np.eye(groups)[group] + 0.1 * rng.normal(size=(n, groups))
+    noise = rng.normal(size=(n, groups))
+    q_good = neighbour_quality(good.astype(np.float32), genres, audience, k=5)
+    q_noise = neighbour_quality(noise.astype(np.float32), genres, audience, k=5)
+    assert q_good["genre_jaccard"] > 0.95 > q_noise["genre_jaccard"]
+    assert q_good["co_rating_cosine"] > q_noise["co_rating_cosine"] > 0
+    assert q_noise["co_rating_cosine"] == pytest.approx(q_noise["co_rating_cosine_random"], rel=0.3)

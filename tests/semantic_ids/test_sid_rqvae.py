@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import clustered
+from sid_synthetic import clustered
 
 from models.semantic_ids.codebooks import codebook_usage, relative_errors
 from models.semantic_ids.rqvae import RQVAE, RQVAEConfig, fit_rqvae
