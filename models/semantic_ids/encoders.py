@@ -533,6 +533,15 @@ def _l2_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)  # all-zero rows (a missing part) stay zero
 
 
+def _missing(x: np.ndarray) -> np.ndarray:
+    return ~np.any(x != 0, axis=1)
+
+
+def _present_mean(x: np.ndarray) -> np.ndarray:
+    present = x[~_missing(x)]
+    return (present.mean(0) if len(present) else np.zeros(x.shape[1])).astype(np.float32)
+
+
 class FusionEncoder(ItemEncoder):
     """Concat of parts, each centred (optional), L2-normalised and weighted; optional PCA projection.
 
@@ -593,7 +602,11 @@ class FusionEncoder(ItemEncoder):
 
     def fit_fusion(self, raw: list[np.ndarray]) -> FusionEncoder:
         """Centring means and the optional PCA, from the parts' raw outputs on the catalog."""
-        self.means = [r.mean(0) if self.center else np.zeros(r.shape[1], np.float32) for r in raw]
+        # a part that is all zeros for an item means "missing" (a new item has no collaborative row): such rows
+        # stay out of the mean and stay zero after centring, so missing never looks like a direction
+        self.means = [
+            _present_mean(r) if self.center else np.zeros(r.shape[1], np.float32) for r in raw
+        ]
         self.proj_mean = self.proj_matrix = None
         if self.projection == "pca":
             fused = self._combine(raw)
@@ -608,7 +621,10 @@ class FusionEncoder(ItemEncoder):
     def _combine(self, raw: list[np.ndarray]) -> np.ndarray:
         if self.means is None:
             raise EncoderError("fusion encoder is not fitted: call fit(items) first")
-        blocks = [w * _l2_rows(r - m) for r, m, w in zip(raw, self.means, self.weights, strict=True)]
+        blocks = [
+            w * _l2_rows(np.where(_missing(r)[:, None], 0.0, r - m))
+            for r, m, w in zip(raw, self.means, self.weights, strict=True)
+        ]
         return np.concatenate(blocks, axis=1).astype(np.float32)
 
     def transform(self, raw: list[np.ndarray]) -> np.ndarray:

@@ -149,3 +149,18 @@ def test_neighbour_quality_rewards_embeddings_that_follow_genres_and_audience():
     assert q_good["genre_jaccard"] > 0.95 > q_noise["genre_jaccard"]
     assert q_good["co_rating_cosine"] > q_noise["co_rating_cosine"] > 0
     assert q_noise["co_rating_cosine"] == pytest.approx(q_noise["co_rating_cosine_random"], rel=0.3)
+
+
+def test_fusion_keeps_a_missing_part_at_zero(items, tmp_path):
+    """A new item has no collaborative row: its collab block must be zero, not minus the mean."""
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "emb.npy", rng.normal(size=(len(items) + 1, 4)).astype(np.float32) + 3.0)
+    fusion = FusionEncoder.from_config(
+        [{"type": "structured", "hash_dim": 0}, {"type": "collab", "path": str(tmp_path / "emb.npy")}]
+    ).fit(items)
+    d0 = fusion.parts[0].dim
+    new = fusion.encode([{"item_id": "brand-new", "title": "x", "year": 1990, "genres": ["Drama"]}])
+    assert (new[0, d0:] == 0).all()
+    known = fusion.encode(items[:5])
+    np.testing.assert_allclose(np.linalg.norm(known[:, d0:], axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(fusion.means[1], np.load(tmp_path / "emb.npy")[1:].mean(0), rtol=1e-5)
