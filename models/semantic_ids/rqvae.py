@@ -148,35 +148,6 @@ class RQVAE(nn.Module):
         return ResidualQuantizer(books, as32(enc), as32(dec))
 
 
-class _AdamW:
-    """Plain AdamW. torch.optim's constructor imports torch._dynamo (tens of seconds on a busy 2-core box),
-    which would dominate a build that trains for a few seconds; the update rule is the same."""
-
-    def __init__(self, params: list[nn.Parameter], lr: float, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.params, self.lr, self.wd, self.betas, self.eps, self.t = params, lr, weight_decay, betas, eps, 0
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1 - b1**self.t, 1 - b2**self.t
-        for p, m, v in zip(self.params, self.m, self.v, strict=True):
-            if p.grad is None:
-                continue
-            if self.wd:
-                p.mul_(1 - self.lr * self.wd)
-            m.mul_(b1).add_(p.grad, alpha=1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
-
-
 def fit_rqvae(x: np.ndarray, config: RQVAEConfig) -> tuple[ResidualQuantizer, dict]:
     """Train on fused item vectors ``x`` (N, D) on CPU; returns the numpy quantizer and the training log."""
     previous_threads = torch.get_num_threads()
@@ -200,7 +171,7 @@ def _fit(x: np.ndarray, config: RQVAEConfig) -> tuple[ResidualQuantizer, dict]:
     start = time.perf_counter()
     if config.kmeans_init:
         model.init_codebooks(data)
-    opt = _AdamW(list(model.parameters()), lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history: dict[str, list[float]] = {"loss": [], "recon": [], "rq": [], "dead_reset": []}
     n = len(data)
     bar = tqdm(range(config.epochs), desc="rq-vae", disable=not config.progress, leave=False)
