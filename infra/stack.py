@@ -78,12 +78,35 @@ def flink_conf_dir(settings: Settings | None = None) -> Path:
     return (settings or get_settings()).var_dir / "flink" / "conf"
 
 
+def flink_lib_dir(settings: Settings | None = None) -> Path:
+    """The cluster's lib/: the package's lib/*.jar plus opt/flink-python, linked under var/flink/lib.
+
+    The pip package keeps flink-python in opt/. On the cluster classpath it loads pemja once per
+    TaskManager JVM, which `python.execution-mode: thread` needs (shipping the jar with each job fails
+    on Java 17 for the second thread-mode job on a TaskManager).
+    """
+    s = settings or get_settings()
+    lib = s.var_dir / "flink" / "lib"
+    lib.mkdir(parents=True, exist_ok=True)
+    home = pyflink_home()
+    wanted = {jar.name: jar for jar in (home / "lib").glob("*.jar")}
+    wanted.update({jar.name: jar for jar in (home / "opt").glob("flink-python-*.jar")})
+    for link in lib.iterdir():
+        if link.name not in wanted or not link.exists():
+            link.unlink()
+    for name, jar in wanted.items():
+        if not (lib / name).exists():
+            (lib / name).symlink_to(jar)
+    return lib
+
+
 def flink_env(settings: Settings | None = None) -> dict[str, str]:
-    """Environment for Flink's scripts and `flink run`: this stack's conf, logs and the venv's python."""
+    """Environment for Flink's scripts and `flink run`: this stack's conf, lib, logs and the venv's python."""
     s = settings or get_settings()
     env = dict(os.environ)
     env.update(
         FLINK_HOME=str(pyflink_home()),
+        FLINK_LIB_DIR=str(flink_lib_dir(s)),
         FLINK_CONF_DIR=str(flink_conf_dir(s)),
         FLINK_LOG_DIR=str(s.log_dir / "flink"),
         FLINK_PID_DIR=str(s.var_dir / "run" / "flink"),
