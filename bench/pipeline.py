@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-rate", type=float, default=20.0, help="probe events per second (default: %(default)s)")
     parser.add_argument("--anchor-events", type=int, default=100_000,
                         help="events for the raw-Kafka anchor (default: %(default)s)")
-    parser.add_argument("--parallelism", type=int, default=2, help="Flink parallelism of both jobs")
+    parser.add_argument("--parallelism", type=int, default=1,
+                        help="Flink parallelism of both jobs (thread mode shares one interpreter per TaskManager)")
     parser.add_argument("--timeout-s", type=float, default=1800.0)
     parser.add_argument("--name", default="pipeline", help="result file bench/results/<name>.json")
     return parser.parse_args(argv)

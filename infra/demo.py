@@ -49,21 +49,22 @@ def applied_events(redis_client, domain: str = "movie") -> int:
     return int(sum(score for _, score in redis_client.zscan_iter(popularity_key(domain))))
 
 
-def wait_until_applied(redis_client, target: int, timeout_s: float) -> float:
+def wait_until_applied(redis_client, before: int, count: int, timeout_s: float) -> float:
+    """Poll until `count` more events than `before` are applied; returns the seconds waited."""
     from tqdm import tqdm
 
     start = time.monotonic()
-    done = applied_events(redis_client)
-    with tqdm(total=target, initial=min(done, target), desc="applied by Flink", unit="ev", unit_scale=True) as bar:
-        while done < target:
+    done = applied_events(redis_client) - before
+    with tqdm(total=count, initial=min(done, count), desc="applied by Flink", unit="ev", unit_scale=True) as bar:
+        while done < count:
             if time.monotonic() - start > timeout_s:
                 raise SystemExit(
-                    f"demo: only {done:,} of {target:,} events applied after {timeout_s:.0f} s; "
+                    f"demo: only {done:,} of {count:,} events applied after {timeout_s:.0f} s; "
                     "check `ugt jobs list` and var/log/flink/"
                 )
             time.sleep(1.0)
-            now = applied_events(redis_client)
-            bar.update(min(now, target) - min(done, target))
+            now = applied_events(redis_client) - before
+            bar.update(min(now, count) - min(done, count))
             done = now
     return time.monotonic() - start
 
@@ -88,7 +89,15 @@ def run(args: argparse.Namespace) -> int:
     before = applied_events(r)
 
     step("4. submit the Flink jobs (tokenize, user_state) to the standalone cluster")
-    sh(ugt, "jobs", "submit", "all")
+    from jobs.cli import JOBS, list_jobs
+
+    running = {j["name"] for j in list_jobs(settings.flink_rest_url) if j["state"] == "RUNNING"}
+    if running.issuperset(JOBS):
+        print("tokenize and user_state are already running (`ugt jobs list`): not submitting them twice")
+    else:
+        for job in JOBS:
+            if job not in running:
+                sh(ugt, "jobs", "submit", "--detached", job)
 
     step("5. replay events into Kafka in event-time order")
     replay = [ugt, "publish", "replay", args.dataset, "--items"]
@@ -97,11 +106,13 @@ def run(args: argparse.Namespace) -> int:
     sh(*replay)
     from streams.datasets import load_dataset
 
-    ratings = load_dataset(args.dataset).ratings
+    dataset = load_dataset(args.dataset)
+    ratings = dataset.ratings
+    title_of = dict(zip(dataset.items["item_id"], dataset.items["title"], strict=True))
     published = len(ratings) if not args.limit else min(args.limit, len(ratings))
 
     step("6. wait until every event is in the users' state (Redis, through Feast)")
-    took = wait_until_applied(r, before + published, args.timeout_s)
+    took = wait_until_applied(r, before, published, args.timeout_s)
     print(f"{published:,} events applied {took:.1f} s after the replay finished")
 
     step("7. serve /recommend and query it")
@@ -124,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
         users = list(ordered["user_id"].value_counts().index[: args.users]) + ["no-such-user"]
         for user in users:
             answer = requests.post(f"{base}/recommend", json={"user_id": user, "k": args.k}, timeout=10).json()
-            items = ", ".join(i["item_id"] for i in answer.get("items", []))
-            print(f"user {user:>12}: fallback={answer.get('fallback')} model={answer.get('model')} items=[{items}]")
+            titles = "; ".join(title_of.get(i["item_id"], i["item_id"]) for i in answer.get("items", []))
+            print(f"user {user:>12}  fallback={answer.get('fallback')!s:5}  model={answer.get('model')}\n    {titles}")
         print("\nfull answer for the first user:")
         print(json.dumps(requests.post(f"{base}/recommend", json={"user_id": users[0], "k": 3}, timeout=10).json(),
                          indent=2))
