@@ -270,6 +270,12 @@ def stage2_loss(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, co
     return total, parts
 
 
+def _next_true(flag: np.ndarray, missing: int) -> np.ndarray:
+    """For each position t, the first index >= t where ``flag`` holds (``missing`` if none)."""
+    nxt = np.where(flag, np.arange(len(flag)), missing)
+    return np.minimum.accumulate(nxt[::-1])[::-1]
+
+
 def preference_pairs(split: Batchable, dpo: DPOConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """DPO pairs from the training rows: for the state at position t, chosen = the nearest of the next
     ``window`` events rated >= ``high`` and rejected = the nearest rated in (0, ``low``].
@@ -289,12 +295,8 @@ def preference_pairs(split: Batchable, dpo: DPOConfig, rng: np.random.Generator)
         rt = split.target_ratings[r, :n]
         idx = np.arange(n)
 
-        def next_index(flag: np.ndarray) -> np.ndarray:
-            nxt = np.where(flag, idx, big)
-            return np.minimum.accumulate(nxt[::-1])[::-1]
-
-        nh = next_index(rt >= dpo.high)
-        nl = next_index((rt > 0) & (rt <= dpo.low))
+        nh = _next_true(rt >= dpo.high, big)
+        nl = _next_true((rt > 0) & (rt <= dpo.low), big)
         ok = np.flatnonzero((nh - idx < dpo.window) & (nl - idx < dpo.window))
         if len(ok) == 0:
             continue
