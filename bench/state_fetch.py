@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -66,22 +65,14 @@ def time_interleaved(methods: dict[str, Callable[[], object]], reads: int, warmu
 
 
 def machine_info(redis_info: dict) -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """bench.common's machine description plus the client and server versions this benchmark depends on."""
     import feast
     import redis as redis_py
 
+    from bench.common import machine_info as common_machine_info
+
     return {
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        **common_machine_info(),
         "feast": feast.__version__,
         "redis_py": redis_py.__version__,
         "redis_server": redis_info.get("redis_version"),
