@@ -23,7 +23,8 @@ import requests
 
 from infra.settings import REPO_ROOT, get_settings
 
-JOBS = ("tokenize", "user_state")
+JOBS = ("tokenize", "user_state")  # `submit all` and the demo
+SUBMITTABLE = (*JOBS, "item_semantic_ids")  # what `submit <job>` accepts
 TERMINAL = {"FINISHED", "FAILED", "CANCELED"}
 JOB_ID = re.compile(r"JobID ([0-9a-f]{32})")
 
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="<action>", required=True)
     submit = sub.add_parser("submit", help="submit a job (or all) with `flink run -py`",
                             description="Arguments after `--` go to the job (see `python jobs/<job>.py --help`).")
-    submit.add_argument("job", choices=(*JOBS, "all"))
+    submit.add_argument("job", choices=(*SUBMITTABLE, "all"))
     submit.add_argument("--detached", action="store_true", help="return once submitted (flink run -d)")
     submit.add_argument("job_args", nargs=argparse.REMAINDER, help="-- then the job's own options")
     sub.add_parser("list", help="list jobs on the cluster (id, name, state, duration)")

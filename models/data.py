@@ -295,3 +295,39 @@ def iterate_batches(split: Batchable, batch_size: int, shuffle: bool, rng: np.ra
         chunk = index[start : start + batch_size]
         if len(chunk):
             yield split.rows(chunk)
+
+
+def history_row(items: np.ndarray, times: np.ndarray, ratings: np.ndarray, max_len: int, max_long: int = 0,
+                query_time: int = 0) -> dict[str, np.ndarray]:
+    """One model input (a batch of one row) for the event after ``items``, laid out as :func:`make_split`
+    lays out a valid/test row: the last ``max_len`` events, older ones (up to ``max_long``) as long-term
+    input, and ``query_time`` (epoch seconds; the request time when serving) as the last position's query.
+
+    Serving builds its input with this, so a served user is encoded exactly as the evaluator encodes them.
+    """
+    if max_len < 1:
+        raise ValueError("max_len must be >= 1")
+    items, times, ratings = (np.asarray(a, dtype=np.int64) for a in (items, times, ratings))
+    if not len(items) == len(times) == len(ratings):
+        raise ValueError("items, times and ratings must have the same length")
+    end = len(items)
+    start = max(0, end - max_len)
+    n = end - start
+    E = max(max_long, 1)
+    row = {k: np.zeros((1, max_len), dtype=np.int64) for k in ("ids", "times", "query_times", "ratings", "gaps")}
+    row["ids"][0, :n] = items[start:end]
+    row["times"][0, :n] = times[start:end]
+    row["ratings"][0, :n] = ratings[start:end]
+    row["gaps"][0, :n] = time_gap_buckets(times)[start:end] if end else 0
+    row["query_times"][0, :n] = np.append(times[start + 1 : end], query_time) if n else 0
+    query_gaps = _vectorized(time_gap_bucket, (row["query_times"] - row["times"]).astype(np.float64))
+    query_gaps[row["ids"] == 0] = 0
+    row["query_gaps"] = query_gaps
+    row["lengths"] = np.asarray([n], dtype=np.int64)
+    row["long_ids"] = np.zeros((1, E), dtype=np.int64)
+    row["long_times"] = np.zeros((1, E), dtype=np.int64)
+    if max_long > 0 and start > 0:
+        ls = max(0, start - max_long)
+        row["long_ids"][0, : start - ls] = items[ls:start]
+        row["long_times"][0, : start - ls] = times[ls:start]
+    return row

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from infra.settings import Settings, get_settings
 from serving.config import ConfigError, ServingConfig
 from serving.fallback import NoPopularity, PopularityFallback, load_popularity_file
-from serving.generator import PopularityGenerator
+from serving.generator import Generator, PopularityGenerator
 from serving.metrics import ServingMetrics
 from serving.reranker import FilterReranker
 from serving.schemas import (
@@ -78,7 +78,16 @@ def build_components(settings: Settings, config: ServingConfig, client: redis.Re
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"state_reader redis: cannot use {settings.feature_repo}: {exc}") from exc
         reader = RedisStateReader(client, layout, config.feature_view)
-    generator = PopularityGenerator(fallback, version=config.generator_version)
+    generator: Generator
+    if config.generator == "ugt":
+        from serving.ugt_generator import CheckpointError, UGTGenerator
+
+        try:
+            generator = UGTGenerator(config.checkpoint)
+        except CheckpointError as exc:
+            raise ConfigError(f"checkpoint: {exc}") from exc
+    else:
+        generator = PopularityGenerator(fallback, version=config.generator_version)
     return Components(state_reader=reader, generator=generator, fallback=fallback, reranker=FilterReranker())
 
 

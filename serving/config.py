@@ -19,7 +19,7 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "default.yam
 ENV_PREFIX = "UGT_SERVING_"
 
 STATE_READERS = ("feast", "redis")  # Feast SDK get_online_features | direct read of Feast's Redis hashes
-GENERATORS = ("popularity",)  # later: "ugt"
+GENERATORS = ("popularity", "ugt")  # ugt: serving/ugt_generator.py, needs `checkpoint`
 DOMAIN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -32,7 +32,8 @@ class ServingConfig:
     host: str = "127.0.0.1"  # where `ugt serve` listens
     port: int = 0  # 0 = Settings.serving_port (UGT_SERVING_PORT)
     generator: str = "popularity"  # the main model, one of GENERATORS
-    generator_version: str = "v1"  # reported in every response as "<generator>-<version>"
+    generator_version: str = "v1"  # reported in every response as "<generator>-<version>" (ugt: from the checkpoint)
+    checkpoint: str = ""  # generator ugt: a `ugt train` checkpoint.pt; relative to the config file
     state_reader: str = "redis"  # how user state is fetched, one of STATE_READERS (bench/state_fetch.py)
     feature_view: str = "user_recent_events"  # the Feast view holding models.user_state.FEATURE_NAMES
     feature_service: str = "recommend_v1"  # what the Feast SDK reader asks for
@@ -61,6 +62,10 @@ def _problems(config: ServingConfig, base_dir: Path) -> list[str]:
         out.append(f"port: must be 0..65535, got {config.port}")
     if config.generator not in GENERATORS:
         out.append(f"generator: must be one of {list(GENERATORS)}, got {config.generator!r}")
+    if config.generator == "ugt" and not config.checkpoint:
+        out.append("checkpoint: generator ugt needs a checkpoint (a checkpoint.pt written by `ugt train`)")
+    elif config.generator == "ugt" and not resolve_path(config.checkpoint, base_dir).is_file():
+        out.append(f"checkpoint: no such file {str(resolve_path(config.checkpoint, base_dir))!r} (train one with `ugt train`)")
     if not config.generator_version:
         out.append("generator_version: must not be empty")
     if config.state_reader not in STATE_READERS:
@@ -160,6 +165,8 @@ def build_config(
         raise ConfigError("invalid serving config:\n  - " + "\n  - ".join(problems))
     if config.popularity_file:
         config = replace(config, popularity_file=str(resolve_path(config.popularity_file, base_dir)))
+    if config.checkpoint:
+        config = replace(config, checkpoint=str(resolve_path(config.checkpoint, base_dir)))
     return config
 
 

@@ -22,6 +22,18 @@ class ScoredItem:
     score: float
 
 
+class NoModelAnswer(Exception):
+    """The generator cannot answer this user (e.g. no history item it knows); ``reason`` names why.
+
+    The service answers with the popularity fallback and reports ``reason`` as the fallback reason.
+    """
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
 @runtime_checkable
 class Generator(Protocol):
     """A recommendation model. ``name``-``version`` is what responses report as ``model``."""

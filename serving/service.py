@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from serving.config import ServingConfig
 from serving.fallback import NoPopularity, PopularityFallback
-from serving.generator import Generator, ScoredItem
+from serving.generator import Generator, NoModelAnswer, ScoredItem
 from serving.metrics import ServingMetrics
 from serving.reranker import Reranker
 from serving.schemas import RecommendRequest, RecommendResponse, ScoredItemOut, Timings
@@ -97,6 +97,9 @@ class RecommendService:
         if state is not None:
             try:
                 candidates = self.parts.generator.recommend(state, k, seen, domain=domain)
+            except NoModelAnswer as exc:
+                log.debug("generator cannot answer user %r: %s", request.user_id, exc)
+                reason = exc.reason
             except NoPopularity:
                 raise  # the popularity model has nothing for the domain: neither has the fallback (503)
             except Exception as exc:

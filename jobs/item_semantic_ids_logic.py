@@ -1,0 +1,325 @@
+"""The item_semantic_ids job's logic, without Flink: item event bytes -> semantic ID -> Feast row + decode index.
+
+Per record the decode step (:func:`decode_item_event`) turns items.catalog bytes into a canonical item, or a
+:class:`~jobs.tokenize_logic.DeadLetterError` (BAD_MAGIC / UNKNOWN_SCHEMA / DECODE_ERROR / OVERSIZED from
+streams.serde, MISSING_FIELD / WRONG_TYPE / BAD_VALUE for records that are not usable item events,
+PROCESSING_ERROR for anything else). :class:`ItemSidAssigner` then gives a batch of items their full
+semantic ID (the artifact's L levels + a dedup index) and writes:
+
+* the decode index the generator reads (one pair of Redis hashes per artifact version)::
+
+      HSET ugt:sid:index:<version> "l1-l2-...-dedup" <item_id>    # code -> item
+      HSET ugt:sid:item:<version>  <item_id> "l1-l2-...-dedup"    # item -> code
+
+* the Feast `item_metadata` row (title, domain, categories, year, semantic_ids = the full ID).
+
+IDs are stable: an item that already has a code under this version (in the index, or in the artifact's own
+table) keeps it, so a replayed or updated item event gets the same ID back. New items get their dedup index
+from a shared :class:`~models.semantic_ids.dedup.RedisDedupStore`, so parallel instances never collide.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jobs.tokenize_logic import DeadLetterError, dead_letter_key, dead_letter_record
+from models.semantic_ids.dedup import DedupAllocator, DedupOverflowError, prefix_key
+from models.semantic_ids.items import ItemError, canonical_item
+from streams.serde import AvroSerde, RegistryError, SerdeError
+
+log = logging.getLogger("ugt.jobs.item_semantic_ids")
+
+JOB_NAME = "item_semantic_ids"
+FEATURE_VIEW = "item_metadata"
+PUSH_SOURCE = "item_metadata_push"
+INDEX_PREFIX = "ugt:sid:index:"
+ITEM_PREFIX = "ugt:sid:item:"
+DEDUP_PREFIX = "ugt:sid:dedup:"
+REQUIRED_STRINGS = ("item_id", "domain", "title")
+
+
+def index_key(version: str) -> str:
+    """Redis hash code string -> item_id: what the generator decodes generated IDs with."""
+    return f"{INDEX_PREFIX}{version}"
+
+
+def item_key(version: str) -> str:
+    """Redis hash item_id -> code string (the reverse of :func:`index_key`)."""
+    return f"{ITEM_PREFIX}{version}"
+
+
+def dedup_namespace(version: str) -> str:
+    """RedisDedupStore namespace of one artifact version (dedup indices are only meaningful per artifact)."""
+    return f"{DEDUP_PREFIX}{version}"
+
+
+def code_string(sid: Sequence[int]) -> str:
+    """"l1-l2-l3-dedup": the text form of a full semantic ID (index field, dedup prefix keys use the same)."""
+    return prefix_key(sid)
+
+
+def parse_code(code: str | bytes) -> tuple[int, ...]:
+    """The inverse of :func:`code_string`."""
+    text = code.decode() if isinstance(code, bytes) else code
+    return tuple(int(part) for part in text.split("-"))
+
+
+def artifact_version(path: str | Path) -> str:
+    """Short content hash of an artifact (sha256 of its arrays, from the manifest): names its Redis keys.
+
+    Every artifact shares the format version, so the content hash is what tells two builds apart;
+    a rebuilt artifact gets fresh index keys instead of mixing its codes with the old one's.
+    """
+    folder = Path(path)
+    if folder.is_file():
+        folder = folder.parent
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        return str(manifest["files"]["arrays.npz"]["sha256"])[:16]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{folder}: cannot read the artifact's manifest for its version ({exc})") from exc
+
+
+def item_from_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """An ItemEvent record -> canonical item dict (plus domain and updated_at); DeadLetterError if unusable."""
+    for name in REQUIRED_STRINGS:
+        if name not in record or record[name] is None:
+            raise DeadLetterError("MISSING_FIELD", f"item event lacks {name!r}")
+        if not isinstance(record[name], str):
+            raise DeadLetterError("WRONG_TYPE", f"{name} must be a string, got {type(record[name]).__name__}")
+    if not record["item_id"].strip():
+        raise DeadLetterError("BAD_VALUE", "item_id is empty")
+    categories = record.get("categories") or []
+    if not isinstance(categories, list):
+        raise DeadLetterError("WRONG_TYPE", f"categories must be a list, got {type(categories).__name__}")
+    try:
+        item = canonical_item(record)
+    except ItemError as exc:
+        raise DeadLetterError("BAD_VALUE", str(exc)) from exc
+    item["domain"] = record["domain"]
+    item["updated_at"] = _epoch_ms(record.get("updated_at"))
+    return item
+
+
+def _epoch_ms(value: Any) -> int:
+    """updated_at as epoch ms: fastavro decodes timestamp-millis to an aware datetime, producers pass ints."""
+    if value is None:
+        return 0
+    if isinstance(value, datetime):
+        return int(value.timestamp() * 1000)
+    if isinstance(value, int):
+        return value
+    raise DeadLetterError("WRONG_TYPE", f"updated_at must be epoch ms, got {type(value).__name__}")
+
+
+def decode_item_event(serde: AvroSerde, data: bytes | None) -> dict[str, Any]:
+    """items.catalog bytes -> canonical item dict, or DeadLetterError with the reason code."""
+    try:
+        return item_from_record(serde.decode(data).record)
+    except SerdeError as exc:
+        raise DeadLetterError(exc.reason_code, exc.reason) from exc
+    except (DeadLetterError, RegistryError):
+        raise
+    except Exception as exc:  # the record broke the decoder in a way nobody named yet
+        raise DeadLetterError("PROCESSING_ERROR", f"{exc.__class__.__name__}: {exc}") from exc
+
+
+def feature_row(item: Mapping[str, Any], sid: Sequence[int]) -> dict[str, Any]:
+    """The Feast item_metadata row of one item (semantic_ids = the full ID, dedup level last)."""
+    return {
+        "item_id": item["item_id"],
+        "title": item["title"],
+        "domain": item.get("domain", ""),
+        "categories": list(item.get("genres") or []),
+        "year": item.get("year"),
+        "semantic_ids": [int(c) for c in sid],
+    }
+
+
+class SidIndex:
+    """The decode index of one artifact version: code <-> item id, in Redis (or a dict in tests)."""
+
+    def lookup(self, item_ids: Sequence[str]) -> dict[str, str]:
+        """item_id -> code string, for the ids that have one."""
+        raise NotImplementedError
+
+    def write(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Store (item_id, code string) pairs both ways."""
+        raise NotImplementedError
+
+
+class DictSidIndex(SidIndex):
+    """In-process index (unit tests, one-off scripts)."""
+
+    def __init__(self) -> None:
+        self.code_to_item: dict[str, str] = {}
+        self.item_to_code: dict[str, str] = {}
+
+    def lookup(self, item_ids: Sequence[str]) -> dict[str, str]:
+        return {i: self.item_to_code[i] for i in item_ids if i in self.item_to_code}
+
+    def write(self, pairs: Iterable[tuple[str, str]]) -> None:
+        for item_id, code in pairs:
+            self.code_to_item[code] = item_id
+            self.item_to_code[item_id] = code
+
+
+class RedisSidIndex(SidIndex):
+    """The two hashes :func:`index_key` / :func:`item_key` of one version, written in one pipeline per batch."""
+
+    def __init__(self, client: Any, version: str, chunk: int = 5000):
+        self.redis, self.version, self.chunk = client, version, chunk
+
+    def lookup(self, item_ids: Sequence[str]) -> dict[str, str]:
+        if not item_ids:
+            return {}
+        codes = self.redis.hmget(item_key(self.version), list(item_ids))
+        return {i: (c.decode() if isinstance(c, bytes) else c) for i, c in zip(item_ids, codes, strict=True)
+                if c is not None}
+
+    def write(self, pairs: Iterable[tuple[str, str]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for n, (item_id, code) in enumerate(pairs, 1):
+            pipe.hset(index_key(self.version), code, item_id)
+            pipe.hset(item_key(self.version), item_id, code)
+            if n % self.chunk == 0:
+                pipe.execute()
+        pipe.execute()
+
+
+@dataclass(frozen=True)
+class Assigned:
+    """One item's result: its full semantic ID and whether this batch gave it (False: it already had one)."""
+
+    item_id: str
+    sid: tuple[int, ...]
+    new: bool
+
+
+class ItemSidAssigner:
+    """Batch of canonical items -> full semantic IDs, written to the index and (through `write_rows`) to Feast.
+
+    `artifact` is a loaded SemanticIdArtifact (loaded once per worker), `allocator` a DedupAllocator over
+    the shared dedup store (seeded with the artifact's table), `index` the decode index of this version.
+    """
+
+    def __init__(self, artifact: Any, allocator: DedupAllocator, index: SidIndex,
+                 write_rows: Callable[[list[dict[str, Any]]], None] | None = None):
+        self.artifact, self.allocator, self.index, self.write_rows = artifact, allocator, index, write_rows
+        self.items_seen = 0
+        self.ids_given = 0
+
+    def seed_index(self) -> int:
+        """Write the artifact's own table into the index (idempotent); returns the number of items."""
+        self.index.write((i, code_string(c)) for i, c in zip(self.artifact.item_ids, self.artifact.codes.tolist(),
+                                                              strict=True))
+        return len(self.artifact.item_ids)
+
+    def assign(self, items: Sequence[Mapping[str, Any]]) -> list[Assigned]:
+        """Full IDs for a batch (the last event of an item within the batch wins for its Feast row).
+
+        Raises DedupOverflowError when a prefix is full (the caller dead-letters those items one by one).
+        """
+        latest: dict[str, Mapping[str, Any]] = {}
+        for item in items:
+            latest[item["item_id"]] = item
+        ids = list(latest)
+        known = self.index.lookup(ids)
+        todo = [latest[i] for i in ids if i not in known]
+        fresh = dict(zip((it["item_id"] for it in todo), self.artifact.encode(todo, allocator=self.allocator),
+                         strict=True)) if todo else {}
+        if fresh:
+            self.index.write((i, code_string(sid)) for i, sid in fresh.items())
+        out = [Assigned(i, parse_code(known[i]), False) if i in known else Assigned(i, tuple(fresh[i]), True)
+               for i in ids]
+        if self.write_rows is not None and out:
+            self.write_rows([feature_row(latest[a.item_id], a.sid) for a in out])
+        self.items_seen += len(items)
+        self.ids_given += len(fresh)
+        return out
+
+
+class ItemBatcher:
+    """Buffers decoded items (with where they came from) until `max_items` or `max_delay_s`; then assigns.
+
+    `flush()` returns dead letters (as (key, record) pairs) for items whose prefix ran out of dedup indices.
+    """
+
+    def __init__(self, assigner: ItemSidAssigner, max_items: int = 256, max_delay_s: float = 0.2,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+        if max_items < 1 or max_delay_s < 0:
+            raise ValueError(f"max_items must be >= 1 and max_delay_s >= 0, got {max_items}, {max_delay_s}")
+        self.assigner, self.max_items, self.max_delay_s = assigner, max_items, max_delay_s
+        self.clock, self.wall = clock, wall
+        self.pending: list[tuple[dict[str, Any], tuple[bytes, str, int, int]]] = []
+        self.first_at: float | None = None
+
+    def add(self, item: dict[str, Any], origin: tuple[bytes, str, int, int]) -> None:
+        """Queue one item; `origin` is (original bytes, topic, partition, offset) for a possible dead letter."""
+        if self.first_at is None:
+            self.first_at = self.clock()
+        self.pending.append((item, origin))
+
+    def due(self) -> bool:
+        if self.first_at is None:
+            return False
+        return len(self.pending) >= self.max_items or self.clock() - self.first_at >= self.max_delay_s
+
+    def flush(self) -> tuple[list[Assigned], list[tuple[bytes, dict[str, Any]]]]:
+        """Assign what is queued: (assigned, dead letters as (key, DeadLetter record))."""
+        pending, self.pending, self.first_at = self.pending, [], None
+        if not pending:
+            return [], []
+        try:
+            return self.assigner.assign([item for item, _ in pending]), []
+        except DedupOverflowError:
+            pass
+        assigned, dead = [], []
+        for item, (data, topic, partition, offset) in pending:  # one by one: only the full prefixes fail
+            try:
+                assigned.extend(self.assigner.assign([item]))
+            except DedupOverflowError as exc:
+                log.error("item %s: %s", item["item_id"], exc)
+                dead.append((dead_letter_key(topic, partition, offset),
+                             dead_letter_record(data, topic, partition, offset, "DEDUP_OVERFLOW", str(exc), JOB_NAME,
+                                                int(self.wall() * 1000))))
+        return assigned, dead
+
+
+def feast_item_writer(store: Any, feature_view: str = FEATURE_VIEW) -> Callable[[list[dict[str, Any]]], None]:
+    """Rows -> one `online_write_batch` of the store's provider (same entries as `store.push`, cheaper).
+
+    Mirrors jobs.user_state_logic.feast_direct_writer (FeatureStore._get_provider() of the pinned feast).
+    """
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Int64List, StringList, Value
+
+    from jobs.user_state_logic import MonotonicClock
+
+    provider = store._get_provider()
+    view = store.get_feature_view(feature_view)
+    clock = MonotonicClock()
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        now = clock()
+        data = []
+        for r in rows:
+            key = EntityKey(join_keys=["item_id"], entity_values=[Value(string_val=r["item_id"])])
+            values = {
+                "title": Value(string_val=r["title"]),
+                "domain": Value(string_val=r["domain"]),
+                "categories": Value(string_list_val=StringList(val=r["categories"])),
+                "year": Value(int64_val=r["year"]) if r["year"] is not None else Value(),
+                "semantic_ids": Value(int64_list_val=Int64List(val=r["semantic_ids"])),
+            }
+            data.append((key, values, now, None))
+        provider.online_write_batch(store.config, view, data, None)
+
+    return write

@@ -1,0 +1,117 @@
+"""UGTGenerator: the trained UGT model answering /recommend on the CPU path (dot-product retrieval head).
+
+The checkpoint is loaded once at start (a missing or broken file stops ``ugt serve`` with a message
+naming it). Per request the user's streaming state becomes the same model input the evaluator builds
+(:func:`models.data.history_row`), every catalog item is scored against the user state, history and
+``exclude`` are masked, and the top ``k`` item ids come back through the checkpoint's vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Set
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.data import history_row
+from models.eval import batch_to_device, last_states
+from serving.generator import NoModelAnswer, ScoredItem
+from serving.state import UserStateView
+
+NO_KNOWN_ITEMS = "no_known_items"  # fallback reason: none of the user's history items is in the model's vocab
+HASH_CHARS = 8
+
+
+class CheckpointError(ValueError):
+    """The UGT checkpoint cannot be used; the message names the file and what to do."""
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:HASH_CHARS]
+
+
+class UGTGenerator:
+    """Top-k items by the UGT retrieval head; ``version`` = the checkpoint's run name + a file hash.
+
+    ``clock`` gives the request time in epoch seconds (the last position's query time, as the target's
+    time is in evaluation); tests pin it. The model has one catalog, so ``domain`` does not change the answer.
+    """
+
+    name = "ugt"
+
+    def __init__(self, checkpoint: str | Path, *, clock: Callable[[], float] = time.time):
+        from models.train import load_checkpoint, long_history_len
+
+        path = Path(checkpoint)
+        fix = "point the serving config's `checkpoint:` at a checkpoint.pt written by `ugt train`"
+        if not path.is_file():
+            raise CheckpointError(f"UGT checkpoint {str(path)!r} does not exist: {fix}")
+        try:
+            model, cfg, data, ckpt = load_checkpoint(path)
+        except Exception as exc:  # torch.load / unpickling / state-dict errors come in many types
+            raise CheckpointError(
+                f"UGT checkpoint {str(path)!r} cannot be loaded ({type(exc).__name__}: {exc}); "
+                f"the file is corrupt or not a `ugt train` checkpoint: retrain or {fix}"
+            ) from exc
+        if cfg.model != "ugt":
+            raise CheckpointError(f"checkpoint {str(path)!r} holds a {cfg.model!r} model, not 'ugt': {fix}")
+        self.path = path
+        self.version = f"{cfg.name}-{_file_hash(path)}"
+        self.model = model.eval()
+        self.max_len = cfg.max_len
+        self.max_long = long_history_len(cfg)
+        self.item_to_index: dict[str, int] = dict(ckpt["vocab"])
+        self.index_to_item = [""] * (data.num_items + 1)
+        for item_id, index in self.item_to_index.items():
+            self.index_to_item[index] = item_id
+        self.num_items = data.num_items
+        self.clock = clock
+        with torch.inference_mode():
+            self.table = self.model.item_embeddings().float()  # fixed after training: computed once
+
+    def model_input(self, state: UserStateView, query_time: int) -> dict[str, np.ndarray] | None:
+        """The state's known events as one model row (None when no event's item is in the vocab)."""
+        keep = [i for i, item in enumerate(state.item_ids) if item in self.item_to_index]
+        if not keep:
+            return None
+        items = np.asarray([self.item_to_index[state.item_ids[i]] for i in keep], dtype=np.int64)
+        times = np.asarray([state.event_times[i] // 1000 for i in keep], dtype=np.int64)  # ms -> s, as trained
+        ratings = np.asarray([state.rating_tokens[i] for i in keep], dtype=np.int64)
+        return history_row(items, times, ratings, self.max_len, self.max_long, query_time)
+
+    def scores(self, state: UserStateView) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores over item indices 0..V, invalid mask) for the user; raises NoModelAnswer."""
+        row = self.model_input(state, int(self.clock()))
+        if row is None:
+            raise NoModelAnswer(
+                NO_KNOWN_ITEMS, f"none of the {len(state.item_ids)} history items is in {self.version}'s vocabulary"
+            )
+        with torch.inference_mode():
+            batch = batch_to_device(row, torch.device("cpu"))
+            user, _ = self.model(batch)
+            scores = (last_states(user.float(), batch["lengths"]) @ self.table.T)[0]
+        invalid = torch.zeros(self.num_items + 1, dtype=torch.bool)
+        invalid[0] = True
+        invalid[torch.as_tensor(row["ids"][0])] = True
+        return scores, invalid
+
+    def recommend(self, state: UserStateView, k: int, exclude: Set[str], *, domain: str) -> list[ScoredItem]:
+        scores, invalid = self.scores(state)
+        masked = {self.item_to_index[i] for i in set(exclude) | set(state.item_ids) if i in self.item_to_index}
+        if masked:
+            invalid[torch.as_tensor(sorted(masked))] = True
+        n = min(k, int((~invalid).sum()))
+        if n <= 0:
+            return []
+        top = scores.masked_fill(invalid, float("-inf")).topk(n)
+        return [
+            ScoredItem(self.index_to_item[i], float(s))
+            for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        ]
