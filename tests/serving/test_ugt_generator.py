@@ -1,0 +1,177 @@
+"""UGTGenerator against a real tiny UGT trained on ML-100K (CPU: one epoch on 400 users, ~20 s, once per module)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.data import SequenceData, history_row, make_split
+from models.eval import batch_to_device, history_mask, last_states
+from models.train import TrainConfig, fit, load_checkpoint, load_config, long_history_len
+from serving.config import ConfigError, build_config
+from serving.generator import NoModelAnswer
+from serving.state import UserStateView
+from serving.ugt_generator import NO_KNOWN_ITEMS, CheckpointError, UGTGenerator
+
+CONFIG = "models/configs/ugt_ml100k_tiny.yaml"
+USERS = (0, 1, 7, 42, 150, 399)  # row indices into the test split (users with >= 3 events, sorted ids)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ugt")
+    cfg = load_config(CONFIG, {"out_dir": str(out), "progress": False, "device": "cpu", "max_epochs": 1,
+                                  "max_users": 400})
+    fit(cfg)
+    return out / "checkpoint.pt"
+
+
+class Clock:
+    """The request time the generator sees (epoch seconds); tests set it to the eval target's time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def served(trained: Path) -> tuple[UGTGenerator, Clock]:
+    clock = Clock()
+    return UGTGenerator(trained, clock=clock), clock
+
+
+@pytest.fixture(scope="module")
+def loaded(served) -> tuple[TrainConfig, SequenceData]:
+    """The checkpoint's config and data, rebuilt the way `ugt eval` does."""
+    _, cfg, data, _ = load_checkpoint(served[0].path)
+    return cfg, data
+
+
+def view_of(data: SequenceData, u: int, end: int, gen: UGTGenerator) -> UserStateView:
+    """The user's first ``end`` events as the streaming state would hold them (times in ms)."""
+    items = [gen.index_to_item[i] for i in data.items[u][:end]]
+    times = [int(t) * 1000 for t in data.times[u][:end]]
+    return UserStateView(
+        user_id=data.user_ids[u], item_ids=tuple(items), action_tokens=(2,) * end,
+        rating_tokens=tuple(int(r) for r in data.ratings[u][:end]), event_times=tuple(times),
+        event_count=end, last_event_time=times[-1] if times else 0, state_version=1,
+    )
+
+
+def test_top10_equals_the_eval_ranking(served, loaded):
+    gen, clock = served
+    cfg, data = loaded
+    model = gen.model
+    split = make_split(data, "test", cfg.max_len, long_history_len(cfg))
+    for r in USERS:
+        u = int(split.users[r])
+        end = len(data.items[u]) - 1  # the test history: everything before the last event
+        clock.now = float(data.times[u][end])  # eval's query time for the last position is the target's time
+        np_row = split.rows(np.asarray([r]))
+        # The serving input is the evaluator's input, array for array.
+        mine = history_row(data.items[u][:end], data.times[u][:end], data.ratings[u][:end], cfg.max_len,
+                           long_history_len(cfg), int(data.times[u][end]))
+        for key, value in mine.items():
+            np.testing.assert_array_equal(value, np_row[key], err_msg=key)
+        with torch.no_grad():
+            batch = batch_to_device(np_row, torch.device("cpu"))
+            user, _ = model(batch)
+            scores = last_states(user.float(), batch["lengths"]) @ model.item_embeddings().float().T
+            invalid = history_mask(batch, data, data.num_items, "all", "test")
+            expected = scores.masked_fill(invalid, float("-inf")).topk(10, dim=1)
+        got = gen.recommend(view_of(data, u, end, gen), 10, set(), domain="movie")
+        assert [g.item_id for g in got] == [gen.index_to_item[i] for i in expected.indices[0].tolist()]
+        np.testing.assert_allclose([g.score for g in got], expected.values[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_topk_skips_history_and_exclude_sorted_and_deterministic(served, loaded):
+    gen, clock = served
+    _, data = loaded
+    u = 5
+    state = view_of(data, u, len(data.items[u]), gen)
+    clock.now = state.last_event_time / 1000 + 3600
+    first = gen.recommend(state, 50, set(), domain="movie")
+    exclude = {first[0].item_id, first[3].item_id, "not-an-item"}
+    got = gen.recommend(state, 50, exclude, domain="movie")
+    assert len(got) == 50 and len({g.item_id for g in got}) == 50
+    assert not {g.item_id for g in got} & (set(state.item_ids) | exclude)
+    scores = [g.score for g in got]
+    assert scores == sorted(scores, reverse=True)
+    assert got == gen.recommend(state, 50, exclude, domain="movie")
+    assert [g.item_id for g in got[:5]] == [g.item_id for g in first if g.item_id not in exclude][:5]
+    # k beyond what is left: every remaining item once, none seen.
+    everything = gen.recommend(state, 100_000, set(), domain="movie")
+    assert len(everything) == data.num_items - len(set(state.item_ids))
+
+
+def test_unknown_items_are_skipped_and_no_known_item_is_a_named_fallback(served, loaded):
+    gen, clock = served
+    _, data = loaded
+    state = view_of(data, 3, 20, gen)
+    noisy = UserStateView(
+        user_id=state.user_id, item_ids=state.item_ids + ("unknown-item",), action_tokens=state.action_tokens + (2,),
+        rating_tokens=state.rating_tokens + (8,), event_times=state.event_times + (state.last_event_time + 1000,),
+        event_count=21, last_event_time=state.last_event_time + 1000, state_version=2,
+    )
+    # The unknown item is dropped from the input, so the query time decides; pin it to the same second.
+    clock.now = state.last_event_time / 1000 + 60
+    assert gen.recommend(noisy, 10, set(), domain="movie") == gen.recommend(state, 10, set(), domain="movie")
+    stranger = UserStateView("u", ("x1", "x2"), (2, 2), (8, 8), (1000, 2000), 2, 2000, 1)
+    with pytest.raises(NoModelAnswer) as info:
+        gen.recommend(stranger, 10, set(), domain="movie")
+    assert info.value.reason == NO_KNOWN_ITEMS
+
+
+def test_version_and_bad_checkpoints(served, trained, tmp_path):
+    gen, _ = served
+    assert gen.name == "ugt" and gen.version.startswith("ugt-ml100k-tiny-") and len(gen.version.split("-")[-1]) == 8
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(trained.read_bytes()[: 5000])
+    with pytest.raises(CheckpointError, match=r"corrupt\.pt.*cannot be loaded.*retrain or point"):
+        UGTGenerator(corrupt)
+    with pytest.raises(CheckpointError, match=r"missing\.pt.*does not exist"):
+        UGTGenerator(tmp_path / "missing.pt")
+
+
+def test_config_needs_an_existing_checkpoint(trained, tmp_path):
+    with pytest.raises(ConfigError, match="checkpoint: generator ugt needs a checkpoint"):
+        build_config({"generator": "ugt"}, env={}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="checkpoint: no such file"):
+        build_config({"generator": "ugt", "checkpoint": "nope.pt"}, env={}, base_dir=tmp_path)
+    config = build_config({"generator": "ugt", "checkpoint": str(trained)}, env={}, base_dir=tmp_path)
+    assert config.checkpoint == str(trained)
+
+
+def test_app_serves_ugt_and_falls_back_with_a_reason_for_unknown_items(served, loaded):
+    from fastapi.testclient import TestClient
+    from serving_fakes import FakeClock, FakeStateReader, FakeZsetRedis
+
+    from serving.app import create_app
+    from serving.config import ServingConfig
+    from serving.fallback import PopularityFallback
+    from serving.reranker import FilterReranker
+    from serving.service import Components
+
+    gen, clock = served
+    _, data = loaded
+    state = view_of(data, 9, 30, gen)
+    clock.now = state.last_event_time / 1000 + 60
+    stranger = UserStateView("s", ("x1",), (2,), (8,), (1000,), 1, 1000, 1)
+    redis = FakeZsetRedis({"ugt:popularity:movie": {"p1": 3.0, "p2": 2.0, "p3": 1.0}})
+    fallback = PopularityFallback(redis, clock=FakeClock())
+    reader = FakeStateReader({"u": state, "s": stranger})
+    parts = Components(state_reader=reader, generator=gen, fallback=fallback, reranker=FilterReranker())
+    client = TestClient(create_app(config=ServingConfig(), components=parts, client=redis))
+
+    body = client.post("/recommend", json={"user_id": "u", "k": 10}).json()
+    assert body["fallback"] is False and body["model"] == f"ugt-{gen.version}"
+    assert [i["item_id"] for i in body["items"]] == [s.item_id for s in gen.recommend(state, 10, set(), domain="movie")]
+    body = client.post("/recommend", json={"user_id": "s", "k": 2}).json()
+    assert body["fallback"] is True and body["fallback_reason"] == NO_KNOWN_ITEMS
+    assert [i["item_id"] for i in body["items"]] == ["p1", "p2"]
+    assert 'ugt_serving_fallbacks_total{reason="no_known_items"}' in client.get("/metrics").text
