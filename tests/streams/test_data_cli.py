@@ -19,9 +19,8 @@ REAL = get_settings().cache_dir / "datasets" / "ml-100k"
 
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private cache holding a copy of the raw ML-100K files (no download in unit tests)."""
-    if not (REAL / ".complete").exists():
-        pytest.skip("ML-100K is not cached; run `ugt data fetch ml-100k` once")
+    """A private cache holding a copy of the raw ML-100K files (fetched into the real cache once)."""
+    datasets.fetch_dataset("ml-100k")
     target = tmp_path / "datasets" / "ml-100k"
     target.mkdir(parents=True)
     for f in REAL.iterdir():
