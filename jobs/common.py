@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -367,3 +368,33 @@ def discard(stream) -> None:
 
     j_sink = get_gateway().jvm.org.apache.flink.streaming.api.functions.sink.v2.DiscardingSink()
     stream.sink_to(Sink(j_sink)).name("discard")
+
+
+def run_job(
+    job_name: str,
+    doc: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    job_options: Callable[[argparse.Namespace], dict[str, Any]],
+    build_pipeline: Callable[[Any, Any, JobConfig], None],
+    argv: list[str] | None = None,
+) -> int:
+    """The `main` every job shares: parse, check options (JobSetupError -> exit 2), build, execute.
+
+    ``job_options(args)`` returns the job's own options for ``JobConfig.extra`` and raises JobSetupError
+    on a bad one, so every job fails at start the same way, with what is wrong.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog=f"flink run -py jobs/{job_name}.py", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args, job_name, **job_options(args))
+        env, t_env = create_env(cfg)
+    except JobSetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger(f"ugt.jobs.{job_name}").info(describe(cfg))
+    build_pipeline(env, t_env, cfg)
+    env.execute(cfg.job_name)
+    return 0

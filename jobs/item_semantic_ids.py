@@ -76,28 +76,16 @@ def build_pipeline(env, t_env, cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.common import JobSetupError, config_from_args, create_env, describe
+    from jobs.common import JobSetupError, run_job
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="flink run -py jobs/item_semantic_ids.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
+    def options(args: argparse.Namespace) -> dict:
         if args.batch_size < 1 or args.flush_ms < 1:
             raise JobSetupError("--batch-size and --flush-ms must be >= 1")
-        artifact = check_artifact(args.artifact)
-        cfg = config_from_args(args, "item_semantic_ids", artifact=artifact, source_topic=args.source_topic,
-                               dlq_topic=args.dlq_topic, batch_size=args.batch_size, flush_ms=args.flush_ms,
-                               feature_repo=args.feature_repo)
-        env, t_env = create_env(cfg)
-    except JobSetupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    log.info(describe(cfg))
-    build_pipeline(env, t_env, cfg)
-    env.execute(cfg.job_name)
-    return 0
+        return {"artifact": check_artifact(args.artifact), "source_topic": args.source_topic,
+                "dlq_topic": args.dlq_topic, "batch_size": args.batch_size, "flush_ms": args.flush_ms,
+                "feature_repo": args.feature_repo}
+
+    return run_job("item_semantic_ids", __doc__, add_arguments, options, build_pipeline, argv)
 
 
 if __name__ == "__main__":

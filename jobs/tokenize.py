@@ -24,9 +24,6 @@ if __name__ == "tokenize":
     globals().update({k: v for k, v in vars(_stdlib).items() if not k.startswith("__")})
 else:
     import argparse
-    import logging
-
-    log = logging.getLogger("ugt.jobs.tokenize")
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         from infra.settings import get_settings
@@ -54,24 +51,12 @@ else:
         statements.attach_as_datastream()
 
     def main(argv: list[str] | None = None) -> int:
-        from jobs.common import JobSetupError, config_from_args, create_env, describe
+        from jobs.common import run_job
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        parser = argparse.ArgumentParser(prog="flink run -py jobs/tokenize.py", description=__doc__,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_arguments(parser)
-        args = parser.parse_args(argv)
-        try:
-            cfg = config_from_args(args, "tokenize", source_topic=args.source_topic,
-                                   tokens_topic=args.tokens_topic, dlq_topic=args.dlq_topic)
-            env, t_env = create_env(cfg)
-        except JobSetupError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        log.info(describe(cfg))
-        build_pipeline(env, t_env, cfg)
-        env.execute(cfg.job_name)
-        return 0
+        def options(args: argparse.Namespace) -> dict:
+            return {"source_topic": args.source_topic, "tokens_topic": args.tokens_topic, "dlq_topic": args.dlq_topic}
+
+        return run_job("tokenize", __doc__, add_arguments, options, build_pipeline, argv)
 
     if __name__ == "__main__":
         sys.exit(main())

@@ -9,10 +9,7 @@ Wiring only; the logic is jobs/user_state_logic.py, the operators jobs/operators
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-
-log = logging.getLogger("ugt.jobs.user_state")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,27 +61,16 @@ def build_pipeline(env, t_env, cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.common import JobSetupError, config_from_args, create_env, describe
+    from jobs.common import JobSetupError, run_job
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="flink run -py jobs/user_state.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
+    def options(args: argparse.Namespace) -> dict:
         if args.max_events < 1 or args.flush_rows < 1 or args.flush_ms < 1:
             raise JobSetupError("--max-events, --flush-rows and --flush-ms must be >= 1")
-        cfg = config_from_args(args, "user_state", source_topic=args.source_topic, dlq_topic=args.dlq_topic,
-                               max_events=args.max_events, feature_repo=args.feature_repo,
-                               flush_rows=args.flush_rows, flush_ms=args.flush_ms, feast_write=args.feast_write)
-        env, t_env = create_env(cfg)
-    except JobSetupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    log.info(describe(cfg))
-    build_pipeline(env, t_env, cfg)
-    env.execute(cfg.job_name)
-    return 0
+        return {"source_topic": args.source_topic, "dlq_topic": args.dlq_topic, "max_events": args.max_events,
+                "feature_repo": args.feature_repo, "flush_rows": args.flush_rows, "flush_ms": args.flush_ms,
+                "feast_write": args.feast_write}
+
+    return run_job("user_state", __doc__, add_arguments, options, build_pipeline, argv)
 
 
 if __name__ == "__main__":
