@@ -8,7 +8,6 @@ Flink jobs write (domain "movie").
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -249,7 +248,6 @@ def test_unreachable_redis_answers_from_the_popularity_file(seeded: Settings, tm
         server.stop()
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
 def test_redis_dying_mid_run_keeps_answering_from_the_cached_list(seeded: Settings, tmp_path, monkeypatch):
     """A Redis of our own (the stack's must stay up): seed it, serve, kill it, serve again."""
     port = free_port()
