@@ -1,11 +1,13 @@
-"""Feature views: what serving reads. Field names match models/user_state.py FEATURE_NAMES."""
+"""Feature views: what serving reads. Field names match models/user_state.py FEATURE_NAMES (real time) and
+LONG_TERM_FEATURE_NAMES (nearline). TTLs match the user_state job's --state-ttl-days and feature_store.yaml's
+key_ttl_seconds (90 days): an idle user's state expires everywhere at about the same time."""
 
 from datetime import timedelta
 
 from entities import item, user
 from feast import FeatureView, Field
 from feast.types import Array, Int64, String
-from sources import item_metadata_push, user_recent_events_push
+from sources import item_metadata_push, user_long_term_push, user_recent_events_push
 
 user_recent_events = FeatureView(
     name="user_recent_events",
@@ -23,6 +25,30 @@ user_recent_events = FeatureView(
     source=user_recent_events_push,
     online=True,
     tags={"owner": "jobs/user_state.py", "freshness": "per event"},
+)
+
+user_long_term = FeatureView(
+    name="user_long_term",
+    entities=[user],
+    ttl=timedelta(days=90),
+    schema=[
+        Field(name="long_group_counts", dtype=Array(Int64),
+              description="Events per long-term group, oldest group first (older groups cover more events)."),
+        Field(name="long_group_first_times", dtype=Array(Int64), description="Oldest event time per group, epoch ms."),
+        Field(name="long_group_last_times", dtype=Array(Int64), description="Newest event time per group, epoch ms."),
+        Field(name="long_group_rating_sums", dtype=Array(Int64), description="Sum of rating tokens per group."),
+        Field(name="long_group_item_ids", dtype=Array(String),
+              description="Per group its newest min(count, ITEMS_PER_GROUP) item ids, groups concatenated."),
+        Field(name="action_counts", dtype=Array(Int64), description="Applied events per action token."),
+        Field(name="last_context_tokens", dtype=Array(Int64), description="Context tokens of the newest event."),
+        Field(name="last_hour_token", dtype=Int64, description="Hour token of the newest event."),
+        Field(name="last_domain", dtype=String, description="Domain of the newest event."),
+        Field(name="compacted_event_count", dtype=Int64, description="event_count when this row was compacted."),
+        Field(name="state_version", dtype=Int64, description="models.user_state.STATE_VERSION of the writer."),
+    ],
+    source=user_long_term_push,
+    online=True,
+    tags={"owner": "jobs/user_state.py", "freshness": "every --compact-interval-min (nearline)"},
 )
 
 item_metadata = FeatureView(

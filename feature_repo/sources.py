@@ -16,6 +16,15 @@ user_recent_events_batch = FileSource(
 # The user_state job pushes every updated state here (PushMode.ONLINE, or ONLINE_AND_OFFLINE).
 user_recent_events_push = PushSource(name="user_recent_events_push", batch_source=user_recent_events_batch)
 
+user_long_term_batch = FileSource(
+    name="user_long_term_batch",
+    path=str(DATA / "user_long_term.parquet"),
+    timestamp_field="event_timestamp",
+    description="Snapshots of each user's compacted long-term state (nearline path of the user_state job).",
+)
+
+user_long_term_push = PushSource(name="user_long_term_push", batch_source=user_long_term_batch)
+
 item_metadata_batch = FileSource(
     name="item_metadata_batch",
     path=str(DATA / "item_metadata.parquet"),

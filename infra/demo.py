@@ -1,7 +1,9 @@
 """`ugt demo`: the main job end to end, the way a user would run it by hand.
 
-stack up -> feast apply -> fetch ML-1M -> submit the Flink jobs -> replay events into Kafka ->
-wait until the user_state job has applied them -> start /recommend -> query a few users -> print.
+stack up -> feast apply -> fetch ML-1M -> build (or reuse) the semantic-ID artifact -> submit the Flink jobs
+(tokenize, user_state, item_semantic_ids) -> publish the catalog and a few brand-new items, wait until they are
+indexed (prints the new-item delay) -> replay events into Kafka -> wait until the user_state job has applied
+them -> start /recommend -> query a few users -> print.
 Each step runs the same `ugt` / `feast` command the README shows, so the demo proves those commands.
 """
 
@@ -28,6 +30,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=900.0,
                         help="how long to wait for the jobs to apply every event (default: %(default)s)")
     parser.add_argument("--keep-serving", action="store_true", help="leave `ugt serve` running at the end")
+
+
+SID_CONFIG = {"ml-1m": ("models/configs/semantic_ids_ml1m.yaml", "runs/sid/ml1m"),
+              "ml-100k": ("models/configs/semantic_ids_ml100k.yaml", "runs/sid/ml100k")}
+NEW_ITEMS = [  # movies after ML-1M's time: brand-new to the artifact, so they take the item job's whole path
+    {"item_id": "demo-new-interstellar", "title": "Interstellar", "year": "2014",
+     "categories": ["Adventure", "Drama", "Sci-Fi"]},
+    {"item_id": "demo-new-inside-out", "title": "Inside Out", "year": "2015",
+     "categories": ["Animation", "Children's", "Comedy"]},
+    {"item_id": "demo-new-mad-max-fury-road", "title": "Mad Max: Fury Road", "year": "2015",
+     "categories": ["Action", "Adventure", "Sci-Fi"]},
+]
 
 
 def step(title: str) -> None:
@@ -69,6 +83,55 @@ def wait_until_applied(redis_client, before: int, count: int, timeout_s: float) 
     return time.monotonic() - start
 
 
+def ensure_artifact(dataset: str) -> Path:
+    """The dataset's semantic-ID artifact: reused when it loads (checksum verified), else built (minutes)."""
+    from models.semantic_ids.artifact import ArtifactError, SemanticIdArtifact
+
+    config, out = SID_CONFIG[dataset]
+    folder = REPO_ROOT / out
+    try:
+        artifact = SemanticIdArtifact.load(folder)
+        print(f"reusing {out} ({len(artifact.item_ids):,} items, codebook sizes {artifact.codebook_sizes}); "
+              f"delete it to rebuild")
+    except ArtifactError as exc:
+        print(f"no usable artifact in {out} ({exc}); building it (about 5 minutes on 2 cores, text embeddings cached)")
+        sh(str(BIN / "ugt"), "semantic-ids", "build", "--dataset", dataset, "--config", config, "--out", out)
+    return folder
+
+
+def wait_items_indexed(redis_client, catalog: list[str], new: list[str], published_at: float,
+                       timeout_s: float) -> tuple[str, dict[str, float]]:
+    """Wait until the brand-new items decode from the active version's index and every catalog item has its
+    Feast item_metadata row; returns (version, seconds from publish to decodable per new item)."""
+    from infra.feast_store import open_feature_store
+    from jobs.item_semantic_ids_logic import active_version, item_key
+
+    deadline = time.monotonic() + timeout_s
+    seen: dict[str, float] = {}
+    version = None
+    while len(seen) < len(new):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: new items not indexed after {timeout_s:.0f} s (version {version}); "
+                             "check `ugt jobs list` and var/log/flink/")
+        version = active_version(redis_client)
+        if version:
+            for item_id, code in zip(new, redis_client.hmget(item_key(version), new), strict=True):
+                if code is not None and item_id not in seen:
+                    seen[item_id] = time.time() - published_at
+        time.sleep(0.05)
+    store = open_feature_store(get_settings())
+    while True:
+        rows = store.get_online_features(features=["item_metadata:semantic_ids"],
+                                         entity_rows=[{"item_id": i} for i in catalog]).to_dict()["semantic_ids"]
+        missing = sum(1 for r in rows if not r)
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: {missing:,} catalog items still lack Feast item_metadata after {timeout_s:.0f} s")
+        time.sleep(1.0)
+    return str(version), seen
+
+
 def run(args: argparse.Namespace) -> int:
     import redis
     import requests
@@ -88,34 +151,59 @@ def run(args: argparse.Namespace) -> int:
     r = redis.Redis.from_url(settings.redis_url)
     before = applied_events(r)
 
-    step("4. submit the Flink jobs (tokenize, user_state) to the standalone cluster")
-    from jobs.cli import JOBS, list_jobs
+    step(f"4. semantic IDs for {args.dataset}: build or reuse the artifact")
+    artifact = ensure_artifact(args.dataset)
+
+    step("5. submit the Flink jobs (tokenize, user_state, item_semantic_ids) to the standalone cluster")
+    from jobs.cli import ITEM_JOB, JOBS, list_jobs
 
     running = {j["name"] for j in list_jobs(settings.flink_rest_url) if j["state"] == "RUNNING"}
-    if running.issuperset(JOBS):
-        print("tokenize and user_state are already running (`ugt jobs list`): not submitting them twice")
-    else:
-        for job in JOBS:
-            if job not in running:
-                sh(ugt, "jobs", "submit", "--detached", job)
+    for job in (*JOBS, ITEM_JOB):
+        if job in running:
+            print(f"{job} is already running (`ugt jobs list`): not submitting it twice")
+        elif job == ITEM_JOB:
+            sh(ugt, "jobs", "submit", "--detached", job, "--", "--artifact", str(artifact.relative_to(REPO_ROOT)))
+        else:
+            sh(ugt, "jobs", "submit", "--detached", job)
 
-    step("5. replay events into Kafka in event-time order")
-    replay = [ugt, "publish", "replay", args.dataset, "--items"]
+    step("6. publish the item catalog and 3 brand-new movies; wait until the item job has indexed them")
+    sh(ugt, "publish", "replay", args.dataset, "--items", "--limit", "0")
+    from streams.datasets import load_dataset
+    from streams.producer import EventPublisher
+
+    dataset = load_dataset(args.dataset)
+    with EventPublisher(settings) as publisher:
+        for movie in NEW_ITEMS:
+            publisher.publish_item_event({
+                "item_id": movie["item_id"], "domain": "movie", "title": movie["title"], "description": "",
+                "categories": movie["categories"], "attributes": {"year": movie["year"]},
+                "updated_at": int(time.time() * 1000)})
+    published_at = time.time()
+    new_ids = [m["item_id"] for m in NEW_ITEMS]
+    version, delays = wait_items_indexed(r, [str(i) for i in dataset.items["item_id"]], new_ids, published_at,
+                                         args.timeout_s)
+    for movie in NEW_ITEMS:
+        code = r.hget(f"ugt:sid:item:{version}", movie["item_id"]).decode()
+        print(f"  new item {movie['title']!r:24} -> semantic ID {code}  decodable {delays[movie['item_id']]:.2f} s "
+              "after publish")
+    print(f"new-item delay (publish -> decodable by the generator index, version {version}): "
+          f"max {max(delays.values()):.2f} s (the first new item also pays the text encoder's load; a new item "
+          "already indexed by an earlier demo run shows ~0)")
+
+    step("7. replay user events into Kafka in event-time order")
+    replay = [ugt, "publish", "replay", args.dataset]
     if args.limit:
         replay += ["--limit", str(args.limit)]
     sh(*replay)
-    from streams.datasets import load_dataset
-
-    dataset = load_dataset(args.dataset)
     ratings = dataset.ratings
     title_of = dict(zip(dataset.items["item_id"], dataset.items["title"], strict=True))
     published = len(ratings) if not args.limit else min(args.limit, len(ratings))
 
-    step("6. wait until every event is in the users' state (Redis, through Feast)")
+    step("8. wait until every event is in the users' state (Redis, through Feast)")
     took = wait_until_applied(r, before, published, args.timeout_s)
     print(f"{published:,} events applied {took:.1f} s after the replay finished")
 
-    step("7. serve /recommend and query it")
+    step("9. serve /recommend and query it")
     server = subprocess.Popen([ugt, "serve", "--port", str(settings.serving_port)], cwd=REPO_ROOT)
     base = f"http://localhost:{settings.serving_port}"
     try:

@@ -1,7 +1,7 @@
 """`ugt jobs`: submit, list, wait for or cancel the UGT Flink jobs on the running standalone cluster.
 
     ugt jobs submit tokenize --detached -- --parallelism 2
-    ugt jobs submit all -- --bounded --startup earliest
+    ugt jobs submit all -- --bounded --startup earliest   # + item_semantic_ids once a semantic-ID version is active
     ugt jobs list
     ugt jobs wait tokenize --timeout 600
     ugt jobs cancel user_state
@@ -24,7 +24,8 @@ import requests
 from infra.settings import REPO_ROOT, get_settings
 
 JOBS = ("tokenize", "user_state")  # `submit all` and the demo
-SUBMITTABLE = (*JOBS, "item_semantic_ids")  # what `submit <job>` accepts
+ITEM_JOB = "item_semantic_ids"  # `submit all` adds it once an artifact is registered for the active version
+SUBMITTABLE = (*JOBS, ITEM_JOB)  # what `submit <job>` accepts
 TERMINAL = {"FINISHED", "FAILED", "CANCELED"}
 JOB_ID = re.compile(r"JobID ([0-9a-f]{32})")
 
@@ -35,7 +36,8 @@ class JobsError(RuntimeError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="<action>", required=True)
-    submit = sub.add_parser("submit", help="submit a job (or all) with `flink run -py`",
+    submit = sub.add_parser("submit", help="submit a job (or all: tokenize, user_state, and item_semantic_ids when a "
+                            "semantic-ID version is active) with `flink run -py`",
                             description="Arguments after `--` go to the job (see `python jobs/<job>.py --help`).")
     submit.add_argument("job", choices=(*SUBMITTABLE, "all"))
     submit.add_argument("--detached", action="store_true", help="return once submitted (flink run -d)")
@@ -113,6 +115,25 @@ def submit(job: str, job_args: list[str], detached: bool) -> str | None:
     return found.group(1) if found else None
 
 
+def jobs_for_all() -> tuple[str, ...]:
+    """tokenize, user_state, and item_semantic_ids when it can start without arguments (an active artifact)."""
+    import redis
+
+    from jobs.item_semantic_ids_logic import active_version, artifact_path_of
+
+    try:
+        client = redis.Redis.from_url(get_settings().redis_url)
+        version = active_version(client)
+        path = artifact_path_of(client, version) if version else None
+    except redis.RedisError:
+        path = None
+    if path is None:
+        print(f"{ITEM_JOB}: not submitted (no semantic-ID version is active yet); submit it once with "
+              f"`ugt jobs submit {ITEM_JOB} --detached -- --artifact <dir>` (the demo does)")
+        return JOBS
+    return (*JOBS, ITEM_JOB)
+
+
 def wait(base: str, ref: str, timeout_s: float) -> str:
     """Poll until the job ends; returns its final state."""
     deadline = time.monotonic() + timeout_s
@@ -140,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     base = rest_url(args)
     try:
         if args.action == "submit":
-            for job in JOBS if args.job == "all" else (args.job,):
+            for job in jobs_for_all() if args.job == "all" else (args.job,):
                 # `all` runs both at once, so it is always detached (a blocking tokenize would hold user_state back)
                 jid = submit(job, args.job_args, args.detached or args.job == "all")
                 print(f"{job}: submitted{' as ' + jid if jid else ''}")

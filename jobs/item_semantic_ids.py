@@ -1,7 +1,11 @@
 """PyFlink job `item_semantic_ids`: items.catalog (Avro ItemEvent) -> semantic IDs -> decode index + Feast item_metadata.
 
-    <pyflink>/bin/flink run -py jobs/item_semantic_ids.py --artifact var/sid/ml-1m [--bounded] ...   # on the cluster
-    python jobs/item_semantic_ids.py --local --artifact var/sid/ml-1m [--bounded] ...               # in-process
+    <pyflink>/bin/flink run -py jobs/item_semantic_ids.py --artifact runs/sid/ml1m [--bounded] ...   # on the cluster
+    python jobs/item_semantic_ids.py --local --artifact runs/sid/ml1m [--bounded] ...               # in-process
+    <pyflink>/bin/flink run -py jobs/item_semantic_ids.py      # the artifact of the active version (ugt:sid:active)
+
+At start it makes its artifact the active version if none is; then every batch is assigned under the version
+active at that moment, so `ugt semantic-ids backfill --artifact NEW` reaches it without a restart.
 
 Wiring only; the logic is jobs/item_semantic_ids_logic.py, the operators jobs/operators/item_sid_fn.py.
 """
@@ -18,16 +22,22 @@ log = logging.getLogger("ugt.jobs.item_semantic_ids")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from infra.settings import get_settings
     from jobs.common import add_common_arguments
+    from jobs.item_semantic_ids_logic import ACTIVE_KEY
 
     s = get_settings()
-    parser.add_argument("--artifact", required=True,
-                        help="semantic-ID artifact folder (manifest.json + arrays.npz; `ugt semantic-ids build`)")
+    parser.add_argument("--artifact", default=None,
+                        help="semantic-ID artifact folder (manifest.json + arrays.npz; `ugt semantic-ids build`); "
+                        "default: the one registered for the active version (ugt:sid:active, set by an earlier "
+                        "run or a backfill)")
     parser.add_argument("--source-topic", default=s.topics.items, help="input topic (default: %(default)s)")
     parser.add_argument("--dlq-topic", default=s.topics.dlq, help="dead-letter topic (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="encode once this many items are queued (default: %(default)s)")
     parser.add_argument("--flush-ms", type=int, default=200,
                         help="... or once the oldest queued item waited this long (default: %(default)s)")
+    parser.add_argument("--active-key", default=ACTIVE_KEY,
+                        help="Redis key of the active-version pointer the job sets (if unset) and follows; tests "
+                        "use their own (default: %(default)s)")
     parser.add_argument("--feature-repo", default=str(s.feature_repo), help="Feast repo (default: %(default)s)")
     add_common_arguments(parser, "item_semantic_ids")
 
@@ -53,6 +63,25 @@ def check_artifact(path: str) -> str:
     return str(folder if folder.is_dir() else folder.parent)
 
 
+def active_artifact(redis_url: str, active_key: str) -> str:
+    """The artifact folder of the active version (what `--artifact` defaults to); JobSetupError if there is none."""
+    import redis
+
+    from jobs.common import JobSetupError
+    from jobs.item_semantic_ids_logic import active_version, artifact_path_of
+
+    try:
+        client = redis.Redis.from_url(redis_url)
+        version = active_version(client, active_key)
+        path = artifact_path_of(client, version) if version else None
+    except redis.RedisError as exc:
+        raise JobSetupError(f"no --artifact given and Redis at {redis_url} is unreachable ({exc})") from exc
+    if path is None:
+        raise JobSetupError(f"no --artifact given and no artifact is registered for the active version "
+                            f"({active_key} = {version}); pass --artifact (build one with `ugt semantic-ids build`)")
+    return path
+
+
 def build_pipeline(env, t_env, cfg) -> None:
     """items.catalog -> decode -> key_by(item_id) -> ItemSidFunction (writes Redis + Feast); bad records -> DLQ."""
     from pyflink.common import Types
@@ -66,7 +95,7 @@ def build_pipeline(env, t_env, cfg) -> None:
         .name("decode-items").uid("decode-items")
     overflowed = items.key_by(lambda row: row[0], key_type=Types.STRING()) \
         .process(ItemSidFunction(x["artifact"], cfg.registry, cfg.redis, x["feature_repo"], x["dlq_topic"],
-                                 x["batch_size"], x["flush_ms"]),
+                                 x["batch_size"], x["flush_ms"], x["active_key"]),
                  output_type=key_value_type()) \
         .name("item-sid").uid("item-sid")
     statements = t_env.create_statement_set()
@@ -81,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     def options(args: argparse.Namespace) -> dict:
         if args.batch_size < 1 or args.flush_ms < 1:
             raise JobSetupError("--batch-size and --flush-ms must be >= 1")
-        return {"artifact": check_artifact(args.artifact), "source_topic": args.source_topic,
+        artifact = args.artifact or active_artifact(args.redis, args.active_key)
+        return {"artifact": check_artifact(artifact), "source_topic": args.source_topic,
                 "dlq_topic": args.dlq_topic, "batch_size": args.batch_size, "flush_ms": args.flush_ms,
-                "feature_repo": args.feature_repo}
+                "feature_repo": args.feature_repo, "active_key": args.active_key}
 
     return run_job("item_semantic_ids", __doc__, add_arguments, options, build_pipeline, argv)
 

@@ -13,6 +13,10 @@ semantic ID (the artifact's L levels + a dedup index) and writes:
 
 * the Feast `item_metadata` row (title, domain, categories, year, semantic_ids = the full ID).
 
+Which version: ``ugt:sid:active`` (:data:`ACTIVE_KEY`, read with :func:`active_version`) names the version readers
+use; the job sets it at start if none is, and assigns each batch under the version active at that moment
+(:class:`ActiveVersionAssigner`), so a backfill (jobs.item_semantic_ids_backfill) reaches it without a restart.
+
 IDs are stable: an item that already has a code under this version (in the index, or in the artifact's own
 table) keeps it, so a replayed or updated item event gets the same ID back. New items get their dedup index
 from a shared :class:`~models.semantic_ids.dedup.RedisDedupStore`, so parallel instances never collide.
@@ -42,7 +46,47 @@ PUSH_SOURCE = "item_metadata_push"
 INDEX_PREFIX = "ugt:sid:index:"
 ITEM_PREFIX = "ugt:sid:item:"
 DEDUP_PREFIX = "ugt:sid:dedup:"
+ACTIVE_KEY = "ugt:sid:active"  # Redis string: the artifact version readers (tokenize, generator) use now
+ARTIFACTS_KEY = "ugt:sid:artifacts"  # Redis hash version -> artifact folder, so a job can follow a flip
 REQUIRED_STRINGS = ("item_id", "domain", "title")
+
+
+def active_version(client: Any, key: str = ACTIVE_KEY) -> str | None:
+    """The semantic-ID version readers should use (``GET ugt:sid:active``), or None when none is active yet.
+
+    Readers resolve it, then read ``ugt:sid:item:<version>`` / ``ugt:sid:index:<version>``; a backfill flips it
+    with one SET once the new version's index is complete, so a reader never sees a half-written version.
+    """
+    value = client.get(key)
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def activate_if_none(client: Any, version: str, key: str = ACTIVE_KEY) -> bool:
+    """Make `version` active unless one already is (SET NX): a job starting with an artifact; True if it did."""
+    return bool(client.set(key, version, nx=True))
+
+
+def register_artifact(client: Any, version: str, path: str | Path) -> None:
+    """Record where version's artifact lives (absolute path, same box / shared disk) for jobs that follow flips."""
+    client.hset(ARTIFACTS_KEY, version, str(Path(path).resolve()))
+
+
+def artifact_path_of(client: Any, version: str) -> str | None:
+    """The folder registered for `version` by :func:`register_artifact`, or None."""
+    value = client.hget(ARTIFACTS_KEY, version)
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def activate(client: Any, version: str, key: str = ACTIVE_KEY) -> str | None:
+    """Make `version` active (atomic SET, GET of the old value in the same command); returns the previous one."""
+    old = client.set(key, version, get=True)
+    if old is None:
+        return None
+    return old.decode() if isinstance(old, bytes) else str(old)
 
 
 def index_key(version: str) -> str:
@@ -246,13 +290,86 @@ class ItemSidAssigner:
         return out
 
 
+def redis_assigner(client: Any, path: str | Path,
+                   write_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> tuple[str, ItemSidAssigner]:
+    """(version, assigner) of the artifact at `path` over Redis: dedup store and decode index seeded (idempotent).
+
+    Seeding comes before any claim, so a new item can never take an index an artifact item holds.
+    """
+    from models.semantic_ids.artifact import SemanticIdArtifact
+    from models.semantic_ids.dedup import RedisDedupStore, seed_rows
+
+    artifact = SemanticIdArtifact.load(path)
+    version = artifact_version(path)
+    store = RedisDedupStore(client, dedup_namespace(version))
+    store.seed(seed_rows(artifact.codes[:, :-1], artifact.item_ids, artifact.codes[:, -1]))  # hsetnx
+    assigner = ItemSidAssigner(artifact, DedupAllocator(store, artifact.dedup_size), RedisSidIndex(client, version),
+                               write_rows)
+    assigner.seed_index()
+    return version, assigner
+
+
+class ActiveVersionAssigner:
+    """Assigns each batch under the version active *at assign time*, so a backfill's flip reaches a running job.
+
+    Why it is enough for a backfill without gaps: a batch is read from Kafka before `assign` runs, so every item
+    written under the old version was in the topic before the flip; the backfill re-reads the topic up to its
+    end offsets taken after the flip, which covers them. `make(version)` builds a version's assigner (loads its
+    artifact); when it fails the job stays on the version it has and says so (once per version).
+    """
+
+    def __init__(self, version: str, assigner: ItemSidAssigner, current: Callable[[], str | None],
+                 make: Callable[[str], ItemSidAssigner]):
+        self.version, self.assigner, self.current, self.make = version, assigner, current, make
+        self.failed: set[str] = set()
+        self.switches = 0
+
+    def assign(self, items: Sequence[Mapping[str, Any]]) -> list[Assigned]:
+        wanted = self.current() or self.version
+        if wanted != self.version and wanted not in self.failed:
+            try:
+                assigner = self.make(wanted)
+            except Exception as exc:  # noqa: BLE001 - any failure: keep serving the version we have
+                self.failed.add(wanted)
+                log.error("semantic-ID version %s is active but cannot be loaded here (%s); staying on %s",
+                          wanted, exc, self.version)
+            else:
+                log.info("semantic-ID version %s -> %s (active pointer flipped)", self.version, wanted)
+                self.version, self.assigner = wanted, assigner
+                self.switches += 1
+        return self.assigner.assign(items)
+
+
+def follow_active(client: Any, path: str | Path,
+                  write_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+                  key: str = ACTIVE_KEY) -> ActiveVersionAssigner:
+    """The job's assigner: starts on `path` (registering it, activating it if nothing is active), then follows
+    ``ugt:sid:active`` (or `key`: tests use their own) to any version a backfill registered
+    (see :class:`ActiveVersionAssigner`)."""
+    version, assigner = redis_assigner(client, path, write_rows)
+    register_artifact(client, version, path)
+    if activate_if_none(client, version, key):
+        log.info("semantic-ID version %s is now active (none was)", version)
+
+    def make(wanted: str) -> ItemSidAssigner:
+        folder = artifact_path_of(client, wanted)
+        if folder is None:
+            raise ValueError(f"no artifact registered for it in {ARTIFACTS_KEY}")
+        got, built = redis_assigner(client, folder, write_rows)
+        if got != wanted:
+            raise ValueError(f"{folder} now holds version {got}, not {wanted}")
+        return built
+
+    return ActiveVersionAssigner(version, assigner, lambda: active_version(client, key), make)
+
+
 class ItemBatcher:
     """Buffers decoded items (with where they came from) until `max_items` or `max_delay_s`; then assigns.
 
     `flush()` returns dead letters (as (key, record) pairs) for items whose prefix ran out of dedup indices.
     """
 
-    def __init__(self, assigner: ItemSidAssigner, max_items: int = 256, max_delay_s: float = 0.2,
+    def __init__(self, assigner: ItemSidAssigner | ActiveVersionAssigner, max_items: int = 256, max_delay_s: float = 0.2,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         if max_items < 1 or max_delay_s < 0:
             raise ValueError(f"max_items must be >= 1 and max_delay_s >= 0, got {max_items}, {max_delay_s}")

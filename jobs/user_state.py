@@ -27,6 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write to Feast once this many users changed (default: %(default)s)")
     parser.add_argument("--flush-ms", type=int, default=200,
                         help="... or once the oldest change waited this long (default: %(default)s)")
+    parser.add_argument("--allowed-lateness-s", type=float, default=24 * 3600,
+                        help="an event older than the user's newest event minus this goes to the DLQ as "
+                             "LATE_EVENT; < 0 turns the rule off (default: %(default)s)")
+    parser.add_argument("--compact-interval-min", type=float, default=5.0,
+                        help="nearline: per active user, compact the long-term history this often "
+                             "(processing time; default: %(default)s, as in the seed)")
+    parser.add_argument("--state-ttl-days", type=float, default=90.0,
+                        help="Flink state TTL of an idle user (match feature_store.yaml key_ttl_seconds; "
+                             "default: %(default)s)")
+    parser.add_argument("--state-cache-users", type=int, default=20_000,
+                        help="decoded user states kept in memory per worker (0 = decode every event; "
+                             "default: %(default)s)")
     parser.add_argument("--feast-write", choices=("direct", "push"), default="direct",
                         help="direct: build Feast's protos and call the provider's online_write_batch (about 2x "
                              "faster); push: store.push(..., to=PushMode.ONLINE) (default: %(default)s)")
@@ -34,29 +46,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_pipeline(env, t_env, cfg) -> None:
-    """events.tokens -> decode -> key_by(user_id) -> UserStateFunction (writes Feast + Redis); bad records -> DLQ."""
+    """events.tokens -> decode -> key_by(user_id) -> UserStateFunction (writes Feast + Redis); bad or late -> DLQ."""
     from pyflink.common import Types
 
     from jobs.common import add_kafka_sink, discard, kafka_source
     from jobs.operators.user_state_fn import (
         DLQ_TAG,
+        LATE_TAG,
         DecodeTokensFunction,
         UserStateFunction,
         keyed_event_type,
     )
+    from jobs.user_state_logic import ProcessorConfig
 
     x = cfg.extra
+    config = ProcessorConfig(
+        max_events=x["max_events"],
+        allowed_lateness_ms=None if x["allowed_lateness_s"] < 0 else int(x["allowed_lateness_s"] * 1000),
+        flush_ms=x["flush_ms"],
+        compact_interval_ms=int(x["compact_interval_min"] * 60_000),
+        state_ttl_ms=int(x["state_ttl_days"] * 86_400_000),
+        cache_size=x["state_cache_users"],
+    )
     tokens = kafka_source(t_env, "tokens_source", x["source_topic"], cfg)
     events = tokens.process(DecodeTokensFunction(cfg.registry, x["dlq_topic"]), output_type=keyed_event_type()) \
         .name("decode-tokens").uid("decode-tokens")
     states = events.key_by(lambda row: row[0], key_type=Types.STRING()) \
-        .process(UserStateFunction(cfg.redis, x["feature_repo"], x["max_events"], x["flush_rows"], x["flush_ms"],
-                                   x["feast_write"]),
+        .process(UserStateFunction(cfg.redis, x["feature_repo"], cfg.registry, x["dlq_topic"], config,
+                                   x["flush_rows"], x["feast_write"]),
                  output_type=Types.BOOLEAN()) \
         .name("user-state").uid("user-state")
     discard(states)
     statements = t_env.create_statement_set()
-    add_kafka_sink(t_env, statements, events.get_side_output(DLQ_TAG), "dlq_sink", x["dlq_topic"], cfg)
+    dead = events.get_side_output(DLQ_TAG).union(states.get_side_output(LATE_TAG))
+    add_kafka_sink(t_env, statements, dead, "dlq_sink", x["dlq_topic"], cfg)
     statements.attach_as_datastream()
 
 
@@ -66,9 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     def options(args: argparse.Namespace) -> dict:
         if args.max_events < 1 or args.flush_rows < 1 or args.flush_ms < 1:
             raise JobSetupError("--max-events, --flush-rows and --flush-ms must be >= 1")
+        if args.compact_interval_min <= 0 or args.state_ttl_days <= 0 or args.state_cache_users < 0:
+            raise JobSetupError("--compact-interval-min and --state-ttl-days must be > 0, "
+                                "--state-cache-users >= 0")
         return {"source_topic": args.source_topic, "dlq_topic": args.dlq_topic, "max_events": args.max_events,
                 "feature_repo": args.feature_repo, "flush_rows": args.flush_rows, "flush_ms": args.flush_ms,
-                "feast_write": args.feast_write}
+                "feast_write": args.feast_write, "allowed_lateness_s": args.allowed_lateness_s,
+                "compact_interval_min": args.compact_interval_min, "state_ttl_days": args.state_ttl_days,
+                "state_cache_users": args.state_cache_users}
 
     return run_job("user_state", __doc__, add_arguments, options, build_pipeline, argv)
 

@@ -1,34 +1,73 @@
 """The user_state job's logic, without Flink: token bytes -> per-user state -> Feast online rows + popularity.
 
-Per event the keyed operator calls :func:`update_state` (models.user_state.apply_event on the stored
-dict) and hands the new feature row to :class:`OnlineStateWriter`, which batches rows (the last row per
-user wins inside a batch) and writes them to Feast in one call, together with the popularity increments.
+:class:`UserStateProcessor` is the whole keyed operator in plain Python; the Flink function
+(jobs/operators/user_state_fn.py) only hands it the current key's state (a :class:`KeyedStore`) and
+registers the timers it asks for. Tests and bench/user_state_cost.py drive it with in-memory fakes.
 
-Popularity (the serving fallback) lives in Redis sorted sets, one per domain:
-    ZINCRBY ugt:popularity:<domain> 1 <item_id>      (score = events seen for the item)
-An event that the state had already applied (a replay) does not count again.
+Per event: models.user_state.apply_checked (recent window, bounded lateness: LATE events go to the DLQ),
+then the user is queued in :class:`OnlineStateWriter`, which writes rows in batches (the last state per user
+wins inside a batch) to Feast together with the popularity increments. Every ``compact_interval_ms`` an
+active user's timer folds the spill into the long-term groups (models.user_state.compact) and queues the
+`user_long_term` row.
+
+Exactly-once effect. Flink restores state and Kafka offsets from the last checkpoint and replays what came
+after, so every write must be idempotent:
+  * Feast rows are whole states (last writer wins): a replay rewrites the same values.
+  * Popularity (``ZINCRBY ugt:popularity:<domain>``) is not, so each applied event carries its per-user
+    sequence number n (= event_count after it; Kafka keeps per-user order, so a replay gives the same n),
+    and a Lua script increments only for n above the n recorded for that user
+    (``ugt:popularity-applied:<domain>:<user_id>`` = "n origin"; origin = the first event id of this state's
+    life, so a state that expired by TTL and started over is not mistaken for a replay).
+  * Writes buffered in memory when a checkpoint is taken would be lost by a crash (PyFlink has no
+    pre-checkpoint hook), so what a user still owes the store (pending popularity, a long-term row) stays in
+    keyed state until a per-user confirm timer, fired after a flush of this writer incarnation, clears it.
+    After a restore the confirm timers (checkpointed with the state) find another incarnation and queue the
+    user again.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 from models.tokenizer import TokenizedEvent
-from models.user_state import DEFAULT_MAX_EVENTS, UserState, apply_event
+from models.user_state import (
+    APPLIED,
+    DEFAULT_MAX_EVENTS,
+    LONG_TERM_VIEW,
+    LongTermState,
+    UserState,
+    apply_checked,
+    compact,
+    decode_state,
+    encode_state,
+    long_term_row,
+)
 from streams.serde import AvroSerde, RegistryError, SerdeError
 
 JOB_NAME = "user_state"
 PUSH_SOURCE = "user_recent_events_push"
 FEATURE_VIEW = "user_recent_events"
 POPULARITY_PREFIX = "ugt:popularity:"
+APPLIED_PREFIX = "ugt:popularity-applied:"
+LATE_EVENT = "LATE_EVENT"
+
+FLUSH_TIMER, COMPACT_TIMER = 0, 1
 
 
 def popularity_key(domain: str) -> str:
     """The Redis sorted set of item popularity for one domain (what serving's fallback reads)."""
     return f"{POPULARITY_PREFIX}{domain or 'movie'}"
+
+
+def applied_key(domain: str, user_id: str) -> str:
+    """Where the popularity script records the last event sequence number it counted for a user."""
+    return f"{APPLIED_PREFIX}{domain or 'movie'}:{user_id}"
 
 
 def decode_token_event(serde: AvroSerde, data: bytes | None) -> TokenizedEvent:
@@ -48,51 +87,86 @@ def update_state(
     stored: Mapping[str, Any] | None, event: TokenizedEvent, max_events: int = DEFAULT_MAX_EVENTS
 ) -> tuple[UserState, bool]:
     """(state after the event, whether the event was new); `stored` is UserState.to_dict() or None."""
-    state = UserState.from_dict(stored) if stored is not None else None
-    before = state.event_count if state is not None else 0
-    state = apply_event(state, event, max_events)
-    return state, state.event_count != before
+    state = UserState.from_dict(dict(stored)) if stored is not None else None
+    state, outcome = apply_checked(state, event, max_events)
+    return state, outcome == APPLIED
+
+
+# -----------------------------------------------------------------------------------------------------
+# batching writer
+# -----------------------------------------------------------------------------------------------------
+@dataclass
+class Track:
+    """What a user still owes the online store, kept in keyed state beside the UserState."""
+
+    pending: list[tuple[int, str, str]] = field(default_factory=list)  # (n, domain, item_id) not confirmed
+    queued: tuple[str, int] = ("", -1)  # (writer incarnation, batch number) it was last queued in
+    long_dirty: bool = False  # a long-term row is owed
+    flush_timer: int = 0  # registered confirm timer (ms), 0 = none
+    compact_timer: int = 0  # registered compaction timer (ms), 0 = none
+
+    def to_tuple(self) -> tuple:
+        return (self.pending, self.queued, self.long_dirty, self.flush_timer, self.compact_timer)
+
+    @classmethod
+    def from_tuple(cls, values: tuple) -> Track:
+        return cls([tuple(p) for p in values[0]], tuple(values[1]), *values[2:])
 
 
 class OnlineStateWriter:
     """Buffers feature rows and popularity increments; writes them in batches.
 
-    `write_rows(rows)` and `incr_popularity([(key, item_id), ...])` do the I/O (Feast push and a Redis
-    pipeline in the job, lists in tests). A batch goes out when it holds `max_rows` users or its oldest
-    entry waited `max_delay_s`; the operator also flushes on timers and at close.
+    `write_rows(rows)` / `write_long_rows(rows)` write Feast rows and `incr_popularity(batch)` applies
+    popularity (batch: {domain: {user_id: (origin, [(n, item_id), ...])}}). A batch goes out when it holds
+    `max_rows` users or its oldest entry waited `max_delay_s`; the operator also flushes on timers and at
+    close. `epoch()` names the batch a user is queued in; `is_flushed(epoch)` says that batch was written.
     """
 
     def __init__(
         self,
         write_rows: Callable[[list[dict[str, Any]]], None],
-        incr_popularity: Callable[[list[tuple[str, str]]], None],
+        incr_popularity: Callable[[dict[str, dict[str, tuple[str, list[tuple[int, str]]]]]], None],
         max_rows: int = 500,
         max_delay_s: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
+        write_long_rows: Callable[[list[dict[str, Any]]], None] | None = None,
     ):
         if max_rows < 1 or max_delay_s < 0:
             raise ValueError(f"max_rows must be >= 1 and max_delay_s >= 0, got {max_rows}, {max_delay_s}")
         self.write_rows = write_rows
+        self.write_long_rows = write_long_rows or (lambda rows: None)
         self.incr_popularity = incr_popularity
         self.max_rows = max_rows
         self.max_delay_s = max_delay_s
         self.clock = clock
+        self.incarnation = uuid.uuid4().hex
+        self.batch = 0
         self.states: dict[str, UserState] = {}  # latest state per user; rows are built at flush
-        self.popularity: list[tuple[str, str]] = []
+        self.tracks: dict[str, Track] = {}
+        self.long_rows: dict[str, dict[str, Any]] = {}
         self.first_at: float | None = None
         self.rows_written = 0
         self.batches_written = 0
 
-    def add(self, state: UserState, new_item: tuple[str, str] | None) -> None:
-        """Queue the user's current state (replacing an older queued one) and a popularity bump.
+    def epoch(self) -> tuple[str, int]:
+        return (self.incarnation, self.batch)
 
-        `state` must not be mutated afterwards (update_state builds a new one per event).
+    def is_flushed(self, epoch: tuple[str, int]) -> bool:
+        return epoch[0] == self.incarnation and epoch[1] < self.batch
+
+    def add(self, state: UserState, track: Track | None = None, long_row: dict[str, Any] | None = None) -> None:
+        """Queue the user's current state (replacing an older queued one), its owed popularity and long row.
+
+        The objects are read at flush time, so later in-place updates are written too (the newest wins).
         """
         if self.first_at is None:
             self.first_at = self.clock()
         self.states[state.user_id] = state
-        if new_item is not None:
-            self.popularity.append(new_item)
+        if track is not None:
+            self.tracks[state.user_id] = track
+            track.queued = self.epoch()
+        if long_row is not None:
+            self.long_rows[state.user_id] = long_row
 
     def due(self) -> bool:
         if self.first_at is None:
@@ -103,19 +177,159 @@ class OnlineStateWriter:
         return len(self.states)
 
     def flush(self) -> int:
-        """Write what is queued; returns the number of rows written."""
-        rows = [state.to_feature_row() for state in self.states.values()]
-        popularity = self.popularity
-        self.states, self.popularity, self.first_at = {}, [], None
+        """Write what is queued; returns the number of recent-view rows written."""
+        states, tracks, long_rows = self.states, self.tracks, self.long_rows
+        self.states, self.tracks, self.long_rows, self.first_at = {}, {}, {}, None
+        self.batch += 1
+        rows = [state.to_feature_row() for state in states.values()]
+        popularity: dict[str, dict[str, tuple[str, list[tuple[int, str]]]]] = {}
+        for user_id, track in tracks.items():
+            origin = states[user_id].origin
+            for n, domain, item in track.pending:
+                popularity.setdefault(domain, {}).setdefault(user_id, (origin, []))[1].append((n, item))
         if rows:
             self.write_rows(rows)
             self.rows_written += len(rows)
             self.batches_written += 1
+        if long_rows:
+            self.write_long_rows(list(long_rows.values()))
         if popularity:
             self.incr_popularity(popularity)
         return len(rows)
 
 
+# -----------------------------------------------------------------------------------------------------
+# the keyed operator, without Flink
+# -----------------------------------------------------------------------------------------------------
+class KeyedStore(Protocol):
+    """The current key's Flink state (two ValueStates of bytes)."""
+
+    def get(self) -> bytes | None: ...
+    def put(self, data: bytes) -> None: ...
+    def get_long(self) -> bytes | None: ...
+    def put_long(self, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    max_events: int = DEFAULT_MAX_EVENTS
+    allowed_lateness_ms: int | None = 24 * 3600 * 1000
+    flush_ms: int = 200
+    compact_interval_ms: int = 5 * 60 * 1000
+    state_ttl_ms: int = 90 * 24 * 3600 * 1000
+    cache_size: int = 20_000  # users whose decoded state stays in memory (0 = decode every event)
+
+
+@dataclass
+class Outcome:
+    """What one event did: APPLIED / DUPLICATE / LATE, and the timers to register (kind, time_ms)."""
+
+    status: str
+    timers: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _align(time_ms: int, step_ms: int) -> int:
+    """Round up to a multiple of step, so users' timers coincide and one flush serves them all."""
+    step = max(1, step_ms)
+    return -(-time_ms // step) * step
+
+
+class UserStateProcessor:
+    """Per event and per timer of one key; owns the writer and a cache of decoded states."""
+
+    def __init__(self, writer: OnlineStateWriter, config: ProcessorConfig):
+        self.writer = writer
+        self.config = config
+        self.cache: OrderedDict[str, tuple[UserState, Track, int]] = OrderedDict()  # user -> (state, track, written)
+        self.compactions = 0
+
+    # -- state access --------------------------------------------------------------------------------
+    def _load(self, user_id: str, store: KeyedStore, now_ms: int) -> tuple[UserState | None, Track]:
+        cached = self.cache.get(user_id)
+        if cached is not None:
+            if now_ms - cached[2] < self.config.state_ttl_ms:
+                return cached[0], cached[1]
+            del self.cache[user_id]  # Flink's TTL may have expired it: ask Flink
+        data = store.get()
+        if data is None:
+            return None, Track()
+        state, extra = decode_state(data, with_extra=True)
+        return state, Track.from_tuple(extra) if extra else Track()
+
+    def _save(self, state: UserState, track: Track, store: KeyedStore, now_ms: int) -> None:
+        store.put(encode_state(state, extra=track.to_tuple()))
+        if self.config.cache_size > 0:
+            cache = self.cache
+            cache[state.user_id] = (state, track, now_ms)
+            cache.move_to_end(state.user_id)
+            if len(cache) > self.config.cache_size:
+                cache.popitem(last=False)
+
+    # -- per event ------------------------------------------------------------------------------------
+    def on_event(self, event: TokenizedEvent, store: KeyedStore, now_ms: int) -> Outcome:
+        state, track = self._load(event.user_id, store, now_ms)
+        state, status = apply_checked(state, event, self.config.max_events, self.config.allowed_lateness_ms)
+        outcome = Outcome(status)
+        if status != APPLIED:
+            return outcome
+        track.pending.append((state.event_count, event.domain, event.item_id))
+        self.writer.add(state, track)
+        if track.flush_timer == 0:
+            track.flush_timer = _align(now_ms + self.config.flush_ms, self.config.flush_ms)
+            outcome.timers.append((FLUSH_TIMER, track.flush_timer))
+        if track.compact_timer == 0:
+            track.compact_timer = _align(now_ms + self.config.compact_interval_ms, self.config.compact_interval_ms)
+            outcome.timers.append((COMPACT_TIMER, track.compact_timer))
+        self._save(state, track, store, now_ms)
+        return outcome
+
+    # -- timers ---------------------------------------------------------------------------------------
+    def on_timer(self, user_id: str, timestamp: int, store: KeyedStore, now_ms: int) -> list[tuple[int, int]]:
+        """A confirm and/or compaction timer of this user fired; returns timers to register."""
+        state, track = self._load(user_id, store, now_ms)
+        if state is None:
+            return []  # expired by TTL
+        timers: list[tuple[int, int]] = []
+        changed = False
+        if track.compact_timer and timestamp >= track.compact_timer:
+            self._compact(state, track, store)
+            track.compact_timer = 0
+            changed = True
+            if track.flush_timer == 0:  # the long row is owed until a flush is confirmed
+                track.flush_timer = _align(now_ms + self.config.flush_ms, self.config.flush_ms)
+                timers.append((FLUSH_TIMER, track.flush_timer))
+        if track.flush_timer and timestamp >= track.flush_timer:
+            if not self.writer.is_flushed(track.queued):
+                if track.queued[0] != self.writer.incarnation:  # restored from a checkpoint: queue again
+                    long_row = self._compact(state, track, store) if track.long_dirty else None
+                    self.writer.add(state, track, long_row)
+                self.writer.flush()
+            track.pending = []
+            track.long_dirty = False
+            track.flush_timer = 0
+            changed = True
+        if changed:
+            self._save(state, track, store, now_ms)
+        return timers
+
+    def _compact(self, state: UserState, track: Track, store: KeyedStore) -> dict[str, Any]:
+        """Fold the spill into the long-term groups, store them, queue the long row; returns it."""
+        data = store.get_long()
+        long_term = compact(LongTermState.decode(data) if data is not None else None, state)
+        store.put_long(long_term.encode())
+        row = long_term_row(long_term, state)
+        self.writer.add(state, track, row)
+        track.long_dirty = True
+        self.compactions += 1
+        return row
+
+    def flush_if_due(self) -> int:
+        return self.writer.flush() if self.writer.due() else 0
+
+
+# -----------------------------------------------------------------------------------------------------
+# I/O: Feast rows and popularity
+# -----------------------------------------------------------------------------------------------------
 class MonotonicClock:
     """Wall-clock UTC datetimes that strictly increase (Feast's Redis store drops a row not newer than the stored one)."""
 
@@ -144,18 +358,42 @@ def feast_row_writer(store: Any, push_source: str = PUSH_SOURCE) -> Callable[[li
     return write
 
 
-def feast_direct_writer(store: Any, feature_view: str = FEATURE_VIEW) -> Callable[[list[dict[str, Any]]], None]:
+def _value_builders() -> dict[str, Callable[[Any], Any]]:
+    from feast.protos.feast.types.Value_pb2 import Int64List, StringList, Value
+
+    return {
+        "strings": lambda v: Value(string_list_val=StringList(val=v)),
+        "ints": lambda v: Value(int64_list_val=Int64List(val=v)),
+        "int": lambda v: Value(int64_val=v),
+        "string": lambda v: Value(string_val=v),
+    }
+
+
+# How each feature is stored (feature_repo/features.py: Array(String), Array(Int64), Int64, String).
+RECENT_KINDS = {"recent_item_ids": "strings", "recent_action_tokens": "ints", "recent_rating_tokens": "ints",
+                "recent_event_times": "ints", "event_count": "int", "last_event_time": "int", "state_version": "int"}
+LONG_KINDS = {"long_group_counts": "ints", "long_group_first_times": "ints", "long_group_last_times": "ints",
+              "long_group_rating_sums": "ints", "long_group_item_ids": "strings", "action_counts": "ints",
+              "last_context_tokens": "ints", "last_hour_token": "int", "last_domain": "string",
+              "compacted_event_count": "int", "state_version": "int"}
+
+
+def feast_direct_writer(
+    store: Any, feature_view: str = FEATURE_VIEW, kinds: Mapping[str, str] = RECENT_KINDS
+) -> Callable[[list[dict[str, Any]]], None]:
     """Rows -> one `online_write_batch` of the store's provider, with the protos built here.
 
-    Same Redis entries as `store.push` (the view's schema maps Array(String) / Array(Int64) / Int64 to these
-    value types), at about half the cost: push converts every list element through pandas and pyarrow.
+    Same Redis entries as `store.push` (the view's schema maps the kinds above to these value types), at
+    about half the cost: push converts every list element through pandas and pyarrow.
     Uses FeatureStore._get_provider(), an internal of the pinned feast 0.67.
     """
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Int64List, StringList, Value
+    from feast.protos.feast.types.Value_pb2 import Value
 
     provider = store._get_provider()
     view = store.get_feature_view(feature_view)
+    builders = _value_builders()
+    plan = [(name, builders[kind]) for name, kind in kinds.items()]
     clock = MonotonicClock()
 
     def write(rows: list[dict[str, Any]]) -> None:
@@ -163,31 +401,65 @@ def feast_direct_writer(store: Any, feature_view: str = FEATURE_VIEW) -> Callabl
         data = []
         for r in rows:
             key = EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=r["user_id"])])
-            values = {
-                "recent_item_ids": Value(string_list_val=StringList(val=r["recent_item_ids"])),
-                "recent_action_tokens": Value(int64_list_val=Int64List(val=r["recent_action_tokens"])),
-                "recent_rating_tokens": Value(int64_list_val=Int64List(val=r["recent_rating_tokens"])),
-                "recent_event_times": Value(int64_list_val=Int64List(val=r["recent_event_times"])),
-                "event_count": Value(int64_val=r["event_count"]),
-                "last_event_time": Value(int64_val=r["last_event_time"]),
-                "state_version": Value(int64_val=r["state_version"]),
-            }
-            data.append((key, values, now, None))
+            data.append((key, {name: build(r[name]) for name, build in plan}, now, None))
         provider.online_write_batch(store.config, view, data, None)
 
     return write
 
 
-def redis_popularity_writer(client: Any) -> Callable[[list[tuple[str, str]]], None]:
-    """Increments -> one Redis pipeline of ZINCRBY (aggregated per key and item first)."""
+def feast_long_term_writer(store: Any) -> Callable[[list[dict[str, Any]]], None]:
+    """Long-term rows -> the `user_long_term` view (direct online_write_batch)."""
+    return feast_direct_writer(store, LONG_TERM_VIEW, LONG_KINDS)
 
-    def incr(items: list[tuple[str, str]]) -> None:
-        counts: dict[tuple[str, str], int] = {}
-        for key_item in items:
-            counts[key_item] = counts.get(key_item, 0) + 1
-        with client.pipeline(transaction=False) as pipe:
-            for (key, item), count in counts.items():
-                pipe.zincrby(key, count, item)
-            pipe.execute()
+
+# KEYS[1] = the domain's popularity ZSET, KEYS[2..] = each user's applied key.
+# ARGV[1] = TTL (s); then per user: origin, m, then m pairs (n, item_id).
+POPULARITY_SCRIPT = """
+local ttl = tonumber(ARGV[1])
+local a = 2
+local counts = {}
+for k = 2, #KEYS do
+  local origin = ARGV[a]
+  local m = tonumber(ARGV[a + 1])
+  a = a + 2
+  local done = 0
+  local stored = redis.call('GET', KEYS[k])
+  if stored then
+    local sep = string.find(stored, ' ', 1, true)
+    if sep and string.sub(stored, sep + 1) == origin then done = tonumber(string.sub(stored, 1, sep - 1)) end
+  end
+  local top = done
+  for j = 1, m do
+    local n = tonumber(ARGV[a])
+    local item = ARGV[a + 1]
+    a = a + 2
+    if n > done then
+      counts[item] = (counts[item] or 0) + 1
+      if n > top then top = n end
+    end
+  end
+  if top > done then redis.call('SET', KEYS[k], top .. ' ' .. origin, 'EX', ttl) end
+end
+for item, c in pairs(counts) do redis.call('ZINCRBY', KEYS[1], c, item) end
+return 0
+"""
+
+
+def redis_popularity_writer(
+    client: Any, ttl_s: int = 90 * 24 * 3600
+) -> Callable[[dict[str, dict[str, tuple[str, list[tuple[int, str]]]]]], None]:
+    """Popularity increments -> one idempotent Lua call per domain (see POPULARITY_SCRIPT)."""
+    script = client.register_script(POPULARITY_SCRIPT)
+
+    def incr(batch: dict[str, dict[str, tuple[str, list[tuple[int, str]]]]]) -> None:
+        for domain, users in batch.items():
+            keys = [popularity_key(domain)]
+            args: list[Any] = [ttl_s]
+            for user_id, (origin, items) in users.items():
+                keys.append(applied_key(domain, user_id))
+                args += [origin, len(items)]
+                for n, item in items:
+                    args += [n, item]
+            script(keys=keys, args=args)
 
     return incr

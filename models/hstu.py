@@ -80,6 +80,7 @@ class HSTUBlock(nn.Module):
         self.o = nn.Linear(dv * num_heads, d_model)
         nn.init.xavier_uniform_(self.o.weight)
         self.rab = RelativeBucketedTimeAndPositionBias(max_len, num_time_buckets) if rel_bias else None
+        self.fused = False  # True: models.kernels' Triton attention (bias computed in-kernel), same function
 
     def forward(self, x: torch.Tensor, times: torch.Tensor, query_times: torch.Tensor,
                 valid: torch.Tensor) -> torch.Tensor:
@@ -89,6 +90,15 @@ class HSTUBlock(nn.Module):
         u, v, q, k = torch.split(
             F.silu(normed @ self.uvqk), [self.dv * H, self.dv * H, self.dqk * H, self.dqk * H], dim=-1
         )
+        if self.fused:
+            from models.kernels.hstu_attention import RelBias, fused_hstu_attention
+
+            rel = None if self.rab is None else RelBias(self.rab.pos_w, self.rab.ts_w, times, query_times,
+                                                         self.max_len)
+            attn = fused_hstu_attention(q.view(B, N, H, self.dqk), k.view(B, N, H, self.dqk),
+                                        v.view(B, N, H, self.dv), valid, float(self.max_len), rel=rel)
+            gated = u * F.layer_norm(attn, (self.dv * H,), eps=self.eps)
+            return x + self.o(F.dropout(gated, p=self.dropout, training=self.training))
         bias = self.rab(times, query_times) if self.rab is not None else None
         attn = hstu_attention(
             q.view(B, N, H, self.dqk), k.view(B, N, H, self.dqk), v.view(B, N, H, self.dv), bias, valid,

@@ -4,11 +4,15 @@ The Flink ``tokenize`` job and the offline trainer both call :func:`tokenize_eve
 training and serving never disagree on what a token is. Pure Python, no numpy / torch, so a
 Flink Python worker imports it cheaply.
 
-Token groups (the four Group-LayerNorm groups of the design):
+Token groups (the four Group-LayerNorm groups of the design), in the order :data:`TOKEN_LAYOUT` fixes:
   0 user    - the user id (hashed or looked up by the model)
   1 action  - action type, rating bucket, duration bucket
-  2 item    - item id and its semantic-ID levels
-  3 context - hour of day and hashed context key=value pairs
+  2 item    - item id and its semantic-ID levels (looked up by the caller from the semantic-ID store)
+  3 context - time buckets (hour of day, day of week) and hashed context key=value pairs
+
+Time: HSTU encodes time twice, as absolute calendar buckets of each event (here: hour and weekday, UTC)
+and as the log-bucketed gap to the previous event (:func:`time_gap_bucket`, computed per sequence by the
+trainer and the user state, since one event alone has no previous one).
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-TOKENIZER_VERSION = 1
+TOKENIZER_VERSION = 2  # 2: weekday_token, sid_version
 
 # Must match the ActionType enum in schemas/user_event.avsc (order = token id).
 ACTIONS: tuple[str, ...] = ("VIEW", "CLICK", "RATE", "LIKE", "PURCHASE", "SKIP", "SHARE", "UNKNOWN")
@@ -30,6 +34,22 @@ TOKEN_GROUP_USER, TOKEN_GROUP_ACTION, TOKEN_GROUP_ITEM, TOKEN_GROUP_CONTEXT = 0,
 NUM_RATING_TOKENS = 11  # 0 = none, 1..10 = half-star buckets of a 0.5-5 scale (rounded up)
 NUM_DURATION_TOKENS = 24  # 0 = none, then log2 buckets of seconds
 NUM_TIME_GAP_BUCKETS = 64  # log buckets of seconds since the previous event
+NUM_HOUR_TOKENS = 24  # hour of day, UTC
+NUM_WEEKDAY_TOKENS = 8  # 0 = unknown (events tokenized before version 2), 1 = Monday .. 7 = Sunday
+
+# Where each token of an event sits and which group it normalises with (GLN). `semantic_ids` and
+# `context_tokens` are variable-length: every element takes the slot's group.
+TOKEN_LAYOUT: tuple[tuple[str, int], ...] = (
+    ("user_id", TOKEN_GROUP_USER),
+    ("action_token", TOKEN_GROUP_ACTION),
+    ("rating_token", TOKEN_GROUP_ACTION),
+    ("duration_token", TOKEN_GROUP_ACTION),
+    ("item_id", TOKEN_GROUP_ITEM),
+    ("semantic_ids", TOKEN_GROUP_ITEM),
+    ("hour_token", TOKEN_GROUP_CONTEXT),
+    ("weekday_token", TOKEN_GROUP_CONTEXT),
+    ("context_tokens", TOKEN_GROUP_CONTEXT),
+)
 
 # Events further than this in the future (vs. wall clock) are rejected as FAR_FUTURE by the jobs.
 MAX_FUTURE_SKEW_MS = 24 * 3600 * 1000
@@ -69,13 +89,30 @@ class TokenizedEvent:
     context_tokens: tuple[int, ...] = ()
     semantic_ids: tuple[int, ...] = ()
     tokenizer_version: int = TOKENIZER_VERSION
+    weekday_token: int = 0
+    sid_version: str = ""  # the semantic-ID store version the levels came from ("" = none looked up)
+
+    def grouped(self) -> list[tuple[str, int, Any]]:
+        """(slot, token group, value) in :data:`TOKEN_LAYOUT` order; list slots expand element by element."""
+        out: list[tuple[str, int, Any]] = []
+        for name, group in TOKEN_LAYOUT:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                out.extend((name, group, v) for v in value)
+            else:
+                out.append((name, group, value))
+        return out
 
     def to_record(self) -> dict[str, Any]:
-        """A dict ready for fastavro (tuples become lists)."""
-        record = asdict(self)
-        record["context_tokens"] = list(self.context_tokens)
-        record["semantic_ids"] = list(self.semantic_ids)
-        return record
+        """A dict ready for fastavro (tuples become lists); spelled out because ``asdict`` deep-copies (slow)."""
+        return {
+            "event_id": self.event_id, "user_id": self.user_id, "item_id": self.item_id,
+            "event_time": self.event_time, "domain": self.domain, "action_token": self.action_token,
+            "rating_token": self.rating_token, "duration_token": self.duration_token,
+            "hour_token": self.hour_token, "context_tokens": list(self.context_tokens),
+            "semantic_ids": list(self.semantic_ids), "tokenizer_version": self.tokenizer_version,
+            "weekday_token": self.weekday_token, "sid_version": self.sid_version,
+        }
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> TokenizedEvent:
@@ -83,7 +120,8 @@ class TokenizedEvent:
         values["event_time"] = _as_epoch_ms(values["event_time"])
         values["context_tokens"] = tuple(values.get("context_tokens") or ())
         values["semantic_ids"] = tuple(values.get("semantic_ids") or ())
-        return cls(**values)
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in values.items() if k in known})  # fields of newer writers are skipped
 
 
 def stable_hash64(text: str) -> int:
@@ -111,6 +149,16 @@ def time_gap_bucket(gap_seconds: float) -> int:
     return min(NUM_TIME_GAP_BUCKETS - 1, 1 + int(math.log(1.0 + gap_seconds) / 0.4))
 
 
+def hour_token(event_time_ms: int) -> int:
+    """Hour of day (UTC), 0-23."""
+    return (event_time_ms // 3_600_000) % 24
+
+
+def weekday_token(event_time_ms: int) -> int:
+    """Day of week (UTC), 1 = Monday .. 7 = Sunday (0 stays free for "unknown"); epoch day 0 was a Thursday."""
+    return (event_time_ms // 86_400_000 + 3) % 7 + 1
+
+
 def _as_epoch_ms(value: Any) -> int:
     # fastavro decodes timestamp-millis to an aware datetime; JSON input carries ints.
     if hasattr(value, "timestamp"):
@@ -118,8 +166,25 @@ def _as_epoch_ms(value: Any) -> int:
     return int(value)
 
 
+_NUMBER = (int, float)
+
+
+def _plainly_valid(event: dict[str, Any]) -> bool:
+    get = event.get
+    eid, uid, iid, action, t = get("event_id"), get("user_id"), get("item_id"), get("action"), get("event_time")
+    rating, duration, context = get("rating"), get("duration_s"), get("context")
+    return (
+        eid.__class__ is str and uid.__class__ is str and iid.__class__ is str and action.__class__ is str
+        and t.__class__ is int and bool(eid and uid and iid and action)
+        and (rating is None or rating.__class__ in _NUMBER) and (duration is None or duration.__class__ in _NUMBER)
+        and (context is None or context.__class__ is dict)
+    )
+
+
 def validate_event(event: Mapping[str, Any]) -> None:
     """Raise :class:`TokenizeError` with MISSING_FIELD / WRONG_TYPE / BAD_VALUE when the event is malformed."""
+    if event.__class__ is dict and _plainly_valid(event):
+        return  # the common case, checked in one expression; anything else takes the path that names the fault
     if not isinstance(event, Mapping):
         raise TokenizeError("WRONG_TYPE", f"event must be a record, got {type(event).__name__}")
     for name, types in REQUIRED_FIELDS.items():
@@ -144,9 +209,13 @@ def validate_event(event: Mapping[str, Any]) -> None:
 
 
 def tokenize_event(
-    event: Mapping[str, Any], semantic_ids: tuple[int, ...] | list[int] = ()
+    event: Mapping[str, Any], semantic_ids: tuple[int, ...] | list[int] = (), sid_version: str = ""
 ) -> TokenizedEvent:
-    """Turn one user event (a dict shaped like schemas/user_event.avsc) into typed tokens."""
+    """Turn one user event (a dict shaped like schemas/user_event.avsc) into typed tokens.
+
+    ``semantic_ids`` are the item's levels from the semantic-ID store version ``sid_version`` (the caller
+    looks them up: the Flink job through its per-worker cache, the trainer from the artifact).
+    """
     validate_event(event)
     event_time = _as_epoch_ms(event["event_time"])
     action = event["action"]
@@ -161,8 +230,10 @@ def tokenize_event(
         rating_token=rating_token(event.get("rating")),
         duration_token=duration_token(event.get("duration_s")),
         hour_token=(event_time // 3_600_000) % 24,
-        context_tokens=tuple(stable_hash64(f"{k}={context[k]}") for k in sorted(context)),
+        context_tokens=tuple(stable_hash64(f"{k}={context[k]}") for k in sorted(context)) if context else (),
         semantic_ids=tuple(int(s) for s in semantic_ids),
+        weekday_token=(event_time // 86_400_000 + 3) % 7 + 1,
+        sid_version=sid_version,
     )
 
 

@@ -6,23 +6,27 @@ they cannot be built; tests pass ``components=`` with fakes instead.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Any
 
 import redis
-from fastapi import Body, FastAPI, Request
+from fastapi import Body, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from infra.settings import Settings, get_settings
-from serving.config import ConfigError, ServingConfig
+from serving.batcher import DynamicBatcher
+from serving.config import ConfigError, ServingConfig, routes
 from serving.fallback import NoPopularity, PopularityFallback, load_popularity_file
 from serving.generator import Generator, PopularityGenerator
 from serving.metrics import ServingMetrics
-from serving.reranker import FilterReranker
+from serving.ratelimit import RateLimiter
+from serving.reranker import FilterReranker, Reranker, RuleReranker
 from serving.schemas import (
     REQUEST_EXAMPLES,
     ErrorResponse,
@@ -30,7 +34,7 @@ from serving.schemas import (
     RecommendRequest,
     RecommendResponse,
 )
-from serving.service import Components, RecommendService
+from serving.service import TIMEOUT, Components, RecommendService, UnknownDomain
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +82,59 @@ def build_components(settings: Settings, config: ServingConfig, client: redis.Re
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"state_reader redis: cannot use {settings.feature_repo}: {exc}") from exc
         reader = RedisStateReader(client, layout, config.feature_view)
-    generator: Generator
-    if config.generator == "ugt":
-        from serving.ugt_generator import CheckpointError, UGTGenerator
+    generators = _generators(config, fallback)
+    rerankers = _rerankers(config, client)
+    default = routes(config)[config.default_domain]
+    return Components(
+        state_reader=reader,
+        generator=generators[default.name],
+        fallback=fallback,
+        reranker=rerankers[default.name],
+        generators=generators if config.domains else {},
+        rerankers=rerankers if config.domains else {},
+    )
 
-        try:
-            generator = UGTGenerator(config.checkpoint)
-        except CheckpointError as exc:
-            raise ConfigError(f"checkpoint: {exc}") from exc
-    else:
-        generator = PopularityGenerator(fallback, version=config.generator_version)
-    return Components(state_reader=reader, generator=generator, fallback=fallback, reranker=FilterReranker())
+
+def _generators(config: ServingConfig, fallback: PopularityFallback) -> dict[str, Generator]:
+    """The router's model per domain; a checkpoint several domains name is loaded once."""
+    loaded: dict[tuple[str, str, str], Generator] = {}
+    out: dict[str, Generator] = {}
+    for name, route in routes(config).items():
+        key = (route.generator, route.generator_version, route.checkpoint)
+        if key not in loaded:
+            if route.generator == "ugt":
+                from serving.ugt_generator import CheckpointError, UGTGenerator
+
+                try:
+                    loaded[key] = UGTGenerator(route.checkpoint)
+                except CheckpointError as exc:
+                    where = f"domains.{name}.checkpoint" if config.domains else "checkpoint"
+                    raise ConfigError(f"{where}: {exc}") from exc
+            else:
+                loaded[key] = PopularityGenerator(fallback, version=route.generator_version)
+        out[name] = loaded[key]
+    return out
 
 
-def _error(status: int, error: str, message: str, errors: list[dict[str, str]] | None = None) -> JSONResponse:
+def _rerankers(config: ServingConfig, client: redis.Redis) -> dict[str, Reranker]:
+    """The router's rules per domain; item categories come from Feast's item_metadata view in Redis."""
+    out: dict[str, Reranker] = {}
+    catalog = None
+    for name, route in routes(config).items():
+        if not route.rerank.active:
+            out[name] = FilterReranker()
+            continue
+        if catalog is None:
+            from serving.items import ItemCatalog
+
+            catalog = ItemCatalog.from_repo(client, get_settings().feature_repo)
+        out[name] = RuleReranker(route.rerank, catalog)
+    return out
+
+
+def _error(
+    status: int, error: str, message: str, errors: list[dict[str, str]] | None = None
+) -> JSONResponse:
     body = ErrorResponse(error=error, message=message, errors=errors or [])
     return JSONResponse(status_code=status, content=body.model_dump())
 
@@ -235,39 +278,99 @@ def create_app(
         settings.redis_url,
     )
 
+    batcher: DynamicBatcher = DynamicBatcher(
+        service.run_batch,
+        max_size=config.batch_max_size,
+        max_wait_s=config.batch_max_wait_ms / 1000.0,
+        on_batch=metrics.batch_size.observe,
+    )
+    limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps else None
+    api_keys = frozenset(config.api_keys)
+    request_timeout_s = config.request_timeout_ms / 1000.0
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        batcher.start()
+        yield
+        batcher.close()
+
     app = FastAPI(
         title="UGT recommend",
         version="0.1.0",
         description="Recommendations from the user's streaming state; degrades to a popularity fallback, "
         "marked in the response, instead of failing.",
+        lifespan=lifespan,
     )
     app.state.service = service
     app.state.metrics = metrics
+    app.state.batcher = batcher
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(GuardMiddleware, max_body_bytes=config.max_body_bytes, metrics=metrics)
     error_responses: dict[int | str, dict[str, Any]] = {
         400: {"model": ErrorResponse, "description": "Body is not JSON, or missing."},
+        401: {"model": ErrorResponse, "description": "Missing or unknown X-API-Key (when api_keys are set)."},
         413: {"model": ErrorResponse, "description": f"Body larger than {config.max_body_bytes} bytes."},
         422: {
             "model": ErrorResponse,
-            "description": "A field is missing, of the wrong type or out of bounds.",
+            "description": "A field is missing, of the wrong type or out of bounds, or the domain is not served.",
         },
+        429: {"model": ErrorResponse, "description": "Rate limit of the API key exceeded; see Retry-After."},
         503: {
             "model": ErrorResponse,
             "description": "Neither the model nor any popularity source can answer.",
         },
     }
 
+    def refuse(kind: str, status: int, message: str, **extra: Any) -> JSONResponse:
+        metrics.errors.labels(kind).inc()
+        return _error(status, kind, message, **extra)
+
     @app.post("/recommend", response_model=RecommendResponse, responses=error_responses)
-    def recommend(request: RecommendRequest = Body(openapi_examples=REQUEST_EXAMPLES)) -> Any:
+    async def recommend(
+        http: Request,
+        request: RecommendRequest = Body(openapi_examples=REQUEST_EXAMPLES),
+        x_api_key: str | None = Header(default=None, description="Required when the service has api_keys."),
+    ) -> Any:
         """Top-k items for a user: state -> generator -> reranker, or the popularity fallback (marked)."""
-        if len(request.exclude) > config.max_exclude:
-            message = f"exclude: at most {config.max_exclude} items, got {len(request.exclude)}"
-            return _error(422, "invalid_request", message, [{"field": "exclude", "message": message}])
+        if api_keys and x_api_key not in api_keys:
+            what = "missing" if x_api_key is None else "unknown"
+            return refuse("unauthorized", 401, f"X-API-Key header {what}: send one of the service's API keys")
+        if limiter is not None:
+            who = x_api_key or (http.client.host if http.client else "anonymous")
+            wait = limiter.acquire(who)
+            if wait > 0:
+                response = refuse(
+                    "rate_limited", 429, f"rate limit of {config.rate_limit_rps:g} requests/s exceeded; retry later"
+                )
+                response.headers["Retry-After"] = RateLimiter.retry_after(wait)
+                return response
+        for name, values, most in (
+            ("exclude", request.exclude, config.max_exclude),
+            ("context", request.context, config.max_context),
+        ):
+            if len(values) > most:
+                message = f"{name}: at most {most} items, got {len(values)}"
+                return refuse("invalid_request", 422, message, errors=[{"field": name, "message": message}])
         try:
-            return service.recommend(request)
-        except NoPopularity as exc:
-            return _error(503, "no_recommendations", f"no recommendations available: {exc}")
+            service.domain_of(request)
+        except UnknownDomain as exc:
+            return refuse("invalid_request", 422, f"domain: {exc}", errors=[{"field": "domain", "message": str(exc)}])
+        started = time.perf_counter()
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(batcher.submit(request)), request_timeout_s)
+        except asyncio.TimeoutError:
+            try:
+                return await asyncio.to_thread(
+                    service.fallback_answer, request, TIMEOUT, time.perf_counter() - started
+                )
+            except NoPopularity as exc:
+                answer = exc
+        except Exception:  # the batch itself failed (a bug): still never a bare 500 without a body
+            log.exception("batch failed")
+            return refuse("internal", 500, "internal error while answering; see the service log")
+        if isinstance(answer, NoPopularity):
+            return _error(503, "no_recommendations", f"no recommendations available: {answer}")
+        return answer
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     def health() -> Any:

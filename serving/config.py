@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,35 @@ DOMAIN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 class ConfigError(ValueError):
     """A serving config that cannot start; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """Business rules and diversity for one domain (serving/reranker.py); all off by default.
+
+    Categories come from the Feast ``item_metadata`` view (``categories``, e.g. ML genres).
+    """
+
+    diversity: float = 0.0  # MMR weight of diversity in [0, 1): 0 = keep the generator's order
+    pool: int = 3  # the generator is asked for k * pool candidates when any rule is on
+    drop_categories: tuple[str, ...] = ()  # filters: items in any of these categories are never returned
+    boosts: tuple[tuple[str, float], ...] = ()  # category -> score multiplier (> 0)
+    caps: tuple[tuple[str, int], ...] = ()  # category -> at most this many items per answer
+
+    @property
+    def active(self) -> bool:
+        return bool(self.diversity or self.drop_categories or self.boosts or self.caps)
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """What the router picks for a request's ``domain``: the model and the reranking rules."""
+
+    name: str
+    generator: str = "popularity"
+    generator_version: str = "v1"
+    checkpoint: str = ""
+    rerank: RerankConfig = field(default_factory=RerankConfig)
 
 
 @dataclass(frozen=True)
@@ -47,6 +76,16 @@ class ServingConfig:
     max_exclude: int = 1000  # longest accepted `exclude` list
     max_history: int = 200  # user-state events assumed at most (models.user_state.DEFAULT_MAX_EVENTS)
     log_level: str = "info"  # uvicorn / logging level
+    max_context: int = 50  # longest accepted `context` list (session items not yet in the stored state)
+    api_keys: tuple[str, ...] = ()  # accepted X-API-Key values; empty = no authentication
+    rate_limit_rps: float = 0.0  # per API key (or client address without keys); 0 = no limit
+    rate_limit_burst: int = 50  # token-bucket depth of the rate limit
+    batch_max_size: int = 64  # the dynamic batcher's largest batch (serving/batcher.py)
+    batch_max_wait_ms: float = 1.0  # how long the first request of a batch waits for company
+    queue_timeout_ms: float = 200.0  # a request queued longer is answered by the fallback (reason overloaded)
+    request_timeout_ms: float = 1000.0  # no answer by then -> the fallback (reason timeout)
+    rerank: RerankConfig = field(default_factory=RerankConfig)  # the rules of domains without their own
+    domains: tuple[DomainConfig, ...] = ()  # the router; empty = every domain, the top-level generator
 
     @property
     def model_name(self) -> str:
@@ -96,6 +135,33 @@ def _problems(config: ServingConfig, base_dir: Path) -> list[str]:
             f"popularity_cache_size: must be >= max k ({MAX_K}) + max_exclude + max_history = {needed}, "
             f"got {config.popularity_cache_size}"
         )
+    if not 0 <= config.max_context <= 1000:
+        out.append(f"max_context: must be 0..1000, got {config.max_context}")
+    if any(not key or len(key) < 8 for key in config.api_keys):
+        out.append("api_keys: every key must be a string of at least 8 characters")
+    if not 0 <= config.rate_limit_rps <= 1e6:
+        out.append(f"rate_limit_rps: must be 0..1000000, got {config.rate_limit_rps}")
+    if not 1 <= config.rate_limit_burst <= 1_000_000:
+        out.append(f"rate_limit_burst: must be 1..1000000, got {config.rate_limit_burst}")
+    if not 1 <= config.batch_max_size <= 4096:
+        out.append(f"batch_max_size: must be 1..4096, got {config.batch_max_size}")
+    if not 0 <= config.batch_max_wait_ms <= 1000:
+        out.append(f"batch_max_wait_ms: must be 0..1000, got {config.batch_max_wait_ms}")
+    if not 1 <= config.queue_timeout_ms <= 60_000:
+        out.append(f"queue_timeout_ms: must be 1..60000, got {config.queue_timeout_ms}")
+    if not 1 <= config.request_timeout_ms <= 60_000:
+        out.append(f"request_timeout_ms: must be 1..60000, got {config.request_timeout_ms}")
+    names = [d.name for d in config.domains]
+    if config.domains and config.default_domain not in names:
+        out.append(f"default_domain: {config.default_domain!r} is not one of domains {names}")
+    for d in config.domains:
+        where = f"domains.{d.name}"
+        if d.generator not in GENERATORS:
+            out.append(f"{where}.generator: must be one of {list(GENERATORS)}, got {d.generator!r}")
+        if d.generator == "ugt" and not d.checkpoint:
+            out.append(f"{where}.checkpoint: generator ugt needs a checkpoint (a checkpoint.pt from `ugt train`)")
+        elif d.generator == "ugt" and not resolve_path(d.checkpoint, base_dir).is_file():
+            out.append(f"{where}.checkpoint: no such file {str(resolve_path(d.checkpoint, base_dir))!r}")
     if config.log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
         out.append(f"log_level: not a log level: {config.log_level!r}")
     return out
@@ -133,6 +199,88 @@ def _coerce(name: str, kind: type, value: Any, origin: str) -> tuple[Any, str | 
 
 
 _TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+_STRUCTURED = ("api_keys", "rerank", "domains")  # parsed by _structured, not _coerce
+
+
+def _mapping(value: Any, where: str, problems: list[str]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append(f"{where}: expected a mapping, got {value!r}")
+        return {}
+    return value
+
+
+def _rerank(value: Any, where: str, problems: list[str]) -> RerankConfig:
+    raw = _mapping(value, where, problems)
+    known = {"diversity", "pool", "drop_categories", "boosts", "caps"}
+    problems += [f"{where}.{key}: unknown key (known keys: {', '.join(sorted(known))})" for key in raw if key not in known]
+    out = RerankConfig()
+    diversity, problem = _coerce(f"{where}.diversity", float, raw.get("diversity", 0.0), "config file")
+    if problem or not 0 <= diversity < 1:
+        problems.append(problem or f"{where}.diversity: must be in [0, 1), got {diversity}")
+        diversity = 0.0
+    pool, problem = _coerce(f"{where}.pool", int, raw.get("pool", 3), "config file")
+    if problem or not 1 <= pool <= 20:
+        problems.append(problem or f"{where}.pool: must be 1..20, got {pool}")
+        pool = 3
+    drops = raw.get("drop_categories") or []
+    if not isinstance(drops, list) or not all(isinstance(c, str) and c for c in drops):
+        problems.append(f"{where}.drop_categories: expected a list of category names, got {drops!r}")
+        drops = []
+    boosts: list[tuple[str, float]] = []
+    for cat, factor in _mapping(raw.get("boosts"), f"{where}.boosts", problems).items():
+        value_f, problem = _coerce(f"{where}.boosts.{cat}", float, factor, "config file")
+        if problem or not 0 < value_f <= 1000:
+            problems.append(problem or f"{where}.boosts.{cat}: must be in (0, 1000], got {factor!r}")
+        else:
+            boosts.append((str(cat), value_f))
+    caps: list[tuple[str, int]] = []
+    for cat, cap in _mapping(raw.get("caps"), f"{where}.caps", problems).items():
+        value_i, problem = _coerce(f"{where}.caps.{cat}", int, cap, "config file")
+        if problem or not 0 <= value_i <= 1000:
+            problems.append(problem or f"{where}.caps.{cat}: must be 0..1000, got {cap!r}")
+        else:
+            caps.append((str(cat), value_i))
+    return replace(
+        out, diversity=diversity, pool=pool, drop_categories=tuple(drops), boosts=tuple(boosts), caps=tuple(caps)
+    )
+
+
+def _structured(
+    values: Mapping[str, Any], env: Mapping[str, str], top: dict[str, Any], problems: list[str]
+) -> dict[str, Any]:
+    """api_keys (list, or comma-separated in UGT_SERVING_API_KEYS), rerank and domains (mappings)."""
+    out: dict[str, Any] = {}
+    keys = env.get(ENV_PREFIX + "API_KEYS")
+    raw_keys: Any = [k.strip() for k in keys.split(",") if k.strip()] if keys is not None else values.get("api_keys")
+    if raw_keys is not None:
+        if not isinstance(raw_keys, list) or not all(isinstance(k, str) for k in raw_keys):
+            problems.append(f"api_keys: expected a list of strings, got {raw_keys!r}")
+        else:
+            out["api_keys"] = tuple(raw_keys)
+    default_rerank = _rerank(values.get("rerank"), "rerank", problems)
+    out["rerank"] = default_rerank
+    domains = []
+    for name, raw in _mapping(values.get("domains"), "domains", problems).items():
+        where = f"domains.{name}"
+        if not DOMAIN_PATTERN.match(str(name)):
+            problems.append(f"{where}: domain names must match {DOMAIN_PATTERN.pattern}")
+            continue
+        raw = _mapping(raw, where, problems)
+        known = {"generator", "generator_version", "checkpoint", "rerank"}
+        problems += [f"{where}.{key}: unknown key (known keys: {', '.join(sorted(known))})" for key in raw if key not in known]
+        domains.append(
+            DomainConfig(
+                name=str(name),
+                generator=str(raw.get("generator", top.get("generator", "popularity"))),
+                generator_version=str(raw.get("generator_version", top.get("generator_version", "v1"))),
+                checkpoint=str(raw.get("checkpoint", "") or ""),
+                rerank=_rerank(raw["rerank"], f"{where}.rerank", problems) if "rerank" in raw else default_rerank,
+            )
+        )
+    out["domains"] = tuple(domains)
+    return out
 
 
 def build_config(
@@ -141,9 +289,11 @@ def build_config(
     """A validated config from a mapping (the parsed YAML) plus ``UGT_SERVING_<KEY>`` env overrides."""
     env = os.environ if env is None else env
     base_dir = base_dir or Path.cwd()
-    known = {f.name: _TYPES[str(f.type)] for f in fields(ServingConfig)}
+    known = {f.name: _TYPES[str(f.type)] for f in fields(ServingConfig) if f.name not in _STRUCTURED}
     problems = [
-        f"{key}: unknown key (known keys: {', '.join(sorted(known))})" for key in values if key not in known
+        f"{key}: unknown key (known keys: {', '.join(sorted([*known, *_STRUCTURED]))})"
+        for key in values
+        if key not in known and key not in _STRUCTURED
     ]
     updates: dict[str, Any] = {}
     for name, kind in known.items():
@@ -159,6 +309,7 @@ def build_config(
             problems.append(problem)
         else:
             updates[name] = value
+    updates.update(_structured(values, env, updates, problems))
     config = replace(ServingConfig(), **updates)
     problems += _problems(config, base_dir)
     if problems:
@@ -167,7 +318,28 @@ def build_config(
         config = replace(config, popularity_file=str(resolve_path(config.popularity_file, base_dir)))
     if config.checkpoint:
         config = replace(config, checkpoint=str(resolve_path(config.checkpoint, base_dir)))
+    if config.domains:
+        resolved = tuple(
+            replace(d, checkpoint=str(resolve_path(d.checkpoint, base_dir))) if d.checkpoint else d
+            for d in config.domains
+        )
+        config = replace(config, domains=resolved)
     return config
+
+
+def routes(config: ServingConfig) -> dict[str, DomainConfig]:
+    """Domain name -> what serves it; without a ``domains`` section, one entry for the default domain."""
+    if config.domains:
+        return {d.name: d for d in config.domains}
+    return {
+        config.default_domain: DomainConfig(
+            name=config.default_domain,
+            generator=config.generator,
+            generator_version=config.generator_version,
+            checkpoint=config.checkpoint,
+            rerank=config.rerank,
+        )
+    }
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> ServingConfig:

@@ -7,7 +7,7 @@ generator (beam search over semantic IDs on a GPU) are interchangeable through c
 from __future__ import annotations
 
 from collections.abc import Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from serving.state import UserStateView
@@ -32,6 +32,42 @@ class NoModelAnswer(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One user's share of a batched generator call (serving/batcher.py groups concurrent requests).
+
+    ``exclude`` is every item the answer must not hold: the request's ``exclude`` plus the user's history
+    (``state.item_ids``), as the service passes it to :meth:`Generator.recommend` too.
+    """
+
+    state: UserStateView
+    k: int
+    exclude: frozenset[str] = field(default_factory=frozenset)
+    domain: str = "movie"
+
+
+# What recommend_batch returns per request: its items, or why the model cannot answer that one user
+# (a NoModelAnswer instance, returned rather than raised so one user never fails the whole batch).
+BatchAnswer = list[ScoredItem] | NoModelAnswer
+
+
+@runtime_checkable
+class BatchGenerator(Protocol):
+    """Optional: a generator that answers many requests in one model call (one forward pass per batch).
+
+    The dynamic batcher calls ``recommend_batch`` when the generator has it, else ``recommend`` per request.
+    Answers come back in request order, one per request; an exception raised by the call fails every
+    request of the batch (each then gets the ``generator_error`` fallback).
+    """
+
+    def recommend_batch(self, requests: list[GenerationRequest]) -> list[BatchAnswer]: ...
+
+
+def has_batch(generator: object) -> bool:
+    """True when ``generator`` implements :meth:`BatchGenerator.recommend_batch`."""
+    return callable(getattr(generator, "recommend_batch", None))
 
 
 @runtime_checkable

@@ -21,11 +21,13 @@ STAGE_BUCKETS = (
     1.0,
     2.5,
 )
-STAGES = ("state", "generate", "rerank", "total")
+STAGES = ("queue", "state", "generate", "rerank", "total")
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class ServingMetrics:
-    """Names (all prefixed ``ugt_serving_``): requests_total, stage_seconds, fallbacks_total, popularity_source_total."""
+    """Names (all prefixed ``ugt_serving_``): requests_total, stage_seconds, batch_size, fallbacks_total,
+    errors_total, popularity_source_total."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -39,7 +41,7 @@ class ServingMetrics:
         )
         self.stage_seconds = Histogram(
             "ugt_serving_stage_seconds",
-            "Seconds per /recommend stage (state, generate, rerank, total).",
+            "Seconds per /recommend stage (queue, state, generate, rerank, total).",
             ["stage"],
             buckets=STAGE_BUCKETS,
             registry=self.registry,
@@ -54,6 +56,19 @@ class ServingMetrics:
             "ugt_serving_popularity_source_total",
             "Where popularity lists came from: redis, redis_stale (Redis failing) or file.",
             ["source"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "ugt_serving_batch_size",
+            "Requests per batch of the dynamic batcher.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "ugt_serving_errors_total",
+            "/recommend requests answered with an error, by kind (no_popularity, internal, unauthorized, "
+            "rate_limited, unknown_domain, invalid_request).",
+            ["kind"],
             registry=self.registry,
         )
         for stage in STAGES:  # expose every series from the start, so dashboards see zeros rather than gaps

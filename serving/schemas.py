@@ -11,6 +11,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 MAX_K = 1000
+HARD_MAX_CONTEXT = 1000  # the config's max_context is checked in the app, below this hard cap
 MAX_USER_ID_CHARS = 256
 MAX_ITEM_ID_CHARS = 256
 HARD_MAX_EXCLUDE = 100_000  # the config's max_exclude is checked in the app, below this hard cap
@@ -49,7 +50,13 @@ class RecommendRequest(BaseModel):
     domain: StrictStr | None = Field(
         default=None,
         pattern=DOMAIN_REGEX,
-        description="Item domain (movie, product, ...); the service's default_domain when absent.",
+        description="Item domain (movie, product, ...): picks the model and rules; default_domain when absent.",
+    )
+    context: list[ItemId] = Field(
+        default_factory=list,
+        max_length=HARD_MAX_CONTEXT,
+        description="Item ids of this session not yet in the stored state, oldest first (at most max_context); "
+        "treated as recent views and never returned.",
     )
 
     @field_validator("user_id")
@@ -66,8 +73,10 @@ class ScoredItemOut(BaseModel):
 
 
 class Timings(BaseModel):
-    """Milliseconds spent per stage of this request, measured in the handler."""
+    """Milliseconds spent per stage of this request: queue is the wait for a batch, state / generate are
+    the batch's, rerank this request's own, total from arrival at the batcher to the answer."""
 
+    queue: float = 0.0
     state: float
     generate: float
     rerank: float
@@ -84,7 +93,8 @@ class RecommendResponse(BaseModel):
                     "fallback": False,
                     "fallback_reason": None,
                     "model": "popularity-v1",
-                    "timings_ms": {"state": 0.21, "generate": 0.05, "rerank": 0.01, "total": 0.31},
+                    "batch_size": 4,
+                    "timings_ms": {"queue": 0.5, "state": 0.21, "generate": 0.05, "rerank": 0.01, "total": 0.81},
                 },
                 {
                     "user_id": "new-user",
@@ -92,7 +102,8 @@ class RecommendResponse(BaseModel):
                     "fallback": True,
                     "fallback_reason": "unknown_user",
                     "model": "popularity-fallback-v1",
-                    "timings_ms": {"state": 0.2, "generate": 0.04, "rerank": 0.01, "total": 0.29},
+                    "batch_size": 1,
+                    "timings_ms": {"queue": 0.1, "state": 0.2, "generate": 0.04, "rerank": 0.01, "total": 0.39},
                 },
             ]
         }
@@ -103,9 +114,11 @@ class RecommendResponse(BaseModel):
     fallback: bool = Field(description="True when the answer did not come from the main model.")
     fallback_reason: str | None = Field(
         default=None,
-        description="Why the fallback answered: unknown_user, state_unavailable, bad_state, generator_error.",
+        description="Why the fallback answered: unknown_user, state_unavailable, bad_state, "
+        "state_version_mismatch, generator_error, no_known_items, overloaded, timeout.",
     )
     model: str = Field(description="What produced the items: <name>-<version>.")
+    batch_size: int = Field(default=1, description="How many requests shared this request's batch.")
     timings_ms: Timings
 
 

@@ -1,22 +1,29 @@
-"""The /recommend pipeline without HTTP: state -> generate -> rerank, degrading to the popularity fallback.
+"""The /recommend pipeline without HTTP: route -> state -> generate -> rerank, per batch of requests.
 
-Every way the main path can fail ends in a named fallback reason (counted in metrics and returned in the
-response); only "no popularity anywhere" (:class:`serving.fallback.NoPopularity`) escapes, as a 503.
+:meth:`RecommendService.run_batch` answers a batch the dynamic batcher (serving/batcher.py) collected: one
+state read for the whole batch, one generator call per domain in it (``recommend_batch`` when the generator
+has it), then the reranker per request. Every way the main path can fail ends in a named fallback reason
+(counted in metrics and returned in the response); only "no popularity anywhere"
+(:class:`serving.fallback.NoPopularity`) escapes, as a 503.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from serving.config import ServingConfig
+from models.tokenizer import ACTION_TOKEN
+from models.user_state import STATE_VERSION
+from serving.batcher import Queued
+from serving.config import DomainConfig, ServingConfig, routes
 from serving.fallback import NoPopularity, PopularityFallback
-from serving.generator import Generator, NoModelAnswer, ScoredItem
+from serving.generator import GenerationRequest, Generator, NoModelAnswer, ScoredItem, has_batch
 from serving.metrics import ServingMetrics
 from serving.reranker import Reranker
 from serving.schemas import RecommendRequest, RecommendResponse, ScoredItemOut, Timings
-from serving.state import BadState, StateUnavailable, UserStateReader, UserStateView
+from serving.state import BadState, StateUnavailable, UserStateReader, UserStateView, read_many
 
 log = logging.getLogger(__name__)
 
@@ -24,23 +31,71 @@ log = logging.getLogger(__name__)
 UNKNOWN_USER = "unknown_user"
 STATE_UNAVAILABLE = "state_unavailable"
 BAD_STATE = "bad_state"
+STATE_VERSION_MISMATCH = "state_version_mismatch"
 GENERATOR_ERROR = "generator_error"
+OVERLOADED = "overloaded"  # queued longer than queue_timeout_ms: shed before any work
+TIMEOUT = "timeout"  # no answer within request_timeout_ms (set by the HTTP layer)
 
 LOG_EVERY_S = 10.0
+CONTEXT_ACTION = ACTION_TOKEN["VIEW"]  # session items in `context` count as views without a rating
+
+
+class UnknownDomain(ValueError):
+    """The request's domain is not served (the config's ``domains``); the HTTP layer answers 422."""
 
 
 @dataclass
 class Components:
-    """The parts a RecommendService is built from; tests pass fakes, build_components the real ones."""
+    """The parts a RecommendService is built from; tests pass fakes, build_components the real ones.
+
+    ``generators`` / ``rerankers`` map a domain to its own model / rules (the router); a domain without
+    an entry uses ``generator`` / ``reranker``.
+    """
 
     state_reader: UserStateReader
     generator: Generator
     fallback: PopularityFallback
     reranker: Reranker
+    generators: dict[str, Generator] = field(default_factory=dict)
+    rerankers: dict[str, Reranker] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    """One request inside a batch: what it asks, and what the pipeline found so far."""
+
+    request: RecommendRequest
+    domain: str
+    queued_s: float
+    state: UserStateView | None = None
+    reason: str | None = None
+    candidates: list[ScoredItem] | None = None
+    model: str = ""
+    error: NoPopularity | None = None
 
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
+
+
+def with_context(state: UserStateView | None, user_id: str, context: Sequence[str], now_ms: int) -> UserStateView | None:
+    """The state with the request's session items appended (newest last); a state from them alone if none."""
+    items = [item for item in context if not state or item not in state.item_ids[-len(context):]]
+    if not items:
+        return state
+    base = state or UserStateView(user_id, (), (), (), (), 0, 0, STATE_VERSION)
+    n = len(items)
+    last = max(now_ms, base.last_event_time)
+    return UserStateView(
+        user_id=user_id,
+        item_ids=base.item_ids + tuple(items),
+        action_tokens=base.action_tokens + (CONTEXT_ACTION,) * n,
+        rating_tokens=base.rating_tokens + (0,) * n,
+        event_times=base.event_times + (last,) * n,
+        event_count=base.event_count + n,
+        last_event_time=last,
+        state_version=base.state_version,
+    )
 
 
 class RecommendService:
@@ -48,10 +103,28 @@ class RecommendService:
         self.config = config
         self.parts = components
         self.metrics = metrics
-        self.model_name = f"{components.generator.name}-{components.generator.version}"
+        self.routes: dict[str, DomainConfig] = routes(config)
+        self.open_domains = not config.domains  # no router configured: every domain, one model
+        default = self.generator_for(config.default_domain)
+        self.model_name = f"{default.name}-{default.version}"
         self._last_log: dict[str, tuple[float, int]] = {}
         components.fallback.observer = lambda source: metrics.popularity_source.labels(source).inc()
 
+    # -- routing ---------------------------------------------------------------------------------------
+    def domain_of(self, request: RecommendRequest) -> str:
+        """The request's domain; UnknownDomain when the router does not serve it."""
+        domain = request.domain or self.config.default_domain
+        if not self.open_domains and domain not in self.routes:
+            raise UnknownDomain(f"domain {domain!r} is not served; served domains: {sorted(self.routes)}")
+        return domain
+
+    def generator_for(self, domain: str) -> Generator:
+        return self.parts.generators.get(domain, self.parts.generator)
+
+    def reranker_for(self, domain: str) -> Reranker:
+        return self.parts.rerankers.get(domain, self.parts.reranker)
+
+    # -- logging ---------------------------------------------------------------------------------------
     def _log_sometimes(
         self, level: int, kind: str, message: str, *args: object, exc_info: bool = False
     ) -> None:
@@ -65,71 +138,196 @@ class RecommendService:
         note = f" (+{suppressed} like it since the last report)" if suppressed else ""
         log.log(level, message + ", answering with the fallback" + note, *args, exc_info=exc_info)
 
-    def _read_state(self, user_id: str) -> tuple[UserStateView | None, str | None]:
+    # -- stages ----------------------------------------------------------------------------------------
+    def _read_states(self, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
         try:
-            state = self.parts.state_reader.read(user_id)
+            results = read_many(self.parts.state_reader, [job.request.user_id for job in jobs])
         except StateUnavailable as exc:
             self._log_sometimes(logging.WARNING, STATE_UNAVAILABLE, "user state unavailable: %s", exc)
-            return None, STATE_UNAVAILABLE
-        except BadState as exc:
+            results = [STATE_UNAVAILABLE] * len(jobs)
+        except BadState as exc:  # a reader without read_many raised for one user of a batch of one
             self._log_sometimes(logging.ERROR, BAD_STATE, "unusable user state: %s", exc)
-            return None, BAD_STATE
+            results = [exc] * len(jobs)
         except Exception as exc:  # an unexpected store error must not become a 5xx
-            self._log_sometimes(
-                logging.ERROR, "state_error", "user state read failed: %r", exc, exc_info=True
+            self._log_sometimes(logging.ERROR, "state_error", "user state read failed: %r", exc, exc_info=True)
+            results = [STATE_UNAVAILABLE] * len(jobs)
+        now_ms = int(time.time() * 1000)
+        for job, result in zip(jobs, results, strict=True):
+            if result == STATE_UNAVAILABLE:
+                job.reason = STATE_UNAVAILABLE
+                continue
+            if isinstance(result, BadState):
+                self._log_sometimes(logging.ERROR, BAD_STATE, "unusable user state: %s", result)
+                job.reason = BAD_STATE
+                continue
+            if result is not None and result.state_version != STATE_VERSION:
+                self._log_sometimes(
+                    logging.ERROR,
+                    STATE_VERSION_MISMATCH,
+                    "user %r has state_version %d, this service reads %d (models.user_state.STATE_VERSION)",
+                    job.request.user_id,
+                    result.state_version,
+                    STATE_VERSION,
+                )
+                job.reason = STATE_VERSION_MISMATCH
+                continue
+            state = with_context(result, job.request.user_id, job.request.context, now_ms)
+            job.state = state
+            job.reason = UNKNOWN_USER if state is None else None
+
+    def _candidates_wanted(self, job: _Job) -> int:
+        pool = getattr(self.reranker_for(job.domain), "pool", 1)
+        return min(job.request.k * max(1, pool), job.request.k + 1000)
+
+    def _seen(self, job: _Job) -> frozenset[str]:
+        seen = set(job.request.exclude)
+        if job.state is not None:
+            seen.update(job.state.item_ids)
+        return frozenset(seen)
+
+    def _generate(self, jobs: list[_Job]) -> None:
+        by_domain: dict[str, list[_Job]] = {}
+        for job in jobs:
+            if job.state is not None:
+                by_domain.setdefault(job.domain, []).append(job)
+        for domain, group in by_domain.items():
+            generator = self.generator_for(domain)
+            model = f"{generator.name}-{generator.version}"
+            answers: list[list[ScoredItem] | NoModelAnswer | Exception]
+            if has_batch(generator) and len(group) > 1:
+                requests = [
+                    GenerationRequest(job.state, self._candidates_wanted(job), self._seen(job), domain)  # type: ignore[arg-type]
+                    for job in group
+                ]
+                try:
+                    answers = list(generator.recommend_batch(requests))  # type: ignore[attr-defined]
+                    if len(answers) != len(group):
+                        raise RuntimeError(f"recommend_batch gave {len(answers)} answers for {len(group)}")
+                except NoPopularity:
+                    raise
+                except Exception as exc:
+                    answers = [exc] * len(group)
+            else:
+                answers = []
+                for job in group:
+                    try:
+                        answers.append(
+                            generator.recommend(job.state, self._candidates_wanted(job), self._seen(job), domain=domain)  # type: ignore[arg-type]
+                        )
+                    except NoPopularity:
+                        raise
+                    except Exception as exc:
+                        answers.append(exc)
+            for job, answer in zip(group, answers, strict=True):
+                if isinstance(answer, NoModelAnswer):
+                    log.debug("generator cannot answer user %r: %s", job.request.user_id, answer)
+                    job.reason = answer.reason
+                elif isinstance(answer, Exception):
+                    self._log_sometimes(
+                        logging.ERROR, GENERATOR_ERROR, "generator failed: %r", answer, exc_info=False
+                    )
+                    job.reason = GENERATOR_ERROR
+                else:
+                    job.candidates = answer
+                    job.model = model
+
+    def _fall_back(self, job: _Job) -> None:
+        fallback = self.parts.fallback
+        try:
+            job.candidates = fallback.recommend(job.domain, self._candidates_wanted(job), self._seen(job)).items
+        except NoPopularity as exc:
+            job.error = exc
+            return
+        job.model = f"{fallback.name}-{fallback.version}"
+
+    # -- the pipeline ----------------------------------------------------------------------------------
+    def run_batch(self, entries: Sequence[Queued[RecommendRequest]]) -> list[RecommendResponse | NoPopularity]:
+        """Answers for a batch, in order: a response, or NoPopularity (503) for a request nothing can answer."""
+        start = time.perf_counter()
+        jobs: list[_Job] = []
+        for entry in entries:
+            request = entry.item
+            domain = request.domain or self.config.default_domain
+            jobs.append(_Job(request, domain, start - entry.arrived))
+        shed_after = self.config.queue_timeout_ms / 1000.0
+        live = []
+        for job in jobs:
+            if job.queued_s > shed_after:
+                job.reason = OVERLOADED
+            else:
+                live.append(job)
+        self._read_states(live)
+        after_state = time.perf_counter()
+        try:
+            self._generate(live)
+        except NoPopularity as exc:  # the popularity model has nothing for a domain: neither has the fallback
+            for job in live:
+                if job.candidates is None:
+                    job.error = exc
+        for job in jobs:
+            if job.candidates is None and job.error is None:
+                self._fall_back(job)
+        after_generate = time.perf_counter()
+        out: list[RecommendResponse | NoPopularity] = []
+        size = len(jobs)
+        for job in jobs:
+            if job.error is not None:
+                self.metrics.errors.labels("no_popularity").inc()
+                out.append(job.error)
+                continue
+            rerank_start = time.perf_counter()
+            items = self.reranker_for(job.domain).rerank(job.candidates or [], job.request.k, self._seen(job))
+            rerank_s = time.perf_counter() - rerank_start
+            stages = {
+                "queue": job.queued_s,
+                "state": after_state - start,
+                "generate": after_generate - after_state,
+                "rerank": rerank_s,
+                "total": job.queued_s + (time.perf_counter() - start),
+            }
+            for stage, seconds in stages.items():
+                self.metrics.stage_seconds.labels(stage).observe(seconds)
+            if job.reason is not None:
+                self.metrics.fallbacks.labels(job.reason).inc()
+            out.append(
+                RecommendResponse(
+                    user_id=job.request.user_id,
+                    items=[ScoredItemOut(item_id=i.item_id, score=i.score) for i in items],
+                    fallback=job.reason is not None,
+                    fallback_reason=job.reason,
+                    model=job.model,
+                    batch_size=size,
+                    timings_ms=Timings(**{stage: _ms(seconds) for stage, seconds in stages.items()}),
+                )
             )
-            return None, STATE_UNAVAILABLE
-        return state, None if state is not None else UNKNOWN_USER
+        return out
 
     def recommend(self, request: RecommendRequest) -> RecommendResponse:
-        """Raises NoPopularity when neither the model nor any popularity source can answer."""
+        """One request as a batch of one (no batcher); raises NoPopularity when nothing can answer."""
+        self.domain_of(request)
+        answer = self.run_batch([Queued(request, time.perf_counter(), None, None)])[0]  # type: ignore[arg-type]
+        if isinstance(answer, NoPopularity):
+            raise answer
+        return answer
+
+    def fallback_answer(self, request: RecommendRequest, reason: str, waited_s: float) -> RecommendResponse:
+        """The popularity answer given when the pipeline ran out of time (no state: history is not excluded)."""
+        job = _Job(request, request.domain or self.config.default_domain, waited_s, reason=reason)
         start = time.perf_counter()
-        domain = request.domain or self.config.default_domain
-        k = request.k
-        state, reason = self._read_state(request.user_id)
-        seen = set(request.exclude)
-        if state is not None:
-            seen.update(state.item_ids)
-        after_state = time.perf_counter()
-
-        candidates: list[ScoredItem] | None = None
-        model = self.model_name
-        if state is not None:
-            try:
-                candidates = self.parts.generator.recommend(state, k, seen, domain=domain)
-            except NoModelAnswer as exc:
-                log.debug("generator cannot answer user %r: %s", request.user_id, exc)
-                reason = exc.reason
-            except NoPopularity:
-                raise  # the popularity model has nothing for the domain: neither has the fallback (503)
-            except Exception as exc:
-                self._log_sometimes(
-                    logging.ERROR, GENERATOR_ERROR, "generator failed: %r", exc, exc_info=True
-                )
-                reason = GENERATOR_ERROR
-        if candidates is None:
-            candidates = self.parts.fallback.recommend(domain, k, seen).items
-            model = f"{self.parts.fallback.name}-{self.parts.fallback.version}"
-        after_generate = time.perf_counter()
-
-        items = self.parts.reranker.rerank(candidates, k, seen)
-        end = time.perf_counter()
-
-        stages = {
-            "state": after_state - start,
-            "generate": after_generate - after_state,
-            "rerank": end - after_generate,
-            "total": end - start,
-        }
-        for stage, seconds in stages.items():
-            self.metrics.stage_seconds.labels(stage).observe(seconds)
-        if reason is not None:
-            self.metrics.fallbacks.labels(reason).inc()
+        self._fall_back(job)
+        if job.error is not None:
+            raise job.error
+        items = self.reranker_for(job.domain).rerank(job.candidates or [], request.k, self._seen(job))
+        self.metrics.fallbacks.labels(reason).inc()
+        took = time.perf_counter() - start
         return RecommendResponse(
             user_id=request.user_id,
             items=[ScoredItemOut(item_id=i.item_id, score=i.score) for i in items],
-            fallback=reason is not None,
+            fallback=True,
             fallback_reason=reason,
-            model=model,
-            timings_ms=Timings(**{stage: _ms(seconds) for stage, seconds in stages.items()}),
+            model=job.model,
+            batch_size=1,
+            timings_ms=Timings(queue=_ms(waited_s), state=0.0, generate=_ms(took), rerank=0.0, total=_ms(waited_s + took)),
         )

@@ -104,6 +104,28 @@ class UserStateReader(Protocol):
         ...
 
 
+# One user's result in a batched read: the state, None (unknown user) or why it cannot be used.
+StateResult = UserStateView | None | BadState
+
+
+def read_many(reader: UserStateReader, user_ids: Sequence[str]) -> list[StateResult]:
+    """States of many users, in one store round trip when the reader has ``read_many``.
+
+    Raises StateUnavailable (the store is down for everyone); a malformed state is returned as BadState,
+    so one user's bad row never fails the batch.
+    """
+    batched = getattr(reader, "read_many", None)
+    if callable(batched):
+        return batched(user_ids)
+    out: list[StateResult] = []
+    for user_id in user_ids:
+        try:
+            out.append(reader.read(user_id))
+        except BadState as exc:
+            out.append(exc)
+    return out
+
+
 def _ping(client: redis.Redis) -> str:
     try:
         client.ping()
@@ -134,6 +156,23 @@ class FeastStateReader:
             user_id, {name: _first(response.get(name)) for name in FEATURE_NAMES}
         )
 
+    def read_many(self, user_ids: Sequence[str]) -> list[StateResult]:
+        """One get_online_features call for the whole batch."""
+        try:
+            response = self.store.get_online_features(
+                features=self.feature_service, entity_rows=[{USER_JOIN_KEY: u} for u in user_ids]
+            ).to_dict()
+        except (redis.RedisError, OSError) as exc:
+            raise StateUnavailable(f"Feast online store unreachable: {exc}") from exc
+        out: list[StateResult] = []
+        for i, user_id in enumerate(user_ids):
+            try:
+                features = {name: (response.get(name) or [None] * len(user_ids))[i] for name in FEATURE_NAMES}
+                out.append(UserStateView.from_features(user_id, features))
+            except BadState as exc:
+                out.append(exc)
+        return out
+
     def check(self) -> str:
         return _ping(self.health_client) + f"; Feast feature service {self.feature_service.name!r} loaded"
 
@@ -157,6 +196,31 @@ class RedisStateReader:
             raw = self.client.hmget(self.layout.entity_key(USER_JOIN_KEY, user_id), self.fields)
         except (redis.RedisError, OSError) as exc:
             raise StateUnavailable(f"Redis unreachable: {exc}") from exc
+        return self._view(user_id, raw)
+
+    def read_many(self, user_ids: Sequence[str]) -> list[StateResult]:
+        """One pipelined round trip (an HMGET per user) for the whole batch."""
+        if len(user_ids) == 1:
+            try:
+                return [self.read(user_ids[0])]
+            except BadState as exc:
+                return [exc]
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for user_id in user_ids:
+                pipe.hmget(self.layout.entity_key(USER_JOIN_KEY, user_id), self.fields)
+            rows = pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            raise StateUnavailable(f"Redis unreachable: {exc}") from exc
+        out: list[StateResult] = []
+        for user_id, raw in zip(user_ids, rows, strict=True):
+            try:
+                out.append(self._view(user_id, raw))
+            except BadState as exc:
+                out.append(exc)
+        return out
+
+    def _view(self, user_id: str, raw: Sequence[bytes | None]) -> UserStateView | None:
         try:
             v = {
                 name: decode_typed(data, STORED_KIND[name])

@@ -18,7 +18,8 @@ import torch
 
 from models.data import history_row
 from models.eval import batch_to_device, last_states
-from serving.generator import NoModelAnswer, ScoredItem
+from models.ugt.inference import InferenceConfig, UGTInference
+from serving.generator import BatchAnswer, GenerationRequest, NoModelAnswer, ScoredItem
 from serving.state import UserStateView
 
 NO_KNOWN_ITEMS = "no_known_items"  # fallback reason: none of the user's history items is in the model's vocab
@@ -46,7 +47,8 @@ class UGTGenerator:
 
     name = "ugt"
 
-    def __init__(self, checkpoint: str | Path, *, clock: Callable[[], float] = time.time):
+    def __init__(self, checkpoint: str | Path, *, clock: Callable[[], float] = time.time,
+                 inference: InferenceConfig | None = None):
         from models.train import load_checkpoint, long_history_len
 
         path = Path(checkpoint)
@@ -75,6 +77,9 @@ class UGTGenerator:
         self.clock = clock
         with torch.inference_mode():
             self.table = self.model.item_embeddings().float()  # fixed after training: computed once
+        if inference is None:  # GPU when there is one (bf16, CUDA graphs, fused attention), else CPU fp32
+            inference = InferenceConfig(device="cuda" if torch.cuda.is_available() else "cpu")
+        self.engine = UGTInference(self.model, inference)
 
     def model_input(self, state: UserStateView, query_time: int) -> dict[str, np.ndarray] | None:
         """The state's known events as one model row (None when no event's item is in the vocab)."""
@@ -115,3 +120,33 @@ class UGTGenerator:
             ScoredItem(self.index_to_item[i], float(s))
             for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
         ]
+
+    def recommend_batch(self, requests: list[GenerationRequest]) -> list[BatchAnswer]:
+        """Every request in one padded model batch (see models.ugt.inference); answers in request order.
+
+        Same items as :meth:`recommend` per request (on CPU: same scores too; on GPU bf16 rounds them).
+        A user with no known item gets a NoModelAnswer in their place; the others are unaffected.
+        """
+        now = int(self.clock())
+        answers: list[BatchAnswer] = []
+        rows, excludes, keys, where = [], [], [], []
+        for i, req in enumerate(requests):
+            row = self.model_input(req.state, now)
+            if row is None:
+                answers.append(NoModelAnswer(
+                    NO_KNOWN_ITEMS, f"none of the {len(req.state.item_ids)} history items is in {self.version}'s vocabulary"))
+                continue
+            masked = {self.item_to_index[i] for i in set(req.exclude) | set(req.state.item_ids) if i in self.item_to_index}
+            answers.append([])
+            rows.append(row)
+            excludes.append(np.fromiter(sorted(masked), dtype=np.int64, count=len(masked)))
+            keys.append(req.state.user_id)
+            where.append(i)
+        if rows:
+            k = max(requests[i].k for i in where)
+            tops = self.engine.recommend(rows, excludes, k, keys)
+            for i, top in zip(where, tops, strict=True):
+                n = min(requests[i].k, len(top.indices))
+                answers[i] = [ScoredItem(self.index_to_item[j], float(s))
+                              for j, s in zip(top.indices[:n].tolist(), top.scores[:n].tolist(), strict=True)]
+        return answers

@@ -89,3 +89,14 @@ def test_buckets_are_monotone_and_bounded():
 
 def test_unknown_action_maps_to_unknown_token():
     assert tokenize_event(make_event(action="TELEPORT")).action_token == ACTION_TOKEN["UNKNOWN"]
+
+
+def test_to_record_has_every_field_of_the_dataclass_and_the_schema():
+    import dataclasses
+    import json
+
+    from streams.serde import schema_text
+
+    record = tokenize_event(make_event(), semantic_ids=[1, 2], sid_version="v9").to_record()
+    assert set(record) == {f.name for f in dataclasses.fields(TokenizedEvent)}
+    assert set(record) == {f["name"] for f in json.loads(schema_text("tokenized_event"))["fields"]}

@@ -2,7 +2,8 @@
 
 DecodeItemsFunction: Row(value, src_topic, src_partition, src_offset) -> Row(item_id, item, origin) with the
 canonical item dict and (bytes, topic, partition, offset) pickled; unusable records go to DLQ_TAG.
-ItemSidFunction: loads the artifact ONCE in open(), buffers items (jobs.item_semantic_ids_logic.ItemBatcher)
+ItemSidFunction: loads the artifact ONCE in open() (and a backfilled one once, when ugt:sid:active flips to it),
+buffers items (jobs.item_semantic_ids_logic.ItemBatcher)
 and assigns a batch at `batch_size` items, after `flush_ms` (timer) and at close; its main output is the
 dead letters of items whose prefix ran out of dedup indices. Keying by item_id keeps every event of one item
 on one instance, so two versions of an item never race for two IDs.
@@ -65,8 +66,9 @@ class DecodeItemsFunction(ProcessFunction):
 
 class ItemSidFunction(KeyedProcessFunction):
     def __init__(self, artifact_path: str, registry_url: str, redis_url: str, feature_repo: str, dlq_topic: str,
-                 batch_size: int, flush_ms: int):
+                 batch_size: int, flush_ms: int, active_key: str = "ugt:sid:active"):
         self.artifact_path = artifact_path
+        self.active_key = active_key
         self.registry_url = registry_url
         self.redis_url = redis_url
         self.feature_repo = feature_repo
@@ -83,26 +85,13 @@ class ItemSidFunction(KeyedProcessFunction):
         sys.modules.setdefault("torch", None)
         from infra.feast_store import open_feature_store
         from jobs.common import _JobSettings
-        from jobs.item_semantic_ids_logic import (
-            ItemBatcher,
-            ItemSidAssigner,
-            RedisSidIndex,
-            artifact_version,
-            dedup_namespace,
-            feast_item_writer,
-        )
-        from models.semantic_ids.artifact import SemanticIdArtifact
-        from models.semantic_ids.dedup import DedupAllocator, RedisDedupStore, seed_rows
+        from jobs.item_semantic_ids_logic import ItemBatcher, feast_item_writer, follow_active
 
-        artifact = SemanticIdArtifact.load(self.artifact_path)  # once per worker
-        version = artifact_version(self.artifact_path)
         self.redis = redis.Redis.from_url(self.redis_url)
-        store = RedisDedupStore(self.redis, dedup_namespace(version))
-        store.seed(seed_rows(artifact.codes[:, :-1], artifact.item_ids, artifact.codes[:, -1]))  # hsetnx: idempotent
         feast = open_feature_store(_JobSettings(redis_override=self.redis_url), repo=self.feature_repo)
-        assigner = ItemSidAssigner(artifact, DedupAllocator(store, artifact.dedup_size),
-                                   RedisSidIndex(self.redis, version), feast_item_writer(feast))
-        assigner.seed_index()
+        # loads the artifact once per worker, seeds its dedup store + index, activates it if none is active,
+        # then follows ugt:sid:active (a backfill's flip) batch by batch
+        assigner = follow_active(self.redis, self.artifact_path, feast_item_writer(feast), self.active_key)
         self.batcher = ItemBatcher(assigner, self.batch_size, self.flush_ms / 1000.0)
         serde = AvroSerde(SchemaRegistryClient(self.registry_url))
         self.dlq_schema_id = serde.registry.register(subject_for(self.dlq_topic), schema_text("dead_letter"))

@@ -1,8 +1,10 @@
 """The tokenize operator: a PyFlink ProcessFunction around jobs.tokenize_logic.EventTokenizer.
 
 Tokens go to the main output as Row(k=user_id, v=TokenizedEvent bytes); dead letters go to the side
-output DLQ_TAG as Row(k, v=DeadLetter bytes). Counters (Flink metrics, group `ugt`): `processed`,
-`tokenized`, `dead_lettered`, and `dead_lettered` under the sub-group `reason=<code>`.
+output DLQ_TAG as Row(k, v=DeadLetter bytes); with a lake, every token also goes to LAKE_TAG as a typed
+Row (jobs.lake.LAKE_FIELDS) for the parquet sink. Counters (Flink metrics, group `ugt`): `processed`,
+`tokenized`, `dead_lettered`, and `dead_lettered` under the sub-group `reason=<code>`; a gauge
+`sid_items` (items in the worker's semantic-ID cache).
 """
 
 from __future__ import annotations
@@ -10,26 +12,43 @@ from __future__ import annotations
 from pyflink.datastream import OutputTag, ProcessFunction, RuntimeContext
 
 from jobs.common import key_value_type
-from jobs.tokenize_logic import EventTokenizer
+from jobs.lake import lake_row, lake_row_type
+from jobs.tokenize_logic import EventTokenizer, Rules
 from streams.serde import AvroSerde, SchemaRegistryClient
 
 DLQ_TAG = OutputTag("dead-letters", key_value_type())
+LAKE_TAG = OutputTag("lake", lake_row_type())
 
 
 class TokenizeFunction(ProcessFunction):
-    def __init__(self, registry_url: str, tokens_topic: str, dlq_topic: str):
+    def __init__(
+        self, registry_url: str, tokens_topic: str, dlq_topic: str, rules: Rules | None = None,
+        redis_url: str = "", sid_version: str = "", lake: bool = False,
+    ):
         self.registry_url = registry_url
         self.tokens_topic = tokens_topic
         self.dlq_topic = dlq_topic
+        self.rules = rules or Rules()
+        self.redis_url = redis_url
+        self.sid_version = sid_version
+        self.lake = lake
 
     def open(self, runtime_context: RuntimeContext) -> None:
-        # one registry client per parallel instance: schema ids are looked up once and cached
+        # one registry client and one semantic-ID cache per parallel instance, filled once and kept
         serde = AvroSerde(SchemaRegistryClient(self.registry_url))
-        self.tokenizer = EventTokenizer(serde, self.tokens_topic, self.dlq_topic)
+        sids = None
+        if self.redis_url:
+            import redis
+
+            from jobs.sid_cache import SemanticIdCache
+
+            sids = SemanticIdCache(redis.Redis.from_url(self.redis_url), version=self.sid_version or None)
+        self.tokenizer = EventTokenizer(serde, self.tokens_topic, self.dlq_topic, rules=self.rules, sids=sids)
         self.metrics = runtime_context.get_metrics_group().add_group("ugt")
         self.processed = self.metrics.counter("processed")
         self.tokenized = self.metrics.counter("tokenized")
         self.dead_lettered = self.metrics.counter("dead_lettered")
+        self.metrics.gauge("sid_items", lambda: len(sids.known) if sids is not None else 0)
         self.by_reason: dict = {}
 
     def _reason_counter(self, code: str):
@@ -47,6 +66,8 @@ class TokenizeFunction(ProcessFunction):
         if out.dead is None:
             self.tokenized.inc()
             yield Row(k=out.key, v=out.value)
+            if self.lake:
+                yield LAKE_TAG, lake_row(out.event, value[2], value[3])
         else:
             self.dead_lettered.inc()
             self._reason_counter(out.dead).inc()

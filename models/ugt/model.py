@@ -114,6 +114,19 @@ class UGT(nn.Module):
 
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states at the recent positions (B, N, D) and the summed MoE balancing loss."""
+        x, times, query_times, valid, types = self.sequence_inputs(batch)
+        G = x.shape[1] - batch["ids"].shape[1]
+        balance = x.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            x, b = layer(x, times, query_times, valid, types)
+            balance = balance + b
+        return x[:, G:], balance * self.config.moe.balance_coef
+
+    def sequence_inputs(self, batch: dict[str, torch.Tensor]):
+        """The layer stack's input: (x (B, G + N, D), times, query_times, valid, types), long-term tokens first.
+
+        Split from :meth:`encode` so the inference path (KV cache, fused kernel) embeds exactly as training.
+        """
         ids = batch["ids"]
         B, N = ids.shape
         c = self.config
@@ -138,11 +151,7 @@ class UGT(nn.Module):
             types = torch.cat([ltypes, types], dim=1)
             times = torch.cat([ltimes, times], dim=1)
             query_times = torch.cat([ltimes, query_times], dim=1)
-        balance = x.new_zeros((), dtype=torch.float32)
-        for layer in self.layers:
-            x, b = layer(x, times, query_times, valid, types)
-            balance = balance + b
-        return x[:, G:], balance * c.moe.balance_coef
+        return x, times, query_times, valid, types
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, aux = self.encode(batch)

@@ -64,6 +64,9 @@ class Served:
     def post(self, body, **kw) -> requests.Response:
         return requests.post(f"{self.url}/recommend", json=body, timeout=10, **kw)
 
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(f"{self.url}{path}", timeout=10, **kw)
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)

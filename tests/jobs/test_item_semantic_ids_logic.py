@@ -11,9 +11,16 @@ import pytest
 from jobs.common import JobSetupError
 from jobs.item_semantic_ids import check_artifact
 from jobs.item_semantic_ids_logic import (
+    ACTIVE_KEY,
+    ARTIFACTS_KEY,
+    ActiveVersionAssigner,
     DictSidIndex,
     ItemBatcher,
     ItemSidAssigner,
+    activate,
+    activate_if_none,
+    active_version,
+    artifact_path_of,
     artifact_version,
     code_string,
     decode_item_event,
@@ -22,6 +29,7 @@ from jobs.item_semantic_ids_logic import (
     item_from_record,
     item_key,
     parse_code,
+    register_artifact,
 )
 from jobs.tokenize_logic import DeadLetterError
 from models.semantic_ids import SemanticIdArtifact, build_semantic_ids
@@ -184,3 +192,66 @@ def test_artifact_version_keys_and_check_artifact(artifact, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(JobSetupError, match="not a semantic-ID artifact"):
         check_artifact(str(tmp_path / "empty"))
+
+
+class FakeRedis:
+    """The few string/hash commands the active-pointer helpers use (unit tests of pure logic only)."""
+
+    def __init__(self) -> None:
+        self.strings: dict[str, bytes] = {}
+        self.hashes: dict[str, dict[str, bytes]] = {}
+
+    def get(self, key):
+        return self.strings.get(key)
+
+    def set(self, key, value, nx=False, get=False):
+        old = self.strings.get(key)
+        if nx and old is not None:
+            return None
+        self.strings[key] = str(value).encode()
+        return old if get else True
+
+    def hset(self, key, field, value):
+        self.hashes.setdefault(key, {})[field] = str(value).encode()
+
+    def hget(self, key, field):
+        return self.hashes.get(key, {}).get(field)
+
+
+def test_active_pointer_helpers():
+    r = FakeRedis()
+    assert active_version(r) is None
+    assert activate_if_none(r, "v1") and active_version(r) == "v1"
+    assert not activate_if_none(r, "v2") and active_version(r) == "v1"  # a second job start does not move it
+    assert activate(r, "v2") == "v1" and active_version(r) == "v2"  # the backfill's flip returns the old one
+    assert active_version(r, "test:active") is None and ACTIVE_KEY == "ugt:sid:active"
+    register_artifact(r, "v2", "some/folder")
+    assert artifact_path_of(r, "v2").endswith("some/folder") and artifact_path_of(r, "v3") is None
+    assert r.hashes[ARTIFACTS_KEY]
+
+
+def test_active_version_assigner_follows_the_flip_and_survives_a_bad_version(artifact):
+    art, _ = artifact
+    pointer = ["v1"]
+    first, second = assigner_for(art), assigner_for(art)
+    made: list[str] = []
+
+    def make(version: str) -> ItemSidAssigner:
+        made.append(version)
+        if version == "broken":
+            raise ValueError("no artifact registered")
+        return second
+
+    follower = ActiveVersionAssigner("v1", first, lambda: pointer[0], make)
+    items = [item_from_record(r) for r in item_events(6, "f-", seed=12)]
+    follower.assign(items[:2])
+    assert first.ids_given == 2 and follower.version == "v1" and made == []
+    pointer[0] = "v2"  # a backfill flipped: the next batch goes to v2, the batch before stayed on v1
+    follower.assign(items[2:4])
+    assert (follower.version, follower.switches, second.ids_given, first.ids_given) == ("v2", 1, 2, 2)
+    pointer[0] = "broken"  # unloadable: stay on v2, try once only, keep assigning
+    follower.assign(items[4:5])
+    follower.assign(items[5:])
+    assert follower.version == "v2" and made == ["v2", "broken"] and second.ids_given == 4
+    pointer[0] = None  # pointer deleted: keep the version we have
+    assert len(follower.assign(items[:1])) == 1 and follower.version == "v2"

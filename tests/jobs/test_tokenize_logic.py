@@ -113,3 +113,99 @@ def test_registry_outage_is_not_the_records_fault():
     # nothing listens on port 9: the job must fail (and be restarted), not dead-letter good records
     with pytest.raises(RegistryError):
         EventTokenizer(AvroSerde(SchemaRegistryClient("http://127.0.0.1:9", timeout_s=0.5)), TOKENS, DLQ)
+
+
+# -- rules (the job's options) and the semantic-ID store --
+
+def sid_store(items: dict[str, str], version: str = "v1"):
+    from test_sid_cache import FakeRedis
+
+    from jobs.item_semantic_ids_logic import ACTIVE_KEY
+    from jobs.sid_cache import SemanticIdCache
+
+    r = FakeRedis()
+    r.strings[ACTIVE_KEY] = version.encode()
+    for item, code in items.items():
+        r.put(version, item, code)
+    return SemanticIdCache(r)
+
+
+def test_too_old_uses_the_configurable_floor(serde: AvroSerde):
+    from jobs.tokenize_logic import Rules, parse_time_floor
+
+    old = serde.encode(f"{RAW}-value", "user_event", make_event(1, t_ms=parse_time_floor("1989-12-31")))
+    ml100k = serde.encode(f"{RAW}-value", "user_event", make_event(2, t_ms=874_724_710_000))  # 1997-09-20
+    default = EventTokenizer(serde, TOKENS, DLQ, clock=lambda: NOW_S)
+    assert dead(default, old)[0] == "TOO_OLD"
+    assert default.process(ml100k, RAW, 0, 0).dead is None
+    strict = EventTokenizer(serde, TOKENS, DLQ, clock=lambda: NOW_S,
+                            rules=Rules(min_event_time_ms=parse_time_floor("2000-01-01")))
+    code, reason = dead(strict, ml100k)
+    assert code == "TOO_OLD" and "946684800000" in reason
+
+
+def test_future_skew_and_size_limit_are_configurable(serde: AvroSerde):
+    from jobs.tokenize_logic import Rules
+
+    tokenizer = EventTokenizer(serde, TOKENS, DLQ, clock=lambda: NOW_S,
+                               rules=Rules(max_future_skew_ms=60_000, max_record_bytes=200))
+    soon = serde.encode(f"{RAW}-value", "user_event", make_event(1, t_ms=int(NOW_S * 1000) + 120_000))
+    assert dead(tokenizer, soon)[0] == "FAR_FUTURE"
+    big = serde.encode(f"{RAW}-value", "user_event", make_event(2, context={"page": "x" * 300}))
+    code, reason = dead(tokenizer, big)
+    assert code == "OVERSIZED" and "limit 200" in reason
+
+
+def test_tokens_carry_semantic_ids_and_unknown_items_pass_or_die(serde: AvroSerde):
+    from jobs.tokenize_logic import Rules
+
+    sids = sid_store({"item1": "4-2-0", "item2": "4-3-1"})
+    known = serde.encode(f"{RAW}-value", "user_event", make_event(1))  # item1
+    unknown = serde.encode(f"{RAW}-value", "user_event", make_event(5))  # item5
+    passing = EventTokenizer(serde, TOKENS, DLQ, clock=lambda: NOW_S, sids=sids)
+    out = passing.process(known, RAW, 0, 1)
+    token = TokenizedEvent.from_record(serde.decode(out.value).record)
+    assert token.semantic_ids == (4, 2, 0) and token.sid_version == "v1"
+    assert token == tokenize_event(make_event(1), semantic_ids=(4, 2, 0), sid_version="v1") == out.event
+    token = TokenizedEvent.from_record(serde.decode(passing.process(unknown, RAW, 0, 2).value).record)
+    assert token.semantic_ids == () and token.sid_version == ""
+    strict = EventTokenizer(serde, TOKENS, DLQ, clock=lambda: NOW_S, sids=sids, rules=Rules(unknown_items="dlq"))
+    code, reason = dead(strict, unknown)
+    assert code == "UNKNOWN_ITEM" and "item5" in reason and "ugt:sid:item:v1" in reason
+    assert strict.process(known, RAW, 0, 3).dead is None
+
+
+def test_unknown_items_dlq_without_a_store_fails_at_start(serde: AvroSerde):
+    from test_sid_cache import FakeRedis
+
+    from jobs.sid_cache import SemanticIdCache
+    from jobs.tokenize_logic import Rules
+
+    with pytest.raises(ValueError, match="no version is active"):
+        EventTokenizer(serde, TOKENS, DLQ, rules=Rules(unknown_items="dlq"), sids=SemanticIdCache(FakeRedis()))
+    with pytest.raises(ValueError, match="unknown_items"):
+        Rules(unknown_items="drop")
+
+
+def test_fast_path_equals_the_fastavro_reference(serde: AvroSerde):
+    """The compiled decoder/encoder path gives the same bytes as decode_and_tokenize + fastavro."""
+    from jobs.tokenize_logic import decode_and_tokenize
+    from streams.serde import encode_with_id
+
+    tokenizer = EventTokenizer(serde, TOKENS, DLQ, clock=lambda: NOW_S)
+    for i, event in enumerate([make_event(1), make_event(2, rating=None, context={}),
+                               make_event(3, duration_s=12.5, action="VIEW", context={"b": "2", "a": "1"})]):
+        data = serde.encode(f"{RAW}-value", "user_event", event)
+        reference = decode_and_tokenize(serde, data, int(NOW_S * 1000))
+        want = encode_with_id(tokenizer.tokens_schema_id, tokenizer.tokens_schema, reference.to_record())
+        assert tokenizer.process(data, RAW, 0, i).value == want
+
+
+def test_unknown_schema_ids_are_not_looked_up_again_and_again(serde: AvroSerde):
+    calls = []
+    tokenizer = EventTokenizer(serde, TOKENS, DLQ, clock=lambda: NOW_S)
+    original = serde.registry.schema_by_id
+    serde.registry.schema_by_id = lambda i: calls.append(i) or original(i)
+    for offset in range(5):
+        assert dead(tokenizer, struct.pack(">bI", 0, 424_242) + b"\x02", offset)[0] == "UNKNOWN_SCHEMA"
+    assert calls == [424_242]

@@ -8,6 +8,9 @@ from job_events import make_event
 from jobs.user_state_logic import (
     MonotonicClock,
     OnlineStateWriter,
+    ProcessorConfig,
+    Track,
+    UserStateProcessor,
     decode_token_event,
     popularity_key,
     update_state,
@@ -51,21 +54,29 @@ class FakeClock:
 
 def test_writer_batches_keeps_last_row_per_user_and_counts_popularity():
     written: list[list[dict]] = []
-    bumps: list[list[tuple[str, str]]] = []
+    bumps: list[dict] = []
     clock = FakeClock()
     writer = OnlineStateWriter(written.append, bumps.append, max_rows=3, max_delay_s=0.5, clock=clock)
     stored: dict[str, dict] = {}
+    tracks: dict[str, Track] = {}
     for event in tokens(4, "a") + tokens(1, "b"):
         state, is_new = update_state(stored.get(event.user_id), event)
+        assert is_new
         stored[event.user_id] = state.to_dict()
-        writer.add(state, (popularity_key(event.domain), event.item_id) if is_new else None)
+        track = tracks.setdefault(event.user_id, Track())
+        track.pending.append((state.event_count, event.domain, event.item_id))
+        writer.add(state, track)
     assert writer.pending() == 2 and not writer.due()
+    epoch = writer.epoch()
+    assert not writer.is_flushed(epoch)
     clock.now = 0.6
     assert writer.due()
     assert writer.flush() == 2
+    assert writer.is_flushed(epoch) and not writer.is_flushed(("other", 0))
     (batch,) = written
     assert {r["user_id"]: r["event_count"] for r in batch} == {"a": 4, "b": 1}
-    assert len(bumps[0]) == 5 and bumps[0][0] == ("ugt:popularity:movie", "item0")
+    origin, items = bumps[0]["movie"]["a"]
+    assert origin == "e0" and items == [(1, "item0"), (2, "item1"), (3, "item2"), (4, "item3")]
     assert writer.flush() == 0 and len(written) == 1  # nothing queued: no empty write
 
 
@@ -104,3 +115,190 @@ def test_decode_token_event(serde: AvroSerde):
     with pytest.raises(SerdeError) as info:  # a UserEvent is not a TokenizedEvent
         decode_token_event(serde, user_event)
     assert info.value.reason_code in ("MISSING_FIELD", "WRONG_TYPE")
+
+
+# -- the whole keyed operator without Flink: UserStateProcessor with in-memory state and timers --------
+class MemoryStore:
+    """Flink's keyed ValueStates for one key, in a dict shared by all keys."""
+
+    def __init__(self, data: dict, user: str):
+        self.data, self.user = data, user
+
+    def get(self):
+        return self.data.get(("s", self.user))
+
+    def put(self, value: bytes) -> None:
+        self.data[("s", self.user)] = value
+
+    def get_long(self):
+        return self.data.get(("l", self.user))
+
+    def put_long(self, value: bytes) -> None:
+        self.data[("l", self.user)] = value
+
+
+class Sink:
+    """The online store: rows last-writer-wins; popularity counted only above each user's recorded n
+    (what POPULARITY_SCRIPT does in Redis; tested against real Redis in tests/integration)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict] = {}
+        self.long_rows: dict[str, dict] = {}
+        self.applied: dict[tuple[str, str], tuple[str, int]] = {}
+        self.popularity: dict[tuple[str, str], int] = {}
+
+    def write_rows(self, rows):
+        self.rows.update({r["user_id"]: r for r in rows})
+
+    def write_long_rows(self, rows):
+        self.long_rows.update({r["user_id"]: r for r in rows})
+
+    def incr(self, batch):
+        for domain, users in batch.items():
+            for user, (origin, items) in users.items():
+                stored_origin, done = self.applied.get((domain, user), ("", 0))
+                done = done if stored_origin == origin else 0
+                top = done
+                for n, item in items:
+                    if n > done:
+                        self.popularity[(domain, item)] = self.popularity.get((domain, item), 0) + 1
+                        top = max(top, n)
+                self.applied[(domain, user)] = (origin, top)
+
+
+class Job:
+    """One incarnation of the operator: a processor over a (possibly restored) state dict and timer set."""
+
+    def __init__(self, sink: Sink, data: dict, timers: set, config: ProcessorConfig, max_rows: int = 10_000):
+        self.clock = FakeClock()
+        writer = OnlineStateWriter(sink.write_rows, sink.incr, max_rows=max_rows, max_delay_s=0.2,
+                                   clock=lambda: self.clock.now / 1000, write_long_rows=sink.write_long_rows)
+        self.processor = UserStateProcessor(writer, config)
+        self.data, self.timers = data, timers
+        self.late: list[str] = []
+
+    def event(self, event, now_ms: int) -> None:
+        self.clock.now = now_ms
+        out = self.processor.on_event(event, MemoryStore(self.data, event.user_id), now_ms)
+        if out.status == "late":
+            self.late.append(event.event_id)
+        self.timers.update((event.user_id, at) for _, at in out.timers)
+        self.processor.flush_if_due()
+
+    def advance(self, now_ms: int) -> None:
+        """Fire every timer due by now_ms, in time order (as Flink does)."""
+        self.clock.now = now_ms
+        while due := sorted((at, user) for user, at in self.timers if at <= now_ms):
+            at, user = due[0]
+            self.timers.discard((user, at))
+            for _, new_at in self.processor.on_timer(user, at, MemoryStore(self.data, user), at):
+                self.timers.add((user, new_at))
+            self.processor.flush_if_due()
+
+    def snapshot(self) -> tuple[dict, set]:
+        return dict(self.data), set(self.timers)
+
+
+CONFIG = ProcessorConfig(max_events=20, allowed_lateness_ms=3_600_000, flush_ms=200, compact_interval_ms=500_000)
+
+
+def stream(n_users: int = 6, per_user: int = 60):
+    """Interleaved events of several users, some out of order, one late, one duplicate."""
+    events = []
+    for i in range(per_user):
+        for u in range(n_users):
+            t = 1_600_000_000_000 + i * 60_000 - (120_000 if i % 7 == 3 else 0)
+            events.append(tokenize_event(make_event(i * n_users + u, user=f"u{u}", t_ms=t)))
+    events.append(tokenize_event(make_event(10_000, user="u0", t_ms=1_600_000_000_000 - 7_200_000)))  # late
+    events.append(events[-2 * n_users])  # a duplicate (still in the window)
+    return events
+
+
+def expected(events):
+    from collections import Counter
+
+    from models.user_state import fold_events, long_term_rows_from_events
+
+    states, late = fold_events(events, CONFIG.max_events, CONFIG.allowed_lateness_ms)
+    late_ids = {e.event_id for e in late}
+    applied = {e.event_id: e for e in events if e.event_id not in late_ids}.values()
+    counted = Counter((e.domain, e.item_id) for e in applied)
+    return ({u: s.to_feature_row() for u, s in states.items()},
+            long_term_rows_from_events(events, CONFIG.max_events, CONFIG.allowed_lateness_ms),
+            dict(counted), sorted(late_ids))
+
+
+def test_processor_equals_the_offline_reference():
+    events = stream()
+    sink = Sink()
+    job = Job(sink, {}, set(), CONFIG, max_rows=4)
+    for i, event in enumerate(events):
+        job.event(event, now_ms=i * 1000)  # several compactions per user on the way
+    job.advance(10 ** 9)
+    rows, long_rows, popularity, late = expected(events)
+    assert sink.rows == rows and sink.long_rows == long_rows and sink.popularity == popularity
+    assert job.late == late == ["e10000"]
+    assert all(r["long_group_counts"] for r in long_rows.values())  # the windows overflowed: real compaction
+
+
+def test_processor_without_cache_gives_the_same_result():
+    from dataclasses import replace
+
+    events = stream(3, 40)
+    a, b = Sink(), Sink()
+    for sink, config in ((a, CONFIG), (b, replace(CONFIG, cache_size=0))):
+        job = Job(sink, {}, set(), config, max_rows=3)
+        for i, event in enumerate(events):
+            job.event(event, now_ms=i * 10)
+        job.advance(10 ** 9)
+    assert a.rows == b.rows and a.long_rows == b.long_rows and a.popularity == b.popularity
+
+
+@pytest.mark.parametrize("flushed_before_crash", [True, False])
+@pytest.mark.parametrize("crash_at", [37, 150, 301])
+def test_restore_from_a_checkpoint_and_replay_applies_every_event_exactly_once(crash_at: int,
+                                                                              flushed_before_crash: bool):
+    """Snapshot (checkpoint) mid-stream while writes are still buffered, keep going (writes reach the
+    sink), crash, restore the snapshot into a new incarnation and replay from the snapshot's offset."""
+    events = stream()
+    checkpoint_at = crash_at - 30
+    # a quiet user whose only events come just before the checkpoint: nothing in the replay touches it
+    quiet = [tokenize_event(make_event(20_000 + i, user="quiet", t_ms=1_600_000_000_000 + i)) for i in range(25)]
+    events[checkpoint_at - 2:checkpoint_at - 2] = quiet[:2]
+    events[:0] = quiet[2:]
+    checkpoint_at += len(quiet)
+    sink = Sink()
+    job = Job(sink, {}, set(), CONFIG, max_rows=10_000)  # big batches: the checkpoint sees buffered writes
+    snapshot = None
+    for i, event in enumerate(events[:crash_at]):
+        job.event(event, now_ms=i * 10)
+        if i + 1 == checkpoint_at:
+            assert "quiet" in job.processor.writer.states  # its last writes are still buffered
+            snapshot = job.snapshot()
+        job.advance(i * 10)
+    if flushed_before_crash:
+        job.processor.writer.flush()  # what reached Redis before the crash counts (else it is lost)
+    data, timers = snapshot
+    restored = Job(sink, dict(data), set(timers), CONFIG)
+    restored.advance(99_000)  # the restored confirm timers fire (compaction timers come later)
+    rows, long_rows, popularity, _ = expected(events)
+    assert sink.rows["quiet"] == rows["quiet"]
+    assert sink.popularity[("movie", "item5")] >= sum(1 for e in quiet if e.item_id == "item5")
+    for i, event in enumerate(events[checkpoint_at:], start=checkpoint_at):
+        restored.event(event, now_ms=100_000 + i * 10)
+        restored.advance(100_000 + i * 10)
+    restored.advance(10 ** 9)
+    assert sink.rows == rows and sink.long_rows == long_rows
+    assert sink.popularity == popularity  # 0 lost, 0 counted twice
+
+
+def test_state_expires_with_ttl():
+    from dataclasses import replace
+
+    config = replace(CONFIG, state_ttl_ms=1_000)
+    data: dict = {}
+    job = Job(Sink(), data, set(), config)
+    job.event(tokens(1, "t")[0], now_ms=0)
+    assert job.processor._load("t", MemoryStore(data, "t"), 500)[0] is not None
+    del data[("s", "t")]  # Flink's TTL dropped it; the cache must not keep it alive
+    assert job.processor._load("t", MemoryStore(data, "t"), 2_000)[0] is None

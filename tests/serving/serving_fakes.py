@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import redis
 
+from models.user_state import STATE_VERSION
 from serving.state import StateUnavailable, UserStateView
 
 
@@ -17,7 +18,7 @@ def view(user_id: str, item_ids: list[str]) -> UserStateView:
         event_times=tuple(range(1000, 1000 + n)),
         event_count=n,
         last_event_time=999 + n,
-        state_version=1,
+        state_version=STATE_VERSION,
     )
 
 

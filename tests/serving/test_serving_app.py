@@ -46,7 +46,8 @@ def test_known_user_gets_the_main_model_without_seen_items():
     assert body["items"][0]["score"] == 96.0
     assert body["fallback"] is False and body["fallback_reason"] is None
     assert body["model"] == "popularity-v1"
-    assert set(body["timings_ms"]) == {"state", "generate", "rerank", "total"}
+    assert set(body["timings_ms"]) == {"queue", "state", "generate", "rerank", "total"}
+    assert body["batch_size"] == 1
     assert body["timings_ms"]["total"] >= body["timings_ms"]["state"]
 
 

@@ -11,6 +11,7 @@ import torch
 from models.data import SequenceData, history_row, make_split
 from models.eval import batch_to_device, history_mask, last_states
 from models.train import TrainConfig, fit, load_checkpoint, load_config, long_history_len
+from models.user_state import STATE_VERSION
 from serving.config import ConfigError, build_config
 from serving.generator import NoModelAnswer
 from serving.state import UserStateView
@@ -59,7 +60,7 @@ def view_of(data: SequenceData, u: int, end: int, gen: UGTGenerator) -> UserStat
     return UserStateView(
         user_id=data.user_ids[u], item_ids=tuple(items), action_tokens=(2,) * end,
         rating_tokens=tuple(int(r) for r in data.ratings[u][:end]), event_times=tuple(times),
-        event_count=end, last_event_time=times[-1] if times else 0, state_version=1,
+        event_count=end, last_event_time=times[-1] if times else 0, state_version=STATE_VERSION,
     )
 
 
@@ -121,7 +122,7 @@ def test_unknown_items_are_skipped_and_no_known_item_is_a_named_fallback(served,
     # The unknown item is dropped from the input, so the query time decides; pin it to the same second.
     clock.now = state.last_event_time / 1000 + 60
     assert gen.recommend(noisy, 10, set(), domain="movie") == gen.recommend(state, 10, set(), domain="movie")
-    stranger = UserStateView("u", ("x1", "x2"), (2, 2), (8, 8), (1000, 2000), 2, 2000, 1)
+    stranger = UserStateView("u", ("x1", "x2"), (2, 2), (8, 8), (1000, 2000), 2, 2000, STATE_VERSION)
     with pytest.raises(NoModelAnswer) as info:
         gen.recommend(stranger, 10, set(), domain="movie")
     assert info.value.reason == NO_KNOWN_ITEMS
@@ -161,7 +162,7 @@ def test_app_serves_ugt_and_falls_back_with_a_reason_for_unknown_items(served, l
     _, data = loaded
     state = view_of(data, 9, 30, gen)
     clock.now = state.last_event_time / 1000 + 60
-    stranger = UserStateView("s", ("x1",), (2,), (8,), (1000,), 1, 1000, 1)
+    stranger = UserStateView("s", ("x1",), (2,), (8,), (1000,), 1, 1000, STATE_VERSION)
     redis = FakeZsetRedis({"ugt:popularity:movie": {"p1": 3.0, "p2": 2.0, "p3": 1.0}})
     fallback = PopularityFallback(redis, clock=FakeClock())
     reader = FakeStateReader({"u": state, "s": stranger})
@@ -175,3 +176,31 @@ def test_app_serves_ugt_and_falls_back_with_a_reason_for_unknown_items(served, l
     assert body["fallback"] is True and body["fallback_reason"] == NO_KNOWN_ITEMS
     assert [i["item_id"] for i in body["items"]] == ["p1", "p2"]
     assert 'ugt_serving_fallbacks_total{reason="no_known_items"}' in client.get("/metrics").text
+
+
+def test_recommend_batch_equals_recommend_per_request(served, loaded):
+    from serving.generator import GenerationRequest
+
+    gen, clock = served
+    _, data = loaded
+    states = [view_of(data, u, end, gen) for u, end in ((2, 30), (11, 5), (40, 60), (2, 30))]
+    clock.now = max(s.last_event_time for s in states) / 1000 + 600
+    stranger = UserStateView("s", ("x1",), (2,), (8,), (1000,), 1, 1000, STATE_VERSION)
+    first = gen.recommend(states[0], 5, set(), domain="movie")
+    requests = [
+        GenerationRequest(states[0], 10, frozenset({first[0].item_id, "nope"}), "movie"),
+        GenerationRequest(stranger, 10, frozenset(), "movie"),
+        GenerationRequest(states[1], 3, frozenset(states[1].item_ids), "movie"),
+        GenerationRequest(states[2], 25, frozenset(), "movie"),
+        GenerationRequest(states[3], 7, frozenset(), "movie"),  # the same user twice in one batch
+    ]
+    answers = gen.recommend_batch(requests)
+    assert len(answers) == len(requests)
+    assert isinstance(answers[1], NoModelAnswer) and answers[1].reason == NO_KNOWN_ITEMS
+    for req, got in zip(requests, answers, strict=True):
+        if req.state is stranger:
+            continue
+        want = gen.recommend(req.state, req.k, req.exclude, domain="movie")
+        assert [g.item_id for g in got] == [w.item_id for w in want]
+        np.testing.assert_allclose([g.score for g in got], [w.score for w in want], rtol=1e-5, atol=1e-6)
+    assert gen.recommend_batch([]) == []

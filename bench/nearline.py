@@ -1,0 +1,352 @@
+"""The nearline layer on the running stack: throughput, freshness and new-item delay, with the Kafka anchor.
+
+Measures, in one run on one box (the shared standalone Flink cluster, Kafka, Redis):
+  kafka_raw_events_per_s   the anchor: the same Avro user events produced + consumed back, no Flink
+  events_per_s      dataset events replayed at full speed through tokenize + user_state:
+                    events / (first produce -> last event applied in Redis); job start-up not counted
+  freshness_p50_s   probe events at a steady rate: produced -> the user's state visible in Redis
+  freshness_p99_s
+  new_item_p50_s    brand-new catalog items at a steady rate through item_semantic_ids (the artifact of
+  new_item_p99_s    --artifact): produced -> its code in the generator's decode index (ugt:sid:item:<version>)
+  cpu               who ate the CPU during the throughput window (bench.proc_cpu: per process, per thread)
+
+Every run uses its own topics, consumer groups, user-id prefix, domain, item ids and active-version key, so it
+never mixes with the demo's or the tests' data; its jobs are cancelled and its new items removed from the index
+at the end. Needs the stack (`ugt stack up`; the script brings it up if it is down) and, for the item phase, a
+semantic-ID artifact (`ugt semantic-ids build --dataset ml-1m --config models/configs/semantic_ids_ml1m.yaml
+--out runs/sid/ml1m`; or --new-items 0 to skip).
+
+    python -m bench.nearline                                  # full run -> bench/results/nearline.json
+    python -m bench.nearline --events 20000 --probes 50 --new-items 20 --anchor-events 20000 --name nearline-quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench.common import print_table, write_result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.nearline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-1m", choices=("ml-1m", "ml-100k"))
+    parser.add_argument("--events", type=int, default=100_000,
+                        help="dataset events to replay; 0 skips the user path (default: %(default)s)")
+    parser.add_argument("--probes", type=int, default=300, help="freshness probe events (default: %(default)s)")
+    parser.add_argument("--probe-rate", type=float, default=20.0, help="probe events per second (default: %(default)s)")
+    parser.add_argument("--anchor-events", type=int, default=100_000,
+                        help="events for the raw-Kafka anchor (default: %(default)s)")
+    parser.add_argument("--parallelism", type=int, default=1, help="Flink parallelism of the jobs (default: %(default)s)")
+    parser.add_argument("--new-items", type=int, default=100,
+                        help="new catalog items for new_item_p99_s; 0 skips the item phase (default: %(default)s)")
+    parser.add_argument("--item-rate", type=float, default=5.0, help="new items per second (default: %(default)s)")
+    parser.add_argument("--artifact", default="runs/sid/ml1m", help="semantic-ID artifact (default: %(default)s)")
+    parser.add_argument("--item-flush-ms", type=int, default=50,
+                        help="item_semantic_ids --flush-ms: the batching delay a new item waits at most "
+                        "(default: %(default)s)")
+    parser.add_argument("--timeout-s", type=float, default=1800.0)
+    parser.add_argument("--name", default="nearline", help="result file bench/results/<name>.json")
+    return parser.parse_args(argv)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    return ordered[rank]
+
+
+def applied(redis_client: Any, key: str) -> int:
+    return int(sum(score for _, score in redis_client.zscan_iter(key)))
+
+
+def steady(send: Any, seen: Any, count: int, rate: float, timeout_s: float) -> list[float]:
+    """Send `count` probes at `rate`/s (send(i) -> key) while polling seen(keys) -> visible keys; the lags."""
+    sent: dict[Any, float] = {}
+    got: dict[Any, float] = {}
+    interval = 1.0 / rate
+    next_send = time.time()
+    i = 0
+    deadline = time.monotonic() + count / rate + timeout_s
+    while len(got) < count and time.monotonic() < deadline:
+        now = time.time()
+        if i < count and now >= next_send:
+            sent[send(i)] = time.time()
+            i += 1
+            next_send += interval
+        pending = [k for k in sent if k not in got]
+        if pending:
+            checked = time.time()
+            for key in seen(pending):
+                got[key] = checked
+        time.sleep(0.005)
+    if len(got) < count:
+        print(f"warning: only {len(got)} of {count} probes became visible")
+    return [got[k] - sent[k] for k in got]
+
+
+def summary(lags: list[float]) -> dict[str, float | None]:
+    return {"p50": round(statistics.median(lags), 4) if lags else None,
+            "p99": round(percentile(lags, 99), 4) if lags else None,
+            "max": round(max(lags), 4) if lags else None}
+
+
+def stale_code_warning() -> str | None:
+    """In thread mode the TaskManager's embedded CPython keeps modules imported by earlier jobs: if the TM started
+    before the job code last changed, a new job may run the old code. Says so (the result records it)."""
+    import psutil
+
+    from infra.settings import REPO_ROOT
+
+    started = [p.create_time() for p in psutil.process_iter(["cmdline"])
+               if any("TaskManagerRunner" in part for part in (p.info["cmdline"] or []))]
+    if not started:
+        return None
+    files = [f for folder in ("jobs", "models", "streams") for f in (REPO_ROOT / folder).rglob("*.py")]
+    newest = max(files, key=lambda f: f.stat().st_mtime)
+    if newest.stat().st_mtime <= min(started):
+        return None
+    return (f"the TaskManager started {time.ctime(min(started))}, before {newest.relative_to(REPO_ROOT)} changed "
+            f"({time.ctime(newest.stat().st_mtime)}): thread-mode jobs may run modules an earlier job imported")
+
+
+def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> dict[str, Any]:
+    """tokenize + user_state: throughput (with the CPU profile of that window) and freshness."""
+    from bench import proc_cpu
+    from jobs.cli import cancel, submit
+    from jobs.user_state_logic import popularity_key
+    from serving.feast_redis import FeastRedisLayout
+    from streams.datasets import load_dataset, user_events
+    from streams.producer import EventPublisher
+    from streams.topics import TopicSpec, ensure_topics
+
+    raw, tokens, dlq = f"bench.{run_id}.events.raw", f"bench.{run_id}.events.tokens", f"bench.{run_id}.events.dlq"
+    domain = f"bench-{run_id}"
+    ensure_topics(settings, extra=[TopicSpec(raw), TopicSpec(tokens), TopicSpec(dlq, 1)])
+    layout = FeastRedisLayout.from_repo(settings.feature_repo)
+    pop_key = popularity_key(domain)
+    print(f"== submitting tokenize + user_state (run {run_id})")
+    common = ["--startup", "earliest", "--parallelism", str(args.parallelism)]
+    job_ids = [
+        submit("tokenize", ["--source-topic", raw, "--tokens-topic", tokens, "--dlq-topic", dlq,
+                            "--group-id", f"bench-{run_id}-tokenize", *common], detached=True),
+        submit("user_state", ["--source-topic", tokens, "--dlq-topic", dlq,
+                              "--group-id", f"bench-{run_id}-user-state", *common], detached=True),
+    ]
+    try:
+        dataset = load_dataset(args.dataset)
+        events = []
+        for event in user_events(dataset, limit=args.events):
+            event["user_id"] = f"{run_id}-{event['user_id']}"
+            event["event_id"] = f"{run_id}-{event['event_id']}"
+            event["domain"] = domain
+            events.append(event)
+        publisher = EventPublisher(settings)
+        publisher.encode(raw, "user_event", events[0])  # schema registered before the clock starts
+
+        # warm-up: one event through both jobs so start-up is not counted as throughput
+        warm = dict(events[0], event_id=f"{run_id}-warmup", user_id=f"{run_id}-warmup")
+        publisher.publish(raw, "user_event", warm, warm["user_id"])
+        publisher.flush(60)
+        deadline = time.monotonic() + 300
+        while applied(r, pop_key) < 1:
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: the jobs applied nothing within 300 s; see `ugt jobs list` and var/log/flink")
+            time.sleep(0.5)
+
+        print(f"== throughput: {len(events):,} {args.dataset} events at full speed")
+        cpu_before = proc_cpu.snapshot(os.getpid())
+        start = time.time()
+        for event in events:
+            publisher.publish(raw, "user_event", event, event["user_id"])
+        publisher.flush(300)
+        produced_s = time.time() - start
+        target = len(events) + 1
+        deadline = time.monotonic() + args.timeout_s
+        while (done := applied(r, pop_key)) < target:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: {done - 1:,} of {len(events):,} applied after {args.timeout_s:.0f} s")
+            time.sleep(0.2)
+        throughput_s = time.time() - start
+        cpu = proc_cpu.diff(cpu_before, proc_cpu.snapshot(os.getpid()))
+
+        print(f"== freshness: {args.probes} probe events at {args.probe_rate}/s")
+        probe_base = events[-1]["event_time"]
+
+        def send(i: int) -> bytes:
+            user = f"{run_id}-probe-{i}"
+            probe = dict(events[i % len(events)], event_id=f"{run_id}-probe-{i}", user_id=user,
+                         event_time=probe_base + i)
+            publisher.publish(raw, "user_event", probe, user)
+            publisher.poll(0)
+            return layout.entity_key("user_id", user)
+
+        def seen(keys: list[bytes]) -> list[bytes]:
+            pipe = r.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(key)
+            return [k for k, e in zip(keys, pipe.execute(), strict=True) if e]
+
+        lags = steady(send, seen, args.probes, args.probe_rate, 120)
+        publisher.flush(30)
+    finally:
+        for jid in job_ids:  # only this run's jobs: the demo's may be running beside them
+            if jid:
+                cancel(settings.flink_rest_url, jid)
+    return {"events": len(events), "produce_s": round(produced_s, 2), "throughput_s": round(throughput_s, 2),
+            "events_per_s": round(len(events) / throughput_s, 1), "freshness": summary(lags),
+            "freshness_probes": len(lags), "cpu": cpu}
+
+
+def item_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> dict[str, Any]:
+    """item_semantic_ids: brand-new items at a steady rate -> decodable in the index (after a warm-up item)."""
+    from jobs.cli import cancel, submit
+    from jobs.item_semantic_ids import check_artifact
+    from jobs.item_semantic_ids_logic import (
+        ARTIFACTS_KEY,
+        artifact_version,
+        dedup_namespace,
+        index_key,
+        item_key,
+    )
+    from streams.producer import EventPublisher
+    from streams.topics import TopicSpec, ensure_topics
+
+    artifact = check_artifact(args.artifact)
+    version = artifact_version(artifact)
+    had_registration = r.hexists(ARTIFACTS_KEY, version)
+    items_topic, dlq = f"bench.{run_id}.items", f"bench.{run_id}.items.dlq"
+    active_key = f"bench:{run_id}:sid:active"  # its own pointer: never moves the stack's ugt:sid:active
+    ensure_topics(settings, extra=[TopicSpec(items_topic, 2), TopicSpec(dlq, 1)])
+    print(f"== submitting item_semantic_ids (artifact {version})")
+    jid = submit("item_semantic_ids", ["--artifact", artifact, "--source-topic", items_topic, "--dlq-topic", dlq,
+                                       "--group-id", f"bench-{run_id}-items", "--startup", "earliest",
+                                       "--parallelism", str(args.parallelism), "--flush-ms", str(args.item_flush_ms),
+                                       "--active-key", active_key], detached=True)
+    genres = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Animation"]
+    ids: list[str] = []
+
+    def record(i: int) -> dict[str, Any]:
+        return {"item_id": f"bench-{run_id}-item-{i}", "domain": "movie", "description": "",
+                "title": f"Brand New Film {i} of Night {run_id}", "categories": [genres[i % 8], genres[(i * 3) % 8]],
+                "attributes": {"year": str(1990 + i % 30)}, "updated_at": int(time.time() * 1000)}
+
+    publisher = EventPublisher(settings)
+    try:
+        def send(i: int) -> str:
+            rec = record(i)
+            publisher.publish_item_event(rec, topic=items_topic)
+            publisher.poll(0)
+            ids.append(rec["item_id"])
+            return rec["item_id"]
+
+        def seen(keys: list[str]) -> list[str]:
+            return [k for k, c in zip(keys, r.hmget(item_key(version), keys), strict=True) if c is not None]
+
+        # warm-up: the first item pays for the job's start and the text encoder's first load
+        warm = steady(lambda i: send(args.new_items + 1000), seen, 1, 1.0, 300)
+        if not warm:
+            raise SystemExit("bench: item_semantic_ids indexed nothing within 300 s; see var/log/flink")
+        print(f"== new items: {args.new_items} at {args.item_rate}/s (warm-up item: {warm[0]:.1f} s)")
+        lags = steady(send, seen, args.new_items, args.item_rate, 120)
+        publisher.flush(30)
+    finally:
+        if jid:
+            cancel(settings.flink_rest_url, jid)
+        time.sleep(2)  # let the cancelled job's last batch land before removing this run's items
+        codes = r.hmget(item_key(version), ids) if ids else []
+        pipe = r.pipeline(transaction=False)
+        for item_id, code in zip(ids, codes, strict=True):
+            pipe.hdel(item_key(version), item_id)
+            if code is not None:
+                pipe.hdel(index_key(version), code)
+                prefix = code.decode().rsplit("-", 1)[0]
+                pipe.hdel(f"{dedup_namespace(version)}:{{{prefix}}}", item_id)
+        pipe.delete(active_key)
+        if not had_registration:
+            pipe.hdel(ARTIFACTS_KEY, version)
+        pipe.execute()
+    return {"new_items": len(lags), "item_rate_per_s": args.item_rate, "artifact_version": version,
+            "artifact": str(Path(artifact)), "warmup_item_s": round(warm[0], 3), "new_item": summary(lags)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import redis
+
+    from infra import stack
+    from infra.settings import get_settings
+    from streams.bench_anchor import kafka_raw_anchor
+
+    settings = get_settings()
+    stack.up(settings=settings)
+    run_id = uuid.uuid4().hex[:8]
+    r = redis.Redis.from_url(settings.redis_url)
+
+    stale = stale_code_warning()
+    if stale:
+        print(f"warning: {stale}")
+    print(f"== anchor: {args.anchor_events:,} Avro events through Kafka, no Flink")
+    anchor = kafka_raw_anchor(settings, args.anchor_events)
+    users = user_path(args, settings, run_id, r) if args.events > 0 else None
+    items = item_path(args, settings, run_id, r) if args.new_items > 0 else None
+    if users is None:
+        users = {"events": 0, "events_per_s": None, "produce_s": None, "throughput_s": None, "freshness_probes": 0,
+                 "freshness": summary([]), "cpu": None}
+
+    result = {
+        "benchmark": "nearline",
+        "dataset": args.dataset,
+        "events": users["events"],
+        "parallelism": args.parallelism,
+        "events_per_s": users["events_per_s"],
+        "produce_s": users["produce_s"],
+        "throughput_s": users["throughput_s"],
+        "freshness_probes": users["freshness_probes"],
+        "probe_rate_per_s": args.probe_rate,
+        "freshness_p50_s": users["freshness"]["p50"],
+        "freshness_p99_s": users["freshness"]["p99"],
+        "freshness_max_s": users["freshness"]["max"],
+        "new_item_p50_s": items["new_item"]["p50"] if items else None,
+        "new_item_p99_s": items["new_item"]["p99"] if items else None,
+        "new_item_max_s": items["new_item"]["max"] if items else None,
+        "items": items,
+        "kafka_raw_events_per_s": round(anchor.events_per_s, 1),
+        "kafka_raw": anchor.as_dict(),
+        "ratio_to_anchor": round(users["events_per_s"] / anchor.events_per_s, 4) if users["events_per_s"] else None,
+        "targets": {"events_per_s": 50_000, "freshness_p99_s": 1.0, "new_item_p99_s": 10.0},
+        "cpu_during_throughput": users["cpu"],
+        "stale_code_warning": stale,
+    }
+    print()
+    print_table([
+        {"measure": "events_per_s (tokenize + user_state)", "value": result["events_per_s"], "target": ">= 50000"},
+        {"measure": "kafka_raw_events_per_s (anchor, no Flink)", "value": result["kafka_raw_events_per_s"],
+         "target": ""},
+        {"measure": "ratio to anchor", "value": result["ratio_to_anchor"], "target": ""},
+        {"measure": "freshness p50 (s)", "value": result["freshness_p50_s"], "target": ""},
+        {"measure": "freshness p99 (s)", "value": result["freshness_p99_s"], "target": "<= 1"},
+        {"measure": "new item p50 (s)", "value": result["new_item_p50_s"], "target": ""},
+        {"measure": "new item p99 (s)", "value": result["new_item_p99_s"], "target": "<= 10"},
+    ])
+    cpu = users["cpu"]
+    if cpu is None:
+        write_result(args.name, result)
+        return 0
+    print(f"\nCPU during the throughput window ({cpu['window_s']} s, {cpu['cores_busy']} cores busy of "
+          f"{os.cpu_count()}):")
+    print_table([{"process": k, "cpu_s": v} for k, v in cpu["cpu_s_by_process"].items()])
+    print_table([{"thread group": k, "cpu_s": v} for k, v in cpu["cpu_s_by_thread"].items()])
+    write_result(args.name, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

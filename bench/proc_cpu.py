@@ -1,0 +1,104 @@
+"""Who eats the CPU during a benchmark window: per process class (Kafka, Flink TaskManager, ...) and per thread.
+
+Reads /proc (Linux) before and after the window, so it costs nothing while the benchmark runs. Threads are
+grouped by name with digits folded ("Source: raw (1/2)#0" and "(2/2)#0" add up), which in the Flink
+TaskManager names the operator chain a thread runs (Linux keeps the first 15 characters of a thread name) — in PyFlink's thread mode the Python functions run on
+those task threads (pemja), so their CPU shows up there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+CLASSES = (  # (label, substring of the command line); the first match wins
+    ("flink-taskmanager", "TaskManagerRunner"),
+    ("flink-jobmanager", "StandaloneSessionClusterEntrypoint"),
+    ("flink-client", "org.apache.flink.client.cli.CliFrontend"),
+    ("kafka", "kafka.Kafka"),
+    ("redis", "redis-server"),
+    ("schema-registry", "schema_registry"),
+    ("pyflink-python-worker", "pyflink.fn_execution"),  # process mode's Beam workers
+    ("pyflink-python-worker", "pyflink-udf-runner"),
+)
+
+
+def _classify(cmdline: str) -> str | None:
+    for label, needle in CLASSES:
+        if needle in cmdline:
+            return label
+    return None
+
+
+def _ticks(stat_path: Path) -> tuple[str, int] | None:
+    try:
+        text = stat_path.read_text()
+    except OSError:
+        return None
+    name = text[text.index("(") + 1: text.rindex(")")]
+    rest = text[text.rindex(")") + 2:].split()
+    return name, int(rest[11]) + int(rest[12])  # utime + stime
+
+
+@dataclass
+class Snapshot:
+    at: float
+    processes: dict[int, tuple[str, int]] = field(default_factory=dict)  # pid -> (class, ticks)
+    threads: dict[tuple[int, int], tuple[str, str, int]] = field(default_factory=dict)  # (pid, tid) -> (class, name, ticks)
+
+
+def snapshot(own_pid: int | None = None) -> Snapshot:
+    """CPU ticks of every process we can classify (and of `own_pid` as 'bench (this process)')."""
+    snap = Snapshot(time.monotonic())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        label = "bench (producer, probes)" if pid == own_pid else _classify(cmdline)
+        if label is None:
+            continue
+        got = _ticks(entry / "stat")
+        if got is None:
+            continue
+        snap.processes[pid] = (label, got[1])
+        if label.startswith("flink-taskmanager") or label == "kafka":
+            try:
+                tasks = list((entry / "task").iterdir())
+            except OSError:
+                continue
+            for task in tasks:
+                t = _ticks(task / "stat")
+                if t is not None:
+                    snap.threads[(pid, int(task.name))] = (label, t[0], t[1])
+    return snap
+
+
+def _fold(name: str) -> str:
+    return re.sub(r"\d+", "N", name)
+
+
+def diff(before: Snapshot, after: Snapshot, top: int = 8) -> dict[str, object]:
+    """CPU seconds per process class and the busiest thread groups between two snapshots."""
+    seconds = max(after.at - before.at, 1e-9)
+    by_class: dict[str, float] = defaultdict(float)
+    for pid, (label, ticks) in after.processes.items():
+        by_class[label] += (ticks - before.processes.get(pid, (label, 0))[1]) / TICK
+    by_thread: dict[str, float] = defaultdict(float)
+    for key, (label, name, ticks) in after.threads.items():
+        by_thread[f"{label}: {_fold(name)}"] += (ticks - before.threads.get(key, (label, name, 0))[2]) / TICK
+    busiest = sorted(by_thread.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "window_s": round(seconds, 2),
+        "cores_busy": round(sum(by_class.values()) / seconds, 2),
+        "cpu_s_by_process": {k: round(v, 2) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+        "cpu_s_by_thread": {k: round(v, 2) for k, v in busiest if v > 0},
+    }

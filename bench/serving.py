@@ -1,0 +1,444 @@
+"""/recommend end to end over HTTP under open-loop load, on this box (CPU target) or the GPU generator (GPU target).
+
+CPU target: starts a private redis-server (the stack's Redis is not touched), pushes N users' states through
+Feast into it, then for each config starts `ugt serve` (uvicorn, one process) and drives it at fixed rates
+with Poisson arrivals. Latency is measured from each request's SCHEDULED send time, so when the server (or
+the client) falls behind, the queueing shows in the percentiles instead of silently lowering the load
+(coordinated omission). The anchor, measured in the same run under the same load on the same box, is a
+trivial FastAPI endpoint (constant answer) served the same way.
+
+  python -m bench.serving                                  # CPU: anchor, popularity, ugt-tiny at 250..2000 req/s
+  python -m bench.serving --rates 500,1000 --duration 5 --configs ugt-tiny
+  python -m bench.serving --target gpu ...                 # bench.serving_gpu.run_gpu_bench(args)
+
+Writes bench/results/serving_cpu.json: `device` (bench.common.machine_info), `rows` of
+{config, qps, p50_ms, p99_ms, p999_ms, ...} with the per-stage split from the responses' timings_ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bench.common import RESULTS, machine_info, print_table, write_result
+
+REPO = Path(__file__).resolve().parent.parent
+DOMAIN = "benchmovie"
+STAGES = ("queue", "state", "generate", "rerank", "total")
+TINY_CONFIG = "models/configs/ugt_ml100k_tiny.yaml"
+
+
+# -- the anchor: a trivial FastAPI endpoint ----------------------------------------------------------------
+def anchor_app():  # -> FastAPI
+    """POST /recommend with the same body shape, answering a constant list: HTTP + JSON cost only."""
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+
+    app = FastAPI()
+    answer = {
+        "user_id": "",
+        "items": [{"item_id": str(i), "score": 1.0} for i in range(10)],
+        "fallback": False,
+        "model": "anchor",
+    }
+
+    class Body(BaseModel):
+        user_id: str
+        k: int = 10
+
+    @app.post("/recommend")
+    async def recommend(body: Body) -> dict:
+        return answer | {"user_id": body.user_id}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    return app
+
+
+def serve_anchor(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(anchor_app(), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# -- the stack of the benchmark: private Redis, states, a small checkpoint ---------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
+    import redis
+
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            client.ping()
+            return proc, port
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("bench.serving: redis-server did not start (is it installed? infra/install.sh)") from None
+            time.sleep(0.05)
+
+
+def ensure_checkpoint(cache_dir: Path) -> Path:
+    """The small model: ugt_ml100k_tiny trained for one epoch (CPU, ~20 s), cached across runs."""
+    out = cache_dir / "bench" / "ugt-ml100k-tiny"
+    checkpoint = out / "checkpoint.pt"
+    if checkpoint.is_file():
+        return checkpoint
+    from models.train import fit, load_config
+
+    print(f"training the small model once into {out} ...", file=sys.stderr)
+    cfg = load_config(
+        str(REPO / TINY_CONFIG),
+        {"out_dir": str(out), "progress": True, "device": "cpu", "max_epochs": 1},
+    )
+    fit(cfg)
+    return checkpoint
+
+
+def seed_states(settings: Any, checkpoint: Path, users: int, history: int, seed: int) -> list[str]:
+    """Push ``users`` states of ``history`` ML-100K items each through Feast; popularity for the domain."""
+    import pandas as pd
+    import redis
+    import torch
+    from feast.data_source import PushMode
+
+    from infra.feast_store import open_feature_store
+    from models.tokenizer import TokenizedEvent
+    from models.user_state import states_from_events
+
+    vocab = list(torch.load(checkpoint, map_location="cpu", weights_only=False)["vocab"])
+    rng = random.Random(seed)
+    base = int(time.time() * 1000) - 86_400_000
+    events = []
+    ids = [f"bench-u{i}" for i in range(users)]
+    for user in ids:
+        for n, item in enumerate(rng.sample(vocab, history)):
+            events.append(
+                TokenizedEvent(event_id=f"{user}-{n}", user_id=user, item_id=str(item), event_time=base + n * 60_000,
+                               domain=DOMAIN, action_token=2, rating_token=8, duration_token=0, hour_token=10)
+            )
+    frame = pd.DataFrame([s.to_feature_row() for s in states_from_events(events).values()])
+    frame["event_timestamp"] = pd.Timestamp.now(tz="UTC")
+    open_feature_store(settings).push("user_recent_events_push", frame, to=PushMode.ONLINE)
+    popular = {str(item): float(len(vocab) - i) for i, item in enumerate(vocab)}
+    redis.Redis.from_url(settings.redis_url).zadd(f"ugt:popularity:{DOMAIN}", popular)
+    return ids
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    port: int
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_healthy(server: Server, timeout_s: float = 120.0) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise SystemExit(f"bench.serving: {server.name} exited at start; see {server.log}")
+        try:
+            if requests.get(f"http://127.0.0.1:{server.port}/health", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"bench.serving: {server.name} not healthy in {timeout_s:.0f} s; see {server.log}")
+
+
+def start_server(name: str, workdir: Path, env: dict[str, str], config: dict[str, Any] | None) -> Server:
+    """``ugt serve`` with ``config`` (YAML), or the anchor when config is None."""
+    port = free_port()
+    log = workdir / f"{name}.log"
+    if config is None:
+        cmd = [sys.executable, "-m", "bench.serving", "--serve-anchor", str(port)]
+    else:
+        path = workdir / f"{name}.yaml"
+        path.write_text(json.dumps(config))  # JSON is YAML
+        cmd = [str(Path(sys.executable).parent / "ugt"), "serve", "--config", str(path), "--port", str(port)]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(name, proc, port, log)
+    wait_healthy(server)
+    return server
+
+
+# -- the open-loop load generator ------------------------------------------------------------------------
+@dataclass
+class Sample:
+    latency_ms: float
+    status: int
+    timings: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 0
+    fallback: bool = False
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; a request at a time (no pipelining)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def post(self, body: bytes) -> tuple[int, bytes]:
+        self.writer.write(
+            b"POST /recommend HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def open_loop(port: int, rate: float, duration_s: float, users: list[str], k: int,
+                    connections: int, seed: int) -> tuple[list[Sample], float]:
+    """Poisson arrivals at ``rate`` for ``duration_s``; latency from the scheduled time. (samples, wall s)."""
+    rng = random.Random(seed)
+    schedule, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration_s:
+            break
+        schedule.append(t)
+    pool: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(connections):
+        pool.put_nowait(await Connection.open(port))
+    samples: list[Sample] = []
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.05
+
+    async def one(scheduled: float, user: str) -> None:
+        conn = await pool.get()
+        try:
+            status, body = await conn.post(json.dumps({"user_id": user, "k": k}).encode())
+        except (OSError, asyncio.IncompleteReadError):
+            samples.append(Sample((loop.time() - scheduled) * 1000.0, 599))
+            pool.put_nowait(await Connection.open(port))
+            return
+        done = loop.time()
+        pool.put_nowait(conn)
+        sample = Sample((done - scheduled) * 1000.0, status)
+        if status == 200:
+            answer = json.loads(body)
+            sample.timings = answer.get("timings_ms") or {}
+            sample.batch_size = answer.get("batch_size", 0)
+            sample.fallback = bool(answer.get("fallback"))
+        samples.append(sample)
+
+    tasks = []
+    for i, offset in enumerate(schedule):
+        scheduled = start + offset
+        delay = scheduled - loop.time()
+        if delay > 0.0005:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(scheduled, users[i % len(users)])))
+    await asyncio.gather(*tasks)
+    wall = loop.time() - start
+    while not pool.empty():
+        pool.get_nowait().close()
+    return samples, wall
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100.0 * len(values)))]
+
+
+def summarize(config: str, rate: float, samples: list[Sample], wall: float) -> dict[str, Any]:
+    lat = [s.latency_ms for s in samples]
+    ok = [s for s in samples if s.status == 200]
+    row: dict[str, Any] = {
+        "config": config,
+        "qps": rate,
+        "achieved_qps": round(len(samples) / wall, 1),
+        "requests": len(samples),
+        "p50_ms": round(pct(lat, 50), 3),
+        "p99_ms": round(pct(lat, 99), 3),
+        "p999_ms": round(pct(lat, 99.9), 3),
+        "max_ms": round(max(lat), 3) if lat else float("nan"),
+        "non_200": len(samples) - len(ok),
+        "fallbacks": sum(s.fallback for s in ok),
+    }
+    with_timings = [s for s in ok if s.timings]
+    if with_timings:
+        row["mean_batch"] = round(statistics.fmean(s.batch_size for s in with_timings), 2)
+        row["stages_ms"] = {
+            stage: {
+                "p50": round(pct([s.timings.get(stage, 0.0) for s in with_timings], 50), 3),
+                "p99": round(pct([s.timings.get(stage, 0.0) for s in with_timings], 99), 3),
+            }
+            for stage in STAGES
+        }
+        # server-side total vs client latency: the rest is HTTP, event loop and the client itself
+        row["http_p50_ms"] = round(row["p50_ms"] - row["stages_ms"]["total"]["p50"], 3)
+    return row
+
+
+def run_config(name: str, port: int, rates: list[float], args: argparse.Namespace, users: list[str]) -> list[dict]:
+    rows = []
+    asyncio.run(open_loop(port, min(rates), 1.0, users, args.k, args.connections, args.seed))  # warm up
+    for rate in tqdm(rates, desc=name, unit="rate", file=sys.stderr):
+        samples, wall = asyncio.run(
+            open_loop(port, rate, args.duration, users, args.k, args.connections, args.seed + int(rate))
+        )
+        rows.append(summarize(name, rate, samples, wall))
+        time.sleep(0.5)
+    return rows
+
+
+def cpu_configs(checkpoint: Path, names: list[str]) -> dict[str, dict[str, Any] | None]:
+    common = {"default_domain": DOMAIN, "log_level": "warning", "batch_max_size": 64, "batch_max_wait_ms": 1.0}
+    all_configs: dict[str, dict[str, Any] | None] = {
+        "anchor-fastapi": None,
+        "popularity": common | {"generator": "popularity"},
+        "ugt-tiny": common | {"generator": "ugt", "checkpoint": str(checkpoint)},
+    }
+    unknown = [n for n in names if n not in all_configs]
+    if unknown:
+        raise SystemExit(f"bench.serving: unknown --configs {unknown}; known: {list(all_configs)}")
+    return {n: all_configs[n] for n in names}
+
+
+def run_cpu(args: argparse.Namespace) -> int:
+    from infra.settings import Settings, get_settings
+
+    rates = [float(r) for r in args.rates.split(",")]
+    names = ["anchor-fastapi", *[n for n in args.configs.split(",") if n and n != "anchor-fastapi"]]
+    checkpoint = ensure_checkpoint(get_settings().cache_dir)
+    configs = cpu_configs(checkpoint, names)
+    workdir = Path(tempfile.mkdtemp(prefix="ugt-bench-serving-"))
+    redis_proc, redis_port = start_redis(workdir)
+    env = os.environ | {"UGT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "PYTHONPATH": str(REPO)}
+    servers: list[Server] = []
+    rows: list[dict] = []
+    try:
+        os.environ["UGT_REDIS_URL"] = env["UGT_REDIS_URL"]
+        users = seed_states(Settings(), checkpoint, args.users, args.history, args.seed)
+        for name, config in configs.items():
+            server = start_server(name, workdir, env, config)
+            servers.append(server)
+            try:
+                rows += run_config(name, server.port, rates, args, users)
+            finally:
+                server.stop()
+    finally:
+        for server in servers:
+            server.stop()
+        redis_proc.terminate()
+        redis_proc.wait(timeout=15)
+        shutil.rmtree(workdir, ignore_errors=True)
+    columns = ["config", "qps", "achieved_qps", "p50_ms", "p99_ms", "p999_ms", "non_200", "fallbacks", "mean_batch"]
+    print_table(rows, columns)
+    stage_rows = [
+        {"config": r["config"], "qps": r["qps"], **{f"{s}_p50": r["stages_ms"][s]["p50"] for s in STAGES},
+         **{f"{s}_p99": r["stages_ms"][s]["p99"] for s in ("queue", "generate", "total")}, "http_p50": r["http_p50_ms"]}
+        for r in rows if "stages_ms" in r
+    ]
+    print_table(stage_rows)
+    target = next((r for r in rows if r["config"] == "ugt-tiny" and r["qps"] == 1000.0), None)
+    payload = {
+        "benchmark": "serving_cpu",
+        "device": machine_info(),
+        "load": {"arrivals": "poisson, open loop; latency from the scheduled send time", "duration_s": args.duration,
+                 "connections": args.connections, "k": args.k, "users": args.users, "history": args.history,
+                 "client": "asyncio keep-alive HTTP/1.1 client in the bench process, same box"},
+        "anchor": "anchor-fastapi: a trivial FastAPI endpoint (constant answer), uvicorn, same box, same load",
+        "target": "ugt-tiny: P99 <= 20 ms at 1,000 req/s end to end",
+        "target_met": bool(target and target["p99_ms"] <= 20.0 and target["non_200"] == 0),
+        "rows": rows,
+    }
+    if Path(args.out).resolve().parent == RESULTS:
+        write_result(Path(args.out).stem, payload)
+    else:
+        _write(args.out, payload)
+    return 0
+
+
+def _write(path: str, payload: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu", help="cpu: end to end here; gpu: bench.serving_gpu")
+    parser.add_argument("--rates", default="250,500,1000,2000", help="req/s to offer, comma-separated (default: %(default)s)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per rate (default: %(default)s)")
+    parser.add_argument("--configs", default="popularity,ugt-tiny",
+                        help="served configs besides the anchor: popularity, ugt-tiny (default: %(default)s)")
+    parser.add_argument("--connections", type=int, default=128, help="client keep-alive connections (default: %(default)s)")
+    parser.add_argument("--users", type=int, default=2000, help="users with state (default: %(default)s)")
+    parser.add_argument("--history", type=int, default=50, help="events per user state (default: %(default)s)")
+    parser.add_argument("--k", type=int, default=10, help="items per request (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", default=str(RESULTS / "serving_cpu.json"), help="result JSON (default: %(default)s)")
+    parser.add_argument("--serve-anchor", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_anchor:
+        serve_anchor(args.serve_anchor)
+        return 0
+    if args.target == "gpu":
+        from bench.serving_gpu import run_gpu_bench  # H4's module: the generator alone, batched, on a GPU
+
+        return int(run_gpu_bench(args) or 0)
+    return run_cpu(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The token data lake: parquet files partitioned by event date, written by the tokenize job, read by Feast and the trainer.
+
+Layout (Hive-style partitions, one folder per UTC day of event time)::
+
+    var/lake/events_tokens/dt=2000-12-31/part-<uuid>-<subtask>-<n>.parquet
+    var/lake/events_tokens/dt=2000-12-31/_SUCCESS          # partition committed (success-file policy)
+
+Writing: Flink's own filesystem sink (SQL ``'connector'='filesystem'``, ``'format'='parquet'``), fed by the
+tokenize operator's LAKE_TAG side output. Files roll and become visible only when a checkpoint completes, and
+a restore discards what the failed attempt had in progress, so each token lands in exactly one committed file
+(exactly-once). In-progress files are hidden (``.part-*``), which pyarrow, pandas and Feast skip.
+
+Reading (:func:`read_lake`, :func:`lake_ratings`): pyarrow over the folder, deduplicated by ``event_id`` anyway,
+so a second job writing the same events (a replay under a new consumer group) never doubles a rating.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from models.tokenizer import ACTIONS, TokenizedEvent
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Columns the Python operator emits; event_ts (TIMESTAMP) and dt are computed by Flink SQL from event_time.
+LAKE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("event_id", "STRING"),
+    ("user_id", "STRING"),
+    ("item_id", "STRING"),
+    ("event_time", "BIGINT"),
+    ("domain", "STRING"),
+    ("action_token", "INT"),
+    ("rating_token", "INT"),
+    ("duration_token", "INT"),
+    ("hour_token", "INT"),
+    ("weekday_token", "INT"),
+    ("context_tokens", "ARRAY<BIGINT>"),
+    ("semantic_ids", "ARRAY<INT>"),
+    ("sid_version", "STRING"),
+    ("tokenizer_version", "INT"),
+    ("src_partition", "INT"),
+    ("src_offset", "BIGINT"),
+)
+
+
+def default_lake_dir() -> Path:
+    from infra.settings import get_settings
+
+    return get_settings().var_dir / "lake" / "events_tokens"
+
+
+def lake_row_type():
+    """PyFlink type of the LAKE_TAG rows (field order = LAKE_FIELDS)."""
+    from pyflink.common import Types
+
+    kinds = {"STRING": Types.STRING(), "BIGINT": Types.LONG(), "INT": Types.INT(),
+             "ARRAY<BIGINT>": Types.BASIC_ARRAY(Types.LONG()), "ARRAY<INT>": Types.BASIC_ARRAY(Types.INT())}
+    return Types.ROW_NAMED([n for n, _ in LAKE_FIELDS], [kinds[t] for _, t in LAKE_FIELDS])
+
+
+def lake_row(event: TokenizedEvent, partition: int, offset: int):
+    """One token as a LAKE_TAG row (arrays as lists: PyFlink's BASIC_ARRAY takes lists)."""
+    from pyflink.common import Row
+
+    return Row(event.event_id, event.user_id, event.item_id, event.event_time, event.domain, event.action_token,
+               event.rating_token, event.duration_token, event.hour_token, event.weekday_token,
+               list(event.context_tokens), list(event.semantic_ids), event.sid_version, event.tokenizer_version,
+               int(partition), int(offset))
+
+
+def lake_sink_ddl(table: str, path: str | Path, rollover: str = "128MB") -> str:
+    """The filesystem sink table: LAKE_FIELDS + event_ts, partitioned by dt; files commit on checkpoints."""
+    columns = ",\n  ".join(f"`{n}` {t}" for n, t in LAKE_FIELDS)
+    return (
+        f"CREATE TEMPORARY TABLE `{table}` (\n  {columns},\n  `event_ts` TIMESTAMP(3),\n  `dt` STRING\n"
+        ") PARTITIONED BY (`dt`) WITH (\n"
+        "  'connector' = 'filesystem',\n"
+        f"  'path' = '{Path(path).resolve().as_uri()}',\n"
+        "  'format' = 'parquet',\n"
+        "  'parquet.compression' = 'SNAPPY',\n"
+        f"  'sink.rolling-policy.file-size' = '{rollover}',\n"
+        "  'sink.partition-commit.trigger' = 'process-time',\n"
+        "  'sink.partition-commit.delay' = '0 s',\n"
+        "  'sink.partition-commit.policy.kind' = 'success-file'\n"
+        ")"
+    )
+
+
+def lake_insert_sql(table: str, view: str) -> str:
+    """event_ts and dt from event_time (epoch ms, UTC: the job sets table.local-time-zone to UTC)."""
+    names = ", ".join(f"`{n}`" for n, _ in LAKE_FIELDS)
+    return (
+        f"INSERT INTO `{table}` SELECT {names}, "
+        "CAST(TO_TIMESTAMP_LTZ(`event_time`, 3) AS TIMESTAMP(3)) AS `event_ts`, "
+        "DATE_FORMAT(TO_TIMESTAMP_LTZ(`event_time`, 3), 'yyyy-MM-dd') AS `dt` "
+        f"FROM `{view}`"
+    )
+
+
+def add_lake_sink(t_env, statements, stream, path: str | Path, table: str = "lake_sink") -> None:
+    """Write the LAKE_TAG stream to parquet under `path` (added to the statement set)."""
+    t_env.get_config().set("table.local-time-zone", "UTC")
+    t_env.execute_sql(lake_sink_ddl(table, path))
+    t_env.create_temporary_view(f"{table}_input", t_env.from_data_stream(stream))
+    statements.add_insert_sql(lake_insert_sql(table, f"{table}_input"))
+
+
+def read_lake(path: str | Path | None = None, start: str | None = None, end: str | None = None) -> pd.DataFrame:
+    """Every committed token in the lake (dt between start and end, inclusive, as YYYY-MM-DD), one row per event_id.
+
+    Ordered by event time, then by where the event came from (partition, offset), so reading twice gives the
+    same order. Raises FileNotFoundError with what to run when the lake is empty.
+    """
+    import pyarrow.dataset as ds
+
+    folder = Path(path) if path else default_lake_dir()
+    files = [p for p in folder.glob("dt=*/*") if p.is_file() and not p.name.startswith((".", "_"))]
+    if not files:
+        raise FileNotFoundError(f"no committed parquet files under {folder}: run the tokenize job with --lake "
+                                f"{folder} (files commit on checkpoints)")
+    dataset = ds.dataset(str(folder), format="parquet", partitioning="hive",
+                         exclude_invalid_files=False, ignore_prefixes=[".", "_"])
+    filters = None
+    if start:
+        filters = ds.field("dt") >= start
+    if end:
+        filters = (ds.field("dt") <= end) if filters is None else filters & (ds.field("dt") <= end)
+    frame = dataset.to_table(filter=filters).to_pandas()
+    frame["dt"] = frame["dt"].astype(str)
+    frame = frame.sort_values(["event_time", "src_partition", "src_offset", "event_id"], kind="stable")
+    return frame.drop_duplicates("event_id", keep="first").reset_index(drop=True)
+
+
+def lake_ratings(path: str | Path | None = None, **window: Any) -> pd.DataFrame:
+    """The lake as the trainer's ratings frame (streams.datasets' generic format).
+
+    user_id, item_id (str), timestamp (epoch s), rating (stars back from the half-star rating token; NaN when
+    none), row (order in the lake), action (VIEW/CLICK/RATE/...).
+    """
+    import numpy as np
+    import pandas as pd
+
+    tokens = read_lake(path, **window)
+    ratings = pd.DataFrame({
+        "user_id": tokens["user_id"].astype(str),
+        "item_id": tokens["item_id"].astype(str),
+        "timestamp": (tokens["event_time"] // 1000).astype("int64"),
+        "rating": np.where(tokens["rating_token"] > 0, tokens["rating_token"] / 2.0, np.nan),
+        "row": np.arange(len(tokens), dtype="int64"),
+        "action": [ACTIONS[t] if 0 <= t < len(ACTIONS) else "UNKNOWN" for t in tokens["action_token"]],
+    })
+    return ratings
+
+
+def lake_dataset(path: str | Path | None = None, **window: Any):
+    """A streams.datasets.Dataset over the lake's ratings (no item metadata: the lake holds events only)."""
+    import pandas as pd
+
+    from streams.datasets import Dataset
+
+    ratings = lake_ratings(path, **window)
+    items = pd.DataFrame({"item_id": pd.unique(ratings["item_id"]), "title": "", "year": pd.NA, "genres": None})
+    return Dataset(name=f"lake:{Path(path) if path else default_lake_dir()}", ratings=ratings, items=items)

@@ -1,0 +1,1 @@
+"""Fused GPU kernels (Triton) beside their PyTorch references; the references always run."""

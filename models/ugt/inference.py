@@ -1,0 +1,417 @@
+"""Batched UGT inference for serving: packed rows in, top-k items out; fused attention, KV cache, CUDA graphs.
+
+Why each piece:
+* **One host-to-device copy per batch.** Every request's model row (``models.data.history_row``) and its
+  excluded item indices are packed into one int64 (B, W) tensor in pinned memory and copied once.
+* **Prefill** runs the whole stack on the padded batch (``UGT.sequence_inputs`` embeds exactly as training),
+  with the Triton HSTU attention (bias computed in the kernel) where it runs, else the PyTorch reference.
+* **KV cache of the user prefix.** HSTU attention is causal, so the keys/values of every position before
+  the last event depend only on the user's past, never on the request time. With ``cache_slots > 0`` a
+  prefill keeps each user's per-layer K/V in a slot pool; a later request whose prefix is unchanged (same
+  events, only the request time differs) runs only its last token through the layers against the cached
+  prefix (``decode``): O(T) per layer instead of O(T^2). A user whose window moved is prefilled again.
+* **bf16 + CUDA graphs** on GPU: prefill and decode are captured once per batch bucket (e.g. 1, 8, 32, 128)
+  and replayed; the batch is padded up to the bucket. The CPU path is the same code in fp32, eagerly.
+* **Retrieval + constrained generation.** Exact dot-product top-k over the item table (history and
+  ``exclude`` masked), and optionally the semantic-ID beam search constrained by the prefix trie; the two
+  lists are merged by reciprocal rank (``merge="rrf"``). Candidates are scored against the cached user
+  state in micro-batches (``score_candidates``), so a ranker can ask for any candidate set.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.hstu import HSTUBlock, bucketize_time_gaps, hstu_attention
+from models.tokenizer import TOKEN_GROUP_ITEM
+from models.ugt.model import UGT
+
+ROW_FIELDS = ("ids", "times", "query_times", "ratings", "gaps", "query_gaps")  # (B, N) each
+RRF_K = 60.0  # reciprocal-rank fusion constant (Cormack et al.)
+
+
+@dataclass
+class InferenceConfig:
+    device: str = "cpu"
+    dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    fused_attention: bool = True  # Triton HSTU attention where it runs (CUDA)
+    cuda_graphs: bool = True  # capture prefill/decode per batch bucket (CUDA only)
+    batch_buckets: tuple[int, ...] = (1, 8, 32, 128)
+    cache_slots: int = 0  # users whose prefix K/V is kept (0 = no KV cache)
+    beam_size: int = 0  # > 0: also semantic-ID beam search (needs the model's semantic-ID head)
+    merge: str = "retrieval"  # "retrieval" (dot-product top-k only) | "rrf" (retrieval + beam, rank-fused)
+    candidate_micro_batch: int = 512  # M-FALCON-style micro-batch of candidates scored at once
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
+
+
+@dataclass
+class TopK:
+    """One request's answer: item indices (best first) and their scores."""
+
+    indices: np.ndarray
+    scores: np.ndarray
+
+
+def prefix_fingerprint(row: dict[str, np.ndarray]) -> bytes:
+    """Hash of everything in a one-row input except the last position's request time: the cache key."""
+    n = int(row["lengths"][0])
+    h = hashlib.blake2b(digest_size=16)
+    for key in ("ids", "times", "ratings", "gaps", "long_ids", "long_times"):
+        h.update(np.ascontiguousarray(row[key]).tobytes())
+    for key in ("query_times", "query_gaps"):
+        h.update(np.ascontiguousarray(row[key][0, : max(n - 1, 0)]).tobytes())
+    return h.digest()
+
+
+class PrefixCache:
+    """LRU of user key -> (slot, prefix fingerprint); slot ``capacity`` is scratch (never cached)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        self.free = list(range(capacity - 1, -1, -1))
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def scratch(self) -> int:
+        return self.capacity
+
+    def assign(self, keys: list[str | None], prints: list[bytes]) -> tuple[list[int], list[bool]]:
+        """(slot, hit) per row; a repeated key in one batch and ``None`` keys get the scratch slot, uncached."""
+        slots, hits, seen = [], [], set()
+        for key, fp in zip(keys, prints, strict=True):
+            if key is None or key in seen or self.capacity == 0:
+                slots.append(self.scratch)
+                hits.append(False)
+                continue
+            seen.add(key)
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.entries.move_to_end(key)
+                if entry[1] == fp:
+                    slots.append(entry[0])
+                    hits.append(True)
+                    self.hits += 1
+                    continue
+                slot = entry[0]
+            else:
+                if not self.free:
+                    _, (slot_old, _) = self.entries.popitem(last=False)
+                    self.free.append(slot_old)
+                slot = self.free.pop()
+            self.entries[key] = (slot, fp)
+            slots.append(slot)
+            hits.append(False)
+            self.misses += 1
+        return slots, hits
+
+
+def _attn_inputs(block: HSTUBlock, x: torch.Tensor):
+    """HSTUBlock's projections: u (B, N, H*dv), q/k (B, N, H, dqk), v (B, N, H, dv)."""
+    B, N, _ = x.shape
+    H = block.num_heads
+    normed = F.layer_norm(x, (block.d_model,), eps=block.eps)
+    u, v, q, k = torch.split(F.silu(normed @ block.uvqk), [block.dv * H, block.dv * H, block.dqk * H, block.dqk * H],
+                             dim=-1)
+    return u, q.view(B, N, H, block.dqk), k.view(B, N, H, block.dqk), v.view(B, N, H, block.dv)
+
+
+def _attn_output(block: HSTUBlock, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    gated = u * F.layer_norm(attn, (block.dv * block.num_heads,), eps=block.eps)
+    return x + block.o(gated)
+
+
+class UGTInference:
+    """Serves one UGT model: ``recommend(rows, excludes, k, user_keys)`` -> a TopK per row."""
+
+    def __init__(self, model: UGT, config: InferenceConfig | None = None):
+        self.config = c = config or InferenceConfig()
+        self.device = torch.device(c.device)
+        self.dtype = c.torch_dtype()
+        if c.merge not in ("retrieval", "rrf"):
+            raise ValueError(f"merge must be 'retrieval' or 'rrf', got {c.merge!r}")
+        if (c.beam_size > 0 or c.merge == "rrf") and model.sid_head is None:
+            raise ValueError("beam search / rrf merge needs a model with a semantic-ID head")
+        self.model = copy.deepcopy(model).to(self.device, self.dtype).eval().requires_grad_(False)
+        mc = self.model.config
+        self.N = mc.multiscale.recent_len
+        self.G = mc.multiscale.long_groups if self.model.compressor is not None else 0
+        self.E = max(mc.multiscale.max_long if self.G else 0, 1)
+        self.T = self.G + self.N
+        self.width = 6 * self.N + 1 + 2 * self.E
+        self.fused = False
+        if c.fused_attention:
+            from models.kernels.hstu_attention import triton_status
+
+            self.fused = triton_status(self.device)[0] and self.device.type == "cuda"
+        self.graphs_on = c.cuda_graphs and self.device.type == "cuda"
+        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        with torch.inference_mode():
+            self.table = self.model.item_embeddings().to(self.dtype)  # (V + 1, D), L2-normalised
+        self.num_items = self.table.shape[0] - 1
+        self._pinned: dict[tuple[int, int], torch.Tensor] = {}  # reused pinned staging buffers by shape
+        self.cache = PrefixCache(c.cache_slots) if c.cache_slots > 0 else None
+        if self.cache is not None:
+            L = len(self.model.layers)
+            blk = self.model.layers[0].attn
+            S = c.cache_slots + 1
+            self.pool_k = torch.zeros(L, S, self.T, blk.num_heads, blk.dqk, device=self.device, dtype=self.dtype)
+            self.pool_v = torch.zeros(L, S, self.T, blk.num_heads, blk.dv, device=self.device, dtype=self.dtype)
+            self.pool_t = torch.zeros(S, self.T, device=self.device, dtype=torch.int64)
+            self.pool_valid = torch.zeros(S, self.T, device=self.device, dtype=torch.bool)
+
+    # ---- packing ---------------------------------------------------------------------------------
+
+    def pack(self, rows: list[dict[str, np.ndarray]], excludes: list[np.ndarray], slots: list[int],
+             pad_to: int) -> torch.Tensor:
+        """One int64 (pad_to, W + 1 + X) host tensor (pinned and reused on CUDA): rows, cache slot, exclusions."""
+        X = max([len(e) for e in excludes] + [1])
+        X = 1 << (X - 1).bit_length()  # a few distinct widths only
+        shape = (pad_to, self.width + 1 + X)
+        if self.device.type == "cuda":
+            host = self._pinned.get(shape)
+            if host is None:
+                host = self._pinned[shape] = torch.empty(shape, dtype=torch.int64, pin_memory=True)
+            buf = host.numpy()
+            buf.fill(0)
+        else:
+            host = torch.zeros(shape, dtype=torch.int64)
+            buf = host.numpy()
+        n, N, E = len(rows), self.N, self.E
+        for f, key in enumerate(ROW_FIELDS):
+            buf[:n, f * N : (f + 1) * N] = np.concatenate([r[key] for r in rows])
+        buf[:n, 6 * N] = np.concatenate([r["lengths"] for r in rows])
+        buf[:n, 6 * N + 1 : 6 * N + 1 + E] = np.concatenate([r["long_ids"][:, :E] for r in rows])
+        buf[:n, 6 * N + 1 + E : 6 * N + 1 + 2 * E] = np.concatenate([r["long_times"][:, :E] for r in rows])
+        buf[:n, self.width] = slots
+        buf[n:, self.width] = self.cache.scratch if self.cache is not None else 0
+        for b, e in enumerate(excludes):
+            buf[b, self.width + 1 : self.width + 1 + len(e)] = e
+        return host
+
+    def unpack(self, dev: torch.Tensor) -> dict[str, torch.Tensor]:
+        N, E = self.N, self.E
+        batch = {key: dev[:, f * N : (f + 1) * N] for f, key in enumerate(ROW_FIELDS)}
+        batch["lengths"] = dev[:, 6 * N]
+        batch["long_ids"] = dev[:, 6 * N + 1 : 6 * N + 1 + E]
+        batch["long_times"] = dev[:, 6 * N + 1 + E : 6 * N + 1 + 2 * E]
+        return batch
+
+    # ---- the stack -------------------------------------------------------------------------------
+
+    def _last(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """L2-normalised state at each row's last event: (B, D) in fp32."""
+        pos = (self.G + lengths - 1).clamp(min=0)
+        h = x.gather(1, pos.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)
+        return F.normalize(h.float(), dim=-1, eps=1e-6)
+
+    def prefill(self, buf: torch.Tensor) -> torch.Tensor:
+        """Whole-sequence forward of a packed device batch; keeps K/V in the slot pool when caching."""
+        batch = self.unpack(buf[:, : self.width])
+        slots = buf[:, self.width]
+        x, times, query_times, valid, types = self.model.sequence_inputs(batch)
+        for li, layer in enumerate(self.model.layers):
+            blk = layer.attn
+            u, q, k, v = _attn_inputs(blk, x)
+            if self.cache is not None:
+                self.pool_k[li].index_copy_(0, slots, k)
+                self.pool_v[li].index_copy_(0, slots, v)
+            if self.fused:
+                from models.kernels.hstu_attention import RelBias, fused_hstu_attention
+
+                rel = RelBias(blk.rab.pos_w, blk.rab.ts_w, times, query_times, blk.max_len)
+                attn = fused_hstu_attention(q, k, v, valid, float(blk.max_len), rel=rel)
+            else:
+                attn = hstu_attention(q, k, v, blk.rab(times, query_times), valid, float(blk.max_len))
+            x = _attn_output(blk, x, u, attn)
+            h, _ = layer.ffn(layer.norm(x, types), valid)
+            x = x + h
+        if self.cache is not None:
+            self.pool_t.index_copy_(0, slots, times)
+            self.pool_valid.index_copy_(0, slots, valid)
+        return self._last(x, batch["lengths"])
+
+    def decode(self, buf: torch.Tensor) -> torch.Tensor:
+        """Only each row's last event through the stack, against its cached prefix K/V (slot in the buffer)."""
+        if self.cache is None:
+            raise RuntimeError("decode needs cache_slots > 0")
+        batch = self.unpack(buf[:, : self.width])
+        slots = buf[:, self.width]
+        m = self.model
+        B = buf.shape[0]
+        last = (batch["lengths"] - 1).clamp(min=0).view(B, 1)
+        take = {key: batch[key].gather(1, last) for key in ROW_FIELDS}  # (B, 1) each
+        p = (self.G + last).view(B)  # the last event's position in the full sequence
+        types = torch.full_like(take["ids"], TOKEN_GROUP_ITEM)
+        x = m.embed(take["ids"], take["ratings"], take["gaps"], types, p.view(B, 1))
+        tok_valid = take["ids"] != 0
+        if m.context is not None:
+            x = x + m.context(take["query_times"], take["query_gaps"]) * tok_valid.unsqueeze(-1).to(x.dtype)
+        times_c = self.pool_t.index_select(0, slots)
+        ar = torch.arange(self.T, device=buf.device)
+        mask = (ar.view(1, -1) <= p.view(-1, 1)) & self.pool_valid.index_select(0, slots)
+        mask[torch.arange(B, device=buf.device), p] = tok_valid[:, 0]
+        rows = torch.arange(B, device=buf.device)
+        for li, layer in enumerate(m.layers):
+            blk = layer.attn
+            u, q, k, v = _attn_inputs(blk, x)
+            kc = self.pool_k[li].index_select(0, slots)
+            vc = self.pool_v[li].index_select(0, slots)
+            kc[rows, p] = k[:, 0]
+            vc[rows, p] = v[:, 0]
+            scores = torch.einsum("bhd,bthd->bht", q[:, 0], kc)
+            pos_bias = blk.rab.pos_w[p.view(-1, 1) - ar.view(1, -1) + blk.max_len - 1]
+            ts_bias = blk.rab.ts_w[bucketize_time_gaps(take["query_times"] - times_c, blk.rab.num_buckets)]
+            w = F.silu(scores + (pos_bias + ts_bias).unsqueeze(1).to(scores.dtype)) / float(blk.max_len)
+            w = w * mask.unsqueeze(1).to(w.dtype)
+            attn = torch.einsum("bht,bthd->bhd", w, vc).reshape(B, 1, -1)
+            x = _attn_output(blk, x, u, attn)
+            h, _ = layer.ffn(layer.norm(x, types), tok_valid)
+            x = x + h
+        return F.normalize(x[:, 0].float(), dim=-1, eps=1e-6)
+
+    def _run(self, kind: str, buf: torch.Tensor) -> torch.Tensor:
+        """prefill/decode of a device batch, through a captured CUDA graph when on."""
+        fn = self.prefill if kind == "prefill" else self.decode
+        if not self.graphs_on:
+            return fn(buf)
+        key = (kind, buf.shape[0])
+        if key not in self.graphs or self.graphs[key][1].shape[1] != buf.shape[1]:
+            self.graphs[key] = self._capture(fn, buf)
+        graph, static_in, static_out, _ = self.graphs[key]
+        static_in.copy_(buf)
+        graph.replay()
+        return static_out
+
+    def _capture(self, fn, buf: torch.Tensor):
+        static_in = buf.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = fn(static_in)
+        return graph, static_in, static_out, None
+
+    def bucket(self, n: int) -> int:
+        """The smallest batch bucket >= n (n itself past the largest, or without graphs)."""
+        if not self.graphs_on:
+            return n
+        for size in sorted(self.config.batch_buckets):
+            if size >= n:
+                return size
+        return n
+
+    # ---- heads -----------------------------------------------------------------------------------
+
+    def users(self, host: torch.Tensor, hits: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user states (B, D) fp32, the device buffer): one H2D copy, prefill and/or decode by cache hit."""
+        dev = host.to(self.device, non_blocking=True)
+        n = len(hits)
+        if self.cache is None or not any(hits):
+            return self._run("prefill", dev), dev
+        if all(hits):
+            return self._run("decode", dev), dev
+        out = torch.empty(dev.shape[0], self.model.config.d_model, device=self.device)
+        hit_idx = [i for i, h in enumerate(hits) if h]
+        miss_idx = [i for i in range(n) if not hits[i]]
+        for kind, idx in (("decode", hit_idx), ("prefill", miss_idx)):
+            sel = torch.as_tensor(idx, device=self.device)
+            sub = dev.index_select(0, sel)
+            size = self.bucket(len(idx))
+            if size > len(idx):
+                pad = sub[:1].expand(size - len(idx), -1).clone()
+                pad[:, self.width] = self.cache.scratch
+                sub = torch.cat([sub, pad])
+            out[sel] = self._run(kind, sub)[: len(idx)]
+        return out, dev
+
+    def retrieve(self, user: torch.Tensor, dev: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k (scores, indices) over the table with padding, history and exclusions masked, + valid counts."""
+        excl = dev[:, self.width + 1 :]
+        scores = user.to(self.dtype) @ self.table.T
+        scores = scores.float()
+        invalid = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, excl, True)
+        invalid[:, 0] = True
+        counts = (~invalid).sum(1)
+        top = scores.masked_fill(invalid, float("-inf")).topk(min(k, self.num_items), dim=1)
+        return top.values, top.indices, counts
+
+    def generate(self, user: torch.Tensor, dev: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Constrained semantic-ID beam search: (items (B, beam), log-probs), excluded items dropped (-inf)."""
+        items, logp = self.model.generate(user.to(self.dtype), beam)
+        excl = dev[:, self.width + 1 :]
+        banned = (items.unsqueeze(-1) == excl.unsqueeze(1)).any(-1) | (items == 0)
+        return items, logp.masked_fill(banned, float("-inf"))
+
+    @torch.inference_mode()
+    def score_candidates(self, user: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Scores of given candidate items (B, C) against the users' states, in micro-batches of C."""
+        out = torch.empty(candidates.shape, device=self.device, dtype=torch.float32)
+        M = self.config.candidate_micro_batch
+        u = user.to(self.dtype).unsqueeze(1)
+        for start in range(0, candidates.shape[1], M):
+            chunk = candidates[:, start : start + M]
+            out[:, start : start + M] = (self.table[chunk] * u).sum(-1).float()
+        return out
+
+    @torch.inference_mode()
+    def recommend(self, rows: list[dict[str, np.ndarray]], excludes: list[np.ndarray], k: int,
+                  user_keys: list[str | None] | None = None, prints: list[bytes] | None = None) -> list[TopK]:
+        """Top-k item indices per row (history/exclusions never returned), one padded batch.
+
+        ``user_keys`` name the rows for the KV cache; ``prints`` are their prefix fingerprints (default:
+        :func:`prefix_fingerprint`; a caller that knows the state's version can pass something cheaper).
+        """
+        n = len(rows)
+        if n == 0:
+            return []
+        keys = user_keys if user_keys is not None else [None] * n
+        if self.cache is not None:
+            prints = prints if prints is not None else [prefix_fingerprint(r) for r in rows]
+            slots, hits = self.cache.assign(list(keys), prints)
+        else:
+            slots, hits = [0] * n, [False] * n
+        host = self.pack(rows, excludes, slots, self.bucket(n))
+        user, dev = self.users(host, hits)
+        user, dev = user[:n], dev[:n]
+        values, indices, counts = self.retrieve(user, dev, k)
+        if self.config.merge == "rrf":
+            values, indices = self._rrf(user, dev, indices, k)
+        values, indices, counts = values.cpu().numpy(), indices.cpu().numpy(), counts.cpu().numpy()
+        out = []
+        for b in range(n):
+            m = int(min(k, counts[b], np.isfinite(values[b]).sum()))
+            out.append(TopK(indices[b, :m].copy(), values[b, :m].copy()))
+        return out
+
+    def _rrf(self, user: torch.Tensor, dev: torch.Tensor, ret_idx: torch.Tensor, k: int):
+        """Reciprocal-rank fusion of the retrieval list and the beam-search list (scores: fused RRF)."""
+        beam = max(self.config.beam_size, k)
+        gen_idx, gen_logp = self.generate(user, dev, beam)
+        B = user.shape[0]
+        ranks = torch.arange(1, ret_idx.shape[1] + 1, device=self.device, dtype=torch.float32)
+        fused = torch.zeros(B, self.num_items + 1, device=self.device)
+        fused.scatter_add_(1, ret_idx, (1.0 / (RRF_K + ranks)).expand(B, -1).contiguous())
+        granks = torch.arange(1, gen_idx.shape[1] + 1, device=self.device, dtype=torch.float32).expand(B, -1)
+        contrib = torch.where(torch.isfinite(gen_logp), 1.0 / (RRF_K + granks), torch.zeros_like(granks))
+        fused.scatter_add_(1, gen_idx, contrib)
+        fused[:, 0] = 0
+        top = fused.topk(min(k, self.num_items), dim=1)
+        values = top.values.masked_fill(top.values <= 0, float("-inf"))
+        return values, top.indices

@@ -1,0 +1,143 @@
+"""Dynamic batching: concurrent requests share one state read and one generator call.
+
+Request handlers (on the asyncio event loop) ``await batcher.submit(item)``; one worker thread takes the
+first waiting item, waits at most ``max_wait_s`` from that item's arrival for up to ``max_size - 1`` more,
+then calls ``process(batch)`` once. Under light load a request waits at most ``max_wait_s``; under heavy load
+batches fill at once and the wait costs nothing, while the model runs once per batch instead of per request.
+The blocking work (Redis, torch) stays off the event loop, which only parses HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class Queued(Generic[T]):
+    """One waiting request: the item, when it arrived (perf_counter), and where its answer goes."""
+
+    item: T
+    arrived: float
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+class BatcherClosed(RuntimeError):
+    """submit() after close()."""
+
+
+def _resolve(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if future.done():  # the handler gave up (timeout / client gone)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class DynamicBatcher(Generic[T, R]):
+    """Groups submitted items into batches of at most ``max_size``, waiting at most ``max_wait_s``.
+
+    ``process(batch)`` gets the queued entries (so it can see each one's queueing time) and returns one
+    result per entry, in order; if it raises, every request of that batch gets the exception.
+    ``on_batch(size)`` is called once per batch (metrics).
+    """
+
+    def __init__(
+        self,
+        process: Callable[[Sequence[Queued[T]]], Sequence[R]],
+        *,
+        max_size: int,
+        max_wait_s: float,
+        on_batch: Callable[[int], None] | None = None,
+        name: str = "ugt-batcher",
+    ):
+        if max_size < 1 or max_wait_s < 0:
+            raise ValueError(f"max_size must be >= 1 and max_wait_s >= 0, got {max_size}, {max_wait_s}")
+        self.process = process
+        self.max_size = max_size
+        self.max_wait_s = max_wait_s
+        self.on_batch = on_batch
+        self._queue: queue.SimpleQueue[Queued[T] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._started = False
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if not self._started:
+                self._started = True
+                self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker after the batches already queued."""
+        self._closed = True
+        if self._started:
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    async def submit(self, item: T) -> R:
+        """The result of ``process`` for ``item``, computed in some batch."""
+        if self._closed:
+            raise BatcherClosed("the batcher is closed")
+        self.start()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(Queued(item, time.perf_counter(), future, loop))
+        return await future
+
+    def _collect(self, first: Queued[T]) -> tuple[list[Queued[T]], bool]:
+        """The batch that starts with ``first``; True when close() was seen while collecting."""
+        batch = [first]
+        deadline = first.arrived + self.max_wait_s
+        while len(batch) < self.max_size:
+            try:  # whatever is already waiting joins without waiting
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    nxt = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if nxt is None:
+                return batch, True
+            batch.append(nxt)
+        return batch, False
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, stop = self._collect(first)
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
+            try:
+                results = list(self.process(batch))
+                if len(results) != len(batch):
+                    raise RuntimeError(f"process returned {len(results)} results for {len(batch)} requests")
+                errors: list[BaseException | None] = [None] * len(batch)
+            except BaseException as exc:  # every waiter must hear back, whatever happened
+                log.exception("batch of %d failed", len(batch))
+                results, errors = [None] * len(batch), [exc] * len(batch)
+            for entry, result, error in zip(batch, results, errors, strict=True):
+                try:
+                    entry.loop.call_soon_threadsafe(_resolve, entry.future, result, error)
+                except RuntimeError:  # the loop is closed (app shut down)
+                    pass

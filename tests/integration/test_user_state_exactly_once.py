@@ -1,0 +1,215 @@
+"""Exactly-once effect of tokenize + user_state on real Kafka, Flink, Redis and Feast, with a kill -9 mid-replay.
+
+Issue #4's (a) and (b): 100,000 ML-1M events (plus a few deliberately late ones) go through both jobs on a
+PRIVATE standalone Flink cluster (tests/integration/user_state_exactly_once_cluster.py: own ports, same
+lib/), so killing its TaskManager does not hurt the shared one. Once user_state has checkpointed and
+written part of the replay, the TaskManager gets `kill -9`; a new TaskManager starts, both jobs restore from
+their last checkpoint (the test reads `latest.restored` from Flink's REST API) and finish the replay.
+Then, compared with what the same code computes offline from the same events
+(models.user_state.fold_events / long_term_rows_from_events, in publish order = per-user Kafka order):
+  * every user's `user_recent_events` row in Feast is exactly equal (the real-time path);
+  * every user's `user_long_term` row is exactly equal (the nearline compaction, on a 3 s timer here);
+  * the popularity ZSET counts every applied event exactly once: 0 lost, 0 applied twice;
+  * the late events are in the DLQ as LATE_EVENT, the offline rule rejects the same ones.
+Users, event ids, topics, consumer groups and the popularity domain carry a run id.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from user_state_exactly_once_cluster import PrivateFlinkCluster
+
+from infra.feast_store import open_feature_store
+from infra.settings import REPO_ROOT, Settings
+from jobs.user_state_logic import popularity_key
+from models.tokenizer import tokenize_event
+from models.user_state import (
+    FEATURE_NAMES,
+    LONG_TERM_FEATURE_NAMES,
+    LONG_TERM_VIEW,
+    fold_events,
+    long_term_rows_from_events,
+)
+from streams.datasets import load_dataset, user_events
+from streams.producer import EventPublisher
+from streams.serde import AvroSerde, SchemaRegistryClient
+from streams.topics import TopicSpec, ensure_topics
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+N_EVENTS = 100_000
+N_LATE = 20
+MAX_EVENTS = 50  # a small window, so many users spill into the long-term history
+LATENESS_S = 86_400
+COMPACT_MIN = 0.05  # 3 s
+CONVERGE_TIMEOUT_S = 420
+
+
+def read_topic(settings: Settings, topic: str) -> list[bytes]:
+    """Every committed value of a topic, from the beginning to the current end."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"read-{uuid.uuid4().hex}",
+                         "isolation.level": "read_committed", "enable.auto.commit": False})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = {p: hi for p in partitions
+                for lo, hi in [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)] if hi > lo}
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        out: list[bytes] = []
+        deadline = time.monotonic() + 120
+        while ends and any(tp.offset < ends[tp.partition]
+                           for tp in consumer.position([TopicPartition(topic, p) for p in ends])):
+            assert time.monotonic() < deadline, f"timed out reading {topic}"
+            msg = consumer.poll(1.0)
+            if msg is not None and msg.error() is None:
+                out.append(msg.value())
+        return out
+    finally:
+        consumer.close()
+
+
+def ensure_feast_applied(settings: Settings) -> None:
+    store = open_feature_store(settings)
+    try:
+        store.get_feature_view(LONG_TERM_VIEW)
+        store.get_feature_view("user_recent_events")
+    except Exception:  # registry empty or older than the repo: apply it (what `ugt stack up` users do once)
+        subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "feast"), "-c", str(settings.feature_repo), "apply"],
+                       check=True)
+
+
+def make_events(run: str, domain: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the first N_EVENTS ML-1M events, renamed for this run; N_LATE late events for some of their users)."""
+    events = [{**e, "user_id": f"x{run}-{e['user_id']}", "event_id": f"x{run}-{e['event_id']}", "domain": domain}
+              for e in user_events(load_dataset("ml-1m"), limit=N_EVENTS)]
+    first: dict[str, dict[str, Any]] = {}
+    for e in events:
+        first.setdefault(e["user_id"], e)
+    late = [{**e, "event_id": f"x{run}-late-{i}", "event_time": e["event_time"] - 3 * LATENESS_S * 1000}
+            for i, e in enumerate(list(first.values())[:N_LATE])]
+    return events, late
+
+
+def online_rows(settings: Settings, view: str, names: tuple[str, ...], users: list[str]) -> dict[str, dict]:
+    online = open_feature_store(settings).get_online_features(
+        features=[f"{view}:{f}" for f in names], entity_rows=[{"user_id": u} for u in users]).to_dict()
+    return {u: {"user_id": u, **{f: online[f][i] for f in names}} for i, u in enumerate(users)}
+
+
+def popularity(client: redis.Redis, domain: str) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in client.zrange(popularity_key(domain), 0, -1, withscores=True)}
+
+
+def wait_for(what: str, check, timeout_s: float, every_s: float = 1.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every_s)
+
+
+def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path: Path) -> None:
+    settings = stack
+    run = uuid.uuid4().hex[:8]
+    raw, tokens, dlq = f"eo-{run}.raw", f"eo-{run}.tokens", f"eo-{run}.dlq"
+    domain = f"eo{run}"
+    ensure_topics(settings, extra=[TopicSpec(raw), TopicSpec(tokens), TopicSpec(dlq, 1)])
+    ensure_feast_applied(settings)
+    client = redis.Redis.from_url(settings.redis_url)
+
+    events, late = make_events(run, domain)
+    with EventPublisher(settings) as publisher:
+        for e in events + late:
+            publisher.publish_user_event(e, topic=raw)
+
+    # the offline reference: the same code over the same events, in publish (= per-user Kafka) order
+    token_events = [tokenize_event(e) for e in events + late]
+    states, late_ref = fold_events(token_events, MAX_EVENTS, LATENESS_S * 1000)
+    assert {t.event_id for t in late_ref} == {e["event_id"] for e in late}
+    late_ids = {t.event_id for t in late_ref}
+    expected_popularity = dict(Counter(t.item_id for t in token_events if t.event_id not in late_ids))
+    expected_recent = {u: s.to_feature_row() for u, s in states.items()}
+    expected_long = long_term_rows_from_events(token_events, MAX_EVENTS, LATENESS_S * 1000)
+    users = sorted(expected_recent)
+    assert sum(1 for r in expected_long.values() if r["long_group_counts"]) > 100  # compaction has work
+
+    cluster = PrivateFlinkCluster(settings, tmp_path / "flink")
+    jobs: list[str] = []
+    try:
+        cluster.start()
+        common = ["--startup", "earliest", "--parallelism", "2", "--checkpoint-interval-ms", "2000",
+                  "--checkpoint-dir", str(tmp_path / "flink" / "checkpoints")]
+        jobs.append(cluster.submit("tokenize", [*common, "--delivery", "exactly-once", "--group-id", f"eo-{run}-tok",
+                                                "--source-topic", raw, "--tokens-topic", tokens, "--dlq-topic", dlq]))
+        jobs.append(cluster.submit("user_state", [
+            *common, "--group-id", f"eo-{run}-us", "--source-topic", tokens, "--dlq-topic", dlq,
+            "--max-events", str(MAX_EVENTS), "--allowed-lateness-s", str(LATENESS_S),
+            "--compact-interval-min", str(COMPACT_MIN), "--flush-ms", "200"]))
+        tokenize_jid, user_state_jid = jobs
+        total = sum(expected_popularity.values())
+
+        # -- mid-replay: user_state has checkpointed and written part of the events, not all --
+        def mid_replay() -> bool:
+            done = sum(popularity(client, domain).values())
+            checkpoints = cluster.checkpoints(user_state_jid).get("counts", {}).get("completed", 0)
+            assert done < total, "the replay finished before the kill; make it longer"
+            return done >= total // 4 and checkpoints >= 1
+
+        wait_for("user_state to be mid-replay", mid_replay, 300, every_s=0.5)
+        before = sum(popularity(client, domain).values())
+        counters_before = {m: cluster.counter(user_state_jid, "user-state", m) for m in ("applied", "events")}
+        cluster.kill_taskmanager()
+        print(f"\nkill -9 TaskManager at {before}/{total} applied events in Redis; user_state counters {counters_before}")
+        cluster.start_taskmanager()
+
+        # -- both jobs restore from a checkpoint (Flink's REST API says which) --
+        def restored() -> dict[str, Any] | None:
+            found = {}
+            for jid in jobs:
+                info = cluster.checkpoints(jid)
+                latest = (info.get("latest") or {}).get("restored")
+                if not latest or cluster.job(jid)["state"] != "RUNNING":
+                    return None
+                found[jid] = latest["id"]
+            return found
+
+        restored_from = wait_for("both jobs to restore from a checkpoint", restored, 180)
+        print(f"restored from checkpoints {restored_from}")
+
+        # -- the replay finishes: popularity, recent rows, long-term rows all equal the offline reference --
+        wait_for("popularity to reach the offline count", lambda: popularity(client, domain) == expected_popularity
+                 or sum(popularity(client, domain).values()) > total, CONVERGE_TIMEOUT_S, every_s=2)
+        assert popularity(client, domain) == expected_popularity  # 0 lost, 0 applied twice
+
+        def long_rows_match() -> bool:
+            return online_rows(settings, LONG_TERM_VIEW, LONG_TERM_FEATURE_NAMES, users) == expected_long
+
+        wait_for("long-term rows to match", long_rows_match, 120, every_s=3)
+        recent = online_rows(settings, "user_recent_events", FEATURE_NAMES, users)
+        differing = [u for u in users if recent[u] != expected_recent[u]]
+        assert not differing, f"{len(differing)} users differ, e.g. {differing[:3]}"
+        assert popularity(client, domain) == expected_popularity
+
+        serde = AvroSerde(SchemaRegistryClient(settings.registry_url))
+        letters = [serde.decode(v).record for v in read_topic(settings, dlq)]
+        late_letters = [d for d in letters if d["reason_code"] == "LATE_EVENT"]
+        late_events = {tokenize_event(e).event_id for e in late}
+        got_late = {serde.decode(d["original"]).record["event_id"] for d in late_letters}
+        assert got_late == late_events and all(d["job"] == "user_state" for d in late_letters)
+        print(f"after restore: {len(users)} users, {total} applied events, {len(late_letters)} LATE_EVENT letters: "
+              f"all equal the offline reference")
+    finally:
+        for jid in jobs:
+            cluster.cancel(jid)
+        cluster.stop()
+        client.delete(popularity_key(domain), *client.scan_iter(f"ugt:popularity-applied:{domain}:*", count=1000))

@@ -1,0 +1,164 @@
+"""Batched UGT inference (models.ugt.inference) against the model's own forward: prefill, KV-cache decode, top-k.
+
+CPU fp32 here (the CUDA path, bf16 + graphs + the Triton kernel, runs the same tests on the GPU machine).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.data import history_row
+from models.eval import batch_to_device, last_states
+from models.ugt.inference import InferenceConfig, PrefixCache, UGTInference, prefix_fingerprint
+from models.ugt.model import UGT, UGTConfig
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZES = [4, 4, 3]
+NUM_ITEMS = 40
+
+
+def make_model(seed: int = 0) -> UGT:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    codes = np.zeros((NUM_ITEMS + 1, 3), np.int64)
+    flat = rng.choice(4 * 4 * 3, size=NUM_ITEMS, replace=False)
+    codes[1:] = np.stack([flat // 12, (flat // 3) % 4, flat % 3], 1)
+    cfg = UGTConfig.from_dict({
+        "num_items": NUM_ITEMS, "d_model": 32, "num_layers": 2, "num_heads": 2, "dqk": 16, "dv": 16,
+        "embedding": {"item_repr": "id+sid"}, "multiscale": {"recent_len": 12, "long_groups": 3, "max_long": 10},
+        "moe": {"d_ff": 32, "num_experts": 2, "top_k": 1},
+    })
+    genres = rng.integers(0, 5, size=(NUM_ITEMS + 1, 2))
+    genres[0] = 0
+    years = rng.integers(0, 6, size=NUM_ITEMS + 1)
+    return UGT(cfg, genres, years, codes, SIZES).eval()
+
+
+def user_rows(n_users: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    """Histories of varied length (some longer than the window, so long-term tokens are in play)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        n = int(rng.integers(1, 20))
+        items = rng.integers(1, NUM_ITEMS + 1, size=n)
+        times = 1_600_000_000 + np.cumsum(rng.integers(1, 90_000, size=n))
+        ratings = rng.integers(0, 10, size=n)
+        rows.append(history_row(items, times, ratings, 12, 10, int(times[-1]) + 3600 + u))
+    return rows
+
+
+def reference_users(model: UGT, rows) -> torch.Tensor:
+    batch = batch_to_device({k: np.concatenate([r[k] for r in rows]) for k in rows[0]}, torch.device("cpu"))
+    with torch.no_grad():
+        user, _ = model(batch)
+        return last_states(user.float(), batch["lengths"])
+
+
+def excludes_of(rows) -> list[np.ndarray]:
+    return [np.unique(np.concatenate([r["ids"][0], r["long_ids"][0]])) for r in rows]
+
+
+def test_prefill_matches_the_model_forward_and_topk_masks_history():
+    model = make_model()
+    rows = user_rows(6)
+    eng = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32"))
+    host = eng.pack(rows, excludes_of(rows), [0] * 6, 6)
+    user, dev = eng.users(host, [False] * 6)
+    torch.testing.assert_close(user, reference_users(model, rows), rtol=1e-5, atol=1e-6)
+    table = model.item_embeddings().float().detach()
+    got = eng.recommend(rows, excludes_of(rows), 5)
+    for b, row in enumerate(rows):
+        scores = reference_users(model, [row]) @ table.T
+        scores[0, excludes_of([row])[0]] = float("-inf")
+        scores[0, 0] = float("-inf")
+        want = scores.topk(5, dim=1)
+        assert got[b].indices.tolist() == want.indices[0].tolist()
+        np.testing.assert_allclose(got[b].scores, want.values[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_kv_cache_decode_equals_a_fresh_prefill_at_a_new_request_time():
+    model = make_model(1)
+    rows = user_rows(5, seed=2)
+    keys = [f"u{i}" for i in range(5)]
+    cached = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=3))
+    plain = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32"))
+    cached.recommend(rows[:3], excludes_of(rows[:3]), 8, keys[:3])
+    assert cached.cache.misses == 3 and cached.cache.hits == 0
+    later = []
+    for r in rows[:3]:  # same events, a later request: only the last position's query time moves
+        r2 = {k: v.copy() for k, v in r.items()}
+        n = int(r2["lengths"][0])
+        r2["query_times"][0, n - 1] += 7200
+        later.append(r2)
+    assert [prefix_fingerprint(r) for r in later] == [prefix_fingerprint(r) for r in rows[:3]]
+    got = cached.recommend(later, excludes_of(later), 8, keys[:3])
+    assert cached.cache.hits == 3
+    want = plain.recommend(later, excludes_of(later), 8)
+    for g, w in zip(got, want, strict=True):
+        assert g.indices.tolist() == w.indices.tolist()
+        np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-5)
+    # A mixed batch: two hits, one new user (miss) evicting the least recent, one repeated key (uncached).
+    mixed = [later[1], later[2], rows[3], rows[3]]
+    got = cached.recommend(mixed, excludes_of(mixed), 8, [keys[1], keys[2], keys[3], keys[3]])
+    want = plain.recommend(mixed, excludes_of(mixed), 8)
+    assert [g.indices.tolist() for g in got] == [w.indices.tolist() for w in want]
+    assert keys[0] not in cached.cache.entries and cached.cache.hits == 5
+
+
+def test_prefix_cache_lru_and_scratch():
+    cache = PrefixCache(2)
+    slots, hits = cache.assign(["a", "b", "a", None], [b"1", b"2", b"1", b"x"])
+    assert hits == [False, False, False, False] and slots[2] == slots[3] == cache.scratch
+    slots2, hits2 = cache.assign(["a", "c", "b"], [b"1", b"3", b"9"])
+    assert hits2 == [True, False, False] and slots2[0] == slots[0]
+    assert "b" in cache.entries and len(cache.entries) == 2  # c evicted b, then b came back evicting a
+    assert len(set(slots2)) == 3 or slots2[1] != slots2[2]
+
+
+def test_score_candidates_and_rrf_merge_return_valid_unseen_items():
+    model = make_model(2)
+    rows = user_rows(4, seed=3)
+    eng = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", beam_size=20, merge="rrf",
+                                              candidate_micro_batch=7))
+    excl = excludes_of(rows)
+    got = eng.recommend(rows, excl, 10)
+    for g, e in zip(got, excl, strict=True):
+        assert len(g.indices) == 10 and len(set(g.indices.tolist())) == 10
+        assert not set(g.indices.tolist()) & set(e.tolist()) and 0 not in g.indices
+        assert list(g.scores) == sorted(g.scores, reverse=True)
+    host = eng.pack(rows, excl, [0] * 4, 4)
+    user, _ = eng.users(host, [False] * 4)
+    cands = torch.randint(1, NUM_ITEMS + 1, (4, 23))
+    want = (user @ eng.table.T).gather(1, cands)
+    torch.testing.assert_close(eng.score_candidates(user, cands), want)
+
+
+def test_bad_settings_fail_at_start():
+    model = make_model()
+    with pytest.raises(ValueError, match="merge must be"):
+        UGTInference(model, InferenceConfig(merge="best"))
+    model.sid_head = None
+    with pytest.raises(ValueError, match="semantic-ID head"):
+        UGTInference(model, InferenceConfig(beam_size=10))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 + CUDA graphs + the Triton kernel need a GPU")
+def test_cuda_bf16_graphs_agree_with_cpu_fp32():
+    model = make_model(3)
+    rows = user_rows(11, seed=4)
+    keys = [f"u{i}" for i in range(11)]
+    cpu = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32"))
+    gpu = UGTInference(model, InferenceConfig(device="cuda", cache_slots=16))
+    assert gpu.fused and gpu.graphs_on
+    want = cpu.recommend(rows, excludes_of(rows), 10)
+    for _ in range(2):  # the second pass decodes from the KV cache through the decode graph
+        got = gpu.recommend(rows, excludes_of(rows), 10, keys)
+        for g, w in zip(got, want, strict=True):
+            assert len(set(g.indices[:5].tolist()) & set(w.indices.tolist())) >= 4
+            np.testing.assert_allclose(g.scores, w.scores, atol=0.05)
+    assert gpu.cache.hits == 11 and ("decode", 16) in gpu.graphs and ("prefill", 16) in gpu.graphs
+    fp32 = UGTInference(model, InferenceConfig(device="cuda", dtype="fp32", cuda_graphs=True))
+    for g, w in zip(fp32.recommend(rows, excludes_of(rows), 10), want, strict=True):
+        assert g.indices.tolist() == w.indices.tolist()
