@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import time
 import uuid
@@ -51,6 +52,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--item-flush-ms", type=int, default=50,
                         help="item_semantic_ids --flush-ms: the batching delay a new item waits at most "
                         "(default: %(default)s)")
+    parser.add_argument("--execution-mode", choices=("thread", "process"), default="thread",
+                        help="PyFlink execution mode of every job: thread (one interpreter in the TaskManager, shared "
+                        "by all jobs) or process (fresh Python workers per job) (default: %(default)s)")
+    parser.add_argument("--tokenize-args", default="",
+                        help="extra tokenize job options, one string (e.g. \"--lake ''\" for no parquet lake)")
+    parser.add_argument("--user-state-args", default="", help="extra user_state job options, one string")
+    parser.add_argument("--py-spy", default=None,
+                        help="path of a py-spy binary: sample the TaskManager's Python stacks during the throughput "
+                        "window (where inside the Python operators the time goes)")
     parser.add_argument("--timeout-s", type=float, default=1800.0)
     parser.add_argument("--name", default="nearline", help="result file bench/results/<name>.json")
     return parser.parse_args(argv)
@@ -98,6 +108,14 @@ def summary(lags: list[float]) -> dict[str, float | None]:
             "max": round(max(lags), 4) if lags else None}
 
 
+def drop_topics(settings: Any, topics: list[str]) -> None:
+    """Remove this run's topics and registry subjects (best effort; the numbers are already taken)."""
+    from streams.bench_anchor import _drop
+
+    for topic in topics:
+        _drop(settings, topic)
+
+
 def stale_code_warning() -> str | None:
     """In thread mode the TaskManager's embedded CPython keeps modules imported by earlier jobs: if the TM started
     before the job code last changed, a new job may run the old code. Says so (the result records it)."""
@@ -133,12 +151,13 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
     layout = FeastRedisLayout.from_repo(settings.feature_repo)
     pop_key = popularity_key(domain)
     print(f"== submitting tokenize + user_state (run {run_id})")
-    common = ["--startup", "earliest", "--parallelism", str(args.parallelism)]
+    common = ["--startup", "earliest", "--parallelism", str(args.parallelism), "--execution-mode", args.execution_mode]
     job_ids = [
         submit("tokenize", ["--source-topic", raw, "--tokens-topic", tokens, "--dlq-topic", dlq,
-                            "--group-id", f"bench-{run_id}-tokenize", *common], detached=True),
-        submit("user_state", ["--source-topic", tokens, "--dlq-topic", dlq,
-                              "--group-id", f"bench-{run_id}-user-state", *common], detached=True),
+                            "--group-id", f"bench-{run_id}-tokenize", *common, *shlex.split(args.tokenize_args)],
+               detached=True),
+        submit("user_state", ["--source-topic", tokens, "--dlq-topic", dlq, "--group-id", f"bench-{run_id}-user-state",
+                              *common, *shlex.split(args.user_state_args)], detached=True),
     ]
     try:
         dataset = load_dataset(args.dataset)
@@ -163,6 +182,14 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
 
         print(f"== throughput: {len(events):,} {args.dataset} events at full speed")
         cpu_before = proc_cpu.snapshot(os.getpid())
+        spy, spy_out = None, f"/tmp/ugt-bench-{run_id}-py-spy.txt"
+        if args.py_spy:
+            import psutil
+
+            tm = [p.pid for p in psutil.process_iter(["cmdline"])
+                  if any("TaskManagerRunner" in part for part in (p.info["cmdline"] or []))]
+            if tm:
+                spy = proc_cpu.start_py_spy(args.py_spy, tm[0], spy_out)
         start = time.time()
         for event in events:
             publisher.publish(raw, "user_event", event, event["user_id"])
@@ -176,6 +203,8 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
             time.sleep(0.2)
         throughput_s = time.time() - start
         cpu = proc_cpu.diff(cpu_before, proc_cpu.snapshot(os.getpid()))
+        if spy is not None:
+            cpu["python_profile"] = proc_cpu.stop_py_spy(spy, spy_out)
 
         print(f"== freshness: {args.probes} probe events at {args.probe_rate}/s")
         probe_base = events[-1]["event_time"]
@@ -200,6 +229,7 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
         for jid in job_ids:  # only this run's jobs: the demo's may be running beside them
             if jid:
                 cancel(settings.flink_rest_url, jid)
+        drop_topics(settings, [raw, tokens, dlq])
     return {"events": len(events), "produce_s": round(produced_s, 2), "throughput_s": round(throughput_s, 2),
             "events_per_s": round(len(events) / throughput_s, 1), "freshness": summary(lags),
             "freshness_probes": len(lags), "cpu": cpu}
@@ -229,7 +259,8 @@ def item_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
     jid = submit("item_semantic_ids", ["--artifact", artifact, "--source-topic", items_topic, "--dlq-topic", dlq,
                                        "--group-id", f"bench-{run_id}-items", "--startup", "earliest",
                                        "--parallelism", str(args.parallelism), "--flush-ms", str(args.item_flush_ms),
-                                       "--active-key", active_key], detached=True)
+                                       "--active-key", active_key, "--execution-mode", args.execution_mode],
+                 detached=True)
     genres = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Animation"]
     ids: list[str] = []
 
@@ -273,6 +304,7 @@ def item_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
         if not had_registration:
             pipe.hdel(ARTIFACTS_KEY, version)
         pipe.execute()
+        drop_topics(settings, [items_topic, dlq])
     return {"new_items": len(lags), "item_rate_per_s": args.item_rate, "artifact_version": version,
             "artifact": str(Path(artifact)), "warmup_item_s": round(warm[0], 3), "new_item": summary(lags)}
 
@@ -293,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = stale_code_warning()
     if stale:
         print(f"warning: {stale}")
+    load_before = os.getloadavg()[0]
     print(f"== anchor: {args.anchor_events:,} Avro events through Kafka, no Flink")
     anchor = kafka_raw_anchor(settings, args.anchor_events)
     users = user_path(args, settings, run_id, r) if args.events > 0 else None
@@ -306,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": args.dataset,
         "events": users["events"],
         "parallelism": args.parallelism,
+        "execution_mode": args.execution_mode,
+        "tokenize_args": args.tokenize_args,
+        "user_state_args": args.user_state_args,
         "events_per_s": users["events_per_s"],
         "produce_s": users["produce_s"],
         "throughput_s": users["throughput_s"],
@@ -324,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"events_per_s": 50_000, "freshness_p99_s": 1.0, "new_item_p99_s": 10.0},
         "cpu_during_throughput": users["cpu"],
         "stale_code_warning": stale,
+        "load_avg_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},  # the box is shared
     }
     print()
     print_table([
@@ -344,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()}):")
     print_table([{"process": k, "cpu_s": v} for k, v in cpu["cpu_s_by_process"].items()])
     print_table([{"thread group": k, "cpu_s": v} for k, v in cpu["cpu_s_by_thread"].items()])
+    profile = cpu.get("python_profile") or {}
+    if profile.get("samples"):
+        print(f"\nTaskManager Python stacks ({profile['samples']} samples): where the samples sat (self)")
+        print_table([{"function": k, "share": v} for k, v in profile["self"].items()])
+        print_table([{"repo function on the stack": k, "share": v} for k, v in profile["repo_inclusive"].items()])
     write_result(args.name, result)
     return 0
 

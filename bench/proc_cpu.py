@@ -102,3 +102,66 @@ def diff(before: Snapshot, after: Snapshot, top: int = 8) -> dict[str, object]:
         "cpu_s_by_process": {k: round(v, 2) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
         "cpu_s_by_thread": {k: round(v, 2) for k, v in busiest if v > 0},
     }
+
+
+def start_py_spy(py_spy: str, pid: int, out: str, rate: int = 50):
+    """Sample the Python stacks of `pid` (the TaskManager: its embedded CPython in thread mode, its Beam worker
+    children in process mode) until stopped."""
+    import subprocess
+
+    # --subprocesses: in process mode the Python runs in the TaskManager's child Beam workers
+    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", str(rate),
+                             "--format", "raw", "--output", out], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def stop_py_spy(process, out: str, top: int = 12) -> dict[str, object]:
+    """Stop the sampler (SIGINT writes the file) and summarise: the functions the samples sat in (self) and the
+    repo functions on the stack (inclusive), as shares of all non-idle samples."""
+    import signal
+
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(30)
+    except Exception:  # noqa: BLE001 - a stuck sampler must not lose the benchmark
+        process.kill()
+    self_count: dict[str, int] = defaultdict(int)
+    inclusive: dict[str, int] = defaultdict(int)
+    total = 0
+    try:
+        lines = Path(out).read_text().splitlines()
+    except OSError:
+        return {"error": f"py-spy wrote no {out}"}
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f for f in stack.split(";") if not f.startswith("process ") and not f.startswith("thread ")]
+        if not frames:
+            continue
+        total += n
+        self_count[_frame(frames[-1])] += n
+        for name in {_frame(f) for f in frames if _in_repo(f)}:
+            inclusive[name] += n
+    def share(counts: dict[str, int]) -> dict[str, float]:
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        return {k: round(v / total, 3) for k, v in ranked} if total else {}
+
+    return {"samples": total, "self": share(self_count), "repo_inclusive": share(inclusive)}
+
+
+REPO_PACKAGES = ("jobs/", "models/", "streams/", "serving/", "infra/")
+
+
+def _in_repo(frame: str) -> bool:
+    """py-spy names files relative to sys.path: this repo's frames start with one of its packages."""
+    where = frame.partition(" (")[2]
+    return where.startswith(REPO_PACKAGES) or any(f"/{p}" in where for p in REPO_PACKAGES) and "site-packages" not in where
+
+
+def _frame(frame: str) -> str:
+    """'fn (path/to/file.py:123)' -> 'fn (file.py)': lines folded so one function is one row."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    return f"{name} ({'/'.join(path.split('/')[-2:])})"

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastapi import Request  # module level: the anchor's handler annotations are resolved here
+from fastapi.responses import Response
 from tqdm import tqdm
 
 from bench.common import RESULTS, machine_info, print_table, write_result
@@ -46,37 +48,31 @@ TINY_CONFIG = "models/configs/ugt_ml100k_tiny.yaml"
 
 # -- the anchor: a trivial FastAPI endpoint ----------------------------------------------------------------
 def anchor_app():  # -> FastAPI
-    """POST /recommend with the same body shape, answering a constant list: HTTP + JSON cost only."""
+    """POST /recommend answering a constant list of 10 items: the cost of HTTP + FastAPI + JSON alone."""
     from fastapi import FastAPI
-    from pydantic import BaseModel
 
     app = FastAPI()
-    answer = {
-        "user_id": "",
-        "items": [{"item_id": str(i), "score": 1.0} for i in range(10)],
-        "fallback": False,
-        "model": "anchor",
-    }
+    answer = json.dumps(
+        {"user_id": "", "items": [{"item_id": str(i), "score": 1.0} for i in range(10)], "fallback": False}
+    ).encode()
 
-    class Body(BaseModel):
-        user_id: str
-        k: int = 10
+    async def recommend(request: Request) -> Response:
+        json.loads(await request.body())  # read and parse the body, as a real endpoint must
+        return Response(content=answer, media_type="application/json")
 
-    @app.post("/recommend")
-    async def recommend(body: Body) -> dict:
-        return answer | {"user_id": body.user_id}
-
-    @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
 
+    app.add_api_route("/recommend", recommend, methods=["POST"])
+    app.add_api_route("/health", health, methods=["GET"])
     return app
 
 
-def serve_anchor(port: int) -> None:
+def serve_anchor(port: int, workers: int) -> None:
     import uvicorn
 
-    uvicorn.run(anchor_app(), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run("bench.serving:anchor_app", factory=True, workers=workers, host="127.0.0.1", port=port,
+                log_level="warning", access_log=False)
 
 
 # -- the stack of the benchmark: private Redis, states, a small checkpoint ---------------------------------
@@ -187,16 +183,17 @@ def wait_healthy(server: Server, timeout_s: float = 120.0) -> None:
     raise SystemExit(f"bench.serving: {server.name} not healthy in {timeout_s:.0f} s; see {server.log}")
 
 
-def start_server(name: str, workdir: Path, env: dict[str, str], config: dict[str, Any] | None) -> Server:
+def start_server(name: str, workdir: Path, env: dict[str, str], config: dict[str, Any] | None, workers: int) -> Server:
     """``ugt serve`` with ``config`` (YAML), or the anchor when config is None."""
     port = free_port()
     log = workdir / f"{name}.log"
     if config is None:
-        cmd = [sys.executable, "-m", "bench.serving", "--serve-anchor", str(port)]
+        cmd = [sys.executable, "-m", "bench.serving", "--serve-anchor", str(port), "--workers", str(workers)]
     else:
         path = workdir / f"{name}.yaml"
         path.write_text(json.dumps(config))  # JSON is YAML
-        cmd = [str(Path(sys.executable).parent / "ugt"), "serve", "--config", str(path), "--port", str(port)]
+        cmd = [str(Path(sys.executable).parent / "ugt"), "serve", "--config", str(path), "--port", str(port),
+               "--workers", str(workers)]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = Server(name, proc, port, log)
@@ -357,6 +354,7 @@ def run_cpu(args: argparse.Namespace) -> int:
     from infra.settings import Settings, get_settings
 
     rates = [float(r) for r in args.rates.split(",")]
+    load_start = os.getloadavg()[0]  # the box is shared: a busy box shows here
     names = ["anchor-fastapi", *[n for n in args.configs.split(",") if n and n != "anchor-fastapi"]]
     checkpoint = ensure_checkpoint(get_settings().cache_dir)
     configs = cpu_configs(checkpoint, names)
@@ -369,7 +367,7 @@ def run_cpu(args: argparse.Namespace) -> int:
         os.environ["UGT_REDIS_URL"] = env["UGT_REDIS_URL"]
         users = seed_states(Settings(), checkpoint, args.users, args.history, args.seed)
         for name, config in configs.items():
-            server = start_server(name, workdir, env, config)
+            server = start_server(name, workdir, env, config, args.workers)
             servers.append(server)
             try:
                 rows += run_config(name, server.port, rates, args, users)
@@ -394,10 +392,11 @@ def run_cpu(args: argparse.Namespace) -> int:
         "benchmark": "serving_cpu",
         "device": machine_info(),
         "load": {"arrivals": "poisson, open loop; latency from the scheduled send time", "duration_s": args.duration,
-                 "connections": args.connections, "k": args.k, "users": args.users, "history": args.history,
+                 "connections": args.connections, "server_workers": args.workers, "k": args.k, "users": args.users, "history": args.history,
                  "client": "asyncio keep-alive HTTP/1.1 client in the bench process, same box"},
         "anchor": "anchor-fastapi: a trivial FastAPI endpoint (constant answer), uvicorn, same box, same load",
         "target": "ugt-tiny: P99 <= 20 ms at 1,000 req/s end to end",
+        "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
         "target_met": bool(target and target["p99_ms"] <= 20.0 and target["non_200"] == 0),
         "rows": rows,
     }
@@ -428,10 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10, help="items per request (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", default=str(RESULTS / "serving_cpu.json"), help="result JSON (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="uvicorn worker processes of every server, the anchor's too (default: %(default)s)")
     parser.add_argument("--serve-anchor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_anchor:
-        serve_anchor(args.serve_anchor)
+        serve_anchor(args.serve_anchor, args.workers)
         return 0
     if args.target == "gpu":
         from bench.serving_gpu import run_gpu_bench  # H4's module: the generator alone, batched, on a GPU

@@ -237,6 +237,7 @@ def open_loop(engine: UGTInference, pool: Pool, rate: float, seconds: float, k: 
     return {"offered_qps": rate, "qps": n / total, **percentiles(np.concatenate(lat)), "mean_batch": float(np.mean(sizes))}
 
 
+@torch.inference_mode()
 def stage_split(engine: UGTInference, pool: Pool, batch: int, k: int, reps: int = 20) -> dict[str, float]:
     """Median ms per stage of one batch: pack (host), H2D, stack (prefill/decode), retrieval, beam, D2H."""
     stages: dict[str, list[float]] = {s: [] for s in ("pack", "h2d", "stack", "retrieval", "beam", "d2h")}

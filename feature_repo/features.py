@@ -6,8 +6,8 @@ from datetime import timedelta
 
 from entities import item, user
 from feast import FeatureView, Field
-from feast.types import Array, Int64, String
-from sources import item_metadata_push, user_long_term_push, user_recent_events_push
+from feast.types import Array, Int32, Int64, String
+from sources import events_tokens_lake, item_metadata_push, user_long_term_push, user_recent_events_push
 
 user_recent_events = FeatureView(
     name="user_recent_events",
@@ -65,4 +65,24 @@ item_metadata = FeatureView(
     source=item_metadata_push,
     online=True,
     tags={"owner": "jobs/item_semantic_ids.py"},
+)
+
+
+# Offline only: point-in-time lookups over the token lake (training sets, backfills); never materialized.
+user_events_lake = FeatureView(
+    name="user_events_lake",
+    entities=[user],
+    ttl=timedelta(0),  # no lookback limit
+    schema=[
+        Field(name="item_id", dtype=String, description="The event's item."),
+        Field(name="action_token", dtype=Int32, description="models.tokenizer action token."),
+        Field(name="rating_token", dtype=Int32, description="Half-star rating bucket, 0 = none."),
+        Field(name="hour_token", dtype=Int32, description="Hour of day (UTC)."),
+        Field(name="weekday_token", dtype=Int32, description="Day of week (UTC), 1 = Monday."),
+        Field(name="semantic_ids", dtype=Array(Int32), description="The item's semantic-ID levels at tokenize time."),
+        Field(name="sid_version", dtype=String, description="Semantic-ID store version of those levels."),
+    ],
+    source=events_tokens_lake,
+    online=False,
+    tags={"owner": "jobs/tokenize.py", "store": "offline (parquet lake)"},
 )

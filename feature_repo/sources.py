@@ -1,5 +1,6 @@
 """Sources: parquet files are the offline store; push sources let the Flink jobs write online at once."""
 
+import os
 from pathlib import Path
 
 from feast import FileSource, PushSource
@@ -33,3 +34,14 @@ item_metadata_batch = FileSource(
 )
 
 item_metadata_push = PushSource(name="item_metadata_push", batch_source=item_metadata_batch)
+
+# The token data lake the tokenize job writes (jobs/lake.py: parquet under dt=YYYY-MM-DD partitions, committed on
+# Flink checkpoints), as the compacted snapshot `python -m jobs.lake snapshot` makes of it (Feast's dask reader
+# cannot join over the partitioned folder itself). UGT_VAR moves var/ (infra/settings.py) and so the lake.
+events_tokens_lake = FileSource(
+    name="events_tokens_lake",
+    path=str(Path(os.environ.get("UGT_VAR", str(Path(__file__).resolve().parent.parent / "var")))
+             / "lake" / "events_tokens.parquet"),
+    timestamp_field="event_ts",
+    description="Every tokenized event (tokenize job's parquet lake, compacted); Feast's offline history of events.",
+)

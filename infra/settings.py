@@ -38,6 +38,9 @@ class Settings:
     flink_rest_port: int = field(default_factory=lambda: int(_env("UGT_FLINK_PORT", "8081")))
     flink_rpc_port: int = field(default_factory=lambda: int(_env("UGT_FLINK_RPC_PORT", "6123")))  # JobManager RPC (TaskManagers dial it)
     serving_port: int = field(default_factory=lambda: int(_env("UGT_SERVING_PORT", "8000")))
+    # Flink's Prometheus reporter: the JobManager and each TaskManager take the first free port of
+    # flink_metrics_ports (infra/flink/config.yaml), so scrapers look at the whole range
+    flink_metrics_port: int = field(default_factory=lambda: int(_env("UGT_FLINK_METRICS_PORT", "9249")))
     # var/: logs, Kafka/Redis data, Flink checkpoints of the local stack (ignored by git)
     var_dir: Path = field(default_factory=lambda: Path(_env("UGT_VAR", str(REPO_ROOT / "var"))))
     # cache: downloads that survive a fresh clone (Maven jars, datasets)
@@ -60,6 +63,11 @@ class Settings:
     @property
     def flink_rest_url(self) -> str:
         return _env("UGT_FLINK_REST", f"http://localhost:{self.flink_rest_port}")
+
+    @property
+    def flink_metrics_ports(self) -> range:
+        """Ports of the Prometheus endpoints of the Flink processes (JobManager + up to 3 TaskManagers)."""
+        return range(self.flink_metrics_port, self.flink_metrics_port + 4)
 
     @property
     def log_dir(self) -> Path:

@@ -57,6 +57,30 @@ def kafka_connector_jar(settings: Settings | None = None) -> Path:
     return jar
 
 
+def parquet_jars(settings: Settings | None = None) -> list[Path]:
+    """flink-parquet + Hadoop client jars for the tokenize job's lake sink (infra/maven/flink-parquet.xml)."""
+    jars = sorted((lib_dir(settings) / "flink-parquet").glob("*.jar"))
+    if not any(j.name.startswith("flink-parquet-") for j in jars):
+        raise StackError(f"{lib_dir(settings) / 'flink-parquet'} has no flink-parquet jar: run `ugt stack up` "
+                         "(it resolves them from Maven Central) or pass --lake '' to run without the lake")
+    return jars
+
+
+def ensure_parquet_jars(s: Settings, log: Callable[[str], None] = print) -> None:
+    """Resolve the lake's parquet jars from Maven Central once (offline first, like ensure_jars)."""
+    if any((lib_dir(s) / "flink-parquet").glob("flink-parquet-*.jar")):
+        return
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise StackError("mvn not found and the lake's parquet jars are missing: run `bash infra/install.sh`")
+    log(f"resolving the parquet lake jars into {lib_dir(s) / 'flink-parquet'} (first time only) ...")
+    cmd = [mvn, "-q", "-B", "-f", str(INFRA / "maven" / "flink-parquet.xml"), "package", f"-Dugt.lib={lib_dir(s)}"]
+    if subprocess.run([*cmd, "-o"], capture_output=True, text=True).returncode != 0:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise StackError(f"Maven could not resolve the parquet jars:\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
+
+
 def kafka_connector_jar_url(settings: Settings | None = None) -> str:
     """The connector jar as the file:// URL that `pipeline.jars` expects."""
     return kafka_connector_jar(settings).as_uri()
@@ -429,6 +453,7 @@ def write_flink_conf(s: Settings) -> Path:
         log_dir=s.log_dir / "flink", pid_dir=_run_dir(s) / "flink", rpc_port=s.flink_rpc_port,
         rest_port=s.flink_rest_port, tmp_dir=dirs["tmp"], checkpoints_dir=dirs["checkpoints"],
         savepoints_dir=dirs["savepoints"], python=sys.executable,
+        metrics_ports=f"{s.flink_metrics_ports[0]}-{s.flink_metrics_ports[-1]}",
     )
     (conf / "config.yaml").write_text(text)
     shipped = pyflink_home() / "conf"
@@ -581,6 +606,8 @@ def _up(s: Settings, only: Iterable[str] | None, log: Callable[[str], None]) -> 
     s.log_dir.mkdir(parents=True, exist_ok=True)
     if any(svc.name in ("kafka", "flink") for svc in chosen):
         ensure_jars(s, log)  # Kafka's jars, and the connector jar Flink jobs load
+    if any(svc.name == "flink" for svc in chosen):
+        ensure_parquet_jars(s, log)  # the tokenize job's parquet lake sink
     started: list[Service] = []
     to_start: list[Service] = []
     took: dict[str, float] = {}

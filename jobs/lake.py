@@ -12,6 +12,12 @@ a restore discards what the failed attempt had in progress, so each token lands 
 
 Reading (:func:`read_lake`, :func:`lake_ratings`): pyarrow over the folder, deduplicated by ``event_id`` anyway,
 so a second job writing the same events (a replay under a new consumer group) never doubles a rating.
+
+Feast (offline store ``file``, read through dask) cannot read the partitioned folder as Flink writes it: dask's
+directory reader wants ``.parquet`` names, and over several files its point-in-time join fails on the timestamp
+column (feast 0.67). So Feast's FileSource reads a compacted snapshot, one file with a UTC timestamp::
+
+    python -m jobs.lake snapshot        # var/lake/events_tokens.parquet from var/lake/events_tokens/
 """
 
 from __future__ import annotations
@@ -99,8 +105,18 @@ def lake_insert_sql(table: str, view: str) -> str:
     )
 
 
-def add_lake_sink(t_env, statements, stream, path: str | Path, table: str = "lake_sink") -> None:
+def add_lake_jars(env, t_env) -> None:
+    """Put the parquet jars on the job's classpath (client planning and the cluster's user class loader)."""
+    from infra.stack import parquet_jars
+
+    # env.add_jars appends to pipeline.jars (the job's jars, which the table environment shares) and puts them
+    # on the client's context class loader, where the planner looks up the parquet format factory
+    env.add_jars(*[jar.resolve().as_uri() for jar in parquet_jars()])
+
+
+def add_lake_sink(env, t_env, statements, stream, path: str | Path, table: str = "lake_sink") -> None:
     """Write the LAKE_TAG stream to parquet under `path` (added to the statement set)."""
+    add_lake_jars(env, t_env)
     t_env.get_config().set("table.local-time-zone", "UTC")
     t_env.execute_sql(lake_sink_ddl(table, path))
     t_env.create_temporary_view(f"{table}_input", t_env.from_data_stream(stream))
@@ -161,5 +177,73 @@ def lake_dataset(path: str | Path | None = None, **window: Any):
     from streams.datasets import Dataset
 
     ratings = lake_ratings(path, **window)
-    items = pd.DataFrame({"item_id": pd.unique(ratings["item_id"]), "title": "", "year": pd.NA, "genres": None})
+    ids = pd.unique(ratings["item_id"])
+    items = pd.DataFrame({"item_id": ids, "title": "", "year": pd.array([pd.NA] * len(ids), dtype="Int64"),
+                          "genres": [[] for _ in ids]})
     return Dataset(name=f"lake:{Path(path) if path else default_lake_dir()}", ratings=ratings, items=items)
+
+
+def lake_sequences(path: str | Path | None, tie_order: str = "hstu", max_users: int = 0):
+    """The trainer's SequenceData built from the lake (models.data.build_sequences), for `ugt train --lake`."""
+    from models.data import build_sequences
+
+    data = build_sequences(lake_dataset(path), tie_order)
+    if max_users > 0:
+        data.user_ids = data.user_ids[:max_users]
+        data.items, data.times, data.ratings = data.items[:max_users], data.times[:max_users], data.ratings[:max_users]
+    return data
+
+
+def snapshot_path(lake: str | Path | None = None) -> Path:
+    """Where the compacted snapshot of a lake folder goes: <lake>.parquet beside it."""
+    folder = Path(lake) if lake else default_lake_dir()
+    return folder.with_name(folder.name + ".parquet")
+
+
+def write_snapshot(lake: str | Path | None = None, out: str | Path | None = None) -> tuple[Path, int]:
+    """Compact the lake into one parquet file for Feast (deduplicated, event_ts as UTC); returns (path, rows).
+
+    Written to a temporary name and renamed, so a reader never sees half a file.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = read_lake(lake)
+    table = pa.Table.from_pandas(frame.drop(columns=["dt"]), preserve_index=False)
+    index = table.schema.get_field_index("event_ts")
+    table = table.set_column(index, "event_ts", table["event_ts"].cast(pa.timestamp("ms", tz="UTC")))
+    target = Path(out) if out else snapshot_path(lake)
+    tmp = target.with_name(f".{target.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(target)
+    return target, table.num_rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m jobs.lake", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    snap = sub.add_parser("snapshot", help="compact the lake into one parquet file for Feast's FileSource")
+    snap.add_argument("--lake", default=str(default_lake_dir()), help="lake folder (default: %(default)s)")
+    snap.add_argument("--out", help="output file (default: <lake>.parquet)")
+    sub.add_parser("show", help="rows, users, items and partitions of the lake").add_argument(
+        "--lake", default=str(default_lake_dir()), help="lake folder (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "snapshot":
+            path, rows = write_snapshot(args.lake, args.out)
+            print(f"wrote {rows} events to {path}")
+        else:
+            frame = read_lake(args.lake)
+            print(f"{len(frame)} events, {frame['user_id'].nunique()} users, {frame['item_id'].nunique()} items, "
+                  f"{frame['dt'].nunique()} partitions ({frame['dt'].min()} .. {frame['dt'].max()})")
+    except FileNotFoundError as exc:
+        print(f"error: {exc}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

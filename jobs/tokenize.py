@@ -74,7 +74,7 @@ else:
         add_kafka_sink(t_env, statements, tokens, "tokens_sink", x["tokens_topic"], cfg)
         add_kafka_sink(t_env, statements, tokens.get_side_output(DLQ_TAG), "dlq_sink", x["dlq_topic"], cfg)
         if x["lake"]:
-            add_lake_sink(t_env, statements, tokens.get_side_output(LAKE_TAG), x["lake"])
+            add_lake_sink(env, t_env, statements, tokens.get_side_output(LAKE_TAG), x["lake"])
         statements.attach_as_datastream()
 
     def job_options(args: argparse.Namespace) -> dict:

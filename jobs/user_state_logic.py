@@ -27,10 +27,11 @@ after, so every write must be idempotent:
 
 from __future__ import annotations
 
+import pickle
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -202,12 +203,15 @@ class OnlineStateWriter:
 # the keyed operator, without Flink
 # -----------------------------------------------------------------------------------------------------
 class KeyedStore(Protocol):
-    """The current key's Flink state (two ValueStates of bytes)."""
+    """The current key's Flink state: snapshot and long-term ValueStates, the event log ListState (bytes)."""
 
     def get(self) -> bytes | None: ...
     def put(self, data: bytes) -> None: ...
     def get_long(self) -> bytes | None: ...
     def put_long(self, data: bytes) -> None: ...
+    def log_get(self) -> Iterable[bytes] | None: ...
+    def log_add(self, data: bytes) -> None: ...
+    def log_clear(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -235,43 +239,67 @@ def _align(time_ms: int, step_ms: int) -> int:
 
 
 class UserStateProcessor:
-    """Per event and per timer of one key; owns the writer and a cache of decoded states."""
+    """Per event and per timer of one key; owns the writer and a cache of decoded states.
 
-    def __init__(self, writer: OnlineStateWriter, config: ProcessorConfig):
+    Flink state per user: a snapshot (the encoded UserState + Track) and a log of the events applied since
+    (ListState, one small entry per event). Re-encoding the whole state (up to max_events events) on every
+    event was the job's main cost; now the snapshot is rewritten on the user's timers, after log_max events,
+    and whenever the long-term state changes, and read back (snapshot + log replayed through the same
+    code, with each event's original processing time) only when the decoded state is not in the cache.
+    """
+
+    def __init__(self, writer: OnlineStateWriter, config: ProcessorConfig, log_max: int = 64):
         self.writer = writer
         self.config = config
-        self.cache: OrderedDict[str, tuple[UserState, Track, int]] = OrderedDict()  # user -> (state, track, written)
+        self.log_max = log_max if config.cache_size > 0 else 0  # without a cache every event would replay the log
+        # user -> [state, track, last write (ms), log entries]
+        self.cache: OrderedDict[str, list[Any]] = OrderedDict()
         self.compactions = 0
 
     # -- state access --------------------------------------------------------------------------------
-    def _load(self, user_id: str, store: KeyedStore, now_ms: int) -> tuple[UserState | None, Track]:
+    def _load(self, user_id: str, store: KeyedStore, now_ms: int) -> list[Any]:
+        """[state or None, track, last write, log length], from the cache or from Flink state."""
         cached = self.cache.get(user_id)
         if cached is not None:
             if now_ms - cached[2] < self.config.state_ttl_ms:
-                return cached[0], cached[1]
+                return cached
             del self.cache[user_id]  # Flink's TTL may have expired it: ask Flink
         data = store.get()
-        if data is None:
-            return None, Track()
-        state, extra = decode_state(data, with_extra=True)
-        return state, Track.from_tuple(extra) if extra else Track()
+        entry: list[Any] = [None, Track(), now_ms, 0]
+        if data is not None:
+            state, extra = decode_state(data, with_extra=True)
+            entry[0], entry[1] = state, Track.from_tuple(extra) if extra else Track()
+        for logged in store.log_get() or ():
+            event, at_ms = pickle.loads(logged)
+            self._apply(entry, event, store, at_ms)  # same inputs, same result; its timers exist already
+            entry[3] += 1
+        return entry
 
-    def _save(self, state: UserState, track: Track, store: KeyedStore, now_ms: int) -> None:
-        store.put(encode_state(state, extra=track.to_tuple()))
+    def _remember(self, entry: list[Any], now_ms: int) -> None:
         if self.config.cache_size > 0:
+            entry[2] = now_ms
             cache = self.cache
-            cache[state.user_id] = (state, track, now_ms)
-            cache.move_to_end(state.user_id)
+            cache[entry[0].user_id] = entry
+            cache.move_to_end(entry[0].user_id)
             if len(cache) > self.config.cache_size:
                 cache.popitem(last=False)
 
+    def _snapshot(self, entry: list[Any], store: KeyedStore) -> None:
+        """Write the whole state and empty the log."""
+        store.put(encode_state(entry[0], extra=entry[1].to_tuple()))
+        if entry[3]:
+            store.log_clear()
+            entry[3] = 0
+
     # -- per event ------------------------------------------------------------------------------------
-    def on_event(self, event: TokenizedEvent, store: KeyedStore, now_ms: int) -> Outcome:
-        state, track = self._load(event.user_id, store, now_ms)
-        state, status = apply_checked(state, event, self.config.max_events, self.config.allowed_lateness_ms)
+    def _apply(self, entry: list[Any], event: TokenizedEvent, store: KeyedStore, now_ms: int) -> tuple[Outcome, bool]:
+        """The event's effect on state, track and writer; (outcome, whether the long-term state was written)."""
+        state, status = apply_checked(entry[0], event, self.config.max_events, self.config.allowed_lateness_ms)
+        entry[0] = state
         outcome = Outcome(status)
         if status != APPLIED:
-            return outcome
+            return outcome, False
+        track = entry[1]
         track.pending.append((state.event_count, event.domain, event.item_id))
         self.writer.add(state, track)
         if track.flush_timer == 0:
@@ -280,13 +308,31 @@ class UserStateProcessor:
         if track.compact_timer == 0:
             track.compact_timer = _align(now_ms + self.config.compact_interval_ms, self.config.compact_interval_ms)
             outcome.timers.append((COMPACT_TIMER, track.compact_timer))
-        self._save(state, track, store, now_ms)
+        folded = False
+        if len(state.spill_times) >= self.config.max_events:  # bound the state between compactions
+            data = store.get_long()
+            store.put_long(compact(LongTermState.decode(data) if data is not None else None, state).encode())
+            folded = True
+        return outcome, folded
+
+    def on_event(self, event: TokenizedEvent, store: KeyedStore, now_ms: int) -> Outcome:
+        entry = self._load(event.user_id, store, now_ms)
+        outcome, folded = self._apply(entry, event, store, now_ms)
+        if outcome.status != APPLIED:
+            return outcome
+        if folded or entry[3] >= self.log_max:
+            self._snapshot(entry, store)  # the long-term state changed: the log must not fold it again
+        else:
+            store.log_add(pickle.dumps((event, now_ms), protocol=pickle.HIGHEST_PROTOCOL))
+            entry[3] += 1
+        self._remember(entry, now_ms)
         return outcome
 
     # -- timers ---------------------------------------------------------------------------------------
     def on_timer(self, user_id: str, timestamp: int, store: KeyedStore, now_ms: int) -> list[tuple[int, int]]:
         """A confirm and/or compaction timer of this user fired; returns timers to register."""
-        state, track = self._load(user_id, store, now_ms)
+        entry = self._load(user_id, store, now_ms)
+        state, track = entry[0], entry[1]
         if state is None:
             return []  # expired by TTL
         timers: list[tuple[int, int]] = []
@@ -308,8 +354,9 @@ class UserStateProcessor:
             track.long_dirty = False
             track.flush_timer = 0
             changed = True
-        if changed:
-            self._save(state, track, store, now_ms)
+        if changed or entry[3]:
+            self._snapshot(entry, store)
+        self._remember(entry, now_ms)
         return timers
 
     def _compact(self, state: UserState, track: Track, store: KeyedStore) -> dict[str, Any]:
@@ -387,24 +434,30 @@ def feast_direct_writer(
     about half the cost: push converts every list element through pandas and pyarrow.
     Uses FeatureStore._get_provider(), an internal of the pinned feast 0.67.
     """
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
-
     provider = store._get_provider()
     view = store.get_feature_view(feature_view)
-    builders = _value_builders()
-    plan = [(name, builders[kind]) for name, kind in kinds.items()]
+    to_entries = feast_entries(kinds)
     clock = MonotonicClock()
 
     def write(rows: list[dict[str, Any]]) -> None:
-        now = clock()
-        data = []
-        for r in rows:
-            key = EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=r["user_id"])])
-            data.append((key, {name: build(r[name]) for name, build in plan}, now, None))
-        provider.online_write_batch(store.config, view, data, None)
+        provider.online_write_batch(store.config, view, to_entries(rows, clock()), None)
 
     return write
+
+
+def feast_entries(kinds: Mapping[str, str]) -> Callable[[list[dict[str, Any]], datetime], list[tuple]]:
+    """Rows -> the (EntityKey, {feature: Value}, timestamp, None) entries online_write_batch takes."""
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    builders = _value_builders()
+    plan = [(name, builders[kind]) for name, kind in kinds.items()]
+
+    def entries(rows: list[dict[str, Any]], now: datetime) -> list[tuple]:
+        return [(EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=r["user_id"])]),
+                 {name: build(r[name]) for name, build in plan}, now, None) for r in rows]
+
+    return entries
 
 
 def feast_long_term_writer(store: Any) -> Callable[[list[dict[str, Any]]], None]:

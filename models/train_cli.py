@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", help="where checkpoints, logs and curves go (default runs/<name>)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: config's, auto = cuda if present)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--lake", metavar="PATH",
+                        help="train on the tokenize job's parquet lake (jobs/lake.py, e.g. var/lake/events_tokens) "
+                             "instead of the config's dataset")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -40,8 +43,15 @@ def run(args: argparse.Namespace) -> int:
         overrides["device"] = args.device
     if args.quiet:
         overrides["progress"] = False
+    data = None
+    if args.lake:
+        from jobs.lake import lake_sequences
+
+        overrides["dataset"] = f"lake:{args.lake}"
+        cfg = load_config(args.config, overrides)
+        data = lake_sequences(args.lake, cfg.tie_order, cfg.max_users)
     cfg = load_config(args.config, overrides)
-    summary = fit(cfg, resume=args.resume)
+    summary = fit(cfg, resume=args.resume, data=data)
     test = summary["test"]
     print(json.dumps({"name": cfg.name, "model": cfg.model, "tie_order": cfg.tie_order,
                       **{k: round(test[k], 4) for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")},

@@ -357,10 +357,10 @@ def create_app(
             return refuse("invalid_request", 422, f"domain: {exc}", errors=[{"field": "domain", "message": str(exc)}])
         started = time.perf_counter()
         try:
-            answer = await asyncio.wait_for(asyncio.shield(batcher.submit(request)), request_timeout_s)
+            answer = await asyncio.wait_for(batcher.submit(request), request_timeout_s)
         except asyncio.TimeoutError:
             try:
-                return await asyncio.to_thread(
+                answer = await asyncio.to_thread(
                     service.fallback_answer, request, TIMEOUT, time.perf_counter() - started
                 )
             except NoPopularity as exc:
@@ -370,7 +370,8 @@ def create_app(
             return refuse("internal", 500, "internal error while answering; see the service log")
         if isinstance(answer, NoPopularity):
             return _error(503, "no_recommendations", f"no recommendations available: {answer}")
-        return answer
+        # serialized once here: FastAPI would validate the model again and walk it with jsonable_encoder
+        return Response(content=answer.to_json(), media_type="application/json")
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     def health() -> Any:

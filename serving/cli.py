@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="listen port (default: the config's port, else UGT_SERVING_PORT / 8000)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="uvicorn worker processes, each with its own model, batcher and rate limiter (default: 1)",
+    )
+    parser.add_argument(
         "--snapshot-popularity",
         metavar="PATH",
         default=None,
@@ -57,14 +63,45 @@ def run(args: argparse.Namespace) -> int:
 
     from serving.app import create_app
 
+    # the event loop (HTTP) and the batch worker thread share the GIL: hand it over every 1 ms, not the
+    # default 5 ms, so a CPU-bound batch does not hold requests in the socket buffers for 5 ms at a time
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    if not 1 <= args.workers <= 64:
+        print(f"ugt serve: --workers must be 1..64, got {args.workers}", file=sys.stderr)
+        return 2
     try:
-        app = create_app(settings, config)
+        app = create_app(settings, config)  # also checks the config and model in this process first
     except ConfigError as exc:
         print(f"ugt serve: {exc}", file=sys.stderr)
         return 2
     port = config.port or settings.serving_port
+    if args.workers > 1:
+        import os
+
+        # each worker process builds its own app from the same config file (serving.cli.app_from_env)
+        os.environ[CONFIG_ENV] = str(args.config)
+        del app
+        uvicorn.run(
+            "serving.cli:app_from_env", factory=True, workers=args.workers, host=config.host, port=port,
+            log_level=config.log_level, access_log=False,
+        )
+        return 0
     uvicorn.run(app, host=config.host, port=port, log_level=config.log_level, access_log=False)
     return 0
+
+
+CONFIG_ENV = "UGT_SERVING_CONFIG_FILE"
+SWITCH_INTERVAL_S = 0.001
+
+
+def app_from_env():  # -> FastAPI
+    """The app of one `ugt serve --workers N` worker: the config file named in UGT_SERVING_CONFIG_FILE."""
+    import os
+
+    from serving.app import create_app
+
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    return create_app(get_settings(), load_config(os.environ[CONFIG_ENV]))
 
 
 def _snapshot(settings, config, path: str) -> int:

@@ -14,15 +14,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import orjson
+
 from models.tokenizer import ACTION_TOKEN
 from models.user_state import STATE_VERSION
 from serving.batcher import Queued
 from serving.config import DomainConfig, ServingConfig, routes
 from serving.fallback import NoPopularity, PopularityFallback
 from serving.generator import GenerationRequest, Generator, NoModelAnswer, ScoredItem, has_batch
-from serving.metrics import ServingMetrics
+from serving.metrics import STAGES, ServingMetrics
 from serving.reranker import Reranker
-from serving.schemas import RecommendRequest, RecommendResponse, ScoredItemOut, Timings
+from serving.schemas import RecommendRequest, RecommendResponse
 from serving.state import BadState, StateUnavailable, UserStateReader, UserStateView, read_many
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ OVERLOADED = "overloaded"  # queued longer than queue_timeout_ms: shed before an
 TIMEOUT = "timeout"  # no answer within request_timeout_ms (set by the HTTP layer)
 
 LOG_EVERY_S = 10.0
+PER_REQUEST_STAGES = ("queue", "rerank", "total")  # state and generate are observed once per batch
 CONTEXT_ACTION = ACTION_TOKEN["VIEW"]  # session items in `context` count as views without a rating
 
 
@@ -78,6 +81,44 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
+@dataclass(slots=True)
+class Answer:
+    """One request's answer as the pipeline made it; serialized straight to JSON on the hot path.
+
+    Building a validated pydantic RecommendResponse per request cost more than the state read;
+    :meth:`to_response` gives one (same fields, validated) where an object is wanted.
+    """
+
+    user_id: str
+    items: list[ScoredItem]
+    reason: str | None
+    model: str
+    batch_size: int
+    timings_ms: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {
+            "user_id": self.user_id,
+            "items": [{"item_id": i.item_id, "score": float(i.score)} for i in self.items],
+            "fallback": self.reason is not None,
+            "fallback_reason": self.reason,
+            "model": self.model,
+            "batch_size": self.batch_size,
+            "timings_ms": self.timings_ms,
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    def to_response(self) -> RecommendResponse:
+        return RecommendResponse.model_validate(self.to_dict())
+
+
+def _answer(job: _Job, items: list[ScoredItem], size: int, stages: dict[str, float]) -> Answer:
+    timings = {stage: _ms(seconds) for stage, seconds in stages.items()}
+    return Answer(job.request.user_id, items, job.reason, job.model, size, timings)
+
+
 def with_context(state: UserStateView | None, user_id: str, context: Sequence[str], now_ms: int) -> UserStateView | None:
     """The state with the request's session items appended (newest last); a state from them alone if none."""
     items = [item for item in context if not state or item not in state.item_ids[-len(context):]]
@@ -108,6 +149,8 @@ class RecommendService:
         default = self.generator_for(config.default_domain)
         self.model_name = f"{default.name}-{default.version}"
         self._last_log: dict[str, tuple[float, int]] = {}
+        # labelled children looked up once: .labels() costs more than the observation itself
+        self._stage_hist = {stage: metrics.stage_seconds.labels(stage) for stage in STAGES}
         components.fallback.observer = lambda source: metrics.popularity_source.labels(source).inc()
 
     # -- routing ---------------------------------------------------------------------------------------
@@ -243,7 +286,7 @@ class RecommendService:
         job.model = f"{fallback.name}-{fallback.version}"
 
     # -- the pipeline ----------------------------------------------------------------------------------
-    def run_batch(self, entries: Sequence[Queued[RecommendRequest]]) -> list[RecommendResponse | NoPopularity]:
+    def run_batch(self, entries: Sequence[Queued[RecommendRequest]]) -> list[Answer | NoPopularity]:
         """Answers for a batch, in order: a response, or NoPopularity (503) for a request nothing can answer."""
         start = time.perf_counter()
         jobs: list[_Job] = []
@@ -270,7 +313,7 @@ class RecommendService:
             if job.candidates is None and job.error is None:
                 self._fall_back(job)
         after_generate = time.perf_counter()
-        out: list[RecommendResponse | NoPopularity] = []
+        out: list[Answer | NoPopularity] = []
         size = len(jobs)
         for job in jobs:
             if job.error is not None:
@@ -287,21 +330,14 @@ class RecommendService:
                 "rerank": rerank_s,
                 "total": job.queued_s + (time.perf_counter() - start),
             }
-            for stage, seconds in stages.items():
-                self.metrics.stage_seconds.labels(stage).observe(seconds)
+            for stage in PER_REQUEST_STAGES:
+                self._stage_hist[stage].observe(stages[stage])
             if job.reason is not None:
                 self.metrics.fallbacks.labels(job.reason).inc()
-            out.append(
-                RecommendResponse(
-                    user_id=job.request.user_id,
-                    items=[ScoredItemOut(item_id=i.item_id, score=i.score) for i in items],
-                    fallback=job.reason is not None,
-                    fallback_reason=job.reason,
-                    model=job.model,
-                    batch_size=size,
-                    timings_ms=Timings(**{stage: _ms(seconds) for stage, seconds in stages.items()}),
-                )
-            )
+            out.append(_answer(job, items, size, stages))
+        if jobs:  # state and generate are the batch's: observed once per batch
+            self._stage_hist["state"].observe(after_state - start)
+            self._stage_hist["generate"].observe(after_generate - after_state)
         return out
 
     def recommend(self, request: RecommendRequest) -> RecommendResponse:
@@ -310,9 +346,9 @@ class RecommendService:
         answer = self.run_batch([Queued(request, time.perf_counter(), None, None)])[0]  # type: ignore[arg-type]
         if isinstance(answer, NoPopularity):
             raise answer
-        return answer
+        return answer.to_response()
 
-    def fallback_answer(self, request: RecommendRequest, reason: str, waited_s: float) -> RecommendResponse:
+    def fallback_answer(self, request: RecommendRequest, reason: str, waited_s: float) -> Answer:
         """The popularity answer given when the pipeline ran out of time (no state: history is not excluded)."""
         job = _Job(request, request.domain or self.config.default_domain, waited_s, reason=reason)
         start = time.perf_counter()
@@ -322,12 +358,5 @@ class RecommendService:
         items = self.reranker_for(job.domain).rerank(job.candidates or [], request.k, self._seen(job))
         self.metrics.fallbacks.labels(reason).inc()
         took = time.perf_counter() - start
-        return RecommendResponse(
-            user_id=request.user_id,
-            items=[ScoredItemOut(item_id=i.item_id, score=i.score) for i in items],
-            fallback=True,
-            fallback_reason=reason,
-            model=job.model,
-            batch_size=1,
-            timings_ms=Timings(queue=_ms(waited_s), state=0.0, generate=_ms(took), rerank=0.0, total=_ms(waited_s + took)),
-        )
+        stages = {"queue": waited_s, "state": 0.0, "generate": took, "rerank": 0.0, "total": waited_s + took}
+        return _answer(job, items, 1, stages)

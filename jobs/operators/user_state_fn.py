@@ -4,7 +4,8 @@ DecodeTokensFunction: Row(value, src_topic, src_partition, src_offset) -> Row(us
 is the pickled (TokenizedEvent, (value, topic, partition, offset)); records that are not TokenizedEvents go
 to DLQ_TAG as dead letters.
 UserStateFunction: wires jobs.user_state_logic.UserStateProcessor to Flink: two ValueStates of bytes (the
-encoded UserState + its write track; the long-term groups), both with StateTtlConfig (--state-ttl-days),
+encoded UserState + its write track; the long-term groups) and a ListState (events since that snapshot), all
+with StateTtlConfig (--state-ttl-days),
 processing-time timers (confirm flushes, nearline compaction) and LATE_EVENT dead letters on LATE_TAG.
 Counters (group `ugt`): `events`, `applied`, `duplicates`, `late_events`, `rows_written`, `compactions`;
 `dead_lettered` on both operators.
@@ -16,7 +17,7 @@ import time
 
 from pyflink.common import Row, Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, ProcessFunction, RuntimeContext
-from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
+from pyflink.datastream.state import ListStateDescriptor, StateTtlConfig, ValueStateDescriptor
 
 from jobs.common import key_value_type
 from jobs.tokenize_logic import dead_letter_key, dead_letter_record
@@ -86,11 +87,12 @@ class DecodeTokensFunction(ProcessFunction):
 
 
 class _FlinkStore:
-    """KeyedStore over the two ValueStates (Flink scopes them to the current key)."""
+    """KeyedStore over the two ValueStates and the log ListState (Flink scopes them to the current key)."""
 
-    def __init__(self, state, long_state):
+    def __init__(self, state, long_state, log):
         self.state = state
         self.long_state = long_state
+        self.log = log
 
     def get(self):
         return self.state.value()
@@ -103,6 +105,15 @@ class _FlinkStore:
 
     def put_long(self, data: bytes) -> None:
         self.long_state.update(data)
+
+    def log_get(self):
+        return self.log.get()
+
+    def log_add(self, data: bytes) -> None:
+        self.log.add(data)
+
+    def log_clear(self) -> None:
+        self.log.clear()
 
 
 class UserStateFunction(KeyedProcessFunction):
@@ -129,15 +140,21 @@ class UserStateFunction(KeyedProcessFunction):
         from infra.feast_store import open_feature_store
         from jobs.common import _JobSettings
 
+        # Background cleanup is named explicitly: PyFlink's default adds a RocksDB strategy whose Duration
+        # needs the py4j gateway, which a thread-mode worker does not have.
         ttl = StateTtlConfig.new_builder(Time.milliseconds(self.config.state_ttl_ms)) \
             .set_update_type(StateTtlConfig.UpdateType.OnCreateAndWrite) \
             .set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired) \
+            .disable_cleanup_in_background() \
+            .cleanup_incrementally(10, False) \
             .cleanup_full_snapshot() \
             .build()
         descriptors = [ValueStateDescriptor(name, Types.PICKLED_BYTE_ARRAY()) for name in ("user_state", "long_term")]
-        for descriptor in descriptors:
+        log = ListStateDescriptor("event_log", Types.PICKLED_BYTE_ARRAY())
+        for descriptor in (*descriptors, log):
             descriptor.enable_time_to_live(ttl)
-        self.store = _FlinkStore(*(runtime_context.get_state(d) for d in descriptors))
+        self.store = _FlinkStore(*(runtime_context.get_state(d) for d in descriptors),
+                                 runtime_context.get_list_state(log))
         store = open_feature_store(_JobSettings(redis_override=self.redis_url), repo=self.feature_repo)
         self.redis = redis.Redis.from_url(self.redis_url)
         writer = OnlineStateWriter(

@@ -141,8 +141,9 @@ def test_event_path_on_the_cluster(stack: Any) -> None:
     # -- both jobs on the standalone cluster, bounded: each stops at the end present when it starts --
     common = ["--bounded", "--startup", "earliest", "--parallelism", "2", "--checkpoint-interval-ms", "5000"]
     # exactly-once: tokens and dead letters are Kafka transactions committed on checkpoints
+    # no semantic-ID lookup (the expected tokens carry none) and no lake (test_tokenize_dlq_lake covers both)
     run_on_cluster("tokenize", [*common, "--delivery", "exactly-once", "--group-id", f"it-{run}-tokenize",
-                                "--source-topic", raw,
+                                "--no-semantic-ids", "--lake", "", "--source-topic", raw,
                                 "--tokens-topic", tokens, "--dlq-topic", dlq], settings)
     run_on_cluster("user_state", [*common, "--group-id", f"it-{run}-user-state", "--source-topic", tokens,
                                   "--dlq-topic", dlq], settings)

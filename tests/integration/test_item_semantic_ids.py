@@ -2,7 +2,8 @@
 (`flink run -py`, bounded) -> decode index in Redis + Feast item_metadata; malformed records -> the DLQ.
 
 One run builds a tiny artifact on synthetic items (ids and titles carry a run id, so the artifact and its
-Redis keys are new each run), publishes 50 NEW item events plus 2 malformed records to its own topic, runs
+Redis keys are new each run), publishes 50 NEW item events (20 of them near-duplicates sharing one prefix, which
+key_by(item_id) spreads over the 2 parallel instances) plus 2 malformed records to its own topic, runs
 the job, and checks that every new item decodes from the Redis index (its code -> its item id), that its
 Feast row carries the same semantic ID, that IDs are unique, and that the malformed records are dead-lettered
 with their reasons. It also prints the delay from publish to decodable (it includes the job's start-up).
@@ -42,6 +43,7 @@ from streams.topics import TopicSpec, ensure_topics
 pytestmark = pytest.mark.integration
 
 N_ITEMS = 50
+TWINS = 20  # of them share title, genres and year: only the dedup level tells them apart
 JOB_TIMEOUT_S = 600
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "War"]
 WORDS = "red blue night day love war star king queen city dark light game story ghost river".split()
@@ -110,6 +112,8 @@ def test_item_semantic_ids_on_the_cluster(stack: Settings, tmp_path, record_prop
     client = redis.Redis.from_url(settings.redis_url)
     try:
         new = item_events(N_ITEMS, f"it{run}-new-", seed=2)
+        for twin in new[:TWINS]:  # near-duplicates: one prefix, spread by key_by(item_id) over both instances
+            twin.update({k: new[0][k] for k in ("title", "categories", "attributes")})
         with EventPublisher(settings) as publisher:
             for record in new:
                 publisher.publish_item_event(record, topic=source)
@@ -173,6 +177,8 @@ def test_item_semantic_ids_on_the_cluster(stack: Settings, tmp_path, record_prop
         assert all(len(s) == artifact.num_levels for s in sids.values())
         table = {tuple(r) for r in artifact.codes.tolist()}
         assert len(set(sids.values())) == len(ids) and not set(sids.values()) & table
+        # the twins: one prefix, TWINS distinct dedup indices, assigned by two parallel instances
+        assert len({sids[i][:-1] for i in ids[:TWINS]}) == 1 and len({sids[i][-1] for i in ids[:TWINS]}) == TWINS
         # the artifact's own items are in the index too, under their offline codes
         assert client.hget(index_key(version), code_string(artifact.codes[0])).decode() == artifact.item_ids[0]
 

@@ -134,3 +134,41 @@ def test_concurrent_http_requests_are_batched_on_real_redis(private_redis):
         assert count < 48  # fewer batches than requests
     finally:
         server.stop()
+
+
+RULE_CATS = {"p2": ["Horror"], "p4": ["Comedy"], "p5": ["Comedy"], "p6": ["Comedy", "Drama"],
+             "p8": ["Documentary"], "p9": ["Drama"], "p10": ["Drama"]}
+
+
+def test_router_and_business_rules_with_categories_from_feast(private_redis):
+    """The domain's rules read item categories from Feast's item_metadata view (pushed into this Redis)."""
+    from datetime import datetime, timezone
+
+    import pandas as pd
+    from feast.data_source import PushMode
+
+    from infra.feast_store import open_feature_store
+    from serving.config import build_config
+
+    _, settings = private_redis
+    frame = pd.DataFrame(
+        [{"item_id": item, "title": item, "domain": DOMAIN, "categories": cats, "year": 2000, "semantic_ids": []}
+         for item, cats in RULE_CATS.items()]
+    )
+    frame["event_timestamp"] = datetime.now(timezone.utc)
+    open_feature_store(settings).push("item_metadata_push", frame, to=PushMode.ONLINE)
+    config = build_config(
+        {"default_domain": DOMAIN,
+         "domains": {DOMAIN: {"rerank": {"drop_categories": ["Horror"], "caps": {"Comedy": 1}, "pool": 5}},
+                     "plain": {}}},
+        env={},
+    )
+    server = Served(create_app(settings, config))
+    try:
+        # popularity minus history (p1 p3 p7): p2 p4 p5 p6 p8 p9 p10 ...; Horror dropped, one Comedy
+        body = server.post({"user_id": KNOWN, "k": 4}).json()
+        assert ids(body) == ["p4", "p8", "p9", "p10"], body
+        r = server.post({"user_id": KNOWN, "k": 4, "domain": "elsewhere"})
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "domain"
+    finally:
+        server.stop()

@@ -20,6 +20,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,11 @@ def wait_for(what: str, check, timeout_s: float, every_s: float = 1.0):
 
 def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path: Path) -> None:
     settings = stack
+    started = time.monotonic()
+
+    def lap(what: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {what}", flush=True)
+
     run = uuid.uuid4().hex[:8]
     raw, tokens, dlq = f"eo-{run}.raw", f"eo-{run}.tokens", f"eo-{run}.dlq"
     domain = f"eo{run}"
@@ -132,6 +138,7 @@ def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path
         for e in events + late:
             publisher.publish_user_event(e, topic=raw)
 
+    lap(f"published {len(events) + len(late)} events")
     # the offline reference: the same code over the same events, in publish (= per-user Kafka) order
     token_events = [tokenize_event(e) for e in events + late]
     states, late_ref = fold_events(token_events, MAX_EVENTS, LATENESS_S * 1000)
@@ -149,17 +156,24 @@ def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path
         cluster.start()
         common = ["--startup", "earliest", "--parallelism", "2", "--checkpoint-interval-ms", "2000",
                   "--checkpoint-dir", str(tmp_path / "flink" / "checkpoints")]
-        jobs.append(cluster.submit("tokenize", [*common, "--delivery", "exactly-once", "--group-id", f"eo-{run}-tok",
-                                                "--source-topic", raw, "--tokens-topic", tokens, "--dlq-topic", dlq]))
-        jobs.append(cluster.submit("user_state", [
-            *common, "--group-id", f"eo-{run}-us", "--source-topic", tokens, "--dlq-topic", dlq,
-            "--max-events", str(MAX_EVENTS), "--allowed-lateness-s", str(LATENESS_S),
-            "--compact-interval-min", str(COMPACT_MIN), "--flush-ms", "200"]))
+        submissions = [
+            ("tokenize", [*common, "--delivery", "exactly-once", "--group-id", f"eo-{run}-tok",
+                          "--source-topic", raw, "--tokens-topic", tokens, "--dlq-topic", dlq]),
+            ("user_state", [*common, "--group-id", f"eo-{run}-us", "--source-topic", tokens, "--dlq-topic", dlq,
+                            "--max-events", str(MAX_EVENTS), "--allowed-lateness-s", str(LATENESS_S),
+                            "--compact-interval-min", str(COMPACT_MIN), "--flush-ms", "200"]),
+        ]
+        with ThreadPoolExecutor(2) as pool:  # two `flink run` clients at once: each spends ~20 s starting
+            jobs.extend(pool.map(lambda s: cluster.submit(*s), submissions))
         tokenize_jid, user_state_jid = jobs
+        lap("cluster up, both jobs submitted")
         total = sum(expected_popularity.values())
 
         # -- mid-replay: user_state has checkpointed and written part of the events, not all --
         def mid_replay() -> bool:
+            for jid in jobs:  # nothing may fail before the kill
+                failures = cluster.failures(jid)
+                assert not failures, f"job {jid} failed before the kill:\n{failures[0]}"
             done = sum(popularity(client, domain).values())
             checkpoints = cluster.checkpoints(user_state_jid).get("counts", {}).get("completed", 0)
             assert done < total, "the replay finished before the kill; make it longer"
@@ -168,6 +182,7 @@ def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path
         wait_for("user_state to be mid-replay", mid_replay, 300, every_s=0.5)
         before = sum(popularity(client, domain).values())
         counters_before = {m: cluster.counter(user_state_jid, "user-state", m) for m in ("applied", "events")}
+        lap("mid-replay")
         cluster.kill_taskmanager()
         print(f"\nkill -9 TaskManager at {before}/{total} applied events in Redis; user_state counters {counters_before}")
         cluster.start_taskmanager()
@@ -184,17 +199,19 @@ def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path
             return found
 
         restored_from = wait_for("both jobs to restore from a checkpoint", restored, 180)
-        print(f"restored from checkpoints {restored_from}")
+        lap(f"restored from checkpoints {restored_from}")
 
         # -- the replay finishes: popularity, recent rows, long-term rows all equal the offline reference --
         wait_for("popularity to reach the offline count", lambda: popularity(client, domain) == expected_popularity
                  or sum(popularity(client, domain).values()) > total, CONVERGE_TIMEOUT_S, every_s=2)
         assert popularity(client, domain) == expected_popularity  # 0 lost, 0 applied twice
+        lap("popularity equal")
 
         def long_rows_match() -> bool:
             return online_rows(settings, LONG_TERM_VIEW, LONG_TERM_FEATURE_NAMES, users) == expected_long
 
         wait_for("long-term rows to match", long_rows_match, 120, every_s=3)
+        lap("long-term rows equal")
         recent = online_rows(settings, "user_recent_events", FEATURE_NAMES, users)
         differing = [u for u in users if recent[u] != expected_recent[u]]
         assert not differing, f"{len(differing)} users differ, e.g. {differing[:3]}"

@@ -12,10 +12,9 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from string import Template
 from typing import Any
 
 import requests
@@ -46,23 +45,18 @@ class PrivateFlinkCluster:
     """One JobManager + one TaskManager (4 slots) on free ports; everything under `root`."""
 
     def __init__(self, settings: Settings, root: Path):
-        self.settings = settings
-        self.root = root
-        self.rest_port, self.rpc_port = free_port(), free_port()
-        self.conf, self.log, self.pids = root / "conf", root / "log", root / "pid"
-        for d in (self.conf, self.log, self.pids, root / "tmp", root / "checkpoints", root / "savepoints"):
+        self.shared = settings
+        # the stack's own renderer, pointed at other ports and at `root` instead of var/
+        self.settings = replace(settings, var_dir=root, flink_rest_port=free_port(), flink_rpc_port=free_port(),
+                                flink_metrics_port=free_port())
+        self.rest_port = self.settings.flink_rest_port
+        self.conf = stack.write_flink_conf(self.settings)
+        with (self.conf / "config.yaml").open("a") as f:
+            f.write(EXTRA_CONF)
+        self.log = self.settings.log_dir / "flink"
+        self.pids = root / "run" / "flink"
+        for d in (self.log, self.pids):
             d.mkdir(parents=True, exist_ok=True)
-        text = Template((stack.INFRA / "flink" / "config.yaml").read_text()).substitute(
-            log_dir=self.log, pid_dir=self.pids, rpc_port=self.rpc_port, rest_port=self.rest_port,
-            tmp_dir=root / "tmp", checkpoints_dir=root / "checkpoints", savepoints_dir=root / "savepoints",
-            python=sys.executable,
-        )
-        (self.conf / "config.yaml").write_text(text + EXTRA_CONF)
-        for f in (stack.pyflink_home() / "conf").iterdir():
-            if f.name.startswith(("log4j", "logback")):
-                (self.conf / f.name).write_bytes(f.read_bytes())
-        (self.conf / "masters").write_text(f"localhost:{self.rest_port}\n")
-        (self.conf / "workers").write_text("localhost\n")
         self.started: list[int] = []
 
     @property
@@ -70,8 +64,10 @@ class PrivateFlinkCluster:
         return f"http://localhost:{self.rest_port}"
 
     def env(self) -> dict[str, str]:
-        env = stack.flink_env(self.settings)  # the shared stack's lib/ (flink-python for thread mode)
-        env.update(FLINK_CONF_DIR=str(self.conf), FLINK_LOG_DIR=str(self.log), FLINK_PID_DIR=str(self.pids))
+        env = stack.flink_env(self.settings)
+        # the shared stack's lib/ (with flink-python, for thread mode)
+        env.update(FLINK_LIB_DIR=str(stack.flink_lib_dir(self.shared)), FLINK_CONF_DIR=str(self.conf),
+                   FLINK_LOG_DIR=str(self.log), FLINK_PID_DIR=str(self.pids))
         return env
 
     def _daemon(self, name: str) -> int:
@@ -121,6 +117,11 @@ class PrivateFlinkCluster:
     def job(self, jid: str) -> dict[str, Any]:
         return requests.get(f"{self.rest}/jobs/{jid}", timeout=5).json()
 
+    def failures(self, jid: str) -> list[str]:
+        """Root exceptions Flink recorded for the job (each restart adds one)."""
+        history = requests.get(f"{self.rest}/jobs/{jid}/exceptions", timeout=5).json().get("exceptionHistory", {})
+        return [e.get("stacktrace", e.get("exceptionName", ""))[:2000] for e in history.get("entries", [])]
+
     def checkpoints(self, jid: str) -> dict[str, Any]:
         return requests.get(f"{self.rest}/jobs/{jid}/checkpoints", timeout=5).json()
 
@@ -128,7 +129,8 @@ class PrivateFlinkCluster:
         """Sum of an operator counter over the subtasks of the job vertex whose name contains vertex_name."""
         vertex = next(v for v in self.job(jid)["vertices"] if vertex_name in v["name"])
         base = f"{self.rest}/jobs/{jid}/vertices/{vertex['id']}/subtasks/metrics"
-        names = [m["id"] for m in requests.get(base, timeout=5).json() if m["id"].endswith(f"ugt.{metric}")]
+        names = [m["id"] for m in requests.get(base, timeout=5).json()
+                 if "ugt" in m["id"] and m["id"].endswith(metric)]
         if not names:
             return 0
         values = requests.get(base, params={"get": ",".join(names), "agg": "sum"}, timeout=5).json()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU generator's steps on a GPU machine with no network (the device tool's machine): unpacks ML-1M from
+# .ugtdata (ignored by git; carry it), installs carried wheels (.whl) only if pytest is missing, then
+#   bash bench/gpu_serving.sh test                 # kernel + inference parity tests on the GPU
+#   bash bench/gpu_serving.sh train MINUTES        # a short ML-1M UGT run -> $OUT/checkpoint.pt, summary.json
+#   bash bench/gpu_serving.sh bench [ARGS...]      # bench/serving_gpu.py ARGS --out $OUT/serving_gpu.json
+# Several steps in one call: bash bench/gpu_serving.sh test && bash bench/gpu_serving.sh bench --smoke
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export UGT_CACHE=${UGT_CACHE:-/tmp/ugt-cache} PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/ugt-bench-out}
+mkdir -p "$out"
+d=$UGT_CACHE/datasets/ml-1m
+if [ ! -f "$d/.complete" ]; then
+  mkdir -p "$d" && zcat .ugtdata/ml-1m.inter.gz > "$d/ml-1m.inter" && cp .ugtdata/ml-1m.item .ugtdata/ml-1m.user .ugtdata/SOURCE "$d/" && touch "$d/.complete"
+fi
+if ! python3 -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+step=${1:-}
+shift || true
+case "$step" in
+  test)
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+    python3 -m pytest -q -p no:cacheprovider tests/models/test_hstu_kernel.py tests/models/test_inference.py ;;
+  train)
+    python3 -m infra.cli train --config models/configs/ugt_ml1m.yaml --out-dir /tmp/ugt-ml1m --quiet \
+      --set "max_minutes=${1:-4}" --set dpo.enabled=false --set "semantic_ids={artifact: .ugtdata/sid-ml1m.npz}" \
+      && cp /tmp/ugt-ml1m/checkpoint.pt /tmp/ugt-ml1m/summary.json "$out/" ;;
+  bench)
+    python3 bench/serving_gpu.py --out "$out/serving_gpu.json" "$@" ;;
+  *)
+    echo "usage: bash bench/gpu_serving.sh test | train MINUTES | bench [bench/serving_gpu.py args]" >&2; exit 2 ;;
+esac

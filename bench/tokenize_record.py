@@ -1,0 +1,130 @@
+"""Per-record cost of the tokenize job's logic outside Flink (what each Python operator call costs).
+
+    .venv/bin/python -m bench.tokenize_record [--events 20000] [--repeat 3] [--profile]
+
+Rows, all over the same ML-1M events, best of --repeat passes, in µs per record:
+  * anchor_fastavro_v1: the path the job ran before (fastavro schemaless_reader per record, tokenize_event,
+    dataclasses.asdict, fastavro schemaless_writer): the anchor, measured in the same run;
+  * EventTokenizer.process: today's path (compiled decoder and encoders, no asdict), no semantic-ID store;
+  * + semantic IDs: the same with a SemanticIdCache in front of a store holding every item (no round trips);
+  * + lake row: plus building the lake side-output tuple (jobs.lake.lake_row's fields, without PyFlink's Row).
+The Schema Registry is the stack's own server started in-process; no Kafka, no Flink.
+Writes bench/results/tokenize_record.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import pstats
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bench.common import machine_info, print_table, write_result
+
+
+class DictRedis:
+    """An in-memory stand-in for the semantic-ID store (the cache preloads it, so the loop never calls it)."""
+
+    def __init__(self, version: str, codes: dict[str, str]):
+        from jobs.item_semantic_ids_logic import ACTIVE_KEY, item_key
+
+        self.strings = {ACTIVE_KEY: version.encode()}
+        self.hashes = {item_key(version): {k.encode(): v.encode() for k, v in codes.items()}}
+
+    def get(self, key):
+        return self.strings.get(key)
+
+    def hscan(self, key, cursor, count=10):
+        return 0, dict(self.hashes.get(key, {}))
+
+    def hmget(self, key, fields):
+        h = self.hashes.get(key, {})
+        return [h.get(f.encode()) for f in fields]
+
+
+def timed(fn: Callable[[bytes, int], object], data: list[bytes], repeat: int) -> float:
+    """Best µs per record over `repeat` passes."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for i, d in enumerate(data):
+            fn(d, i)
+        best = min(best, (time.perf_counter() - start) / len(data) * 1e6)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=20_000, help="ML-1M events per pass (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=3, help="passes per row; the best counts (default: %(default)s)")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of EventTokenizer.process")
+    args = parser.parse_args(argv)
+
+    from infra.schema_registry import PREFIX, make_server
+    from jobs.sid_cache import SemanticIdCache
+    from jobs.tokenize_logic import EventTokenizer, decode_and_tokenize
+    from streams.datasets import load_dataset, user_events
+    from streams.serde import AvroSerde, SchemaRegistryClient, encode_with_id
+
+    server = make_server("127.0.0.1", 0, Path(tempfile.mkdtemp()) / "registry.json")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    serde = AvroSerde(SchemaRegistryClient(f"http://127.0.0.1:{server.server_address[1]}{PREFIX}"))
+    events = list(user_events(load_dataset("ml-1m"), limit=args.events))
+    data = [serde.encode("bench.raw-value", "user_event", e) for e in tqdm(events, desc="encode events")]
+    now_ms = int(time.time() * 1000)
+
+    plain = EventTokenizer(serde, "bench.tokens", "bench.dlq")
+    codes = {e["item_id"]: f"{int(e['item_id']) % 256}-{int(e['item_id']) % 64}-0" for e in events}
+    with_sids = EventTokenizer(serde, "bench.tokens", "bench.dlq", sids=SemanticIdCache(DictRedis("b1", codes)))
+
+    def anchor(d: bytes, i: int) -> bytes:
+        event = decode_and_tokenize(serde, d, now_ms)
+        record = dataclasses.asdict(event)
+        record["context_tokens"] = list(event.context_tokens)
+        record["semantic_ids"] = list(event.semantic_ids)
+        return encode_with_id(plain.tokens_schema_id, plain.tokens_schema, record)
+
+    def lake(d: bytes, i: int) -> object:
+        out = with_sids.process(d, "bench.raw", 0, i)
+        e = out.event
+        return (e.event_id, e.user_id, e.item_id, e.event_time, e.domain, e.action_token, e.rating_token,
+                e.duration_token, e.hour_token, e.weekday_token, list(e.context_tokens), list(e.semantic_ids),
+                e.sid_version, e.tokenizer_version, 0, i)
+
+    for d in data[:2000]:  # warm the caches (schema ids, compiled codecs)
+        anchor(d, 0), plain.process(d, "bench.raw", 0, 0), lake(d, 0)
+    assert plain.process(data[0], "bench.raw", 0, 0).value == anchor(data[0], 0)
+
+    rows = []
+    for name, fn in [("anchor_fastavro_v1", anchor),
+                     ("EventTokenizer.process", lambda d, i: plain.process(d, "bench.raw", 0, i)),
+                     ("+ semantic IDs", lambda d, i: with_sids.process(d, "bench.raw", 0, i)),
+                     ("+ lake row", lake)]:
+        us = timed(fn, data, args.repeat)
+        rows.append({"path": name, "us_per_record": round(us, 2), "records_per_s_one_core": round(1e6 / us)})
+    anchor_us = rows[0]["us_per_record"]
+    for row in rows:
+        row["vs_anchor"] = round(anchor_us / row["us_per_record"], 2)
+    print_table(rows)
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for i, d in enumerate(data):
+            with_sids.process(d, "bench.raw", 0, i)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+    write_result("tokenize_record", {"events": len(data), "repeat": args.repeat, "rows": rows,
+                                     "anchor": "anchor_fastavro_v1", "machine": machine_info()})
+    server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

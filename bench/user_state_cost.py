@@ -1,0 +1,172 @@
+"""Per-event cost of the user_state job's keyed logic outside Flink (what each Python operator call costs).
+
+    .venv/bin/python -m bench.user_state_cost [--events 100000] [--repeat 3] [--rate 50000] [--profile]
+
+Rows, all over the same first --events ML-1M events (tokenized before timing), best of --repeat passes,
+in µs per event:
+  * anchor_v1_dict_pickle: the state round trip the job did before (pickle.loads of the stored dict,
+    UserState.from_dict, apply_event, to_dict, pickle.dumps), without writes: the anchor of this run;
+  * processor_no_cache: jobs.user_state_logic.UserStateProcessor with --state-cache-users 0 (decode and
+    encode the compact blob every event), its writer building the Feast protos and popularity script
+    arguments of every flush (no Redis), and its confirm / compaction timers fired at a simulated
+    --rate events/s of processing time;
+  * processor_cached: the same with the decoded-state cache (the job's default).
+No Kafka, Redis or Flink. Writes bench/results/user_state_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pickle
+import pstats
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from bench.common import machine_info, print_table, write_result
+
+
+class MemoryStore:
+    """Flink's two keyed ValueStates for the current key, over one dict."""
+
+    def __init__(self, data: dict):
+        self.data, self.user = data, ""
+
+    def get(self):
+        return self.data.get(("s", self.user))
+
+    def put(self, value: bytes) -> None:
+        self.data[("s", self.user)] = value
+
+    def get_long(self):
+        return self.data.get(("l", self.user))
+
+    def put_long(self, value: bytes) -> None:
+        self.data[("l", self.user)] = value
+
+    def log_get(self):
+        return self.data.get(("log", self.user))
+
+    def log_add(self, value: bytes) -> None:
+        self.data[("log", self.user)] = [*self.data.get(("log", self.user), ()), value]
+
+    def log_clear(self) -> None:
+        self.data.pop(("log", self.user), None)
+
+
+class NoRedis:
+    """register_script -> a callable that takes the arguments and does nothing (no round trip)."""
+
+    def register_script(self, _: str):
+        return lambda keys, args: None
+
+
+def anchor(events: list) -> float:
+    from models.user_state import UserState, apply_event
+
+    store: dict[str, bytes] = {}
+    start = time.perf_counter()
+    for event in events:
+        raw = store.get(event.user_id)
+        state = UserState.from_dict(pickle.loads(raw)) if raw is not None else None
+        state = apply_event(state, event)
+        store[event.user_id] = pickle.dumps(state.to_dict())
+    return time.perf_counter() - start
+
+
+def processor_run(events: list, cache_users: int, rate: float) -> tuple[float, dict[str, Any]]:
+    from datetime import datetime, timezone
+
+    from jobs.user_state_logic import (
+        LONG_KINDS,
+        RECENT_KINDS,
+        OnlineStateWriter,
+        ProcessorConfig,
+        UserStateProcessor,
+        feast_entries,
+        redis_popularity_writer,
+    )
+
+    recent, long_ = feast_entries(RECENT_KINDS), feast_entries(LONG_KINDS)
+    now_dt = datetime.now(timezone.utc)
+    sim = {"now_ms": 0}
+    writer = OnlineStateWriter(lambda rows: recent(rows, now_dt), redis_popularity_writer(NoRedis()),
+                               max_rows=500, max_delay_s=0.2, clock=lambda: sim["now_ms"] / 1000,
+                               write_long_rows=lambda rows: long_(rows, now_dt))
+    processor = UserStateProcessor(writer, ProcessorConfig(cache_size=cache_users, compact_interval_ms=60_000))
+    store = MemoryStore({})
+    timers: dict[int, set[str]] = {}
+    step_ms = 1000.0 / rate
+    start = time.perf_counter()
+    for i, event in enumerate(events):
+        now = int(i * step_ms)
+        sim["now_ms"] = now
+        for at in sorted(t for t in timers if t <= now):  # what Flink's timer service would fire by now
+            for user in sorted(timers.pop(at)):
+                store.user = user
+                for _, new_at in processor.on_timer(user, at, store, now):
+                    timers.setdefault(new_at, set()).add(user)
+        store.user = event.user_id
+        outcome = processor.on_event(event, store, now)
+        for _, at in outcome.timers:
+            timers.setdefault(at, set()).add(event.user_id)
+        processor.flush_if_due()
+    writer.flush()
+    elapsed = time.perf_counter() - start
+    return elapsed, {"rows_written": writer.rows_written, "batches": writer.batches_written,
+                     "compactions": processor.compactions}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=100_000, help="ML-1M events, in time order")
+    parser.add_argument("--repeat", type=int, default=3, help="passes per row; the best counts")
+    parser.add_argument("--rate", type=float, default=50_000, help="simulated events/s (when timers fire)")
+    parser.add_argument("--profile", action="store_true", help="cProfile one cached pass; print the top 15")
+    args = parser.parse_args(argv)
+
+    from models.tokenizer import tokenize_event
+    from streams.datasets import load_dataset, user_events
+
+    dataset = load_dataset("ml-1m")
+    events = [tokenize_event(e) for e in tqdm(user_events(dataset, limit=args.events), total=args.events,
+                                              desc="tokenize", unit="ev", unit_scale=True, mininterval=0.5)]
+    users = len({e.user_id for e in events})
+    rows: list[dict[str, Any]] = []
+    cases = [("anchor_v1_dict_pickle", lambda: (anchor(events), {})),
+             ("processor_no_cache", lambda: processor_run(events, 0, args.rate)),
+             ("processor_cached", lambda: processor_run(events, 20_000, args.rate))]
+    for name, case in tqdm(cases, desc="cases", unit="case"):
+        best, extra = min((case() for _ in range(args.repeat)), key=lambda r: r[0])
+        rows.append({"case": name, "us_per_event": best / len(events) * 1e6,
+                     "events_per_s": len(events) / best, **extra})
+    anchor_us = rows[0]["us_per_event"]
+    for row in rows:
+        row["speedup_vs_anchor"] = anchor_us / row["us_per_event"]
+    print(f"\n{len(events):,} ML-1M events, {users:,} users, best of {args.repeat}")
+    table = print_table(rows, ["case", "us_per_event", "events_per_s", "speedup_vs_anchor", "rows_written",
+                               "compactions"])
+    profile_text = ""
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        processor_run(events, 20_000, args.rate)
+        profiler.disable()
+        import io
+
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
+        profile_text = out.getvalue()
+        print(profile_text)
+    write_result("user_state_cost", {
+        "events": len(events), "users": users, "rate": args.rate, "repeat": args.repeat,
+        "anchor": "anchor_v1_dict_pickle", "rows": rows, "table": table, "profile": profile_text,
+        "machine": machine_info(),
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
