@@ -116,6 +116,16 @@ def drop_topics(settings: Any, topics: list[str]) -> None:
         _drop(settings, topic)
 
 
+def check_jobs(settings: Any, job_ids: list[str | None]) -> None:
+    """Stop at once, with the cause, when a job of this run fails or restarts (instead of waiting it out)."""
+    from jobs.cli import failure_cause
+
+    for jid in filter(None, job_ids):
+        cause = failure_cause(settings.flink_rest_url, jid)
+        if cause:
+            raise SystemExit(f"bench: job {jid} is {cause}")
+
+
 def stale_code_warning() -> str | None:
     """In thread mode the TaskManager's embedded CPython keeps modules imported by earlier jobs: if the TM started
     before the job code last changed, a new job may run the old code. Says so (the result records it)."""
@@ -178,6 +188,7 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
         while applied(r, pop_key) < 1:
             if time.monotonic() > deadline:
                 raise SystemExit("bench: the jobs applied nothing within 300 s; see `ugt jobs list` and var/log/flink")
+            check_jobs(settings, job_ids)
             time.sleep(0.5)
 
         print(f"== throughput: {len(events):,} {args.dataset} events at full speed")
@@ -284,6 +295,7 @@ def item_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
         # warm-up: the first item pays for the job's start and the text encoder's first load
         warm = steady(lambda i: send(args.new_items + 1000), seen, 1, 1.0, 300)
         if not warm:
+            check_jobs(settings, [jid])
             raise SystemExit("bench: item_semantic_ids indexed nothing within 300 s; see var/log/flink")
         print(f"== new items: {args.new_items} at {args.item_rate}/s (warm-up item: {warm[0]:.1f} s)")
         lags = steady(send, seen, args.new_items, args.item_rate, 120)

@@ -117,7 +117,7 @@ def start_py_spy(py_spy: str, pid: int, out: str, rate: int = 50):
 
 def stop_py_spy(process, out: str, top: int = 12) -> dict[str, object]:
     """Stop the sampler (SIGINT writes the file) and summarise: the functions the samples sat in (self) and the
-    repo functions on the stack (inclusive), as shares of all non-idle samples."""
+    repo functions on the stack (inclusive), as shares of the samples not waiting (IDLE leaf frames dropped)."""
     import signal
 
     process.send_signal(signal.SIGINT)
@@ -140,6 +140,8 @@ def stop_py_spy(process, out: str, top: int = 12) -> dict[str, object]:
         frames = [f for f in stack.split(";") if not f.startswith("process ") and not f.startswith("thread ")]
         if not frames:
             continue
+        if frames[-1].split(" (")[0] in IDLE:
+            continue  # a thread waiting, not working
         total += n
         self_count[_frame(frames[-1])] += n
         for name in {_frame(f) for f in frames if _in_repo(f)}:
@@ -151,6 +153,8 @@ def stop_py_spy(process, out: str, top: int = 12) -> dict[str, object]:
     return {"samples": total, "self": share(self_count), "repo_inclusive": share(inclusive)}
 
 
+IDLE = {"Condition.wait", "_run_channel_spin_thread.<locals>.channel_spin", "Thread._wait_for_tstate_lock",
+        "Event.wait", "select", "poll", "sleep", "Queue.get", "_worker"}
 REPO_PACKAGES = ("jobs/", "models/", "streams/", "serving/", "infra/")
 
 

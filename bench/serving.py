@@ -167,6 +167,24 @@ class Server:
                 self.proc.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live children (uvicorn workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    try:
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        pass
+    total = 0.0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def wait_healthy(server: Server, timeout_s: float = 120.0) -> None:
     import requests
 
@@ -325,14 +343,19 @@ def summarize(config: str, rate: float, samples: list[Sample], wall: float) -> d
     return row
 
 
-def run_config(name: str, port: int, rates: list[float], args: argparse.Namespace, users: list[str]) -> list[dict]:
+def run_config(name: str, server: Server, rates: list[float], args: argparse.Namespace, users: list[str]) -> list[dict]:
     rows = []
+    port = server.port
     asyncio.run(open_loop(port, min(rates), 1.0, users, args.k, args.connections, args.seed))  # warm up
     for rate in tqdm(rates, desc=name, unit="rate", file=sys.stderr):
+        cpu_before = cpu_seconds(server.proc.pid)
         samples, wall = asyncio.run(
             open_loop(port, rate, args.duration, users, args.k, args.connections, args.seed + int(rate))
         )
-        rows.append(summarize(name, rate, samples, wall))
+        row = summarize(name, rate, samples, wall)
+        # the server's CPU per request: what the box's load does not change much (unlike the latencies)
+        row["server_cpu_ms_per_req"] = round(1000.0 * (cpu_seconds(server.proc.pid) - cpu_before) / len(samples), 3)
+        rows.append(row)
         time.sleep(0.5)
     return rows
 
@@ -370,7 +393,7 @@ def run_cpu(args: argparse.Namespace) -> int:
             server = start_server(name, workdir, env, config, args.workers)
             servers.append(server)
             try:
-                rows += run_config(name, server.port, rates, args, users)
+                rows += run_config(name, server, rates, args, users)
             finally:
                 server.stop()
     finally:
@@ -379,7 +402,8 @@ def run_cpu(args: argparse.Namespace) -> int:
         redis_proc.terminate()
         redis_proc.wait(timeout=15)
         shutil.rmtree(workdir, ignore_errors=True)
-    columns = ["config", "qps", "achieved_qps", "p50_ms", "p99_ms", "p999_ms", "non_200", "fallbacks", "mean_batch"]
+    columns = ["config", "qps", "achieved_qps", "p50_ms", "p99_ms", "p999_ms", "non_200", "fallbacks", "mean_batch",
+               "server_cpu_ms_per_req"]
     print_table(rows, columns)
     stage_rows = [
         {"config": r["config"], "qps": r["qps"], **{f"{s}_p50": r["stages_ms"][s]["p50"] for s in STAGES},

@@ -162,19 +162,22 @@ def engine_for(model: UGT, variant: str, args: argparse.Namespace, n_users: int)
 
 
 class Pool:
-    """Requests to draw batches from: rows, their exclusions, user keys and cheap prefix fingerprints."""
+    """Requests to draw batches from, pre-packed the way a service would hold them after the state fetch:
+    rows in the engine's packed layout, their exclusions, user keys and prefix fingerprints."""
 
-    def __init__(self, rows: list[dict[str, np.ndarray]]):
+    def __init__(self, rows: list[dict[str, np.ndarray]], engine: UGTInference):
         self.rows = rows
         self.excl = excludes_of(rows)
+        self.vectors = engine.row_vectors(rows)
+        self.excl_matrix = engine.exclusion_matrix(self.excl)
         self.keys = [f"u{i}" for i in range(len(rows))]
         self.prints = [str(i).encode() for i in range(len(rows))]  # the prefix never changes in this bench
         self.cursor = 0
 
-    def take(self, n: int) -> tuple[list, list, list, list]:
-        idx = [(self.cursor + i) % len(self.rows) for i in range(n)]
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray, list, list]:
+        idx = (self.cursor + np.arange(n)) % len(self.rows)
         self.cursor = (self.cursor + n) % len(self.rows)
-        return ([self.rows[i] for i in idx], [self.excl[i] for i in idx], [self.keys[i] for i in idx],
+        return (self.vectors[idx], self.excl_matrix[idx], [self.keys[i] for i in idx],
                 [self.prints[i] for i in idx])
 
 
@@ -184,8 +187,8 @@ def sync() -> None:
 
 
 def call(engine: UGTInference, pool: Pool, n: int, k: int) -> None:
-    rows, excl, keys, prints = pool.take(n)
-    engine.recommend(rows, excl, k, keys, prints)
+    vectors, excl, keys, prints = pool.take(n)
+    engine.recommend_packed(vectors, excl, k, keys, prints)
 
 
 def warm_cache(engine: UGTInference, pool: Pool, k: int) -> None:
@@ -242,14 +245,14 @@ def stage_split(engine: UGTInference, pool: Pool, batch: int, k: int, reps: int 
     """Median ms per stage of one batch: pack (host), H2D, stack (prefill/decode), retrieval, beam, D2H."""
     stages: dict[str, list[float]] = {s: [] for s in ("pack", "h2d", "stack", "retrieval", "beam", "d2h")}
     for _ in range(reps):
-        rows, excl, keys, prints = pool.take(batch)
+        vectors, excl, keys, prints = pool.take(batch)
         sync()
         t = [time.perf_counter()]
         if engine.cache is not None:
             slots, hits = engine.cache.assign(keys, prints)
         else:
             slots, hits = [0] * batch, [False] * batch
-        host = engine.pack(rows, excl, slots, engine.bucket(batch))
+        host = engine.pack(vectors, excl, slots, engine.bucket(batch))
         t.append(time.perf_counter())
         dev = host.to(engine.device, non_blocking=True)
         sync()
@@ -295,7 +298,7 @@ def bench_config(name: str, model: UGT, rows: list, args: argparse.Namespace, ra
         variants = [v for v in variants if v != "kvcache+beam"]
     for variant in variants:
         engine = engine_for(model, variant, args, len(rows))
-        pool = Pool(rows)
+        pool = Pool(rows, engine)
         if targets is not None and variant == "kvcache":
             out["engine_quality"] = engine_hr(engine, pool, targets)
             print(f"[{name}] serving engine (bf16) test HR@10 {out['engine_quality']['hr@10']:.4f}", flush=True)
@@ -337,7 +340,13 @@ def describe(model: UGT) -> dict[str, Any]:
 
 
 def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the configs named in ``args.configs``; returns (and writes to args.out) the result dict."""
+    """Run the configs named in ``args.configs``; returns (and writes to args.out) the result dict.
+
+    ``args`` may be bench/serving.py's namespace (``--target gpu``): its options (configs, users, history, k,
+    out) mean other things there, so this bench then runs with its own defaults.
+    """
+    if getattr(args, "target", None) is not None:
+        args = parse_args([])
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/serving_gpu.py needs a CUDA GPU (the CPU path is benchmarked by bench/serving.py)")
     if args.smoke:

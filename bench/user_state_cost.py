@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     cases = [("anchor_v1_dict_pickle", lambda: (anchor(events), {})),
              ("processor_no_cache", lambda: processor_run(events, 0, args.rate)),
-             ("processor_cached", lambda: processor_run(events, 20_000, args.rate))]
+             ("processor_cached", lambda: processor_run(events, 5_000, args.rate))]
     for name, case in tqdm(cases, desc="cases", unit="case"):
         best, extra = min((case() for _ in range(args.repeat)), key=lambda r: r[0])
         rows.append({"case": name, "us_per_event": best / len(events) * 1e6,
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        processor_run(events, 20_000, args.rate)
+        processor_run(events, 5_000, args.rate)
         profiler.disable()
         import io
 

@@ -63,6 +63,19 @@ def applied_events(redis_client, domain: str = "movie") -> int:
     return int(sum(score for _, score in redis_client.zscan_iter(popularity_key(domain))))
 
 
+def stop_if_a_job_fails() -> None:
+    """A UGT job stuck restarting would make the demo wait for nothing: stop with its cause instead."""
+    from jobs.cli import SUBMITTABLE, failure_cause, list_jobs
+
+    base = get_settings().flink_rest_url
+    for job in list_jobs(base):  # FAILED jobs may be history; a running one stuck restarting is this demo's
+        if job["name"] in SUBMITTABLE and job["state"] in ("FAILING", "RESTARTING"):
+            cause = failure_cause(base, job["jid"])
+            if cause:
+                raise SystemExit(f"demo: Flink job {job['name']} ({job['jid']}) is {cause}; see var/log/flink/ "
+                                 "(after changing job code in thread mode, restart the TaskManager: docs/JOBS.md)")
+
+
 def wait_until_applied(redis_client, before: int, count: int, timeout_s: float) -> float:
     """Poll until `count` more events than `before` are applied; returns the seconds waited."""
     from tqdm import tqdm
@@ -77,6 +90,7 @@ def wait_until_applied(redis_client, before: int, count: int, timeout_s: float) 
                     "check `ugt jobs list` and var/log/flink/"
                 )
             time.sleep(1.0)
+            stop_if_a_job_fails()
             now = applied_events(redis_client) - before
             bar.update(min(now, count) - min(done, count))
             done = now

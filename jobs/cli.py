@@ -134,6 +134,18 @@ def jobs_for_all() -> tuple[str, ...]:
     return (*JOBS, ITEM_JOB)
 
 
+def failure_cause(base: str, jid: str) -> str | None:
+    """None while the job is healthy; else its state and root cause (the last "Caused by" of its latest exception),
+    so a caller waiting on a restart loop can stop at once and say why."""
+    state = _get(f"{base}/jobs/{jid}")["state"]
+    if state not in ("FAILED", "FAILING", "RESTARTING"):
+        return None
+    entries = _get(f"{base}/jobs/{jid}/exceptions").get("exceptionHistory", {}).get("entries") or [{}]
+    trace = entries[0].get("stacktrace", "")
+    causes = re.findall(r"Caused by: ([^\n]+)", trace) or [trace.split("\n", 1)[0]]
+    return f"{state}: {causes[-1]}"
+
+
 def wait(base: str, ref: str, timeout_s: float) -> str:
     """Poll until the job ends; returns its final state."""
     deadline = time.monotonic() + timeout_s

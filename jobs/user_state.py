@@ -36,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-ttl-days", type=float, default=90.0,
                         help="Flink state TTL of an idle user (match feature_store.yaml key_ttl_seconds; "
                              "default: %(default)s)")
-    parser.add_argument("--state-cache-users", type=int, default=20_000,
-                        help="decoded user states kept in memory per worker (0 = decode every event; "
-                             "default: %(default)s)")
+    parser.add_argument("--state-cache-users", type=int, default=5_000,
+                        help="decoded user states kept in memory per parallel instance, ~10-60 KiB each "
+                             "(0 = decode every event; default: %(default)s)")
     parser.add_argument("--feast-write", choices=("direct", "push"), default="direct",
                         help="direct: build Feast's protos and call the provider's online_write_batch (about 2x "
                              "faster); push: store.push(..., to=PushMode.ONLINE) (default: %(default)s)")

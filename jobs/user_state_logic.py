@@ -221,7 +221,7 @@ class ProcessorConfig:
     flush_ms: int = 200
     compact_interval_ms: int = 5 * 60 * 1000
     state_ttl_ms: int = 90 * 24 * 3600 * 1000
-    cache_size: int = 20_000  # users whose decoded state stays in memory (0 = decode every event)
+    cache_size: int = 5_000  # users whose decoded state stays in memory (0 = decode every event)
 
 
 @dataclass

@@ -38,13 +38,20 @@ class BatcherClosed(RuntimeError):
     """submit() after close()."""
 
 
-def _resolve(future: asyncio.Future, result: object, error: BaseException | None) -> None:
-    if future.done():  # the handler gave up (timeout / client gone)
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+def _resolve(answers: list[tuple[asyncio.Future, object, BaseException | None]]) -> None:
+    """On the event loop: hand every answer of a batch to its waiting handler (one loop wake-up per batch)."""
+    for future, result, error in answers:
+        if future.done():  # the handler gave up (timeout / client gone)
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 class DynamicBatcher(Generic[T, R]):
@@ -89,15 +96,23 @@ class DynamicBatcher(Generic[T, R]):
             self._queue.put(None)
             self._thread.join(timeout)
 
-    async def submit(self, item: T) -> R:
-        """The result of ``process`` for ``item``, computed in some batch."""
+    async def submit(self, item: T, timeout_s: float | None = None) -> R:
+        """The result of ``process`` for ``item``, computed in some batch; TimeoutError after ``timeout_s``.
+
+        (A timer on the future, not asyncio.wait_for: no task per request. The batch still runs the item.)
+        """
         if self._closed:
             raise BatcherClosed("the batcher is closed")
         self.start()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        timer = loop.call_later(timeout_s, _expire, future) if timeout_s is not None else None
         self._queue.put(Queued(item, time.perf_counter(), future, loop))
-        return await future
+        try:
+            return await future
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _collect(self, first: Queued[T]) -> tuple[list[Queued[T]], bool]:
         """The batch that starts with ``first``; True when close() was seen while collecting."""
@@ -136,8 +151,11 @@ class DynamicBatcher(Generic[T, R]):
             except BaseException as exc:  # every waiter must hear back, whatever happened
                 log.exception("batch of %d failed", len(batch))
                 results, errors = [None] * len(batch), [exc] * len(batch)
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
             for entry, result, error in zip(batch, results, errors, strict=True):
+                by_loop.setdefault(entry.loop, []).append((entry.future, result, error))
+            for loop, answers in by_loop.items():
                 try:
-                    entry.loop.call_soon_threadsafe(_resolve, entry.future, result, error)
+                    loop.call_soon_threadsafe(_resolve, answers)
                 except RuntimeError:  # the loop is closed (app shut down)
                     pass

@@ -167,38 +167,51 @@ class UGTInference:
             L = len(self.model.layers)
             blk = self.model.layers[0].attn
             S = c.cache_slots + 1
-            self.pool_k = torch.zeros(L, S, self.T, blk.num_heads, blk.dqk, device=self.device, dtype=self.dtype)
-            self.pool_v = torch.zeros(L, S, self.T, blk.num_heads, blk.dv, device=self.device, dtype=self.dtype)
+            # head-major (slot, head, position, dim): a decode step reads each head's keys as one matrix
+            self.pool_k = torch.zeros(L, S, blk.num_heads, self.T, blk.dqk, device=self.device, dtype=self.dtype)
+            self.pool_v = torch.zeros(L, S, blk.num_heads, self.T, blk.dv, device=self.device, dtype=self.dtype)
             self.pool_t = torch.zeros(S, self.T, device=self.device, dtype=torch.int64)
             self.pool_valid = torch.zeros(S, self.T, device=self.device, dtype=torch.bool)
 
     # ---- packing ---------------------------------------------------------------------------------
 
-    def pack(self, rows: list[dict[str, np.ndarray]], excludes: list[np.ndarray], slots: list[int],
-             pad_to: int) -> torch.Tensor:
-        """One int64 (pad_to, W + 1 + X) host tensor (pinned and reused on CUDA): rows, cache slot, exclusions."""
+    def row_vectors(self, rows: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """(n, W) int64: each one-row model input flattened into the packed layout (callers may keep these)."""
+        n, N, E = len(rows), self.N, self.E
+        out = np.empty((n, self.width), dtype=np.int64)
+        for f, key in enumerate(ROW_FIELDS):
+            out[:, f * N : (f + 1) * N] = np.concatenate([r[key] for r in rows])
+        out[:, 6 * N] = np.concatenate([r["lengths"] for r in rows])
+        out[:, 6 * N + 1 : 6 * N + 1 + E] = np.concatenate([r["long_ids"][:, :E] for r in rows])
+        out[:, 6 * N + 1 + E :] = np.concatenate([r["long_times"][:, :E] for r in rows])
+        return out
+
+    @staticmethod
+    def exclusion_matrix(excludes: list[np.ndarray]) -> np.ndarray:
+        """(n, X) int64 of each row's unique excluded item indices, 0-padded; X a power of two."""
         X = max([len(e) for e in excludes] + [1])
-        X = 1 << (X - 1).bit_length()  # a few distinct widths only
-        shape = (pad_to, self.width + 1 + X)
+        out = np.zeros((len(excludes), 1 << (X - 1).bit_length()), dtype=np.int64)
+        for b, e in enumerate(excludes):
+            out[b, : len(e)] = e
+        return out
+
+    def pack(self, vectors: np.ndarray, excl: np.ndarray, slots: list[int], pad_to: int) -> torch.Tensor:
+        """One int64 (pad_to, W + 1 + X) host tensor (pinned and reused on CUDA): rows, cache slot, exclusions."""
+        n = len(vectors)
+        shape = (pad_to, self.width + 1 + excl.shape[1])
         if self.device.type == "cuda":
             host = self._pinned.get(shape)
             if host is None:
                 host = self._pinned[shape] = torch.empty(shape, dtype=torch.int64, pin_memory=True)
-            buf = host.numpy()
-            buf.fill(0)
         else:
-            host = torch.zeros(shape, dtype=torch.int64)
-            buf = host.numpy()
-        n, N, E = len(rows), self.N, self.E
-        for f, key in enumerate(ROW_FIELDS):
-            buf[:n, f * N : (f + 1) * N] = np.concatenate([r[key] for r in rows])
-        buf[:n, 6 * N] = np.concatenate([r["lengths"] for r in rows])
-        buf[:n, 6 * N + 1 : 6 * N + 1 + E] = np.concatenate([r["long_ids"][:, :E] for r in rows])
-        buf[:n, 6 * N + 1 + E : 6 * N + 1 + 2 * E] = np.concatenate([r["long_times"][:, :E] for r in rows])
+            host = torch.empty(shape, dtype=torch.int64)
+        buf = host.numpy()
+        buf[:n, : self.width] = vectors
         buf[:n, self.width] = slots
-        buf[n:, self.width] = self.cache.scratch if self.cache is not None else 0
-        for b, e in enumerate(excludes):
-            buf[b, self.width + 1 : self.width + 1 + len(e)] = e
+        buf[:n, self.width + 1 :] = excl
+        if pad_to > n:
+            buf[n:] = 0
+            buf[n:, self.width] = self.cache.scratch if self.cache is not None else 0
         return host
 
     def unpack(self, dev: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -226,8 +239,8 @@ class UGTInference:
             blk = layer.attn
             u, q, k, v = _attn_inputs(blk, x)
             if self.cache is not None:
-                self.pool_k[li].index_copy_(0, slots, k)
-                self.pool_v[li].index_copy_(0, slots, v)
+                self.pool_k[li].index_copy_(0, slots, k.transpose(1, 2))
+                self.pool_v[li].index_copy_(0, slots, v.transpose(1, 2))
             if self.fused:
                 from models.kernels.hstu_attention import RelBias, fused_hstu_attention
 
@@ -236,7 +249,7 @@ class UGTInference:
             else:
                 attn = hstu_attention(q, k, v, blk.rab(times, query_times), valid, float(blk.max_len))
             x = _attn_output(blk, x, u, attn)
-            h, _ = layer.ffn(layer.norm(x, types), valid)
+            h, _ = layer.ffn(layer.norm(x, types), valid, with_loss=False)
             x = x + h
         if self.cache is not None:
             self.pool_t.index_copy_(0, slots, times)
@@ -264,31 +277,34 @@ class UGTInference:
         mask = (ar.view(1, -1) <= p.view(-1, 1)) & self.pool_valid.index_select(0, slots)
         mask[torch.arange(B, device=buf.device), p] = tok_valid[:, 0]
         rows = torch.arange(B, device=buf.device)
+        rab = m.layers[0].attn.rab  # every layer has its own tables but the same indices
+        pos_index = p.view(-1, 1) - ar.view(1, -1) + rab.max_len - 1  # (B, T)
+        buckets = bucketize_time_gaps(take["query_times"] - times_c, rab.num_buckets)  # (B, T)
         for li, layer in enumerate(m.layers):
             blk = layer.attn
-            u, q, k, v = _attn_inputs(blk, x)
-            kc = self.pool_k[li].index_select(0, slots)
+            u, q, k, v = _attn_inputs(blk, x)  # q, k: (B, 1, H, dqk)
+            kc = self.pool_k[li].index_select(0, slots)  # (B, H, T, dqk)
             vc = self.pool_v[li].index_select(0, slots)
-            kc[rows, p] = k[:, 0]
-            vc[rows, p] = v[:, 0]
-            scores = torch.einsum("bhd,bthd->bht", q[:, 0], kc)
-            pos_bias = blk.rab.pos_w[p.view(-1, 1) - ar.view(1, -1) + blk.max_len - 1]
-            ts_bias = blk.rab.ts_w[bucketize_time_gaps(take["query_times"] - times_c, blk.rab.num_buckets)]
-            w = F.silu(scores + (pos_bias + ts_bias).unsqueeze(1).to(scores.dtype)) / float(blk.max_len)
-            w = w * mask.unsqueeze(1).to(w.dtype)
-            attn = torch.einsum("bht,bthd->bhd", w, vc).reshape(B, 1, -1)
+            kc[rows, :, p] = k[:, 0]
+            vc[rows, :, p] = v[:, 0]
+            scores = torch.matmul(q.transpose(1, 2), kc.transpose(-1, -2))  # (B, H, 1, T)
+            bias = (blk.rab.pos_w[pos_index] + blk.rab.ts_w[buckets]).view(B, 1, 1, self.T)
+            w = F.silu(scores + bias.to(scores.dtype)) / float(blk.max_len)
+            w = w * mask.view(B, 1, 1, self.T).to(w.dtype)
+            attn = torch.matmul(w, vc).reshape(B, 1, -1)  # (B, H, 1, dv) -> (B, 1, H * dv)
             x = _attn_output(blk, x, u, attn)
-            h, _ = layer.ffn(layer.norm(x, types), tok_valid)
+            h, _ = layer.ffn(layer.norm(x, types), tok_valid, with_loss=False)
             x = x + h
         return F.normalize(x[:, 0].float(), dim=-1, eps=1e-6)
 
     def _run(self, kind: str, buf: torch.Tensor) -> torch.Tensor:
         """prefill/decode of a device batch, through a captured CUDA graph when on."""
         fn = self.prefill if kind == "prefill" else self.decode
+        buf = buf[:, : self.width + 1]  # the stack never reads the exclusions: one graph per batch size
         if not self.graphs_on:
             return fn(buf)
         key = (kind, buf.shape[0])
-        if key not in self.graphs or self.graphs[key][1].shape[1] != buf.shape[1]:
+        if key not in self.graphs:
             self.graphs[key] = self._capture(fn, buf)
         graph, static_in, static_out, _ = self.graphs[key]
         static_in.copy_(buf)
@@ -344,13 +360,12 @@ class UGTInference:
     def retrieve(self, user: torch.Tensor, dev: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k (scores, indices) over the table with padding, history and exclusions masked, + valid counts."""
         excl = dev[:, self.width + 1 :]
-        scores = user.to(self.dtype) @ self.table.T
-        scores = scores.float()
-        invalid = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, excl, True)
-        invalid[:, 0] = True
-        counts = (~invalid).sum(1)
-        top = scores.masked_fill(invalid, float("-inf")).topk(min(k, self.num_items), dim=1)
-        return top.values, top.indices, counts
+        scores = user.to(self.dtype) @ self.table.T  # (B, V + 1) in the model dtype (bf16 on GPU)
+        scores.scatter_(1, excl, float("-inf"))  # exclusions are unique per row; index 0 pads them
+        scores[:, 0] = float("-inf")
+        counts = self.num_items - (excl > 0).sum(1)
+        top = scores.topk(min(k, self.num_items), dim=1)
+        return top.values.float(), top.indices, counts
 
     def generate(self, user: torch.Tensor, dev: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Constrained semantic-ID beam search: (items (B, beam), log-probs), excluded items dropped (-inf)."""
@@ -375,19 +390,31 @@ class UGTInference:
                   user_keys: list[str | None] | None = None, prints: list[bytes] | None = None) -> list[TopK]:
         """Top-k item indices per row (history/exclusions never returned), one padded batch.
 
-        ``user_keys`` name the rows for the KV cache; ``prints`` are their prefix fingerprints (default:
-        :func:`prefix_fingerprint`; a caller that knows the state's version can pass something cheaper).
+        ``excludes`` hold unique item indices per row. ``user_keys`` name the rows for the KV cache;
+        ``prints`` are their prefix fingerprints (default: :func:`prefix_fingerprint`; a caller that knows
+        the state's version can pass something cheaper).
         """
-        n = len(rows)
+        if not rows:
+            return []
+        if self.cache is not None and prints is None:
+            prints = [prefix_fingerprint(r) for r in rows]
+        return self.recommend_packed(self.row_vectors(rows), self.exclusion_matrix(excludes), k, user_keys, prints)
+
+    @torch.inference_mode()
+    def recommend_packed(self, vectors: np.ndarray, excl: np.ndarray, k: int,
+                         user_keys: list[str | None] | None = None, prints: list[bytes] | None = None) -> list[TopK]:
+        """:meth:`recommend` from rows already in the packed layout (:meth:`row_vectors`, :meth:`exclusion_matrix`)."""
+        n = len(vectors)
         if n == 0:
             return []
         keys = user_keys if user_keys is not None else [None] * n
         if self.cache is not None:
-            prints = prints if prints is not None else [prefix_fingerprint(r) for r in rows]
-            slots, hits = self.cache.assign(list(keys), prints)
+            if prints is None:
+                raise ValueError("packed rows need their prefix fingerprints when the KV cache is on")
+            slots, hits = self.cache.assign(list(keys), list(prints))
         else:
             slots, hits = [0] * n, [False] * n
-        host = self.pack(rows, excludes, slots, self.bucket(n))
+        host = self.pack(vectors, excl, slots, self.bucket(n))
         user, dev = self.users(host, hits)
         user, dev = user[:n], dev[:n]
         values, indices, counts = self.retrieve(user, dev, k)
@@ -397,7 +424,7 @@ class UGTInference:
         out = []
         for b in range(n):
             m = int(min(k, counts[b], np.isfinite(values[b]).sum()))
-            out.append(TopK(indices[b, :m].copy(), values[b, :m].copy()))
+            out.append(TopK(indices[b, :m], values[b, :m]))
         return out
 
     def _rrf(self, user: torch.Tensor, dev: torch.Tensor, ret_idx: torch.Tensor, k: int):

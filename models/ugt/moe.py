@@ -64,8 +64,11 @@ class MoEFeedForward(nn.Module):
         p = (probs.reshape(-1, E) * v[:, None]).sum(0) / n
         return E * (f * p).sum()
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, L, D); valid: (B, L) bool. Returns (output (B, L, D), load-balancing loss)."""
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, with_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, L, D); valid: (B, L) bool. Returns (output (B, L, D), load-balancing loss).
+
+        ``with_loss=False`` (inference) skips the loss: a dozen small kernels per layer that serving never reads.
+        """
         h = torch.einsum("bld,edf->blef", x, self.w1) + self.b1
         h = F.dropout(F.gelu(h), p=self.config.dropout, training=self.training)
         y = torch.einsum("blef,efd->bled", h, self.w2) + self.b2  # (B, L, E, D)
@@ -73,4 +76,6 @@ class MoEFeedForward(nn.Module):
             return y[:, :, 0], x.new_zeros((), dtype=torch.float32)
         combine, probs, top_i = self.route(x)
         out = (y * combine.unsqueeze(-1).to(y.dtype)).sum(2)
+        if not with_loss:
+            return out, x.new_zeros((), dtype=torch.float32)
         return out, self.balance_loss(probs, top_i, valid)

@@ -208,3 +208,26 @@ def test_backfill_flips_without_downtime(stack: Settings, tmp_path) -> None:
                 client.delete(key)
             client.hdel(ARTIFACTS_KEY, v)
         client.delete(active_key)
+
+
+def test_job_defaults_to_the_active_artifact(stack: Settings, tmp_path) -> None:
+    """`--artifact` left out: the job starts on the artifact registered for the active version, or says why not."""
+    from jobs.common import JobSetupError
+    from jobs.item_semantic_ids import active_artifact
+    from jobs.item_semantic_ids_logic import activate, register_artifact
+
+    run = uuid.uuid4().hex[:8]
+    key = f"test:{run}:sid:active"
+    client = redis.Redis.from_url(stack.redis_url)
+    with pytest.raises(JobSetupError, match="no artifact is registered for the active version"):
+        active_artifact(stack.redis_url, key)
+    version = f"test-{run}"
+    try:
+        register_artifact(client, version, tmp_path)
+        activate(client, version, key)
+        assert active_artifact(stack.redis_url, key) == str(tmp_path.resolve())
+        with pytest.raises(JobSetupError, match="unreachable"):
+            active_artifact("redis://localhost:1", key)
+    finally:
+        client.delete(key)
+        client.hdel(ARTIFACTS_KEY, version)

@@ -172,3 +172,18 @@ def test_router_and_business_rules_with_categories_from_feast(private_redis):
         assert r.status_code == 422 and r.json()["errors"][0]["field"] == "domain"
     finally:
         server.stop()
+
+
+def test_batched_reads_agree_between_feast_sdk_and_direct_redis(private_redis):
+    from infra.feast_store import open_feature_store
+    from serving.feast_redis import FeastRedisLayout
+    from serving.state import FeastStateReader, RedisStateReader
+
+    own, settings = private_redis
+    client = redis.Redis(port=own.port)
+    sdk = FeastStateReader(open_feature_store(settings), "recommend_v1", client)
+    direct = RedisStateReader(client, FeastRedisLayout.from_repo(settings.feature_repo), "user_recent_events")
+    users = [KNOWN, f"nobody-{RUN}", KNOWN]
+    got = direct.read_many(users)
+    assert got == sdk.read_many(users)
+    assert got[0] is not None and got[0].item_ids == tuple(HISTORY) and got[1] is None and got[2] == got[0]

@@ -1,17 +1,21 @@
 """The tokenize job's counters reach Prometheus through the reporter that infra/flink/config.yaml configures.
 
-The test runs the real job (build_pipeline of jobs/tokenize.py, real Kafka and Schema Registry) on an
-in-process Flink mini-cluster whose metrics configuration is the `metrics:` section of infra/flink/config.yaml
-(only the port is this test's own), so it checks that configuration without restarting the shared cluster;
-the reporter plugin is the one the cluster loads too (<pyflink>/plugins/metrics-prometheus). It then scrapes
-/metrics until the TaskManager's ugt counters show every event: tokenized, and dead_lettered per reason.
+The real job (jobs/tokenize.py's build_pipeline, real Kafka and Schema Registry) runs in its own process on an
+in-process Flink mini-cluster whose metrics options are the `metrics:` section of infra/flink/config.yaml (only
+the port is this test's), with the reporter jar the cluster loads as a plugin (<pyflink>/plugins/
+metrics-prometheus) on its classpath; so the configuration is checked without restarting the shared cluster. The test scrapes /metrics until the
+TaskManager's ugt counters show every event: processed, tokenized, and dead_lettered per reason.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +23,6 @@ from typing import Any
 
 import pytest
 import requests
-import yaml
 from confluent_kafka import Producer
 
 from infra.settings import REPO_ROOT, get_settings
@@ -29,16 +32,7 @@ from streams.topics import TopicSpec, ensure_topics
 pytestmark = [pytest.mark.integration]
 
 N_VALID = 40
-
-
-def flat(prefix: str, tree: Any) -> dict[str, str]:
-    """Nested YAML -> Flink's dotted keys."""
-    if not isinstance(tree, dict):
-        return {prefix: str(tree)}
-    out: dict[str, str] = {}
-    for key, value in tree.items():
-        out.update(flat(f"{prefix}.{key}" if prefix else str(key), value))
-    return out
+PREFIX = "flink_taskmanager_job_task_operator_ugt_"
 
 
 def free_port() -> int:
@@ -48,34 +42,27 @@ def free_port() -> int:
 
 
 def scrape(port: int) -> dict[tuple[str, str], float]:
-    """(metric name, reason label or '') -> value, for the ugt metrics of the tokenize operator."""
+    """(metric name, reason label or '') -> value, summed over subtasks, for the ugt metrics."""
     text = requests.get(f"http://localhost:{port}/metrics", timeout=5).text
     out: dict[tuple[str, str], float] = {}
     for line in text.splitlines():
-        if not line.startswith("flink_taskmanager_job_task_operator_ugt_"):
-            continue
         match = re.match(r"(\w+)\{(.*)\}\s+(\S+)", line)
-        if not match:
+        if not match or not match.group(1).startswith(PREFIX):
             continue
         name, labels, value = match.groups()
         reason = re.search(r'reason="([^"]*)"', labels)
-        key = (name, reason.group(1) if reason else "")
-        out[key] = out.get(key, 0.0) + float(value)  # summed over parallel subtasks
+        key = (name[len(PREFIX):], reason.group(1) if reason else "")
+        out[key] = out.get(key, 0.0) + float(value)
     return out
 
 
 def test_tokenize_counters_reach_prometheus(stack: Any, tmp_path: Path) -> None:
-    from pyflink.common import Configuration
-    from pyflink.datastream import StreamExecutionEnvironment
-    from pyflink.table import StreamTableEnvironment
-
-    import jobs.tokenize as tokenize_job
-    from jobs.common import config_from_args, flink_configuration
+    import pyflink
 
     settings = get_settings()
     run = uuid.uuid4().hex[:8]
-    raw = f"itm-{run}.raw"
-    ensure_topics(settings, extra=[TopicSpec(raw, 1), TopicSpec(f"itm-{run}.tokens", 1), TopicSpec(f"itm-{run}.dlq", 1)])
+    raw, tokens, dlq = f"itm-{run}.raw", f"itm-{run}.tokens", f"itm-{run}.dlq"
+    ensure_topics(settings, extra=[TopicSpec(raw, 1), TopicSpec(tokens, 1), TopicSpec(dlq, 1)])
     with EventPublisher(settings) as publisher:
         for i in range(N_VALID):
             publisher.publish_user_event({"event_id": f"itm{run}-{i}", "user_id": f"u{i % 4}", "item_id": str(i),
@@ -87,34 +74,30 @@ def test_tokenize_counters_reach_prometheus(stack: Any, tmp_path: Path) -> None:
         producer.produce(raw, data)
     assert producer.flush(30) == 0
 
-    template = yaml.safe_load((REPO_ROOT / "infra" / "flink" / "config.yaml").read_text())
     port = free_port()
-    reporter = flat("metrics", template["metrics"])
-    assert reporter["metrics.reporter.prom.factory.class"].endswith("PrometheusReporterFactory")
-    reporter["metrics.reporter.prom.port"] = str(port)
-
-    parser = tokenize_job.argparse.ArgumentParser()
-    tokenize_job.add_arguments(parser)
-    args = parser.parse_args(["--local", "--startup", "earliest", "--group-id", f"itm-{run}", "--parallelism", "1",
-                              "--source-topic", raw, "--tokens-topic", f"itm-{run}.tokens",
-                              "--dlq-topic", f"itm-{run}.dlq", "--no-semantic-ids", "--lake", "",
-                              "--checkpoint-interval-ms", "0"])
-    cfg = config_from_args(args, "tokenize", **tokenize_job.job_options(args))
-    configuration = Configuration()
-    for key, value in {**flink_configuration(cfg), **reporter}.items():
-        configuration.set_string(key, value)
-    env = StreamExecutionEnvironment.get_execution_environment(configuration)
-    t_env = StreamTableEnvironment.create(env)
-    tokenize_job.build_pipeline(env, t_env, cfg)
-    client = env.execute_async("tokenize-metrics-test")  # unbounded: the reporter lives as long as the job
+    # the cluster loads the reporter as a plugin (FLINK_HOME/plugins); the mini-cluster of a local PyFlink job
+    # only finds reporter factories on its classpath: a lib/ of the package's jars plus the same plugin jar
+    home = Path(pyflink.__file__).parent
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for jar in [*(home / "lib").glob("*.jar"), *(home / "plugins" / "metrics-prometheus").glob("*.jar")]:
+        (lib / jar.name).symlink_to(jar)
+    # FLINK_HOME set: PyFlink trusts it and keeps our FLINK_LIB_DIR (else it resets it to the package lib/)
+    env = {**os.environ, "FLINK_HOME": str(home), "FLINK_LIB_DIR": str(lib)}
+    log = (tmp_path / "job.log").open("w")
+    job = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "tests" / "integration" / "tokenize_metrics_job.py"), str(port), "--",
+         "--startup", "earliest", "--group-id", f"itm-{run}", "--parallelism", "1", "--source-topic", raw,
+         "--tokens-topic", tokens, "--dlq-topic", dlq, "--no-semantic-ids", "--lake", "",
+         "--checkpoint-interval-ms", "0"],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    want = {("processed", ""): float(N_VALID + len(bad)), ("tokenized", ""): float(N_VALID),
+            ("dead_lettered", ""): float(len(bad)),
+            ("reason_dead_lettered", "BAD_MAGIC"): 2.0, ("reason_dead_lettered", "UNKNOWN_SCHEMA"): 1.0}
+    seen: dict[tuple[str, str], float] = {}
     try:
-        want = {("flink_taskmanager_job_task_operator_ugt_tokenized", ""): float(N_VALID),
-                ("flink_taskmanager_job_task_operator_ugt_processed", ""): float(N_VALID + len(bad)),
-                ("flink_taskmanager_job_task_operator_ugt_reason_dead_lettered", "BAD_MAGIC"): 2.0,
-                ("flink_taskmanager_job_task_operator_ugt_reason_dead_lettered", "UNKNOWN_SCHEMA"): 1.0}
-        deadline = time.monotonic() + 240
-        seen: dict[tuple[str, str], float] = {}
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and job.poll() is None:
             try:
                 seen = scrape(port)
             except requests.RequestException:
@@ -122,6 +105,12 @@ def test_tokenize_counters_reach_prometheus(stack: Any, tmp_path: Path) -> None:
             if all(seen.get(k) == v for k, v in want.items()):
                 break
             time.sleep(2)
-        assert {k: seen.get(k) for k in want} == want, f"scraped from :{port}: {seen}"
     finally:
-        client.cancel().result()
+        os.killpg(job.pid, signal.SIGTERM)  # the job's own session: its JVM goes with it
+        try:
+            job.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+        log.close()
+    tail = (tmp_path / "job.log").read_text()[-3000:]
+    assert {k: seen.get(k) for k in want} == want, f"scraped from :{port}: {seen}\n--- job log ---\n{tail}"

@@ -37,8 +37,9 @@ from models.user_state import (
     FEATURE_NAMES,
     LONG_TERM_FEATURE_NAMES,
     LONG_TERM_VIEW,
+    compact,
     fold_events,
-    long_term_rows_from_events,
+    long_term_row,
 )
 from streams.datasets import load_dataset, user_events
 from streams.producer import EventPublisher
@@ -133,38 +134,45 @@ def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path
     ensure_feast_applied(settings)
     client = redis.Redis.from_url(settings.redis_url)
 
-    events, late = make_events(run, domain)
-    with EventPublisher(settings) as publisher:
-        for e in events + late:
-            publisher.publish_user_event(e, topic=raw)
-
-    lap(f"published {len(events) + len(late)} events")
-    # the offline reference: the same code over the same events, in publish (= per-user Kafka) order
-    token_events = [tokenize_event(e) for e in events + late]
-    states, late_ref = fold_events(token_events, MAX_EVENTS, LATENESS_S * 1000)
-    assert {t.event_id for t in late_ref} == {e["event_id"] for e in late}
-    late_ids = {t.event_id for t in late_ref}
-    expected_popularity = dict(Counter(t.item_id for t in token_events if t.event_id not in late_ids))
-    expected_recent = {u: s.to_feature_row() for u, s in states.items()}
-    expected_long = long_term_rows_from_events(token_events, MAX_EVENTS, LATENESS_S * 1000)
-    users = sorted(expected_recent)
-    assert sum(1 for r in expected_long.values() if r["long_group_counts"]) > 100  # compaction has work
-
     cluster = PrivateFlinkCluster(settings, tmp_path / "flink")
     jobs: list[str] = []
-    try:
+    common = ["--startup", "earliest", "--parallelism", "2", "--checkpoint-interval-ms", "2000",
+              "--checkpoint-dir", str(tmp_path / "flink" / "checkpoints")]
+    submissions = [
+        ("tokenize", [*common, "--delivery", "exactly-once", "--group-id", f"eo-{run}-tok",
+                      "--source-topic", raw, "--tokens-topic", tokens, "--dlq-topic", dlq]),
+        ("user_state", [*common, "--group-id", f"eo-{run}-us", "--source-topic", tokens, "--dlq-topic", dlq,
+                        "--max-events", str(MAX_EVENTS), "--allowed-lateness-s", str(LATENESS_S),
+                        "--compact-interval-min", str(COMPACT_MIN), "--flush-ms", "200"]),
+    ]
+
+    def start_jobs() -> None:
+        """Cluster up, then both `flink run` clients at once (each spends ~20 s starting)."""
         cluster.start()
-        common = ["--startup", "earliest", "--parallelism", "2", "--checkpoint-interval-ms", "2000",
-                  "--checkpoint-dir", str(tmp_path / "flink" / "checkpoints")]
-        submissions = [
-            ("tokenize", [*common, "--delivery", "exactly-once", "--group-id", f"eo-{run}-tok",
-                          "--source-topic", raw, "--tokens-topic", tokens, "--dlq-topic", dlq]),
-            ("user_state", [*common, "--group-id", f"eo-{run}-us", "--source-topic", tokens, "--dlq-topic", dlq,
-                            "--max-events", str(MAX_EVENTS), "--allowed-lateness-s", str(LATENESS_S),
-                            "--compact-interval-min", str(COMPACT_MIN), "--flush-ms", "200"]),
-        ]
-        with ThreadPoolExecutor(2) as pool:  # two `flink run` clients at once: each spends ~20 s starting
-            jobs.extend(pool.map(lambda s: cluster.submit(*s), submissions))
+        with ThreadPoolExecutor(2) as pool:
+            jobs.extend(pool.map(lambda sub: cluster.submit(*sub), submissions))
+
+    background = ThreadPoolExecutor(1)
+    starting = background.submit(start_jobs)  # overlaps the publishing and the offline reference below
+    try:
+        events, late = make_events(run, domain)
+        with EventPublisher(settings) as publisher:
+            for e in events + late:
+                publisher.publish_user_event(e, topic=raw)
+
+        lap(f"published {len(events) + len(late)} events")
+        # the offline reference: the same code over the same events, in publish (= per-user Kafka) order
+        token_events = [tokenize_event(e) for e in events + late]
+        states, late_ref = fold_events(token_events, MAX_EVENTS, LATENESS_S * 1000)
+        assert {t.event_id for t in late_ref} == {e["event_id"] for e in late}
+        late_ids = {t.event_id for t in late_ref}
+        expected_popularity = dict(Counter(t.item_id for t in token_events if t.event_id not in late_ids))
+        expected_recent = {u: s.to_feature_row() for u, s in states.items()}
+        expected_long = {u: long_term_row(compact(None, s), s) for u, s in states.items()}  # = long_term_rows_from_events
+        users = sorted(expected_recent)
+        assert sum(1 for r in expected_long.values() if r["long_group_counts"]) > 100  # compaction has work
+
+        starting.result()
         tokenize_jid, user_state_jid = jobs
         lap("cluster up, both jobs submitted")
         total = sum(expected_popularity.values())
@@ -181,10 +189,11 @@ def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path
 
         wait_for("user_state to be mid-replay", mid_replay, 300, every_s=0.5)
         before = sum(popularity(client, domain).values())
-        counters_before = {m: cluster.counter(user_state_jid, "user-state", m) for m in ("applied", "events")}
+        records_in = cluster.metric(user_state_jid, "user-state", "user-state.numRecordsIn")
         lap("mid-replay")
         cluster.kill_taskmanager()
-        print(f"\nkill -9 TaskManager at {before}/{total} applied events in Redis; user_state counters {counters_before}")
+        print(f"\nkill -9 TaskManager at {before}/{total} applied events in Redis, "
+              f"{records_in} records into user-state")
         cluster.start_taskmanager()
 
         # -- both jobs restore from a checkpoint (Flink's REST API says which) --
@@ -226,6 +235,7 @@ def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path
         print(f"after restore: {len(users)} users, {total} applied events, {len(late_letters)} LATE_EVENT letters: "
               f"all equal the offline reference")
     finally:
+        background.shutdown(wait=True)
         for jid in jobs:
             cluster.cancel(jid)
         cluster.stop()

@@ -125,15 +125,11 @@ class PrivateFlinkCluster:
     def checkpoints(self, jid: str) -> dict[str, Any]:
         return requests.get(f"{self.rest}/jobs/{jid}/checkpoints", timeout=5).json()
 
-    def counter(self, jid: str, vertex_name: str, metric: str) -> int:
-        """Sum of an operator counter over the subtasks of the job vertex whose name contains vertex_name."""
+    def metric(self, jid: str, vertex_name: str, metric: str) -> int:
+        """Sum over the subtasks of a metric (e.g. `user-state.numRecordsIn`) of the vertex named like vertex_name."""
         vertex = next(v for v in self.job(jid)["vertices"] if vertex_name in v["name"])
         base = f"{self.rest}/jobs/{jid}/vertices/{vertex['id']}/subtasks/metrics"
-        names = [m["id"] for m in requests.get(base, timeout=5).json()
-                 if "ugt" in m["id"] and m["id"].endswith(metric)]
-        if not names:
-            return 0
-        values = requests.get(base, params={"get": ",".join(names), "agg": "sum"}, timeout=5).json()
+        values = requests.get(base, params={"get": metric, "agg": "sum"}, timeout=5).json()
         return int(sum(float(v.get("sum", 0)) for v in values))
 
     def cancel(self, jid: str) -> None:

@@ -85,3 +85,37 @@ def test_snapshot_is_one_file_with_utc_timestamps(lake: Path):
 def test_empty_lake_says_what_to_run(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="run the tokenize job"):
         read_lake(tmp_path / "nothing")
+
+
+@pytest.mark.slow  # feast apply + import: ~30 s on an idle 2-core box, minutes under load
+def test_feast_reads_the_lake_snapshot(lake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`feast apply` of the project's repo, then a point-in-time join over the user_events_lake view."""
+    import shutil
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from infra.settings import REPO_ROOT
+
+    var = tmp_path / "var"
+    shutil.copytree(lake, var / "lake" / "events_tokens")
+    write_snapshot(var / "lake" / "events_tokens")
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO_ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("registry.db", "__pycache__"))
+    monkeypatch.setenv("UGT_VAR", str(var))  # feature_repo/sources.py finds the lake under UGT_VAR
+    feast = str(Path(sys.executable).parent / "feast")
+    done = subprocess.run([feast, "-c", str(repo), "apply"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    from feast import FeatureStore
+
+    store = FeatureStore(repo_path=str(repo))
+    at = pd.to_datetime(["2000-12-31 12:00", "2001-01-02 00:00", "2001-01-02 00:00"], utc=True)
+    entity = pd.DataFrame({"user_id": ["a", "a", "b"], "event_timestamp": at})
+    got = store.get_historical_features(
+        entity_df=entity, features=["user_events_lake:item_id", "user_events_lake:semantic_ids"]).to_df()
+    got = got.sort_values(["user_id", "event_timestamp"]).reset_index(drop=True)
+    # the newest event of each user at or before each timestamp: e2 (m2), e4 (m4), e3 (m3)
+    assert list(got["item_id"]) == ["m2", "m4", "m3"]
+    assert [list(s) for s in got["semantic_ids"]] == [[2, 2], [1, 4], [0, 3]]

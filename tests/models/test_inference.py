@@ -64,7 +64,7 @@ def test_prefill_matches_the_model_forward_and_topk_masks_history():
     model = make_model()
     rows = user_rows(6)
     eng = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32"))
-    host = eng.pack(rows, excludes_of(rows), [0] * 6, 6)
+    host = eng.pack(eng.row_vectors(rows), eng.exclusion_matrix(excludes_of(rows)), [0] * 6, 6)
     user, dev = eng.users(host, [False] * 6)
     torch.testing.assert_close(user, reference_users(model, rows), rtol=1e-5, atol=1e-6)
     table = model.item_embeddings().float().detach()
@@ -128,7 +128,7 @@ def test_score_candidates_and_rrf_merge_return_valid_unseen_items():
         assert len(g.indices) == 10 and len(set(g.indices.tolist())) == 10
         assert not set(g.indices.tolist()) & set(e.tolist()) and 0 not in g.indices
         assert list(g.scores) == sorted(g.scores, reverse=True)
-    host = eng.pack(rows, excl, [0] * 4, 4)
+    host = eng.pack(eng.row_vectors(rows), eng.exclusion_matrix(excl), [0] * 4, 4)
     user, _ = eng.users(host, [False] * 4)
     cands = torch.randint(1, NUM_ITEMS + 1, (4, 23))
     want = (user @ eng.table.T).gather(1, cands)

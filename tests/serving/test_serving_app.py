@@ -126,7 +126,7 @@ def test_nothing_available_is_503_with_a_message():
         ({"user_id": "u1", "k": "3"}, "k", "valid integer"),
         ({"user_id": "u1", "k": 2.5}, "k", "valid integer"),
         ({"user_id": "u1", "k": True}, "k", "valid integer"),
-        ({"user_id": "u1", "exclude": "m1"}, "exclude", "valid list"),
+        ({"user_id": "u1", "exclude": "m1"}, "exclude", "valid array"),
         ({"user_id": "u1", "exclude": ["m1", ""]}, "exclude.1", "at least 1 character"),
         ({"user_id": "u1", "domain": "a b"}, "domain", "pattern"),
         ({"user_id": "u1", "kk": 3}, "kk", "Extra inputs"),
