@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from models.tokenizer import MAX_FUTURE_SKEW_MS, TokenizedEvent, TokenizeError, tokenize_event
@@ -248,19 +248,21 @@ class EventTokenizer:
     def tokenize(self, data: bytes | None, now_ms: int) -> TokenizedEvent:
         """Bytes -> TokenizedEvent with the item's semantic IDs, or DeadLetterError."""
         record = self.decode(data)
+        sids, levels = self.sids, None
+        if sids is not None:
+            item = record.get("item_id")
+            levels = sids.get(item) if item.__class__ is str else None  # a bad item_id fails in tokenize_event
         try:
-            event = tokenize_event(record)
+            if levels is None:
+                event = tokenize_event(record)
+            else:
+                event = tokenize_event(record, semantic_ids=levels, sid_version=sids.version or "")
         except TokenizeError as exc:
             raise DeadLetterError(exc.reason_code, exc.reason) from exc
         check_event_time(event, now_ms, self.rules)
-        sids = self.sids
-        if sids is not None:
-            levels = sids.get(event.item_id)
-            if levels is not None:
-                return replace(event, semantic_ids=levels, sid_version=sids.version or "")
-            if self.rules.unknown_items == "dlq":
-                raise DeadLetterError(
-                    "UNKNOWN_ITEM", f"item {event.item_id!r} has no semantic ID in ugt:sid:item:{sids.version}")
+        if sids is not None and levels is None and self.rules.unknown_items == "dlq":
+            raise DeadLetterError(
+                "UNKNOWN_ITEM", f"item {event.item_id!r} has no semantic ID in ugt:sid:item:{sids.version}")
         return event
 
     def process(self, data: bytes | None, topic: str, partition: int, offset: int) -> Output:

@@ -231,7 +231,7 @@ def tokenize_event(
         duration_token=duration_token(event.get("duration_s")),
         hour_token=(event_time // 3_600_000) % 24,
         context_tokens=tuple(stable_hash64(f"{k}={context[k]}") for k in sorted(context)) if context else (),
-        semantic_ids=tuple(int(s) for s in semantic_ids),
+        semantic_ids=semantic_ids if semantic_ids.__class__ is tuple else tuple(int(s) for s in semantic_ids),
         weekday_token=(event_time // 86_400_000 + 3) % 7 + 1,
         sid_version=sid_version,
     )

@@ -37,6 +37,7 @@ from serving.schemas import (
     RecommendResponse,
 )
 from serving.service import TIMEOUT, Components, RecommendService, UnknownDomain
+from serving.state import read_many
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,21 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return _error(422, "invalid_request", message, errors)
 
 
+WARMUP_USER = "__ugt_serving_warmup__"
+
+
+def _warm_up(parts: Components) -> None:
+    """One state read at start: the Feast SDK's first call (registry, lazy imports) can take seconds, which
+    would otherwise land on the first requests and run them into request_timeout_ms."""
+    started = time.perf_counter()
+    try:
+        read_many(parts.state_reader, [WARMUP_USER])
+    except Exception as exc:  # an unreachable store is reported by /health and answered by fallbacks
+        log.warning("state reader warm-up failed: %s", exc)
+        return
+    log.info("state reader warm-up took %.1f ms", 1000 * (time.perf_counter() - started))
+
+
 def parse_request(body: bytes) -> RecommendRequest:
     """The validated request, parsed straight from the bytes by pydantic (no json.loads + dict pass).
 
@@ -288,6 +304,7 @@ def create_app(
                 settings.redis_url,
                 exc,
             )
+        _warm_up(components)
     log.info(
         "model %s, state reader %s, Redis %s",
         service.model_name,
