@@ -459,9 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         serve_anchor(args.serve_anchor, args.workers)
         return 0
     if args.target == "gpu":
-        from bench.serving_gpu import run_gpu_bench  # H4's module: the generator alone, batched, on a GPU
+        from bench.serving_gpu import run_gpu_bench  # the generator alone, batched, on a GPU
 
-        return int(run_gpu_bench(args) or 0)
+        run_gpu_bench(args)  # writes bench/results/serving_gpu.json; its own options: bench/serving_gpu.py --help
+        return 0
     return run_cpu(args)
 
 
