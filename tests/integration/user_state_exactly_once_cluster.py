@@ -125,11 +125,6 @@ class PrivateFlinkCluster:
     def checkpoints(self, jid: str) -> dict[str, Any]:
         return requests.get(f"{self.rest}/jobs/{jid}/checkpoints", timeout=5).json()
 
-    def records_in(self, jid: str, vertex_name: str) -> int:
-        """Records the job vertex named like vertex_name has read (Flink's `read-records`, all subtasks)."""
-        vertex = next(v for v in self.job(jid)["vertices"] if vertex_name in v["name"])
-        return int(vertex.get("metrics", {}).get("read-records", 0))
-
     def cancel(self, jid: str) -> None:
         try:
             requests.patch(f"{self.rest}/jobs/{jid}", params={"mode": "cancel"}, timeout=5)
