@@ -111,9 +111,15 @@ def summary(lags: list[float]) -> dict[str, float | None]:
 def drop_topics(settings: Any, topics: list[str]) -> None:
     """Remove this run's topics and registry subjects (best effort; the numbers are already taken)."""
     from streams.bench_anchor import _drop
+    from streams.topics import admin_client
 
-    for topic in topics:
-        _drop(settings, topic)
+    for _ in range(3):  # right after a cancel the brokers may refuse the delete: try again a little later
+        for topic in topics:
+            _drop(settings, topic)
+        left = set(topics) & set(admin_client(settings).list_topics(timeout=10).topics)
+        if not left:
+            return
+        time.sleep(5)
 
 
 def check_jobs(settings: Any, job_ids: list[str | None]) -> None:

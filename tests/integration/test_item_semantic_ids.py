@@ -203,5 +203,9 @@ def test_item_semantic_ids_on_the_cluster(stack: Settings, tmp_path, record_prop
         for key in (index_key(version), item_key(version), active_key):
             client.delete(key)
         client.hdel(ARTIFACTS_KEY, version)
+        from streams.bench_anchor import _drop
+
+        for topic in (source, dlq):
+            _drop(settings, topic)
         for key in client.scan_iter(f"{dedup_namespace(version)}:*"):
             client.delete(key)

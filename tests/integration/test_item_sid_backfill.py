@@ -208,6 +208,9 @@ def test_backfill_flips_without_downtime(stack: Settings, tmp_path) -> None:
                 client.delete(key)
             client.hdel(ARTIFACTS_KEY, v)
         client.delete(active_key)
+        from streams.bench_anchor import _drop
+
+        _drop(settings, topic)
 
 
 def test_job_defaults_to_the_active_artifact(stack: Settings, tmp_path) -> None:
