@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import json
 from datetime import datetime, timezone
+
+import fastavro
 
 import pytest
 
@@ -32,7 +36,8 @@ SAMPLES = {
     "tokenized_event": {
         "event_id": "e-1", "user_id": "u-42", "item_id": "i-7", "event_time": MS, "domain": "movie",
         "action_token": 3, "rating_token": 5, "duration_token": 0, "hour_token": 22,
-        "context_tokens": [2**40, -5], "semantic_ids": [12, 7, 1], "tokenizer_version": 1,
+        "context_tokens": [2**40, -5], "semantic_ids": [12, 7, 1], "tokenizer_version": 2,
+        "weekday_token": 2, "sid_version": "sid-v1",
     },
     "dead_letter": {
         "original": b"\x01\x02garbage", "topic": "events.raw", "partition": 3, "offset": 2**33,
@@ -65,6 +70,35 @@ def test_registry_round_trip(serde: AvroSerde, name: str) -> None:
     assert as_written(decoded.record) == SAMPLES[name]
     stamps = [v for v in decoded.record.values() if isinstance(v, datetime)]
     assert stamps and all(v.tzinfo == timezone.utc for v in stamps)
+
+
+def v1_tokenized_schema() -> dict:
+    """tokenized_event as tokenizer version 1 wrote it: no weekday_token, no sid_version."""
+    schema = json.loads(schema_text("tokenized_event"))
+    schema["fields"] = [f for f in schema["fields"] if f["name"] not in ("weekday_token", "sid_version")]
+    return schema
+
+
+def test_v1_tokenized_records_read_with_v2_defaults() -> None:
+    old = {k: v for k, v in SAMPLES["tokenized_event"].items() if k not in ("weekday_token", "sid_version")}
+    old["tokenizer_version"] = 1
+    writer = fastavro.parse_schema(v1_tokenized_schema())
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, writer, old)
+    buffer.seek(0)
+    record = fastavro.schemaless_reader(buffer, writer, load_schema("tokenized_event"))
+    assert as_written(record) == {**old, "weekday_token": 0, "sid_version": ""}
+
+
+def test_v2_tokenized_schema_is_backward_compatible_in_registry(serde: AvroSerde) -> None:
+    subject = "t.compat.tokens-value"
+    serde.registry.register(subject, json.dumps(v1_tokenized_schema()))
+    assert serde.registry.check_compatibility(subject, schema_text("tokenized_event"))
+    broken = json.loads(schema_text("tokenized_event"))
+    for field in broken["fields"]:
+        if field["name"] == "weekday_token":
+            del field["default"]
+    assert not serde.registry.check_compatibility(subject, json.dumps(broken))
 
 
 def test_same_schema_same_id_and_subject_naming(serde: AvroSerde, registry_url: str) -> None:
