@@ -7,7 +7,6 @@ import json
 from datetime import datetime, timezone
 
 import fastavro
-
 import pytest
 
 from streams.serde import (
