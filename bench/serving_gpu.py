@@ -9,6 +9,8 @@ size (8 layers, d = 256, history 1,024, 1M items, random weights). Per size, in 
   fused-graph   Triton HSTU attention (bias in the kernel) + CUDA graphs: every request a full prefill
   kvcache       the user's prefix K/V cached: a request runs only its last event through the stack (+ graphs)
   kvcache+beam  kvcache plus semantic-ID beam search (trie-constrained), merged with retrieval by RRF
+  kvcache-pipelined  kvcache with two batches in flight: the host packs batch i+1 (cache lookup, pinned
+                copy) while the GPU runs batch i (UGTInference.submit_packed / Pending.result)
 
 Each runs a batch sweep (time per batch from host rows to top-k on the host; p50/p99/p99.9 over batches;
 qps = batch / mean), then the optimised variants run open-loop at fixed Poisson rates (a request's latency
@@ -54,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-minutes", type=float, default=0.0, help="train the ML-1M UGT here first")
     p.add_argument("--train-out", default="runs/serving-gpu-ugt", help="where that training run writes")
     p.add_argument("--batches", default="1,8,32,128,256,512", help="batch sweep (also the CUDA graph buckets)")
-    p.add_argument("--variants", default="naive-eager,naive-graph,fused-graph,kvcache,kvcache+beam")
+    p.add_argument("--variants", default="naive-eager,naive-graph,fused-graph,kvcache,kvcache+beam,kvcache-pipelined")
     p.add_argument("--k", type=int, default=100, help="items per request (candidates for the reranker)")
     p.add_argument("--beam", type=int, default=100, help="beam size of kvcache+beam")
     p.add_argument("--seconds", type=float, default=1.0, help="time per sweep point")
@@ -156,7 +158,7 @@ def engine_for(model: UGT, variant: str, args: argparse.Namespace, n_users: int)
         return UGTInference(model, InferenceConfig(**base, fused_attention=False))
     if variant == "fused-graph":
         return UGTInference(model, InferenceConfig(**base))
-    if variant == "kvcache":
+    if variant in ("kvcache", "kvcache-pipelined"):
         return UGTInference(model, InferenceConfig(**base, cache_slots=n_users))
     if variant == "kvcache+beam":
         return UGTInference(model, InferenceConfig(**base, cache_slots=n_users, beam_size=args.beam, merge="rrf"))
@@ -191,6 +193,66 @@ def sync() -> None:
 def call(engine: UGTInference, pool: Pool, n: int, k: int) -> None:
     vectors, excl, keys, prints = pool.take(n)
     engine.recommend_packed(vectors, excl, k, keys, prints)
+
+
+def submit(engine: UGTInference, pool: Pool, n: int, k: int):
+    vectors, excl, keys, prints = pool.take(n)
+    return engine.submit_packed(vectors, excl, k, keys, prints)
+
+
+def sweep_pipelined(engine: UGTInference, pool: Pool, batch: int, k: int, seconds: float) -> dict[str, float]:
+    """Closed loop with two batches in flight: batch i+1 is packed and queued before batch i is read back.
+    Latency of a batch = its submit start -> its top-k on the host; qps = requests / wall time."""
+    for _ in range(3):
+        call(engine, pool, batch, k)
+    sync()
+    times: list[float] = []
+    with no_gc():
+        t_begin = time.perf_counter()
+        t_end = t_begin + seconds
+        prev, prev_t = None, 0.0
+        while (time.perf_counter() < t_end or len(times) < 5) and len(times) < 5000:
+            t0 = time.perf_counter()
+            pending = submit(engine, pool, batch, k)
+            if prev is not None:
+                prev.result()
+                times.append((time.perf_counter() - prev_t) * 1e3)
+            prev, prev_t = pending, t0
+        prev.result()
+        times.append((time.perf_counter() - prev_t) * 1e3)
+        wall = time.perf_counter() - t_begin
+    return {"batch": batch, "qps": batch * len(times) / wall, **percentiles(times), "batches": len(times)}
+
+
+def open_loop_pipelined(engine: UGTInference, pool: Pool, rate: float, seconds: float, k: int) -> dict[str, float]:
+    """open_loop with two batches in flight: whatever arrived is submitted, then the previous batch is read
+    back (so the host prepares one batch while the GPU runs the other). Latency = completion - arrival."""
+    max_batch = max(engine.config.batch_buckets)
+    rng = np.random.default_rng(0)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * seconds)))
+    lat: list[np.ndarray] = []
+    sizes = []
+    i, n = 0, len(arrivals)
+    inflight = None  # (Pending, its requests' arrival times)
+    with no_gc():
+        t0 = time.perf_counter()
+        while i < n or inflight is not None:
+            now = time.perf_counter() - t0
+            new = None
+            if i < n and arrivals[i] <= now:
+                j = min(int(np.searchsorted(arrivals, now, side="right")), i + max_batch)
+                new = (submit(engine, pool, j - i, k), arrivals[i:j])
+                sizes.append(j - i)
+                i = j
+            elif inflight is None:
+                time.sleep(max(0.0, arrivals[i] - now - 50e-6))
+                continue
+            if inflight is not None:
+                inflight[0].result()
+                lat.append((time.perf_counter() - t0 - inflight[1]) * 1e3)
+            inflight = new
+        total = time.perf_counter() - t0
+    return {"offered_qps": rate, "qps": n / total, **percentiles(np.concatenate(lat)), "mean_batch": float(np.mean(sizes))}
 
 
 def warm_cache(engine: UGTInference, pool: Pool, k: int) -> None:
@@ -325,7 +387,8 @@ def bench_config(name: str, model: UGT, rows: list, args: argparse.Namespace, ra
             if variant.startswith("naive") and b > args.naive_max_batch:
                 continue
             try:
-                r = sweep(engine, pool, b, args.k, args.seconds)
+                run_sweep = sweep_pipelined if variant.endswith("pipelined") else sweep
+                r = run_sweep(engine, pool, b, args.k, args.seconds)
             except torch.cuda.OutOfMemoryError as exc:
                 print(f"[{name}] {variant} batch {b}: out of GPU memory ({exc})", flush=True)
                 torch.cuda.empty_cache()
@@ -336,9 +399,13 @@ def bench_config(name: str, model: UGT, rows: list, args: argparse.Namespace, ra
                   f"p99 {r['p99_ms']:.2f} ms", flush=True)
         split_batch = min(128, max(batches))
         out["stages"][variant] = {"batch": split_batch, **stage_split(engine, pool, split_batch, args.k)}
-        if variant in ("fused-graph", "kvcache", "kvcache+beam"):
+        if variant == "kvcache" and max(batches) > split_batch:  # where the time goes at the largest batch
+            out["stages"][f"{variant}@{max(batches)}"] = {
+                "batch": max(batches), **stage_split(engine, pool, max(batches), args.k)}
+        if variant in ("fused-graph", "kvcache", "kvcache+beam", "kvcache-pipelined"):
+            run_open = open_loop_pipelined if variant.endswith("pipelined") else open_loop
             for rate in rates:
-                r = open_loop(engine, pool, rate, args.open_seconds, args.k)
+                r = run_open(engine, pool, rate, args.open_seconds, args.k)
                 out["open_loop"].append({"config": name, "variant": variant, **r})
                 print(f"[{name}] {variant} open loop {rate:,.0f}/s: {r['qps']:,.0f} served, p50 {r['p50_ms']:.2f} "
                       f"p99 {r['p99_ms']:.2f} p99.9 {r['p999_ms']:.2f} ms, mean batch {r['mean_batch']:.0f}",

@@ -63,6 +63,35 @@ class TopK:
     scores: np.ndarray
 
 
+class Pending:
+    """A batch in flight (:meth:`UGTInference.submit_packed`): its top-k on the way to host memory."""
+
+    def __init__(self, n: int, k: int, values: torch.Tensor | None, indices: torch.Tensor | None,
+                 counts: torch.Tensor | None, done: torch.cuda.Event | None):
+        self.n, self.k = n, k
+        self.values, self.indices, self.counts, self.done = values, indices, counts, done
+
+    @classmethod
+    def empty(cls) -> Pending:
+        return cls(0, 0, None, None, None, None)
+
+    def ready(self) -> bool:
+        """True once result() would not wait."""
+        return self.done is None or self.done.query()
+
+    def result(self) -> list[TopK]:
+        """Wait for the batch (only this one: later batches keep running) and split it into TopKs."""
+        if self.n == 0:
+            return []
+        if self.done is not None:
+            self.done.synchronize()
+        values = self.values.numpy().copy()  # copies: the pinned blocks go back to the allocator
+        indices = self.indices.numpy().copy()
+        counts = self.counts.numpy()
+        m = np.minimum(np.minimum(self.k, counts), np.isfinite(values).sum(1))
+        return [TopK(indices[b, : m[b]], values[b, : m[b]]) for b in range(self.n)]
+
+
 def prefix_fingerprint(row: dict[str, np.ndarray]) -> bytes:
     """Hash of everything in a one-row input except the last position's request time: the cache key."""
     n = int(row["lengths"][0])
@@ -195,11 +224,18 @@ class UGTInference:
             out[b, : len(e)] = e
         return out
 
-    def pack(self, vectors: np.ndarray, excl: np.ndarray, slots: list[int], pad_to: int) -> torch.Tensor:
-        """One int64 (pad_to, W + 1 + X) host tensor (pinned and reused on CUDA): rows, cache slot, exclusions."""
+    def pack(self, vectors: np.ndarray, excl: np.ndarray, slots: list[int], pad_to: int,
+             fresh: bool = False) -> torch.Tensor:
+        """One int64 (pad_to, W + 1 + X) host tensor (pinned on CUDA): rows, cache slot, exclusions.
+
+        ``fresh``: a new block from the caching host allocator, safe while earlier batches' copies are still
+        queued; otherwise one reused buffer per shape (only for callers that wait for each batch).
+        """
         n = len(vectors)
         shape = (pad_to, self.width + 1 + excl.shape[1])
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and fresh:
+            host = torch.empty(shape, dtype=torch.int64, pin_memory=True)
+        elif self.device.type == "cuda":
             host = self._pinned.get(shape)
             if host is None:
                 host = self._pinned[shape] = torch.empty(shape, dtype=torch.int64, pin_memory=True)
@@ -404,9 +440,21 @@ class UGTInference:
     def recommend_packed(self, vectors: np.ndarray, excl: np.ndarray, k: int,
                          user_keys: list[str | None] | None = None, prints: list[bytes] | None = None) -> list[TopK]:
         """:meth:`recommend` from rows already in the packed layout (:meth:`row_vectors`, :meth:`exclusion_matrix`)."""
+        return self.submit_packed(vectors, excl, k, user_keys, prints).result()
+
+    @torch.inference_mode()
+    def submit_packed(self, vectors: np.ndarray, excl: np.ndarray, k: int,
+                      user_keys: list[str | None] | None = None, prints: list[bytes] | None = None) -> Pending:
+        """Start one batch and return at once (on CUDA the GPU works while the caller packs the next batch).
+
+        Everything after the pack is queued on the current stream: one H2D copy, the stack (graph replay),
+        retrieval, and the D2H copies of the top-k into fresh pinned buffers (PyTorch's caching host
+        allocator keeps a pinned block from reuse until the copies that read or wrote it are done). Batches
+        are stream-ordered, so a later batch's prefill may reuse a slot an earlier batch reads.
+        """
         n = len(vectors)
         if n == 0:
-            return []
+            return Pending.empty()
         keys = user_keys if user_keys is not None else [None] * n
         if self.cache is not None:
             if prints is None:
@@ -414,18 +462,20 @@ class UGTInference:
             slots, hits = self.cache.assign(list(keys), list(prints))
         else:
             slots, hits = [0] * n, [False] * n
-        host = self.pack(vectors, excl, slots, self.bucket(n))
+        host = self.pack(vectors, excl, slots, self.bucket(n), fresh=True)
         user, dev = self.users(host, hits)
         user, dev = user[:n], dev[:n]
         values, indices, counts = self.retrieve(user, dev, k)
         if self.config.merge == "rrf":
             values, indices = self._rrf(user, dev, indices, k)
-        values, indices, counts = values.cpu().numpy(), indices.cpu().numpy(), counts.cpu().numpy()
-        out = []
-        for b in range(n):
-            m = int(min(k, counts[b], np.isfinite(values[b]).sum()))
-            out.append(TopK(indices[b, :m], values[b, :m]))
-        return out
+        if self.device.type != "cuda":
+            return Pending(n, k, values, indices, counts, None)
+        out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (values, indices, counts)]
+        for dst, src in zip(out, (values, indices, counts), strict=True):
+            dst.copy_(src, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return Pending(n, k, *out, done)
 
     def _rrf(self, user: torch.Tensor, dev: torch.Tensor, ret_idx: torch.Tensor, k: int):
         """Reciprocal-rank fusion of the retrieval list and the beam-search list (scores: fused RRF)."""
