@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
 
 from bench.common import machine_info, print_table  # noqa: E402
 from models.data import history_row  # noqa: E402
-from models.ugt.inference import InferenceConfig, UGTInference  # noqa: E402
+from models.ugt.inference import COMPACT_WIDTH, InferenceConfig, UGTInference  # noqa: E402
 from models.ugt.model import UGT, UGTConfig  # noqa: E402
 
 COLUMNS = ["config", "variant", "batch", "qps", "p50_ms", "p99_ms", "p999_ms"]
@@ -332,19 +332,24 @@ def stage_split(engine: UGTInference, pool: Pool, batch: int, k: int, reps: int 
             slots, hits = engine.cache.assign(keys, prints)
         else:
             slots, hits = [0] * batch, [False] * batch
-        host = engine.pack(vectors, excl, slots, engine.bucket(batch))
+        decode = engine.cache is not None and all(hits)
+        if decode:  # as submit_packed: only the last events cross
+            host = engine.pack_compact(vectors, excl, slots, engine.bucket(batch))
+        else:
+            host = engine.pack(vectors, excl, slots, engine.bucket(batch))
         t.append(time.perf_counter())
         dev = host.to(engine.device, non_blocking=True)
         sync()
         t.append(time.perf_counter())
-        user = engine._run("decode" if hits and all(hits) else "prefill", dev)[:batch]
+        user = engine._run("decode_compact" if decode else "prefill", dev)[:batch]
+        excl_dev = (dev[:, COMPACT_WIDTH:] if decode else engine.exclusions(dev))[:batch]
         sync()
         t.append(time.perf_counter())
-        values, indices, counts = engine.retrieve(user, dev[:batch], k)
+        values, indices, counts = engine.retrieve(user, excl_dev, k)
         sync()
         t.append(time.perf_counter())
         if engine.config.merge == "rrf":
-            values, indices = engine._rrf(user, dev[:batch], indices, k)
+            values, indices = engine._rrf(user, excl_dev, indices, k)
         sync()
         t.append(time.perf_counter())
         values.cpu(), indices.cpu(), counts.cpu()

@@ -34,6 +34,9 @@ from models.tokenizer import TOKEN_GROUP_ITEM
 from models.ugt.model import UGT
 
 ROW_FIELDS = ("ids", "times", "query_times", "ratings", "gaps", "query_gaps")  # (B, N) each
+# A decode (every row a KV-cache hit) reads only each row's last event: the compact layout per row is
+# ROW_FIELDS at the last position, the length and the cache slot (then the exclusions), 8 columns, not ~6N.
+COMPACT_WIDTH = len(ROW_FIELDS) + 2
 RRF_K = 60.0  # reciprocal-rank fusion constant (Cormack et al.)
 
 
@@ -250,6 +253,25 @@ class UGTInference:
             buf[n:, self.width] = self.cache.scratch if self.cache is not None else 0
         return host
 
+    def pack_compact(self, vectors: np.ndarray, excl: np.ndarray, slots: list[int], pad_to: int) -> torch.Tensor:
+        """The decode-only host tensor (pad_to, COMPACT_WIDTH + X), fresh pinned block on CUDA: only the last
+        event of each row crosses to the GPU (the rest of the prefix is in the cache)."""
+        n, N = len(vectors), self.N
+        shape = (pad_to, COMPACT_WIDTH + excl.shape[1])
+        host = torch.empty(shape, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        buf = host.numpy()
+        lengths = vectors[:, 6 * N]
+        last = np.maximum(lengths - 1, 0)
+        cols = np.arange(len(ROW_FIELDS)) * N + last[:, None]  # (n, 6): each field's last position
+        buf[:n, : len(ROW_FIELDS)] = np.take_along_axis(vectors, cols, axis=1)
+        buf[:n, len(ROW_FIELDS)] = lengths
+        buf[:n, len(ROW_FIELDS) + 1] = slots
+        buf[:n, COMPACT_WIDTH:] = excl
+        if pad_to > n:
+            buf[n:] = 0
+            buf[n:, len(ROW_FIELDS) + 1] = self.cache.scratch
+        return host
+
     def unpack(self, dev: torch.Tensor) -> dict[str, torch.Tensor]:
         N, E = self.N, self.E
         batch = {key: dev[:, f * N : (f + 1) * N] for f, key in enumerate(ROW_FIELDS)}
@@ -294,14 +316,23 @@ class UGTInference:
 
     def decode(self, buf: torch.Tensor) -> torch.Tensor:
         """Only each row's last event through the stack, against its cached prefix K/V (slot in the buffer)."""
-        if self.cache is None:
-            raise RuntimeError("decode needs cache_slots > 0")
         batch = self.unpack(buf[:, : self.width])
-        slots = buf[:, self.width]
-        m = self.model
         B = buf.shape[0]
         last = (batch["lengths"] - 1).clamp(min=0).view(B, 1)
         take = {key: batch[key].gather(1, last) for key in ROW_FIELDS}  # (B, 1) each
+        return self._decode(take, batch["lengths"], buf[:, self.width])
+
+    def decode_compact(self, buf: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` of a :meth:`pack_compact` buffer."""
+        take = {key: buf[:, f : f + 1] for f, key in enumerate(ROW_FIELDS)}
+        return self._decode(take, buf[:, len(ROW_FIELDS)], buf[:, len(ROW_FIELDS) + 1])
+
+    def _decode(self, take: dict[str, torch.Tensor], lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            raise RuntimeError("decode needs cache_slots > 0")
+        m = self.model
+        B = lengths.shape[0]
+        last = (lengths - 1).clamp(min=0).view(B, 1)
         p = (self.G + last).view(B)  # the last event's position in the full sequence
         types = torch.full_like(take["ids"], TOKEN_GROUP_ITEM)
         x = m.embed(take["ids"], take["ratings"], take["gaps"], types, p.view(B, 1))
@@ -309,10 +340,10 @@ class UGTInference:
         if m.context is not None:
             x = x + m.context(take["query_times"], take["query_gaps"]) * tok_valid.unsqueeze(-1).to(x.dtype)
         times_c = self.pool_t.index_select(0, slots)
-        ar = torch.arange(self.T, device=buf.device)
+        ar = torch.arange(self.T, device=slots.device)
         mask = (ar.view(1, -1) <= p.view(-1, 1)) & self.pool_valid.index_select(0, slots)
-        mask[torch.arange(B, device=buf.device), p] = tok_valid[:, 0]
-        rows = torch.arange(B, device=buf.device)
+        mask[torch.arange(B, device=slots.device), p] = tok_valid[:, 0]
+        rows = torch.arange(B, device=slots.device)
         rab = m.layers[0].attn.rab  # every layer has its own tables but the same indices
         pos_index = p.view(-1, 1) - ar.view(1, -1) + rab.max_len - 1  # (B, T)
         buckets = bucketize_time_gaps(take["query_times"] - times_c, rab.num_buckets)  # (B, T)
@@ -335,8 +366,9 @@ class UGTInference:
 
     def _run(self, kind: str, buf: torch.Tensor) -> torch.Tensor:
         """prefill/decode of a device batch, through a captured CUDA graph when on."""
-        fn = self.prefill if kind == "prefill" else self.decode
-        buf = buf[:, : self.width + 1]  # the stack never reads the exclusions: one graph per batch size
+        fn = {"prefill": self.prefill, "decode": self.decode, "decode_compact": self.decode_compact}[kind]
+        # the stack never reads the exclusions: one graph per kind and batch size
+        buf = buf[:, :COMPACT_WIDTH] if kind == "decode_compact" else buf[:, : self.width + 1]
         if not self.graphs_on:
             return fn(buf)
         key = (kind, buf.shape[0])
@@ -393,9 +425,12 @@ class UGTInference:
             out[sel] = self._run(kind, sub)[: len(idx)]
         return out, dev
 
-    def retrieve(self, user: torch.Tensor, dev: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-k (scores, indices) over the table with padding, history and exclusions masked, + valid counts."""
-        excl = dev[:, self.width + 1 :]
+    def exclusions(self, dev: torch.Tensor) -> torch.Tensor:
+        """The exclusion columns of a :meth:`pack` device buffer."""
+        return dev[:, self.width + 1 :]
+
+    def retrieve(self, user: torch.Tensor, excl: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k (scores, indices) over the table with padding, history and exclusions (B, X) masked, + valid counts."""
         scores = user.to(self.dtype) @ self.table.T  # (B, V + 1) in the model dtype (bf16 on GPU)
         scores.scatter_(1, excl, float("-inf"))  # exclusions are unique per row; index 0 pads them
         scores[:, 0] = float("-inf")
@@ -403,10 +438,9 @@ class UGTInference:
         top = scores.topk(min(k, self.num_items), dim=1)
         return top.values.float(), top.indices, counts
 
-    def generate(self, user: torch.Tensor, dev: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, user: torch.Tensor, excl: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Constrained semantic-ID beam search: (items (B, beam), log-probs), excluded items dropped (-inf)."""
         items, logp = self.model.generate(user.to(self.dtype), beam)
-        excl = dev[:, self.width + 1 :]
         banned = (items.unsqueeze(-1) == excl.unsqueeze(1)).any(-1) | (items == 0)
         return items, logp.masked_fill(banned, float("-inf"))
 
@@ -462,12 +496,16 @@ class UGTInference:
             slots, hits = self.cache.assign(list(keys), list(prints))
         else:
             slots, hits = [0] * n, [False] * n
-        host = self.pack(vectors, excl, slots, self.bucket(n), fresh=True)
-        user, dev = self.users(host, hits)
-        user, dev = user[:n], dev[:n]
-        values, indices, counts = self.retrieve(user, dev, k)
+        if self.cache is not None and all(hits):  # decode only: the last events cross, not the whole rows
+            dev = self.pack_compact(vectors, excl, slots, self.bucket(n)).to(self.device, non_blocking=True)
+            user, excl_dev = self._run("decode_compact", dev), dev[:, COMPACT_WIDTH:]
+        else:
+            user, dev = self.users(self.pack(vectors, excl, slots, self.bucket(n), fresh=True), hits)
+            excl_dev = self.exclusions(dev)
+        user, excl_dev = user[:n], excl_dev[:n]
+        values, indices, counts = self.retrieve(user, excl_dev, k)
         if self.config.merge == "rrf":
-            values, indices = self._rrf(user, dev, indices, k)
+            values, indices = self._rrf(user, excl_dev, indices, k)
         if self.device.type != "cuda":
             return Pending(n, k, values, indices, counts, None)
         out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (values, indices, counts)]
@@ -477,10 +515,10 @@ class UGTInference:
         done.record()
         return Pending(n, k, *out, done)
 
-    def _rrf(self, user: torch.Tensor, dev: torch.Tensor, ret_idx: torch.Tensor, k: int):
+    def _rrf(self, user: torch.Tensor, excl: torch.Tensor, ret_idx: torch.Tensor, k: int):
         """Reciprocal-rank fusion of the retrieval list and the beam-search list (scores: fused RRF)."""
         beam = max(self.config.beam_size, k)
-        gen_idx, gen_logp = self.generate(user, dev, beam)
+        gen_idx, gen_logp = self.generate(user, excl, beam)
         B = user.shape[0]
         ranks = torch.arange(1, ret_idx.shape[1] + 1, device=self.device, dtype=torch.float32)
         fused = torch.zeros(B, self.num_items + 1, device=self.device)

@@ -11,7 +11,7 @@ import torch
 
 from models.data import history_row
 from models.eval import batch_to_device, last_states
-from models.ugt.inference import InferenceConfig, PrefixCache, UGTInference, prefix_fingerprint
+from models.ugt.inference import COMPACT_WIDTH, InferenceConfig, PrefixCache, UGTInference, prefix_fingerprint
 from models.ugt.model import UGT, UGTConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -189,3 +189,21 @@ def test_pipelined_batches_in_flight_equal_one_at_a_time(device: str):
             np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-5)
     assert piped.cache.hits == serial.cache.hits > 0
     assert piped.submit_packed(np.empty((0, piped.width), np.int64), np.zeros((0, 1), np.int64), 7).result() == []
+
+
+def test_compact_decode_equals_decode_of_the_full_rows():
+    """An all-hit batch sends only each row's last event (8 columns, not ~6N): same user states."""
+    model = make_model(4)
+    rows = user_rows(6, seed=7)
+    eng = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=8))
+    keys = [f"u{i}" for i in range(6)]
+    eng.recommend(rows, excludes_of(rows), 5, keys)  # prefill: the prefixes are cached
+    slots, hits = eng.cache.assign(keys, [prefix_fingerprint(r) for r in rows])
+    assert all(hits)
+    vectors, excl = eng.row_vectors(rows), eng.exclusion_matrix(excludes_of(rows))
+    full = eng._run("decode", eng.pack(vectors, excl, slots, 8))
+    compact_host = eng.pack_compact(vectors, excl, slots, 8)
+    assert compact_host.shape == (8, COMPACT_WIDTH + excl.shape[1])
+    compact = eng._run("decode_compact", compact_host)
+    torch.testing.assert_close(compact[:6], full[:6], rtol=0, atol=0)
+    torch.testing.assert_close(compact_host[:6, COMPACT_WIDTH:], torch.as_tensor(excl))
