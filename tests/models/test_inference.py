@@ -158,7 +158,7 @@ def test_cuda_bf16_graphs_agree_with_cpu_fp32():
         for g, w in zip(got, want, strict=True):
             assert len(set(g.indices[:5].tolist()) & set(w.indices.tolist())) >= 4
             np.testing.assert_allclose(g.scores, w.scores, atol=0.05)
-    assert gpu.cache.hits == 11 and ("decode", 32) in gpu.graphs and ("prefill", 32) in gpu.graphs
+    assert gpu.cache.hits == 11 and ("decode_compact", 32) in gpu.graphs and ("prefill", 32) in gpu.graphs
     fp32 = UGTInference(model, InferenceConfig(device="cuda", dtype="fp32", cuda_graphs=True))
     for g, w in zip(fp32.recommend(rows, excludes_of(rows), 10), want, strict=True):
         assert g.indices.tolist() == w.indices.tolist()
