@@ -8,7 +8,7 @@ the paths interleaved chunk by chunk (so CPU stolen by other work on a shared bo
     dataclasses.asdict, fastavro schemaless_writer): the anchor, measured in the same run;
   * EventTokenizer.process: today's path (compiled decoder and encoders, no asdict), no semantic-ID store;
   * + semantic IDs: the same with a SemanticIdCache in front of a store holding every item (no round trips);
-  * + lake row: plus building the lake side-output tuple (jobs.lake.lake_row's fields, without PyFlink's Row).
+  * + lake row: plus building the lake columns of the token row (jobs.lake.lake_values, without PyFlink's Row).
 The Schema Registry is the stack's own server started in-process; no Kafka, no Flink.
 Writes bench/results/tokenize_record.json.
 """

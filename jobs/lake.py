@@ -6,7 +6,10 @@ Layout (Hive-style partitions, one folder per UTC day of event time)::
     var/lake/events_tokens/dt=2000-12-31/_SUCCESS          # partition committed (success-file policy)
 
 Writing: Flink's own filesystem sink (SQL ``'connector'='filesystem'``, ``'format'='parquet'``), fed by the
-tokenize operator's LAKE_TAG side output. Files roll and become visible only when a checkpoint completes, and
+tokenize operator's main output: with a lake, each token row is (k, v, LAKE_FIELDS...) and SQL splits it into the
+Kafka sink's (k, v) and the lake's columns. Not a side output: a PyFlink side output runs the whole chained
+sink (conversion, parquet encoding) inside the Python call, holding the interpreter lock that every Python
+operator of the TaskManager shares; the main output is handed over after the call returns. Files roll and become visible only when a checkpoint completes, and
 a restore discards what the failed attempt had in progress, so each token lands in exactly one committed file
 (exactly-once). In-progress files are hidden (``.part-*``), which pyarrow, pandas and Feast skip.
 
@@ -57,23 +60,23 @@ def default_lake_dir() -> Path:
     return get_settings().var_dir / "lake" / "events_tokens"
 
 
-def lake_row_type():
-    """PyFlink type of the LAKE_TAG rows (field order = LAKE_FIELDS)."""
+def token_lake_row_type():
+    """PyFlink type of the tokenize operator's rows when it feeds a lake: (k, v) then LAKE_FIELDS."""
     from pyflink.common import Types
 
     kinds = {"STRING": Types.STRING(), "BIGINT": Types.LONG(), "INT": Types.INT(),
              "ARRAY<BIGINT>": Types.BASIC_ARRAY(Types.LONG()), "ARRAY<INT>": Types.BASIC_ARRAY(Types.INT())}
-    return Types.ROW_NAMED([n for n, _ in LAKE_FIELDS], [kinds[t] for _, t in LAKE_FIELDS])
+    return Types.ROW_NAMED(["k", "v", *(n for n, _ in LAKE_FIELDS)],
+                           [Types.PRIMITIVE_ARRAY(Types.BYTE()), Types.PRIMITIVE_ARRAY(Types.BYTE()),
+                            *(kinds[t] for _, t in LAKE_FIELDS)])
 
 
-def lake_row(event: TokenizedEvent, partition: int, offset: int):
-    """One token as a LAKE_TAG row (arrays as lists: PyFlink's BASIC_ARRAY takes lists)."""
-    from pyflink.common import Row
-
-    return Row(event.event_id, event.user_id, event.item_id, event.event_time, event.domain, event.action_token,
-               event.rating_token, event.duration_token, event.hour_token, event.weekday_token,
-               list(event.context_tokens), list(event.semantic_ids), event.sid_version, event.tokenizer_version,
-               int(partition), int(offset))
+def lake_values(event: TokenizedEvent, partition: int, offset: int) -> tuple:
+    """One token's LAKE_FIELDS values (arrays as lists: PyFlink's BASIC_ARRAY takes lists)."""
+    return (event.event_id, event.user_id, event.item_id, event.event_time, event.domain, event.action_token,
+            event.rating_token, event.duration_token, event.hour_token, event.weekday_token,
+            list(event.context_tokens), list(event.semantic_ids), event.sid_version, event.tokenizer_version,
+            int(partition), int(offset))
 
 
 def lake_sink_ddl(table: str, path: str | Path, rollover: str = "128MB") -> str:
@@ -114,13 +117,12 @@ def add_lake_jars(env, t_env) -> None:
     env.add_jars(*[jar.resolve().as_uri() for jar in parquet_jars()])
 
 
-def add_lake_sink(env, t_env, statements, stream, path: str | Path, table: str = "lake_sink") -> None:
-    """Write the LAKE_TAG stream to parquet under `path` (added to the statement set)."""
+def add_lake_sink(env, t_env, statements, view: str, path: str | Path, table: str = "lake_sink") -> None:
+    """Write the LAKE_FIELDS columns of the temporary view `view` to parquet under `path` (statement set)."""
     add_lake_jars(env, t_env)
     t_env.get_config().set("table.local-time-zone", "UTC")
     t_env.execute_sql(lake_sink_ddl(table, path))
-    t_env.create_temporary_view(f"{table}_input", t_env.from_data_stream(stream))
-    statements.add_insert_sql(lake_insert_sql(table, f"{table}_input"))
+    statements.add_insert_sql(lake_insert_sql(table, view))
 
 
 def read_lake(path: str | Path | None = None, start: str | None = None, end: str | None = None) -> pd.DataFrame:

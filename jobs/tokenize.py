@@ -59,9 +59,9 @@ else:
 
     def build_pipeline(env, t_env, cfg) -> None:
         """events.raw -> TokenizeFunction -> events.tokens; side outputs -> events.dlq and the parquet lake."""
-        from jobs.common import add_kafka_sink, kafka_source, key_value_type
-        from jobs.lake import add_lake_sink
-        from jobs.operators.tokenize_fn import DLQ_TAG, LAKE_TAG, TokenizeFunction
+        from jobs.common import add_kafka_sink, kafka_sink_ddl, kafka_source, key_value_type
+        from jobs.lake import add_lake_sink, token_lake_row_type
+        from jobs.operators.tokenize_fn import DLQ_TAG, TokenizeFunction
         from jobs.tokenize_logic import Rules
 
         x = cfg.extra
@@ -69,12 +69,17 @@ else:
         raw = kafka_source(t_env, "raw_source", x["source_topic"], cfg)
         fn = TokenizeFunction(cfg.registry, x["tokens_topic"], x["dlq_topic"], rules=rules,
                               redis_url=x["sid_redis"], sid_version=x["sid_version"], lake=bool(x["lake"]))
-        tokens = raw.process(fn, output_type=key_value_type()).name("tokenize").uid("tokenize")
+        out_type = token_lake_row_type() if x["lake"] else key_value_type()
+        tokens = raw.process(fn, output_type=out_type).name("tokenize").uid("tokenize")
         statements = t_env.create_statement_set()
-        add_kafka_sink(t_env, statements, tokens, "tokens_sink", x["tokens_topic"], cfg)
+        if x["lake"]:  # one row per token: (k, v) to Kafka, the rest to parquet, split in SQL
+            t_env.create_temporary_view("tokens_out", t_env.from_data_stream(tokens))
+            t_env.execute_sql(kafka_sink_ddl("tokens_sink", x["tokens_topic"], cfg))
+            statements.add_insert_sql("INSERT INTO `tokens_sink` SELECT `k`, `v` FROM `tokens_out`")
+            add_lake_sink(env, t_env, statements, "tokens_out", x["lake"])
+        else:
+            add_kafka_sink(t_env, statements, tokens, "tokens_sink", x["tokens_topic"], cfg)
         add_kafka_sink(t_env, statements, tokens.get_side_output(DLQ_TAG), "dlq_sink", x["dlq_topic"], cfg)
-        if x["lake"]:
-            add_lake_sink(env, t_env, statements, tokens.get_side_output(LAKE_TAG), x["lake"])
         statements.attach_as_datastream()
 
     def job_options(args: argparse.Namespace) -> dict:

@@ -109,7 +109,7 @@ def _generators(config: ServingConfig, fallback: PopularityFallback) -> dict[str
                 from serving.ugt_generator import CheckpointError, UGTGenerator
 
                 try:
-                    loaded[key] = UGTGenerator(route.checkpoint)
+                    loaded[key] = UGTGenerator(route.checkpoint, kv_cache_users=config.kv_cache_users)
                 except CheckpointError as exc:
                     where = f"domains.{name}.checkpoint" if config.domains else "checkpoint"
                     raise ConfigError(f"{where}: {exc}") from exc
@@ -293,6 +293,9 @@ def create_app(
         assert client is not None
         components = build_components(settings, config, client)
     metrics = ServingMetrics()
+    by_domain = components.generators or {config.default_domain: components.generator}
+    metrics.watch_kv_caches({domain: gen.engine.cache for domain, gen in by_domain.items()
+                             if getattr(getattr(gen, "engine", None), "cache", None) is not None})
     service = RecommendService(config, components, metrics)
     log.info("serving config: %s", asdict(config))
     if client is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 # Sub-millisecond resolution: the state fetch target is 0.3 ms p99, the request target 20 ms p99.
 STAGE_BUCKETS = (
@@ -27,7 +28,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 class ServingMetrics:
     """Names (all prefixed ``ugt_serving_``): requests_total, stage_seconds, batch_size, fallbacks_total,
-    errors_total, popularity_source_total."""
+    errors_total, popularity_source_total, kv_cache_lookups_total."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -74,5 +75,24 @@ class ServingMetrics:
         for stage in STAGES:  # expose every series from the start, so dashboards see zeros rather than gaps
             self.stage_seconds.labels(stage)
 
+    def watch_kv_caches(self, caches: dict[str, object]) -> None:
+        """Expose each UGT generator's prefix-cache hits and misses (read at scrape time, by domain)."""
+        self.registry.register(_KVCacheCollector(caches))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _KVCacheCollector:
+    """ugt_serving_kv_cache_lookups_total{domain, result=hit|miss} from models.ugt.inference.PrefixCache counters."""
+
+    def __init__(self, caches: dict[str, object]):
+        self.caches = caches
+
+    def collect(self):
+        family = CounterMetricFamily("ugt_serving_kv_cache_lookups", "UGT prefix (KV) cache lookups per request row: "
+                                     "hit = only the last event ran through the layers.", labels=["domain", "result"])
+        for domain, cache in self.caches.items():
+            family.add_metric([domain, "hit"], getattr(cache, "hits", 0))
+            family.add_metric([domain, "miss"], getattr(cache, "misses", 0))
+        yield family

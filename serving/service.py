@@ -239,7 +239,7 @@ class RecommendService:
             generator = self.generator_for(domain)
             model = f"{generator.name}-{generator.version}"
             answers: list[list[ScoredItem] | NoModelAnswer | Exception]
-            if has_batch(generator) and len(group) > 1:
+            if has_batch(generator):  # a batch of one too: the engine path has the KV cache and CUDA graphs
                 requests = [
                     GenerationRequest(job.state, self._candidates_wanted(job), self._seen(job), domain)  # type: ignore[arg-type]
                     for job in group

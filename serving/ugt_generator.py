@@ -48,7 +48,7 @@ class UGTGenerator:
     name = "ugt"
 
     def __init__(self, checkpoint: str | Path, *, clock: Callable[[], float] = time.time,
-                 inference: InferenceConfig | None = None):
+                 inference: InferenceConfig | None = None, kv_cache_users: int = 0):
         from models.train import load_checkpoint, long_history_len
 
         path = Path(checkpoint)
@@ -78,7 +78,10 @@ class UGTGenerator:
         with torch.inference_mode():
             self.table = self.model.item_embeddings().float()  # fixed after training: computed once
         if inference is None:  # GPU when there is one (bf16, CUDA graphs, fused attention), else CPU fp32
-            inference = InferenceConfig(device="cuda" if torch.cuda.is_available() else "cpu")
+            # kv_cache_users > 0: a user whose events did not change since the last request runs only the last
+            # event through the layers against the cached prefix (models/ugt/inference.py), on CPU too
+            inference = InferenceConfig(device="cuda" if torch.cuda.is_available() else "cpu",
+                                        cache_slots=kv_cache_users)
         self.engine = UGTInference(self.model, inference)
 
     def model_input(self, state: UserStateView, query_time: int) -> dict[str, np.ndarray] | None:

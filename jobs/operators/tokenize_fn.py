@@ -1,26 +1,23 @@
 """The tokenize operator: a PyFlink ProcessFunction around jobs.tokenize_logic.EventTokenizer.
 
-Tokens go to the main output as Row(k=user_id, v=TokenizedEvent bytes); dead letters go to the side
-output DLQ_TAG as Row(k, v=DeadLetter bytes); with a lake, every token also goes to LAKE_TAG as a typed
-Row (jobs.lake.LAKE_FIELDS) for the parquet sink. Counters (Flink metrics, group `ugt`): `processed`,
-`tokenized` (handed to Flink in sums, at most COUNTER_FLUSH records or 1 s late), `dead_lettered`, and `dead_lettered` under the sub-group `reason=<code>`; a gauge
+Tokens go to the main output as Row(k=user_id, v=TokenizedEvent bytes), with a lake as Row(k, v, *LAKE_FIELDS)
+(jobs.lake.token_lake_row_type: SQL splits it into the Kafka and parquet sinks outside the Python call); dead
+letters go to the side output DLQ_TAG as Row(k, v=DeadLetter bytes). Counters (Flink metrics, group `ugt`): `processed`,
+`tokenized` (handed to Flink in sums, jobs.operators.counters), `dead_lettered`, and `dead_lettered` under the sub-group `reason=<code>`; a gauge
 `sid_items` (items in the worker's semantic-ID cache).
 """
 
 from __future__ import annotations
 
-import time
-
 from pyflink.datastream import OutputTag, ProcessFunction, RuntimeContext
 
 from jobs.common import key_value_type
-from jobs.lake import lake_row, lake_row_type
+from jobs.lake import lake_values
+from jobs.operators.counters import CounterBatch
 from jobs.tokenize_logic import EventTokenizer, Rules
 from streams.serde import AvroSerde, SchemaRegistryClient
 
 DLQ_TAG = OutputTag("dead-letters", key_value_type())
-LAKE_TAG = OutputTag("lake", lake_row_type())
-COUNTER_FLUSH = 256  # records between hand-overs of the processed/tokenized counts to Flink
 
 
 class TokenizeFunction(ProcessFunction):
@@ -48,29 +45,15 @@ class TokenizeFunction(ProcessFunction):
             sids = SemanticIdCache(redis.Redis.from_url(self.redis_url), version=self.sid_version or None)
         self.tokenizer = EventTokenizer(serde, self.tokens_topic, self.dlq_topic, rules=self.rules, sids=sids)
         self.metrics = runtime_context.get_metrics_group().add_group("ugt")
-        self.processed = self.metrics.counter("processed")
-        self.tokenized = self.metrics.counter("tokenized")
+        self.counts = CounterBatch({"processed": self.metrics.counter("processed"),
+                                    "tokenized": self.metrics.counter("tokenized")})
         self.dead_lettered = self.metrics.counter("dead_lettered")
         self.metrics.gauge("sid_items", lambda: len(sids.known) if sids is not None else 0)
         self.by_reason: dict = {}
-        # each Counter.inc() is a call into the JVM (14 % of the worker's time in a py-spy profile of the
-        # nearline bench): count in Python and hand Flink the sum every COUNTER_FLUSH records or second
-        self.pending_processed = 0
-        self.pending_tokenized = 0
-        self.counters_flushed_at = time.monotonic()
-
-    def _flush_counters(self) -> None:
-        if self.pending_processed:
-            self.processed.inc(self.pending_processed)
-            self.pending_processed = 0
-        if self.pending_tokenized:
-            self.tokenized.inc(self.pending_tokenized)
-            self.pending_tokenized = 0
-        self.counters_flushed_at = time.monotonic()
 
     def close(self) -> None:
-        if hasattr(self, "processed"):
-            self._flush_counters()
+        if hasattr(self, "counts"):
+            self.counts.flush()
 
     def _reason_counter(self, code: str):
         counter = self.by_reason.get(code)
@@ -82,17 +65,18 @@ class TokenizeFunction(ProcessFunction):
     def process_element(self, value, ctx: ProcessFunction.Context):
         from pyflink.common import Row
 
-        self.pending_processed += 1
-        if self.pending_processed >= COUNTER_FLUSH or time.monotonic() - self.counters_flushed_at >= 1.0:
-            self._flush_counters()
+        counts = self.counts
+        counts.add("processed")
+        counts.record()
         out = self.tokenizer.process(value[0], value[1], value[2], value[3])
         if out.dead is None:
-            self.pending_tokenized += 1
-            yield Row(k=out.key, v=out.value)
+            counts.add("tokenized")
             if self.lake:
-                yield LAKE_TAG, lake_row(out.event, value[2], value[3])
+                yield Row(out.key, out.value, *lake_values(out.event, value[2], value[3]))
+            else:
+                yield Row(k=out.key, v=out.value)
         else:
-            self._flush_counters()  # dead letters are rare: keep their counters exact and in order
+            counts.flush()  # dead letters are rare: keep their counters exact and in order
             self.dead_lettered.inc()
             self._reason_counter(out.dead).inc()
             yield DLQ_TAG, Row(k=out.key, v=out.value)

@@ -20,6 +20,7 @@ from pyflink.datastream import KeyedProcessFunction, OutputTag, ProcessFunction,
 from pyflink.datastream.state import ListStateDescriptor, StateTtlConfig, ValueStateDescriptor
 
 from jobs.common import key_value_type
+from jobs.operators.counters import CounterBatch
 from jobs.tokenize_logic import dead_letter_key, dead_letter_record
 from jobs.user_state_logic import (
     APPLIED,
@@ -166,33 +167,32 @@ class UserStateFunction(KeyedProcessFunction):
         self.processor = UserStateProcessor(writer, self.config)
         self.letters = _DeadLetters(AvroSerde(SchemaRegistryClient(self.registry_url)), self.dlq_topic)
         group = runtime_context.get_metrics_group().add_group("ugt")
-        self.events = group.counter("events")
-        self.applied = group.counter("applied")
-        self.duplicates = group.counter("duplicates")
-        self.late_events = group.counter("late_events")
-        self.dead_lettered = group.counter("dead_lettered")
-        self.rows_written = group.counter("rows_written")
-        self.compactions = group.counter("compactions")
+        # per-event counts go to Flink in sums (jobs.operators.counters); flushed on timers and dead letters too
+        self.counts = CounterBatch({name: group.counter(name) for name in (
+            "events", "applied", "duplicates", "late_events", "dead_lettered", "rows_written", "compactions")})
         self.counted = (0, 0)
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         event, (data, topic, partition, offset) = value[1]
-        self.events.inc()
+        counts = self.counts
+        counts.add("events")
         timers = ctx.timer_service()
         outcome = self.processor.on_event(event, self.store, timers.current_processing_time())
         if outcome.status == APPLIED:
-            self.applied.inc()
+            counts.add("applied")
             for _, at in outcome.timers:
                 timers.register_processing_time_timer(at)
         elif outcome.status == DUPLICATE:
-            self.duplicates.inc()
+            counts.add("duplicates")
         elif outcome.status == LATE:
-            self.late_events.inc()
-            self.dead_lettered.inc()
+            counts.add("late_events")
+            counts.add("dead_lettered")
+            counts.flush()
             reason = (f"event_time {event.event_time} is more than {self.processor.config.allowed_lateness_ms} ms "
                       f"older than user {event.user_id!r}'s newest event")
             yield LATE_TAG, self.letters.row(data, topic, partition, offset, LATE_EVENT, reason)
         self._count(self.processor.flush_if_due())
+        counts.record()
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         timers = ctx.timer_service()
@@ -200,15 +200,16 @@ class UserStateFunction(KeyedProcessFunction):
                                              timers.current_processing_time()):
             timers.register_processing_time_timer(at)
         self._count(self.processor.flush_if_due())
+        self.counts.flush()
         return iter(())
 
     def _count(self, _: int) -> None:
         """Move the processor's running totals into the Flink counters."""
         written, compactions = self.processor.writer.rows_written, self.processor.compactions
         if written > self.counted[0]:
-            self.rows_written.inc(written - self.counted[0])
+            self.counts.add("rows_written", written - self.counted[0])
         if compactions > self.counted[1]:
-            self.compactions.inc(compactions - self.counted[1])
+            self.counts.add("compactions", compactions - self.counted[1])
         self.counted = (written, compactions)
 
     def close(self) -> None:
@@ -216,5 +217,6 @@ class UserStateFunction(KeyedProcessFunction):
         if processor is not None:
             processor.writer.flush()
             self._count(0)
+            self.counts.flush()
         if getattr(self, "redis", None) is not None:
             self.redis.close()

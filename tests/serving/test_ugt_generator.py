@@ -204,3 +204,51 @@ def test_recommend_batch_equals_recommend_per_request(served, loaded):
         assert [g.item_id for g in got] == [w.item_id for w in want]
         np.testing.assert_allclose([g.score for g in got], [w.score for w in want], rtol=1e-5, atol=1e-6)
     assert gen.recommend_batch([]) == []
+
+
+def test_kv_cache_users_answer_as_without_and_recompute_after_a_new_event(trained, loaded):
+    """kv_cache_users > 0 (the serving default): a repeat request decodes from the cached prefix, a user whose
+    state gained an event is prefilled again; the answers match the uncached generator's every time."""
+    from serving.generator import GenerationRequest
+
+    clock = Clock()
+    cached = UGTGenerator(trained, clock=clock, kv_cache_users=8)
+    plain = UGTGenerator(trained, clock=clock)
+    _, data = loaded
+    for step, (end_a, end_b) in enumerate(((20, 30), (20, 30), (21, 30))):  # again; then user 3 gets an event
+        states = [view_of(data, 3, end_a, cached), view_of(data, 9, end_b, cached)]
+        clock.now = max(s.last_event_time for s in states) / 1000 + 600 + 60 * step
+        requests = [GenerationRequest(s, 10, frozenset(), "movie") for s in states]
+        got, want = cached.recommend_batch(requests), plain.recommend_batch(requests)
+        for g, w in zip(got, want, strict=True):
+            assert [x.item_id for x in g] == [x.item_id for x in w]
+            np.testing.assert_allclose([x.score for x in g], [x.score for x in w], rtol=1e-4, atol=1e-5)
+    engine = cached.engine.cache
+    assert (engine.misses, engine.hits) == (3, 3)  # 2 first requests, 2 repeats, then 1 new event + 1 repeat
+
+    from fastapi.testclient import TestClient
+    from serving_fakes import FakeClock, FakeStateReader, FakeZsetRedis
+
+    from serving.app import create_app
+    from serving.config import ServingConfig
+    from serving.fallback import PopularityFallback
+    from serving.reranker import FilterReranker
+    from serving.service import Components
+
+    redis = FakeZsetRedis({"ugt:popularity:movie": {"p1": 3.0}})
+    parts = Components(state_reader=FakeStateReader({"u": states[1]}), generator=cached,
+                       fallback=PopularityFallback(redis, clock=FakeClock()), reranker=FilterReranker())
+    client = TestClient(create_app(config=ServingConfig(), components=parts, client=redis))
+    assert client.post("/recommend", json={"user_id": "u", "k": 5}).json()["fallback"] is False
+    text = client.get("/metrics").text  # the request above was one more hit
+    assert 'ugt_serving_kv_cache_lookups_total{domain="movie",result="hit"} 4.0' in text
+    assert 'ugt_serving_kv_cache_lookups_total{domain="movie",result="miss"} 3.0' in text
+
+
+def test_kv_cache_users_is_validated(trained, tmp_path):
+    from serving.config import ConfigError, load_config
+
+    bad = tmp_path / "serving.yaml"
+    bad.write_text(f"generator: ugt\ncheckpoint: {trained}\nkv_cache_users: -1\n")
+    with pytest.raises(ConfigError, match="kv_cache_users"):
+        load_config(bad, env={})
