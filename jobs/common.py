@@ -263,8 +263,9 @@ def _with(options: dict[str, str]) -> str:
     return ",\n  ".join(f"{_quote(k)} = {_quote(v)}" for k, v in options.items())
 
 
-def kafka_source_ddl(table: str, topic: str, cfg: JobConfig) -> str:
-    """A Kafka table of raw value bytes plus where each came from (topic, partition, offset)."""
+def kafka_source_ddl(table: str, topic: str, cfg: JobConfig, with_key: bool = False) -> str:
+    """A Kafka table of raw value bytes (with_key: then the raw key bytes `k`) plus where each came from
+    (topic, partition, offset)."""
     options = {
         "connector": "kafka",
         "topic": topic,
@@ -274,13 +275,17 @@ def kafka_source_ddl(table: str, topic: str, cfg: JobConfig) -> str:
         # only committed records of transactional (exactly-once) producers
         "properties.isolation.level": "read_committed",
         "scan.startup.mode": STARTUP_MODES[cfg.startup],
-        "format": "raw",
     }
+    if with_key:
+        options.update({"key.format": "raw", "key.fields": "k", "value.format": "raw",
+                        "value.fields-include": "EXCEPT_KEY"})
+    else:
+        options["format"] = "raw"
     if cfg.bounded:
         options["scan.bounded.mode"] = "latest-offset"
     return (
         f"CREATE TEMPORARY TABLE `{table}` (\n"
-        "  `value` BYTES,\n"
+        "  `value` BYTES,\n" + ("  `k` BYTES,\n" if with_key else "") +
         "  `src_topic` STRING METADATA FROM 'topic' VIRTUAL,\n"
         "  `src_partition` INT METADATA FROM 'partition' VIRTUAL,\n"
         "  `src_offset` BIGINT METADATA FROM 'offset' VIRTUAL\n"
@@ -327,9 +332,10 @@ def key_value_type():
     return Types.ROW_NAMED(["k", "v"], [Types.PRIMITIVE_ARRAY(Types.BYTE()), Types.PRIMITIVE_ARRAY(Types.BYTE())])
 
 
-def kafka_source(t_env, table: str, topic: str, cfg: JobConfig):
-    """A DataStream of Row(value, src_topic, src_partition, src_offset) read from `topic`."""
-    t_env.execute_sql(kafka_source_ddl(table, topic, cfg))
+def kafka_source(t_env, table: str, topic: str, cfg: JobConfig, with_key: bool = False):
+    """A DataStream of Row(value, src_topic, src_partition, src_offset) read from `topic`;
+    with_key: Row(value, k, src_topic, src_partition, src_offset), k the record's key bytes (None if unkeyed)."""
+    t_env.execute_sql(kafka_source_ddl(table, topic, cfg, with_key))
     return t_env.to_data_stream(t_env.from_path(table))
 
 

@@ -46,16 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_pipeline(env, t_env, cfg) -> None:
-    """events.tokens -> decode -> key_by(user_id) -> UserStateFunction (writes Feast + Redis); bad or late -> DLQ."""
+    """events.tokens -> key_by(record key = user_id) -> UserStateFunction (decodes; writes Feast + Redis); bad or
+    late -> DLQ. Keyed by the Kafka key, not a decoded field: no Python pass before the shuffle, no pickled event."""
     from pyflink.common import Types
 
     from jobs.common import add_kafka_sink, discard, kafka_source
     from jobs.operators.user_state_fn import (
         DLQ_TAG,
         LATE_TAG,
-        DecodeTokensFunction,
         UserStateFunction,
-        keyed_event_type,
+        record_key,
     )
     from jobs.user_state_logic import ProcessorConfig
 
@@ -68,17 +68,15 @@ def build_pipeline(env, t_env, cfg) -> None:
         state_ttl_ms=int(x["state_ttl_days"] * 86_400_000),
         cache_size=x["state_cache_users"],
     )
-    tokens = kafka_source(t_env, "tokens_source", x["source_topic"], cfg)
-    events = tokens.process(DecodeTokensFunction(cfg.registry, x["dlq_topic"]), output_type=keyed_event_type()) \
-        .name("decode-tokens").uid("decode-tokens")
-    states = events.key_by(lambda row: row[0], key_type=Types.STRING()) \
+    tokens = kafka_source(t_env, "tokens_source", x["source_topic"], cfg, with_key=True)
+    states = tokens.key_by(record_key, key_type=Types.STRING()) \
         .process(UserStateFunction(cfg.redis, x["feature_repo"], cfg.registry, x["dlq_topic"], config,
                                    x["flush_rows"], x["feast_write"]),
                  output_type=Types.BOOLEAN()) \
         .name("user-state").uid("user-state")
     discard(states)
     statements = t_env.create_statement_set()
-    dead = events.get_side_output(DLQ_TAG).union(states.get_side_output(LATE_TAG))
+    dead = states.get_side_output(DLQ_TAG).union(states.get_side_output(LATE_TAG))
     add_kafka_sink(t_env, statements, dead, "dlq_sink", x["dlq_topic"], cfg)
     statements.attach_as_datastream()
 

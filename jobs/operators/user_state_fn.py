@@ -1,14 +1,15 @@
-"""The user_state operators: decode tokens (non-keyed), then keep per-user state (keyed by user_id).
+"""The user_state operator: per-user state, keyed by the events.tokens record key (the user_id).
 
-DecodeTokensFunction: Row(value, src_topic, src_partition, src_offset) -> Row(user_id, payload) where payload
-is the pickled (TokenizedEvent, (value, topic, partition, offset)); records that are not TokenizedEvents go
-to DLQ_TAG as dead letters.
-UserStateFunction: wires jobs.user_state_logic.UserStateProcessor to Flink: two ValueStates of bytes (the
+The stream is keyed by ``record_key`` (the Kafka key, which the tokenize job sets to the user_id), so nothing
+is decoded or pickled before the shuffle. UserStateFunction gets Row(value, k, src_topic, src_partition,
+src_offset), decodes the TokenizedEvent, and sends records that are not one (SerdeError codes) or whose
+user_id is not their key (KEY_MISMATCH) to DLQ_TAG as dead letters.
+UserStateFunction wires jobs.user_state_logic.UserStateProcessor to Flink: two ValueStates of bytes (the
 encoded UserState + its write track; the long-term groups) and a ListState (events since that snapshot), all
 with StateTtlConfig (--state-ttl-days),
 processing-time timers (confirm flushes, nearline compaction) and LATE_EVENT dead letters on LATE_TAG.
-Counters (group `ugt`): `events`, `applied`, `duplicates`, `late_events`, `rows_written`, `compactions`;
-`dead_lettered` on both operators.
+Counters (group `ugt`): `events`, `applied`, `duplicates`, `late_events`, `rows_written`, `compactions`,
+`dead_lettered`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import time
 
 from pyflink.common import Row, Types
-from pyflink.datastream import KeyedProcessFunction, OutputTag, ProcessFunction, RuntimeContext
+from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
 from pyflink.datastream.state import ListStateDescriptor, StateTtlConfig, ValueStateDescriptor
 
 from jobs.common import key_value_type
@@ -50,8 +51,13 @@ DLQ_TAG = OutputTag("dead-letters", key_value_type())
 LATE_TAG = OutputTag("late-events", key_value_type())
 
 
-def keyed_event_type():
-    return Types.ROW_NAMED(["user_id", "payload"], [Types.STRING(), Types.PICKLED_BYTE_ARRAY()])
+KEY_MISMATCH = "KEY_MISMATCH"  # an events.tokens record whose key is not its user_id
+
+
+def record_key(row) -> str:
+    """The shuffle key of a Row(value, k, ...): the record key as text ('' for an unkeyed record)."""
+    key = row[1]
+    return key.decode("utf-8", "replace") if key is not None else ""
 
 
 class _DeadLetters:
@@ -64,27 +70,6 @@ class _DeadLetters:
     def row(self, data, topic: str, partition: int, offset: int, code: str, reason: str) -> Row:
         record = dead_letter_record(data, topic, partition, offset, code, reason, JOB_NAME, int(time.time() * 1000))
         return Row(k=dead_letter_key(topic, partition, offset), v=encode_with_id(self.schema_id, self.schema, record))
-
-
-class DecodeTokensFunction(ProcessFunction):
-    def __init__(self, registry_url: str, dlq_topic: str):
-        self.registry_url = registry_url
-        self.dlq_topic = dlq_topic
-
-    def open(self, runtime_context: RuntimeContext) -> None:
-        self.serde = AvroSerde(SchemaRegistryClient(self.registry_url))
-        self.letters = _DeadLetters(self.serde, self.dlq_topic)
-        self.dead_lettered = runtime_context.get_metrics_group().add_group("ugt").counter("dead_lettered")
-
-    def process_element(self, value, ctx: ProcessFunction.Context):
-        data, topic, partition, offset = value[0], value[1], value[2], value[3]
-        try:
-            event = decode_token_event(self.serde, data)
-        except SerdeError as exc:
-            self.dead_lettered.inc()
-            yield DLQ_TAG, self.letters.row(data, topic, partition, offset, exc.reason_code, exc.reason)
-            return
-        yield Row(user_id=event.user_id, payload=(event, (bytes(data), topic, partition, offset)))
 
 
 class _FlinkStore:
@@ -165,7 +150,8 @@ class UserStateFunction(KeyedProcessFunction):
             write_long_rows=feast_long_term_writer(store),
         )
         self.processor = UserStateProcessor(writer, self.config)
-        self.letters = _DeadLetters(AvroSerde(SchemaRegistryClient(self.registry_url)), self.dlq_topic)
+        self.serde = AvroSerde(SchemaRegistryClient(self.registry_url))
+        self.letters = _DeadLetters(self.serde, self.dlq_topic)
         group = runtime_context.get_metrics_group().add_group("ugt")
         # per-event counts go to Flink in sums (jobs.operators.counters); flushed on timers and dead letters too
         self.counts = CounterBatch({name: group.counter(name) for name in (
@@ -173,11 +159,22 @@ class UserStateFunction(KeyedProcessFunction):
         self.counted = (0, 0)
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
-        event, (data, topic, partition, offset) = value[1]
+        data, key, topic, partition, offset = value[0], value[1], value[2], value[3], value[4]
         counts = self.counts
+        try:
+            event = decode_token_event(self.serde, data)
+            if key is None or event.user_id != key.decode("utf-8", "replace"):
+                raise SerdeError(KEY_MISMATCH, f"record key {key!r} is not the event's user_id {event.user_id!r}: "
+                                               "events.tokens must be keyed by user_id (the tokenize job does)")
+        except SerdeError as exc:
+            counts.add("dead_lettered")
+            counts.flush()
+            yield DLQ_TAG, self.letters.row(data, topic, partition, offset, exc.reason_code, exc.reason)
+            return
         counts.add("events")
         timers = ctx.timer_service()
-        outcome = self.processor.on_event(event, self.store, timers.current_processing_time())
+        # wall clock, as Flink's processing-time service reads it: one JNI call less per event (8 % in a profile)
+        outcome = self.processor.on_event(event, self.store, int(time.time() * 1000))
         if outcome.status == APPLIED:
             counts.add("applied")
             for _, at in outcome.timers:

@@ -145,13 +145,26 @@ def test_event_path_on_the_cluster(stack: Any) -> None:
     run_on_cluster("tokenize", [*common, "--delivery", "exactly-once", "--group-id", f"it-{run}-tokenize",
                                 "--no-semantic-ids", "--lake", "", "--source-topic", raw,
                                 "--tokens-topic", tokens, "--dlq-topic", dlq], settings)
+    token_records = read_topic(settings, tokens)
+    # what user_state must dead-letter itself: bytes that are no TokenizedEvent, and a valid token (a copy of
+    # one already there) under another user's key
+    (first_key, first_value) = token_records[0]
+    bad_tokens = {"BAD_MAGIC": (b"u-x", b"\x07not-avro"),
+                  "KEY_MISMATCH": (first_key + b"-other", first_value)}
+    for key, data in bad_tokens.values():
+        producer.produce(tokens, data, key=key)
+    assert producer.flush(30) == 0
     run_on_cluster("user_state", [*common, "--group-id", f"it-{run}-user-state", "--source-topic", tokens,
                                   "--dlq-topic", dlq], settings)
 
     # -- counts and the dead letters --
-    token_records = read_topic(settings, tokens)
-    dead = [serde.decode(value).record for _, value in read_topic(settings, dlq)]
+    letters = [serde.decode(value).record for _, value in read_topic(settings, dlq)]
+    dead = [d for d in letters if d["job"] == "tokenize"]
     assert len(token_records) + len(dead) == published
+    from_user_state = {d["reason_code"]: d for d in letters if d["job"] == "user_state"}
+    assert set(from_user_state) == set(bad_tokens), from_user_state
+    for code, (_, data) in bad_tokens.items():
+        assert from_user_state[code]["original"] == data and from_user_state[code]["topic"] == tokens
     token_events = [TokenizedEvent.from_record(serde.decode(v).record) for _, v in token_records]
     assert len(token_records) == len(events)
     assert Counter(t.event_id for t in token_events) == Counter(e["event_id"] for e in events)  # none lost, none doubled
