@@ -56,11 +56,26 @@ def sh(*cmd: str) -> None:
         raise SystemExit(f"demo: `{' '.join(cmd)}` failed with exit code {result.returncode}; see its output above")
 
 
-def applied_events(redis_client, domain: str = "movie") -> int:
-    """Events the user_state job has applied: the sum of the popularity counts it keeps per domain."""
-    from jobs.user_state_logic import popularity_key
+def events_taken() -> int:
+    """Events the running user_state job has taken (its `ugt.events` counter, summed over subtasks).
 
-    return int(sum(score for _, score in redis_client.zscan_iter(popularity_key(domain))))
+    Not the popularity sums: those count each event identity once across job runs (exactly-once effect), so
+    a second demo run over the same Redis replays events that are already counted there.
+    """
+    from jobs.cli import operator_counter
+
+    return operator_counter(get_settings().flink_rest_url, "user_state", "user-state", "events")
+
+
+def last_event_stored(redis_client, user_id: str, event_time_ms: int) -> bool:
+    """Whether the user's online state (Feast's Redis rows, read as serving reads them) holds that event."""
+    from serving.feast_redis import FeastRedisLayout
+    from serving.state import RedisStateReader
+
+    settings = get_settings()
+    reader = RedisStateReader(redis_client, FeastRedisLayout.from_repo(settings.feature_repo), "user_recent_events")
+    view = reader.read(user_id)
+    return view is not None and view.last_event_time >= event_time_ms
 
 
 def stop_if_a_job_fails() -> None:
@@ -76,24 +91,30 @@ def stop_if_a_job_fails() -> None:
                                  "(after changing job code in thread mode, restart the TaskManager: docs/JOBS.md)")
 
 
-def wait_until_applied(redis_client, before: int, count: int, timeout_s: float) -> float:
-    """Poll until `count` more events than `before` are applied; returns the seconds waited."""
+def wait_until_applied(redis_client, before: int, count: int, last_event: tuple[str, int],
+                       timeout_s: float) -> float:
+    """Poll until the user_state job has taken `count` more events than `before` and the last one's user
+    state is in Redis; returns the seconds waited."""
     from tqdm import tqdm
 
+    def check_timeout(what: str) -> None:
+        if time.monotonic() - start > timeout_s:
+            raise SystemExit(f"demo: {what} after {timeout_s:.0f} s; check `ugt jobs list` and var/log/flink/")
+
     start = time.monotonic()
-    done = applied_events(redis_client) - before
+    done = events_taken() - before
     with tqdm(total=count, initial=min(done, count), desc="applied by Flink", unit="ev", unit_scale=True) as bar:
         while done < count:
-            if time.monotonic() - start > timeout_s:
-                raise SystemExit(
-                    f"demo: only {done:,} of {count:,} events applied after {timeout_s:.0f} s; "
-                    "check `ugt jobs list` and var/log/flink/"
-                )
+            check_timeout(f"only {done:,} of {count:,} events taken by user_state")
             time.sleep(1.0)
             stop_if_a_job_fails()
-            now = applied_events(redis_client) - before
+            now = events_taken() - before
             bar.update(min(now, count) - min(done, count))
             done = now
+    user_id, event_time_ms = last_event
+    while not last_event_stored(redis_client, user_id, event_time_ms):  # the writer flushes in batches
+        check_timeout(f"user {user_id}'s state in Redis still lacks the last replayed event")
+        time.sleep(0.2)
     return time.monotonic() - start
 
 
@@ -163,7 +184,6 @@ def run(args: argparse.Namespace) -> int:
     sh(ugt, "data", "fetch", args.dataset)
 
     r = redis.Redis.from_url(settings.redis_url)
-    before = applied_events(r)
 
     step(f"4. semantic IDs for {args.dataset}: build or reuse the artifact")
     artifact = ensure_artifact(args.dataset)
@@ -205,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
           "already indexed by an earlier demo run shows ~0)")
 
     step("7. replay user events into Kafka in event-time order")
+    before = events_taken()  # 0 when this demo just submitted user_state
     replay = [ugt, "publish", "replay", args.dataset]
     if args.limit:
         replay += ["--limit", str(args.limit)]
@@ -214,7 +235,10 @@ def run(args: argparse.Namespace) -> int:
     published = len(ratings) if not args.limit else min(args.limit, len(ratings))
 
     step("8. wait until every event is in the users' state (Redis, through Feast)")
-    took = wait_until_applied(r, before, published, args.timeout_s)
+    ordered = ratings.sort_values(["timestamp", "row"], kind="stable").head(published)
+    last = ordered.iloc[-1]
+    took = wait_until_applied(r, before, published, (str(last["user_id"]), int(last["timestamp"]) * 1000),
+                              args.timeout_s)
     print(f"{published:,} events applied {took:.1f} s after the replay finished")
 
     step("9. serve /recommend and query it")
@@ -231,9 +255,6 @@ def run(args: argparse.Namespace) -> int:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("demo: `ugt serve` did not become healthy; see its output above")
             time.sleep(0.5)
-        ordered = ratings.sort_values(["timestamp", "row"], kind="stable")
-        if args.limit:
-            ordered = ordered.head(args.limit)
         users = list(ordered["user_id"].value_counts().index[: args.users]) + ["no-such-user"]
         for user in users:
             answer = requests.post(f"{base}/recommend", json={"user_id": user, "k": args.k}, timeout=10).json()

@@ -134,6 +134,24 @@ def jobs_for_all() -> tuple[str, ...]:
     return (*JOBS, ITEM_JOB)
 
 
+def operator_counter(base: str, job: str, operator: str, counter: str, group: str = "ugt") -> int:
+    """A running job's operator counter summed over its subtasks (0 when no such job or operator runs).
+
+    Counters live with the job: a resubmitted job starts them at 0, so callers compare against a value read
+    from the same job run.
+    """
+    running = [j for j in list_jobs(base) if j["name"] == job and j["state"] == "RUNNING"]
+    if not running:
+        return 0
+    jid = running[0]["jid"]
+    vertices = [v for v in _get(f"{base}/jobs/{jid}").get("vertices", []) if v["name"].startswith(operator)]
+    if not vertices:
+        return 0
+    metric = f"{operator}.{group}.{counter}"
+    values = _get(f"{base}/jobs/{jid}/vertices/{vertices[0]['id']}/subtasks/metrics?get={metric}&agg=sum")
+    return int(values[0]["sum"]) if values else 0
+
+
 def failure_cause(base: str, jid: str) -> str | None:
     """None while the job is healthy; else its state and root cause (the last "Caused by" of its latest exception),
     so a caller waiting on a restart loop can stop at once and say why."""

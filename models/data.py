@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from models.tokenizer import TokenVocab, rating_token, time_gap_bucket
+from models.tokenizer import NUM_TIME_GAP_BUCKETS, TokenVocab, rating_token, time_gap_bucket
 
 TIE_ORDERS = ("hstu", "stable")
 SPLITS = ("train", "valid", "test")
@@ -152,10 +152,38 @@ def build_sequences(dataset, tie_order: str = "hstu") -> SequenceData:
     )
 
 
+def _gap_thresholds() -> np.ndarray:
+    """The smallest whole number of seconds that reaches each time-gap bucket 2..63 of :func:`time_gap_bucket`."""
+    thresholds = []
+    for bucket in range(2, NUM_TIME_GAP_BUCKETS):
+        lo, hi = 1, 1 << 62  # time_gap_bucket is non-decreasing: bisect for the first gap in `bucket`
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if time_gap_bucket(mid) >= bucket:
+                hi = mid
+            else:
+                lo = mid + 1
+        thresholds.append(lo)
+    return np.asarray(thresholds, dtype=np.int64)
+
+
+_GAP_THRESHOLDS = _gap_thresholds()
+
+
+def time_gap_bucket_array(gaps: np.ndarray) -> np.ndarray:
+    """:func:`time_gap_bucket` of every whole-second gap, vectorised (one searchsorted; the same buckets).
+
+    Serving builds a row per request with this, so it must cost microseconds, not a Python call per value.
+    """
+    gaps = np.asarray(gaps, dtype=np.int64)
+    buckets = 1 + np.searchsorted(_GAP_THRESHOLDS, gaps, side="right")
+    return np.where(gaps > 0, buckets, 0).astype(np.int64)
+
+
 def time_gap_buckets(times: np.ndarray) -> np.ndarray:
     """Tokenizer time-gap bucket of each event vs. the one before it (0 for the first)."""
     gaps = np.diff(times, prepend=times[:1]) if len(times) else times
-    return _vectorized(time_gap_bucket, gaps.astype(np.float64)) if len(times) else gaps
+    return time_gap_bucket_array(gaps) if len(times) else gaps
 
 
 @dataclass
@@ -266,7 +294,7 @@ def make_split(data: SequenceData, split: str, max_len: int, max_long: int = 0, 
             m = start - ls
             long_ids[r, :m] = items[ls:start]
             long_times[r, :m] = times[ls:start]
-    query_gaps = _vectorized(time_gap_bucket, (out["query_times"] - out["times"]).astype(np.float64))
+    query_gaps = time_gap_bucket_array(out["query_times"] - out["times"])
     query_gaps[out["ids"] == 0] = 0
     return Batchable(
         query_gaps=query_gaps,
@@ -320,7 +348,7 @@ def history_row(items: np.ndarray, times: np.ndarray, ratings: np.ndarray, max_l
     row["ratings"][0, :n] = ratings[start:end]
     row["gaps"][0, :n] = time_gap_buckets(times)[start:end] if end else 0
     row["query_times"][0, :n] = np.append(times[start + 1 : end], query_time) if n else 0
-    query_gaps = _vectorized(time_gap_bucket, (row["query_times"] - row["times"]).astype(np.float64))
+    query_gaps = time_gap_bucket_array(row["query_times"] - row["times"])
     query_gaps[row["ids"] == 0] = 0
     row["query_gaps"] = query_gaps
     row["lengths"] = np.asarray([n], dtype=np.int64)

@@ -6,7 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.data import build_sequences, make_split, order_ratings, time_gap_buckets
+from models.data import (
+    _GAP_THRESHOLDS,
+    build_sequences,
+    make_split,
+    order_ratings,
+    time_gap_bucket_array,
+    time_gap_buckets,
+)
 from models.tokenizer import time_gap_bucket
 from tests.models.conftest import TinyDataset
 
@@ -78,6 +85,17 @@ def test_window_truncates_to_most_recent_and_keeps_older_for_compression():
 def test_time_gap_buckets_match_tokenizer():
     times = np.array([0, 5, 5, 3600, 100000], dtype=np.int64)
     assert time_gap_buckets(times).tolist() == [time_gap_bucket(g) for g in [0, 5, 0, 3595, 96400]]
+
+
+def test_vectorised_gap_buckets_equal_the_scalar_tokenizer_everywhere():
+    """Serving builds rows with the vectorised buckets: they must be the tokenizer's, value for value."""
+    small = np.arange(-3, 100_000)
+    edges = np.concatenate([_GAP_THRESHOLDS - 1, _GAP_THRESHOLDS, _GAP_THRESHOLDS + 1])
+    large = np.random.default_rng(0).integers(0, 10**12, 20_000)
+    for gaps in (small, edges, large):
+        expected = np.asarray([time_gap_bucket(float(g)) for g in gaps])
+        np.testing.assert_array_equal(time_gap_bucket_array(gaps), expected)
+    assert time_gap_bucket_array(np.asarray([10**15])).item() == 63  # past the last threshold: the top bucket
 
 
 def test_bad_input_is_rejected():
