@@ -277,6 +277,34 @@ class GuardMiddleware:
         return replay
 
 
+class UGTApp(FastAPI):
+    """FastAPI with a direct lane for the hot route.
+
+    ``POST /recommend`` is answered by a plain ASGI handler (wrapped in :class:`GuardMiddleware`) before
+    Starlette's middleware stack and router: those layers (error and telemetry middleware, routing, the
+    request/response wrappers) cost as much CPU per request as the whole model path, on the one event loop
+    that every request shares. Everything else (health, metrics, docs, the OpenAPI spec, which still
+    documents /recommend through the FastAPI route) goes through FastAPI as usual.
+    """
+
+    fast_routes: dict[tuple[str, str], Any]
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            handler = self.fast_routes.get((scope["method"], scope["path"]))
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def create_app(
     settings: Settings | None = None,
     config: ServingConfig | None = None,
@@ -331,7 +359,7 @@ def create_app(
         yield
         batcher.close()
 
-    app = FastAPI(
+    app = UGTApp(
         title="UGT recommend",
         version="0.1.0",
         description="Recommendations from the user's streaming state; degrades to a popularity fallback, "
@@ -387,15 +415,21 @@ def create_app(
         responses=error_responses,
         openapi_extra={"requestBody": request_body, "parameters": [key_header]},
     )
-    async def recommend(http: Request) -> Any:
+    async def recommend(http: Request) -> Response:
         """Top-k items for a user: state -> generator -> reranker, or the popularity fallback (marked)."""
-        request = parse_request(await http.body())
-        x_api_key = http.headers.get("x-api-key")
+        client_host = http.client.host if http.client else None
+        return await answer_recommend(await http.body(), http.headers.get("x-api-key"), client_host)
+
+    async def answer_recommend(body: bytes, x_api_key: str | None, client_host: str | None) -> Response:
+        try:
+            request = parse_request(body)
+        except RequestValidationError as exc:
+            return await _validation_error(None, exc)  # type: ignore[arg-type]
         if api_keys and x_api_key not in api_keys:
             what = "missing" if x_api_key is None else "unknown"
             return refuse("unauthorized", 401, f"X-API-Key header {what}: send one of the service's API keys")
         if limiter is not None:
-            who = x_api_key or (http.client.host if http.client else "anonymous")
+            who = x_api_key or client_host or "anonymous"
             wait = limiter.acquire(who)
             if wait > 0:
                 response = refuse(
@@ -431,6 +465,22 @@ def create_app(
             return _error(503, "no_recommendations", f"no recommendations available: {answer}")
         # serialized once here: FastAPI would validate the model again and walk it with jsonable_encoder
         return Response(content=answer.to_json(), media_type="application/json")
+
+    async def recommend_asgi(scope: dict, receive: Any, send: Any) -> None:
+        """The direct lane (see UGTApp): GuardMiddleware has capped the body and replays it in one message."""
+        message = await receive()
+        client = scope.get("client")
+        try:
+            response = await answer_recommend(message.get("body", b""), _header(scope, b"x-api-key"),
+                                              client[0] if client else None)
+        except Exception:  # as ServerErrorMiddleware would: a JSON 500, never a dropped connection
+            log.exception("recommend failed")
+            response = refuse("internal", 500, "internal error while answering; see the service log")
+        await response(scope, receive, send)
+
+    app.fast_routes = {
+        ("POST", "/recommend"): GuardMiddleware(recommend_asgi, max_body_bytes=config.max_body_bytes, metrics=metrics)
+    }
 
     def openapi() -> dict[str, Any]:
         """FastAPI's spec plus the RecommendRequest schema the /recommend body refers to."""
