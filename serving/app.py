@@ -106,7 +106,12 @@ def _generators(config: ServingConfig, fallback: PopularityFallback) -> dict[str
         key = (route.generator, route.generator_version, route.checkpoint)
         if key not in loaded:
             if route.generator == "ugt":
+                import torch
+
                 from serving.ugt_generator import CheckpointError, UGTGenerator
+
+                if config.torch_threads:
+                    torch.set_num_threads(config.torch_threads)
 
                 try:
                     loaded[key] = UGTGenerator(route.checkpoint, kv_cache_users=config.kv_cache_users)

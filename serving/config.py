@@ -82,6 +82,9 @@ class ServingConfig:
     rate_limit_burst: int = 50  # token-bucket depth of the rate limit
     batch_max_size: int = 64  # the dynamic batcher's largest batch (serving/batcher.py)
     kv_cache_users: int = 10000  # users whose prefix K/V each UGT generator keeps (0 = recompute every request)
+    # PyTorch CPU threads per serving process. 1: a served batch is a few hundred small ops, too small to split,
+    # and idle OpenMP workers spin on the cores the event loop needs (measured: docs/SERVING.md). 0 = torch's default
+    torch_threads: int = 1
     batch_max_wait_ms: float = 1.0  # how long the first request of a batch waits for company
     queue_timeout_ms: float = 200.0  # a request queued longer is answered by the fallback (reason overloaded)
     request_timeout_ms: float = 1000.0  # no answer by then -> the fallback (reason timeout)
@@ -146,6 +149,8 @@ def _problems(config: ServingConfig, base_dir: Path) -> list[str]:
         out.append(f"rate_limit_burst: must be 1..1000000, got {config.rate_limit_burst}")
     if not 0 <= config.kv_cache_users <= 10_000_000:
         out.append(f"kv_cache_users: must be 0..10000000, got {config.kv_cache_users}")
+    if not 0 <= config.torch_threads <= 256:
+        out.append(f"torch_threads: must be 0..256 (0 = PyTorch's default), got {config.torch_threads}")
     if not 1 <= config.batch_max_size <= 4096:
         out.append(f"batch_max_size: must be 1..4096, got {config.batch_max_size}")
     if not 0 <= config.batch_max_wait_ms <= 1000:

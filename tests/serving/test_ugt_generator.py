@@ -252,3 +252,37 @@ def test_kv_cache_users_is_validated(trained, tmp_path):
     bad.write_text(f"generator: ugt\ncheckpoint: {trained}\nkv_cache_users: -1\n")
     with pytest.raises(ConfigError, match="kv_cache_users"):
         load_config(bad, env={})
+
+
+def test_prepared_rows_equal_fresh_rows_and_still_mask_new_excludes(trained, loaded):
+    """A repeat request reuses the user's row with only the request time patched: it must equal the row
+    built from scratch, and an `exclude` item outside the history must still be masked."""
+    gen = UGTGenerator(trained, clock=Clock(), kv_cache_users=4)
+    _, data = loaded
+    state = view_of(data, 3, 20, gen)
+    first = gen.prepare(state, state.last_event_time // 1000 + 60)
+    query_time = state.last_event_time // 1000 + 86_400 * 3  # a much later request: another gap bucket
+    again = gen.prepare(state, query_time)
+    assert again is first
+    fresh = gen.model_input(state, query_time)
+    assert fresh is not None and set(fresh) == set(again.row)
+    for key, value in fresh.items():
+        np.testing.assert_array_equal(again.row[key], value, err_msg=key)
+
+    outside = next(item for item in gen.item_to_index if item not in state.item_ids)
+    masked = gen.exclusions(again, frozenset(state.item_ids) | {outside})
+    assert gen.item_to_index[outside] in masked
+    assert set(again.seen.tolist()) <= set(masked.tolist())
+    assert gen.exclusions(again, frozenset(state.item_ids)) is again.seen  # nothing new: no copy
+
+    longer = view_of(data, 3, 21, gen)  # one more event: rebuilt, not reused
+    assert gen.prepare(longer, query_time) is not again
+
+
+def test_torch_threads_is_validated(trained, tmp_path):
+    from serving.config import ConfigError, load_config
+
+    bad = tmp_path / "serving.yaml"
+    bad.write_text(f"generator: ugt\ncheckpoint: {trained}\ntorch_threads: -2\n")
+    with pytest.raises(ConfigError, match="torch_threads"):
+        load_config(bad, env={})
