@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -343,15 +344,28 @@ def summarize(config: str, rate: float, samples: list[Sample], wall: float) -> d
     return row
 
 
+def paused_gc_open_loop(*args: Any) -> tuple[list[Sample], float]:
+    """open_loop with this process's garbage collector off: the client holds the trained model, the dataset and
+    thousands of in-flight tasks, and a full collection here stalls every request in flight for 100-400 ms,
+    which the percentiles would charge to the server."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        return asyncio.run(open_loop(*args))
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
 def run_config(name: str, server: Server, rates: list[float], args: argparse.Namespace, users: list[str]) -> list[dict]:
     rows = []
     port = server.port
     asyncio.run(open_loop(port, min(rates), 1.0, users, args.k, args.connections, args.seed))  # warm up
     for rate in tqdm(rates, desc=name, unit="rate", file=sys.stderr):
         cpu_before = cpu_seconds(server.proc.pid)
-        samples, wall = asyncio.run(
-            open_loop(port, rate, args.duration, users, args.k, args.connections, args.seed + int(rate))
-        )
+        samples, wall = paused_gc_open_loop(port, rate, args.duration, users, args.k, args.connections,
+                                            args.seed + int(rate))
         row = summarize(name, rate, samples, wall)
         # the server's CPU per request: what the box's load does not change much (unlike the latencies)
         row["server_cpu_ms_per_req"] = round(1000.0 * (cpu_seconds(server.proc.pid) - cpu_before) / len(samples), 3)
