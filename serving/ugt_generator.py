@@ -21,7 +21,7 @@ import torch
 from models.data import history_row
 from models.eval import batch_to_device, last_states
 from models.tokenizer import time_gap_bucket
-from models.ugt.inference import InferenceConfig, UGTInference
+from models.ugt.inference import InferenceConfig, UGTInference, prefix_fingerprint
 from serving.generator import BatchAnswer, GenerationRequest, NoModelAnswer, ScoredItem
 from serving.state import UserStateView
 
@@ -44,6 +44,7 @@ class PreparedUser:
     history: frozenset[str]
     row: dict[str, np.ndarray]
     seen: np.ndarray  # sorted vocabulary indices of the known history items
+    fingerprint: bytes  # the KV cache's key for this prefix: it does not depend on the request time
 
     def same_events(self, state: UserStateView) -> bool:
         return (self.item_ids == state.item_ids and self.event_times == state.event_times
@@ -136,7 +137,8 @@ class UGTGenerator:
             return None
         known = {self.item_to_index[i] for i in state.item_ids if i in self.item_to_index}
         prepared = PreparedUser(state.item_ids, state.event_times, state.rating_tokens, frozenset(state.item_ids),
-                                row, np.fromiter(sorted(known), dtype=np.int64, count=len(known)))
+                                row, np.fromiter(sorted(known), dtype=np.int64, count=len(known)),
+                                prefix_fingerprint(row))
         if self.prepared_capacity:
             self.prepared[state.user_id] = prepared
             self.prepared.move_to_end(state.user_id)
@@ -195,7 +197,7 @@ class UGTGenerator:
         """
         now = int(self.clock())
         answers: list[BatchAnswer] = []
-        rows, excludes, keys, where = [], [], [], []
+        rows, excludes, keys, prints, where = [], [], [], [], []
         for i, req in enumerate(requests):
             prepared = self.prepare(req.state, now)
             if prepared is None:
@@ -206,10 +208,11 @@ class UGTGenerator:
             rows.append(prepared.row)
             excludes.append(self.exclusions(prepared, req.exclude))
             keys.append(req.state.user_id)
+            prints.append(prepared.fingerprint)
             where.append(i)
         if rows:
             k = max(requests[i].k for i in where)
-            tops = self.engine.recommend(rows, excludes, k, keys)
+            tops = self.engine.recommend(rows, excludes, k, keys, prints)
             for i, top in zip(where, tops, strict=True):
                 answers[i] = self.answer(top.indices, top.scores, requests[i].k)
         return answers

@@ -286,3 +286,16 @@ def test_torch_threads_is_validated(trained, tmp_path):
     bad.write_text(f"generator: ugt\ncheckpoint: {trained}\ntorch_threads: -2\n")
     with pytest.raises(ConfigError, match="torch_threads"):
         load_config(bad, env={})
+
+
+def test_prepared_fingerprint_is_the_engine_cache_key(trained, loaded):
+    """The generator hands the engine the fingerprint it computed once per prefix: it must be the one the
+    engine would compute from the patched row (else a repeat request would miss, or worse, hit another prefix)."""
+    from models.ugt.inference import prefix_fingerprint
+
+    gen = UGTGenerator(trained, clock=Clock(), kv_cache_users=4)
+    _, data = loaded
+    state = view_of(data, 9, 30, gen)
+    for query_time in (state.last_event_time // 1000 + 5, state.last_event_time // 1000 + 10**6):
+        prepared = gen.prepare(state, query_time)
+        assert prepared.fingerprint == prefix_fingerprint(prepared.row)
