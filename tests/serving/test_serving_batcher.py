@@ -108,3 +108,67 @@ def test_closed_batcher_refuses_and_bad_bounds_are_rejected():
         run(batcher.submit(1))
     with pytest.raises(ValueError):
         DynamicBatcher(lambda e: e, max_size=0, max_wait_s=0.0)
+
+
+def test_two_stages_overlap_the_next_prepare_with_this_process_and_keep_order():
+    """With `prepare`, batch 2's prepare runs while batch 1 is still in process (another thread), and
+    process gets each batch with its own prepared value."""
+    in_process = threading.Event()
+    release = threading.Event()
+    prepared_during_process: list[list[int]] = []
+    threads: dict[str, set[str]] = {"prepare": set(), "process": set()}
+
+    def prepare(entries):
+        threads["prepare"].add(threading.current_thread().name)
+        items = [e.item for e in entries]
+        if in_process.is_set() and not release.is_set():
+            prepared_during_process.append(items)
+        return [i * 100 for i in items]
+
+    def process(entries, prepared):
+        threads["process"].add(threading.current_thread().name)
+        assert prepared == [e.item * 100 for e in entries]  # this batch's own stage-one result
+        if entries[0].item == 0:
+            in_process.set()
+            release.wait(5)
+        return [p + 1 for p in prepared]
+
+    batcher = DynamicBatcher(process, prepare=prepare, max_size=4, max_wait_s=0.0)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(0))
+        while not in_process.is_set():
+            await asyncio.sleep(0.005)
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 4)]
+        for _ in range(200):  # until stage one has taken the second batch while the first is in process
+            if prepared_during_process:
+                break
+            await asyncio.sleep(0.005)
+        release.set()
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = run(main())
+    batcher.close()
+    assert first == 1 and rest == [101, 201, 301]
+    assert prepared_during_process == [[1, 2, 3]]
+    assert threads["prepare"].isdisjoint(threads["process"])
+
+
+def test_two_stages_a_failing_prepare_fails_its_requests_and_both_stages_go_on():
+    def prepare(entries):
+        if entries[0].item == 1:
+            raise ConnectionError("state store down")
+        return None
+
+    batcher = DynamicBatcher(lambda entries, _: [e.item for e in entries], prepare=prepare, max_size=4,
+                             max_wait_s=0.0)
+
+    async def main():
+        with pytest.raises(ConnectionError, match="state store down"):
+            await batcher.submit(1)
+        return await batcher.submit(2)
+
+    assert run(main()) == 2
+    batcher.close()
+    with pytest.raises(BatcherClosed):
+        run(batcher.submit(3))
