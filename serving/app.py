@@ -350,11 +350,10 @@ def create_app(
     )
 
     batcher: DynamicBatcher = DynamicBatcher(
-        service.finish_batch if config.batch_pipeline else service.run_batch,
+        service.run_batch,
         max_size=config.batch_max_size,
         max_wait_s=config.batch_max_wait_ms / 1000.0,
         on_batch=metrics.batch_size.observe,
-        prepare=service.stage_batch if config.batch_pipeline else None,
     )
     limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps else None
     api_keys = frozenset(config.api_keys)

@@ -5,11 +5,6 @@ first waiting item, waits at most ``max_wait_s`` from that item's arrival for up
 then calls ``process(batch)`` once. Under light load a request waits at most ``max_wait_s``; under heavy load
 batches fill at once and the wait costs nothing, while the model runs once per batch instead of per request.
 The blocking work (Redis, torch) stays off the event loop, which only parses HTTP.
-
-With ``prepare`` the work is two stages on two threads: the collecting thread runs ``prepare(batch)`` (the
-state read) and hands the batch to the worker thread, which runs ``process(batch, prepared)`` (the model).
-Batch i+1's state is read while batch i is in the model; at most one prepared batch waits between them, so
-a slow model still pushes back on the collector instead of piling up reads.
 """
 
 from __future__ import annotations
@@ -63,21 +58,18 @@ class DynamicBatcher(Generic[T, R]):
     """Groups submitted items into batches of at most ``max_size``, waiting at most ``max_wait_s``.
 
     ``process(batch)`` gets the queued entries (so it can see each one's queueing time) and returns one
-    result per entry, in order; if it raises, every request of that batch gets the exception. With
-    ``prepare``, the worker calls ``process(batch, prepare(batch))`` and ``prepare`` runs on its own thread
-    (see the module docstring); an exception in either reaches every request of the batch.
+    result per entry, in order; if it raises, every request of that batch gets the exception.
     ``on_batch(size)`` is called once per batch (metrics).
     """
 
     def __init__(
         self,
-        process: Callable[..., Sequence[R]],
+        process: Callable[[Sequence[Queued[T]]], Sequence[R]],
         *,
         max_size: int,
         max_wait_s: float,
         on_batch: Callable[[int], None] | None = None,
         name: str = "ugt-batcher",
-        prepare: Callable[[Sequence[Queued[T]]], object] | None = None,
     ):
         if max_size < 1 or max_wait_s < 0:
             raise ValueError(f"max_size must be >= 1 and max_wait_s >= 0, got {max_size}, {max_wait_s}")
@@ -85,13 +77,8 @@ class DynamicBatcher(Generic[T, R]):
         self.max_size = max_size
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
-        self.prepare = prepare
         self._queue: queue.SimpleQueue[Queued[T] | None] = queue.SimpleQueue()
-        # collector -> worker hand-off of prepared batches (two-stage mode only)
-        self._prepared: queue.Queue[tuple[list[Queued[T]], object, BaseException | None] | None] = queue.Queue(1)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._stage_thread = (threading.Thread(target=self._run_prepare, name=f"{name}-prepare", daemon=True)
-                              if prepare is not None else None)
         self._started = False
         self._closed = False
         self._lock = threading.Lock()
@@ -101,16 +88,12 @@ class DynamicBatcher(Generic[T, R]):
             if not self._started:
                 self._started = True
                 self._thread.start()
-                if self._stage_thread is not None:
-                    self._stage_thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker after the batches already queued."""
         self._closed = True
         if self._started:
             self._queue.put(None)
-            if self._stage_thread is not None:
-                self._stage_thread.join(timeout)
             self._thread.join(timeout)
 
     async def submit(self, item: T, timeout_s: float | None = None) -> R:
@@ -151,46 +134,17 @@ class DynamicBatcher(Generic[T, R]):
             batch.append(nxt)
         return batch, False
 
-    def _run_prepare(self) -> None:
-        """Two-stage mode, first stage: collect a batch, prepare it, hand it to the worker."""
-        assert self.prepare is not None
-        while True:
+    def _run(self) -> None:
+        stop = False
+        while not stop:
             first = self._queue.get()
             if first is None:
-                self._prepared.put(None)
                 return
             batch, stop = self._collect(first)
             if self.on_batch is not None:
                 self.on_batch(len(batch))
             try:
-                prepared, error = self.prepare(batch), None
-            except BaseException as exc:  # the worker answers every waiter with it
-                prepared, error = None, exc
-            self._prepared.put((batch, prepared, error))
-            if stop:
-                self._prepared.put(None)
-                return
-
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            if self.prepare is not None:
-                staged = self._prepared.get()
-                if staged is None:
-                    return
-                batch, prepared, failed = staged
-            else:
-                first = self._queue.get()
-                if first is None:
-                    return
-                batch, stop = self._collect(first)
-                if self.on_batch is not None:
-                    self.on_batch(len(batch))
-                prepared, failed = None, None
-            try:
-                if failed is not None:
-                    raise failed
-                results = list(self.process(batch, prepared) if self.prepare is not None else self.process(batch))
+                results = list(self.process(batch))
                 if len(results) != len(batch):
                     raise RuntimeError(f"process returned {len(results)} results for {len(batch)} requests")
                 errors: list[BaseException | None] = [None] * len(batch)

@@ -86,7 +86,6 @@ class ServingConfig:
     # and idle OpenMP workers spin on the cores the event loop needs (measured: docs/SERVING.md). 0 = torch's default
     torch_threads: int = 1
     batch_max_wait_ms: float = 1.0  # how long the first request of a batch waits for company
-    batch_pipeline: bool = True  # two stages on two threads: the next batch's state read overlaps this batch's model
     queue_timeout_ms: float = 200.0  # a request queued longer is answered by the fallback (reason overloaded)
     request_timeout_ms: float = 1000.0  # no answer by then -> the fallback (reason timeout)
     rerank: RerankConfig = field(default_factory=RerankConfig)  # the rules of domains without their own

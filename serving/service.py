@@ -77,16 +77,6 @@ class _Job:
     error: NoPopularity | None = None
 
 
-@dataclass
-class StagedBatch:
-    """A batch between the two stages: its jobs (states read), the ones not shed, and when each stage ran."""
-
-    jobs: list[_Job]
-    live: list[_Job]
-    started: float
-    after_state: float
-
-
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
@@ -298,10 +288,6 @@ class RecommendService:
     # -- the pipeline ----------------------------------------------------------------------------------
     def run_batch(self, entries: Sequence[Queued[RecommendRequest]]) -> list[Answer | NoPopularity]:
         """Answers for a batch, in order: a response, or NoPopularity (503) for a request nothing can answer."""
-        return self.finish_batch(entries, self.stage_batch(entries))
-
-    def stage_batch(self, entries: Sequence[Queued[RecommendRequest]]) -> StagedBatch:
-        """First stage: shed what queued too long, read the states (the batcher's prepare thread runs this)."""
         start = time.perf_counter()
         jobs: list[_Job] = []
         for entry in entries:
@@ -316,12 +302,7 @@ class RecommendService:
             else:
                 live.append(job)
         self._read_states(live)
-        return StagedBatch(jobs, live, start, time.perf_counter())
-
-    def finish_batch(self, entries: Sequence[Queued[RecommendRequest]], staged: StagedBatch) -> list[Answer | NoPopularity]:
-        """Second stage: generate, fall back, rerank (the batcher's worker thread runs this)."""
-        jobs, live, start, after_state = staged.jobs, staged.live, staged.started, staged.after_state
-        generate_start = time.perf_counter()
+        after_state = time.perf_counter()
         try:
             self._generate(live)
         except NoPopularity as exc:  # the popularity model has nothing for a domain: neither has the fallback
@@ -345,7 +326,7 @@ class RecommendService:
             stages = {
                 "queue": job.queued_s,
                 "state": after_state - start,
-                "generate": after_generate - generate_start,
+                "generate": after_generate - after_state,
                 "rerank": rerank_s,
                 "total": job.queued_s + (time.perf_counter() - start),
             }
@@ -356,7 +337,7 @@ class RecommendService:
             out.append(_answer(job, items, size, stages))
         if jobs:  # state and generate are the batch's: observed once per batch
             self._stage_hist["state"].observe(after_state - start)
-            self._stage_hist["generate"].observe(after_generate - generate_start)
+            self._stage_hist["generate"].observe(after_generate - after_state)
         return out
 
     def recommend(self, request: RecommendRequest) -> RecommendResponse:
