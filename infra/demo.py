@@ -3,7 +3,8 @@
 stack up -> feast apply -> fetch ML-1M -> build (or reuse) the semantic-ID artifact -> submit the Flink jobs
 (tokenize, user_state, item_semantic_ids) -> publish the catalog and a few brand-new items, wait until they are
 indexed (prints the new-item delay) -> replay events into Kafka -> wait until the user_state job has applied
-them -> start /recommend -> query a few users -> print.
+them -> retrain a small UGT on the parquet lake the tokenize job wrote (`ugt train --lake`) -> start /recommend
+with it -> query a few users -> print.
 Each step runs the same `ugt` / `feast` command the README shows, so the demo proves those commands.
 """
 
@@ -30,8 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=900.0,
                         help="how long to wait for the jobs to apply every event (default: %(default)s)")
     parser.add_argument("--keep-serving", action="store_true", help="leave `ugt serve` running at the end")
+    parser.add_argument("--model", default="ugt", choices=("ugt", "popularity"),
+                        help="what /recommend serves: ugt = retrain the demo's small UGT on the lake the stream "
+                             "wrote, then serve it; popularity = the default config (default: %(default)s)")
 
 
+DEMO_MODEL_CONFIG = "models/configs/ugt_ml1m_demo.yaml"
 SID_CONFIG = {"ml-1m": ("models/configs/semantic_ids_ml1m.yaml", "runs/sid/ml1m"),
               "ml-100k": ("models/configs/semantic_ids_ml100k.yaml", "runs/sid/ml100k")}
 NEW_ITEMS = [  # movies after ML-1M's time: brand-new to the artifact, so they take the item job's whole path
@@ -116,6 +121,37 @@ def wait_until_applied(redis_client, before: int, count: int, last_event: tuple[
         check_timeout(f"user {user_id}'s state in Redis still lacks the last replayed event")
         time.sleep(0.2)
     return time.monotonic() - start
+
+
+def wait_for_lake(lake: Path, events: int, timeout_s: float) -> None:
+    """Parquet files commit on the tokenize job's checkpoints: wait until the lake holds the replayed events."""
+    from jobs.lake import read_lake
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            held = len(read_lake(lake))
+        except FileNotFoundError:
+            held = 0
+        if held >= events:
+            print(f"the lake holds {held:,} distinct events (files commit on checkpoints)")
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: the lake {lake} holds {held:,} of {events:,} events after {timeout_s:.0f} s; "
+                             "is the tokenize job checkpointing? (`ugt jobs list`, var/log/flink/)")
+        time.sleep(2.0)
+
+
+def write_serving_config(folder: Path, checkpoint: Path) -> Path:
+    """serving/configs/default.yaml with the UGT generator on the given checkpoint."""
+    import yaml
+
+    config = yaml.safe_load((REPO_ROOT / "serving" / "configs" / "default.yaml").read_text())
+    config.update(generator="ugt", checkpoint=str(checkpoint))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "serving.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def ensure_artifact(dataset: str) -> Path:
@@ -241,8 +277,17 @@ def run(args: argparse.Namespace) -> int:
                               args.timeout_s)
     print(f"{published:,} events applied {took:.1f} s after the replay finished")
 
-    step("9. serve /recommend and query it")
-    server = subprocess.Popen([ugt, "serve", "--port", str(settings.serving_port)], cwd=REPO_ROOT)
+    serve = [ugt, "serve", "--port", str(settings.serving_port)]
+    if args.model == "ugt":
+        step("9. retrain UGT on what the stream wrote: the tokenize job's parquet lake")
+        lake = settings.var_dir / "lake" / "events_tokens"
+        wait_for_lake(lake, published, args.timeout_s)
+        out_dir = REPO_ROOT / "runs" / "ugt-ml1m-demo"
+        sh(ugt, "train", "--config", DEMO_MODEL_CONFIG, "--lake", str(lake), "--out-dir", str(out_dir), "--device", "cpu")
+        serve += ["--config", str(write_serving_config(settings.var_dir / "demo", out_dir / "checkpoint.pt"))]
+
+    step("10. serve /recommend and query it")
+    server = subprocess.Popen(serve, cwd=REPO_ROOT)
     base = f"http://localhost:{settings.serving_port}"
     try:
         deadline = time.monotonic() + 120
