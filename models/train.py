@@ -38,6 +38,7 @@ from models.data import Batchable, SequenceData, build_sequences, iterate_batche
 from models.eval import batch_to_device, evaluate
 from models.hstu import HSTU, HSTUConfig
 from models.losses import dpo_loss, sampled_softmax_loss, semantic_contrastive_loss
+from models.tokenizer import TokenVocab
 from models.ugt.model import UGT, UGTConfig
 
 log = logging.getLogger(__name__)
@@ -336,6 +337,9 @@ def save_checkpoint(path: Path, model: Any, cfg: TrainConfig, data: SequenceData
             "model": cfg.model,
             "model_config": model_config_dict(core),
             "vocab": dict(data.vocab.item_to_index),
+            # the item side of the data, so a checkpoint loads without its training data (a lake keeps growing)
+            "item_meta": {"genre_names": list(data.genre_names), "item_genres": data.item_genres,
+                          "item_year_bucket": data.item_year_bucket, "item_titles": list(data.item_titles)},
             "semantic_codes": codes,
             "codebook_sizes": codebook_sizes,
             "state_dict": core.state_dict(),
@@ -346,10 +350,31 @@ def save_checkpoint(path: Path, model: Any, cfg: TrainConfig, data: SequenceData
     )
 
 
+LAKE_PREFIX = "lake:"  # TrainConfig.dataset of a model trained with `ugt train --lake <path>`
+
+
+def items_only_data(cfg: TrainConfig, ckpt: dict, path: str | Path) -> SequenceData:
+    """The vocabulary and item metadata a checkpoint carries, with no user sequences: what serving needs."""
+    meta = ckpt.get("item_meta")
+    if meta is None:
+        raise ValueError(f"{path}: trained on {cfg.dataset} by an older `ugt train` that did not store the item "
+                         "metadata; retrain it to serve it")
+    vocab = TokenVocab()
+    for item_id, index in sorted(ckpt["vocab"].items(), key=lambda kv: kv[1]):
+        if vocab.add(item_id) != index:
+            raise ValueError(f"{path}: the stored vocabulary is not dense (item {item_id!r} at {index})")
+    return SequenceData(name=cfg.dataset, tie_order=cfg.tie_order, vocab=vocab, user_ids=[], items=[], times=[],
+                        ratings=[], genre_names=list(meta["genre_names"]), item_genres=np.asarray(meta["item_genres"]),
+                        item_year_bucket=np.asarray(meta["item_year_bucket"]), item_titles=list(meta["item_titles"]))
+
+
 def load_checkpoint(path: str | Path, data: SequenceData | None = None, map_location: str = "cpu"):
-    """Rebuild (model, cfg, data, checkpoint dict) from a checkpoint file alone (the dataset is re-read)."""
+    """Rebuild (model, cfg, data, checkpoint dict) from a checkpoint file alone: the dataset is re-read, except
+    for a model trained on the lake, whose vocabulary and item metadata come from the checkpoint."""
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
     cfg = TrainConfig(**ckpt["config"])
+    if data is None and cfg.dataset.startswith(LAKE_PREFIX):
+        data = items_only_data(cfg, ckpt, path)  # the lake has grown since: serve what was trained
     if data is None:
         data = load_data(cfg)
     if dict(data.vocab.item_to_index) != ckpt["vocab"]:

@@ -33,7 +33,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.train import fit, load_config
+    from models.train import LAKE_PREFIX, fit, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = parse_overrides(args.set)
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.lake:
         from jobs.lake import lake_sequences
 
-        overrides["dataset"] = f"lake:{args.lake}"
+        overrides["dataset"] = f"{LAKE_PREFIX}{args.lake}"
         cfg = load_config(args.config, overrides)
         data = lake_sequences(args.lake, cfg.tie_order, cfg.max_users)
     cfg = load_config(args.config, overrides)
