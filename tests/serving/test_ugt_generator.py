@@ -245,12 +245,13 @@ def test_kv_cache_users_answer_as_without_and_recompute_after_a_new_event(traine
     assert 'ugt_serving_kv_cache_lookups_total{domain="movie",result="miss"} 3.0' in text
 
 
-def test_kv_cache_users_is_validated(trained, tmp_path):
+@pytest.mark.parametrize("key,value", [("kv_cache_users", -1), ("torch_threads", -2)])
+def test_ugt_serving_settings_are_validated(trained, tmp_path, key, value):
     from serving.config import ConfigError, load_config
 
     bad = tmp_path / "serving.yaml"
-    bad.write_text(f"generator: ugt\ncheckpoint: {trained}\nkv_cache_users: -1\n")
-    with pytest.raises(ConfigError, match="kv_cache_users"):
+    bad.write_text(f"generator: ugt\ncheckpoint: {trained}\n{key}: {value}\n")
+    with pytest.raises(ConfigError, match=key):
         load_config(bad, env={})
 
 
@@ -277,15 +278,6 @@ def test_prepared_rows_equal_fresh_rows_and_still_mask_new_excludes(trained, loa
 
     longer = view_of(data, 3, 21, gen)  # one more event: rebuilt, not reused
     assert gen.prepare(longer, query_time) is not again
-
-
-def test_torch_threads_is_validated(trained, tmp_path):
-    from serving.config import ConfigError, load_config
-
-    bad = tmp_path / "serving.yaml"
-    bad.write_text(f"generator: ugt\ncheckpoint: {trained}\ntorch_threads: -2\n")
-    with pytest.raises(ConfigError, match="torch_threads"):
-        load_config(bad, env={})
 
 
 def test_prepared_fingerprint_is_the_engine_cache_key(trained, loaded):
