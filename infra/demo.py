@@ -72,15 +72,14 @@ def events_taken() -> int:
     return operator_counter(get_settings().flink_rest_url, "user_state", "user-state", "events")
 
 
-def last_event_stored(redis_client, user_id: str, event_time_ms: int) -> bool:
-    """Whether the user's online state (Feast's Redis rows, read as serving reads them) holds that event."""
+def state_reader(redis_client):
+    """The users' online state read as serving reads it (Feast's Redis rows, the default serving config's view)."""
+    from serving.config import ServingConfig
     from serving.feast_redis import FeastRedisLayout
     from serving.state import RedisStateReader
 
-    settings = get_settings()
-    reader = RedisStateReader(redis_client, FeastRedisLayout.from_repo(settings.feature_repo), "user_recent_events")
-    view = reader.read(user_id)
-    return view is not None and view.last_event_time >= event_time_ms
+    layout = FeastRedisLayout.from_repo(get_settings().feature_repo)
+    return RedisStateReader(redis_client, layout, ServingConfig().feature_view)
 
 
 def stop_if_a_job_fails() -> None:
@@ -117,7 +116,8 @@ def wait_until_applied(redis_client, before: int, count: int, last_event: tuple[
             bar.update(min(now, count) - min(done, count))
             done = now
     user_id, event_time_ms = last_event
-    while not last_event_stored(redis_client, user_id, event_time_ms):  # the writer flushes in batches
+    reader = state_reader(redis_client)
+    while (view := reader.read(user_id)) is None or view.last_event_time < event_time_ms:  # writes are batched
         check_timeout(f"user {user_id}'s state in Redis still lacks the last replayed event")
         time.sleep(0.2)
     return time.monotonic() - start

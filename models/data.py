@@ -182,8 +182,7 @@ def time_gap_bucket_array(gaps: np.ndarray) -> np.ndarray:
 
 def time_gap_buckets(times: np.ndarray) -> np.ndarray:
     """Tokenizer time-gap bucket of each event vs. the one before it (0 for the first)."""
-    gaps = np.diff(times, prepend=times[:1]) if len(times) else times
-    return time_gap_bucket_array(gaps) if len(times) else gaps
+    return time_gap_bucket_array(np.diff(times, prepend=times[:1]))
 
 
 @dataclass

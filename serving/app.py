@@ -103,16 +103,15 @@ def _generators(config: ServingConfig, fallback: PopularityFallback) -> dict[str
     """The router's model per domain; a checkpoint several domains name is loaded once."""
     loaded: dict[tuple[str, str, str], Generator] = {}
     out: dict[str, Generator] = {}
+    if config.torch_threads and any(r.generator == "ugt" for r in routes(config).values()):
+        import torch
+
+        torch.set_num_threads(config.torch_threads)  # process-wide: once, before any model loads
     for name, route in routes(config).items():
         key = (route.generator, route.generator_version, route.checkpoint)
         if key not in loaded:
             if route.generator == "ugt":
-                import torch
-
                 from serving.ugt_generator import CheckpointError, UGTGenerator
-
-                if config.torch_threads:
-                    torch.set_num_threads(config.torch_threads)
 
                 try:
                     loaded[key] = UGTGenerator(route.checkpoint, kv_cache_users=config.kv_cache_users)

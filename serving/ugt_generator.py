@@ -148,7 +148,7 @@ class UGTGenerator:
 
     def exclusions(self, prepared: PreparedUser, exclude: Set[str]) -> np.ndarray:
         """Sorted vocabulary indices to mask: the history's, plus any requested item outside the history."""
-        outside = exclude - prepared.history if isinstance(exclude, frozenset | set) else set(exclude) - prepared.history
+        outside = frozenset(exclude) - prepared.history  # frozenset(a frozenset) is the same object: no copy
         extra = {self.item_to_index[i] for i in outside if i in self.item_to_index}
         if not extra:
             return prepared.seen
