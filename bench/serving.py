@@ -168,14 +168,23 @@ class Server:
                 self.proc.wait()
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (uvicorn workers, engine processes), from /proc."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its live children (uvicorn workers), from /proc."""
+    """User + system CPU seconds of ``pid`` and its live descendants, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
-    pids = [pid]
-    try:
-        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        pass
+    pids = process_tree(pid)
     total = 0.0
     for p in pids:
         try:
@@ -380,6 +389,8 @@ def cpu_configs(checkpoint: Path, names: list[str]) -> dict[str, dict[str, Any] 
         "anchor-fastapi": None,
         "popularity": common | {"generator": "popularity"},
         "ugt-tiny": common | {"generator": "ugt", "checkpoint": str(checkpoint)},
+        "ugt-tiny-engine-process": common | {"generator": "ugt", "checkpoint": str(checkpoint), "engine": "process"},
+        "popularity-engine-process": common | {"generator": "popularity", "engine": "process"},
     }
     unknown = [n for n in names if n not in all_configs]
     if unknown:

@@ -25,9 +25,10 @@ from pydantic import ValidationError
 from infra.settings import Settings, get_settings
 from serving.batcher import DynamicBatcher
 from serving.config import ConfigError, ServingConfig, routes
+from serving.engine_process import EngineProcess, EngineUnavailable
 from serving.fallback import NoPopularity, PopularityFallback, load_popularity_file
 from serving.generator import Generator, PopularityGenerator
-from serving.metrics import ServingMetrics
+from serving.metrics import ServingMetrics, merge_expositions
 from serving.ratelimit import RateLimiter
 from serving.reranker import FilterReranker, Reranker, RuleReranker
 from serving.schemas import (
@@ -37,7 +38,14 @@ from serving.schemas import (
     RecommendRequest,
     RecommendResponse,
 )
-from serving.service import TIMEOUT, Components, RecommendService, UnknownDomain
+from serving.service import (
+    ENGINE_UNAVAILABLE,
+    TIMEOUT,
+    Answer,
+    Components,
+    RecommendService,
+    UnknownDomain,
+)
 from serving.state import read_many
 
 log = logging.getLogger(__name__)
@@ -327,8 +335,16 @@ def create_app(
         components = build_components(settings, config, client)
     metrics = ServingMetrics()
     by_domain = components.generators or {config.default_domain: components.generator}
-    metrics.watch_kv_caches({domain: gen.engine.cache for domain, gen in by_domain.items()
-                             if getattr(getattr(gen, "engine", None), "cache", None) is not None})
+    on_gpu = sorted(domain for domain, gen in by_domain.items()
+                    if getattr(getattr(getattr(gen, "engine", None), "device", None), "type", "cpu") == "cuda")
+    if config.engine == "process" and on_gpu:
+        raise ConfigError(
+            f"engine: process forks the loaded model into the engine process, and CUDA does not survive a fork "
+            f"(domains {on_gpu} run on the GPU): set engine: thread there (the GPU's kernels release the GIL)"
+        )
+    kv_caches = {domain: gen.engine.cache for domain, gen in by_domain.items()
+                 if getattr(getattr(gen, "engine", None), "cache", None) is not None}
+    metrics.watch_kv_caches(kv_caches)
     service = RecommendService(config, components, metrics)
     log.info("serving config: %s", asdict(config))
     if client is not None:
@@ -348,23 +364,42 @@ def create_app(
         settings.redis_url,
     )
 
-    batcher: DynamicBatcher = DynamicBatcher(
-        service.run_batch,
-        max_size=config.batch_max_size,
-        max_wait_s=config.batch_max_wait_ms / 1000.0,
-        on_batch=metrics.batch_size.observe,
-    )
+    batcher: DynamicBatcher | EngineProcess
+    if config.engine == "process":
+        def engine_metrics() -> None:  # in each forked engine: its own series, from zero, added up at scrape
+            fresh = ServingMetrics()
+            fresh.watch_kv_caches(kv_caches)
+            service.use_metrics(fresh)
+
+        batcher = EngineProcess(
+            service.run_batch,
+            max_size=config.batch_max_size,
+            max_wait_s=config.batch_max_wait_ms / 1000.0,
+            on_batch=lambda size: service.metrics.batch_size.observe(size),
+            encode=lambda answer: answer.to_json() if isinstance(answer, Answer) else answer,
+            render_metrics=lambda: service.metrics.render(),
+            after_fork=engine_metrics,
+            on_restart=metrics.engine_restarts.inc,
+        )
+    else:
+        batcher = DynamicBatcher(
+            service.run_batch,
+            max_size=config.batch_max_size,
+            max_wait_s=config.batch_max_wait_ms / 1000.0,
+            on_batch=metrics.batch_size.observe,
+        )
     limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps else None
     api_keys = frozenset(config.api_keys)
     request_timeout_s = config.request_timeout_ms / 1000.0
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        batcher.start()
         # everything built so far (model, item tables, imports) lives as long as the process: keep it out of
-        # the collector's full passes, which otherwise walk it all and pause requests for tens of ms
+        # the collector's full passes, which otherwise walk it all and pause requests for tens of ms (and, with
+        # engine: process, frozen before the fork so the engine shares those pages instead of copying them)
         gc.collect()
         gc.freeze()
+        batcher.start()
         yield
         batcher.close()
 
@@ -460,18 +495,21 @@ def create_app(
         started = time.perf_counter()
         try:
             answer = await batcher.submit(request, request_timeout_s)
-        except TimeoutError:
+        except (TimeoutError, EngineUnavailable) as exc:
+            reason = TIMEOUT if isinstance(exc, TimeoutError) else ENGINE_UNAVAILABLE
             try:
                 answer = await asyncio.to_thread(
-                    service.fallback_answer, request, TIMEOUT, time.perf_counter() - started
+                    service.fallback_answer, request, reason, time.perf_counter() - started
                 )
-            except NoPopularity as exc:
-                answer = exc
+            except NoPopularity as no_popularity:
+                answer = no_popularity
         except Exception:  # the batch itself failed (a bug): still never a bare 500 without a body
             log.exception("batch failed")
             return refuse("internal", 500, "internal error while answering; see the service log")
         if isinstance(answer, NoPopularity):
             return _error(503, "no_recommendations", f"no recommendations available: {answer}")
+        if isinstance(answer, bytes):  # engine: process serializes in the engine
+            return Response(content=answer, media_type="application/json")
         # serialized once here: FastAPI would validate the model again and walk it with jsonable_encoder
         return Response(content=answer.to_json(), media_type="application/json")
 
@@ -516,9 +554,13 @@ def create_app(
         return JSONResponse(status_code=code, content=body.model_dump())
 
     @app.get("/metrics", response_class=Response)
-    def prometheus_metrics() -> Response:
-        """Prometheus text exposition (ugt_serving_* series)."""
-        return Response(content=metrics.render(), media_type=metrics.content_type)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text exposition (ugt_serving_* series; with engine: process, both processes' added up)."""
+        if isinstance(batcher, EngineProcess):
+            body = merge_expositions(metrics.render(), await batcher.metrics())
+        else:
+            body = metrics.render()
+        return Response(content=body, media_type=metrics.content_type)
 
     return app
 

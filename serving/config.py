@@ -19,6 +19,7 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "default.yam
 ENV_PREFIX = "UGT_SERVING_"
 
 STATE_READERS = ("feast", "redis")  # Feast SDK get_online_features | direct read of Feast's Redis hashes
+ENGINES = ("thread", "process")  # where the batcher runs the pipeline: a thread of the server, or its own process
 GENERATORS = ("popularity", "ugt")  # ugt: serving/ugt_generator.py, needs `checkpoint`
 DOMAIN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -86,6 +87,9 @@ class ServingConfig:
     # and idle OpenMP workers spin on the cores the event loop needs (measured: docs/SERVING.md). 0 = torch's default
     torch_threads: int = 1
     batch_max_wait_ms: float = 1.0  # how long the first request of a batch waits for company
+    # thread: the batcher is a thread beside the event loop (one GIL); process: the built service is forked into
+    # an engine process with its own GIL, and the server process only does HTTP (serving/engine_process.py)
+    engine: str = "thread"
     queue_timeout_ms: float = 200.0  # a request queued longer is answered by the fallback (reason overloaded)
     request_timeout_ms: float = 1000.0  # no answer by then -> the fallback (reason timeout)
     rerank: RerankConfig = field(default_factory=RerankConfig)  # the rules of domains without their own
@@ -153,6 +157,8 @@ def _problems(config: ServingConfig, base_dir: Path) -> list[str]:
         out.append(f"torch_threads: must be 0..256 (0 = PyTorch's default), got {config.torch_threads}")
     if not 1 <= config.batch_max_size <= 4096:
         out.append(f"batch_max_size: must be 1..4096, got {config.batch_max_size}")
+    if config.engine not in ENGINES:
+        out.append(f"engine: must be one of {list(ENGINES)}, got {config.engine!r}")
     if not 0 <= config.batch_max_wait_ms <= 1000:
         out.append(f"batch_max_wait_ms: must be 0..1000, got {config.batch_max_wait_ms}")
     if not 1 <= config.queue_timeout_ms <= 60_000:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
 # Sub-millisecond resolution: the state fetch target is 0.3 ms p99, the request target 20 ms p99.
 STAGE_BUCKETS = (
@@ -28,7 +30,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 class ServingMetrics:
     """Names (all prefixed ``ugt_serving_``): requests_total, stage_seconds, batch_size, fallbacks_total,
-    errors_total, popularity_source_total, kv_cache_lookups_total."""
+    errors_total, popularity_source_total, kv_cache_lookups_total, engine_restarts_total."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -72,6 +74,11 @@ class ServingMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.engine_restarts = Counter(
+            "ugt_serving_engine_restarts",
+            "Engine processes forked again after one died (engine: process).",
+            registry=self.registry,
+        )
         for stage in STAGES:  # expose every series from the start, so dashboards see zeros rather than gaps
             self.stage_seconds.labels(stage)
 
@@ -96,3 +103,38 @@ class _KVCacheCollector:
             family.add_metric([domain, "hit"], getattr(cache, "hits", 0))
             family.add_metric([domain, "miss"], getattr(cache, "misses", 0))
         yield family
+
+
+def _escape(value: str, quote: bool) -> str:
+    value = value.replace("\\", "\\\\").replace("\n", "\\n")
+    return value.replace('"', '\\"') if quote else value
+
+
+def merge_expositions(*texts: bytes) -> bytes:
+    """One exposition with every process's samples added up (counters and histograms are additive).
+
+    ``engine: process`` keeps the pipeline's series in the engine process and the HTTP ones in the server
+    process; a scrape must see one set of series. ``*_created`` samples are dropped (a sum of start times
+    means nothing); families keep the order they first appear in.
+    """
+    families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text.decode()):
+            if family.name.endswith("_created"):  # the parser's own family for a counter's _created lines
+                continue
+            _, _, samples = families.setdefault(family.name, (family.type, family.documentation, {}))
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                key = (sample.name, tuple(sample.labels.items()))
+                samples[key] = samples.get(key, 0.0) + sample.value
+    lines = []
+    for name, (kind, doc, samples) in families.items():
+        name = f"{name}_total" if kind == "counter" else name  # the text format names a counter by its sample
+        lines.append(f"# HELP {name} {_escape(doc, quote=False)}")
+        lines.append(f"# TYPE {name} {kind}")
+        for (sample_name, labels), value in samples.items():
+            label_text = ",".join(f'{k}="{_escape(v, quote=True)}"' for k, v in labels)
+            lines.append(f"{sample_name}{{{label_text}}} {floatToGoString(value)}" if labels
+                         else f"{sample_name} {floatToGoString(value)}")
+    return ("\n".join(lines) + "\n").encode()

@@ -37,6 +37,7 @@ STATE_VERSION_MISMATCH = "state_version_mismatch"
 GENERATOR_ERROR = "generator_error"
 OVERLOADED = "overloaded"  # queued longer than queue_timeout_ms: shed before any work
 TIMEOUT = "timeout"  # no answer within request_timeout_ms (set by the HTTP layer)
+ENGINE_UNAVAILABLE = "engine_unavailable"  # engine: process, and the engine process died mid-request (restarted)
 
 LOG_EVERY_S = 10.0
 PER_REQUEST_STAGES = ("queue", "rerank", "total")  # state and generate are observed once per batch
@@ -143,15 +144,19 @@ class RecommendService:
     def __init__(self, config: ServingConfig, components: Components, metrics: ServingMetrics):
         self.config = config
         self.parts = components
-        self.metrics = metrics
         self.routes: dict[str, DomainConfig] = routes(config)
         self.open_domains = not config.domains  # no router configured: every domain, one model
         default = self.generator_for(config.default_domain)
         self.model_name = f"{default.name}-{default.version}"
         self._last_log: dict[str, tuple[float, int]] = {}
+        self.use_metrics(metrics)
+
+    def use_metrics(self, metrics: ServingMetrics) -> None:
+        """Record into ``metrics`` from now on (a forked engine process starts its own series from zero)."""
+        self.metrics = metrics
         # labelled children looked up once: .labels() costs more than the observation itself
         self._stage_hist = {stage: metrics.stage_seconds.labels(stage) for stage in STAGES}
-        components.fallback.observer = lambda source: metrics.popularity_source.labels(source).inc()
+        self.parts.fallback.observer = lambda source: metrics.popularity_source.labels(source).inc()
 
     # -- routing ---------------------------------------------------------------------------------------
     def domain_of(self, request: RecommendRequest) -> str:

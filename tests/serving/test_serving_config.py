@@ -80,3 +80,10 @@ def test_start_fails_on_a_bad_popularity_file_or_feature_repo(tmp_path, monkeypa
     monkeypatch.setenv("UGT_FEATURE_REPO", str(tmp_path / "no-repo"))
     with pytest.raises(ConfigError, match="state_reader redis: cannot use"):
         build_components(Settings(), ServingConfig(state_reader="redis"), client)
+
+
+def test_the_shipped_config_runs_the_engine_in_its_own_process_and_bad_engines_are_refused():
+    assert load_config(DEFAULT_CONFIG_PATH, env={}).engine == "process"
+    assert ServingConfig().engine == "thread"  # the library default: apps hosted in-process (tests) do not fork
+    with pytest.raises(ConfigError, match="engine: must be one of"):
+        build_config({"engine": "fork"}, env={})

@@ -1,0 +1,283 @@
+"""The pipeline in its own process: the event loop parses HTTP, a forked engine process batches and answers.
+
+In the default ``engine: thread`` mode the batcher thread (state read, model, rerank) and the event loop
+(HTTP) share one GIL: on a 2-core box the model's Python between torch ops and the HTTP parsing of the
+next requests take turns, and every hand-over costs up to the switch interval (docs/SERVING.md measured
+~10 ms of that at 1,000 req/s). ``engine: process`` forks the built service after start-up (the model is
+already loaded, copy-on-write) into a child with its own interpreter and GIL:
+
+* the HTTP process keeps only the event loop: it validates a request, writes it to the engine over a
+  socket pair, and the loop's reader resolves the waiting handler when the batch's answers come back
+  (already serialized to JSON by the engine, so the loop only copies bytes out);
+* the engine process batches what is waiting in the socket (the same rule as :class:`DynamicBatcher`:
+  whatever is queued joins at once, the first request waits at most ``max_wait_s`` for company) and runs
+  ``process(batch)`` on its one thread.
+
+The engine's Prometheus series (stages, batch sizes, fallbacks, KV cache) live in its own registry; the
+HTTP process asks for them at scrape time and adds them to its own (:func:`serving.metrics.merge_expositions`).
+If the engine dies, the waiting requests fail with :class:`EngineUnavailable` (the HTTP layer answers them
+with the marked fallback) and a new engine is forked from the HTTP process's copy of the service.
+The engine exits when its socket closes, so it never outlives the HTTP process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+from serving.batcher import BatcherClosed, Queued
+
+log = logging.getLogger(__name__)
+
+REQUEST, METRICS = 0, 1  # message kinds, HTTP process -> engine
+RESTART_MIN_INTERVAL_S = 1.0  # a crashing engine is re-forked at most this often
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine process died with this request in flight (or is being restarted)."""
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+class EngineProcess:
+    """Same interface as :class:`serving.batcher.DynamicBatcher` (start, submit, close), in a child process.
+
+    ``process(batch)`` runs in the child and returns one result per entry; ``encode(result)`` turns a result
+    into what travels back (``Answer.to_json`` for the service: bytes, so the event loop does not serialize).
+    ``render_metrics()`` runs in the child when the HTTP process scrapes; ``after_fork()`` runs in each new
+    child first (the service starts its own metric series there, from zero).
+    """
+
+    def __init__(
+        self,
+        process: Callable[[Sequence[Queued[Any]]], Sequence[Any]],
+        *,
+        max_size: int,
+        max_wait_s: float,
+        on_batch: Callable[[int], None] | None = None,
+        encode: Callable[[Any], Any] = lambda result: result,
+        render_metrics: Callable[[], bytes] = lambda: b"",
+        after_fork: Callable[[], None] | None = None,
+        on_restart: Callable[[], None] | None = None,
+        name: str = "ugt-engine",
+    ):
+        if max_size < 1 or max_wait_s < 0:
+            raise ValueError(f"max_size must be >= 1 and max_wait_s >= 0, got {max_size}, {max_wait_s}")
+        self.process = process
+        self.max_size = max_size
+        self.max_wait_s = max_wait_s
+        self.on_batch = on_batch
+        self.encode = encode
+        self.render_metrics = render_metrics
+        self.after_fork = after_fork
+        self.on_restart = on_restart
+        self.name = name
+        self._ids = itertools.count()
+        self._pending: dict[int, asyncio.Future] = {}
+        self._conn: Connection | None = None
+        self._child: multiprocessing.process.BaseProcess | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._last_start = float("-inf")
+        self.restarts = 0
+
+    # -- HTTP process --------------------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid if self._child is not None else None
+
+    def start(self) -> None:
+        """Fork the engine (call from the event loop, after the service is built)."""
+        if self._closed:
+            raise BatcherClosed("the engine is closed")
+        if self._child is not None and self._child.is_alive():
+            return
+        self._loop = asyncio.get_running_loop()
+        ours, theirs = multiprocessing.Pipe(duplex=True)
+        child = multiprocessing.get_context("fork").Process(
+            target=self._child_main, args=(theirs, ours), name=self.name, daemon=True
+        )
+        self._last_start = time.monotonic()
+        child.start()
+        theirs.close()
+        self._conn, self._child = ours, child
+        self._loop.add_reader(ours.fileno(), self._on_readable)
+        log.info("engine process %d started", child.pid)
+
+    async def submit(self, item: Any, timeout_s: float | None = None) -> Any:
+        """The engine's (encoded) result for ``item``; TimeoutError after ``timeout_s``; EngineUnavailable."""
+        if self._closed:
+            raise BatcherClosed("the engine is closed")
+        if self._conn is None:
+            raise EngineUnavailable("the engine process is restarting")
+        return await self._call(REQUEST, item, timeout_s)
+
+    async def metrics(self, timeout_s: float = 2.0) -> bytes:
+        """The engine's Prometheus exposition (empty when it does not answer in time)."""
+        if self._conn is None:
+            return b""
+        try:
+            return await self._call(METRICS, None, timeout_s)
+        except (TimeoutError, EngineUnavailable, OSError):
+            return b""
+
+    async def _call(self, kind: int, item: Any, timeout_s: float | None) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        ident = next(self._ids)
+        self._pending[ident] = future
+        timer = loop.call_later(timeout_s, _expire, future) if timeout_s is not None else None
+        try:
+            assert self._conn is not None
+            self._conn.send_bytes(pickle.dumps((kind, ident, time.perf_counter(), item), pickle.HIGHEST_PROTOCOL))
+        except (OSError, ValueError) as exc:  # the engine's end is gone: the reader will restart it
+            self._pending.pop(ident, None)
+            raise EngineUnavailable(f"engine process not reachable: {exc}") from exc
+        try:
+            return await future
+        finally:
+            self._pending.pop(ident, None)
+            if timer is not None:
+                timer.cancel()
+
+    def _on_readable(self) -> None:
+        """On the event loop: every message the engine has written, each a batch of (id, result, error)."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            while conn.poll():
+                for ident, result, error in pickle.loads(conn.recv_bytes()):
+                    future = self._pending.get(ident)
+                    if future is None or future.done():  # timed out already
+                        continue
+                    if error is not None:
+                        future.set_exception(error)
+                    else:
+                        future.set_result(result)
+        except (EOFError, OSError) as exc:
+            self._engine_died(exc)
+
+    def _engine_died(self, exc: BaseException) -> None:
+        assert self._loop is not None and self._conn is not None
+        self._loop.remove_reader(self._conn.fileno())
+        self._conn.close()
+        self._conn = None
+        if self._closed:
+            return
+        code = None
+        if self._child is not None:
+            self._child.join(timeout=1.0)  # reap it and learn why
+            if self._child.is_alive():  # its socket closed but it lives on: it is of no use any more
+                self._child.kill()
+                self._child.join(timeout=1.0)
+            code = self._child.exitcode
+        log.error("engine process died (exit code %s, %r); %d requests in flight get the fallback",
+                  code, exc, len(self._pending))
+        for future in list(self._pending.values()):
+            if not future.done():
+                future.set_exception(EngineUnavailable(f"engine process died (exit code {code})"))
+        self._pending.clear()
+        wait = max(0.0, self._last_start + RESTART_MIN_INTERVAL_S - time.monotonic())
+        self._loop.call_later(wait, self._restart)
+
+    def _restart(self) -> None:
+        if self._closed or self._conn is not None:
+            return
+        self.restarts += 1
+        if self.on_restart is not None:
+            self.on_restart()
+        self.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the engine: closing its socket ends it after the batch it is running."""
+        self._closed = True
+        if self._conn is not None:
+            if self._loop is not None:
+                try:
+                    self._loop.remove_reader(self._conn.fileno())
+                except (ValueError, RuntimeError):
+                    pass
+            self._conn.close()
+            self._conn = None
+        if self._child is not None:
+            self._child.join(timeout)
+            if self._child.is_alive():
+                self._child.terminate()
+                self._child.join(timeout)
+
+    # -- engine process --------------------------------------------------------------------------------------
+    def _child_main(self, conn: Connection, parent_end: Connection) -> None:
+        parent_end.close()  # so the parent closing its end reads as EOF here
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the HTTP process shuts us down
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not uvicorn's handler, which would only flag its loop
+        signal.set_wakeup_fd(-1)
+        gc.freeze()  # what was built before the fork stays shared and out of the collector's passes
+        if self.after_fork is not None:
+            self.after_fork()
+        try:
+            while True:
+                try:
+                    first = self._receive(conn)
+                except EOFError:
+                    return
+                batch, controls = self._collect(conn, first)
+                for ident in controls:
+                    self._send(conn, [(ident, self.render_metrics(), None)])
+                if batch:
+                    self._send(conn, self._answer(batch))
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            return
+        finally:
+            os._exit(0)  # skip the parent's atexit handlers and finalizers, which are not ours to run
+
+    @staticmethod
+    def _receive(conn: Connection) -> tuple[int, int, float, Any]:
+        return pickle.loads(conn.recv_bytes())
+
+    def _collect(self, conn: Connection, first: tuple) -> tuple[list[tuple[int, Queued[Any]]], list[int]]:
+        """(requests, metrics asks) starting at ``first``: what is queued joins, then wait until first + max_wait."""
+        batch: list[tuple[int, Queued[Any]]] = []
+        controls: list[int] = []
+        message: tuple | None = first
+        deadline = first[2] + self.max_wait_s
+        while message is not None:
+            kind, ident, arrived, item = message
+            if kind == METRICS:
+                controls.append(ident)
+            else:
+                batch.append((ident, Queued(item, arrived, None, None)))  # type: ignore[arg-type]
+            if len(batch) >= self.max_size:
+                break
+            remaining = deadline - time.perf_counter()
+            message = self._receive(conn) if conn.poll(max(remaining, 0.0)) else None
+        return batch, controls
+
+    def _answer(self, batch: list[tuple[int, Queued[Any]]]) -> list[tuple[int, Any, BaseException | None]]:
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
+        entries = [entry for _, entry in batch]
+        try:
+            results = list(self.process(entries))
+            if len(results) != len(batch):
+                raise RuntimeError(f"process returned {len(results)} results for {len(batch)} requests")
+            return [(ident, self.encode(result), None) for (ident, _), result in zip(batch, results, strict=True)]
+        except Exception as exc:  # every waiter must hear back, whatever happened
+            log.exception("batch of %d failed", len(batch))
+            return [(ident, None, exc) for ident, _ in batch]
+
+    @staticmethod
+    def _send(conn: Connection, answers: list) -> None:
+        conn.send_bytes(pickle.dumps(answers, pickle.HIGHEST_PROTOCOL))
