@@ -1,13 +1,14 @@
 """/recommend end to end over HTTP under open-loop load, on this box (CPU target) or the GPU generator (GPU target).
 
 CPU target: starts a private redis-server (the stack's Redis is not touched), pushes N users' states through
-Feast into it, then for each config starts `ugt serve` (uvicorn, one process) and drives it at fixed rates
-with Poisson arrivals. Latency is measured from each request's SCHEDULED send time, so when the server (or
+Feast into it, then for each config starts `ugt serve` (uvicorn, one process; with engine: process, as
+shipped, plus its forked engine process) and drives it at fixed rates with Poisson arrivals, after a warm-up
+that asks for every user once (each row records the share of KV-cache hits it saw). Latency is measured from each request's SCHEDULED send time, so when the server (or
 the client) falls behind, the queueing shows in the percentiles instead of silently lowering the load
 (coordinated omission). The anchor, measured in the same run under the same load on the same box, is a
 trivial FastAPI endpoint (constant answer) served the same way.
 
-  python -m bench.serving                                  # CPU: anchor, popularity, ugt-tiny at 250..2000 req/s
+  python -m bench.serving                                  # CPU: anchor, popularity, ugt-tiny (+ thread ablation)
   python -m bench.serving --rates 500,1000 --duration 5 --configs ugt-tiny
   python -m bench.serving --target gpu ...                 # bench.serving_gpu.run_gpu_bench(args)
 
@@ -121,8 +122,10 @@ def ensure_checkpoint(cache_dir: Path) -> Path:
     return checkpoint
 
 
-def seed_states(settings: Any, checkpoint: Path, users: int, history: int, seed: int) -> list[str]:
-    """Push ``users`` states of ``history`` ML-100K items each through Feast; popularity for the domain."""
+def seed_states(settings: Any, checkpoint: Path, users: int, history: int, seed: int) -> tuple[list[str], list[str]]:
+    """Push ``users`` states of ``history`` ML-100K items each through Feast; popularity for the domain.
+
+    Returns (user ids, the model's item ids)."""
     import pandas as pd
     import redis
     import torch
@@ -148,7 +151,7 @@ def seed_states(settings: Any, checkpoint: Path, users: int, history: int, seed:
     open_feature_store(settings).push("user_recent_events_push", frame, to=PushMode.ONLINE)
     popular = {str(item): float(len(vocab) - i) for i, item in enumerate(vocab)}
     redis.Redis.from_url(settings.redis_url).zadd(f"ugt:popularity:{DOMAIN}", popular)
-    return ids
+    return ids, [str(item) for item in vocab]
 
 
 @dataclass
@@ -157,6 +160,10 @@ class Server:
     proc: subprocess.Popen
     port: int
     log: Path
+
+    @property
+    def is_anchor(self) -> bool:
+        return self.name == "anchor-fastapi"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -268,8 +275,14 @@ class Connection:
 
 
 async def open_loop(port: int, rate: float, duration_s: float, users: list[str], k: int,
-                    connections: int, seed: int) -> tuple[list[Sample], float]:
-    """Poisson arrivals at ``rate`` for ``duration_s``; latency from the scheduled time. (samples, wall s)."""
+                    connections: int, seed: int, fresh_share: float = 0.0,
+                    items: list[str] | None = None) -> tuple[list[Sample], float]:
+    """Poisson arrivals at ``rate`` for ``duration_s``; latency from the scheduled time. (samples, wall s).
+
+    A ``fresh_share`` of the requests carry one new session item in ``context`` (drawn from ``items``): that
+    user's events differ from what the server saw last, as after a new event, so the model runs the whole
+    sequence again (a KV-cache miss) instead of only the last event against the cached prefix.
+    """
     rng = random.Random(seed)
     schedule, t = [], 0.0
     while True:
@@ -284,10 +297,10 @@ async def open_loop(port: int, rate: float, duration_s: float, users: list[str],
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.05
 
-    async def one(scheduled: float, user: str) -> None:
+    async def one(scheduled: float, body: bytes) -> None:
         conn = await pool.get()
         try:
-            status, body = await conn.post(json.dumps({"user_id": user, "k": k}).encode())
+            status, body = await conn.post(body)
         except (OSError, asyncio.IncompleteReadError):
             samples.append(Sample((loop.time() - scheduled) * 1000.0, 599))
             pool.put_nowait(await Connection.open(port))
@@ -308,7 +321,10 @@ async def open_loop(port: int, rate: float, duration_s: float, users: list[str],
         delay = scheduled - loop.time()
         if delay > 0.0005:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(scheduled, users[i % len(users)])))
+        request: dict[str, Any] = {"user_id": users[i % len(users)], "k": k}
+        if items and rng.random() < fresh_share:
+            request["context"] = [rng.choice(items)]
+        tasks.append(asyncio.ensure_future(one(scheduled, json.dumps(request).encode())))
     await asyncio.gather(*tasks)
     wall = loop.time() - start
     while not pool.empty():
@@ -367,30 +383,61 @@ def paused_gc_open_loop(*args: Any) -> tuple[list[Sample], float]:
         gc.unfreeze()
 
 
-def run_config(name: str, server: Server, rates: list[float], args: argparse.Namespace, users: list[str]) -> list[dict]:
+def kv_cache_lookups(port: int) -> tuple[float, float]:
+    """(hits, misses) of the server's UGT prefix cache so far, from its /metrics (0, 0 without one)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    counts = {"hit": 0.0, "miss": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == "ugt_serving_kv_cache_lookups":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels["result"]] += sample.value
+    return counts["hit"], counts["miss"]
+
+
+def run_config(name: str, server: Server, rates: list[float], args: argparse.Namespace, users: list[str],
+               items: list[str]) -> list[dict]:
     rows = []
     port = server.port
-    asyncio.run(open_loop(port, min(rates), 1.0, users, args.k, args.connections, args.seed))  # warm up
+    # warm-up: every user once (users are asked round-robin), so the measured rates see the steady state of a
+    # service whose users were seen before (their prefix K/V cached) rather than its first minute
+    warm_rate = max(min(rates), 500.0)
+    asyncio.run(open_loop(port, warm_rate, len(users) / warm_rate + 0.5, users, args.k, args.connections, args.seed))
     for rate in tqdm(rates, desc=name, unit="rate", file=sys.stderr):
         cpu_before = cpu_seconds(server.proc.pid)
+        hits_before, misses_before = kv_cache_lookups(port) if not server.is_anchor else (0.0, 0.0)
         samples, wall = paused_gc_open_loop(port, rate, args.duration, users, args.k, args.connections,
-                                            args.seed + int(rate))
+                                            args.seed + int(rate), args.fresh_share, items)
         row = summarize(name, rate, samples, wall)
         # the server's CPU per request: what the box's load does not change much (unlike the latencies)
         row["server_cpu_ms_per_req"] = round(1000.0 * (cpu_seconds(server.proc.pid) - cpu_before) / len(samples), 3)
+        if not server.is_anchor:
+            hits, misses = kv_cache_lookups(port)
+            looked_up = (hits - hits_before) + (misses - misses_before)
+            if looked_up:
+                row["kv_cache_hit_ratio"] = round((hits - hits_before) / looked_up, 4)
         rows.append(row)
         time.sleep(0.5)
     return rows
 
 
 def cpu_configs(checkpoint: Path, names: list[str]) -> dict[str, dict[str, Any] | None]:
+    """The served configs. ugt-tiny / popularity run as the shipped serving config does (engine: process);
+    the *-engine-thread rows are the same with the pipeline on a thread of the HTTP process (the ablation)."""
     common = {"default_domain": DOMAIN, "log_level": "warning", "batch_max_size": 64, "batch_max_wait_ms": 1.0}
+    ugt = common | {"generator": "ugt", "checkpoint": str(checkpoint)}
+    popularity = common | {"generator": "popularity"}
     all_configs: dict[str, dict[str, Any] | None] = {
         "anchor-fastapi": None,
-        "popularity": common | {"generator": "popularity"},
-        "ugt-tiny": common | {"generator": "ugt", "checkpoint": str(checkpoint)},
-        "ugt-tiny-engine-process": common | {"generator": "ugt", "checkpoint": str(checkpoint), "engine": "process"},
-        "popularity-engine-process": common | {"generator": "popularity", "engine": "process"},
+        "popularity": popularity | {"engine": "process"},
+        "ugt-tiny": ugt | {"engine": "process"},
+        "popularity-engine-thread": popularity | {"engine": "thread"},
+        "ugt-tiny-engine-thread": ugt | {"engine": "thread"},
     }
     unknown = [n for n in names if n not in all_configs]
     if unknown:
@@ -402,6 +449,8 @@ def run_cpu(args: argparse.Namespace) -> int:
     from infra.settings import Settings, get_settings
 
     rates = [float(r) for r in args.rates.split(",")]
+    if not 0.0 <= args.fresh_share <= 1.0:
+        raise SystemExit(f"bench.serving: --fresh-share must be in [0, 1], got {args.fresh_share}")
     load_start = os.getloadavg()[0]  # the box is shared: a busy box shows here
     names = ["anchor-fastapi", *[n for n in args.configs.split(",") if n and n != "anchor-fastapi"]]
     checkpoint = ensure_checkpoint(get_settings().cache_dir)
@@ -413,12 +462,12 @@ def run_cpu(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     try:
         os.environ["UGT_REDIS_URL"] = env["UGT_REDIS_URL"]
-        users = seed_states(Settings(), checkpoint, args.users, args.history, args.seed)
+        users, items = seed_states(Settings(), checkpoint, args.users, args.history, args.seed)
         for name, config in configs.items():
             server = start_server(name, workdir, env, config, args.workers)
             servers.append(server)
             try:
-                rows += run_config(name, server, rates, args, users)
+                rows += run_config(name, server, rates, args, users, items)
             finally:
                 server.stop()
     finally:
@@ -428,7 +477,7 @@ def run_cpu(args: argparse.Namespace) -> int:
         redis_proc.wait(timeout=15)
         shutil.rmtree(workdir, ignore_errors=True)
     columns = ["config", "qps", "achieved_qps", "p50_ms", "p99_ms", "p999_ms", "non_200", "fallbacks", "mean_batch",
-               "server_cpu_ms_per_req"]
+               "kv_cache_hit_ratio", "server_cpu_ms_per_req"]
     print_table(rows, columns)
     stage_rows = [
         {"config": r["config"], "qps": r["qps"], **{f"{s}_p50": r["stages_ms"][s]["p50"] for s in STAGES},
@@ -442,6 +491,7 @@ def run_cpu(args: argparse.Namespace) -> int:
         "device": machine_info(),
         "load": {"arrivals": "poisson, open loop; latency from the scheduled send time", "duration_s": args.duration,
                  "connections": args.connections, "server_workers": args.workers, "k": args.k, "users": args.users, "history": args.history,
+                 "fresh_share": args.fresh_share,
                  "client": "asyncio keep-alive HTTP/1.1 client in the bench process, same box"},
         "anchor": "anchor-fastapi: a trivial FastAPI endpoint (constant answer), uvicorn, same box, same load",
         "target": "ugt-tiny: P99 <= 20 ms at 1,000 req/s end to end",
@@ -468,12 +518,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu", help="cpu: end to end here; gpu: bench.serving_gpu")
     parser.add_argument("--rates", default="250,500,1000,2000", help="req/s to offer, comma-separated (default: %(default)s)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per rate (default: %(default)s)")
-    parser.add_argument("--configs", default="popularity,ugt-tiny",
-                        help="served configs besides the anchor: popularity, ugt-tiny (default: %(default)s)")
+    parser.add_argument("--configs", default="popularity,ugt-tiny,ugt-tiny-engine-thread",
+                        help="served configs besides the anchor: popularity, ugt-tiny (both engine: process, as "
+                             "shipped), popularity-engine-thread, ugt-tiny-engine-thread (default: %(default)s)")
     parser.add_argument("--connections", type=int, default=128, help="client keep-alive connections (default: %(default)s)")
     parser.add_argument("--users", type=int, default=2000, help="users with state (default: %(default)s)")
     parser.add_argument("--history", type=int, default=50, help="events per user state (default: %(default)s)")
     parser.add_argument("--k", type=int, default=10, help="items per request (default: %(default)s)")
+    parser.add_argument("--fresh-share", type=float, default=0.1,
+                        help="share of requests with a new session item, so the model reruns that user's whole "
+                             "sequence (a KV-cache miss) as after a new event (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", default=str(RESULTS / "serving_cpu.json"), help="result JSON (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1,
