@@ -29,10 +29,12 @@ import logging
 import multiprocessing
 import os
 import pickle
+import select
 import signal
+import socket
+import struct
 import time
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Connection
 from typing import Any
 
 from serving.batcher import BatcherClosed, Queued
@@ -41,6 +43,45 @@ log = logging.getLogger(__name__)
 
 REQUEST, METRICS = 0, 1  # message kinds, HTTP process -> engine
 RESTART_MIN_INTERVAL_S = 1.0  # a crashing engine is re-forked at most this often
+HEADER = struct.Struct("!I")  # each message: its length, then the pickle
+RECV_BYTES = 1 << 18
+
+
+class FrameReader:
+    """Length-prefixed messages out of a byte stream that arrives in arbitrary pieces."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self.buffer += data
+        out = []
+        while len(self.buffer) >= HEADER.size:
+            (size,) = HEADER.unpack_from(self.buffer)
+            end = HEADER.size + size
+            if len(self.buffer) < end:
+                break
+            out.append(bytes(self.buffer[HEADER.size : end]))
+            del self.buffer[:end]
+        return out
+
+
+def frame(message: Any) -> bytes:
+    payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(payload)) + payload
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes from a blocking socket; EOFError when the peer closed it."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise EOFError("the HTTP process closed the engine's socket")
+        got += n
+    return bytes(buf)
 
 
 class EngineUnavailable(RuntimeError):
@@ -87,7 +128,9 @@ class EngineProcess:
         self.name = name
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future] = {}
-        self._conn: Connection | None = None
+        self._sock: socket.socket | None = None
+        self._frames = FrameReader()
+        self._unsent = bytearray()
         self._child: multiprocessing.process.BaseProcess | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -106,14 +149,18 @@ class EngineProcess:
         if self._child is not None and self._child.is_alive():
             return
         self._loop = asyncio.get_running_loop()
-        ours, theirs = multiprocessing.Pipe(duplex=True)
+        ours, theirs = socket.socketpair()
         child = multiprocessing.get_context("fork").Process(
             target=self._child_main, args=(theirs, ours), name=self.name, daemon=True
         )
         self._last_start = time.monotonic()
         child.start()
         theirs.close()
-        self._conn, self._child = ours, child
+        # non-blocking on this side, whatever the loop does with it: the event loop never waits on the engine
+        ours.setblocking(False)
+        self._sock, self._child = ours, child
+        self._frames = FrameReader()
+        self._unsent = bytearray()
         self._loop.add_reader(ours.fileno(), self._on_readable)
         log.info("engine process %d started", child.pid)
 
@@ -121,17 +168,17 @@ class EngineProcess:
         """The engine's (encoded) result for ``item``; TimeoutError after ``timeout_s``; EngineUnavailable."""
         if self._closed:
             raise BatcherClosed("the engine is closed")
-        if self._conn is None:
+        if self._sock is None:
             raise EngineUnavailable("the engine process is restarting")
         return await self._call(REQUEST, item, timeout_s)
 
     async def metrics(self, timeout_s: float = 2.0) -> bytes:
         """The engine's Prometheus exposition (empty when it does not answer in time)."""
-        if self._conn is None:
+        if self._sock is None:
             return b""
         try:
             return await self._call(METRICS, None, timeout_s)
-        except (TimeoutError, EngineUnavailable, OSError):
+        except (TimeoutError, EngineUnavailable):
             return b""
 
     async def _call(self, kind: int, item: Any, timeout_s: float | None) -> Any:
@@ -141,25 +188,62 @@ class EngineProcess:
         self._pending[ident] = future
         timer = loop.call_later(timeout_s, _expire, future) if timeout_s is not None else None
         try:
-            assert self._conn is not None
-            self._conn.send_bytes(pickle.dumps((kind, ident, time.perf_counter(), item), pickle.HIGHEST_PROTOCOL))
-        except (OSError, ValueError) as exc:  # the engine's end is gone: the reader will restart it
-            self._pending.pop(ident, None)
-            raise EngineUnavailable(f"engine process not reachable: {exc}") from exc
-        try:
+            self._write(frame((kind, ident, time.perf_counter(), item)))
             return await future
         finally:
             self._pending.pop(ident, None)
             if timer is not None:
                 timer.cancel()
 
+    def _write(self, data: bytes) -> None:
+        """Send now what the socket takes; the rest goes out when it is writable again (never blocks)."""
+        sock = self._sock
+        if sock is None:
+            raise EngineUnavailable("the engine process is restarting")
+        if self._unsent:  # keep the order: behind what is already waiting
+            self._unsent += data
+            return
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise EngineUnavailable(f"engine process not reachable: {exc}") from exc
+        if sent < len(data):
+            self._unsent += data[sent:]
+            assert self._loop is not None
+            self._loop.add_writer(sock.fileno(), self._flush)
+
+    def _flush(self) -> None:
+        sock = self._sock
+        assert sock is not None and self._loop is not None
+        try:
+            sent = sock.send(self._unsent)
+        except BlockingIOError:
+            return
+        except OSError:
+            return  # the reader sees the engine's end close and handles it
+        del self._unsent[:sent]
+        if not self._unsent:
+            self._loop.remove_writer(sock.fileno())
+
     def _on_readable(self) -> None:
         """On the event loop: every message the engine has written, each a batch of (id, result, error)."""
-        conn = self._conn
-        assert conn is not None
-        try:
-            while conn.poll():
-                for ident, result, error in pickle.loads(conn.recv_bytes()):
+        sock = self._sock
+        assert sock is not None
+        while True:
+            try:
+                data = sock.recv(RECV_BYTES)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._engine_died(exc)
+                return
+            if not data:
+                self._engine_died(EOFError("the engine closed its socket"))
+                return
+            for message in self._frames.feed(data):
+                for ident, result, error in pickle.loads(message):
                     future = self._pending.get(ident)
                     if future is None or future.done():  # timed out already
                         continue
@@ -167,14 +251,10 @@ class EngineProcess:
                         future.set_exception(error)
                     else:
                         future.set_result(result)
-        except (EOFError, OSError) as exc:
-            self._engine_died(exc)
 
     def _engine_died(self, exc: BaseException) -> None:
-        assert self._loop is not None and self._conn is not None
-        self._loop.remove_reader(self._conn.fileno())
-        self._conn.close()
-        self._conn = None
+        assert self._loop is not None and self._sock is not None
+        self._detach()
         if self._closed:
             return
         code = None
@@ -193,8 +273,22 @@ class EngineProcess:
         wait = max(0.0, self._last_start + RESTART_MIN_INTERVAL_S - time.monotonic())
         self._loop.call_later(wait, self._restart)
 
+    def _detach(self) -> None:
+        """Stop watching and close this side of the engine's socket (and drop what was not sent)."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        if self._loop is not None:
+            try:
+                self._loop.remove_reader(sock.fileno())
+                self._loop.remove_writer(sock.fileno())
+            except (ValueError, RuntimeError):  # the loop is closed already
+                pass
+        sock.close()
+        self._unsent.clear()
+
     def _restart(self) -> None:
-        if self._closed or self._conn is not None:
+        if self._closed or self._sock is not None:
             return
         self.restarts += 1
         if self.on_restart is not None:
@@ -204,14 +298,7 @@ class EngineProcess:
     def close(self, timeout: float = 5.0) -> None:
         """Stop the engine: closing its socket ends it after the batch it is running."""
         self._closed = True
-        if self._conn is not None:
-            if self._loop is not None:
-                try:
-                    self._loop.remove_reader(self._conn.fileno())
-                except (ValueError, RuntimeError):
-                    pass
-            self._conn.close()
-            self._conn = None
+        self._detach()
         if self._child is not None:
             self._child.join(timeout)
             if self._child.is_alive():
@@ -219,35 +306,33 @@ class EngineProcess:
                 self._child.join(timeout)
 
     # -- engine process --------------------------------------------------------------------------------------
-    def _child_main(self, conn: Connection, parent_end: Connection) -> None:
+    def _child_main(self, sock: socket.socket, parent_end: socket.socket) -> None:
         parent_end.close()  # so the parent closing its end reads as EOF here
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the HTTP process shuts us down
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not uvicorn's handler, which would only flag its loop
         signal.set_wakeup_fd(-1)
+        sock.setblocking(True)
         gc.freeze()  # what was built before the fork stays shared and out of the collector's passes
         if self.after_fork is not None:
             self.after_fork()
         try:
             while True:
-                try:
-                    first = self._receive(conn)
-                except EOFError:
-                    return
-                batch, controls = self._collect(conn, first)
+                batch, controls = self._collect(sock, self._receive(sock))
                 for ident in controls:
-                    self._send(conn, [(ident, self.render_metrics(), None)])
+                    sock.sendall(frame([(ident, self.render_metrics(), None)]))
                 if batch:
-                    self._send(conn, self._answer(batch))
-        except (EOFError, BrokenPipeError, ConnectionResetError):
+                    sock.sendall(frame(self._answer(batch)))
+        except (EOFError, OSError):
             return
         finally:
             os._exit(0)  # skip the parent's atexit handlers and finalizers, which are not ours to run
 
     @staticmethod
-    def _receive(conn: Connection) -> tuple[int, int, float, Any]:
-        return pickle.loads(conn.recv_bytes())
+    def _receive(sock: socket.socket) -> tuple[int, int, float, Any]:
+        (size,) = HEADER.unpack(_recv_exact(sock, HEADER.size))
+        return pickle.loads(_recv_exact(sock, size))
 
-    def _collect(self, conn: Connection, first: tuple) -> tuple[list[tuple[int, Queued[Any]]], list[int]]:
+    def _collect(self, sock: socket.socket, first: tuple) -> tuple[list[tuple[int, Queued[Any]]], list[int]]:
         """(requests, metrics asks) starting at ``first``: what is queued joins, then wait until first + max_wait."""
         batch: list[tuple[int, Queued[Any]]] = []
         controls: list[int] = []
@@ -261,8 +346,9 @@ class EngineProcess:
                 batch.append((ident, Queued(item, arrived, None, None)))  # type: ignore[arg-type]
             if len(batch) >= self.max_size:
                 break
-            remaining = deadline - time.perf_counter()
-            message = self._receive(conn) if conn.poll(max(remaining, 0.0)) else None
+            remaining = max(deadline - time.perf_counter(), 0.0)
+            ready, _, _ = select.select([sock], [], [], remaining)
+            message = self._receive(sock) if ready else None
         return batch, controls
 
     def _answer(self, batch: list[tuple[int, Queued[Any]]]) -> list[tuple[int, Any, BaseException | None]]:
@@ -277,7 +363,3 @@ class EngineProcess:
         except Exception as exc:  # every waiter must hear back, whatever happened
             log.exception("batch of %d failed", len(batch))
             return [(ident, None, exc) for ident, _ in batch]
-
-    @staticmethod
-    def _send(conn: Connection, answers: list) -> None:
-        conn.send_bytes(pickle.dumps(answers, pickle.HIGHEST_PROTOCOL))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from serving.batcher import BatcherClosed
-from serving.engine_process import EngineProcess, EngineUnavailable
+from serving.engine_process import EngineProcess, EngineUnavailable, FrameReader, frame
 
 FORK = multiprocessing.get_context("fork")
 REPO = Path(__file__).resolve().parents[2]
@@ -190,3 +191,41 @@ def _is_zombie(pid: int) -> bool:
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="max_size"):
         EngineProcess(lambda entries: [], max_size=0, max_wait_s=0.0)
+
+
+def test_frames_split_anywhere_are_put_back_together():
+    messages = [frame(("a", i, b"x" * (i * 1000))) for i in range(5)]
+    stream = b"".join(messages)
+    reader, out = FrameReader(), []
+    for i in range(0, len(stream), 7):  # in 7-byte pieces
+        out += reader.feed(stream[i : i + 7])
+    assert [pickle.loads(m) for m in out] == [("a", i, b"x" * (i * 1000)) for i in range(5)]
+    assert reader.buffer == bytearray()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_messages_larger_than_the_socket_buffers_pass_both_ways(loop_kind):
+    """uvicorn runs on uvloop, which makes watched sockets non-blocking: big batches arrive in pieces and
+    big requests leave in pieces; neither may look like a dead engine (a bug this test caught)."""
+    def process(entries):
+        return [e.item * 2 for e in entries]
+
+    async def body(engine):
+        payloads = [bytes([i]) * 300_000 for i in range(32)]  # ~10 MB each way, far past the socket buffers
+        return payloads, await asyncio.gather(*[engine.submit(p, timeout_s=30) for p in payloads]), engine.restarts
+
+    engine = EngineProcess(process, max_size=16, max_wait_s=0.005)
+
+    async def main():
+        engine.start()
+        try:
+            return await body(engine)
+        finally:
+            engine.close()
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        payloads, answers, restarts = uvloop.run(main())
+    else:
+        payloads, answers, restarts = asyncio.run(main())
+    assert answers == [p * 2 for p in payloads] and restarts == 0
