@@ -440,30 +440,31 @@ def kv_cache_lookups(port: int) -> tuple[float, float]:
     return counts["hit"], counts["miss"]
 
 
-def run_config(name: str, server: Server, rates: list[float], args: argparse.Namespace, users: list[str],
-               items: list[str]) -> list[dict]:
-    rows = []
-    port = server.port
-    # warm-up: every user once (users are asked round-robin), so the measured rates see the steady state of a
-    # service whose users were seen before (their prefix K/V cached) rather than its first minute
+def warm_up(server: Server, rates: list[float], args: argparse.Namespace, users: list[str]) -> None:
+    """Every user once (users are asked round-robin), so the measured rates see the steady state of a service
+    whose users were seen before (their prefix K/V cached) rather than its first minute."""
     warm_rate = max(min(rates), 500.0)
-    asyncio.run(open_loop(port, warm_rate, len(users) / warm_rate + 0.5, users, args.k, args.connections, args.seed))
-    for rate in tqdm(rates, desc=name, unit="rate", file=sys.stderr):
-        cpu_before = cpu_seconds(server.proc.pid)
-        hits_before, misses_before = kv_cache_lookups(port) if not server.is_anchor else (0.0, 0.0)
-        samples, wall = paused_gc_open_loop(port, rate, args.duration, users, args.k, args.connections,
-                                            args.seed + int(rate), args.fresh_share, items)
-        row = summarize(name, rate, samples, wall)
-        # the server's CPU per request: what the box's load does not change much (unlike the latencies)
-        row["server_cpu_ms_per_req"] = round(1000.0 * (cpu_seconds(server.proc.pid) - cpu_before) / len(samples), 3)
-        if not server.is_anchor:
-            hits, misses = kv_cache_lookups(port)
-            looked_up = (hits - hits_before) + (misses - misses_before)
-            if looked_up:
-                row["kv_cache_hit_ratio"] = round((hits - hits_before) / looked_up, 4)
-        rows.append(row)
-        time.sleep(0.5)
-    return rows
+    asyncio.run(open_loop(server.port, warm_rate, len(users) / warm_rate + 0.5, users, args.k, args.connections,
+                          args.seed))
+
+
+def measure(server: Server, rate: float, args: argparse.Namespace, users: list[str], items: list[str]) -> dict:
+    """One row: ``server`` under ``rate`` req/s for ``args.duration`` seconds."""
+    port = server.port
+    cpu_before = cpu_seconds(server.proc.pid)
+    hits_before, misses_before = kv_cache_lookups(port) if not server.is_anchor else (0.0, 0.0)
+    samples, wall = paused_gc_open_loop(port, rate, args.duration, users, args.k, args.connections,
+                                        args.seed + int(rate), args.fresh_share, items)
+    row = summarize(server.name, rate, samples, wall)
+    # the server's CPU per request: what the box's load does not change much (unlike the latencies)
+    row["server_cpu_ms_per_req"] = round(1000.0 * (cpu_seconds(server.proc.pid) - cpu_before) / len(samples), 3)
+    if not server.is_anchor:
+        hits, misses = kv_cache_lookups(port)
+        looked_up = (hits - hits_before) + (misses - misses_before)
+        if looked_up:
+            row["kv_cache_hit_ratio"] = round((hits - hits_before) / looked_up, 4)
+    time.sleep(0.5)
+    return row
 
 
 def cpu_configs(checkpoint: Path, names: list[str]) -> dict[str, dict[str, Any] | None]:
@@ -504,13 +505,16 @@ def run_cpu(args: argparse.Namespace) -> int:
     try:
         os.environ["UGT_REDIS_URL"] = env["UGT_REDIS_URL"]
         users, items = seed_states(Settings(), checkpoint, args.users, args.history, args.seed)
-        for name, config in configs.items():
-            server = start_server(name, workdir, env, config, args.workers)
-            servers.append(server)
-            try:
-                rows += run_config(name, server, rates, args, users, items)
-            finally:
-                server.stop()
+        for name, config in configs.items():  # all up at once, idle while another is measured
+            servers.append(start_server(name, workdir, env, config, args.workers))
+        for server in servers:
+            warm_up(server, rates, args, users)
+        # configs interleaved within each rate: the shared VM's speed drifts over minutes (see machine_speed),
+        # and one config measured entirely in a slow spell would look worse than it is
+        for rate in tqdm(rates, desc="rates", unit="rate", file=sys.stderr):
+            for server in servers:
+                rows.append(measure(server, rate, args, users, items))
+        rows.sort(key=lambda row: (names.index(row["config"]), row["qps"]))
     finally:
         for server in servers:
             server.stop()
@@ -533,6 +537,7 @@ def run_cpu(args: argparse.Namespace) -> int:
         "load": {"arrivals": "poisson, open loop; latency from the scheduled send time", "duration_s": args.duration,
                  "connections": args.connections, "server_workers": args.workers, "k": args.k, "users": args.users, "history": args.history,
                  "fresh_share": args.fresh_share,
+                 "order": "all servers up and warmed (every user once) first; then per rate, each config in turn",
                  "client": "asyncio keep-alive HTTP/1.1 client in the bench process, same box"},
         "anchor": "anchor-fastapi: a trivial FastAPI endpoint (constant answer), uvicorn, same box, same load",
         "target": "ugt-tiny: P99 <= 20 ms at 1,000 req/s end to end",
