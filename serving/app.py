@@ -337,16 +337,17 @@ def create_app(
     by_domain = components.generators or {config.default_domain: components.generator}
     on_gpu = sorted(domain for domain, gen in by_domain.items()
                     if getattr(getattr(getattr(gen, "engine", None), "device", None), "type", "cpu") == "cuda")
-    if config.engine == "process" and on_gpu:
+    engine = config.engine if config.engine != "auto" else ("thread" if on_gpu else "process")
+    if engine == "process" and on_gpu:
         raise ConfigError(
             f"engine: process forks the loaded model into the engine process, and CUDA does not survive a fork "
-            f"(domains {on_gpu} run on the GPU): set engine: thread there (the GPU's kernels release the GIL)"
+            f"(domains {on_gpu} run on the GPU): set engine: thread or auto (the GPU's kernels release the GIL)"
         )
     kv_caches = {domain: gen.engine.cache for domain, gen in by_domain.items()
                  if getattr(getattr(gen, "engine", None), "cache", None) is not None}
     metrics.watch_kv_caches(kv_caches)
     service = RecommendService(config, components, metrics)
-    log.info("serving config: %s", asdict(config))
+    log.info("serving config: %s (engine: %s)", asdict(config), engine)
     if client is not None:
         try:
             client.ping()  # opens the first pooled connection now rather than in the first request
@@ -365,7 +366,7 @@ def create_app(
     )
 
     batcher: DynamicBatcher | EngineProcess
-    if config.engine == "process":
+    if engine == "process":
         def engine_metrics() -> None:  # in each forked engine: its own series, from zero, added up at scrape
             fresh = ServingMetrics()
             fresh.watch_kv_caches(kv_caches)

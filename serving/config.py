@@ -19,7 +19,9 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "default.yam
 ENV_PREFIX = "UGT_SERVING_"
 
 STATE_READERS = ("feast", "redis")  # Feast SDK get_online_features | direct read of Feast's Redis hashes
-ENGINES = ("thread", "process")  # where the batcher runs the pipeline: a thread of the server, or its own process
+# where the batcher runs the pipeline: a thread of the server, its own forked process, or auto = process unless a
+# model runs on CUDA (which does not survive a fork)
+ENGINES = ("auto", "thread", "process")
 GENERATORS = ("popularity", "ugt")  # ugt: serving/ugt_generator.py, needs `checkpoint`
 DOMAIN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -88,7 +90,8 @@ class ServingConfig:
     torch_threads: int = 1
     batch_max_wait_ms: float = 1.0  # how long the first request of a batch waits for company
     # thread: the batcher is a thread beside the event loop (one GIL); process: the built service is forked into
-    # an engine process with its own GIL, and the server process only does HTTP (serving/engine_process.py)
+    # an engine process with its own GIL, and the server process only does HTTP (serving/engine_process.py);
+    # auto (the shipped configs): process on CPU, thread when a model runs on CUDA
     engine: str = "thread"
     queue_timeout_ms: float = 200.0  # a request queued longer is answered by the fallback (reason overloaded)
     request_timeout_ms: float = 1000.0  # no answer by then -> the fallback (reason timeout)

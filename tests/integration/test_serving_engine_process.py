@@ -1,4 +1,4 @@
-"""`ugt serve` with engine: process, as users run it: a subprocess, real Redis, state pushed through Feast.
+"""`ugt serve` with engine: auto (a process on this CPU box), as users run it: a subprocess, real Redis, state pushed through Feast.
 
 The engine process answers the same items as the in-process (thread) service; /metrics adds up both
 processes' series; killing the engine process gives marked fallbacks (never a 5xx) and a new engine.
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def served(seeded: Settings, checkpoint: Path, tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen, dict]]:  # noqa: F811
     folder = tmp_path_factory.mktemp("engine")
-    config = {"generator": "ugt", "checkpoint": str(checkpoint), "default_domain": DOMAIN, "engine": "process",
+    config = {"generator": "ugt", "checkpoint": str(checkpoint), "default_domain": DOMAIN, "engine": "auto",
               "log_level": "warning"}
     (folder / "serving.yaml").write_text(yaml.safe_dump(config))
     port = free_port()

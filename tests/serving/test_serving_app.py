@@ -220,3 +220,30 @@ def test_an_outage_is_logged_once_not_per_request(caplog):
             assert client.post("/recommend", json={"user_id": "u1", "k": 1}).status_code == 200
     records = [r for r in caplog.records if "user state unavailable" in r.getMessage()]
     assert len(records) == 1 and "Connection refused" in records[0].getMessage()
+
+
+class CudaGenerator(PopularityGenerator):
+    """A generator whose engine says it runs on CUDA (the device check reads only ``engine.device``)."""
+
+    class engine:  # noqa: N801 - stands in for UGTInference's attributes
+        import torch
+
+        device = torch.device("cuda")
+        cache = None
+
+
+def test_engine_process_with_a_model_on_cuda_fails_at_start_and_auto_picks_the_thread():
+    from serving.batcher import DynamicBatcher
+    from serving.config import ConfigError
+
+    redis = FakeZsetRedis(POPULAR)
+    fallback = PopularityFallback(redis, None, clock=FakeClock())
+
+    def parts():
+        return Components(state_reader=FakeStateReader({}), generator=CudaGenerator(fallback), fallback=fallback,
+                          reranker=FilterReranker())
+
+    with pytest.raises(ConfigError, match="CUDA does not survive a fork"):
+        create_app(config=ServingConfig(engine="process"), components=parts(), client=redis)
+    app = create_app(config=ServingConfig(engine="auto"), components=parts(), client=redis)
+    assert isinstance(app.state.batcher, DynamicBatcher)

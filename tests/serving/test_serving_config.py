@@ -83,7 +83,7 @@ def test_start_fails_on_a_bad_popularity_file_or_feature_repo(tmp_path, monkeypa
 
 
 def test_the_shipped_config_runs_the_engine_in_its_own_process_and_bad_engines_are_refused():
-    assert load_config(DEFAULT_CONFIG_PATH, env={}).engine == "process"
+    assert load_config(DEFAULT_CONFIG_PATH, env={}).engine == "auto"  # process on CPU, thread on GPU
     assert ServingConfig().engine == "thread"  # the library default: apps hosted in-process (tests) do not fork
     with pytest.raises(ConfigError, match="engine: must be one of"):
         build_config({"engine": "fork"}, env={})

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
 
 from serving.metrics import ServingMetrics
 
@@ -16,7 +18,12 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "infra" / "grafana" / "ugt-ser
 def exported() -> dict[str, set[str]]:
     """Series name -> label names of every metric of ServingMetrics (histogram _bucket/_sum/_count too)."""
     out: dict[str, set[str]] = {}
-    for metric in vars(ServingMetrics()).values():
+    metrics = ServingMetrics()
+    metrics.watch_kv_caches({"movie": SimpleNamespace(hits=1, misses=1)})  # a custom collector: read its output
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            out.setdefault(sample.name, set()).update(sample.labels)
+    for metric in vars(metrics).values():
         if not isinstance(metric, MetricWrapperBase):
             continue
         name, labels = metric._name, set(metric._labelnames)  # noqa: SLF001 (no public accessor)
