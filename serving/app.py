@@ -545,6 +545,8 @@ def create_app(
     def health() -> Any:
         """ok: Redis, the state store and popularity all work; degraded: answering from fallbacks; down (503)."""
         checks = _health_checks(client, components, config)
+        if isinstance(batcher, EngineProcess):
+            checks["engine"] = batcher.health()
         if not checks["popularity"]["ok"]:
             status_text, code = "down", 503
         elif all(c["ok"] for c in checks.values()):

@@ -164,6 +164,12 @@ class EngineProcess:
         self._loop.add_reader(ours.fileno(), self._on_readable)
         log.info("engine process %d started", child.pid)
 
+    def health(self) -> dict[str, Any]:
+        """The /health check of the engine: up (its socket open and the process alive) and how often restarted."""
+        alive = self._sock is not None and self._child is not None and self._child.is_alive()
+        state = "up" if alive else "restarting"
+        return {"ok": alive, "detail": f"engine process {self.pid} {state}, {self.restarts} restarts"}
+
     async def submit(self, item: Any, timeout_s: float | None = None) -> Any:
         """The engine's (encoded) result for ``item``; TimeoutError after ``timeout_s``; EngineUnavailable."""
         if self._closed:

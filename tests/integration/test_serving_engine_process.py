@@ -84,7 +84,9 @@ def test_the_engine_process_answers_as_the_in_process_service(served, seeded: Se
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["fallback"] is False and body["model"].startswith("ugt-ugt-ml100k-tiny-")
-    assert len(engine_pids(proc)) == 1  # one engine beside the HTTP process
+    (pid,) = engine_pids(proc)  # one engine beside the HTTP process
+    engine = requests.get(f"{url}/health", timeout=10).json()["checks"]["engine"]
+    assert engine == {"ok": True, "detail": f"engine process {pid} up, 0 restarts"}
 
     in_process = Served(create_app(seeded, build_config(config | {"engine": "thread"}, env={}, base_dir=tmp_path)))
     try:
@@ -131,3 +133,5 @@ def test_a_killed_engine_gives_marked_fallbacks_then_a_new_engine(served):
     (new,) = engine_pids(proc)
     assert new != victim
     assert samples(url)[("ugt_serving_engine_restarts_total", ())] == 1
+    health = requests.get(f"{url}/health", timeout=10).json()
+    assert health["checks"]["engine"] == {"ok": True, "detail": f"engine process {new} up, 1 restarts"}

@@ -123,8 +123,10 @@ def test_a_dying_engine_fails_its_requests_and_is_forked_again():
                 await asyncio.sleep(0.05)
         return first_pid, engine.pid, answer, engine.restarts
 
-    first_pid, second_pid, answer, restarts = with_engine(EngineProcess(process, max_size=1, max_wait_s=0.0), body)
+    engine = EngineProcess(process, max_size=1, max_wait_s=0.0)
+    first_pid, second_pid, answer, restarts = with_engine(engine, body)
     assert answer == "alive" and restarts == 1 and second_pid != first_pid
+    assert engine.health() == {"ok": False, "detail": f"engine process {second_pid} restarting, 1 restarts"}  # closed
 
 
 def test_after_fork_and_metrics_run_in_the_engine():
