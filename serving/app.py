@@ -381,6 +381,7 @@ def create_app(
             render_metrics=lambda: service.metrics.render(),
             after_fork=engine_metrics,
             on_restart=metrics.engine_restarts.inc,
+            hang_timeout_s=config.engine_hang_timeout_ms / 1000.0,
         )
     else:
         batcher = DynamicBatcher(

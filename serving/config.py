@@ -93,6 +93,7 @@ class ServingConfig:
     # an engine process with its own GIL, and the server process only does HTTP (serving/engine_process.py);
     # auto (the shipped configs): process on CPU, thread when a model runs on CUDA
     engine: str = "thread"
+    engine_hang_timeout_ms: float = 10000.0  # engine: process that answers nothing this long while asked is restarted
     queue_timeout_ms: float = 200.0  # a request queued longer is answered by the fallback (reason overloaded)
     request_timeout_ms: float = 1000.0  # no answer by then -> the fallback (reason timeout)
     rerank: RerankConfig = field(default_factory=RerankConfig)  # the rules of domains without their own
@@ -160,6 +161,8 @@ def _problems(config: ServingConfig, base_dir: Path) -> list[str]:
         out.append(f"torch_threads: must be 0..256 (0 = PyTorch's default), got {config.torch_threads}")
     if not 1 <= config.batch_max_size <= 4096:
         out.append(f"batch_max_size: must be 1..4096, got {config.batch_max_size}")
+    if not 100 <= config.engine_hang_timeout_ms <= 600_000:
+        out.append(f"engine_hang_timeout_ms: must be 100..600000, got {config.engine_hang_timeout_ms}")
     if config.engine not in ENGINES:
         out.append(f"engine: must be one of {list(ENGINES)}, got {config.engine!r}")
     if not 0 <= config.batch_max_wait_ms <= 1000:

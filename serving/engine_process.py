@@ -45,6 +45,7 @@ REQUEST, METRICS = 0, 1  # message kinds, HTTP process -> engine
 RESTART_MIN_INTERVAL_S = 1.0  # a crashing engine is re-forked at most this often
 HEADER = struct.Struct("!I")  # each message: its length, then the pickle
 RECV_BYTES = 1 << 18
+WATCHDOG_EVERY_S = 0.5
 
 
 class FrameReader:
@@ -113,6 +114,7 @@ class EngineProcess:
         render_metrics: Callable[[], bytes] = lambda: b"",
         after_fork: Callable[[], None] | None = None,
         on_restart: Callable[[], None] | None = None,
+        hang_timeout_s: float = 10.0,
         name: str = "ugt-engine",
     ):
         if max_size < 1 or max_wait_s < 0:
@@ -125,6 +127,9 @@ class EngineProcess:
         self.render_metrics = render_metrics
         self.after_fork = after_fork
         self.on_restart = on_restart
+        self.hang_timeout_s = hang_timeout_s
+        self._waiting_since: float | None = None  # the first request sent since the engine last answered
+        self._watchdog: asyncio.TimerHandle | None = None
         self.name = name
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future] = {}
@@ -162,6 +167,9 @@ class EngineProcess:
         self._frames = FrameReader()
         self._unsent = bytearray()
         self._loop.add_reader(ours.fileno(), self._on_readable)
+        self._waiting_since = None
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(WATCHDOG_EVERY_S, self._check_hang)
         log.info("engine process %d started", child.pid)
 
     def health(self) -> dict[str, Any]:
@@ -195,6 +203,8 @@ class EngineProcess:
         timer = loop.call_later(timeout_s, _expire, future) if timeout_s is not None else None
         try:
             self._write(frame((kind, ident, time.perf_counter(), item)))
+            if self._waiting_since is None:
+                self._waiting_since = time.monotonic()
             return await future
         finally:
             self._pending.pop(ident, None)
@@ -248,6 +258,7 @@ class EngineProcess:
             if not data:
                 self._engine_died(EOFError("the engine closed its socket"))
                 return
+            self._waiting_since = time.monotonic() if self._pending else None  # it answers: not hung
             for message in self._frames.feed(data):
                 for ident, result, error in pickle.loads(message):
                     future = self._pending.get(ident)
@@ -257,6 +268,22 @@ class EngineProcess:
                         future.set_exception(error)
                     else:
                         future.set_result(result)
+
+    def _check_hang(self) -> None:
+        """Every WATCHDOG_EVERY_S: an engine that has answered nothing for hang_timeout_s while asked is killed
+        (and so restarted); its requests have had their timeout fallback long before."""
+        assert self._loop is not None
+        if self._closed:
+            return
+        self._watchdog = self._loop.call_later(WATCHDOG_EVERY_S, self._check_hang)
+        since = self._waiting_since
+        if since is None or self._sock is None or self._child is None:
+            return
+        if time.monotonic() - since > self.hang_timeout_s and self._child.is_alive():
+            log.error("engine process %d answered nothing for %.1f s while asked: killing it (a new one is forked)",
+                      self._child.pid, time.monotonic() - since)
+            self._waiting_since = None
+            self._child.kill()  # its socket closes: _on_readable sees EOF and restarts it
 
     def _engine_died(self, exc: BaseException) -> None:
         assert self._loop is not None and self._sock is not None
@@ -304,6 +331,9 @@ class EngineProcess:
     def close(self, timeout: float = 5.0) -> None:
         """Stop the engine: closing its socket ends it after the batch it is running."""
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self._detach()
         if self._child is not None:
             self._child.join(timeout)

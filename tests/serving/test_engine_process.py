@@ -231,3 +231,29 @@ def test_messages_larger_than_the_socket_buffers_pass_both_ways(loop_kind):
     else:
         payloads, answers, restarts = asyncio.run(main())
     assert answers == [p * 2 for p in payloads] and restarts == 0
+
+
+def test_a_hung_engine_is_killed_by_the_watchdog_and_forked_again():
+    def process(entries):
+        if entries[0].item == "hang":
+            time.sleep(60)  # alive, not answering
+        return [e.item for e in entries]
+
+    async def body(engine):
+        first_pid = engine.pid
+        with pytest.raises(TimeoutError):  # the request has its own timeout (the HTTP layer's fallback)
+            await engine.submit("hang", timeout_s=0.2)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                answer = await engine.submit("alive", timeout_s=0.5)
+                break
+            except (TimeoutError, EngineUnavailable):  # still hung, or being restarted
+                assert time.monotonic() < deadline, "the hung engine was not replaced"
+                await asyncio.sleep(0.05)
+        return first_pid, engine.pid, answer, engine.restarts
+
+    engine = EngineProcess(process, max_size=1, max_wait_s=0.0, hang_timeout_s=1.0)
+    first_pid, second_pid, answer, restarts = with_engine(engine, body)
+    assert answer == "alive" and restarts == 1 and second_pid != first_pid
+    assert not Path(f"/proc/{first_pid}").exists() or _is_zombie(first_pid)

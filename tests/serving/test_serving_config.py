@@ -87,3 +87,8 @@ def test_the_shipped_config_runs_the_engine_in_its_own_process_and_bad_engines_a
     assert ServingConfig().engine == "thread"  # the library default: apps hosted in-process (tests) do not fork
     with pytest.raises(ConfigError, match="engine: must be one of"):
         build_config({"engine": "fork"}, env={})
+
+
+def test_engine_hang_timeout_is_bounded():
+    with pytest.raises(ConfigError, match="engine_hang_timeout_ms: must be 100..600000"):
+        build_config({"engine_hang_timeout_ms": 5}, env={})
