@@ -49,6 +49,29 @@ def _resolve(answers: list[tuple[asyncio.Future, object, BaseException | None]])
             future.set_result(result)
 
 
+def check_limits(max_size: int, max_wait_s: float) -> None:
+    if max_size < 1 or max_wait_s < 0:
+        raise ValueError(f"max_size must be >= 1 and max_wait_s >= 0, got {max_size}, {max_wait_s}")
+
+
+def run_process(
+    process: Callable[[Sequence[Queued[T]]], Sequence[R]], batch: list[Queued[T]]
+) -> tuple[list[R | None], list[BaseException | None]]:
+    """(results, errors), one each per entry: ``process(batch)``, or its exception for every entry of the batch.
+
+    Every waiter must hear back, whatever happened; a ``process`` that returns the wrong number of results
+    is an error too.
+    """
+    try:
+        results = list(process(batch))
+        if len(results) != len(batch):
+            raise RuntimeError(f"process returned {len(results)} results for {len(batch)} requests")
+        return list(results), [None] * len(batch)
+    except BaseException as exc:
+        log.exception("batch of %d failed", len(batch))
+        return [None] * len(batch), [exc] * len(batch)
+
+
 def _expire(future: asyncio.Future) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
@@ -71,8 +94,7 @@ class DynamicBatcher(Generic[T, R]):
         on_batch: Callable[[int], None] | None = None,
         name: str = "ugt-batcher",
     ):
-        if max_size < 1 or max_wait_s < 0:
-            raise ValueError(f"max_size must be >= 1 and max_wait_s >= 0, got {max_size}, {max_wait_s}")
+        check_limits(max_size, max_wait_s)
         self.process = process
         self.max_size = max_size
         self.max_wait_s = max_wait_s
@@ -143,14 +165,7 @@ class DynamicBatcher(Generic[T, R]):
             batch, stop = self._collect(first)
             if self.on_batch is not None:
                 self.on_batch(len(batch))
-            try:
-                results = list(self.process(batch))
-                if len(results) != len(batch):
-                    raise RuntimeError(f"process returned {len(results)} results for {len(batch)} requests")
-                errors: list[BaseException | None] = [None] * len(batch)
-            except BaseException as exc:  # every waiter must hear back, whatever happened
-                log.exception("batch of %d failed", len(batch))
-                results, errors = [None] * len(batch), [exc] * len(batch)
+            results, errors = run_process(self.process, batch)
             by_loop: dict[asyncio.AbstractEventLoop, list] = {}
             for entry, result, error in zip(batch, results, errors, strict=True):
                 by_loop.setdefault(entry.loop, []).append((entry.future, result, error))

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from serving.batcher import BatcherClosed, Queued
+from serving.batcher import BatcherClosed, Queued, check_limits, run_process
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,7 @@ class EngineProcess:
         hang_timeout_s: float = 10.0,
         name: str = "ugt-engine",
     ):
-        if max_size < 1 or max_wait_s < 0:
-            raise ValueError(f"max_size must be >= 1 and max_wait_s >= 0, got {max_size}, {max_wait_s}")
+        check_limits(max_size, max_wait_s)
         self.process = process
         self.max_size = max_size
         self.max_wait_s = max_wait_s
@@ -357,7 +356,7 @@ class EngineProcess:
                 for ident in controls:
                     sock.sendall(frame([(ident, self.render_metrics(), None)]))
                 if batch:
-                    sock.sendall(frame(self._answer(batch)))
+                    sock.sendall(self._answers_frame(self._answer(batch)))
         except (EOFError, OSError):
             return
         finally:
@@ -390,12 +389,29 @@ class EngineProcess:
     def _answer(self, batch: list[tuple[int, Queued[Any]]]) -> list[tuple[int, Any, BaseException | None]]:
         if self.on_batch is not None:
             self.on_batch(len(batch))
-        entries = [entry for _, entry in batch]
+        results, errors = run_process(self.process, [entry for _, entry in batch])
+        out: list[tuple[int, Any, BaseException | None]] = []
+        for (ident, _), result, error in zip(batch, results, errors, strict=True):
+            if error is None:
+                try:
+                    result = self.encode(result)
+                except Exception as exc:  # one answer that cannot be encoded fails alone
+                    log.exception("encoding an answer failed")
+                    result, error = None, exc
+            out.append((ident, result if error is None else None, error))
+        return out
+
+    @staticmethod
+    def _answers_frame(answers: list[tuple[int, Any, BaseException | None]]) -> bytes:
+        """The batch's frame; an answer or error that cannot be pickled travels as a RuntimeError naming it."""
         try:
-            results = list(self.process(entries))
-            if len(results) != len(batch):
-                raise RuntimeError(f"process returned {len(results)} results for {len(batch)} requests")
-            return [(ident, self.encode(result), None) for (ident, _), result in zip(batch, results, strict=True)]
-        except Exception as exc:  # every waiter must hear back, whatever happened
-            log.exception("batch of %d failed", len(batch))
-            return [(ident, None, exc) for ident, _ in batch]
+            return frame(answers)
+        except Exception:
+            safe = []
+            for ident, result, error in answers:
+                try:
+                    pickle.dumps((result, error))
+                    safe.append((ident, result, error))
+                except Exception as exc:
+                    safe.append((ident, None, RuntimeError(f"answer cannot be sent to the HTTP process: {exc!r}")))
+            return frame(safe)

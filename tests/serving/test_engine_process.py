@@ -257,3 +257,24 @@ def test_a_hung_engine_is_killed_by_the_watchdog_and_forked_again():
     first_pid, second_pid, answer, restarts = with_engine(engine, body)
     assert answer == "alive" and restarts == 1 and second_pid != first_pid
     assert not Path(f"/proc/{first_pid}").exists() or _is_zombie(first_pid)
+
+
+def test_an_answer_that_cannot_be_encoded_or_sent_fails_alone():
+    import threading
+
+    def process(entries):
+        return [threading.Lock() if e.item == "unpicklable" else e.item for e in entries]
+
+    def encode(result):
+        if result == "bad-encoding":
+            raise ValueError("cannot encode")
+        return result
+
+    async def body(engine):
+        return await asyncio.gather(*[engine.submit(i, timeout_s=5) for i in ("ok", "bad-encoding", "unpicklable")],
+                                    return_exceptions=True)
+
+    ok, bad, unpicklable = with_engine(EngineProcess(process, max_size=8, max_wait_s=0.05, encode=encode), body)
+    assert ok == "ok"
+    assert isinstance(bad, ValueError) and "cannot encode" in str(bad)
+    assert isinstance(unpicklable, RuntimeError) and "cannot be sent" in str(unpicklable)
