@@ -318,6 +318,31 @@ def _header(scope: dict, name: bytes) -> str | None:
     return None
 
 
+def _batcher(engine: str, config: ServingConfig, service: RecommendService, metrics: ServingMetrics,
+             kv_caches: dict[str, object]) -> DynamicBatcher | EngineProcess:
+    """The pipeline's runner: a thread beside the event loop, or the forked engine process (docs/SERVING.md)."""
+    if engine == "thread":
+        return DynamicBatcher(service.run_batch, max_size=config.batch_max_size,
+                              max_wait_s=config.batch_max_wait_ms / 1000.0, on_batch=metrics.batch_size.observe)
+
+    def engine_metrics() -> None:  # in each forked engine: its own series, from zero, added up at scrape
+        fresh = ServingMetrics()
+        fresh.watch_kv_caches(kv_caches)
+        service.use_metrics(fresh)
+
+    return EngineProcess(
+        service.run_batch,
+        max_size=config.batch_max_size,
+        max_wait_s=config.batch_max_wait_ms / 1000.0,
+        on_batch=lambda size: service.metrics.batch_size.observe(size),
+        encode=lambda answer: answer.to_json() if isinstance(answer, Answer) else answer,
+        render_metrics=lambda: service.metrics.render(),
+        after_fork=engine_metrics,
+        on_restart=metrics.engine_restarts.inc,
+        hang_timeout_s=config.engine_hang_timeout_ms / 1000.0,
+    )
+
+
 def create_app(
     settings: Settings | None = None,
     config: ServingConfig | None = None,
@@ -365,31 +390,7 @@ def create_app(
         settings.redis_url,
     )
 
-    batcher: DynamicBatcher | EngineProcess
-    if engine == "process":
-        def engine_metrics() -> None:  # in each forked engine: its own series, from zero, added up at scrape
-            fresh = ServingMetrics()
-            fresh.watch_kv_caches(kv_caches)
-            service.use_metrics(fresh)
-
-        batcher = EngineProcess(
-            service.run_batch,
-            max_size=config.batch_max_size,
-            max_wait_s=config.batch_max_wait_ms / 1000.0,
-            on_batch=lambda size: service.metrics.batch_size.observe(size),
-            encode=lambda answer: answer.to_json() if isinstance(answer, Answer) else answer,
-            render_metrics=lambda: service.metrics.render(),
-            after_fork=engine_metrics,
-            on_restart=metrics.engine_restarts.inc,
-            hang_timeout_s=config.engine_hang_timeout_ms / 1000.0,
-        )
-    else:
-        batcher = DynamicBatcher(
-            service.run_batch,
-            max_size=config.batch_max_size,
-            max_wait_s=config.batch_max_wait_ms / 1000.0,
-            on_batch=metrics.batch_size.observe,
-        )
+    batcher = _batcher(engine, config, service, metrics, kv_caches)
     limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps else None
     api_keys = frozenset(config.api_keys)
     request_timeout_s = config.request_timeout_ms / 1000.0
