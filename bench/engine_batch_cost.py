@@ -1,0 +1,111 @@
+"""What one UGTGenerator.recommend_batch costs on this CPU, by batch size and by KV-cache misses in the batch.
+
+The CPU serving bench (bench/serving.py) shows a per-batch model cost that is mostly fixed; this measures it
+alone, in one process on one thread, with the small model the serving bench uses. Rows:
+  hits B     every user's prefix cached: only the last event runs through the layers
+  misses M/B M users of the batch have a changed history: their whole sequence runs again (prefill)
+Anchor in the same run: the same hit batches with the decode step under ``torch.compile`` (--compile; its
+compile time is reported too), the option we measured and left off.
+
+  python -m bench.engine_batch_cost               # writes bench/results/engine_batch_cost.json
+  python -m bench.engine_batch_cost --compile     # + torch.compile rows (about a minute of compiling)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import machine_info, print_table, write_result
+from bench.serving import DOMAIN, ensure_checkpoint
+
+HISTORY = 50
+USERS = 512
+REPEATS = 5
+
+
+def states(vocab: list[str], users: int, seed: int, extra: int = 0) -> list[Any]:
+    """Users with HISTORY events each; ``extra`` > 0 replaces the last event (a changed history)."""
+    from models.user_state import STATE_VERSION
+    from serving.state import UserStateView
+
+    rng = np.random.default_rng(seed)
+    times = tuple(1_700_000_000_000 + i * 60_000 for i in range(HISTORY))
+    out = []
+    for u in range(users):
+        items = tuple(str(i) for i in rng.choice(vocab, HISTORY))
+        if extra:
+            items = items[:-1] + (vocab[(u + extra) % len(vocab)],)
+        out.append(UserStateView(f"cost-{u}", items, (2,) * HISTORY, (8,) * HISTORY, times, HISTORY, times[-1],
+                                 STATE_VERSION))
+    return out
+
+
+def batch_ms(gen: Any, base: list[Any], size: int, misses: int) -> float:
+    """Best of REPEATS: ms per batch of ``size``, the first ``misses`` users of each batch with a changed history."""
+    from serving.generator import GenerationRequest
+
+    vocab = list(gen.item_to_index)
+
+    def request(state: Any) -> Any:
+        return GenerationRequest(state, 10, frozenset(state.item_ids), DOMAIN)
+
+    best = float("inf")
+    for rep in range(REPEATS):
+        changed = states(vocab, USERS, seed=0, extra=rep + 1) if misses else []
+        batches = []
+        for start in range(0, USERS - size + 1, size):
+            batch = [request(s) for s in base[start : start + size]]
+            for j in range(misses):
+                batch[j] = request(changed[start + j])
+            batches.append(batch)
+        began = time.perf_counter()
+        for batch in batches:
+            gen.recommend_batch(batch)
+        best = min(best, (time.perf_counter() - began) / len(batches) * 1000.0)
+        if misses:  # put the cached prefixes back for the next repeat
+            for start in range(0, USERS, 64):
+                gen.recommend_batch([request(s) for s in base[start : start + 64]])
+    return round(best, 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.engine_batch_cost", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--compile", action="store_true", help="also time the hit batches with torch.compile")
+    args = parser.parse_args(argv)
+
+    from infra.settings import get_settings
+    from serving.generator import GenerationRequest
+    from serving.ugt_generator import UGTGenerator
+
+    torch.set_num_threads(1)
+    checkpoint = ensure_checkpoint(get_settings().cache_dir)
+    gen = UGTGenerator(checkpoint, kv_cache_users=USERS)
+    base = states(list(gen.item_to_index), USERS, seed=0)
+    for start in range(0, USERS, 64):  # fill the caches
+        gen.recommend_batch([GenerationRequest(s, 10, frozenset(s.item_ids), DOMAIN) for s in base[start : start + 64]])
+    cases = [(1, 0), (8, 0), (16, 0), (64, 0), (1, 1), (8, 1), (8, 2), (8, 8)]
+    rows = [{"variant": "eager", "batch": b, "misses": m, "ms_per_batch": batch_ms(gen, base, b, m)} for b, m in cases]
+    payload: dict[str, Any] = {"benchmark": "engine_batch_cost", "device": machine_info(), "threads": 1,
+                               "model": "ugt_ml100k_tiny (bench.serving.ensure_checkpoint)", "history": HISTORY,
+                               "anchor": "eager rows; --compile adds torch.compile of the decode step in the same run"}
+    if args.compile:
+        began = time.perf_counter()
+        gen.engine.decode_compact = torch.compile(gen.engine.decode_compact, dynamic=True)
+        batch_ms(gen, base, 8, 0)  # compiles
+        payload["compile_s"] = round(time.perf_counter() - began, 1)
+        rows += [{"variant": "torch.compile decode", "batch": b, "misses": 0, "ms_per_batch": batch_ms(gen, base, b, 0)}
+                 for b in (1, 8, 16)]
+    payload["rows"] = rows
+    print_table(rows)
+    write_result("engine_batch_cost", payload)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
