@@ -9,21 +9,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.serving import process_tree
+from bench.serving import process_tree, start_server
 from infra.settings import Settings
 from serving.app import create_app
 from serving.config import build_config
-from tests.integration.test_serving import Served, free_port
+from tests.integration.test_serving import Served
 from tests.integration.test_serving_ugt import DOMAIN, HISTORY, USER, checkpoint, seeded  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.integration
@@ -36,32 +34,11 @@ def served(seeded: Settings, checkpoint: Path, tmp_path_factory) -> Iterator[tup
     folder = tmp_path_factory.mktemp("engine")
     config = {"generator": "ugt", "checkpoint": str(checkpoint), "default_domain": DOMAIN, "engine": "auto",
               "log_level": "warning"}
-    (folder / "serving.yaml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = (folder / "serve.log").open("w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "ugt"), "serve", "--config", str(folder / "serving.yaml"),
-                             "--port", str(port)], cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)},
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                break
-        except requests.RequestException:
-            pass
-        assert proc.poll() is None, (folder / "serve.log").read_text()
-        assert time.monotonic() < deadline, "ugt serve did not become healthy in 60 s"
-        time.sleep(0.2)
+    server = start_server("engine", folder, os.environ | {"PYTHONPATH": str(REPO)}, config, workers=1)
     try:
-        yield url, proc, config
+        yield f"http://127.0.0.1:{server.port}", server.proc, config
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
 
 
 def recommend(url: str, **body) -> requests.Response:

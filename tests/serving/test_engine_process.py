@@ -103,6 +103,17 @@ def test_a_timed_out_request_does_not_disturb_the_next():
     assert with_engine(EngineProcess(process, max_size=1, max_wait_s=0.0), body) == "fast"
 
 
+async def answer_after_restart(engine: EngineProcess, item: str, within_s: float) -> str:
+    """``item``'s answer once the engine answers again (restarted within ``within_s``)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await engine.submit(item, timeout_s=0.5)
+        except (TimeoutError, EngineUnavailable):  # still hung, or being restarted
+            assert time.monotonic() < deadline, "the engine was not restarted"
+            await asyncio.sleep(0.05)
+
+
 def test_a_dying_engine_fails_its_requests_and_is_forked_again():
     def process(entries):
         if entries[0].item == "die":
@@ -113,14 +124,7 @@ def test_a_dying_engine_fails_its_requests_and_is_forked_again():
         first_pid = engine.pid
         with pytest.raises(EngineUnavailable, match="exit code 3"):
             await engine.submit("die", timeout_s=5)
-        deadline = time.monotonic() + 10
-        while True:  # restarted within RESTART_MIN_INTERVAL_S of the first start
-            try:
-                answer = await engine.submit("alive", timeout_s=5)
-                break
-            except EngineUnavailable:
-                assert time.monotonic() < deadline, "the engine was not restarted"
-                await asyncio.sleep(0.05)
+        answer = await answer_after_restart(engine, "alive", 10)  # within RESTART_MIN_INTERVAL_S of the start
         return first_pid, engine.pid, answer, engine.restarts
 
     engine = EngineProcess(process, max_size=1, max_wait_s=0.0)
@@ -243,14 +247,7 @@ def test_a_hung_engine_is_killed_by_the_watchdog_and_forked_again():
         first_pid = engine.pid
         with pytest.raises(TimeoutError):  # the request has its own timeout (the HTTP layer's fallback)
             await engine.submit("hang", timeout_s=0.2)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                answer = await engine.submit("alive", timeout_s=0.5)
-                break
-            except (TimeoutError, EngineUnavailable):  # still hung, or being restarted
-                assert time.monotonic() < deadline, "the hung engine was not replaced"
-                await asyncio.sleep(0.05)
+        answer = await answer_after_restart(engine, "alive", 15)
         return first_pid, engine.pid, answer, engine.restarts
 
     engine = EngineProcess(process, max_size=1, max_wait_s=0.0, hang_timeout_s=1.0)
