@@ -8,7 +8,7 @@ the client) falls behind, the queueing shows in the percentiles instead of silen
 (coordinated omission). The anchor, measured in the same run under the same load on the same box, is a
 trivial FastAPI endpoint (constant answer) served the same way.
 
-  python -m bench.serving                                  # CPU: anchor, popularity, ugt-tiny (+ thread ablation)
+  python -m bench.serving                                  # CPU: anchor, popularity, ugt-tiny (+ eager, thread ablations)
   python -m bench.serving --rates 500,1000 --duration 5 --configs ugt-tiny
   python -m bench.serving --target gpu ...                 # bench.serving_gpu.run_gpu_bench(args)
 
@@ -202,7 +202,7 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def wait_healthy(server: Server, timeout_s: float = 120.0) -> None:
+def wait_healthy(server: Server, timeout_s: float = 300.0) -> None:
     import requests
 
     deadline = time.monotonic() + timeout_s
@@ -468,17 +468,19 @@ def measure(server: Server, rate: float, args: argparse.Namespace, users: list[s
 
 
 def cpu_configs(checkpoint: Path, names: list[str]) -> dict[str, dict[str, Any] | None]:
-    """The served configs. ugt-tiny / popularity run as the shipped serving config does (engine: process);
-    the *-engine-thread rows are the same with the pipeline on a thread of the HTTP process (the ablation)."""
+    """The served configs. ugt-tiny / popularity run as the shipped serving config does (engine: process,
+    torch_compile: true); the ablations: *-engine-thread runs the pipeline on a thread of the HTTP process,
+    ugt-tiny-eager the model without torch.compile."""
     common = {"default_domain": DOMAIN, "log_level": "warning", "batch_max_size": 64, "batch_max_wait_ms": 1.0}
     ugt = common | {"generator": "ugt", "checkpoint": str(checkpoint)}
     popularity = common | {"generator": "popularity"}
     all_configs: dict[str, dict[str, Any] | None] = {
         "anchor-fastapi": None,
         "popularity": popularity | {"engine": "process"},
-        "ugt-tiny": ugt | {"engine": "process"},
+        "ugt-tiny": ugt | {"engine": "process", "torch_compile": True},
         "popularity-engine-thread": popularity | {"engine": "thread"},
-        "ugt-tiny-engine-thread": ugt | {"engine": "thread"},
+        "ugt-tiny-engine-thread": ugt | {"engine": "thread", "torch_compile": True},
+        "ugt-tiny-eager": ugt | {"engine": "process", "torch_compile": False},
     }
     unknown = [n for n in names if n not in all_configs]
     if unknown:
@@ -567,9 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu", help="cpu: end to end here; gpu: bench.serving_gpu")
     parser.add_argument("--rates", default="250,500,1000,2000", help="req/s to offer, comma-separated (default: %(default)s)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per rate (default: %(default)s)")
-    parser.add_argument("--configs", default="popularity,ugt-tiny,ugt-tiny-engine-thread",
-                        help="served configs besides the anchor: popularity, ugt-tiny (both engine: process, as "
-                             "shipped), popularity-engine-thread, ugt-tiny-engine-thread (default: %(default)s)")
+    parser.add_argument("--configs", default="popularity,ugt-tiny,ugt-tiny-eager,ugt-tiny-engine-thread",
+                        help="served configs besides the anchor: popularity, ugt-tiny (as shipped: engine process, "
+                             "torch_compile), ugt-tiny-eager (no torch.compile), popularity-engine-thread, "
+                             "ugt-tiny-engine-thread (default: %(default)s)")
     parser.add_argument("--connections", type=int, default=128, help="client keep-alive connections (default: %(default)s)")
     parser.add_argument("--users", type=int, default=2000, help="users with state (default: %(default)s)")
     parser.add_argument("--history", type=int, default=50, help="events per user state (default: %(default)s)")

@@ -122,7 +122,8 @@ def _generators(config: ServingConfig, fallback: PopularityFallback) -> dict[str
                 from serving.ugt_generator import CheckpointError, UGTGenerator
 
                 try:
-                    loaded[key] = UGTGenerator(route.checkpoint, kv_cache_users=config.kv_cache_users)
+                    loaded[key] = UGTGenerator(route.checkpoint, kv_cache_users=config.kv_cache_users,
+                                               compile_cpu=config.torch_compile)
                 except CheckpointError as exc:
                     where = f"domains.{name}.checkpoint" if config.domains else "checkpoint"
                     raise ConfigError(f"{where}: {exc}") from exc

@@ -88,6 +88,9 @@ class ServingConfig:
     # PyTorch CPU threads per serving process. 1: a served batch is a few hundred small ops, too small to split,
     # and idle OpenMP workers spin on the cores the event loop needs (measured: docs/SERVING.md). 0 = torch's default
     torch_threads: int = 1
+    # true: each UGT model served on CPU runs torch.compile'd prefill/decode steps (inductor, C++ wrapper), compiled
+    # at start-up (~30-60 s; inductor's disk cache makes restarts faster). Needs a C++ compiler. No effect on CUDA
+    torch_compile: bool = False
     batch_max_wait_ms: float = 1.0  # how long the first request of a batch waits for company
     # thread: the batcher is a thread beside the event loop (one GIL); process: the built service is forked into
     # an engine process with its own GIL, and the server process only does HTTP (serving/engine_process.py);

@@ -73,7 +73,7 @@ class UGTGenerator:
     name = "ugt"
 
     def __init__(self, checkpoint: str | Path, *, clock: Callable[[], float] = time.time,
-                 inference: InferenceConfig | None = None, kv_cache_users: int = 0):
+                 inference: InferenceConfig | None = None, kv_cache_users: int = 0, compile_cpu: bool = False):
         from models.train import load_checkpoint, long_history_len
 
         path = Path(checkpoint)
@@ -108,9 +108,14 @@ class UGTGenerator:
         if inference is None:  # GPU when there is one (bf16, CUDA graphs, fused attention), else CPU fp32
             # kv_cache_users > 0: a user whose events did not change since the last request runs only the last
             # event through the layers against the cached prefix (models/ugt/inference.py), on CPU too
-            inference = InferenceConfig(device="cuda" if torch.cuda.is_available() else "cpu",
-                                        cache_slots=kv_cache_users)
-        self.engine = UGTInference(self.model, inference)
+            # compile_cpu: torch.compile the CPU path (CUDA has CUDA graphs instead)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            inference = InferenceConfig(device=device, cache_slots=kv_cache_users,
+                                        compile=compile_cpu and device == "cpu")
+        try:
+            self.engine = UGTInference(self.model, inference)
+        except ValueError as exc:  # bad inference settings, e.g. compile without a C++ compiler
+            raise CheckpointError(f"cannot serve {str(path)!r}: {exc}") from exc
 
     def model_input(self, state: UserStateView, query_time: int) -> dict[str, np.ndarray] | None:
         """The state's known events as one model row (None when no event's item is in the vocab)."""

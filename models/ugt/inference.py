@@ -51,6 +51,7 @@ class InferenceConfig:
     beam_size: int = 0  # > 0: also semantic-ID beam search (needs the model's semantic-ID head)
     merge: str = "retrieval"  # "retrieval" (dot-product top-k only) | "rrf" (retrieval + beam, rank-fused)
     candidate_micro_batch: int = 512  # M-FALCON-style micro-batch of candidates scored at once
+    compile: bool = False  # CPU: torch.compile prefill and decode at start (needs a C++ compiler; ~1 min)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -165,6 +166,21 @@ def _attn_output(block: HSTUBlock, x: torch.Tensor, u: torch.Tensor, attn: torch
     return x + block.o(gated)
 
 
+def _attend_one(block: HSTUBlock, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor,
+                pos_index: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    """HSTU attention of one query per row against head-major keys/values: (B, 1, H * dv).
+
+    q (B, 1, H, dqk); kc, vc (B, H, T, d); mask, pos_index, buckets (B, T): the query row of
+    :func:`models.hstu.hstu_attention`'s masked, biased weights.
+    """
+    B, T = mask.shape
+    scores = torch.matmul(q.transpose(1, 2), kc.transpose(-1, -2))  # (B, H, 1, T)
+    bias = (block.rab.pos_w[pos_index] + block.rab.ts_w[buckets]).view(B, 1, 1, T)
+    w = F.silu(scores + bias.to(scores.dtype)) / float(block.max_len)
+    w = w * mask.view(B, 1, 1, T).to(w.dtype)
+    return torch.matmul(w, vc).reshape(B, 1, -1)  # (B, H, 1, dv) -> (B, 1, H * dv)
+
+
 class UGTInference:
     """Serves one UGT model: ``recommend(rows, excludes, k, user_keys)`` -> a TopK per row."""
 
@@ -204,6 +220,9 @@ class UGTInference:
             self.pool_v = torch.zeros(L, S, blk.num_heads, self.T, blk.dv, device=self.device, dtype=self.dtype)
             self.pool_t = torch.zeros(S, self.T, device=self.device, dtype=torch.int64)
             self.pool_valid = torch.zeros(S, self.T, device=self.device, dtype=torch.bool)
+        self.compiled = False
+        if c.compile:
+            self._compile()
 
     # ---- packing ---------------------------------------------------------------------------------
 
@@ -282,23 +301,38 @@ class UGTInference:
 
     # ---- the stack -------------------------------------------------------------------------------
 
-    def _last(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """L2-normalised state at each row's last event: (B, D) in fp32."""
-        pos = (self.G + lengths - 1).clamp(min=0)
-        h = x.gather(1, pos.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)
-        return F.normalize(h.float(), dim=-1, eps=1e-6)
-
     def prefill(self, buf: torch.Tensor) -> torch.Tensor:
         """Whole-sequence forward of a packed device batch; keeps K/V in the slot pool when caching."""
+        user, ks, vs, times, valid = self._prefill(buf)
+        if self.cache is not None:
+            slots = buf[:, self.width]
+            self.pool_k.index_copy_(1, slots, ks)
+            self.pool_v.index_copy_(1, slots, vs)
+            self.pool_t.index_copy_(0, slots, times)
+            self.pool_valid.index_copy_(0, slots, valid)
+        return user
+
+    def _prefill(self, buf: torch.Tensor):
+        """(user states (B, D), K and V of every layer (L, B, H, T, d) or None without a cache, times, valid).
+
+        Pure: the slot pool is written by :meth:`prefill`. Under torch.compile an in-place write into the pool
+        became a copy of the whole pool per call (~70 MB at 10,000 slots).
+        """
         batch = self.unpack(buf[:, : self.width])
-        slots = buf[:, self.width]
         x, times, query_times, valid, types = self.model.sequence_inputs(batch)
+        last = len(self.model.layers) - 1
+        ks, vs = [], []
         for li, layer in enumerate(self.model.layers):
             blk = layer.attn
             u, q, k, v = _attn_inputs(blk, x)
             if self.cache is not None:
-                self.pool_k[li].index_copy_(0, slots, k.transpose(1, 2))
-                self.pool_v[li].index_copy_(0, slots, v.transpose(1, 2))
+                ks.append(k.transpose(1, 2))
+                vs.append(v.transpose(1, 2))
+            if li == last:
+                user = self._last_layer(layer, x, u, q, k, v, times, query_times, valid, types, batch["lengths"])
+                if self.cache is None:
+                    return user, None, None, times, valid
+                return user, torch.stack(ks), torch.stack(vs), times, valid
             if self.fused:
                 from models.kernels.hstu_attention import RelBias, fused_hstu_attention
 
@@ -309,10 +343,31 @@ class UGTInference:
             x = _attn_output(blk, x, u, attn)
             h, _ = layer.ffn(layer.norm(x, types), valid, with_loss=False)
             x = x + h
-        if self.cache is not None:
-            self.pool_t.index_copy_(0, slots, times)
-            self.pool_valid.index_copy_(0, slots, valid)
-        return self._last(x, batch["lengths"])
+        raise AssertionError("a UGT has at least one layer")
+
+    def _last_layer(self, layer, x, u, q, k, v, times, query_times, valid, types, lengths) -> torch.Tensor:
+        """The prefill's last layer at each row's last event only: nothing after it reads the other positions.
+
+        Every position's K/V is still needed (the cache, and the last query attends to them), but the
+        attention output, the gated projection and the FFN run on one token per row instead of T (exact).
+        """
+        B, T = valid.shape
+        p = (self.G + lengths - 1).clamp(min=0)  # (B,) the last event's position
+        at = p.view(B, 1)
+
+        def take(t: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (B, 1, ...) at each row's p
+            index = at.view(B, 1, *([1] * (t.dim() - 2))).expand(B, 1, *t.shape[2:])
+            return t.gather(1, index)
+
+        blk = layer.attn
+        ar = torch.arange(T, device=valid.device)
+        mask = (ar.view(1, -1) <= at) & valid
+        pos_index = at - ar.view(1, -1) + blk.rab.max_len - 1
+        buckets = bucketize_time_gaps(query_times.gather(1, at) - times, blk.rab.num_buckets)
+        attn = _attend_one(blk, take(q), k.transpose(1, 2), v.transpose(1, 2), mask, pos_index, buckets)
+        x1 = _attn_output(blk, take(x), take(u), attn)
+        h, _ = layer.ffn(layer.norm(x1, types.gather(1, at)), valid.gather(1, at), with_loss=False)
+        return F.normalize((x1 + h)[:, 0].float(), dim=-1, eps=1e-6)
 
     def decode(self, buf: torch.Tensor) -> torch.Tensor:
         """Only each row's last event through the stack, against its cached prefix K/V (slot in the buffer)."""
@@ -320,12 +375,25 @@ class UGTInference:
         B = buf.shape[0]
         last = (batch["lengths"] - 1).clamp(min=0).view(B, 1)
         take = {key: batch[key].gather(1, last) for key in ROW_FIELDS}  # (B, 1) each
-        return self._decode(take, batch["lengths"], buf[:, self.width])
+        return self._decode(*self._decode_inputs(take, batch["lengths"], buf[:, self.width]))
 
     def decode_compact(self, buf: torch.Tensor) -> torch.Tensor:
         """:meth:`decode` of a :meth:`pack_compact` buffer."""
         take = {key: buf[:, f : f + 1] for f, key in enumerate(ROW_FIELDS)}
-        return self._decode(take, buf[:, len(ROW_FIELDS)], buf[:, len(ROW_FIELDS) + 1])
+        return self._decode(*self._decode_inputs(take, buf[:, len(ROW_FIELDS)], buf[:, len(ROW_FIELDS) + 1]))
+
+    def _decode_inputs(self, take: dict[str, torch.Tensor], lengths: torch.Tensor, slots: torch.Tensor):
+        """:meth:`_decode`'s arguments in one memory layout (contiguous, batch size dynamic when compiled)."""
+        if not self.compiled:
+            return take, lengths, slots
+        mark = self._batch_dim_dynamic
+        return {key: mark(t.contiguous()) for key, t in take.items()}, mark(lengths.contiguous()), mark(slots.contiguous())
+
+    @staticmethod
+    def _batch_dim_dynamic(t: torch.Tensor) -> torch.Tensor:
+        """Tell torch.compile that dim 0 (the batch) varies: one graph for every batch size >= 2."""
+        torch._dynamo.mark_dynamic(t, 0)
+        return t
 
     def _decode(self, take: dict[str, torch.Tensor], lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
@@ -354,12 +422,7 @@ class UGTInference:
             vc = self.pool_v[li].index_select(0, slots)
             kc[rows, :, p] = k[:, 0]
             vc[rows, :, p] = v[:, 0]
-            scores = torch.matmul(q.transpose(1, 2), kc.transpose(-1, -2))  # (B, H, 1, T)
-            bias = (blk.rab.pos_w[pos_index] + blk.rab.ts_w[buckets]).view(B, 1, 1, self.T)
-            w = F.silu(scores + bias.to(scores.dtype)) / float(blk.max_len)
-            w = w * mask.view(B, 1, 1, self.T).to(w.dtype)
-            attn = torch.matmul(w, vc).reshape(B, 1, -1)  # (B, H, 1, dv) -> (B, 1, H * dv)
-            x = _attn_output(blk, x, u, attn)
+            x = _attn_output(blk, x, u, _attend_one(blk, q, kc, vc, mask, pos_index, buckets))
             h, _ = layer.ffn(layer.norm(x, types), tok_valid, with_loss=False)
             x = x + h
         return F.normalize(x[:, 0].float(), dim=-1, eps=1e-6)
@@ -369,6 +432,8 @@ class UGTInference:
         fn = {"prefill": self.prefill, "decode": self.decode, "decode_compact": self.decode_compact}[kind]
         # the stack never reads the exclusions: one graph per kind and batch size
         buf = buf[:, :COMPACT_WIDTH] if kind == "decode_compact" else buf[:, : self.width + 1]
+        if self.compiled:  # one memory layout whatever the exclusion width, so the compiled code's guards hold
+            return fn(self._batch_dim_dynamic(buf.contiguous()))
         if not self.graphs_on:
             return fn(buf)
         key = (kind, buf.shape[0])
@@ -393,13 +458,50 @@ class UGTInference:
         return graph, static_in, static_out, None
 
     def bucket(self, n: int) -> int:
-        """The smallest batch bucket >= n (n itself past the largest, or without graphs)."""
+        """The smallest batch bucket >= n (n itself past the largest, or without graphs; >= 2 when compiled)."""
         if not self.graphs_on:
-            return n
+            return max(n, 2) if self.compiled else n
         for size in sorted(self.config.batch_buckets):
             if size >= n:
                 return size
         return n
+
+    def _compile(self) -> None:
+        """torch.compile prefill and the decode step, and compile them now (a dummy batch of two rows).
+
+        On CPU a served batch is hundreds of small ops whose dispatch costs more than their arithmetic;
+        inductor fuses them, and its C++ wrapper launches the kernels without Python (measured: docs/SERVING.md).
+        Compiling at start keeps it off the first requests and lets a forked engine process inherit the code.
+        Only the batch dimension is dynamic; a batch of one is padded to two (PyTorch specializes size 1), so one
+        graph per step serves every batch size.
+        """
+        import shutil
+
+        if self.device.type != "cpu":
+            raise ValueError("compile is for the CPU path; on CUDA, cuda_graphs replay the captured steps instead")
+        if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+            raise ValueError("compile needs a C++ compiler on PATH (g++ or clang++; e.g. apt-get install g++), "
+                             "or turn compile off")
+        import torch._inductor.config as inductor
+
+        inductor.compile_threads = 1  # no compile worker pool: the serving engine is forked after start-up
+        # Guards: only the inputs' tensor properties. The rest (weights, cache pools, config ints) is fixed after
+        # start-up, and checking it cost ~0.3 ms a call, as much as the compiled decode itself.
+        options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
+        self._prefill = torch.compile(self._prefill, options=options)  # type: ignore[method-assign]
+        if self.cache is not None:
+            self._decode = torch.compile(self._decode, options=options)  # type: ignore[method-assign]
+        self.compiled = True
+        rows = np.zeros((2, self.width), dtype=np.int64)
+        rows[:, 0] = 1  # item 1 at position 0
+        rows[:, 6 * self.N] = 1  # length 1
+        scratch = self.cache.scratch if self.cache is not None else 0
+        with torch.inference_mode():
+            dev = self.pack(rows, np.zeros((2, 1), np.int64), [scratch, scratch], 2).to(self.device)
+            self._run("prefill", dev)
+            if self.cache is not None:
+                self._run("decode", dev)
+                self._run("decode_compact", self.pack_compact(rows, np.zeros((2, 1), np.int64), [scratch] * 2, 2))
 
     # ---- heads -----------------------------------------------------------------------------------
 

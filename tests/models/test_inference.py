@@ -5,6 +5,8 @@ CPU fp32 here (the CUDA path, bf16 + graphs + the Triton kernel, runs the same t
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -207,3 +209,37 @@ def test_compact_decode_equals_decode_of_the_full_rows():
     compact = eng._run("decode_compact", compact_host)
     torch.testing.assert_close(compact[:6], full[:6], rtol=0, atol=0)
     torch.testing.assert_close(compact_host[:6, COMPACT_WIDTH:], torch.as_tensor(excl))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None, reason="needs a C++ compiler")
+def test_compiled_cpu_steps_give_the_eager_answers_and_never_recompile(monkeypatch):
+    """compile=True: prefill and decode run under torch.compile, compiled at construction. Batches of one (padded
+    to two), misses, all-hit (compact) and mixed batches give the eager path's items and scores, and nothing is
+    compiled again after start-up (a recompile in a forked serving engine would stall it for seconds)."""
+    model = make_model(5)
+    rows = user_rows(6, seed=9)
+    later = []
+    for r in rows:  # same events, a later request time: KV-cache hits
+        r2 = {k: v.copy() for k, v in r.items()}
+        r2["query_times"][0, int(r2["lengths"][0]) - 1] += 600
+        later.append(r2)
+    keys = [f"u{i}" for i in range(6)]
+    eager = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=8))
+    compiled = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=8, compile=True))
+    assert compiled.compiled and compiled.bucket(1) == 2 and eager.bucket(1) == 1
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    steps = [([0], rows), ([1, 2, 3], rows), ([0, 1, 2, 3], later), ([4, 0, 5], later), ([0], later)]
+    for users, source in steps:
+        batch = [source[u] for u in users]
+        got = compiled.recommend(batch, excludes_of(batch), 6, [keys[u] for u in users])
+        want = eager.recommend(batch, excludes_of(batch), 6, [keys[u] for u in users])
+        for g, w in zip(got, want, strict=True):
+            assert g.indices.tolist() == w.indices.tolist()
+            np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-5)
+    assert compiled.cache.hits == eager.cache.hits == 6 and compiled.cache.misses == eager.cache.misses == 6
+
+
+def test_compile_without_a_cpp_compiler_fails_at_start_and_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="C\\+\\+ compiler"):
+        UGTInference(make_model(), InferenceConfig(device="cpu", compile=True))
