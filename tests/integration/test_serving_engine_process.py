@@ -1,7 +1,8 @@
 """`ugt serve` with engine: auto (a process on this CPU box), as users run it: a subprocess, real Redis, state pushed through Feast.
 
-The engine process answers the same items as the in-process (thread) service; /metrics adds up both
-processes' series; killing the engine process gives marked fallbacks (never a 5xx) and a new engine.
+The engine process (forked after torch.compile at start-up) answers the same items and scores as the in-process
+eager (thread) service; /metrics adds up both processes' series; killing the engine process gives marked
+fallbacks (never a 5xx) and a new engine.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 def served(seeded: Settings, checkpoint: Path, tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen, dict]]:  # noqa: F811
     folder = tmp_path_factory.mktemp("engine")
     config = {"generator": "ugt", "checkpoint": str(checkpoint), "default_domain": DOMAIN, "engine": "auto",
-              "log_level": "warning"}
+              "torch_compile": True, "log_level": "warning"}  # as shipped: the engine inherits the compiled steps
     server = start_server("engine", folder, os.environ | {"PYTHONPATH": str(REPO)}, config, workers=1)
     try:
         yield f"http://127.0.0.1:{server.port}", server.proc, config
@@ -65,12 +66,14 @@ def test_the_engine_process_answers_as_the_in_process_service(served, seeded: Se
     engine = requests.get(f"{url}/health", timeout=10).json()["checks"]["engine"]
     assert engine == {"ok": True, "detail": f"engine process {pid} up, 0 restarts"}
 
-    in_process = Served(create_app(seeded, build_config(config | {"engine": "thread"}, env={}, base_dir=tmp_path)))
+    eager = config | {"engine": "thread", "torch_compile": False}
+    in_process = Served(create_app(seeded, build_config(eager, env={}, base_dir=tmp_path)))
     try:
         same = in_process.post({"user_id": USER, "k": 10}).json()
     finally:
         in_process.stop()
     assert [i["item_id"] for i in body["items"]] == [i["item_id"] for i in same["items"]]
+    assert [i["score"] for i in body["items"]] == pytest.approx([i["score"] for i in same["items"]], abs=1e-4)
     assert not {i["item_id"] for i in body["items"]} & set(HISTORY)
 
 

@@ -92,3 +92,11 @@ def test_the_shipped_config_runs_the_engine_in_its_own_process_and_bad_engines_a
 def test_engine_hang_timeout_is_bounded():
     with pytest.raises(ConfigError, match="engine_hang_timeout_ms: must be 100..600000"):
         build_config({"engine_hang_timeout_ms": 5}, env={})
+
+
+def test_the_shipped_config_compiles_cpu_models_and_the_env_can_turn_it_off():
+    assert load_config(DEFAULT_CONFIG_PATH, env={}).torch_compile is True
+    assert ServingConfig().torch_compile is False  # the library default: in-process apps (tests) start fast
+    assert load_config(DEFAULT_CONFIG_PATH, env={"UGT_SERVING_TORCH_COMPILE": "false"}).torch_compile is False
+    with pytest.raises(ConfigError, match="torch_compile: expected bool"):
+        build_config({"torch_compile": "sometimes"}, env={})
