@@ -127,7 +127,10 @@ class EngineProcess:
         self.after_fork = after_fork
         self.on_restart = on_restart
         self.hang_timeout_s = hang_timeout_s
-        self._waiting_since: float | None = None  # the first request sent since the engine last answered
+        # ident -> when it was sent, for every message the engine has not answered (whether or not its caller
+        # still waits): the watchdog's "asked". Oldest first (dict order), cleared with each new engine.
+        self._unanswered: dict[int, float] = {}
+        self._last_heard = 0.0  # when the engine last wrote anything
         self._watchdog: asyncio.TimerHandle | None = None
         self.name = name
         self._ids = itertools.count()
@@ -166,7 +169,8 @@ class EngineProcess:
         self._frames = FrameReader()
         self._unsent = bytearray()
         self._loop.add_reader(ours.fileno(), self._on_readable)
-        self._waiting_since = None
+        self._unanswered.clear()
+        self._last_heard = time.monotonic()
         if self._watchdog is None:
             self._watchdog = self._loop.call_later(WATCHDOG_EVERY_S, self._check_hang)
         log.info("engine process %d started", child.pid)
@@ -202,8 +206,7 @@ class EngineProcess:
         timer = loop.call_later(timeout_s, _expire, future) if timeout_s is not None else None
         try:
             self._write(frame((kind, ident, time.perf_counter(), item)))
-            if self._waiting_since is None:
-                self._waiting_since = time.monotonic()
+            self._unanswered[ident] = time.monotonic()
             return await future
         finally:
             self._pending.pop(ident, None)
@@ -257,9 +260,10 @@ class EngineProcess:
             if not data:
                 self._engine_died(EOFError("the engine closed its socket"))
                 return
-            self._waiting_since = time.monotonic() if self._pending else None  # it answers: not hung
+            self._last_heard = time.monotonic()  # it answers: not hung
             for message in self._frames.feed(data):
                 for ident, result, error in pickle.loads(message):
+                    self._unanswered.pop(ident, None)
                     future = self._pending.get(ident)
                     if future is None or future.done():  # timed out already
                         continue
@@ -269,19 +273,21 @@ class EngineProcess:
                         future.set_result(result)
 
     def _check_hang(self) -> None:
-        """Every WATCHDOG_EVERY_S: an engine that has answered nothing for hang_timeout_s while asked is killed
-        (and so restarted); its requests have had their timeout fallback long before."""
+        """Every WATCHDOG_EVERY_S: an engine that has written nothing for hang_timeout_s while a message it has
+        not answered waited that long is killed (and so restarted); those requests have had their timeout
+        fallback long before. An idle engine (everything answered) is never killed, however long it idles."""
         assert self._loop is not None
         if self._closed:
             return
         self._watchdog = self._loop.call_later(WATCHDOG_EVERY_S, self._check_hang)
-        since = self._waiting_since
-        if since is None or self._sock is None or self._child is None:
+        if not self._unanswered or self._sock is None or self._child is None:
             return
-        if time.monotonic() - since > self.hang_timeout_s and self._child.is_alive():
-            log.error("engine process %d answered nothing for %.1f s while asked: killing it (a new one is forked)",
-                      self._child.pid, time.monotonic() - since)
-            self._waiting_since = None
+        oldest = next(iter(self._unanswered.values()))
+        silent = time.monotonic() - max(oldest, self._last_heard)
+        if silent > self.hang_timeout_s and self._child.is_alive():
+            log.error("engine process %d answered nothing for %.1f s while asked (%d messages unanswered): "
+                      "killing it (a new one is forked)", self._child.pid, silent, len(self._unanswered))
+            self._unanswered.clear()
             self._child.kill()  # its socket closes: _on_readable sees EOF and restarts it
 
     def _engine_died(self, exc: BaseException) -> None:

@@ -115,7 +115,7 @@ class UGTGenerator:
         try:
             self.engine = UGTInference(self.model, inference)
         except ValueError as exc:  # bad inference settings, e.g. compile without a C++ compiler
-            hint = " (the serving key torch_compile: false turns the compile off)" if inference.compile else ""
+            hint = "; or set the serving key torch_compile: false" if inference.compile else ""
             raise CheckpointError(f"cannot serve {str(path)!r}: {exc}{hint}") from exc
 
     def model_input(self, state: UserStateView, query_time: int) -> dict[str, np.ndarray] | None:

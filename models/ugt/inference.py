@@ -480,8 +480,7 @@ class UGTInference:
         if self.device.type != "cpu":
             raise ValueError("compile is for the CPU path; on CUDA, cuda_graphs replay the captured steps instead")
         if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
-            raise ValueError("compile needs a C++ compiler on PATH (g++ or clang++; e.g. apt-get install g++), "
-                             "or turn compile off")
+            raise ValueError("compile needs a C++ compiler on PATH (g++ or clang++; e.g. apt-get install g++)")
         import torch._inductor.config as inductor
 
         inductor.compile_threads = 1  # no compile worker pool: the serving engine is forked after start-up

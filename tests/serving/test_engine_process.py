@@ -256,6 +256,29 @@ def test_a_hung_engine_is_killed_by_the_watchdog_and_forked_again():
     assert not Path(f"/proc/{first_pid}").exists() or _is_zombie(first_pid)
 
 
+def test_an_idle_engine_is_never_killed_by_the_watchdog():
+    """Everything answered, then idle for longer than the hang timeout: the same engine, no restart. A request
+    whose caller gave up (timeout) but which the engine answered later does not count as unanswered either.
+    (A bug that killed every engine idle for 10 s, and so emptied its KV cache, was found by bench.serving.)"""
+    def process(entries):
+        if entries[0].item == "slow":
+            time.sleep(0.3)
+        return [e.item for e in entries]
+
+    async def body(engine):
+        first_pid = engine.pid
+        with pytest.raises(TimeoutError):
+            await engine.submit("slow", timeout_s=0.05)
+        answers = [await engine.submit(i, timeout_s=5) for i in ("a", "b")]
+        await asyncio.sleep(3.0)  # 3x the hang timeout, 6 watchdog rounds
+        answers.append(await engine.submit("c", timeout_s=5))
+        return first_pid, engine.pid, answers, engine.restarts
+
+    engine = EngineProcess(process, max_size=1, max_wait_s=0.0, hang_timeout_s=1.0)
+    first_pid, pid, answers, restarts = with_engine(engine, body)
+    assert answers == ["a", "b", "c"] and restarts == 0 and pid == first_pid
+
+
 def test_an_answer_that_cannot_be_encoded_or_sent_fails_alone():
     import threading
 
