@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     server = subprocess.Popen(serve, cwd=REPO_ROOT)
     base = f"http://localhost:{settings.serving_port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # start-up includes torch.compile of the model steps (torch_compile)
         while True:
             try:
                 if requests.get(f"{base}/health", timeout=1).ok:
@@ -298,7 +298,8 @@ def run(args: argparse.Namespace) -> int:
             except requests.RequestException:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("demo: `ugt serve` did not become healthy; see its output above")
+                raise SystemExit("demo: `ugt serve` did not become healthy in 600 s; see its output above "
+                                 "(UGT_SERVING_TORCH_COMPILE=false skips the start-up compile)")
             time.sleep(0.5)
         users = list(ordered["user_id"].value_counts().index[: args.users]) + ["no-such-user"]
         for user in users:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a FRESH machine needs for the local stack (`ugt stack up`), idempotently:
 #   - Debian's redis-server (if missing),
-#   - Java 17 and Maven (if missing),
+#   - Java 17 and Maven (if missing), and g++ when no C++ compiler is found (torch.compile on CPU),
 #   - the Maven artifacts (Kafka 4.x broker jars, the Flink Kafka SQL connector) copied into
 #     ${UGT_CACHE:-~/.cache/ugt}/lib/{kafka,flink-connectors} by infra/maven/pom.xml.
 #   - the Python environment .venv: every package pinned in infra/requirements.lock (made from
@@ -13,6 +13,8 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
+# torch.compile of the CPU serving steps (serving key torch_compile, on in the shipped configs) builds C++
+command -v g++ >/dev/null 2>&1 || command -v clang++ >/dev/null 2>&1 || need_apt+=(g++)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install.sh: apt-get install ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -121,9 +121,15 @@ def _generators(config: ServingConfig, fallback: PopularityFallback) -> dict[str
             if route.generator == "ugt":
                 from serving.ugt_generator import CheckpointError, UGTGenerator
 
+                began = time.perf_counter()
+                if config.torch_compile:
+                    log.info("loading %s and compiling its CPU steps (torch_compile: true; ~30-60 s, less when "
+                                "inductor's disk cache is warm)", route.checkpoint)
                 try:
                     loaded[key] = UGTGenerator(route.checkpoint, kv_cache_users=config.kv_cache_users,
                                                compile_cpu=config.torch_compile)
+                    if config.torch_compile:
+                        log.info("%s ready in %.1f s", route.checkpoint, time.perf_counter() - began)
                 except CheckpointError as exc:
                     where = f"domains.{name}.checkpoint" if config.domains else "checkpoint"
                     raise ConfigError(f"{where}: {exc}") from exc

@@ -486,7 +486,10 @@ class UGTInference:
         inductor.compile_threads = 1  # no compile worker pool: the serving engine is forked after start-up
         # Guards: only the inputs' tensor properties. The rest (weights, cache pools, config ints) is fixed after
         # start-up, and checking it cost ~0.3 ms a call, as much as the compiled decode itself.
-        options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
+        options: dict[str, object] = {"cpp_wrapper": True}
+        keep_tensor_guards = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)  # PyTorch 2.8+
+        if keep_tensor_guards is not None:
+            options["guard_filter_fn"] = keep_tensor_guards
         self._prefill = torch.compile(self._prefill, options=options)  # type: ignore[method-assign]
         if self.cache is not None:
             self._decode = torch.compile(self._decode, options=options)  # type: ignore[method-assign]
