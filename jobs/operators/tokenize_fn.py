@@ -3,8 +3,10 @@
 Tokens go to the main output as Row(k=user_id, v=TokenizedEvent bytes), with a lake as Row(k, v, *LAKE_FIELDS)
 (jobs.lake.token_lake_row_type: SQL splits it into the Kafka and parquet sinks outside the Python call); dead
 letters go to the side output DLQ_TAG as Row(k, v=DeadLetter bytes). Counters (Flink metrics, group `ugt`): `processed`,
-`tokenized` (handed to Flink in sums, jobs.operators.counters), `dead_lettered`, and `dead_lettered` under the sub-group `reason=<code>`; a gauge
-`sid_items` (items in the worker's semantic-ID cache).
+`tokenized` (handed to Flink in sums, jobs.operators.counters), `dead_lettered`, and `dead_lettered` under the sub-group `reason=<code>`;
+`sid_round_trips` (Redis reads of the worker's semantic-ID cache). No Python gauges: in thread mode Flink's metric
+thread calls a gauge's Python function outside the task thread, and that crashed the TaskManager (SIGSEGV in
+_PyEval_EvalFrameDefault under MetricGauge.getValue, seen once in the demo while it polled job metrics).
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ class TokenizeFunction(ProcessFunction):
         self.tokenizer = EventTokenizer(serde, self.tokens_topic, self.dlq_topic, rules=self.rules, sids=sids)
         self.metrics = runtime_context.get_metrics_group().add_group("ugt")
         self.counts = CounterBatch({"processed": self.metrics.counter("processed"),
-                                    "tokenized": self.metrics.counter("tokenized")})
+                                    "tokenized": self.metrics.counter("tokenized"),
+                                    "sid_round_trips": self.metrics.counter("sid_round_trips")})
         self.dead_lettered = self.metrics.counter("dead_lettered")
-        self.metrics.gauge("sid_items", lambda: len(sids.known) if sids is not None else 0)
+        self.sids = sids
+        self.sid_round_trips = 0
         self.by_reason: dict = {}
 
     def close(self) -> None:
@@ -69,6 +73,9 @@ class TokenizeFunction(ProcessFunction):
         counts.add("processed")
         counts.record()
         out = self.tokenizer.process(value[0], value[1], value[2], value[3])
+        if self.sids is not None and self.sids.round_trips != self.sid_round_trips:
+            counts.add("sid_round_trips", self.sids.round_trips - self.sid_round_trips)
+            self.sid_round_trips = self.sids.round_trips
         if out.dead is None:
             counts.add("tokenized")
             if self.lake:
