@@ -123,7 +123,7 @@ def _generators(config: ServingConfig, fallback: PopularityFallback) -> dict[str
 
                 began = time.perf_counter()
                 if config.torch_compile:
-                    log.info("loading %s and compiling its CPU steps (torch_compile: true; ~30-60 s, less when "
+                    log.info("loading %s and compiling its CPU steps (torch_compile: true; ~30-70 s, less when "
                                 "inductor's disk cache is warm)", route.checkpoint)
                 try:
                     loaded[key] = UGTGenerator(route.checkpoint, kv_cache_users=config.kv_cache_users,

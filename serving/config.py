@@ -89,7 +89,7 @@ class ServingConfig:
     # and idle OpenMP workers spin on the cores the event loop needs (measured: docs/SERVING.md). 0 = torch's default
     torch_threads: int = 1
     # true: each UGT model served on CPU runs torch.compile'd prefill/decode steps (inductor, C++ wrapper), compiled
-    # at start-up (~30-60 s; inductor's disk cache makes restarts faster). Needs a C++ compiler. No effect on CUDA
+    # at start-up (~30-70 s; inductor's disk cache makes restarts faster). Needs a C++ compiler. No effect on CUDA
     torch_compile: bool = False
     batch_max_wait_ms: float = 1.0  # how long the first request of a batch waits for company
     # thread: the batcher is a thread beside the event loop (one GIL); process: the built service is forked into
