@@ -499,7 +499,7 @@ class UGTInference:
         rows[:, 6 * self.N] = 1  # length 1
         scratch = self.cache.scratch if self.cache is not None else 0
         with torch.inference_mode():
-            dev = self.pack(rows, np.zeros((2, 1), np.int64), [scratch, scratch], 2).to(self.device)
+            dev = self.pack(rows, np.zeros((2, 1), np.int64), [scratch, scratch], 2)  # CPU only: already there
             self._run("prefill", dev)
             if self.cache is not None:
                 self._run("decode", dev)

@@ -211,7 +211,6 @@ def test_compact_decode_equals_decode_of_the_full_rows():
     torch.testing.assert_close(compact_host[:6, COMPACT_WIDTH:], torch.as_tensor(excl))
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None, reason="needs a C++ compiler")
 def test_compiled_cpu_steps_give_the_eager_answers_and_never_recompile(monkeypatch):
     """compile=True: prefill and decode run under torch.compile, compiled at construction. Batches of one (padded
     to two), misses, all-hit (compact) and mixed batches give the eager path's items and scores, and nothing is
