@@ -102,6 +102,8 @@ def collect(run: dict) -> dict | None:
                                                  "long_tail_share", "coverage", "gini") if k in t}}
     if "generative" in t:
         row["generative"] = {k: round(v, 4) for k, v in t["generative"].items()}
+    if "target_aware" in t:  # the same checkpoint, retrieval's top N reordered by the ranking head
+        row["target_aware"] = {k: round(v, 4) for k, v in t["target_aware"].items()}
     if "dpo" in s:
         row["dpo"] = s["dpo"]
         row["best_stage"] = s.get("best_stage")
@@ -122,6 +124,11 @@ def markdown(rows: list[dict], device: str) -> str:
             anchor_s = f"target >= {anchor[0]:.3f} / {anchor[1]:.3f}"
         cells = [f"{r.get(k, float('nan')):.4f}" for k in COLUMNS]
         lines.append(f"| {r['model']} | {r['split']} | " + " | ".join(cells) + f" | {anchor_s} | {r['train_minutes']:.1f} |")
+        if "target_aware" in r:
+            ta = r["target_aware"]
+            cells = [f"{ta.get(k, float('nan')):.4f}" for k in COLUMNS]
+            lines.append(f"| {r['model']} + ranking head (top {ta['rerank_top']}) | {r['split']} | "
+                         + " | ".join(cells) + " | same checkpoint | |")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from models.data import Batchable, SequenceData, iterate_batches
 from models.metrics import DEFAULT_KS, accuracy_from_ranks, beyond_accuracy, ranks_from_scores
@@ -56,7 +57,8 @@ def history_mask(batch: dict[str, torch.Tensor], data: SequenceData, num_items: 
 def evaluate(model: Any, data: SequenceData, split_data: Batchable, split: str = "test", *,
              device: torch.device | str = "cpu", batch_size: int = 512, ks=DEFAULT_KS, mask_history: str = "window",
              top_k: int = 10, popularity: np.ndarray | None = None, beyond: bool = True,
-             generative: bool = False, beam_size: int = 100, amp: bool = False) -> dict[str, Any]:
+             generative: bool = False, beam_size: int = 100, amp: bool = False,
+             rerank_top: int = 0) -> dict[str, Any]:
     """Accuracy (HR/NDCG@ks, MRR) and, when ``beyond``, list metrics of the top-``top_k`` lists.
 
     ``model`` is a sequential recommender (forward -> (user states, aux), item_embeddings()) or a
@@ -69,12 +71,18 @@ def evaluate(model: Any, data: SequenceData, split_data: Batchable, split: str =
         model.eval()
         table = model.item_embeddings().float()
     num_items = data.num_items
-    ranks, tops, gen_ranks = [], [], []
+    ranks, tops, gen_ranks, rank_ranks = [], [], [], []
+    rank = rerank_top > 0 and getattr(model, "ranker", None) is not None  # + the target-aware cascade
     for np_batch in iterate_batches(split_data, batch_size, shuffle=False):
         batch = batch_to_device(np_batch, device)
+        kept = None
         if is_neural:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                user, _ = model(batch)
+                if rank:
+                    hidden, _, kept = model.encode_layers(batch, keep=True)
+                    user = F.normalize(hidden, dim=-1, eps=1e-6)
+                else:
+                    user, _ = model(batch)
             state = last_states(user.float(), batch["lengths"])
             scores = state @ table.T
         else:
@@ -82,6 +90,10 @@ def evaluate(model: Any, data: SequenceData, split_data: Batchable, split: str =
             scores = model.score(len(batch["lengths"])).to(device)
         invalid = history_mask(batch, data, num_items, mask_history, split)
         ranks.append(ranks_from_scores(scores, batch["targets"], invalid).cpu())
+        if rank:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+                rank_ranks.append(_reranked_ranks(model, kept, batch, state, table, scores, invalid,
+                                                  ranks[-1].to(device), rerank_top).cpu())
         if beyond:
             tops.append(scores.float().masked_fill(invalid, float("-inf")).topk(top_k, dim=1).indices.cpu())
         if generative and state is not None:
@@ -100,7 +112,31 @@ def evaluate(model: Any, data: SequenceData, split_data: Batchable, split: str =
     if gen_ranks:
         gr = torch.cat(gen_ranks).numpy().astype(np.float64)
         result["generative"] = _accuracy_truncated(gr, beam_size)
+    if rank_ranks:
+        result["target_aware"] = {"rerank_top": rerank_top, **accuracy_from_ranks(torch.cat(rank_ranks), ks)}
     return result
+
+
+def _reranked_ranks(model: Any, kept, batch: dict[str, torch.Tensor], state: torch.Tensor, table: torch.Tensor,
+                    scores: torch.Tensor, invalid: torch.Tensor, ranks: torch.Tensor, top: int) -> torch.Tensor:
+    """Full-ranking ranks after the ranking head reorders the retrieval top ``top`` (the rest keep their order).
+
+    The candidates follow the whole history at the target's time, as a served request would place them.
+    """
+    from models.ugt.ranking import candidate_logits, prefix_from_layers
+
+    inputs, times, valid = kept
+    lengths = batch["lengths"]
+    B, N = batch["ids"].shape
+    G = valid.shape[1] - N
+    cands = scores.float().masked_fill(invalid, float("-inf")).topk(top, dim=1).indices  # (B, top)
+    request_time = batch["query_times"].gather(1, (lengths - 1).clamp(min=0).view(B, 1)).view(B)
+    prefix = prefix_from_layers(model, inputs, times, valid, G + lengths, request_time)
+    logits = candidate_logits(model, prefix, cands, state, table, micro_batch=512)
+    hit = cands == batch["targets"].view(B, 1)
+    target_logit = logits.masked_fill(~hit, 0.0).sum(1, keepdim=True)
+    new_rank = (logits >= target_logit).sum(1)  # ties count against the target, as in ranks_from_scores
+    return torch.where(hit.any(1) & (ranks <= top), new_rank.to(ranks.dtype), ranks)
 
 
 def _list_ranks(items: torch.Tensor, targets: torch.Tensor, invalid: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from models.hstu import HSTU, HSTUConfig
 from models.losses import dpo_loss, sampled_softmax_loss, semantic_contrastive_loss
 from models.tokenizer import TokenVocab
 from models.ugt.model import UGT, UGTConfig
+from models.ugt.ranking import ranking_loss
 
 log = logging.getLogger(__name__)
 
@@ -248,14 +249,23 @@ def model_config_dict(model: Any) -> dict[str, Any]:
 def stage2_loss(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, codes_t: torch.Tensor | None,
                 amp: bool) -> tuple[torch.Tensor, dict[str, float]]:
     device_type = batch["ids"].device.type
+    core = getattr(model, "_orig_mod", model)
+    ranking = isinstance(core, UGT) and core.ranker is not None
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
-        user, aux = model(batch)
+        if ranking:  # the ranking head reads every layer's input of this same forward
+            user, aux, kept = model(batch, keep=True)
+        else:
+            user, aux = model(batch)
         table = model.item_embeddings()
     targets = batch["targets"]
     ntp = sampled_softmax_loss(user, targets, table, cfg.num_negatives, cfg.temperature)
     total = ntp + aux.float()
     parts = {"ntp": float(ntp.detach()), "aux": float(aux.detach())}
-    core = getattr(model, "_orig_mod", model)
+    if ranking:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+            rank = ranking_loss(core, user, *kept, batch, table)
+        total = total + core.config.heads.ranking_loss_weight * rank
+        parts["rank"] = float(rank.detach())
     if isinstance(core, UGT) and codes_t is not None:
         mask = targets > 0
         u = user[mask].float()
@@ -546,8 +556,9 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
     generative = isinstance(model, UGT) and model.sid_head is not None
     summary["valid"] = evaluate(model, data, splits["valid"], "valid", device=device, batch_size=cfg.eval_batch_size,
                                 mask_history=cfg.mask_history, beyond=False, amp=amp)
+    rerank_top = model.config.heads.rank_top if isinstance(model, UGT) and model.ranker is not None else 0
     summary["test"] = evaluate(model, data, splits["test"], "test", device=device, batch_size=cfg.eval_batch_size,
-                               mask_history=cfg.mask_history, generative=generative, amp=amp)
+                               mask_history=cfg.mask_history, generative=generative, amp=amp, rerank_top=rerank_top)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(state["history"], out / "curves.png", f"{cfg.name} ({cfg.model}, {cfg.dataset}, ties={cfg.tie_order})")
     return summary

@@ -105,13 +105,17 @@ class UnifiedEmbedding(nn.Module):
         return F.normalize(self.item_vectors(ids, self.config.output_features), dim=-1, eps=1e-6)
 
     def forward(self, ids: torch.Tensor, ratings: torch.Tensor, gaps: torch.Tensor, token_types: torch.Tensor,
-                positions: torch.Tensor) -> torch.Tensor:
-        """Event tokens (B, N, D); padding rows (ids == 0) come out as zeros."""
+                positions: torch.Tensor | None, position_vector: torch.Tensor | None = None) -> torch.Tensor:
+        """Event tokens (B, N, D); padding rows (ids == 0) come out as zeros.
+
+        ``position_vector`` (D,) replaces the learned position of ``positions``: ranking candidates sit after
+        the whole history, where no absolute position was trained (:mod:`models.ugt.ranking`).
+        """
         x = self.item_vectors(ids) * math.sqrt(self.d_model)
         if self.config.use_rating:
             x = x + self.rating_emb(ratings)
         if self.config.use_gap:
             x = x + self.gap_emb(gaps)
-        x = x + self.type_emb(token_types) + self.pos_emb(positions)
+        x = x + self.type_emb(token_types) + (self.pos_emb(positions) if position_vector is None else position_vector)
         x = F.dropout(x, p=self.config.dropout, training=self.training)
         return x * (ids != 0).unsqueeze(-1).to(x.dtype)

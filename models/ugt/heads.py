@@ -23,6 +23,12 @@ class HeadsConfig:
     semantic_id: bool = True  # train / use the next-semantic-ID head (needs semantic IDs)
     sid_loss_weight: float = 0.5  # weight of its cross-entropy in stage 2
     beam_size: int = 100  # beams kept per level at generation time
+    # target-aware ranking head (models.ugt.ranking): candidates attend to the history, M-FALCON style
+    ranking: bool = False
+    ranking_loss_weight: float = 1.0
+    ranking_backbone_grad: bool = False  # False: the ranking loss trains the head only, never the shared layers
+    ranking_candidates: int = 64  # training list: the model's own retrieval top list at the cut (history masked)
+    rank_top: int = 100  # retrieval candidates the ranker reorders (evaluation; serving has its own key)
 
 
 class PrefixTrie:

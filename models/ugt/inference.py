@@ -29,9 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.hstu import HSTUBlock, bucketize_time_gaps, hstu_attention
+from models.hstu import bucketize_time_gaps, hstu_attention
 from models.tokenizer import TOKEN_GROUP_ITEM
 from models.ugt.model import UGT
+from models.ugt.ranking import Prefix, candidate_logits, prefix_indices
+from models.ugt.steps import attend_one as _attend_one
+from models.ugt.steps import attn_inputs as _attn_inputs
+from models.ugt.steps import attn_output as _attn_output
 
 ROW_FIELDS = ("ids", "times", "query_times", "ratings", "gaps", "query_gaps")  # (B, N) each
 # A decode (every row a KV-cache hit) reads only each row's last event: the compact layout per row is
@@ -52,6 +56,7 @@ class InferenceConfig:
     merge: str = "retrieval"  # "retrieval" (dot-product top-k only) | "rrf" (retrieval + beam, rank-fused)
     candidate_micro_batch: int = 512  # M-FALCON-style micro-batch of candidates scored at once
     compile: bool = False  # CPU: torch.compile prefill and decode at start (needs a C++ compiler; ~1 min)
+    rank_top: int = 0  # > 0: the ranking head reorders this many retrieval candidates (needs heads.ranking + cache)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -151,36 +156,6 @@ class PrefixCache:
         return slots, hits
 
 
-def _attn_inputs(block: HSTUBlock, x: torch.Tensor):
-    """HSTUBlock's projections: u (B, N, H*dv), q/k (B, N, H, dqk), v (B, N, H, dv)."""
-    B, N, _ = x.shape
-    H = block.num_heads
-    normed = F.layer_norm(x, (block.d_model,), eps=block.eps)
-    u, v, q, k = torch.split(F.silu(normed @ block.uvqk), [block.dv * H, block.dv * H, block.dqk * H, block.dqk * H],
-                             dim=-1)
-    return u, q.view(B, N, H, block.dqk), k.view(B, N, H, block.dqk), v.view(B, N, H, block.dv)
-
-
-def _attn_output(block: HSTUBlock, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    gated = u * F.layer_norm(attn, (block.dv * block.num_heads,), eps=block.eps)
-    return x + block.o(gated)
-
-
-def _attend_one(block: HSTUBlock, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor,
-                pos_index: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-    """HSTU attention of one query per row against head-major keys/values: (B, 1, H * dv).
-
-    q (B, 1, H, dqk); kc, vc (B, H, T, d); mask, pos_index, buckets (B, T): the query row of
-    :func:`models.hstu.hstu_attention`'s masked, biased weights.
-    """
-    B, T = mask.shape
-    scores = torch.matmul(q.transpose(1, 2), kc.transpose(-1, -2))  # (B, H, 1, T)
-    bias = (block.rab.pos_w[pos_index] + block.rab.ts_w[buckets]).view(B, 1, 1, T)
-    w = F.silu(scores + bias.to(scores.dtype)) / float(block.max_len)
-    w = w * mask.view(B, 1, 1, T).to(w.dtype)
-    return torch.matmul(w, vc).reshape(B, 1, -1)  # (B, H, 1, dv) -> (B, 1, H * dv)
-
-
 class UGTInference:
     """Serves one UGT model: ``recommend(rows, excludes, k, user_keys)`` -> a TopK per row."""
 
@@ -192,6 +167,11 @@ class UGTInference:
             raise ValueError(f"merge must be 'retrieval' or 'rrf', got {c.merge!r}")
         if (c.beam_size > 0 or c.merge == "rrf") and model.sid_head is None:
             raise ValueError("beam search / rrf merge needs a model with a semantic-ID head")
+        if c.rank_top > 0 and model.ranker is None:
+            raise ValueError("rank_top > 0 needs a model trained with the ranking head (heads.ranking: true); "
+                             "set rank_top to 0 for this checkpoint")
+        if c.rank_top > 0 and c.cache_slots <= 0:
+            raise ValueError("rank_top > 0 reads each user's history keys/values from the KV cache: set cache_slots > 0")
         self.model = copy.deepcopy(model).to(self.device, self.dtype).eval().requires_grad_(False)
         mc = self.model.config
         self.N = mc.multiscale.recent_len
@@ -396,6 +376,12 @@ class UGTInference:
         return t
 
     def _decode(self, take: dict[str, torch.Tensor], lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return self._decode_steps(take, lengths, slots)[0]
+
+    def _decode_steps(self, take: dict[str, torch.Tensor], lengths: torch.Tensor, slots: torch.Tensor,
+                      keep: bool = False) -> tuple[torch.Tensor, Prefix | None]:
+        """(user states, and with ``keep`` the :class:`Prefix` a ranking candidate reads: every layer's
+        cached keys/values with this request's last event in place)."""
         if self.cache is None:
             raise RuntimeError("decode needs cache_slots > 0")
         m = self.model
@@ -415,6 +401,7 @@ class UGTInference:
         rab = m.layers[0].attn.rab  # every layer has its own tables but the same indices
         pos_index = p.view(-1, 1) - ar.view(1, -1) + rab.max_len - 1  # (B, T)
         buckets = bucketize_time_gaps(take["query_times"] - times_c, rab.num_buckets)  # (B, T)
+        keys, values = [], []
         for li, layer in enumerate(m.layers):
             blk = layer.attn
             u, q, k, v = _attn_inputs(blk, x)  # q, k: (B, 1, H, dqk)
@@ -422,10 +409,38 @@ class UGTInference:
             vc = self.pool_v[li].index_select(0, slots)
             kc[rows, :, p] = k[:, 0]
             vc[rows, :, p] = v[:, 0]
+            if keep:
+                keys.append(kc)
+                values.append(vc)
             x = _attn_output(blk, x, u, _attend_one(blk, q, kc, vc, mask, pos_index, buckets))
             h, _ = layer.ffn(layer.norm(x, types), tok_valid, with_loss=False)
             x = x + h
-        return F.normalize(x[:, 0].float(), dim=-1, eps=1e-6)
+        user = F.normalize(x[:, 0].float(), dim=-1, eps=1e-6)
+        if not keep:
+            return user, None
+        request_time = take["query_times"][:, 0]
+        valid_c = self.pool_valid.index_select(0, slots).clone()
+        valid_c[rows, p] = tok_valid[:, 0]
+        key_mask, pos_index_c, buckets_c, last_time = prefix_indices(rab.max_len, rab.num_buckets, times_c, valid_c,
+                                                                     p + 1, request_time)
+        return user, Prefix(keys, values, key_mask, pos_index_c, buckets_c, request_time, last_time)
+
+    def rank(self, dev: torch.Tensor, compact: bool, cands: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+        """(B, C) target-aware logits of candidate items for the rows of a device batch (M-FALCON micro-batches).
+
+        The history's keys/values come from the KV cache (a miss was just prefilled into its slot); the last
+        event is run again at this request's time, then every candidate attends to the history and itself.
+        """
+        if compact:
+            take = {key: dev[:, f : f + 1] for f, key in enumerate(ROW_FIELDS)}
+            lengths, slots = dev[:, len(ROW_FIELDS)], dev[:, len(ROW_FIELDS) + 1]
+        else:
+            batch = self.unpack(dev[:, : self.width])
+            lengths, slots = batch["lengths"], dev[:, self.width]
+            last = (lengths - 1).clamp(min=0).view(-1, 1)
+            take = {key: batch[key].gather(1, last) for key in ROW_FIELDS}
+        _, prefix = self._decode_steps(take, lengths, slots, keep=True)
+        return candidate_logits(self.model, prefix, cands, user, self.table, self.config.candidate_micro_batch)
 
     def _run(self, kind: str, buf: torch.Tensor) -> torch.Tensor:
         """prefill/decode of a device batch, through a captured CUDA graph when on."""
@@ -607,7 +622,10 @@ class UGTInference:
             user, dev = self.users(self.pack(vectors, excl, slots, self.bucket(n), fresh=True), hits)
             excl_dev = self.exclusions(dev)
         user, excl_dev = user[:n], excl_dev[:n]
-        values, indices, counts = self.retrieve(user, excl_dev, k)
+        if self.config.rank_top > 0:
+            values, indices, counts = self._ranked(dev[:n], self.cache is not None and all(hits), user, excl_dev, k)
+        else:
+            values, indices, counts = self.retrieve(user, excl_dev, k)
         if self.config.merge == "rrf":
             values, indices = self._rrf(user, excl_dev, indices, k)
         if self.device.type != "cuda":
@@ -618,6 +636,13 @@ class UGTInference:
         done = torch.cuda.Event()
         done.record()
         return Pending(n, k, *out, done)
+
+    def _ranked(self, dev: torch.Tensor, compact: bool, user: torch.Tensor, excl: torch.Tensor, k: int):
+        """Retrieval's top ``rank_top`` reordered by the ranking head: (logits, items, valid counts) of the top k."""
+        values, cands, counts = self.retrieve(user, excl, max(k, self.config.rank_top))
+        logits = self.rank(dev, compact, cands, user).masked_fill(torch.isinf(values), float("-inf"))
+        top = logits.topk(min(k, cands.shape[1]), dim=1)
+        return top.values, cands.gather(1, top.indices), counts
 
     def _rrf(self, user: torch.Tensor, excl: torch.Tensor, ret_idx: torch.Tensor, k: int):
         """Reciprocal-rank fusion of the retrieval list and the beam-search list (scores: fused RRF)."""

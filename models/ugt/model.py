@@ -28,6 +28,7 @@ from models.ugt.gln import GLNConfig, GroupLayerNorm
 from models.ugt.heads import HeadsConfig, PrefixTrie, SemanticIDHead
 from models.ugt.moe import MoEConfig, MoEFeedForward
 from models.ugt.multiscale import LongTermCompressor, MultiScaleConfig, RealTimeContext
+from models.ugt.ranking import TargetAwareHead
 
 
 @dataclass
@@ -105,6 +106,7 @@ class UGT(nn.Module):
             SemanticIDHead(c.d_model, list(codebook_sizes))
             if c.heads.semantic_id and codebook_sizes and item_codes is not None else None
         )
+        self.ranker = TargetAwareHead(c.d_model) if c.heads.ranking else None
         self.trie: PrefixTrie | None = None
         if self.sid_head is not None:
             self.trie = PrefixTrie(np.asarray(item_codes)[1:], list(codebook_sizes))
@@ -114,13 +116,22 @@ class UGT(nn.Module):
 
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states at the recent positions (B, N, D) and the summed MoE balancing loss."""
+        hidden, balance, _ = self.encode_layers(batch)
+        return hidden, balance
+
+    def encode_layers(self, batch: dict[str, torch.Tensor], keep: bool = False):
+        """:meth:`encode` plus, with ``keep``, what the ranking head reads of the history: (layer inputs,
+        times, valid) of the full sequence (long-term tokens first)."""
         x, times, query_times, valid, types = self.sequence_inputs(batch)
         G = x.shape[1] - batch["ids"].shape[1]
         balance = x.new_zeros((), dtype=torch.float32)
+        inputs = []
         for layer in self.layers:
+            if keep:
+                inputs.append(x)
             x, b = layer(x, times, query_times, valid, types)
             balance = balance + b
-        return x[:, G:], balance * self.config.moe.balance_coef
+        return x[:, G:], balance * self.config.moe.balance_coef, ((inputs, times, valid) if keep else None)
 
     def sequence_inputs(self, batch: dict[str, torch.Tensor]):
         """The layer stack's input: (x (B, G + N, D), times, query_times, valid, types), long-term tokens first.
@@ -153,9 +164,11 @@ class UGT(nn.Module):
             query_times = torch.cat([ltimes, query_times], dim=1)
         return x, times, query_times, valid, types
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, aux = self.encode(batch)
-        return F.normalize(hidden, dim=-1, eps=1e-6), aux
+    def forward(self, batch: dict[str, torch.Tensor], keep: bool = False):
+        """(user states L2-normalised, aux loss), plus with ``keep`` the ranking head's inputs (:meth:`encode_layers`)."""
+        hidden, aux, kept = self.encode_layers(batch, keep)
+        user = F.normalize(hidden, dim=-1, eps=1e-6)
+        return (user, aux, kept) if keep else (user, aux)
 
     def generate(self, user: torch.Tensor, beam_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-item generation by constrained beam search over semantic IDs: (items (B, K), log-probs)."""
