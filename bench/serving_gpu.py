@@ -56,9 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-minutes", type=float, default=0.0, help="train the ML-1M UGT here first")
     p.add_argument("--train-out", default="runs/serving-gpu-ugt", help="where that training run writes")
     p.add_argument("--batches", default="1,8,32,128,256,512", help="batch sweep (also the CUDA graph buckets)")
-    p.add_argument("--variants", default="naive-eager,naive-graph,fused-graph,kvcache,kvcache+beam,kvcache-pipelined")
+    p.add_argument("--variants", default="naive-eager,naive-graph,fused-graph,kvcache,kvcache+beam,kvcache-pipelined",
+                   help="comma list; kvcache+rank (the target-aware ranking head over retrieval's top --rank-top) "
+                        "runs where the model has a ranking head")
     p.add_argument("--k", type=int, default=100, help="items per request (candidates for the reranker)")
     p.add_argument("--beam", type=int, default=100, help="beam size of kvcache+beam")
+    p.add_argument("--rank-top", type=int, default=100,
+                   help="kvcache+rank: retrieval candidates the target-aware ranking head reorders")
     p.add_argument("--seconds", type=float, default=1.0, help="time per sweep point")
     p.add_argument("--rates-ml1m", default="50000,100000,150000", help="open-loop rates (req/s), ML-1M")
     p.add_argument("--rates-industrial", default="5000,10000,20000", help="open-loop rates (req/s), industrial")
@@ -89,7 +93,7 @@ def industrial_model(items: int, history: int, seed: int = 0) -> UGT:
         "num_items": items, "d_model": 256, "num_layers": 8, "num_heads": 4, "dqk": 64, "dv": 64, "dropout": 0.0,
         "embedding": {"item_repr": "id", "use_genres": False, "use_year": False},
         "multiscale": {"recent_len": history, "long_groups": 0},
-        "moe": {"d_ff": 256, "num_experts": 4, "top_k": 2}, "heads": {"semantic_id": True},
+        "moe": {"d_ff": 256, "num_experts": 4, "top_k": 2}, "heads": {"semantic_id": True, "ranking": True},
     })
     return UGT(cfg, None, None, codes, [256, 256, 256]).eval()
 
@@ -162,6 +166,8 @@ def engine_for(model: UGT, variant: str, args: argparse.Namespace, n_users: int)
         return UGTInference(model, InferenceConfig(**base, cache_slots=n_users))
     if variant == "kvcache+beam":
         return UGTInference(model, InferenceConfig(**base, cache_slots=n_users, beam_size=args.beam, merge="rrf"))
+    if variant == "kvcache+rank":
+        return UGTInference(model, InferenceConfig(**base, cache_slots=n_users, rank_top=args.rank_top))
     raise SystemExit(f"unknown variant {variant!r}")
 
 
@@ -381,12 +387,15 @@ def bench_config(name: str, model: UGT, rows: list, args: argparse.Namespace, ra
     variants = [v for v in args.variants.split(",") if v]
     if model.sid_head is None:
         variants = [v for v in variants if v != "kvcache+beam"]
+    if model.ranker is None:
+        variants = [v for v in variants if v != "kvcache+rank"]
     for variant in variants:
         engine = engine_for(model, variant, args, len(rows))
         pool = Pool(rows, engine)
-        if targets is not None and variant == "kvcache":
-            out["engine_quality"] = engine_hr(engine, pool, targets)
-            print(f"[{name}] serving engine (bf16) test HR@10 {out['engine_quality']['hr@10']:.4f}", flush=True)
+        if targets is not None and variant in ("kvcache", "kvcache+rank"):
+            key = "engine_quality" if variant == "kvcache" else "engine_quality_ranked"
+            out[key] = engine_hr(engine, pool, targets)
+            print(f"[{name}] serving engine {variant} (bf16) test HR@10 {out[key]['hr@10']:.4f}", flush=True)
         warm_cache(engine, pool, args.k)
         for b in batches:
             if variant.startswith("naive") and b > args.naive_max_batch:
@@ -407,7 +416,7 @@ def bench_config(name: str, model: UGT, rows: list, args: argparse.Namespace, ra
         if variant == "kvcache" and max(batches) > split_batch:  # where the time goes at the largest batch
             out["stages"][f"{variant}@{max(batches)}"] = {
                 "batch": max(batches), **stage_split(engine, pool, max(batches), args.k)}
-        if variant in ("fused-graph", "kvcache", "kvcache+beam", "kvcache-pipelined"):
+        if variant in ("fused-graph", "kvcache", "kvcache+beam", "kvcache-pipelined", "kvcache+rank"):
             run_open = open_loop_pipelined if variant.endswith("pipelined") else open_loop
             for rate in rates:
                 r = run_open(engine, pool, rate, args.open_seconds, args.k)
@@ -481,6 +490,8 @@ def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
         part = bench_config(name, model, rows, args, rates, targets)
         if "engine_quality" in part:
             info["serving_engine_test"] = part["engine_quality"]
+        if "engine_quality_ranked" in part:
+            info["serving_engine_test_ranked"] = part["engine_quality_ranked"]
         result["configs"][name] = info
         result["rows"] += part["rows"]
         result["open_loop"] += part["open_loop"]

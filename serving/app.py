@@ -127,7 +127,10 @@ def _generators(config: ServingConfig, fallback: PopularityFallback) -> dict[str
                                 "inductor's disk cache is warm)", route.checkpoint)
                 try:
                     loaded[key] = UGTGenerator(route.checkpoint, kv_cache_users=config.kv_cache_users,
-                                               compile_cpu=config.torch_compile)
+                                               compile_cpu=config.torch_compile, rank_top=config.rank_top)
+                    if loaded[key].engine.config.rank_top > 0:
+                        log.info("%s: the ranking head reorders retrieval's top %d", route.checkpoint,
+                                 loaded[key].engine.config.rank_top)
                     if config.torch_compile:
                         log.info("%s ready in %.1f s", route.checkpoint, time.perf_counter() - began)
                 except CheckpointError as exc:

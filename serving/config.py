@@ -91,6 +91,10 @@ class ServingConfig:
     # true: each UGT model served on CPU runs torch.compile'd prefill/decode steps (inductor, C++ wrapper), compiled
     # at start-up (~30-70 s; inductor's disk cache makes restarts faster). Needs a C++ compiler. No effect on CUDA
     torch_compile: bool = False
+    # target-aware ranking (models/ugt/ranking.py): the checkpoint's ranking head reorders this many retrieval
+    # candidates, each attending to the user's cached history. -1 = the checkpoint's heads.rank_top when it was
+    # trained with a ranking head, else off; 0 = off; > 0 needs a ranking head and kv_cache_users > 0
+    rank_top: int = -1
     batch_max_wait_ms: float = 1.0  # how long the first request of a batch waits for company
     # thread: the batcher is a thread beside the event loop (one GIL); process: the built service is forked into
     # an engine process with its own GIL, and the server process only does HTTP (serving/engine_process.py);
@@ -160,6 +164,8 @@ def _problems(config: ServingConfig, base_dir: Path) -> list[str]:
         out.append(f"rate_limit_burst: must be 1..1000000, got {config.rate_limit_burst}")
     if not 0 <= config.kv_cache_users <= 10_000_000:
         out.append(f"kv_cache_users: must be 0..10000000, got {config.kv_cache_users}")
+    if not -1 <= config.rank_top <= 10_000:
+        out.append(f"rank_top: must be -1 (the checkpoint's), 0 (off) or 1..10000, got {config.rank_top}")
     if not 0 <= config.torch_threads <= 256:
         out.append(f"torch_threads: must be 0..256 (0 = PyTorch's default), got {config.torch_threads}")
     if not 1 <= config.batch_max_size <= 4096:

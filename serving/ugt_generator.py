@@ -73,7 +73,8 @@ class UGTGenerator:
     name = "ugt"
 
     def __init__(self, checkpoint: str | Path, *, clock: Callable[[], float] = time.time,
-                 inference: InferenceConfig | None = None, kv_cache_users: int = 0, compile_cpu: bool = False):
+                 inference: InferenceConfig | None = None, kv_cache_users: int = 0, compile_cpu: bool = False,
+                 rank_top: int = -1):
         from models.train import load_checkpoint, long_history_len
 
         path = Path(checkpoint)
@@ -109,13 +110,18 @@ class UGTGenerator:
             # kv_cache_users > 0: a user whose events did not change since the last request runs only the last
             # event through the layers against the cached prefix (models/ugt/inference.py), on CPU too
             # compile_cpu: torch.compile the CPU path (CUDA has CUDA graphs instead)
+            # rank_top: -1 = the checkpoint's own (when it has a ranking head and there is a KV cache to read)
             device = "cuda" if torch.cuda.is_available() else "cpu"
+            if rank_top < 0:
+                rank_top = model.config.heads.rank_top if model.ranker is not None and kv_cache_users > 0 else 0
             inference = InferenceConfig(device=device, cache_slots=kv_cache_users,
-                                        compile=compile_cpu and device == "cpu")
+                                        compile=compile_cpu and device == "cpu", rank_top=rank_top)
         try:
             self.engine = UGTInference(self.model, inference)
         except ValueError as exc:  # bad inference settings, e.g. compile without a C++ compiler
             hint = "; or set the serving key torch_compile: false" if inference.compile else ""
+            if inference.rank_top > 0 and ("rank_top" in str(exc) or "cache_slots" in str(exc)):
+                hint = "; set the serving key rank_top: 0, or -1 to follow the checkpoint (and kv_cache_users > 0)"
             raise CheckpointError(f"cannot serve {str(path)!r}: {exc}{hint}") from exc
 
     def model_input(self, state: UserStateView, query_time: int) -> dict[str, np.ndarray] | None:
@@ -182,6 +188,11 @@ class UGTGenerator:
         return scores, invalid
 
     def recommend(self, state: UserStateView, k: int, exclude: Set[str], *, domain: str) -> list[ScoredItem]:
+        if self.engine.config.rank_top > 0:  # the ranking head reads the engine's KV cache: one path for both
+            answer = self.recommend_batch([GenerationRequest(state, k, frozenset(exclude), domain)])[0]
+            if isinstance(answer, NoModelAnswer):
+                raise answer
+            return answer
         scores, invalid = self.scores(state)
         masked = {self.item_to_index[i] for i in set(exclude) | set(state.item_ids) if i in self.item_to_index}
         if masked:

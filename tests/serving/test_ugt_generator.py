@@ -13,7 +13,7 @@ from models.eval import batch_to_device, history_mask, last_states
 from models.train import TrainConfig, fit, load_checkpoint, load_config, long_history_len
 from models.user_state import STATE_VERSION
 from serving.config import ConfigError, build_config
-from serving.generator import NoModelAnswer
+from serving.generator import GenerationRequest, NoModelAnswer
 from serving.state import UserStateView
 from serving.ugt_generator import NO_KNOWN_ITEMS, CheckpointError, UGTGenerator
 
@@ -291,3 +291,54 @@ def test_prepared_fingerprint_is_the_engine_cache_key(trained, loaded):
     for query_time in (state.last_event_time // 1000 + 5, state.last_event_time // 1000 + 10**6):
         prepared = gen.prepare(state, query_time)
         assert prepared.fingerprint == prefix_fingerprint(prepared.row)
+
+
+@pytest.fixture(scope="module")
+def trained_with_ranking(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ugt-rank")
+    cfg = load_config(CONFIG, {"out_dir": str(out), "progress": False, "device": "cpu", "max_epochs": 1,
+                                  "max_users": 400, "model_config.heads.ranking": True,
+                                  "model_config.heads.rank_top": 30})
+    fit(cfg)
+    return out / "checkpoint.pt"
+
+
+def test_a_checkpoint_with_a_ranking_head_is_served_ranked_as_the_eval_cascade(trained_with_ranking, trained):
+    from models.ugt.ranking import candidate_logits, prefix_from_layers
+
+    clock = Clock()
+    gen = UGTGenerator(trained_with_ranking, clock=clock, kv_cache_users=16)  # rank_top -1: the checkpoint's 30
+    assert gen.engine.config.rank_top == 30
+    plain = UGTGenerator(trained_with_ranking, clock=clock, kv_cache_users=16, rank_top=0)
+    _, cfg, data, _ = load_checkpoint(trained_with_ranking)
+    model = gen.model
+    split = make_split(data, "test", cfg.max_len, long_history_len(cfg))
+    changed = 0
+    for r in USERS:
+        u = int(split.users[r])
+        end = len(data.items[u]) - 1
+        clock.now = float(data.times[u][end])
+        with torch.no_grad():
+            batch = batch_to_device(split.rows(np.asarray([r])), torch.device("cpu"))
+            user, _, (inputs, times, valid) = model(batch, keep=True)
+            state = last_states(user.float(), batch["lengths"])
+            table = model.item_embeddings().float()
+            invalid = history_mask(batch, data, data.num_items, "all", "test")
+            cands = (state @ table.T).masked_fill(invalid, float("-inf")).topk(30, dim=1).indices
+            G = valid.shape[1] - batch["ids"].shape[1]
+            request = batch["query_times"].gather(1, (batch["lengths"] - 1).view(1, 1)).view(1)
+            prefix = prefix_from_layers(model, inputs, times, valid, G + batch["lengths"], request)
+            logits = candidate_logits(model, prefix, cands, state, table)
+            want = logits.topk(10, dim=1)
+        for _ in range(2):  # a KV-cache miss (prefill), then a hit (decode): the same ranked answer
+            got = gen.recommend_batch([GenerationRequest(view_of(data, u, end, gen), 10, frozenset(), "movie")])[0]
+            assert [g.item_id for g in got] == [gen.index_to_item[int(cands[0, i])] for i in want.indices[0]]
+            np.testing.assert_allclose([g.score for g in got], want.values[0].numpy(), rtol=1e-4, atol=1e-4)
+        assert gen.recommend(view_of(data, u, end, gen), 10, set(), domain="movie") == got  # the unbatched call
+        retrieval = plain.recommend(view_of(data, u, end, gen), 10, set(), domain="movie")
+        changed += [g.item_id for g in retrieval] != [g.item_id for g in got]
+    assert gen.engine.cache.hits >= len(USERS)
+    assert changed > 0  # the head reorders, it is not a pass-through of retrieval
+    with pytest.raises(CheckpointError, match="rank_top"):
+        UGTGenerator(trained, kv_cache_users=16, rank_top=50)  # no ranking head in that checkpoint
+    assert UGTGenerator(trained, kv_cache_users=16).engine.config.rank_top == 0  # -1 follows the checkpoint
