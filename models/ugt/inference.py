@@ -185,7 +185,7 @@ class UGTInference:
 
             self.fused = triton_status(self.device)[0] and self.device.type == "cuda"
         self.graphs_on = c.cuda_graphs and self.device.type == "cuda"
-        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[tuple, tuple] = {}  # (kind, batch[, candidates]) -> (graph, static in, static out, None)
         with torch.inference_mode():
             self.table = self.model.item_embeddings().to(self.dtype)  # (V + 1, D), L2-normalised
         self.num_items = self.table.shape[0] - 1
@@ -459,18 +459,19 @@ class UGTInference:
         graph.replay()
         return static_out
 
-    def _capture(self, fn, buf: torch.Tensor):
-        static_in = buf.clone()
+    def _capture(self, fn, *inputs: torch.Tensor):
+        """(graph, static input (a tuple when several), static output, None): ``fn`` captured on static copies."""
+        static_in = tuple(t.clone() for t in inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                fn(static_in)
+                fn(*static_in)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = fn(static_in)
-        return graph, static_in, static_out, None
+            static_out = fn(*static_in)
+        return graph, static_in[0] if len(static_in) == 1 else static_in, static_out, None
 
     def bucket(self, n: int) -> int:
         """The smallest batch bucket >= n (n itself past the largest, or without graphs; >= 2 when compiled)."""
@@ -621,10 +622,12 @@ class UGTInference:
         else:
             user, dev = self.users(self.pack(vectors, excl, slots, self.bucket(n), fresh=True), hits)
             excl_dev = self.exclusions(dev)
-        user, excl_dev = user[:n], excl_dev[:n]
-        if self.config.rank_top > 0:
-            values, indices, counts = self._ranked(dev[:n], self.cache is not None and all(hits), user, excl_dev, k)
+        if self.config.rank_top > 0:  # on the padded batch: one captured graph per bucket
+            values, indices, counts = (t[:n] for t in self._ranked(dev, self.cache is not None and all(hits), user,
+                                                                  excl_dev, k))
+            user, excl_dev = user[:n], excl_dev[:n]
         else:
+            user, excl_dev = user[:n], excl_dev[:n]
             values, indices, counts = self.retrieve(user, excl_dev, k)
         if self.config.merge == "rrf":
             values, indices = self._rrf(user, excl_dev, indices, k)
@@ -640,9 +643,24 @@ class UGTInference:
     def _ranked(self, dev: torch.Tensor, compact: bool, user: torch.Tensor, excl: torch.Tensor, k: int):
         """Retrieval's top ``rank_top`` reordered by the ranking head: (logits, items, valid counts) of the top k."""
         values, cands, counts = self.retrieve(user, excl, max(k, self.config.rank_top))
-        logits = self.rank(dev, compact, cands, user).masked_fill(torch.isinf(values), float("-inf"))
+        logits = self._rank_run(dev, compact, cands, user).masked_fill(torch.isinf(values), float("-inf"))
         top = logits.topk(min(k, cands.shape[1]), dim=1)
         return top.values, cands.gather(1, top.indices), counts
+
+    def _rank_run(self, dev: torch.Tensor, compact: bool, cands: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+        """:meth:`rank`, through a CUDA graph captured per (layout, batch, candidates) when graphs are on."""
+        dev = dev[:, :COMPACT_WIDTH] if compact else dev[:, : self.width + 1]  # the exclusions are not read
+        if not self.graphs_on:
+            return self.rank(dev, compact, cands, user)
+        key = ("rank_compact" if compact else "rank", dev.shape[0], cands.shape[1])
+        inputs = (dev, cands, user)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(lambda d, c, u: self.rank(d, compact, c, u), *inputs)
+        graph, static_in, static_out, _ = self.graphs[key]
+        for dst, src in zip(static_in, inputs, strict=True):
+            dst.copy_(src)
+        graph.replay()
+        return static_out
 
     def _rrf(self, user: torch.Tensor, excl: torch.Tensor, ret_idx: torch.Tensor, k: int):
         """Reciprocal-rank fusion of the retrieval list and the beam-search list (scores: fused RRF)."""

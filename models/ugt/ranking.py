@@ -28,12 +28,15 @@ from models.hstu import bucketize_time_gaps
 from models.tokenizer import TOKEN_GROUP_ITEM
 from models.ugt.steps import attn_inputs, attn_output
 
-_GAP_BOUNDS = torch.as_tensor(_GAP_THRESHOLDS)
+_GAP_BOUNDS: dict[torch.device, torch.Tensor] = {}  # per device: no host-to-device copy inside a CUDA graph
 
 
 def gap_bucket(gaps: torch.Tensor) -> torch.Tensor:
     """``models.data.time_gap_bucket_array`` in torch (same thresholds): the candidate's gap token."""
-    buckets = 1 + torch.bucketize(gaps, _GAP_BOUNDS.to(gaps.device), right=True)
+    bounds = _GAP_BOUNDS.get(gaps.device)
+    if bounds is None:
+        bounds = _GAP_BOUNDS[gaps.device] = torch.as_tensor(_GAP_THRESHOLDS, device=gaps.device)
+    buckets = 1 + torch.bucketize(gaps, bounds, right=True)
     return torch.where(gaps > 0, buckets, torch.zeros_like(buckets))
 
 

@@ -177,3 +177,24 @@ def test_fit_reports_the_cascade_and_reordering_the_top_10_keeps_hr_at_10(tmp_pa
     # only the order inside retrieval's top 10 changes: who is in the top 10 (and the top 50) does not
     assert ranked["hr@10"] == pytest.approx(test["hr@10"]) and ranked["hr@50"] == pytest.approx(test["hr@50"])
     assert 0 <= ranked["ndcg@10"] <= ranked["hr@10"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (runs on the GPU machine)")
+def test_cuda_graph_ranking_matches_the_eager_step():
+    model = make_model()
+    rows = [history_row(*history(n, seed=30 + n)[:3], N, E, history(n, seed=30 + n)[3]) for n in (3, 9, 16)]
+    keys = [f"u{i}" for i in range(len(rows))]
+    excludes = [np.unique(r["ids"][0][r["ids"][0] > 0]) for r in rows]
+    answers = []
+    for graphs in (False, True):
+        eng = UGTInference(model, InferenceConfig(device="cuda", dtype="fp32", cache_slots=8, rank_top=10,
+                                                  cuda_graphs=graphs, batch_buckets=(1, 4)))
+        first = eng.recommend(rows, excludes, 5, keys)  # misses
+        again = eng.recommend(rows, excludes, 5, keys)  # hits: the compact layout
+        answers.append((first, again))
+        if graphs:
+            assert {key[0] for key in eng.graphs} >= {"rank", "rank_compact"}
+    for eager, graphed in zip(answers[0], answers[1], strict=True):
+        for a, b in zip(eager, graphed, strict=True):
+            assert a.indices.tolist() == b.indices.tolist()
+            np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-4)
