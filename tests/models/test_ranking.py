@@ -198,3 +198,25 @@ def test_cuda_graph_ranking_matches_the_eager_step():
         for a, b in zip(eager, graphed, strict=True):
             assert a.indices.tolist() == b.indices.tolist()
             np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-4)
+
+
+def test_ranking_on_the_compiled_cpu_engine_gives_the_eager_answers(monkeypatch):
+    """torch_compile serving: prefill/decode compiled, the ranking step eager on their KV cache; same answers."""
+    model = make_model(seed=4)
+    rows = [history_row(*history(n, seed=50 + n)[:3], N, E, history(n, seed=50 + n)[3]) for n in (2, 6, 13, 18)]
+    later = [{**r, "query_times": r["query_times"].copy()} for r in rows]
+    for r in later:
+        r["query_times"][0, int(r["lengths"][0]) - 1] += 900
+    keys = [f"u{i}" for i in range(len(rows))]
+    excludes = [np.unique(r["ids"][0][r["ids"][0] > 0]) for r in rows]
+    eager = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=8, rank_top=8))
+    compiled = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=8, rank_top=8, compile=True))
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for users, source in (([0], rows), ([1, 2], rows), ([0, 1, 2], later), ([3, 0], later)):  # miss, hits, mixed
+        batch = [source[u] for u in users]
+        ex = [excludes[u] for u in users]
+        got = compiled.recommend(batch, ex, 4, [keys[u] for u in users])
+        want = eager.recommend(batch, ex, 4, [keys[u] for u in users])
+        for g, w in zip(got, want, strict=True):
+            assert g.indices.tolist() == w.indices.tolist()
+            np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-4)
