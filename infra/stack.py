@@ -138,7 +138,8 @@ def flink_env(settings: Settings | None = None) -> dict[str, str]:
         PYFLINK_CLIENT_EXECUTABLE=sys.executable,
         # given here, config.sh skips two JVM launches per script (reading env.java.opts.all and
         # probing the Java version): with ~10 launches per cold start that is seconds on 2 cores
-        FLINK_ENV_JAVA_OPTS="-XX:+IgnoreUnrecognizedVMOptions " + _flink_java_opts(),
+        FLINK_ENV_JAVA_OPTS=" ".join(filter(None, ["-XX:+IgnoreUnrecognizedVMOptions", _flink_java_opts(),
+                                                   os.environ.get("UGT_FLINK_JAVA_OPTS", "")])),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
     return env
