@@ -100,3 +100,12 @@ def test_the_shipped_config_compiles_cpu_models_and_the_env_can_turn_it_off():
     assert load_config(DEFAULT_CONFIG_PATH, env={"UGT_SERVING_TORCH_COMPILE": "false"}).torch_compile is False
     with pytest.raises(ConfigError, match="torch_compile: expected bool"):
         build_config({"torch_compile": "sometimes"}, env={})
+
+
+def test_rank_top_follows_the_checkpoint_by_default_and_is_bounded():
+    assert load_config(DEFAULT_CONFIG_PATH, env={}).rank_top == -1 == ServingConfig().rank_top
+    assert load_config(DEFAULT_CONFIG_PATH, env={"UGT_SERVING_RANK_TOP": "0"}).rank_top == 0
+    with pytest.raises(ConfigError, match="rank_top: must be -1"):
+        build_config({"rank_top": -5}, env={})
+    with pytest.raises(ConfigError, match="rank_top: expected int"):
+        build_config({"rank_top": "many"}, env={})
