@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="window = HSTU's (items in the model's input window); all = whole history")
     parser.add_argument("--top-k", type=int, default=10, help="list length for beyond-accuracy metrics")
     parser.add_argument("--beam-size", type=int, default=100, help="beams for generative (semantic-ID) retrieval")
+    parser.add_argument("--rerank-top", type=int, default=-1,
+                        help="with a ranking head: retrieval candidates it reorders (-1 = the checkpoint's "
+                             "heads.rank_top, 0 = skip the cascade row)")
     parser.add_argument("--no-popularity", action="store_true", help="skip the popularity row")
     parser.add_argument("--out", help="report folder (default: next to the checkpoint, eval_<split>/)")
     parser.add_argument("--device", default="auto")
@@ -60,11 +63,15 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     split = make_split(data, args.split, cfg.max_len, long_history_len(cfg))
     generative = isinstance(model, UGT) and model.sid_head is not None
+    ranked = isinstance(model, UGT) and model.ranker is not None
+    rerank_top = (model.config.heads.rank_top if args.rerank_top < 0 else args.rerank_top) if ranked else 0
     result = evaluate(model, data, split, args.split, device=device, mask_history=args.mask_history,
-                      top_k=args.top_k, generative=generative, beam_size=args.beam_size)
+                      top_k=args.top_k, generative=generative, beam_size=args.beam_size, rerank_top=rerank_top)
     rows = [{"model": cfg.name, **result}]
     if generative:
         rows.append({"model": f"{cfg.name} (generative, beam {args.beam_size})", **result["generative"]})
+    if "target_aware" in result:
+        rows.append({"model": f"{cfg.name} (+ ranking head, top {rerank_top})", **result["target_aware"]})
     if not args.no_popularity:
         pop = evaluate(Popularity(data, args.split), data, split, args.split, device=device,
                        mask_history=args.mask_history, top_k=args.top_k)
