@@ -127,7 +127,8 @@ def _generators(config: ServingConfig, fallback: PopularityFallback) -> dict[str
                                 "inductor's disk cache is warm)", route.checkpoint)
                 try:
                     loaded[key] = UGTGenerator(route.checkpoint, kv_cache_users=config.kv_cache_users,
-                                               compile_cpu=config.torch_compile, rank_top=config.rank_top)
+                                               compile_cpu=config.torch_compile, rank_top=config.rank_top,
+                                               beam_size=config.beam_size)
                     if loaded[key].engine.config.rank_top > 0:
                         log.info("%s: the ranking head reorders retrieval's top %d", route.checkpoint,
                                  loaded[key].engine.config.rank_top)

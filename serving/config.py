@@ -95,6 +95,10 @@ class ServingConfig:
     # candidates, each attending to the user's cached history. -1 = the checkpoint's heads.rank_top when it was
     # trained with a ranking head, else off; 0 = off; > 0 needs a ranking head and kv_cache_users > 0
     rank_top: int = -1
+    # > 0: semantic-ID beam search with this many beams (constrained by the checkpoint's prefix trie) beside
+    # retrieval; the two lists are merged by reciprocal rank, or ordered together by the ranking head (rank_top).
+    # Needs a checkpoint with a semantic-ID head. 0 = retrieval only
+    beam_size: int = 0
     batch_max_wait_ms: float = 1.0  # how long the first request of a batch waits for company
     # thread: the batcher is a thread beside the event loop (one GIL); process: the built service is forked into
     # an engine process with its own GIL, and the server process only does HTTP (serving/engine_process.py);
@@ -164,6 +168,8 @@ def _problems(config: ServingConfig, base_dir: Path) -> list[str]:
         out.append(f"rate_limit_burst: must be 1..1000000, got {config.rate_limit_burst}")
     if not 0 <= config.kv_cache_users <= 10_000_000:
         out.append(f"kv_cache_users: must be 0..10000000, got {config.kv_cache_users}")
+    if not 0 <= config.beam_size <= 10_000:
+        out.append(f"beam_size: must be 0 (off) .. 10000, got {config.beam_size}")
     if not -1 <= config.rank_top <= 10_000:
         out.append(f"rank_top: must be -1 (the checkpoint's), 0 (off) or 1..10000, got {config.rank_top}")
     if not 0 <= config.torch_threads <= 256:

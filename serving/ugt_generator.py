@@ -74,7 +74,7 @@ class UGTGenerator:
 
     def __init__(self, checkpoint: str | Path, *, clock: Callable[[], float] = time.time,
                  inference: InferenceConfig | None = None, kv_cache_users: int = 0, compile_cpu: bool = False,
-                 rank_top: int = -1):
+                 rank_top: int = -1, beam_size: int = 0):
         from models.train import load_checkpoint, long_history_len
 
         path = Path(checkpoint)
@@ -115,13 +115,16 @@ class UGTGenerator:
             if rank_top < 0:
                 rank_top = model.config.heads.rank_top if model.ranker is not None and kv_cache_users > 0 else 0
             inference = InferenceConfig(device=device, cache_slots=kv_cache_users,
-                                        compile=compile_cpu and device == "cpu", rank_top=rank_top)
+                                        compile=compile_cpu and device == "cpu", rank_top=rank_top,
+                                        beam_size=beam_size, merge="rrf" if beam_size > 0 else "retrieval")
         try:
             self.engine = UGTInference(self.model, inference)
         except ValueError as exc:  # bad inference settings, e.g. compile without a C++ compiler
             hint = "; or set the serving key torch_compile: false" if inference.compile else ""
             if inference.rank_top > 0 and ("rank_top" in str(exc) or "cache_slots" in str(exc)):
                 hint = "; set the serving key rank_top: 0, or -1 to follow the checkpoint (and kv_cache_users > 0)"
+            if "semantic-ID head" in str(exc):
+                hint = "; set the serving key beam_size: 0 for this checkpoint"
             raise CheckpointError(f"cannot serve {str(path)!r}: {exc}{hint}") from exc
 
     def model_input(self, state: UserStateView, query_time: int) -> dict[str, np.ndarray] | None:
@@ -188,7 +191,7 @@ class UGTGenerator:
         return scores, invalid
 
     def recommend(self, state: UserStateView, k: int, exclude: Set[str], *, domain: str) -> list[ScoredItem]:
-        if self.engine.config.rank_top > 0:  # the ranking head reads the engine's KV cache: one path for both
+        if self.engine.config.rank_top > 0 or self.engine.config.merge == "rrf":  # the engine's heads: one path
             answer = self.recommend_batch([GenerationRequest(state, k, frozenset(exclude), domain)])[0]
             if isinstance(answer, NoModelAnswer):
                 raise answer

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import types
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -53,7 +54,8 @@ class InferenceConfig:
     batch_buckets: tuple[int, ...] = (1, 8, 32, 128)
     cache_slots: int = 0  # users whose prefix K/V is kept (0 = no KV cache)
     beam_size: int = 0  # > 0: also semantic-ID beam search (needs the model's semantic-ID head)
-    merge: str = "retrieval"  # "retrieval" (dot-product top-k only) | "rrf" (retrieval + beam, rank-fused)
+    merge: str = "retrieval"  # "retrieval" (dot-product top-k only) | "rrf" (retrieval + beam, rank-fused; with
+    # rank_top > 0 the ranking head orders the union of both lists instead)
     candidate_micro_batch: int = 512  # M-FALCON-style micro-batch of candidates scored at once
     compile: bool = False  # CPU: torch.compile prefill and decode at start (needs a C++ compiler; ~1 min)
     rank_top: int = 0  # > 0: the ranking head reorders this many retrieval candidates (needs heads.ranking + cache)
@@ -154,6 +156,19 @@ class PrefixCache:
             hits.append(False)
             self.misses += 1
         return slots, hits
+
+
+def _own_code(method):
+    """``method`` rebound to a copy of its function with its own code object.
+
+    torch.compile keeps compiled graphs per code object, so every UGTInference would otherwise share one cache:
+    a second model in the process (the router serves several) would recompile the first one's steps, and with
+    only tensor guards kept (see ``_compile``) could even reuse a graph built for another model's sizes.
+    """
+    f = method.__func__
+    fresh = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    fresh.__kwdefaults__, fresh.__qualname__ = f.__kwdefaults__, f.__qualname__
+    return types.MethodType(fresh, method.__self__)
 
 
 class UGTInference:
@@ -506,9 +521,9 @@ class UGTInference:
         keep_tensor_guards = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)  # PyTorch 2.8+
         if keep_tensor_guards is not None:
             options["guard_filter_fn"] = keep_tensor_guards
-        self._prefill = torch.compile(self._prefill, options=options)  # type: ignore[method-assign]
+        self._prefill = torch.compile(_own_code(self._prefill), options=options)  # type: ignore[method-assign]
         if self.cache is not None:
-            self._decode = torch.compile(self._decode, options=options)  # type: ignore[method-assign]
+            self._decode = torch.compile(_own_code(self._decode), options=options)  # type: ignore[method-assign]
         self.compiled = True
         rows = np.zeros((2, self.width), dtype=np.int64)
         rows[:, 0] = 1  # item 1 at position 0
@@ -625,12 +640,11 @@ class UGTInference:
         if self.config.rank_top > 0:  # on the padded batch: one captured graph per bucket
             values, indices, counts = (t[:n] for t in self._ranked(dev, self.cache is not None and all(hits), user,
                                                                   excl_dev, k))
-            user, excl_dev = user[:n], excl_dev[:n]
         else:
             user, excl_dev = user[:n], excl_dev[:n]
             values, indices, counts = self.retrieve(user, excl_dev, k)
-        if self.config.merge == "rrf":
-            values, indices = self._rrf(user, excl_dev, indices, k)
+            if self.config.merge == "rrf":
+                values, indices = self._rrf(user, excl_dev, indices, k)
         if self.device.type != "cuda":
             return Pending(n, k, values, indices, counts, None)
         out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (values, indices, counts)]
@@ -641,9 +655,16 @@ class UGTInference:
         return Pending(n, k, *out, done)
 
     def _ranked(self, dev: torch.Tensor, compact: bool, user: torch.Tensor, excl: torch.Tensor, k: int):
-        """Retrieval's top ``rank_top`` reordered by the ranking head: (logits, items, valid counts) of the top k."""
+        """Retrieval's top ``rank_top`` (with ``merge="rrf"``: and the beam search's items) reordered by the ranking
+        head: (logits, items, valid counts) of the top k."""
         values, cands, counts = self.retrieve(user, excl, max(k, self.config.rank_top))
-        logits = self._rank_run(dev, compact, cands, user).masked_fill(torch.isinf(values), float("-inf"))
+        invalid = torch.isinf(values)
+        if self.config.merge == "rrf":  # rank the union: a beam item retrieval also found is dropped (item 0)
+            beam_items, beam_logp = self.generate(user, excl, max(self.config.beam_size, k))
+            dup = (beam_items.unsqueeze(-1) == cands.unsqueeze(1)).any(-1) | torch.isinf(beam_logp)
+            cands = torch.cat([cands, beam_items.masked_fill(dup, 0)], dim=1)
+            invalid = torch.cat([invalid, dup], dim=1)
+        logits = self._rank_run(dev, compact, cands, user).masked_fill(invalid, float("-inf"))
         top = logits.topk(min(k, cands.shape[1]), dim=1)
         return top.values, cands.gather(1, top.indices), counts
 

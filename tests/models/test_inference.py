@@ -21,7 +21,7 @@ SIZES = [4, 4, 3]
 NUM_ITEMS = 40
 
 
-def make_model(seed: int = 0) -> UGT:
+def make_model(seed: int = 0, top_k: int = 1) -> UGT:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     codes = np.zeros((NUM_ITEMS + 1, 3), np.int64)
@@ -30,7 +30,7 @@ def make_model(seed: int = 0) -> UGT:
     cfg = UGTConfig.from_dict({
         "num_items": NUM_ITEMS, "d_model": 32, "num_layers": 2, "num_heads": 2, "dqk": 16, "dv": 16,
         "embedding": {"item_repr": "id+sid"}, "multiscale": {"recent_len": 12, "long_groups": 3, "max_long": 10},
-        "moe": {"d_ff": 32, "num_experts": 2, "top_k": 1},
+        "moe": {"d_ff": 32, "num_experts": 2, "top_k": top_k},
     })
     genres = rng.integers(0, 5, size=(NUM_ITEMS + 1, 2))
     genres[0] = 0
@@ -211,7 +211,7 @@ def test_compact_decode_equals_decode_of_the_full_rows():
     torch.testing.assert_close(compact_host[:6, COMPACT_WIDTH:], torch.as_tensor(excl))
 
 
-def test_compiled_cpu_steps_give_the_eager_answers_and_never_recompile(monkeypatch):
+def test_compiled_cpu_steps_give_the_eager_answers_and_never_recompile():
     """compile=True: prefill and decode run under torch.compile, compiled at construction. Batches of one (padded
     to two), misses, all-hit (compact) and mixed batches give the eager path's items and scores, and nothing is
     compiled again after start-up (a recompile in a forked serving engine would stall it for seconds)."""
@@ -226,16 +226,28 @@ def test_compiled_cpu_steps_give_the_eager_answers_and_never_recompile(monkeypat
     eager = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=8))
     compiled = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=8, compile=True))
     assert compiled.compiled and compiled.bucket(1) == 2 and eager.bucket(1) == 1
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     steps = [([0], rows), ([1, 2, 3], rows), ([0, 1, 2, 3], later), ([4, 0, 5], later), ([0], later)]
-    for users, source in steps:
-        batch = [source[u] for u in users]
-        got = compiled.recommend(batch, excludes_of(batch), 6, [keys[u] for u in users])
-        want = eager.recommend(batch, excludes_of(batch), 6, [keys[u] for u in users])
-        for g, w in zip(got, want, strict=True):
-            assert g.indices.tolist() == w.indices.tolist()
-            np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for users, source in steps:
+            batch = [source[u] for u in users]
+            got = compiled.recommend(batch, excludes_of(batch), 6, [keys[u] for u in users])
+            want = eager.recommend(batch, excludes_of(batch), 6, [keys[u] for u in users])
+            for g, w in zip(got, want, strict=True):
+                assert g.indices.tolist() == w.indices.tolist()
+                np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-5)
     assert compiled.cache.hits == eager.cache.hits == 6 and compiled.cache.misses == eager.cache.misses == 6
+    # A second model in the same process (the router serves several) gets its own compiled steps. Its tensors have
+    # the first model's shapes and only its MoE routing (top-2, a Python int) differs: with only tensor guards kept,
+    # a shared cache would run the first model's top-1 graph on it.
+    other = UGTInference(make_model(6, top_k=2), InferenceConfig(device="cpu", dtype="fp32", cache_slots=4,
+                                                                  compile=True))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for engine in (compiled, other):
+            got = engine.recommend(rows[:3], excludes_of(rows[:3]), 6, keys[:3])
+            want = UGTInference(engine.model, InferenceConfig(device="cpu", dtype="fp32")).recommend(
+                rows[:3], excludes_of(rows[:3]), 6)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-5)
 
 
 def test_compile_without_a_cpp_compiler_fails_at_start_and_says_what_to_do(monkeypatch):

@@ -23,17 +23,22 @@ NUM_ITEMS = 40
 N, G, E = 12, 3, 10
 
 
-def make_model(seed: int = 0, long_groups: int = G) -> UGT:
+def make_model(seed: int = 0, long_groups: int = G, semantic_ids: bool = False) -> UGT:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     cfg = UGTConfig.from_dict({
         "num_items": NUM_ITEMS, "d_model": 32, "num_layers": 2, "num_heads": 2, "dqk": 16, "dv": 16,
         "multiscale": {"recent_len": N, "long_groups": long_groups, "max_long": E},
-        "moe": {"d_ff": 32, "num_experts": 2, "top_k": 1}, "heads": {"semantic_id": False, "ranking": True},
+        "moe": {"d_ff": 32, "num_experts": 2, "top_k": 1}, "heads": {"semantic_id": semantic_ids, "ranking": True},
     })
     genres = rng.integers(0, 5, size=(NUM_ITEMS + 1, 2))
     genres[0] = 0
-    model = UGT(cfg, genres, rng.integers(0, 6, size=NUM_ITEMS + 1)).eval()
+    codes = None
+    if semantic_ids:  # 40 distinct 3-level IDs out of 4 x 4 x 3
+        flat = rng.choice(48, size=NUM_ITEMS, replace=False)
+        codes = np.zeros((NUM_ITEMS + 1, 3), np.int64)
+        codes[1:] = np.stack([flat // 12, (flat // 3) % 4, flat % 3], 1)
+    model = UGT(cfg, genres, rng.integers(0, 6, size=NUM_ITEMS + 1), codes, [4, 4, 3] if semantic_ids else None).eval()
     with torch.no_grad():  # a trained-looking head, so logits differ between candidates
         for p in model.ranker.parameters():
             p.normal_(0, 0.3)
@@ -200,7 +205,7 @@ def test_cuda_graph_ranking_matches_the_eager_step():
             np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-4)
 
 
-def test_ranking_on_the_compiled_cpu_engine_gives_the_eager_answers(monkeypatch):
+def test_ranking_on_the_compiled_cpu_engine_gives_the_eager_answers():
     """torch_compile serving: prefill/decode compiled, the ranking step eager on their KV cache; same answers."""
     model = make_model(seed=4)
     rows = [history_row(*history(n, seed=50 + n)[:3], N, E, history(n, seed=50 + n)[3]) for n in (2, 6, 13, 18)]
@@ -211,12 +216,38 @@ def test_ranking_on_the_compiled_cpu_engine_gives_the_eager_answers(monkeypatch)
     excludes = [np.unique(r["ids"][0][r["ids"][0] > 0]) for r in rows]
     eager = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=8, rank_top=8))
     compiled = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=8, rank_top=8, compile=True))
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    for users, source in (([0], rows), ([1, 2], rows), ([0, 1, 2], later), ([3, 0], later)):  # miss, hits, mixed
-        batch = [source[u] for u in users]
-        ex = [excludes[u] for u in users]
-        got = compiled.recommend(batch, ex, 4, [keys[u] for u in users])
-        want = eager.recommend(batch, ex, 4, [keys[u] for u in users])
-        for g, w in zip(got, want, strict=True):
-            assert g.indices.tolist() == w.indices.tolist()
-            np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-4)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for users, source in (([0], rows), ([1, 2], rows), ([0, 1, 2], later), ([3, 0], later)):  # miss, hits, mixed
+            batch = [source[u] for u in users]
+            ex = [excludes[u] for u in users]
+            got = compiled.recommend(batch, ex, 4, [keys[u] for u in users])
+            want = eager.recommend(batch, ex, 4, [keys[u] for u in users])
+            for g, w in zip(got, want, strict=True):
+                assert g.indices.tolist() == w.indices.tolist()
+                np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-4)
+
+
+def test_with_beam_search_the_ranking_head_orders_the_union_of_both_lists():
+    model = make_model(seed=6, semantic_ids=True)
+    rows = [history_row(*history(n, seed=70 + n)[:3], N, E, history(n, seed=70 + n)[3]) for n in (3, 8, 17)]
+    keys = [f"u{i}" for i in range(len(rows))]
+    excludes = [np.unique(r["ids"][0][r["ids"][0] > 0]) for r in rows]
+    eng = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=8, rank_top=5, beam_size=8,
+                                              merge="rrf"))
+    retrieval = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32"))
+    tops = eng.recommend(rows, excludes, 6, keys)
+    ret = retrieval.recommend(rows, excludes, 6)  # max(k, rank_top) retrieval candidates
+    batch = stack(rows)
+    with torch.no_grad():
+        user = F.normalize(last_states(model(batch)[0], batch["lengths"]), dim=-1)
+        beam_items, _ = model.generate(user, 8)
+    from_beam = 0
+    for b, top in enumerate(tops):
+        union = set(ret[b].indices.tolist()) | set(beam_items[b].tolist())
+        got = top.indices.tolist()
+        assert len(got) == len(set(got)) == 6 and set(got) <= union - set(excludes[b].tolist()) - {0}
+        want = reference_logits(model, [rows[b]], torch.tensor([got]))[0]
+        np.testing.assert_allclose(top.scores, want.numpy(), rtol=1e-4, atol=1e-5)
+        assert list(top.scores) == sorted(top.scores, reverse=True)
+        from_beam += len(set(got) - set(ret[b].indices.tolist()))
+    assert from_beam > 0  # beam search brought in items retrieval's own list lacked

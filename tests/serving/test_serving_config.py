@@ -109,3 +109,10 @@ def test_rank_top_follows_the_checkpoint_by_default_and_is_bounded():
         build_config({"rank_top": -5}, env={})
     with pytest.raises(ConfigError, match="rank_top: expected int"):
         build_config({"rank_top": "many"}, env={})
+
+
+def test_beam_size_is_off_by_default_and_bounded():
+    assert load_config(DEFAULT_CONFIG_PATH, env={}).beam_size == 0
+    assert load_config(DEFAULT_CONFIG_PATH, env={"UGT_SERVING_BEAM_SIZE": "50"}).beam_size == 50
+    with pytest.raises(ConfigError, match="beam_size: must be 0"):
+        build_config({"beam_size": -1}, env={})

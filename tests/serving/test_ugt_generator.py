@@ -342,3 +342,5 @@ def test_a_checkpoint_with_a_ranking_head_is_served_ranked_as_the_eval_cascade(t
     with pytest.raises(CheckpointError, match="rank_top"):
         UGTGenerator(trained, kv_cache_users=16, rank_top=50)  # no ranking head in that checkpoint
     assert UGTGenerator(trained, kv_cache_users=16).engine.config.rank_top == 0  # -1 follows the checkpoint
+    with pytest.raises(CheckpointError, match="beam_size: 0"):  # this checkpoint has no semantic-ID head
+        UGTGenerator(trained_with_ranking, kv_cache_users=16, beam_size=20)
