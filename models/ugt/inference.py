@@ -16,6 +16,9 @@ Why each piece:
   ``exclude`` masked), and optionally the semantic-ID beam search constrained by the prefix trie; the two
   lists are merged by reciprocal rank (``merge="rrf"``). Candidates are scored against the cached user
   state in micro-batches (``score_candidates``), so a ranker can ask for any candidate set.
+* **Target-aware ranking** (``rank_top > 0``, :mod:`models.ugt.ranking`): the model's ranking head reorders
+  retrieval's top list (and the beam's items with ``merge="rrf"``); every candidate attends to the user's
+  history read from the KV cache and to itself, M-FALCON style; one CUDA graph per batch bucket on GPU.
 """
 
 from __future__ import annotations
