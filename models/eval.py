@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.data import Batchable, SequenceData, iterate_batches
 from models.metrics import DEFAULT_KS, accuracy_from_ranks, beyond_accuracy, ranks_from_scores
@@ -79,8 +78,7 @@ def evaluate(model: Any, data: SequenceData, split_data: Batchable, split: str =
         if is_neural:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
                 if rank:
-                    hidden, _, kept = model.encode_layers(batch, keep=True)
-                    user = F.normalize(hidden, dim=-1, eps=1e-6)
+                    user, _, kept = model(batch, keep=True)
                 else:
                     user, _ = model(batch)
             state = last_states(user.float(), batch["lengths"])

@@ -367,18 +367,23 @@ class UGTInference:
         h, _ = layer.ffn(layer.norm(x1, types.gather(1, at)), valid.gather(1, at), with_loss=False)
         return F.normalize((x1 + h)[:, 0].float(), dim=-1, eps=1e-6)
 
+    def last_events(self, buf: torch.Tensor, compact: bool):
+        """(each row's last event as ROW_FIELDS of (B, 1), lengths, cache slots) of a :meth:`pack` buffer, or of a
+        :meth:`pack_compact` one, which holds only those."""
+        if compact:
+            take = {key: buf[:, f : f + 1] for f, key in enumerate(ROW_FIELDS)}
+            return take, buf[:, len(ROW_FIELDS)], buf[:, len(ROW_FIELDS) + 1]
+        batch = self.unpack(buf[:, : self.width])
+        last = (batch["lengths"] - 1).clamp(min=0).view(-1, 1)
+        return {key: batch[key].gather(1, last) for key in ROW_FIELDS}, batch["lengths"], buf[:, self.width]
+
     def decode(self, buf: torch.Tensor) -> torch.Tensor:
         """Only each row's last event through the stack, against its cached prefix K/V (slot in the buffer)."""
-        batch = self.unpack(buf[:, : self.width])
-        B = buf.shape[0]
-        last = (batch["lengths"] - 1).clamp(min=0).view(B, 1)
-        take = {key: batch[key].gather(1, last) for key in ROW_FIELDS}  # (B, 1) each
-        return self._decode(*self._decode_inputs(take, batch["lengths"], buf[:, self.width]))
+        return self._decode(*self._decode_inputs(*self.last_events(buf, compact=False)))
 
     def decode_compact(self, buf: torch.Tensor) -> torch.Tensor:
         """:meth:`decode` of a :meth:`pack_compact` buffer."""
-        take = {key: buf[:, f : f + 1] for f, key in enumerate(ROW_FIELDS)}
-        return self._decode(*self._decode_inputs(take, buf[:, len(ROW_FIELDS)], buf[:, len(ROW_FIELDS) + 1]))
+        return self._decode(*self._decode_inputs(*self.last_events(buf, compact=True)))
 
     def _decode_inputs(self, take: dict[str, torch.Tensor], lengths: torch.Tensor, slots: torch.Tensor):
         """:meth:`_decode`'s arguments in one memory layout (contiguous, batch size dynamic when compiled)."""
@@ -449,15 +454,7 @@ class UGTInference:
         The history's keys/values come from the KV cache (a miss was just prefilled into its slot); the last
         event is run again at this request's time, then every candidate attends to the history and itself.
         """
-        if compact:
-            take = {key: dev[:, f : f + 1] for f, key in enumerate(ROW_FIELDS)}
-            lengths, slots = dev[:, len(ROW_FIELDS)], dev[:, len(ROW_FIELDS) + 1]
-        else:
-            batch = self.unpack(dev[:, : self.width])
-            lengths, slots = batch["lengths"], dev[:, self.width]
-            last = (lengths - 1).clamp(min=0).view(-1, 1)
-            take = {key: batch[key].gather(1, last) for key in ROW_FIELDS}
-        _, prefix = self._decode_steps(take, lengths, slots, keep=True)
+        _, prefix = self._decode_steps(*self.last_events(dev, compact), keep=True)
         return candidate_logits(self.model, prefix, cands, user, self.table, self.config.candidate_micro_batch)
 
     def _run(self, kind: str, buf: torch.Tensor) -> torch.Tensor:
@@ -472,13 +469,19 @@ class UGTInference:
         key = (kind, buf.shape[0])
         if key not in self.graphs:
             self.graphs[key] = self._capture(fn, buf)
-        graph, static_in, static_out, _ = self.graphs[key]
-        static_in.copy_(buf)
+        return self._replay(self.graphs[key], buf)
+
+    @staticmethod
+    def _replay(captured: tuple, *inputs: torch.Tensor) -> torch.Tensor:
+        """Copy ``inputs`` into a captured graph's static inputs, replay it; its static output."""
+        graph, static_in, static_out, _ = captured
+        for dst, src in zip(static_in, inputs, strict=True):
+            dst.copy_(src)
         graph.replay()
         return static_out
 
     def _capture(self, fn, *inputs: torch.Tensor):
-        """(graph, static input (a tuple when several), static output, None): ``fn`` captured on static copies."""
+        """(graph, static inputs, static output, None): ``fn`` captured on static copies of ``inputs``."""
         static_in = tuple(t.clone() for t in inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -489,7 +492,7 @@ class UGTInference:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_out = fn(*static_in)
-        return graph, static_in[0] if len(static_in) == 1 else static_in, static_out, None
+        return graph, static_in, static_out, None
 
     def bucket(self, n: int) -> int:
         """The smallest batch bucket >= n (n itself past the largest, or without graphs; >= 2 when compiled)."""
@@ -680,11 +683,7 @@ class UGTInference:
         inputs = (dev, cands, user)
         if key not in self.graphs:
             self.graphs[key] = self._capture(lambda d, c, u: self.rank(d, compact, c, u), *inputs)
-        graph, static_in, static_out, _ = self.graphs[key]
-        for dst, src in zip(static_in, inputs, strict=True):
-            dst.copy_(src)
-        graph.replay()
-        return static_out
+        return self._replay(self.graphs[key], *inputs)
 
     def _rrf(self, user: torch.Tensor, excl: torch.Tensor, ret_idx: torch.Tensor, k: int):
         """Reciprocal-rank fusion of the retrieval list and the beam-search list (scores: fused RRF)."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from models.data import _GAP_THRESHOLDS
 from models.hstu import bucketize_time_gaps
 from models.tokenizer import TOKEN_GROUP_ITEM
-from models.ugt.steps import attn_inputs, attn_output
+from models.ugt.steps import attend_one, attn_inputs, attn_output
 
 _GAP_BOUNDS: dict[torch.device, torch.Tensor] = {}  # per device: no host-to-device copy inside a CUDA graph
 
@@ -125,17 +125,11 @@ def candidate_layer(layer, xc: torch.Tensor, keys: torch.Tensor, values: torch.T
     """One UGT layer for candidate tokens: attend to the prefix's keys and to themselves, then GLN + MoE FFN."""
     blk = layer.attn
     B, C, _ = xc.shape
-    T = keys.shape[2]
     u, q, k, v = attn_inputs(blk, xc)  # (B, C, H, d)
-    scores = torch.matmul(q.transpose(1, 2), keys.transpose(-1, -2))  # (B, H, C, T)
-    bias = (blk.rab.pos_w[prefix.pos_index] + blk.rab.ts_w[prefix.buckets]).view(B, 1, 1, T)
-    w = F.silu(scores + bias.to(scores.dtype)) / float(blk.max_len)
-    w = w * prefix.key_mask.view(B, 1, 1, T).to(w.dtype)
-    attn = torch.matmul(w, values).transpose(1, 2)  # (B, C, H, dv)
+    attn = attend_one(blk, q, keys, values, prefix.key_mask, prefix.pos_index, prefix.buckets)  # the history
     own = (q * k).sum(-1) + (blk.rab.pos_w[blk.rab.max_len - 1] + blk.rab.ts_w[0]).to(q.dtype)  # distance 0, gap 0
     w_own = F.silu(own) / float(blk.max_len) * cand_valid.unsqueeze(-1).to(q.dtype)  # (B, C, H)
-    attn = attn + w_own.unsqueeze(-1) * v
-    x = attn_output(blk, xc, u, attn.reshape(B, C, -1))
+    x = attn_output(blk, xc, u, attn + (w_own.unsqueeze(-1) * v).reshape(B, C, -1))
     types = torch.full(cand_valid.shape, TOKEN_GROUP_ITEM, device=xc.device, dtype=torch.long)
     h, _ = layer.ffn(layer.norm(x, types), cand_valid, with_loss=False)
     return x + F.dropout(h, p=layer.dropout, training=layer.training)

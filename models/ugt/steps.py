@@ -31,14 +31,14 @@ def attn_output(block: HSTUBlock, x: torch.Tensor, u: torch.Tensor, attn: torch.
 
 def attend_one(block: HSTUBlock, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor,
                pos_index: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-    """HSTU attention of one query per row against head-major keys/values: (B, 1, H * dv).
+    """HSTU attention of C queries per row that share one position against head-major keys/values: (B, C, H * dv).
 
-    q (B, 1, H, dqk); kc, vc (B, H, T, d); mask, pos_index, buckets (B, T): the query row of
-    :func:`models.hstu.hstu_attention`'s masked, biased weights.
+    q (B, C, H, dqk); kc, vc (B, H, T, d); mask, pos_index, buckets (B, T): the query row of
+    :func:`models.hstu.hstu_attention`'s masked, biased weights (C = 1: a decode step; C candidates: ranking).
     """
     B, T = mask.shape
-    scores = torch.matmul(q.transpose(1, 2), kc.transpose(-1, -2))  # (B, H, 1, T)
+    scores = torch.matmul(q.transpose(1, 2), kc.transpose(-1, -2))  # (B, H, C, T)
     bias = (block.rab.pos_w[pos_index] + block.rab.ts_w[buckets]).view(B, 1, 1, T)
     w = F.silu(scores + bias.to(scores.dtype)) / float(block.max_len)
     w = w * mask.view(B, 1, 1, T).to(w.dtype)
-    return torch.matmul(w, vc).reshape(B, 1, -1)  # (B, H, 1, dv) -> (B, 1, H * dv)
+    return torch.matmul(w, vc).transpose(1, 2).reshape(B, q.shape[1], -1)  # (B, H, C, dv) -> (B, C, H * dv)
