@@ -4,7 +4,7 @@ stack up -> feast apply -> fetch ML-1M -> build (or reuse) the semantic-ID artif
 (tokenize, user_state, item_semantic_ids) -> publish the catalog and a few brand-new items, wait until they are
 indexed (prints the new-item delay) -> replay events into Kafka -> wait until the user_state job has applied
 them -> retrain a small UGT on the parquet lake the tokenize job wrote (`ugt train --lake`) -> start /recommend
-with it -> query a few users -> print.
+with it -> query a few users -> publish one more movie and time it until /recommend can answer with it -> print.
 Each step runs the same `ugt` / `feast` command the README shows, so the demo proves those commands.
 """
 
@@ -47,6 +47,9 @@ NEW_ITEMS = [  # movies after ML-1M's time: brand-new to the artifact, so they t
     {"item_id": "demo-new-mad-max-fury-road", "title": "Mad Max: Fury Road", "year": "2015",
      "categories": ["Action", "Adventure", "Sci-Fi"]},
 ]
+
+LATE_ITEM = {"item_id": "demo-late-dune-part-two", "title": "Dune: Part Two", "year": "2024",
+             "categories": ["Adventure", "Drama", "Sci-Fi"]}  # published at step 11, while /recommend runs
 
 
 def step(title: str) -> None:
@@ -203,6 +206,52 @@ def wait_items_indexed(redis_client, catalog: list[str], new: list[str], publish
     return str(version), seen
 
 
+def live_items_served(base: str, user: str) -> tuple[float, str]:
+    """(new items the served model answers with, its state line) from /metrics, after one request (the engine
+    applies what its feed thread accepted before each batch)."""
+    import re
+
+    import requests
+
+    requests.post(f"{base}/recommend", json={"user_id": user, "k": 1}, timeout=10)
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    rows = re.findall(r'^ugt_serving_live_items\{(.*)\} (\S+)$', text, flags=re.M)
+    return sum(float(v) for _, v in rows), "; ".join(labels for labels, _ in rows)
+
+
+def show_live_items(base: str, user: str, title_of: dict, timeout_s: float) -> None:
+    """Publish LATE_ITEM now and time it until /recommend can answer with it; show where the new movies rank."""
+    import requests
+
+    from streams.producer import EventPublisher
+
+    movie = {**LATE_ITEM, "item_id": f"{LATE_ITEM['item_id']}-{int(time.time())}"}  # new on every demo run
+    before, labels = live_items_served(base, user)
+    print(f"new items the model serves without a retrain: {before:.0f} ({labels})")
+    with EventPublisher(get_settings()) as publisher:
+        publisher.publish_item_event({
+            "item_id": movie["item_id"], "domain": "movie", "title": movie["title"], "description": "",
+            "categories": movie["categories"], "attributes": {"year": movie["year"]},
+            "updated_at": int(time.time() * 1000)})
+    published = time.time()
+    deadline = time.monotonic() + timeout_s
+    while live_items_served(base, user)[0] < before + 1:
+        if time.monotonic() > deadline:
+            print(f"{movie['title']} is not served after {timeout_s:.0f} s: see `ugt jobs list`, var/log/flink/ and "
+                  "the serve log above")
+            break
+        time.sleep(0.05)
+    else:
+        print(f"{movie['title']!r} servable by /recommend {time.time() - published:.2f} s after its catalog event "
+              "(item job batch + semantic ID + feed + generator)")
+    answer = requests.post(f"{base}/recommend", json={"user_id": user, "k": 1000}, timeout=10).json()
+    ranks = {i["item_id"]: n for n, i in enumerate(answer.get("items", []), 1)}
+    for new in [*NEW_ITEMS, movie]:
+        where = f"#{ranks[new['item_id']]}" if new["item_id"] in ranks else "not in the top 1000"
+        print(f"  {new['title']!r:24} in user {user}'s ranking: {where} (no ID row: scored by its semantic ID, "
+              "genres and year)")
+
+
 def run(args: argparse.Namespace) -> int:
     import redis
     import requests
@@ -283,7 +332,9 @@ def run(args: argparse.Namespace) -> int:
         lake = settings.var_dir / "lake" / "events_tokens"
         wait_for_lake(lake, published, args.timeout_s)
         out_dir = REPO_ROOT / "runs" / "ugt-ml1m-demo"
-        sh(ugt, "train", "--config", DEMO_MODEL_CONFIG, "--lake", str(lake), "--out-dir", str(out_dir), "--device", "cpu")
+        # the item job's artifact: the model embeds items by semantic ID too, so it can serve items coded later
+        sh(ugt, "train", "--config", DEMO_MODEL_CONFIG, "--lake", str(lake), "--out-dir", str(out_dir), "--device", "cpu",
+           "--set", f"semantic_ids={{artifact: {artifact}}}")
         serve += ["--config", str(write_serving_config(settings.var_dir / "demo", out_dir / "checkpoint.pt"))]
 
     step("10. serve /recommend and query it")
@@ -309,6 +360,9 @@ def run(args: argparse.Namespace) -> int:
         print("\nfull answer for the first user:")
         print(json.dumps(requests.post(f"{base}/recommend", json={"user_id": users[0], "k": 3}, timeout=10).json(),
                          indent=2))
+        if args.model == "ugt":
+            step("11. a movie published while /recommend runs: item job -> semantic ID -> feed -> the generator")
+            show_live_items(base, users[0], title_of, args.timeout_s)
     finally:
         if not args.keep_serving:
             server.terminate()

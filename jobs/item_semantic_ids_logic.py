@@ -11,6 +11,11 @@ semantic ID (the artifact's L levels + a dedup index) and writes:
       HSET ugt:sid:index:<version> "l1-l2-...-dedup" <item_id>    # code -> item
       HSET ugt:sid:item:<version>  <item_id> "l1-l2-...-dedup"    # item -> code
 
+* the new-item feed live generators follow (serving/live_items.py), in the same transaction as the hashes::
+
+      XADD ugt:sid:feed:<version> MAXLEN ~ 1000000 * item_id <id> code "l1-..-dedup" categories <json> year <y>
+
+  Only items this job gives a code go there (not the artifact's own table, which a model was trained on).
 * the Feast `item_metadata` row (title, domain, categories, year, semantic_ids = the full ID).
 
 Which version: ``ugt:sid:active`` (:data:`ACTIVE_KEY`, read with :func:`active_version`) names the version readers
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.tokenize_logic import DeadLetterError, dead_letter_key, dead_letter_record
+from models.semantic_ids.artifact import artifact_version  # noqa: F401 - re-exported: jobs name versions by it
 from models.semantic_ids.dedup import DedupAllocator, DedupOverflowError, prefix_key
 from models.semantic_ids.items import ItemError, canonical_item
 from streams.serde import AvroSerde, RegistryError, SerdeError
@@ -46,6 +52,8 @@ PUSH_SOURCE = "item_metadata_push"
 INDEX_PREFIX = "ugt:sid:index:"
 ITEM_PREFIX = "ugt:sid:item:"
 DEDUP_PREFIX = "ugt:sid:dedup:"
+FEED_PREFIX = "ugt:sid:feed:"  # Redis stream per version: items given a code after the artifact was built
+FEED_MAXLEN = 1_000_000  # approximate cap of a feed (XADD MAXLEN ~): a generator restarted later reads at most this
 ACTIVE_KEY = "ugt:sid:active"  # Redis string: the artifact version readers (tokenize, generator) use now
 ARTIFACTS_KEY = "ugt:sid:artifacts"  # Redis hash version -> artifact folder, so a job can follow a flip
 REQUIRED_STRINGS = ("item_id", "domain", "title")
@@ -99,6 +107,19 @@ def item_key(version: str) -> str:
     return f"{ITEM_PREFIX}{version}"
 
 
+def feed_key(version: str) -> str:
+    """The stream of items given a code under `version` after its artifact was built (the live generators' feed)."""
+    return f"{FEED_PREFIX}{version}"
+
+
+def feed_entry(item: Mapping[str, Any], code: str) -> dict[str, str]:
+    """One feed entry: what a generator needs to serve a new item (its code and the metadata the model embeds)."""
+    year = item.get("year")
+    return {"item_id": str(item["item_id"]), "code": code,
+            "categories": json.dumps(list(item.get("genres") or [])),
+            "year": "" if year is None else str(int(year))}
+
+
 def dedup_namespace(version: str) -> str:
     """RedisDedupStore namespace of one artifact version (dedup indices are only meaningful per artifact)."""
     return f"{DEDUP_PREFIX}{version}"
@@ -113,22 +134,6 @@ def parse_code(code: str | bytes) -> tuple[int, ...]:
     """The inverse of :func:`code_string`."""
     text = code.decode() if isinstance(code, bytes) else code
     return tuple(int(part) for part in text.split("-"))
-
-
-def artifact_version(path: str | Path) -> str:
-    """Short content hash of an artifact (sha256 of its arrays, from the manifest): names its Redis keys.
-
-    Every artifact shares the format version, so the content hash is what tells two builds apart;
-    a rebuilt artifact gets fresh index keys instead of mixing its codes with the old one's.
-    """
-    folder = Path(path)
-    if folder.is_file():
-        folder = folder.parent
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        return str(manifest["files"]["arrays.npz"]["sha256"])[:16]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{folder}: cannot read the artifact's manifest for its version ({exc})") from exc
 
 
 def item_from_record(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -198,6 +203,10 @@ class SidIndex:
         """Store (item_id, code string) pairs both ways."""
         raise NotImplementedError
 
+    def write_new(self, entries: Sequence[Mapping[str, str]]) -> None:
+        """Store the codes of newly coded items (:func:`feed_entry` dicts) and announce them on the feed, atomically."""
+        raise NotImplementedError
+
 
 class DictSidIndex(SidIndex):
     """In-process index (unit tests, one-off scripts)."""
@@ -205,6 +214,7 @@ class DictSidIndex(SidIndex):
     def __init__(self) -> None:
         self.code_to_item: dict[str, str] = {}
         self.item_to_code: dict[str, str] = {}
+        self.feed: list[dict[str, str]] = []
 
     def lookup(self, item_ids: Sequence[str]) -> dict[str, str]:
         return {i: self.item_to_code[i] for i in item_ids if i in self.item_to_code}
@@ -213,6 +223,10 @@ class DictSidIndex(SidIndex):
         for item_id, code in pairs:
             self.code_to_item[code] = item_id
             self.item_to_code[item_id] = code
+
+    def write_new(self, entries: Sequence[Mapping[str, str]]) -> None:
+        self.write((e["item_id"], e["code"]) for e in entries)
+        self.feed.extend(dict(e) for e in entries)
 
 
 class RedisSidIndex(SidIndex):
@@ -235,6 +249,15 @@ class RedisSidIndex(SidIndex):
             pipe.hset(item_key(self.version), item_id, code)
             if n % self.chunk == 0:
                 pipe.execute()
+        pipe.execute()
+
+    def write_new(self, entries: Sequence[Mapping[str, str]]) -> None:
+        # one MULTI: a reader never sees a feed entry whose code is not in the hashes, nor the reverse after a crash
+        pipe = self.redis.pipeline(transaction=True)
+        for e in entries:
+            pipe.hset(index_key(self.version), e["code"], e["item_id"])
+            pipe.hset(item_key(self.version), e["item_id"], e["code"])
+            pipe.xadd(feed_key(self.version), dict(e), maxlen=FEED_MAXLEN, approximate=True)
         pipe.execute()
 
 
@@ -280,7 +303,7 @@ class ItemSidAssigner:
         fresh = dict(zip((it["item_id"] for it in todo), self.artifact.encode(todo, allocator=self.allocator),
                          strict=True)) if todo else {}
         if fresh:
-            self.index.write((i, code_string(sid)) for i, sid in fresh.items())
+            self.index.write_new([feed_entry(latest[i], code_string(sid)) for i, sid in fresh.items()])
         out = [Assigned(i, parse_code(known[i]), False) if i in known else Assigned(i, tuple(fresh[i]), True)
                for i in ids]
         if self.write_rows is not None and out:

@@ -87,6 +87,11 @@ def _vectorized(fn, values: np.ndarray) -> np.ndarray:
     return mapped[inverse].reshape(values.shape)
 
 
+def year_bucket(year: int) -> int:
+    """The release-decade token of a year (1 = 1900s ... 15; 0 is kept for unknown)."""
+    return int(np.clip((year - 1900) // 10 + 1, 1, 15))
+
+
 def build_sequences(dataset, tie_order: str = "hstu") -> SequenceData:
     """Turn a ``streams.datasets.Dataset`` into per-user sequences.
 
@@ -135,7 +140,7 @@ def build_sequences(dataset, tie_order: str = "hstu") -> SequenceData:
             item_genres[index, j] = genre_of[g]
         year = getattr(row, "year", None)
         if year is not None and not pd.isna(year):
-            item_year[index] = int(np.clip((int(year) - 1900) // 10 + 1, 1, 15))
+            item_year[index] = year_bucket(int(year))
         titles[index] = str(getattr(row, "title", ""))
     return SequenceData(
         name=getattr(dataset, "name", "dataset"),

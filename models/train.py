@@ -202,6 +202,24 @@ def semantic_codes(cfg: TrainConfig, data: SequenceData) -> tuple[np.ndarray | N
     return codes_for_vocab(artifact, data), list(artifact.codebook_sizes)
 
 
+def semantic_ids_version(cfg: TrainConfig) -> str | None:
+    """The artifact version the model's codes come from (the key of the item job's Redis index and feed), so a
+    generator follows the right one for new items; None for an exported ``.npz`` (no manifest to name it)."""
+    from models.semantic_ids.artifact import artifact_version
+
+    spec = cfg.semantic_ids or {}
+    if "artifact" in spec:
+        folder = Path(spec["artifact"])
+    elif "build" in spec:
+        folder = cfg.output_dir / "semantic_ids"
+    else:
+        return None
+    try:
+        return None if folder.suffix == ".npz" else artifact_version(folder)
+    except ValueError:
+        return None
+
+
 def codes_for_vocab(artifact: Any, data: SequenceData) -> np.ndarray:
     """Rows of ``artifact.codes`` in vocabulary order (row 0 = padding, zeros)."""
     position = {str(item): i for i, item in enumerate(artifact.item_ids)}
@@ -352,6 +370,7 @@ def save_checkpoint(path: Path, model: Any, cfg: TrainConfig, data: SequenceData
                           "item_year_bucket": data.item_year_bucket, "item_titles": list(data.item_titles)},
             "semantic_codes": codes,
             "codebook_sizes": codebook_sizes,
+            "semantic_ids_version": semantic_ids_version(cfg) if codes is not None else None,
             "state_dict": core.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "train_state": state,

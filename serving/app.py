@@ -94,7 +94,7 @@ def build_components(settings: Settings, config: ServingConfig, client: redis.Re
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"state_reader redis: cannot use {settings.feature_repo}: {exc}") from exc
         reader = RedisStateReader(client, layout, config.feature_view)
-    generators = _generators(config, fallback)
+    generators = _generators(config, fallback, settings)
     rerankers = _rerankers(config, client)
     default = routes(config)[config.default_domain]
     return Components(
@@ -107,7 +107,8 @@ def build_components(settings: Settings, config: ServingConfig, client: redis.Re
     )
 
 
-def _generators(config: ServingConfig, fallback: PopularityFallback) -> dict[str, Generator]:
+def _generators(config: ServingConfig, fallback: PopularityFallback,
+                settings: Settings | None = None) -> dict[str, Generator]:
     """The router's model per domain; a checkpoint several domains name is loaded once."""
     loaded: dict[tuple[str, str, str], Generator] = {}
     out: dict[str, Generator] = {}
@@ -128,7 +129,9 @@ def _generators(config: ServingConfig, fallback: PopularityFallback) -> dict[str
                 try:
                     loaded[key] = UGTGenerator(route.checkpoint, kv_cache_users=config.kv_cache_users,
                                                compile_cpu=config.torch_compile, rank_top=config.rank_top,
-                                               beam_size=config.beam_size)
+                                               beam_size=config.beam_size, live_items=config.live_items,
+                                               redis_factory=_feed_client(settings) if settings else None,
+                                               sid_version=config.sid_version)
                     if loaded[key].engine.config.rank_top > 0:
                         log.info("%s: the ranking head reorders retrieval's top %d", route.checkpoint,
                                  loaded[key].engine.config.rank_top)
@@ -141,6 +144,11 @@ def _generators(config: ServingConfig, fallback: PopularityFallback) -> dict[str
                 loaded[key] = PopularityGenerator(fallback, version=route.generator_version)
         out[name] = loaded[key]
     return out
+
+
+def _feed_client(settings: Settings):
+    """Redis clients for a live catalog's feed thread: its own connection, with room for XREAD BLOCK (1 s)."""
+    return lambda: redis.Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
 
 
 def _rerankers(config: ServingConfig, client: redis.Redis) -> dict[str, Reranker]:
@@ -329,8 +337,14 @@ def _header(scope: dict, name: bytes) -> str | None:
     return None
 
 
+def start_background(live: dict[str, Any]) -> None:
+    """Start each generator's background work (a live catalog's feed thread) in this process, once per model."""
+    for gen in {id(g): g for g in live.values()}.values():
+        gen.start_background()
+
+
 def _batcher(engine: str, config: ServingConfig, service: RecommendService, metrics: ServingMetrics,
-             kv_caches: dict[str, object]) -> DynamicBatcher | EngineProcess:
+             kv_caches: dict[str, object], live: dict[str, Any]) -> DynamicBatcher | EngineProcess:
     """The pipeline's runner: a thread beside the event loop, or the forked engine process (docs/SERVING.md)."""
     if engine == "thread":
         return DynamicBatcher(service.run_batch, max_size=config.batch_max_size,
@@ -339,7 +353,9 @@ def _batcher(engine: str, config: ServingConfig, service: RecommendService, metr
     def engine_metrics() -> None:  # in each forked engine: its own series, from zero, added up at scrape
         fresh = ServingMetrics()
         fresh.watch_kv_caches(kv_caches)
+        fresh.watch_live_items(live)
         service.use_metrics(fresh)
+        start_background(live)  # the feed threads run where the models serve
 
     return EngineProcess(
         service.run_batch,
@@ -382,6 +398,7 @@ def create_app(
     kv_caches = {domain: gen.engine.cache for domain, gen in by_domain.items()
                  if getattr(getattr(gen, "engine", None), "cache", None) is not None}
     metrics.watch_kv_caches(kv_caches)
+    live = {domain: gen for domain, gen in by_domain.items() if getattr(gen, "live", None) is not None}
     service = RecommendService(config, components, metrics)
     log.info("serving config: %s (engine: %s)", asdict(config), engine)
     if client is not None:
@@ -401,7 +418,9 @@ def create_app(
         settings.redis_url,
     )
 
-    batcher = _batcher(engine, config, service, metrics, kv_caches)
+    if engine == "thread":
+        metrics.watch_live_items(live)
+    batcher = _batcher(engine, config, service, metrics, kv_caches, live)
     limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps else None
     api_keys = frozenset(config.api_keys)
     request_timeout_s = config.request_timeout_ms / 1000.0
@@ -413,6 +432,8 @@ def create_app(
         # engine: process, frozen before the fork so the engine shares those pages instead of copying them)
         gc.collect()
         gc.freeze()
+        if engine == "thread":
+            start_background(live)
         batcher.start()
         yield
         batcher.close()

@@ -99,6 +99,13 @@ class ServingConfig:
     # retrieval; the two lists are merged by reciprocal rank, or ordered together by the ranking head (rank_top).
     # Needs a checkpoint with a semantic-ID head. 0 = retrieval only
     beam_size: int = 0
+    # new items served without a retrain (serving/live_items.py): each UGT generator follows the item_semantic_ids
+    # job's feed and keeps room for this many items that arrive after training (0 = off; a checkpoint that embeds
+    # items by ID only cannot serve them and says so)
+    live_items: int = 10000
+    # the semantic-ID version whose feed to follow; "" = the checkpoint's (from `ugt train`), else the active one.
+    # Either way the version's codes must match the checkpoint's
+    sid_version: str = ""
     batch_max_wait_ms: float = 1.0  # how long the first request of a batch waits for company
     # thread: the batcher is a thread beside the event loop (one GIL); process: the built service is forked into
     # an engine process with its own GIL, and the server process only does HTTP (serving/engine_process.py);
@@ -170,6 +177,8 @@ def _problems(config: ServingConfig, base_dir: Path) -> list[str]:
         out.append(f"kv_cache_users: must be 0..10000000, got {config.kv_cache_users}")
     if not 0 <= config.beam_size <= 10_000:
         out.append(f"beam_size: must be 0 (off) .. 10000, got {config.beam_size}")
+    if not 0 <= config.live_items <= 10_000_000:
+        out.append(f"live_items: must be 0 (off) .. 10000000, got {config.live_items}")
     if not -1 <= config.rank_top <= 10_000:
         out.append(f"rank_top: must be -1 (the checkpoint's), 0 (off) or 1..10000, got {config.rank_top}")
     if not 0 <= config.torch_threads <= 256:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
@@ -30,7 +30,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 class ServingMetrics:
     """Names (all prefixed ``ugt_serving_``): requests_total, stage_seconds, batch_size, fallbacks_total,
-    errors_total, popularity_source_total, kv_cache_lookups_total, engine_restarts_total."""
+    errors_total, popularity_source_total, kv_cache_lookups_total, engine_restarts_total, and for UGT models that
+    follow new items: live_items, live_items_rejected_total, live_items_feed_errors_total, live_item_delay_seconds."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -86,6 +87,11 @@ class ServingMetrics:
         """Expose each UGT generator's prefix-cache hits and misses (read at scrape time, by domain)."""
         self.registry.register(_KVCacheCollector(caches))
 
+    def watch_live_items(self, generators: dict[str, object]) -> None:
+        """Expose each UGT generator's live catalog (serving/live_items.py), read at scrape time, by domain."""
+        if generators:
+            self.registry.register(_LiveItemsCollector(generators))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -103,6 +109,41 @@ class _KVCacheCollector:
             family.add_metric([domain, "hit"], getattr(cache, "hits", 0))
             family.add_metric([domain, "miss"], getattr(cache, "misses", 0))
         yield family
+
+
+class _LiveItemsCollector:
+    """The live catalogs' LiveStats as Prometheus families (counters and the delay histogram are additive across
+    engine processes, like every other series here)."""
+
+    def __init__(self, generators: dict[str, object]):
+        self.generators = generators
+
+    def collect(self):
+        from serving.live_items import DELAY_BUCKETS
+
+        items = GaugeMetricFamily("ugt_serving_live_items", "Items served that arrived after training (from the "
+                                  "item_semantic_ids feed), by domain and semantic-ID version.",
+                                  labels=["domain", "version", "state"])
+        rejected = CounterMetricFamily("ugt_serving_live_items_rejected", "Feed entries not served, by reason "
+                                       "(known, duplicate_code, code_out_of_range, bad_entry, full).",
+                                       labels=["domain", "reason"])
+        errors = CounterMetricFamily("ugt_serving_live_items_feed_errors", "Failed reads of the new-item feed "
+                                     "(Redis down or slow); the catalog keeps what it has and retries.",
+                                     labels=["domain"])
+        delay = HistogramMetricFamily("ugt_serving_live_item_delay_seconds", "Seconds from the item job announcing "
+                                      "a new item to the generator serving it.", labels=["domain"])
+        for domain, gen in self.generators.items():
+            stats = gen.live.stats  # type: ignore[attr-defined]
+            items.add_metric([domain, stats.version, stats.state], stats.items)
+            for reason, count in sorted(stats.rejected.items()):
+                rejected.add_metric([domain, reason], count)
+            errors.add_metric([domain], stats.feed_errors)
+            cumulative, buckets = 0, []
+            for bound, count in zip([*map(str, DELAY_BUCKETS), "+Inf"], stats.delay_buckets, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            delay.add_metric([domain], buckets, stats.delay_sum)
+        yield from (items, rejected, errors, delay)
 
 
 def _escape(value: str, quote: bool) -> str:

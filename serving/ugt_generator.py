@@ -1,14 +1,17 @@
 """UGTGenerator: the trained UGT model answering /recommend on the CPU path (dot-product retrieval head).
 
 The checkpoint is loaded once at start (a missing or broken file stops ``ugt serve`` with a message
-naming it). Per request the user's streaming state becomes the same model input the evaluator builds
+naming it). With ``live_items > 0`` the catalog grows while serving: items the item_semantic_ids job codes
+after training are added from its Redis feed (serving/live_items.py) and answered like trained ones. Per request the user's streaming state becomes the same model input the evaluator builds
 (:func:`models.data.history_row`), every catalog item is scored against the user state, history and
 ``exclude`` are masked, and the top ``k`` item ids come back through the checkpoint's vocabulary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Set
@@ -23,8 +26,10 @@ from models.eval import batch_to_device, last_states
 from models.tokenizer import time_gap_bucket
 from models.ugt.inference import InferenceConfig, UGTInference, prefix_fingerprint
 from serving.generator import BatchAnswer, GenerationRequest, NoModelAnswer, ScoredItem
+from serving.live_items import LiveCatalog
 from serving.state import UserStateView
 
+log = logging.getLogger("ugt.serving.ugt_generator")
 NO_KNOWN_ITEMS = "no_known_items"  # fallback reason: none of the user's history items is in the model's vocab
 HASH_CHARS = 8
 
@@ -74,7 +79,8 @@ class UGTGenerator:
 
     def __init__(self, checkpoint: str | Path, *, clock: Callable[[], float] = time.time,
                  inference: InferenceConfig | None = None, kv_cache_users: int = 0, compile_cpu: bool = False,
-                 rank_top: int = -1, beam_size: int = 0):
+                 rank_top: int = -1, beam_size: int = 0, live_items: int = 0,
+                 redis_factory: Callable[[], object] | None = None, sid_version: str = ""):
         from models.train import load_checkpoint, long_history_len
 
         path = Path(checkpoint)
@@ -117,6 +123,19 @@ class UGTGenerator:
             inference = InferenceConfig(device=device, cache_slots=kv_cache_users,
                                         compile=compile_cpu and device == "cpu", rank_top=rank_top,
                                         beam_size=beam_size, merge="rrf" if beam_size > 0 else "retrieval")
+        self.codes = ckpt.get("semantic_codes")
+        self.live: LiveCatalog | None = None
+        if live_items > 0 and redis_factory is not None:
+            if self.codes is None or "sid" not in model.config.embedding.item_repr:
+                log.info("%s embeds items by ID only: items added after training wait for a retrain "
+                         "(train with item_repr id+sid to serve them live)", path)
+            else:
+                inference = dataclasses.replace(inference, new_item_slots=live_items)
+                self.live = LiveCatalog(
+                    redis_factory, trained_codes=self.codes, codebook_sizes=list(ckpt["codebook_sizes"]),
+                    genre_names=data.genre_names, known=list(self.item_to_index), slots=live_items,
+                    wanted_version=sid_version or ckpt.get("semantic_ids_version"),
+                    with_trie=model.sid_head is not None)
         try:
             self.engine = UGTInference(self.model, inference)
         except ValueError as exc:  # bad inference settings, e.g. compile without a C++ compiler
@@ -126,6 +145,31 @@ class UGTGenerator:
             if "semantic-ID head" in str(exc):
                 hint = "; set the serving key beam_size: 0 for this checkpoint"
             raise CheckpointError(f"cannot serve {str(path)!r}: {exc}{hint}") from exc
+
+    def _code_of(self, item_id: str) -> tuple[int, ...]:
+        return tuple(int(c) for c in self.codes[self.item_to_index[item_id]])
+
+    def start_background(self) -> None:
+        """Start following new items (in the process that serves: a forked engine calls this itself)."""
+        if self.live is not None:
+            self.live.ensure_started(self._code_of)
+
+    def apply_new_items(self) -> int:
+        """Serve the items the live catalog accepted since the last call; returns how many (inference thread)."""
+        if self.live is None:
+            return 0
+        self.live.ensure_started(self._code_of)
+        new = self.live.take()
+        if new is None:
+            return 0
+        indices = self.engine.add_items(new.codes, new.genres, new.years, new.trie)
+        for item_id, index in zip(new.item_ids, indices.tolist(), strict=True):
+            self.item_to_index[item_id] = index
+            self.index_to_item.append(item_id)
+        self.item_names = np.asarray(self.index_to_item, dtype=object)
+        self.prepared.clear()  # a kept row may have dropped one of these items from a history as unknown
+        self.live.applied(new)
+        return len(new.item_ids)
 
     def model_input(self, state: UserStateView, query_time: int) -> dict[str, np.ndarray] | None:
         """The state's known events as one model row (None when no event's item is in the vocab)."""
@@ -191,7 +235,7 @@ class UGTGenerator:
         return scores, invalid
 
     def recommend(self, state: UserStateView, k: int, exclude: Set[str], *, domain: str) -> list[ScoredItem]:
-        if self.engine.config.rank_top > 0 or self.engine.config.merge == "rrf":  # the engine's heads: one path
+        if self.engine.config.rank_top > 0 or self.engine.config.merge == "rrf" or self.live is not None:
             answer = self.recommend_batch([GenerationRequest(state, k, frozenset(exclude), domain)])[0]
             if isinstance(answer, NoModelAnswer):
                 raise answer
@@ -215,6 +259,7 @@ class UGTGenerator:
         Same items as :meth:`recommend` per request (on CPU: same scores too; on GPU bf16 rounds them).
         A user with no known item gets a NoModelAnswer in their place; the others are unaffected.
         """
+        self.apply_new_items()
         now = int(self.clock())
         answers: list[BatchAnswer] = []
         rows, excludes, keys, prints, where = [], [], [], [], []

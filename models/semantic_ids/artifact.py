@@ -222,3 +222,19 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def artifact_version(path: str | Path) -> str:
+    """Short content hash of an artifact (sha256 of its arrays, from the manifest): names its Redis keys.
+
+    Every artifact shares the format version, so the content hash is what tells two builds apart;
+    a rebuilt artifact gets fresh index keys instead of mixing its codes with the old one's.
+    """
+    folder = Path(path)
+    if folder.is_file():
+        folder = folder.parent
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        return str(manifest["files"]["arrays.npz"]["sha256"])[:16]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{folder}: cannot read the artifact's manifest for its version ({exc})") from exc

@@ -100,9 +100,57 @@ class UnifiedEmbedding(nn.Module):
         return out
 
     def output_table(self) -> torch.Tensor:
-        """L2-normalised output vectors of every item (row 0 = padding) for retrieval / softmax."""
-        ids = torch.arange(self.num_items + 1, device=self.item_emb.weight.device)
+        """L2-normalised output vectors of every item row (row 0 = padding) for retrieval / softmax.
+
+        After :meth:`reserve`, the unused rows come out as zero vectors: callers keep them out of a top-k.
+        """
+        ids = torch.arange(self.item_emb.num_embeddings, device=self.item_emb.weight.device)
+        return self.output_vectors(ids)
+
+    def output_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of :meth:`output_table` for the given item indices."""
         return F.normalize(self.item_vectors(ids, self.config.output_features), dim=-1, eps=1e-6)
+
+    @property
+    def capacity(self) -> int:
+        """How many item indices the tables hold (trained items plus :meth:`reserve`'d rows)."""
+        return self.item_emb.num_embeddings - 1
+
+    def reserve(self, extra: int) -> None:
+        """Grow every per-item table by ``extra`` empty rows for items that arrive after training (serving only).
+
+        A new item has no trained ID row (its ID part stays zero): it is embedded by its semantic-ID codes and
+        metadata, the parts it shares with trained items. Shapes are fixed from here on, so compiled steps and
+        CUDA graphs stay valid while :meth:`set_items` fills rows in place.
+        """
+        if extra <= 0:
+            return
+        weight = self.item_emb.weight
+        grown = torch.cat([weight.detach(), weight.new_zeros(extra, weight.shape[1])])
+        self.item_emb = nn.Embedding.from_pretrained(grown, freeze=True, padding_idx=0)
+        self.item_genres = torch.cat([self.item_genres, self.item_genres.new_zeros(extra, self.item_genres.shape[1])])
+        self.item_year = torch.cat([self.item_year, self.item_year.new_zeros(extra)])
+        if self.item_codes is not None:
+            self.item_codes = torch.cat([self.item_codes, self.item_codes.new_zeros(extra, self.item_codes.shape[1])])
+
+    @torch.no_grad()
+    def set_items(self, ids: torch.Tensor, codes: np.ndarray | None, genres: np.ndarray, years: np.ndarray) -> None:
+        """Describe reserved rows ``ids``: semantic-ID codes (n, L) unshifted, genre indices (n, G) (0 = none,
+        wider lists cut), decade buckets (n,). The ID rows stay zero."""
+        n = len(ids)
+        g = np.zeros((n, self.item_genres.shape[1]), dtype=np.int64)
+        width = min(g.shape[1], genres.shape[1]) if genres.ndim == 2 else 0
+        g[:, :width] = genres[:, :width]
+        g[g >= self.genre_emb.num_embeddings] = 0  # a genre the model never saw: no genre token
+        years = np.minimum(np.asarray(years, np.int64), self.year_emb.num_embeddings - 1)  # newer: latest decade
+        self.item_genres[ids] = torch.as_tensor(g, device=ids.device)
+        self.item_year[ids] = torch.as_tensor(years, device=ids.device)
+        if self.item_codes is not None:
+            if codes is None:
+                raise ValueError("this model embeds items by semantic ID: new items need their codes")
+            offsets = np.concatenate([[0], np.cumsum(self.codebook_sizes)[:-1]]).astype(np.int64)
+            shifted = np.asarray(codes, np.int64) + offsets + 1
+            self.item_codes[ids] = torch.as_tensor(shifted, device=ids.device)
 
     def forward(self, ids: torch.Tensor, ratings: torch.Tensor, gaps: torch.Tensor, token_types: torch.Tensor,
                 positions: torch.Tensor | None, position_vector: torch.Tensor | None = None) -> torch.Tensor:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from models.hstu import bucketize_time_gaps, hstu_attention
 from models.tokenizer import TOKEN_GROUP_ITEM
+from models.ugt.heads import PrefixTrie
 from models.ugt.model import UGT
 from models.ugt.ranking import Prefix, candidate_logits, prefix_indices
 from models.ugt.steps import attend_one as _attend_one
@@ -62,6 +63,7 @@ class InferenceConfig:
     candidate_micro_batch: int = 512  # M-FALCON-style micro-batch of candidates scored at once
     compile: bool = False  # CPU: torch.compile prefill and decode at start (needs a C++ compiler; ~1 min)
     rank_top: int = 0  # > 0: the ranking head reorders this many retrieval candidates (needs heads.ranking + cache)
+    new_item_slots: int = 0  # rows reserved for items that arrive after training (:meth:`UGTInference.add_items`)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -191,6 +193,7 @@ class UGTInference:
         if c.rank_top > 0 and c.cache_slots <= 0:
             raise ValueError("rank_top > 0 reads each user's history keys/values from the KV cache: set cache_slots > 0")
         self.model = copy.deepcopy(model).to(self.device, self.dtype).eval().requires_grad_(False)
+        self.model.embed.reserve(c.new_item_slots)
         mc = self.model.config
         self.N = mc.multiscale.recent_len
         self.G = mc.multiscale.long_groups if self.model.compressor is not None else 0
@@ -205,8 +208,9 @@ class UGTInference:
         self.graphs_on = c.cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[tuple, tuple] = {}  # (kind, batch[, candidates]) -> (graph, static in, static out, None)
         with torch.inference_mode():
-            self.table = self.model.item_embeddings().to(self.dtype)  # (V + 1, D), L2-normalised
-        self.num_items = self.table.shape[0] - 1
+            # (capacity + 1, D), L2-normalised; rows past num_items are reserved for new items (zero until added)
+            self.table = self.model.item_embeddings().to(self.dtype)
+        self.num_items = self.model.embed.num_items  # items served now: the trained ones, then add_items'
         self._pinned: dict[tuple[int, int], torch.Tensor] = {}  # reused pinned staging buffers by shape
         self.cache = PrefixCache(c.cache_slots) if c.cache_slots > 0 else None
         if self.cache is not None:
@@ -542,6 +546,36 @@ class UGTInference:
                 self._run("decode", dev)
                 self._run("decode_compact", self.pack_compact(rows, np.zeros((2, 1), np.int64), [scratch] * 2, 2))
 
+    # ---- the live catalog ------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """The most items this engine can serve: the trained ones plus ``new_item_slots``."""
+        return self.model.embed.capacity
+
+    @torch.inference_mode()
+    def add_items(self, codes: np.ndarray | None, genres: np.ndarray, years: np.ndarray,
+                  trie: PrefixTrie | None = None) -> np.ndarray:
+        """Serve ``n`` items that arrived after training; returns their indices (num_items + 1 ...).
+
+        Each new item is embedded from its semantic-ID ``codes`` (n, L) and metadata (``genres`` (n, G) genre
+        indices, ``years`` (n,) decade buckets), with no ID row: retrieval scores it, the ranking head can rank
+        it, and ``trie`` (the prefix trie over every served item, built by the caller off this thread) lets the
+        beam search generate it. Rows are written in place, so CUDA graphs and compiled steps stay valid.
+        """
+        n = len(years)
+        start = self.num_items + 1
+        if self.num_items + n > self.capacity:
+            raise ValueError(f"the engine serves {self.num_items:,} items and has room for {self.capacity:,}: "
+                             "raise new_item_slots, or retrain so the new items get trained rows")
+        ids = torch.arange(start, start + n, device=self.device)
+        self.model.embed.set_items(ids, codes, genres, years)
+        self.table[ids] = self.model.embed.output_vectors(ids).to(self.dtype)
+        if trie is not None and self.model.sid_head is not None:
+            self.model.trie = trie.to(self.device)
+        self.num_items += n
+        return ids.cpu().numpy()
+
     # ---- heads -----------------------------------------------------------------------------------
 
     def users(self, host: torch.Tensor, hits: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -572,7 +606,7 @@ class UGTInference:
 
     def retrieve(self, user: torch.Tensor, excl: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k (scores, indices) over the table with padding, history and exclusions (B, X) masked, + valid counts."""
-        scores = user.to(self.dtype) @ self.table.T  # (B, V + 1) in the model dtype (bf16 on GPU)
+        scores = user.to(self.dtype) @ self.table[: self.num_items + 1].T  # (B, V + 1), model dtype (bf16 on GPU)
         scores.scatter_(1, excl, float("-inf"))  # exclusions are unique per row; index 0 pads them
         scores[:, 0] = float("-inf")
         counts = self.num_items - (excl > 0).sum(1)

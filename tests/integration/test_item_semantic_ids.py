@@ -11,6 +11,7 @@ with their reasons. It also prints the delay from publish to decodable (it inclu
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ from jobs.item_semantic_ids_logic import (
     artifact_version,
     code_string,
     dedup_namespace,
+    feed_key,
     index_key,
     item_from_record,
     item_key,
@@ -181,6 +183,14 @@ def test_item_semantic_ids_on_the_cluster(stack: Settings, tmp_path, record_prop
         assert len({sids[i][:-1] for i in ids[:TWINS]}) == 1 and len({sids[i][-1] for i in ids[:TWINS]}) == TWINS
         # the artifact's own items are in the index too, under their offline codes
         assert client.hget(index_key(version), code_string(artifact.codes[0])).decode() == artifact.item_ids[0]
+        # -- the feed live generators follow (serving/live_items.py): each new item once, with its code and
+        # metadata; the artifact's own items are not on it (a model trained on the artifact has them) --
+        feed = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in client.xrange(feed_key(version))]
+        assert sorted(e["item_id"] for e in feed) == sorted(ids)
+        by_item = {e["item_id"]: e for e in feed}
+        assert all(by_item[i]["code"] == codes[i] for i in ids)
+        assert json.loads(by_item[ids[-1]]["categories"]) == new[-1]["categories"]
+        assert by_item[ids[-1]]["year"] == new[-1]["attributes"]["year"]
 
         # -- Feast item_metadata carries the same IDs --
         online = open_feature_store(settings).get_online_features(
@@ -200,7 +210,7 @@ def test_item_semantic_ids_on_the_cluster(stack: Settings, tmp_path, record_prop
             assert (letter["reason_code"], letter["topic"], letter["job"]) == (code, source, "item_semantic_ids")
         assert len(letters) == len(bad)
     finally:
-        for key in (index_key(version), item_key(version), active_key):
+        for key in (index_key(version), item_key(version), feed_key(version), active_key):
             client.delete(key)
         client.hdel(ARTIFACTS_KEY, version)
         from streams.bench_anchor import _drop

@@ -25,6 +25,7 @@ from jobs.item_semantic_ids_logic import (
     code_string,
     decode_item_event,
     feature_row,
+    feed_entry,
     index_key,
     item_from_record,
     item_key,
@@ -112,6 +113,11 @@ def test_new_items_get_unique_decodable_ids_and_feast_rows(artifact):
         assert parse_code(index.item_to_code[a.item_id]) == a.sid
     assert rows == [feature_row(it, a.sid) for it, a in zip(new, out, strict=True)]
     assert rows[0]["semantic_ids"] == list(out[0].sid) and rows[0]["domain"] == "movie"
+    # the live generators' feed: every new item once, in order, with what the model embeds (not the seeded table)
+    assert index.feed == [feed_entry(it, code_string(a.sid)) for it, a in zip(new, out, strict=True)]
+    assert json.loads(index.feed[0]["categories"]) == new[0]["genres"] and index.feed[0]["year"] == str(new[0]["year"])
+    again = assigner.assign(new[:5] + [item_from_record(r) for r in item_events(3, "old-")])  # replay + table items
+    assert not any(a.new for a in again) and len(index.feed) == len(new)
 
 
 def test_ids_are_stable_for_replays_updates_and_known_items(artifact):

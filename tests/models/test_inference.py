@@ -223,8 +223,9 @@ def test_compiled_cpu_steps_give_the_eager_answers_and_never_recompile():
         r2["query_times"][0, int(r2["lengths"][0]) - 1] += 600
         later.append(r2)
     keys = [f"u{i}" for i in range(6)]
-    eager = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=8))
-    compiled = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=8, compile=True))
+    eager = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=8, new_item_slots=2))
+    compiled = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=8, compile=True,
+                                                   new_item_slots=2))
     assert compiled.compiled and compiled.bucket(1) == 2 and eager.bucket(1) == 1
     steps = [([0], rows), ([1, 2, 3], rows), ([0, 1, 2, 3], later), ([4, 0, 5], later), ([0], later)]
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -236,6 +237,17 @@ def test_compiled_cpu_steps_give_the_eager_answers_and_never_recompile():
                 assert g.indices.tolist() == w.indices.tolist()
                 np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-5)
     assert compiled.cache.hits == eager.cache.hits == 6 and compiled.cache.misses == eager.cache.misses == 6
+    # an item added while serving is read by the compiled steps in place: same answers, still no recompile
+    code = unused_codes(model, 1)
+    for engine in (eager, compiled):
+        engine.add_items(code, np.array([[2, 3]]), np.array([4]))
+    times = 1_600_000_000 + np.arange(4) * 100
+    fresh = [history_row(np.array([3, 9, NUM_ITEMS + 1, 5]), times, np.full(4, 4), 12, 10, int(times[-1]) + 60)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = compiled.recommend(fresh * 2, excludes_of(fresh * 2), NUM_ITEMS + 1, ["n1", "n2"])
+    want = eager.recommend(fresh * 2, excludes_of(fresh * 2), NUM_ITEMS + 1, ["n1", "n2"])
+    assert got[0].indices.tolist() == want[0].indices.tolist() and NUM_ITEMS + 1 not in got[0].indices.tolist()
+    np.testing.assert_allclose(got[0].scores, want[0].scores, rtol=1e-4, atol=1e-5)
     # A second model in the same process (the router serves several) gets its own compiled steps. Its tensors have
     # the first model's shapes and only its MoE routing (top-2, a Python int) differs: with only tensor guards kept,
     # a shared cache would run the first model's top-1 graph on it.
@@ -248,6 +260,76 @@ def test_compiled_cpu_steps_give_the_eager_answers_and_never_recompile():
                 rows[:3], excludes_of(rows[:3]), 6)
             for g, w in zip(got, want, strict=True):
                 np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-5)
+
+
+def unused_codes(model: UGT, n: int) -> np.ndarray:
+    """n semantic IDs no trained item has (new items need their own: the dedup level keeps IDs unique)."""
+    taken = {tuple(c) for c in (model.embed.item_codes[1:] - 1 - torch.tensor([0, 4, 8])).tolist()}
+    free = [c for c in np.ndindex(*SIZES) if c not in taken]
+    return np.asarray(free[:n], np.int64)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    DEVICE != "cuda", reason="needs a GPU"))])
+def test_new_items_are_embedded_by_semantic_id_retrieved_generated_and_read_in_histories(device: str):
+    """add_items: a new item's row is what the model gives a trained item with the same codes and metadata and no
+    ID row; retrieval returns it (and masks it when excluded), the constrained beam search can generate it once the
+    trie holds it, a history that holds it changes the user's state (on CUDA: through graphs captured before the
+    item came), and the slots run out with a clear error."""
+    from models.ugt.heads import PrefixTrie
+
+    model = make_model(3)
+    rows = user_rows(4, seed=5)
+    plain = UGTInference(model, InferenceConfig(device=device, dtype="fp32"))
+    eng = UGTInference(model, InferenceConfig(device=device, dtype="fp32", new_item_slots=3, beam_size=200,
+                                              merge="rrf"))
+    assert eng.capacity == NUM_ITEMS + 3 and eng.num_items == NUM_ITEMS
+    torch.testing.assert_close(eng.table[: NUM_ITEMS + 1], plain.table, rtol=0, atol=0)
+    before = eng.recommend(rows, excludes_of(rows), NUM_ITEMS + 3)
+    assert all(len(t.indices) <= NUM_ITEMS and t.indices.max() <= NUM_ITEMS for t in before)  # empty slots unseen
+
+    # the row: trained item 7's codes and metadata with its ID row zeroed, in a copy of the model
+    j = 7
+    zeroed = make_model(3)
+    with torch.no_grad():
+        zeroed.embed.item_emb.weight[j] = 0
+    codes_j = (model.embed.item_codes[j] - 1 - torch.tensor([0, 4, 8])).numpy()[None]
+    genres_j = model.embed.item_genres[j].numpy()[None]
+    years_j = model.embed.item_year[j].numpy()[None]
+    (first,) = eng.add_items(codes_j, genres_j, years_j)  # no trie: only the table row is checked here
+    assert first == NUM_ITEMS + 1 and eng.num_items == NUM_ITEMS + 1
+    torch.testing.assert_close(eng.table[first].cpu(), zeroed.item_embeddings()[j].detach(), rtol=1e-5, atol=1e-6)
+
+    # retrieval over the grown catalog, exclusions included
+    new_codes = unused_codes(model, 1)
+    all_codes = np.concatenate([(model.embed.item_codes[1:] - 1 - torch.tensor([0, 4, 8])).numpy(), codes_j * 0 - 1,
+                                new_codes])
+    # the trie indexes every served item: the first new item shares item 7's codes, so the trie leaves it out
+    keep = np.ones(len(all_codes), bool)
+    keep[NUM_ITEMS] = False
+    trie = PrefixTrie(all_codes[keep], SIZES, item_index=np.arange(1, len(all_codes) + 1)[keep])
+    (second,) = eng.add_items(new_codes, np.array([[1, 2]]), np.array([3]), trie)
+    everything = eng.recommend(rows, excludes_of(rows), NUM_ITEMS + 3)
+    assert all({first, second} <= set(t.indices.tolist()) for t in everything)
+    masked = eng.recommend(rows, [np.union1d(e, [second]) for e in excludes_of(rows)], NUM_ITEMS + 3)
+    assert all(second not in t.indices.tolist() for t in masked)
+    user, _ = eng.users(eng.pack(eng.row_vectors(rows), eng.exclusion_matrix(excludes_of(rows)), [0] * 4, 4),
+                        [False] * 4)
+    items, logp = eng.generate(user, torch.zeros(4, 1, dtype=torch.long, device=device), 200)  # all fit in the beam
+    assert all(second in row.tolist() and first not in row.tolist() for row in items)
+
+    # a history that ends with the new item: embedded, not dropped
+    items = np.array([3, 5, second])
+    times = np.array([1_600_000_000, 1_600_000_100, 1_600_000_200])
+    with_new = history_row(items, times, np.array([4, 4, 4]), 12, 10, 1_600_000_300)
+    with_other = history_row(np.array([3, 5, 9]), times, np.array([4, 4, 4]), 12, 10, 1_600_000_300)
+    a = eng.users(eng.pack(eng.row_vectors([with_new]), np.zeros((1, 1), np.int64), [0], 1), [False])[0]
+    b = eng.users(eng.pack(eng.row_vectors([with_other]), np.zeros((1, 1), np.int64), [0], 1), [False])[0]
+    assert not torch.allclose(a, b)
+
+    eng.add_items(unused_codes(model, 2)[1:], np.zeros((1, 1), np.int64), np.zeros(1, np.int64))
+    with pytest.raises(ValueError, match="new_item_slots"):
+        eng.add_items(new_codes, np.zeros((1, 1), np.int64), np.zeros(1, np.int64))
 
 
 def test_compile_without_a_cpp_compiler_fails_at_start_and_says_what_to_do(monkeypatch):
