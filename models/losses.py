@@ -19,11 +19,12 @@ import torch.nn.functional as F
 
 def sampled_softmax_loss(user: torch.Tensor, targets: torch.Tensor, item_table: torch.Tensor,
                          num_negatives: int = 128, temperature: float = 0.05,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None, excluded: torch.Tensor | None = None) -> torch.Tensor:
     """Mean sampled-softmax loss over positions with ``targets > 0``.
 
     user: (..., D) L2-normalised user embeddings; targets: (...) item indices (0 = no target);
-    item_table: (V + 1, D) L2-normalised item embeddings (row 0 = padding, never sampled).
+    item_table: (V + 1, D) L2-normalised item embeddings (row 0 = padding, never sampled);
+    excluded: (V + 1,) bool, items that are never negatives (the cold-start holdout: not in the catalog yet).
     """
     mask = targets > 0
     if not bool(mask.any()):
@@ -35,10 +36,15 @@ def sampled_softmax_loss(user: torch.Tensor, targets: torch.Tensor, item_table: 
     num_items = table.shape[0] - 1
     if num_negatives <= 0 or num_negatives >= num_items:
         logits = u @ table[1:].T  # (M, V): every catalog item; the positive sits at column pos - 1
+        if excluded is not None:
+            logits = logits.masked_fill(excluded[1:], float("-inf"))
         return F.cross_entropy(logits / temperature, pos - 1)
     neg = torch.randint(1, num_items + 1, (u.shape[0], num_negatives), device=u.device, generator=generator)
     neg_logits = torch.einsum("md,mrd->mr", u, table[neg])
-    neg_logits = torch.where(neg == pos.unsqueeze(1), torch.full_like(neg_logits, -5e4 * temperature), neg_logits)
+    drop = neg == pos.unsqueeze(1)
+    if excluded is not None:
+        drop = drop | excluded[neg]
+    neg_logits = torch.where(drop, torch.full_like(neg_logits, -5e4 * temperature), neg_logits)
     logits = torch.cat([pos_logits, neg_logits], dim=1) / temperature
     return -F.log_softmax(logits, dim=1)[:, 0].mean()
 

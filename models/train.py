@@ -34,7 +34,15 @@ from tqdm.auto import tqdm
 
 from models.baselines.popularity import Popularity
 from models.baselines.sasrec import SASRec, SASRecConfig
-from models.data import Batchable, SequenceData, build_sequences, iterate_batches, make_split
+from models.data import (
+    Batchable,
+    SequenceData,
+    build_sequences,
+    cold_item_mask,
+    iterate_batches,
+    make_split,
+    without_items,
+)
 from models.eval import batch_to_device, evaluate
 from models.hstu import HSTU, HSTUConfig
 from models.losses import dpo_loss, sampled_softmax_loss, semantic_contrastive_loss
@@ -92,6 +100,12 @@ class TrainConfig:
     max_users: int = 0  # > 0: keep only the first N users (quick runs)
     train_windows: str = "last"  # last (HSTU: each user's last max_len events) | all (every window)
     max_minutes: float = 0.0  # > 0: stop training after this long (then evaluate the best state)
+    # cold-start protocol (models.data.cold_item_mask): {} | {"year_from": 2000} | {"fraction": 0.1, "seed": 0}.
+    # These items "arrive after training": their events are removed from the training split, they are never
+    # softmax negatives, and their ID rows stay zero, so validation and test score them as the serving live catalog
+    # does (semantic ID + metadata). The test report adds test_cold / test_warm (rows by target). With
+    # "holdout": false the set only splits the report (the reference: a model trained on everything).
+    cold_items: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -162,12 +176,26 @@ def fingerprint(data: SequenceData) -> str:
     return h.hexdigest()[:16]
 
 
-def make_splits(cfg: TrainConfig, data: SequenceData) -> dict[str, Batchable]:
+def make_splits(cfg: TrainConfig, data: SequenceData, cold: np.ndarray | None = None) -> dict[str, Batchable]:
+    """train / valid / test; with a cold-start holdout (``cold``), training never sees those items' events."""
     max_long = long_history_len(cfg)
     if cfg.train_windows not in ("last", "all"):
         raise ValueError(f"train_windows must be 'last' or 'all', got {cfg.train_windows!r}")
-    return {s: make_split(data, s, cfg.max_len, max_long, all_windows=cfg.train_windows == "all")
-            for s in ("train", "valid", "test")}
+    train_data = without_items(data, cold) if cold is not None else data
+    return {s: make_split(train_data if s == "train" else data, s, cfg.max_len, max_long,
+                          all_windows=cfg.train_windows == "all") for s in ("train", "valid", "test")}
+
+
+def cold_holdout(cfg: TrainConfig, data: SequenceData) -> tuple[np.ndarray | None, bool]:
+    """(the cold-start item mask or None, whether training holds those items out)."""
+    cold = cold_item_mask(data, {k: v for k, v in (cfg.cold_items or {}).items() if k != "holdout"})
+    holdout = cold is not None and bool((cfg.cold_items or {}).get("holdout", True))
+    if holdout and cfg.model != "ugt":
+        raise ValueError("cold_items holdout needs model: ugt (new items are embedded by semantic ID and metadata)")
+    dpo = DPOConfig(**(cfg.dpo or {}))
+    if holdout and dpo.enabled and dpo.epochs > 0:
+        raise ValueError("cold_items holdout with DPO (stage 3) is not supported: set dpo.enabled=false")
+    return cold, holdout
 
 
 # ---- stage 1: semantic IDs ----------------------------------------------------------------------
@@ -265,7 +293,7 @@ def model_config_dict(model: Any) -> dict[str, Any]:
 
 
 def stage2_loss(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, codes_t: torch.Tensor | None,
-                amp: bool) -> tuple[torch.Tensor, dict[str, float]]:
+                amp: bool, excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     device_type = batch["ids"].device.type
     core = getattr(model, "_orig_mod", model)
     ranking = isinstance(core, UGT) and core.ranker is not None
@@ -276,7 +304,7 @@ def stage2_loss(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, co
             user, aux = model(batch)
         table = model.item_embeddings()
     targets = batch["targets"]
-    ntp = sampled_softmax_loss(user, targets, table, cfg.num_negatives, cfg.temperature)
+    ntp = sampled_softmax_loss(user, targets, table, cfg.num_negatives, cfg.temperature, excluded=excluded)
     total = ntp + aux.float()
     parts = {"ntp": float(ntp.detach()), "aux": float(aux.detach())}
     if ranking:
@@ -471,9 +499,13 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     data = data or load_data(cfg)
-    splits = make_splits(cfg, data)
+    cold, holdout = cold_holdout(cfg, data)
+    splits = make_splits(cfg, data, cold if holdout else None)
     codes, sizes = semantic_codes(cfg, data)
     model = build_model(cfg, data, codes, sizes)
+    if holdout:  # the new items have no trained ID row, as in the serving live catalog
+        with torch.no_grad():
+            model.embed.item_emb.weight[torch.as_tensor(cold)] = 0
     summary: dict[str, Any] = {"name": cfg.name, "model": cfg.model, "tie_order": cfg.tie_order,
                                "dataset": cfg.dataset, "device": str(device), "data_fingerprint": fingerprint(data)}
     if isinstance(model, Popularity):
@@ -487,6 +519,7 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
 
     model.to(device)
     codes_t = torch.as_tensor(codes, device=device) if codes is not None else None
+    excluded = torch.as_tensor(cold, device=device) if holdout else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "best_metric": -1.0, "best_epoch": -1, "bad_evals": 0, "stage": 2, "history": []}
     if resume:
@@ -507,7 +540,7 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
         model.train()
         optimizer.zero_grad(set_to_none=True)
         try:
-            loss, _ = stage2_loss(step_model, batch, cfg, codes_t, amp)
+            loss, _ = stage2_loss(step_model, batch, cfg, codes_t, amp, excluded)
             loss.backward()
         except Exception as exc:
             if step_model is model:
@@ -516,7 +549,7 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
             summary["compile_fallback"] = f"{type(exc).__name__}: {exc}"[:300]
             step_model = model
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = stage2_loss(model, batch, cfg, codes_t, amp)
+            loss, _ = stage2_loss(model, batch, cfg, codes_t, amp, excluded)
             loss.backward()
         optimizer.step()
         return float(loss.detach())
@@ -578,6 +611,15 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
     rerank_top = model.config.heads.rank_top if isinstance(model, UGT) and model.ranker is not None else 0
     summary["test"] = evaluate(model, data, splits["test"], "test", device=device, batch_size=cfg.eval_batch_size,
                                mask_history=cfg.mask_history, generative=generative, amp=amp, rerank_top=rerank_top)
+    if cold is not None:  # the same test rows split by whether the target is a cold-start item
+        summary["cold_items"] = {**cfg.cold_items, "items": int(cold.sum()), "holdout": holdout,
+                                 "id_rows_zero": bool(holdout and not model.embed.item_emb.weight[
+                                     torch.as_tensor(cold)].abs().sum().item())}
+        is_cold = cold[splits["test"].targets]
+        for name, rows in (("test_cold", is_cold), ("test_warm", ~is_cold)):
+            summary[name] = evaluate(model, data, splits["test"].subset(rows), "test", device=device,
+                                     batch_size=cfg.eval_batch_size, mask_history=cfg.mask_history, beyond=False,
+                                     generative=generative, amp=amp, rerank_top=rerank_top)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(state["history"], out / "curves.png", f"{cfg.name} ({cfg.model}, {cfg.dataset}, ties={cfg.tie_order})")
     return summary

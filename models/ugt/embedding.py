@@ -32,6 +32,9 @@ class EmbeddingConfig:
     output_features: bool = True  # genres/year/semantic ID also in the output item vectors
     num_types: int = 4
     dropout: float = 0.2
+    # training only: the share of item occurrences (inputs and output-table rows) embedded WITHOUT their ID row,
+    # so the semantic-ID + metadata part alone learns to stand for an item: what an item coded after training has
+    id_dropout: float = 0.0
 
 
 class UnifiedEmbedding(nn.Module):
@@ -92,7 +95,13 @@ class UnifiedEmbedding(nn.Module):
     def item_vectors(self, ids: torch.Tensor, with_features: bool = True) -> torch.Tensor:
         """The item token content (..., D): ID and/or semantic-ID part, plus metadata features."""
         repr_ = self.config.item_repr
-        out = self.item_emb(ids) if "id" in repr_.split("+") else self.item_emb.weight.new_zeros(*ids.shape, self.d_model)
+        if "id" in repr_.split("+"):
+            out = self.item_emb(ids)
+            if self.training and self.config.id_dropout > 0:
+                keep = torch.rand(ids.shape, device=ids.device) >= self.config.id_dropout
+                out = out * keep.unsqueeze(-1).to(out.dtype)
+        else:
+            out = self.item_emb.weight.new_zeros(*ids.shape, self.d_model)
         if "sid" in repr_:
             out = out + self.sid_vectors(ids)
         if with_features:
