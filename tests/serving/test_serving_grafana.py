@@ -20,6 +20,10 @@ def exported() -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     metrics = ServingMetrics()
     metrics.watch_kv_caches({"movie": SimpleNamespace(hits=1, misses=1)})  # a custom collector: read its output
+    from serving.live_items import LiveStats
+
+    live = LiveStats(items=2, rejected={"known": 1}, feed_errors=1, version="v1", state="following")
+    metrics.watch_live_items({"movie": SimpleNamespace(live=SimpleNamespace(stats=live))})
     for family in text_string_to_metric_families(metrics.render().decode()):
         for sample in family.samples:
             out.setdefault(sample.name, set()).update(sample.labels)
