@@ -186,6 +186,26 @@ def make_splits(cfg: TrainConfig, data: SequenceData, cold: np.ndarray | None = 
                           all_windows=cfg.train_windows == "all") for s in ("train", "valid", "test")}
 
 
+@torch.no_grad()
+def hold_out_features(embed: Any, cold: torch.Tensor) -> None:
+    """Describe the held-out items as the serving live catalog would: no ID row, and no part that only they have
+    (the model never trains it): a semantic-ID code no other item has is dropped, a newer decade is clamped to the
+    latest one the other items have, a genre only they have is dropped
+    (:meth:`models.ugt.embedding.UnifiedEmbedding.set_items` applies the same rule to items coded after training)."""
+    embed.item_emb.weight[cold] = 0
+    warm = ~cold
+    warm[0] = False
+    if embed.item_codes is not None:
+        codes = embed.item_codes[cold]
+        embed.item_codes[cold] = torch.where(torch.isin(codes, embed.item_codes[warm].unique()), codes,
+                                             torch.zeros_like(codes))
+    latest = int(embed.item_year[warm].max())
+    embed.item_year[cold] = embed.item_year[cold].clamp(max=latest)
+    genres = embed.item_genres[cold]
+    known = torch.isin(genres, embed.item_genres[warm].unique())
+    embed.item_genres[cold] = torch.where(known, genres, torch.zeros_like(genres))
+
+
 def cold_holdout(cfg: TrainConfig, data: SequenceData) -> tuple[np.ndarray | None, bool]:
     """(the cold-start item mask or None, whether training holds those items out)."""
     cold = cold_item_mask(data, {k: v for k, v in (cfg.cold_items or {}).items() if k != "holdout"})
@@ -503,9 +523,8 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
     splits = make_splits(cfg, data, cold if holdout else None)
     codes, sizes = semantic_codes(cfg, data)
     model = build_model(cfg, data, codes, sizes)
-    if holdout:  # the new items have no trained ID row, as in the serving live catalog
-        with torch.no_grad():
-            model.embed.item_emb.weight[torch.as_tensor(cold)] = 0
+    if holdout:
+        hold_out_features(model.embed, torch.as_tensor(cold))
     summary: dict[str, Any] = {"name": cfg.name, "model": cfg.model, "tie_order": cfg.tie_order,
                                "dataset": cfg.dataset, "device": str(device), "data_fingerprint": fingerprint(data)}
     if isinstance(model, Popularity):

@@ -140,12 +140,18 @@ class UnifiedEmbedding(nn.Module):
         self.item_genres = torch.cat([self.item_genres, self.item_genres.new_zeros(extra, self.item_genres.shape[1])])
         self.item_year = torch.cat([self.item_year, self.item_year.new_zeros(extra)])
         if self.item_codes is not None:
+            # the code rows some trained item uses: a new item's code that no trained item has was never trained
+            self.trained_codes = torch.zeros(self.code_emb.num_embeddings, dtype=torch.bool, device=weight.device)
+            self.trained_codes[self.item_codes[1 : self.num_items + 1].flatten()] = True
+            self.trained_codes[0] = False
             self.item_codes = torch.cat([self.item_codes, self.item_codes.new_zeros(extra, self.item_codes.shape[1])])
 
     @torch.no_grad()
     def set_items(self, ids: torch.Tensor, codes: np.ndarray | None, genres: np.ndarray, years: np.ndarray) -> None:
         """Describe reserved rows ``ids``: semantic-ID codes (n, L) unshifted, genre indices (n, G) (0 = none,
-        wider lists cut), decade buckets (n,). The ID rows stay zero."""
+        wider lists cut), decade buckets (n,). The ID rows stay zero, and so does any part the model never trained:
+        a code no trained item has (new items often open a new first-level cluster), a genre beyond the table, a
+        decade past the latest (clamped to it)."""
         n = len(ids)
         g = np.zeros((n, self.item_genres.shape[1]), dtype=np.int64)
         width = min(g.shape[1], genres.shape[1]) if genres.ndim == 2 else 0
@@ -158,8 +164,11 @@ class UnifiedEmbedding(nn.Module):
             if codes is None:
                 raise ValueError("this model embeds items by semantic ID: new items need their codes")
             offsets = np.concatenate([[0], np.cumsum(self.codebook_sizes)[:-1]]).astype(np.int64)
-            shifted = np.asarray(codes, np.int64) + offsets + 1
-            self.item_codes[ids] = torch.as_tensor(shifted, device=ids.device)
+            shifted = torch.as_tensor(np.asarray(codes, np.int64) + offsets + 1, device=ids.device)
+            trained = getattr(self, "trained_codes", None)
+            if trained is not None:
+                shifted = torch.where(trained[shifted], shifted, torch.zeros_like(shifted))
+            self.item_codes[ids] = shifted
 
     def forward(self, ids: torch.Tensor, ratings: torch.Tensor, gaps: torch.Tensor, token_types: torch.Tensor,
                 positions: torch.Tensor | None, position_vector: torch.Tensor | None = None) -> torch.Tensor:
