@@ -86,6 +86,10 @@ def collect(run: dict) -> dict | None:
             row[part] = {"users": s[part]["users"], **{k: round(s[part][k], 4) for k in METRICS}}
             if "generative" in s[part]:
                 row[part]["generative_hr@10"] = round(s[part]["generative"]["hr@10"], 4)
+            for quota, acc in s[part].get("new_item_quota", {}).items():
+                row[part][f"quota_{quota}"] = {k: round(acc[k], 4) for k in ("hr@10", "ndcg@10")}
+    for quota, acc in s.get("test_quota", {}).items():
+        row["test"][f"quota_{quota}"] = {k: round(acc[k], 4) for k in ("hr@10", "ndcg@10")}
     return row
 
 
@@ -97,6 +101,12 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['run']} | {a['hr@10']:.4f} | {a['ndcg@10']:.4f} | {c.get('hr@10', 0):.4f} | "
                      f"{c.get('ndcg@10', 0):.4f} | {c.get('hr@50', 0):.4f} | {c.get('hr@200', 0):.4f} | "
                      f"{w.get('hr@10', 0):.4f} | {w.get('ndcg@10', 0):.4f} | {r['train_minutes']:.1f} |")
+    for r in rows:
+        for quota in [k for k in r["test"] if k.startswith("quota_")]:
+            a, c, w = r["test"][quota], r["test_cold"][quota], r["test_warm"][quota]
+            lines.append(f"| {r['run']}, {quota[6:].replace('_', ' ')} slots kept for new items | {a['hr@10']:.4f} | "
+                         f"{a['ndcg@10']:.4f} | {c['hr@10']:.4f} | {c['ndcg@10']:.4f} | | | {w['hr@10']:.4f} | "
+                         f"{w['ndcg@10']:.4f} | |")
     if rows and "test_cold" in rows[0]:
         lines.append(f"\n(new-item targets: {rows[0]['test_cold']['users']:,} test users; other targets: "
                      f"{rows[0]['test_warm']['users']:,}; without the live catalog the new items' HR is 0)")

@@ -57,11 +57,13 @@ def evaluate(model: Any, data: SequenceData, split_data: Batchable, split: str =
              device: torch.device | str = "cpu", batch_size: int = 512, ks=DEFAULT_KS, mask_history: str = "window",
              top_k: int = 10, popularity: np.ndarray | None = None, beyond: bool = True,
              generative: bool = False, beam_size: int = 100, amp: bool = False,
-             rerank_top: int = 0) -> dict[str, Any]:
+             rerank_top: int = 0, new_items: np.ndarray | None = None, quotas: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
     """Accuracy (HR/NDCG@ks, MRR) and, when ``beyond``, list metrics of the top-``top_k`` lists.
 
     ``model`` is a sequential recommender (forward -> (user states, aux), item_embeddings()) or a
     :class:`models.baselines.popularity.Popularity`.
+    ``new_items`` (V + 1 bool) adds ``new_item_quota``: HR/NDCG@10 when each top-10 list keeps ``q`` slots for the
+    best-scoring new items (the q best of them plus the 10 - q best of the rest, in score order), per ``quotas``.
     """
     device = torch.device(device)
     is_neural = isinstance(model, torch.nn.Module)
@@ -71,6 +73,8 @@ def evaluate(model: Any, data: SequenceData, split_data: Batchable, split: str =
         table = model.item_embeddings().float()
     num_items = data.num_items
     ranks, tops, gen_ranks, rank_ranks = [], [], [], []
+    quota_pos: dict[int, list[torch.Tensor]] = {q: [] for q in quotas} if new_items is not None else {}
+    new_t = torch.as_tensor(new_items, device=device) if new_items is not None else None
     rank = rerank_top > 0 and getattr(model, "ranker", None) is not None  # + the target-aware cascade
     for np_batch in iterate_batches(split_data, batch_size, shuffle=False):
         batch = batch_to_device(np_batch, device)
@@ -88,6 +92,8 @@ def evaluate(model: Any, data: SequenceData, split_data: Batchable, split: str =
             scores = model.score(len(batch["lengths"])).to(device)
         invalid = history_mask(batch, data, num_items, mask_history, split)
         ranks.append(ranks_from_scores(scores, batch["targets"], invalid).cpu())
+        for q in quota_pos:
+            quota_pos[q].append(_quota_positions(scores.float(), invalid, batch["targets"], new_t, 10, q).cpu())
         if rank:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
                 rank_ranks.append(_reranked_ranks(model, kept, batch, state, table, scores, invalid,
@@ -110,6 +116,9 @@ def evaluate(model: Any, data: SequenceData, split_data: Batchable, split: str =
     if gen_ranks:
         gr = torch.cat(gen_ranks).numpy().astype(np.float64)
         result["generative"] = _accuracy_truncated(gr, beam_size)
+    if quota_pos:
+        result["new_item_quota"] = {f"{q}_of_10": _accuracy_truncated(torch.cat(p).numpy().astype(np.float64), 10,
+                                                                       ks=(10,)) for q, p in quota_pos.items()}
     if rank_ranks:
         result["target_aware"] = {"rerank_top": rerank_top, **accuracy_from_ranks(torch.cat(rank_ranks), ks)}
     return result
@@ -135,6 +144,22 @@ def _reranked_ranks(model: Any, kept, batch: dict[str, torch.Tensor], state: tor
     target_logit = logits.masked_fill(~hit, 0.0).sum(1, keepdim=True)
     new_rank = (logits >= target_logit).sum(1)  # ties count against the target, as in ranks_from_scores
     return torch.where(hit.any(1) & (ranks <= top), new_rank.to(ranks.dtype), ranks)
+
+
+def _quota_positions(scores: torch.Tensor, invalid: torch.Tensor, targets: torch.Tensor, new: torch.Tensor, k: int,
+                     q: int) -> torch.Tensor:
+    """1-based position of the target in a top-``k`` list that holds the ``q`` best new items and the ``k - q``
+    best of the rest, ordered by score; 0 = not in the list."""
+    masked = scores.masked_fill(invalid, float("-inf"))
+    best_new = masked.masked_fill(~new, float("-inf")).topk(q, dim=1).indices  # (B, q)
+    rest = masked.scatter(1, best_new, float("-inf")).topk(k - q, dim=1).indices  # (B, k - q)
+    items = torch.cat([best_new, rest], dim=1)
+    values = masked.gather(1, items)
+    order = values.argsort(dim=1, descending=True)
+    items, values = items.gather(1, order), values.gather(1, order)
+    hit = (items == targets.view(-1, 1)) & torch.isfinite(values)
+    position = torch.arange(1, k + 1, device=scores.device).expand_as(items)
+    return torch.where(hit.any(1), (position * hit).sum(1), torch.zeros_like(targets))
 
 
 def _list_ranks(items: torch.Tensor, targets: torch.Tensor, invalid: torch.Tensor) -> torch.Tensor:

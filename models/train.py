@@ -635,10 +635,13 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
                                  "id_rows_zero": bool(holdout and not model.embed.item_emb.weight[
                                      torch.as_tensor(cold)].abs().sum().item())}
         is_cold = cold[splits["test"].targets]
+        summary["test_quota"] = evaluate(model, data, splits["test"], "test", device=device,
+                                         batch_size=cfg.eval_batch_size, mask_history=cfg.mask_history, beyond=False,
+                                         amp=amp, new_items=cold)["new_item_quota"]
         for name, rows in (("test_cold", is_cold), ("test_warm", ~is_cold)):
             summary[name] = evaluate(model, data, splits["test"].subset(rows), "test", device=device,
                                      batch_size=cfg.eval_batch_size, mask_history=cfg.mask_history, beyond=False,
-                                     generative=generative, amp=amp, rerank_top=rerank_top)
+                                     generative=generative, amp=amp, rerank_top=rerank_top, new_items=cold)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(state["history"], out / "curves.png", f"{cfg.name} ({cfg.model}, {cfg.dataset}, ties={cfg.tie_order})")
     return summary

@@ -55,6 +55,20 @@ def test_id_dropout_embeds_items_by_semantic_id_and_metadata_only_while_training
         torch.testing.assert_close(full, emb.item_emb(ids) + emb.sid_vectors(ids) + emb.feature_vectors(ids))
 
 
+def test_a_new_item_quota_keeps_the_best_new_items_in_the_top_list():
+    from models.eval import _quota_positions
+
+    scores = torch.tensor([[0.0, 9, 8, 7, 6, 5, 1, 0.5]])  # items 1..7; 6 and 7 are new, 3 is masked
+    invalid = torch.zeros(1, 8, dtype=torch.bool)
+    invalid[0, [0, 3]] = True
+    new = torch.zeros(8, dtype=torch.bool)
+    new[[6, 7]] = True
+    at = {t: int(_quota_positions(scores, invalid, torch.tensor([t]), new, 3, 1)) for t in range(1, 8)}
+    assert at == {1: 1, 2: 2, 3: 0, 4: 0, 5: 0, 6: 3, 7: 0}  # list: 1, 2, then the best new item 6
+    two = {t: int(_quota_positions(scores, invalid, torch.tensor([t]), new, 3, 2)) for t in (1, 2, 6, 7)}
+    assert two == {1: 1, 2: 0, 6: 2, 7: 3}
+
+
 @pytest.fixture(scope="module")
 def sid_npz(tmp_path_factory):
     """Synthetic semantic IDs for every ML-100K item: unique (l1, l2, dedup)."""
@@ -78,6 +92,9 @@ def test_fit_with_a_cold_holdout_keeps_new_items_id_less_and_reports_them_apart(
     assert summary["cold_items"]["holdout"] and summary["cold_items"]["id_rows_zero"]
     assert summary["test_cold"]["users"] + summary["test_warm"]["users"] == summary["test"]["users"]
     assert summary["test_cold"]["users"] > 0
+    one = summary["test_quota"]["1_of_10"]
+    assert one["hr@10"] >= 0 and summary["test_cold"]["new_item_quota"]["1_of_10"]["hr@10"] >= \
+        summary["test_cold"]["hr@10"]  # a slot kept for new items never loses a new-item target
     data = load_data(cfg)
     cold, holdout = cold_holdout(cfg, data)
     train = make_splits(cfg, data, cold)["train"]
