@@ -197,3 +197,49 @@ def test_the_service_in_its_engine_process_follows_the_feed(indexed: Index, chec
         assert items_of(watched) != items_of(not_watched)
     finally:
         server.stop()
+
+
+def test_the_feed_thread_survives_a_redis_restart_and_resumes_where_it_stopped(checkpoint: Path, tmp_path):
+    """A private Redis (append-only file) holds the index and the feed; stopped while the generator follows it,
+    the generator keeps answering, counts the failed reads, and after the restart serves the next new item
+    without reading the first one again."""
+    from tests.integration.test_serving_robust import PrivateRedis
+
+    own = PrivateRedis(tmp_path)
+    own.start()
+    try:
+        index = Index(own.client, f"itest-live-{uuid.uuid4().hex[:8]}")
+        _, _, _, ckpt = load_checkpoint(checkpoint)
+        RedisSidIndex(own.client, index.version).write(
+            (item, code_string(ckpt["semantic_codes"][i])) for item, i in ckpt["vocab"].items())
+        gen = UGTGenerator(checkpoint, clock=lambda: BASE_MS / 1000 + 3600, live_items=4, sid_version=index.version,
+                           redis_factory=lambda: redis.Redis(port=own.port, socket_timeout=5,
+                                                             socket_connect_timeout=1))
+        gen.start_background()
+        state = view("u1", HISTORY)
+
+        def served_within(n: int, seconds: float) -> bool:
+            deadline = time.monotonic() + seconds
+            while gen.live.stats.items < n and time.monotonic() < deadline:
+                gen.recommend_batch([GenerationRequest(state, 5, frozenset(), DOMAIN)])
+                time.sleep(0.02)
+            return gen.live.stats.items >= n
+
+        first, second = unused_code(index, 2)
+        new_item(index, f"live-r1-{RUN}", first, ["Drama"], 1995)
+        assert served_within(1, 30), gen.live.stats
+        own.stop()
+        deadline = time.monotonic() + 30
+        while gen.live.stats.feed_errors == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gen.live.stats.feed_errors > 0
+        (answer,) = gen.recommend_batch([GenerationRequest(state, 5, frozenset(), DOMAIN)])
+        assert len(answer) == 5  # the model does not need the feed to answer
+        own.start()  # same port and data: the index and the feed are back
+        new_item(index, f"live-r2-{RUN}", second, ["Comedy"], 1996)
+        assert served_within(2, 30), gen.live.stats
+        assert "known" not in gen.live.stats.rejected  # it went on after the last entry it had read
+        print(f"\nfeed reads failed {gen.live.stats.feed_errors} times while Redis was down; resumed after restart")
+        gen.live.stop()
+    finally:
+        own.stop()
