@@ -60,7 +60,7 @@ class LiveStats:
     delay_buckets: list[int] = field(default_factory=lambda: [0] * (len(DELAY_BUCKETS) + 1))
     delay_sum: float = 0.0
     version: str = ""
-    state: str = "starting"  # starting | following | mismatch | full | off
+    state: str = "starting"  # starting | following | superseded | mismatch | full
 
     def observe_delay(self, seconds: float) -> None:
         self.delay_sum += seconds
@@ -149,6 +149,7 @@ class LiveCatalog:
     def _follow(self, sample: dict[str, str]) -> None:
         client = None
         version = None
+        checked = time.monotonic()  # when the active pointer was last compared with the followed version
         while not self._stop.is_set():
             try:
                 if client is None:
@@ -163,7 +164,11 @@ class LiveCatalog:
                         continue
                     log.info("following new items of semantic-ID version %s: %s", version, why)
                     self.stats.version, self.stats.state = version, "following"
+                    checked = time.monotonic()
                 self.poll(client, version)
+                if time.monotonic() - checked > RECHECK_S:
+                    self.check_active(client, version)
+                    checked = time.monotonic()
             except Exception as exc:  # Redis down or slow: keep serving what we have, try again
                 self.stats.feed_errors += 1
                 if self.stats.feed_errors in (1, 10) or self.stats.feed_errors % 100 == 0:
@@ -171,6 +176,19 @@ class LiveCatalog:
                                 type(exc).__name__, exc, self.stats.feed_errors)
                 client = None
                 self._stop.wait(1.0)
+
+    def check_active(self, client: Any, version: str) -> None:
+        """Notice a backfill's flip: the item job then codes new items under the active version only, and this
+        model, trained on ``version``'s codes, keeps what it has until a model trained on the new one is served."""
+        from jobs.item_semantic_ids_logic import active_version
+
+        active = active_version(client)
+        if active and active != version and self.stats.state == "following":
+            log.warning("semantic-ID version %s is active now; this model follows %s, whose feed gets no new items "
+                        "any more: retrain on the new artifact to serve items coded from now on", active, version)
+            self.stats.state = "superseded"
+        elif active == version and self.stats.state == "superseded":
+            self.stats.state = "following"
 
     def poll(self, client: Any, version: str, block_ms: int | None = None) -> int:
         """One read of the feed after the last entry seen; returns how many entries were accepted."""

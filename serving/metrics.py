@@ -123,7 +123,7 @@ class _LiveItemsCollector:
 
         items = GaugeMetricFamily("ugt_serving_live_items", "Items served that arrived after training (from the "
                                   "item_semantic_ids feed), by domain and semantic-ID version.",
-                                  labels=["domain", "version", "state"])
+                                  labels=["domain", "version", "state"])  # state: following, superseded, mismatch, full
         rejected = CounterMetricFamily("ugt_serving_live_items_rejected", "Feed entries not served, by reason "
                                        "(known, duplicate_code, code_out_of_range, bad_entry, full).",
                                        labels=["domain", "reason"])

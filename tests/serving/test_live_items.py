@@ -136,3 +136,17 @@ def test_delay_histogram_counts_each_applied_item():
     live.applied(new)
     assert live.stats.items == 1 and live.stats.delay_buckets[0] == 1 and live.stats.delay_sum == 0.0
     assert json.loads(feed_entry({"item_id": "x", "genres": ["A"], "year": 1999}, "1-2")["categories"]) == ["A"]
+
+
+def test_a_backfill_flip_marks_the_catalog_superseded_until_the_version_is_back():
+    client, live = FakeRedis(), catalog()
+    live.stats.state = "following"
+    client.strings["ugt:sid:active"] = "v1"
+    live.check_active(client, "v1")
+    assert live.stats.state == "following"
+    client.strings["ugt:sid:active"] = "v2"  # `ugt semantic-ids backfill` flipped the pointer
+    live.check_active(client, "v1")
+    assert live.stats.state == "superseded"
+    client.strings["ugt:sid:active"] = "v1"
+    live.check_active(client, "v1")
+    assert live.stats.state == "following"
