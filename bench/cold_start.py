@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="models/configs/ugt_ml1m.yaml", help="the UGT config every run starts from")
     p.add_argument("--cold", default="{year_from: 2000}", help="cold_items spec (YAML; models.data.cold_item_mask)")
     p.add_argument("--id-dropout", default="0.2", help="comma list: one new_items+id_dropout run per value")
+    p.add_argument("--variants", default="", help="more held-out runs NAME:KEY=VALUE;KEY=VALUE (comma list), e.g. "
+                   "content_tower:model_config.embedding.content_tower=true;model_config.embedding.id_dropout=0.5")
     p.add_argument("--parallel", type=int, default=4, help="runs at once (they share one GPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.add_argument("--runs-dir", default="runs/cold_start")
@@ -55,6 +57,9 @@ def plan(args: argparse.Namespace) -> list[dict]:
     for p in [v for v in args.id_dropout.split(",") if v]:
         runs.append({"name": f"new_items+id_dropout_{p}",
                      "sets": [f"cold_items={args.cold}", f"model_config.embedding.id_dropout={p}"]})
+    for spec in [v for v in args.variants.split(",") if v]:
+        name, _, sets = spec.partition(":")
+        runs.append({"name": f"new_items+{name}", "sets": [f"cold_items={args.cold}", *sets.split(";")]})
     for run in runs:
         run["out_dir"] = f"{args.runs_dir}/{run['name']}"
     return runs

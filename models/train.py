@@ -193,6 +193,8 @@ def hold_out_features(embed: Any, cold: torch.Tensor) -> None:
     latest one the other items have, a genre only they have is dropped
     (:meth:`models.ugt.embedding.UnifiedEmbedding.set_items` applies the same rule to items coded after training)."""
     embed.item_emb.weight[cold] = 0
+    if getattr(embed, "content_tower", None) is not None:
+        embed.has_id[cold] = False
     warm = ~cold
     warm[0] = False
     if embed.item_codes is not None:

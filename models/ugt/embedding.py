@@ -35,6 +35,9 @@ class EmbeddingConfig:
     # training only: the share of item occurrences (inputs and output-table rows) embedded WITHOUT their ID row,
     # so the semantic-ID + metadata part alone learns to stand for an item: what an item coded after training has
     id_dropout: float = 0.0
+    # an MLP from an item's semantic-ID + metadata vector to an ID vector, standing in for the ID row of items that
+    # have none (items coded after training, the cold-start holdout) and, with id_dropout, of dropped occurrences
+    content_tower: bool = False
 
 
 class UnifiedEmbedding(nn.Module):
@@ -66,6 +69,10 @@ class UnifiedEmbedding(nn.Module):
         else:
             self.item_codes = None
             self.code_emb = None
+        self.content_tower = (nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+                              if config.content_tower else None)
+        if self.content_tower is not None:  # which items have a trained ID row (False: the tower stands in)
+            self.register_buffer("has_id", torch.ones(num_items + 1, dtype=torch.bool), persistent=True)
         self.genre_emb = nn.Embedding(int(genres.max()) + 1, d_model, padding_idx=0)
         self.year_emb = nn.Embedding(int(year.max()) + 1, d_model, padding_idx=0)
         self.rating_emb = nn.Embedding(NUM_RATING_TOKENS, d_model)
@@ -97,8 +104,14 @@ class UnifiedEmbedding(nn.Module):
         repr_ = self.config.item_repr
         if "id" in repr_.split("+"):
             out = self.item_emb(ids)
+            keep = None
             if self.training and self.config.id_dropout > 0:
                 keep = torch.rand(ids.shape, device=ids.device) >= self.config.id_dropout
+            if self.content_tower is not None:
+                use = ~self.has_id[ids] if keep is None else ~(self.has_id[ids] & keep)
+                stand_in = self.content_tower(self.sid_vectors(ids) + self.feature_vectors(ids))
+                out = torch.where(use.unsqueeze(-1), stand_in.to(out.dtype), out)
+            elif keep is not None:
                 out = out * keep.unsqueeze(-1).to(out.dtype)
         else:
             out = self.item_emb.weight.new_zeros(*ids.shape, self.d_model)
@@ -139,6 +152,8 @@ class UnifiedEmbedding(nn.Module):
         self.item_emb = nn.Embedding.from_pretrained(grown, freeze=True, padding_idx=0)
         self.item_genres = torch.cat([self.item_genres, self.item_genres.new_zeros(extra, self.item_genres.shape[1])])
         self.item_year = torch.cat([self.item_year, self.item_year.new_zeros(extra)])
+        if self.content_tower is not None:
+            self.has_id = torch.cat([self.has_id, self.has_id.new_zeros(extra)])
         if self.item_codes is not None:
             # the code rows some trained item uses: a new item's code that no trained item has was never trained
             self.trained_codes = torch.zeros(self.code_emb.num_embeddings, dtype=torch.bool, device=weight.device)

@@ -69,6 +69,26 @@ def test_a_new_item_quota_keeps_the_best_new_items_in_the_top_list():
     assert two == {1: 1, 2: 0, 6: 2, 7: 3}
 
 
+def test_the_content_tower_stands_in_for_a_missing_id_row():
+    rng = np.random.default_rng(1)
+    codes = np.zeros((11, 2), np.int64)
+    codes[1:] = np.stack([np.arange(10) % 3, np.arange(10) // 3], 1)
+    emb = UnifiedEmbedding(16, 10, 8, EmbeddingConfig(item_repr="id+sid", content_tower=True, id_dropout=1.0),
+                           rng.integers(0, 3, (11, 2)), rng.integers(0, 4, 11), codes, [3, 4]).eval()
+    ids = torch.arange(1, 11)
+    with torch.no_grad():
+        emb.has_id[3] = False  # item 3 arrived after training
+        content = emb.sid_vectors(ids) + emb.feature_vectors(ids)
+        got = emb.item_vectors(ids)
+        want = emb.item_emb(ids) + content
+        want[2] = emb.content_tower(content[2]) + content[2]
+        torch.testing.assert_close(got, want)
+        emb.train()  # id_dropout 1.0: every occurrence uses the tower
+        torch.testing.assert_close(emb.item_vectors(ids), emb.content_tower(content) + content)
+        emb.reserve(2)  # serving: reserved rows have no ID row either
+        assert emb.has_id.tolist()[-3:] == [True, False, False]
+
+
 @pytest.fixture(scope="module")
 def sid_npz(tmp_path_factory):
     """Synthetic semantic IDs for every ML-100K item: unique (l1, l2, dedup)."""
