@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.ml1m_quality import device_name  # noqa: E402
+from bench.ml1m_quality import device_name, launch  # noqa: E402
 
 METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "mrr")
 
@@ -60,23 +59,10 @@ def plan(args: argparse.Namespace) -> list[dict]:
     for spec in [v for v in args.variants.split(",") if v]:
         name, _, sets = spec.partition(":")
         runs.append({"name": f"new_items+{name}", "sets": [f"cold_items={args.cold}", *sets.split(";")]})
-    for run in runs:
-        run["out_dir"] = f"{args.runs_dir}/{run['name']}"
+    for run in runs:  # the fields bench.ml1m_quality.launch reads
+        run.update(config=args.config, out_dir=f"{args.runs_dir}/{run['name']}",
+                   sets=[f"name=cold-{run['name']}", "dpo.enabled=false", *run["sets"]])
     return runs
-
-
-def launch(run: dict, config: str, extra: list[str]) -> dict:
-    Path(run["out_dir"]).mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "infra.cli", "train", "--config", config, "--out-dir", run["out_dir"], "--quiet",
-           "--set", f"name=cold-{run['name']}", "--set", "dpo.enabled=false"]
-    for s in run["sets"] + extra:
-        cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-    start = time.time()
-    with open(Path(run["out_dir"]) / "stdout.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    print(f"[{time.strftime('%H:%M:%S')}] {run['name']}: rc={rc} in {time.time() - start:.0f}s", flush=True)
-    return {**run, "rc": rc}
 
 
 def collect(run: dict) -> dict | None:
@@ -124,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = plan(args)
     if not args.collect_only:
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-            list(pool.map(lambda r: launch(r, args.config, args.set), runs))
+            list(pool.map(lambda r: launch(r, args.set), runs))
     rows = [row for row in (collect(r) for r in runs) if row is not None]
     missing = [r["name"] for r in runs if collect(r) is None]
     result = {"device": device_name(), "dataset": "ml-1m", "config": args.config, "cold": args.cold,
