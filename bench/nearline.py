@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="ml-1m", choices=("ml-1m", "ml-100k"))
     parser.add_argument("--events", type=int, default=100_000,
                         help="dataset events to replay; 0 skips the user path (default: %(default)s)")
+    parser.add_argument("--warmup-events", type=int, default=0,
+                        help="dataset events replayed through both jobs (other user ids) before the throughput "
+                        "window, so a fresh TaskManager's JIT and caches are warm, as in a job that has been "
+                        "running (default: %(default)s)")
     parser.add_argument("--probes", type=int, default=300, help="freshness probe events (default: %(default)s)")
     parser.add_argument("--probe-rate", type=float, default=20.0, help="probe events per second (default: %(default)s)")
     parser.add_argument("--anchor-events", type=int, default=100_000,
@@ -197,6 +201,22 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
             check_jobs(settings, job_ids)
             time.sleep(0.5)
 
+        base = 1
+        if args.warmup_events > 0:
+            print(f"== warm-up: {args.warmup_events:,} events (other user ids), not timed")
+            for event in events[: args.warmup_events]:
+                publisher.publish(raw, "user_event", dict(event, event_id=f"{event['event_id']}-warm",
+                                                          user_id=f"{event['user_id']}-warm"),
+                                  f"{event['user_id']}-warm")
+            publisher.flush(300)
+            base += min(args.warmup_events, len(events))
+            deadline = time.monotonic() + args.timeout_s
+            while applied(r, pop_key) < base:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"bench: the warm-up was not applied within {args.timeout_s:.0f} s")
+                check_jobs(settings, job_ids)
+                time.sleep(0.5)
+
         print(f"== throughput: {len(events):,} {args.dataset} events at full speed")
         cpu_before = proc_cpu.snapshot(os.getpid())
         spy, spy_out = None, f"/tmp/ugt-bench-{run_id}-py-spy.txt"
@@ -212,11 +232,11 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
             publisher.publish(raw, "user_event", event, event["user_id"])
         publisher.flush(300)
         produced_s = time.time() - start
-        target = len(events) + 1
+        target = len(events) + base
         deadline = time.monotonic() + args.timeout_s
         while (done := applied(r, pop_key)) < target:
             if time.monotonic() > deadline:
-                raise SystemExit(f"bench: {done - 1:,} of {len(events):,} applied after {args.timeout_s:.0f} s")
+                raise SystemExit(f"bench: {done - base:,} of {len(events):,} applied after {args.timeout_s:.0f} s")
             time.sleep(0.2)
         throughput_s = time.time() - start
         cpu = proc_cpu.diff(cpu_before, proc_cpu.snapshot(os.getpid()))
@@ -358,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         "events": users["events"],
         "parallelism": args.parallelism,
         "execution_mode": args.execution_mode,
+        "warmup_events": args.warmup_events,
         "tokenize_args": args.tokenize_args,
         "user_state_args": args.user_state_args,
         "events_per_s": users["events_per_s"],

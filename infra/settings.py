@@ -41,6 +41,9 @@ class Settings:
     # Flink's Prometheus reporter: the JobManager and each TaskManager take the first free port of
     # flink_metrics_ports (infra/flink/config.yaml), so scrapers look at the whole range
     flink_metrics_port: int = field(default_factory=lambda: int(_env("UGT_FLINK_METRICS_PORT", "9249")))
+    # TaskManagers of the local cluster (2 slots each, slots spread evenly): in thread mode each TaskManager
+    # embeds one CPython, so one JVM per job keeps tokenize and user_state off each other's GIL (docs/JOBS.md)
+    flink_taskmanagers: int = field(default_factory=lambda: int(_env("UGT_FLINK_TASKMANAGERS", "2")))
     # var/: logs, Kafka/Redis data, Flink checkpoints of the local stack (ignored by git)
     var_dir: Path = field(default_factory=lambda: Path(_env("UGT_VAR", str(REPO_ROOT / "var"))))
     # cache: downloads that survive a fresh clone (Maven jars, datasets)
@@ -66,8 +69,8 @@ class Settings:
 
     @property
     def flink_metrics_ports(self) -> range:
-        """Ports of the Prometheus endpoints of the Flink processes (JobManager + up to 3 TaskManagers)."""
-        return range(self.flink_metrics_port, self.flink_metrics_port + 4)
+        """Ports of the Prometheus endpoints of the Flink processes (JobManager + the TaskManagers + 2 spare)."""
+        return range(self.flink_metrics_port, self.flink_metrics_port + max(4, self.flink_taskmanagers + 3))
 
     @property
     def log_dir(self) -> Path:

@@ -103,7 +103,8 @@ def flink_conf_dir(settings: Settings | None = None) -> Path:
 
 
 def flink_lib_dir(settings: Settings | None = None) -> Path:
-    """The cluster's lib/: the package's lib/*.jar plus opt/flink-python, linked under var/flink/lib.
+    """The cluster's lib/: the package's lib/*.jar, opt/flink-python and the Kafka connector, linked under
+    var/flink/lib.
 
     The pip package keeps flink-python in opt/. On the cluster classpath it loads pemja once per
     TaskManager JVM, which `python.execution-mode: thread` needs (shipping the jar with each job fails
@@ -115,6 +116,10 @@ def flink_lib_dir(settings: Settings | None = None) -> Path:
     home = pyflink_home()
     wanted = {jar.name: jar for jar in (home / "lib").glob("*.jar")}
     wanted.update({jar.name: jar for jar in (home / "opt").glob("flink-python-*.jar")})
+    # the Kafka SQL connector once per TaskManager JVM (jobs then skip shipping it: jobs.common.cluster_has_connector)
+    connector = lib_dir(s) / "flink-connectors" / FLINK_KAFKA_CONNECTOR
+    if connector.is_file():
+        wanted[connector.name] = connector
     for link in lib.iterdir():
         if link.name not in wanted or not link.exists():
             link.unlink()
@@ -481,7 +486,7 @@ def _flink(s: Settings) -> Service:
 
     def healthy() -> bool:
         overview = flink_overview(s)
-        return bool(overview and overview.get("taskmanagers", 0) >= 1)
+        return bool(overview and overview.get("taskmanagers", 0) >= max(1, s.flink_taskmanagers))
 
     def start() -> list[int]:
         write_flink_conf(s)
@@ -492,17 +497,24 @@ def _flink(s: Settings) -> Service:
         for stale in pid_dir.glob("*.pid"):
             stale.unlink()
         bin_dir = pyflink_home() / "bin"
-        # both daemons at once: each script spends ~2 s computing JVM memory flags
-        scripts = [subprocess.Popen(["bash", str(bin_dir / f"{d}.sh"), "start"], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                   for d in ("jobmanager", "taskmanager")]
-        outputs = [p.communicate(timeout=120)[0] for p in scripts]
+        # the daemons at once: each script spends ~2 s computing JVM memory flags. The TaskManagers start one
+        # script each (`taskmanager.sh start` appends its pid to the shared pid file: run them one after another)
+        jobmanager = subprocess.Popen(["bash", str(bin_dir / "jobmanager.sh"), "start"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        scripts, outputs = [jobmanager], []
+        for _ in range(max(1, s.flink_taskmanagers)):
+            tm = subprocess.Popen(["bash", str(bin_dir / "taskmanager.sh"), "start"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            scripts.append(tm)
+            outputs.append(tm.communicate(timeout=120)[0])
+        outputs.insert(0, jobmanager.communicate(timeout=120)[0])
         for p, out in zip(scripts, outputs, strict=True):
             if p.returncode != 0:
                 raise StackError(f"Flink start script failed (exit {p.returncode}):\n{out}")
         pids = [int(x) for f in sorted(pid_dir.glob("*.pid")) for x in f.read_text().split() if x.isdigit()]
-        if len(pids) < 2:
-            raise StackError(f"Flink scripts wrote no pids to {pid_dir}:\n" + "\n".join(outputs))
+        if len(pids) < 1 + max(1, s.flink_taskmanagers):
+            raise StackError(f"Flink scripts wrote {len(pids)} pids to {pid_dir}, want 1 JobManager + "
+                             f"{s.flink_taskmanagers} TaskManagers:\n" + "\n".join(outputs))
         return pids
 
     def find_log() -> Path:

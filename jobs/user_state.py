@@ -46,17 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_pipeline(env, t_env, cfg) -> None:
-    """events.tokens -> key_by(record key = user_id) -> UserStateFunction (decodes; writes Feast + Redis); bad or
-    late -> DLQ. Keyed by the Kafka key, not a decoded field: no Python pass before the shuffle, no pickled event."""
+    """events.tokens -> keyed by the record key (= user_id) -> UserStateFunction (decodes; writes Feast + Redis);
+    bad or late -> DLQ. Keyed by the Kafka key in the JVM (jobs.common.keyed_kafka_source), not by a decoded
+    field: no Python call before the shuffle, no pickled event."""
     from pyflink.common import Types
 
-    from jobs.common import add_kafka_sink, discard, kafka_source
-    from jobs.operators.user_state_fn import (
-        DLQ_TAG,
-        LATE_TAG,
-        UserStateFunction,
-        record_key,
-    )
+    from jobs.common import add_kafka_sink, discard, keyed_kafka_source
+    from jobs.operators.user_state_fn import DLQ_TAG, LATE_TAG, UserStateFunction
     from jobs.user_state_logic import ProcessorConfig
 
     x = cfg.extra
@@ -68,8 +64,7 @@ def build_pipeline(env, t_env, cfg) -> None:
         state_ttl_ms=int(x["state_ttl_days"] * 86_400_000),
         cache_size=x["state_cache_users"],
     )
-    tokens = kafka_source(t_env, "tokens_source", x["source_topic"], cfg, with_key=True)
-    states = tokens.key_by(record_key, key_type=Types.STRING()) \
+    states = keyed_kafka_source(t_env, "tokens_source", x["source_topic"], cfg) \
         .process(UserStateFunction(cfg.redis, x["feature_repo"], cfg.registry, x["dlq_topic"], config,
                                    x["flush_rows"], x["feast_write"]),
                  output_type=Types.BOOLEAN()) \

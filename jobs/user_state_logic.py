@@ -73,7 +73,7 @@ def applied_key(domain: str, user_id: str) -> str:
 
 def decode_token_event(serde: AvroSerde, data: bytes | None) -> TokenizedEvent:
     """events.tokens bytes -> TokenizedEvent; SerdeError with a reason code when they are not one."""
-    decoded = serde.decode(data)
+    decoded = serde.decode_raw(data)
     try:
         return TokenizedEvent.from_record(decoded.record)
     except RegistryError:

@@ -33,7 +33,8 @@ def test_kafka_properties_follow_settings(settings: Settings) -> None:
 def test_flink_config_follows_settings(settings: Settings) -> None:
     conf = yaml.safe_load((stack.write_flink_conf(settings) / "config.yaml").read_text())
     assert conf["rest"]["port"] == 18081 and conf["jobmanager"]["rpc"]["port"] == 16123
-    assert conf["taskmanager"]["numberOfTaskSlots"] == 4
+    assert conf["taskmanager"]["numberOfTaskSlots"] == 2
+    assert conf["taskmanager"]["load-balance"]["mode"] == "slots"  # one job per TaskManager (GIL) when slots allow
     assert conf["python"]["executable"] == sys.executable
     assert conf["execution"]["checkpointing"]["dir"] == (settings.var_dir / "flink" / "checkpoints").as_uri()
     assert conf["env"]["log"]["dir"] == str(settings.log_dir / "flink")

@@ -1,13 +1,13 @@
 """The user_state operator: per-user state, keyed by the events.tokens record key (the user_id).
 
-The stream is keyed by ``record_key`` (the Kafka key, which the tokenize job sets to the user_id), so nothing
-is decoded or pickled before the shuffle. UserStateFunction gets Row(value, k, src_topic, src_partition,
-src_offset), decodes the TokenizedEvent, and sends records that are not one (SerdeError codes) or whose
-user_id is not their key (KEY_MISMATCH) to DLQ_TAG as dead letters.
-UserStateFunction wires jobs.user_state_logic.UserStateProcessor to Flink: two ValueStates of bytes (the
+The stream is keyed by the record key as text (the Kafka key, which the tokenize job sets to the user_id; keyed
+in the JVM by jobs.common.keyed_kafka_source), so nothing is decoded or pickled before the shuffle.
+UserStateFunction gets Row(value, k, src_topic, src_partition, src_offset), decodes the TokenizedEvent, and
+sends records that are not one (SerdeError codes) or whose user_id is not their key (KEY_MISMATCH) to DLQ_TAG
+as dead letters. It wires jobs.user_state_logic.UserStateProcessor to Flink: two ValueStates of bytes (the
 encoded UserState + its write track; the long-term groups) and a ListState (events since that snapshot), all
-with StateTtlConfig (--state-ttl-days),
-processing-time timers (confirm flushes, nearline compaction) and LATE_EVENT dead letters on LATE_TAG.
+with StateTtlConfig (--state-ttl-days), processing-time timers (confirm flushes, nearline compaction) and
+LATE_EVENT dead letters on LATE_TAG.
 Counters (group `ugt`): `events`, `applied`, `duplicates`, `late_events`, `rows_written`, `compactions`,
 `dead_lettered`.
 """
@@ -52,12 +52,6 @@ LATE_TAG = OutputTag("late-events", key_value_type())
 
 
 KEY_MISMATCH = "KEY_MISMATCH"  # an events.tokens record whose key is not its user_id
-
-
-def record_key(row) -> str:
-    """The shuffle key of a Row(value, k, ...): the record key as text ('' for an unkeyed record)."""
-    key = row[1]
-    return key.decode("utf-8", "replace") if key is not None else ""
 
 
 class _DeadLetters:

@@ -100,10 +100,10 @@ def test_registry_register_fetch_and_reject_incompatible(stack: Settings) -> Non
     requests.delete(f"{base}/subjects/{subject}", timeout=10)
 
 
-def test_flink_cluster_has_one_taskmanager_with_four_slots(stack: Settings) -> None:
+def test_flink_cluster_has_its_taskmanagers_with_two_slots_each(stack: Settings) -> None:
     overview = requests.get(f"{stack.flink_rest_url}/overview", timeout=10).json()
-    assert overview["taskmanagers"] == 1
-    assert overview["slots-total"] == 4
+    assert overview["taskmanagers"] == stack.flink_taskmanagers
+    assert overview["slots-total"] == 2 * stack.flink_taskmanagers
     assert overview["flink-version"].startswith("2.2")
 
 

@@ -74,7 +74,10 @@ class PrivateFlinkCluster:
         pid_file = self.pids / f"flink-{self.env()['FLINK_IDENT_STRING']}-{name}.pid"
         pid_file.unlink(missing_ok=True)
         script = stack.pyflink_home() / "bin" / ("jobmanager.sh" if name == "standalonesession" else "taskmanager.sh")
-        subprocess.run(["bash", str(script), "start"], env=self.env(), check=True, capture_output=True, timeout=120)
+        # one TaskManager with all 4 slots (tokenize + user_state at parallelism 2), so one kill takes both jobs down
+        extra = ["-D", "taskmanager.numberOfTaskSlots=4"] if name == "taskexecutor" else []
+        subprocess.run(["bash", str(script), "start", *extra], env=self.env(), check=True, capture_output=True,
+                       timeout=120)
         pid = int(pid_file.read_text().split()[-1])
         self.started.append(pid)
         return pid
