@@ -3,7 +3,9 @@
 Measures, in one run on one box (the shared standalone Flink cluster, Kafka, Redis):
   kafka_raw_events_per_s   the anchor: the same Avro user events produced + consumed back, no Flink
   events_per_s      dataset events replayed at full speed through tokenize + user_state:
-                    events / (first produce -> last event applied in Redis); job start-up not counted
+                    events / (first produce -> last event applied in Redis); job start-up not counted, and
+                    --warmup-events (other users) go through first, so the TaskManagers' JIT and caches are
+                    as warm as in a job that has been running
   freshness_p50_s   probe events at a steady rate: produced -> the user's state visible in Redis
   freshness_p99_s
   new_item_p50_s    brand-new catalog items at a steady rate through item_semantic_ids (the artifact of
@@ -17,7 +19,8 @@ semantic-ID artifact (`ugt semantic-ids build --dataset ml-1m --config models/co
 --out runs/sid/ml1m`; or --new-items 0 to skip).
 
     python -m bench.nearline                                  # full run -> bench/results/nearline.json
-    python -m bench.nearline --events 20000 --probes 50 --new-items 20 --anchor-events 20000 --name nearline-quick
+    python -m bench.nearline --events 20000 --warmup-events 0 --probes 50 --new-items 20 --anchor-events 20000 \
+        --name nearline-quick
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.nearline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="ml-1m", choices=("ml-1m", "ml-100k"))
-    parser.add_argument("--events", type=int, default=100_000,
+    parser.add_argument("--events", type=int, default=200_000,
                         help="dataset events to replay; 0 skips the user path (default: %(default)s)")
-    parser.add_argument("--warmup-events", type=int, default=0,
+    parser.add_argument("--warmup-events", type=int, default=50_000,
                         help="dataset events replayed through both jobs (other user ids) before the throughput "
                         "window, so a fresh TaskManager's JIT and caches are warm, as in a job that has been "
                         "running (default: %(default)s)")
@@ -219,14 +222,14 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
 
         print(f"== throughput: {len(events):,} {args.dataset} events at full speed")
         cpu_before = proc_cpu.snapshot(os.getpid())
-        spy, spy_out = None, f"/tmp/ugt-bench-{run_id}-py-spy.txt"
-        if args.py_spy:
+        spies = []
+        if args.py_spy:  # every TaskManager: each embeds its own CPython
             import psutil
 
-            tm = [p.pid for p in psutil.process_iter(["cmdline"])
-                  if any("TaskManagerRunner" in part for part in (p.info["cmdline"] or []))]
-            if tm:
-                spy = proc_cpu.start_py_spy(args.py_spy, tm[0], spy_out)
+            for pid in [p.pid for p in psutil.process_iter(["cmdline"])
+                        if any("TaskManagerRunner" in part for part in (p.info["cmdline"] or []))]:
+                out = f"/tmp/ugt-bench-{run_id}-py-spy-{pid}.txt"
+                spies.append((proc_cpu.start_py_spy(args.py_spy, pid, out), out))
         start = time.time()
         for event in events:
             publisher.publish(raw, "user_event", event, event["user_id"])
@@ -240,8 +243,8 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
             time.sleep(0.2)
         throughput_s = time.time() - start
         cpu = proc_cpu.diff(cpu_before, proc_cpu.snapshot(os.getpid()))
-        if spy is not None:
-            cpu["python_profile"] = proc_cpu.stop_py_spy(spy, spy_out)
+        if spies:
+            cpu["python_profile"] = proc_cpu.stop_py_spies(spies)
 
         print(f"== freshness: {args.probes} probe events at {args.probe_rate}/s")
         probe_base = events[-1]["event_time"]

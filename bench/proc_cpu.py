@@ -118,20 +118,27 @@ def start_py_spy(py_spy: str, pid: int, out: str, rate: int = 50):
 def stop_py_spy(process, out: str, top: int = 12) -> dict[str, object]:
     """Stop the sampler (SIGINT writes the file) and summarise: the functions the samples sat in (self) and the
     repo functions on the stack (inclusive), as shares of the samples not waiting (IDLE leaf frames dropped)."""
+    return stop_py_spies([(process, out)], top)
+
+
+def stop_py_spies(spies: list[tuple[object, str]], top: int = 12) -> dict[str, object]:
+    """stop_py_spy over several samplers (one per TaskManager), their samples summed."""
     import signal
 
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(30)
-    except Exception:  # noqa: BLE001 - a stuck sampler must not lose the benchmark
-        process.kill()
+    lines: list[str] = []
+    for process, out in spies:
+        process.send_signal(signal.SIGINT)  # type: ignore[attr-defined]
+        try:
+            process.wait(30)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - a stuck sampler must not lose the benchmark
+            process.kill()  # type: ignore[attr-defined]
+        try:
+            lines += Path(out).read_text().splitlines()
+        except OSError:
+            return {"error": f"py-spy wrote no {out}"}
     self_count: dict[str, int] = defaultdict(int)
     inclusive: dict[str, int] = defaultdict(int)
     total = 0
-    try:
-        lines = Path(out).read_text().splitlines()
-    except OSError:
-        return {"error": f"py-spy wrote no {out}"}
     for line in lines:
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():

@@ -103,8 +103,8 @@ def flink_conf_dir(settings: Settings | None = None) -> Path:
 
 
 def flink_lib_dir(settings: Settings | None = None) -> Path:
-    """The cluster's lib/: the package's lib/*.jar, opt/flink-python and the Kafka connector, linked under
-    var/flink/lib.
+    """The cluster's lib/: the package's lib/*.jar, opt/flink-python, the Kafka connector and the parquet jars,
+    linked under var/flink/lib.
 
     The pip package keeps flink-python in opt/. On the cluster classpath it loads pemja once per
     TaskManager JVM, which `python.execution-mode: thread` needs (shipping the jar with each job fails
@@ -120,6 +120,8 @@ def flink_lib_dir(settings: Settings | None = None) -> Path:
     connector = lib_dir(s) / "flink-connectors" / FLINK_KAFKA_CONNECTOR
     if connector.is_file():
         wanted[connector.name] = connector
+    # ... and the parquet lake's jars (flink-parquet, Hadoop's shaded client): jobs.lake.cluster_has_parquet
+    wanted.update({jar.name: jar for jar in (lib_dir(s) / "flink-parquet").glob("*.jar")})
     for link in lib.iterdir():
         if link.name not in wanted or not link.exists():
             link.unlink()

@@ -221,6 +221,9 @@ def flink_configuration(cfg: JobConfig) -> dict[str, str]:
         "python.state.cache-size": str(cfg.state_cache_size),
         "python.metric.enabled": "true",
         "execution.runtime-mode": "STREAMING",
+        # chained operators hand records over without a serializer copy: every operator of these jobs reads its
+        # input once and keeps none (Python operators convert to Python objects; SQL and the sinks encode at once)
+        "pipeline.object-reuse": "true",
         "parallelism.default": str(cfg.parallelism),
         # thread mode embeds CPython in the JVM (pemja), which knows only the base interpreter's paths:
         # give it the venv's site-packages (pyflink, pemja, feast) and this repo

@@ -108,6 +108,13 @@ def lake_insert_sql(table: str, view: str) -> str:
     )
 
 
+def cluster_has_parquet() -> bool:
+    """The cluster's lib/ has the parquet jars (`ugt stack up` links them there, like the Kafka connector)."""
+    from jobs.common import cluster_lib_dir
+
+    return any(cluster_lib_dir().glob("flink-parquet-*.jar"))
+
+
 def add_lake_jars(env, t_env) -> None:
     """Put the parquet jars on the job's classpath (client planning and the cluster's user class loader)."""
     from infra.stack import parquet_jars
@@ -117,9 +124,14 @@ def add_lake_jars(env, t_env) -> None:
     env.add_jars(*[jar.resolve().as_uri() for jar in parquet_jars()])
 
 
-def add_lake_sink(env, t_env, statements, view: str, path: str | Path, table: str = "lake_sink") -> None:
-    """Write the LAKE_FIELDS columns of the temporary view `view` to parquet under `path` (statement set)."""
-    add_lake_jars(env, t_env)
+def add_lake_sink(env, t_env, statements, view: str, path: str | Path, table: str = "lake_sink",
+                  ship_jars: bool = True) -> None:
+    """Write the LAKE_FIELDS columns of the temporary view `view` to parquet under `path` (statement set).
+
+    ship_jars=False when the cluster's lib/ has the parquet jars: loaded once per TaskManager, their classes stay
+    JIT-compiled across jobs instead of being loaded and compiled again by each job's class loader."""
+    if ship_jars:
+        add_lake_jars(env, t_env)
     t_env.get_config().set("table.local-time-zone", "UTC")
     t_env.execute_sql(lake_sink_ddl(table, path))
     statements.add_insert_sql(lake_insert_sql(table, view))

@@ -60,7 +60,7 @@ else:
     def build_pipeline(env, t_env, cfg) -> None:
         """events.raw -> TokenizeFunction -> events.tokens; side outputs -> events.dlq and the parquet lake."""
         from jobs.common import add_kafka_sink, kafka_sink_ddl, kafka_source, key_value_type
-        from jobs.lake import add_lake_sink, token_lake_row_type
+        from jobs.lake import add_lake_sink, cluster_has_parquet, token_lake_row_type
         from jobs.operators.tokenize_fn import DLQ_TAG, TokenizeFunction
         from jobs.tokenize_logic import Rules
 
@@ -76,7 +76,8 @@ else:
             t_env.create_temporary_view("tokens_out", t_env.from_data_stream(tokens))
             t_env.execute_sql(kafka_sink_ddl("tokens_sink", x["tokens_topic"], cfg))
             statements.add_insert_sql("INSERT INTO `tokens_sink` SELECT `k`, `v` FROM `tokens_out`")
-            add_lake_sink(env, t_env, statements, "tokens_out", x["lake"])
+            add_lake_sink(env, t_env, statements, "tokens_out", x["lake"],
+                          ship_jars=cfg.local or not cluster_has_parquet())
         else:
             add_kafka_sink(t_env, statements, tokens, "tokens_sink", x["tokens_topic"], cfg)
         add_kafka_sink(t_env, statements, tokens.get_side_output(DLQ_TAG), "dlq_sink", x["dlq_topic"], cfg)
