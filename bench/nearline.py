@@ -12,9 +12,9 @@ Measures, in one run on one box (the shared standalone Flink cluster, Kafka, Red
   new_item_p99_s    --artifact): produced -> its code in the generator's decode index (ugt:sid:item:<version>)
   cpu               who ate the CPU during the throughput window (bench.proc_cpu: per process, per thread)
 
-Every run uses its own topics, consumer groups, user-id prefix, domain, item ids and active-version key, so it
-never mixes with the demo's or the tests' data; its jobs are cancelled and its new items removed from the index
-at the end. Needs the stack (`ugt stack up`; the script brings it up if it is down) and, for the item phase, a
+Every run uses its own topics, consumer groups, user-id prefix, domain, item ids, active-version key and lake
+folder (var/bench/lake-<run>), so it never mixes with the demo's or the tests' data; its jobs are cancelled, its
+lake folder deleted and its new items removed from the index at the end. Needs the stack (`ugt stack up`; the script brings it up if it is down) and, for the item phase, a
 semantic-ID artifact (`ugt semantic-ids build --dataset ml-1m --config models/configs/semantic_ids_ml1m.yaml
 --out runs/sid/ml1m`; or --new-items 0 to skip).
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import statistics
 import time
 import uuid
@@ -173,11 +174,15 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
     ensure_topics(settings, extra=[TopicSpec(raw), TopicSpec(tokens), TopicSpec(dlq, 1)])
     layout = FeastRedisLayout.from_repo(settings.feature_repo)
     pop_key = popularity_key(domain)
+    # the run's own lake folder, removed at the end: bench users must not land in the lake training reads
+    lake = settings.var_dir / "bench" / f"lake-{run_id}"
+    lake_args = [] if "--lake" in args.tokenize_args else ["--lake", str(lake)]
     print(f"== submitting tokenize + user_state (run {run_id})")
     common = ["--startup", "earliest", "--parallelism", str(args.parallelism), "--execution-mode", args.execution_mode]
     job_ids = [
         submit("tokenize", ["--source-topic", raw, "--tokens-topic", tokens, "--dlq-topic", dlq,
-                            "--group-id", f"bench-{run_id}-tokenize", *common, *shlex.split(args.tokenize_args)],
+                            "--group-id", f"bench-{run_id}-tokenize", *common, *lake_args,
+                            *shlex.split(args.tokenize_args)],
                detached=True),
         submit("user_state", ["--source-topic", tokens, "--dlq-topic", dlq, "--group-id", f"bench-{run_id}-user-state",
                               *common, *shlex.split(args.user_state_args)], detached=True),
@@ -270,6 +275,7 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
             if jid:
                 cancel(settings.flink_rest_url, jid)
         drop_topics(settings, [raw, tokens, dlq])
+        shutil.rmtree(lake, ignore_errors=True)
     return {"events": len(events), "produce_s": round(produced_s, 2), "throughput_s": round(throughput_s, 2),
             "events_per_s": round(len(events) / throughput_s, 1), "freshness": summary(lags),
             "freshness_probes": len(lags), "cpu": cpu}
