@@ -140,6 +140,21 @@ def check_jobs(settings: Any, job_ids: list[str | None]) -> None:
             raise SystemExit(f"bench: job {jid} is {cause}")
 
 
+def placement(settings: Any, job_ids: list[str | None]) -> dict[str, list[str]]:
+    """job id -> the TaskManagers its tasks run on (one per job is what the stack aims for: one GIL each)."""
+    import requests
+
+    base = settings.flink_rest_url
+    where: dict[str, list[str]] = {}
+    for jid in filter(None, job_ids):
+        tms: set[str] = set()
+        for vertex in requests.get(f"{base}/jobs/{jid}", timeout=10).json().get("vertices", []):
+            found = requests.get(f"{base}/jobs/{jid}/vertices/{vertex['id']}/taskmanagers", timeout=10).json()
+            tms.update(tm.get("taskmanager-id", tm.get("host", "?")) for tm in found.get("taskmanagers", []))
+        where[jid] = sorted(tms)
+    return where
+
+
 def stale_code_warning() -> str | None:
     """In thread mode the TaskManager's embedded CPython keeps modules imported by earlier jobs: if the TM started
     before the job code last changed, a new job may run the old code. Says so (the result records it)."""
@@ -248,6 +263,9 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
             time.sleep(0.2)
         throughput_s = time.time() - start
         cpu = proc_cpu.diff(cpu_before, proc_cpu.snapshot(os.getpid()))
+        cpu["taskmanagers_by_job"] = placement(settings, job_ids)
+        if len({tuple(tms) for tms in cpu["taskmanagers_by_job"].values()}) < len(cpu["taskmanagers_by_job"]):
+            print("bench: warning: tokenize and user_state ran in the same TaskManager (one GIL for both)")
         if spies:
             cpu["python_profile"] = proc_cpu.stop_py_spies(spies)
 
