@@ -115,6 +115,22 @@ def submit(job: str, job_args: list[str], detached: bool) -> str | None:
     return found.group(1) if found else None
 
 
+def wait_placed(base: str, jid: str, timeout_s: float = 60.0) -> bool:
+    """Wait until every task of the job has a slot (deploying, initializing or running), so the next job's slot
+    request sees it: with slots spread evenly, each job then lands in a TaskManager of its own. False on timeout."""
+    placed = {"DEPLOYING", "INITIALIZING", "RUNNING", "FINISHED"}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = _get(f"{base}/jobs/{jid}")
+        if job["state"] in TERMINAL:
+            return True
+        vertices = job.get("vertices", [])
+        if vertices and all(v["status"] in placed for v in vertices):
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def jobs_for_all() -> tuple[str, ...]:
     """tokenize, user_state, and item_semantic_ids when it can start without arguments (an active artifact)."""
     import redis
@@ -195,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
                 # `all` runs both at once, so it is always detached (a blocking tokenize would hold user_state back)
                 jid = submit(job, args.job_args, args.detached or args.job == "all")
                 print(f"{job}: submitted{' as ' + jid if jid else ''}")
+                if args.job == "all" and jid and not wait_placed(base, jid):
+                    print(f"{job}: not all its tasks have a slot after 60 s (see `ugt jobs list`, the Flink UI)")
         elif args.action == "list":
             jobs = list_jobs(base)
             print(f"{'id':32s}  {'name':12s}  {'state':10s}  duration")
