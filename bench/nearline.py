@@ -146,12 +146,15 @@ def placement(settings: Any, job_ids: list[str | None]) -> dict[str, list[str]]:
 
     base = settings.flink_rest_url
     where: dict[str, list[str]] = {}
-    for jid in filter(None, job_ids):
-        tms: set[str] = set()
-        for vertex in requests.get(f"{base}/jobs/{jid}", timeout=10).json().get("vertices", []):
-            found = requests.get(f"{base}/jobs/{jid}/vertices/{vertex['id']}/taskmanagers", timeout=10).json()
-            tms.update(tm.get("taskmanager-id", tm.get("host", "?")) for tm in found.get("taskmanagers", []))
-        where[jid] = sorted(tms)
+    try:
+        for jid in filter(None, job_ids):
+            tms: set[str] = set()
+            for vertex in requests.get(f"{base}/jobs/{jid}", timeout=10).json().get("vertices", []):
+                found = requests.get(f"{base}/jobs/{jid}/vertices/{vertex['id']}/taskmanagers", timeout=10).json()
+                tms.update(tm.get("taskmanager-id", tm.get("host", "?")) for tm in found.get("taskmanagers", []))
+            where[jid] = sorted(tms)
+    except (requests.RequestException, ValueError, KeyError) as exc:  # an extra, not worth losing the run for
+        print(f"bench: could not read where the jobs ran ({exc.__class__.__name__}: {exc})")
     return where
 
 
