@@ -125,13 +125,15 @@ def stop_py_spies(spies: list[tuple[object, str]], top: int = 12) -> dict[str, o
     """stop_py_spy over several samplers (one per TaskManager), their samples summed."""
     import signal
 
-    lines: list[str] = []
-    for process, out in spies:
+    for process, _ in spies:  # stop them all first: a sampler left running would outlive the bench
         process.send_signal(signal.SIGINT)  # type: ignore[attr-defined]
+    for process, _ in spies:
         try:
             process.wait(30)  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - a stuck sampler must not lose the benchmark
             process.kill()  # type: ignore[attr-defined]
+    lines: list[str] = []
+    for _, out in spies:
         try:
             lines += Path(out).read_text().splitlines()
         except OSError:

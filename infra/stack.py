@@ -501,16 +501,18 @@ def _flink(s: Settings) -> Service:
         bin_dir = pyflink_home() / "bin"
         # the daemons at once: each script spends ~2 s computing JVM memory flags. The TaskManagers start one
         # script each (`taskmanager.sh start` appends its pid to the shared pid file: run them one after another)
-        jobmanager = subprocess.Popen(["bash", str(bin_dir / "jobmanager.sh"), "start"], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        scripts, outputs = [jobmanager], []
+        def script(daemon: str) -> subprocess.Popen:
+            return subprocess.Popen(["bash", str(bin_dir / f"{daemon}.sh"), "start"], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        jobmanager = script("jobmanager")
+        done = []
         for _ in range(max(1, s.flink_taskmanagers)):
-            tm = subprocess.Popen(["bash", str(bin_dir / "taskmanager.sh"), "start"], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            scripts.append(tm)
-            outputs.append(tm.communicate(timeout=120)[0])
-        outputs.insert(0, jobmanager.communicate(timeout=120)[0])
-        for p, out in zip(scripts, outputs, strict=True):
+            tm = script("taskmanager")
+            done.append((tm, tm.communicate(timeout=120)[0]))
+        done.insert(0, (jobmanager, jobmanager.communicate(timeout=120)[0]))
+        outputs = [out for _, out in done]
+        for p, out in done:
             if p.returncode != 0:
                 raise StackError(f"Flink start script failed (exit {p.returncode}):\n{out}")
         pids = [int(x) for f in sorted(pid_dir.glob("*.pid")) for x in f.read_text().split() if x.isdigit()]

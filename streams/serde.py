@@ -19,6 +19,8 @@ from typing import Any
 import fastavro
 import requests
 
+from streams.avro_decoder import DecodeFailed, Decoder, compile_decoder
+
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 MAGIC = 0
 HEADER = struct.Struct(">bI")
@@ -137,32 +139,34 @@ class AvroSerde:
 
     def __init__(self, registry: SchemaRegistryClient):
         self.registry = registry
-        self._compiled: dict[int, Any] = {}  # schema id -> streams.avro_decoder decoder (None: not compilable)
+        # schema id -> (parsed writer schema, its compiled decoder or None): decode_raw's per-record path
+        self._compiled: dict[int, tuple[Any, Decoder | None]] = {}
 
     def encode(self, subject: str, schema_name: str, record: dict[str, Any]) -> bytes:
         schema_id = self.registry.register(subject, schema_text(schema_name))
         return encode_with_id(schema_id, load_schema(schema_name), record)
 
-    def decode(self, data: bytes | None) -> DecodedRecord:
-        schema_id, body = split_header(data)
+    def _writer_schema(self, schema_id: int) -> Any:
         schema = self.registry.schema_by_id(schema_id)
         if schema is None:
             raise SerdeError("UNKNOWN_SCHEMA", f"schema id {schema_id} is not in the registry")
+        return schema
+
+    def decode(self, data: bytes | None) -> DecodedRecord:
+        schema_id, body = split_header(data)
+        schema = self._writer_schema(schema_id)
         return DecodedRecord(schema_id, schema.get("name", ""), decode_body(schema, body))
 
     def decode_raw(self, data: bytes | None) -> DecodedRecord:
         """decode() through a decoder compiled once per writer schema (streams.avro_decoder, several times cheaper
         per small record): logical types stay in their underlying type (timestamp-millis as epoch ms). A body it
         cannot read goes to fastavro, so the SerdeError names the problem exactly as decode() does."""
-        from streams.avro_decoder import DecodeFailed, compile_decoder
-
         schema_id, body = split_header(data)
-        schema = self.registry.schema_by_id(schema_id)
-        if schema is None:
-            raise SerdeError("UNKNOWN_SCHEMA", f"schema id {schema_id} is not in the registry")
-        if schema_id not in self._compiled:
-            self._compiled[schema_id] = compile_decoder(schema)
-        decoder = self._compiled[schema_id]
+        found = self._compiled.get(schema_id)
+        if found is None:
+            schema = self._writer_schema(schema_id)
+            found = self._compiled[schema_id] = (schema, compile_decoder(schema))
+        schema, decoder = found
         if decoder is not None:
             try:
                 return DecodedRecord(schema_id, schema.get("name", ""), decoder(body, 0))
