@@ -242,6 +242,7 @@ class Sample:
     latency_ms: float
     status: int
     timings: dict[str, float] = field(default_factory=dict)
+    scheduled_s: float = 0.0  # send time from the start of the load
     batch_size: int = 0
     fallback: bool = False
 
@@ -302,12 +303,12 @@ async def open_loop(port: int, rate: float, duration_s: float, users: list[str],
         try:
             status, body = await conn.post(body)
         except (OSError, asyncio.IncompleteReadError):
-            samples.append(Sample((loop.time() - scheduled) * 1000.0, 599))
+            samples.append(Sample((loop.time() - scheduled) * 1000.0, 599, scheduled_s=scheduled - start))
             pool.put_nowait(await Connection.open(port))
             return
         done = loop.time()
         pool.put_nowait(conn)
-        sample = Sample((done - scheduled) * 1000.0, status)
+        sample = Sample((done - scheduled) * 1000.0, status, scheduled_s=scheduled - start)
         if status == 200:
             answer = json.loads(body)
             sample.timings = answer.get("timings_ms") or {}
@@ -315,7 +316,9 @@ async def open_loop(port: int, rate: float, duration_s: float, users: list[str],
             sample.fallback = bool(answer.get("fallback"))
         samples.append(sample)
 
-    tasks = []
+    # only the requests still in flight are kept: gathering all of them at the end would walk every finished
+    # task of the run while the last responses wait unread (+50 ms on the last requests at 30,000 a run)
+    in_flight: set[asyncio.Future] = set()
     for i, offset in enumerate(schedule):
         scheduled = start + offset
         delay = scheduled - loop.time()
@@ -324,8 +327,10 @@ async def open_loop(port: int, rate: float, duration_s: float, users: list[str],
         request: dict[str, Any] = {"user_id": users[i % len(users)], "k": k}
         if items and rng.random() < fresh_share:
             request["context"] = [rng.choice(items)]
-        tasks.append(asyncio.ensure_future(one(scheduled, json.dumps(request).encode())))
-    await asyncio.gather(*tasks)
+        task = asyncio.ensure_future(one(scheduled, json.dumps(request).encode()))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    await asyncio.gather(*in_flight)
     wall = loop.time() - start
     while not pool.empty():
         pool.get_nowait().close()
@@ -448,16 +453,27 @@ def warm_up(server: Server, rates: list[float], args: argparse.Namespace, users:
                           args.seed))
 
 
-def measure(server: Server, rate: float, args: argparse.Namespace, users: list[str], items: list[str]) -> dict:
-    """One row: ``server`` under ``rate`` req/s for ``args.duration`` seconds."""
+def measure(server: Server, rate: float, args: argparse.Namespace, users: list[str], items: list[str],
+            repeat: int = 0) -> dict:
+    """One row: ``server`` under ``rate`` req/s for ``args.duration`` seconds (``repeat``: a fresh arrival draw)."""
     port = server.port
     cpu_before = cpu_seconds(server.proc.pid)
     hits_before, misses_before = kv_cache_lookups(port) if not server.is_anchor else (0.0, 0.0)
+    client_cpu_before = time.process_time()
     samples, wall = paused_gc_open_loop(port, rate, args.duration, users, args.k, args.connections,
-                                        args.seed + int(rate), args.fresh_share, items)
+                                        args.seed + int(rate) + 7919 * repeat, args.fresh_share, items)
     row = summarize(server.name, rate, samples, wall)
+    if args.samples_dir:  # every request of the row, to study where the tail comes from
+        path = Path(args.samples_dir) / f"{server.name}-{int(rate)}-{repeat}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as out:
+            for s in samples:
+                out.write(json.dumps({"t": round(s.scheduled_s, 4), "ms": round(s.latency_ms, 3), "status": s.status,
+                                      "batch": s.batch_size, "timings": s.timings}) + "\n")
     # the server's CPU per request: what the box's load does not change much (unlike the latencies)
     row["server_cpu_ms_per_req"] = round(1000.0 * (cpu_seconds(server.proc.pid) - cpu_before) / len(samples), 3)
+    # the load generator shares the two cores: what it burns is CPU the server does not get
+    row["client_cpu_ms_per_req"] = round(1000.0 * (time.process_time() - client_cpu_before) / len(samples), 3)
     if not server.is_anchor:
         hits, misses = kv_cache_lookups(port)
         looked_up = (hits - hits_before) + (misses - misses_before)
@@ -481,6 +497,10 @@ def cpu_configs(checkpoint: Path, names: list[str]) -> dict[str, dict[str, Any] 
         "popularity-engine-thread": popularity | {"engine": "thread"},
         "ugt-tiny-engine-thread": ugt | {"engine": "thread", "torch_compile": True},
         "ugt-tiny-eager": ugt | {"engine": "process", "torch_compile": False},
+        # batching ablations: a longer wait makes batches larger, so less CPU per request, at some latency
+        "ugt-tiny-wait2ms": ugt | {"engine": "process", "torch_compile": True, "batch_max_wait_ms": 2.0},
+        "ugt-tiny-wait3ms": ugt | {"engine": "process", "torch_compile": True, "batch_max_wait_ms": 3.0},
+        "ugt-tiny-wait5ms": ugt | {"engine": "process", "torch_compile": True, "batch_max_wait_ms": 5.0},
     }
     unknown = [n for n in names if n not in all_configs]
     if unknown:
@@ -494,6 +514,8 @@ def run_cpu(args: argparse.Namespace) -> int:
     rates = [float(r) for r in args.rates.split(",")]
     if not 0.0 <= args.fresh_share <= 1.0:
         raise SystemExit(f"bench.serving: --fresh-share must be in [0, 1], got {args.fresh_share}")
+    if args.repeats < 1:
+        raise SystemExit(f"bench.serving: --repeats must be >= 1, got {args.repeats}")
     load_start = os.getloadavg()[0]  # the box is shared: a busy box shows here
     names = ["anchor-fastapi", *[n for n in args.configs.split(",") if n and n != "anchor-fastapi"]]
     checkpoint = ensure_checkpoint(get_settings().cache_dir)
@@ -514,17 +536,19 @@ def run_cpu(args: argparse.Namespace) -> int:
         # configs interleaved within each rate: the shared VM's speed drifts over minutes (see machine_speed),
         # and one config measured entirely in a slow spell would look worse than it is
         for rate in tqdm(rates, desc="rates", unit="rate", file=sys.stderr):
-            for server in servers:
-                rows.append(measure(server, rate, args, users, items))
-        rows.sort(key=lambda row: (names.index(row["config"]), row["qps"]))
+            for repeat in range(args.repeats):
+                for server in servers:
+                    row = measure(server, rate, args, users, items, repeat)
+                    rows.append(row | {"repeat": repeat} if args.repeats > 1 else row)
+        rows.sort(key=lambda row: (names.index(row["config"]), row["qps"], row.get("repeat", 0)))
     finally:
         for server in servers:
             server.stop()
         redis_proc.terminate()
         redis_proc.wait(timeout=15)
         shutil.rmtree(workdir, ignore_errors=True)
-    columns = ["config", "qps", "achieved_qps", "p50_ms", "p99_ms", "p999_ms", "non_200", "fallbacks", "mean_batch",
-               "kv_cache_hit_ratio", "server_cpu_ms_per_req"]
+    columns = ["config", "qps", *(["repeat"] if args.repeats > 1 else []), "achieved_qps", "p50_ms", "p99_ms", "p999_ms", "non_200", "fallbacks", "mean_batch",
+               "kv_cache_hit_ratio", "server_cpu_ms_per_req", "client_cpu_ms_per_req"]
     print_table(rows, columns)
     stage_rows = [
         {"config": r["config"], "qps": r["qps"], **{f"{s}_p50": r["stages_ms"][s]["p50"] for s in STAGES},
@@ -532,7 +556,8 @@ def run_cpu(args: argparse.Namespace) -> int:
         for r in rows if "stages_ms" in r
     ]
     print_table(stage_rows)
-    target = next((r for r in rows if r["config"] == "ugt-tiny" and r["qps"] == 1000.0), None)
+    target_rows = [r for r in rows if r["config"] == "ugt-tiny" and r["qps"] == 1000.0]
+    windows_met = sum(r["p99_ms"] <= 20.0 and r["non_200"] == 0 for r in target_rows)
     payload = {
         "benchmark": "serving_cpu",
         "device": machine_info(),
@@ -547,7 +572,8 @@ def run_cpu(args: argparse.Namespace) -> int:
         "machine_speed": {"what": "ms per model batch of 8 cache-hit users, one thread, in the bench process "
                                   "(bench.serving.calibrate); lower = faster box", "start": speed_start,
                           "end": calibrate(checkpoint)},
-        "target_met": bool(target and target["p99_ms"] <= 20.0 and target["non_200"] == 0),
+        "target_met": bool(target_rows) and windows_met == len(target_rows),  # in every window measured
+        "target_windows_met": f"{windows_met} of {len(target_rows)}",
         "rows": rows,
     }
     if Path(args.out).resolve().parent == RESULTS:
@@ -572,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="popularity,ugt-tiny,ugt-tiny-eager,ugt-tiny-engine-thread",
                         help="served configs besides the anchor: popularity, ugt-tiny (as shipped: engine process, "
                              "torch_compile), ugt-tiny-eager (no torch.compile), popularity-engine-thread, "
-                             "ugt-tiny-engine-thread (default: %(default)s)")
+                             "ugt-tiny-engine-thread, ugt-tiny-wait2ms, ugt-tiny-wait3ms, ugt-tiny-wait5ms (default: %(default)s)")
     parser.add_argument("--connections", type=int, default=128, help="client keep-alive connections (default: %(default)s)")
     parser.add_argument("--users", type=int, default=2000, help="users with state (default: %(default)s)")
     parser.add_argument("--history", type=int, default=50, help="events per user state (default: %(default)s)")
@@ -580,7 +606,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh-share", type=float, default=0.1,
                         help="share of requests with a new session item, so the model reruns that user's whole "
                              "sequence (a KV-cache miss) as after a new event (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="offer each rate this many times per config, configs interleaved, to see how much the "
+                             "box's spells move the tail (rows get a 'repeat' field; default: %(default)s)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--samples-dir", default="", help="also write every request (send time, latency, server "
+                                                          "stage timings) as CONFIG-RATE.jsonl here")
     parser.add_argument("--out", default=str(RESULTS / "serving_cpu.json"), help="result JSON (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1,
                         help="uvicorn worker processes of every server, the anchor's too (default: %(default)s)")
