@@ -8,7 +8,10 @@ size (8 layers, d = 256, history 1,024, 1M items, random weights). Per size, in 
   naive-graph   the same, captured in CUDA graphs per batch size
   fused-graph   Triton HSTU attention (bias in the kernel) + CUDA graphs: every request a full prefill
   kvcache       the user's prefix K/V cached: a request runs only its last event through the stack (+ graphs)
-  kvcache+beam  kvcache plus semantic-ID beam search (trie-constrained), merged with retrieval by RRF
+  kvcache+beam  kvcache plus semantic-ID beam search (trie-constrained), merged with retrieval by RRF; the
+                heads (retrieval, beam, fusion) replayed as one CUDA graph per shape
+  kvcache+beam-eager-heads  the same with the heads' kernels launched one by one (ablation)
+  kvcache+beam-pipelined    kvcache+beam with two batches in flight
   kvcache-pipelined  kvcache with two batches in flight: the host packs batch i+1 (cache lookup, pinned
                 copy) while the GPU runs batch i (UGTInference.submit_packed / Pending.result)
 
@@ -56,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-minutes", type=float, default=0.0, help="train the ML-1M UGT here first")
     p.add_argument("--train-out", default="runs/serving-gpu-ugt", help="where that training run writes")
     p.add_argument("--batches", default="1,8,32,128,256,512", help="batch sweep (also the CUDA graph buckets)")
-    p.add_argument("--variants", default="naive-eager,naive-graph,fused-graph,kvcache,kvcache+beam,kvcache-pipelined",
+    p.add_argument("--variants", default="naive-eager,naive-graph,fused-graph,kvcache,kvcache+beam,"
+                                         "kvcache+beam-eager-heads,kvcache-pipelined,kvcache+beam-pipelined",
                    help="comma list; kvcache+rank (the target-aware ranking head over retrieval's top --rank-top) "
                         "runs where the model has a ranking head")
     p.add_argument("--k", type=int, default=100, help="items per request (candidates for the reranker)")
@@ -164,8 +168,11 @@ def engine_for(model: UGT, variant: str, args: argparse.Namespace, n_users: int)
         return UGTInference(model, InferenceConfig(**base))
     if variant in ("kvcache", "kvcache-pipelined"):
         return UGTInference(model, InferenceConfig(**base, cache_slots=n_users))
-    if variant == "kvcache+beam":
+    if variant in ("kvcache+beam", "kvcache+beam-pipelined"):
         return UGTInference(model, InferenceConfig(**base, cache_slots=n_users, beam_size=args.beam, merge="rrf"))
+    if variant == "kvcache+beam-eager-heads":  # ablation: the heads' kernels launched one by one, as before
+        return UGTInference(model, InferenceConfig(**base, cache_slots=n_users, beam_size=args.beam, merge="rrf",
+                                                   heads_graph=False))
     if variant == "kvcache+rank":
         return UGTInference(model, InferenceConfig(**base, cache_slots=n_users, rank_top=args.rank_top))
     raise SystemExit(f"unknown variant {variant!r}")
@@ -386,7 +393,7 @@ def bench_config(name: str, model: UGT, rows: list, args: argparse.Namespace, ra
     batches = [int(b) for b in args.batches.split(",")]
     variants = [v for v in args.variants.split(",") if v]
     if model.sid_head is None:
-        variants = [v for v in variants if v != "kvcache+beam"]
+        variants = [v for v in variants if not v.startswith("kvcache+beam")]
     if model.ranker is None:
         variants = [v for v in variants if v != "kvcache+rank"]
     for variant in variants:
@@ -416,7 +423,8 @@ def bench_config(name: str, model: UGT, rows: list, args: argparse.Namespace, ra
         if variant == "kvcache" and max(batches) > split_batch:  # where the time goes at the largest batch
             out["stages"][f"{variant}@{max(batches)}"] = {
                 "batch": max(batches), **stage_split(engine, pool, max(batches), args.k)}
-        if variant in ("fused-graph", "kvcache", "kvcache+beam", "kvcache-pipelined", "kvcache+rank"):
+        if variant in ("fused-graph", "kvcache", "kvcache+beam", "kvcache-pipelined", "kvcache+rank",
+                       "kvcache+beam-pipelined", "kvcache+beam-eager-heads"):
             run_open = open_loop_pipelined if variant.endswith("pipelined") else open_loop
             for rate in rates:
                 r = run_open(engine, pool, rate, args.open_seconds, args.k)
@@ -492,6 +500,7 @@ def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
             info["serving_engine_test"] = part["engine_quality"]
         if "engine_quality_ranked" in part:
             info["serving_engine_test_ranked"] = part["engine_quality_ranked"]
+        info["measured"] = {k: result["machine"].get(k) for k in ("date", "git_commit", "gpu")}  # --merge keeps others'
         result["configs"][name] = info
         result["rows"] += part["rows"]
         result["open_loop"] += part["open_loop"]

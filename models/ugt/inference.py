@@ -64,6 +64,9 @@ class InferenceConfig:
     compile: bool = False  # CPU: torch.compile prefill and decode at start (needs a C++ compiler; ~1 min)
     rank_top: int = 0  # > 0: the ranking head reorders this many retrieval candidates (needs heads.ranking + cache)
     new_item_slots: int = 0  # rows reserved for items that arrive after training (:meth:`UGTInference.add_items`)
+    # CUDA, merge="rrf": retrieval + constrained beam search + fusion replayed as one CUDA graph per (batch bucket,
+    # exclusion width, k) instead of ~150 small kernel launches; recaptured when the catalog or trie changes
+    heads_graph: bool = True
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -681,10 +684,7 @@ class UGTInference:
             values, indices, counts = (t[:n] for t in self._ranked(dev, self.cache is not None and all(hits), user,
                                                                   excl_dev, k))
         else:
-            user, excl_dev = user[:n], excl_dev[:n]
-            values, indices, counts = self.retrieve(user, excl_dev, k)
-            if self.config.merge == "rrf":
-                values, indices = self._rrf(user, excl_dev, indices, k)
+            values, indices, counts = self._heads(user, excl_dev, k, n)
         if self.device.type != "cuda":
             return Pending(n, k, values, indices, counts, None)
         out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (values, indices, counts)]
@@ -693,6 +693,38 @@ class UGTInference:
         done = torch.cuda.Event()
         done.record()
         return Pending(n, k, *out, done)
+
+    def _heads(self, user: torch.Tensor, excl: torch.Tensor, k: int, n: int):
+        """Retrieval, and with ``merge="rrf"`` the beam search and the fusion, for the first ``n`` rows of a padded
+        batch: (scores, items, valid counts).
+
+        On CUDA with ``heads_graph`` the rrf path is one captured graph per (batch bucket, exclusion width rounded up
+        to a power of two, k). Its key also holds the catalog size and the trie, which :meth:`add_items` changes, so
+        a grown catalog is captured again on its first batch (the stale graphs are dropped then).
+        """
+        if not (self.graphs_on and self.config.heads_graph and self.config.merge == "rrf"):
+            user, excl = user[:n], excl[:n]
+            values, indices, counts = self.retrieve(user, excl, k)
+            if self.config.merge == "rrf":
+                values, indices = self._rrf(user, excl, indices, k)
+            return values, indices, counts
+        width = max(8, 1 << (excl.shape[1] - 1).bit_length())
+        if width > excl.shape[1]:  # index 0 is the padding item, masked anyway
+            excl = torch.nn.functional.pad(excl, (0, width - excl.shape[1]))
+        catalog = (self.num_items, id(self.model.trie))
+        key = ("heads", user.shape[0], width, k, catalog)
+        if key not in self.graphs:
+            for stale in [g for g in self.graphs if g[0] == "heads" and g[4] != catalog]:
+                del self.graphs[stale]
+
+            def heads(u: torch.Tensor, x: torch.Tensor):
+                values, indices, counts = self.retrieve(u, x, k)
+                values, indices = self._rrf(u, x, indices, k)
+                return values, indices, counts
+
+            self.graphs[key] = self._capture(heads, user, excl)
+        values, indices, counts = self._replay(self.graphs[key], user, excl)
+        return values[:n], indices[:n], counts[:n]
 
     def _ranked(self, dev: torch.Tensor, compact: bool, user: torch.Tensor, excl: torch.Tensor, k: int):
         """Retrieval's top ``rank_top`` (with ``merge="rrf"``: and the beam search's items) reordered by the ranking

@@ -137,6 +137,46 @@ def test_score_candidates_and_rrf_merge_return_valid_unseen_items():
     torch.testing.assert_close(eng.score_candidates(user, cands), want)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the heads graph is a CUDA graph")
+def test_heads_graph_gives_the_eager_answers_and_follows_a_grown_catalog():
+    """merge="rrf" on CUDA: retrieval + beam search + fusion replayed from one graph per shape answer exactly as the
+    same steps launched one by one, hits and misses, pipelined, and again after add_items grows the catalog and trie."""
+    from models.ugt.heads import PrefixTrie
+
+    model = make_model(2)
+    rows = user_rows(12, seed=6)
+    keys = [f"u{i}" for i in range(12)]
+    cfg = {"device": "cuda", "dtype": "fp32", "cache_slots": 16, "beam_size": 20, "merge": "rrf",
+           "batch_buckets": (1, 8, 32), "new_item_slots": 2}
+    graphed = UGTInference(model, InferenceConfig(**cfg))
+    eager = UGTInference(model, InferenceConfig(**cfg, heads_graph=False))
+
+    def same(batches):
+        pending = [graphed.submit_packed(graphed.row_vectors(rows[s]), graphed.exclusion_matrix(excludes_of(rows[s])),
+                                         9, keys[s], [prefix_fingerprint(r) for r in rows[s]]) for s in batches]
+        for p, s in zip(pending, batches, strict=True):
+            want = eager.recommend(rows[s], excludes_of(rows[s]), 9, keys[s])
+            got = p.result()
+            assert [g.indices.tolist() for g in got] == [w.indices.tolist() for w in want]
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(g.scores, w.scores, rtol=1e-5, atol=1e-6)
+
+    same([slice(0, 5), slice(3, 12), slice(0, 5), slice(11, 12)])  # misses, then hits, mixed sizes, in flight
+    assert any(key[0] == "heads" for key in graphed.graphs)
+    new_codes = np.array([[3, 3, 2]])
+    known = (model.embed.item_codes[1:] - 1 - torch.tensor([0, 4, 8])).numpy()
+    if (known == new_codes).all(1).any():
+        new_codes = next(np.array([[a, b, c]]) for a in range(4) for b in range(4) for c in range(3)
+                         if not (known == [a, b, c]).all(1).any())
+    all_codes = np.concatenate([known, new_codes])
+    for eng in (graphed, eager):
+        trie = PrefixTrie(all_codes, SIZES)
+        eng.add_items(new_codes, np.array([[1, 2]]), np.array([3]), trie)
+    same([slice(0, 8), slice(4, 12)])
+    heads = [key for key in graphed.graphs if key[0] == "heads"]
+    assert heads and all(key[4][0] == NUM_ITEMS + 1 for key in heads)  # the old catalog's graphs are gone
+
+
 def test_bad_settings_fail_at_start():
     model = make_model()
     with pytest.raises(ValueError, match="merge must be"):
