@@ -7,10 +7,12 @@ One run, a private redis-server on a free port (the shared stack is not touched)
 * **live catalog** -- a tiny UGT with semantic IDs (ML-100K, synthetic codes, one epoch) served by
   ``UGTGenerator(live_items=...)`` while a loop sends it requests back to back, as a busy server would; new items
   are announced with the item job's own writer (``RedisSidIndex.write_new``) and timed until ``recommend_batch``
-  can answer with them (feed thread: XREAD, checks, trie rebuild; inference thread: rows written in place).
+  can answer with them (feed thread: XREAD, checks, the trie grown in place; inference thread: rows and trie edits
+  written in place).
 
-Both at the same steady rate. Also the prefix-trie rebuild the feed thread does per batch of new items, at the
-catalog sizes given. Absolute times are this box's; compare the two delay rows of one run.
+Both at the same steady rate. Also the prefix trie at the catalog sizes given: a rebuild (what the feed thread did per
+batch of new items before) beside adding 100 items to a trie with spare rows, in place (what it does now). Absolute times are this box's;
+compare the rows of one run.
 
     python -m bench.live_items                      # table + bench/results/live_items.json
 """
@@ -37,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=200, help="new items announced (default: %(default)s)")
     p.add_argument("--rate", type=float, default=20.0, help="announcements per second (default: %(default)s)")
-    p.add_argument("--trie-sizes", default="3883,100000,1000000", help="catalog sizes for the trie rebuild rows")
+    p.add_argument("--trie-sizes", default="3883,100000,1000000", help="catalog sizes for the trie rows (rebuild vs add 100 in place)")
     p.add_argument("--out", default="bench/results/live_items.json")
     return p.parse_args(argv)
 
@@ -174,8 +176,15 @@ def trie_rebuilds(sizes: list[int]) -> list[dict]:
         flat = rng.choice(256**3, size=n, replace=False)
         codes = np.stack([flat // 65536, (flat // 256) % 256, flat % 256, np.zeros(n, np.int64)], 1)
         start = time.perf_counter()
-        PrefixTrie(codes, [256, 256, 256, 64])
-        rows.append({"items": n, "seconds": round(time.perf_counter() - start, 3)})
+        trie = PrefixTrie(codes, [256, 256, 256, 64])
+        rebuild = time.perf_counter() - start
+        # what the live catalog does now when 100 items arrive: write them into its trie's spare rows
+        grown = PrefixTrie(codes[:-1000], [256, 256, 256, 64]).with_room(1000)
+        start = time.perf_counter()
+        grown.add(codes[-100:], np.arange(n - 99, n + 1))
+        add = time.perf_counter() - start
+        del trie, grown
+        rows.append({"items": n, "seconds": round(rebuild, 3), "add_100_in_place_s": round(add, 5)})
     return rows
 
 
@@ -201,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| path | n | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|")
     for name, row in (("anchor: XADD -> XREAD", anchor), ("live catalog: XADD -> servable", live)):
         print(f"| {name} | {row['n']} | {row['p50_ms']} | {row['p99_ms']} | {row['max_ms']} |")
-    print("\n| catalog items | trie rebuild s |\n|---|---|")
+    print("\n| catalog items | trie rebuild s (anchor) | add 100 items in place s |\n|---|---|---|")
     for row in tries:
-        print(f"| {row['items']:,} | {row['seconds']} |")
+        print(f"| {row['items']:,} | {row['seconds']} | {row['add_100_in_place_s']} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

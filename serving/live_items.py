@@ -3,9 +3,10 @@
 The item_semantic_ids job gives a brand-new item its semantic ID and announces it on a Redis stream per
 artifact version (``ugt:sid:feed:<version>``, :func:`jobs.item_semantic_ids_logic.feed_key`). A
 :class:`LiveCatalog` follows that stream from a background thread (blocking ``XREAD``, so an item arrives
-as soon as it is coded, and a restarted server reads the whole feed again), checks every entry, builds the
-prefix trie over the grown catalog off the request path, and hands the inference thread a batch to apply
-(:meth:`LiveCatalog.take`): a few table rows written in place, a trie pointer swapped. A new item has no
+as soon as it is coded, and a restarted server reads the whole feed again), checks every entry, grows its prefix
+trie off the request path (spare rows for every slot, a few entries written per item), and hands the inference
+thread a batch to apply (:meth:`LiveCatalog.take`): a few table rows and the same trie entries written in place
+(the first batch swaps in a copy of the whole trie). A new item has no
 trained ID row; the model embeds it from its semantic-ID codes and metadata (models/ugt/embedding.py), so
 retrieval scores it, the ranking head ranks it and the constrained beam search can generate it.
 
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from models.data import year_bucket
-from models.ugt.heads import PrefixTrie
+from models.ugt.heads import PrefixTrie, TrieEdit
 
 log = logging.getLogger("ugt.serving.live_items")
 
@@ -47,7 +48,8 @@ class NewItems:
     genres: np.ndarray  # (n, G) genre indices (0 = none)
     years: np.ndarray  # (n,) decade buckets (0 = unknown)
     coded_at: list[float]  # epoch seconds the job announced each (the feed entry's id)
-    trie: PrefixTrie | None  # over every item served once these are in
+    trie: PrefixTrie | None  # a whole trie to swap in (the first batch), over every item served once these are in
+    trie_edits: list[TrieEdit] = field(default_factory=list)  # then replayed in order on the engine's trie, in place
 
 
 @dataclass
@@ -119,6 +121,8 @@ class LiveCatalog:
         self._lock = threading.Lock()
         self._pending: list[tuple[str, tuple[int, ...], np.ndarray, int, float]] = []
         self._pending_trie: PrefixTrie | None = None
+        self._pending_edits: list[TrieEdit] = []
+        self._trie: PrefixTrie | None = None  # the feed thread's own, grown in place as items arrive
         self._last_id = "0-0"
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -204,14 +208,29 @@ class LiveCatalog:
         if staged:
             # the trie over trained + every accepted item (indices in acceptance order), built off the request
             # path and handed over with the items it adds, so a take() never sees one without the other
-            trie = None
-            if self.with_trie:
-                trie = PrefixTrie(np.concatenate([self.trained_codes[1:], np.stack(self.accepted)]),
-                                  self.codebook_sizes)
+            trie, edit = self._grow_trie(len(staged)) if self.with_trie else (None, None)
             with self._lock:
                 self._pending.extend(staged)
-                self._pending_trie = trie
+                if trie is not None:
+                    self._pending_trie, self._pending_edits = trie, []
+                if edit is not None:
+                    self._pending_edits.append(edit)
         return len(staged)
+
+    def _grow_trie(self, added: int) -> tuple[PrefixTrie | None, TrieEdit | None]:
+        """(a whole trie, None) the first time, then (None, the edit that adds the ``added`` newest items).
+
+        The feed thread keeps its own trie with spare rows for every slot and grows it in place; the engine gets
+        a copy once and then only the edits (a few table entries per item, where a rebuild took seconds at a
+        million items and a copy of every table on the GPU).
+        """
+        trained = len(self.trained_codes) - 1
+        if self._trie is None:
+            self._trie = PrefixTrie(self.trained_codes[1:], self.codebook_sizes).with_room(self.slots)
+            self._trie.add(np.stack(self.accepted), np.arange(trained + 1, trained + 1 + len(self.accepted)))
+            return self._trie.clone(), None
+        first = trained + len(self.accepted) - added + 1  # the first new item's index
+        return None, self._trie.add(np.stack(self.accepted[-added:]), np.arange(first, first + added))
 
     def _reject(self, reason: str) -> int:
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
@@ -260,13 +279,14 @@ class LiveCatalog:
         with self._lock:
             pending, self._pending = self._pending, []
             trie, self._pending_trie = self._pending_trie, None
+            edits, self._pending_edits = self._pending_edits, []
         width = max(len(p[2]) for p in pending)
         genres = np.zeros((len(pending), width), np.int64)
         for row, p in enumerate(pending):
             genres[row, : len(p[2])] = p[2]
         return NewItems(item_ids=[p[0] for p in pending], codes=np.asarray([p[1] for p in pending], np.int64),
                         genres=genres, years=np.asarray([p[3] for p in pending], np.int64),
-                        coded_at=[p[4] for p in pending], trie=trie)
+                        coded_at=[p[4] for p in pending], trie=trie, trie_edits=edits)
 
     def applied(self, items: NewItems) -> None:
         now = time.time()

@@ -162,7 +162,7 @@ class UGTGenerator:
         new = self.live.take()
         if new is None:
             return 0
-        indices = self.engine.add_items(new.codes, new.genres, new.years, new.trie)
+        indices = self.engine.add_items(new.codes, new.genres, new.years, new.trie, new.trie_edits)
         for item_id, index in zip(new.item_ids, indices.tolist(), strict=True):
             self.item_to_index[item_id] = index
             self.index_to_item.append(item_id)

@@ -31,6 +31,15 @@ class HeadsConfig:
     rank_top: int = 100  # retrieval candidates the ranker reorders (evaluation; serving has its own key)
 
 
+@dataclass
+class TrieEdit:
+    """What :meth:`PrefixTrie.add` wrote: per level (rows, codes, child ids), then leaf nodes and their items."""
+
+    levels: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    leaf_nodes: torch.Tensor
+    leaf_items: torch.Tensor
+
+
 class PrefixTrie:
     """The set of valid semantic IDs as per-level transition tables (vectorised lookups, no Python per beam).
 
@@ -68,6 +77,97 @@ class PrefixTrie:
         leaf = np.zeros(num_nodes, dtype=np.int64)
         leaf[node] = index
         self.leaf_item = torch.as_tensor(leaf)
+
+    # ---- growing in place (the live catalog) ----------------------------------------------------------
+    # A rebuild sorts every code and allocates every table again: seconds at a million items, and on a GPU a copy
+    # of all the tables. Instead the catalog's trie keeps spare rows; a new item fills at most one per level, and
+    # what it wrote (a TrieEdit) is replayed on the engine's copy in place, where CUDA graphs keep pointing.
+
+    def used_nodes(self) -> list[int]:
+        """Rows in use per level (level 0: the root), then leaves; spare rows follow them."""
+        if not hasattr(self, "_used"):
+            self._used = [1] + [int((c >= 0).sum()) for c in self.child]
+        return self._used
+
+    def with_room(self, items: int) -> PrefixTrie:
+        """A copy with spare rows for ``items`` more items (at most one new node per level each)."""
+        used = self.used_nodes()
+        out = PrefixTrie.__new__(PrefixTrie)
+        out.codebook_sizes, out.num_levels = list(self.codebook_sizes), self.num_levels
+        out.allowed, out.child = [], []
+        for level, (allowed, child) in enumerate(zip(self.allowed, self.child, strict=True)):
+            rows = used[level] + (items if level else 0)
+            grown_allowed = torch.zeros((rows, allowed.shape[1]), dtype=torch.bool)
+            grown_child = torch.full((rows, child.shape[1]), -1, dtype=torch.int64)
+            grown_allowed[: used[level]] = allowed[: used[level]].cpu()
+            grown_child[: used[level]] = child[: used[level]].cpu()
+            out.allowed.append(grown_allowed)
+            out.child.append(grown_child)
+        out.leaf_item = torch.zeros(used[-1] + items, dtype=torch.int64)
+        out.leaf_item[: used[-1]] = self.leaf_item[: used[-1]].cpu()
+        out._used = list(used)
+        return out
+
+    def clone(self) -> PrefixTrie:
+        """A copy of every table, spare rows included (the engine's own, to replay later edits on)."""
+        out = PrefixTrie.__new__(PrefixTrie)
+        out.codebook_sizes, out.num_levels = list(self.codebook_sizes), self.num_levels
+        out.allowed = [a.clone() for a in self.allowed]
+        out.child = [c.clone() for c in self.child]
+        out.leaf_item = self.leaf_item.clone()
+        out._used = list(self.used_nodes())
+        return out
+
+    def add(self, codes: np.ndarray, item_index: np.ndarray) -> TrieEdit:
+        """Insert ``codes`` (m, L) for items ``item_index`` (m,) in place (CPU tables); returns what was written."""
+        if self.leaf_item.device.type != "cpu":
+            raise ValueError("add() grows the CPU trie; replay its edits on a device copy with apply()")
+        codes = np.asarray(codes, dtype=np.int64)
+        index = np.asarray(item_index, dtype=np.int64)
+        L, used = self.num_levels, self.used_nodes()
+        if codes.ndim != 2 or codes.shape[1] != L or len(index) != len(codes):
+            raise ValueError(f"codes must be [m, {L}] with one item index each, got {codes.shape} and {index.shape}")
+        if (codes < 0).any() or (codes >= np.asarray(self.codebook_sizes)).any():
+            raise ValueError("codes out of their codebook ranges")
+        if len(np.unique(codes, axis=0)) != len(codes):
+            raise ValueError("semantic IDs are not unique (missing dedup level?)")
+        capacity = [1] + [len(a) for a in self.allowed[1:]] + [len(self.leaf_item)]
+        node = np.zeros(len(codes), dtype=np.int64)
+        plan = []
+        for level in range(L):  # plan every level first: a failed insert changes nothing
+            child = self.child[level].numpy()
+            nxt = child[node, codes[:, level]].copy()
+            new = nxt < 0
+            if level == L - 1 and not new.all():
+                raise ValueError("semantic IDs are not unique: some are in the trie already")
+            K = self.codebook_sizes[level]
+            uniq, inverse = np.unique(node[new] * K + codes[new, level], return_inverse=True)
+            if used[level + 1] + len(uniq) > capacity[level + 1]:
+                raise ValueError(f"the trie has no room left at level {level + 1}: build it with_room() for more items")
+            ids = used[level + 1] + np.arange(len(uniq))
+            nxt[new] = ids[inverse.reshape(-1)]
+            plan.append((uniq // K, uniq % K, ids))
+            used = used[: level + 1] + [used[level + 1] + len(uniq)] + used[level + 2 :]
+            node = nxt
+        edit = TrieEdit(levels=[tuple(torch.as_tensor(a) for a in p) for p in plan],
+                        leaf_nodes=torch.as_tensor(node), leaf_items=torch.as_tensor(index))
+        self.apply(edit)
+        return edit
+
+    def apply(self, edit: TrieEdit) -> None:
+        """Write an edit from :meth:`add` (of a trie with the same rows) into these tables, wherever they live.
+
+        Leaves first, then the levels from the deepest up, so a reader between two writes never finds a path to
+        a node whose subtree is not written yet.
+        """
+        used = self.used_nodes()
+        device = self.leaf_item.device
+        self.leaf_item[edit.leaf_nodes.to(device)] = edit.leaf_items.to(device)
+        for level in reversed(range(self.num_levels)):
+            rows, cols, ids = (t.to(device) for t in edit.levels[level])
+            self.child[level][rows, cols] = ids
+            self.allowed[level][rows, cols] = True
+        self._used = [used[0]] + [u + len(ids) for u, (_, _, ids) in zip(used[1:], edit.levels, strict=True)]
 
     def to(self, device: torch.device) -> PrefixTrie:
         self.allowed = [a.to(device) for a in self.allowed]

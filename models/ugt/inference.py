@@ -27,6 +27,7 @@ import copy
 import hashlib
 import types
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from models.hstu import bucketize_time_gaps, hstu_attention
 from models.tokenizer import TOKEN_GROUP_ITEM
-from models.ugt.heads import PrefixTrie
+from models.ugt.heads import PrefixTrie, TrieEdit
 from models.ugt.model import UGT
 from models.ugt.ranking import Prefix, candidate_logits, prefix_indices
 from models.ugt.steps import attend_one as _attend_one
@@ -558,13 +559,14 @@ class UGTInference:
 
     @torch.inference_mode()
     def add_items(self, codes: np.ndarray | None, genres: np.ndarray, years: np.ndarray,
-                  trie: PrefixTrie | None = None) -> np.ndarray:
+                  trie: PrefixTrie | None = None, trie_edits: Sequence[TrieEdit] = ()) -> np.ndarray:
         """Serve ``n`` items that arrived after training; returns their indices (num_items + 1 ...).
 
         Each new item is embedded from its semantic-ID ``codes`` (n, L) and metadata (``genres`` (n, G) genre
         indices, ``years`` (n,) decade buckets), with no ID row: retrieval scores it, the ranking head can rank
         it, and ``trie`` (the prefix trie over every served item, built by the caller off this thread) lets the
-        beam search generate it. Rows are written in place, so CUDA graphs and compiled steps stay valid.
+        beam search generate it; ``trie_edits`` (from :meth:`PrefixTrie.add`) are then written into the served
+        trie in place. Rows are written in place, so CUDA graphs and compiled steps stay valid.
         """
         n = len(years)
         start = self.num_items + 1
@@ -576,6 +578,9 @@ class UGTInference:
         self.table[ids] = self.model.embed.output_vectors(ids).to(self.dtype)
         if trie is not None and self.model.sid_head is not None:
             self.model.trie = trie.to(self.device)
+        if trie_edits and self.model.sid_head is not None and self.model.trie is not None:
+            for edit in trie_edits:
+                self.model.trie.apply(edit)
         self.num_items += n
         return ids.cpu().numpy()
 

@@ -53,6 +53,66 @@ def test_beam_search_returns_only_valid_items_and_matches_brute_force():
         assert items_all[b, :10].tolist() == brute.tolist()
 
 
+def _members(trie: PrefixTrie) -> dict[tuple[int, ...], int]:
+    """Every full path through the tables -> its item (what beam search can reach)."""
+    out, frontier = {}, [((), 0)]
+    for level in range(trie.num_levels):
+        nxt = []
+        for prefix, node in frontier:
+            for code in torch.nonzero(trie.allowed[level][node]).flatten().tolist():
+                nxt.append(((*prefix, code), int(trie.child[level][node, code])))
+        frontier = nxt
+    for code, node in frontier:
+        out[code] = int(trie.leaf_item[node])
+    return out
+
+
+@pytest.mark.parametrize("split", [0, 1, 20, 59])
+def test_a_trie_grown_in_place_holds_what_a_rebuild_holds(split: int):
+    """The live catalog grows its trie a few items at a time: with_room + add answer as a rebuild over every code
+    does (beam search included), the edits replayed on a copy give the same tables, and the original is untouched."""
+    codes = _codes(n=60, seed=3)
+    index = np.arange(1, 61) * 7  # item indices need not be 1..n
+    base = PrefixTrie(codes[:split], SIZES, item_index=index[:split])
+    before = _members(base)
+    grown = base.with_room(60 - split)
+    replica = base.with_room(60 - split)  # the engine's copy: it only ever sees the edits
+    for chunk in np.array_split(np.arange(split, 60), 3):
+        if len(chunk):
+            replica.apply(grown.add(codes[chunk], index[chunk]))
+    rebuilt = PrefixTrie(codes, SIZES, item_index=index)
+    assert _members(grown) == _members(rebuilt) == {tuple(c): int(i) for c, i in zip(codes.tolist(), index, strict=True)}
+    for mine, theirs in ((grown.allowed, replica.allowed), (grown.child, replica.child)):
+        assert all(torch.equal(x, y) for x, y in zip(mine, theirs, strict=True))
+    assert torch.equal(grown.leaf_item, replica.leaf_item) and grown.used_nodes() == replica.used_nodes()
+    assert _members(base) == before
+    torch.manual_seed(1)
+    head = SemanticIDHead(8, SIZES).eval()
+    h = torch.randn(4, 8)
+    for beams in (5, 300):
+        a_items, a_scores = head.beam_search(h, grown, beams)
+        b_items, b_scores = head.beam_search(h, rebuilt, beams)
+        assert torch.equal(a_items, b_items) and torch.allclose(a_scores, b_scores)
+
+
+def test_growing_a_trie_checks_codes_and_room_and_changes_nothing_on_failure():
+    codes = _codes(n=10)
+    trie = PrefixTrie(codes, SIZES).with_room(2)
+    tables = [t.clone() for t in (*trie.allowed, *trie.child, trie.leaf_item)]
+    with pytest.raises(ValueError, match="in the trie already"):
+        trie.add(codes[3:4], np.array([99]))
+    extra = [c for c in _codes(n=60, seed=5).tolist() if c not in codes.tolist()]
+    with pytest.raises(ValueError, match="not unique"):
+        trie.add(np.array([extra[0], extra[0]]), np.array([98, 99]))
+    with pytest.raises(ValueError, match="range"):
+        trie.add(codes[:1] + 10, np.array([99]))
+    with pytest.raises(ValueError, match="no room"):
+        trie.add(np.array(extra[:3]), np.array([97, 98, 99]))
+    assert all(torch.equal(a, b) for a, b in zip(tables, (*trie.allowed, *trie.child, trie.leaf_item), strict=True))
+    trie.add(np.array(extra[:2]), np.array([98, 99]))
+    assert _members(trie)[tuple(extra[1])] == 99
+
+
 def test_beam_search_pads_when_fewer_items_than_beams():
     codes = _codes(n=3)
     trie = PrefixTrie(codes, SIZES)

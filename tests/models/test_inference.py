@@ -377,3 +377,35 @@ def test_compile_without_a_cpp_compiler_fails_at_start_and_says_what_to_do(monke
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ValueError, match="C\\+\\+ compiler"):
         UGTInference(make_model(), InferenceConfig(device="cpu", compile=True))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    DEVICE != "cuda", reason="needs a GPU"))])
+def test_trie_edits_reach_the_served_trie_in_place(device: str):
+    """The live catalog hands the engine a whole trie once, then only edits: the served trie (on the GPU: the same
+    tensors the heads graph reads) is written in place, and the beam search generates the items each edit adds."""
+    from models.ugt.heads import PrefixTrie
+
+    model = make_model(3)
+    rows = user_rows(4, seed=8)
+    eng = UGTInference(model, InferenceConfig(device=device, dtype="fp32", new_item_slots=3, beam_size=200,
+                                              merge="rrf", cache_slots=8))
+    trained = (model.embed.item_codes[1:] - 1 - torch.tensor([0, 4, 8])).numpy()
+    live = PrefixTrie(trained, SIZES).with_room(3)
+    new = unused_codes(model, 3)
+    live.add(new[:1], np.array([NUM_ITEMS + 1]))
+    first = eng.add_items(new[:1], np.zeros((1, 1), np.int64), np.zeros(1, np.int64), live.clone())
+    keys = [f"u{i}" for i in range(4)]
+    eng.recommend(rows, excludes_of(rows), 9, keys)  # graphs (on CUDA) captured over the trie as it is now
+    served = eng.model.trie
+    tables = [t.data_ptr() for t in (*served.allowed, *served.child, served.leaf_item)]
+    edit = live.add(new[1:], np.array([NUM_ITEMS + 2, NUM_ITEMS + 3]))
+    second = eng.add_items(new[1:], np.zeros((2, 1), np.int64), np.zeros(2, np.int64), trie_edits=[edit])
+    assert eng.model.trie is served and tables == [t.data_ptr() for t in (*served.allowed, *served.child,
+                                                                            served.leaf_item)]
+    user, _ = eng.users(eng.pack(eng.row_vectors(rows), eng.exclusion_matrix(excludes_of(rows)), [0] * 4, 4),
+                        [False] * 4)
+    items, _ = eng.generate(user, torch.zeros(4, 1, dtype=torch.long, device=device), 200)
+    assert all({*first.tolist(), *second.tolist()} <= set(row.tolist()) for row in items)
+    answers = eng.recommend(rows, excludes_of(rows), NUM_ITEMS + 3, keys)
+    assert all({*first.tolist(), *second.tolist()} <= set(a.indices.tolist()) for a in answers)

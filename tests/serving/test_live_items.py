@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jobs.item_semantic_ids_logic import code_string, feed_entry, feed_key, item_key
+from models.ugt.heads import PrefixTrie
 from serving.live_items import LiveCatalog, resolve_version
 
 SIZES = [2, 2, 4]
@@ -75,10 +76,22 @@ def test_accepted_items_come_in_order_with_metadata_and_a_trie_over_everything_s
     assert new.years.tolist() == [12, 0]  # 2010s bucket; unknown
     assert new.coded_at == [1_700_000_000.0, 1_700_000_000.001]
     # trie leaves: trained items 1..5, then the new ones as 6 and 7, the indices the engine gives them
-    leaves = sorted(new.trie.leaf_item.tolist())
-    assert leaves == [1, 2, 3, 4, 5, 6, 7]
+    leaves = sorted(leaf for leaf in new.trie.leaf_item.tolist() if leaf)  # 0: spare rows for later items
+    assert leaves == [1, 2, 3, 4, 5, 6, 7] and new.trie_edits == []
     assert live.take() is None  # drained
     assert live.poll(client, "v1") == 0  # nothing after the last entry read
+    # a later item comes as an edit of the trie handed over before (the engine's, grown in place): the same paths
+    # as a rebuild over everything served
+    announce(client, "n3", (0, 1, 2))
+    assert live.poll(client, "v1") == 1
+    later = live.take()
+    assert later.trie is None and len(later.trie_edits) == 1
+    served = new.trie
+    served.apply(later.trie_edits[0])
+    rebuilt = PrefixTrie(np.concatenate([trained_codes()[1:], [[1, 0, 0], [1, 1, 3], [0, 1, 2]]]), SIZES)
+    for level in range(len(SIZES)):
+        assert int(served.allowed[level].sum()) == int(rebuilt.allowed[level].sum())
+    assert sorted(leaf for leaf in served.leaf_item.tolist() if leaf) == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def test_entries_that_cannot_be_served_are_counted_by_reason_and_nothing_else_changes():
