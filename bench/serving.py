@@ -498,9 +498,8 @@ def cpu_configs(checkpoint: Path, names: list[str]) -> dict[str, dict[str, Any] 
         "ugt-tiny-engine-thread": ugt | {"engine": "thread", "torch_compile": True},
         "ugt-tiny-eager": ugt | {"engine": "process", "torch_compile": False},
         # batching ablations: a longer wait makes batches larger, so less CPU per request, at some latency
-        "ugt-tiny-wait2ms": ugt | {"engine": "process", "torch_compile": True, "batch_max_wait_ms": 2.0},
-        "ugt-tiny-wait3ms": ugt | {"engine": "process", "torch_compile": True, "batch_max_wait_ms": 3.0},
-        "ugt-tiny-wait5ms": ugt | {"engine": "process", "torch_compile": True, "batch_max_wait_ms": 5.0},
+        **{f"ugt-tiny-wait{ms}ms": ugt | {"engine": "process", "torch_compile": True, "batch_max_wait_ms": float(ms)}
+           for ms in (2, 3, 5)},
     }
     unknown = [n for n in names if n not in all_configs]
     if unknown:
@@ -547,8 +546,9 @@ def run_cpu(args: argparse.Namespace) -> int:
         redis_proc.terminate()
         redis_proc.wait(timeout=15)
         shutil.rmtree(workdir, ignore_errors=True)
-    columns = ["config", "qps", *(["repeat"] if args.repeats > 1 else []), "achieved_qps", "p50_ms", "p99_ms", "p999_ms", "non_200", "fallbacks", "mean_batch",
-               "kv_cache_hit_ratio", "server_cpu_ms_per_req", "client_cpu_ms_per_req"]
+    columns = ["config", "qps", *(["repeat"] if args.repeats > 1 else []), "achieved_qps", "p50_ms", "p99_ms",
+               "p999_ms", "non_200", "fallbacks", "mean_batch", "kv_cache_hit_ratio", "server_cpu_ms_per_req",
+               "client_cpu_ms_per_req"]
     print_table(rows, columns)
     stage_rows = [
         {"config": r["config"], "qps": r["qps"], **{f"{s}_p50": r["stages_ms"][s]["p50"] for s in STAGES},
@@ -611,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
                              "box's spells move the tail (rows get a 'repeat' field; default: %(default)s)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--samples-dir", default="", help="also write every request (send time, latency, server "
-                                                          "stage timings) as CONFIG-RATE.jsonl here")
+                                                          "stage timings) as CONFIG-RATE-REPEAT.jsonl here")
     parser.add_argument("--out", default=str(RESULTS / "serving_cpu.json"), help="result JSON (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1,
                         help="uvicorn worker processes of every server, the anchor's too (default: %(default)s)")

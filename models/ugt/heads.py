@@ -31,6 +31,18 @@ class HeadsConfig:
     rank_top: int = 100  # retrieval candidates the ranker reorders (evaluation; serving has its own key)
 
 
+def _checked_codes(codes: np.ndarray, codebook_sizes: list[int]) -> np.ndarray:
+    """``codes`` as an int64 (n, L) array of distinct IDs within their codebooks, or a ValueError saying why not."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if codes.ndim != 2 or codes.shape[1] != len(codebook_sizes):
+        raise ValueError(f"codes must be [num_items, {len(codebook_sizes)}], got {codes.shape}")
+    if (codes < 0).any() or (codes >= np.asarray(codebook_sizes)).any():
+        raise ValueError("codes out of their codebook ranges")
+    if len(np.unique(codes, axis=0)) != len(codes):
+        raise ValueError("semantic IDs are not unique (missing dedup level?)")
+    return codes
+
+
 @dataclass
 class TrieEdit:
     """What :meth:`PrefixTrie.add` wrote: per level (rows, codes, child ids), then leaf nodes and their items."""
@@ -49,13 +61,7 @@ class PrefixTrie:
     """
 
     def __init__(self, codes: np.ndarray, codebook_sizes: list[int], item_index: np.ndarray | None = None):
-        codes = np.asarray(codes, dtype=np.int64)
-        if codes.ndim != 2 or codes.shape[1] != len(codebook_sizes):
-            raise ValueError(f"codes must be [num_items, {len(codebook_sizes)}], got {codes.shape}")
-        if (codes < 0).any() or (codes >= np.asarray(codebook_sizes)).any():
-            raise ValueError("codes out of their codebook ranges")
-        if len(np.unique(codes, axis=0)) != len(codes):
-            raise ValueError("semantic IDs are not unique (missing dedup level?)")
+        codes = _checked_codes(codes, codebook_sizes)
         self.codebook_sizes = list(codebook_sizes)
         self.num_levels = L = len(codebook_sizes)
         index = np.arange(1, len(codes) + 1) if item_index is None else np.asarray(item_index, np.int64)
@@ -89,12 +95,16 @@ class PrefixTrie:
             self._used = [1] + [int((c >= 0).sum()) for c in self.child]
         return self._used
 
-    def with_room(self, items: int) -> PrefixTrie:
-        """A copy with spare rows for ``items`` more items (at most one new node per level each)."""
-        used = self.used_nodes()
+    def _empty_like(self) -> PrefixTrie:
         out = PrefixTrie.__new__(PrefixTrie)
         out.codebook_sizes, out.num_levels = list(self.codebook_sizes), self.num_levels
         out.allowed, out.child = [], []
+        return out
+
+    def with_room(self, items: int) -> PrefixTrie:
+        """A copy with spare rows for ``items`` more items (at most one new node per level each)."""
+        used = self.used_nodes()
+        out = self._empty_like()
         for level, (allowed, child) in enumerate(zip(self.allowed, self.child, strict=True)):
             rows = used[level] + (items if level else 0)
             grown_allowed = torch.zeros((rows, allowed.shape[1]), dtype=torch.bool)
@@ -110,8 +120,7 @@ class PrefixTrie:
 
     def clone(self) -> PrefixTrie:
         """A copy of every table, spare rows included (the engine's own, to replay later edits on)."""
-        out = PrefixTrie.__new__(PrefixTrie)
-        out.codebook_sizes, out.num_levels = list(self.codebook_sizes), self.num_levels
+        out = self._empty_like()
         out.allowed = [a.clone() for a in self.allowed]
         out.child = [c.clone() for c in self.child]
         out.leaf_item = self.leaf_item.clone()
@@ -122,15 +131,11 @@ class PrefixTrie:
         """Insert ``codes`` (m, L) for items ``item_index`` (m,) in place (CPU tables); returns what was written."""
         if self.leaf_item.device.type != "cpu":
             raise ValueError("add() grows the CPU trie; replay its edits on a device copy with apply()")
-        codes = np.asarray(codes, dtype=np.int64)
+        codes = _checked_codes(codes, self.codebook_sizes)
         index = np.asarray(item_index, dtype=np.int64)
+        if len(index) != len(codes):
+            raise ValueError(f"one item index per code: {len(codes)} codes, {len(index)} indices")
         L, used = self.num_levels, self.used_nodes()
-        if codes.ndim != 2 or codes.shape[1] != L or len(index) != len(codes):
-            raise ValueError(f"codes must be [m, {L}] with one item index each, got {codes.shape} and {index.shape}")
-        if (codes < 0).any() or (codes >= np.asarray(self.codebook_sizes)).any():
-            raise ValueError("codes out of their codebook ranges")
-        if len(np.unique(codes, axis=0)) != len(codes):
-            raise ValueError("semantic IDs are not unique (missing dedup level?)")
         capacity = [1] + [len(a) for a in self.allowed[1:]] + [len(self.leaf_item)]
         node = np.zeros(len(codes), dtype=np.int64)
         plan = []
@@ -147,7 +152,6 @@ class PrefixTrie:
             ids = used[level + 1] + np.arange(len(uniq))
             nxt[new] = ids[inverse.reshape(-1)]
             plan.append((uniq // K, uniq % K, ids))
-            used = used[: level + 1] + [used[level + 1] + len(uniq)] + used[level + 2 :]
             node = nxt
         edit = TrieEdit(levels=[tuple(torch.as_tensor(a) for a in p) for p in plan],
                         leaf_nodes=torch.as_tensor(node), leaf_items=torch.as_tensor(index))

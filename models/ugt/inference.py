@@ -708,28 +708,26 @@ class UGTInference:
         a grown catalog is captured again on its first batch (the stale graphs are dropped then).
         """
         if not (self.graphs_on and self.config.heads_graph and self.config.merge == "rrf"):
-            user, excl = user[:n], excl[:n]
-            values, indices, counts = self.retrieve(user, excl, k)
-            if self.config.merge == "rrf":
-                values, indices = self._rrf(user, excl, indices, k)
-            return values, indices, counts
+            return self._retrieve_merged(user[:n], excl[:n], k)
         width = max(8, 1 << (excl.shape[1] - 1).bit_length())
         if width > excl.shape[1]:  # index 0 is the padding item, masked anyway
-            excl = torch.nn.functional.pad(excl, (0, width - excl.shape[1]))
+            excl = F.pad(excl, (0, width - excl.shape[1]))
         catalog = (self.num_items, id(self.model.trie))
         key = ("heads", user.shape[0], width, k, catalog)
         if key not in self.graphs:
             for stale in [g for g in self.graphs if g[0] == "heads" and g[4] != catalog]:
                 del self.graphs[stale]
 
-            def heads(u: torch.Tensor, x: torch.Tensor):
-                values, indices, counts = self.retrieve(u, x, k)
-                values, indices = self._rrf(u, x, indices, k)
-                return values, indices, counts
-
-            self.graphs[key] = self._capture(heads, user, excl)
+            self.graphs[key] = self._capture(lambda u, x: self._retrieve_merged(u, x, k), user, excl)
         values, indices, counts = self._replay(self.graphs[key], user, excl)
         return values[:n], indices[:n], counts[:n]
+
+    def _retrieve_merged(self, user: torch.Tensor, excl: torch.Tensor, k: int):
+        """Retrieval's top k, fused with the beam search's list when ``merge="rrf"``: (scores, items, counts)."""
+        values, indices, counts = self.retrieve(user, excl, k)
+        if self.config.merge == "rrf":
+            values, indices = self._rrf(user, excl, indices, k)
+        return values, indices, counts
 
     def _ranked(self, dev: torch.Tensor, compact: bool, user: torch.Tensor, excl: torch.Tensor, k: int):
         """Retrieval's top ``rank_top`` (with ``merge="rrf"``: and the beam search's items) reordered by the ranking
