@@ -37,6 +37,8 @@ from typing import Any
 
 from bench.common import print_table, write_result
 
+TARGET_EVENTS_PER_S = 50_000  # the issue's target for the 2-core box (tokenize + user_state, sustained)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.nearline", description=__doc__,
@@ -114,6 +116,26 @@ def summary(lags: list[float]) -> dict[str, float | None]:
     return {"p50": round(statistics.median(lags), 4) if lags else None,
             "p99": round(percentile(lags, 99), 4) if lags else None,
             "max": round(max(lags), 4) if lags else None}
+
+
+def cpu_budget(cpu_s_by_process: dict[str, float], events: int, cores: int, target_events_per_s: float) -> dict:
+    """What each event cost every process in the throughput window (µs of CPU), against what the box has.
+
+    At the target rate the box has cores / target seconds of CPU per event for everything on it: Kafka, Redis,
+    the load generator and Flink. `max_events_per_s_if_flink_were_free` is the rate the processes outside
+    Flink alone would saturate the box at, at their measured cost per event: a ceiling no job can pass here.
+    """
+    per_event = {name: cpu_s / events * 1e6 for name, cpu_s in cpu_s_by_process.items()}
+    flink = sum(v for k, v in per_event.items() if k.startswith("flink-"))
+    outside = sum(v for k, v in per_event.items() if not k.startswith("flink-"))
+    return {
+        "us_per_event_by_process": {k: round(v, 1) for k, v in per_event.items()},
+        "flink_us_per_event": round(flink, 1),
+        "outside_flink_us_per_event": round(outside, 1),
+        "budget_us_per_event_at_target": round(cores * 1e6 / target_events_per_s, 1),
+        "max_events_per_s_at_measured_cost": round(cores * 1e6 / (flink + outside)) if flink + outside else None,
+        "max_events_per_s_if_flink_were_free": round(cores * 1e6 / outside) if outside else None,
+    }
 
 
 def drop_topics(settings: Any, topics: list[str]) -> None:
@@ -266,6 +288,7 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
             time.sleep(0.2)
         throughput_s = time.time() - start
         cpu = proc_cpu.diff(cpu_before, proc_cpu.snapshot(os.getpid()))
+        cpu["budget"] = cpu_budget(cpu["cpu_s_by_process"], len(events), os.cpu_count() or 1, TARGET_EVENTS_PER_S)
         cpu["taskmanagers_by_job"] = placement(settings, job_ids)
         if len({tuple(tms) for tms in cpu["taskmanagers_by_job"].values()}) < len(cpu["taskmanagers_by_job"]):
             print("bench: warning: tokenize and user_state ran in the same TaskManager (one GIL for both)")
@@ -426,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         "kafka_raw_events_per_s": round(anchor.events_per_s, 1),
         "kafka_raw": anchor.as_dict(),
         "ratio_to_anchor": round(users["events_per_s"] / anchor.events_per_s, 4) if users["events_per_s"] else None,
-        "targets": {"events_per_s": 50_000, "freshness_p99_s": 1.0, "new_item_p99_s": 10.0},
+        "targets": {"events_per_s": TARGET_EVENTS_PER_S, "freshness_p99_s": 1.0, "new_item_p99_s": 10.0},
         "cpu_during_throughput": users["cpu"],
         "stale_code_warning": stale,
         "load_avg_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},  # the box is shared
@@ -450,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()}):")
     print_table([{"process": k, "cpu_s": v} for k, v in cpu["cpu_s_by_process"].items()])
     print_table([{"thread group": k, "cpu_s": v} for k, v in cpu["cpu_s_by_thread"].items()])
+    budget = cpu["budget"]
+    print(f"\nCPU per event (µs): Flink {budget['flink_us_per_event']}, outside Flink "
+          f"{budget['outside_flink_us_per_event']} (Kafka, Redis, the load generator); the box has "
+          f"{budget['budget_us_per_event_at_target']} µs per event at {TARGET_EVENTS_PER_S:,} events/s. At these "
+          f"costs it saturates at {budget['max_events_per_s_at_measured_cost']:,} events/s, and at "
+          f"{budget['max_events_per_s_if_flink_were_free']:,} if Flink cost nothing.")
     profile = cpu.get("python_profile") or {}
     if profile.get("samples"):
         print(f"\nTaskManager Python stacks ({profile['samples']} samples): where the samples sat (self)")

@@ -5,9 +5,11 @@
     ugt jobs list
     ugt jobs wait tokenize --timeout 600
     ugt jobs cancel user_state
+    ugt jobs stop user_state                              # stop with a savepoint; prints where it is
+    ugt jobs submit user_state --detached --from-savepoint <path> -- <the job's args>   # resume (or upgrade)
 
-`submit` runs `<pyflink>/bin/flink run [-d] -py jobs/<job>.py <job args>` with the stack's FLINK_CONF_DIR
-(infra.stack.flink_env); the others use Flink's REST API at Settings.flink_rest_url.
+`submit` runs `<pyflink>/bin/flink run [-d] [-s <savepoint> [-n]] -py jobs/<job>.py <job args>` with the stack's
+FLINK_CONF_DIR (infra.stack.flink_env); the others use Flink's REST API at Settings.flink_rest_url.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             description="Arguments after `--` go to the job (see `python jobs/<job>.py --help`).")
     submit.add_argument("job", choices=(*SUBMITTABLE, "all"))
     submit.add_argument("--detached", action="store_true", help="return once submitted (flink run -d)")
+    submit.add_argument("--from-savepoint", metavar="PATH", default=None,
+                        help="start from this savepoint (or retained checkpoint): keyed state, timers and Kafka "
+                             "offsets as they were when it was taken (flink run -s)")
+    submit.add_argument("--allow-non-restored-state", action="store_true",
+                        help="with --from-savepoint: skip savepoint state that no operator of the new job claims "
+                             "(flink run -n), e.g. after the job graph changed; the Kafka sources then start from "
+                             "the consumer group's committed offsets")
     submit.add_argument("job_args", nargs=argparse.REMAINDER, help="-- then the job's own options")
     sub.add_parser("list", help="list jobs on the cluster (id, name, state, duration)")
     wait = sub.add_parser("wait", help="wait until a job (id or name) ends; exit 0 only if it FINISHED")
@@ -48,6 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     wait.add_argument("--timeout", type=float, default=600.0, help="seconds (default: %(default)s)")
     cancel = sub.add_parser("cancel", help="cancel a running job by id, or every running job of a name")
     cancel.add_argument("job", help="job id or name")
+    stop = sub.add_parser("stop", help="stop a running job (id, or every running job of a name) with a savepoint, "
+                                       "to resume or upgrade it later with `submit --from-savepoint`")
+    stop.add_argument("job", help="job id or name")
+    stop.add_argument("--savepoint-dir", default=None,
+                      help="where to write the savepoint (default: the cluster's execution.checkpointing."
+                           "savepoint-dir, var/flink/savepoints on the stack)")
+    stop.add_argument("--drain", action="store_true",
+                      help="fire every timer and end the job's windows first (only when it will not be resumed)")
+    stop.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the savepoint "
+                                                                  "(default: %(default)s)")
     parser.add_argument("--rest", default=None, help="Flink REST URL (default: Settings.flink_rest_url)")
 
 
@@ -89,18 +108,27 @@ def resolve(base: str, ref: str, running_only: bool = False) -> list[dict[str, A
     return named
 
 
-def job_command(job: str, job_args: list[str], detached: bool) -> list[str]:
+def job_command(job: str, job_args: list[str], detached: bool, savepoint: str | None = None,
+                allow_non_restored: bool = False) -> list[str]:
     from infra.stack import flink_bin
 
+    if allow_non_restored and not savepoint:
+        raise JobsError("--allow-non-restored-state only applies with --from-savepoint")
     args = job_args[1:] if job_args[:1] == ["--"] else job_args
-    return [str(flink_bin()), "run", *(["-d"] if detached else []), "-py", str(REPO_ROOT / "jobs" / f"{job}.py"), *args]
+    restore = ["-s", savepoint, *(["-n"] if allow_non_restored else [])] if savepoint else []
+    return [str(flink_bin()), "run", *(["-d"] if detached else []), *restore,
+            "-py", str(REPO_ROOT / "jobs" / f"{job}.py"), *args]
 
 
-def submit(job: str, job_args: list[str], detached: bool) -> str | None:
-    """Run `flink run -py`; returns the job id it printed (None if it printed none)."""
+def submit(job: str, job_args: list[str], detached: bool, savepoint: str | None = None,
+           allow_non_restored: bool = False) -> str | None:
+    """Run `flink run -py` (from a savepoint when given); returns the job id it printed (None if it printed none)."""
     from infra.stack import flink_env
 
-    command = job_command(job, job_args, detached)
+    if savepoint and not savepoint_exists(savepoint):
+        raise JobsError(f"no savepoint at {savepoint}: pass the path `ugt jobs stop` printed (a folder holding "
+                        "_metadata)")
+    command = job_command(job, job_args, detached, savepoint, allow_non_restored)
     print("$ " + " ".join(command), flush=True)
     lines: list[str] = []
     with subprocess.Popen(command, env=flink_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
@@ -203,13 +231,66 @@ def cancel(base: str, ref: str) -> list[str]:
     return cancelled
 
 
+def savepoint_exists(path: str) -> bool:
+    """A local savepoint or retained checkpoint folder (file:// URI or path) holds _metadata."""
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    parsed = urlparse(path)
+    if parsed.scheme not in ("", "file"):
+        return True  # a remote file system: Flink checks it
+    local = Path(parsed.path if parsed.scheme == "file" else path)
+    return (local / "_metadata").is_file() or (local.name == "_metadata" and local.is_file())
+
+
+def stop_with_savepoint(base: str, ref: str, target_dir: str | None = None, drain: bool = False,
+                        timeout_s: float = 300.0) -> list[tuple[str, str]]:
+    """Stop every running job matching `ref` with a savepoint (POST /jobs/<id>/stop, then poll the trigger);
+    returns (job id, savepoint location) pairs. The job's sources stop at a barrier, so nothing after the
+    savepoint is processed: resuming from it continues exactly where the job stopped."""
+    stopped = []
+    for job in resolve(base, ref, running_only=True):
+        jid = job["jid"]
+        body: dict[str, Any] = {"drain": drain, "formatType": "CANONICAL"}
+        if target_dir:
+            from pathlib import Path
+
+            body["targetDirectory"] = Path(target_dir).resolve().as_uri() if "://" not in target_dir else target_dir
+        try:
+            response = requests.post(f"{base}/jobs/{jid}/stop", json=body, timeout=10)
+        except requests.RequestException as exc:
+            raise JobsError(f"Flink REST API at {base} is unreachable ({exc.__class__.__name__})") from exc
+        if response.status_code not in (200, 202):
+            raise JobsError(f"stopping {jid} -> {response.status_code}: {response.text[:300]}")
+        trigger = response.json()["request-id"]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = _get(f"{base}/jobs/{jid}/savepoints/{trigger}")
+            if status["status"]["id"] == "COMPLETED":
+                operation = status.get("operation") or {}
+                if "location" not in operation:
+                    cause = (operation.get("failure-cause") or {}).get("stack-trace", "")
+                    causes = re.findall(r"Caused by: ([^\n]+)", cause) or [cause.split("\n", 1)[0]]
+                    raise JobsError(f"stop-with-savepoint of {jid} failed: {causes[-1]} (the job keeps running "
+                                    "unless it failed; see `ugt jobs list`)")
+                stopped.append((jid, operation["location"]))
+                break
+            if time.monotonic() > deadline:
+                raise JobsError(f"the savepoint of {jid} did not complete within {timeout_s:.0f} s")
+            time.sleep(0.5)
+    return stopped
+
+
 def run(args: argparse.Namespace) -> int:
     base = rest_url(args)
     try:
         if args.action == "submit":
             for job in jobs_for_all() if args.job == "all" else (args.job,):
                 # `all` runs both at once, so it is always detached (a blocking tokenize would hold user_state back)
-                jid = submit(job, args.job_args, args.detached or args.job == "all")
+                if args.from_savepoint and args.job == "all":
+                    raise JobsError("--from-savepoint takes one job: each job has its own savepoint")
+                jid = submit(job, args.job_args, args.detached or args.job == "all", args.from_savepoint,
+                             args.allow_non_restored_state)
                 print(f"{job}: submitted{' as ' + jid if jid else ''}")
                 if args.job == "all" and jid and not wait_placed(base, jid):
                     print(f"{job}: not all its tasks have a slot after 60 s (see `ugt jobs list`, the Flink UI)")
@@ -225,6 +306,12 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "cancel":
             for jid in cancel(base, args.job):
                 print(f"cancelled {jid}")
+            print("note: cancel discards the job's state (user_state's users, timers); `ugt jobs stop` keeps it in a "
+                  "savepoint to resume from")
+        elif args.action == "stop":
+            for jid, location in stop_with_savepoint(base, args.job, args.savepoint_dir, args.drain, args.timeout):
+                print(f"stopped {jid}; savepoint {location}")
+                print(f"  resume: ugt jobs submit <job> --detached --from-savepoint {location} -- <the job's args>")
     except JobsError as exc:
         print(f"ugt jobs: {exc}", file=sys.stderr)
         return 1

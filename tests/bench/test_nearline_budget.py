@@ -1,0 +1,29 @@
+"""bench.nearline.cpu_budget: the CPU each event costs against what the box has (pure arithmetic)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.nearline import cpu_budget
+
+
+def test_budget_from_the_committed_run() -> None:
+    # cpu_s_by_process of bench/results/nearline.json (2026-12-01, 200,000 events, 2 cores)
+    cpu = {"flink-taskmanager": 38.83, "kafka": 3.25, "bench (producer, probes)": 3.23, "redis": 1.55,
+           "flink-jobmanager": 0.72, "schema-registry": 0.01}
+    b = cpu_budget(cpu, 200_000, 2, 50_000)
+    assert b["us_per_event_by_process"]["flink-taskmanager"] == pytest.approx(194.2, abs=0.05)
+    assert b["flink_us_per_event"] == pytest.approx(197.8, abs=0.1)
+    assert b["outside_flink_us_per_event"] == pytest.approx(40.2, abs=0.1)
+    assert b["budget_us_per_event_at_target"] == 40.0
+    assert b["max_events_per_s_at_measured_cost"] == round(2e6 / (197.75 + 40.2))
+    # Kafka, Redis and the load generator alone would fill the box just below the target
+    assert b["max_events_per_s_if_flink_were_free"] == round(2e6 / 40.2)
+    assert b["max_events_per_s_if_flink_were_free"] < 50_000
+
+
+def test_budget_without_outside_processes_has_no_ceiling() -> None:
+    b = cpu_budget({"flink-taskmanager": 10.0}, 100_000, 2, 50_000)
+    assert b["outside_flink_us_per_event"] == 0
+    assert b["max_events_per_s_if_flink_were_free"] is None
+    assert b["max_events_per_s_at_measured_cost"] == 20_000
