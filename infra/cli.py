@@ -17,7 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "stack": ("infra.stack_cli", "start, stop or inspect the local stack (Kafka, Schema Registry, Redis, Flink)"),
     "data": ("streams.data_cli", "fetch and convert datasets (MovieLens-1M / -100K) to UGT events"),
     "publish": ("streams.publish_cli", "publish Avro events to Kafka: one JSON event, a JSONL/CSV file, or a dataset replay"),
-    "jobs": ("jobs.cli", "submit, list or cancel the Flink jobs on the running cluster"),
+    "jobs": ("jobs.cli", "submit, list, stop (with a savepoint) or cancel the Flink jobs on the running cluster"),
     "serve": ("serving.cli", "run the /recommend HTTP service"),
     "semantic-ids": ("models.semantic_ids.cli", "build semantic IDs (encoders + RQ-VAE / RQ-k-means + dedup) or report on an artifact"),
     "train": ("models.train_cli", "train semantic IDs and the UGT generator from a YAML config"),
