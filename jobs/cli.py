@@ -19,7 +19,9 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import requests
 
@@ -233,9 +235,6 @@ def cancel(base: str, ref: str) -> list[str]:
 
 def savepoint_exists(path: str) -> bool:
     """A local savepoint or retained checkpoint folder (file:// URI or path) holds _metadata."""
-    from pathlib import Path
-    from urllib.parse import urlparse
-
     parsed = urlparse(path)
     if parsed.scheme not in ("", "file"):
         return True  # a remote file system: Flink checks it
@@ -253,8 +252,6 @@ def stop_with_savepoint(base: str, ref: str, target_dir: str | None = None, drai
         jid = job["jid"]
         body: dict[str, Any] = {"drain": drain, "formatType": "CANONICAL"}
         if target_dir:
-            from pathlib import Path
-
             body["targetDirectory"] = Path(target_dir).resolve().as_uri() if "://" not in target_dir else target_dir
         try:
             response = requests.post(f"{base}/jobs/{jid}/stop", json=body, timeout=10)

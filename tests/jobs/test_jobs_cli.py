@@ -61,3 +61,48 @@ def test_a_savepoint_is_a_folder_with_metadata(tmp_path) -> None:
     assert not cli.savepoint_exists(str(tmp_path / "missing"))
     with pytest.raises(cli.JobsError, match="no savepoint at"):
         cli.submit("user_state", [], detached=True, savepoint=str(tmp_path / "missing"))
+
+
+class _Response:
+    def __init__(self, status: int, body: dict):
+        self.status_code, self._body, self.text = status, body, str(body)
+
+    def json(self) -> dict:
+        return self._body
+
+
+def fake_stop(monkeypatch: pytest.MonkeyPatch, polls: list[dict]) -> list[tuple[str, dict]]:
+    """Fake Flink's stop-with-savepoint: one running job `abc`, POST /stop gives trigger t1, then `polls`."""
+    posted: list[tuple[str, dict]] = []
+    answers = iter(polls)
+
+    def fake_get(url: str) -> dict:
+        if url.endswith("/jobs/overview"):
+            return {"jobs": [{"jid": "abc", "name": "user_state", "state": "RUNNING", "start-time": 1}]}
+        assert url == "http://flink/jobs/abc/savepoints/t1", url
+        return next(answers)
+
+    def fake_post(url: str, json: dict, timeout: float) -> _Response:
+        posted.append((url, json))
+        return _Response(202, {"request-id": "t1"})
+
+    monkeypatch.setattr(cli, "_get", fake_get)
+    monkeypatch.setattr(cli.requests, "post", fake_post)
+    monkeypatch.setattr(cli.time, "sleep", lambda _s: None)
+    return posted
+
+
+def test_stop_polls_the_savepoint_until_it_has_a_location(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    posted = fake_stop(monkeypatch, [{"status": {"id": "IN_PROGRESS"}},
+                                     {"status": {"id": "COMPLETED"}, "operation": {"location": "file:/sp/savepoint-1"}}])
+    assert cli.stop_with_savepoint("http://flink", "user_state", target_dir=str(tmp_path)) == \
+        [("abc", "file:/sp/savepoint-1")]
+    assert posted == [("http://flink/jobs/abc/stop",
+                       {"drain": False, "formatType": "CANONICAL", "targetDirectory": tmp_path.resolve().as_uri()})]
+
+
+def test_a_failed_savepoint_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    trace = "java.util.concurrent.CompletionException: x\nCaused by: java.io.IOException: disk full\n\tat y"
+    fake_stop(monkeypatch, [{"status": {"id": "COMPLETED"}, "operation": {"failure-cause": {"stack-trace": trace}}}])
+    with pytest.raises(cli.JobsError, match="failed: java.io.IOException: disk full"):
+        cli.stop_with_savepoint("http://flink", "abc")
