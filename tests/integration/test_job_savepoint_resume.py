@@ -2,8 +2,8 @@
 
 On the real stack (Kafka, Schema Registry, Redis, Feast, the shared Flink cluster): of the first 6,000 ML-1M
 events (as TokenizedEvents, keyed by user), each user's earlier half goes through user_state; `ugt jobs stop`
-takes a savepoint and ends the job; each user's later half arrives while it is down; `ugt jobs submit --from-savepoint` starts it again with the default
-`--startup group`. Flink's REST API must say it restored that savepoint, and at the end every user's
+takes a savepoint and ends the job; each user's later half arrives while it is down; `ugt jobs submit
+--from-savepoint` starts it again at twice the parallelism (rescaled) with the default `--startup group`. Flink's REST API must say it restored that savepoint, and at the end every user's
 `user_recent_events` and `user_long_term` rows and the popularity ZSET must equal what the same code computes
 offline from all 6,000 events. A job that lost its keyed state would rebuild every user from its later half only
 (and the popularity bookkeeping would skip those events), so the comparison fails unless the state came back
@@ -106,7 +106,8 @@ def test_stop_with_savepoint_then_resume_keeps_the_state(stack: Settings, tmp_pa
         publish(second)  # arrives while the job is down
         time.sleep(1)
         assert applied() == len(first)
-        jids.append(jobs_cli.submit("user_state", args, detached=True, savepoint=location))
+        # resumed at twice the parallelism: Flink redistributes the keyed state by key group (rescaling)
+        jids.append(jobs_cli.submit("user_state", [*args, "--parallelism", "2"], detached=True, savepoint=location))
         restored = wait_for("the job to restore the savepoint", lambda: (jobs_cli._get(
             f"{base}/jobs/{jids[1]}/checkpoints").get("latest") or {}).get("restored"), 120)
         assert restored["is_savepoint"] and restored["external_path"].rstrip("/") == location.rstrip("/")
