@@ -72,6 +72,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rest", default=None, help="Flink REST URL (default: Settings.flink_rest_url)")
 
 
+SUBMIT_FLAGS = {"--detached": "detached", "--allow-non-restored-state": "allow_non_restored_state"}
+SUBMIT_VALUES = {"--from-savepoint": "from_savepoint"}
+
+
+def split_submit_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Move `submit`'s own options out of job_args: argparse's REMAINDER takes everything after the job name, so
+    `submit user_state --detached --from-savepoint P -- --max-events 5` arrives as job_args. Before a `--` every
+    token must be one of submit's options; without one (argparse drops a `--` that directly follows the job name)
+    submit's options are read up to the first token that is not one, and the rest goes to the job."""
+    rest = list(args.job_args)
+    strict = "--" in rest
+    cut = rest.index("--") if strict else len(rest)
+    own, after = rest[:cut], rest[cut + 1:]
+    i = 0
+    while i < len(own):
+        name, _, inline = own[i].partition("=")
+        if name in SUBMIT_FLAGS and not inline:
+            setattr(args, SUBMIT_FLAGS[name], True)
+        elif name in SUBMIT_VALUES:
+            if not inline and i + 1 >= len(own):
+                raise JobsError(f"{name} needs a value")
+            setattr(args, SUBMIT_VALUES[name], inline or own[i + 1])
+            i += 0 if inline else 1
+        elif strict:
+            raise JobsError(f"unknown `ugt jobs submit` option {own[i]!r}; the job's own options go after `--` "
+                            f"(e.g. `ugt jobs submit {args.job} --detached -- --parallelism 2`)")
+        else:
+            after = own[i:]
+            break
+        i += 1
+    args.job_args = after
+    return args
+
+
 def rest_url(args: argparse.Namespace) -> str:
     return (getattr(args, "rest", None) or get_settings().flink_rest_url).rstrip("/")
 
@@ -282,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
     base = rest_url(args)
     try:
         if args.action == "submit":
+            split_submit_args(args)
             for job in jobs_for_all() if args.job == "all" else (args.job,):
                 # `all` runs both at once, so it is always detached (a blocking tokenize would hold user_state back)
                 if args.from_savepoint and args.job == "all":

@@ -106,3 +106,32 @@ def test_a_failed_savepoint_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_stop(monkeypatch, [{"status": {"id": "COMPLETED"}, "operation": {"failure-cause": {"stack-trace": trace}}}])
     with pytest.raises(cli.JobsError, match="failed: java.io.IOException: disk full"):
         cli.stop_with_savepoint("http://flink", "abc")
+
+
+def parse_submit(argv: list[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return cli.split_submit_args(parser.parse_args(["submit", *argv]))
+
+
+def test_submit_options_after_the_job_name_are_submits_own() -> None:
+    # argparse's REMAINDER hands everything after the job name over as job_args: they must come back out
+    args = parse_submit(["user_state", "--detached", "--from-savepoint", "file:///sp/x", "--allow-non-restored-state",
+                         "--", "--max-events", "5", "--detached"])
+    assert (args.detached, args.from_savepoint, args.allow_non_restored_state) == (True, "file:///sp/x", True)
+    assert args.job_args == ["--max-events", "5", "--detached"]  # after `--`: the job's, even a same-named one
+    args = parse_submit(["--detached", "tokenize", "--from-savepoint=/sp/y"])
+    assert (args.detached, args.from_savepoint, args.job_args) == (True, "/sp/y", [])
+    assert parse_submit(["all", "--", "--parallelism", "2"]).job_args == ["--parallelism", "2"]
+
+
+def test_a_job_option_before_the_separator_is_refused() -> None:
+    with pytest.raises(cli.JobsError, match="the job's own options go after `--`"):
+        parse_submit(["tokenize", "--parallelism", "2", "--", "--bounded"])
+    # without a separator, the job's options start at the first token that is not submit's
+    args = parse_submit(["tokenize", "--detached", "--parallelism", "2", "--detached"])
+    assert args.detached and args.job_args == ["--parallelism", "2", "--detached"]
+    with pytest.raises(cli.JobsError, match="needs a value"):
+        parse_submit(["tokenize", "--from-savepoint"])
