@@ -232,6 +232,12 @@ def operator_counter(base: str, job: str, operator: str, counter: str, group: st
     return int(values[0]["sum"]) if values else 0
 
 
+def root_cause(trace: str) -> str:
+    """The last "Caused by" line of a Java stack trace (its first line when it has none)."""
+    causes = re.findall(r"Caused by: ([^\n]+)", trace)
+    return causes[-1] if causes else trace.split("\n", 1)[0]
+
+
 def failure_cause(base: str, jid: str) -> str | None:
     """None while the job is healthy; else its state and root cause (the last "Caused by" of its latest exception),
     so a caller waiting on a restart loop can stop at once and say why."""
@@ -240,8 +246,7 @@ def failure_cause(base: str, jid: str) -> str | None:
         return None
     entries = _get(f"{base}/jobs/{jid}/exceptions").get("exceptionHistory", {}).get("entries") or [{}]
     trace = entries[0].get("stacktrace", "")
-    causes = re.findall(r"Caused by: ([^\n]+)", trace) or [trace.split("\n", 1)[0]]
-    return f"{state}: {causes[-1]}"
+    return f"{state}: {root_cause(trace)}"
 
 
 def wait(base: str, ref: str, timeout_s: float) -> str:
@@ -300,9 +305,8 @@ def stop_with_savepoint(base: str, ref: str, target_dir: str | None = None, drai
             if status["status"]["id"] == "COMPLETED":
                 operation = status.get("operation") or {}
                 if "location" not in operation:
-                    cause = (operation.get("failure-cause") or {}).get("stack-trace", "")
-                    causes = re.findall(r"Caused by: ([^\n]+)", cause) or [cause.split("\n", 1)[0]]
-                    raise JobsError(f"stop-with-savepoint of {jid} failed: {causes[-1]} (the job keeps running "
+                    trace = (operation.get("failure-cause") or {}).get("stack-trace", "")
+                    raise JobsError(f"stop-with-savepoint of {jid} failed: {root_cause(trace)} (the job keeps running "
                                     "unless it failed; see `ugt jobs list`)")
                 stopped.append((jid, operation["location"]))
                 break

@@ -100,8 +100,7 @@ def test_stop_with_savepoint_then_resume_keeps_the_state(stack: Settings, tmp_pa
         assert [jid for jid, _ in stopped] == [jids[0]]
         location = stopped[0][1]
         assert jobs_cli.savepoint_exists(location), location
-        wait_for("the stopped job to finish", lambda: jobs_cli.list_jobs(base) and
-                 {j["jid"]: j["state"] for j in jobs_cli.list_jobs(base)}[jids[0]] == "FINISHED", 60)
+        wait_for("the stopped job to finish", lambda: jobs_cli._get(f"{base}/jobs/{jids[0]}")["state"] == "FINISHED", 60)
 
         publish(second)  # arrives while the job is down
         time.sleep(1)
