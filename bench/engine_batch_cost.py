@@ -31,8 +31,8 @@ REPEATS = 5
 
 def states(vocab: list[str], users: int, seed: int, extra: int = 0) -> list[Any]:
     """Users with HISTORY events each; ``extra`` > 0 replaces the last event (a changed history)."""
-    from models.user_state import STATE_VERSION
-    from serving.state import UserStateView
+    from contracts.user_state_rule import STATE_VERSION
+    from serving.user_state_reader import UserStateView
 
     rng = np.random.default_rng(seed)
     times = tuple(1_700_000_000_000 + i * 60_000 for i in range(HISTORY))

@@ -26,7 +26,7 @@ case "$step" in
     python3 -m pytest -q -p no:cacheprovider tests/models/test_hstu_kernel.py tests/models/test_inference.py \
       tests/models/test_ranking.py tests/models/test_generation.py ;;
   train)
-    python3 -m infra.cli train --config models/configs/ugt_ml1m.yaml --out-dir /tmp/ugt-ml1m --quiet \
+    python3 -m ugt.cli train --config models/configs/ugt_ml1m.yaml --out-dir /tmp/ugt-ml1m --quiet \
       --set "max_minutes=${1:-4}" --set dpo.enabled=false --set "semantic_ids={artifact: .ugtdata/sid-ml1m.npz}" \
       && cp /tmp/ugt-ml1m/checkpoint.pt /tmp/ugt-ml1m/summary.json "$out/" ;;
   bench)

@@ -96,8 +96,8 @@ def anchor_delays(port: int, n: int, rate: float) -> list[float]:
 
 
 def tiny_checkpoint(folder: Path) -> Path:
+    from contracts.datasets import load_dataset
     from models.train import fit, load_config
-    from streams.datasets import load_dataset
 
     items = [str(i) for i in load_dataset("ml-100k").items["item_id"]]
     order = np.random.default_rng(0).permutation(len(items))
@@ -114,12 +114,13 @@ def live_delays(port: int, checkpoint: Path, n: int, rate: float) -> tuple[list[
     """Announce n new items with the item job's writer; time each until the served generator answers with it."""
     import redis
 
-    from jobs.item_semantic_ids_logic import RedisSidIndex, code_string, feed_entry
+    from contracts.redis_keys import code_string, feed_entry
+    from contracts.user_state_rule import STATE_VERSION
+    from jobs.item_semantic_ids_logic import RedisSidIndex
     from models.train import load_checkpoint
-    from models.user_state import STATE_VERSION
     from serving.generator import GenerationRequest
-    from serving.state import UserStateView
     from serving.ugt_generator import UGTGenerator
+    from serving.user_state_reader import UserStateView
 
     client = redis.Redis(port=port)
     _, _, _, ckpt = load_checkpoint(checkpoint)

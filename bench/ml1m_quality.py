@@ -77,7 +77,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
 
 def launch(run: dict, extra: list[str]) -> dict:
     Path(run["out_dir"]).mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "infra.cli", "train", "--config", run["config"], "--out-dir", run["out_dir"],
+    cmd = [sys.executable, "-m", "ugt.cli", "train", "--config", run["config"], "--out-dir", run["out_dir"],
            "--quiet", "--set", f"name={run['name']}"]
     for s in run["sets"] + extra:
         cmd += ["--set", s]

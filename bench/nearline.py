@@ -202,10 +202,10 @@ def stale_code_warning() -> str | None:
 def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> dict[str, Any]:
     """tokenize + user_state: throughput (with the CPU profile of that window) and freshness."""
     from bench import proc_cpu
+    from contracts.datasets import load_dataset, user_events
+    from contracts.redis_keys import popularity_key
     from jobs.cli import cancel, submit
-    from jobs.user_state_logic import popularity_key
     from serving.feast_redis import FeastRedisLayout
-    from streams.datasets import load_dataset, user_events
     from streams.producer import EventPublisher
     from streams.topics import TopicSpec, ensure_topics
 
@@ -327,15 +327,10 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
 
 def item_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> dict[str, Any]:
     """item_semantic_ids: brand-new items at a steady rate -> decodable in the index (after a warm-up item)."""
+    from contracts.redis_keys import ARTIFACTS_KEY, dedup_namespace, index_key, item_key
     from jobs.cli import cancel, submit
-    from jobs.item_semantic_ids import check_artifact
-    from jobs.item_semantic_ids_logic import (
-        ARTIFACTS_KEY,
-        artifact_version,
-        dedup_namespace,
-        index_key,
-        item_key,
-    )
+    from jobs.item_semantic_ids_job import check_artifact
+    from jobs.item_semantic_ids_logic import artifact_version
     from streams.producer import EventPublisher
     from streams.topics import TopicSpec, ensure_topics
 
@@ -407,9 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     from infra import stack
     from infra.settings import get_settings
     from streams.bench_anchor import kafka_raw_anchor
+    from streams.topics import ensure_pipeline
 
     settings = get_settings()
-    stack.up(settings=settings)
+    stack.up(settings=settings, after_kafka=ensure_pipeline)
     run_id = uuid.uuid4().hex[:8]
     r = redis.Redis.from_url(settings.redis_url)
 

@@ -131,9 +131,9 @@ def seed_states(settings: Any, checkpoint: Path, users: int, history: int, seed:
     import torch
     from feast.data_source import PushMode
 
+    from contracts.tokenizer import TokenizedEvent
+    from contracts.user_state_rule import states_from_events
     from infra.feast_store import open_feature_store
-    from models.tokenizer import TokenizedEvent
-    from models.user_state import states_from_events
 
     vocab = list(torch.load(checkpoint, map_location="cpu", weights_only=False)["vocab"])
     rng = random.Random(seed)
@@ -397,10 +397,10 @@ def calibrate(checkpoint: Path, batches: int = 100, batch: int = 8) -> float:
     import numpy as np
     import torch
 
-    from models.user_state import STATE_VERSION
+    from contracts.user_state_rule import STATE_VERSION
     from serving.generator import GenerationRequest
-    from serving.state import UserStateView
     from serving.ugt_generator import UGTGenerator
+    from serving.user_state_reader import UserStateView
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

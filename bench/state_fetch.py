@@ -2,8 +2,8 @@
 
 Pushes one user's state (a full window of events) through Feast, then times, per read:
   feast_sdk      store.get_online_features(recommend_v1, one entity).to_dict()   (what FeastStateReader does)
-  feast_reader   serving.state.FeastStateReader.read (the SDK call + the typed view)
-  redis_direct   serving.state.RedisStateReader.read (one HMGET + protobuf decode + the typed view)
+  feast_reader   serving.user_state_reader.FeastStateReader.read (the SDK call + the typed view)
+  redis_direct   serving.user_state_reader.RedisStateReader.read (one HMGET + protobuf decode + the typed view)
   redis_hmget    the HMGET alone, undecoded (the floor: one Redis round trip from Python)
 Prints a table and writes bench/results/state_fetch.json with the machine's description.
 
@@ -24,8 +24,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from contracts.user_state_rule import UserState
 from infra.settings import get_settings
-from models.user_state import UserState
 
 RESULTS = Path(__file__).resolve().parent / "results" / "state_fetch.json"
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from infra.feast_store import open_feature_store
     from serving.feast_redis import FeastRedisLayout
-    from serving.state import FeastStateReader, RedisStateReader
+    from serving.user_state_reader import FeastStateReader, RedisStateReader
 
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url)

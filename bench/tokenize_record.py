@@ -34,7 +34,7 @@ class DictRedis:
     """An in-memory stand-in for the semantic-ID store (the cache preloads it, so the loop never calls it)."""
 
     def __init__(self, version: str, codes: dict[str, str]):
-        from jobs.item_semantic_ids_logic import ACTIVE_KEY, item_key
+        from contracts.redis_keys import ACTIVE_KEY, item_key
 
         self.strings = {ACTIVE_KEY: version.encode()}
         self.hashes = {item_key(version): {k.encode(): v.encode() for k, v in codes.items()}}
@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="print a cProfile of EventTokenizer.process")
     args = parser.parse_args(argv)
 
+    from contracts.datasets import load_dataset, user_events
     from infra.schema_registry import PREFIX, make_server
     from jobs.sid_cache import SemanticIdCache
     from jobs.tokenize_logic import EventTokenizer, decode_and_tokenize
-    from streams.datasets import load_dataset, user_events
     from streams.serde import AvroSerde, SchemaRegistryClient, encode_with_id
 
     server = make_server("127.0.0.1", 0, Path(tempfile.mkdtemp()) / "registry.json")

@@ -64,7 +64,7 @@ class NoRedis:
 
 
 def anchor(events: list) -> float:
-    from models.user_state import UserState, apply_event
+    from contracts.user_state_rule import UserState, apply_event
 
     store: dict[str, bytes] = {}
     start = time.perf_counter()
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile one cached pass; print the top 15")
     args = parser.parse_args(argv)
 
-    from models.tokenizer import tokenize_event
-    from streams.datasets import load_dataset, user_events
+    from contracts.datasets import load_dataset, user_events
+    from contracts.tokenizer import tokenize_event
 
     dataset = load_dataset("ml-1m")
     events = [tokenize_event(e) for e in tqdm(user_events(dataset, limit=args.events), total=args.events,

@@ -1,4 +1,4 @@
-"""Feature views: what serving reads. Field names match models/user_state.py FEATURE_NAMES (real time) and
+"""Feature views: what serving reads. Field names match contracts/user_state_rule.py FEATURE_NAMES (real time) and
 LONG_TERM_FEATURE_NAMES (nearline). TTLs match the user_state job's --state-ttl-days and feature_store.yaml's
 key_ttl_seconds (90 days): an idle user's state expires everywhere at about the same time."""
 
@@ -15,16 +15,16 @@ user_recent_events = FeatureView(
     ttl=timedelta(days=90),
     schema=[
         Field(name="recent_item_ids", dtype=Array(String), description="Last N item ids, oldest first."),
-        Field(name="recent_action_tokens", dtype=Array(Int64), description="Action token per event (models.tokenizer)."),
+        Field(name="recent_action_tokens", dtype=Array(Int64), description="Action token per event (contracts.tokenizer)."),
         Field(name="recent_rating_tokens", dtype=Array(Int64), description="Rating token per event."),
         Field(name="recent_event_times", dtype=Array(Int64), description="Event time per event, epoch ms."),
         Field(name="event_count", dtype=Int64, description="Events applied to this user so far."),
         Field(name="last_event_time", dtype=Int64, description="Newest event time, epoch ms."),
-        Field(name="state_version", dtype=Int64, description="models.user_state.STATE_VERSION of the writer."),
+        Field(name="state_version", dtype=Int64, description="contracts.user_state_rule.STATE_VERSION of the writer."),
     ],
     source=user_recent_events_push,
     online=True,
-    tags={"owner": "jobs/user_state.py", "freshness": "per event"},
+    tags={"owner": "jobs/user_state_job.py", "freshness": "per event"},
 )
 
 user_long_term = FeatureView(
@@ -44,11 +44,11 @@ user_long_term = FeatureView(
         Field(name="last_hour_token", dtype=Int64, description="Hour token of the newest event."),
         Field(name="last_domain", dtype=String, description="Domain of the newest event."),
         Field(name="compacted_event_count", dtype=Int64, description="event_count when this row was compacted."),
-        Field(name="state_version", dtype=Int64, description="models.user_state.STATE_VERSION of the writer."),
+        Field(name="state_version", dtype=Int64, description="contracts.user_state_rule.STATE_VERSION of the writer."),
     ],
     source=user_long_term_push,
     online=True,
-    tags={"owner": "jobs/user_state.py", "freshness": "every --compact-interval-min (nearline)"},
+    tags={"owner": "jobs/user_state_job.py", "freshness": "every --compact-interval-min (nearline)"},
 )
 
 item_metadata = FeatureView(
@@ -64,7 +64,7 @@ item_metadata = FeatureView(
     ],
     source=item_metadata_push,
     online=True,
-    tags={"owner": "jobs/item_semantic_ids.py"},
+    tags={"owner": "jobs/item_semantic_ids_job.py"},
 )
 
 
@@ -75,7 +75,7 @@ user_events_lake = FeatureView(
     ttl=timedelta(0),  # no lookback limit
     schema=[
         Field(name="item_id", dtype=String, description="The event's item."),
-        Field(name="action_token", dtype=Int32, description="models.tokenizer action token."),
+        Field(name="action_token", dtype=Int32, description="contracts.tokenizer action token."),
         Field(name="rating_token", dtype=Int32, description="Half-star rating bucket, 0 = none."),
         Field(name="hour_token", dtype=Int32, description="Hour of day (UTC)."),
         Field(name="weekday_token", dtype=Int32, description="Day of week (UTC), 1 = Monday."),
@@ -84,5 +84,5 @@ user_events_lake = FeatureView(
     ],
     source=events_tokens_lake,
     online=False,
-    tags={"owner": "jobs/tokenize.py", "store": "offline (parquet lake)"},
+    tags={"owner": "jobs/tokenize_job.py", "store": "offline (parquet lake)"},
 )

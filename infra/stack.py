@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -540,22 +540,6 @@ def services(s: Settings | None = None, only: Iterable[str] | None = None) -> li
 
 
 # ---------------------------------------------------------------------------------------------
-# Kafka topics
-# ---------------------------------------------------------------------------------------------
-def ensure_topics(s: Settings) -> dict[str, str]:
-    """The pipeline's topics and schema subjects, from the one registry of them in streams/topics.py."""
-    from streams.topics import ensure_subjects
-    from streams.topics import ensure_topics as ensure_pipeline_topics
-
-    try:
-        topics = ensure_pipeline_topics(s)
-        ensure_subjects(s)
-    except Exception as exc:  # TopicError, RegistryError: say which step failed
-        raise StackError(f"could not create the pipeline's topics or schema subjects: {exc}") from exc
-    return topics
-
-
-# ---------------------------------------------------------------------------------------------
 # up / down / status
 # ---------------------------------------------------------------------------------------------
 def _wait_all_healthy(
@@ -610,14 +594,20 @@ def _exclusive(s: Settings, log: Callable[[str], None]) -> Iterator[None]:
 
 
 def up(only: Iterable[str] | None = None, settings: Settings | None = None,
-       log: Callable[[str], None] = print) -> dict[str, float]:
-    """Start what is not already healthy; returns seconds until each service was healthy (0 = was up)."""
+       log: Callable[[str], None] = print,
+       after_kafka: Callable[[Settings], Mapping[str, str]] | None = None) -> dict[str, float]:
+    """Start what is not already healthy; returns seconds until each service was healthy (0 = was up).
+
+    ``after_kafka`` runs once Kafka and the registry are healthy (the callers pass
+    ``streams.topics.ensure_pipeline``: topics and schema subjects belong to the streams layer above this one).
+    """
     s = settings or get_settings()
     with _exclusive(s, log):
-        return _up(s, only, log)
+        return _up(s, only, log, after_kafka)
 
 
-def _up(s: Settings, only: Iterable[str] | None, log: Callable[[str], None]) -> dict[str, float]:
+def _up(s: Settings, only: Iterable[str] | None, log: Callable[[str], None],
+        after_kafka: Callable[[Settings], Mapping[str, str]] | None) -> dict[str, float]:
     t0 = time.monotonic()
     chosen = services(s, only)
     s.log_dir.mkdir(parents=True, exist_ok=True)
@@ -657,8 +647,11 @@ def _up(s: Settings, only: Iterable[str] | None, log: Callable[[str], None]) -> 
         for name, future in starting.items():  # record every pid we spawned, even after a failure
             if future.exception() is None and not read_pids(s, name):
                 _write_pids(s, name, future.result())
-    if any(svc.name == "kafka" for svc in chosen):
-        topics = ensure_topics(s)
+    if after_kafka is not None and any(svc.name == "kafka" for svc in chosen):
+        try:
+            topics = after_kafka(s)
+        except Exception as exc:  # TopicError, RegistryError: say which step failed
+            raise StackError(f"could not create the pipeline's topics or schema subjects: {exc}") from exc
         log("topics    " + ", ".join(f"{t} ({state})" for t, state in topics.items()))
     took["total"] = time.monotonic() - t0
     return took

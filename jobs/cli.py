@@ -8,7 +8,7 @@
     ugt jobs stop user_state                              # stop with a savepoint; prints where it is
     ugt jobs submit user_state --detached --from-savepoint <path> -- <the job's args>   # resume (or upgrade)
 
-`submit` runs `<pyflink>/bin/flink run [-d] [-s <savepoint> [-n]] -py jobs/<job>.py <job args>` with the stack's
+`submit` runs `<pyflink>/bin/flink run [-d] [-s <savepoint> [-n]] -py jobs/<job>_job.py <job args>` with the stack's
 FLINK_CONF_DIR (infra.stack.flink_env); the others use Flink's REST API at Settings.flink_rest_url.
 """
 
@@ -30,6 +30,12 @@ from infra.settings import REPO_ROOT, get_settings
 JOBS = ("tokenize", "user_state")  # `submit all` and the demo
 ITEM_JOB = "item_semantic_ids"  # `submit all` adds it once an artifact is registered for the active version
 SUBMITTABLE = (*JOBS, ITEM_JOB)  # what `submit <job>` accepts
+
+
+def job_file(job: str) -> Path:
+    """The PyFlink entry file of a job: jobs/<job>_job.py (never a bare `<job>.py`: `flink run -py` puts jobs/ on
+    sys.path, where `tokenize.py` would shadow the standard library's tokenize)."""
+    return REPO_ROOT / "jobs" / f"{job}_job.py"
 TERMINAL = {"FINISHED", "FAILED", "CANCELED"}
 JOB_ID = re.compile(r"JobID ([0-9a-f]{32})")
 
@@ -42,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="<action>", required=True)
     submit = sub.add_parser("submit", help="submit a job (or all: tokenize, user_state, and item_semantic_ids when a "
                             "semantic-ID version is active) with `flink run -py`",
-                            description="Arguments after `--` go to the job (see `python jobs/<job>.py --help`).")
+                            description="Arguments after `--` go to the job (see `python jobs/<job>_job.py --help`).")
     submit.add_argument("job", choices=(*SUBMITTABLE, "all"))
     submit.add_argument("--detached", action="store_true", help="return once submitted (flink run -d)")
     submit.add_argument("--from-savepoint", metavar="PATH", default=None,
@@ -153,7 +159,7 @@ def job_command(job: str, job_args: list[str], detached: bool, savepoint: str | 
     args = job_args[1:] if job_args[:1] == ["--"] else job_args
     restore = ["-s", savepoint, *(["-n"] if allow_non_restored else [])] if savepoint else []
     return [str(flink_bin()), "run", *(["-d"] if detached else []), *restore,
-            "-py", str(REPO_ROOT / "jobs" / f"{job}.py"), *args]
+            "-py", str(job_file(job)), *args]
 
 
 def submit(job: str, job_args: list[str], detached: bool, savepoint: str | None = None,
@@ -199,7 +205,7 @@ def jobs_for_all() -> tuple[str, ...]:
     """tokenize, user_state, and item_semantic_ids when it can start without arguments (an active artifact)."""
     import redis
 
-    from jobs.item_semantic_ids_logic import active_version, artifact_path_of
+    from contracts.redis_keys import active_version, artifact_path_of
 
     try:
         client = redis.Redis.from_url(get_settings().redis_url)

@@ -26,21 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.item_semantic_ids_logic import (
-    ACTIVE_KEY,
-    ItemSidAssigner,
-    activate,
-    active_version,
-    decode_item_event,
-    feature_row,
-    item_key,
-    parse_code,
-    redis_assigner,
-    register_artifact,
-)
-from jobs.tokenize_logic import DeadLetterError
+from contracts.redis_keys import ACTIVE_KEY, activate, active_version, item_key, parse_code, register_artifact
+from jobs.dead_letters import DeadLetterError
+from jobs.item_semantic_ids_logic import ItemSidAssigner, decode_item_event, feature_row, redis_assigner
 
-log = logging.getLogger("ugt.jobs.item_semantic_ids.backfill")
+log = logging.getLogger("ugt.jobs.item_semantic_ids_job.backfill")
 
 
 class BackfillError(RuntimeError):

@@ -29,7 +29,6 @@ from a shared :class:`~models.semantic_ids.dedup.RedisDedupStore`, so parallel i
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,102 +37,34 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jobs.tokenize_logic import DeadLetterError, dead_letter_key, dead_letter_record
+from contracts.redis_keys import (
+    ACTIVE_KEY,
+    ARTIFACTS_KEY,
+    FEED_MAXLEN,
+    activate_if_none,
+    active_version,
+    artifact_path_of,
+    code_string,
+    dedup_namespace,
+    feed_entry,
+    feed_key,
+    index_key,
+    item_key,
+    parse_code,
+    register_artifact,
+)
+from jobs.dead_letters import DeadLetterError, dead_letter_key, dead_letter_record
 from models.semantic_ids.artifact import artifact_version  # noqa: F401 - re-exported: jobs name versions by it
-from models.semantic_ids.dedup import DedupAllocator, DedupOverflowError, prefix_key
+from models.semantic_ids.dedup import DedupAllocator, DedupOverflowError
 from models.semantic_ids.items import ItemError, canonical_item
 from streams.serde import AvroSerde, RegistryError, SerdeError
 
-log = logging.getLogger("ugt.jobs.item_semantic_ids")
+log = logging.getLogger("ugt.jobs.item_semantic_ids_job")
 
 JOB_NAME = "item_semantic_ids"
 FEATURE_VIEW = "item_metadata"
 PUSH_SOURCE = "item_metadata_push"
-INDEX_PREFIX = "ugt:sid:index:"
-ITEM_PREFIX = "ugt:sid:item:"
-DEDUP_PREFIX = "ugt:sid:dedup:"
-FEED_PREFIX = "ugt:sid:feed:"  # Redis stream per version: items given a code after the artifact was built
-FEED_MAXLEN = 1_000_000  # approximate cap of a feed (XADD MAXLEN ~): a generator restarted later reads at most this
-ACTIVE_KEY = "ugt:sid:active"  # Redis string: the artifact version readers (tokenize, generator) use now
-ARTIFACTS_KEY = "ugt:sid:artifacts"  # Redis hash version -> artifact folder, so a job can follow a flip
 REQUIRED_STRINGS = ("item_id", "domain", "title")
-
-
-def active_version(client: Any, key: str = ACTIVE_KEY) -> str | None:
-    """The semantic-ID version readers should use (``GET ugt:sid:active``), or None when none is active yet.
-
-    Readers resolve it, then read ``ugt:sid:item:<version>`` / ``ugt:sid:index:<version>``; a backfill flips it
-    with one SET once the new version's index is complete, so a reader never sees a half-written version.
-    """
-    value = client.get(key)
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def activate_if_none(client: Any, version: str, key: str = ACTIVE_KEY) -> bool:
-    """Make `version` active unless one already is (SET NX): a job starting with an artifact; True if it did."""
-    return bool(client.set(key, version, nx=True))
-
-
-def register_artifact(client: Any, version: str, path: str | Path) -> None:
-    """Record where version's artifact lives (absolute path, same box / shared disk) for jobs that follow flips."""
-    client.hset(ARTIFACTS_KEY, version, str(Path(path).resolve()))
-
-
-def artifact_path_of(client: Any, version: str) -> str | None:
-    """The folder registered for `version` by :func:`register_artifact`, or None."""
-    value = client.hget(ARTIFACTS_KEY, version)
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def activate(client: Any, version: str, key: str = ACTIVE_KEY) -> str | None:
-    """Make `version` active (atomic SET, GET of the old value in the same command); returns the previous one."""
-    old = client.set(key, version, get=True)
-    if old is None:
-        return None
-    return old.decode() if isinstance(old, bytes) else str(old)
-
-
-def index_key(version: str) -> str:
-    """Redis hash code string -> item_id: what the generator decodes generated IDs with."""
-    return f"{INDEX_PREFIX}{version}"
-
-
-def item_key(version: str) -> str:
-    """Redis hash item_id -> code string (the reverse of :func:`index_key`)."""
-    return f"{ITEM_PREFIX}{version}"
-
-
-def feed_key(version: str) -> str:
-    """The stream of items given a code under `version` after its artifact was built (the live generators' feed)."""
-    return f"{FEED_PREFIX}{version}"
-
-
-def feed_entry(item: Mapping[str, Any], code: str) -> dict[str, str]:
-    """One feed entry: what a generator needs to serve a new item (its code and the metadata the model embeds)."""
-    year = item.get("year")
-    return {"item_id": str(item["item_id"]), "code": code,
-            "categories": json.dumps(list(item.get("genres") or [])),
-            "year": "" if year is None else str(int(year))}
-
-
-def dedup_namespace(version: str) -> str:
-    """RedisDedupStore namespace of one artifact version (dedup indices are only meaningful per artifact)."""
-    return f"{DEDUP_PREFIX}{version}"
-
-
-def code_string(sid: Sequence[int]) -> str:
-    """"l1-l2-l3-dedup": the text form of a full semantic ID (index field, dedup prefix keys use the same)."""
-    return prefix_key(sid)
-
-
-def parse_code(code: str | bytes) -> tuple[int, ...]:
-    """The inverse of :func:`code_string`."""
-    text = code.decode() if isinstance(code, bytes) else code
-    return tuple(int(part) for part in text.split("-"))
 
 
 def item_from_record(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.tokenizer import ACTIONS, TokenizedEvent
+from contracts.tokenizer import ACTIONS, TokenizedEvent
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -164,7 +164,7 @@ def read_lake(path: str | Path | None = None, start: str | None = None, end: str
 
 
 def lake_ratings(path: str | Path | None = None, **window: Any) -> pd.DataFrame:
-    """The lake as the trainer's ratings frame (streams.datasets' generic format).
+    """The lake as the trainer's ratings frame (contracts.datasets' generic format).
 
     user_id, item_id (str), timestamp (epoch s), rating (stars back from the half-star rating token; NaN when
     none), row (order in the lake), action (VIEW/CLICK/RATE/...).
@@ -185,10 +185,10 @@ def lake_ratings(path: str | Path | None = None, **window: Any) -> pd.DataFrame:
 
 
 def lake_dataset(path: str | Path | None = None, **window: Any):
-    """A streams.datasets.Dataset over the lake's ratings (no item metadata: the lake holds events only)."""
+    """A contracts.datasets.Dataset over the lake's ratings (no item metadata: the lake holds events only)."""
     import pandas as pd
 
-    from streams.datasets import Dataset
+    from contracts.datasets import Dataset
 
     ratings = lake_ratings(path, **window)
     ids = pd.unique(ratings["item_id"])

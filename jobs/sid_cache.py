@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from jobs.item_semantic_ids_logic import ACTIVE_KEY, item_key, parse_code
+from contracts.redis_keys import ACTIVE_KEY, item_key, parse_code
 
 Levels = tuple[int, ...]
 MAX_REMEMBERED_MISSES = 100_000

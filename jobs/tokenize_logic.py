@@ -3,7 +3,7 @@
 Every failure a record can cause becomes a :class:`DeadLetterError` with a reason code, so the job sends
 the record to events.dlq instead of dying: OVERSIZED (over ``Rules.max_record_bytes``), BAD_MAGIC /
 UNKNOWN_SCHEMA / DECODE_ERROR (from streams.serde), MISSING_FIELD / WRONG_TYPE / BAD_VALUE (from
-models.tokenizer), FAR_FUTURE (event time more than ``max_future_skew_ms`` after the wall clock), TOO_OLD
+contracts.tokenizer), FAR_FUTURE (event time more than ``max_future_skew_ms`` after the wall clock), TOO_OLD
 (event time before ``min_event_time_ms``), UNKNOWN_ITEM (the semantic-ID store has no code for the item,
 with ``unknown_items="dlq"``) and PROCESSING_ERROR (anything else the record triggered).
 A Schema Registry outage is not the record's fault: RegistryError propagates and Flink restarts the job.
@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from models.tokenizer import MAX_FUTURE_SKEW_MS, TokenizedEvent, TokenizeError, tokenize_event
+from contracts.tokenizer import MAX_FUTURE_SKEW_MS, TokenizedEvent, TokenizeError, tokenize_event
+from jobs.dead_letters import DeadLetterError, dead_letter_key, dead_letter_record
 from streams.avro_codegen import compile_encoder
 from streams.avro_decoder import DecodeFailed, Decoder, compile_decoder
 from streams.serde import (
@@ -36,11 +37,6 @@ if TYPE_CHECKING:  # jobs.sid_cache imports item_semantic_ids_logic, which impor
     from jobs.sid_cache import SemanticIdCache
 
 JOB_NAME = "tokenize"
-MAX_REASON_CHARS = 1000
-REASON_CODES = (
-    "BAD_MAGIC", "UNKNOWN_SCHEMA", "DECODE_ERROR", "OVERSIZED",
-    "MISSING_FIELD", "WRONG_TYPE", "BAD_VALUE", "FAR_FUTURE", "TOO_OLD", "UNKNOWN_ITEM", "PROCESSING_ERROR",
-)
 UNKNOWN_ITEM_POLICIES = ("pass", "dlq")
 # 1990-01-01 UTC: MovieLens-100K starts in 1997 and ML-1M in 2000, so the default floor accepts both
 DEFAULT_MIN_EVENT_TIME_MS = 631_152_000_000
@@ -64,15 +60,6 @@ class Rules:
             raise ValueError(f"max_future_skew_ms must be >= 0, got {self.max_future_skew_ms}")
 
 
-class DeadLetterError(ValueError):
-    """A record the job cannot use; carries the dead letter's reason code and text."""
-
-    def __init__(self, reason_code: str, reason: str):
-        super().__init__(f"{reason_code}: {reason}")
-        self.reason_code = reason_code
-        self.reason = reason[:MAX_REASON_CHARS]
-
-
 def parse_time_floor(text: str | int) -> int:
     """--min-event-time: YYYY-MM-DD (UTC midnight) or epoch milliseconds -> epoch ms."""
     import datetime as dt
@@ -91,7 +78,7 @@ def resolve_sid_version(redis_url: str, version: str = "") -> str:
     """The version the job would read: `version`, else ugt:sid:active; ValueError saying what to do if none."""
     import redis
 
-    from jobs.item_semantic_ids_logic import ACTIVE_KEY, item_key
+    from contracts.redis_keys import ACTIVE_KEY, item_key
 
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     try:
@@ -136,28 +123,6 @@ def decode_and_tokenize(serde: AvroSerde, data: bytes | None, now_ms: int, rules
         raise DeadLetterError("PROCESSING_ERROR", f"{exc.__class__.__name__}: {exc}") from exc
     check_event_time(event, now_ms, rules)
     return event
-
-
-def dead_letter_record(
-    original: bytes | None, topic: str, partition: int, offset: int,
-    reason_code: str, reason: str, job: str, failed_at_ms: int,
-) -> dict[str, Any]:
-    """A record of schemas/dead_letter.avsc (a null value is kept as empty bytes)."""
-    return {
-        "original": bytes(original) if original is not None else b"",
-        "topic": topic,
-        "partition": int(partition),
-        "offset": int(offset),
-        "reason_code": reason_code,
-        "reason": reason[:MAX_REASON_CHARS],
-        "job": job,
-        "failed_at": int(failed_at_ms),
-    }
-
-
-def dead_letter_key(topic: str, partition: int, offset: int) -> bytes:
-    """DLQ records are keyed by where the original came from, so replays of it land beside it."""
-    return f"{topic}:{partition}:{offset}".encode()
 
 
 @dataclass(frozen=True)

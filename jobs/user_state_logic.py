@@ -4,10 +4,10 @@
 (jobs/operators/user_state_fn.py) only hands it the current key's state (a :class:`KeyedStore`) and
 registers the timers it asks for. Tests and bench/user_state_cost.py drive it with in-memory fakes.
 
-Per event: models.user_state.apply_checked (recent window, bounded lateness: LATE events go to the DLQ),
+Per event: contracts.user_state_rule.apply_checked (recent window, bounded lateness: LATE events go to the DLQ),
 then the user is queued in :class:`OnlineStateWriter`, which writes rows in batches (the last state per user
 wins inside a batch) to Feast together with the popularity increments. Every ``compact_interval_ms`` an
-active user's timer folds the spill into the long-term groups (models.user_state.compact) and queues the
+active user's timer folds the spill into the long-term groups (contracts.user_state_rule.compact) and queues the
 `user_long_term` row.
 
 Exactly-once effect. Flink restores state and Kafka offsets from the last checkpoint and replays what came
@@ -37,8 +37,9 @@ from datetime import datetime, timezone
 from operator import attrgetter
 from typing import Any, Protocol
 
-from models.tokenizer import TokenizedEvent
-from models.user_state import (
+from contracts.redis_keys import applied_key, popularity_key
+from contracts.tokenizer import TokenizedEvent
+from contracts.user_state_rule import (
     APPLIED,
     DEFAULT_MAX_EVENTS,
     LONG_TERM_VIEW,
@@ -55,21 +56,9 @@ from streams.serde import AvroSerde, RegistryError, SerdeError
 JOB_NAME = "user_state"
 PUSH_SOURCE = "user_recent_events_push"
 FEATURE_VIEW = "user_recent_events"
-POPULARITY_PREFIX = "ugt:popularity:"
-APPLIED_PREFIX = "ugt:popularity-applied:"
 LATE_EVENT = "LATE_EVENT"
 
 FLUSH_TIMER, COMPACT_TIMER = 0, 1
-
-
-def popularity_key(domain: str) -> str:
-    """The Redis sorted set of item popularity for one domain (what serving's fallback reads)."""
-    return f"{POPULARITY_PREFIX}{domain or 'movie'}"
-
-
-def applied_key(domain: str, user_id: str) -> str:
-    """Where the popularity script records the last event sequence number it counted for a user."""
-    return f"{APPLIED_PREFIX}{domain or 'movie'}:{user_id}"
 
 
 def decode_token_event(serde: AvroSerde, data: bytes | None) -> TokenizedEvent:

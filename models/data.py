@@ -14,7 +14,7 @@ whole sequence before the last event (so it includes the validation item), as SA
 evaluation do. Each model input is the most recent ``max_len`` events; like HSTU, sequences are
 left-aligned (real events first, padding after), so causal attention never sees padding.
 
-Tokens come from :mod:`models.tokenizer` (rating tokens, time-gap buckets), so the trainer and the
+Tokens come from :mod:`contracts.tokenizer` (rating tokens, time-gap buckets), so the trainer and the
 streaming jobs agree on what a token is.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import pandas as pd
 
-from models.tokenizer import NUM_TIME_GAP_BUCKETS, TokenVocab, rating_token, time_gap_bucket
+from contracts.tokenizer import NUM_TIME_GAP_BUCKETS, TokenVocab, rating_token, time_gap_bucket
 
 TIE_ORDERS = ("hstu", "stable")
 SPLITS = ("train", "valid", "test")
@@ -41,7 +41,7 @@ class SequenceData:
     user_ids: list[str]
     items: list[np.ndarray]  # per user, int64 item indices (1..num_items)
     times: list[np.ndarray]  # per user, int64 epoch seconds
-    ratings: list[np.ndarray]  # per user, int64 rating tokens (models.tokenizer.rating_token)
+    ratings: list[np.ndarray]  # per user, int64 rating tokens (contracts.tokenizer.rating_token)
     genre_names: list[str]
     item_genres: np.ndarray  # [num_items + 1, max_genres] genre index + 1 (0 = none)
     item_year_bucket: np.ndarray  # [num_items + 1] 0 = unknown, else decade bucket
@@ -94,7 +94,7 @@ def year_bucket(year: int) -> int:
 
 
 def build_sequences(dataset, tie_order: str = "hstu") -> SequenceData:
-    """Turn a ``streams.datasets.Dataset`` into per-user sequences.
+    """Turn a ``contracts.datasets.Dataset`` into per-user sequences.
 
     The vocabulary holds every catalog item (HSTU ranks over all movies of movies.dat, rated or not),
     then any rated item missing from the catalog.

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
+from contracts.tokenizer import TokenVocab
 from models.baselines.popularity import Popularity
 from models.baselines.sasrec import SASRec, SASRecConfig
 from models.data import (
@@ -46,7 +47,6 @@ from models.data import (
 from models.eval import batch_to_device, evaluate
 from models.hstu import HSTU, HSTUConfig
 from models.losses import dpo_loss, sampled_softmax_loss, semantic_contrastive_loss
-from models.tokenizer import TokenVocab
 from models.ugt.model import UGT, UGTConfig
 from models.ugt.ranking import ranking_loss
 
@@ -71,7 +71,7 @@ class DPOConfig:
 @dataclass
 class TrainConfig:
     name: str = "run"
-    dataset: str = "ml-1m"  # streams.datasets name
+    dataset: str = "ml-1m"  # contracts.datasets name
     tie_order: str = "hstu"  # hstu | stable (models.data)
     model: str = "ugt"  # sasrec | hstu | ugt | popularity
     model_config: dict = field(default_factory=dict)  # fields of the model's config dataclass
@@ -147,7 +147,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_data(cfg: TrainConfig) -> SequenceData:
-    from streams.datasets import load_dataset
+    from contracts.datasets import load_dataset
 
     dataset = load_dataset(cfg.dataset)
     data = build_sequences(dataset, cfg.tie_order)

@@ -28,16 +28,16 @@ from serving.config import ConfigError, ServingConfig, routes
 from serving.engine_process import EngineProcess, EngineUnavailable
 from serving.fallback import NoPopularity, PopularityFallback, load_popularity_file
 from serving.generator import Generator, PopularityGenerator
-from serving.metrics import ServingMetrics, merge_expositions
-from serving.ratelimit import RateLimiter
-from serving.reranker import FilterReranker, Reranker, RuleReranker
-from serving.schemas import (
+from serving.http_models import (
     REQUEST_EXAMPLES,
     ErrorResponse,
     HealthResponse,
     RecommendRequest,
     RecommendResponse,
 )
+from serving.metrics import ServingMetrics, merge_expositions
+from serving.ratelimit import RateLimiter
+from serving.reranker import FilterReranker, Reranker, RuleReranker
 from serving.service import (
     ENGINE_UNAVAILABLE,
     TIMEOUT,
@@ -46,7 +46,7 @@ from serving.service import (
     RecommendService,
     UnknownDomain,
 )
-from serving.state import read_many
+from serving.user_state_reader import read_many
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def build_components(settings: Settings, config: ServingConfig, client: redis.Re
     )
     if config.state_reader == "feast":
         from infra.feast_store import open_feature_store
-        from serving.state import FeastStateReader
+        from serving.user_state_reader import FeastStateReader
 
         try:
             reader = FeastStateReader(open_feature_store(settings), config.feature_service, client)
@@ -87,7 +87,7 @@ def build_components(settings: Settings, config: ServingConfig, client: redis.Re
             ) from exc
     else:
         from serving.feast_redis import FeastRedisLayout
-        from serving.state import RedisStateReader
+        from serving.user_state_reader import RedisStateReader
 
         try:
             layout = FeastRedisLayout.from_repo(settings.feature_repo)

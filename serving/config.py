@@ -67,7 +67,7 @@ class ServingConfig:
     generator_version: str = "v1"  # reported in every response as "<generator>-<version>" (ugt: from the checkpoint)
     checkpoint: str = ""  # generator ugt: a `ugt train` checkpoint.pt; relative to the config file
     state_reader: str = "redis"  # how user state is fetched, one of STATE_READERS (bench/state_fetch.py)
-    feature_view: str = "user_recent_events"  # the Feast view holding models.user_state.FEATURE_NAMES
+    feature_view: str = "user_recent_events"  # the Feast view holding contracts.user_state_rule.FEATURE_NAMES
     feature_service: str = "recommend_v1"  # what the Feast SDK reader asks for
     default_domain: str = "movie"  # used when a request names no domain (schemas/user_event.avsc default)
     popularity_key_prefix: str = "ugt:popularity:"  # Redis ZSET per domain, kept by the user_state job
@@ -77,7 +77,7 @@ class ServingConfig:
     redis_timeout_ms: int = 200  # socket connect/read timeout of serving's own Redis client
     max_body_bytes: int = 65536  # larger request bodies get 413
     max_exclude: int = 1000  # longest accepted `exclude` list
-    max_history: int = 200  # user-state events assumed at most (models.user_state.DEFAULT_MAX_EVENTS)
+    max_history: int = 200  # user-state events assumed at most (contracts.user_state_rule.DEFAULT_MAX_EVENTS)
     log_level: str = "info"  # uvicorn / logging level
     max_context: int = 50  # longest accepted `context` list (session items not yet in the stored state)
     api_keys: tuple[str, ...] = ()  # accepted X-API-Key values; empty = no authentication
@@ -157,7 +157,7 @@ def _problems(config: ServingConfig, base_dir: Path) -> list[str]:
         out.append(f"max_exclude: must be 0..100000, got {config.max_exclude}")
     if not 0 <= config.max_history <= 100_000:
         out.append(f"max_history: must be 0..100000, got {config.max_history}")
-    from serving.schemas import MAX_K  # the API bound; the cache must be able to fill the largest answer
+    from serving.http_models import MAX_K  # the API bound; the cache must be able to fill the largest answer
 
     needed = MAX_K + config.max_exclude + config.max_history
     if config.popularity_cache_size < needed:

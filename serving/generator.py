@@ -10,7 +10,7 @@ from collections.abc import Set
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
-from serving.state import UserStateView
+from serving.user_state_reader import UserStateView
 
 if TYPE_CHECKING:
     from serving.fallback import PopularityFallback

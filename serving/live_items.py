@@ -76,7 +76,7 @@ class LiveStats:
 def resolve_version(client: Any, wanted: str | None, trained: dict[str, str]) -> tuple[str | None, str]:
     """(version to follow or None, why): ``wanted`` or the active version, if its index agrees with ``trained``
     (item id -> code string of a sample of trained items)."""
-    from jobs.item_semantic_ids_logic import active_version, item_key
+    from contracts.redis_keys import active_version, item_key
 
     version = wanted or active_version(client)
     if not version:
@@ -129,7 +129,7 @@ class LiveCatalog:
         self._stop = threading.Event()
 
     def trained_sample(self, code_of: Callable[[str], tuple[int, ...]]) -> dict[str, str]:
-        from jobs.item_semantic_ids_logic import code_string
+        from contracts.redis_keys import code_string
 
         return {item: code_string(code_of(item)) for item in self.sample}
 
@@ -184,7 +184,7 @@ class LiveCatalog:
     def check_active(self, client: Any, version: str) -> None:
         """Notice a backfill's flip: the item job then codes new items under the active version only, and this
         model, trained on ``version``'s codes, keeps what it has until a model trained on the new one is served."""
-        from jobs.item_semantic_ids_logic import active_version
+        from contracts.redis_keys import active_version
 
         active = active_version(client)
         if active and active != version and self.stats.state == "following":
@@ -196,7 +196,7 @@ class LiveCatalog:
 
     def poll(self, client: Any, version: str, block_ms: int | None = None) -> int:
         """One read of the feed after the last entry seen; returns how many entries were accepted."""
-        from jobs.item_semantic_ids_logic import feed_key
+        from contracts.redis_keys import feed_key
 
         block = self.block_ms if block_ms is None else block_ms
         answer = client.xread({feed_key(version): self._last_id}, count=self.read_count, block=block or None)

@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from models.tokenizer import ACTION_TOKEN
-from models.user_state import STATE_VERSION
+from contracts.tokenizer import ACTION_TOKEN
+from contracts.user_state_rule import STATE_VERSION
 from serving.batcher import Queued
 from serving.config import DomainConfig, ServingConfig, routes
 from serving.fallback import NoPopularity, PopularityFallback
 from serving.generator import GenerationRequest, Generator, NoModelAnswer, ScoredItem, has_batch
+from serving.http_models import RecommendRequest, RecommendResponse
 from serving.metrics import STAGES, ServingMetrics
 from serving.reranker import Reranker
-from serving.schemas import RecommendRequest, RecommendResponse
-from serving.state import BadState, StateUnavailable, UserStateReader, UserStateView, read_many
+from serving.user_state_reader import BadState, StateUnavailable, UserStateReader, UserStateView, read_many
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class RecommendService:
                 self._log_sometimes(
                     logging.ERROR,
                     STATE_VERSION_MISMATCH,
-                    "user %r has state_version %d, this service reads %d (models.user_state.STATE_VERSION)",
+                    "user %r has state_version %d, this service reads %d (contracts.user_state_rule.STATE_VERSION)",
                     job.request.user_id,
                     result.state_version,
                     STATE_VERSION,

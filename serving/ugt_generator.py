@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from contracts.tokenizer import time_gap_bucket
 from models.data import history_row
 from models.eval import batch_to_device, last_states
-from models.tokenizer import time_gap_bucket
 from models.ugt.inference import InferenceConfig, UGTInference, prefix_fingerprint
 from serving.generator import BatchAnswer, GenerationRequest, NoModelAnswer, ScoredItem
 from serving.live_items import LiveCatalog
-from serving.state import UserStateView
+from serving.user_state_reader import UserStateView
 
 log = logging.getLogger("ugt.serving.ugt_generator")
 NO_KNOWN_ITEMS = "no_known_items"  # fallback reason: none of the user's history items is in the model's vocab

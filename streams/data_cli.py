@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from streams.datasets import DATASETS, DatasetError, dataset_dir, item_events, load_dataset, user_events
+from contracts.datasets import DATASETS, DatasetError, dataset_dir, item_events, load_dataset, user_events
 
 USER_EVENTS = "user_events.jsonl.gz"
 ITEM_EVENTS = "item_events.jsonl"
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def write_events(name: str, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Fetch (if needed), convert and write the event files; returns the summary that info prints."""
-    from streams.datasets import fetch_dataset
+    from contracts.datasets import fetch_dataset
 
     fetch_dataset(name, force=force)
     out = events_dir(name)

@@ -1,7 +1,7 @@
 """Write a dataset into Feast's offline store (parquet): item metadata and user-state snapshots.
 
 This is the batch side of the same features the stream keeps fresh: the user snapshots are computed
-with the ONE tokenizer and the ONE state rule the Flink jobs use (models.tokenizer, models.user_state),
+with the ONE tokenizer and the ONE state rule the Flink jobs use (contracts.tokenizer, contracts.user_state_rule),
 so `feast materialize` of a historical dataset puts exactly what the stream would have computed into
 Redis. Feast's Redis store keeps the newer row per entity, so materializing old snapshots never
 overwrites fresher state written by the `user_state` job.
@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from models.tokenizer import tokenize_event
-from models.user_state import DEFAULT_MAX_EVENTS, states_from_events
-from streams.datasets import Dataset, item_events, user_events
+from contracts.datasets import Dataset, item_events, user_events
+from contracts.tokenizer import tokenize_event
+from contracts.user_state_rule import DEFAULT_MAX_EVENTS, states_from_events
 
 
 def item_metadata_frame(dataset: Dataset) -> pd.DataFrame:

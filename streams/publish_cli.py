@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from contracts.datasets import DatasetError
 from infra.settings import Settings, get_settings
-from streams.datasets import DatasetError
 from streams.producer import DeliveryStats, EventPublisher, PublishError
 from streams.records import (
     KEY_FIELD,
@@ -133,7 +133,7 @@ def _rate(count: int, seconds: float) -> str:
 
 
 def _load(dataset: str) -> Any:
-    from streams.datasets import DATASETS, load_dataset, load_generic
+    from contracts.datasets import DATASETS, load_dataset, load_generic
 
     if dataset in DATASETS:
         return load_dataset(dataset)
@@ -156,7 +156,7 @@ def replay_dataset(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Items (optional, all at once) then user events in event-time order; returns counts and rates."""
-    from streams.datasets import item_events, user_events
+    from contracts.datasets import item_events, user_events
 
     settings = publisher.settings
     topic = topic or settings.topics.raw

@@ -145,3 +145,11 @@ def ensure_subjects(settings: Settings | None = None) -> dict[str, int]:
         subject_for(getattr(settings.topics, field)): ensure_subject(settings, getattr(settings.topics, field), name)
         for field, name in TOPIC_SCHEMAS.items()
     }
+
+
+def ensure_pipeline(settings: Settings | None = None) -> dict[str, str]:
+    """The pipeline's topics and schema subjects (what `ugt stack up` makes sure of); returns {topic: state}."""
+    settings = settings or get_settings()
+    topics = ensure_topics(settings)
+    ensure_subjects(settings)
+    return topics

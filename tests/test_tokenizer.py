@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from models.tokenizer import (
+from contracts.tokenizer import (
     ACTION_TOKEN,
     TokenizedEvent,
     TokenizeError,

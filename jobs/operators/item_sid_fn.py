@@ -18,8 +18,8 @@ from pyflink.common import Row, Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, ProcessFunction, RuntimeContext
 
 from jobs.common import key_value_type
+from jobs.dead_letters import dead_letter_key, dead_letter_record
 from jobs.item_semantic_ids_logic import JOB_NAME, DeadLetterError, decode_item_event
-from jobs.tokenize_logic import dead_letter_key, dead_letter_record
 from streams.serde import (
     AvroSerde,
     SchemaRegistryClient,

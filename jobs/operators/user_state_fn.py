@@ -20,9 +20,10 @@ from pyflink.common import Row, Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
 from pyflink.datastream.state import ListStateDescriptor, StateTtlConfig, ValueStateDescriptor
 
+from contracts.user_state_rule import DUPLICATE, LATE
 from jobs.common import key_value_type
+from jobs.dead_letters import dead_letter_key, dead_letter_record
 from jobs.operators.counters import CounterBatch
-from jobs.tokenize_logic import dead_letter_key, dead_letter_record
 from jobs.user_state_logic import (
     APPLIED,
     JOB_NAME,
@@ -36,7 +37,6 @@ from jobs.user_state_logic import (
     feast_row_writer,
     redis_popularity_writer,
 )
-from models.user_state import DUPLICATE, LATE
 from streams.serde import (
     AvroSerde,
     SchemaRegistryClient,

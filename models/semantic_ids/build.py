@@ -271,7 +271,7 @@ def stage1(
     elif not isinstance(config, SemanticIdConfig):
         config = SemanticIdConfig.from_dict(config)
     if isinstance(items, str):
-        from streams.datasets import load_dataset
+        from contracts.datasets import load_dataset
 
         dataset = dataset or items
         items = load_dataset(items).items

@@ -31,6 +31,8 @@ from collections.abc import Container, Iterable, Sequence
 
 import numpy as np
 
+from contracts.redis_keys import code_string
+
 
 class DedupOverflowError(RuntimeError):
     """More items share one prefix than the dedup level has room for."""
@@ -38,7 +40,7 @@ class DedupOverflowError(RuntimeError):
 
 def prefix_key(prefix: Sequence[int]) -> str:
     """Stable text key of a code prefix ("12-7-201"); used for store keys and Flink key_by."""
-    return "-".join(str(int(c)) for c in prefix)
+    return code_string(prefix)
 
 
 def first_free(taken: Container[int], capacity: int) -> int:

@@ -2,7 +2,7 @@
 
 One vector per event token (HSTU-style, the event's parts summed rather than interleaved, which keeps the
 sequence short): the item's identity (its ID row, or the sum of its semantic-ID code embeddings, or
-both), the event's rating token and time-gap bucket from :mod:`models.tokenizer`, the item's genres and
+both), the event's rating token and time-gap bucket from :mod:`contracts.tokenizer`, the item's genres and
 release decade, a token-type embedding (the GLN group) and a learned position. The item part is also the
 output item representation used for retrieval, so input and output share one space (as HSTU does).
 """
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.tokenizer import NUM_RATING_TOKENS, NUM_TIME_GAP_BUCKETS
+from contracts.tokenizer import NUM_RATING_TOKENS, NUM_TIME_GAP_BUCKETS
 
 ITEM_REPRS = ("id", "sid", "id+sid")
 

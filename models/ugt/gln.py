@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 @dataclass
 class GLNConfig:
-    num_groups: int = 4  # models.tokenizer TOKEN_GROUP_* (user, action, item, context)
+    num_groups: int = 4  # contracts.tokenizer TOKEN_GROUP_* (user, action, item, context)
     grouped: bool = True  # False: one shared LayerNorm (the ablation switch)
     eps: float = 1e-6
 

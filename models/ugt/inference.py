@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from contracts.tokenizer import TOKEN_GROUP_ITEM
 from models.hstu import bucketize_time_gaps, hstu_attention
-from models.tokenizer import TOKEN_GROUP_ITEM
 from models.ugt.heads import PrefixTrie, TrieEdit
 from models.ugt.model import UGT
 from models.ugt.ranking import Prefix, candidate_logits, prefix_indices

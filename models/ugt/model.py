@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from contracts.tokenizer import TOKEN_GROUP_ITEM
 from models.hstu import HSTUBlock
-from models.tokenizer import TOKEN_GROUP_ITEM
 from models.ugt.embedding import EmbeddingConfig, UnifiedEmbedding
 from models.ugt.gln import GLNConfig, GroupLayerNorm
 from models.ugt.heads import HeadsConfig, PrefixTrie, SemanticIDHead

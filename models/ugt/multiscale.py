@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from models.tokenizer import NUM_TIME_GAP_BUCKETS, TOKEN_GROUP_USER
+from contracts.tokenizer import NUM_TIME_GAP_BUCKETS, TOKEN_GROUP_USER
 
 
 @dataclass

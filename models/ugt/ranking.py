@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from contracts.tokenizer import TOKEN_GROUP_ITEM
 from models.data import _GAP_THRESHOLDS
 from models.hstu import bucketize_time_gaps
-from models.tokenizer import TOKEN_GROUP_ITEM
 from models.ugt.steps import attend_one, attn_inputs, attn_output
 
 _GAP_BOUNDS: dict[torch.device, torch.Tensor] = {}  # per device: no host-to-device copy inside a CUDA graph

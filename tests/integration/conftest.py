@@ -16,13 +16,14 @@ import pytest
 
 from infra import stack as stack_mod
 from infra.settings import Settings, get_settings
+from streams.topics import ensure_pipeline
 
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Settings]:
     settings = get_settings()
     was_up = {str(row["service"]) for row in stack_mod.status(settings=settings) if row["healthy"]}
-    stack_mod.up(settings=settings, log=lambda line: None)
+    stack_mod.up(settings=settings, log=lambda line: None, after_kafka=ensure_pipeline)
     yield settings
     started = [name for name in stack_mod.SERVICES if name not in was_up]
     if started and os.environ.get("UGT_STACK_TEARDOWN") == "1":

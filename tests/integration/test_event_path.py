@@ -27,13 +27,13 @@ import pytest
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from contracts.datasets import load_dataset, user_events
+from contracts.redis_keys import popularity_key
+from contracts.tokenizer import TokenizedEvent, tokenize_event
+from contracts.user_state_rule import FEATURE_NAMES, states_from_events
 from infra.feast_store import open_feature_store
 from infra.settings import REPO_ROOT, Settings, get_settings
 from jobs import cli as jobs_cli
-from jobs.user_state_logic import popularity_key
-from models.tokenizer import TokenizedEvent, tokenize_event
-from models.user_state import FEATURE_NAMES, states_from_events
-from streams.datasets import load_dataset, user_events
 from streams.producer import EventPublisher
 from streams.serde import AvroSerde, SchemaRegistryClient, encode_with_id, schema_text
 from streams.topics import TopicSpec, ensure_topics

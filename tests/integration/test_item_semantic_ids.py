@@ -22,21 +22,20 @@ import pytest
 import redis
 from confluent_kafka import Producer
 
-from infra.feast_store import open_feature_store
-from infra.settings import REPO_ROOT, Settings
-from jobs import cli as jobs_cli
-from jobs.item_semantic_ids_logic import (
+from contracts.redis_keys import (
     ARTIFACTS_KEY,
     active_version,
-    artifact_version,
     code_string,
     dedup_namespace,
     feed_key,
     index_key,
-    item_from_record,
     item_key,
     parse_code,
 )
+from infra.feast_store import open_feature_store
+from infra.settings import REPO_ROOT, Settings
+from jobs import cli as jobs_cli
+from jobs.item_semantic_ids_logic import artifact_version, item_from_record
 from models.semantic_ids import build_semantic_ids
 from streams.producer import EventPublisher
 from streams.serde import AvroSerde, SchemaRegistryClient

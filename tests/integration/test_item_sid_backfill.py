@@ -21,21 +21,23 @@ import pytest
 import redis
 from confluent_kafka import Consumer
 
+from contracts.redis_keys import (
+    ARTIFACTS_KEY,
+    active_version,
+    dedup_namespace,
+    index_key,
+    item_key,
+    parse_code,
+)
 from infra.feast_store import open_feature_store
 from infra.settings import REPO_ROOT, Settings
 from jobs.item_semantic_ids_backfill import backfill
 from jobs.item_semantic_ids_logic import (
-    ARTIFACTS_KEY,
     ItemBatcher,
-    active_version,
     artifact_version,
     decode_item_event,
-    dedup_namespace,
     follow_active,
-    index_key,
     item_from_record,
-    item_key,
-    parse_code,
 )
 from models.semantic_ids import build_semantic_ids
 from streams.producer import EventPublisher
@@ -215,9 +217,9 @@ def test_backfill_flips_without_downtime(stack: Settings, tmp_path) -> None:
 
 def test_job_defaults_to_the_active_artifact(stack: Settings, tmp_path) -> None:
     """`--artifact` left out: the job starts on the artifact registered for the active version, or says why not."""
+    from contracts.redis_keys import activate, register_artifact
     from jobs.common import JobSetupError
-    from jobs.item_semantic_ids import active_artifact
-    from jobs.item_semantic_ids_logic import activate, register_artifact
+    from jobs.item_semantic_ids_job import active_artifact
 
     run = uuid.uuid4().hex[:8]
     key = f"test:{run}:sid:active"

@@ -23,11 +23,10 @@ from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka.admin import AdminClient
 from test_user_state_exactly_once import ensure_feast_applied, online_rows, popularity, wait_for
 
-from infra.settings import Settings
-from jobs import cli as jobs_cli
-from jobs.user_state_logic import popularity_key
-from models.tokenizer import tokenize_event
-from models.user_state import (
+from contracts.datasets import load_dataset, user_events
+from contracts.redis_keys import popularity_key
+from contracts.tokenizer import tokenize_event
+from contracts.user_state_rule import (
     FEATURE_NAMES,
     LONG_TERM_FEATURE_NAMES,
     LONG_TERM_VIEW,
@@ -35,7 +34,8 @@ from models.user_state import (
     fold_events,
     long_term_row,
 )
-from streams.datasets import load_dataset, user_events
+from infra.settings import Settings
+from jobs import cli as jobs_cli
 from streams.producer import EventPublisher
 from streams.topics import TopicSpec, ensure_topics
 

@@ -19,11 +19,11 @@ import pytest
 import requests
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from infra.cli import main as ugt
+from contracts.datasets import item_events, load_dataset, user_events
 from infra.settings import Settings, get_settings
-from streams.datasets import item_events, load_dataset, user_events
 from streams.records import validate_record
 from streams.serde import HEADER, AvroSerde, SchemaRegistryClient, SerdeError, load_schema, subject_for
+from ugt.cli import main as ugt
 
 pytestmark = pytest.mark.integration
 

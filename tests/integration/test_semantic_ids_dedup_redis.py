@@ -128,14 +128,8 @@ def _job_instance(redis_url: str, artifact: str, items: list[dict], barrier, out
 
 
 def test_two_job_instances_on_near_duplicates_get_unique_full_ids(stack: Settings, tmp_path):
-    from jobs.item_semantic_ids_logic import (
-        artifact_version,
-        dedup_namespace,
-        index_key,
-        item_from_record,
-        item_key,
-        parse_code,
-    )
+    from contracts.redis_keys import dedup_namespace, index_key, item_key, parse_code
+    from jobs.item_semantic_ids_logic import artifact_version, item_from_record
     from models.semantic_ids import build_semantic_ids
 
     config = {"quantizer": "rqkmeans", "codebook_sizes": [8, 8], "dedup_size": 256,

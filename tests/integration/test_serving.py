@@ -25,12 +25,12 @@ import redis
 import requests
 import uvicorn
 
+from contracts.tokenizer import TokenizedEvent
+from contracts.user_state_rule import states_from_events
 from infra.settings import Settings
-from models.tokenizer import TokenizedEvent
-from models.user_state import states_from_events
 from serving.app import create_app
 from serving.config import ServingConfig
-from serving.state import FeastStateReader, RedisStateReader
+from serving.user_state_reader import FeastStateReader, RedisStateReader
 
 pytestmark = pytest.mark.integration
 

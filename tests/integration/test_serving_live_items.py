@@ -21,16 +21,17 @@ import pandas as pd
 import pytest
 import redis
 
+from contracts.redis_keys import code_string, feed_entry, feed_key, index_key, item_key
+from contracts.tokenizer import TokenizedEvent
+from contracts.user_state_rule import STATE_VERSION, states_from_events
 from infra.settings import Settings
-from jobs.item_semantic_ids_logic import RedisSidIndex, code_string, feed_entry, feed_key, index_key, item_key
-from models.tokenizer import TokenizedEvent
+from jobs.item_semantic_ids_logic import RedisSidIndex
 from models.train import fit, load_checkpoint, load_config
-from models.user_state import STATE_VERSION, states_from_events
 from serving.app import create_app
 from serving.config import build_config
 from serving.generator import GenerationRequest
-from serving.state import UserStateView
 from serving.ugt_generator import UGTGenerator
+from serving.user_state_reader import UserStateView
 from tests.integration.test_serving import Served, ensure_feast_applied
 
 pytestmark = pytest.mark.integration
@@ -45,7 +46,7 @@ BASE_MS = 1_750_000_000_000
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """One epoch of the tiny UGT with item_repr id+sid and the semantic-ID head, codes from a synthetic export."""
-    from streams.datasets import load_dataset
+    from contracts.datasets import load_dataset
 
     out = tmp_path_factory.mktemp("ugt-live")
     items = [str(i) for i in load_dataset("ml-100k").items["item_id"]]

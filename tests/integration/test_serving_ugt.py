@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import redis
 
+from contracts.tokenizer import TokenizedEvent
+from contracts.user_state_rule import states_from_events
 from infra.settings import Settings
-from models.tokenizer import TokenizedEvent
 from models.train import fit, load_config
-from models.user_state import states_from_events
 from serving.app import create_app
 from serving.config import build_config
 from tests.integration.test_serving import Served, ensure_feast_applied

@@ -1,6 +1,6 @@
 """The tokenize job on the standalone Flink cluster: every malformed kind in the DLQ, semantic IDs, the parquet lake.
 
-One bounded run (`flink run -py jobs/tokenize.py`, exactly-once Kafka sinks) over 300 ML-100K events plus one
+One bounded run (`flink run -py jobs/tokenize_job.py`, exactly-once Kafka sinks) over 300 ML-100K events plus one
 record of each malformed kind, on topics, a semantic-ID version and a lake folder of its own:
   * each malformed record is in events.dlq with its reason code, its original bytes and where it came from;
   * every valid event is in events.tokens once, with the semantic-ID levels of this run's store version
@@ -25,11 +25,11 @@ import redis
 from confluent_kafka import Producer
 from test_event_path import read_topic, run_on_cluster, variant
 
+from contracts.datasets import load_dataset, user_events
+from contracts.redis_keys import item_key
+from contracts.tokenizer import TokenizedEvent, tokenize_event
 from infra.settings import get_settings
-from jobs.item_semantic_ids_logic import item_key
 from jobs.lake import lake_ratings, read_lake
-from models.tokenizer import TokenizedEvent, tokenize_event
-from streams.datasets import load_dataset, user_events
 from streams.producer import EventPublisher
 from streams.serde import AvroSerde, SchemaRegistryClient, encode_with_id
 from streams.topics import TopicSpec, ensure_topics

@@ -1,6 +1,6 @@
 """The tokenize job's counters reach Prometheus through the reporter that infra/flink/config.yaml configures.
 
-The real job (jobs/tokenize.py's build_pipeline, real Kafka and Schema Registry) runs in its own process on an
+The real job (jobs/tokenize_job.py's build_pipeline, real Kafka and Schema Registry) runs in its own process on an
 in-process Flink mini-cluster whose metrics options are the `metrics:` section of infra/flink/config.yaml (only
 the port is this test's), with the reporter jar the cluster loads as a plugin (<pyflink>/plugins/
 metrics-prometheus) on its classpath; so the configuration is checked without restarting the shared cluster. The test scrapes /metrics until the

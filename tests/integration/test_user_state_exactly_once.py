@@ -6,7 +6,7 @@ lib/), so killing its TaskManager does not hurt the shared one. Once user_state 
 written part of the replay, the TaskManager gets `kill -9`; a new TaskManager starts, both jobs restore from
 their last checkpoint (the test reads `latest.restored` from Flink's REST API) and finish the replay.
 Then, compared with what the same code computes offline from the same events
-(models.user_state.fold_events / long_term_rows_from_events, in publish order = per-user Kafka order):
+(contracts.user_state_rule.fold_events / long_term_rows_from_events, in publish order = per-user Kafka order):
   * every user's `user_recent_events` row in Feast is exactly equal (the real-time path);
   * every user's `user_long_term` row is exactly equal (the nearline compaction, on a 3 s timer here);
   * the popularity ZSET counts every applied event exactly once: 0 lost, 0 applied twice;
@@ -29,11 +29,10 @@ import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from user_state_exactly_once_cluster import PrivateFlinkCluster
 
-from infra.feast_store import open_feature_store
-from infra.settings import REPO_ROOT, Settings
-from jobs.user_state_logic import popularity_key
-from models.tokenizer import tokenize_event
-from models.user_state import (
+from contracts.datasets import load_dataset, user_events
+from contracts.redis_keys import popularity_key
+from contracts.tokenizer import tokenize_event
+from contracts.user_state_rule import (
     FEATURE_NAMES,
     LONG_TERM_FEATURE_NAMES,
     LONG_TERM_VIEW,
@@ -41,7 +40,8 @@ from models.user_state import (
     fold_events,
     long_term_row,
 )
-from streams.datasets import load_dataset, user_events
+from infra.feast_store import open_feature_store
+from infra.settings import REPO_ROOT, Settings
 from streams.producer import EventPublisher
 from streams.serde import AvroSerde, SchemaRegistryClient
 from streams.topics import TopicSpec, ensure_topics

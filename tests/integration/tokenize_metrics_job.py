@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     from pyflink.datastream import StreamExecutionEnvironment
     from pyflink.table import StreamTableEnvironment
 
-    import jobs.tokenize as tokenize_job
+    import jobs.tokenize_job as tokenize_job
     from jobs.common import config_from_args, flink_configuration
 
     port, job_args = int(argv[0]), argv[2:] if argv[1:2] == ["--"] else argv[1:]

@@ -8,31 +8,33 @@ import fastavro
 import numpy as np
 import pytest
 
-from jobs.common import JobSetupError
-from jobs.item_semantic_ids import check_artifact
-from jobs.item_semantic_ids_logic import (
+from contracts.redis_keys import (
     ACTIVE_KEY,
     ARTIFACTS_KEY,
-    ActiveVersionAssigner,
-    DictSidIndex,
-    ItemBatcher,
-    ItemSidAssigner,
     activate,
     activate_if_none,
     active_version,
     artifact_path_of,
-    artifact_version,
     code_string,
-    decode_item_event,
-    feature_row,
     feed_entry,
     index_key,
-    item_from_record,
     item_key,
     parse_code,
     register_artifact,
 )
-from jobs.tokenize_logic import DeadLetterError
+from jobs.common import JobSetupError
+from jobs.dead_letters import DeadLetterError
+from jobs.item_semantic_ids_job import check_artifact
+from jobs.item_semantic_ids_logic import (
+    ActiveVersionAssigner,
+    DictSidIndex,
+    ItemBatcher,
+    ItemSidAssigner,
+    artifact_version,
+    decode_item_event,
+    feature_row,
+    item_from_record,
+)
 from models.semantic_ids import SemanticIdArtifact, build_semantic_ids
 from models.semantic_ids.dedup import DedupAllocator, InMemoryDedupStore, seed_rows
 from streams.serde import AvroSerde, encode_with_id, schema_text

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from contracts.tokenizer import tokenize_event
 from jobs.lake import LAKE_FIELDS, lake_ratings, lake_sequences, read_lake, write_snapshot
-from models.tokenizer import tokenize_event
 
 DAY_MS = 86_400_000
 ARROW = {"STRING": pa.string(), "BIGINT": pa.int64(), "INT": pa.int32(),

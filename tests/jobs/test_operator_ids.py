@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 PRINT_IDS = """
 import argparse, json, sys
-from jobs import tokenize as tk
+from jobs import tokenize_job as tk
 from jobs.common import config_from_args, create_env
 p = argparse.ArgumentParser(); tk.add_arguments(p)
 args = p.parse_args(["--local", "--lake", sys.argv[1], "--no-semantic-ids"])

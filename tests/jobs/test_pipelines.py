@@ -7,8 +7,8 @@ import struct
 import pytest
 from job_events import make_event
 
+from contracts.tokenizer import TokenizedEvent, tokenize_event
 from jobs.common import JobConfig, connector_jar, create_env, python_executable, source_row_type
-from models.tokenizer import TokenizedEvent, tokenize_event
 from streams.serde import AvroSerde
 
 RAW, TOKENS, DLQ = "p.raw", "p.tokens", "p.dlq"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs.item_semantic_ids_logic import ACTIVE_KEY, item_key
+from contracts.redis_keys import ACTIVE_KEY, item_key
 from jobs.sid_cache import SemanticIdCache
 
 

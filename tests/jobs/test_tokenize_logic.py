@@ -7,8 +7,9 @@ import struct
 import pytest
 from job_events import make_event, user_event_variant
 
-from jobs.tokenize_logic import EventTokenizer, dead_letter_key
-from models.tokenizer import TokenizedEvent, tokenize_event
+from contracts.tokenizer import TokenizedEvent, tokenize_event
+from jobs.dead_letters import dead_letter_key
+from jobs.tokenize_logic import EventTokenizer
 from streams.serde import (
     MAX_RECORD_BYTES,
     AvroSerde,
@@ -120,7 +121,7 @@ def test_registry_outage_is_not_the_records_fault():
 def sid_store(items: dict[str, str], version: str = "v1"):
     from test_sid_cache import FakeRedis
 
-    from jobs.item_semantic_ids_logic import ACTIVE_KEY
+    from contracts.redis_keys import ACTIVE_KEY
     from jobs.sid_cache import SemanticIdCache
 
     r = FakeRedis()

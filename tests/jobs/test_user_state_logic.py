@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 from job_events import make_event
 
+from contracts.redis_keys import popularity_key
+from contracts.tokenizer import TokenizedEvent, tokenize_event
+from contracts.user_state_rule import UserState, states_from_events
 from jobs.user_state_logic import (
     MonotonicClock,
     OnlineStateWriter,
@@ -12,11 +15,8 @@ from jobs.user_state_logic import (
     Track,
     UserStateProcessor,
     decode_token_event,
-    popularity_key,
     update_state,
 )
-from models.tokenizer import TokenizedEvent, tokenize_event
-from models.user_state import UserState, states_from_events
 from streams.serde import AvroSerde, SerdeError
 
 
@@ -226,7 +226,7 @@ def stream(n_users: int = 6, per_user: int = 60):
 def expected(events):
     from collections import Counter
 
-    from models.user_state import fold_events, long_term_rows_from_events
+    from contracts.user_state_rule import fold_events, long_term_rows_from_events
 
     states, late = fold_events(events, CONFIG.max_events, CONFIG.allowed_lateness_ms)
     late_ids = {e.event_id for e in late}

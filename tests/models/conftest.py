@@ -11,7 +11,7 @@ from models.data import build_sequences, make_split
 
 
 class TinyDataset:
-    """Hand-made dataset in the streams.datasets shape, with tied timestamps."""
+    """Hand-made dataset in the contracts.datasets shape, with tied timestamps."""
 
     def __init__(self, ratings: pd.DataFrame, items: pd.DataFrame, name: str = "tiny"):
         self.ratings, self.items, self.name = ratings, items, name

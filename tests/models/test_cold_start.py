@@ -92,7 +92,7 @@ def test_the_content_tower_stands_in_for_a_missing_id_row():
 @pytest.fixture(scope="module")
 def sid_npz(tmp_path_factory):
     """Synthetic semantic IDs for every ML-100K item: unique (l1, l2, dedup)."""
-    from streams.datasets import load_dataset
+    from contracts.datasets import load_dataset
 
     out = tmp_path_factory.mktemp("cold")
     items = [str(i) for i in load_dataset("ml-100k").items["item_id"]]

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from contracts.tokenizer import time_gap_bucket
 from models.data import (
     _GAP_THRESHOLDS,
     build_sequences,
@@ -14,7 +15,6 @@ from models.data import (
     time_gap_bucket_array,
     time_gap_buckets,
 )
-from models.tokenizer import time_gap_bucket
 from tests.models.conftest import TinyDataset
 
 

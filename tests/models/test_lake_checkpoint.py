@@ -29,7 +29,7 @@ def test_a_lake_trained_checkpoint_loads_without_its_lake_and_serves(tmp_path: P
     import argparse
 
     from models.train import load_checkpoint
-    from models.train_cli import add_arguments, run
+    from ugt.train_cli import add_arguments, run
 
     def train_main(argv: list[str]) -> int:
         parser = argparse.ArgumentParser()

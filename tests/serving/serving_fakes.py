@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import redis
 
-from models.user_state import STATE_VERSION
-from serving.state import StateUnavailable, UserStateView
+from contracts.user_state_rule import STATE_VERSION
+from serving.user_state_reader import StateUnavailable, UserStateView
 
 
 def view(user_id: str, item_ids: list[str]) -> UserStateView:

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from jobs.item_semantic_ids_logic import code_string, feed_entry, feed_key, item_key
+from contracts.redis_keys import code_string, feed_entry, feed_key, item_key
 from models.ugt.heads import PrefixTrie
 from serving.live_items import LiveCatalog, resolve_version
 

@@ -10,7 +10,7 @@ from serving.fallback import PopularityFallback
 from serving.generator import PopularityGenerator, ScoredItem
 from serving.reranker import FilterReranker
 from serving.service import Components
-from serving.state import BadState, StateUnavailable
+from serving.user_state_reader import BadState, StateUnavailable
 
 POPULAR = {"ugt:popularity:movie": {f"m{i}": 100 - i for i in range(1, 21)}, "ugt:popularity:book": {"b1": 3}}
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from models.user_state import FEATURE_NAMES
+from contracts.user_state_rule import FEATURE_NAMES
 from serving.feast_redis import FeastRedisLayout, UnsupportedValue, decode_typed, decode_value, feature_field
-from serving.state import BadState, RedisStateReader, UserStateView
+from serving.user_state_reader import BadState, RedisStateReader, UserStateView
 
 REPO = Path(__file__).resolve().parents[2] / "feature_repo"
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from contracts.user_state_rule import STATE_VERSION
 from models.data import SequenceData, history_row, make_split
 from models.eval import batch_to_device, history_mask, last_states
 from models.train import TrainConfig, fit, load_checkpoint, load_config, long_history_len
-from models.user_state import STATE_VERSION
 from serving.config import ConfigError, build_config
 from serving.generator import GenerationRequest, NoModelAnswer
-from serving.state import UserStateView
 from serving.ugt_generator import NO_KNOWN_ITEMS, CheckpointError, UGTGenerator
+from serving.user_state_reader import UserStateView
 
 CONFIG = "models/configs/ugt_ml100k_tiny.yaml"
 USERS = (0, 1, 7, 42, 150, 399)  # row indices into the test split (users with >= 3 events, sorted ids)

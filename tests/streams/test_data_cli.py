@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import streams.datasets as datasets
-from infra.cli import main as ugt
+import contracts.datasets as datasets
 from infra.settings import Settings, get_settings
 from streams.records import check_event_file
+from ugt.cli import main as ugt
 
 REAL = get_settings().cache_dir / "datasets" / "ml-100k"
 

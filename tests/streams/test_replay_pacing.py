@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams.datasets import Dataset, user_events
+from contracts.datasets import Dataset, user_events
 from streams.replay import MAX_SLEEP_CHUNK_S, Pacer, in_event_time_order, replay, schedule
 
 

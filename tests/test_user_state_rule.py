@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from models.tokenizer import tokenize_event
-from models.user_state import UserState, apply_event, states_from_events
+from contracts.tokenizer import tokenize_event
+from contracts.user_state_rule import UserState, apply_event, states_from_events
 
 
 def event(i: int, user: str = "u1", t: int | None = None):
@@ -54,7 +54,7 @@ def test_dict_round_trip_for_flink_state():
 
 # -- bounded lateness, versioned encoding, nearline compaction -------------------------------------------
 def test_late_event_is_rejected_and_the_offline_fold_reports_it():
-    from models.user_state import LATE, apply_checked, fold_events
+    from contracts.user_state_rule import LATE, apply_checked, fold_events
 
     state = states_from_events([event(i, t=100 + i) for i in range(5)])["u1"]  # newest at 104 s
     _, outcome = apply_checked(state, event(50, t=93), allowed_lateness_ms=10_000)
@@ -67,7 +67,7 @@ def test_late_event_is_rejected_and_the_offline_fold_reports_it():
 
 
 def test_duplicate_wins_over_late():
-    from models.user_state import DUPLICATE, apply_checked
+    from contracts.user_state_rule import DUPLICATE, apply_checked
 
     state = states_from_events([event(1, t=1), event(2, t=1000)])["u1"]
     assert apply_checked(state, event(1, t=1), allowed_lateness_ms=0)[1] == DUPLICATE
@@ -78,7 +78,7 @@ def test_encoded_state_round_trips_and_refuses_other_versions():
 
     import pytest
 
-    from models.user_state import StateVersionError, decode_state, encode_state
+    from contracts.user_state_rule import StateVersionError, decode_state, encode_state
 
     state = states_from_events([event(i) for i in range(30)], max_events=8)["u1"]
     data = encode_state(state, extra=("x", 1))
@@ -100,7 +100,7 @@ def test_evicted_events_spill_and_counts_and_last_context_follow_event_time():
 
 
 def test_compaction_is_coarse_early_fine_recent_and_bounded():
-    from models.user_state import compact, long_term_row
+    from contracts.user_state_rule import compact, long_term_row
 
     state = states_from_events([event(i) for i in range(1200)], max_events=200)["u1"]
     long_term = compact(None, state, max_groups=16)
@@ -117,7 +117,7 @@ def test_compaction_is_coarse_early_fine_recent_and_bounded():
 
 
 def test_compaction_result_does_not_depend_on_when_timers_fired():
-    from models.user_state import compact, long_term_rows_from_events
+    from contracts.user_state_rule import compact, long_term_rows_from_events
 
     events = [event(i, t=i * 7 % 500) for i in range(700)]  # out of order too
     once = long_term_rows_from_events(events, max_events=50)["u1"]
@@ -127,6 +127,6 @@ def test_compaction_result_does_not_depend_on_when_timers_fired():
             for e in events[start:start + step]:
                 state = apply_event(state, e, max_events=50)
             long_term = compact(long_term, state)
-        from models.user_state import long_term_row
+        from contracts.user_state_rule import long_term_row
 
         assert long_term_row(long_term, state) == once

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import redis
 from google.protobuf.message import DecodeError
 
-from models.user_state import FEATURE_NAMES
+from contracts.user_state_rule import FEATURE_NAMES
 from serving.feast_redis import FeastRedisLayout, UnsupportedValue, decode_typed, feature_field
 
 USER_JOIN_KEY = "user_id"
@@ -43,7 +43,7 @@ class BadState(StateError):
 
 @dataclass(frozen=True, slots=True)
 class UserStateView:
-    """The read-only state a generator sees; fields mirror models.user_state.FEATURE_NAMES."""
+    """The read-only state a generator sees; fields mirror contracts.user_state_rule.FEATURE_NAMES."""
 
     user_id: str
     item_ids: tuple[str, ...]

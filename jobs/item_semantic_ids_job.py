@@ -1,8 +1,8 @@
 """PyFlink job `item_semantic_ids`: items.catalog (Avro ItemEvent) -> semantic IDs -> decode index + Feast item_metadata.
 
-    <pyflink>/bin/flink run -py jobs/item_semantic_ids.py --artifact runs/sid/ml1m [--bounded] ...   # on the cluster
-    python jobs/item_semantic_ids.py --local --artifact runs/sid/ml1m [--bounded] ...               # in-process
-    <pyflink>/bin/flink run -py jobs/item_semantic_ids.py      # the artifact of the active version (ugt:sid:active)
+    <pyflink>/bin/flink run -py jobs/item_semantic_ids_job.py --artifact runs/sid/ml1m [--bounded] ...   # on the cluster
+    python jobs/item_semantic_ids_job.py --local --artifact runs/sid/ml1m [--bounded] ...               # in-process
+    <pyflink>/bin/flink run -py jobs/item_semantic_ids_job.py      # the artifact of the active version (ugt:sid:active)
 
 At start it makes its artifact the active version if none is; then every batch is assigned under the version
 active at that moment, so `ugt semantic-ids backfill --artifact NEW` reaches it without a restart.
@@ -16,13 +16,13 @@ import argparse
 import logging
 import sys
 
-log = logging.getLogger("ugt.jobs.item_semantic_ids")
+log = logging.getLogger("ugt.jobs.item_semantic_ids_job")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from contracts.redis_keys import ACTIVE_KEY
     from infra.settings import get_settings
     from jobs.common import add_common_arguments
-    from jobs.item_semantic_ids_logic import ACTIVE_KEY
 
     s = get_settings()
     parser.add_argument("--artifact", default=None,
@@ -67,8 +67,8 @@ def active_artifact(redis_url: str, active_key: str) -> str:
     """The artifact folder of the active version (what `--artifact` defaults to); JobSetupError if there is none."""
     import redis
 
+    from contracts.redis_keys import active_version, artifact_path_of
     from jobs.common import JobSetupError
-    from jobs.item_semantic_ids_logic import active_version, artifact_path_of
 
     try:
         client = redis.Redis.from_url(redis_url)

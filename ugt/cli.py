@@ -14,15 +14,15 @@ import sys
 # name -> (module, one-line help). Modules are imported only when their subcommand runs
 # (or when `ugt <name> --help` is asked for).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "stack": ("infra.stack_cli", "start, stop or inspect the local stack (Kafka, Schema Registry, Redis, Flink)"),
+    "stack": ("ugt.stack_cli", "start, stop or inspect the local stack (Kafka, Schema Registry, Redis, Flink)"),
     "data": ("streams.data_cli", "fetch and convert datasets (MovieLens-1M / -100K) to UGT events"),
     "publish": ("streams.publish_cli", "publish Avro events to Kafka: one JSON event, a JSONL/CSV file, or a dataset replay"),
     "jobs": ("jobs.cli", "submit, list, stop (with a savepoint) or cancel the Flink jobs on the running cluster"),
     "serve": ("serving.cli", "run the /recommend HTTP service"),
-    "semantic-ids": ("models.semantic_ids.cli", "build semantic IDs (encoders + RQ-VAE / RQ-k-means + dedup) or report on an artifact"),
-    "train": ("models.train_cli", "train semantic IDs and the UGT generator from a YAML config"),
+    "semantic-ids": ("ugt.semantic_ids_cli", "build semantic IDs (encoders + RQ-VAE / RQ-k-means + dedup) or report on an artifact"),
+    "train": ("ugt.train_cli", "train semantic IDs and the UGT generator from a YAML config"),
     "eval": ("models.eval_cli", "evaluate a trained model with the HSTU protocol (full ranking, leave-one-out)"),
-    "demo": ("infra.demo", "the main job end to end: stack up, fetch ML-1M, replay, jobs, query /recommend"),
+    "demo": ("ugt.demo", "the main job end to end: stack up, fetch ML-1M, replay, jobs, query /recommend"),
 }
 
 

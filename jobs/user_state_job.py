@@ -1,7 +1,7 @@
 """PyFlink job `user_state`: events.tokens -> per-user state (keyed ValueState) -> Feast online + popularity.
 
-    <pyflink>/bin/flink run -py jobs/user_state.py [--bounded] [--max-events 200] ...   # on the cluster
-    python jobs/user_state.py --local [--bounded] ...                                  # in-process
+    <pyflink>/bin/flink run -py jobs/user_state_job.py [--bounded] [--max-events 200] ...   # on the cluster
+    python jobs/user_state_job.py --local [--bounded] ...                                  # in-process
 
 Wiring only; the logic is jobs/user_state_logic.py, the operators jobs/operators/user_state_fn.py.
 """
@@ -13,9 +13,9 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from contracts.user_state_rule import DEFAULT_MAX_EVENTS
     from infra.settings import get_settings
     from jobs.common import add_common_arguments
-    from models.user_state import DEFAULT_MAX_EVENTS
 
     s = get_settings()
     parser.add_argument("--source-topic", default=s.topics.tokens, help="input topic (default: %(default)s)")

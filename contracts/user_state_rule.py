@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.tokenizer import ACTIONS, TokenizedEvent
+from contracts.tokenizer import ACTIONS, TokenizedEvent
 
 STATE_VERSION = 2  # 2: lateness, spill + long-term groups, counts, last context, popularity origin
 DEFAULT_MAX_EVENTS = 200  # HSTU's ML-1M max sequence length
@@ -55,7 +55,7 @@ LONG_TERM_FEATURE_NAMES: tuple[str, ...] = (
     "long_group_last_times",  # epoch ms of each group's newest event
     "long_group_rating_sums",  # sum of rating tokens per group (mean = sum / count)
     "long_group_item_ids",  # per group its newest min(count, ITEMS_PER_GROUP) item ids, groups concatenated
-    "action_counts",  # applied events per action token (index = models.tokenizer ACTIONS)
+    "action_counts",  # applied events per action token (index = contracts.tokenizer ACTIONS)
     "last_context_tokens",  # context tokens of the newest event
     "last_hour_token",
     "last_domain",
@@ -124,7 +124,7 @@ class StateVersionError(ValueError):
 def _check_version(version: Any) -> None:
     if version != STATE_VERSION:
         raise StateVersionError(f"user state layout version {version!r}, this code reads {STATE_VERSION} "
-                                "(models.user_state.STATE_VERSION); rebuild the state from the events")
+                                "(contracts.user_state_rule.STATE_VERSION); rebuild the state from the events")
 
 
 def encode_state(state: UserState, extra: tuple = ()) -> bytes:
