@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from contracts.limits import MAX_ID_CHARS
 
 TOKENIZER_VERSION = 2  # 2: weekday_token, sid_version
 
@@ -62,6 +65,9 @@ REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
     "event_time": (int,),
 }
 OPTIONAL_NUMBER_FIELDS = ("rating", "duration_s")
+# ids /recommend must be able to ask for: a longer one would be stored where no request can read it
+BOUNDED_ID_FIELDS = ("user_id", "item_id")
+_MAX_FLOAT = sys.float_info.max  # `-_MAX_FLOAT <= x <= _MAX_FLOAT` is False for NaN, ±inf and ints no float holds
 
 
 class TokenizeError(ValueError):
@@ -133,7 +139,8 @@ def stable_hash64(text: str) -> int:
 def rating_token(rating: float | None) -> int:
     if rating is None:
         return 0
-    return max(1, min(NUM_RATING_TOKENS - 1, math.ceil(float(rating) * 2)))
+    # clamped before ceil, so a huge finite rating (2 * 1e308 overflows to inf) still lands in the top bucket
+    return math.ceil(max(1.0, min(NUM_RATING_TOKENS - 1.0, float(rating) * 2)))
 
 
 def duration_token(duration_s: float | None) -> int:
@@ -176,13 +183,18 @@ def _plainly_valid(event: dict[str, Any]) -> bool:
     return (
         eid.__class__ is str and uid.__class__ is str and iid.__class__ is str and action.__class__ is str
         and t.__class__ is int and bool(eid and uid and iid and action)
-        and (rating is None or rating.__class__ in _NUMBER) and (duration is None or duration.__class__ in _NUMBER)
+        and len(uid) <= MAX_ID_CHARS and len(iid) <= MAX_ID_CHARS
+        and (rating is None or (rating.__class__ in _NUMBER and -_MAX_FLOAT <= rating <= _MAX_FLOAT))
+        and (duration is None or (duration.__class__ in _NUMBER and -_MAX_FLOAT <= duration <= _MAX_FLOAT))
         and (context is None or context.__class__ is dict)
     )
 
 
 def validate_event(event: Mapping[str, Any]) -> None:
-    """Raise :class:`TokenizeError` with MISSING_FIELD / WRONG_TYPE / BAD_VALUE when the event is malformed."""
+    """Raise :class:`TokenizeError` with MISSING_FIELD / WRONG_TYPE / BAD_VALUE when the event is malformed.
+
+    BAD_VALUE: an empty id, a user or item id over MAX_ID_CHARS, a rating or duration that is not a finite float.
+    """
     if event.__class__ is dict and _plainly_valid(event):
         return  # the common case, checked in one expression; anything else takes the path that names the fault
     if not isinstance(event, Mapping):
@@ -199,10 +211,19 @@ def validate_event(event: Mapping[str, Any]) -> None:
             )
         if isinstance(value, str) and not value:
             raise TokenizeError("BAD_VALUE", f"field {name!r} is empty")
+        if name in BOUNDED_ID_FIELDS and len(value) > MAX_ID_CHARS:
+            raise TokenizeError(
+                "BAD_VALUE", f"field {name!r} is {len(value)} characters long, over the {MAX_ID_CHARS} that "
+                f"/recommend accepts: {value[:40]!r}..."
+            )
     for name in OPTIONAL_NUMBER_FIELDS:
         value = event.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TokenizeError("WRONG_TYPE", f"field {name!r} must be a number, got {type(value).__name__}")
+        if not -_MAX_FLOAT <= value <= _MAX_FLOAT:
+            raise TokenizeError("BAD_VALUE", f"field {name!r} must be a finite float, got {value!r:.40}")
     context = event.get("context") or {}
     if not isinstance(context, Mapping):
         raise TokenizeError("WRONG_TYPE", f"field 'context' must be a map, got {type(context).__name__}")

@@ -92,6 +92,75 @@ def read_range(consumer: Any, topic: str, start: dict[int, int] | None, end: dic
     consumer.unassign()
 
 
+class CatalogReader:
+    """Reads ranges of the catalog topic into the new version's index, batch by batch (the backfill's passes).
+
+    Keeps what the report needs across passes: the latest event of every item (for the Feast rows) and the counts.
+    """
+
+    def __init__(self, consumer: Any, serde: Any, assigner: ItemSidAssigner, topic: str, batch_size: int = 1000,
+                 progress: bool = True):
+        self.consumer, self.serde, self.assigner, self.topic = consumer, serde, assigner, topic
+        self.batch_size, self.progress = batch_size, progress
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.records = 0  # all passes, all events (not distinct items)
+        self.skipped = 0  # undecodable (the job dead-lettered them already)
+        self.new_ids = 0  # items that got a code here (not from the artifact table or an earlier run)
+
+    def end_offsets(self) -> dict[int, int]:
+        return end_offsets(self.consumer, self.topic)
+
+    def read(self, start: dict[int, int] | None, end: dict[int, int], label: str) -> int:
+        """Assign every item event from `start` (None: earliest) to `end`; returns the records read."""
+        from tqdm import tqdm
+
+        total = sum(e - (start or {}).get(p, 0) for p, e in end.items())
+        batch: list[dict[str, Any]] = []
+        read, t0 = 0, time.monotonic()
+        with tqdm(total=total, desc=label, unit="rec", disable=not self.progress) as bar:
+            for data in read_range(self.consumer, self.topic, start, end):
+                read += 1
+                bar.update(1)
+                try:
+                    item = decode_item_event(self.serde, data)
+                except DeadLetterError:
+                    self.skipped += 1
+                    continue
+                self.latest[item["item_id"]] = item
+                batch.append(item)
+                if len(batch) >= self.batch_size:
+                    self.new_ids += _assign(self.assigner, batch)
+                    batch = []
+            self.new_ids += _assign(self.assigner, batch)
+        self.records += read
+        log.info("%s: %d records in %.2f s", label, read, time.monotonic() - t0)
+        return read
+
+
+def ensure_covered(client: Any, catalog: CatalogReader, previous: str | None, version: str,
+                   pass1_end: dict[int, int], allow_missing: bool = False) -> dict[int, int]:
+    """Step 3: every item of the `previous` version's index has a code under `version`, else BackfillError.
+
+    Items the running job indexed after pass 1's end offsets are in the topic before this check, so they are
+    read first (pass 1b); returns the offsets pass 1 now reaches (where the catch-up pass starts).
+    """
+    if previous is None or previous == version:
+        return pass1_end
+    missing = uncovered(client, previous, version)
+    if missing:  # the job indexed them after pass 1's end, so they are in the topic before now: read up to now
+        now = catalog.end_offsets()
+        catalog.read(pass1_end, now, f"backfill {version} pass 1b")
+        pass1_end = now
+        have = client.hmget(item_key(version), sorted(missing))
+        missing = {i for i, c in zip(sorted(missing), have, strict=True) if c is None}
+    if missing and not allow_missing:
+        raise BackfillError(
+            f"{len(missing)} items of the active version {previous} have no code under {version} (neither in "
+            f"the new artifact nor in {catalog.topic}), e.g. {sorted(missing)[:5]}; not flipping. Publish them to "
+            "the catalog, build the artifact over them, or pass --allow-missing")
+    return pass1_end
+
+
 def backfill(settings: Any, artifact: str | Path, topic: str | None = None, active_key: str = ACTIVE_KEY,
              batch_size: int = 1000, grace_s: float = 2.0, allow_missing: bool = False, feast: bool = True,
              progress: bool = True, after_pass1: Callable[[], None] | None = None) -> BackfillReport:
@@ -101,78 +170,39 @@ def backfill(settings: Any, artifact: str | Path, topic: str | None = None, acti
     """
     import redis
     from confluent_kafka import Consumer
-    from tqdm import tqdm
 
     from streams.serde import AvroSerde, SchemaRegistryClient
 
     started = time.monotonic()
     topic = topic or settings.topics.items
     client = redis.Redis.from_url(settings.redis_url)
-    version, assigner = redis_assigner(client, artifact)
+    version, assigner = redis_assigner(client, artifact)  # step 1
     register_artifact(client, version, artifact)
     previous = active_version(client, active_key)
     log.info("backfill: version %s (active now: %s) from %s", version, previous, topic)
     serde = AvroSerde(SchemaRegistryClient(settings.registry_url))
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"ugt-backfill-{uuid.uuid4().hex}",
                          "enable.auto.commit": False, "auto.offset.reset": "earliest"})
-    latest: dict[str, dict[str, Any]] = {}
-    counts = {"records": 0, "skipped": 0, "new": 0}
-
-    def run_pass(start: dict[int, int] | None, end: dict[int, int], label: str) -> int:
-        total = sum(e - (start or {}).get(p, 0) for p, e in end.items())
-        batch: list[dict[str, Any]] = []
-        read, t0 = 0, time.monotonic()
-        with tqdm(total=total, desc=label, unit="rec", disable=not progress) as bar:
-            for data in read_range(consumer, topic, start, end):
-                read += 1
-                bar.update(1)
-                try:
-                    item = decode_item_event(serde, data)
-                except DeadLetterError:
-                    counts["skipped"] += 1
-                    continue
-                latest[item["item_id"]] = item
-                batch.append(item)
-                if len(batch) >= batch_size:
-                    counts["new"] += _assign(assigner, batch)
-                    batch = []
-            counts["new"] += _assign(assigner, batch)
-        counts["records"] += read
-        log.info("%s: %d records in %.2f s", label, read, time.monotonic() - t0)
-        return read
-
+    catalog = CatalogReader(consumer, serde, assigner, topic, batch_size, progress)
     try:
-        e1 = end_offsets(consumer, topic)
-        run_pass(None, e1, f"backfill {version} pass 1")
+        e1 = catalog.end_offsets()
+        catalog.read(None, e1, f"backfill {version} pass 1")  # step 2
         if after_pass1 is not None:
             after_pass1()
-        if previous is not None and previous != version:
-            missing = uncovered(client, previous, version)
-            if missing:  # the job indexed them after E1, so they are in the topic before now: read up to now
-                e_now = end_offsets(consumer, topic)
-                run_pass(e1, e_now, f"backfill {version} pass 1b")
-                e1 = e_now
-                have = client.hmget(item_key(version), sorted(missing))
-                missing = {i for i, c in zip(sorted(missing), have, strict=True) if c is None}
-            if missing and not allow_missing:
-                raise BackfillError(
-                    f"{len(missing)} items of the active version {previous} have no code under {version} (neither in "
-                    f"the new artifact nor in {topic}), e.g. {sorted(missing)[:5]}; not flipping. Publish them to "
-                    "the catalog, build the artifact over them, or pass --allow-missing")
+        e1 = ensure_covered(client, catalog, previous, version, e1, allow_missing)  # step 3
         flipped = previous != version
-        if flipped:
+        if flipped:  # step 4
             activate(client, version, active_key)
             log.info("backfill: %s now points at %s (was %s)", active_key, version, previous)
             time.sleep(grace_s)
-        e2 = end_offsets(consumer, topic)
-        caught_up = run_pass(e1, e2, f"backfill {version} catch-up")
+        caught_up = catalog.read(e1, catalog.end_offsets(), f"backfill {version} catch-up")  # step 5
     finally:
         consumer.close()
     rows = 0
-    if feast and latest:
-        rows = write_feast_rows(settings, assigner, list(latest.values()), batch_size)
-    report = BackfillReport(version, previous, flipped, counts["records"], caught_up, counts["skipped"], len(latest),
-                            counts["new"], rows, round(time.monotonic() - started, 3))
+    if feast and catalog.latest:  # step 6
+        rows = write_feast_rows(settings, assigner, list(catalog.latest.values()), batch_size)
+    report = BackfillReport(version, previous, flipped, catalog.records, caught_up, catalog.skipped,
+                            len(catalog.latest), catalog.new_ids, rows, round(time.monotonic() - started, 3))
     client.close()
     return report
 

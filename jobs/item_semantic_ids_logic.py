@@ -2,7 +2,8 @@
 
 Per record the decode step (:func:`decode_item_event`) turns items.catalog bytes into a canonical item, or a
 :class:`~jobs.tokenize_logic.DeadLetterError` (BAD_MAGIC / UNKNOWN_SCHEMA / DECODE_ERROR / OVERSIZED from
-streams.serde, MISSING_FIELD / WRONG_TYPE / BAD_VALUE for records that are not usable item events,
+streams.serde, MISSING_FIELD / WRONG_TYPE / BAD_VALUE for records that are not usable item events (BAD_VALUE:
+an empty item_id or one over ``contracts.limits.MAX_ID_CHARS``),
 PROCESSING_ERROR for anything else). :class:`ItemSidAssigner` then gives a batch of items their full
 semantic ID (the artifact's L levels + a dedup index) and writes:
 
@@ -37,6 +38,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from contracts.limits import MAX_ID_CHARS
 from contracts.redis_keys import (
     ACTIVE_KEY,
     ARTIFACTS_KEY,
@@ -76,6 +78,9 @@ def item_from_record(record: Mapping[str, Any]) -> dict[str, Any]:
             raise DeadLetterError("WRONG_TYPE", f"{name} must be a string, got {type(record[name]).__name__}")
     if not record["item_id"].strip():
         raise DeadLetterError("BAD_VALUE", "item_id is empty")
+    if len(record["item_id"]) > MAX_ID_CHARS:  # /recommend could never name it (exclude, context, answers)
+        raise DeadLetterError("BAD_VALUE", f"item_id is {len(record['item_id'])} characters long, over the "
+                                           f"{MAX_ID_CHARS} that /recommend accepts: {record['item_id'][:40]!r}...")
     categories = record.get("categories") or []
     if not isinstance(categories, list):
         raise DeadLetterError("WRONG_TYPE", f"categories must be a list, got {type(categories).__name__}")

@@ -10,14 +10,14 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
+from contracts.limits import MAX_ID_CHARS  # user and item ids; the jobs dead-letter longer ones
+
 MAX_K = 1000
 HARD_MAX_CONTEXT = 1000  # the config's max_context is checked in the app, below this hard cap
-MAX_USER_ID_CHARS = 256
-MAX_ITEM_ID_CHARS = 256
 HARD_MAX_EXCLUDE = 100_000  # the config's max_exclude is checked in the app, below this hard cap
 DOMAIN_REGEX = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # it becomes part of a Redis key
 
-ItemId = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ITEM_ID_CHARS)]
+ItemId = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS)]
 
 REQUEST_EXAMPLES = {
     "known_user": {
@@ -39,7 +39,7 @@ class RecommendRequest(BaseModel):
     )
 
     user_id: StrictStr = Field(
-        min_length=1, max_length=MAX_USER_ID_CHARS, description="The user id as published in user events."
+        min_length=1, max_length=MAX_ID_CHARS, description="The user id as published in user events."
     )
     k: StrictInt = Field(default=10, ge=1, le=MAX_K, description="How many items to return.")
     exclude: list[ItemId] = Field(

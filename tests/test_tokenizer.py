@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import pytest
 
+from contracts.limits import MAX_ID_CHARS
 from contracts.tokenizer import (
     ACTION_TOKEN,
     TokenizedEvent,
@@ -71,6 +73,42 @@ def test_bad_events_raise_reason_codes(overrides, code):
     with pytest.raises(TokenizeError) as info:
         tokenize_event(make_event(**overrides))
     assert info.value.reason_code == code
+
+
+@pytest.mark.parametrize("field", ["rating", "duration_s"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 10**400], ids=["nan", "inf", "-inf", "1e400"])
+def test_a_number_that_is_not_a_finite_float_is_a_bad_value(field, value):
+    # NaN once reached math.ceil and died as "cannot convert float NaN to integer" (a PROCESSING_ERROR)
+    with pytest.raises(TokenizeError, match=f"field '{field}' must be a finite float, got ") as info:
+        tokenize_event(make_event(**{field: value}))
+    assert info.value.reason_code == "BAD_VALUE"
+
+
+def test_huge_finite_numbers_land_in_the_top_bucket():
+    tokens = tokenize_event(make_event(rating=1e308, duration_s=1e308))  # 2 * 1e308 overflows to inf
+    assert (tokens.rating_token, tokens.duration_token) == (10, 23)
+    assert tokenize_event(make_event(rating=-1e308)).rating_token == 1
+
+
+@pytest.mark.parametrize("field", ["user_id", "item_id"])
+def test_ids_longer_than_recommend_accepts_are_bad_values(field):
+    assert tokenize_event(make_event(**{field: "x" * MAX_ID_CHARS})).to_record()[field] == "x" * MAX_ID_CHARS
+    with pytest.raises(TokenizeError, match=f"field '{field}' is {MAX_ID_CHARS + 1} characters long") as info:
+        tokenize_event(make_event(**{field: "x" * (MAX_ID_CHARS + 1)}))
+    assert info.value.reason_code == "BAD_VALUE"
+    assert str(MAX_ID_CHARS) in info.value.reason
+
+
+def test_the_id_bound_is_the_one_recommend_enforces():
+    from pydantic import ValidationError
+
+    from serving.http_models import RecommendRequest
+
+    RecommendRequest(user_id="u" * MAX_ID_CHARS, context=["i" * MAX_ID_CHARS], exclude=["i" * MAX_ID_CHARS])
+    for bad in ({"user_id": "u" * (MAX_ID_CHARS + 1)}, {"user_id": "u", "context": ["i" * (MAX_ID_CHARS + 1)]},
+                {"user_id": "u", "exclude": ["i" * (MAX_ID_CHARS + 1)]}):
+        with pytest.raises(ValidationError):
+            RecommendRequest(**bad)
 
 
 def test_missing_key_is_missing_field():

@@ -19,18 +19,24 @@ class ItemError(ValueError):
     """An item record the encoders cannot use (says which item and why)."""
 
 
+# Feast stores the year as Int64: a larger one would fail the write of the item job's whole batch
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _year(value: Any) -> int | None:
+    """The year as an int, or None when there is none usable (missing, NaN, ±inf, text, beyond Int64)."""
     if value is None:
         return None
-    if isinstance(value, float) and math.isnan(value):
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     try:
         text = str(value).strip()
         if not text or text.lower() in ("nan", "<na>", "none"):
             return None
-        return int(float(text))
-    except (TypeError, ValueError):
+        year = int(float(text))
+    except (TypeError, ValueError, OverflowError):  # int(float("inf")) raises OverflowError
         return None
+    return year if INT64_MIN <= year <= INT64_MAX else None
 
 
 def canonical_item(item: Mapping[str, Any]) -> dict[str, Any]:

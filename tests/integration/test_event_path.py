@@ -15,6 +15,7 @@ record of each kind, runs both jobs bounded, then checks that:
 from __future__ import annotations
 
 import json
+import math
 import struct
 import subprocess
 import time
@@ -28,6 +29,7 @@ import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from contracts.datasets import load_dataset, user_events
+from contracts.limits import MAX_ID_CHARS
 from contracts.redis_keys import popularity_key
 from contracts.tokenizer import TokenizedEvent, tokenize_event
 from contracts.user_state_rule import FEATURE_NAMES, states_from_events
@@ -62,6 +64,12 @@ def malformed_records(serde: AvroSerde, run: str, good: dict[str, Any]) -> dict[
     # broken producers' schemas live under their own subjects (the topic's subject would refuse them)
     missing_id = serde.registry.register("ugt-test-bad-value", missing_schema)
     string_id = serde.registry.register("ugt-test-bad-type-value", string_time_schema)
+
+    def event(**over: Any) -> bytes:
+        name = "-".join(over)
+        record = {**good, "event_id": f"{good['event_id']}-{name}", **over}
+        return serde.encode(f"ugt-test-{run}-value", "user_event", record)
+
     return {
         "BAD_MAGIC/garbage": f"not avro at all {run}".encode(),
         "UNKNOWN_SCHEMA/id": struct.pack(">bI", 0, 2_000_000_000) + valid[5:],
@@ -70,6 +78,11 @@ def malformed_records(serde: AvroSerde, run: str, good: dict[str, Any]) -> dict[
             string_id, fastavro.parse_schema(json.loads(string_time_schema)),
             {**good, "event_time": "2001-01-01T00:00:00Z"}),
         "DECODE_ERROR/truncated": valid[:-7],
+        # values no Python conversion may choke on (once a PROCESSING_ERROR), ids /recommend could never ask for
+        "BAD_VALUE/rating_nan": event(rating=math.nan),
+        "BAD_VALUE/duration_inf": event(duration_s=math.inf),
+        "BAD_VALUE/user_id_too_long": event(user_id="u" * (MAX_ID_CHARS + 1)),
+        "BAD_VALUE/item_id_too_long": event(item_id="i" * (MAX_ID_CHARS + 1)),
     }
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import fastavro
 import numpy as np
 import pytest
 
+from contracts.limits import MAX_ID_CHARS
 from contracts.redis_keys import (
     ACTIVE_KEY,
     ARTIFACTS_KEY,
@@ -97,6 +99,38 @@ def test_decode_item_event_round_trip_and_dead_letters(serde: AvroSerde):
         with pytest.raises(DeadLetterError) as info:
             item_from_record(bad)
         assert info.value.reason_code == code
+
+
+def test_overlong_item_ids_are_bad_values(serde: AvroSerde):
+    good = item_events(1, "d-")[0]
+    at_bound = decode_item_event(serde, serde.encode("items-test-value", "item_event",
+                                                     {**good, "item_id": "i" * MAX_ID_CHARS}))
+    assert at_bound["item_id"] == "i" * MAX_ID_CHARS
+    data = serde.encode("items-test-value", "item_event", {**good, "item_id": "i" * (MAX_ID_CHARS + 1)})
+    with pytest.raises(DeadLetterError) as info:
+        decode_item_event(serde, data)
+    assert info.value.reason_code == "BAD_VALUE"
+    assert info.value.reason.startswith(
+        f"item_id is {MAX_ID_CHARS + 1} characters long, over the {MAX_ID_CHARS} that /recommend accepts")
+
+
+@pytest.mark.parametrize("year", ["inf", "-inf", "Infinity", "nan", "1e30", "-1e30"])
+def test_a_year_that_is_no_int64_is_no_year(serde: AvroSerde, year):
+    """Not a PROCESSING_ERROR ("cannot convert float infinity to integer"), nor a Feast write that fails the batch."""
+    good = item_events(1, "d-")[0]
+    data = serde.encode("items-test-value", "item_event", {**good, "attributes": {"year": year}})
+    item = decode_item_event(serde, data)
+    assert item["year"] is None and item["attributes"] == {"year": year}
+    assert feature_row(item, (1, 2, 0))["year"] is None and feed_entry(item, "1-2-0")["year"] == ""
+
+
+def test_canonical_item_year_from_a_frame_row():
+    from models.semantic_ids.items import canonical_item
+
+    for year in (math.inf, -math.inf, math.nan, 1e30):
+        assert canonical_item({"item_id": "x", "year": year})["year"] is None
+        assert canonical_item({"item_id": "x", "year": year, "attributes": {"year": "1995"}})["year"] == 1995
+    assert canonical_item({"item_id": "x", "year": 1995.0})["year"] == 1995
 
 
 def test_new_items_get_unique_decodable_ids_and_feast_rows(artifact):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import struct
 
 import pytest
 from job_events import make_event, user_event_variant
 
+from contracts.limits import MAX_ID_CHARS
 from contracts.tokenizer import TokenizedEvent, tokenize_event
 from jobs.dead_letters import dead_letter_key
 from jobs.tokenize_logic import EventTokenizer
@@ -101,6 +103,40 @@ def test_wrong_type(tokenizer: EventTokenizer, serde: AvroSerde):
 def test_empty_id_is_bad_value(tokenizer: EventTokenizer, serde: AvroSerde):
     data = serde.encode(f"{RAW}-value", "user_event", make_event(1, user=""))
     assert dead(tokenizer, data)[0] == "BAD_VALUE"
+
+
+@pytest.mark.parametrize(
+    ("over", "reason"),
+    [
+        ({"rating": math.nan}, "field 'rating' must be a finite float, got nan"),
+        ({"rating": math.inf}, "field 'rating' must be a finite float, got inf"),
+        ({"rating": -math.inf}, "field 'rating' must be a finite float, got -inf"),
+        ({"duration_s": math.nan}, "field 'duration_s' must be a finite float, got nan"),
+        ({"duration_s": math.inf}, "field 'duration_s' must be a finite float, got inf"),
+        ({"duration_s": -math.inf}, "field 'duration_s' must be a finite float, got -inf"),
+        ({"user": "u" * (MAX_ID_CHARS + 1)}, f"field 'user_id' is {MAX_ID_CHARS + 1} characters long, over the "
+                                             f"{MAX_ID_CHARS} that /recommend accepts"),
+        ({"item_id": "i" * (MAX_ID_CHARS + 1)}, f"field 'item_id' is {MAX_ID_CHARS + 1} characters long, over the "
+                                                f"{MAX_ID_CHARS} that /recommend accepts"),
+    ],
+)
+def test_non_finite_numbers_and_overlong_ids_are_bad_values(tokenizer: EventTokenizer, serde: AvroSerde, over, reason):
+    """Not PROCESSING_ERROR with a Python message: a reason a producer can act on, on both paths."""
+    from jobs.dead_letters import DeadLetterError
+    from jobs.tokenize_logic import decode_and_tokenize
+
+    data = serde.encode(f"{RAW}-value", "user_event", make_event(1, **over))
+    code, text = dead(tokenizer, data)
+    assert code == "BAD_VALUE" and text.startswith(reason)
+    with pytest.raises(DeadLetterError) as info:
+        decode_and_tokenize(serde, data, int(NOW_S * 1000))
+    assert (info.value.reason_code, info.value.reason) == (code, text)
+
+
+def test_ids_of_exactly_the_bound_pass(tokenizer: EventTokenizer, serde: AvroSerde):
+    event = make_event(1, user="u" * MAX_ID_CHARS, item_id="i" * MAX_ID_CHARS)
+    out = tokenizer.process(serde.encode(f"{RAW}-value", "user_event", event), RAW, 0, 1)
+    assert out.dead is None and out.event == tokenize_event(event)
 
 
 def test_far_future(tokenizer: EventTokenizer, serde: AvroSerde):
