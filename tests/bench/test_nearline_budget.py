@@ -8,7 +8,8 @@ from bench.nearline import cpu_budget
 
 
 def test_budget_from_the_committed_run() -> None:
-    # cpu_s_by_process of bench/results/nearline.json (2026-12-01, 200,000 events, 2 cores)
+    # cpu_s_by_process of the 2026-12-01 19:09 nearline run (200,000 events, 2 cores), kept in git:
+    # git show 52e74a4:bench/results/nearline-2026-12-01-1909.json
     cpu = {"flink-taskmanager": 38.83, "kafka": 3.25, "bench (producer, probes)": 3.23, "redis": 1.55,
            "flink-jobmanager": 0.72, "schema-registry": 0.01}
     b = cpu_budget(cpu, 200_000, 2, 50_000)
