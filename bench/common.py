@@ -93,6 +93,11 @@ def command_line(argv: Sequence[str] | None = None, prog: str | None = None) -> 
     return f"{prog} {shlex.join(argv)}".rstrip()
 
 
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second (what a result's ``date`` says)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def result_record(benchmark: str, conditions: dict[str, Any], results: dict[str, Any],
                   command: str) -> dict[str, Any]:
     """The JSON object of one result: who produced it, on what, when, under which conditions, then the numbers."""
@@ -106,7 +111,7 @@ def result_record(benchmark: str, conditions: dict[str, Any], results: dict[str,
         "commit": commit,
         "dirty": dirty,
         "machine": machine_info(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "conditions": conditions,
         **results,
     }

@@ -56,14 +56,18 @@ def cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its live descendants (uvicorn workers, engine processes)."""
+def process_tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and its live descendants (uvicorn workers, engine processes); empty once ``pid`` is gone."""
     try:
         root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
-    return sum(cpu_seconds(p) for p in tree)
+        return []
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live descendants."""
+    return sum(cpu_seconds(p) for p in process_tree(pid))
 
 
 class TreeCpu:

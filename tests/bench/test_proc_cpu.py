@@ -22,12 +22,13 @@ def test_tree_cpu_counts_the_live_children() -> None:
     child = subprocess.Popen([sys.executable, "-c", BURN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "burnt"
+        assert child.pid in [p.pid for p in proc_cpu.process_tree(os.getpid())]
         own = proc_cpu.cpu_seconds(psutil.Process())
         assert proc_cpu.tree_cpu_seconds(os.getpid()) - own >= 0.35
         assert proc_cpu.tree_cpu_seconds(child.pid) >= 0.35
     finally:
         child.communicate("", timeout=30)
-    assert proc_cpu.tree_cpu_seconds(child.pid) == 0.0  # gone: nothing to count, no error
+    assert proc_cpu.process_tree(child.pid) == [] and proc_cpu.tree_cpu_seconds(child.pid) == 0.0  # gone: no error
 
 
 def test_the_bench_process_is_classified_and_timed_in_seconds() -> None:
