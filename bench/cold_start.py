@@ -23,19 +23,22 @@ import argparse
 import json
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:  # run as a script (bench/gpu_ml1m.sh): the repo's packages importable
+    sys.path.insert(0, str(REPO))
+from bench.common import markdown_table, write_result  # noqa: E402
 from bench.ml1m_quality import device_name, launch  # noqa: E402
+
+PROG = "python bench/cold_start.py"
 
 METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "mrr")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="models/configs/ugt_ml1m.yaml", help="the UGT config every run starts from")
     p.add_argument("--cold", default="{year_from: 2000}", help="cold_items spec (YAML; models.data.cold_item_mask)")
     p.add_argument("--id-dropout", default="0.2", help="comma list: one new_items+id_dropout run per value")
@@ -85,19 +88,21 @@ def collect(run: dict) -> dict | None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| run | all: HR@10 | NDCG@10 | new-item targets: HR@10 | NDCG@10 | HR@50 | HR@200 | "
-             "other targets: HR@10 | NDCG@10 | minutes |", "|" + "---|" * 10]
+    headers = ["run", "all: HR@10", "NDCG@10", "new-item targets: HR@10", "NDCG@10", "HR@50", "HR@200",
+               "other targets: HR@10", "NDCG@10", "minutes"]
+    cells = []
     for r in rows:
         a, c, w = r["test"], r.get("test_cold", {}), r.get("test_warm", {})
-        lines.append(f"| {r['run']} | {a['hr@10']:.4f} | {a['ndcg@10']:.4f} | {c.get('hr@10', 0):.4f} | "
-                     f"{c.get('ndcg@10', 0):.4f} | {c.get('hr@50', 0):.4f} | {c.get('hr@200', 0):.4f} | "
-                     f"{w.get('hr@10', 0):.4f} | {w.get('ndcg@10', 0):.4f} | {r['train_minutes']:.1f} |")
+        values = (a["hr@10"], a["ndcg@10"], c.get("hr@10", 0), c.get("ndcg@10", 0), c.get("hr@50", 0),
+                  c.get("hr@200", 0), w.get("hr@10", 0), w.get("ndcg@10", 0))
+        cells.append([r["run"], *(f"{v:.4f}" for v in values), f"{r['train_minutes']:.1f}"])
     for r in rows:
         for quota in [k for k in r["test"] if k.startswith("quota_")]:
             a, c, w = r["test"][quota], r["test_cold"][quota], r["test_warm"][quota]
-            lines.append(f"| {r['run']}, {quota[6:].replace('_', ' ')} slots kept for new items | {a['hr@10']:.4f} | "
-                         f"{a['ndcg@10']:.4f} | {c['hr@10']:.4f} | {c['ndcg@10']:.4f} | | | {w['hr@10']:.4f} | "
-                         f"{w['ndcg@10']:.4f} | |")
+            cells.append([f"{r['run']}, {quota[6:].replace('_', ' ')} slots kept for new items",
+                          *(f"{v:.4f}" for v in (a["hr@10"], a["ndcg@10"], c["hr@10"], c["ndcg@10"])), "", "",
+                          f"{w['hr@10']:.4f}", f"{w['ndcg@10']:.4f}", ""])
+    lines = [markdown_table(cells, headers)]
     if rows and "test_cold" in rows[0]:
         lines.append(f"\n(new-item targets: {rows[0]['test_cold']['users']:,} test users; other targets: "
                      f"{rows[0]['test_warm']['users']:,}; without the live catalog the new items' HR is 0)")
@@ -113,13 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             list(pool.map(lambda r: launch(r, args.set), runs))
     rows = [row for row in (collect(r) for r in runs) if row is not None]
     missing = [r["name"] for r in runs if collect(r) is None]
-    result = {"device": device_name(), "dataset": "ml-1m", "config": args.config, "cold": args.cold,
-              "protocol": "HSTU: leave-one-out by time, full ranking over all 3,883 catalog items (new ones "
-                          "included), items of the input window masked; new items scored by semantic ID + metadata",
-              "rows": rows, "missing": missing, "overrides": args.set, "date": time.strftime("%Y-%m-%d")}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    conditions = {"dataset": "ml-1m", "config": args.config, "cold": args.cold,
+                  "protocol": "HSTU: leave-one-out by time, full ranking over all 3,883 catalog items (new ones "
+                              "included), items of the input window masked; new items scored by semantic ID + "
+                              "metadata", "device": device_name(), "overrides": args.set}
+    write_result(args.out, "ml1m_cold_start", conditions, {"rows": rows, "missing": missing}, argv, PROG)
     print(markdown(rows))
     if missing:
         print(f"missing runs (see {args.runs_dir}/<name>/stdout.log): {missing}")

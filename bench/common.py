@@ -1,4 +1,9 @@
-"""What every benchmark shares: the machine it ran on, a printed table, a JSON file in bench/results/."""
+"""What every benchmark shares: the machine it ran on, a printed table, and the one writer of its result JSON.
+
+Every bench writes through ``write_result``, which records who produced the file (the command line, the git
+commit and whether the tree had uncommitted changes, the machine, the UTC date) beside the bench's stated
+conditions and its numbers, so no field of a result file is ever added by hand.
+"""
 
 from __future__ import annotations
 
@@ -6,80 +11,140 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tabulate import tabulate
+
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parent.parent
+# the fields write_result owns: a bench's results may not set them
+RECORD_FIELDS = ("benchmark", "command", "commit", "dirty", "machine", "date", "conditions")
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, memory, OS, Python; GPU name when torch sees one."""
-    cpu = platform.processor() or ""
+def result_path(name: str) -> Path:
+    """bench/results/<name>.json, where the committed current result of a benchmark lives."""
+    return RESULTS / f"{name}.json"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what the platform module knows)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    memory_gib = None
-    try:
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        memory_gib = round(pages / 2**30, 1)
-    except (ValueError, OSError):
-        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, memory, OS, Python; the GPU's name and torch's version when torch is installed."""
+    import psutil
+
     info: dict[str, Any] = {
         "hostname": platform.node(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "memory_gib": memory_gib,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "os": platform.platform(),
         "python": platform.python_version(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        pass
-    try:
         import torch
-
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
-        pass
+        return info
+    info["torch"] = torch.__version__
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
+def git_commit(repo: Path | None = None) -> tuple[str | None, bool | None]:
+    """(HEAD's full hash, whether the tree has uncommitted changes to tracked files) of ``repo`` (default: this
+    repository); (None, None) outside git."""
+    repo = repo or REPO
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    return head, bool(status.strip())
+
+
+def command_line(argv: Sequence[str] | None = None, prog: str | None = None) -> str:
+    """The command that produced a result, to run again as written.
+
+    With no ``argv``: this process's own command line (``sys.orig_argv``, so ``python -m bench.x`` stays a
+    ``-m`` command), the interpreter named by its file name only. With ``argv`` (a bench's ``main(argv)``
+    called from Python): ``prog`` followed by those arguments.
+    """
+    if argv is None:
+        interpreter, *rest = sys.orig_argv
+        return shlex.join([Path(interpreter).name, *rest])
+    if not prog:
+        raise ValueError("command_line: argv given without the prog that takes it (e.g. 'python -m bench.x')")
+    return f"{prog} {shlex.join(argv)}".rstrip()
+
+
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second (what a result's ``date`` says)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def result_record(benchmark: str, conditions: dict[str, Any], results: dict[str, Any],
+                  command: str) -> dict[str, Any]:
+    """The JSON object of one result: who produced it, on what, when, under which conditions, then the numbers."""
+    clash = sorted(set(results) & set(RECORD_FIELDS))
+    if clash:
+        raise ValueError(f"write_result: the results of {benchmark!r} set {clash}, which the writer records itself")
+    commit, dirty = git_commit()
+    return {
+        "benchmark": benchmark,
+        "command": command,
+        "commit": commit,
+        "dirty": dirty,
+        "machine": machine_info(),
+        "date": utc_now(),
+        "conditions": conditions,
+        **results,
+    }
+
+
+def write_result(path: Path | str, benchmark: str, conditions: dict[str, Any], results: dict[str, Any],
+                 argv: Sequence[str] | None = None, prog: str | None = None) -> Path:
+    """Write a bench's result JSON to ``path`` (see result_record); ``argv``/``prog`` as in command_line."""
+    record = result_record(benchmark, conditions, results, command_line(argv, prog))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return "" if value is None else str(value)
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """A plain fixed-width table (also returned, for logs)."""
+    """Print ``rows`` as a plain table (floats to 4 significant digits) and return its text, for logs."""
     if not rows:
         return ""
     columns = columns or list(rows[0])
-
-    def fmt(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
-        return str(value)
-
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    text = "\n".join(lines)
+    text = tabulate([[_cell(r.get(c, "")) for c in columns] for r in rows], headers=columns,
+                    disable_numparse=True)
     print(text)
     return text
 
 
-def write_result(name: str, payload: dict[str, Any]) -> Path:
-    """bench/results/<name>.json, with the machine filled in if the payload lacks it."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    payload.setdefault("machine", machine_info())
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    print(f"wrote {path}")
-    return path
+def markdown_table(rows: list[list[Any]], headers: list[str]) -> str:
+    """A GitHub-flavoured markdown table of ready-formatted cells (what docs/RESULTS.md pastes)."""
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import machine_info, print_table, write_result
+from bench.common import print_table, result_path, write_result
 from bench.serving import DOMAIN, ensure_checkpoint
 
+PROG = "python -m bench.engine_batch_cost"
 HISTORY = 50
 USERS = 512
 REPEATS = 5
@@ -75,7 +76,7 @@ def batch_ms(gen: Any, base: list[Any], size: int, misses: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.engine_batch_cost", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--compile", action="store_true",
                         help="also time every case with torch_compile on (the serving option)")
@@ -89,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = ensure_checkpoint(get_settings().cache_dir)
     cases = [(1, 0), (8, 0), (16, 0), (64, 0), (1, 1), (8, 1), (8, 2), (8, 8)]
     variants = [("eager", False)] + ([("torch_compile", True)] if args.compile else [])
-    payload: dict[str, Any] = {"benchmark": "engine_batch_cost", "device": machine_info(), "threads": 1,
-                               "model": "ugt_ml100k_tiny (bench.serving.ensure_checkpoint)", "history": HISTORY,
-                               "anchor": "eager rows; --compile adds the same cases with torch_compile, same run"}
+    conditions = {"threads": 1, "model": "ugt_ml100k_tiny (bench.serving.ensure_checkpoint)", "history": HISTORY,
+                  "users": USERS, "repeats": REPEATS,
+                  "anchor": "eager rows; --compile adds the same cases with torch_compile, same run"}
+    payload: dict[str, Any] = {}
     rows = []
     for variant, compiled in variants:
         began = time.perf_counter()
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                  for b, m in cases]
     payload["rows"] = rows
     print_table(rows)
-    write_result("engine_batch_cost", payload)
+    write_result(result_path("engine_batch_cost"), "engine_batch_cost", conditions, payload, argv, PROG)
     return 0
 
 

@@ -20,7 +20,6 @@ compare the rows of one run.
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import subprocess
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import write_result
 from bench.ml1m_quality import device_name
 
 SIZES = [8, 8, 64]
@@ -204,19 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     tries = trie_rebuilds([int(s) for s in args.trie_sizes.split(",")])
     import os
 
-    result = {"device": f"{device_name()}, load average {os.getloadavg()[0]:.1f}", "items": args.items,
-              "rate_per_s": args.rate, "anchor_feed_xadd_to_xread": anchor, "live_catalog_feed_to_servable": live,
-              "ratio_p50": round(live["p50_ms"] / max(anchor["p50_ms"], 1e-6), 1),
-              "trie_rebuild": tries, "date": time.strftime("%Y-%m-%d %H:%M")}
+    conditions = {"items": args.items, "rate_per_s": args.rate, "trie_sizes": args.trie_sizes}
+    result = {"device": f"{device_name()}, load average {os.getloadavg()[0]:.1f}",
+              "anchor_feed_xadd_to_xread": anchor, "live_catalog_feed_to_servable": live,
+              "ratio_p50": round(live["p50_ms"] / max(anchor["p50_ms"], 1e-6), 1), "trie_rebuild": tries}
     print("| path | n | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|")
     for name, row in (("anchor: XADD -> XREAD", anchor), ("live catalog: XADD -> servable", live)):
         print(f"| {name} | {row['n']} | {row['p50_ms']} | {row['p99_ms']} | {row['max_ms']} |")
     print("\n| catalog items | trie rebuild s (anchor) | add 100 items in place s |\n|---|---|---|")
     for row in tries:
         print(f"| {row['items']:,} | {row['seconds']} | {row['add_100_in_place_s']} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, "live_items", conditions, result, argv, "python -m bench.live_items")
     return 0 if live["not_served"] == 0 else 1
 
 

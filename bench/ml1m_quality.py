@@ -20,6 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script (bench/gpu_ml1m.sh): the repo's packages importable
+    sys.path.insert(0, str(REPO))
+from bench.common import markdown_table, write_result  # noqa: E402
+
+PROG = "python bench/ml1m_quality.py"
 MODELS = ("sasrec", "hstu", "hstu_large", "ugt", "popularity")
 LABELS = {"sasrec": "SASRec", "hstu": "HSTU", "hstu_large": "HSTU-large", "ugt": "UGT", "popularity": "Popularity"}
 # The HSTU paper's ML-1M numbers (Zhai et al. 2024, Table 4), HR@10 / NDCG@10.
@@ -29,7 +34,7 @@ COLUMNS = ["hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma list of {', '.join(MODELS)}; MODEL@SPLIT runs one tie order only")
     p.add_argument("--splits", default="hstu,stable", help="tie orders: hstu (HSTU's sort), stable (file order)")
@@ -113,9 +118,10 @@ def collect(run: dict) -> dict | None:
     return row
 
 
-def markdown(rows: list[dict], device: str) -> str:
-    head = "| model | ties | HR@10 | NDCG@10 | HR@50 | NDCG@50 | HR@200 | NDCG@200 | MRR | paper HR@10 / NDCG@10 | minutes |"
-    lines = [head, "|" + "---|" * 11]
+def markdown(rows: list[dict]) -> str:
+    headers = ["model", "ties", "HR@10", "NDCG@10", "HR@50", "NDCG@50", "HR@200", "NDCG@200", "MRR",
+               "paper HR@10 / NDCG@10", "minutes"]
+    table = []
     key_of = {v: k for k, v in LABELS.items()}
     for r in rows:
         anchor = ANCHORS.get(key_of.get(r["model"], ""), TARGETS.get(key_of.get(r["model"], "")))
@@ -123,13 +129,13 @@ def markdown(rows: list[dict], device: str) -> str:
         if key_of.get(r["model"]) in TARGETS:
             anchor_s = f"target >= {anchor[0]:.3f} / {anchor[1]:.3f}"
         cells = [f"{r.get(k, float('nan')):.4f}" for k in COLUMNS]
-        lines.append(f"| {r['model']} | {r['split']} | " + " | ".join(cells) + f" | {anchor_s} | {r['train_minutes']:.1f} |")
+        table.append([r["model"], r["split"], *cells, anchor_s, f"{r['train_minutes']:.1f}"])
         if "target_aware" in r:
             ta = r["target_aware"]
             cells = [f"{ta.get(k, float('nan')):.4f}" for k in COLUMNS]
-            lines.append(f"| {r['model']} + ranking head (top {ta['rerank_top']}) | {r['split']} | "
-                         + " | ".join(cells) + " | same checkpoint | |")
-    return "\n".join(lines)
+            table.append([f"{r['model']} + ranking head (top {ta['rerank_top']})", r["split"], *cells,
+                          "same checkpoint", ""])
+    return markdown_table(table, headers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,15 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             list(pool.map(lambda r: launch(r, args.set), runs))
     rows = [row for row in (collect(r) for r in runs) if row is not None]
     missing = [r["name"] for r in runs if collect(r) is None]
-    device = device_name()
-    result = {"device": device, "dataset": "ml-1m", "protocol": "HSTU: leave-one-out by time, full ranking over "
-              "all 3,883 catalog items, items of the input window masked", "rows": rows, "missing": missing,
-              "overrides": args.set, "date": time.strftime("%Y-%m-%d")}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    table = markdown(rows, device)
-    print(table)
+    conditions = {"dataset": "ml-1m", "protocol": "HSTU: leave-one-out by time, full ranking over all 3,883 "
+                  "catalog items, items of the input window masked", "device": device_name(), "overrides": args.set}
+    write_result(args.out, "ml1m_quality", conditions, {"rows": rows, "missing": missing}, argv, PROG)
+    print(markdown(rows))
     if missing:
         print(f"missing runs (see {args.runs_dir}/<name>/stdout.log): {missing}")
     return 0 if not missing else 1

@@ -1,19 +1,25 @@
 """Who eats the CPU during a benchmark window: per process class (Kafka, Flink TaskManager, ...) and per thread.
 
-Reads /proc (Linux) before and after the window, so it costs nothing while the benchmark runs. Threads are
-grouped by name with digits folded ("Source: raw (1/2)#0" and "(2/2)#0" add up), which in the Flink
-TaskManager names the operator chain a thread runs (Linux keeps the first 15 characters of a thread name) — in PyFlink's thread mode the Python functions run on
-those task threads (pemja), so their CPU shows up there.
+Reads the processes' CPU times before and after the window, so it costs nothing while the benchmark runs.
+Processes are found and timed with psutil. Threads are read from /proc/<pid>/task/<tid>/stat directly: the
+per-thread rows need each thread's name, which psutil does not give (``Process.threads()`` has only ids and
+times), and one read of that file gives the name and the times together. Threads are grouped by name with
+digits folded ("Source: raw (1/2)#0" and "(2/2)#0" add up), which in the Flink TaskManager names the operator
+chain a thread runs (Linux keeps the first 15 characters of a thread name) -- in PyFlink's thread mode the
+Python functions run on those task threads (pemja), so their CPU shows up there.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 TICK = os.sysconf("SC_CLK_TCK")
 CLASSES = (  # (label, substring of the command line); the first match wins
@@ -26,6 +32,7 @@ CLASSES = (  # (label, substring of the command line); the first match wins
     ("pyflink-python-worker", "pyflink.fn_execution"),  # process mode's Beam workers
     ("pyflink-python-worker", "pyflink-udf-runner"),
 )
+PER_THREAD = ("flink-taskmanager", "kafka")  # the classes whose threads are listed too
 
 
 def _classify(cmdline: str) -> str | None:
@@ -35,7 +42,61 @@ def _classify(cmdline: str) -> str | None:
     return None
 
 
-def _ticks(stat_path: Path) -> tuple[str, int] | None:
+def processes_running(needle: str) -> list[psutil.Process]:
+    """The processes with ``needle`` in one of their command-line arguments (e.g. "TaskManagerRunner")."""
+    return [p for p in psutil.process_iter(["cmdline"]) if any(needle in part for part in (p.info["cmdline"] or []))]
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU seconds of one process (0 once it is gone or hidden)."""
+    try:
+        times = process.cpu_times()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0.0
+    return times.user + times.system
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and its live descendants (uvicorn workers, engine processes); empty once ``pid`` is gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live descendants."""
+    return sum(cpu_seconds(p) for p in process_tree(pid))
+
+
+class TreeCpu:
+    """CPU seconds of this process and every descendant, sampled so workers that exit early still count."""
+
+    def __init__(self, every_s: float = 0.2):
+        self.root = psutil.Process()
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        for proc in [self.root, *self.root.children(recursive=True)]:
+            self.seen[proc.pid] = max(self.seen.get(proc.pid, 0.0), cpu_seconds(proc))
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.sample()
+
+    def total(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        return sum(self.seen.values())
+
+
+def _thread_ticks(stat_path: Path) -> tuple[str, int] | None:
+    """(thread name, utime + stime in clock ticks) from a /proc/<pid>/task/<tid>/stat file."""
     try:
         text = stat_path.read_text()
     except OSError:
@@ -48,38 +109,37 @@ def _ticks(stat_path: Path) -> tuple[str, int] | None:
 @dataclass
 class Snapshot:
     at: float
-    processes: dict[int, tuple[str, int]] = field(default_factory=dict)  # pid -> (class, ticks)
+    processes: dict[int, tuple[str, float]] = field(default_factory=dict)  # pid -> (class, cpu s)
     threads: dict[tuple[int, int], tuple[str, str, int]] = field(default_factory=dict)  # (pid, tid) -> (class, name, ticks)
 
 
 def snapshot(own_pid: int | None = None) -> Snapshot:
-    """CPU ticks of every process we can classify (and of `own_pid` as 'bench (this process)')."""
+    """CPU times of every process we can classify (and of `own_pid` as 'bench (producer, probes)')."""
     snap = Snapshot(time.monotonic())
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        label = "bench (producer, probes)" if pid == own_pid else _classify(cmdline)
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        label = "bench (producer, probes)" if process.pid == own_pid else _classify(cmdline)
         if label is None:
             continue
-        got = _ticks(entry / "stat")
-        if got is None:
+        try:
+            times = process.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        snap.processes[pid] = (label, got[1])
-        if label.startswith("flink-taskmanager") or label == "kafka":
-            try:
-                tasks = list((entry / "task").iterdir())
-            except OSError:
-                continue
-            for task in tasks:
-                t = _ticks(task / "stat")
-                if t is not None:
-                    snap.threads[(pid, int(task.name))] = (label, t[0], t[1])
+        snap.processes[process.pid] = (label, times.user + times.system)
+        if label in PER_THREAD:
+            _snapshot_threads(snap, process.pid, label)
     return snap
+
+
+def _snapshot_threads(snap: Snapshot, pid: int, label: str) -> None:
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return
+    for task in tasks:
+        got = _thread_ticks(task / "stat")
+        if got is not None:
+            snap.threads[(pid, int(task.name))] = (label, got[0], got[1])
 
 
 def _fold(name: str) -> str:
@@ -90,8 +150,8 @@ def diff(before: Snapshot, after: Snapshot, top: int = 8) -> dict[str, object]:
     """CPU seconds per process class and the busiest thread groups between two snapshots."""
     seconds = max(after.at - before.at, 1e-9)
     by_class: dict[str, float] = defaultdict(float)
-    for pid, (label, ticks) in after.processes.items():
-        by_class[label] += (ticks - before.processes.get(pid, (label, 0))[1]) / TICK
+    for pid, (label, cpu_s) in after.processes.items():
+        by_class[label] += cpu_s - before.processes.get(pid, (label, 0.0))[1]
     by_thread: dict[str, float] = defaultdict(float)
     for key, (label, name, ticks) in after.threads.items():
         by_thread[f"{label}: {_fold(name)}"] += (ticks - before.threads.get(key, (label, name, 0))[2]) / TICK

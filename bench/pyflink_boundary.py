@@ -32,12 +32,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
-from bench.common import machine_info, print_table, write_result
+from bench.common import print_table, result_path, write_result
+from bench.proc_cpu import TreeCpu
 
+PROG = "python -m bench.pyflink_boundary"
 VARIANTS = ("jvm", "per-record", "per-record-lake", "window-only", "batch-bytes", "batch-kv", "batch-rows", "pandas")
 WINDOW = "INTERVAL '0.05' SECOND"
 
@@ -167,38 +168,6 @@ def pandas_lake_rows(values, ids):
     return pd.DataFrame.from_records(rows, columns=["k", "v", *(n for n, _ in LAKE_FIELDS)])
 
 
-class TreeCpu:
-    """CPU seconds of this process and every descendant, sampled so workers that exit early still count."""
-
-    def __init__(self, every_s: float = 0.2):
-        import psutil
-
-        self._psutil = psutil
-        self.root = psutil.Process()
-        self.seen: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
-        self._thread.start()
-
-    def sample(self) -> None:
-        for proc in [self.root, *self.root.children(recursive=True)]:
-            try:
-                times = proc.cpu_times()
-            except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
-                continue
-            self.seen[proc.pid] = max(self.seen.get(proc.pid, 0.0), times.user + times.system)
-
-    def _run(self, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            self.sample()
-
-    def total(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-        return sum(self.seen.values())
-
-
 def child(variant: str, events: int) -> dict[str, Any]:
     """Run one variant to completion in this process; wall time and the process tree's CPU."""
     cpu = TreeCpu()
@@ -218,7 +187,7 @@ def run_child(variant: str, events: int) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.pyflink_boundary", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--events", type=int, default=600_000, help="records of the large run (default: %(default)s)")
     p.add_argument("--small", type=int, default=30_000, help="records of the small run (default: %(default)s)")
@@ -261,11 +230,11 @@ def main(argv: list[str] | None = None) -> int:
             if anchor in base and base[anchor]["cpu_us_per_record"] > 0:
                 r[f"cpu_vs_{anchor.replace('-', '_')}"] = r["cpu_us_per_record"] / base[anchor]["cpu_us_per_record"]
     print_table(rows)
-    write_result(args.name, {
-        "benchmark": "pyflink_boundary", "events": args.events, "small": args.small, "repeat": args.repeat,
-        "window": WINDOW, "anchor": "jvm (the same projection in Flink SQL, no Python)", "rows": rows,
-        "runs": [r for rs in runs.values() for r in rs], "load_avg_1m": os.getloadavg()[0], "machine": machine_info(),
-    })
+    conditions = {"events": args.events, "small": args.small, "repeat": args.repeat, "window": WINDOW,
+                  "anchor": "jvm (the same projection in Flink SQL, no Python)",
+                  "load_avg_1m": os.getloadavg()[0]}
+    write_result(result_path(args.name), "pyflink_boundary", conditions,
+                 {"rows": rows, "runs": [r for rs in runs.values() for r in rs]}, argv, PROG)
     return 0
 
 

@@ -12,39 +12,41 @@ trivial FastAPI endpoint (constant answer) served the same way.
   python -m bench.serving --rates 500,1000 --duration 5 --configs ugt-tiny
   python -m bench.serving --target gpu ...                 # bench.serving_gpu.run_gpu_bench(args)
 
-Writes bench/results/serving_cpu.json: `device` (bench.common.machine_info), `rows` of
-{config, qps, p50_ms, p99_ms, p999_ms, ...} with the per-stage split from the responses' timings_ms.
+Writes bench/results/serving_cpu.json (bench.common.write_result): the load's `conditions`, and `rows` of
+{config, qps, p50_ms, p99_ms, p999_ms, ...} with the per-stage split from the responses' timings_ms. The load
+generator is bench.http_load.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import random
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from fastapi import Request  # module level: the anchor's handler annotations are resolved here
 from fastapi.responses import Response
 from tqdm import tqdm
 
-from bench.common import RESULTS, machine_info, print_table, write_result
+from bench.common import print_table, result_path, write_result
+from bench.http_load import STAGES, open_loop, paused_gc_open_loop, summarize
+from bench.proc_cpu import cpu_seconds, tree_cpu_seconds
 
+PROG = "python -m bench.serving"
 REPO = Path(__file__).resolve().parent.parent
 DOMAIN = "benchmovie"
-STAGES = ("queue", "state", "generate", "rerank", "total")
 TINY_CONFIG = "models/configs/ugt_ml100k_tiny.yaml"
 
 
@@ -175,33 +177,6 @@ class Server:
                 self.proc.wait()
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its live descendants (uvicorn workers, engine processes), from /proc."""
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        try:
-            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except OSError:
-            pass
-    return pids
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its live descendants, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    pids = process_tree(pid)
-    total = 0.0
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    return total
-
-
 def wait_healthy(server: Server, timeout_s: float = 300.0) -> None:
     import requests
 
@@ -234,158 +209,6 @@ def start_server(name: str, workdir: Path, env: dict[str, str], config: dict[str
     server = Server(name, proc, port, log)
     wait_healthy(server)
     return server
-
-
-# -- the open-loop load generator ------------------------------------------------------------------------
-@dataclass
-class Sample:
-    latency_ms: float
-    status: int
-    timings: dict[str, float] = field(default_factory=dict)
-    scheduled_s: float = 0.0  # send time from the start of the load
-    batch_size: int = 0
-    fallback: bool = False
-
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection; a request at a time (no pipelining)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int) -> Connection:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer)
-
-    async def post(self, body: bytes) -> tuple[int, bytes]:
-        self.writer.write(
-            b"POST /recommend HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        return status, await self.reader.readexactly(length)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-async def open_loop(port: int, rate: float, duration_s: float, users: list[str], k: int,
-                    connections: int, seed: int, fresh_share: float = 0.0,
-                    items: list[str] | None = None) -> tuple[list[Sample], float]:
-    """Poisson arrivals at ``rate`` for ``duration_s``; latency from the scheduled time. (samples, wall s).
-
-    A ``fresh_share`` of the requests carry one new session item in ``context`` (drawn from ``items``): that
-    user's events differ from what the server saw last, as after a new event, so the model runs the whole
-    sequence again (a KV-cache miss) instead of only the last event against the cached prefix.
-    """
-    rng = random.Random(seed)
-    schedule, t = [], 0.0
-    while True:
-        t += rng.expovariate(rate)
-        if t >= duration_s:
-            break
-        schedule.append(t)
-    pool: asyncio.Queue[Connection] = asyncio.Queue()
-    for _ in range(connections):
-        pool.put_nowait(await Connection.open(port))
-    samples: list[Sample] = []
-    loop = asyncio.get_running_loop()
-    start = loop.time() + 0.05
-
-    async def one(scheduled: float, body: bytes) -> None:
-        conn = await pool.get()
-        try:
-            status, body = await conn.post(body)
-        except (OSError, asyncio.IncompleteReadError):
-            samples.append(Sample((loop.time() - scheduled) * 1000.0, 599, scheduled_s=scheduled - start))
-            pool.put_nowait(await Connection.open(port))
-            return
-        done = loop.time()
-        pool.put_nowait(conn)
-        sample = Sample((done - scheduled) * 1000.0, status, scheduled_s=scheduled - start)
-        if status == 200:
-            answer = json.loads(body)
-            sample.timings = answer.get("timings_ms") or {}
-            sample.batch_size = answer.get("batch_size", 0)
-            sample.fallback = bool(answer.get("fallback"))
-        samples.append(sample)
-
-    # only the requests still in flight are kept: gathering all of them at the end would walk every finished
-    # task of the run while the last responses wait unread (+50 ms on the last requests at 30,000 a run)
-    in_flight: set[asyncio.Future] = set()
-    for i, offset in enumerate(schedule):
-        scheduled = start + offset
-        delay = scheduled - loop.time()
-        if delay > 0.0005:
-            await asyncio.sleep(delay)
-        request: dict[str, Any] = {"user_id": users[i % len(users)], "k": k}
-        if items and rng.random() < fresh_share:
-            request["context"] = [rng.choice(items)]
-        task = asyncio.ensure_future(one(scheduled, json.dumps(request).encode()))
-        in_flight.add(task)
-        task.add_done_callback(in_flight.discard)
-    await asyncio.gather(*in_flight)
-    wall = loop.time() - start
-    while not pool.empty():
-        pool.get_nowait().close()
-    return samples, wall
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q / 100.0 * len(values)))]
-
-
-def summarize(config: str, rate: float, samples: list[Sample], wall: float) -> dict[str, Any]:
-    lat = [s.latency_ms for s in samples]
-    ok = [s for s in samples if s.status == 200]
-    row: dict[str, Any] = {
-        "config": config,
-        "qps": rate,
-        "achieved_qps": round(len(samples) / wall, 1),
-        "requests": len(samples),
-        "p50_ms": round(pct(lat, 50), 3),
-        "p99_ms": round(pct(lat, 99), 3),
-        "p999_ms": round(pct(lat, 99.9), 3),
-        "max_ms": round(max(lat), 3) if lat else float("nan"),
-        "non_200": len(samples) - len(ok),
-        "fallbacks": sum(s.fallback for s in ok),
-    }
-    with_timings = [s for s in ok if s.timings]
-    if with_timings:
-        row["mean_batch"] = round(statistics.fmean(s.batch_size for s in with_timings), 2)
-        row["stages_ms"] = {
-            stage: {
-                "p50": round(pct([s.timings.get(stage, 0.0) for s in with_timings], 50), 3),
-                "p99": round(pct([s.timings.get(stage, 0.0) for s in with_timings], 99), 3),
-            }
-            for stage in STAGES
-        }
-        # server-side total vs client latency: the rest is HTTP, event loop and the client itself
-        row["http_p50_ms"] = round(row["p50_ms"] - row["stages_ms"]["total"]["p50"], 3)
-    return row
-
-
-def paused_gc_open_loop(*args: Any) -> tuple[list[Sample], float]:
-    """open_loop with this process's garbage collector off: the client holds the trained model, the dataset and
-    thousands of in-flight tasks, and a full collection here stalls every request in flight for 100-400 ms,
-    which the percentiles would charge to the server."""
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    try:
-        return asyncio.run(open_loop(*args))
-    finally:
-        gc.enable()
-        gc.unfreeze()
 
 
 def calibrate(checkpoint: Path, batches: int = 100, batch: int = 8) -> float:
@@ -457,9 +280,10 @@ def measure(server: Server, rate: float, args: argparse.Namespace, users: list[s
             repeat: int = 0) -> dict:
     """One row: ``server`` under ``rate`` req/s for ``args.duration`` seconds (``repeat``: a fresh arrival draw)."""
     port = server.port
-    cpu_before = cpu_seconds(server.proc.pid)
+    cpu_before = tree_cpu_seconds(server.proc.pid)
     hits_before, misses_before = kv_cache_lookups(port) if not server.is_anchor else (0.0, 0.0)
-    client_cpu_before = time.process_time()
+    client = psutil.Process()
+    client_cpu_before = cpu_seconds(client)
     samples, wall = paused_gc_open_loop(port, rate, args.duration, users, args.k, args.connections,
                                         args.seed + int(rate) + 7919 * repeat, args.fresh_share, items)
     row = summarize(server.name, rate, samples, wall)
@@ -471,9 +295,9 @@ def measure(server: Server, rate: float, args: argparse.Namespace, users: list[s
                 out.write(json.dumps({"t": round(s.scheduled_s, 4), "ms": round(s.latency_ms, 3), "status": s.status,
                                       "batch": s.batch_size, "timings": s.timings}) + "\n")
     # the server's CPU per request: what the box's load does not change much (unlike the latencies)
-    row["server_cpu_ms_per_req"] = round(1000.0 * (cpu_seconds(server.proc.pid) - cpu_before) / len(samples), 3)
+    row["server_cpu_ms_per_req"] = round(1000.0 * (tree_cpu_seconds(server.proc.pid) - cpu_before) / len(samples), 3)
     # the load generator shares the two cores: what it burns is CPU the server does not get
-    row["client_cpu_ms_per_req"] = round(1000.0 * (time.process_time() - client_cpu_before) / len(samples), 3)
+    row["client_cpu_ms_per_req"] = round(1000.0 * (cpu_seconds(client) - client_cpu_before) / len(samples), 3)
     if not server.is_anchor:
         hits, misses = kv_cache_lookups(port)
         looked_up = (hits - hits_before) + (misses - misses_before)
@@ -507,19 +331,11 @@ def cpu_configs(checkpoint: Path, names: list[str]) -> dict[str, dict[str, Any] 
     return {n: all_configs[n] for n in names}
 
 
-def run_cpu(args: argparse.Namespace) -> int:
-    from infra.settings import Settings, get_settings
+def measure_configs(args: argparse.Namespace, rates: list[float], checkpoint: Path,
+                    configs: dict[str, dict[str, Any] | None]) -> list[dict]:
+    """Start a private Redis and every server, warm them, then measure each config at each rate (interleaved)."""
+    from infra.settings import Settings
 
-    rates = [float(r) for r in args.rates.split(",")]
-    if not 0.0 <= args.fresh_share <= 1.0:
-        raise SystemExit(f"bench.serving: --fresh-share must be in [0, 1], got {args.fresh_share}")
-    if args.repeats < 1:
-        raise SystemExit(f"bench.serving: --repeats must be >= 1, got {args.repeats}")
-    load_start = os.getloadavg()[0]  # the box is shared: a busy box shows here
-    names = ["anchor-fastapi", *[n for n in args.configs.split(",") if n and n != "anchor-fastapi"]]
-    checkpoint = ensure_checkpoint(get_settings().cache_dir)
-    configs = cpu_configs(checkpoint, names)
-    speed_start = calibrate(checkpoint)
     workdir = Path(tempfile.mkdtemp(prefix="ugt-bench-serving-"))
     redis_proc, redis_port = start_redis(workdir)
     env = os.environ | {"UGT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "PYTHONPATH": str(REPO)}
@@ -539,14 +355,20 @@ def run_cpu(args: argparse.Namespace) -> int:
                 for server in servers:
                     row = measure(server, rate, args, users, items, repeat)
                     rows.append(row | {"repeat": repeat} if args.repeats > 1 else row)
-        rows.sort(key=lambda row: (names.index(row["config"]), row["qps"], row.get("repeat", 0)))
     finally:
         for server in servers:
             server.stop()
         redis_proc.terminate()
         redis_proc.wait(timeout=15)
         shutil.rmtree(workdir, ignore_errors=True)
-    columns = ["config", "qps", *(["repeat"] if args.repeats > 1 else []), "achieved_qps", "p50_ms", "p99_ms",
+    names = list(configs)
+    rows.sort(key=lambda row: (names.index(row["config"]), row["qps"], row.get("repeat", 0)))
+    return rows
+
+
+def print_rows(rows: list[dict], repeats: int) -> None:
+    """The rows, then the per-stage split of the rows whose server reported its timings."""
+    columns = ["config", "qps", *(["repeat"] if repeats > 1 else []), "achieved_qps", "p50_ms", "p99_ms",
                "p999_ms", "non_200", "fallbacks", "mean_batch", "kv_cache_hit_ratio", "server_cpu_ms_per_req",
                "client_cpu_ms_per_req"]
     print_table(rows, columns)
@@ -556,14 +378,29 @@ def run_cpu(args: argparse.Namespace) -> int:
         for r in rows if "stages_ms" in r
     ]
     print_table(stage_rows)
+
+
+def run_cpu(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    from infra.settings import get_settings
+
+    rates = [float(r) for r in args.rates.split(",")]
+    if not 0.0 <= args.fresh_share <= 1.0:
+        raise SystemExit(f"bench.serving: --fresh-share must be in [0, 1], got {args.fresh_share}")
+    if args.repeats < 1:
+        raise SystemExit(f"bench.serving: --repeats must be >= 1, got {args.repeats}")
+    load_start = os.getloadavg()[0]  # the box is shared: a busy box shows here
+    names = ["anchor-fastapi", *[n for n in args.configs.split(",") if n and n != "anchor-fastapi"]]
+    checkpoint = ensure_checkpoint(get_settings().cache_dir)
+    configs = cpu_configs(checkpoint, names)
+    speed_start = calibrate(checkpoint)
+    rows = measure_configs(args, rates, checkpoint, configs)
+    print_rows(rows, args.repeats)
     target_rows = [r for r in rows if r["config"] == "ugt-tiny" and r["qps"] == 1000.0]
     windows_met = sum(r["p99_ms"] <= 20.0 and r["non_200"] == 0 for r in target_rows)
-    payload = {
-        "benchmark": "serving_cpu",
-        "device": machine_info(),
+    conditions = {
         "load": {"arrivals": "poisson, open loop; latency from the scheduled send time", "duration_s": args.duration,
-                 "connections": args.connections, "server_workers": args.workers, "k": args.k, "users": args.users, "history": args.history,
-                 "fresh_share": args.fresh_share,
+                 "connections": args.connections, "server_workers": args.workers, "k": args.k, "users": args.users,
+                 "history": args.history, "fresh_share": args.fresh_share,
                  "order": "all servers up and warmed (every user once) first; then per rate, each config in turn",
                  "client": "asyncio keep-alive HTTP/1.1 client in the bench process, same box"},
         "anchor": "anchor-fastapi: a trivial FastAPI endpoint (constant answer), uvicorn, same box, same load",
@@ -572,25 +409,18 @@ def run_cpu(args: argparse.Namespace) -> int:
         "machine_speed": {"what": "ms per model batch of 8 cache-hit users, one thread, in the bench process "
                                   "(bench.serving.calibrate); lower = faster box", "start": speed_start,
                           "end": calibrate(checkpoint)},
+    }
+    results = {
         "target_met": bool(target_rows) and windows_met == len(target_rows),  # in every window measured
         "target_windows_met": f"{windows_met} of {len(target_rows)}",
         "rows": rows,
     }
-    if Path(args.out).resolve().parent == RESULTS:
-        write_result(Path(args.out).stem, payload)
-    else:
-        _write(args.out, payload)
+    write_result(args.out, "serving_cpu", conditions, results, argv, PROG)
     return 0
 
 
-def _write(path: str, payload: dict[str, Any]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    print(f"wrote {path}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu", help="cpu: end to end here; gpu: bench.serving_gpu")
     parser.add_argument("--rates", default="250,500,1000,2000", help="req/s to offer, comma-separated (default: %(default)s)")
@@ -612,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--samples-dir", default="", help="also write every request (send time, latency, server "
                                                           "stage timings) as CONFIG-RATE-REPEAT.jsonl here")
-    parser.add_argument("--out", default=str(RESULTS / "serving_cpu.json"), help="result JSON (default: %(default)s)")
+    parser.add_argument("--out", default=str(result_path("serving_cpu")), help="result JSON (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1,
                         help="uvicorn worker processes of every server, the anchor's too (default: %(default)s)")
     parser.add_argument("--serve-anchor", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -625,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_gpu_bench(args)  # writes bench/results/serving_gpu.json; its own options: bench/serving_gpu.py --help
         return 0
-    return run_cpu(args)
+    return run_cpu(args, argv)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import machine_info, print_table  # noqa: E402
+from bench.common import git_commit, print_table, utc_now, write_result  # noqa: E402
 from models.data import history_row  # noqa: E402
 from models.ugt.inference import COMPACT_WIDTH, InferenceConfig, UGTInference  # noqa: E402
 from models.ugt.model import UGT, UGTConfig  # noqa: E402
@@ -462,8 +462,8 @@ def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
         args.rates_ml1m = args.rates_industrial = "2000"
     configs = [c for c in args.configs.split(",") if c]
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    conditions = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}  # this run's options
     result: dict[str, Any] = {"device": f"{gpu} (torch {torch.__version__})",
-                              "machine": machine_info(), "k": args.k, "batches": args.batches,
                               "rows": [], "open_loop": [], "stages": {}, "configs": {}}
     out_path = Path(args.out)
     if args.merge and out_path.exists():
@@ -500,16 +500,14 @@ def run_gpu_bench(args: argparse.Namespace) -> dict[str, Any]:
             info["serving_engine_test"] = part["engine_quality"]
         if "engine_quality_ranked" in part:
             info["serving_engine_test_ranked"] = part["engine_quality_ranked"]
-        info["measured"] = {k: result["machine"].get(k) for k in ("date", "git_commit", "gpu")}  # --merge keeps others'
+        info["measured"] = {"date": utc_now(), "commit": git_commit()[0], "gpu": gpu}  # --merge keeps others'
         result["configs"][name] = info
         result["rows"] += part["rows"]
         result["open_loop"] += part["open_loop"]
         result["stages"][name] = part["stages"]
     print_table(result["rows"], COLUMNS)
     print_table(result["open_loop"], OPEN_COLUMNS)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {out_path}")
+    write_result(out_path, "serving_gpu", conditions, result)
     return result
 
 

@@ -13,7 +13,6 @@ Prints a table and writes bench/results/state_fetch.json with the machine's desc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,13 +20,15 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
+from bench.common import print_table, result_path, write_result
 from contracts.user_state_rule import UserState
 from infra.settings import get_settings
 
-RESULTS = Path(__file__).resolve().parent / "results" / "state_fetch.json"
+PROG = "python -m bench.state_fetch"
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -36,7 +37,11 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def time_interleaved(methods: dict[str, Callable[[], object]], reads: int, warmup: int) -> dict[str, dict]:
-    """Time every method once per round, round after round, so load from other processes hits all alike."""
+    """Time every method once per round, round after round, so load from other processes hits all alike.
+
+    The client CPU of a read is the calling thread's CPU clock (``time.thread_time``), not psutil: one read
+    costs tens of microseconds, and psutil's (like /proc's) CPU times count in clock ticks of 10 ms.
+    """
     for _ in range(warmup):
         for fn in methods.values():
             fn()
@@ -64,15 +69,12 @@ def time_interleaved(methods: dict[str, Callable[[], object]], reads: int, warmu
     return results
 
 
-def machine_info(redis_info: dict) -> dict[str, object]:
-    """bench.common's machine description plus the client and server versions this benchmark depends on."""
+def software(redis_info: dict) -> dict[str, object]:
+    """The client and server versions this benchmark depends on, and how the client reaches Redis."""
     import feast
     import redis as redis_py
 
-    from bench.common import machine_info as common_machine_info
-
     return {
-        **common_machine_info(),
         "feast": feast.__version__,
         "redis_py": redis_py.__version__,
         "redis_server": redis_info.get("redis_version"),
@@ -102,43 +104,30 @@ def bench_state(events: int, user_id: str) -> UserState:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--reads", type=int, default=2000, help="timed reads per method (default: %(default)s)"
-    )
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reads", type=int, default=2000, help="timed reads per method (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=200, help="untimed reads first (default: %(default)s)")
-    parser.add_argument(
-        "--events", type=int, default=200, help="events in the pushed state (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--user", default="bench-state-fetch", help="user id pushed and read (default: %(default)s)"
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output (default: %(default)s)")
+    parser.add_argument("--events", type=int, default=200, help="events in the pushed state (default: %(default)s)")
+    parser.add_argument("--user", default="bench-state-fetch", help="user id pushed and read (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=result_path("state_fetch"),
+                        help="JSON output (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.reads < 100 or args.events < 1:
         parser.error("--reads must be >= 100 and --events >= 1")
+    return args
 
+
+def read_methods(settings: Any, client: Any, args: argparse.Namespace) -> dict[str, Callable[[], object]]:
+    """Push the bench user's state through Feast; the four ways to read it back, checked to agree first."""
     import pandas as pd
-    import redis
     from feast.data_source import PushMode
 
     from infra.feast_store import open_feature_store
     from serving.feast_redis import FeastRedisLayout
     from serving.user_state_reader import FeastStateReader, RedisStateReader
 
-    settings = get_settings()
-    client = redis.Redis.from_url(settings.redis_url)
-    try:
-        redis_info = client.info("server")
-    except redis.RedisError as exc:
-        print(
-            f"bench/state_fetch: Redis at {settings.redis_url} does not answer ({exc}); run `ugt stack up`",
-            file=sys.stderr,
-        )
-        return 1
     print(f"opening the Feast repo {settings.feature_repo} (Redis {settings.redis_url}) ...", file=sys.stderr)
     store = open_feature_store(settings)
     row = bench_state(args.events, args.user).to_feature_row()
@@ -147,53 +136,48 @@ def main(argv: list[str] | None = None) -> int:
 
     service = store.get_feature_service("recommend_v1")
     feast_reader = FeastStateReader(store, "recommend_v1", client)
-    direct_reader = RedisStateReader(
-        client, FeastRedisLayout.from_repo(settings.feature_repo), "user_recent_events"
-    )
+    direct_reader = RedisStateReader(client, FeastRedisLayout.from_repo(settings.feature_repo), "user_recent_events")
     key = direct_reader.layout.entity_key("user_id", args.user)
     a, b = feast_reader.read(args.user), direct_reader.read(args.user)
     if a != b or a is None or len(a.item_ids) != args.events:
-        print(
-            f"bench/state_fetch: the readers disagree or miss the pushed state:\n {a}\n {b}", file=sys.stderr
-        )
-        return 1
-
-    methods: dict[str, Callable[[], object]] = {
-        "feast_sdk": lambda: store.get_online_features(
-            features=service, entity_rows=[{"user_id": args.user}]
-        ).to_dict(),
+        raise SystemExit(f"bench/state_fetch: the readers disagree or miss the pushed state:\n {a}\n {b}")
+    return {
+        "feast_sdk": lambda: store.get_online_features(features=service, entity_rows=[{"user_id": args.user}]).to_dict(),
         "feast_reader": lambda: feast_reader.read(args.user),
         "redis_direct": lambda: direct_reader.read(args.user),
         "redis_hmget": lambda: client.hmget(key, direct_reader.fields),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import redis
+
+    settings = get_settings()
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        redis_info = client.info("server")
+    except redis.RedisError as exc:
+        print(f"bench/state_fetch: Redis at {settings.redis_url} does not answer ({exc}); run `ugt stack up`",
+              file=sys.stderr)
+        return 1
+    methods = read_methods(settings, client, args)
     load_before = os.getloadavg()[0]
     results = time_interleaved(methods, args.reads, args.warmup)
 
     print(f"\nuser-state fetch, one entity, {args.events}-event state, {args.reads} reads each")
-    print(f"{'method':<14}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'max ms':>10}{'client CPU ms':>15}")
-    for name, r in results.items():
-        print(
-            f"{name:<14}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['mean_ms']:>10.3f}{r['max_ms']:>10.3f}"
-            f"{r['client_cpu_ms_mean']:>15.3f}"
-        )
+    print_table([{"method": name, **r} for name, r in results.items()],
+                ["method", "p50_ms", "p99_ms", "mean_ms", "max_ms", "client_cpu_ms_mean"])
     speedup = results["feast_reader"]["p99_ms"] / results["redis_direct"]["p99_ms"]
     print(f"direct reader vs Feast SDK reader: {speedup:.1f}x lower p99 (load average {load_before:.1f})")
-
-    report = {
-        "benchmark": "state_fetch",
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.state_fetch " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "events_in_state": args.events,
-        "machine": machine_info(redis_info),
-        "results": results,
-        "direct_vs_sdk_p99_speedup": round(speedup, 2),
-        "target_p99_ms": 0.3,
+    conditions = {
+        "events_in_state": args.events, "reads": args.reads, "warmup": args.warmup, "target_p99_ms": 0.3,
+        "software": software(redis_info),
         # other processes on the 2-core box (Kafka, Flink, other jobs) skew the tail; the reads are interleaved
         "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, "state_fetch", conditions,
+                 {"results": results, "direct_vs_sdk_p99_speedup": round(speedup, 2)}, argv, PROG)
     return 0
 
 

@@ -27,7 +27,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench.common import machine_info, print_table, write_result
+from bench.common import print_table, result_path, write_result
+
+PROG = "python -m bench.tokenize_record"
 
 
 class DictRedis:
@@ -70,7 +72,7 @@ def timed(paths: dict[str, Callable[[bytes, int], object]], data: list[bytes], r
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=20_000, help="ML-1M events per pass (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=3, help="passes per row; the best counts (default: %(default)s)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of EventTokenizer.process")
@@ -128,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             with_sids.process(d, "bench.raw", 0, i)
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
-    write_result("tokenize_record", {"events": len(data), "repeat": args.repeat, "rows": rows,
-                                     "anchor": "anchor_fastavro_v1", "machine": machine_info()})
+    write_result(result_path("tokenize_record"), "tokenize_record",
+                 {"events": len(data), "repeat": args.repeat, "anchor": "anchor_fastavro_v1"}, {"rows": rows},
+                 argv, PROG)
     server.shutdown()
     return 0
 

@@ -25,7 +25,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.common import machine_info, print_table, write_result
+from bench.common import print_table, result_path, write_result
+
+PROG = "python -m bench.user_state_cost"
 
 
 class MemoryStore:
@@ -120,7 +122,7 @@ def processor_run(events: list, cache_users: int, rate: float) -> tuple[float, d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=100_000, help="ML-1M events, in time order")
     parser.add_argument("--repeat", type=int, default=3, help="passes per row; the best counts")
     parser.add_argument("--rate", type=float, default=50_000, help="simulated events/s (when timers fire)")
@@ -160,11 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
         profile_text = out.getvalue()
         print(profile_text)
-    write_result("user_state_cost", {
-        "events": len(events), "users": users, "rate": args.rate, "repeat": args.repeat,
-        "anchor": "anchor_v1_dict_pickle", "rows": rows, "table": table, "profile": profile_text,
-        "machine": machine_info(),
-    })
+    conditions = {"events": len(events), "users": users, "rate": args.rate, "repeat": args.repeat,
+                  "anchor": "anchor_v1_dict_pickle"}
+    write_result(result_path("user_state_cost"), "user_state_cost", conditions,
+                 {"rows": rows, "table": table, "profile": profile_text}, argv, PROG)
     return 0
 
 

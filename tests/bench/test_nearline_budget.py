@@ -1,10 +1,10 @@
-"""bench.nearline.cpu_budget: the CPU each event costs against what the box has (pure arithmetic)."""
+"""bench.nearline_paths.cpu_budget: the CPU each event costs against what the box has (pure arithmetic)."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.nearline import cpu_budget
+from bench.nearline_paths import cpu_budget
 
 
 def test_budget_from_the_committed_run() -> None:

@@ -18,7 +18,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.serving import process_tree, start_server
+from bench.proc_cpu import process_tree
+from bench.serving import start_server
 from infra.settings import Settings
 from serving.app import create_app
 from serving.config import build_config
@@ -47,7 +48,7 @@ def recommend(url: str, **body) -> requests.Response:
 
 
 def engine_pids(proc: subprocess.Popen) -> list[int]:
-    return [pid for pid in process_tree(proc.pid) if pid != proc.pid]
+    return [p.pid for p in process_tree(proc.pid) if p.pid != proc.pid]
 
 
 def samples(url: str) -> dict[tuple[str, tuple], float]:
