@@ -66,9 +66,21 @@ def machine_info() -> dict[str, Any]:
 
 def git_commit(repo: Path | None = None) -> tuple[str | None, bool | None]:
     """(HEAD's full hash, whether the tree has uncommitted changes to tracked files) of ``repo`` (default: this
-    repository); (None, None) outside git."""
-    repo = repo or REPO
+    repository); (None, None) when it is not the top of its own git checkout.
+
+    ``UGT_COMMIT`` (and ``UGT_DIRTY``) win: a GPU machine gets a copy of the tree inside another repository, whose
+    HEAD is not ours, so the GPU scripts pass the project's commit in; a copy that is not its own checkout records
+    none rather than a wrong one.
+    """
+    if os.environ.get("UGT_COMMIT"):
+        dirty = os.environ.get("UGT_DIRTY")
+        return os.environ["UGT_COMMIT"], None if dirty is None else dirty == "1"
+    repo = (repo or REPO).resolve()
     try:
+        top = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        if Path(top).resolve() != repo:
+            return None, None
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
         status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],

@@ -8,6 +8,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export UGT_CACHE=${UGT_CACHE:-/tmp/ugt-cache} PYTHONUNBUFFERED=1
+# the tree arrives as a copy inside another repository: pass the project's commit in (UGT_COMMIT=<sha> bash ...),
+# or the result records none (bench/common.py git_commit)
+export UGT_COMMIT=${UGT_COMMIT:-}
 out=${OUT:-/tmp/ugt-bench-out}
 mkdir -p "$out"
 d=$UGT_CACHE/datasets/ml-1m

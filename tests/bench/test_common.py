@@ -99,3 +99,17 @@ def test_markdown_table_is_github_flavoured() -> None:
     assert [c.strip() for c in header.strip("|").split("|")] == ["model", "HR@10"]
     assert set(rule) <= {"|", "-", ":"}
     assert [c.strip() for c in row.strip("|").split("|")] == ["UGT", "0.3450"]
+
+
+def test_a_copy_inside_another_repository_records_no_commit(repo: Path) -> None:
+    """The GPU machine gets the tree as a folder of another checkout: its HEAD is not ours."""
+    inner = repo / "copy_of_the_project"
+    inner.mkdir()
+    (inner / "README.md").write_text("a copy\n")
+    assert git_commit(inner) == (None, None)
+
+
+def test_the_commit_passed_in_wins(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UGT_COMMIT", "a" * 40)
+    monkeypatch.setenv("UGT_DIRTY", "0")
+    assert git_commit(repo) == ("a" * 40, False)
