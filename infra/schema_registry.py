@@ -74,7 +74,8 @@ def read_errors(reader: ParsedSchema, writer: ParsedSchema) -> list[str]:
     if result.compatibility is not SchemaCompatibilityType.incompatible:
         return []
     kinds = ", ".join(sorted({kind.value for kind in result.incompatibilities}))
-    return [f"{kinds}: {'; '.join(sorted(result.messages))} (at {', '.join(sorted(result.locations))})"]
+    where = sorted(result.locations - {"/"}) or ["/"]  # the library's merge keeps the root beside the real place
+    return [f"{kinds}: {'; '.join(sorted(result.messages))} (at {', '.join(where)})"]
 
 
 def compatibility_errors(new: ParsedSchema, existing: list[ParsedSchema], level: str) -> list[str]:
