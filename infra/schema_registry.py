@@ -4,8 +4,9 @@ Why it exists: no Confluent-compatible registry can be started from the registri
 reaches (docs/STACK.md says exactly why). This one speaks the Confluent REST API that
 `confluent_kafka.schema_registry.SchemaRegistryClient` and Flink's `avro-confluent` format use,
 under the same base path Apicurio serves it (`/apis/ccompat/v7`, requests without the prefix work
-too), enforces compatibility levels with the Avro resolution rules (infra/avro_compat.py) and
-persists every schema to one JSON file, so ids are stable across restarts.
+too), enforces compatibility levels with the Avro resolution rules (the `avro` library's
+ReaderWriterCompatibilityChecker) and persists every schema to one JSON file, so ids are stable
+across restarts.
 
 Run: `python -m infra.schema_registry --port 8085 --data var/registry/registry.json`
 """
@@ -24,11 +25,74 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from infra.avro_compat import LEVELS, InvalidSchema, ParsedSchema, compatibility_errors
+import avro.errors
+import avro.schema
+from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 
 PREFIX = "/apis/ccompat/v7"
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
+# Confluent's compatibility levels: BACKWARD = the new schema reads data written with the old one, FORWARD = the
+# old reads the new, FULL = both; *_TRANSITIVE checks against every earlier version instead of only the latest
+LEVELS = (
+    "NONE",
+    "BACKWARD",
+    "BACKWARD_TRANSITIVE",
+    "FORWARD",
+    "FORWARD_TRANSITIVE",
+    "FULL",
+    "FULL_TRANSITIVE",
+)
 log = logging.getLogger("ugt.registry")
+
+
+class InvalidSchema(ValueError):
+    """The text is not a valid Avro schema (bad JSON, or rejected by the avro library's parser)."""
+
+
+class ParsedSchema:
+    """A schema's text as registered plus the avro library's parsed form (what compatibility is checked on)."""
+
+    def __init__(self, text: str) -> None:
+        try:
+            self.schema = avro.schema.parse(text)
+        except (avro.errors.AvroException, TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise InvalidSchema(f"invalid Avro schema: {exc}") from exc
+        self.text = text
+
+    def canonical(self) -> str:
+        """A stable string for 'is this the same schema' (key order and whitespace do not matter)."""
+        return json.dumps(json.loads(self.text), sort_keys=True, separators=(",", ":"))
+
+
+def read_errors(reader: ParsedSchema, writer: ParsedSchema) -> list[str]:
+    """Why `reader` cannot read what `writer` wrote (Avro schema resolution); an empty list means it can.
+
+    The library reports one result per pair: the kinds of incompatibility, their messages (a field name for a
+    missing default, the missing symbols of an enum, ...) and where in the reader they are.
+    """
+    result = ReaderWriterCompatibilityChecker().get_compatibility(reader.schema, writer.schema)
+    if result.compatibility is not SchemaCompatibilityType.incompatible:
+        return []
+    kinds = ", ".join(sorted({kind.value for kind in result.incompatibilities}))
+    where = sorted(result.locations - {"/"}) or ["/"]  # the library's merge keeps the root beside the real place
+    return [f"{kinds}: {'; '.join(sorted(result.messages))} (at {', '.join(where)})"]
+
+
+def compatibility_errors(new: ParsedSchema, existing: list[ParsedSchema], level: str) -> list[str]:
+    """Check `new` against the subject's versions (oldest first) under a Confluent compatibility level."""
+    level = level.upper()
+    if level not in LEVELS:
+        raise ValueError(f"unknown compatibility level {level!r}; choose one of {', '.join(LEVELS)}")
+    if level == "NONE" or not existing:
+        return []
+    against = existing if level.endswith("_TRANSITIVE") else existing[-1:]
+    errors: list[str] = []
+    for old in against:
+        if level.startswith(("BACKWARD", "FULL")):
+            errors += [f"BACKWARD: {e}" for e in read_errors(new, old)]
+        if level.startswith(("FORWARD", "FULL")):
+            errors += [f"FORWARD: {e}" for e in read_errors(old, new)]
+    return errors
 
 
 class RegistryError(Exception):

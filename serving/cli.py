@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import replace
 
 from infra.settings import get_settings
 from serving.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
@@ -42,13 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = get_settings()
     try:
-        config = load_config(args.config)
-        if args.host is not None:
-            config = replace(config, host=args.host)
-        if args.port is not None:
-            if not 0 < args.port <= 65535:
-                raise ConfigError(f"--port must be 1..65535, got {args.port}")
-            config = replace(config, port=args.port)
+        if args.port is not None and not 0 < args.port <= 65535:
+            raise ConfigError(f"--port must be 1..65535, got {args.port}")
+        config = load_config(args.config, overrides={"host": args.host, "port": args.port})
     except ConfigError as exc:
         print(f"ugt serve: {exc}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ import numpy as np
 
 from models.semantic_ids.codebooks import ResidualQuantizer
 from models.semantic_ids.dedup import DedupAllocator, InMemoryDedupStore, seed_rows
-from models.semantic_ids.encoders import FusionEncoder
+from models.semantic_ids.encoders_fusion import FusionEncoder
 from models.semantic_ids.items import canonical_item
 
 FORMAT_VERSION = "ugt-semantic-ids/1"

@@ -20,7 +20,8 @@ import numpy as np
 
 from models.semantic_ids.artifact import ArtifactError, SemanticIdArtifact
 from models.semantic_ids.dedup import assign_dedup
-from models.semantic_ids.encoders import FusionEncoder, TextEncoder
+from models.semantic_ids.encoders_fusion import FusionEncoder
+from models.semantic_ids.encoders_text import TextEncoder
 from models.semantic_ids.items import canonical_item, items_from_frame
 from models.semantic_ids.report import quantizer_report, write_report
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from models.semantic_ids.encoders import TextEncoder
+from models.semantic_ids.encoders_text import TextEncoder
 from models.semantic_ids.items import items_from_frame
 
 

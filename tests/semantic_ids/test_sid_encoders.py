@@ -10,16 +10,15 @@ import torch
 
 from models.semantic_ids.encoders import (
     ENCODERS,
-    CollaborativeEncoder,
     EncoderError,
-    FusionEncoder,
     ItemEncoder,
-    StructuredEncoder,
-    TextEncoder,
     build_encoder,
     encoder_from_state,
     register_encoder,
 )
+from models.semantic_ids.encoders_fusion import FusionEncoder
+from models.semantic_ids.encoders_structured import CollaborativeEncoder, StructuredEncoder
+from models.semantic_ids.encoders_text import TextEncoder
 from models.semantic_ids.items import canonical_item, item_text
 
 ROW = {"item_id": "1", "title": "Toy Story", "year": 1995, "genres": ["Animation", "Children's", "Comedy"]}
