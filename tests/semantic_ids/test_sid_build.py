@@ -75,7 +75,7 @@ def test_shipped_configs_parse():
 
 
 def test_cli_report_on_an_artifact(built, tmp_path, capsys):
-    from models.semantic_ids import cli
+    from ugt import semantic_ids_cli as cli
 
     built.save(tmp_path / "a")
     parser = argparse.ArgumentParser()
