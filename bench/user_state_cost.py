@@ -81,6 +81,7 @@ def anchor(events: list) -> float:
 def processor_run(events: list, cache_users: int, rate: float) -> tuple[float, dict[str, Any]]:
     from datetime import datetime, timezone
 
+    from jobs.popularity_writer import redis_popularity_writer
     from jobs.user_state_logic import (
         LONG_KINDS,
         RECENT_KINDS,
@@ -88,7 +89,6 @@ def processor_run(events: list, cache_users: int, rate: float) -> tuple[float, d
         ProcessorConfig,
         UserStateProcessor,
         feast_entries,
-        redis_popularity_writer,
     )
 
     recent, long_ = feast_entries(RECENT_KINDS), feast_entries(LONG_KINDS)

@@ -9,7 +9,7 @@
     ugt jobs submit user_state --detached --from-savepoint <path> -- <the job's args>   # resume (or upgrade)
 
 `submit` runs `<pyflink>/bin/flink run [-d] [-s <savepoint> [-n]] -py jobs/<job>_job.py <job args>` with the stack's
-FLINK_CONF_DIR (infra.stack.flink_env); the others use Flink's REST API at Settings.flink_rest_url.
+FLINK_CONF_DIR (infra.flink_home.flink_env); the others use Flink's REST API at Settings.flink_rest_url.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def resolve(base: str, ref: str, running_only: bool = False) -> list[dict[str, A
 
 def job_command(job: str, job_args: list[str], detached: bool, savepoint: str | None = None,
                 allow_non_restored: bool = False) -> list[str]:
-    from infra.stack import flink_bin
+    from infra.flink_home import flink_bin
 
     if allow_non_restored and not savepoint:
         raise JobsError("--allow-non-restored-state only applies with --from-savepoint")
@@ -165,7 +165,7 @@ def job_command(job: str, job_args: list[str], detached: bool, savepoint: str | 
 def submit(job: str, job_args: list[str], detached: bool, savepoint: str | None = None,
            allow_non_restored: bool = False) -> str | None:
     """Run `flink run -py` (from a savepoint when given); returns the job id it printed (None if it printed none)."""
-    from infra.stack import flink_env
+    from infra.flink_home import flink_env
 
     if savepoint and not savepoint_exists(savepoint):
         raise JobsError(f"no savepoint at {savepoint}: pass the path `ugt jobs stop` printed (a folder holding "

@@ -142,7 +142,7 @@ def connector_jar(explicit: str | None = None) -> Path:
     if os.environ.get("UGT_KAFKA_CONNECTOR_JAR"):
         candidates.append(Path(os.environ["UGT_KAFKA_CONNECTOR_JAR"]))
     try:
-        from infra.stack import kafka_connector_jar  # the stack owns where jars live
+        from infra.jars import kafka_connector_jar  # the stack owns where jars live
 
         candidates.append(Path(kafka_connector_jar()))
     except Exception:  # stack module missing or jar not fetched yet: fall back to the cache path

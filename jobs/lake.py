@@ -117,7 +117,7 @@ def cluster_has_parquet() -> bool:
 
 def add_lake_jars(env, t_env) -> None:
     """Put the parquet jars on the job's classpath (client planning and the cluster's user class loader)."""
-    from infra.stack import parquet_jars
+    from infra.jars import parquet_jars
 
     # env.add_jars appends to pipeline.jars (the job's jars, which the table environment shares) and puts them
     # on the client's context class loader, where the planner looks up the parquet format factory

@@ -15,7 +15,7 @@ after, so every write must be idempotent:
   * Feast rows are whole states (last writer wins): a replay rewrites the same values.
   * Popularity (``ZINCRBY ugt:popularity:<domain>``) is not, so each applied event carries its per-user
     sequence number n (= event_count after it; Kafka keeps per-user order, so a replay gives the same n),
-    and a Lua script increments only for n above the n recorded for that user
+    and a Lua script (jobs/popularity_writer.py) increments only for n above the n recorded for that user
     (``ugt:popularity-applied:<domain>:<user_id>`` = "n origin"; origin = the first event id of this state's
     life, so a state that expired by TTL and started over is not mistaken for a replay).
   * Writes buffered in memory when a checkpoint is taken would be lost by a crash (PyFlink has no
@@ -37,7 +37,6 @@ from datetime import datetime, timezone
 from operator import attrgetter
 from typing import Any, Protocol
 
-from contracts.redis_keys import applied_key, popularity_key
 from contracts.tokenizer import TokenizedEvent
 from contracts.user_state_rule import (
     APPLIED,
@@ -377,7 +376,7 @@ class UserStateProcessor:
 
 
 # -----------------------------------------------------------------------------------------------------
-# I/O: Feast rows and popularity
+# I/O: Feast rows (popularity: jobs/popularity_writer.py)
 # -----------------------------------------------------------------------------------------------------
 class MonotonicClock:
     """Wall-clock UTC datetimes that strictly increase (Feast's Redis store drops a row not newer than the stored one)."""
@@ -465,56 +464,3 @@ def feast_entries(kinds: Mapping[str, str]) -> Callable[[list[dict[str, Any]], d
 def feast_long_term_writer(store: Any) -> Callable[[list[dict[str, Any]]], None]:
     """Long-term rows -> the `user_long_term` view (direct online_write_batch)."""
     return feast_direct_writer(store, LONG_TERM_VIEW, LONG_KINDS)
-
-
-# KEYS[1] = the domain's popularity ZSET, KEYS[2..] = each user's applied key.
-# ARGV[1] = TTL (s); then per user: origin, m, then m pairs (n, item_id).
-POPULARITY_SCRIPT = """
-local ttl = tonumber(ARGV[1])
-local a = 2
-local counts = {}
-for k = 2, #KEYS do
-  local origin = ARGV[a]
-  local m = tonumber(ARGV[a + 1])
-  a = a + 2
-  local done = 0
-  local stored = redis.call('GET', KEYS[k])
-  if stored then
-    local sep = string.find(stored, ' ', 1, true)
-    if sep and string.sub(stored, sep + 1) == origin then done = tonumber(string.sub(stored, 1, sep - 1)) end
-  end
-  local top = done
-  for j = 1, m do
-    local n = tonumber(ARGV[a])
-    local item = ARGV[a + 1]
-    a = a + 2
-    if n > done then
-      counts[item] = (counts[item] or 0) + 1
-      if n > top then top = n end
-    end
-  end
-  if top > done then redis.call('SET', KEYS[k], top .. ' ' .. origin, 'EX', ttl) end
-end
-for item, c in pairs(counts) do redis.call('ZINCRBY', KEYS[1], c, item) end
-return 0
-"""
-
-
-def redis_popularity_writer(
-    client: Any, ttl_s: int = 90 * 24 * 3600
-) -> Callable[[dict[str, dict[str, tuple[str, list[tuple[int, str]]]]]], None]:
-    """Popularity increments -> one idempotent Lua call per domain (see POPULARITY_SCRIPT)."""
-    script = client.register_script(POPULARITY_SCRIPT)
-
-    def incr(batch: dict[str, dict[str, tuple[str, list[tuple[int, str]]]]]) -> None:
-        for domain, users in batch.items():
-            keys = [popularity_key(domain)]
-            args: list[Any] = [ttl_s]
-            for user_id, (origin, items) in users.items():
-                keys.append(applied_key(domain, user_id))
-                args += [origin, len(items)]
-                for n, item in items:
-                    args += [n, item]
-            script(keys=keys, args=args)
-
-    return incr

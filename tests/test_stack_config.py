@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from infra import stack
+from infra.flink_home import flink_bin, flink_env, write_flink_conf
 from infra.settings import Settings, get_settings
+from infra.stack_errors import StackError
 
 
 @pytest.fixture
@@ -31,7 +33,7 @@ def test_kafka_properties_follow_settings(settings: Settings) -> None:
 
 
 def test_flink_config_follows_settings(settings: Settings) -> None:
-    conf = yaml.safe_load((stack.write_flink_conf(settings) / "config.yaml").read_text())
+    conf = yaml.safe_load((write_flink_conf(settings) / "config.yaml").read_text())
     assert conf["rest"]["port"] == 18081 and conf["jobmanager"]["rpc"]["port"] == 16123
     assert conf["taskmanager"]["numberOfTaskSlots"] == 2
     assert conf["taskmanager"]["load-balance"]["mode"] == "slots"  # one job per TaskManager (GIL) when slots allow
@@ -42,10 +44,10 @@ def test_flink_config_follows_settings(settings: Settings) -> None:
 
 
 def test_flink_env_points_the_cli_at_this_stack(settings: Settings) -> None:
-    env = stack.flink_env(settings)
+    env = flink_env(settings)
     assert env["FLINK_CONF_DIR"] == str(settings.var_dir / "flink" / "conf")
     assert "--add-opens=java.base/java.util=ALL-UNNAMED" in env["FLINK_ENV_JAVA_OPTS"]
-    assert stack.flink_bin().is_file()
+    assert flink_bin().is_file()
 
 
 def test_cluster_ids_are_kafka_uuids() -> None:
@@ -55,5 +57,5 @@ def test_cluster_ids_are_kafka_uuids() -> None:
 
 
 def test_unknown_service_is_a_clear_error(settings: Settings) -> None:
-    with pytest.raises(stack.StackError, match="unknown service"):
+    with pytest.raises(StackError, match="unknown service"):
         stack.services(settings, ["kafka", "zookeeper"])

@@ -16,8 +16,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from infra.settings import REPO_ROOT, get_settings
+
+if TYPE_CHECKING:
+    from contracts.datasets import Dataset
 
 BIN = Path(sys.executable).parent
 
@@ -252,9 +256,108 @@ def show_live_items(base: str, user: str, title_of: dict, timeout_s: float) -> N
               "genres and year)")
 
 
+def submit_jobs(ugt: str, artifact: Path) -> None:
+    """Submit the Flink jobs that are not running yet (a second demo run must not start them twice)."""
+    from jobs.cli import ITEM_JOB, JOBS, list_jobs
+
+    running = {j["name"] for j in list_jobs(get_settings().flink_rest_url) if j["state"] == "RUNNING"}
+    for job in (*JOBS, ITEM_JOB):
+        if job in running:
+            print(f"{job} is already running (`ugt jobs list`): not submitting it twice")
+        elif job == ITEM_JOB:
+            sh(ugt, "jobs", "submit", "--detached", job, "--", "--artifact", str(artifact.relative_to(REPO_ROOT)))
+        else:
+            sh(ugt, "jobs", "submit", "--detached", job)
+
+
+def publish_items(ugt: str, dataset_name: str, redis_client, timeout_s: float) -> Dataset:
+    """Publish the catalog and NEW_ITEMS, wait until they are indexed and print each new item's delay;
+    returns the loaded dataset (its ratings are replayed next)."""
+    from contracts.datasets import load_dataset
+    from streams.producer import EventPublisher
+
+    sh(ugt, "publish", "replay", dataset_name, "--items", "--limit", "0")
+    dataset = load_dataset(dataset_name)
+    with EventPublisher(get_settings()) as publisher:
+        for movie in NEW_ITEMS:
+            publisher.publish_item_event({
+                "item_id": movie["item_id"], "domain": "movie", "title": movie["title"], "description": "",
+                "categories": movie["categories"], "attributes": {"year": movie["year"]},
+                "updated_at": int(time.time() * 1000)})
+    published_at = time.time()
+    new_ids = [m["item_id"] for m in NEW_ITEMS]
+    version, delays = wait_items_indexed(redis_client, [str(i) for i in dataset.items["item_id"]], new_ids,
+                                         published_at, timeout_s)
+    for movie in NEW_ITEMS:
+        code = redis_client.hget(f"ugt:sid:item:{version}", movie["item_id"]).decode()
+        print(f"  new item {movie['title']!r:24} -> semantic ID {code}  decodable {delays[movie['item_id']]:.2f} s "
+              "after publish")
+    print(f"new-item delay (publish -> decodable by the generator index, version {version}): "
+          f"max {max(delays.values()):.2f} s (the first new item also pays the text encoder's load; a new item "
+          "already indexed by an earlier demo run shows ~0)")
+    return dataset
+
+
+def retrain_on_lake(ugt: str, artifact: Path, events: int, timeout_s: float) -> Path:
+    """Train the demo's small UGT on the tokenize job's parquet lake; returns the serving config that serves it."""
+    settings = get_settings()
+    lake = settings.var_dir / "lake" / "events_tokens"
+    wait_for_lake(lake, events, timeout_s)
+    out_dir = REPO_ROOT / "runs" / "ugt-ml1m-demo"
+    # the item job's artifact: the model embeds items by semantic ID too, so it can serve items coded later
+    sh(ugt, "train", "--config", DEMO_MODEL_CONFIG, "--lake", str(lake), "--out-dir", str(out_dir), "--device", "cpu",
+       "--set", f"semantic_ids={{artifact: {artifact}}}")
+    return write_serving_config(settings.var_dir / "demo", out_dir / "checkpoint.pt")
+
+
+def wait_until_serving(server: subprocess.Popen, base: str) -> None:
+    """Wait for /health; start-up includes torch.compile of the model steps (torch_compile)."""
+    import requests
+
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if requests.get(f"{base}/health", timeout=1).ok:
+                return
+        except requests.RequestException:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("demo: `ugt serve` did not become healthy in 600 s; see its output above "
+                             "(UGT_SERVING_TORCH_COMPILE=false skips the start-up compile)")
+        time.sleep(0.5)
+
+
+def query_users(base: str, users: list[str], k: int, title_of: dict[str, str]) -> None:
+    """Print each user's answer as titles, then the first user's full JSON answer."""
+    import requests
+
+    for user in users:
+        answer = requests.post(f"{base}/recommend", json={"user_id": user, "k": k}, timeout=10).json()
+        titles = "; ".join(title_of.get(i["item_id"], i["item_id"]) for i in answer.get("items", []))
+        print(f"user {user:>12}  fallback={answer.get('fallback')!s:5}  model={answer.get('model')}\n    {titles}")
+    print("\nfull answer for the first user:")
+    print(json.dumps(requests.post(f"{base}/recommend", json={"user_id": users[0], "k": 3}, timeout=10).json(),
+                     indent=2))
+
+
+def serve_and_query(serve: list[str], args: argparse.Namespace, users: list[str], title_of: dict[str, str]) -> None:
+    """Start `ugt serve`, query it and (UGT model) time a movie published meanwhile; stop it unless --keep-serving."""
+    server = subprocess.Popen(serve, cwd=REPO_ROOT)
+    base = f"http://localhost:{get_settings().serving_port}"
+    try:
+        wait_until_serving(server, base)
+        query_users(base, users, args.k, title_of)
+        if args.model == "ugt":
+            step("11. a movie published while /recommend runs: item job -> semantic ID -> feed -> the generator")
+            show_live_items(base, users[0], title_of, args.timeout_s)
+    finally:
+        if not args.keep_serving:
+            server.terminate()
+            server.wait(timeout=30)
+
+
 def run(args: argparse.Namespace) -> int:
     import redis
-    import requests
 
     settings = get_settings()
     ugt = str(BIN / "ugt")
@@ -274,40 +377,10 @@ def run(args: argparse.Namespace) -> int:
     artifact = ensure_artifact(args.dataset)
 
     step("5. submit the Flink jobs (tokenize, user_state, item_semantic_ids) to the standalone cluster")
-    from jobs.cli import ITEM_JOB, JOBS, list_jobs
-
-    running = {j["name"] for j in list_jobs(settings.flink_rest_url) if j["state"] == "RUNNING"}
-    for job in (*JOBS, ITEM_JOB):
-        if job in running:
-            print(f"{job} is already running (`ugt jobs list`): not submitting it twice")
-        elif job == ITEM_JOB:
-            sh(ugt, "jobs", "submit", "--detached", job, "--", "--artifact", str(artifact.relative_to(REPO_ROOT)))
-        else:
-            sh(ugt, "jobs", "submit", "--detached", job)
+    submit_jobs(ugt, artifact)
 
     step("6. publish the item catalog and 3 brand-new movies; wait until the item job has indexed them")
-    sh(ugt, "publish", "replay", args.dataset, "--items", "--limit", "0")
-    from contracts.datasets import load_dataset
-    from streams.producer import EventPublisher
-
-    dataset = load_dataset(args.dataset)
-    with EventPublisher(settings) as publisher:
-        for movie in NEW_ITEMS:
-            publisher.publish_item_event({
-                "item_id": movie["item_id"], "domain": "movie", "title": movie["title"], "description": "",
-                "categories": movie["categories"], "attributes": {"year": movie["year"]},
-                "updated_at": int(time.time() * 1000)})
-    published_at = time.time()
-    new_ids = [m["item_id"] for m in NEW_ITEMS]
-    version, delays = wait_items_indexed(r, [str(i) for i in dataset.items["item_id"]], new_ids, published_at,
-                                         args.timeout_s)
-    for movie in NEW_ITEMS:
-        code = r.hget(f"ugt:sid:item:{version}", movie["item_id"]).decode()
-        print(f"  new item {movie['title']!r:24} -> semantic ID {code}  decodable {delays[movie['item_id']]:.2f} s "
-              "after publish")
-    print(f"new-item delay (publish -> decodable by the generator index, version {version}): "
-          f"max {max(delays.values()):.2f} s (the first new item also pays the text encoder's load; a new item "
-          "already indexed by an earlier demo run shows ~0)")
+    dataset = publish_items(ugt, args.dataset, r, args.timeout_s)
 
     step("7. replay user events into Kafka in event-time order")
     before = events_taken()  # 0 when this demo just submitted user_state
@@ -329,43 +402,10 @@ def run(args: argparse.Namespace) -> int:
     serve = [ugt, "serve", "--port", str(settings.serving_port)]
     if args.model == "ugt":
         step("9. retrain UGT on what the stream wrote: the tokenize job's parquet lake")
-        lake = settings.var_dir / "lake" / "events_tokens"
-        wait_for_lake(lake, published, args.timeout_s)
-        out_dir = REPO_ROOT / "runs" / "ugt-ml1m-demo"
-        # the item job's artifact: the model embeds items by semantic ID too, so it can serve items coded later
-        sh(ugt, "train", "--config", DEMO_MODEL_CONFIG, "--lake", str(lake), "--out-dir", str(out_dir), "--device", "cpu",
-           "--set", f"semantic_ids={{artifact: {artifact}}}")
-        serve += ["--config", str(write_serving_config(settings.var_dir / "demo", out_dir / "checkpoint.pt"))]
+        serve += ["--config", str(retrain_on_lake(ugt, artifact, published, args.timeout_s))]
 
     step("10. serve /recommend and query it")
-    server = subprocess.Popen(serve, cwd=REPO_ROOT)
-    base = f"http://localhost:{settings.serving_port}"
-    try:
-        deadline = time.monotonic() + 600  # start-up includes torch.compile of the model steps (torch_compile)
-        while True:
-            try:
-                if requests.get(f"{base}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("demo: `ugt serve` did not become healthy in 600 s; see its output above "
-                                 "(UGT_SERVING_TORCH_COMPILE=false skips the start-up compile)")
-            time.sleep(0.5)
-        users = list(ordered["user_id"].value_counts().index[: args.users]) + ["no-such-user"]
-        for user in users:
-            answer = requests.post(f"{base}/recommend", json={"user_id": user, "k": args.k}, timeout=10).json()
-            titles = "; ".join(title_of.get(i["item_id"], i["item_id"]) for i in answer.get("items", []))
-            print(f"user {user:>12}  fallback={answer.get('fallback')!s:5}  model={answer.get('model')}\n    {titles}")
-        print("\nfull answer for the first user:")
-        print(json.dumps(requests.post(f"{base}/recommend", json={"user_id": users[0], "k": 3}, timeout=10).json(),
-                         indent=2))
-        if args.model == "ugt":
-            step("11. a movie published while /recommend runs: item job -> semantic ID -> feed -> the generator")
-            show_live_items(base, users[0], title_of, args.timeout_s)
-    finally:
-        if not args.keep_serving:
-            server.terminate()
-            server.wait(timeout=30)
+    users = list(ordered["user_id"].value_counts().index[: args.users]) + ["no-such-user"]
+    serve_and_query(serve, args, users, title_of)
     print("\nDone. The stack and the Flink jobs keep running: `ugt jobs list`, `ugt stack status`, `ugt stack down`.")
     return 0

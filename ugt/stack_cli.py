@@ -6,7 +6,9 @@ import argparse
 import sys
 
 from infra import stack
+from infra.flink_home import flink_conf_dir
 from infra.settings import get_settings
+from infra.stack_errors import StackError
 from streams.topics import ensure_pipeline
 
 
@@ -42,14 +44,14 @@ def run(args: argparse.Namespace) -> int:
             print_status(stack.status(only))
             s = get_settings()
             print(f"kafka {s.kafka_bootstrap} | registry {s.registry_url} | redis {s.redis_url} | "
-                  f"flink {s.flink_rest_url} (FLINK_CONF_DIR={stack.flink_conf_dir(s)})")
+                  f"flink {s.flink_rest_url} (FLINK_CONF_DIR={flink_conf_dir(s)})")
         elif args.action == "down":
             stack.down(only)
         else:
             rows = stack.status(only)
             print_status(rows)
             return 0 if all(r["healthy"] for r in rows) else 1
-    except stack.StackError as exc:
+    except StackError as exc:
         print(f"ugt stack {args.action}: {exc}", file=sys.stderr)
         return 1
     return 0

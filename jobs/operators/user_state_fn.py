@@ -24,6 +24,7 @@ from contracts.user_state_rule import DUPLICATE, LATE
 from jobs.common import key_value_type
 from jobs.dead_letters import dead_letter_key, dead_letter_record
 from jobs.operators.counters import CounterBatch
+from jobs.popularity_writer import redis_popularity_writer
 from jobs.user_state_logic import (
     APPLIED,
     JOB_NAME,
@@ -35,7 +36,6 @@ from jobs.user_state_logic import (
     feast_direct_writer,
     feast_long_term_writer,
     feast_row_writer,
-    redis_popularity_writer,
 )
 from streams.serde import (
     AvroSerde,

@@ -15,6 +15,8 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from infra import stack as stack_mod
+from infra.flink_home import flink_bin, flink_env
+from infra.jars import kafka_connector_jar_url
 from infra.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -125,9 +127,9 @@ def test_flink_run_py_job_with_the_kafka_connector_jar(stack: Settings) -> None:
     assert producer.flush(15) == 0
     job = Path(__file__).with_name("flink_kafka_echo_job.py")
     run = subprocess.run(
-        [str(stack_mod.flink_bin()), "run", "-py", str(job), "--bootstrap", stack.kafka_bootstrap,
-         "--source", source, "--sink", sink, "--jar", stack_mod.kafka_connector_jar_url(stack)],
-        env=stack_mod.flink_env(stack), capture_output=True, text=True, timeout=300,
+        [str(flink_bin()), "run", "-py", str(job), "--bootstrap", stack.kafka_bootstrap,
+         "--source", source, "--sink", sink, "--jar", kafka_connector_jar_url(stack)],
+        env=flink_env(stack), capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "has finished" in run.stdout

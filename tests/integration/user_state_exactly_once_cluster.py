@@ -1,6 +1,6 @@
 """A private Flink standalone cluster for tests/integration/test_user_state_exactly_once.py.
 
-Rendered like infra.stack.write_flink_conf (same template, same lib/ with flink-python), but with its own
+Rendered like infra.flink_home.write_flink_conf (same template, same lib/ with flink-python), but with its own
 REST/RPC ports, conf, logs and pids under a temp folder, a short heartbeat timeout and a restart strategy,
 so the test can `kill -9` its TaskManager without touching the shared cluster.
 """
@@ -19,7 +19,8 @@ from typing import Any
 
 import requests
 
-from infra import stack
+from infra.flink_home import flink_env, flink_lib_dir, pyflink_home, write_flink_conf
+from infra.processes import pid_alive
 from infra.settings import REPO_ROOT, Settings
 from jobs import cli as jobs_cli
 
@@ -50,7 +51,7 @@ class PrivateFlinkCluster:
         self.settings = replace(settings, var_dir=root, flink_rest_port=free_port(), flink_rpc_port=free_port(),
                                 flink_metrics_port=free_port())
         self.rest_port = self.settings.flink_rest_port
-        self.conf = stack.write_flink_conf(self.settings)
+        self.conf = write_flink_conf(self.settings)
         with (self.conf / "config.yaml").open("a") as f:
             f.write(EXTRA_CONF)
         self.log = self.settings.log_dir / "flink"
@@ -64,16 +65,16 @@ class PrivateFlinkCluster:
         return f"http://localhost:{self.rest_port}"
 
     def env(self) -> dict[str, str]:
-        env = stack.flink_env(self.settings)
+        env = flink_env(self.settings)
         # the shared stack's lib/ (with flink-python, for thread mode)
-        env.update(FLINK_LIB_DIR=str(stack.flink_lib_dir(self.shared)), FLINK_CONF_DIR=str(self.conf),
+        env.update(FLINK_LIB_DIR=str(flink_lib_dir(self.shared)), FLINK_CONF_DIR=str(self.conf),
                    FLINK_LOG_DIR=str(self.log), FLINK_PID_DIR=str(self.pids))
         return env
 
     def _daemon(self, name: str) -> int:
         pid_file = self.pids / f"flink-{self.env()['FLINK_IDENT_STRING']}-{name}.pid"
         pid_file.unlink(missing_ok=True)
-        script = stack.pyflink_home() / "bin" / ("jobmanager.sh" if name == "standalonesession" else "taskmanager.sh")
+        script = pyflink_home() / "bin" / ("jobmanager.sh" if name == "standalonesession" else "taskmanager.sh")
         # one TaskManager with all 4 slots (tokenize + user_state at parallelism 2), so one kill takes both jobs down
         extra = ["-D", "taskmanager.numberOfTaskSlots=4"] if name == "taskexecutor" else []
         subprocess.run(["bash", str(script), "start", *extra], env=self.env(), check=True, capture_output=True,
@@ -103,7 +104,7 @@ class PrivateFlinkCluster:
         """kill -9 the TaskManager (what a crashed machine looks like to the JobManager)."""
         os.kill(self.taskmanager_pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while stack.pid_alive(self.taskmanager_pid):
+        while pid_alive(self.taskmanager_pid):
             assert time.monotonic() < deadline
             time.sleep(0.1)
 
@@ -137,11 +138,11 @@ class PrivateFlinkCluster:
     def stop(self) -> None:
         """Kill only the processes this object started."""
         for pid in self.started:
-            if stack.pid_alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
         for pid in self.started:
-            while stack.pid_alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            if stack.pid_alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -148,7 +148,7 @@ class MemoryStore:
 
 class Sink:
     """The online store: rows last-writer-wins; popularity counted only above each user's recorded n
-    (what POPULARITY_SCRIPT does in Redis; tested against real Redis in tests/integration)."""
+    (what jobs.popularity_writer.POPULARITY_SCRIPT does in Redis; tested against real Redis in tests/integration)."""
 
     def __init__(self) -> None:
         self.rows: dict[str, dict] = {}

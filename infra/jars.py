@@ -1,0 +1,82 @@
+"""Where the stack's Maven jars live (Kafka, the Flink Kafka connector, the parquet lake's jars) and their resolution.
+
+They are not in any pip package: `ugt stack up` resolves them from Maven Central once (infra/maven/*.xml) into
+<cache>/lib/, offline first, so later runs need no network; jobs then find them here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from infra.settings import REPO_ROOT, Settings, get_settings
+from infra.stack_errors import StackError
+
+MAVEN_POMS = REPO_ROOT / "infra" / "maven"
+FLINK_KAFKA_CONNECTOR = "flink-sql-connector-kafka-5.0.0-2.2.jar"
+
+
+def lib_dir(settings: Settings | None = None) -> Path:
+    return (settings or get_settings()).cache_dir / "lib"
+
+
+def kafka_connector_jar(settings: Settings | None = None) -> Path:
+    """The shaded Flink Kafka SQL connector; jobs add it with `pipeline.jars` / `env.add_jars`."""
+    jar = lib_dir(settings) / "flink-connectors" / FLINK_KAFKA_CONNECTOR
+    if not jar.is_file():
+        raise StackError(f"{jar} is missing: run `ugt stack up` or `bash infra/install.sh` to resolve the Maven jars")
+    return jar
+
+
+def kafka_connector_jar_url(settings: Settings | None = None) -> str:
+    """The connector jar as the file:// URL that `pipeline.jars` expects."""
+    return kafka_connector_jar(settings).as_uri()
+
+
+def parquet_jars(settings: Settings | None = None) -> list[Path]:
+    """flink-parquet + Hadoop client jars for the tokenize job's lake sink (infra/maven/flink-parquet.xml)."""
+    jars = sorted((lib_dir(settings) / "flink-parquet").glob("*.jar"))
+    if not any(j.name.startswith("flink-parquet-") for j in jars):
+        raise StackError(f"{lib_dir(settings) / 'flink-parquet'} has no flink-parquet jar: run `ugt stack up` "
+                         "(it resolves them from Maven Central) or pass --lake '' to run without the lake")
+    return jars
+
+
+def jars_present(s: Settings) -> bool:
+    lib = lib_dir(s)
+    return any((lib / "kafka").glob("kafka_2.13-*.jar")) and (lib / "flink-connectors" / FLINK_KAFKA_CONNECTOR).is_file()
+
+
+def ensure_jars(s: Settings, log: Callable[[str], None] = print) -> None:
+    """Resolve Kafka and the Flink connector from Maven Central once; later runs find them cached."""
+    if jars_present(s):
+        return
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise StackError("mvn not found and the stack's jars are missing: run `bash infra/install.sh`")
+    log(f"resolving Maven artifacts into {lib_dir(s)} (first time only, ~1 min) ...")
+    cmd = [mvn, "-q", "-B", "-f", str(MAVEN_POMS / "pom.xml"), "package", f"-Dugt.lib={lib_dir(s)}"]
+    # offline first: after one online run everything is in ~/.m2
+    if subprocess.run([*cmd, "-o"], capture_output=True, text=True).returncode != 0:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise StackError(f"Maven could not resolve the stack's jars:\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
+    if not jars_present(s):
+        raise StackError(f"Maven ran but {lib_dir(s)} still lacks the Kafka or Flink connector jars")
+
+
+def ensure_parquet_jars(s: Settings, log: Callable[[str], None] = print) -> None:
+    """Resolve the lake's parquet jars from Maven Central once (offline first, like ensure_jars)."""
+    if any((lib_dir(s) / "flink-parquet").glob("flink-parquet-*.jar")):
+        return
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise StackError("mvn not found and the lake's parquet jars are missing: run `bash infra/install.sh`")
+    log(f"resolving the parquet lake jars into {lib_dir(s) / 'flink-parquet'} (first time only) ...")
+    cmd = [mvn, "-q", "-B", "-f", str(MAVEN_POMS / "flink-parquet.xml"), "package", f"-Dugt.lib={lib_dir(s)}"]
+    if subprocess.run([*cmd, "-o"], capture_output=True, text=True).returncode != 0:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise StackError(f"Maven could not resolve the parquet jars:\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
