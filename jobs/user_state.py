@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoded user states kept in memory per parallel instance, ~10-60 KiB each "
                              "(0 = decode every event; default: %(default)s)")
     parser.add_argument("--feast-write", choices=("direct", "push"), default="direct",
-                        help="direct: build Feast's protos and call the provider's online_write_batch (about 2x "
+                        help="direct: write_rows of UGT's Feast online store (docs/FEAST.md; about 3x "
                              "faster); push: store.push(..., to=PushMode.ONLINE) (default: %(default)s)")
     add_common_arguments(parser, "user_state")
 
