@@ -5,9 +5,10 @@ infra.feast_online_store.UgtRedisOnlineStore``), so Feast itself (``get_online_f
 ``push``, ``write_to_online_store``) runs through it unchanged. What it adds, as public methods:
 
 - ``write_rows(config, view, rows, timestamp)``: rows of Python values -> Feast's own ``online_write_batch``.
-  The public ``FeatureStore.write_to_online_store`` / ``push`` take a DataFrame and convert every list
+  The public ``FeatureStore.push`` / ``write_to_online_store`` take a DataFrame and convert every list
   element through pandas and pyarrow; building the protobuf values straight from the view's schema costs
-  about a third of that (docs/FEAST.md, "Feast paths"). The stored bytes are the same: Feast writes them.
+  0.6x the client CPU of push and 0.45x that of write_to_online_store (docs/FEAST.md, "Feast paths").
+  The stored bytes are the same: Feast's own writer stores them.
 - the Redis key layout it writes (``layout``), for serving's direct reader (infra.feast_store).
 
 Its config also takes the Redis address from UGT_REDIS_URL / UGT_REDIS_PORT when feature_store.yaml

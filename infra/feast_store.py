@@ -69,7 +69,8 @@ def open_online_store(store):  # (feast.FeatureStore) -> infra.feast_online_stor
 
 
 def repo_feature_views(repo: Path | None = None) -> dict[str, Any]:  # name -> feast.FeatureView
-    """The feature views the repo's ``features.py`` defines, without a registry (no `feast apply` needed).
+    """The feature views the repo's ``features.py`` defines, with the entity columns `feast apply` infers,
+    without a registry (for code that only needs their schemas, e.g. bench/user_state_cost.py).
 
     Imported as `feast apply` imports it: the repo folder on sys.path (its modules import each other by name).
     """
@@ -82,9 +83,18 @@ def repo_feature_views(repo: Path | None = None) -> dict[str, Any]:  # name -> f
         sys.path.remove(path)
     if Path(features.__file__).resolve().parent != repo:
         raise ImportError(f"a module named `features` from {features.__file__} shadows {repo / 'features.py'}")
-    from feast import FeatureView
+    from feast import Entity, FeatureView, Field
+    from feast.types import from_value_type
 
-    return {v.name: v for v in vars(features).values() if isinstance(v, FeatureView)}
+    entities = {e.name: e for e in vars(features).values() if isinstance(e, Entity)}
+    views = {v.name: v for v in vars(features).values() if isinstance(v, FeatureView)}
+    for view in views.values():  # the entity columns `feast apply` infers from the views' entities
+        if not view.entity_columns:
+            view.entity_columns = [
+                Field(name=entities[name].join_key, dtype=from_value_type(entities[name].value_type))
+                for name in view.entities
+            ]
+    return views
 
 
 @dataclass(frozen=True)

@@ -422,7 +422,8 @@ def feast_direct_writer(store: Any, feature_view: str = FEATURE_VIEW) -> Callabl
     """Rows -> one ``write_rows`` of UGT's Feast online store (infra/feast_online_store.py).
 
     Same Redis entries as `store.push` (Feast's own online_write_batch writes them, values typed by the
-    view's schema), at about a third of the cost: push converts every list element through pandas and pyarrow.
+    view's schema), at 0.6x push's client CPU: push converts every list element through pandas and pyarrow
+    (docs/FEAST.md).
     """
     from infra.feast_store import open_online_store
 
