@@ -241,7 +241,7 @@ def throughput_window(run: UserRun, publisher: Any, events: list[dict[str, Any]]
 
 def freshness_lags(run: UserRun, publisher: Any, events: list[dict[str, Any]]) -> list[float]:
     """Probe events (new users) at --probe-rate: produced -> the user's state visible in Redis, in seconds."""
-    from serving.feast_redis import FeastRedisLayout
+    from infra.feast_store import FeastRedisLayout
 
     args = run.args
     layout = FeastRedisLayout.from_repo(run.settings.feature_repo)

@@ -124,8 +124,7 @@ def read_methods(settings: Any, client: Any, args: argparse.Namespace) -> dict[s
     import pandas as pd
     from feast.data_source import PushMode
 
-    from infra.feast_store import open_feature_store
-    from serving.feast_redis import FeastRedisLayout
+    from infra.feast_store import FeastRedisLayout, open_feature_store
     from serving.user_state_reader import FeastStateReader, RedisStateReader
 
     print(f"opening the Feast repo {settings.feature_repo} (Redis {settings.redis_url}) ...", file=sys.stderr)

@@ -81,17 +81,19 @@ def anchor(events: list) -> float:
 def processor_run(events: list, cache_users: int, rate: float) -> tuple[float, dict[str, Any]]:
     from datetime import datetime, timezone
 
+    from contracts.user_state_rule import LONG_TERM_VIEW
+    from infra.feast_online_store import entry_builder
+    from infra.feast_store import repo_feature_views
     from jobs.popularity_writer import redis_popularity_writer
     from jobs.user_state_logic import (
-        LONG_KINDS,
-        RECENT_KINDS,
+        FEATURE_VIEW,
         OnlineStateWriter,
         ProcessorConfig,
         UserStateProcessor,
-        feast_entries,
     )
 
-    recent, long_ = feast_entries(RECENT_KINDS), feast_entries(LONG_KINDS)
+    views = repo_feature_views()
+    recent, long_ = entry_builder(views[FEATURE_VIEW]), entry_builder(views[LONG_TERM_VIEW])
     now_dt = datetime.now(timezone.utc)
     sim = {"now_ms": 0}
     writer = OnlineStateWriter(lambda rows: recent(rows, now_dt), redis_popularity_writer(NoRedis()),

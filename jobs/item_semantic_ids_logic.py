@@ -370,32 +370,15 @@ class ItemBatcher:
 
 
 def feast_item_writer(store: Any, feature_view: str = FEATURE_VIEW) -> Callable[[list[dict[str, Any]]], None]:
-    """Rows -> one `online_write_batch` of the store's provider (same entries as `store.push`, cheaper).
-
-    Mirrors jobs.user_state_logic.feast_direct_writer (FeatureStore._get_provider() of the pinned feast).
-    """
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Int64List, StringList, Value
-
+    """Rows -> one ``write_rows`` of UGT's Feast online store (same entries as `store.push`, cheaper)."""
+    from infra.feast_store import open_online_store
     from jobs.user_state_logic import MonotonicClock
 
-    provider = store._get_provider()
+    online = open_online_store(store)
     view = store.get_feature_view(feature_view)
     clock = MonotonicClock()
 
     def write(rows: list[dict[str, Any]]) -> None:
-        now = clock()
-        data = []
-        for r in rows:
-            key = EntityKey(join_keys=["item_id"], entity_values=[Value(string_val=r["item_id"])])
-            values = {
-                "title": Value(string_val=r["title"]),
-                "domain": Value(string_val=r["domain"]),
-                "categories": Value(string_list_val=StringList(val=r["categories"])),
-                "year": Value(int64_val=r["year"]) if r["year"] is not None else Value(),
-                "semantic_ids": Value(int64_list_val=Int64List(val=r["semantic_ids"])),
-            }
-            data.append((key, values, now, None))
-        provider.online_write_batch(store.config, view, data, None)
+        online.write_rows(store.config, view, rows, clock())
 
     return write

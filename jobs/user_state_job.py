@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoded user states kept in memory per parallel instance, ~10-60 KiB each "
                              "(0 = decode every event; default: %(default)s)")
     parser.add_argument("--feast-write", choices=("direct", "push"), default="direct",
-                        help="direct: build Feast's protos and call the provider's online_write_batch (about 2x "
-                             "faster); push: store.push(..., to=PushMode.ONLINE) (default: %(default)s)")
+                        help="direct: write_rows of UGT's Feast online store (docs/FEAST.md; 0.6x "
+                             "the CPU of push); push: store.push(..., to=PushMode.ONLINE) (default: %(default)s)")
     add_common_arguments(parser, "user_state")
 
 

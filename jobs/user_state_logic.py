@@ -406,61 +406,25 @@ def feast_row_writer(store: Any, push_source: str = PUSH_SOURCE) -> Callable[[li
     return write
 
 
-def _value_builders() -> dict[str, Callable[[Any], Any]]:
-    from feast.protos.feast.types.Value_pb2 import Int64List, StringList, Value
+def feast_direct_writer(store: Any, feature_view: str = FEATURE_VIEW) -> Callable[[list[dict[str, Any]]], None]:
+    """Rows -> one ``write_rows`` of UGT's Feast online store (infra/feast_online_store.py).
 
-    return {
-        "strings": lambda v: Value(string_list_val=StringList(val=v)),
-        "ints": lambda v: Value(int64_list_val=Int64List(val=v)),
-        "int": lambda v: Value(int64_val=v),
-        "string": lambda v: Value(string_val=v),
-    }
-
-
-# How each feature is stored (feature_repo/features.py: Array(String), Array(Int64), Int64, String).
-RECENT_KINDS = {"recent_item_ids": "strings", "recent_action_tokens": "ints", "recent_rating_tokens": "ints",
-                "recent_event_times": "ints", "event_count": "int", "last_event_time": "int", "state_version": "int"}
-LONG_KINDS = {"long_group_counts": "ints", "long_group_first_times": "ints", "long_group_last_times": "ints",
-              "long_group_rating_sums": "ints", "long_group_item_ids": "strings", "action_counts": "ints",
-              "last_context_tokens": "ints", "last_hour_token": "int", "last_domain": "string",
-              "compacted_event_count": "int", "state_version": "int"}
-
-
-def feast_direct_writer(
-    store: Any, feature_view: str = FEATURE_VIEW, kinds: Mapping[str, str] = RECENT_KINDS
-) -> Callable[[list[dict[str, Any]]], None]:
-    """Rows -> one `online_write_batch` of the store's provider, with the protos built here.
-
-    Same Redis entries as `store.push` (the view's schema maps the kinds above to these value types), at
-    about half the cost: push converts every list element through pandas and pyarrow.
-    Uses FeatureStore._get_provider(), an internal of the pinned feast 0.67.
+    Same Redis entries as `store.push` (Feast's own online_write_batch writes them, values typed by the
+    view's schema), at 0.6x push's client CPU: push converts every list element through pandas and pyarrow
+    (docs/FEAST.md).
     """
-    provider = store._get_provider()
+    from infra.feast_store import open_online_store
+
+    online = open_online_store(store)
     view = store.get_feature_view(feature_view)
-    to_entries = feast_entries(kinds)
     clock = MonotonicClock()
 
     def write(rows: list[dict[str, Any]]) -> None:
-        provider.online_write_batch(store.config, view, to_entries(rows, clock()), None)
+        online.write_rows(store.config, view, rows, clock())
 
     return write
 
 
-def feast_entries(kinds: Mapping[str, str]) -> Callable[[list[dict[str, Any]], datetime], list[tuple]]:
-    """Rows -> the (EntityKey, {feature: Value}, timestamp, None) entries online_write_batch takes."""
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
-
-    builders = _value_builders()
-    plan = [(name, builders[kind]) for name, kind in kinds.items()]
-
-    def entries(rows: list[dict[str, Any]], now: datetime) -> list[tuple]:
-        return [(EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=r["user_id"])]),
-                 {name: build(r[name]) for name, build in plan}, now, None) for r in rows]
-
-    return entries
-
-
 def feast_long_term_writer(store: Any) -> Callable[[list[dict[str, Any]]], None]:
-    """Long-term rows -> the `user_long_term` view (direct online_write_batch)."""
-    return feast_direct_writer(store, LONG_TERM_VIEW, LONG_KINDS)
+    """Long-term rows -> the `user_long_term` view (write_rows)."""
+    return feast_direct_writer(store, LONG_TERM_VIEW)

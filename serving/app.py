@@ -86,7 +86,7 @@ def build_components(settings: Settings, config: ServingConfig, client: redis.Re
                 f"(has `feast -c feature_repo apply` run?): {exc}"
             ) from exc
     else:
-        from serving.feast_redis import FeastRedisLayout
+        from infra.feast_store import FeastRedisLayout
         from serving.user_state_reader import RedisStateReader
 
         try:

@@ -1,78 +1,22 @@
-"""Feast's Redis layout, read without the Feast SDK: entity keys, field names and stored protobuf values.
+"""Feast's Redis layout, read without the Feast SDK: the stored protobuf values of Feast's hashes.
 
-Feast 0.67's Redis online store keeps one hash per entity: the key is the serialized entity key
-(entity_key_serialization_version 3) followed by the project name; each feature is a field named by the
-murmur3 hash of ``"<view>:<feature>"`` holding a serialized ``feast.types.Value``, and ``_ts:<view>`` holds
-the event timestamp. Reading that hash with one HMGET skips the SDK's per-call overhead (see
-bench/state_fetch.py). The value decoder is built from a minimal copy of Feast's ``Value`` descriptor with
-the same field numbers, parsed by the protobuf runtime; values of other types are refused, not guessed.
-tests/integration/test_serving.py checks this reader against the Feast SDK on real pushed rows.
+The key layout (entity keys, feature field names) is UGT's Feast online store's (infra.feast_store); this
+module decodes what those fields hold. Reading a user's hash
+with one HMGET skips the SDK's per-call overhead and its import (see bench/state_fetch.py and docs/FEAST.md).
+The value decoder is built from a minimal copy of Feast's ``Value`` descriptor with the same field
+numbers, parsed by the protobuf runtime; values of other types are refused, not guessed.
+tests/integration/test_feast_paths.py checks this reader against what Feast itself writes.
 """
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import mmh3
-import yaml
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-_STRING_TYPE = 2  # feast ValueType.STRING, as written into serialized entity keys
-TS_FIELD_PREFIX = "_ts:"
 
 
 class UnsupportedValue(ValueError):
     """A stored Feast value of a type this decoder does not handle (so it is never mis-read)."""
-
-
-@dataclass(frozen=True)
-class FeastRedisLayout:
-    """What decides the Redis key names: the Feast project and the key serialization version."""
-
-    project: str
-    entity_key_serialization_version: int = 3
-
-    @classmethod
-    def from_repo(cls, repo: Path) -> FeastRedisLayout:
-        """Read ``feature_store.yaml`` and refuse layouts this reader does not implement."""
-        config = yaml.safe_load((Path(repo) / "feature_store.yaml").read_text()) or {}
-        version = int(config.get("entity_key_serialization_version", 3))
-        if version != 3:
-            raise ValueError(
-                f"direct Redis reads need entity_key_serialization_version 3, the repo has {version}"
-            )
-        registry = config.get("registry")
-        if isinstance(registry, dict) and registry.get("enable_online_feature_view_versioning"):
-            raise ValueError("direct Redis reads do not support enable_online_feature_view_versioning")
-        online = config.get("online_store") or {}
-        if online.get("type") != "redis" or online.get("redis_type", "redis") != "redis":
-            raise ValueError(f"direct Redis reads need a plain `type: redis` online store, got {online}")
-        return cls(project=str(config["project"]), entity_key_serialization_version=version)
-
-    def entity_key(self, join_key: str, value: str) -> bytes:
-        """Feast's serialize_entity_key (v3, one string join key) followed by the project name."""
-        key = join_key.encode("utf-8")
-        val = value.encode("utf-8")
-        return b"".join(
-            (
-                struct.pack("<I", 1),
-                struct.pack("<I", _STRING_TYPE),
-                struct.pack("<I", len(key)),
-                key,
-                struct.pack("<I", _STRING_TYPE),
-                struct.pack("<I", len(val)),
-                val,
-                self.project.encode("utf-8"),
-            )
-        )
-
-
-def feature_field(view: str, feature: str) -> bytes:
-    """The hash field of one feature: murmur3_32 of ``view:feature``, 4 bytes little endian (Feast's _mmh3)."""
-    return struct.pack("<I", mmh3.hash(f"{view}:{feature}", signed=False))
 
 
 def _value_class():

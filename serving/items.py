@@ -14,7 +14,8 @@ from pathlib import Path
 
 import redis
 
-from serving.feast_redis import FeastRedisLayout, UnsupportedValue, decode_typed, feature_field
+from infra.feast_store import FeastRedisLayout, feature_field
+from serving.feast_redis import UnsupportedValue, decode_typed
 
 log = logging.getLogger(__name__)
 

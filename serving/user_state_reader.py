@@ -14,7 +14,8 @@ import redis
 from google.protobuf.message import DecodeError
 
 from contracts.user_state_rule import FEATURE_NAMES
-from serving.feast_redis import FeastRedisLayout, UnsupportedValue, decode_typed, feature_field
+from infra.feast_store import FeastRedisLayout, feature_field
+from serving.feast_redis import UnsupportedValue, decode_typed
 
 USER_JOIN_KEY = "user_id"
 # How Feast stores each of FEATURE_NAMES (feature_repo/features.py: Array(String), Array(Int64), Int64).

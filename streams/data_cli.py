@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = sub.add_parser(
         "offline-features", help="write the dataset into Feast's offline store (parquet) for `feast materialize`",
-        description="Write feature_repo/data/item_metadata.parquet and user_recent_events.parquet (each user's "
+        description="Write feature_repo/data/item_metadata.parquet, user_recent_events.parquet and "
+                    "user_long_term.parquet (each user's "
                     "state after all their events, computed with the jobs' tokenizer and state rule), then "
                     "`feast -c feature_repo materialize <start> <end>` loads them into Redis.")
     p.add_argument("name", choices=DATASETS)

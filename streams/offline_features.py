@@ -1,4 +1,5 @@
-"""Write a dataset into Feast's offline store (parquet): item metadata and user-state snapshots.
+"""Write a dataset into Feast's offline store (parquet): item metadata and user-state snapshots (recent and
+long term), the batch sources of every view `feast materialize` loads.
 
 This is the batch side of the same features the stream keeps fresh: the user snapshots are computed
 with the ONE tokenizer and the ONE state rule the Flink jobs use (contracts.tokenizer, contracts.user_state_rule),
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from contracts.datasets import Dataset, item_events, user_events
 from contracts.tokenizer import tokenize_event
-from contracts.user_state_rule import DEFAULT_MAX_EVENTS, states_from_events
+from contracts.user_state_rule import DEFAULT_MAX_EVENTS, compact, long_term_row, states_from_events
 
 
 def item_metadata_frame(dataset: Dataset) -> pd.DataFrame:
@@ -40,30 +41,36 @@ def item_metadata_frame(dataset: Dataset) -> pd.DataFrame:
     return frame
 
 
-def user_state_frame(dataset: Dataset, max_events: int = DEFAULT_MAX_EVENTS, progress: bool = True) -> pd.DataFrame:
-    """One row per user: the state after all of the user's events, stamped with the last event's time."""
+def user_state_frames(dataset: Dataset, max_events: int = DEFAULT_MAX_EVENTS,
+                      progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows of `user_recent_events` and `user_long_term`: one per user, the state after all of the user's
+    events (long term: fully compacted), stamped with the last event's time."""
     tokens = (
         tokenize_event(e)
         for e in tqdm(user_events(dataset), total=len(dataset.ratings), desc="user state", unit="ev",
                       unit_scale=True, disable=not progress, mininterval=0.5)
     )
     states = states_from_events(tokens, max_events)
-    rows = []
+    recent, long_term = [], []
     for state in states.values():
-        row = state.to_feature_row()
-        row["event_timestamp"] = pd.Timestamp(state.last_event_time, unit="ms", tz="UTC")
-        rows.append(row)
-    return pd.DataFrame(rows)
+        stamp = pd.Timestamp(state.last_event_time, unit="ms", tz="UTC")
+        recent.append({**state.to_feature_row(), "event_timestamp": stamp})
+        # compact() empties the spill, so the recent row is taken first
+        long_term.append({**long_term_row(compact(None, state), state), "event_timestamp": stamp})
+    return pd.DataFrame(recent), pd.DataFrame(long_term)
 
 
 def write_offline_features(dataset: Dataset, repo: Path, progress: bool = True) -> dict[str, int]:
-    """Write feature_repo/data/{item_metadata,user_recent_events}.parquet; returns rows per file."""
+    """Write the batch source of every materialized view: feature_repo/data/{item_metadata,
+    user_recent_events,user_long_term}.parquet; returns rows per file."""
     data = Path(repo) / "data"
     data.mkdir(parents=True, exist_ok=True)
+    recent, long_term = user_state_frames(dataset, progress=progress)
     written = {}
     for name, frame in (
         ("item_metadata", item_metadata_frame(dataset)),
-        ("user_recent_events", user_state_frame(dataset, progress=progress)),
+        ("user_recent_events", recent),
+        ("user_long_term", long_term),
     ):
         path = data / f"{name}.parquet"
         tmp = path.with_suffix(".parquet.part")

@@ -81,8 +81,8 @@ def events_taken() -> int:
 
 def state_reader(redis_client):
     """The users' online state read as serving reads it (Feast's Redis rows, the default serving config's view)."""
+    from infra.feast_store import FeastRedisLayout
     from serving.config import ServingConfig
-    from serving.feast_redis import FeastRedisLayout
     from serving.user_state_reader import RedisStateReader
 
     layout = FeastRedisLayout.from_repo(get_settings().feature_repo)

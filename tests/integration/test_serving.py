@@ -126,7 +126,7 @@ def seeded(stack: Settings) -> Iterator[Settings]:
     key = f"ugt:popularity:{DOMAIN}"
     client.zadd(key, POPULAR)
     yield stack
-    from serving.feast_redis import FeastRedisLayout
+    from infra.feast_store import FeastRedisLayout
 
     # Leave the shared Redis as found: the test domain's set and the test user's Feast hash.
     client.delete(key, FeastRedisLayout.from_repo(stack.feature_repo).entity_key("user_id", KNOWN))
@@ -206,8 +206,7 @@ def test_health_is_ok(served: Served):
 
 
 def test_the_two_readers_agree(seeded: Settings):
-    from infra.feast_store import open_feature_store
-    from serving.feast_redis import FeastRedisLayout
+    from infra.feast_store import FeastRedisLayout, open_feature_store
 
     client = redis.Redis.from_url(seeded.redis_url)
     sdk = FeastStateReader(open_feature_store(seeded), "recommend_v1", client)

@@ -144,8 +144,7 @@ def pushed(stack: Settings) -> Iterator[tuple[str, str, str]]:
     """Two users in Redis through Feast: one whose history ends with a brand-new item, one without it."""
     from feast.data_source import PushMode
 
-    from infra.feast_store import open_feature_store
-    from serving.feast_redis import FeastRedisLayout
+    from infra.feast_store import FeastRedisLayout, open_feature_store
 
     ensure_feast_applied(stack)
     item = f"live-c-{RUN}"

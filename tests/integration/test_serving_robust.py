@@ -178,8 +178,7 @@ def test_router_and_business_rules_with_categories_from_feast(private_redis):
 
 
 def test_batched_reads_agree_between_feast_sdk_and_direct_redis(private_redis):
-    from infra.feast_store import open_feature_store
-    from serving.feast_redis import FeastRedisLayout
+    from infra.feast_store import FeastRedisLayout, open_feature_store
     from serving.user_state_reader import FeastStateReader, RedisStateReader
 
     own, settings = private_redis

@@ -44,8 +44,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def seeded(stack: Settings) -> Iterator[Settings]:
     from feast.data_source import PushMode
 
-    from infra.feast_store import open_feature_store
-    from serving.feast_redis import FeastRedisLayout
+    from infra.feast_store import FeastRedisLayout, open_feature_store
 
     ensure_feast_applied(stack)
     base = 1_750_000_000_000

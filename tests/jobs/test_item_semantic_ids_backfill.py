@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from contracts.redis_keys import item_key
 from jobs.item_semantic_ids_backfill import BackfillError, CatalogReader, ensure_covered
-from jobs.item_semantic_ids_logic import Assigned, item_key
+from jobs.item_semantic_ids_logic import Assigned
 from streams.serde import AvroSerde
 
 TOPIC = "items.test"

@@ -104,6 +104,7 @@ def test_feast_reads_the_lake_snapshot(lake: Path, tmp_path: Path, monkeypatch: 
     repo = tmp_path / "repo"
     shutil.copytree(REPO_ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("registry.db", "__pycache__"))
     monkeypatch.setenv("UGT_VAR", str(var))  # feature_repo/sources.py finds the lake under UGT_VAR
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))  # the CLI imports this checkout's Feast online store class
     feast = str(Path(sys.executable).parent / "feast")
     done = subprocess.run([feast, "-c", str(repo), "apply"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from contracts.user_state_rule import FEATURE_NAMES
-from serving.feast_redis import FeastRedisLayout, UnsupportedValue, decode_typed, decode_value, feature_field
+from infra.feast_store import FeastRedisLayout, feature_field
+from serving.feast_redis import UnsupportedValue, decode_typed, decode_value
 from serving.user_state_reader import BadState, RedisStateReader, UserStateView
 
 REPO = Path(__file__).resolve().parents[2] / "feature_repo"
