@@ -24,7 +24,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from bench.common import print_table, write_result
+from bench.common import print_table, result_path, write_result
 from infra.settings import get_settings
 
 VIEW = "user_recent_events"
@@ -123,13 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     table += [{"path": name, "kind": "read", **cost(run, len(rows))} for name, run in reads.items()]
     print(f"\nFeast paths: {args.users} users, {args.events}-event windows, writes in batches of {args.batch}")
     print_table(table)
-    write_result("feast_paths", {
-        "benchmark": "feast_paths",
-        "command": "python -m bench.feast_paths " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "conditions": {"users": args.users, "batch": args.batch, "events": args.events,
-                       "redis": settings.redis_url, "reads": "one entity per call"},
-        "results": table,
-    })
+    write_result(result_path("feast_paths"), "feast_paths",
+                 {"users": args.users, "batch": args.batch, "events": args.events,
+                  "redis": settings.redis_url, "reads": "one entity per call"},
+                 {"results": table}, argv=argv, prog="python -m bench.feast_paths")
     client.delete(*(direct.layout.entity_key("user_id", r["user_id"]) for r in rows))
     return 0
 
