@@ -1,4 +1,5 @@
-"""PopularityFallback: the answer that is always there when the model cannot answer.
+"""PopularityFallback: the answer that is always there when the model cannot answer; PopularityGenerator: the
+walking skeleton's model, the same ranking with the user's history excluded.
 
 The ``user_state`` job keeps ``ugt:popularity:<domain>`` (a Redis ZSET, +1 per event) current, so "popular"
 follows the stream. The top of that set is cached per domain and re-read at most once per
@@ -19,6 +20,7 @@ from pathlib import Path
 import redis
 
 from serving.generator import ScoredItem
+from serving.state import UserStateView
 
 log = logging.getLogger(__name__)
 
@@ -189,3 +191,22 @@ class PopularityFallback:
             self._refresh(domain, entry, self.clock())
             out[domain] = entry.items
         return out
+
+
+class PopularityGenerator:
+    """The walking skeleton's main model: the domain's most popular items the user has not seen.
+
+    It applies the user's state (their history is excluded), which is what separates it from the
+    fallback answer for a user without state; the ranking itself is shared with PopularityFallback.
+    """
+
+    name = "popularity"
+
+    def __init__(self, popularity: PopularityFallback, version: str = "v1"):
+        self.popularity = popularity
+        self.version = version
+
+    def recommend(self, state: UserStateView, k: int, exclude: Set[str], *, domain: str) -> list[ScoredItem]:
+        seen = set(exclude)
+        seen.update(state.item_ids)
+        return self.popularity.recommend(domain, k, seen).items

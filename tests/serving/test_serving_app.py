@@ -6,8 +6,8 @@ from serving_fakes import FakeClock, FakeStateReader, FakeZsetRedis, view
 
 from serving.app import create_app
 from serving.config import ServingConfig
-from serving.fallback import PopularityFallback
-from serving.generator import PopularityGenerator, ScoredItem
+from serving.fallback import PopularityFallback, PopularityGenerator
+from serving.generator import ScoredItem
 from serving.reranker import FilterReranker
 from serving.service import Components
 from serving.state import BadState, StateUnavailable
