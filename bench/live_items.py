@@ -96,7 +96,8 @@ def anchor_delays(port: int, n: int, rate: float) -> list[float]:
 
 
 def tiny_checkpoint(folder: Path) -> Path:
-    from models.train import fit, load_config
+    from models.train import fit
+    from models.train_config import load_config
     from streams.datasets import load_dataset
 
     items = [str(i) for i in load_dataset("ml-100k").items["item_id"]]
@@ -115,7 +116,7 @@ def live_delays(port: int, checkpoint: Path, n: int, rate: float) -> tuple[list[
     import redis
 
     from jobs.item_semantic_ids_logic import RedisSidIndex, code_string, feed_entry
-    from models.train import load_checkpoint
+    from models.checkpoint import load_checkpoint
     from models.user_state import STATE_VERSION
     from serving.generator import GenerationRequest
     from serving.state import UserStateView

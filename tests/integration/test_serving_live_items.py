@@ -23,8 +23,10 @@ import redis
 
 from infra.settings import Settings
 from jobs.item_semantic_ids_logic import RedisSidIndex, code_string, feed_entry, feed_key, index_key, item_key
+from models.checkpoint import load_checkpoint
 from models.tokenizer import TokenizedEvent
-from models.train import fit, load_checkpoint, load_config
+from models.train import fit
+from models.train_config import load_config
 from models.user_state import STATE_VERSION, states_from_events
 from serving.app import create_app
 from serving.config import build_config

@@ -17,7 +17,8 @@ import redis
 
 from infra.settings import Settings
 from models.tokenizer import TokenizedEvent
-from models.train import fit, load_config
+from models.train import fit
+from models.train_config import load_config
 from models.user_state import states_from_events
 from serving.app import create_app
 from serving.config import build_config
