@@ -97,7 +97,8 @@ def anchor_delays(port: int, n: int, rate: float) -> list[float]:
 
 def tiny_checkpoint(folder: Path) -> Path:
     from contracts.datasets import load_dataset
-    from models.train import fit, load_config
+    from models.train import fit
+    from models.train_config import load_config
 
     items = [str(i) for i in load_dataset("ml-100k").items["item_id"]]
     order = np.random.default_rng(0).permutation(len(items))
@@ -117,7 +118,7 @@ def live_delays(port: int, checkpoint: Path, n: int, rate: float) -> tuple[list[
     from contracts.redis_keys import code_string, feed_entry
     from contracts.user_state_rule import STATE_VERSION
     from jobs.item_semantic_ids_logic import RedisSidIndex
-    from models.train import load_checkpoint
+    from models.checkpoint import load_checkpoint
     from serving.generator import GenerationRequest
     from serving.ugt_generator import UGTGenerator
     from serving.user_state_reader import UserStateView

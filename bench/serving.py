@@ -113,7 +113,8 @@ def ensure_checkpoint(cache_dir: Path) -> Path:
     checkpoint = out / "checkpoint.pt"
     if checkpoint.is_file():
         return checkpoint
-    from models.train import fit, load_config
+    from models.train import fit
+    from models.train_config import load_config
 
     print(f"training the small model once into {out} ...", file=sys.stderr)
     cfg = load_config(

@@ -116,7 +116,8 @@ def industrial_pool(users: int, history: int, items: int, seed: int = 1) -> list
 
 def train_ml1m(minutes: float, out_dir: str) -> Path:
     """A short `ugt train` of models/configs/ugt_ml1m.yaml (DPO off; semantic IDs from .ugtdata when there)."""
-    from models.train import fit, load_config
+    from models.train import fit
+    from models.train_config import load_config
 
     sets: dict[str, Any] = {"out_dir": out_dir, "max_minutes": minutes, "progress": False, "dpo": {"enabled": False}}
     artifact = REPO / ".ugtdata" / "sid-ml1m.npz"
@@ -128,8 +129,8 @@ def train_ml1m(minutes: float, out_dir: str) -> Path:
 
 def ml1m_pool(checkpoint: Path) -> dict[str, Any]:
     """The trained model, its test rows (one per user, as eval builds them) and their targets."""
+    from models.checkpoint import load_checkpoint, long_history_len
     from models.data import make_split
-    from models.train import load_checkpoint, long_history_len
 
     model, cfg, data, _ = load_checkpoint(checkpoint)
     split = make_split(data, "test", cfg.max_len, long_history_len(cfg))

@@ -278,6 +278,22 @@ class Batchable:
         }
 
 
+def _row_ends(data: SequenceData, split: str, max_len: int, all_windows: bool, min_window: int) -> list[tuple[int, int]]:
+    """(user, end) per row of ``split``: events[:end] is the row's history (train: inputs + targets); users with
+    fewer than 3 events have none. ``all_windows`` adds each user's earlier non-overlapping windows."""
+    keep = [u for u, s in enumerate(data.items) if len(s) >= 3]
+    rows_spec = [(u, len(data.items[u]) - (2 if split in ("train", "valid") else 1)) for u in keep]
+    if all_windows:
+        extra = []
+        for u, end in rows_spec:
+            end -= max_len
+            while end - 1 >= min_window:
+                extra.append((u, end))
+                end -= max_len
+        rows_spec += extra
+    return rows_spec
+
+
 def make_split(data: SequenceData, split: str, max_len: int, max_long: int = 0, all_windows: bool = False,
                min_window: int = 10) -> Batchable:
     """Padded arrays for ``split`` with at most ``max_len`` model positions per row.
@@ -294,17 +310,7 @@ def make_split(data: SequenceData, split: str, max_len: int, max_long: int = 0, 
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if max_len < 1:
         raise ValueError("max_len must be >= 1")
-    keep = [u for u, s in enumerate(data.items) if len(s) >= 3]
-    # (user, end): events[:end] is the history (train: inputs + targets) of one row.
-    rows_spec = [(u, len(data.items[u]) - (2 if split in ("train", "valid") else 1)) for u in keep]
-    if all_windows and split == "train":
-        extra = []
-        for u, end in rows_spec:
-            end -= max_len
-            while end - 1 >= min_window:
-                extra.append((u, end))
-                end -= max_len
-        rows_spec += extra
+    rows_spec = _row_ends(data, split, max_len, all_windows and split == "train", min_window)
     R, N, E = len(rows_spec), max_len, max(max_long, 1)
     out = {k: np.zeros((R, N), dtype=np.int64) for k in ("ids", "times", "query_times", "ratings", "gaps")}
     lengths = np.zeros(R, dtype=np.int64)

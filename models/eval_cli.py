@@ -52,9 +52,10 @@ def plot_report(rows: list[dict], out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from models.baselines.popularity import Popularity
+    from models.checkpoint import load_checkpoint, long_history_len
     from models.data import make_split
     from models.eval import evaluate, markdown_table
-    from models.train import load_checkpoint, long_history_len, pick_device
+    from models.train_config import pick_device
     from models.ugt.model import UGT
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

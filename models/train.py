@@ -6,12 +6,13 @@ Stage 2 -- next-token prediction: sampled softmax (HSTU's: uniform negatives, L2
   temperature) at every position, + MoE load balancing, + next-semantic-ID cross-entropy, + contrastive
   loss in semantic-ID space. Early stopping on validation NDCG@10 (leave-one-out, the item before the
   test item); the best state is kept and checkpointed.
-Stage 3 -- DPO: preference pairs from the data (see :func:`preference_pairs`), the stage-2 model frozen as
+Stage 3 -- DPO: preference pairs from the data (see :func:`models.dpo.preference_pairs`), the stage-2 model frozen as
   the reference; loss = NTP + dpo.weight * DPO. Kept only if validation does not drop (both recorded).
 
-Reads top to bottom like nanoGPT's train.py: config, data, model, helpers, then :func:`fit`.
-Checkpoints hold the whole config, the model config and the vocabulary, so eval and serving rebuild the
-model from the file alone, and ``resume`` continues a run where it stopped.
+Reads top to bottom like nanoGPT's train.py: data, stage 1, the losses, then the loop (:class:`TrainRun`,
+:func:`fit`) and stage 3. The config is models/train_config.py; checkpoints (models/checkpoint.py) hold the
+whole config, the model config and the vocabulary, so eval and serving rebuild the model from the file alone
+without importing this module, and ``resume`` continues a run where it stopped.
 """
 
 from __future__ import annotations
@@ -21,150 +22,28 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import yaml
 from tqdm.auto import tqdm
 
-from contracts.tokenizer import TokenVocab
 from models.baselines.popularity import Popularity
-from models.baselines.sasrec import SASRec, SASRecConfig
-from models.data import (
-    Batchable,
-    SequenceData,
-    build_sequences,
-    cold_item_mask,
-    iterate_batches,
-    make_split,
-    without_items,
-)
+from models.checkpoint import build_model, load_data, long_history_len, save_checkpoint
+from models.data import Batchable, SequenceData, cold_item_mask, iterate_batches, make_split, without_items
+from models.dpo import PreferenceStep
 from models.eval import batch_to_device, evaluate
-from models.hstu import HSTU, HSTUConfig
-from models.losses import dpo_loss, sampled_softmax_loss, semantic_contrastive_loss
-from models.ugt.model import UGT, UGTConfig
+from models.losses import sampled_softmax_loss, semantic_contrastive_loss
+from models.train_config import DPOConfig, TrainConfig, pick_device
+from models.ugt.model import UGT
 from models.ugt.ranking import ranking_loss
 
 log = logging.getLogger(__name__)
 
-MODELS = ("sasrec", "hstu", "ugt", "popularity")
-
-
-@dataclass
-class DPOConfig:
-    enabled: bool = False
-    epochs: int = 5
-    lr: float = 1e-4
-    beta: float = 0.1
-    weight: float = 0.5  # DPO loss weight next to the NTP loss
-    window: int = 10  # chosen/rejected come from the next `window` events after the state
-    high: int = 8  # rating token >= high (4 stars and up) -> chosen
-    low: int = 4  # 0 < rating token <= low (2 stars and down) -> rejected
-    max_pairs_per_row: int = 32
-
-
-@dataclass
-class TrainConfig:
-    name: str = "run"
-    dataset: str = "ml-1m"  # contracts.datasets name
-    tie_order: str = "hstu"  # hstu | stable (models.data)
-    model: str = "ugt"  # sasrec | hstu | ugt | popularity
-    model_config: dict = field(default_factory=dict)  # fields of the model's config dataclass
-    seed: int = 42
-    max_len: int = 200
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.98])
-    max_epochs: int = 101
-    eval_every: int = 1
-    patience: int = 10  # evaluations without a validation gain before stopping
-    num_negatives: int = 128  # 0 = full softmax over the catalog
-    temperature: float = 0.05
-    contrastive_weight: float = 0.0
-    contrastive_temperature: float = 0.1
-    semantic_ids: dict = field(default_factory=dict)  # {} | {"artifact": path} | {"build": {...builder kwargs}}
-    dpo: dict = field(default_factory=dict)  # DPOConfig fields
-    eval_batch_size: int = 512
-    mask_history: str = "window"
-    device: str = "auto"
-    bf16: bool = True  # CUDA only
-    compile: bool = True  # CUDA only; falls back to eager if compilation fails
-    out_dir: str = ""  # default runs/<name>
-    progress: bool = True
-    max_users: int = 0  # > 0: keep only the first N users (quick runs)
-    train_windows: str = "last"  # last (HSTU: each user's last max_len events) | all (every window)
-    max_minutes: float = 0.0  # > 0: stop training after this long (then evaluate the best state)
-    # cold-start protocol (models.data.cold_item_mask): {} | {"year_from": 2000} | {"fraction": 0.1, "seed": 0}.
-    # These items "arrive after training": their events are removed from the training split, they are never
-    # softmax negatives, and their ID rows stay zero, so validation and test score them as the serving live catalog
-    # does (semantic ID + metadata). The test report adds test_cold / test_warm (rows by target). With
-    # "holdout": false the set only splits the report (the reference: a model trained on everything).
-    cold_items: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
-        if self.max_len < 2 or self.batch_size < 1 or self.max_epochs < 0 or self.eval_every < 1:
-            raise ValueError("max_len >= 2, batch_size >= 1, max_epochs >= 0 and eval_every >= 1 are required")
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.out_dir or f"runs/{self.name}")
-
-
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML config; unknown keys raise. ``overrides`` (dotted keys allowed) win over the file."""
-    text = Path(path).read_text()
-    values = yaml.safe_load(text) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: a config is a YAML mapping")
-    for key, value in (overrides or {}).items():
-        target = values
-        parts = key.split(".")
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-        target[parts[-1]] = value
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown config keys {sorted(unknown)}; known: {sorted(known)}")
-    return TrainConfig(**values)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 # ---- data -------------------------------------------------------------------------------------
-
-
-def load_data(cfg: TrainConfig) -> SequenceData:
-    from contracts.datasets import load_dataset
-
-    dataset = load_dataset(cfg.dataset)
-    data = build_sequences(dataset, cfg.tie_order)
-    if cfg.max_users > 0:
-        data.user_ids = data.user_ids[: cfg.max_users]
-        data.items, data.times, data.ratings = (
-            data.items[: cfg.max_users], data.times[: cfg.max_users], data.ratings[: cfg.max_users]
-        )
-    return data
-
-
-def long_history_len(cfg: TrainConfig) -> int:
-    if cfg.model != "ugt":
-        return 0
-    ms = (cfg.model_config or {}).get("multiscale", {}) or {}
-    groups = ms.get("long_groups", UGTConfig().multiscale.long_groups)
-    return int(ms.get("max_long", UGTConfig().multiscale.max_long)) if groups > 0 else 0
 
 
 def fingerprint(data: SequenceData) -> str:
@@ -252,24 +131,6 @@ def semantic_codes(cfg: TrainConfig, data: SequenceData) -> tuple[np.ndarray | N
     return codes_for_vocab(artifact, data), list(artifact.codebook_sizes)
 
 
-def semantic_ids_version(cfg: TrainConfig) -> str | None:
-    """The artifact version the model's codes come from (the key of the item job's Redis index and feed), so a
-    generator follows the right one for new items; None for an exported ``.npz`` (no manifest to name it)."""
-    from models.semantic_ids.artifact import artifact_version
-
-    spec = cfg.semantic_ids or {}
-    if "artifact" in spec:
-        folder = Path(spec["artifact"])
-    elif "build" in spec:
-        folder = cfg.output_dir / "semantic_ids"
-    else:
-        return None
-    try:
-        return None if folder.suffix == ".npz" else artifact_version(folder)
-    except ValueError:
-        return None
-
-
 def codes_for_vocab(artifact: Any, data: SequenceData) -> np.ndarray:
     """Rows of ``artifact.codes`` in vocabulary order (row 0 = padding, zeros)."""
     position = {str(item): i for i, item in enumerate(artifact.item_ids)}
@@ -284,31 +145,6 @@ def codes_for_vocab(artifact: Any, data: SequenceData) -> np.ndarray:
     if missing:
         raise ValueError(f"{len(missing)} vocabulary items have no semantic ID, e.g. {missing[0]!r}")
     return codes
-
-
-# ---- model ----------------------------------------------------------------------------------------
-
-
-def build_model(cfg: TrainConfig, data: SequenceData, codes: np.ndarray | None = None,
-                codebook_sizes: list[int] | None = None):
-    mc = dict(cfg.model_config or {})
-    if cfg.model == "popularity":
-        return Popularity(data)
-    if cfg.model == "sasrec":
-        return SASRec(SASRecConfig(num_items=data.num_items, max_len=cfg.max_len, **mc))
-    if cfg.model == "hstu":
-        return HSTU(HSTUConfig(num_items=data.num_items, max_len=cfg.max_len, **mc))
-    mc.setdefault("multiscale", {})
-    mc["multiscale"] = {**mc["multiscale"], "recent_len": cfg.max_len}
-    config = UGTConfig.from_dict({**mc, "num_items": data.num_items})
-    if "sid" in config.embedding.item_repr and codes is None:
-        raise ValueError("UGT item_repr uses semantic IDs: set semantic_ids in the config")
-    return UGT(config, data.item_genres, data.item_year_bucket, codes, codebook_sizes)
-
-
-def model_config_dict(model: Any) -> dict[str, Any]:
-    c = model.config
-    return c.to_dict() if hasattr(c, "to_dict") else asdict(c)
 
 
 # ---- losses of one step ---------------------------------------------------------------------------
@@ -349,118 +185,7 @@ def stage2_loss(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, co
     return total, parts
 
 
-def _next_true(flag: np.ndarray, missing: int) -> np.ndarray:
-    """For each position t, the first index >= t where ``flag`` holds (``missing`` if none)."""
-    nxt = np.where(flag, np.arange(len(flag)), missing)
-    return np.minimum.accumulate(nxt[::-1])[::-1]
-
-
-def preference_pairs(split: Batchable, dpo: DPOConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """DPO pairs from the training rows: for the state at position t, chosen = the nearest of the next
-    ``window`` events rated >= ``high`` and rejected = the nearest rated in (0, ``low``].
-
-    Both were actually consumed by the user right after that state, so the pair says "among what came
-    next, the model should prefer what the user liked". Returns pos/chosen/rejected arrays [R, P]
-    (pos -1 = no pair), at most ``max_pairs_per_row`` random pairs per row.
-    """
-    R, N = split.targets.shape
-    P = dpo.max_pairs_per_row
-    pos = np.full((R, P), -1, np.int64)
-    chosen = np.zeros((R, P), np.int64)
-    rejected = np.zeros((R, P), np.int64)
-    big = np.iinfo(np.int64).max // 2
-    for r in range(R):
-        n = int(split.lengths[r])
-        rt = split.target_ratings[r, :n]
-        idx = np.arange(n)
-
-        nh = _next_true(rt >= dpo.high, big)
-        nl = _next_true((rt > 0) & (rt <= dpo.low), big)
-        ok = np.flatnonzero((nh - idx < dpo.window) & (nl - idx < dpo.window))
-        if len(ok) == 0:
-            continue
-        if len(ok) > P:
-            ok = np.sort(rng.choice(ok, P, replace=False))
-        pos[r, : len(ok)] = ok
-        chosen[r, : len(ok)] = split.targets[r, nh[ok]]
-        rejected[r, : len(ok)] = split.targets[r, nl[ok]]
-    return {"pos": pos, "chosen": chosen, "rejected": rejected}
-
-
-def pair_logprobs(model: Any, batch: dict[str, torch.Tensor], pos: torch.Tensor, chosen: torch.Tensor,
-                  rejected: torch.Tensor, temperature: float, amp: bool, with_aux: bool = False):
-    """log p(chosen), log p(rejected) under the full softmax over items, the step's user states (and aux loss)."""
-    with torch.autocast(batch["ids"].device.type, dtype=torch.bfloat16, enabled=amp):
-        user, aux = model(batch)
-        table = model.item_embeddings()
-    keep = pos >= 0
-    rows = torch.arange(pos.shape[0], device=pos.device).view(-1, 1).expand_as(pos)[keep]
-    u = user[rows, pos[keep]].float()
-    logp = F.log_softmax(u @ table.float()[1:].T / temperature, dim=-1)
-    lc = logp.gather(1, (chosen[keep] - 1).view(-1, 1)).squeeze(1)
-    lr = logp.gather(1, (rejected[keep] - 1).view(-1, 1)).squeeze(1)
-    return (lc, lr, user, aux) if with_aux else (lc, lr, user)
-
-
-# ---- checkpoints, logs, plots -----------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, model: Any, cfg: TrainConfig, data: SequenceData, optimizer: Any, state: dict,
-                    codes: np.ndarray | None, codebook_sizes: list[int]) -> None:
-    core = getattr(model, "_orig_mod", model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "config": asdict(cfg),
-            "model": cfg.model,
-            "model_config": model_config_dict(core),
-            "vocab": dict(data.vocab.item_to_index),
-            # the item side of the data, so a checkpoint loads without its training data (a lake keeps growing)
-            "item_meta": {"genre_names": list(data.genre_names), "item_genres": data.item_genres,
-                          "item_year_bucket": data.item_year_bucket, "item_titles": list(data.item_titles)},
-            "semantic_codes": codes,
-            "codebook_sizes": codebook_sizes,
-            "semantic_ids_version": semantic_ids_version(cfg) if codes is not None else None,
-            "state_dict": core.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "train_state": state,
-        },
-        path,
-    )
-
-
-LAKE_PREFIX = "lake:"  # TrainConfig.dataset of a model trained with `ugt train --lake <path>`
-
-
-def items_only_data(cfg: TrainConfig, ckpt: dict, path: str | Path) -> SequenceData:
-    """The vocabulary and item metadata a checkpoint carries, with no user sequences: what serving needs."""
-    meta = ckpt.get("item_meta")
-    if meta is None:
-        raise ValueError(f"{path}: trained on {cfg.dataset} by an older `ugt train` that did not store the item "
-                         "metadata; retrain it to serve it")
-    vocab = TokenVocab()
-    for item_id, index in sorted(ckpt["vocab"].items(), key=lambda kv: kv[1]):
-        if vocab.add(item_id) != index:
-            raise ValueError(f"{path}: the stored vocabulary is not dense (item {item_id!r} at {index})")
-    return SequenceData(name=cfg.dataset, tie_order=cfg.tie_order, vocab=vocab, user_ids=[], items=[], times=[],
-                        ratings=[], genre_names=list(meta["genre_names"]), item_genres=np.asarray(meta["item_genres"]),
-                        item_year_bucket=np.asarray(meta["item_year_bucket"]), item_titles=list(meta["item_titles"]))
-
-
-def load_checkpoint(path: str | Path, data: SequenceData | None = None, map_location: str = "cpu"):
-    """Rebuild (model, cfg, data, checkpoint dict) from a checkpoint file alone: the dataset is re-read, except
-    for a model trained on the lake, whose vocabulary and item metadata come from the checkpoint."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    cfg = TrainConfig(**ckpt["config"])
-    if data is None and cfg.dataset.startswith(LAKE_PREFIX):
-        data = items_only_data(cfg, ckpt, path)  # the lake has grown since: serve what was trained
-    if data is None:
-        data = load_data(cfg)
-    if dict(data.vocab.item_to_index) != ckpt["vocab"]:
-        raise ValueError(f"{path}: the dataset's vocabulary differs from the checkpoint's")
-    model = build_model(cfg, data, ckpt.get("semantic_codes"), ckpt.get("codebook_sizes") or None)
-    model.load_state_dict(ckpt["state_dict"])
-    return model, cfg, data, ckpt
+# ---- logs, plots ------------------------------------------------------------------------------------
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -507,16 +232,175 @@ def _run_epoch(step_fn, split: Batchable, cfg: TrainConfig, rng: np.random.Gener
     return float(np.mean(losses)) if losses else float("nan")
 
 
+class TrainRun:
+    """One run's moving parts in stages 2 and 3: the model, its optimizer, the early-stopping state, the best weights.
+
+    ``state`` (epoch, best validation NDCG@10 and its epoch and stage, evaluations without a gain, history) is
+    the checkpoint's ``train_state``, so ``resume`` continues where a run stopped.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: Any, data: SequenceData, splits: dict[str, Batchable],
+                 device: torch.device, semantic: tuple[np.ndarray | None, list[int]], cold: np.ndarray | None,
+                 summary: dict[str, Any]):
+        self.cfg, self.model, self.data, self.splits, self.device = cfg, model, data, splits, device
+        self.amp = cfg.bf16 and device.type == "cuda"
+        self.codes, self.sizes = semantic
+        self.summary = summary
+        model.to(device)
+        self.codes_t = torch.as_tensor(self.codes, device=device) if self.codes is not None else None
+        self.excluded = torch.as_tensor(cold, device=device) if cold is not None else None  # held-out items
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           weight_decay=cfg.weight_decay)
+        self.state: dict[str, Any] = {"epoch": 0, "best_metric": -1.0, "best_epoch": -1, "bad_evals": 0, "stage": 2,
+                                      "history": []}
+        self.step_model = model
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.ckpt_path = cfg.output_dir / "checkpoint.pt"
+
+    def start(self, resume: str | Path | None) -> None:
+        """Load ``resume`` (weights, optimizer, train state) if given, compile, and keep the start as the best."""
+        if resume:
+            ckpt = torch.load(resume, map_location=self.device, weights_only=False)
+            self.model.load_state_dict(ckpt["state_dict"])
+            if ckpt.get("optimizer"):
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.state = ckpt["train_state"]
+            log.info("resumed from %s at epoch %d", resume, self.state["epoch"])
+        self.summary["parameters"] = sum(p.numel() for p in self.model.parameters())
+        self.step_model = _compiled(self.model, self.cfg, self.device)
+        self.best_state = copy.deepcopy(self.model.state_dict())
+
+    def step(self, batch: dict[str, torch.Tensor], _np: dict) -> float:
+        """One stage-2 optimizer step; a compiled step that fails falls back to eager for the rest of the run."""
+        model, optimizer = self.model, self.optimizer
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            loss, _ = stage2_loss(self.step_model, batch, self.cfg, self.codes_t, self.amp, self.excluded)
+            loss.backward()
+        except Exception as exc:
+            if self.step_model is model:
+                raise
+            log.warning("compiled step failed (%s: %s); continuing eagerly", type(exc).__name__, exc)
+            self.summary["compile_fallback"] = f"{type(exc).__name__}: {exc}"[:300]
+            self.step_model = model
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = stage2_loss(model, batch, self.cfg, self.codes_t, self.amp, self.excluded)
+            loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    def evaluate(self, split: str, **kwargs: Any) -> dict[str, Any]:
+        """The current model on ``split`` (or ``rows`` of it), as evaluation is configured for this run."""
+        rows = kwargs.pop("rows", None)
+        data = self.splits[split] if rows is None else self.splits[split].subset(rows)
+        return evaluate(self.model, self.data, data, split, device=self.device, batch_size=self.cfg.eval_batch_size,
+                        mask_history=self.cfg.mask_history, amp=self.amp, **kwargs)
+
+    def log_eval(self, epoch: int, loss: float, stage: int) -> bool:
+        """Validate, record, checkpoint on improvement; returns True when patience ran out."""
+        cfg, state = self.cfg, self.state
+        entry: dict[str, Any] = {"epoch": epoch, "stage": stage, "loss": loss}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs:
+            v = self.evaluate("valid", beyond=False)
+            entry.update({f"valid_{k}": v[k] for k in ("hr@10", "ndcg@10", "hr@50", "mrr")})
+            if v["ndcg@10"] > state["best_metric"]:
+                state.update(best_metric=v["ndcg@10"], best_epoch=epoch, bad_evals=0, best_stage=stage)
+                self.best_state.clear()
+                self.best_state.update(copy.deepcopy(self.model.state_dict()))
+                save_checkpoint(self.ckpt_path, self.model, cfg, self.data, self.optimizer, state, self.codes,
+                                self.sizes)
+            else:
+                state["bad_evals"] += 1
+        state["history"].append(entry)
+        with (cfg.output_dir / "log.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        return state["bad_evals"] >= cfg.patience
+
+    def stage2(self, rng: np.random.Generator, t0: float, minutes: float) -> None:
+        """Next-token prediction (+ auxiliary losses) until patience or ``minutes`` run out; ends on the best state."""
+        cfg, state = self.cfg, self.state
+        bar = tqdm(range(state["epoch"] + 1, cfg.max_epochs + 1), desc=f"{cfg.name} stage 2",
+                   disable=not cfg.progress)
+        for epoch in bar:
+            loss = _run_epoch(self.step, self.splits["train"], cfg, rng, self.device)
+            state["epoch"] = epoch
+            stop = self.log_eval(epoch, loss, 2)
+            bar.set_postfix(loss=f"{loss:.4f}", best=f"{state['best_metric']:.4f}@{state['best_epoch']}")
+            if stop:
+                break
+            if minutes > 0 and (time.time() - t0) / 60 > minutes:
+                self.summary["stopped_by_time"] = epoch
+                log.warning("stage 2 stopped by max_minutes at epoch %d", epoch)
+                break
+        bar.close()
+        self.summary["stage2_best"] = {"epoch": state["best_epoch"], "valid_ndcg@10": state["best_metric"]}
+        self.model.load_state_dict(self.best_state)
+
+    def stage3(self, dpo: DPOConfig, rng: np.random.Generator, t0: float) -> dict[str, Any]:
+        """DPO on preference pairs, reference = the best stage-2 model; ends on the best state; returns its report."""
+        cfg, state = self.cfg, self.state
+        preference = PreferenceStep(self.model, cfg, dpo, self.splits["train"], self.device, self.amp, rng)
+        start = state["epoch"]
+        state["bad_evals"] = 0
+        for epoch in tqdm(range(start + 1, start + dpo.epochs + 1), desc=f"{cfg.name} stage 3 (DPO)",
+                          disable=not cfg.progress):
+            loss = _run_epoch(preference.step, self.splits["train"], cfg, rng, self.device)
+            preference.end_epoch()
+            state["epoch"] = epoch
+            if self.log_eval(epoch, loss, 3):
+                break
+            if cfg.max_minutes > 0 and (time.time() - t0) / 60 > cfg.max_minutes:
+                break
+        self.model.load_state_dict(self.best_state)
+        return preference.report()
+
+    def test_report(self, cold: np.ndarray | None, holdout: bool) -> None:
+        """Valid and test metrics of the kept model into the summary; with cold-start items, test split by them."""
+        model, summary = self.model, self.summary
+        generative = isinstance(model, UGT) and model.sid_head is not None
+        summary["valid"] = self.evaluate("valid", beyond=False)
+        rerank_top = model.config.heads.rank_top if isinstance(model, UGT) and model.ranker is not None else 0
+        summary["test"] = self.evaluate("test", generative=generative, rerank_top=rerank_top)
+        if cold is None:
+            return
+        # the same test rows split by whether the target is a cold-start item
+        summary["cold_items"] = {**self.cfg.cold_items, "items": int(cold.sum()), "holdout": holdout,
+                                 "id_rows_zero": bool(holdout and not model.embed.item_emb.weight[
+                                     torch.as_tensor(cold)].abs().sum().item())}
+        is_cold = cold[self.splits["test"].targets]
+        summary["test_quota"] = self.evaluate("test", beyond=False, new_items=cold)["new_item_quota"]
+        for name, rows in (("test_cold", is_cold), ("test_warm", ~is_cold)):
+            summary[name] = self.evaluate("test", rows=rows, beyond=False, generative=generative,
+                                          rerank_top=rerank_top, new_items=cold)
+
+
+def _use_device(cfg: TrainConfig) -> torch.device:
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def _fit_popularity(model: Popularity, cfg: TrainConfig, data: SequenceData, splits: dict[str, Batchable],
+                    device: torch.device, summary: dict[str, Any], t0: float) -> dict[str, Any]:
+    """The popularity baseline has nothing to train: evaluate it and write the summary."""
+    summary["test"] = evaluate(model, data, splits["test"], "test", device=device, batch_size=cfg.eval_batch_size,
+                               mask_history=cfg.mask_history)
+    summary["valid"] = evaluate(model, data, splits["valid"], "valid", device=device,
+                                batch_size=cfg.eval_batch_size, mask_history=cfg.mask_history, beyond=False)
+    summary["train_minutes"] = (time.time() - t0) / 60
+    (cfg.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData | None = None) -> dict[str, Any]:
     """Train (stages 1-3), keep the best validation state, evaluate it on test; returns the summary."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    device = pick_device(cfg.device)
-    amp = cfg.bf16 and device.type == "cuda"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = _use_device(cfg)
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -530,170 +414,19 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
     summary: dict[str, Any] = {"name": cfg.name, "model": cfg.model, "tie_order": cfg.tie_order,
                                "dataset": cfg.dataset, "device": str(device), "data_fingerprint": fingerprint(data)}
     if isinstance(model, Popularity):
-        summary["test"] = evaluate(model, data, splits["test"], "test", device=device, batch_size=cfg.eval_batch_size,
-                                   mask_history=cfg.mask_history)
-        summary["valid"] = evaluate(model, data, splits["valid"], "valid", device=device,
-                                    batch_size=cfg.eval_batch_size, mask_history=cfg.mask_history, beyond=False)
-        summary["train_minutes"] = (time.time() - t0) / 60
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
+        return _fit_popularity(model, cfg, data, splits, device, summary, t0)
 
-    model.to(device)
-    codes_t = torch.as_tensor(codes, device=device) if codes is not None else None
-    excluded = torch.as_tensor(cold, device=device) if holdout else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    state = {"epoch": 0, "best_metric": -1.0, "best_epoch": -1, "bad_evals": 0, "stage": 2, "history": []}
-    if resume:
-        ckpt = torch.load(resume, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["state_dict"])
-        if ckpt.get("optimizer"):
-            optimizer.load_state_dict(ckpt["optimizer"])
-        state = ckpt["train_state"]
-        log.info("resumed from %s at epoch %d", resume, state["epoch"])
-    n_params = sum(p.numel() for p in model.parameters())
-    summary["parameters"] = n_params
-    step_model = _compiled(model, cfg, device)
-    best_state = copy.deepcopy(model.state_dict())
-    ckpt_path = out / "checkpoint.pt"
-
-    def step(batch: dict[str, torch.Tensor], _np: dict) -> float:
-        nonlocal step_model
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            loss, _ = stage2_loss(step_model, batch, cfg, codes_t, amp, excluded)
-            loss.backward()
-        except Exception as exc:
-            if step_model is model:
-                raise
-            log.warning("compiled step failed (%s: %s); continuing eagerly", type(exc).__name__, exc)
-            summary["compile_fallback"] = f"{type(exc).__name__}: {exc}"[:300]
-            step_model = model
-            optimizer.zero_grad(set_to_none=True)
-            loss, _ = stage2_loss(model, batch, cfg, codes_t, amp, excluded)
-            loss.backward()
-        optimizer.step()
-        return float(loss.detach())
-
-    def validate() -> dict[str, float]:
-        return evaluate(model, data, splits["valid"], "valid", device=device, batch_size=cfg.eval_batch_size,
-                        mask_history=cfg.mask_history, beyond=False, amp=amp)
-
-    def log_eval(epoch: int, loss: float, stage: int) -> bool:
-        """Validate, record, checkpoint on improvement; returns True when patience ran out."""
-        entry: dict[str, Any] = {"epoch": epoch, "stage": stage, "loss": loss}
-        if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs:
-            v = validate()
-            entry.update({f"valid_{k}": v[k] for k in ("hr@10", "ndcg@10", "hr@50", "mrr")})
-            if v["ndcg@10"] > state["best_metric"]:
-                state.update(best_metric=v["ndcg@10"], best_epoch=epoch, bad_evals=0, best_stage=stage)
-                best_state.clear()
-                best_state.update(copy.deepcopy(model.state_dict()))
-                save_checkpoint(ckpt_path, model, cfg, data, optimizer, state, codes, sizes)
-            else:
-                state["bad_evals"] += 1
-        state["history"].append(entry)
-        with (out / "log.jsonl").open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-        return state["bad_evals"] >= cfg.patience
-
-    # Stage 2: next-token prediction (+ auxiliary losses).
+    run = TrainRun(cfg, model, data, splits, device, (codes, sizes), cold if holdout else None, summary)
+    run.start(resume)
     dpo = DPOConfig(**(cfg.dpo or {}))
     dpo_on = dpo.enabled and dpo.epochs > 0
-    bar = tqdm(range(state["epoch"] + 1, cfg.max_epochs + 1), desc=f"{cfg.name} stage 2", disable=not cfg.progress)
-    for epoch in bar:
-        loss = _run_epoch(step, splits["train"], cfg, rng, device)
-        state["epoch"] = epoch
-        stop = log_eval(epoch, loss, 2)
-        bar.set_postfix(loss=f"{loss:.4f}", best=f"{state['best_metric']:.4f}@{state['best_epoch']}")
-        if stop:
-            break
-        if cfg.max_minutes > 0 and (time.time() - t0) / 60 > cfg.max_minutes * (0.8 if dpo_on else 1.0):
-            summary["stopped_by_time"] = epoch
-            log.warning("stage 2 stopped by max_minutes at epoch %d", epoch)
-            break
-    bar.close()
-    summary["stage2_best"] = {"epoch": state["best_epoch"], "valid_ndcg@10": state["best_metric"]}
-    model.load_state_dict(best_state)
-
-    # Stage 3: DPO on preference pairs, reference = the best stage-2 model.
+    run.stage2(rng, t0, cfg.max_minutes * (0.8 if dpo_on else 1.0))  # leave DPO a fifth of the time
     if dpo_on:
-        summary["dpo"] = run_dpo(model, cfg, dpo, data, splits, device, amp, rng, state, log_eval, codes_t, t0)
-        model.load_state_dict(best_state)
-
-    minutes = (time.time() - t0) / 60
-    summary.update(
-        best_epoch=state["best_epoch"], best_stage=state.get("best_stage", 2), epochs_run=state["epoch"],
-        train_minutes=minutes,
-    )
-    generative = isinstance(model, UGT) and model.sid_head is not None
-    summary["valid"] = evaluate(model, data, splits["valid"], "valid", device=device, batch_size=cfg.eval_batch_size,
-                                mask_history=cfg.mask_history, beyond=False, amp=amp)
-    rerank_top = model.config.heads.rank_top if isinstance(model, UGT) and model.ranker is not None else 0
-    summary["test"] = evaluate(model, data, splits["test"], "test", device=device, batch_size=cfg.eval_batch_size,
-                               mask_history=cfg.mask_history, generative=generative, amp=amp, rerank_top=rerank_top)
-    if cold is not None:  # the same test rows split by whether the target is a cold-start item
-        summary["cold_items"] = {**cfg.cold_items, "items": int(cold.sum()), "holdout": holdout,
-                                 "id_rows_zero": bool(holdout and not model.embed.item_emb.weight[
-                                     torch.as_tensor(cold)].abs().sum().item())}
-        is_cold = cold[splits["test"].targets]
-        summary["test_quota"] = evaluate(model, data, splits["test"], "test", device=device,
-                                         batch_size=cfg.eval_batch_size, mask_history=cfg.mask_history, beyond=False,
-                                         amp=amp, new_items=cold)["new_item_quota"]
-        for name, rows in (("test_cold", is_cold), ("test_warm", ~is_cold)):
-            summary[name] = evaluate(model, data, splits["test"].subset(rows), "test", device=device,
-                                     batch_size=cfg.eval_batch_size, mask_history=cfg.mask_history, beyond=False,
-                                     generative=generative, amp=amp, rerank_top=rerank_top, new_items=cold)
+        summary["dpo"] = run.stage3(dpo, rng, t0)
+    state = run.state
+    summary.update(best_epoch=state["best_epoch"], best_stage=state.get("best_stage", 2), epochs_run=state["epoch"],
+                   train_minutes=(time.time() - t0) / 60)
+    run.test_report(cold, holdout)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(state["history"], out / "curves.png", f"{cfg.name} ({cfg.model}, {cfg.dataset}, ties={cfg.tie_order})")
     return summary
-
-
-def run_dpo(model, cfg: TrainConfig, dpo: DPOConfig, data, splits, device, amp, rng, state, log_eval, codes_t,
-            t_start: float):
-    """Stage 3. Returns pair counts and preference accuracy before/after on the training pairs."""
-    pairs = preference_pairs(splits["train"], dpo, rng)
-    n_pairs = int((pairs["pos"] >= 0).sum())
-    reference = copy.deepcopy(model).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=dpo.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    split = splits["train"]
-    pair_t = {k: torch.as_tensor(v) for k, v in pairs.items()}
-    accs: list[float] = []
-
-    def step(batch: dict[str, torch.Tensor], np_batch: dict) -> float:
-        model.train()
-        idx = torch.as_tensor(np_batch["row_index"])
-        pos, ch, rj = (pair_t[k][idx].to(device) for k in ("pos", "chosen", "rejected"))
-        with torch.no_grad():
-            ref_c, ref_r, _ = pair_logprobs(reference, batch, pos, ch, rj, cfg.temperature, amp)
-        # One policy forward serves both losses: DPO on the pairs, NTP on every position.
-        pol_c, pol_r, user, aux = pair_logprobs(model, batch, pos, ch, rj, cfg.temperature, amp, with_aux=True)
-        ntp = sampled_softmax_loss(user, batch["targets"], model.item_embeddings(), cfg.num_negatives,
-                                   cfg.temperature) + aux.float()
-        pref = dpo_loss(pol_c, pol_r, ref_c, ref_r, dpo.beta) if len(pol_c) else ntp.new_zeros(())
-        loss = ntp + dpo.weight * pref
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if len(pol_c):
-            accs.append(float((pol_c > pol_r).float().mean()))
-        return float(loss.detach())
-
-    start = state["epoch"]
-    first_acc = None
-    state["bad_evals"] = 0
-    for epoch in tqdm(range(start + 1, start + dpo.epochs + 1), desc=f"{cfg.name} stage 3 (DPO)", disable=not cfg.progress):
-        loss = _run_epoch(step, split, cfg, rng, device)
-        if first_acc is None and accs:
-            first_acc = float(np.mean(accs[: max(1, len(accs) // 4)]))
-        state["epoch"] = epoch
-        if log_eval(epoch, loss, 3):
-            break
-        if cfg.max_minutes > 0 and (time.time() - t_start) / 60 > cfg.max_minutes:
-            break
-    return {"pairs": n_pairs, "pair_rule": asdict(dpo),
-            "preference_acc_first_quarter": first_acc,
-            "preference_acc_last_epoch": float(np.mean(accs[-max(1, len(accs) // max(1, dpo.epochs)):])) if accs else None}
-

@@ -102,7 +102,7 @@ def app_from_env():  # -> FastAPI
 def _snapshot(settings, config, path: str) -> int:
     import redis
 
-    from serving.app import redis_client
+    from serving.compose import redis_client
     from serving.fallback import PopularityFallback, write_popularity_file
 
     fallback = PopularityFallback(

@@ -1,4 +1,5 @@
-"""PopularityFallback: the answer that is always there when the model cannot answer.
+"""PopularityFallback: the answer that is always there when the model cannot answer; PopularityGenerator: the
+walking skeleton's model, the same ranking with the user's history excluded.
 
 The ``user_state`` job keeps ``ugt:popularity:<domain>`` (a Redis ZSET, +1 per event) current, so "popular"
 follows the stream. The top of that set is cached per domain and re-read at most once per
@@ -19,6 +20,7 @@ from pathlib import Path
 import redis
 
 from serving.generator import ScoredItem
+from serving.user_state_reader import UserStateView
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,15 @@ FILE_FORMAT_VERSION = 1
 
 
 class NoPopularity(Exception):
-    """Neither Redis, the cached list nor the file has popular items for the domain."""
+    """Neither Redis, the cached list nor the file has popular items for the domain.
+
+    ``settled``: every source was asked and none has the domain (Redis answered or is not configured, the file
+    lacks it), so the domain is unknown here; False when Redis could not be asked and the domain may exist.
+    """
+
+    def __init__(self, message: str, *, settled: bool = False):
+        super().__init__(message)
+        self.settled = settled  # kept by pickle (the engine process sends it): BaseException pickles __dict__
 
 
 @dataclass(frozen=True)
@@ -161,8 +171,19 @@ class PopularityFallback:
         file_part = "has no such domain" if self.file_items else "is not configured"
         raise NoPopularity(
             f"no popular items for domain {domain!r}: Redis {self.key(domain)} {redis_part} "
-            f"and the popularity file {file_part}"
+            f"and the popularity file {file_part}",
+            settled=entry.ok or self.client is None,
         )
+
+    def known_domains(self) -> list[str]:
+        """The domains this fallback has popular items for so far: the file's, and Redis's lists read since start.
+
+        Redis is not scanned for them (SCAN walks every key of the store, users included): a domain whose list
+        exists is found by asking for it.
+        """
+        known = {domain for domain, items in self.file_items.items() if items}
+        known.update(domain for domain, entry in list(self._cache.items()) if entry.items)
+        return sorted(known)
 
     def recommend(self, domain: str, k: int, exclude: Set[str]) -> PopularityAnswer:
         """The ``k`` most popular items of ``domain`` not in ``exclude``; raises NoPopularity."""
@@ -189,3 +210,22 @@ class PopularityFallback:
             self._refresh(domain, entry, self.clock())
             out[domain] = entry.items
         return out
+
+
+class PopularityGenerator:
+    """The walking skeleton's main model: the domain's most popular items the user has not seen.
+
+    It applies the user's state (their history is excluded), which is what separates it from the
+    fallback answer for a user without state; the ranking itself is shared with PopularityFallback.
+    """
+
+    name = "popularity"
+
+    def __init__(self, popularity: PopularityFallback, version: str = "v1"):
+        self.popularity = popularity
+        self.version = version
+
+    def recommend(self, state: UserStateView, k: int, exclude: Set[str], *, domain: str) -> list[ScoredItem]:
+        seen = set(exclude)
+        seen.update(state.item_ids)
+        return self.popularity.recommend(domain, k, seen).items

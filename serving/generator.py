@@ -1,19 +1,17 @@
 """The generator interface: user state in, scored candidate items out.
 
-The HTTP layer only knows :class:`Generator`, so the walking-skeleton popularity model and the later UGT
-generator (beam search over semantic IDs on a GPU) are interchangeable through config (`generator:`).
+The HTTP layer only knows :class:`Generator`, so the walking-skeleton popularity model
+(:class:`serving.fallback.PopularityGenerator`) and the UGT generator (serving/ugt_generator.py) are
+interchangeable through config (`generator:`). This module knows no implementation: they import it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Set
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from serving.user_state_reader import UserStateView
-
-if TYPE_CHECKING:
-    from serving.fallback import PopularityFallback
 
 
 class ScoredItem(NamedTuple):
@@ -82,22 +80,3 @@ class Generator(Protocol):
     def recommend(self, state: UserStateView, k: int, exclude: Set[str], *, domain: str) -> list[ScoredItem]:
         """Up to ``k`` items, best first, none in ``exclude``; ``domain`` picks the catalog."""
         ...
-
-
-class PopularityGenerator:
-    """The walking skeleton's main model: the domain's most popular items the user has not seen.
-
-    It applies the user's state (their history is excluded), which is what separates it from the
-    fallback answer for a user without state; the ranking itself is shared with PopularityFallback.
-    """
-
-    name = "popularity"
-
-    def __init__(self, popularity: PopularityFallback, version: str = "v1"):
-        self.popularity = popularity
-        self.version = version
-
-    def recommend(self, state: UserStateView, k: int, exclude: Set[str], *, domain: str) -> list[ScoredItem]:
-        seen = set(exclude)
-        seen.update(state.item_ids)
-        return self.popularity.recommend(domain, k, seen).items

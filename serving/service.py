@@ -4,7 +4,8 @@
 state read for the whole batch, one generator call per domain in it (``recommend_batch`` when the generator
 has it), then the reranker per request. Every way the main path can fail ends in a named fallback reason
 (counted in metrics and returned in the response); only "no popularity anywhere"
-(:class:`serving.fallback.NoPopularity`) escapes, as a 503.
+(:class:`serving.fallback.NoPopularity`) escapes, as a 503, or as :class:`UnknownDomain` (422) when the
+domain is neither routed nor known to any popularity source.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ CONTEXT_ACTION = ACTION_TOKEN["VIEW"]  # session items in `context` count as vie
 
 
 class UnknownDomain(ValueError):
-    """The request's domain is not served (the config's ``domains``); the HTTP layer answers 422."""
+    """The request's domain is not served (not in the config's ``domains``, or, without them, no popularity
+    source knows it); the client's error: the HTTP layer answers 422."""
 
 
 @dataclass
@@ -241,33 +243,14 @@ class RecommendService:
             if job.state is not None:
                 by_domain.setdefault(job.domain, []).append(job)
         for domain, group in by_domain.items():
+            try:
+                answers = self._generate_group(domain, group)
+            except NoPopularity as exc:  # the popularity model has nothing for this domain: nor has the fallback
+                for job in group:
+                    job.error = exc
+                continue
             generator = self.generator_for(domain)
             model = f"{generator.name}-{generator.version}"
-            answers: list[list[ScoredItem] | NoModelAnswer | Exception]
-            if has_batch(generator):  # a batch of one too: the engine path has the KV cache and CUDA graphs
-                requests = [
-                    GenerationRequest(job.state, self._candidates_wanted(job), self._seen(job), domain)  # type: ignore[arg-type]
-                    for job in group
-                ]
-                try:
-                    answers = list(generator.recommend_batch(requests))  # type: ignore[attr-defined]
-                    if len(answers) != len(group):
-                        raise RuntimeError(f"recommend_batch gave {len(answers)} answers for {len(group)}")
-                except NoPopularity:
-                    raise
-                except Exception as exc:
-                    answers = [exc] * len(group)
-            else:
-                answers = []
-                for job in group:
-                    try:
-                        answers.append(
-                            generator.recommend(job.state, self._candidates_wanted(job), self._seen(job), domain=domain)  # type: ignore[arg-type]
-                        )
-                    except NoPopularity:
-                        raise
-                    except Exception as exc:
-                        answers.append(exc)
             for job, answer in zip(group, answers, strict=True):
                 if isinstance(answer, NoModelAnswer):
                     log.debug("generator cannot answer user %r: %s", job.request.user_id, answer)
@@ -281,6 +264,43 @@ class RecommendService:
                     job.candidates = answer
                     job.model = model
 
+    def _generate_group(self, domain: str, group: list[_Job]) -> list[list[ScoredItem] | NoModelAnswer | Exception]:
+        """One domain's answers, in order; a failure is that request's answer, NoPopularity escapes."""
+        generator = self.generator_for(domain)
+        if has_batch(generator):  # a batch of one too: the engine path has the KV cache and CUDA graphs
+            requests = [
+                GenerationRequest(job.state, self._candidates_wanted(job), self._seen(job), domain)  # type: ignore[arg-type]
+                for job in group
+            ]
+            try:
+                answers = list(generator.recommend_batch(requests))  # type: ignore[attr-defined]
+                if len(answers) != len(group):
+                    raise RuntimeError(f"recommend_batch gave {len(answers)} answers for {len(group)}")
+                return answers
+            except NoPopularity:
+                raise
+            except Exception as exc:
+                return [exc] * len(group)
+        out: list[list[ScoredItem] | NoModelAnswer | Exception] = []
+        for job in group:
+            try:
+                out.append(
+                    generator.recommend(job.state, self._candidates_wanted(job), self._seen(job), domain=domain)  # type: ignore[arg-type]
+                )
+            except NoPopularity:
+                raise
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def _no_answer(self, domain: str, exc: NoPopularity) -> NoPopularity | UnknownDomain:
+        """Nothing to answer with: the client's error (UnknownDomain, 422) when the domain is neither routed nor
+        known to any popularity source that answered, else the server's (NoPopularity, 503)."""
+        if exc.settled and domain not in self.routes:
+            known = sorted(set(self.routes) | set(self.parts.fallback.known_domains()))
+            return UnknownDomain(f"domain {domain!r} is not served; served domains: {known}")
+        return exc
+
     def _fall_back(self, job: _Job) -> None:
         fallback = self.parts.fallback
         try:
@@ -291,8 +311,9 @@ class RecommendService:
         job.model = f"{fallback.name}-{fallback.version}"
 
     # -- the pipeline ----------------------------------------------------------------------------------
-    def run_batch(self, entries: Sequence[Queued[RecommendRequest]]) -> list[Answer | NoPopularity]:
-        """Answers for a batch, in order: a response, or NoPopularity (503) for a request nothing can answer."""
+    def run_batch(self, entries: Sequence[Queued[RecommendRequest]]) -> list[Answer | NoPopularity | UnknownDomain]:
+        """Answers for a batch, in order: a response, or for a request nothing can answer NoPopularity (503), or
+        UnknownDomain (422) when its domain is neither routed nor known to popularity."""
         start = time.perf_counter()
         jobs: list[_Job] = []
         for entry in entries:
@@ -308,22 +329,19 @@ class RecommendService:
                 live.append(job)
         self._read_states(live)
         after_state = time.perf_counter()
-        try:
-            self._generate(live)
-        except NoPopularity as exc:  # the popularity model has nothing for a domain: neither has the fallback
-            for job in live:
-                if job.candidates is None:
-                    job.error = exc
+        self._generate(live)
         for job in jobs:
             if job.candidates is None and job.error is None:
                 self._fall_back(job)
         after_generate = time.perf_counter()
-        out: list[Answer | NoPopularity] = []
+        out: list[Answer | NoPopularity | UnknownDomain] = []
         size = len(jobs)
         for job in jobs:
             if job.error is not None:
-                self.metrics.errors.labels("no_popularity").inc()
-                out.append(job.error)
+                error = self._no_answer(job.domain, job.error)
+                if isinstance(error, NoPopularity):  # an unknown domain is counted by the HTTP layer's 422
+                    self.metrics.errors.labels("no_popularity").inc()
+                out.append(error)
                 continue
             rerank_start = time.perf_counter()
             items = self.reranker_for(job.domain).rerank(job.candidates or [], job.request.k, self._seen(job))
@@ -346,20 +364,21 @@ class RecommendService:
         return out
 
     def recommend(self, request: RecommendRequest) -> RecommendResponse:
-        """One request as a batch of one (no batcher); raises NoPopularity when nothing can answer."""
+        """One request as a batch of one (no batcher); raises NoPopularity or UnknownDomain when nothing can answer."""
         self.domain_of(request)
         answer = self.run_batch([Queued(request, time.perf_counter(), None, None)])[0]  # type: ignore[arg-type]
-        if isinstance(answer, NoPopularity):
+        if isinstance(answer, (NoPopularity, UnknownDomain)):
             raise answer
         return answer.to_response()
 
     def fallback_answer(self, request: RecommendRequest, reason: str, waited_s: float) -> Answer:
-        """The popularity answer given when the pipeline ran out of time (no state: history is not excluded)."""
+        """The popularity answer given when the pipeline ran out of time (no state: history is not excluded);
+        raises NoPopularity or UnknownDomain as :meth:`run_batch` answers them."""
         job = _Job(request, request.domain or self.config.default_domain, waited_s, reason=reason)
         start = time.perf_counter()
         self._fall_back(job)
         if job.error is not None:
-            raise job.error
+            raise self._no_answer(job.domain, job.error)
         items = self.reranker_for(job.domain).rerank(job.candidates or [], request.k, self._seen(job))
         self.metrics.fallbacks.labels(reason).inc()
         took = time.perf_counter() - start

@@ -81,7 +81,7 @@ class UGTGenerator:
                  inference: InferenceConfig | None = None, kv_cache_users: int = 0, compile_cpu: bool = False,
                  rank_top: int = -1, beam_size: int = 0, live_items: int = 0,
                  redis_factory: Callable[[], object] | None = None, sid_version: str = ""):
-        from models.train import load_checkpoint, long_history_len
+        from models.checkpoint import load_checkpoint, long_history_len
 
         path = Path(checkpoint)
         fix = "point the serving config's `checkpoint:` at a checkpoint.pt written by `ugt train`"

@@ -33,7 +33,9 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.train import LAKE_PREFIX, fit, load_config
+    from models.checkpoint import LAKE_PREFIX
+    from models.train import fit
+    from models.train_config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = parse_overrides(args.set)

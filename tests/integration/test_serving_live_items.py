@@ -26,7 +26,9 @@ from contracts.tokenizer import TokenizedEvent
 from contracts.user_state_rule import STATE_VERSION, states_from_events
 from infra.settings import Settings
 from jobs.item_semantic_ids_logic import RedisSidIndex
-from models.train import fit, load_checkpoint, load_config
+from models.checkpoint import load_checkpoint
+from models.train import fit
+from models.train_config import load_config
 from serving.app import create_app
 from serving.config import build_config
 from serving.generator import GenerationRequest

@@ -18,7 +18,8 @@ import redis
 from contracts.tokenizer import TokenizedEvent
 from contracts.user_state_rule import states_from_events
 from infra.settings import Settings
-from models.train import fit, load_config
+from models.train import fit
+from models.train_config import load_config
 from serving.app import create_app
 from serving.config import build_config
 from tests.integration.test_serving import Served, ensure_feast_applied

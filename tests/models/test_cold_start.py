@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from models.checkpoint import load_data
 from models.data import build_sequences, cold_item_mask, make_split, without_items
-from models.train import cold_holdout, fit, load_config, load_data, make_splits
+from models.train import cold_holdout, fit, make_splits
+from models.train_config import load_config
 from models.ugt.embedding import EmbeddingConfig, UnifiedEmbedding
 from tests.models.conftest import random_dataset
 

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from models import eval_cli
-from models.train import TrainConfig, fit, load_config
+from models.train import fit
+from models.train_config import TrainConfig, load_config
 
 CONFIG = "models/configs/ugt_ml100k_tiny.yaml"
 

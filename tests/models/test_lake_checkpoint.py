@@ -28,7 +28,7 @@ def write_events(lake: Path, users: int, per_user: int, first: int, items: int) 
 def test_a_lake_trained_checkpoint_loads_without_its_lake_and_serves(tmp_path: Path):
     import argparse
 
-    from models.train import load_checkpoint
+    from models.checkpoint import load_checkpoint
     from ugt.train_cli import add_arguments, run
 
     def train_main(argv: list[str]) -> int:

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from models.data import build_sequences, history_row, time_gap_bucket_array
 from models.eval import batch_to_device, last_states
-from models.train import TrainConfig, fit
+from models.train import fit
+from models.train_config import TrainConfig
 from models.ugt.inference import InferenceConfig, UGTInference, prefix_fingerprint
 from models.ugt.model import UGT, UGTConfig
 from models.ugt.ranking import candidate_logits, prefix_from_layers, ranking_loss

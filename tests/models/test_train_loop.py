@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from models.data import build_sequences, make_split
-from models.train import DPOConfig, TrainConfig, fit, load_config, preference_pairs
+from models.dpo import preference_pairs
+from models.train import fit
+from models.train_config import DPOConfig, TrainConfig, load_config
 from tests.models.conftest import random_dataset
 
 

@@ -1,13 +1,16 @@
 """The HTTP layer with fake parts: request bounds and error bodies, fallback marking, metrics, health."""
 
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 from serving_fakes import FakeClock, FakeStateReader, FakeZsetRedis, view
 
 from serving.app import create_app
 from serving.config import ServingConfig
-from serving.fallback import PopularityFallback
-from serving.generator import PopularityGenerator, ScoredItem
+from serving.fallback import PopularityFallback, PopularityGenerator
+from serving.generator import ScoredItem
+from serving.http_models import RecommendRequest
 from serving.reranker import FilterReranker
 from serving.service import Components
 from serving.user_state_reader import BadState, StateUnavailable
@@ -208,9 +211,48 @@ def test_openapi_documents_bounds_and_examples():
     assert {"400", "413", "422", "503"} <= set(operation["responses"])
 
 
-def test_known_user_in_a_domain_without_popularity_is_503():
-    r = client_for().post("/recommend", json={"user_id": "u1", "k": 3, "domain": "games"})
-    assert r.status_code == 503 and "ugt:popularity:games" in r.json()["message"]
+@pytest.mark.parametrize("user", ["u1", "new"])  # the model's path and the fallback's
+def test_an_unknown_domain_is_the_clients_error_naming_the_known_domains(user):
+    client = client_for(file_items={"music": [ScoredItem("s1", 1.0)]})
+    assert client.post("/recommend", json={"user_id": "new", "k": 1, "domain": "book"}).status_code == 200
+    r = client.post("/recommend", json={"user_id": user, "k": 3, "domain": "games"})
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+    assert r.json()["errors"] == [{"field": "domain", "message": r.json()["message"].removeprefix("domain: ")}]
+    assert "'games' is not served" in r.json()["message"] and "['book', 'movie', 'music']" in r.json()["message"]
+    assert 'ugt_serving_errors_total{kind="invalid_request"} 1.0' in client.get("/metrics").text
+
+
+def test_an_unknown_domain_is_422_through_the_engine_process_too():
+    with client_for(engine="process") as client:  # the answer is pickled back from the forked engine
+        r = client.post("/recommend", json={"user_id": "u1", "k": 3, "domain": "games"})
+        assert r.status_code == 422 and "served domains: ['movie']" in r.json()["message"]
+        assert client.post("/recommend", json={"user_id": "u1", "k": 1}).json()["fallback"] is False
+
+
+def test_no_popularity_for_the_served_domain_or_with_redis_down_stays_503():
+    empty = client_for(redis=FakeZsetRedis({"ugt:popularity:book": {"b1": 3}}))
+    r = empty.post("/recommend", json={"user_id": "new", "k": 3})  # the default domain: the server is not ready
+    assert r.status_code == 503 and "ugt:popularity:movie is empty" in r.json()["message"]
+    down = FakeZsetRedis(POPULAR)
+    down.down = True  # Redis cannot say whether the domain exists: the server's problem
+    r = client_for(redis=down).post("/recommend", json={"user_id": "u1", "k": 3, "domain": "games"})
+    assert r.status_code == 503 and "ugt:popularity:games is unreachable" in r.json()["message"]
+
+
+def test_an_unknown_domain_fails_only_its_own_requests_of_a_batch():
+    from serving.batcher import Queued
+    from serving.metrics import ServingMetrics
+    from serving.service import RecommendService, UnknownDomain
+
+    fallback = PopularityFallback(FakeZsetRedis(POPULAR), clock=FakeClock())
+    parts = Components(FakeStateReader({"u1": view("u1", ["m1"])}), PopularityGenerator(fallback), fallback,
+                       FilterReranker())
+    service = RecommendService(ServingConfig(), parts, ServingMetrics())
+    games, movie = (RecommendRequest(user_id="u1", k=2, domain=d) for d in ("games", "movie"))
+    now = time.perf_counter()
+    answers = service.run_batch([Queued(games, now, None, None), Queued(movie, now, None, None)])
+    assert isinstance(answers[0], UnknownDomain)
+    assert [i.item_id for i in answers[1].items] == ["m2", "m3"] and answers[1].reason is None
 
 
 def test_an_outage_is_logged_once_not_per_request(caplog):

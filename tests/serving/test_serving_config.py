@@ -73,7 +73,7 @@ def test_start_fails_on_a_bad_popularity_file_or_feature_repo(tmp_path, monkeypa
     import redis
 
     from infra.settings import Settings
-    from serving.app import build_components
+    from serving.compose import build_components
 
     bad = tmp_path / "pop.json"
     bad.write_text('{"domains": {"movie": [{"item_id": 7}]}}')

@@ -101,6 +101,29 @@ def test_nothing_anywhere_raises_with_the_reason():
         make(None).recommend("movie", 5, set())
 
 
+def test_no_popularity_says_whether_every_source_answered_and_survives_pickling():
+    import pickle
+
+    down = FakeZsetRedis()
+    down.down = True
+    cases = [(down, False), (FakeZsetRedis(), True), (None, True)]
+    for client, settled in cases:
+        with pytest.raises(NoPopularity) as caught:
+            make(client).recommend("movie", 5, set())
+        assert caught.value.settled is settled
+        again = pickle.loads(pickle.dumps(caught.value))  # engine: process sends it between processes
+        assert again.settled is settled and str(again) == str(caught.value)
+
+
+def test_known_domains_are_the_files_and_those_redis_had_a_list_for():
+    fallback = make(FakeZsetRedis(SETS), file_items={"book": [ScoredItem("b7", 3.0)], "empty": []})
+    assert fallback.known_domains() == ["book"]
+    fallback.recommend("movie", 1, set())
+    with pytest.raises(NoPopularity):
+        fallback.recommend("games", 1, set())
+    assert fallback.known_domains() == ["book", "movie"]
+
+
 def test_observer_sees_each_source():
     seen = []
     fallback = make(FakeZsetRedis(SETS))

@@ -14,8 +14,8 @@ from serving_fakes import FakeClock, FakeStateReader, FakeZsetRedis, view
 
 from serving.app import create_app
 from serving.config import ConfigError, DomainConfig, ServingConfig, build_config
-from serving.fallback import PopularityFallback
-from serving.generator import GenerationRequest, NoModelAnswer, PopularityGenerator, ScoredItem
+from serving.fallback import PopularityFallback, PopularityGenerator
+from serving.generator import GenerationRequest, NoModelAnswer, ScoredItem
 from serving.reranker import FilterReranker
 from serving.service import Components
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from contracts.user_state_rule import STATE_VERSION
+from models.checkpoint import load_checkpoint, long_history_len
 from models.data import SequenceData, history_row, make_split
 from models.eval import batch_to_device, history_mask, last_states
-from models.train import TrainConfig, fit, load_checkpoint, load_config, long_history_len
+from models.train import fit
+from models.train_config import TrainConfig, load_config
 from serving.config import ConfigError, build_config
 from serving.generator import GenerationRequest, NoModelAnswer
 from serving.ugt_generator import NO_KNOWN_ITEMS, CheckpointError, UGTGenerator

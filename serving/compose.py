@@ -1,0 +1,265 @@
+"""The composition root: the serving config in, every running part out (Redis, Feast, popularity, models,
+rerankers, the service and its batch runner).
+
+:func:`compose` is the one place that reads :class:`~infra.settings.Settings` and the
+:class:`~serving.config.ServingConfig` to build things; it fails at once (ConfigError) when a part cannot be
+built. Tests pass ``components=`` with fakes and get the same wiring around them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+
+from infra.settings import Settings
+from serving.batcher import DynamicBatcher
+from serving.config import ConfigError, DomainConfig, ServingConfig, routes
+from serving.engine_process import EngineProcess
+from serving.fallback import PopularityFallback, PopularityGenerator, load_popularity_file
+from serving.generator import Generator
+from serving.metrics import ServingMetrics
+from serving.reranker import FilterReranker, Reranker, RuleReranker
+from serving.service import Answer, Components, RecommendService
+from serving.user_state_reader import UserStateReader, read_many
+
+log = logging.getLogger(__name__)
+
+WARMUP_USER = "__ugt_serving_warmup__"
+
+
+def redis_client(settings: Settings, config: ServingConfig) -> redis.Redis:
+    """Serving's own Redis client, with timeouts so a hung Redis costs one timeout, not a hung request."""
+    timeout = config.redis_timeout_ms / 1000.0
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def build_components(settings: Settings, config: ServingConfig, client: redis.Redis) -> Components:
+    """The real parts named by the config; raises ConfigError with what is wrong."""
+    fallback = _popularity(config, client)
+    reader = _state_reader(settings, config, client)
+    generators = _generators(config, fallback, settings)
+    rerankers = _rerankers(config, client, settings)
+    default = routes(config)[config.default_domain]
+    return Components(
+        state_reader=reader,
+        generator=generators[default.name],
+        fallback=fallback,
+        reranker=rerankers[default.name],
+        generators=generators if config.domains else {},
+        rerankers=rerankers if config.domains else {},
+    )
+
+
+def _popularity(config: ServingConfig, client: redis.Redis) -> PopularityFallback:
+    file_items = {}
+    if config.popularity_file:
+        try:
+            file_items = load_popularity_file(config.popularity_file)
+        except ValueError as exc:
+            raise ConfigError(f"popularity_file: {exc}") from exc
+    return PopularityFallback(
+        client,
+        file_items,
+        key_prefix=config.popularity_key_prefix,
+        cache_size=config.popularity_cache_size,
+        refresh_interval_s=config.popularity_refresh_s,
+    )
+
+
+def _state_reader(settings: Settings, config: ServingConfig, client: redis.Redis) -> UserStateReader:
+    """The Feast SDK reader, or the direct read of Feast's Redis layout (``state_reader``)."""
+    if config.state_reader == "feast":
+        from infra.feast_store import open_feature_store
+        from serving.user_state_reader import FeastStateReader
+
+        try:
+            return FeastStateReader(open_feature_store(settings), config.feature_service, client)
+        except Exception as exc:  # Feast raises many types for an unapplied or broken repo
+            raise ConfigError(
+                f"cannot open Feast feature service {config.feature_service!r} from {settings.feature_repo} "
+                f"(has `feast -c feature_repo apply` run?): {exc}"
+            ) from exc
+    from infra.feast_store import FeastRedisLayout
+    from serving.user_state_reader import RedisStateReader
+
+    try:
+        layout = FeastRedisLayout.from_repo(settings.feature_repo)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"state_reader redis: cannot use {settings.feature_repo}: {exc}") from exc
+    return RedisStateReader(client, layout, config.feature_view)
+
+
+def _generators(config: ServingConfig, fallback: PopularityFallback,
+                settings: Settings | None = None) -> dict[str, Generator]:
+    """The router's model per domain; a checkpoint several domains name is loaded once."""
+    loaded: dict[tuple[str, str, str], Generator] = {}
+    out: dict[str, Generator] = {}
+    if config.torch_threads and any(r.generator == "ugt" for r in routes(config).values()):
+        import torch
+
+        torch.set_num_threads(config.torch_threads)  # process-wide: once, before any model loads
+    for name, route in routes(config).items():
+        key = (route.generator, route.generator_version, route.checkpoint)
+        if key not in loaded:
+            if route.generator == "ugt":
+                loaded[key] = _load_ugt(name, route, config, settings)
+            else:
+                loaded[key] = PopularityGenerator(fallback, version=route.generator_version)
+        out[name] = loaded[key]
+    return out
+
+
+def _load_ugt(name: str, route: DomainConfig, config: ServingConfig, settings: Settings | None) -> Generator:
+    """One domain's trained model; a bad checkpoint is a ConfigError naming the config key."""
+    from serving.ugt_generator import CheckpointError, UGTGenerator
+
+    began = time.perf_counter()
+    if config.torch_compile:
+        log.info("loading %s and compiling its CPU steps (torch_compile: true; ~30-70 s, less when "
+                 "inductor's disk cache is warm)", route.checkpoint)
+    try:
+        generator = UGTGenerator(route.checkpoint, kv_cache_users=config.kv_cache_users,
+                                 compile_cpu=config.torch_compile, rank_top=config.rank_top,
+                                 beam_size=config.beam_size, live_items=config.live_items,
+                                 redis_factory=_feed_client(settings) if settings else None,
+                                 sid_version=config.sid_version)
+    except CheckpointError as exc:
+        where = f"domains.{name}.checkpoint" if config.domains else "checkpoint"
+        raise ConfigError(f"{where}: {exc}") from exc
+    if generator.engine.config.rank_top > 0:
+        log.info("%s: the ranking head reorders retrieval's top %d", route.checkpoint,
+                 generator.engine.config.rank_top)
+    if config.torch_compile:
+        log.info("%s ready in %.1f s", route.checkpoint, time.perf_counter() - began)
+    return generator
+
+
+def _feed_client(settings: Settings) -> Callable[[], redis.Redis]:
+    """Redis clients for a live catalog's feed thread: its own connection, with room for XREAD BLOCK (1 s)."""
+    return lambda: redis.Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+
+
+def _rerankers(config: ServingConfig, client: redis.Redis, settings: Settings) -> dict[str, Reranker]:
+    """The router's rules per domain; item categories come from Feast's item_metadata view in Redis."""
+    out: dict[str, Reranker] = {}
+    catalog = None
+    for name, route in routes(config).items():
+        if not route.rerank.active:
+            out[name] = FilterReranker()
+            continue
+        if catalog is None:
+            from serving.items import ItemCatalog
+
+            catalog = ItemCatalog.from_repo(client, settings.feature_repo)
+        out[name] = RuleReranker(route.rerank, catalog)
+    return out
+
+
+def pick_engine(config: ServingConfig, by_domain: dict[str, Generator]) -> str:
+    """``thread`` or ``process`` for the config's ``engine``; a model on the GPU cannot be forked."""
+    on_gpu = sorted(domain for domain, gen in by_domain.items()
+                    if getattr(getattr(getattr(gen, "engine", None), "device", None), "type", "cpu") == "cuda")
+    engine = config.engine if config.engine != "auto" else ("thread" if on_gpu else "process")
+    if engine == "process" and on_gpu:
+        raise ConfigError(
+            f"engine: process forks the loaded model into the engine process, and CUDA does not survive a fork "
+            f"(domains {on_gpu} run on the GPU): set engine: thread or auto (the GPU's kernels release the GIL)"
+        )
+    return engine
+
+
+def start_background(live: dict[str, Any]) -> None:
+    """Start each generator's background work (a live catalog's feed thread) in this process, once per model."""
+    for gen in {id(g): g for g in live.values()}.values():
+        gen.start_background()
+
+
+def build_batcher(engine: str, config: ServingConfig, service: RecommendService, metrics: ServingMetrics,
+                  kv_caches: dict[str, object], live: dict[str, Any]) -> DynamicBatcher | EngineProcess:
+    """The pipeline's runner: a thread beside the event loop, or the forked engine process (docs/SERVING.md)."""
+    if engine == "thread":
+        return DynamicBatcher(service.run_batch, max_size=config.batch_max_size,
+                              max_wait_s=config.batch_max_wait_ms / 1000.0, on_batch=metrics.batch_size.observe)
+
+    def engine_metrics() -> None:  # in each forked engine: its own series, from zero, added up at scrape
+        fresh = ServingMetrics()
+        fresh.watch_kv_caches(kv_caches)
+        fresh.watch_live_items(live)
+        service.use_metrics(fresh)
+        start_background(live)  # the feed threads run where the models serve
+
+    return EngineProcess(
+        service.run_batch,
+        max_size=config.batch_max_size,
+        max_wait_s=config.batch_max_wait_ms / 1000.0,
+        on_batch=lambda size: service.metrics.batch_size.observe(size),
+        encode=lambda answer: answer.to_json() if isinstance(answer, Answer) else answer,
+        render_metrics=lambda: service.metrics.render(),
+        after_fork=engine_metrics,
+        on_restart=metrics.engine_restarts.inc,
+        hang_timeout_s=config.engine_hang_timeout_ms / 1000.0,
+    )
+
+
+def warm_up(parts: Components) -> None:
+    """One state read at start: the Feast SDK's first call (registry, lazy imports) can take seconds, which
+    would otherwise land on the first requests and run them into request_timeout_ms."""
+    started = time.perf_counter()
+    try:
+        read_many(parts.state_reader, [WARMUP_USER])
+    except Exception as exc:  # an unreachable store is reported by /health and answered by fallbacks
+        log.warning("state reader warm-up failed: %s", exc)
+        return
+    log.info("state reader warm-up took %.1f ms", 1000 * (time.perf_counter() - started))
+
+
+@dataclass
+class Runtime:
+    """Everything one app serves with, built once by :func:`compose` and handed to the routes."""
+
+    settings: Settings
+    config: ServingConfig
+    client: redis.Redis | None  # None when the components were injected without one
+    components: Components
+    metrics: ServingMetrics
+    service: RecommendService
+    engine: str  # thread | process
+    batcher: DynamicBatcher | EngineProcess
+    live: dict[str, Any]  # domain -> generator with a live catalog (its feed thread starts with the app)
+
+
+def compose(settings: Settings, config: ServingConfig, components: Components | None = None,
+            client: redis.Redis | None = None) -> Runtime:
+    """Build (or take) the components, pick the engine, and wire the service, metrics and batch runner."""
+    if client is None and components is None:
+        client = redis_client(settings, config)
+    if components is None:
+        assert client is not None
+        components = build_components(settings, config, client)
+    by_domain = components.generators or {config.default_domain: components.generator}
+    engine = pick_engine(config, by_domain)
+    metrics = ServingMetrics()
+    kv_caches = {domain: gen.engine.cache for domain, gen in by_domain.items()
+                 if getattr(getattr(gen, "engine", None), "cache", None) is not None}
+    metrics.watch_kv_caches(kv_caches)
+    live = {domain: gen for domain, gen in by_domain.items() if getattr(gen, "live", None) is not None}
+    service = RecommendService(config, components, metrics)
+    log.info("serving config: %s (engine: %s)", asdict(config), engine)
+    if client is not None:
+        try:
+            client.ping()  # opens the first pooled connection now rather than in the first request
+        except (redis.RedisError, OSError) as exc:
+            log.warning("Redis at %s does not answer (%s): answering from fallbacks until it does",
+                        settings.redis_url, exc)
+        warm_up(components)
+    log.info("model %s, state reader %s, Redis %s", service.model_name, components.state_reader.name,
+             settings.redis_url)
+    if engine == "thread":
+        metrics.watch_live_items(live)
+    batcher = build_batcher(engine, config, service, metrics, kv_caches, live)
+    return Runtime(settings, config, client, components, metrics, service, engine, batcher, live)

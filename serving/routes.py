@@ -1,0 +1,238 @@
+"""The HTTP routes: POST /recommend (guards -> batcher -> answer or error body), /health, /metrics, the spec.
+
+:class:`RecommendRoute` answers /recommend both through FastAPI (where the OpenAPI spec documents it) and
+through the direct ASGI lane of :class:`serving.app.UGTApp`; :func:`add_routes` registers everything on the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+
+from serving.compose import Runtime
+from serving.config import ServingConfig
+from serving.engine_process import EngineProcess, EngineUnavailable
+from serving.fallback import NoPopularity
+from serving.guards import (
+    GuardMiddleware,
+    RecommendCall,
+    RequestGuards,
+    error_response,
+    parse_request,
+    validation_error,
+)
+from serving.http_models import (
+    REQUEST_EXAMPLES,
+    ErrorResponse,
+    HealthResponse,
+    RecommendRequest,
+    RecommendResponse,
+)
+from serving.metrics import merge_expositions
+from serving.service import ENGINE_UNAVAILABLE, TIMEOUT, Answer, Components, UnknownDomain
+
+log = logging.getLogger(__name__)
+
+# The body is parsed in the handler (parse_request), not by FastAPI's dependency machinery, which cost
+# about as much CPU per request as the whole pipeline; the spec still documents it (see add_openapi).
+REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {"$ref": "#/components/schemas/RecommendRequest"},
+            "examples": REQUEST_EXAMPLES,
+        }
+    },
+}
+KEY_HEADER = {
+    "name": "x-api-key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "Required when the service has api_keys.",
+}
+
+
+def error_responses(max_body_bytes: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers of /recommend, as the spec documents them."""
+    return {
+        400: {"model": ErrorResponse, "description": "Body is not JSON, or missing."},
+        401: {"model": ErrorResponse, "description": "Missing or unknown X-API-Key (when api_keys are set)."},
+        413: {"model": ErrorResponse, "description": f"Body larger than {max_body_bytes} bytes."},
+        422: {
+            "model": ErrorResponse,
+            "description": "A field is missing, of the wrong type or out of bounds, or the domain is not served.",
+        },
+        429: {"model": ErrorResponse, "description": "Rate limit of the API key exceeded; see Retry-After."},
+        503: {
+            "model": ErrorResponse,
+            "description": "Neither the model nor any popularity source can answer.",
+        },
+    }
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RecommendRoute:
+    """POST /recommend: parse, guard, route the domain, run the pipeline within the time budget, answer."""
+
+    def __init__(self, runtime: Runtime):
+        self.service = runtime.service
+        self.batcher = runtime.batcher
+        self.guards = RequestGuards(runtime.config, runtime.metrics)
+        self.asgi = GuardMiddleware(self._asgi, max_body_bytes=runtime.config.max_body_bytes,
+                                    metrics=runtime.metrics)
+
+    async def answer(self, body: bytes, api_key: str | None, client_host: str | None) -> Response:
+        """The response to one call, never an exception: every failure is an ErrorResponse body."""
+        try:
+            call = RecommendCall(parse_request(body), api_key, client_host)
+        except RequestValidationError as exc:
+            return await validation_error(None, exc)
+        refused = self.guards.admit(call)
+        if refused is not None:
+            return refused
+        try:
+            self.service.domain_of(call.request)
+        except UnknownDomain as exc:
+            return self.guards.invalid("domain", str(exc))
+        try:
+            answer = await self._run(call)
+        except Exception:  # the batch itself failed (a bug): still never a bare 500 without a body
+            log.exception("batch failed")
+            return self.guards.refuse("internal", 500, "internal error while answering; see the service log")
+        return self._respond(answer)
+
+    async def _run(self, call: RecommendCall) -> Answer | bytes | NoPopularity | UnknownDomain:
+        """The pipeline's answer; past the time budget, or with the engine gone, the popularity answer."""
+        started = time.perf_counter()
+        try:
+            return await self.batcher.submit(call.request, self.guards.timeout_s)
+        except (TimeoutError, EngineUnavailable) as exc:
+            reason = TIMEOUT if isinstance(exc, TimeoutError) else ENGINE_UNAVAILABLE
+            try:
+                return await asyncio.to_thread(
+                    self.service.fallback_answer, call.request, reason, time.perf_counter() - started
+                )
+            except (NoPopularity, UnknownDomain) as no_answer:
+                return no_answer
+
+    def _respond(self, answer: Answer | bytes | NoPopularity | UnknownDomain) -> Response:
+        if isinstance(answer, UnknownDomain):  # no route and no popular items: the client's domain is wrong
+            return self.guards.invalid("domain", str(answer))
+        if isinstance(answer, NoPopularity):
+            return error_response(503, "no_recommendations", f"no recommendations available: {answer}")
+        if isinstance(answer, bytes):  # engine: process serializes in the engine
+            return Response(content=answer, media_type="application/json")
+        # serialized once here: FastAPI would validate the model again and walk it with jsonable_encoder
+        return Response(content=answer.to_json(), media_type="application/json")
+
+    async def _asgi(self, scope: dict, receive: Any, send: Any) -> None:
+        """The direct lane (see UGTApp): GuardMiddleware has capped the body and replays it in one message."""
+        message = await receive()
+        client = scope.get("client")
+        try:
+            response = await self.answer(message.get("body", b""), _header(scope, b"x-api-key"),
+                                         client[0] if client else None)
+        except Exception:  # as ServerErrorMiddleware would: a JSON 500, never a dropped connection
+            log.exception("recommend failed")
+            response = self.guards.refuse("internal", 500, "internal error while answering; see the service log")
+        await response(scope, receive, send)
+
+
+def add_routes(app: FastAPI, runtime: Runtime) -> RecommendRoute:
+    """Register /recommend, /health, /metrics and the spec; returns /recommend's handler for the direct lane."""
+    route = RecommendRoute(runtime)
+    batcher, metrics = runtime.batcher, runtime.metrics
+
+    @app.post(
+        "/recommend",
+        response_model=RecommendResponse,
+        responses=error_responses(runtime.config.max_body_bytes),
+        openapi_extra={"requestBody": REQUEST_BODY, "parameters": [KEY_HEADER]},
+    )
+    async def recommend(http: Request) -> Response:
+        """Top-k items for a user: state -> generator -> reranker, or the popularity fallback (marked)."""
+        client_host = http.client.host if http.client else None
+        return await route.answer(await http.body(), http.headers.get("x-api-key"), client_host)
+
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    def health() -> Any:
+        """ok: Redis, the state store and popularity all work; degraded: answering from fallbacks; down (503)."""
+        checks = health_checks(runtime.client, runtime.components, runtime.config)
+        if isinstance(batcher, EngineProcess):
+            checks["engine"] = batcher.health()
+        if not checks["popularity"]["ok"]:
+            status_text, code = "down", 503
+        elif all(c["ok"] for c in checks.values()):
+            status_text, code = "ok", 200
+        else:
+            status_text, code = "degraded", 200
+        body = HealthResponse(status=status_text, model=runtime.service.model_name, checks=checks)
+        return JSONResponse(status_code=code, content=body.model_dump())
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text exposition (ugt_serving_* series; with engine: process, both processes' added up)."""
+        if isinstance(batcher, EngineProcess):
+            body = merge_expositions(metrics.render(), await batcher.metrics())
+        else:
+            body = metrics.render()
+        return Response(content=body, media_type=metrics.content_type)
+
+    add_openapi(app)
+    return route
+
+
+def add_openapi(app: FastAPI) -> None:
+    """FastAPI's spec plus the RecommendRequest schema the /recommend body refers to."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            schemas["RecommendRequest"] = RecommendRequest.model_json_schema()
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def health_checks(client: redis.Redis | None, parts: Components, config: ServingConfig) -> dict[str, dict]:
+    """Redis, the state store and the default domain's popularity, each ok or not with a detail."""
+    checks: dict[str, dict] = {}
+    if client is None:
+        checks["redis"] = {"ok": False, "detail": "no Redis client (components injected)"}
+    else:
+        started = time.perf_counter()
+        try:
+            client.ping()
+            checks["redis"] = {"ok": True, "detail": f"PING {1000 * (time.perf_counter() - started):.2f} ms"}
+        except (redis.RedisError, OSError) as exc:
+            checks["redis"] = {"ok": False, "detail": f"unreachable: {exc}"}
+    try:
+        checks["state"] = {"ok": True, "detail": f"{parts.state_reader.name}: {parts.state_reader.check()}"}
+    except Exception as exc:
+        checks["state"] = {"ok": False, "detail": f"{parts.state_reader.name}: {exc}"}
+    try:
+        ranked, source = parts.fallback.ranking(config.default_domain)
+        checks["popularity"] = {
+            "ok": True,
+            "detail": f"{len(ranked)} items for domain {config.default_domain!r} from {source}",
+        }
+    except NoPopularity as exc:
+        checks["popularity"] = {"ok": False, "detail": str(exc)}
+    return checks
