@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
 
-    from infra.feast_store import FeastRedisLayout, open_feature_store, open_online_store
+    from infra.feast_online_store import open_online_store
+    from infra.feast_store import FeastRedisLayout, open_feature_store
     from serving.user_state_reader import FeastStateReader, RedisStateReader
 
     settings = get_settings()

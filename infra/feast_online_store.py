@@ -141,3 +141,20 @@ class UgtRedisOnlineStore(RedisOnlineStore):
                 f"the repo has {config.entity_key_serialization_version}"
             )
         return FeastRedisLayout(config.project, config.entity_key_serialization_version)
+
+
+def open_online_store(store: Any) -> UgtRedisOnlineStore:  # store: feast.FeatureStore
+    """The repo's online store as UGT's extension, whose ``write_rows`` the jobs call.
+
+    A new instance of the configured class (Feast's own helper), not the provider's private one; it opens
+    its own Redis connection from ``store.config``. Refuses a repo configured with another store type.
+    """
+    from feast.infra.online_stores.helpers import get_online_store_from_config
+
+    online = get_online_store_from_config(store.config.online_store)
+    if not isinstance(online, UgtRedisOnlineStore):
+        raise ValueError(
+            f"the jobs' batch writes need `online_store: type: {UGT_ONLINE_STORE}` in feature_store.yaml, "
+            f"got {store.config.online_store.type!r}"
+        )
+    return online

@@ -49,25 +49,6 @@ def open_feature_store(settings: Settings | None = None, repo: Path | None = Non
     return FeatureStore(repo_path=str(repo), config=config)
 
 
-def open_online_store(store):  # (feast.FeatureStore) -> infra.feast_online_store.UgtRedisOnlineStore
-    """The repo's online store as UGT's extension, whose ``write_rows`` the jobs call.
-
-    A new instance of the configured class (Feast's own helper), not the provider's private one; it opens
-    its own Redis connection from ``store.config``. Refuses a repo configured with another store type.
-    """
-    from feast.infra.online_stores.helpers import get_online_store_from_config
-
-    from infra.feast_online_store import UgtRedisOnlineStore
-
-    online = get_online_store_from_config(store.config.online_store)
-    if not isinstance(online, UgtRedisOnlineStore):
-        raise ValueError(
-            f"the jobs' batch writes need `online_store: type: {UGT_ONLINE_STORE}` in feature_store.yaml, "
-            f"got {store.config.online_store.type!r}"
-        )
-    return online
-
-
 def repo_feature_views(repo: Path | None = None) -> dict[str, Any]:  # name -> feast.FeatureView
     """The feature views the repo's ``features.py`` defines, with the entity columns `feast apply` infers,
     without a registry (for code that only needs their schemas, e.g. bench/user_state_cost.py).

@@ -371,7 +371,7 @@ class ItemBatcher:
 
 def feast_item_writer(store: Any, feature_view: str = FEATURE_VIEW) -> Callable[[list[dict[str, Any]]], None]:
     """Rows -> one ``write_rows`` of UGT's Feast online store (same entries as `store.push`, cheaper)."""
-    from infra.feast_store import open_online_store
+    from infra.feast_online_store import open_online_store
     from jobs.user_state_logic import MonotonicClock
 
     online = open_online_store(store)

@@ -413,7 +413,7 @@ def feast_direct_writer(store: Any, feature_view: str = FEATURE_VIEW) -> Callabl
     view's schema), at 0.6x push's client CPU: push converts every list element through pandas and pyarrow
     (docs/FEAST.md).
     """
-    from infra.feast_store import open_online_store
+    from infra.feast_online_store import open_online_store
 
     online = open_online_store(store)
     view = store.get_feature_view(feature_view)

@@ -127,7 +127,8 @@ def _hash(client: redis.Redis, layout, join_key: str, key: str) -> dict[bytes, b
 def test_write_rows_stores_the_bytes_feast_writes(readme_flow, redis_only, view_name):
     """Same rows, same timestamp: Feast's public write_to_online_store and our write_rows leave identical
     hashes, Feast's get_online_features reads ours back, and serving's layout names the same key."""
-    from infra.feast_store import FeastRedisLayout, open_online_store
+    from infra.feast_online_store import open_online_store
+    from infra.feast_store import FeastRedisLayout
 
     store = _store(redis_only)
     view = store.get_feature_view(view_name)
