@@ -69,7 +69,11 @@ def create_app(
     client: redis.Redis | None = None,
 ) -> FastAPI:
     """The /recommend service. Builds Redis / Feast / popularity parts unless ``components`` is given."""
-    runtime = compose(settings or get_settings(), config or ServingConfig(), components, client)
+    return app_for(compose(settings or get_settings(), config or ServingConfig(), components, client))
+
+
+def app_for(runtime: Runtime) -> FastAPI:
+    """The ASGI app around a composed runtime (a `--workers N` worker wraps the parent's, with its engine client)."""
     app = UGTApp(
         title="UGT recommend",
         version="0.1.0",

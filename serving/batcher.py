@@ -38,6 +38,16 @@ class BatcherClosed(RuntimeError):
     """submit() after close()."""
 
 
+class Overloaded(RuntimeError):
+    """The queue in front of the model is full (back-pressure): refused at once, never queued to time out.
+
+    The HTTP layer answers 429 with ``Retry-After`` or the marked fallback (``overload_response``)."""
+
+    def __init__(self, retry_after_s: float = 1.0):
+        super().__init__(f"the engine's queue is full; retry in {retry_after_s:g} s")
+        self.retry_after_s = retry_after_s
+
+
 def _resolve(answers: list[tuple[asyncio.Future, object, BaseException | None]]) -> None:
     """On the event loop: hand every answer of a batch to its waiting handler (one loop wake-up per batch)."""
     for future, result, error in answers:
@@ -93,8 +103,10 @@ class DynamicBatcher(Generic[T, R]):
         max_wait_s: float,
         on_batch: Callable[[int], None] | None = None,
         name: str = "ugt-batcher",
+        max_queue: int | None = None,
     ):
         check_limits(max_size, max_wait_s)
+        self.max_queue = max_queue  # waiting requests at most; past it submit raises Overloaded
         self.process = process
         self.max_size = max_size
         self.max_wait_s = max_wait_s
@@ -125,6 +137,8 @@ class DynamicBatcher(Generic[T, R]):
         """
         if self._closed:
             raise BatcherClosed("the batcher is closed")
+        if self.max_queue is not None and self._queue.qsize() >= self.max_queue:
+            raise Overloaded()
         self.start()
         loop = asyncio.get_running_loop()
         future = loop.create_future()

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=1,
-        help="uvicorn worker processes, each with its own model, batcher and rate limiter (default: 1)",
+        help="HTTP worker processes (parse, validate, authenticate, answer) sharing ONE engine process that owns "
+        "the model, the batching and the rate limit (default: 1: one process, the config's engine)",
     )
     parser.add_argument(
         "--snapshot-popularity",
@@ -64,39 +65,36 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.workers <= 64:
         print(f"ugt serve: --workers must be 1..64, got {args.workers}", file=sys.stderr)
         return 2
+    port = config.port or settings.serving_port
+    if args.workers > 1:
+        return _serve_workers(settings, config, args.workers, port)
     try:
         app = create_app(settings, config)  # also checks the config and model in this process first
     except ConfigError as exc:
         print(f"ugt serve: {exc}", file=sys.stderr)
         return 2
-    port = config.port or settings.serving_port
-    if args.workers > 1:
-        import os
-
-        # each worker process builds its own app from the same config file (serving.cli.app_from_env)
-        os.environ[CONFIG_ENV] = str(args.config)
-        del app
-        uvicorn.run(
-            "serving.cli:app_from_env", factory=True, workers=args.workers, host=config.host, port=port,
-            log_level=config.log_level, access_log=False,
-        )
-        return 0
     uvicorn.run(app, host=config.host, port=port, log_level=config.log_level, access_log=False)
     return 0
 
 
-CONFIG_ENV = "UGT_SERVING_CONFIG_FILE"
 SWITCH_INTERVAL_S = 0.001
 
 
-def app_from_env():  # -> FastAPI
-    """The app of one `ugt serve --workers N` worker: the config file named in UGT_SERVING_CONFIG_FILE."""
-    import os
+def _serve_workers(settings, config, workers: int, port: int) -> int:
+    """N HTTP workers and one shared engine, supervised (serving/supervisor.py); the service is composed once here."""
+    from serving.compose import compose
+    from serving.supervisor import Supervisor, bind
 
-    from serving.app import create_app
-
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    return create_app(get_settings(), load_config(os.environ[CONFIG_ENV]))
+    try:
+        runtime = compose(settings, config)  # checks the config and loads the model once, before any fork
+        supervisor = Supervisor(runtime, bind(config.host, port), workers)
+    except ConfigError as exc:
+        print(f"ugt serve: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"ugt serve: cannot listen on {config.host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    return supervisor.run()
 
 
 def _snapshot(settings, config, path: str) -> int:

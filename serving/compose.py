@@ -184,7 +184,8 @@ def build_batcher(engine: str, config: ServingConfig, service: RecommendService,
     """The pipeline's runner: a thread beside the event loop, or the forked engine process (docs/SERVING.md)."""
     if engine == "thread":
         return DynamicBatcher(service.run_batch, max_size=config.batch_max_size,
-                              max_wait_s=config.batch_max_wait_ms / 1000.0, on_batch=metrics.batch_size.observe)
+                              max_wait_s=config.batch_max_wait_ms / 1000.0, on_batch=metrics.batch_size.observe,
+                              max_queue=config.engine_queue_max)
 
     def engine_metrics() -> None:  # in each forked engine: its own series, from zero, added up at scrape
         fresh = ServingMetrics()
@@ -203,6 +204,7 @@ def build_batcher(engine: str, config: ServingConfig, service: RecommendService,
         after_fork=engine_metrics,
         on_restart=metrics.engine_restarts.inc,
         hang_timeout_s=config.engine_hang_timeout_ms / 1000.0,
+        max_queue=config.engine_queue_max,
     )
 
 
@@ -228,8 +230,8 @@ class Runtime:
     components: Components
     metrics: ServingMetrics
     service: RecommendService
-    engine: str  # thread | process
-    batcher: DynamicBatcher | EngineProcess
+    engine: str  # thread | process | shared (a `--workers N` worker: serving/supervisor.py)
+    batcher: Any  # DynamicBatcher | EngineProcess | serving.engine_ipc.EngineClient
     live: dict[str, Any]  # domain -> generator with a live catalog (its feed thread starts with the app)
 
 

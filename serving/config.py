@@ -27,6 +27,8 @@ StateReader = Literal["feast", "redis"]
 # where the batcher runs the pipeline: a thread of the server, its own forked process, or auto = process unless a
 # model runs on CUDA (which does not survive a fork)
 Engine = Literal["auto", "thread", "process"]
+# a request the engine's full queue refuses: 429 + Retry-After (reject), or the popularity answer marked "overloaded"
+Overload = Literal["reject", "fallback"]
 Generator = Literal["popularity", "ugt"]  # ugt: serving/ugt_generator.py, needs `checkpoint`
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 STATE_READERS: tuple[str, ...] = get_args(StateReader)
@@ -167,6 +169,10 @@ class ServingConfig:
     engine: Engine = "thread"
     # an engine process that answers nothing this long while asked is restarted
     engine_hang_timeout_ms: Float = Field(10000.0, ge=100, le=600_000)
+    # requests waiting in the engine at most (back-pressure): past it a request is refused at once, as overload_response
+    # says, instead of joining a queue that cannot drain in time
+    engine_queue_max: Int = Field(4096, ge=1, le=1_000_000)
+    overload_response: Overload = "reject"  # reject: 429 with Retry-After; fallback: popularity, reason overloaded
     queue_timeout_ms: Float = Field(200.0, ge=1, le=60_000)  # queued longer -> the fallback (reason overloaded)
     request_timeout_ms: Float = Field(1000.0, ge=1, le=60_000)  # no answer by then -> the fallback (reason timeout)
     rerank: RerankConfig = Field(default_factory=RerankConfig)  # the rules of domains without their own

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from serving.batcher import BatcherClosed, Queued, check_limits, run_process
+from serving.batcher import BatcherClosed, Overloaded, Queued, check_limits, run_process
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,10 @@ class EngineProcess:
         on_restart: Callable[[], None] | None = None,
         hang_timeout_s: float = 10.0,
         name: str = "ugt-engine",
+        max_queue: int | None = None,
     ):
         check_limits(max_size, max_wait_s)
+        self.max_queue = max_queue  # requests sent and not answered at most; past it submit raises Overloaded
         self.process = process
         self.max_size = max_size
         self.max_wait_s = max_wait_s
@@ -187,6 +189,8 @@ class EngineProcess:
             raise BatcherClosed("the engine is closed")
         if self._sock is None:
             raise EngineUnavailable("the engine process is restarting")
+        if self.max_queue is not None and len(self._unanswered) >= self.max_queue:
+            raise Overloaded()
         return await self._call(REQUEST, item, timeout_s)
 
     async def metrics(self, timeout_s: float = 2.0) -> bytes:

@@ -85,14 +85,22 @@ class RecommendCall:
     client_host: str | None
 
 
+def limit_key(call: RecommendCall) -> str:
+    """Whose rate limit a call counts against: its API key, else its client address."""
+    return call.api_key or call.client_host or "anonymous"
+
+
 class RequestGuards:
     """The serving config's per-request rules, resolved once: API keys, rate limit, list bounds, time budget."""
 
-    def __init__(self, config: ServingConfig, metrics: ServingMetrics):
+    def __init__(self, config: ServingConfig, metrics: ServingMetrics, limit_here: bool = True):
+        """``limit_here=False``: the rate limit is kept elsewhere (the shared engine of `--workers N`, for all
+        workers at once), and :meth:`rate_limited` answers its refusals."""
         self.metrics = metrics
         self.api_keys = frozenset(config.api_keys)
         self.rate_limit_rps = config.rate_limit_rps
-        self.limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps else None
+        self.limiter = (RateLimiter(config.rate_limit_rps, config.rate_limit_burst)
+                        if config.rate_limit_rps and limit_here else None)
         self.max_exclude = config.max_exclude
         self.max_context = config.max_context
         self.timeout_s = config.request_timeout_ms / 1000.0
@@ -101,6 +109,21 @@ class RequestGuards:
         """An error answer, counted in ``ugt_serving_errors_total{kind}``."""
         self.metrics.errors.labels(kind).inc()
         return error_response(status, kind, message, **extra)
+
+    def rate_limited(self, wait_s: float) -> JSONResponse:
+        """429 with Retry-After: the key is over ``rate_limit_rps``."""
+        response = self.refuse(
+            "rate_limited", 429, f"rate limit of {self.rate_limit_rps:g} requests/s exceeded; retry later"
+        )
+        response.headers["Retry-After"] = RateLimiter.retry_after(wait_s)
+        return response
+
+    def overloaded(self, retry_after_s: float) -> JSONResponse:
+        """429 with Retry-After: the engine's queue is full (back-pressure, ``overload_response: reject``)."""
+        response = self.refuse("overloaded", 429, "the service is at capacity (its engine's queue is full); "
+                               "retry later")
+        response.headers["Retry-After"] = RateLimiter.retry_after(retry_after_s)
+        return response
 
     def invalid(self, field: str, problem: str) -> JSONResponse:
         """422 for one field of an otherwise well-formed request (e.g. a domain that is not served)."""
@@ -113,13 +136,9 @@ class RequestGuards:
             what = "missing" if call.api_key is None else "unknown"
             return self.refuse("unauthorized", 401, f"X-API-Key header {what}: send one of the service's API keys")
         if self.limiter is not None:
-            wait = self.limiter.acquire(call.api_key or call.client_host or "anonymous")
+            wait = self.limiter.acquire(limit_key(call))
             if wait > 0:
-                response = self.refuse(
-                    "rate_limited", 429, f"rate limit of {self.rate_limit_rps:g} requests/s exceeded; retry later"
-                )
-                response.headers["Retry-After"] = RateLimiter.retry_after(wait)
-                return response
+                return self.rate_limited(wait)
         request = call.request
         for name, values, most in (
             ("exclude", request.exclude, self.max_exclude),

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
@@ -71,13 +78,39 @@ class ServingMetrics:
         self.errors = Counter(
             "ugt_serving_errors_total",
             "/recommend requests answered with an error, by kind (no_popularity, internal, unauthorized, "
-            "rate_limited, unknown_domain, invalid_request).",
+            "rate_limited, overloaded, unknown_domain, invalid_request).",
             ["kind"],
             registry=self.registry,
         )
         self.engine_restarts = Counter(
             "ugt_serving_engine_restarts",
             "Engine processes forked again after one died (engine: process).",
+            registry=self.registry,
+        )
+        self.worker_restarts = Counter(
+            "ugt_serving_worker_restarts",
+            "HTTP worker processes started again after one died (`ugt serve --workers N`).",
+            registry=self.registry,
+        )
+        self.engine_queue = Gauge(
+            "ugt_serving_engine_queue",
+            "Requests waiting in the shared engine (`--workers N`); past engine_queue_max they are refused at once.",
+            registry=self.registry,
+        )
+        self.engine_refused = Counter(
+            "ugt_serving_engine_refused",
+            "Requests the shared engine refused on arrival, by reason (queue_full, rate_limited).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.state_round_trips = Counter(
+            "ugt_serving_state_round_trips",
+            "Round trips to the state store (one per batch with a batched reader; one per user without).",
+            registry=self.registry,
+        )
+        self.state_users = Counter(
+            "ugt_serving_state_users",
+            "Users whose state was read (divided by state_round_trips: users per round trip).",
             registry=self.registry,
         )
         for stage in STAGES:  # expose every series from the start, so dashboards see zeros rather than gaps
@@ -154,9 +187,10 @@ def _escape(value: str, quote: bool) -> str:
 def merge_expositions(*texts: bytes) -> bytes:
     """One exposition with every process's samples added up (counters and histograms are additive).
 
-    ``engine: process`` keeps the pipeline's series in the engine process and the HTTP ones in the server
-    process; a scrape must see one set of series. ``*_created`` samples are dropped (a sum of start times
-    means nothing); families keep the order they first appear in.
+    ``engine: process`` and ``--workers N`` keep the pipeline's series in the engine process and the HTTP ones in
+    the server processes; a scrape must see one set of series. A gauge is a level, not a count: it is never
+    summed, the first exposition that has the sample gives it (pass the engine's first). ``*_created`` samples
+    are dropped (a sum of start times means nothing); families keep the order they first appear in.
     """
     families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
     for text in texts:
@@ -168,7 +202,10 @@ def merge_expositions(*texts: bytes) -> bytes:
                 if sample.name.endswith("_created"):
                     continue
                 key = (sample.name, tuple(sample.labels.items()))
-                samples[key] = samples.get(key, 0.0) + sample.value
+                if family.type == "gauge":
+                    samples.setdefault(key, sample.value)
+                else:
+                    samples[key] = samples.get(key, 0.0) + sample.value
     lines = []
     for name, (kind, doc, samples) in families.items():
         name = f"{name}_total" if kind == "counter" else name  # the text format names a counter by its sample

@@ -17,8 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
+from serving.batcher import Overloaded
 from serving.compose import Runtime
 from serving.config import ServingConfig
+from serving.engine_ipc import NO_POPULARITY, UNKNOWN_DOMAIN, EngineClient, EngineRefused, RateLimited
 from serving.engine_process import EngineProcess, EngineUnavailable
 from serving.fallback import NoPopularity
 from serving.guards import (
@@ -26,6 +28,7 @@ from serving.guards import (
     RecommendCall,
     RequestGuards,
     error_response,
+    limit_key,
     parse_request,
     validation_error,
 )
@@ -37,7 +40,7 @@ from serving.http_models import (
     RecommendResponse,
 )
 from serving.metrics import merge_expositions
-from serving.service import ENGINE_UNAVAILABLE, TIMEOUT, Answer, Components, UnknownDomain
+from serving.service import ENGINE_UNAVAILABLE, OVERLOADED, TIMEOUT, Answer, Components, UnknownDomain
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,8 @@ def error_responses(max_body_bytes: int) -> dict[int | str, dict[str, Any]]:
             "model": ErrorResponse,
             "description": "A field is missing, of the wrong type or out of bounds, or the domain is not served.",
         },
-        429: {"model": ErrorResponse, "description": "Rate limit of the API key exceeded; see Retry-After."},
+        429: {"model": ErrorResponse, "description": "Rate limit of the API key exceeded, or the engine's queue is full "
+                                   "(overload_response: reject); see Retry-After."},
         503: {
             "model": ErrorResponse,
             "description": "Neither the model nor any popularity source can answer.",
@@ -92,7 +96,9 @@ class RecommendRoute:
     def __init__(self, runtime: Runtime):
         self.service = runtime.service
         self.batcher = runtime.batcher
-        self.guards = RequestGuards(runtime.config, runtime.metrics)
+        self.shared = isinstance(runtime.batcher, EngineClient)  # a `--workers N` worker
+        self.overload_fallback = runtime.config.overload_response == "fallback"
+        self.guards = RequestGuards(runtime.config, runtime.metrics, limit_here=not self.shared)
         self.asgi = GuardMiddleware(self._asgi, max_body_bytes=runtime.config.max_body_bytes,
                                     metrics=runtime.metrics)
 
@@ -111,6 +117,10 @@ class RecommendRoute:
             return self.guards.invalid("domain", str(exc))
         try:
             answer = await self._run(call)
+        except RateLimited as exc:  # counted by the shared engine for every worker
+            return self.guards.rate_limited(exc.wait_s)
+        except Overloaded as exc:  # back-pressure: refused at once, never queued to time out
+            return self.guards.overloaded(exc.retry_after_s)
         except Exception:  # the batch itself failed (a bug): still never a bare 500 without a body
             log.exception("batch failed")
             return self.guards.refuse("internal", 500, "internal error while answering; see the service log")
@@ -120,15 +130,30 @@ class RecommendRoute:
         """The pipeline's answer; past the time budget, or with the engine gone, the popularity answer."""
         started = time.perf_counter()
         try:
+            if self.shared:
+                return await self._run_shared(call)
             return await self.batcher.submit(call.request, self.guards.timeout_s)
-        except (TimeoutError, EngineUnavailable) as exc:
-            reason = TIMEOUT if isinstance(exc, TimeoutError) else ENGINE_UNAVAILABLE
+        except (TimeoutError, EngineUnavailable, Overloaded) as exc:
+            if isinstance(exc, Overloaded) and not self.overload_fallback:
+                raise
+            reason = {TimeoutError: TIMEOUT, Overloaded: OVERLOADED}.get(type(exc), ENGINE_UNAVAILABLE)
             try:
                 return await asyncio.to_thread(
                     self.service.fallback_answer, call.request, reason, time.perf_counter() - started
                 )
             except (NoPopularity, UnknownDomain) as no_answer:
                 return no_answer
+
+    async def _run_shared(self, call: RecommendCall) -> bytes | NoPopularity | UnknownDomain:
+        """The shared engine's answer body; its refusals as the in-process service raises them."""
+        try:
+            return await self.batcher.submit(call.request.model_dump(), self.guards.timeout_s, limit_key(call))
+        except EngineRefused as exc:
+            if exc.kind == UNKNOWN_DOMAIN:
+                return UnknownDomain(str(exc))
+            if exc.kind == NO_POPULARITY:
+                return NoPopularity(str(exc))
+            raise
 
     def _respond(self, answer: Answer | bytes | NoPopularity | UnknownDomain) -> Response:
         if isinstance(answer, UnknownDomain):  # no route and no popular items: the client's domain is wrong
@@ -173,7 +198,7 @@ def add_routes(app: FastAPI, runtime: Runtime) -> RecommendRoute:
     def health() -> Any:
         """ok: Redis, the state store and popularity all work; degraded: answering from fallbacks; down (503)."""
         checks = health_checks(runtime.client, runtime.components, runtime.config)
-        if isinstance(batcher, EngineProcess):
+        if isinstance(batcher, (EngineProcess, EngineClient)):
             checks["engine"] = batcher.health()
         if not checks["popularity"]["ok"]:
             status_text, code = "down", 503
@@ -189,6 +214,8 @@ def add_routes(app: FastAPI, runtime: Runtime) -> RecommendRoute:
         """Prometheus text exposition (ugt_serving_* series; with engine: process, both processes' added up)."""
         if isinstance(batcher, EngineProcess):
             body = merge_expositions(metrics.render(), await batcher.metrics())
+        elif isinstance(batcher, EngineClient):  # every worker's and the engine's, added up by the engine
+            body = await batcher.metrics() or metrics.render()
         else:
             body = metrics.render()
         return Response(content=body, media_type=metrics.content_type)

@@ -192,8 +192,12 @@ class RecommendService:
     def _read_states(self, jobs: list[_Job]) -> None:
         if not jobs:
             return
+        reader = self.parts.state_reader
+        self.metrics.state_users.inc(len(jobs))
+        # one pipelined round trip for the batch when the reader reads many at once, else one per user
+        self.metrics.state_round_trips.inc(1 if callable(getattr(reader, "read_many", None)) else len(jobs))
         try:
-            results = read_many(self.parts.state_reader, [job.request.user_id for job in jobs])
+            results = read_many(reader, [job.request.user_id for job in jobs])
         except StateUnavailable as exc:
             self._log_sometimes(logging.WARNING, STATE_UNAVAILABLE, "user state unavailable: %s", exc)
             results = [STATE_UNAVAILABLE] * len(jobs)

@@ -1,0 +1,321 @@
+"""The wire between `ugt serve --workers N`'s HTTP workers and their one shared engine (serving/engine_core.py).
+
+A Unix stream socket per worker, carrying length-prefixed binary frames: a fixed header (payload length, kind,
+request id, one float) and a payload of bytes. Requests travel as orjson of the validated request's fields (about
+100 bytes); answers come back as the JSON body the engine already serialized, which the worker sends to the
+client as is. Nothing is pickled: a frame is the same bytes whichever process or Python build reads it.
+
+:class:`EngineClient` is the worker's end, with the same ``start / submit / close`` shape as
+:class:`serving.batcher.DynamicBatcher`, so the routes treat both alike. When the engine dies, the requests in
+flight fail with :class:`EngineUnavailable` (the worker answers them with the marked fallback) and the client
+reconnects to the engine the supervisor starts again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from serving.batcher import BatcherClosed, Overloaded
+from serving.engine_process import EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+# header: payload length, kind, request id, a float (a request's arrival time, a refusal's retry-after, a pid)
+HEADER = struct.Struct("!IBQd")
+MAX_PAYLOAD = 64 * 1024 * 1024  # a frame announcing more is a broken peer, not a message
+RECV_BYTES = 1 << 18
+RECONNECT_EVERY_S = 0.2
+PUSH_METRICS_EVERY_S = 1.0
+
+# worker -> engine
+REQUEST = 1  # payload: orjson {"request": fields, "key": rate-limit key or null}; number: arrival (perf_counter)
+METRICS = 2  # payload: the worker's exposition; number: its pid. Answered with METRICS_REPLY (every process added up)
+METRICS_PUSH = 3  # payload: the worker's exposition; number: its pid. Kept by the engine, not answered
+# engine -> worker
+ANSWER = 10  # payload: the answer's JSON body
+NO_POPULARITY = 11  # payload: the message (the worker answers 503)
+UNKNOWN_DOMAIN = 12  # payload: the message (422)
+FAILED = 13  # payload: the message (the batch itself failed: a 500 with a body)
+BUSY = 14  # the engine's queue is full (back-pressure); number: seconds to wait before retrying
+RATE_LIMITED = 15  # the key is over its rate limit, counted in the engine for every worker; number: seconds to wait
+METRICS_REPLY = 16  # payload: every process's exposition added up
+
+
+class FrameError(ValueError):
+    """Bytes that are not a frame of this protocol (the peer is broken: the connection is dropped)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    kind: int
+    ident: int
+    number: float
+    payload: bytes
+
+
+def encode(kind: int, ident: int, number: float = 0.0, payload: bytes = b"") -> bytes:
+    """One frame's bytes."""
+    if len(payload) > MAX_PAYLOAD:
+        raise FrameError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
+    return HEADER.pack(len(payload), kind, ident, number) + payload
+
+
+class FrameDecoder:
+    """Frames out of a byte stream that arrives in arbitrary pieces."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self.buffer += data
+        out: list[Frame] = []
+        start = 0
+        while len(self.buffer) - start >= HEADER.size:
+            size, kind, ident, number = HEADER.unpack_from(self.buffer, start)
+            if size > MAX_PAYLOAD:
+                raise FrameError(f"frame announces {size} bytes, over the {MAX_PAYLOAD}-byte limit")
+            end = start + HEADER.size + size
+            if len(self.buffer) < end:
+                break
+            out.append(Frame(kind, ident, number, bytes(self.buffer[start + HEADER.size : end])))
+            start = end
+        del self.buffer[:start]
+        return out
+
+
+def request_payload(fields: dict[str, Any], limit_key: str | None) -> bytes:
+    return orjson.dumps({"request": fields, "key": limit_key})
+
+
+class RateLimited(RuntimeError):
+    """Over the key's rate limit, which the engine keeps for every worker at once."""
+
+    def __init__(self, wait_s: float):
+        super().__init__(f"rate limited; retry in {wait_s:g} s")
+        self.wait_s = wait_s
+
+
+class EngineRefused(RuntimeError):
+    """The engine answered with an error of this kind (NO_POPULARITY, UNKNOWN_DOMAIN, FAILED) and message."""
+
+    def __init__(self, kind: int, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+class EngineClient:
+    """A worker's connection to the shared engine at ``path``, on the worker's event loop (never blocks it).
+
+    ``exposition()`` is this worker's own Prometheus text: pushed to the engine every PUSH_METRICS_EVERY_S and
+    sent with each scrape, so /metrics on any worker answers every process's series added up.
+    """
+
+    def __init__(self, path: str, exposition: Any = lambda: b"", on_reconnect: Any = None):
+        self.path = path
+        self.exposition = exposition
+        self.on_reconnect = on_reconnect
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._sock: socket.socket | None = None
+        self._decoder = FrameDecoder()
+        self._unsent = bytearray()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.connections = 0
+
+    def start(self) -> None:
+        """Connect now if the engine listens, else keep trying in the background (call on the event loop)."""
+        if self._closed:
+            raise BatcherClosed("the engine client is closed")
+        self._loop = asyncio.get_running_loop()
+        self._tick()
+
+    def _tick(self) -> None:
+        """Every so often: reconnect when disconnected, push this worker's metrics when connected."""
+        assert self._loop is not None
+        if self._closed:
+            return
+        if self._sock is None:
+            self._connect()
+            every = RECONNECT_EVERY_S
+        else:
+            self._send_quietly(encode(METRICS_PUSH, 0, float(os.getpid()), self.exposition()))
+            every = PUSH_METRICS_EVERY_S
+        self._timer = self._loop.call_later(every, self._tick)
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            return
+        sock.setblocking(False)
+        assert self._loop is not None
+        self._sock, self._decoder, self._unsent = sock, FrameDecoder(), bytearray()
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+        self.connections += 1
+        if self.connections > 1 and self.on_reconnect is not None:
+            self.on_reconnect()
+        log.info("worker %d connected to the engine at %s", os.getpid(), self.path)
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def health(self) -> dict[str, Any]:
+        state = "connected" if self.connected else "reconnecting"
+        return {"ok": self.connected,
+                "detail": f"shared engine at {self.path}: {state}, {max(0, self.connections - 1)} reconnects"}
+
+    async def submit(self, fields: dict[str, Any], timeout_s: float | None = None,
+                     limit_key: str | None = None) -> bytes:
+        """The engine's answer body for the request ``fields``; TimeoutError, EngineUnavailable, Overloaded,
+        RateLimited or EngineRefused otherwise."""
+        if self._closed:
+            raise BatcherClosed("the engine client is closed")
+        return await self._call(REQUEST, time.perf_counter(), request_payload(fields, limit_key), timeout_s)
+
+    async def metrics(self, timeout_s: float = 2.0) -> bytes | None:
+        """Every process's exposition added up by the engine; None when it does not answer in time."""
+        if self._sock is None:
+            return None
+        try:
+            return await self._call(METRICS, float(os.getpid()), self.exposition(), timeout_s)
+        except (TimeoutError, EngineUnavailable):
+            return None
+
+    async def _call(self, kind: int, number: float, payload: bytes, timeout_s: float | None) -> Any:
+        if self._sock is None:
+            raise EngineUnavailable("not connected to the engine (it is restarting)")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        ident = next(self._ids)
+        frame = encode(kind, ident, number, payload)
+        self._pending[ident] = future
+        timer = loop.call_later(timeout_s, _expire, future) if timeout_s is not None else None
+        try:
+            self._write(frame)
+            return await future
+        finally:
+            self._pending.pop(ident, None)
+            if timer is not None:
+                timer.cancel()
+
+    def _send_quietly(self, data: bytes) -> None:
+        try:
+            self._write(data)
+        except EngineUnavailable:
+            pass
+
+    def _write(self, data: bytes) -> None:
+        """Send what the socket takes now; the rest when it is writable again (never blocks the loop)."""
+        sock = self._sock
+        if sock is None:
+            raise EngineUnavailable("not connected to the engine (it is restarting)")
+        if self._unsent:
+            self._unsent += data
+            return
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._lost(exc)
+            raise EngineUnavailable(f"engine not reachable: {exc}") from exc
+        if sent < len(data):
+            self._unsent += data[sent:]
+            assert self._loop is not None
+            self._loop.add_writer(sock.fileno(), self._flush)
+
+    def _flush(self) -> None:
+        sock = self._sock
+        assert sock is not None and self._loop is not None
+        try:
+            sent = sock.send(self._unsent)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        del self._unsent[:sent]
+        if not self._unsent:
+            self._loop.remove_writer(sock.fileno())
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        while True:
+            try:
+                data = sock.recv(RECV_BYTES)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._lost(exc)
+                return
+            if not data:
+                self._lost(EOFError("the engine closed the connection"))
+                return
+            try:
+                frames = self._decoder.feed(data)
+            except FrameError as exc:
+                self._lost(exc)
+                return
+            for frame in frames:
+                self._resolve(frame)
+
+    def _resolve(self, frame: Frame) -> None:
+        future = self._pending.get(frame.ident)
+        if future is None or future.done():  # timed out already
+            return
+        if frame.kind in (ANSWER, METRICS_REPLY):
+            future.set_result(frame.payload)
+        elif frame.kind == BUSY:
+            future.set_exception(Overloaded(frame.number))
+        elif frame.kind == RATE_LIMITED:
+            future.set_exception(RateLimited(frame.number))
+        else:
+            future.set_exception(EngineRefused(frame.kind, frame.payload.decode("utf-8", "replace")))
+
+    def _lost(self, exc: BaseException) -> None:
+        """The engine is gone: fail what waits (the marked fallback) and reconnect in the background."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        if self._loop is not None:
+            try:
+                self._loop.remove_reader(sock.fileno())
+                self._loop.remove_writer(sock.fileno())
+            except (ValueError, RuntimeError):
+                pass
+        sock.close()
+        self._unsent = bytearray()
+        if not self._closed:
+            log.error("worker %d lost the engine (%r); %d requests in flight get the fallback",
+                      os.getpid(), exc, len(self._pending))
+        for future in list(self._pending.values()):
+            if not future.done():
+                future.set_exception(EngineUnavailable(f"the engine went away: {exc!r}"))
+        self._pending.clear()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._lost(EOFError("closed"))

@@ -1,0 +1,219 @@
+"""`ugt serve --workers N`: N HTTP worker processes and one engine process, kept alive by the `ugt serve` parent.
+
+The shape of vLLM's API server + engine core. The parent composes the service once (config checked, model loaded
+and compiled, Redis pinged), binds the listening socket, then forks:
+
+* one **engine** (serving/engine_core.py) that owns the model and batches the requests of every worker, with the
+  per-key rate limit and the bounded queue (back-pressure) in one place;
+* N **workers**, each a uvicorn server on the shared listening socket (the kernel spreads connections) whose app
+  parses, validates, authenticates and answers, and hands the request to the engine over a Unix socket
+  (serving/engine_ipc.py).
+
+Then it supervises: a worker that dies is forked again (the others keep serving); an engine that dies is forked
+again, and the workers answer the requests it had in flight with the marked fallback (``engine_unavailable``) and
+reconnect. Each role is restarted at most once per RESTART_MIN_INTERVAL_S. SIGTERM / SIGINT stop everything.
+Forking needs a model on the CPU (CUDA does not survive a fork): a GPU model is refused for now.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from serving.compose import Runtime, start_background
+from serving.config import ConfigError
+from serving.engine_core import EngineCore, MetricsHub, serve
+from serving.engine_ipc import EngineClient
+from serving.metrics import ServingMetrics
+from serving.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+RESTART_MIN_INTERVAL_S = 1.0
+ENGINE = "engine"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket every worker accepts on (bound once, in the parent)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def check_forkable(runtime: Runtime) -> None:
+    """ConfigError when a model runs on CUDA: it is forked into the engine, and CUDA does not survive a fork."""
+    on_gpu = sorted(domain for domain, gen in _generators(runtime).items()
+                    if getattr(getattr(getattr(gen, "engine", None), "device", None), "type", "cpu") == "cuda")
+    if on_gpu:
+        raise ConfigError("--workers N > 1 forks the loaded model into one shared engine process, and CUDA does not "
+                          "survive a fork: run a GPU model with --workers 1 for now "
+                          f"(domains {on_gpu} run on the GPU)")
+
+
+def engine_main(runtime: Runtime, path: str, parent_pid: int, restarts: int) -> None:
+    """In the forked engine: fresh metrics, the live catalogs' feed threads, then the socket loop."""
+    config = runtime.config
+    metrics = ServingMetrics()
+    metrics.watch_kv_caches({d: g.engine.cache for d, g in _generators(runtime).items()
+                             if getattr(getattr(g, "engine", None), "cache", None) is not None})
+    metrics.watch_live_items(runtime.live)
+    if restarts:
+        metrics.engine_restarts.inc(restarts)  # the engine alone counts them: added up across processes once
+    runtime.service.use_metrics(metrics)
+    start_background(runtime.live)
+    limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps else None
+    refused = {reason: metrics.engine_refused.labels(reason) for reason in ("queue_full", "rate_limited")}
+    core = EngineCore(runtime.service.run_batch, max_size=config.batch_max_size,
+                      max_wait_s=config.batch_max_wait_ms / 1000.0, queue_max=config.engine_queue_max,
+                      limiter=limiter, on_queue=metrics.engine_queue.set, on_batch=metrics.batch_size.observe,
+                      on_refused=lambda reason: refused[reason].inc())
+    serve(path, core, MetricsHub(metrics.render), parent_pid=parent_pid)
+
+
+def _generators(runtime: Runtime) -> dict:
+    parts = runtime.components
+    return parts.generators or {runtime.config.default_domain: parts.generator}
+
+
+def worker_main(runtime: Runtime, listener: socket.socket, path: str, replacement: bool) -> None:
+    """In a forked worker: the app around the parent's runtime, its batcher a client of the shared engine."""
+    import uvicorn
+
+    from serving.app import app_for
+
+    metrics = ServingMetrics()
+    if replacement:
+        metrics.worker_restarts.inc()
+    runtime.service.use_metrics(metrics)  # the fallback answers given here are counted here
+    client = EngineClient(path, exposition=metrics.render)
+    worker = dataclasses.replace(runtime, metrics=metrics, batcher=client, engine="shared")
+    config = runtime.config
+    server = uvicorn.Server(uvicorn.Config(app_for(worker), log_level=config.log_level, access_log=False))
+    server.run(sockets=[listener])
+
+
+class Supervisor:
+    """Forks the engine and the workers, and forks again whichever dies, until told to stop."""
+
+    def __init__(self, runtime: Runtime, listener: socket.socket, workers: int):
+        check_forkable(runtime)
+        self.runtime = runtime
+        self.listener = listener
+        self.workers = workers
+        self.folder = Path(tempfile.mkdtemp(prefix="ugt-serve-"))
+        self.path = str(self.folder / "engine.sock")
+        self.children: dict[int, str | int] = {}  # pid -> ENGINE or the worker's slot
+        self.started: dict[str | int, float] = {}
+        self.engine_restarts = 0
+        self.stopping = False
+
+    def _fork(self, role: str | int, replacement: bool) -> None:
+        wait = self.started.get(role, float("-inf")) + RESTART_MIN_INTERVAL_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)  # a role that dies at once is not forked in a tight loop
+        self.started[role] = time.monotonic()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            self._child(role, parent, replacement)
+        self.children[pid] = role
+        log.info("%s %d started", "engine" if role == ENGINE else f"worker {role}", pid)
+
+    def _child(self, role: str | int, parent: int, replacement: bool) -> None:
+        """In the child: never returns (os._exit: the parent's atexit handlers are not ours to run)."""
+        code = 0
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            if role == ENGINE:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the parent stops us
+                self.listener.close()
+                engine_main(self.runtime, self.path, parent, self.engine_restarts)
+            else:
+                worker_main(self.runtime, self.listener, self.path, replacement)
+        except BaseException:
+            log.exception("%s failed", role)
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def run(self) -> int:
+        """Start everything, replace what dies, stop on SIGTERM / SIGINT; the exit code of `ugt serve`."""
+        gc.collect()
+        gc.freeze()  # the model and tables stay shared with every child, out of the collector's passes
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        try:
+            self._fork(ENGINE, replacement=False)
+            for slot in range(self.workers):
+                self._fork(slot, replacement=False)
+            log.info("ugt serve: %d workers and one engine (%s)", self.workers, self.path)
+            while self.children:
+                try:
+                    pid, status = os.wait()
+                except ChildProcessError:
+                    break
+                except InterruptedError:
+                    continue
+                self._reap(pid, status)
+        finally:
+            self._stop_children()
+            shutil.rmtree(self.folder, ignore_errors=True)
+        return 0
+
+    def _reap(self, pid: int, status: int) -> None:
+        role = self.children.pop(pid, None)
+        if role is None or self.stopping:
+            return
+        name = "engine" if role == ENGINE else f"worker {role}"
+        log.error("%s %d died (%s); starting another", name, pid, _describe(status))
+        if role == ENGINE:
+            self.engine_restarts += 1
+        self._fork(role, replacement=True)
+
+    def _stop(self, signum: int, _frame: object) -> None:
+        self.stopping = True
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def _stop_children(self, timeout_s: float = 10.0) -> None:
+        self._stop(signal.SIGTERM, None)
+        deadline = time.monotonic() + timeout_s
+        while self.children and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.05)
+            else:
+                self.children.pop(pid, None)
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
