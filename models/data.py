@@ -93,11 +93,12 @@ def year_bucket(year: int) -> int:
     return int(np.clip((year - 1900) // 10 + 1, 1, 15))
 
 
-def build_sequences(dataset, tie_order: str = "hstu") -> SequenceData:
+def build_sequences(dataset, tie_order: str = "hstu", vocab: TokenVocab | None = None) -> SequenceData:
     """Turn a ``contracts.datasets.Dataset`` into per-user sequences.
 
     The vocabulary holds every catalog item (HSTU ranks over all movies of movies.dat, rated or not),
-    then any rated item missing from the catalog.
+    then any rated item missing from the catalog. A given ``vocab`` (a checkpoint's) is kept as it is: events
+    of items outside it are dropped, as a model trained on that vocabulary cannot score them.
     """
     ratings = dataset.ratings
     missing = {"user_id", "item_id", "timestamp", "row"} - set(ratings.columns)
@@ -105,12 +106,18 @@ def build_sequences(dataset, tie_order: str = "hstu") -> SequenceData:
         raise ValueError(f"ratings lack columns {sorted(missing)}")
     if len(ratings) == 0:
         raise ValueError("dataset has no ratings")
-    vocab = TokenVocab()
     catalog = dataset.items
-    for item_id in catalog["item_id"].astype(str):
-        vocab.add(item_id)
-    for item_id in pd.unique(ratings["item_id"].astype(str)):
-        vocab.add(item_id)
+    if vocab is None:
+        vocab = TokenVocab()
+        for item_id in catalog["item_id"].astype(str):
+            vocab.add(item_id)
+        for item_id in pd.unique(ratings["item_id"].astype(str)):
+            vocab.add(item_id)
+    else:
+        ratings = ratings[ratings["item_id"].astype(str).isin(vocab.item_to_index)]
+        catalog = catalog[catalog["item_id"].astype(str).isin(vocab.item_to_index)]
+        if len(ratings) == 0:
+            raise ValueError("no event of the dataset is of an item in the given vocabulary")
 
     ordered = order_ratings(ratings, tie_order)
     item_index = ordered["item_id"].astype(str).map(vocab.item_to_index).to_numpy(np.int64)
@@ -159,6 +166,14 @@ def build_sequences(dataset, tie_order: str = "hstu") -> SequenceData:
         item_titles=titles,
         item_release_year=release,
     )
+
+
+def limit_users(data: SequenceData, max_users: int) -> SequenceData:
+    """The first ``max_users`` users (in user-id order) when > 0: a config's ``max_users``, whatever the source."""
+    if max_users > 0 and data.num_users > max_users:
+        data = replace(data, user_ids=data.user_ids[:max_users], items=data.items[:max_users],
+                       times=data.times[:max_users], ratings=data.ratings[:max_users])
+    return data
 
 
 def cold_item_mask(data: SequenceData, spec: dict) -> np.ndarray | None:
@@ -260,22 +275,41 @@ class Batchable:
         """The rows where ``keep`` (bool, one per row) holds."""
         return Batchable(**{f.name: getattr(self, f.name)[keep] for f in fields(self)})
 
-    def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
+    def rows(self, index: np.ndarray, trim: bool = True) -> dict[str, np.ndarray]:
+        """The rows ``index`` as a batch; ``trim`` cuts the padding columns no row of it reaches
+        (:func:`batch_width`), so a dataset of short sequences does not pay for the model's whole window."""
+        lengths = self.lengths[index]
+        width = batch_width(lengths, self.ids.shape[1]) if trim else self.ids.shape[1]
+        per_position = self.targets.ndim == 2  # train rows: a target at every position
         return {
-            "ids": self.ids[index],
-            "times": self.times[index],
-            "query_times": self.query_times[index],
-            "ratings": self.ratings[index],
-            "gaps": self.gaps[index],
-            "query_gaps": self.query_gaps[index],
-            "lengths": self.lengths[index],
-            "targets": self.targets[index],
-            "target_ratings": self.target_ratings[index],
+            "ids": self.ids[index, :width],
+            "times": self.times[index, :width],
+            "query_times": self.query_times[index, :width],
+            "ratings": self.ratings[index, :width],
+            "gaps": self.gaps[index, :width],
+            "query_gaps": self.query_gaps[index, :width],
+            "lengths": lengths,
+            "targets": self.targets[index, :width] if per_position else self.targets[index],
+            "target_ratings": self.target_ratings[index, :width] if per_position else self.target_ratings[index],
             "users": self.users[index],
             "long_ids": self.long_ids[index],
             "long_times": self.long_times[index],
             "row_index": np.asarray(index, dtype=np.int64),
         }
+
+
+PAD_MULTIPLE = 8  # batch widths are rounded up to this (fewer distinct shapes for torch.compile / CUDA kernels)
+
+
+def batch_width(lengths: np.ndarray, max_len: int) -> int:
+    """The columns a batch needs: its longest row, rounded up to :data:`PAD_MULTIPLE`, at most ``max_len``.
+
+    Rows are left-aligned (real events first), positions count from the left and attention is causal with the
+    padding masked, so cutting trailing padding columns leaves every real position's output unchanged
+    (tests/models/test_batch_padding.py checks loss and scores).
+    """
+    longest = int(lengths.max()) if len(lengths) else 1
+    return int(min(max_len, max(1, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)))
 
 
 def _row_ends(data: SequenceData, split: str, max_len: int, all_windows: bool, min_window: int) -> list[tuple[int, int]]:
@@ -368,8 +402,8 @@ def make_split(data: SequenceData, split: str, max_len: int, max_long: int = 0, 
 
 
 def iterate_batches(split: Batchable, batch_size: int, shuffle: bool, rng: np.random.Generator | None = None,
-                    drop_last: bool = False):
-    """Yield dicts of numpy arrays; shuffled when training."""
+                    drop_last: bool = False, trim: bool = True):
+    """Yield dicts of numpy arrays, each as wide as its longest row needs (``trim``); shuffled when training."""
     index = np.arange(len(split))
     if shuffle:
         (rng or np.random.default_rng()).shuffle(index)
@@ -377,7 +411,7 @@ def iterate_batches(split: Batchable, batch_size: int, shuffle: bool, rng: np.ra
     for start in range(0, stop, batch_size):
         chunk = index[start : start + batch_size]
         if len(chunk):
-            yield split.rows(chunk)
+            yield split.rows(chunk, trim=trim)
 
 
 def history_row(items: np.ndarray, times: np.ndarray, ratings: np.ndarray, max_len: int, max_long: int = 0,

@@ -105,6 +105,9 @@ def evaluate(model: Any, data: SequenceData, split_data: Batchable, split: str =
             gen_ranks.append(_list_ranks(items, batch["targets"], invalid).cpu())
     if is_neural and was_training:
         model.train()
+    if not ranks:
+        raise ValueError(f"the {split} split has no rows: no user of {data.name!r} has the 3 events a leave-one-out "
+                         "split needs (or the data holds no user sequences)")
     result: dict[str, Any] = {"split": split, "users": int(sum(len(r) for r in ranks)), "mask_history": mask_history}
     result.update(accuracy_from_ranks(torch.cat(ranks), ks))
     if beyond:
@@ -170,7 +173,7 @@ def _list_ranks(items: torch.Tensor, targets: torch.Tensor, invalid: torch.Tenso
     return torch.where(hit.any(1), (keep_rank * hit).sum(1), torch.zeros_like(targets))
 
 
-def _accuracy_truncated(ranks: np.ndarray, list_len: int, ks=(10, 50)) -> dict[str, float]:
+def _accuracy_truncated(ranks: np.ndarray, list_len: int, ks=(5, 10, 20, 50)) -> dict[str, float]:
     """HR/NDCG/MRR from list ranks where 0 means 'not retrieved'."""
     found = ranks > 0
     out: dict[str, float] = {"beam_size": float(list_len), "recall_in_beam": float(found.mean())}

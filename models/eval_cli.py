@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
+from typing import Any
 
-ACCURACY = ["hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr"]
+ACCURACY = ["hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr"]
 BEYOND = ["ild", "genre_diversity", "entropy", "novelty", "long_tail_share", "coverage", "gini"]
 
 
@@ -50,19 +52,40 @@ def plot_report(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, data: Any = None) -> int:
+    """Evaluate; ``data`` (SequenceData in the checkpoint's vocabulary) replaces re-reading the config's dataset
+    (ugt/eval_cli.py passes a lake's events this way). A bad input is one clear line and exit 2."""
+    from contracts.datasets import DatasetError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not Path(args.checkpoint).is_file():
+        print(f"ugt eval: checkpoint {args.checkpoint} not found (`ugt train` writes runs/<name>/checkpoint.pt)",
+              file=sys.stderr)
+        return 2
+    try:
+        return _evaluate(args, data)
+    except (DatasetError, ValueError) as exc:
+        print(f"ugt eval: {exc}", file=sys.stderr)
+        return 2
+
+
+def _evaluate(args: argparse.Namespace, data: Any) -> int:
     from models.baselines.popularity import Popularity
-    from models.checkpoint import load_checkpoint, long_history_len
+    from models.checkpoint import LAKE_PREFIX, load_checkpoint, long_history_len
     from models.data import make_split
     from models.eval import evaluate, markdown_table
     from models.train_config import pick_device
     from models.ugt.model import UGT
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = pick_device(args.device)
-    model, cfg, data, _ = load_checkpoint(args.checkpoint, map_location="cpu")
+    model, cfg, data, _ = load_checkpoint(args.checkpoint, data=data, map_location="cpu")
+    if not data.user_ids and cfg.dataset.startswith(LAKE_PREFIX):
+        raise ValueError(f"{args.checkpoint} was trained on the lake {cfg.dataset[len(LAKE_PREFIX):]}; evaluate it "
+                         "with `ugt eval --checkpoint ... [--lake PATH]`, which reads the lake's held-out events")
     model.to(device)
     split = make_split(data, args.split, cfg.max_len, long_history_len(cfg))
+    if len(split) == 0:
+        raise ValueError(f"no user of {cfg.dataset} has the 3 events a leave-one-out {args.split} split needs")
     generative = isinstance(model, UGT) and model.sid_head is not None
     ranked = isinstance(model, UGT) and model.ranker is not None
     rerank_top = (model.config.heads.rank_top if args.rerank_top < 0 else args.rerank_top) if ranked else 0

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-DEFAULT_KS = (10, 50, 200)
+DEFAULT_KS = (5, 10, 20, 50, 200)  # @5 / @20 as papers on short-sequence datasets report
 
 
 def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor, invalid: torch.Tensor | None = None) -> torch.Tensor:

@@ -404,7 +404,7 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    data = data or load_data(cfg)
+    data = load_data(cfg, data)
     cold, holdout = cold_holdout(cfg, data)
     splits = make_splits(cfg, data, cold if holdout else None)
     codes, sizes = semantic_codes(cfg, data)

@@ -32,7 +32,7 @@ class DPOConfig:
 @dataclass
 class TrainConfig:
     name: str = "run"
-    dataset: str = "ml-1m"  # contracts.datasets name
+    dataset: str = "ml-1m"  # ml-1m | ml-100k | a folder in the generic format (contracts.datasets.load_generic)
     tie_order: str = "hstu"  # hstu | stable (models.data)
     model: str = "ugt"  # sasrec | hstu | ugt | popularity
     model_config: dict = field(default_factory=dict)  # fields of the model's config dataclass
@@ -69,6 +69,12 @@ class TrainConfig:
     cold_items: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.dataset = str(self.dataset)
+        if not self.dataset.startswith("lake:"):
+            from contracts.datasets import is_dataset_folder
+
+            if is_dataset_folder(self.dataset):  # a generic-format folder: absolute, so eval finds it from anywhere
+                self.dataset = str(Path(self.dataset).expanduser().resolve())
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.max_len < 2 or self.batch_size < 1 or self.max_epochs < 0 or self.eval_every < 1:

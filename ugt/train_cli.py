@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -32,12 +36,39 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+class ConfigError(ValueError):
+    """A config (or --set) value `ugt train` cannot use."""
+
+
+REPORTED = ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "hr@50", "ndcg@50", "mrr")
+
+
 def run(args: argparse.Namespace) -> int:
-    from models.checkpoint import LAKE_PREFIX
+    """Train; a bad input (config, dataset folder, semantic-ID sizing) is one clear line and exit 2, not a traceback."""
+    from contracts.datasets import DatasetError
+    from models.semantic_ids.dedup import DedupOverflowError
     from models.train import fit
-    from models.train_config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg, data = _config_and_data(args)
+        summary = fit(cfg, resume=args.resume, data=data)
+    except (ConfigError, DatasetError, DedupOverflowError, FileNotFoundError, yaml.YAMLError) as exc:
+        print(f"ugt train: {exc}", file=sys.stderr)
+        return 2
+    test = summary["test"]
+    print(json.dumps({"name": cfg.name, "model": cfg.model, "dataset": cfg.dataset, "tie_order": cfg.tie_order,
+                      **{k: round(test[k], 4) for k in REPORTED if k in test},
+                      "train_minutes": round(summary["train_minutes"], 2),
+                      "out_dir": str(cfg.output_dir)}))
+    return 0
+
+
+def _config_and_data(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The run's config (file + --set + flags) and, with --lake, its data; config mistakes raise ConfigError."""
+    from models.checkpoint import LAKE_PREFIX
+    from models.train_config import load_config
+
     overrides = parse_overrides(args.set)
     if args.out_dir:
         overrides["out_dir"] = args.out_dir
@@ -45,18 +76,21 @@ def run(args: argparse.Namespace) -> int:
         overrides["device"] = args.device
     if args.quiet:
         overrides["progress"] = False
+    if not Path(args.config).is_file():
+        raise FileNotFoundError(f"config {args.config} not found")
     data = None
     if args.lake:
         from jobs.lake import lake_sequences
 
         overrides["dataset"] = f"{LAKE_PREFIX}{args.lake}"
-        cfg = load_config(args.config, overrides)
+        cfg = _load(load_config, args.config, overrides)
         data = lake_sequences(args.lake, cfg.tie_order, cfg.max_users)
-    cfg = load_config(args.config, overrides)
-    summary = fit(cfg, resume=args.resume, data=data)
-    test = summary["test"]
-    print(json.dumps({"name": cfg.name, "model": cfg.model, "tie_order": cfg.tie_order,
-                      **{k: round(test[k], 4) for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")},
-                      "train_minutes": round(summary["train_minutes"], 2),
-                      "out_dir": str(cfg.output_dir)}))
-    return 0
+    cfg = _load(load_config, args.config, overrides)
+    return cfg, data
+
+
+def _load(load_config: Callable[..., Any], path: str, overrides: dict) -> Any:
+    try:
+        return load_config(path, overrides)
+    except (TypeError, ValueError) as exc:  # unknown keys, bad values: the config's fault, say so
+        raise ConfigError(f"config {path}: {exc}") from None

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from models.semantic_ids.artifact import ArtifactError, SemanticIdArtifact
-from models.semantic_ids.dedup import assign_dedup
+from models.semantic_ids.dedup import assign_dedup, auto_dedup_size, check_dedup_capacity
 from models.semantic_ids.encoders_fusion import FusionEncoder
 from models.semantic_ids.encoders_text import TextEncoder
 from models.semantic_ids.items import canonical_item, items_from_frame
@@ -41,7 +41,9 @@ class SemanticIdConfig:
 
     quantizer: str = "rqvae"  # rqvae | rqkmeans: which one writes the artifact's codes
     codebook_sizes: list[int] = field(default_factory=lambda: [256, 256, 256])
-    dedup_size: int = 64  # capacity of the dedup level (must exceed the largest prefix group, with room for new items)
+    # capacity of the dedup level: must exceed the largest prefix group, with room for new items; "auto" sizes it
+    # from the data (dedup.auto_dedup_size: twice the largest group, a power of two, at least 8)
+    dedup_size: int | str = 64
     encoders: list[dict[str, Any]] = field(default_factory=_default_encoders)
     fusion: dict[str, Any] = field(default_factory=lambda: {"center": True, "projection": "none", "projection_dim": 0})
     rqvae: dict[str, Any] = field(default_factory=dict)  # RQVAEConfig fields (codebook_sizes comes from above)
@@ -57,8 +59,9 @@ class SemanticIdConfig:
         if not self.codebook_sizes or any(int(k) < 2 for k in self.codebook_sizes):
             raise ValueError(f"codebook_sizes must be a non-empty list of ints >= 2, got {self.codebook_sizes}")
         self.codebook_sizes = [int(k) for k in self.codebook_sizes]
-        if int(self.dedup_size) < 1:
-            raise ValueError("dedup_size must be >= 1")
+        if self.dedup_size != "auto":
+            if isinstance(self.dedup_size, bool) or not isinstance(self.dedup_size, int) or self.dedup_size < 1:
+                raise ValueError(f"dedup_size must be an int >= 1 or 'auto', got {self.dedup_size!r}")
         if self.embedding_cache not in ("use", "refresh", "off"):
             raise ValueError(f"embedding_cache must be use, refresh or off, got {self.embedding_cache!r}")
         if not self.encoders:
@@ -117,8 +120,8 @@ def _cache_path(part: TextEncoder, items: Sequence[dict[str, Any]]) -> Path:
     options, _ = part.state()
     options = {k: v for k, v in options.items() if k not in ("dim", "batch_size", "threads")}
     digest.update(json.dumps(options, sort_keys=True).encode())
-    for text in part.texts(items):
-        digest.update(text.encode("utf-8") + b"\0")
+    for text, keep in zip(part.texts(items), part.with_text(items), strict=True):
+        digest.update((text if keep else "\x01no-text").encode("utf-8") + b"\0")  # no text: a zero row
     return get_settings().cache_dir / "sid-embeddings" / f"{digest.hexdigest()[:24]}.npy"
 
 
@@ -210,17 +213,19 @@ def build_semantic_ids(
             reports[method]["dead_codes_reset"] = int(sum(hist["dead_reset"]))
 
     quantizer, prefixes = quantizers[config.quantizer]
-    dedup = assign_dedup(prefixes, item_ids, config.dedup_size)
+    capacity = auto_dedup_size(prefixes) if config.dedup_size == "auto" else int(config.dedup_size)
+    check_dedup_capacity(prefixes, capacity)
+    dedup = assign_dedup(prefixes, item_ids, capacity)
     codes = np.concatenate([prefixes, dedup[:, None]], axis=1)
     report: dict[str, Any] = {
         "dataset": dataset,
         "items": len(catalog),
         "chosen": config.quantizer,
-        "codebook_sizes": [*config.codebook_sizes, config.dedup_size],
+        "codebook_sizes": [*config.codebook_sizes, capacity],
         "fused_dim": int(x.shape[1]),
-        "encoders": {"parts": part_info},
+        "encoders": {"parts": part_info, **_text_coverage(fusion, catalog)},
         "quantizers": reports,
-        "dedup": {"max_index": int(dedup.max()), "capacity": config.dedup_size,
+        "dedup": {"max_index": int(dedup.max()), "capacity": capacity, "configured": config.dedup_size,
                   "unique_after_dedup": bool(len(np.unique(codes, axis=0)) == len(codes))},
     }
     artifact = SemanticIdArtifact(
@@ -228,13 +233,27 @@ def build_semantic_ids(
         quantizer=quantizer,
         item_ids=item_ids,
         codes=codes,
-        dedup_size=config.dedup_size,
+        dedup_size=capacity,
         config={**config.to_dict(), "fingerprint": config.fingerprint(), "dataset": dataset},
         metrics=report,
     )
     report["encode_new_items_per_s"] = _new_item_throughput(artifact, catalog)
     report["build_seconds"] = time.perf_counter() - start
     return artifact
+
+
+def _text_coverage(fusion: FusionEncoder, catalog: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many items the text part could not embed (no title / description), logged and put in the report."""
+    text_parts = [p for p in fusion.parts if isinstance(p, TextEncoder)]
+    if not text_parts:
+        return {}
+    missing = int((~text_parts[0].with_text(catalog)).sum())
+    others = [p.kind for p in fusion.parts if not isinstance(p, TextEncoder)]
+    fallback = " + ".join(others) if others else "nothing (no other encoder part: give them titles or add structured)"
+    if missing:
+        log.warning("%d of %d items have no title or description: not text-embedded (never as their id); their "
+                    "semantic IDs come from %s", missing, len(catalog), fallback)
+    return {"items_without_text": missing, "without_text_fallback": fallback if missing else None}
 
 
 def _new_item_throughput(artifact: SemanticIdArtifact, catalog: list[dict[str, Any]], n: int = 128) -> float:

@@ -74,6 +74,31 @@ def assign_dedup(prefixes: np.ndarray, item_ids: Sequence[str], capacity: int) -
     return out
 
 
+def largest_prefix_group(prefixes: np.ndarray) -> tuple[tuple[int, ...], int]:
+    """(the prefix most items share, how many share it)."""
+    uniq, counts = np.unique(np.asarray(prefixes), axis=0, return_counts=True)
+    top = int(counts.argmax())
+    return tuple(int(c) for c in uniq[top]), int(counts[top])
+
+
+def auto_dedup_size(prefixes: np.ndarray) -> int:
+    """A dedup capacity sized from the catalog: twice its largest prefix group (room for new items that land in
+    it), rounded up to a power of two, at least 8."""
+    _, largest = largest_prefix_group(prefixes)
+    return max(8, 1 << (2 * largest - 1).bit_length())
+
+
+def check_dedup_capacity(prefixes: np.ndarray, capacity: int) -> None:
+    """Fail before allocating, with the numbers, when a prefix group is larger than the dedup level."""
+    prefix, largest = largest_prefix_group(prefixes)
+    if largest > capacity:
+        raise DedupOverflowError(
+            f"{largest} items share the semantic-ID prefix {prefix_key(prefix)} but the dedup level holds "
+            f"{capacity} (dedup_size): set dedup_size to at least {largest} (or 'auto', sized from the data), "
+            "raise the codebook sizes, or give the items more features (titles, genres) so their codes differ"
+        )
+
+
 def collision_stats(prefixes: np.ndarray) -> dict[str, float]:
     """How often the quantized codes alone fail to tell items apart (before dedup)."""
     _, inverse, counts = np.unique(np.asarray(prefixes), axis=0, return_inverse=True, return_counts=True)

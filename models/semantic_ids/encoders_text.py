@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from models.semantic_ids.encoders import EncoderError, ItemEncoder, check_batch, register_encoder
-from models.semantic_ids.items import DEFAULT_TEXT_TEMPLATE, item_text
+from models.semantic_ids.items import DEFAULT_TEXT_TEMPLATE, has_free_text, item_text
 
 
 class TextBackend(ABC):
@@ -180,13 +180,21 @@ class TextEncoder(ItemEncoder):
     def texts(self, items: Sequence[Mapping[str, Any]]) -> list[str]:
         return [item_text(it, self.template) for it in check_batch(items)]
 
+    def with_text(self, items: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """(N,) bool: the items that have the free text (title / description) the template uses."""
+        return np.asarray([has_free_text(it, self.template) for it in check_batch(items)], dtype=bool)
+
     def encode(self, items: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Embedded text; all-zero rows (fusion's "missing") for items without a title or description."""
         texts = self.texts(items)
+        keep = self.with_text(items)
         backend = self._backend()
-        if not texts:
-            return np.zeros((0, backend.dim), np.float32)
-        parts = [backend.embed(texts[i : i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
-        return np.concatenate(parts).astype(np.float32, copy=False)
+        out = np.zeros((len(texts), backend.dim), np.float32)
+        present = [t for t, k in zip(texts, keep, strict=True) if k]
+        if present:
+            parts = [backend.embed(present[i : i + self.batch_size]) for i in range(0, len(present), self.batch_size)]
+            out[keep] = np.concatenate(parts).astype(np.float32, copy=False)
+        return out
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         options = {

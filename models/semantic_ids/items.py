@@ -83,6 +83,20 @@ def item_text(item: Mapping[str, Any], template: str = DEFAULT_TEXT_TEMPLATE) ->
     return text
 
 
+def has_free_text(item: Mapping[str, Any], template: str = DEFAULT_TEXT_TEMPLATE) -> bool:
+    """Whether the item has the free text (title, description) its text template uses.
+
+    An item without it is not text-embedded at all (its text part stays zero, which fusion treats as missing),
+    so its semantic ID comes from the structured features alone instead of from an embedding of "(): genres" or
+    of its id string. A template that uses no free-text field embeds every item.
+    """
+    fields = [f for f in ("title", "description") if "{" + f + "}" in template]
+    if not fields:
+        return True
+    c = canonical_item(item)
+    return any(c[f].strip() for f in fields)
+
+
 def items_from_frame(frame: Any) -> list[dict[str, Any]]:
     """Rows of a pandas DataFrame (load_dataset(...).items) as canonical item dicts."""
     missing = {"item_id", "title"} - set(frame.columns)
