@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:
 
 from bench.common import machine_info, print_table  # noqa: E402
 from models.data import history_row  # noqa: E402
-from models.ugt.inference import COMPACT_WIDTH, InferenceConfig, UGTInference  # noqa: E402
+from models.ugt.inference import InferenceConfig, UGTInference  # noqa: E402
 from models.ugt.model import UGT, UGTConfig  # noqa: E402
 
 COLUMNS = ["config", "variant", "batch", "qps", "p50_ms", "p99_ms", "p999_ms"]
@@ -354,15 +354,15 @@ def stage_split(engine: UGTInference, pool: Pool, batch: int, k: int, reps: int 
         dev = host.to(engine.device, non_blocking=True)
         sync()
         t.append(time.perf_counter())
-        user = engine._run("decode_compact" if decode else "prefill", dev)[:batch]
-        excl_dev = (dev[:, COMPACT_WIDTH:] if decode else engine.exclusions(dev))[:batch]
+        user = engine.step("decode_compact" if decode else "prefill", dev)[:batch]
+        excl_dev = engine.exclusions(dev, compact=decode)[:batch]
         sync()
         t.append(time.perf_counter())
         values, indices, counts = engine.retrieve(user, excl_dev, k)
         sync()
         t.append(time.perf_counter())
         if engine.config.merge == "rrf":
-            values, indices = engine._rrf(user, excl_dev, indices, k)
+            values, indices = engine.rrf(user, excl_dev, indices, k)
         sync()
         t.append(time.perf_counter())
         values.cpu(), indices.cpu(), counts.cpu()
