@@ -18,6 +18,7 @@ from models.ugt.ranking import candidate_logits
 from models.ugt.runner.batch import BatchLayout
 from models.ugt.runner.beam import generate, union_candidates
 from models.ugt.runner.catalog import ItemCatalog
+from models.ugt.runner.config import InferenceConfig
 from models.ugt.runner.graphs import BatchDescriptor, GraphDispatcher
 from models.ugt.runner.merge import rrf_merge
 from models.ugt.runner.retrieval import retrieve, score_candidates
@@ -29,7 +30,7 @@ HeadOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (scores, items, 
 class HeadRunner:
     """Answers a batch of user states with (scores, items, valid counts), as the engine's config asks."""
 
-    def __init__(self, config, catalog: ItemCatalog, layout: BatchLayout, stack: StackRunner,
+    def __init__(self, config: InferenceConfig, catalog: ItemCatalog, layout: BatchLayout, stack: StackRunner,
                  dispatcher: GraphDispatcher, dtype: torch.dtype):
         self.config, self.catalog, self.layout, self.stack = config, catalog, layout, stack
         self.dispatcher, self.dtype = dispatcher, dtype
