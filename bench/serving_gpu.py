@@ -44,9 +44,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import git_commit, print_table, utc_now, write_result  # noqa: E402
-from models.data import history_row  # noqa: E402
-from models.ugt.inference import COMPACT_WIDTH, InferenceConfig, UGTInference  # noqa: E402
-from models.ugt.model import UGT, UGTConfig  # noqa: E402
+from bench.serving_gpu_workloads import industrial_model, industrial_pool, ml1m_pool, train_ml1m  # noqa: E402
+from models.ugt.inference import InferenceConfig, UGTInference  # noqa: E402
+from models.ugt.model import UGT  # noqa: E402
 
 COLUMNS = ["config", "variant", "batch", "qps", "p50_ms", "p99_ms", "p999_ms"]
 OPEN_COLUMNS = ["config", "variant", "offered_qps", "qps", "p50_ms", "p99_ms", "p999_ms", "mean_batch"]
@@ -80,68 +80,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="bench/results/serving_gpu.json")
     p.add_argument("--merge", action="store_true", help="keep other configs' rows already in --out")
     return p.parse_args(argv)
-
-
-# ---- models and request pools ------------------------------------------------------------------------
-
-
-def industrial_model(items: int, history: int, seed: int = 0) -> UGT:
-    """8 layers, d = 256, 4 heads x 64, MoE 4 x 256 top-2 (computed densely: a 1,024-wide FFN's cost),
-    history ``history`` (one token per event), ``items`` items, random semantic IDs (3 x 256) + SID head."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    flat = rng.choice(256**3, size=items, replace=False)
-    codes = np.zeros((items + 1, 3), np.int64)
-    codes[1:] = np.stack([flat // 65536, (flat // 256) % 256, flat % 256], 1)
-    cfg = UGTConfig.from_dict({
-        "num_items": items, "d_model": 256, "num_layers": 8, "num_heads": 4, "dqk": 64, "dv": 64, "dropout": 0.0,
-        "embedding": {"item_repr": "id", "use_genres": False, "use_year": False},
-        "multiscale": {"recent_len": history, "long_groups": 0},
-        "moe": {"d_ff": 256, "num_experts": 4, "top_k": 2}, "heads": {"semantic_id": True, "ranking": True},
-    })
-    return UGT(cfg, None, None, codes, [256, 256, 256]).eval()
-
-
-def industrial_pool(users: int, history: int, items: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
-    """Full-length random histories (every position real), request time one hour after the last event."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(users):
-        ids = rng.integers(1, items + 1, size=history)
-        times = 1_700_000_000 + np.cumsum(rng.integers(1, 20_000, size=history))
-        ratings = rng.integers(0, 11, size=history)
-        rows.append(history_row(ids, times, ratings, history, 0, int(times[-1]) + 3600))
-    return rows
-
-
-def train_ml1m(minutes: float, out_dir: str) -> Path:
-    """A short `ugt train` of models/configs/ugt_ml1m.yaml (DPO off; semantic IDs from .ugtdata when there)."""
-    from models.train import fit
-    from models.train_config import load_config
-
-    sets: dict[str, Any] = {"out_dir": out_dir, "max_minutes": minutes, "progress": False, "dpo": {"enabled": False}}
-    artifact = REPO / ".ugtdata" / "sid-ml1m.npz"
-    if artifact.exists():
-        sets["semantic_ids"] = {"artifact": str(artifact)}
-    fit(load_config(str(REPO / "models/configs/ugt_ml1m.yaml"), sets))
-    return Path(out_dir) / "checkpoint.pt"
-
-
-def ml1m_pool(checkpoint: Path) -> dict[str, Any]:
-    """The trained model, its test rows (one per user, as eval builds them) and their targets."""
-    from models.checkpoint import load_checkpoint, long_history_len
-    from models.data import make_split
-
-    model, cfg, data, _ = load_checkpoint(checkpoint)
-    split = make_split(data, "test", cfg.max_len, long_history_len(cfg))
-    R = len(split.users)
-    batched = split.rows(np.arange(R))
-    keys = ("ids", "times", "query_times", "ratings", "gaps", "query_gaps", "lengths", "long_ids", "long_times")
-    rows = [{k: batched[k][r : r + 1] for k in keys} for r in range(R)]
-    summary_path = checkpoint.parent / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    return {"model": model.eval(), "rows": rows, "targets": np.asarray(batched["targets"]), "summary": summary,
-            "mask": cfg.mask_history}
 
 
 # ---- measurement ---------------------------------------------------------------------------------------
@@ -355,15 +293,15 @@ def stage_split(engine: UGTInference, pool: Pool, batch: int, k: int, reps: int 
         dev = host.to(engine.device, non_blocking=True)
         sync()
         t.append(time.perf_counter())
-        user = engine._run("decode_compact" if decode else "prefill", dev)[:batch]
-        excl_dev = (dev[:, COMPACT_WIDTH:] if decode else engine.exclusions(dev))[:batch]
+        user = engine.step("decode_compact" if decode else "prefill", dev)[:batch]
+        excl_dev = engine.exclusions(dev, compact=decode)[:batch]
         sync()
         t.append(time.perf_counter())
         values, indices, counts = engine.retrieve(user, excl_dev, k)
         sync()
         t.append(time.perf_counter())
         if engine.config.merge == "rrf":
-            values, indices = engine._rrf(user, excl_dev, indices, k)
+            values, indices = engine.rrf(user, excl_dev, indices, k)
         sync()
         t.append(time.perf_counter())
         values.cpu(), indices.cpu(), counts.cpu()

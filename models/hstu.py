@@ -11,7 +11,8 @@ Generative Recommendations" (ICML'24), and meta-recsys/generative-recommenders
 Sequences are left-aligned (events first, padding after) so causal masking never lets a real position
 see padding; keys are still masked by validity for inputs that put padding in front (UGT's long-term tokens).
 
-Layout: blocks (bias, attention, block), then ``HSTUConfig``, then ``HSTU`` (a sequential recommender).
+Layout: blocks (bias, block), then ``HSTUConfig``, then ``HSTU`` (a sequential recommender). The reference
+attention and the time buckets live one layer down, in ``models.kernels.reference``, beside the fused kernel.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.kernels.hstu_attention import RelBias, fused_hstu_attention
+from models.kernels.reference import bucketize_time_gaps, hstu_attention
 
-def bucketize_time_gaps(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """HSTU's log bucket of |dt| seconds: floor(ln(max(|dt|, 1)) / 0.301), clamped to [0, num_buckets]."""
-    return (torch.log(dt.abs().clamp(min=1).float()) / 0.301).long().clamp(0, num_buckets)
+__all__ = ["HSTU", "HSTUBlock", "HSTUConfig", "RelativeBucketedTimeAndPositionBias", "bucketize_time_gaps",
+           "hstu_attention"]
 
 
 class RelativeBucketedTimeAndPositionBias(nn.Module):
@@ -48,24 +50,6 @@ class RelativeBucketedTimeAndPositionBias(nn.Module):
         pos_bias = self.pos_w[self.pos_index[:N, :N]]  # (N, N)
         buckets = bucketize_time_gaps(query_times.unsqueeze(2) - times.unsqueeze(1), self.num_buckets)
         return pos_bias.unsqueeze(0) + self.ts_w[buckets]  # (B, N, N)
-
-
-def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                   key_valid: torch.Tensor, norm: float) -> torch.Tensor:
-    """PyTorch reference of HSTU's pointwise aggregated attention.
-
-    q, k: (B, N, H, dqk); v: (B, N, H, dv); bias: (B, N, N) or None; key_valid: (B, N) bool.
-    Returns (B, N, H * dv). Causal: position i aggregates keys j <= i only.
-    """
-    B, N, H, _ = q.shape
-    scores = torch.einsum("bnhd,bmhd->bhnm", q, k)  # (B, H, N, N)
-    if bias is not None:
-        scores = scores + bias.unsqueeze(1).to(scores.dtype)
-    weights = F.silu(scores) / norm
-    causal = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
-    mask = causal.view(1, 1, N, N) & key_valid.view(B, 1, 1, N)
-    weights = weights * mask.to(weights.dtype)
-    return torch.einsum("bhnm,bmhd->bnhd", weights, v).reshape(B, N, -1)
 
 
 class HSTUBlock(nn.Module):
@@ -91,8 +75,6 @@ class HSTUBlock(nn.Module):
             F.silu(normed @ self.uvqk), [self.dv * H, self.dv * H, self.dqk * H, self.dqk * H], dim=-1
         )
         if self.fused:
-            from models.kernels.hstu_attention import RelBias, fused_hstu_attention
-
             rel = None if self.rab is None else RelBias(self.rab.pos_w, self.rab.ts_w, times, query_times,
                                                          self.max_len)
             attn = fused_hstu_attention(q.view(B, N, H, self.dqk), k.view(B, N, H, self.dqk),

@@ -1,15 +1,15 @@
 """Fused HSTU attention in Triton, forward and backward, beside the PyTorch reference.
 
-HSTU's pointwise attention (``models.hstu.hstu_attention``) materialises (B, H, N, N) scores and weights
-plus a (B, N, N) relative bias; at history 1,024 that is most of a layer's memory traffic. This kernel keeps
-each (BLOCK_M, BLOCK_N) tile in registers: scores = q.k + bias, weights = silu(scores) / norm under the
+HSTU's pointwise attention (``models.kernels.reference.hstu_attention``) materialises (B, H, N, N) scores
+and weights plus a (B, N, N) relative bias; at history 1,024 that is most of a layer's memory traffic. This
+kernel keeps each (BLOCK_M, BLOCK_N) tile in registers: scores = q.k + bias, weights = silu(scores) / norm under the
 causal and key-validity masks, out += weights @ v. No softmax means no running max: tiles just add up.
 
 The bias comes one of two ways:
 * ``rel=RelBias(...)``: computed inside the kernel from the learned tables (position w_pos[i - j] and
   time-gap bucket w_ts[bucket(query_time_i - time_j)]), so no (B, N, N) tensor exists in the forward.
-  The bucket is exact against ``models.hstu.bucketize_time_gaps``: a fast log guesses it and a small
-  integer threshold table (built with the reference function itself) corrects the guess by one.
+  The bucket is exact against ``models.kernels.reference.bucketize_time_gaps``: a fast log guesses it and a
+  small integer threshold table (built with the reference function itself) corrects the guess by one.
 * ``bias=(B, N, N)`` tensor: any precomputed bias (it gets a gradient too).
 
 Backward: two kernels (dK/dV per key block, dQ per query block) recompute the tile; the bias gradient
@@ -20,20 +20,17 @@ Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's i
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from typing import NamedTuple
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+from models.kernels.reference import bucketize_time_gaps, hstu_attention
 
-    HAS_TRITON = True
-except ImportError:  # the CPU path never needs it
-    triton = None
-    tl = None
-    HAS_TRITON = False
+# Triton itself is imported with the kernels (``_kernels``), on first use: it reads TRITON_INTERPRET when imported,
+# and models.hstu imports this module whether or not a kernel ever runs. The CPU path never needs it.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 MAX_DIM = 256  # per-head dims above this would not fit a tile in registers
 
@@ -64,11 +61,9 @@ def triton_status(device: torch.device | str) -> tuple[bool, str]:
 def bucket_thresholds(num_buckets: int, device: str = "cpu") -> torch.Tensor:
     """thr[b] = the smallest integer |dt| (>= 1) whose reference bucket is >= b; thr[0] = 1, thr[nb + 1] = max.
 
-    Built by binary search through ``models.hstu.bucketize_time_gaps`` itself, so the kernel's buckets are the
-    reference's bit for bit (bucket(dt) is non-decreasing in integer dt).
+    Built by binary search through ``models.kernels.reference.bucketize_time_gaps`` itself, so the kernel's
+    buckets are the reference's bit for bit (bucket(dt) is non-decreasing in integer dt).
     """
-    from models.hstu import bucketize_time_gaps
-
     lo = torch.ones(num_buckets + 1, dtype=torch.int64)
     hi = torch.full((num_buckets + 1,), 1 << 62, dtype=torch.int64)
     target = torch.arange(num_buckets + 1)
@@ -84,8 +79,6 @@ def bucket_thresholds(num_buckets: int, device: str = "cpu") -> torch.Tensor:
 
 def reference_bucket_bias(rel: RelBias) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dense bias (B, N, N) fp32, position index (N, N), time buckets (B, N, N)) as the reference builds them."""
-    from models.hstu import bucketize_time_gaps
-
     B, N = rel.times.shape
     pos = torch.arange(N, device=rel.times.device)
     pos_index = pos.view(-1, 1) - pos.view(1, -1) + rel.max_len - 1
@@ -105,6 +98,11 @@ def _kernels():
 def _blocks(device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): 64x64 tiles on GPU; small tiles keep the CPU interpreter quick."""
     return (64, 64, 4) if device.type == "cuda" else (16, 16, 1)
+
+
+def _cdiv(n: int, block: int) -> int:
+    """Blocks of ``block`` that cover ``n`` (the launch grid)."""
+    return -(-n // block)
 
 
 def _pow2(n: int) -> int:
@@ -166,7 +164,7 @@ class _FusedHSTUAttention(torch.autograd.Function):
         o = torch.empty(B, N, H, Dv, device=q.device, dtype=q.dtype)
         BM, BN, warps = _blocks(q.device)
         fwd, _, _ = _kernels()
-        fwd[(triton.cdiv(N, BM), B * H)](q, k, v, o, *aux, *strides, o.stride(0), o.stride(1), o.stride(2), *sb, stb,
+        fwd[(_cdiv(N, BM), B * H)](q, k, v, o, *aux, *strides, o.stride(0), o.stride(1), o.stride(2), *sb, stb,
                                          svalb, *sizes, **meta, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
         ctx.save_for_backward(q, k, v, key_valid, bias, pos_w, ts_w, times, query_times)
         ctx.norm, ctx.max_len = norm, max_len
@@ -190,10 +188,10 @@ class _FusedHSTUAttention(torch.autograd.Function):
         dbias = torch.zeros(B, N, N, device=q.device, dtype=torch.float32) if need_dbias else aux[1]
         BM, BN, warps = _blocks(q.device)
         _, dkdv, dqk = _kernels()
-        dkdv[(triton.cdiv(N, BN), B * H)](q, k, v, do, dk, dv, dbias, *aux, *strides, do.stride(0), do.stride(1),
+        dkdv[(_cdiv(N, BN), B * H)](q, k, v, do, dk, dv, dbias, *aux, *strides, do.stride(0), do.stride(1),
                                           do.stride(2), *sb, stb, svalb, *sizes, **meta, NEED_DBIAS=need_dbias,
                                           BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
-        dqk[(triton.cdiv(N, BM), B * H)](q, k, v, do, dq, *aux, *strides, do.stride(0), do.stride(1), do.stride(2),
+        dqk[(_cdiv(N, BM), B * H)](q, k, v, do, dq, *aux, *strides, do.stride(0), do.stride(1), do.stride(2),
                                          *sb, stb, svalb, *sizes, **meta, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
         g_bias = g_pos = g_ts = None
         if need_dbias and bias is not None:
@@ -210,7 +208,7 @@ class _FusedHSTUAttention(torch.autograd.Function):
 
 def fused_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor, norm: float,
                          *, bias: torch.Tensor | None = None, rel: RelBias | None = None) -> torch.Tensor:
-    """Fused HSTU attention, same contract as ``models.hstu.hstu_attention``: returns (B, N, H * dv).
+    """Fused HSTU attention, same contract as ``models.kernels.reference.hstu_attention``: returns (B, N, H * dv).
 
     Give the bias as tables (``rel``, computed in the kernel) or as a dense (B, N, N) ``bias``, or neither.
     """
@@ -231,8 +229,6 @@ def reference_hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              norm: float, *, bias: torch.Tensor | None = None,
                              rel: RelBias | None = None) -> torch.Tensor:
     """The PyTorch reference with the fused function's signature (table bias built as HSTUBlock builds it)."""
-    from models.hstu import hstu_attention
-
     if rel is not None:
         bias, _, _ = reference_bucket_bias(rel)
     return hstu_attention(q, k, v, bias, key_valid, norm)

@@ -13,7 +13,14 @@ import torch
 
 from models.data import history_row
 from models.eval import batch_to_device, last_states
-from models.ugt.inference import COMPACT_WIDTH, InferenceConfig, PrefixCache, UGTInference, prefix_fingerprint
+from models.ugt.inference import (
+    COMPACT_WIDTH,
+    BatchDescriptor,
+    InferenceConfig,
+    PrefixCache,
+    UGTInference,
+    prefix_fingerprint,
+)
 from models.ugt.model import UGT, UGTConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -162,7 +169,7 @@ def test_heads_graph_gives_the_eager_answers_and_follows_a_grown_catalog():
                 np.testing.assert_allclose(g.scores, w.scores, rtol=1e-5, atol=1e-6)
 
     same([slice(0, 5), slice(3, 12), slice(0, 5), slice(11, 12)])  # misses, then hits, mixed sizes, in flight
-    assert any(key[0] == "heads" for key in graphed.graphs)
+    assert any(key.kind == "heads" for key in graphed.graphs)
     new_codes = np.array([[3, 3, 2]])
     known = (model.embed.item_codes[1:] - 1 - torch.tensor([0, 4, 8])).numpy()
     if (known == new_codes).all(1).any():
@@ -173,8 +180,8 @@ def test_heads_graph_gives_the_eager_answers_and_follows_a_grown_catalog():
         trie = PrefixTrie(all_codes, SIZES)
         eng.add_items(new_codes, np.array([[1, 2]]), np.array([3]), trie)
     same([slice(0, 8), slice(4, 12)])
-    heads = [key for key in graphed.graphs if key[0] == "heads"]
-    assert heads and all(key[4][0] == NUM_ITEMS + 1 for key in heads)  # the old catalog's graphs are gone
+    heads = [key for key in graphed.graphs if key.kind == "heads"]
+    assert heads and all(key.catalog[0] == NUM_ITEMS + 1 for key in heads)  # the old catalog's graphs are gone
 
 
 def test_bad_settings_fail_at_start():
@@ -200,7 +207,8 @@ def test_cuda_bf16_graphs_agree_with_cpu_fp32():
         for g, w in zip(got, want, strict=True):
             assert len(set(g.indices[:5].tolist()) & set(w.indices.tolist())) >= 4
             np.testing.assert_allclose(g.scores, w.scores, atol=0.05)
-    assert gpu.cache.hits == 11 and ("decode_compact", 32) in gpu.graphs and ("prefill", 32) in gpu.graphs
+    assert gpu.cache.hits == 11 and BatchDescriptor("decode_compact", 32) in gpu.graphs
+    assert BatchDescriptor("prefill", 32) in gpu.graphs
     fp32 = UGTInference(model, InferenceConfig(device="cuda", dtype="fp32", cuda_graphs=True))
     for g, w in zip(fp32.recommend(rows, excludes_of(rows), 10), want, strict=True):
         assert g.indices.tolist() == w.indices.tolist()
@@ -243,10 +251,10 @@ def test_compact_decode_equals_decode_of_the_full_rows():
     slots, hits = eng.cache.assign(keys, [prefix_fingerprint(r) for r in rows])
     assert all(hits)
     vectors, excl = eng.row_vectors(rows), eng.exclusion_matrix(excludes_of(rows))
-    full = eng._run("decode", eng.pack(vectors, excl, slots, 8))
+    full = eng.step("decode", eng.pack(vectors, excl, slots, 8))
     compact_host = eng.pack_compact(vectors, excl, slots, 8)
     assert compact_host.shape == (8, COMPACT_WIDTH + excl.shape[1])
-    compact = eng._run("decode_compact", compact_host)
+    compact = eng.step("decode_compact", compact_host)
     torch.testing.assert_close(compact[:6], full[:6], rtol=0, atol=0)
     torch.testing.assert_close(compact_host[:6, COMPACT_WIDTH:], torch.as_tensor(excl))
 

@@ -1,0 +1,49 @@
+"""What an engine serves with: device and precision, graphs, the KV cache, the heads and the catalog's growth."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.ugt.model import UGT
+
+
+@dataclass
+class InferenceConfig:
+    """An engine's settings; :meth:`check` refuses at start what the model cannot serve."""
+
+    device: str = "cpu"
+    dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    fused_attention: bool = True  # Triton HSTU attention where it runs (CUDA)
+    cuda_graphs: bool = True  # capture prefill/decode per batch bucket (CUDA only)
+    batch_buckets: tuple[int, ...] = (1, 8, 32, 128)
+    cache_slots: int = 0  # users whose prefix K/V is kept (0 = no KV cache)
+    beam_size: int = 0  # > 0: also semantic-ID beam search (needs the model's semantic-ID head)
+    merge: str = "retrieval"  # "retrieval" (dot-product top-k only) | "rrf" (retrieval + beam, rank-fused; with
+    # rank_top > 0 the ranking head orders the union of both lists instead)
+    candidate_micro_batch: int = 512  # M-FALCON-style micro-batch of candidates scored at once
+    compile: bool = False  # CPU: torch.compile prefill and decode at start (needs a C++ compiler; ~1 min)
+    rank_top: int = 0  # > 0: the ranking head reorders this many retrieval candidates (needs heads.ranking + cache)
+    new_item_slots: int = 0  # rows reserved for items that arrive after training (:meth:`UGTInference.add_items`)
+    # CUDA, merge="rrf": retrieval + constrained beam search + fusion replayed as one CUDA graph per (batch bucket,
+    # exclusion width, k) instead of ~150 small kernel launches; recaptured when the catalog or trie changes
+    heads_graph: bool = True
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
+
+    def check(self, model: UGT) -> None:
+        """A ValueError at start for settings this model cannot serve."""
+        if self.merge not in ("retrieval", "rrf"):
+            raise ValueError(f"merge must be 'retrieval' or 'rrf', got {self.merge!r}")
+        if (self.beam_size > 0 or self.merge == "rrf") and model.sid_head is None:
+            raise ValueError("beam search / rrf merge needs a model with a semantic-ID head")
+        if self.rank_top > 0 and model.ranker is None:
+            raise ValueError("rank_top > 0 needs a model trained with the ranking head (heads.ranking: true); "
+                             "set rank_top to 0 for this checkpoint")
+        if self.rank_top > 0 and self.cache_slots <= 0:
+            raise ValueError("rank_top > 0 reads each user's history keys/values from the KV cache: "
+                             "set cache_slots > 0")
