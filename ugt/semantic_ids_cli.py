@@ -15,6 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
+from tabulate import tabulate
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="<action>", required=True)
@@ -91,13 +93,11 @@ def _compare_text(args: argparse.Namespace) -> int:
         backend, _, model = text.partition(":")
         specs.append({"backend": backend, "model": model or None})
     results = compare_text_encoders(load_dataset(args.dataset), specs, k=args.k)
-    print(f"{'encoder':55s} {'items/s':>8s} {'open s':>7s} {'genre J@k':>9s} {'co-rating@k':>11s} {'random':>7s}")
-    for r in results:
-        name = r["encoder"]["backend"] + (f":{r['encoder']['model']}" if r["encoder"]["model"] else "")
-        print(
-            f"{name:55s} {r['items_per_s']:8.1f} {r['open_seconds']:7.2f} {r['genre_jaccard']:9.3f} "
-            f"{r['co_rating_cosine']:11.4f} {r['co_rating_cosine_random']:7.4f}"
-        )
+    rows = [[r["encoder"]["backend"] + (f":{r['encoder']['model']}" if r["encoder"]["model"] else ""),
+             f"{r['items_per_s']:.1f}", f"{r['open_seconds']:.2f}", f"{r['genre_jaccard']:.3f}",
+             f"{r['co_rating_cosine']:.4f}", f"{r['co_rating_cosine_random']:.4f}"] for r in results]
+    print(tabulate(rows, headers=["encoder", "items/s", "open s", "genre J@k", "co-rating@k", "random"],
+                   disable_numparse=True))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
     return 0

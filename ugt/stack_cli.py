@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tabulate import tabulate
+
 from infra import stack
 from infra.flink_home import flink_conf_dir
 from infra.settings import get_settings
@@ -29,10 +31,9 @@ def _only(text: str) -> list[str] | None:
 
 
 def print_status(rows: list[dict[str, object]]) -> None:
-    print(f"{'service':9s} {'port':>5s}  {'pid':13s} {'healthy':7s}  log")
-    for r in rows:
-        pids = " ".join(map(str, r["pid"])) or "-"  # type: ignore[call-overload]
-        print(f"{r['service']!s:9s} {r['port']!s:>5s}  {pids:13s} {'yes' if r['healthy'] else 'NO':7s}  {r['log']}")
+    table = [[r["service"], r["port"], " ".join(map(str, r["pid"])) or "-",  # type: ignore[call-overload]
+              "yes" if r["healthy"] else "NO", r["log"]] for r in rows]
+    print(tabulate(table, headers=["service", "port", "pid", "healthy", "log"], disable_numparse=True))
 
 
 def run(args: argparse.Namespace) -> int:
