@@ -54,6 +54,12 @@ def run(args: argparse.Namespace) -> int:
         data = lake_sequences(args.lake, cfg.tie_order, cfg.max_users)
     cfg = load_config(args.config, overrides)
     summary = fit(cfg, resume=args.resume, data=data)
+    if summary.get("interrupted"):  # stopped by UGT_TRAIN_DEADLINE (models/train.py): resumable
+        from models.train import INTERRUPTED_EXIT
+
+        print(json.dumps({"name": cfg.name, "interrupted": summary["interrupted"],
+                          "resume": str(cfg.output_dir / "last.pt")}))
+        return INTERRUPTED_EXIT
     test = summary["test"]
     print(json.dumps({"name": cfg.name, "model": cfg.model, "tie_order": cfg.tie_order,
                       **{k: round(test[k], 4) for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")},
