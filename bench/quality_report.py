@@ -60,7 +60,7 @@ def groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         by_group.setdefault(r["group"], []).append(r)
     out = []
-    for name, members in by_group.items():
+    for members in by_group.values():
         done = [r for r in members if r["finished"]]
         first = members[0]
         g = {k: first[k] for k in ("group", "model", "label", "recipe", "variant", "tie_order", "max_epochs",

@@ -14,12 +14,10 @@ Reads top to bottom like nanoGPT's train.py: data, stage 1, the losses, then the
 whole config, the model config and the vocabulary, so eval and serving rebuild the model from the file alone
 without importing this module, and ``resume`` continues a run where it stopped.
 
-Resume across processes (a GPU call that ends, a killed job): after every stage-2 epoch, and once stage 2 is done,
-``last.pt`` holds the current weights and optimizer, the best weights so far, the RNG states and the minutes spent,
-so ``ugt train --resume <out_dir>/last.pt`` (same config) continues as if never stopped and ``max_minutes`` counts
-all processes together. With ``UGT_TRAIN_DEADLINE`` (a UNIX time) in the environment, a run that would pass it
-with one more epoch (or with stage 3) stops cleanly after saving ``last.pt``: its summary says ``interrupted`` and
-no summary.json is written (`ugt train` exits with INTERRUPTED_EXIT). A finished run removes its ``last.pt``.
+Resume across processes: after every stage-2 epoch and at its end, ``last.pt`` holds the weights, optimizer, best
+weights, RNG states and minutes spent, so ``--resume <out_dir>/last.pt`` continues as if never stopped (and
+``max_minutes`` counts all processes). A run that would pass ``UGT_TRAIN_DEADLINE`` (UNIX time) with one more epoch
+or stage 3 stops after saving it, with no summary.json (`ugt train` exits INTERRUPTED_EXIT); a finished run drops it.
 """
 
 from __future__ import annotations
