@@ -303,9 +303,10 @@ class TrainRun:
         return float(self.state.get("minutes", 0.0))
 
     def save_resume(self, rng: np.random.Generator, t0: float) -> None:
-        """last.pt: everything ``start`` needs to continue exactly here (written whole, then renamed)."""
+        """last.pt: all ``start`` needs to continue here; best weights only if not the current (it travels)."""
         self.state["minutes"] = (time.time() - t0) / 60
-        saved = {"best_state_dict": self.best_state, "numpy_rng": rng.bit_generator.state,
+        best_is_current = self.state["best_epoch"] == self.state["epoch"] or self.state.get("stage2_done")
+        saved = {"best_state_dict": None if best_is_current else self.best_state, "numpy_rng": rng.bit_generator.state,
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
         partial = self.last_path.with_suffix(".pt.partial")
@@ -313,8 +314,7 @@ class TrainRun:
                         extra={"resume": saved})
         os.replace(partial, self.last_path)
 
-    def past_deadline(self, seconds: float) -> bool:
-        """Whether ``seconds`` more work would end after the deadline (never without one)."""
+    def past_deadline(self, seconds: float) -> bool:  # never without a deadline
         return self.deadline is not None and time.time() + seconds > self.deadline
 
     def step(self, batch: dict[str, torch.Tensor], _np: dict) -> float:
