@@ -137,7 +137,7 @@ def plan(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     outcomes = quality_runs.run_rows(rows_of(args), args.runs_dir, args.parallel, args.deadline_s, args.reserve_s,
-                                     args.set)
+                                     args.set, args.pack_mib)
     print(json.dumps(outcomes, indent=1))
     if args.pack_to:
         quality_runs.pack(args.runs_dir, Path(args.pack_to), args.pack_mib)

@@ -46,6 +46,8 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
 MINUTES = {("sasrec", "paper"): 4.5, ("hstu", "paper"): 5.0, ("hstu_large", "paper"): 11.0,
            ("sasrec", "ugt"): 7.0, ("hstu", "ugt"): 7.5, ("hstu_large", "ugt"): 15.0,
            ("ugt", "ugt"): 6.0, ("popularity", "paper"): 0.3}
+# last.pt per model on ML-1M (4 x float32 parameters: 1.14 M for UGT, 0.31 M for HSTU-large, 0.24 M others)
+RESUME_MIB = {"ugt": 18.0, "hstu_large": 5.0, "hstu": 4.0, "sasrec": 4.0, "popularity": 0.0}
 # CPU size (the CI test): ML-100K, the first 150 users, windows of 50, 3 epochs; models shrunk to seconds.
 TINY_SETS = ["dataset=ml-100k", "max_users=150", "max_len=50", "max_epochs=3", "patience=3", "batch_size=64",
              "eval_batch_size=256", "compile=false"]
@@ -77,6 +79,7 @@ class Row:
     config: str
     sets: tuple[str, ...] = field(default=())
     minutes: float = 0.0
+    resume_mib: float = 0.0  # its last.pt: weights, Adam moments and the best weights (what a call carries on)
 
     @property
     def name(self) -> str:
@@ -116,7 +119,8 @@ def _row(model: str, recipe: str, variant: str, ties: str, seed: int, semantic_i
     if tiny:
         sets = [*sets, *TINY_SETS, *TINY_MODELS[model.replace("_large", "")]]  # last: they win
     minutes = MINUTES.get((model, recipe), 6.0) + (1.5 if variant == "dpo" else 0.0)
-    return Row(model, recipe, variant, ties, seed, f"{CONFIGS}/{model}_ml1m.yaml", tuple(sets), minutes)
+    return Row(model, recipe, variant, ties, seed, f"{CONFIGS}/{model}_ml1m.yaml", tuple(sets), minutes,
+               0.0 if tiny else RESUME_MIB[model])
 
 
 def matrix(semantic_ids: str | None, tiny: bool = False) -> list[Row]:

@@ -121,22 +121,36 @@ def _wait(proc: subprocess.Popen, kill_at: float | None) -> bool:
 
 
 def run_rows(rows: list[Row], runs_dir: Path, parallel: int, deadline_s: float | None, reserve_s: float,
-             extra: list[str]) -> dict[str, str]:
+             extra: list[str], pack_mib: float = float("inf")) -> dict[str, str]:
     """Run every unfinished row, ``parallel`` at a time, resumable ones first; within ``deadline_s`` seconds
-    (rows stop training ``reserve_s`` before it, to evaluate and exit; no row starts after that)."""
+    (rows stop training ``reserve_s`` before it, to evaluate and exit; no row starts after that). With a deadline,
+    the rows running at once never hold more resume state (``Row.resume_mib``) than ``pack_mib``: what is still
+    running at the end must fit in what the next call carries."""
     start = time.time()
     end = start + deadline_s if deadline_s else None
     todo = [r for r in rows if status(runs_dir / r.name)["state"] != "done"]
     todo.sort(key=lambda r: status(runs_dir / r.name)["state"] != "resumable")
     outcomes: dict[str, str] = {}
-    lock = threading.Lock()
+    room = threading.Condition()
+    held = [0.0]  # resume MiB of the rows running now
 
     def one(row: Row) -> None:
-        if end is not None and time.time() > end - reserve_s:  # its deadline has passed: next call
+        need = row.resume_mib if end is not None else 0.0
+        with room:  # wait for carry room (the first row always gets it)
+            room.wait_for(lambda: held[0] == 0 or held[0] + need <= pack_mib
+                          or (end is not None and time.time() > end - reserve_s), timeout=None if end is None
+                          else max(0.0, end - reserve_s - time.time()))
+            late = end is not None and time.time() > end - reserve_s
+            if not late:
+                held[0] += need
+        if late:  # its deadline has passed: the next call starts it
             outcome = "not started (call ending)"
         else:
             outcome = launch(row, runs_dir, extra, end - reserve_s if end else None, end - 5 if end else None)
-        with lock:
+            with room:
+                held[0] -= need
+                room.notify_all()
+        with room:
             outcomes[row.name] = outcome
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
