@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script (bench/gpu_ml1m.sh): the repo's packages importable
     sys.path.insert(0, str(REPO))
 from bench.common import markdown_table, write_result  # noqa: E402
-from bench.ml1m_quality import device_name, launch  # noqa: E402
+from bench.quality_runs import device_name  # noqa: E402
 
 PROG = "python bench/cold_start.py"
 
@@ -62,10 +64,25 @@ def plan(args: argparse.Namespace) -> list[dict]:
     for spec in [v for v in args.variants.split(",") if v]:
         name, _, sets = spec.partition(":")
         runs.append({"name": f"new_items+{name}", "sets": [f"cold_items={args.cold}", *sets.split(";")]})
-    for run in runs:  # the fields bench.ml1m_quality.launch reads
+    for run in runs:  # the fields launch reads
         run.update(config=args.config, out_dir=f"{args.runs_dir}/{run['name']}",
                    sets=[f"name=cold-{run['name']}", "dpo.enabled=false", *run["sets"]])
     return runs
+
+
+def launch(run: dict, extra: list[str]) -> dict:
+    """One `ugt train` of ``run`` (its config, out_dir and --set overrides), logged to <out_dir>/stdout.log."""
+    Path(run["out_dir"]).mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "ugt.cli", "train", "--config", run["config"], "--out-dir", run["out_dir"],
+           "--quiet", "--set", f"name={run['name']}"]
+    for item in run["sets"] + extra:
+        cmd += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    start = time.time()
+    with open(Path(run["out_dir"]) / "stdout.log", "w") as log:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    print(f"[{time.strftime('%H:%M:%S')}] {run['name']}: rc={rc} in {time.time() - start:.0f}s", flush=True)
+    return {**run, "rc": rc}
 
 
 def collect(run: dict) -> dict | None:

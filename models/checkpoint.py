@@ -83,7 +83,8 @@ def model_config_dict(model: Any) -> dict[str, Any]:
 
 
 def save_checkpoint(path: Path, model: Any, cfg: TrainConfig, data: SequenceData, optimizer: Any, state: dict,
-                    codes: np.ndarray | None, codebook_sizes: list[int]) -> None:
+                    codes: np.ndarray | None, codebook_sizes: list[int], extra: dict | None = None) -> None:
+    """``extra``: more top-level entries (the trainer's resume state in last.pt, models/train.py)."""
     core = getattr(model, "_orig_mod", model)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -101,6 +102,7 @@ def save_checkpoint(path: Path, model: Any, cfg: TrainConfig, data: SequenceData
             "state_dict": core.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "train_state": state,
+            **(extra or {}),
         },
         path,
     )

@@ -13,6 +13,11 @@ Reads top to bottom like nanoGPT's train.py: data, stage 1, the losses, then the
 :func:`fit`) and stage 3. The config is models/train_config.py; checkpoints (models/checkpoint.py) hold the
 whole config, the model config and the vocabulary, so eval and serving rebuild the model from the file alone
 without importing this module, and ``resume`` continues a run where it stopped.
+
+Resume across processes: after every stage-2 epoch and at its end, ``last.pt`` holds the weights, optimizer, best
+weights, RNG states and minutes spent, so ``--resume <out_dir>/last.pt`` continues as if never stopped (and
+``max_minutes`` counts all processes). A run that would pass ``UGT_TRAIN_DEADLINE`` (UNIX time) with one more epoch
+or stage 3 stops after saving it, with no summary.json (`ugt train` exits INTERRUPTED_EXIT); a finished run drops it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -42,6 +48,20 @@ from models.ugt.model import UGT
 from models.ugt.ranking import ranking_loss
 
 log = logging.getLogger(__name__)
+
+DEADLINE_ENV = "UGT_TRAIN_DEADLINE"  # UNIX time by which a run stops and saves last.pt (bench/ml1m_quality.py)
+INTERRUPTED_EXIT = 75  # `ugt train`'s exit status for a run stopped by the deadline, resumable from last.pt
+
+
+def train_deadline() -> float | None:
+    """The deadline from ``UGT_TRAIN_DEADLINE``, or None; a value that is not a number is an error, not ignored."""
+    value = os.environ.get(DEADLINE_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{DEADLINE_ENV} must be a UNIX time in seconds, got {value!r}") from None
 
 # ---- data -------------------------------------------------------------------------------------
 
@@ -256,19 +276,46 @@ class TrainRun:
         self.step_model = model
         self.best_state: dict[str, torch.Tensor] = {}
         self.ckpt_path = cfg.output_dir / "checkpoint.pt"
+        self.last_path = cfg.output_dir / "last.pt"
+        self.deadline = train_deadline()
+        self.epoch_seconds = 0.0  # the last stage-2 epoch with its validation: what one more would cost
 
-    def start(self, resume: str | Path | None) -> None:
-        """Load ``resume`` (weights, optimizer, train state) if given, compile, and keep the start as the best."""
+    def start(self, resume: str | Path | None, rng: np.random.Generator) -> float:
+        """Load ``resume`` (weights, optimizer, train state; from a ``last.pt`` also the best weights and the RNG
+        states) if given, compile, and keep the best; returns the minutes the run had already spent."""
+        saved: dict[str, Any] = {}
         if resume:
             ckpt = torch.load(resume, map_location=self.device, weights_only=False)
             self.model.load_state_dict(ckpt["state_dict"])
             if ckpt.get("optimizer"):
                 self.optimizer.load_state_dict(ckpt["optimizer"])
             self.state = ckpt["train_state"]
+            saved = ckpt.get("resume") or {}
+            if saved:
+                rng.bit_generator.state = saved["numpy_rng"]
+                torch.set_rng_state(saved["torch_rng"].cpu())
+                if saved.get("cuda_rng") and self.device.type == "cuda":
+                    torch.cuda.set_rng_state_all([t.cpu() for t in saved["cuda_rng"]])
             log.info("resumed from %s at epoch %d", resume, self.state["epoch"])
         self.summary["parameters"] = sum(p.numel() for p in self.model.parameters())
         self.step_model = _compiled(self.model, self.cfg, self.device)
-        self.best_state = copy.deepcopy(self.model.state_dict())
+        self.best_state = copy.deepcopy(saved.get("best_state_dict") or self.model.state_dict())
+        return float(self.state.get("minutes", 0.0))
+
+    def save_resume(self, rng: np.random.Generator, t0: float) -> None:
+        """last.pt: all ``start`` needs to continue here; best weights only if not the current (it travels)."""
+        self.state["minutes"] = (time.time() - t0) / 60
+        best_is_current = self.state["best_epoch"] == self.state["epoch"] or self.state.get("stage2_done")
+        saved = {"best_state_dict": None if best_is_current else self.best_state, "numpy_rng": rng.bit_generator.state,
+                 "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
+        partial = self.last_path.with_suffix(".pt.partial")
+        save_checkpoint(partial, self.model, self.cfg, self.data, self.optimizer, self.state, self.codes, self.sizes,
+                        extra={"resume": saved})
+        os.replace(partial, self.last_path)
+
+    def past_deadline(self, seconds: float) -> bool:  # never without a deadline
+        return self.deadline is not None and time.time() + seconds > self.deadline
 
     def step(self, batch: dict[str, torch.Tensor], _np: dict) -> float:
         """One stage-2 optimizer step; a compiled step that fails falls back to eager for the rest of the run."""
@@ -317,25 +364,39 @@ class TrainRun:
             f.write(json.dumps(entry) + "\n")
         return state["bad_evals"] >= cfg.patience
 
-    def stage2(self, rng: np.random.Generator, t0: float, minutes: float) -> None:
-        """Next-token prediction (+ auxiliary losses) until patience or ``minutes`` run out; ends on the best state."""
+    def stage2(self, rng: np.random.Generator, t0: float, minutes: float) -> bool:
+        """Next-token prediction (+ auxiliary losses) until patience or ``minutes`` run out; ends on the best state.
+        Returns False when the deadline stopped it first (last.pt holds the run)."""
         cfg, state = self.cfg, self.state
+        if state.get("stage2_done"):  # resumed after stage 2: the saved weights are its best
+            self.summary.update({k: v for k, v in state.items() if k in ("stage2_best", "stopped_by_time")})
+            return True
         bar = tqdm(range(state["epoch"] + 1, cfg.max_epochs + 1), desc=f"{cfg.name} stage 2",
                    disable=not cfg.progress)
         for epoch in bar:
+            started = time.time()
             loss = _run_epoch(self.step, self.splits["train"], cfg, rng, self.device)
             state["epoch"] = epoch
             stop = self.log_eval(epoch, loss, 2)
+            self.epoch_seconds = time.time() - started
             bar.set_postfix(loss=f"{loss:.4f}", best=f"{state['best_metric']:.4f}@{state['best_epoch']}")
             if stop:
                 break
             if minutes > 0 and (time.time() - t0) / 60 > minutes:
-                self.summary["stopped_by_time"] = epoch
+                state["stopped_by_time"] = epoch
                 log.warning("stage 2 stopped by max_minutes at epoch %d", epoch)
                 break
+            self.save_resume(rng, t0)
+            if epoch < cfg.max_epochs and self.past_deadline(self.epoch_seconds):
+                bar.close()
+                self.summary["interrupted"] = f"deadline after epoch {epoch}"
+                return False
         bar.close()
-        self.summary["stage2_best"] = {"epoch": state["best_epoch"], "valid_ndcg@10": state["best_metric"]}
+        state["stage2_best"] = {"epoch": state["best_epoch"], "valid_ndcg@10": state["best_metric"]}
+        self.summary.update({k: v for k, v in state.items() if k in ("stage2_best", "stopped_by_time")})
         self.model.load_state_dict(self.best_state)
+        state["stage2_done"] = True
+        return True
 
     def stage3(self, dpo: DPOConfig, rng: np.random.Generator, t0: float) -> dict[str, Any]:
         """DPO on preference pairs, reference = the best stage-2 model; ends on the best state; returns its report."""
@@ -417,16 +478,22 @@ def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData |
         return _fit_popularity(model, cfg, data, splits, device, summary, t0)
 
     run = TrainRun(cfg, model, data, splits, device, (codes, sizes), cold if holdout else None, summary)
-    run.start(resume)
+    t0 -= run.start(resume, rng) * 60  # minutes spent before a resume count toward max_minutes
     dpo = DPOConfig(**(cfg.dpo or {}))
     dpo_on = dpo.enabled and dpo.epochs > 0
-    run.stage2(rng, t0, cfg.max_minutes * (0.8 if dpo_on else 1.0))  # leave DPO a fifth of the time
+    if not run.stage2(rng, t0, cfg.max_minutes * (0.8 if dpo_on else 1.0)):  # leave DPO a fifth of the time
+        return summary
     if dpo_on:
+        run.save_resume(rng, t0)  # a stop inside stage 3 restarts stage 3 from here
+        if run.past_deadline(2 * dpo.epochs * run.epoch_seconds):
+            summary["interrupted"] = "deadline before stage 3 (DPO)"
+            return summary
         summary["dpo"] = run.stage3(dpo, rng, t0)
     state = run.state
     summary.update(best_epoch=state["best_epoch"], best_stage=state.get("best_stage", 2), epochs_run=state["epoch"],
                    train_minutes=(time.time() - t0) / 60)
     run.test_report(cold, holdout)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    run.last_path.unlink(missing_ok=True)  # finished: nothing left to resume
     plot_curves(state["history"], out / "curves.png", f"{cfg.name} ({cfg.model}, {cfg.dataset}, ties={cfg.tie_order})")
     return summary

@@ -56,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, DatasetError, DedupOverflowError, FileNotFoundError, yaml.YAMLError) as exc:
         print(f"ugt train: {exc}", file=sys.stderr)
         return 2
+    if summary.get("interrupted"):  # stopped by UGT_TRAIN_DEADLINE (models/train.py): resumable
+        from models.train import INTERRUPTED_EXIT
+
+        print(json.dumps({"name": cfg.name, "interrupted": summary["interrupted"],
+                          "resume": str(cfg.output_dir / "last.pt")}))
+        return INTERRUPTED_EXIT
     test = summary["test"]
     print(json.dumps({"name": cfg.name, "model": cfg.model, "dataset": cfg.dataset, "tie_order": cfg.tie_order,
                       **{k: round(test[k], 4) for k in REPORTED if k in test},

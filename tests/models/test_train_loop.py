@@ -59,3 +59,30 @@ def test_preference_pairs_follow_the_rule():
             targets, ratings = split.targets[r, window], split.target_ratings[r, window]
             assert ratings[list(targets).index(chosen)] >= rule.high
             assert 0 < ratings[list(targets).index(rejected)] <= rule.low
+
+
+def test_deadline_stop_and_resume_from_last_match_an_uninterrupted_run(tmp_path, monkeypatch):
+    """UGT_TRAIN_DEADLINE stops a run after an epoch with last.pt saved and no summary.json; resuming it in new
+    fit() calls (as new processes would) restores weights, optimizer, best state and RNGs, so the result equals one
+    run that never stopped, and the finished run drops its last.pt."""
+    data = build_sequences(random_dataset(users=16, events=20), "stable")
+    kw = dict(max_epochs=4, max_len=12, model_config={"embedding_dim": 8, "dqk": 8, "dv": 8, "dropout": 0.3})
+    whole = fit(_cfg(tmp_path / "whole", **kw), data=data)
+    monkeypatch.setenv("UGT_TRAIN_DEADLINE", "1")  # long past: stop after every epoch
+    parts = tmp_path / "parts"
+    summary, calls = fit(_cfg(parts, **kw), data=data), 1
+    assert summary["interrupted"] == "deadline after epoch 1"
+    assert (parts / "last.pt").exists() and not (parts / "summary.json").exists()
+    while summary.get("interrupted"):
+        summary, calls = fit(_cfg(parts, **kw), resume=parts / "last.pt", data=data), calls + 1
+    assert calls == 4 and summary["epochs_run"] == whole["epochs_run"] == 4
+    assert summary["best_epoch"] == whole["best_epoch"]
+    assert summary["test"]["ndcg@10"] == pytest.approx(whole["test"]["ndcg@10"], abs=1e-9)
+    assert summary["test"]["mrr"] == pytest.approx(whole["test"]["mrr"], abs=1e-9)
+    assert not (parts / "last.pt").exists() and (parts / "summary.json").exists()
+
+
+def test_a_deadline_that_is_not_a_number_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("UGT_TRAIN_DEADLINE", "tomorrow")
+    with pytest.raises(ValueError, match="UGT_TRAIN_DEADLINE"):
+        fit(_cfg(tmp_path), data=build_sequences(random_dataset(), "stable"))
