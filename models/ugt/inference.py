@@ -168,6 +168,8 @@ class UGTInference:
         if all(kind == HIT for kind in kinds):
             return self.step("decode", dev), dev
         out = torch.empty(dev.shape[0], self.model.config.d_model, device=self.device)
+        # Hits and appends read their slots before the misses write: a miss in this batch may have evicted (and
+        # now prefills into) the slot of a user looked up earlier in it when the batch has more users than slots.
         for kind in (HIT, APPEND, MISS):
             idx = [i for i, k in enumerate(kinds) if k == kind]
             if not idx:
