@@ -253,20 +253,21 @@ def calibrate(checkpoint: Path, batches: int = 100, batch: int = 8) -> float:
 
 
 def kv_cache_lookups(port: int) -> tuple[float, float]:
-    """(hits, misses) of the server's UGT prefix cache so far, from its /metrics (0, 0 without one)."""
+    """(hits, the other lookups: appends and misses) of the server's UGT prefix cache so far, from its /metrics
+    (0, 0 without one)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    counts = {"hit": 0.0, "miss": 0.0}
+    counts = {"hit": 0.0, "append": 0.0, "miss": 0.0}
     for family in text_string_to_metric_families(text):
         if family.name == "ugt_serving_kv_cache_lookups":
             for sample in family.samples:
                 if sample.name.endswith("_total"):
                     counts[sample.labels["result"]] += sample.value
-    return counts["hit"], counts["miss"]
+    return counts["hit"], counts["append"] + counts["miss"]
 
 
 def warm_up(server: Server, rates: list[float], args: argparse.Namespace, users: list[str]) -> None:

@@ -141,6 +141,9 @@ class ServingConfig:
     batch_max_size: Int = Field(64, ge=1, le=4096)  # the dynamic batcher's largest batch (serving/batcher.py)
     # users whose prefix K/V each UGT generator keeps (0 = recompute every request)
     kv_cache_users: Int = Field(10000, ge=0, le=10_000_000)
+    # > 0: each UGT generator's KV pool (slots of the whole window, docs/SERVING.md) fits in this many bytes, holding
+    # fewer than kv_cache_users when they would not fit; LRU evicts when it is full. 0 = kv_cache_users alone decides
+    kv_cache_bytes: Int = Field(0, ge=0, le=1 << 40)
     # PyTorch CPU threads per serving process. 1: a served batch is a few hundred small ops, too small to split,
     # and idle OpenMP workers spin on the cores the event loop needs (measured: docs/SERVING.md). 0 = torch's default
     torch_threads: Int = Field(1, ge=0, le=256)

@@ -37,7 +37,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 class ServingMetrics:
     """Names (all prefixed ``ugt_serving_``): requests_total, stage_seconds, batch_size, fallbacks_total,
-    errors_total, popularity_source_total, kv_cache_lookups_total, engine_restarts_total, and for UGT models that
+    errors_total, popularity_source_total, kv_cache_lookups_total, kv_cache_bytes, engine_restarts_total, and for UGT models that
     follow new items: live_items, live_items_rejected_total, live_items_feed_errors_total, live_item_delay_seconds."""
 
     content_type = CONTENT_TYPE_LATEST
@@ -117,7 +117,7 @@ class ServingMetrics:
             self.stage_seconds.labels(stage)
 
     def watch_kv_caches(self, caches: dict[str, object]) -> None:
-        """Expose each UGT generator's prefix-cache hits and misses (read at scrape time, by domain)."""
+        """Expose each UGT generator's prefix-cache hits, appends, misses and bytes (read at scrape time, by domain)."""
         self.registry.register(_KVCacheCollector(caches))
 
     def watch_live_items(self, generators: dict[str, object]) -> None:
@@ -130,18 +130,26 @@ class ServingMetrics:
 
 
 class _KVCacheCollector:
-    """ugt_serving_kv_cache_lookups_total{domain, result=hit|miss} from models.ugt.inference.PrefixCache counters."""
+    """ugt_serving_kv_cache_lookups_total{domain, result=hit|append|miss} and ugt_serving_kv_cache_bytes{domain,
+    state=used|reserved} from models.ugt.runner.slot_cache.PrefixCache."""
 
     def __init__(self, caches: dict[str, object]):
         self.caches = caches
 
     def collect(self):
         family = CounterMetricFamily("ugt_serving_kv_cache_lookups", "UGT prefix (KV) cache lookups per request row: "
-                                     "hit = only the last event ran through the layers.", labels=["domain", "result"])
+                                     "hit = only the last event ran through the layers, append = only the events "
+                                     "after the cached prefix, miss = the whole history.", labels=["domain", "result"])
+        size = GaugeMetricFamily("ugt_serving_kv_cache_bytes", "UGT KV cache bytes: used = cached users' slots, "
+                                 "reserved = the whole pool (kv_cache_bytes caps it).", labels=["domain", "state"])
         for domain, cache in self.caches.items():
             family.add_metric([domain, "hit"], getattr(cache, "hits", 0))
+            family.add_metric([domain, "append"], getattr(cache, "appends", 0))
             family.add_metric([domain, "miss"], getattr(cache, "misses", 0))
+            size.add_metric([domain, "used"], getattr(cache, "bytes_used", 0))
+            size.add_metric([domain, "reserved"], getattr(cache, "bytes_reserved", 0))
         yield family
+        yield size
 
 
 class _LiveItemsCollector:

@@ -78,7 +78,8 @@ class UGTGenerator:
     name = "ugt"
 
     def __init__(self, checkpoint: str | Path, *, clock: Callable[[], float] = time.time,
-                 inference: InferenceConfig | None = None, kv_cache_users: int = 0, compile_cpu: bool = False,
+                 inference: InferenceConfig | None = None, kv_cache_users: int = 0, kv_cache_bytes: int = 0,
+                 compile_cpu: bool = False,
                  rank_top: int = -1, beam_size: int = 0, live_items: int = 0,
                  redis_factory: Callable[[], object] | None = None, sid_version: str = ""):
         from models.checkpoint import load_checkpoint, long_history_len
@@ -114,13 +115,14 @@ class UGTGenerator:
             self.table = self.model.item_embeddings().float()  # fixed after training: computed once
         if inference is None:  # GPU when there is one (bf16, CUDA graphs, fused attention), else CPU fp32
             # kv_cache_users > 0: a user whose events did not change since the last request runs only the last
-            # event through the layers against the cached prefix (models/ugt/inference.py), on CPU too
+            # event through the layers against the cached prefix, one with new events only those (an append;
+            # models/ugt/runner/slot_cache.py), on CPU too; kv_cache_bytes > 0 caps the pool's bytes
             # compile_cpu: torch.compile the CPU path (CUDA has CUDA graphs instead)
             # rank_top: -1 = the checkpoint's own (when it has a ranking head and there is a KV cache to read)
             device = "cuda" if torch.cuda.is_available() else "cpu"
             if rank_top < 0:
                 rank_top = model.config.heads.rank_top if model.ranker is not None and kv_cache_users > 0 else 0
-            inference = InferenceConfig(device=device, cache_slots=kv_cache_users,
+            inference = InferenceConfig(device=device, cache_slots=kv_cache_users, cache_bytes=kv_cache_bytes,
                                         compile=compile_cpu and device == "cpu", rank_top=rank_top,
                                         beam_size=beam_size, merge="rrf" if beam_size > 0 else "retrieval")
         self.codes = ckpt.get("semantic_codes")
@@ -142,9 +144,13 @@ class UGTGenerator:
             hint = "; or set the serving key torch_compile: false" if inference.compile else ""
             if inference.rank_top > 0 and ("rank_top" in str(exc) or "cache_slots" in str(exc)):
                 hint = "; set the serving key rank_top: 0, or -1 to follow the checkpoint (and kv_cache_users > 0)"
+            if "cache_bytes" in str(exc):
+                hint = "; raise the serving key kv_cache_bytes, or 0 for no byte budget"
             if "semantic-ID head" in str(exc):
                 hint = "; set the serving key beam_size: 0 for this checkpoint"
             raise CheckpointError(f"cannot serve {str(path)!r}: {exc}{hint}") from exc
+        if self.engine.cache is not None:  # the byte budget may hold fewer users: keep as many rows as slots
+            self.prepared_capacity = min(self.prepared_capacity, self.engine.cache.capacity)
 
     def _code_of(self, item_id: str) -> tuple[int, ...]:
         return tuple(int(c) for c in self.codes[self.item_to_index[item_id]])

@@ -7,7 +7,9 @@ model runner, one job per module:
   excluded item indices packed into one int64 (B, W) tensor in pinned memory and copied once; an all-hit batch
   sends only each row's last event.
 * **KV/slot cache** (:mod:`.runner.slot_cache`): with ``cache_slots > 0`` a prefill keeps each user's per-layer
-  K/V in a slot; a later request whose prefix is unchanged runs only its last token (``decode``).
+  K/V in a slot (the pool within ``cache_bytes``); a later request whose prefix is unchanged runs only its last
+  token (``decode``, a hit); one whose history extends the cached row runs only the new events (``append``,
+  :mod:`.runner.append`); anything else is prefilled again (a miss).
 * **The stack** (:mod:`.runner.stack`): prefill and decode, Triton HSTU attention where it runs; bf16 on GPU,
   fp32 on CPU (eager, or torch.compile'd with :mod:`.runner.compiled`).
 * **Graphs** (:mod:`.runner.graphs`): each step captured once per batch descriptor (e.g. buckets 1, 8, 32, 128)
@@ -28,6 +30,7 @@ import torch
 from models.kernels.hstu_attention import triton_status
 from models.ugt.heads import PrefixTrie, TrieEdit
 from models.ugt.model import UGT
+from models.ugt.runner.append import suffix_width
 from models.ugt.runner.batch import (
     COMPACT_WIDTH,
     ROW_FIELDS,
@@ -41,11 +44,11 @@ from models.ugt.runner.graphs import BatchDescriptor, CapturedGraph, GraphDispat
 from models.ugt.runner.head_runner import HeadRunner
 from models.ugt.runner.merge import RRF_K
 from models.ugt.runner.outputs import Pending, TopK
-from models.ugt.runner.slot_cache import PrefixCache, SlotPool
+from models.ugt.runner.slot_cache import APPEND, HIT, MISS, PrefixCache, SlotPool
 from models.ugt.runner.stack import StackRunner
 
-__all__ = ["COMPACT_WIDTH", "ROW_FIELDS", "RRF_K", "BatchDescriptor", "InferenceConfig", "Pending", "PrefixCache",
-           "TopK", "UGTInference", "prefix_fingerprint"]
+__all__ = ["APPEND", "COMPACT_WIDTH", "HIT", "MISS", "ROW_FIELDS", "RRF_K", "BatchDescriptor", "InferenceConfig",
+           "Pending", "PrefixCache", "TopK", "UGTInference", "prefix_fingerprint"]
 
 
 class UGTInference:
@@ -63,7 +66,11 @@ class UGTInference:
         self.G = ms.long_groups if self.model.compressor is not None else 0
         self.E = max(ms.max_long if self.G else 0, 1)
         self.T = self.G + self.N
-        self.cache = PrefixCache(c.cache_slots) if c.cache_slots > 0 else None
+        blk = self.model.layers[0].attn
+        self.slot_bytes = SlotPool.slot_bytes(len(self.model.layers), blk.num_heads, self.T, blk.dqk, blk.dv,
+                                              self.dtype)
+        slots = self.cache_slots_within(c)
+        self.cache = PrefixCache(slots, self.slot_bytes) if slots > 0 else None
         self.layout = BatchLayout(self.N, self.E, self.device, self.cache.scratch if self.cache is not None else 0)
         self.width = self.layout.width
         self.fused = c.fused_attention and self.device.type == "cuda" and triton_status(self.device)[0]
@@ -72,13 +79,23 @@ class UGTInference:
         self.catalog = ItemCatalog(self.model, self.dtype)
         pool = None
         if self.cache is not None:
-            blk = self.model.layers[0].attn
-            pool = SlotPool(len(self.model.layers), c.cache_slots, blk.num_heads, self.T, blk.dqk, blk.dv,
-                            self.device, self.dtype)
+            pool = SlotPool(len(self.model.layers), slots, blk.num_heads, self.T, blk.dqk, blk.dv, self.device,
+                            self.dtype)
         self.stack = StackRunner(self.model, self.layout, pool, self.G, self.fused, self.dispatcher)
         self.heads = HeadRunner(c, self.catalog, self.layout, self.stack, self.dispatcher, self.dtype)
         if c.compile:
             self.stack.compile()
+
+    def cache_slots_within(self, c: InferenceConfig) -> int:
+        """``cache_slots``, fewer when the pool (slots + scratch, :attr:`slot_bytes` each) must fit ``cache_bytes``."""
+        if c.cache_slots <= 0 or c.cache_bytes <= 0:
+            return max(c.cache_slots, 0)
+        fit = c.cache_bytes // self.slot_bytes - 1  # one slot is scratch
+        if fit < 1:
+            raise ValueError(f"cache_bytes {c.cache_bytes} holds no user: one slot is {self.slot_bytes} bytes "
+                             f"(every layer's K/V over {self.T} positions) and the pool needs one more as scratch; "
+                             f"set it to at least {2 * self.slot_bytes}, or 0 for no byte budget")
+        return min(c.cache_slots, fit)
 
     # ---- what the parts hold -----------------------------------------------------------------------
 
@@ -141,25 +158,44 @@ class UGTInference:
         """User states of a device batch by ``kind`` ("prefill", "decode", "decode_compact")."""
         return self.stack.run(kind, buf)
 
-    def users(self, host: torch.Tensor, hits: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(user states (B, D) fp32, the device buffer): one H2D copy, prefill and/or decode by cache hit."""
+    def users(self, host: torch.Tensor, kinds: Sequence[str], starts: Sequence[int] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user states (B, D) fp32, the device buffer): one H2D copy, then decode (hit), append (from ``starts``)
+        and/or prefill (miss) by each row's kind."""
         dev = host.to(self.device, non_blocking=True)
-        if self.cache is None or not any(hits):
+        if self.cache is None or all(kind == MISS for kind in kinds):
             return self.step("prefill", dev), dev
-        if all(hits):
+        if all(kind == HIT for kind in kinds):
             return self.step("decode", dev), dev
         out = torch.empty(dev.shape[0], self.model.config.d_model, device=self.device)
-        for kind, hit in (("decode", True), ("prefill", False)):
-            idx = [i for i, h in enumerate(hits) if h == hit]
+        # Hits and appends read their slots before the misses write: a miss in this batch may have evicted (and
+        # now prefills into) the slot of a user looked up earlier in it when the batch has more users than slots.
+        for kind in (HIT, APPEND, MISS):
+            idx = [i for i, k in enumerate(kinds) if k == kind]
+            if not idx:
+                continue
             sel = torch.as_tensor(idx, device=self.device)
-            sub = dev.index_select(0, sel)
-            size = self.bucket(len(idx))
-            if size > len(idx):
-                pad = sub[:1].expand(size - len(idx), -1).clone()
-                pad[:, self.width] = self.cache.scratch
-                sub = torch.cat([sub, pad])
-            out[sel] = self.step(kind, sub)[: len(idx)]
+            sub = self._sub_batch(dev.index_select(0, sel), len(idx))
+            if kind == APPEND:
+                if starts is None:
+                    raise ValueError("appended rows need their starts (PrefixCache.lookup)")
+                first = [starts[i] for i in idx]
+                longest = max(int(host[i, 6 * self.N]) - first[j] for j, i in enumerate(idx))
+                first += first[:1] * (sub.shape[0] - len(idx))
+                width = suffix_width(longest, self.graphs_on)
+                out[sel] = self.stack.run_append(sub, torch.as_tensor(first, device=self.device), width)[: len(idx)]
+            else:
+                out[sel] = self.step("decode" if kind == HIT else "prefill", sub)[: len(idx)]
         return out, dev
+
+    def _sub_batch(self, sub: torch.Tensor, n: int) -> torch.Tensor:
+        """``sub`` padded to its bucket with copies of its first row writing to the scratch slot."""
+        size = self.bucket(n)
+        if size == n:
+            return sub
+        pad = sub[:1].expand(size - n, -1).clone()
+        pad[:, self.width] = self.cache.scratch
+        return torch.cat([sub, pad])
 
     def retrieve(self, user: torch.Tensor, excl: torch.Tensor, k: int):
         """Top-k (scores, indices) over the served items, exclusions masked, + valid counts per row."""
@@ -218,14 +254,15 @@ class UGTInference:
         if self.cache is not None:
             if prints is None:
                 raise ValueError("packed rows need their prefix fingerprints when the KV cache is on")
-            slots, hits = self.cache.assign(list(keys), list(prints))
+            slots, kinds, starts = self.cache.lookup(list(keys), list(prints), vectors[:, 6 * self.N],
+                                                     lambda b, m: self.layout.committed_print(vectors[b], m))
         else:
-            slots, hits = [0] * n, [False] * n
-        compact = self.cache is not None and all(hits)
+            slots, kinds, starts = [0] * n, [MISS] * n, [0] * n
+        compact = self.cache is not None and all(kind == HIT for kind in kinds)
         if compact:  # decode only: the last events cross, not the whole rows
             dev = self.pack_compact(vectors, excl, slots, self.bucket(n)).to(self.device, non_blocking=True)
             user = self.step("decode_compact", dev)
         else:
-            user, dev = self.users(self.pack(vectors, excl, slots, self.bucket(n), fresh=True), hits)
+            user, dev = self.users(self.pack(vectors, excl, slots, self.bucket(n), fresh=True), kinds, starts)
         values, indices, counts = self.heads.top_k(dev, compact, user, self.exclusions(dev, compact), k, n)
         return Pending.to_host(n, k, values, indices, counts)

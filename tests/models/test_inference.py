@@ -15,6 +15,7 @@ from models.data import history_row
 from models.eval import batch_to_device, last_states
 from models.ugt.inference import (
     COMPACT_WIDTH,
+    MISS,
     BatchDescriptor,
     InferenceConfig,
     PrefixCache,
@@ -74,7 +75,7 @@ def test_prefill_matches_the_model_forward_and_topk_masks_history():
     rows = user_rows(6)
     eng = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32"))
     host = eng.pack(eng.row_vectors(rows), eng.exclusion_matrix(excludes_of(rows)), [0] * 6, 6)
-    user, dev = eng.users(host, [False] * 6)
+    user, dev = eng.users(host, [MISS] * 6)
     torch.testing.assert_close(user, reference_users(model, rows), rtol=1e-5, atol=1e-6)
     table = model.item_embeddings().float().detach()
     got = eng.recommend(rows, excludes_of(rows), 5)
@@ -138,7 +139,7 @@ def test_score_candidates_and_rrf_merge_return_valid_unseen_items():
         assert not set(g.indices.tolist()) & set(e.tolist()) and 0 not in g.indices
         assert list(g.scores) == sorted(g.scores, reverse=True)
     host = eng.pack(eng.row_vectors(rows), eng.exclusion_matrix(excl), [0] * 4, 4)
-    user, _ = eng.users(host, [False] * 4)
+    user, _ = eng.users(host, [MISS] * 4)
     cands = torch.randint(1, NUM_ITEMS + 1, (4, 23))
     want = (user @ eng.table.T).gather(1, cands)
     torch.testing.assert_close(eng.score_candidates(user, cands), want)
@@ -362,7 +363,7 @@ def test_new_items_are_embedded_by_semantic_id_retrieved_generated_and_read_in_h
     masked = eng.recommend(rows, [np.union1d(e, [second]) for e in excludes_of(rows)], NUM_ITEMS + 3)
     assert all(second not in t.indices.tolist() for t in masked)
     user, _ = eng.users(eng.pack(eng.row_vectors(rows), eng.exclusion_matrix(excludes_of(rows)), [0] * 4, 4),
-                        [False] * 4)
+                        [MISS] * 4)
     items, logp = eng.generate(user, torch.zeros(4, 1, dtype=torch.long, device=device), 200)  # all fit in the beam
     assert all(second in row.tolist() and first not in row.tolist() for row in items)
 
@@ -372,8 +373,8 @@ def test_new_items_are_embedded_by_semantic_id_retrieved_generated_and_read_in_h
     with_new = history_row(items, times, np.array([4, 4, 4]), 12, 10, 1_600_000_300)
     with_other = history_row(np.array([3, 5, 9]), times, np.array([4, 4, 4]), 12, 10, 1_600_000_300)
     # (clone: on CUDA a replayed graph returns its static output, which the next replay overwrites)
-    a = eng.users(eng.pack(eng.row_vectors([with_new]), np.zeros((1, 1), np.int64), [0], 1), [False])[0].clone()
-    b = eng.users(eng.pack(eng.row_vectors([with_other]), np.zeros((1, 1), np.int64), [0], 1), [False])[0]
+    a = eng.users(eng.pack(eng.row_vectors([with_new]), np.zeros((1, 1), np.int64), [0], 1), [MISS])[0].clone()
+    b = eng.users(eng.pack(eng.row_vectors([with_other]), np.zeros((1, 1), np.int64), [0], 1), [MISS])[0]
     assert not torch.allclose(a, b)
 
     eng.add_items(unused_codes(model, 2)[1:], np.zeros((1, 1), np.int64), np.zeros(1, np.int64))
@@ -412,7 +413,7 @@ def test_trie_edits_reach_the_served_trie_in_place(device: str):
     assert eng.model.trie is served and tables == [t.data_ptr() for t in (*served.allowed, *served.child,
                                                                             served.leaf_item)]
     user, _ = eng.users(eng.pack(eng.row_vectors(rows), eng.exclusion_matrix(excludes_of(rows)), [0] * 4, 4),
-                        [False] * 4)
+                        [MISS] * 4)
     items, _ = eng.generate(user, torch.zeros(4, 1, dtype=torch.long, device=device), 200)
     assert all({*first.tolist(), *second.tolist()} <= set(row.tolist()) for row in items)
     answers = eng.recommend(rows, excludes_of(rows), NUM_ITEMS + 3, keys)

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from models.data import history_row
+from models.ugt.runner.append import put, suffix_width
 from models.ugt.runner.batch import COMPACT_WIDTH, ROW_FIELDS, BatchLayout, exclusion_matrix
 from models.ugt.runner.beam import union_candidates
 from models.ugt.runner.graphs import BatchDescriptor, GraphDispatcher, bucket_size
 from models.ugt.runner.merge import RRF_K, rrf_merge
 from models.ugt.runner.outputs import Pending
 from models.ugt.runner.retrieval import retrieve, score_candidates
-from models.ugt.runner.slot_cache import PrefixCache, SlotPool
+from models.ugt.runner.slot_cache import APPEND, HIT, MISS, PrefixCache, SlotPool
 
 N, E = 6, 4
 
@@ -89,6 +90,44 @@ def test_prefix_cache_evicts_the_least_recent_user_and_a_moved_prefix_keeps_its_
     assert moved == [slots[1]] and hit == [False]
     new, _ = cache.assign(["c"], [b"1"])  # full: a is the least recent now, so c takes a's slot
     assert new == [slots[0]] and list(cache.entries) == ["b", "c"] and cache.hits == 1 and cache.misses == 4
+
+
+def test_lookup_appends_only_a_longer_row_whose_committed_positions_match_and_counts_each_kind():
+    cache = PrefixCache(4, slot_bytes=100)
+    committed = {(0, 2): b"p", (0, 4): b"q", (1, 1): b"r"}  # (row, m) -> print; anything else differs
+
+    def prints_of(row: int, m: int) -> bytes:
+        return committed.get((row, m), b"other")
+
+    first = cache.lookup(["a", "b"], [b"1", b"2"], [3, 2], prints_of)
+    assert first.kinds == [MISS, MISS] and cache.entries["a"].committed == b"p" and cache.entries["a"].length == 3
+    # a: 5 events whose first 2 positions print as before -> append from 2; b: 2 events, other print -> miss
+    # (not longer); a repeat of a in the batch and a None key -> scratch, uncounted
+    second = cache.lookup(["a", "b", "a", None], [b"3", b"9", b"3", b"x"], [5, 2, 5, 1], prints_of)
+    assert second.kinds == [APPEND, MISS, MISS, MISS] and second.starts == [2, 0, 0, 0]
+    assert second.slots[0] == first.slots[0] and second.slots[2:] == [cache.scratch] * 2
+    assert cache.lookup(["a"], [b"3"], [5], prints_of).kinds == [HIT]
+    edited = cache.lookup(["a"], [b"4"], [6], lambda row, m: b"edited")  # a past event changed: a miss
+    assert edited.kinds == [MISS] and cache.stats() == {"hit": 1, "append": 1, "miss": 4, "users": 2,
+                                                         "bytes_used": 200, "bytes_reserved": 500}
+    assert cache.lookup(["a"], [b"5"], [7]).kinds == [MISS]  # without committed prints nothing appends
+
+
+def test_committed_print_covers_the_first_positions_and_the_long_term_input_only():
+    layout = BatchLayout(N, E, torch.device("cpu"))
+    short, longer = rows([3])[0], history_row(np.arange(1, 6), 1_600_000_000 + np.arange(5) * 1000, np.full(5, 3),
+                                              N, E, 1_600_009_000)
+    a, b = layout.row_vectors([short, longer])
+    assert layout.committed_print(a, 2) == layout.committed_print(b, 2) != layout.committed_print(b, 3)
+    b2 = b.copy()
+    b2[6 * N + 1] = 7  # a long-term id
+    assert layout.committed_print(b2, 2) != layout.committed_print(b, 2)
+
+
+def test_put_writes_at_positions_and_drops_index_past_the_end():
+    cached = torch.zeros(1, 4)
+    out = put(cached, 1, torch.tensor([[1, 4, 4]]), torch.tensor([[5.0, 6.0, 7.0]]))
+    assert out.tolist() == [[0.0, 5.0, 0.0, 0.0]] and suffix_width(3, True) == 4 and suffix_width(3, False) == 3
 
 
 def test_without_slots_every_row_is_scratch_and_nothing_is_cached():

@@ -213,25 +213,30 @@ def test_recommend_batch_equals_recommend_per_request(served, loaded):
     assert gen.recommend_batch([]) == []
 
 
-def test_kv_cache_users_answer_as_without_and_recompute_after_a_new_event(trained, loaded):
-    """kv_cache_users > 0 (the serving default): a repeat request decodes from the cached prefix, a user whose
-    state gained an event is prefilled again; the answers match the uncached generator's every time."""
+def test_kv_cache_users_answer_as_without_and_append_new_events(trained, loaded):
+    """kv_cache_users > 0 (the serving default): a repeat request decodes from the cached prefix (hit), a user whose
+    state gained events within the window runs only those (append), one whose window slid is prefilled again
+    (miss); the answers match the uncached generator's every time (CPU fp32: scores within 1e-5, same items)."""
     from serving.generator import GenerationRequest
 
     clock = Clock()
     cached = UGTGenerator(trained, clock=clock, kv_cache_users=8)
     plain = UGTGenerator(trained, clock=clock)
     _, data = loaded
-    for step, (end_a, end_b) in enumerate(((20, 30), (20, 30), (21, 30))):  # again; then user 3 gets an event
-        states = [view_of(data, 3, end_a, cached), view_of(data, 9, end_b, cached)]
+    full = cached.max_len
+    long_user = next(u for u in range(len(data.items)) if len(data.items[u]) >= full + 2)
+    # user 3: 20 events, again, one more (append), three more (append); the other: a full window, again, again,
+    # then two more events: the window slides and the long-term tokens change (miss)
+    for step, (end_a, end_b) in enumerate(((20, full), (20, full), (21, full), (24, full + 2))):
+        states = [view_of(data, 3, end_a, cached), view_of(data, long_user, end_b, cached)]
         clock.now = max(s.last_event_time for s in states) / 1000 + 600 + 60 * step
         requests = [GenerationRequest(s, 10, frozenset(), "movie") for s in states]
         got, want = cached.recommend_batch(requests), plain.recommend_batch(requests)
         for g, w in zip(got, want, strict=True):
             assert [x.item_id for x in g] == [x.item_id for x in w]
-            np.testing.assert_allclose([x.score for x in g], [x.score for x in w], rtol=1e-4, atol=1e-5)
+            assert np.abs(np.array([x.score for x in g]) - [x.score for x in w]).max() < 1e-5
     engine = cached.engine.cache
-    assert (engine.misses, engine.hits) == (3, 3)  # 2 first requests, 2 repeats, then 1 new event + 1 repeat
+    assert (engine.misses, engine.appends, engine.hits) == (3, 2, 3)
 
     from fastapi.testclient import TestClient
     from serving_fakes import FakeClock, FakeStateReader, FakeZsetRedis
@@ -249,10 +254,23 @@ def test_kv_cache_users_answer_as_without_and_recompute_after_a_new_event(traine
     assert client.post("/recommend", json={"user_id": "u", "k": 5}).json()["fallback"] is False
     text = client.get("/metrics").text  # the request above was one more hit
     assert 'ugt_serving_kv_cache_lookups_total{domain="movie",result="hit"} 4.0' in text
+    assert 'ugt_serving_kv_cache_lookups_total{domain="movie",result="append"} 2.0' in text
     assert 'ugt_serving_kv_cache_lookups_total{domain="movie",result="miss"} 3.0' in text
+    assert f'ugt_serving_kv_cache_bytes{{domain="movie",state="used"}} {float(engine.bytes_used)}' in text
+    assert engine.bytes_used == 2 * cached.engine.slot_bytes
 
 
-@pytest.mark.parametrize("key,value", [("kv_cache_users", -1), ("torch_threads", -2)])
+def test_kv_cache_bytes_caps_the_users_kept_and_a_budget_below_one_user_stops_the_start(trained):
+    probe = UGTGenerator(trained, kv_cache_users=1)
+    budget = 3 * probe.engine.slot_bytes  # two users and the scratch slot
+    gen = UGTGenerator(trained, kv_cache_users=100, kv_cache_bytes=budget)
+    assert gen.engine.cache.capacity == 2 and gen.prepared_capacity == 2
+    assert gen.engine.cache.bytes_reserved <= budget
+    with pytest.raises(CheckpointError, match="kv_cache_bytes"):
+        UGTGenerator(trained, kv_cache_users=100, kv_cache_bytes=probe.engine.slot_bytes)
+
+
+@pytest.mark.parametrize("key,value", [("kv_cache_users", -1), ("kv_cache_bytes", -1), ("torch_threads", -2)])
 def test_ugt_serving_settings_are_validated(trained, tmp_path, key, value):
     from serving.config import ConfigError, load_config
 

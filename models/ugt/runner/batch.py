@@ -58,6 +58,18 @@ class BatchLayout:
         out[:, 6 * N + 1 + E :] = np.concatenate([r["long_times"][:, :E] for r in rows])
         return out
 
+    def committed_print(self, vector: np.ndarray, m: int) -> bytes:
+        """Hash of a packed row's first ``m`` recent positions (every ROW_FIELD) and its long-term input.
+
+        The K/V of those positions depend on nothing else (attention is causal, embedding, norms and FFN are per
+        token), so two rows with the same print have the same K/V there: what an append may keep.
+        """
+        h = hashlib.blake2b(digest_size=16)
+        h.update(int(m).to_bytes(8, "little"))
+        h.update(np.ascontiguousarray(vector[: len(ROW_FIELDS) * self.N].reshape(len(ROW_FIELDS), self.N)[:, :m]))
+        h.update(np.ascontiguousarray(vector[len(ROW_FIELDS) * self.N + 1 : self.width]))
+        return h.digest()
+
     def _host(self, shape: tuple[int, int], fresh: bool) -> torch.Tensor:
         """A host block: pinned on CUDA, fresh from the caching allocator or one reused buffer per shape."""
         if self.device.type != "cuda":

@@ -19,6 +19,9 @@ class InferenceConfig:
     cuda_graphs: bool = True  # capture prefill/decode per batch bucket (CUDA only)
     batch_buckets: tuple[int, ...] = (1, 8, 32, 128)
     cache_slots: int = 0  # users whose prefix K/V is kept (0 = no KV cache)
+    # > 0: the KV pool (every slot + one scratch, each the whole window) fits in this many bytes: fewer slots than
+    # cache_slots when they would not fit; LRU evicts when the pool is full. 0 = cache_slots alone decides
+    cache_bytes: int = 0
     beam_size: int = 0  # > 0: also semantic-ID beam search (needs the model's semantic-ID head)
     merge: str = "retrieval"  # "retrieval" (dot-product top-k only) | "rrf" (retrieval + beam, rank-fused; with
     # rank_top > 0 the ranking head orders the union of both lists instead)
@@ -44,6 +47,8 @@ class InferenceConfig:
         if self.rank_top > 0 and model.ranker is None:
             raise ValueError("rank_top > 0 needs a model trained with the ranking head (heads.ranking: true); "
                              "set rank_top to 0 for this checkpoint")
+        if self.cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0 (0 = no byte budget), got {self.cache_bytes}")
         if self.rank_top > 0 and self.cache_slots <= 0:
             raise ValueError("rank_top > 0 reads each user's history keys/values from the KV cache: "
                              "set cache_slots > 0")

@@ -18,12 +18,13 @@ import torch
 class BatchDescriptor:
     """What one captured graph serves: a step ``kind`` at a padded ``batch`` size and the shapes it fixes."""
 
-    kind: str  # "prefill" | "decode" | "decode_compact" | "rank" | "rank_compact" | "heads"
+    kind: str  # "prefill" | "decode" | "decode_compact" | "append" | "rank" | "rank_compact" | "heads"
     batch: int
     candidates: int = 0  # rank: candidates per row
     excl_width: int = 0  # heads: exclusion columns (a power of two)
     k: int = 0  # heads: items returned per row
     catalog: tuple[int, int] = (0, 0)  # heads: (items served, id of the trie) when captured
+    suffix: int = 0  # append: suffix tokens per row (a power of two)
 
 
 class CapturedGraph(NamedTuple):

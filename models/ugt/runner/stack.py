@@ -18,6 +18,7 @@ from models.kernels.hstu_attention import RelBias, fused_hstu_attention
 from models.kernels.reference import bucketize_time_gaps, hstu_attention
 from models.ugt.model import UGT
 from models.ugt.ranking import Prefix, prefix_indices
+from models.ugt.runner.append import append_step
 from models.ugt.runner.batch import BatchLayout
 from models.ugt.runner.compiled import batch_dim_dynamic, check_can_compile, compile_step
 from models.ugt.runner.graphs import BatchDescriptor, GraphDispatcher
@@ -169,6 +170,26 @@ class StackRunner:
         key_mask, pos_index_c, buckets_c, last_time = prefix_indices(rab.max_len, rab.num_buckets, times_c, valid_c,
                                                                      p + 1, request_time)
         return user, Prefix(keys, values, key_mask, pos_index_c, buckets_c, request_time, last_time)
+
+    # ---- append ------------------------------------------------------------------------------------
+
+    def append(self, buf: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
+        """Each row's events from ``starts`` (recent positions) to its last, against the K/V cached before them
+        (:mod:`models.ugt.runner.append`); the slot then holds what a prefill of the row would have written."""
+        if self.pool is None:
+            raise RuntimeError("append needs cache_slots > 0")
+        batch = self.layout.unpack(buf[:, : self.layout.width])
+        slots = buf[:, self.layout.width]
+        user, ks, vs, times, valid = append_step(self.model, self.pool, self.G, batch, slots, starts, width)
+        self.pool.write(slots, ks, vs, times, valid)
+        return user
+
+    def run_append(self, buf: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
+        """:meth:`append` of a device batch, through a graph per (batch, suffix width) on CUDA (eager on CPU,
+        also when the other steps are compiled: the suffix width varies)."""
+        buf = self.layout.stack_columns(buf, compact=False)
+        key = BatchDescriptor("append", buf.shape[0], suffix=width)
+        return self.dispatcher.run(key, lambda b, s: self.append(b, s, width), buf, starts)
 
     # ---- dispatch ----------------------------------------------------------------------------------
 

@@ -1,0 +1,103 @@
+"""Append: a cached user's new events run through the layers against the K/V already in their slot.
+
+A row that extends its cached one (:class:`.slot_cache.PrefixCache`, kind ``append``) keeps the K/V of every
+position before ``start`` (the cached row's committed positions, and the long-term tokens before them) and
+computes the suffix from ``start`` to its last event: S tokens per row, each at its own position, attending
+causally to the cached keys and to the suffix before it, with the same relative position and time bias as a
+prefill. Exact, not an approximation: attention is causal and the rest of a layer per token, so the kept
+positions' K/V are what a prefill of the longer row computes there (``tests/models/test_kv_append.py``).
+
+Rows are padded to one suffix width S (a power of two with CUDA graphs, one graph per (batch bucket, S));
+suffix tokens past a row's length are padding, written nowhere (index T, one past the window, is dropped).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from contracts.tokenizer import TOKEN_GROUP_ITEM
+from models.hstu import HSTUBlock
+from models.kernels.reference import bucketize_time_gaps
+from models.ugt.model import UGT
+from models.ugt.runner.batch import ROW_FIELDS
+from models.ugt.runner.slot_cache import SlotPool
+from models.ugt.steps import attn_inputs, attn_output
+
+
+def suffix_width(n: int, padded: bool) -> int:
+    """The suffix width of a group whose longest suffix is ``n`` tokens: a power of two when ``padded``."""
+    return max(2, 1 << (n - 1).bit_length()) if padded else max(n, 1)
+
+
+def put(cached: torch.Tensor, dim: int, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``cached`` (size T along ``dim``) with ``values`` written at ``index`` along ``dim``; index T is dropped."""
+    pad = torch.zeros_like(cached.narrow(dim, 0, 1))
+    return torch.cat([cached, pad], dim).scatter(dim, index, values).narrow(dim, 0, cached.shape[dim])
+
+
+def attend_rows(block: HSTUBlock, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor,
+                pos_index: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    """HSTU attention of S queries per row, each at its own position: (B, S, H * dv).
+
+    q (B, S, H, dqk); kc, vc (B, H, T, d); mask, pos_index, buckets (B, S, T): the query rows of
+    :func:`models.kernels.reference.hstu_attention`'s masked, biased weights.
+    """
+    B, S, T = mask.shape
+    scores = torch.matmul(q.transpose(1, 2), kc.transpose(-1, -2))  # (B, H, S, T)
+    bias = (block.rab.pos_w[pos_index] + block.rab.ts_w[buckets]).unsqueeze(1)
+    w = F.silu(scores + bias.to(scores.dtype)) / float(block.max_len)
+    w = w * mask.unsqueeze(1).to(w.dtype)
+    return torch.matmul(w, vc).transpose(1, 2).reshape(B, S, -1)
+
+
+def suffix_tokens(model: UGT, batch: dict[str, torch.Tensor], starts: torch.Tensor, width: int, G: int, T: int):
+    """(x (B, S, D), the suffix's ROW_FIELDS (B, S) zeroed past each row's length, positions (B, S) in the full
+    sequence, where each token is written (T for padding), its validity)."""
+    B, N = batch["ids"].shape
+    rpos = starts.view(B, 1) + torch.arange(width, device=starts.device).view(1, width)  # recent positions
+    live = rpos < batch["lengths"].view(B, 1)
+    at = rpos.clamp(max=N - 1)
+    take = {key: batch[key].gather(1, at) * live for key in ROW_FIELDS}
+    p = G + at
+    dest = torch.where(live, G + rpos, torch.full_like(rpos, T))
+    types = torch.full_like(take["ids"], TOKEN_GROUP_ITEM)
+    x = model.embed(take["ids"], take["ratings"], take["gaps"], types, p)
+    tok_valid = take["ids"] != 0
+    if model.context is not None:
+        x = x + model.context(take["query_times"], take["query_gaps"]) * tok_valid.unsqueeze(-1).to(x.dtype)
+    return x, take, p, dest, tok_valid
+
+
+def append_step(model: UGT, pool: SlotPool, G: int, batch: dict[str, torch.Tensor], slots: torch.Tensor,
+                starts: torch.Tensor, width: int):
+    """(user states (B, D) fp32, every layer's K/V of the whole window (L, B, H, T, d), times, valid (B, T)).
+
+    Pure: :meth:`StackRunner.append` writes the result into the slots.
+    """
+    B = slots.shape[0]
+    T = pool.times.shape[1]
+    x, take, p, dest, tok_valid = suffix_tokens(model, batch, starts, width, G, T)
+    times = put(pool.times.index_select(0, slots), 1, dest, take["times"])
+    valid = put(pool.valid.index_select(0, slots), 1, dest, tok_valid)
+    ar = torch.arange(T, device=slots.device).view(1, 1, T)
+    mask = (ar <= p.unsqueeze(-1)) & valid.unsqueeze(1)  # (B, S, T): causal, valid keys
+    rab = model.layers[0].attn.rab  # every layer has its own tables but the same indices
+    pos_index = p.unsqueeze(-1) - ar + rab.max_len - 1
+    buckets = bucketize_time_gaps(take["query_times"].unsqueeze(-1) - times.unsqueeze(1), rab.num_buckets)
+    types = torch.full_like(take["ids"], TOKEN_GROUP_ITEM)
+    ks, vs = [], []
+    for li, layer in enumerate(model.layers):
+        blk = layer.attn
+        u, q, k, v = attn_inputs(blk, x)  # (B, S, H, d)
+        index = dest.view(B, 1, width, 1)
+        kc = put(pool.k[li].index_select(0, slots), 2, index.expand(-1, blk.num_heads, -1, blk.dqk), k.transpose(1, 2))
+        vc = put(pool.v[li].index_select(0, slots), 2, index.expand(-1, blk.num_heads, -1, blk.dv), v.transpose(1, 2))
+        ks.append(kc)
+        vs.append(vc)
+        x = attn_output(blk, x, u, attend_rows(blk, q, kc, vc, mask, pos_index, buckets))
+        h, _ = layer.ffn(layer.norm(x, types), tok_valid, with_loss=False)
+        x = x + h
+    last = (batch["lengths"] - 1 - starts).clamp(min=0, max=width - 1)
+    user = F.normalize(x[torch.arange(B, device=slots.device), last].float(), dim=-1, eps=1e-6)
+    return user, torch.stack(ks), torch.stack(vs), times, valid
