@@ -20,12 +20,19 @@ from pathlib import Path
 
 import orjson
 import pytest
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from serving_fakes import FakeClock, FakeStateReader, FakeZsetRedis, view
 
+from serving.app import create_app
 from serving.batcher import BatcherClosed
+from serving.config import ServingConfig
 from serving.engine_core import EngineCore, MetricsHub, serve
 from serving.engine_ipc import FAILED, EngineRefused, EngineUnavailable
 from serving.engine_process import EngineProcess
+from serving.fallback import PopularityFallback, PopularityGenerator
+from serving.reranker import FilterReranker
+from serving.service import Components
 
 FORK = multiprocessing.get_context("fork")
 REPO = Path(__file__).resolve().parents[2]
@@ -339,3 +346,27 @@ def test_an_answer_that_cannot_be_encoded_or_sent_fails_alone():
     assert ok == "ok"
     assert isinstance(bad, EngineRefused) and bad.kind == FAILED and "cannot encode" in str(bad)
     assert isinstance(not_bytes, EngineRefused) and not_bytes.kind == FAILED and "lock" in str(not_bytes)
+
+
+def test_the_app_with_engine_process_keeps_the_rate_limit_health_and_metrics_in_the_engine():
+    """The app's routes with the forked engine: its answers, /health's engine check, /metrics adding up both
+    processes, and the per-key rate limit counted in the engine (as with `--workers N`)."""
+    redis = FakeZsetRedis({"ugt:popularity:movie": {f"m{i}": 100 - i for i in range(1, 21)}})
+    fallback = PopularityFallback(redis, None, clock=FakeClock())
+    parts = Components(FakeStateReader({"u1": view("u1", ["m1"])}), PopularityGenerator(fallback), fallback,
+                       FilterReranker())
+    config = ServingConfig(engine="process", api_keys=["key-one-1"], rate_limit_rps=0.001, rate_limit_burst=3)
+    with TestClient(create_app(config=config, components=parts, client=redis)) as client:
+        pid = client.app.state.batcher.pid
+        statuses = [client.post("/recommend", json={"user_id": "u1", "k": 2}, headers={"x-api-key": "key-one-1"})
+                    for _ in range(4)]
+        health = client.get("/health").json()["checks"]["engine"]
+        text = client.get("/metrics").text
+    assert [r.status_code for r in statuses] == [200, 200, 200, 429]
+    assert statuses[0].json()["items"][0]["item_id"] == "m2" and not statuses[0].json()["fallback"]
+    assert health == {"ok": True, "detail": f"engine process {pid} up, 0 restarts"}
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for f in text_string_to_metric_families(text) for s in f.samples}
+    assert values[("ugt_serving_stage_seconds_count", (("stage", "total"),))] == 3  # observed in the engine
+    assert values[("ugt_serving_requests_total", (("endpoint", "/recommend"), ("status", "200")))] == 3  # HTTP
+    assert values[("ugt_serving_engine_refused_total", (("reason", "rate_limited"),))] == 1  # the engine's count
