@@ -168,6 +168,8 @@ class EngineConnection(abc.ABC):
         """Connect now if an engine is there, else keep trying in the background (call on the event loop)."""
         if self._closed:
             raise BatcherClosed("the engine connection is closed")
+        if self._timer is not None:
+            return  # started already
         self._loop = asyncio.get_running_loop()
         self._tick()
 

@@ -102,10 +102,13 @@ class EngineProcess(EngineConnection):
         log.info("engine process %d started", child.pid)
 
     def _connected_tick(self) -> None:
-        """Every tick: an engine that has written nothing for hang_timeout_s while a call it has not answered
-        waited that long is killed (and so forked again); those requests have had their timeout fallback long
-        before. An idle engine (everything answered) is never killed, however long it idles."""
+        """Every tick: a dead engine is let go, and one that has written nothing for hang_timeout_s while a call
+        it has not answered waited that long is killed (and so forked again); those requests have had their
+        timeout fallback long before. An idle engine (everything answered) is never killed, however long it idles."""
         super()._connected_tick()
+        if self._child is not None and not self._child.is_alive():  # dead, though its socket is open elsewhere
+            self._lost(EOFError("the engine process is gone"))
+            return
         if not self._unanswered or self._child is None:
             return
         oldest = next(iter(self._unanswered.values()))
