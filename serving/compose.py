@@ -9,6 +9,8 @@ built. Tests pass ``components=`` with fakes and get the same wiring around them
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,12 +21,14 @@ import redis
 from infra.settings import Settings
 from serving.batcher import DynamicBatcher
 from serving.config import ConfigError, DomainConfig, ServingConfig, routes
+from serving.engine_core import EngineCore, MetricsHub, serve
 from serving.engine_process import EngineProcess
 from serving.fallback import PopularityFallback, PopularityGenerator, load_popularity_file
 from serving.generator import Generator
 from serving.metrics import ServingMetrics
+from serving.ratelimit import RateLimiter
 from serving.reranker import FilterReranker, Reranker, RuleReranker
-from serving.service import Answer, Components, RecommendService
+from serving.service import Components, RecommendService
 from serving.user_state_reader import UserStateReader, read_many
 
 log = logging.getLogger(__name__)
@@ -161,10 +165,20 @@ def _rerankers(config: ServingConfig, client: redis.Redis, settings: Settings) -
     return out
 
 
+def served_generators(components: Components, config: ServingConfig) -> dict[str, Generator]:
+    """The model of each served domain (the default domain's alone without a router)."""
+    return components.generators or {config.default_domain: components.generator}
+
+
+def domains_on_gpu(by_domain: dict[str, Generator]) -> list[str]:
+    """The domains whose model runs on CUDA, which does not survive a fork into an engine process."""
+    return sorted(domain for domain, gen in by_domain.items()
+                  if getattr(getattr(getattr(gen, "engine", None), "device", None), "type", "cpu") == "cuda")
+
+
 def pick_engine(config: ServingConfig, by_domain: dict[str, Generator]) -> str:
     """``thread`` or ``process`` for the config's ``engine``; a model on the GPU cannot be forked."""
-    on_gpu = sorted(domain for domain, gen in by_domain.items()
-                    if getattr(getattr(getattr(gen, "engine", None), "device", None), "type", "cpu") == "cuda")
+    on_gpu = domains_on_gpu(by_domain)
     engine = config.engine if config.engine != "auto" else ("thread" if on_gpu else "process")
     if engine == "process" and on_gpu:
         raise ConfigError(
@@ -180,33 +194,46 @@ def start_background(live: dict[str, Any]) -> None:
         gen.start_background()
 
 
-def build_batcher(engine: str, config: ServingConfig, service: RecommendService, metrics: ServingMetrics,
-                  kv_caches: dict[str, object], live: dict[str, Any]) -> DynamicBatcher | EngineProcess:
+def kv_caches(components: Components, config: ServingConfig) -> dict[str, object]:
+    """The KV cache of each domain whose model has one (their hits and misses are Prometheus series)."""
+    return {domain: gen.engine.cache for domain, gen in served_generators(components, config).items()
+            if getattr(getattr(gen, "engine", None), "cache", None) is not None}
+
+
+def engine_main(runtime: Runtime, restarts: int, *, path: str | None = None, sock: socket.socket | None = None,
+                parent_pid: int | None = None) -> None:
+    """In a forked engine process (``engine: process`` or `--workers N`): fresh metrics, the live catalogs' feed
+    threads, then :func:`serving.engine_core.serve` on the socket pair ``sock`` or the Unix socket ``path``."""
+    config = runtime.config
+    metrics = ServingMetrics()
+    metrics.watch_kv_caches(kv_caches(runtime.components, config))
+    metrics.watch_live_items(runtime.live)
+    if restarts:
+        metrics.engine_restarts.inc(restarts)  # the engine alone counts them: added up across processes once
+    runtime.service.use_metrics(metrics)
+    start_background(runtime.live)  # the feed threads run where the models serve
+    limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps else None
+    refused = {reason: metrics.engine_refused.labels(reason) for reason in ("queue_full", "rate_limited")}
+    core = EngineCore(runtime.service.run_batch, max_size=config.batch_max_size,
+                      max_wait_s=config.batch_max_wait_ms / 1000.0, queue_max=config.engine_queue_max,
+                      limiter=limiter, on_queue=metrics.engine_queue.set, on_batch=metrics.batch_size.observe,
+                      on_refused=lambda reason: refused[reason].inc())
+    serve(core, MetricsHub(metrics.render), path=path, sock=sock, parent_pid=parent_pid)
+
+
+def build_batcher(runtime: Runtime) -> DynamicBatcher | EngineProcess:
     """The pipeline's runner: a thread beside the event loop, or the forked engine process (docs/SERVING.md)."""
-    if engine == "thread":
-        return DynamicBatcher(service.run_batch, max_size=config.batch_max_size,
-                              max_wait_s=config.batch_max_wait_ms / 1000.0, on_batch=metrics.batch_size.observe,
-                              max_queue=config.engine_queue_max)
+    config = runtime.config
+    if runtime.engine == "thread":
+        return DynamicBatcher(runtime.service.run_batch, max_size=config.batch_max_size,
+                              max_wait_s=config.batch_max_wait_ms / 1000.0,
+                              on_batch=runtime.metrics.batch_size.observe, max_queue=config.engine_queue_max)
 
-    def engine_metrics() -> None:  # in each forked engine: its own series, from zero, added up at scrape
-        fresh = ServingMetrics()
-        fresh.watch_kv_caches(kv_caches)
-        fresh.watch_live_items(live)
-        service.use_metrics(fresh)
-        start_background(live)  # the feed threads run where the models serve
+    def in_engine(sock: socket.socket, restarts: int) -> None:  # in each forked engine, its parent the HTTP process
+        engine_main(runtime, restarts, sock=sock, parent_pid=os.getppid())
 
-    return EngineProcess(
-        service.run_batch,
-        max_size=config.batch_max_size,
-        max_wait_s=config.batch_max_wait_ms / 1000.0,
-        on_batch=lambda size: service.metrics.batch_size.observe(size),
-        encode=lambda answer: answer.to_json() if isinstance(answer, Answer) else answer,
-        render_metrics=lambda: service.metrics.render(),
-        after_fork=engine_metrics,
-        on_restart=metrics.engine_restarts.inc,
-        hang_timeout_s=config.engine_hang_timeout_ms / 1000.0,
-        max_queue=config.engine_queue_max,
-    )
+    return EngineProcess(in_engine, hang_timeout_s=config.engine_hang_timeout_ms / 1000.0,
+                         exposition=runtime.metrics.render)
 
 
 def warm_up(parts: Components) -> None:
@@ -232,7 +259,7 @@ class Runtime:
     metrics: ServingMetrics
     service: RecommendService
     engine: str  # thread | process | shared (a `--workers N` worker: serving/supervisor.py)
-    batcher: Any  # DynamicBatcher | EngineProcess | serving.engine_ipc.EngineClient
+    batcher: Any  # DynamicBatcher | serving.engine_ipc.EngineConnection (EngineProcess, or a worker's EngineClient)
     live: dict[str, Any]  # domain -> generator with a live catalog (its feed thread starts with the app)
 
 
@@ -244,13 +271,13 @@ def compose(settings: Settings, config: ServingConfig, components: Components | 
     if components is None:
         assert client is not None
         components = build_components(settings, config, client)
-    by_domain = components.generators or {config.default_domain: components.generator}
-    engine = pick_engine(config, by_domain)
+    engine = pick_engine(config, served_generators(components, config))
     metrics = ServingMetrics()
-    kv_caches = {domain: gen.engine.cache for domain, gen in by_domain.items()
-                 if getattr(getattr(gen, "engine", None), "cache", None) is not None}
-    metrics.watch_kv_caches(kv_caches)
-    live = {domain: gen for domain, gen in by_domain.items() if getattr(gen, "live", None) is not None}
+    live = {domain: gen for domain, gen in served_generators(components, config).items()
+            if getattr(gen, "live", None) is not None}
+    if engine == "thread":  # else the engine process watches them (engine_main): they serve there
+        metrics.watch_kv_caches(kv_caches(components, config))
+        metrics.watch_live_items(live)
     service = RecommendService(config, components, metrics)
     log.info("serving config: %s (engine: %s)", asdict(config), engine)
     if client is not None:
@@ -262,7 +289,6 @@ def compose(settings: Settings, config: ServingConfig, components: Components | 
         warm_up(components)
     log.info("model %s, state reader %s, Redis %s", service.model_name, components.state_reader.name,
              settings.redis_url)
-    if engine == "thread":
-        metrics.watch_live_items(live)
-    batcher = build_batcher(engine, config, service, metrics, kv_caches, live)
-    return Runtime(settings, config, client, components, metrics, service, engine, batcher, live)
+    runtime = Runtime(settings, config, client, components, metrics, service, engine, None, live)
+    runtime.batcher = build_batcher(runtime)
+    return runtime

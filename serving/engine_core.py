@@ -1,15 +1,17 @@
-"""The shared engine of `ugt serve --workers N`: one process owns the model and batches every worker's requests.
+"""The engine process: one process owns the model and batches the requests of every HTTP process.
 
-Each HTTP worker (serving/engine_ipc.py's :class:`EngineClient`) connects to the engine's Unix socket. The engine
-runs one thread: it reads every frame that has arrived from every worker, admits each request (the rate limit of its
+``engine: process`` is one HTTP process and its forked engine (serving/engine_process.py); ``ugt serve --workers
+N`` is N HTTP workers and the supervisor's engine (serving/supervisor.py). The engine is the same in both: each
+HTTP process's end (serving/engine_ipc.py's :class:`EngineConnection`) is a connection here. The engine runs one
+thread: it reads every frame that has arrived from every connection, admits each request (the rate limit of its
 API key, kept here so it holds across all workers; the bounded queue, back-pressure), and runs a batch when it is
 full or its first request has waited ``max_wait_s`` (the :class:`serving.batcher.DynamicBatcher` rule), through
-``RecommendService.run_batch``: one pipelined state read and one model call for requests of all workers together.
+``RecommendService.run_batch``: one pipelined state read and one model call for the requests of all of them.
 
 :class:`EngineCore` is those decisions without sockets (unit-tested); :func:`serve` is the socket loop around it.
-Prometheus: each worker pushes its own exposition every second (and with each scrape); :class:`MetricsHub` keeps
-the latest per worker, and the last one of each worker that went away, and answers a scrape with everything
-added up (counters and histograms summed, gauges not: :func:`serving.metrics.merge_expositions`).
+Prometheus: each HTTP process sends its own exposition with each scrape (and a worker pushes it every second);
+:class:`MetricsHub` keeps the latest per process, and the last one of each worker that went away, and answers a
+scrape with everything added up (counters and histograms summed, gauges not: :func:`serving.metrics.merge_expositions`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from serving.batcher import Queued, run_process
+from serving.batcher import Queued, check_limits, run_process
 from serving.engine_ipc import (
     ANSWER,
     BUSY,
@@ -102,6 +104,7 @@ class EngineCore:
         on_batch: Callable[[int], None] = lambda size: None,
         on_refused: Callable[[str], None] = lambda reason: None,
     ):
+        check_limits(max_size, max_wait_s)
         self.on_batch = on_batch
         self.on_refused = on_refused
         self.run_batch = run_batch
@@ -188,18 +191,24 @@ def _listen(path: str) -> socket.socket:
     return listener
 
 
-def serve(path: str, core: EngineCore, hub: MetricsHub, parent_pid: int | None = None) -> None:
-    """Listen on ``path`` and answer workers until the parent (the supervisor) is gone."""
-    listener = _listen(path)
+def serve(core: EngineCore, hub: MetricsHub, *, path: str | None = None, sock: socket.socket | None = None,
+          parent_pid: int | None = None) -> None:
+    """Answer the HTTP processes until the parent is gone: the workers that connect to ``path`` (`--workers N`),
+    or the one HTTP process at the other end of ``sock`` (``engine: process``: then the engine also ends when
+    that socket closes, so it never outlives the HTTP process)."""
     selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ, None)
     connections: dict[int, _Connection] = {}
+    listener = _listen(path) if path is not None else None
+    if listener is not None:
+        selector.register(listener, selectors.EVENT_READ, None)
+    if sock is not None:
+        _add(sock, selector, connections)
     last_parent_check = time.monotonic()
-    log.info("engine %d listening on %s", os.getpid(), path)
-    while True:
+    log.info("engine %d serving %s", os.getpid(), path or "its HTTP process")
+    while listener is not None or connections:
         due = core.due_in()
         for key, _ in selector.select(PARENT_CHECK_EVERY_S if due is None else due):
-            if key.data is None:
+            if key.data is None and listener is not None:
                 _accept(listener, selector, connections)
             else:
                 _read(connections, key.data, core, hub, selector)
@@ -208,7 +217,7 @@ def serve(path: str, core: EngineCore, hub: MetricsHub, parent_pid: int | None =
         if parent_pid is not None and time.monotonic() - last_parent_check > PARENT_CHECK_EVERY_S:
             last_parent_check = time.monotonic()
             if os.getppid() != parent_pid:
-                log.warning("engine %d: the supervisor is gone, exiting", os.getpid())
+                log.warning("engine %d: its parent is gone, exiting", os.getpid())
                 return
 
 
@@ -217,6 +226,10 @@ def _accept(listener: socket.socket, selector: selectors.BaseSelector, connectio
         sock, _ = listener.accept()
     except BlockingIOError:
         return
+    _add(sock, selector, connections)
+
+
+def _add(sock: socket.socket, selector: selectors.BaseSelector, connections: dict[int, _Connection]) -> None:
     sock.setblocking(False)
     conn_id = next(_CONN_IDS)
     connections[conn_id] = _Connection(sock, conn_id)

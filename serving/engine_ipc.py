@@ -1,18 +1,23 @@
-"""The wire between `ugt serve --workers N`'s HTTP workers and their one shared engine (serving/engine_core.py).
+"""The wire between the HTTP processes and the engine process (serving/engine_core.py), and the HTTP side's end.
 
-A Unix stream socket per worker, carrying length-prefixed binary frames: a fixed header (payload length, kind,
-request id, one float) and a payload of bytes. Requests travel as orjson of the validated request's fields (about
-100 bytes); answers come back as the JSON body the engine already serialized, which the worker sends to the
-client as is. Nothing is pickled: a frame is the same bytes whichever process or Python build reads it.
+One engine design, two shapes: ``engine: process`` is one HTTP process that forks its engine over a socket pair
+(serving/engine_process.py); ``ugt serve --workers N`` is N HTTP workers that connect to the supervisor's one
+engine over its Unix socket (serving/supervisor.py). Either way a stream socket carries length-prefixed binary
+frames: a fixed header (payload length, kind, request id, one float) and a payload of bytes. Requests travel as
+orjson of the validated request's fields (about 100 bytes); answers come back as the JSON body the engine already
+serialized, which the HTTP process sends to the client as is. Nothing is pickled: a frame is the same bytes
+whichever process or Python build reads it.
 
-:class:`EngineClient` is the worker's end, with the same ``start / submit / close`` shape as
-:class:`serving.batcher.DynamicBatcher`, so the routes treat both alike. When the engine dies, the requests in
-flight fail with :class:`EngineUnavailable` (the worker answers them with the marked fallback) and the client
-reconnects to the engine the supervisor starts again.
+:class:`EngineConnection` is the HTTP process's end (frames, calls in flight, the non-blocking socket on the event
+loop), with the same ``start / submit / close`` shape as :class:`serving.batcher.DynamicBatcher`, so the routes
+treat every engine alike. When the engine dies, the requests in flight fail with :class:`EngineUnavailable` (the
+HTTP layer answers them with the marked fallback) and the connection is got back: :class:`EngineClient` reconnects
+to the engine the supervisor starts again, :class:`serving.engine_process.EngineProcess` forks a new one.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import itertools
 import logging
@@ -20,13 +25,13 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from serving.batcher import BatcherClosed, Overloaded
-from serving.engine_process import EngineUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +39,7 @@ log = logging.getLogger(__name__)
 HEADER = struct.Struct("!IBQd")
 MAX_PAYLOAD = 64 * 1024 * 1024  # a frame announcing more is a broken peer, not a message
 RECV_BYTES = 1 << 18
-RECONNECT_EVERY_S = 0.2
+TICK_S = 0.2  # how often a lost connection is got back (and a hang watchdog looks)
 PUSH_METRICS_EVERY_S = 1.0
 
 # worker -> engine
@@ -113,83 +118,95 @@ class EngineRefused(RuntimeError):
         self.kind = kind
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine died with this request in flight, or is being restarted (the HTTP layer answers the marked
+    fallback, ``engine_unavailable``)."""
+
+
 def _expire(future: asyncio.Future) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
 
 
-class EngineClient:
-    """A worker's connection to the shared engine at ``path``, on the worker's event loop (never blocks it).
+class EngineConnection(abc.ABC):
+    """The HTTP process's end of its connection to an engine in another process, on the event loop (never blocks it).
 
-    ``exposition()`` is this worker's own Prometheus text: pushed to the engine every PUSH_METRICS_EVERY_S and
-    sent with each scrape, so /metrics on any worker answers every process's series added up.
+    Same ``start / submit / close`` shape as :class:`serving.batcher.DynamicBatcher`. Every TICK_S it gets a
+    connection back when it has none (:meth:`_reconnect`: :class:`EngineClient` connects to the shared engine's
+    Unix socket, :class:`serving.engine_process.EngineProcess` forks its own engine) and, with ``push_metrics``,
+    pushes ``exposition()`` (this process's own Prometheus text) every PUSH_METRICS_EVERY_S. A scrape sends it too,
+    so /metrics answers every process's series added up by the engine.
     """
 
-    def __init__(self, path: str, exposition: Any = lambda: b"", on_reconnect: Any = None):
-        self.path = path
+    push_metrics = True
+
+    def __init__(self, exposition: Callable[[], bytes] = lambda: b""):
         self.exposition = exposition
-        self.on_reconnect = on_reconnect
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
+        # ident -> when it was sent, for every call the engine has not answered (whether or not its caller still
+        # waits). Oldest first (dict order); with _last_heard, what a hang watchdog needs.
+        self._unanswered: dict[int, float] = {}
+        self._last_heard = 0.0
         self._sock: socket.socket | None = None
         self._decoder = FrameDecoder()
         self._unsent = bytearray()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._last_push = float("-inf")
         self._closed = False
-        self.connections = 0
+
+    @abc.abstractmethod
+    def _reconnect(self) -> None:
+        """Get a connection to an engine (then :meth:`attach` it), or leave it for the next tick."""
+
+    @abc.abstractmethod
+    def health(self) -> dict[str, Any]:
+        """The /health check of the engine: ``{"ok": ..., "detail": ...}``."""
 
     def start(self) -> None:
-        """Connect now if the engine listens, else keep trying in the background (call on the event loop)."""
+        """Connect now if an engine is there, else keep trying in the background (call on the event loop)."""
         if self._closed:
-            raise BatcherClosed("the engine client is closed")
+            raise BatcherClosed("the engine connection is closed")
+        if self._timer is not None:
+            return  # started already
         self._loop = asyncio.get_running_loop()
         self._tick()
 
     def _tick(self) -> None:
-        """Every so often: reconnect when disconnected, push this worker's metrics when connected."""
         assert self._loop is not None
         if self._closed:
             return
         if self._sock is None:
-            self._connect()
-            every = RECONNECT_EVERY_S
-        else:
-            self._send_quietly(encode(METRICS_PUSH, 0, float(os.getpid()), self.exposition()))
-            every = PUSH_METRICS_EVERY_S
-        self._timer = self._loop.call_later(every, self._tick)
+            self._reconnect()
+        if self._sock is not None:
+            self._connected_tick()
+        self._timer = self._loop.call_later(TICK_S, self._tick)
 
-    def _connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(self.path)
-        except OSError:
-            sock.close()
-            return
-        sock.setblocking(False)
+    def _connected_tick(self) -> None:
+        if self.push_metrics and time.monotonic() - self._last_push >= PUSH_METRICS_EVERY_S:
+            self._last_push = time.monotonic()
+            self._send_quietly(encode(METRICS_PUSH, 0, float(os.getpid()), self.exposition()))
+
+    def attach(self, sock: socket.socket) -> None:
+        """Talk to the engine over ``sock`` from now on (non-blocking, read on the event loop)."""
         assert self._loop is not None
+        sock.setblocking(False)
         self._sock, self._decoder, self._unsent = sock, FrameDecoder(), bytearray()
+        self._unanswered.clear()
+        self._last_heard = time.monotonic()
         self._loop.add_reader(sock.fileno(), self._on_readable)
-        self.connections += 1
-        if self.connections > 1 and self.on_reconnect is not None:
-            self.on_reconnect()
-        log.info("worker %d connected to the engine at %s", os.getpid(), self.path)
 
     @property
     def connected(self) -> bool:
         return self._sock is not None
-
-    def health(self) -> dict[str, Any]:
-        state = "connected" if self.connected else "reconnecting"
-        return {"ok": self.connected,
-                "detail": f"shared engine at {self.path}: {state}, {max(0, self.connections - 1)} reconnects"}
 
     async def submit(self, fields: dict[str, Any], timeout_s: float | None = None,
                      limit_key: str | None = None) -> bytes:
         """The engine's answer body for the request ``fields``; TimeoutError, EngineUnavailable, Overloaded,
         RateLimited or EngineRefused otherwise."""
         if self._closed:
-            raise BatcherClosed("the engine client is closed")
+            raise BatcherClosed("the engine connection is closed")
         return await self._call(REQUEST, time.perf_counter(), request_payload(fields, limit_key), timeout_s)
 
     async def metrics(self, timeout_s: float = 2.0) -> bytes | None:
@@ -212,6 +229,7 @@ class EngineClient:
         timer = loop.call_later(timeout_s, _expire, future) if timeout_s is not None else None
         try:
             self._write(frame)
+            self._unanswered[ident] = time.monotonic()
             return await future
         finally:
             self._pending.pop(ident, None)
@@ -229,7 +247,7 @@ class EngineClient:
         sock = self._sock
         if sock is None:
             raise EngineUnavailable("not connected to the engine (it is restarting)")
-        if self._unsent:
+        if self._unsent:  # keep the order: behind what is already waiting
             self._unsent += data
             return
         try:
@@ -259,6 +277,7 @@ class EngineClient:
             self._loop.remove_writer(sock.fileno())
 
     def _on_readable(self) -> None:
+        """On the event loop: every frame the engine has written (a batch's answers come in one write)."""
         sock = self._sock
         assert sock is not None
         while True:
@@ -272,6 +291,7 @@ class EngineClient:
             if not data:
                 self._lost(EOFError("the engine closed the connection"))
                 return
+            self._last_heard = time.monotonic()  # it answers: not hung
             try:
                 frames = self._decoder.feed(data)
             except FrameError as exc:
@@ -281,6 +301,7 @@ class EngineClient:
                 self._resolve(frame)
 
     def _resolve(self, frame: Frame) -> None:
+        self._unanswered.pop(frame.ident, None)
         future = self._pending.get(frame.ident)
         if future is None or future.done():  # timed out already
             return
@@ -293,8 +314,12 @@ class EngineClient:
         else:
             future.set_exception(EngineRefused(frame.kind, frame.payload.decode("utf-8", "replace")))
 
+    def _unavailable(self, exc: BaseException) -> EngineUnavailable:
+        """What the calls in flight fail with when the connection is lost for ``exc``."""
+        return EngineUnavailable(f"the engine went away: {exc!r}")
+
     def _lost(self, exc: BaseException) -> None:
-        """The engine is gone: fail what waits (the marked fallback) and reconnect in the background."""
+        """The engine is gone: fail what waits (the marked fallback); the next tick gets a new connection."""
         sock, self._sock = self._sock, None
         if sock is None:
             return
@@ -302,20 +327,53 @@ class EngineClient:
             try:
                 self._loop.remove_reader(sock.fileno())
                 self._loop.remove_writer(sock.fileno())
-            except (ValueError, RuntimeError):
+            except (ValueError, RuntimeError):  # the loop is closed already
                 pass
         sock.close()
         self._unsent = bytearray()
+        self._unanswered.clear()
+        error = self._unavailable(exc)
         if not self._closed:
-            log.error("worker %d lost the engine (%r); %d requests in flight get the fallback",
-                      os.getpid(), exc, len(self._pending))
+            log.error("process %d lost its engine (%s); %d requests in flight get the fallback",
+                      os.getpid(), error, len(self._pending))
         for future in list(self._pending.values()):
             if not future.done():
-                future.set_exception(EngineUnavailable(f"the engine went away: {exc!r}"))
+                future.set_exception(error)
         self._pending.clear()
 
     def close(self, timeout: float = 5.0) -> None:
+        """Stop talking to the engine: what waits fails with EngineUnavailable, submit raises BatcherClosed."""
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         self._lost(EOFError("closed"))
+
+
+class EngineClient(EngineConnection):
+    """A `--workers N` worker's connection to the shared engine listening at ``path`` (started by the supervisor)."""
+
+    def __init__(self, path: str, exposition: Callable[[], bytes] = lambda: b"",
+                 on_reconnect: Callable[[], None] | None = None):
+        super().__init__(exposition)
+        self.path = path
+        self.on_reconnect = on_reconnect
+        self.connections = 0
+
+    def _reconnect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            return
+        self.attach(sock)
+        self.connections += 1
+        if self.connections > 1 and self.on_reconnect is not None:
+            self.on_reconnect()
+        log.info("worker %d connected to the engine at %s", os.getpid(), self.path)
+
+    def health(self) -> dict[str, Any]:
+        state = "connected" if self.connected else "reconnecting"
+        return {"ok": self.connected,
+                "detail": f"shared engine at {self.path}: {state}, {max(0, self.connections - 1)} reconnects"}

@@ -20,8 +20,14 @@ from fastapi.responses import JSONResponse, Response
 from serving.batcher import Overloaded
 from serving.compose import Runtime
 from serving.config import ServingConfig
-from serving.engine_ipc import NO_POPULARITY, UNKNOWN_DOMAIN, EngineClient, EngineRefused, RateLimited
-from serving.engine_process import EngineProcess, EngineUnavailable
+from serving.engine_ipc import (
+    NO_POPULARITY,
+    UNKNOWN_DOMAIN,
+    EngineConnection,
+    EngineRefused,
+    EngineUnavailable,
+    RateLimited,
+)
 from serving.fallback import NoPopularity
 from serving.guards import (
     GuardMiddleware,
@@ -39,7 +45,6 @@ from serving.http_models import (
     RecommendRequest,
     RecommendResponse,
 )
-from serving.metrics import merge_expositions
 from serving.service import ENGINE_UNAVAILABLE, OVERLOADED, TIMEOUT, Answer, Components, UnknownDomain
 
 log = logging.getLogger(__name__)
@@ -96,9 +101,11 @@ class RecommendRoute:
     def __init__(self, runtime: Runtime):
         self.service = runtime.service
         self.batcher = runtime.batcher
-        self.shared = isinstance(runtime.batcher, EngineClient)  # a `--workers N` worker
+        # the engine runs in another process (engine: process, or a `--workers N` worker's shared engine): the
+        # request travels as its fields, the answer comes back as JSON bytes, the rate limit is kept there
+        self.remote = isinstance(runtime.batcher, EngineConnection)
         self.overload_fallback = runtime.config.overload_response == "fallback"
-        self.guards = RequestGuards(runtime.config, runtime.metrics, limit_here=not self.shared)
+        self.guards = RequestGuards(runtime.config, runtime.metrics, limit_here=not self.remote)
         self.asgi = GuardMiddleware(self._asgi, max_body_bytes=runtime.config.max_body_bytes,
                                     metrics=runtime.metrics)
 
@@ -117,7 +124,7 @@ class RecommendRoute:
             return self.guards.invalid("domain", str(exc))
         try:
             answer = await self._run(call)
-        except RateLimited as exc:  # counted by the shared engine for every worker
+        except RateLimited as exc:  # counted by the engine process for every HTTP process
             return self.guards.rate_limited(exc.wait_s)
         except Overloaded as exc:  # back-pressure: refused at once, never queued to time out
             return self.guards.overloaded(exc.retry_after_s)
@@ -130,8 +137,8 @@ class RecommendRoute:
         """The pipeline's answer; past the time budget, or with the engine gone, the popularity answer."""
         started = time.perf_counter()
         try:
-            if self.shared:
-                return await self._run_shared(call)
+            if self.remote:
+                return await self._run_remote(call)
             return await self.batcher.submit(call.request, self.guards.timeout_s)
         except (TimeoutError, EngineUnavailable, Overloaded) as exc:
             if isinstance(exc, Overloaded) and not self.overload_fallback:
@@ -144,8 +151,8 @@ class RecommendRoute:
             except (NoPopularity, UnknownDomain) as no_answer:
                 return no_answer
 
-    async def _run_shared(self, call: RecommendCall) -> bytes | NoPopularity | UnknownDomain:
-        """The shared engine's answer body; its refusals as the in-process service raises them."""
+    async def _run_remote(self, call: RecommendCall) -> bytes | NoPopularity | UnknownDomain:
+        """The engine process's answer body; its refusals as the in-process service raises them."""
         try:
             return await self.batcher.submit(call.request.model_dump(), self.guards.timeout_s, limit_key(call))
         except EngineRefused as exc:
@@ -160,7 +167,7 @@ class RecommendRoute:
             return self.guards.invalid("domain", str(answer))
         if isinstance(answer, NoPopularity):
             return error_response(503, "no_recommendations", f"no recommendations available: {answer}")
-        if isinstance(answer, bytes):  # engine: process serializes in the engine
+        if isinstance(answer, bytes):  # an engine process serializes in the engine
             return Response(content=answer, media_type="application/json")
         # serialized once here: FastAPI would validate the model again and walk it with jsonable_encoder
         return Response(content=answer.to_json(), media_type="application/json")
@@ -198,7 +205,7 @@ def add_routes(app: FastAPI, runtime: Runtime) -> RecommendRoute:
     def health() -> Any:
         """ok: Redis, the state store and popularity all work; degraded: answering from fallbacks; down (503)."""
         checks = health_checks(runtime.client, runtime.components, runtime.config)
-        if isinstance(batcher, (EngineProcess, EngineClient)):
+        if isinstance(batcher, EngineConnection):
             checks["engine"] = batcher.health()
         if not checks["popularity"]["ok"]:
             status_text, code = "down", 503
@@ -211,10 +218,8 @@ def add_routes(app: FastAPI, runtime: Runtime) -> RecommendRoute:
 
     @app.get("/metrics", response_class=Response)
     async def prometheus_metrics() -> Response:
-        """Prometheus text exposition (ugt_serving_* series; with engine: process, both processes' added up)."""
-        if isinstance(batcher, EngineProcess):
-            body = merge_expositions(metrics.render(), await batcher.metrics())
-        elif isinstance(batcher, EngineClient):  # every worker's and the engine's, added up by the engine
+        """Prometheus text exposition (ugt_serving_* series; with an engine process, every process's added up)."""
+        if isinstance(batcher, EngineConnection):  # this process's, the engine's (and other workers'), by the engine
             body = await batcher.metrics() or metrics.render()
         else:
             body = metrics.render()

@@ -3,8 +3,9 @@
 The shape of vLLM's API server + engine core. The parent composes the service once (config checked, model loaded
 and compiled, Redis pinged), binds the listening socket, then forks:
 
-* one **engine** (serving/engine_core.py) that owns the model and batches the requests of every worker, with the
-  per-key rate limit and the bounded queue (back-pressure) in one place;
+* one **engine** (serving/engine_core.py, the same engine ``engine: process`` forks for its one HTTP process) that
+  owns the model and batches the requests of every worker, with the per-key rate limit and the bounded queue
+  (back-pressure) in one place;
 * N **workers**, each a uvicorn server on the shared listening socket (the kernel spreads connections) whose app
   parses, validates, authenticates and answers, and hands the request to the engine over a Unix socket
   (serving/engine_ipc.py).
@@ -29,12 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from serving.compose import Runtime, start_background
+from serving.compose import Runtime, domains_on_gpu, engine_main, served_generators
 from serving.config import ConfigError
-from serving.engine_core import EngineCore, MetricsHub, serve
 from serving.engine_ipc import EngineClient
 from serving.metrics import ServingMetrics
-from serving.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -55,37 +54,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 def check_forkable(runtime: Runtime) -> None:
     """ConfigError when a model runs on CUDA: it is forked into the engine, and CUDA does not survive a fork."""
-    on_gpu = sorted(domain for domain, gen in _generators(runtime).items()
-                    if getattr(getattr(getattr(gen, "engine", None), "device", None), "type", "cpu") == "cuda")
+    on_gpu = domains_on_gpu(served_generators(runtime.components, runtime.config))
     if on_gpu:
         raise ConfigError("--workers N > 1 forks the loaded model into one shared engine process, and CUDA does not "
                           "survive a fork: run a GPU model with --workers 1 for now "
                           f"(domains {on_gpu} run on the GPU)")
-
-
-def engine_main(runtime: Runtime, path: str, parent_pid: int, restarts: int) -> None:
-    """In the forked engine: fresh metrics, the live catalogs' feed threads, then the socket loop."""
-    config = runtime.config
-    metrics = ServingMetrics()
-    metrics.watch_kv_caches({d: g.engine.cache for d, g in _generators(runtime).items()
-                             if getattr(getattr(g, "engine", None), "cache", None) is not None})
-    metrics.watch_live_items(runtime.live)
-    if restarts:
-        metrics.engine_restarts.inc(restarts)  # the engine alone counts them: added up across processes once
-    runtime.service.use_metrics(metrics)
-    start_background(runtime.live)
-    limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps else None
-    refused = {reason: metrics.engine_refused.labels(reason) for reason in ("queue_full", "rate_limited")}
-    core = EngineCore(runtime.service.run_batch, max_size=config.batch_max_size,
-                      max_wait_s=config.batch_max_wait_ms / 1000.0, queue_max=config.engine_queue_max,
-                      limiter=limiter, on_queue=metrics.engine_queue.set, on_batch=metrics.batch_size.observe,
-                      on_refused=lambda reason: refused[reason].inc())
-    serve(path, core, MetricsHub(metrics.render), parent_pid=parent_pid)
-
-
-def _generators(runtime: Runtime) -> dict:
-    parts = runtime.components
-    return parts.generators or {runtime.config.default_domain: parts.generator}
 
 
 def worker_main(runtime: Runtime, listener: socket.socket, path: str, replacement: bool) -> None:
@@ -141,7 +114,7 @@ class Supervisor:
             if role == ENGINE:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the parent stops us
                 self.listener.close()
-                engine_main(self.runtime, self.path, parent, self.engine_restarts)
+                engine_main(self.runtime, self.engine_restarts, path=self.path, parent_pid=parent)
             else:
                 worker_main(self.runtime, self.listener, self.path, replacement)
         except BaseException:

@@ -1,5 +1,6 @@
-"""The `--workers N` wire and engine: frames, admission (global rate limit, bounded queue), batching, metrics hub,
-and a real engine process over a Unix socket answering an EngineClient, then dying mid-request."""
+"""The engine wire and engine of `--workers N` and engine: process: frames, admission (global rate limit, bounded
+queue), batching, metrics hub, and a real engine process over a Unix socket answering an EngineClient, then dying
+mid-request."""
 
 from __future__ import annotations
 
@@ -27,13 +28,13 @@ from serving.engine_ipc import (
     UNKNOWN_DOMAIN,
     EngineClient,
     EngineRefused,
+    EngineUnavailable,
     FrameDecoder,
     FrameError,
     RateLimited,
     encode,
     request_payload,
 )
-from serving.engine_process import EngineUnavailable
 from serving.fallback import NoPopularity
 from serving.metrics import ServingMetrics, merge_expositions
 from serving.ratelimit import RateLimiter
@@ -164,7 +165,7 @@ def _engine(path: str, parent: int) -> None:
 
     core = EngineCore(run_batch, max_size=16, max_wait_s=0.001, queue_max=64,
                       limiter=RateLimiter(rate=0.001, burst=3))
-    serve(path, core, MetricsHub(lambda: b""), parent_pid=parent)
+    serve(core, MetricsHub(lambda: b""), path=path, parent_pid=parent)
 
 
 def test_a_client_is_answered_by_a_real_engine_and_gets_engine_unavailable_when_it_dies(tmp_path):

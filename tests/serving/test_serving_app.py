@@ -223,7 +223,7 @@ def test_an_unknown_domain_is_the_clients_error_naming_the_known_domains(user):
 
 
 def test_an_unknown_domain_is_422_through_the_engine_process_too():
-    with client_for(engine="process") as client:  # the answer is pickled back from the forked engine
+    with client_for(engine="process") as client:  # the refusal travels back from the forked engine as a frame
         r = client.post("/recommend", json={"user_id": "u1", "k": 3, "domain": "games"})
         assert r.status_code == 422 and "served domains: ['movie']" in r.json()["message"]
         assert client.post("/recommend", json={"user_id": "u1", "k": 1}).json()["fallback"] is False
