@@ -49,20 +49,25 @@ def jars_present(s: Settings) -> bool:
     return any((lib / "kafka").glob("kafka_2.13-*.jar")) and (lib / "flink-connectors" / FLINK_KAFKA_CONNECTOR).is_file()
 
 
+def _maven_package(pom: str, what: str, s: Settings, log: Callable[[str], None]) -> None:
+    """`mvn package` of one of infra/maven's poms into lib_dir: offline first (after one online run everything
+    is in ~/.m2), then online; StackError with Maven's own output when neither works."""
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise StackError(f"mvn not found and {what} are missing: run `bash infra/install.sh`")
+    log(f"resolving {what} into {lib_dir(s)} (first time only, ~1 min) ...")
+    cmd = [mvn, "-q", "-B", "-f", str(MAVEN_POMS / pom), "package", f"-Dugt.lib={lib_dir(s)}"]
+    if subprocess.run([*cmd, "-o"], capture_output=True, text=True).returncode != 0:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise StackError(f"Maven could not resolve {what}:\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
+
+
 def ensure_jars(s: Settings, log: Callable[[str], None] = print) -> None:
     """Resolve Kafka and the Flink connector from Maven Central once; later runs find them cached."""
     if jars_present(s):
         return
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise StackError("mvn not found and the stack's jars are missing: run `bash infra/install.sh`")
-    log(f"resolving Maven artifacts into {lib_dir(s)} (first time only, ~1 min) ...")
-    cmd = [mvn, "-q", "-B", "-f", str(MAVEN_POMS / "pom.xml"), "package", f"-Dugt.lib={lib_dir(s)}"]
-    # offline first: after one online run everything is in ~/.m2
-    if subprocess.run([*cmd, "-o"], capture_output=True, text=True).returncode != 0:
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise StackError(f"Maven could not resolve the stack's jars:\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
+    _maven_package("pom.xml", "the stack's jars", s, log)
     if not jars_present(s):
         raise StackError(f"Maven ran but {lib_dir(s)} still lacks the Kafka or Flink connector jars")
 
@@ -71,12 +76,4 @@ def ensure_parquet_jars(s: Settings, log: Callable[[str], None] = print) -> None
     """Resolve the lake's parquet jars from Maven Central once (offline first, like ensure_jars)."""
     if any((lib_dir(s) / "flink-parquet").glob("flink-parquet-*.jar")):
         return
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise StackError("mvn not found and the lake's parquet jars are missing: run `bash infra/install.sh`")
-    log(f"resolving the parquet lake jars into {lib_dir(s) / 'flink-parquet'} (first time only) ...")
-    cmd = [mvn, "-q", "-B", "-f", str(MAVEN_POMS / "flink-parquet.xml"), "package", f"-Dugt.lib={lib_dir(s)}"]
-    if subprocess.run([*cmd, "-o"], capture_output=True, text=True).returncode != 0:
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise StackError(f"Maven could not resolve the parquet jars:\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
+    _maven_package("flink-parquet.xml", "the lake's parquet jars", s, log)

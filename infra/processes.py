@@ -122,22 +122,23 @@ def log_tail(path: Path, lines: int = 12) -> str:
 def terminate(pids: list[int], grace_s: float) -> list[int]:
     """SIGTERM, wait up to `grace_s`, then SIGKILL; returns the pids that had to be killed."""
     alive = [p for p in pids if pid_alive(p)]
-    for p in alive:
-        try:
-            os.kill(p, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    _signal_all(alive, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(pid_alive(p) for p in alive):
         reap_children()
         time.sleep(0.1)
     killed = [p for p in alive if pid_alive(p)]
-    for p in killed:
+    _signal_all(killed, signal.SIGKILL)
+    return killed
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    """Send ``sig`` to each pid; one that is already gone is not an error."""
+    for p in pids:
         try:
-            os.kill(p, signal.SIGKILL)
+            os.kill(p, sig)
         except ProcessLookupError:
             pass
-    return killed
 
 
 def reap_children() -> None:
