@@ -16,7 +16,7 @@ KUBE_VERSION = "1.31.0"
 # Values sets every check runs on: the defaults, and the other branches of the templates
 VARIANTS: dict[str, list[str]] = {
     "default": [],
-    "standalone-hpa-gpu": ["redis.mode=standalone", "autoscaling.serving.mode=hpa", "serving.gpu.enabled=true"],
+    "cluster-hpa-gpu": ["redis.mode=cluster", "autoscaling.serving.mode=hpa", "serving.gpu.enabled=true"],
     "external-kafka-fixed": ["kafka.enabled=false", "kafka.externalBootstrap=kafka.example:9092",
                              "autoscaling.serving.mode=none", "monitoring.enabled=false",
                              "flink.autoscaler.enabled=false", "feast.sharedClaim.create=false"],

@@ -16,6 +16,7 @@ import subprocess
 import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 
 from infra.settings import REPO_ROOT, Topics
 from tests.deploy.chart_render import CHART, KUBE_VERSION, VARIANTS, chart_values, of_kind, set_args
@@ -137,7 +138,7 @@ def test_serving_probes_and_drain(rendered: dict[str, list[dict]]) -> None:
         args = container["args"]
         workers = int(args[args.index("--workers") + 1])
         gpu = container["resources"]["limits"].get("nvidia.com/gpu")
-        assert (gpu, workers) == ((1, 1) if variant == "standalone-hpa-gpu" else (None, values["workers"]))
+        assert (gpu, workers) == ((1, 1) if variant == "cluster-hpa-gpu" else (None, values["workers"]))
 
 
 def serving_metric_names() -> set[str]:
@@ -183,3 +184,19 @@ def test_crd_schema_files_are_named_for_rendered_kinds() -> None:
     expected = {f"{api.split('/')[0]}_{kind}.json" for api, kind in CUSTOM_KINDS}
     present = {p.name for p in CRD_SCHEMAS.glob("*.json")} if CRD_SCHEMAS.is_dir() else set()
     assert present <= expected, present - expected
+
+
+def test_redis_modes(rendered: dict[str, list[dict]]) -> None:
+    """standalone: one AOF master; cluster: 3 masters + 3 replicas, formed by a hook Job, Feast told so."""
+    for variant, nodes, redis_type in (("default", 1, "redis"), ("cluster-hpa-gpu", 6, "redis_cluster")):
+        objects = rendered[variant]
+        (sts,) = [s for s in of_kind(objects, "StatefulSet") if s["metadata"]["name"] == "ugt-redis"]
+        assert sts["spec"]["replicas"] == nodes
+        conf = {c["metadata"]["name"]: c["data"] for c in of_kind(objects, "ConfigMap")}
+        assert "appendonly yes" in conf["ugt-redis"]["redis.conf"]
+        assert ("cluster-enabled yes" in conf["ugt-redis"]["redis.conf"]) == (nodes > 1)
+        feast = yaml.safe_load(conf["ugt-feast"]["feature_store.yaml"])["online_store"]
+        assert feast["redis_type"] == redis_type
+        assert len(feast["connection_string"].split(",")) == nodes
+        jobs = {j["metadata"]["name"] for j in of_kind(objects, "Job")}
+        assert ("ugt-redis-cluster-create" in jobs) == (nodes > 1) and "ugt-feast-apply" in jobs
