@@ -38,12 +38,24 @@ def set_args(values: list[str]) -> list[str]:
     return [arg for value in values for arg in ("--set", value)]
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key twice in one mapping (the API server rejects or warns on it; PyYAML keeps
+    the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {repeated}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def render(helm: str, values: list[str]) -> list[dict]:
-    """`helm template` of the chart: every rendered object (hooks included), as dicts."""
+    """`helm template` of the chart: every rendered object (hooks included), as dicts; a duplicate key fails."""
     proc = subprocess.run([helm, "template", "ugt", str(CHART), "--namespace", "ugt", "--kube-version", KUBE_VERSION,
                            *set_args(values)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"helm template failed:\n{proc.stderr}"
-    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+    return [doc for doc in yaml.load_all(proc.stdout, Loader=UniqueKeyLoader) if doc]
 
 
 def of_kind(objects: list[dict], kind: str) -> list[dict]:

@@ -16,6 +16,11 @@ app.kubernetes.io/instance: {{ (index . 0).Release.Name }}
 app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 
+{{/* the component label beside "ugt.labels" (which has the instance): include "ugt.component" (list . "serving") */}}
+{{- define "ugt.component" -}}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end -}}
+
 {{- define "ugt.image" -}}
 {{- printf "%s:%s" .repository .tag -}}
 {{- end -}}
