@@ -13,6 +13,7 @@ import pytest
 from dockerfile_parse import DockerfileParser
 
 from infra.settings import REPO_ROOT
+from jobs.common import CONNECTOR_JAR_NAME
 from tests.deploy.chart_render import chart_values
 
 DOCKERFILES = sorted((REPO_ROOT / "infra" / "k8s" / "docker").glob("*.Dockerfile"))
@@ -78,6 +79,11 @@ def test_flink_image_matches_the_pins() -> None:
     assert values["pythonJar"].endswith(f"flink-python-{flink}.jar")
     for pom in re.findall(r"-f (infra/maven/\S+)", text):
         assert (REPO_ROOT / pom).is_file(), pom
+    # the connector the jobs look for (jobs/common.py) is the one infra/maven/pom.xml puts in Flink's lib/
+    (jar,) = re.findall(r"UGT_KAFKA_CONNECTOR_JAR=(\S+)", text)
+    assert jar == f"/opt/flink/lib/{CONNECTOR_JAR_NAME}"
+    connector = re.search(r"<flink.kafka.connector.version>(\S+)</", (REPO_ROOT / "infra/maven/pom.xml").read_text())
+    assert connector and CONNECTOR_JAR_NAME == f"flink-sql-connector-kafka-{connector.group(1)}.jar"
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)

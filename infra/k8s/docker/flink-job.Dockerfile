@@ -41,7 +41,9 @@ RUN uv pip install --no-cache --python .venv/bin/python --no-deps -e . \
     && mkdir -p /var/ugt feature_repo/data /flink-data \
     && chown -R flink:flink /var/ugt feature_repo/data /flink-data
 
-ENV UGT_VAR=/var/ugt \
+# jobs/common.py finds the connector here and, as it is the very jar in lib/, does not ship it with each job
+ENV UGT_KAFKA_CONNECTOR_JAR=/opt/flink/lib/flink-sql-connector-kafka-5.0.0-2.2.jar \
+    UGT_VAR=/var/ugt \
     UGT_CACHE=/var/ugt/cache \
     PYTHONUNBUFFERED=1
 # the image's entrypoint (docker-entrypoint.sh) drops to the flink user
