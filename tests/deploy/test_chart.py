@@ -200,3 +200,14 @@ def test_redis_modes(rendered: dict[str, list[dict]]) -> None:
         assert len(feast["connection_string"].split(",")) == nodes
         jobs = {j["metadata"]["name"] for j in of_kind(objects, "Job")}
         assert ("ugt-redis-cluster-create" in jobs) == (nodes > 1) and "ugt-feast-apply" in jobs
+
+
+def test_feast_config_is_the_repos_with_the_release_redis(default_objects: list[dict]) -> None:
+    """The chart's feature_store.yaml is feature_repo/feature_store.yaml but for where Redis is."""
+    (config,) = [c for c in of_kind(default_objects, "ConfigMap") if c["metadata"]["name"] == "ugt-feast"]
+    rendered = yaml.safe_load(config["data"]["feature_store.yaml"])
+    repo = yaml.safe_load((REPO_ROOT / "feature_repo" / "feature_store.yaml").read_text())
+    for online in (rendered["online_store"], repo["online_store"]):
+        online.pop("connection_string", None)
+        online.pop("redis_type", None)
+    assert rendered == repo
