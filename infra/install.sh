@@ -5,7 +5,9 @@
 #   - the Maven artifacts (Kafka 4.x broker jars, the Flink Kafka SQL connector) copied into
 #     ${UGT_CACHE:-~/.cache/ugt}/lib/{kafka,flink-connectors} by infra/maven/pom.xml.
 #   - the Python environment .venv: every package pinned in infra/requirements.lock (made from
-#     pyproject.toml by `uv pip compile pyproject.toml --extra all -o infra/requirements.lock`), plus UGT itself.
+#     pyproject.toml by `uv pip compile pyproject.toml --extra all -o infra/requirements.lock`), plus UGT itself,
+#   - helm (tests/deploy renders and lints the chart infra/k8s/ugt), built with Go from the Go module proxy into
+#     ${UGT_CACHE:-~/.cache/ugt}/bin when Go is there (~1.5 min the first time on 2 cores, cached afterwards).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,5 +49,19 @@ fi
 [ -x .venv/bin/uv ] || .venv/bin/python -m pip install -q uv
 .venv/bin/uv pip install -q --python .venv/bin/python -r infra/requirements.lock
 .venv/bin/uv pip install -q --python .venv/bin/python --no-deps -e .
+
+HELM_VERSION=v3.22.0
+helm_bin="${UGT_CACHE:-$HOME/.cache/ugt}/bin"
+go_bin="$(command -v go || echo /usr/local/go/bin/go)"
+if [ -x "$helm_bin/helm" ] && [ "$(cat "$helm_bin/helm.version" 2>/dev/null)" = "$HELM_VERSION" ]; then
+  echo "install.sh: helm $HELM_VERSION already in $helm_bin"
+elif [ -x "$go_bin" ]; then
+  echo "install.sh: building helm $HELM_VERSION from the Go module proxy into $helm_bin (first time: ~1.5 min)"
+  mkdir -p "$helm_bin"
+  GOBIN="$helm_bin" "$go_bin" install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  echo "$HELM_VERSION" > "$helm_bin/helm.version"
+else
+  echo "install.sh: no Go toolchain: helm not built (tests/deploy skips the chart checks)"
+fi
 
 echo "install.sh: done (redis-server $(redis-server --version | awk '{print $3}'), jars in $lib)"
