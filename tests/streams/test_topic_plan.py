@@ -24,5 +24,5 @@ def test_a_pipeline_topic_named_again_keeps_its_spec() -> None:
 
 def test_every_pipeline_topic_has_a_schema_with_a_rule() -> None:
     rules = compatibility_rules()
-    assert set(TOPIC_SCHEMAS) == {"raw", "items", "tokens", "dlq"}
+    assert set(TOPIC_SCHEMAS) == {"raw", "items", "tokens", "dlq", "impressions"}
     assert all(name in rules for name in TOPIC_SCHEMAS.values())
