@@ -250,6 +250,7 @@ class ServingConfig:
     # each served list is published to Topics.impressions (schemas/impression.avsc) from a bounded buffer
     impressions: bool = False
     impression_buffer: Int = Field(10_000, ge=1, le=10_000_000)  # impressions waiting for Kafka; past it: dropped
+    impression_timeout_ms: Float = Field(10_000.0, ge=100, le=600_000)  # unconfirmed by Kafka this long: dropped
 
     @property
     def model_name(self) -> str:

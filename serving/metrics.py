@@ -114,6 +114,12 @@ class ServingMetrics:
             "Users whose state was read (divided by state_round_trips: users per round trip).",
             registry=self.registry,
         )
+        self._impression_metrics()
+        for stage in STAGES:  # expose every series from the start, so dashboards see zeros rather than gaps
+            self.stage_seconds.labels(stage)
+
+    def _impression_metrics(self) -> None:
+        """The impression publisher's counters (serving/impressions.py), every reason exposed from the start."""
         self.impressions_published = Counter(
             "ugt_serving_impressions_published",
             "Impressions (served lists) Kafka confirmed on Topics.impressions (impressions: true).",
@@ -121,14 +127,13 @@ class ServingMetrics:
         )
         self.impressions_dropped = Counter(
             "ugt_serving_impressions_dropped",
-            "Impressions not published, by reason (buffer_full, kafka_error, encode_error); never a failed request.",
+            "Impressions not published, by reason (buffer_full, kafka_error, registry_error, encode_error); "
+            "never a failed request.",
             ["reason"],
             registry=self.registry,
         )
-        for reason in ("buffer_full", "kafka_error", "encode_error"):
+        for reason in ("buffer_full", "kafka_error", "registry_error", "encode_error"):
             self.impressions_dropped.labels(reason)
-        for stage in STAGES:  # expose every series from the start, so dashboards see zeros rather than gaps
-            self.stage_seconds.labels(stage)
 
     def watch_kv_caches(self, caches: dict[str, object]) -> None:
         """Expose each UGT generator's prefix-cache hits, appends, misses and bytes (read at scrape time, by domain)."""

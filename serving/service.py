@@ -189,6 +189,8 @@ class RecommendService:
         # labelled children looked up once: .labels() costs more than the observation itself
         self._stage_hist = {stage: metrics.stage_seconds.labels(stage) for stage in STAGES}
         self.parts.fallback.observer = lambda source: metrics.popularity_source.labels(source).inc()
+        if getattr(self.impressions, "metrics", None) is not None:
+            self.impressions.metrics = metrics  # type: ignore[union-attr]
 
     # -- routing ---------------------------------------------------------------------------------------
     def domain_of(self, request: RecommendRequest) -> str:
