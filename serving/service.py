@@ -177,6 +177,7 @@ class RecommendService:
         self.routes: dict[str, DomainConfig] = routes(config)
         self.open_domains = not config.domains  # no router configured: every domain, one model
         self.experiments = Experiments(config)
+        self._deadline_s = config.request_timeout_ms / 1000.0
         self.impressions: ImpressionSink | None = None  # compose sets it when config.impressions is on
         default = self.generator_for(config.default_domain)
         self.model_name = f"{default.name}-{default.version}"
@@ -409,7 +410,10 @@ class RecommendService:
                 self._stage_hist[stage].observe(stages[stage])
             if job.reason is not None:
                 self.metrics.fallbacks.labels(job.reason).inc()
-            out.append(self._published(_answer(job, items, size, stages)))
+            answer = _answer(job, items, size, stages)
+            # past request_timeout_ms the HTTP side has already answered with the timeout fallback (and published
+            # that): this answer is never seen, so it is no impression
+            out.append(self._published(answer) if stages["total"] < self._deadline_s else answer)
         if jobs:  # state and generate are the batch's: observed once per batch
             self._stage_hist["state"].observe(after_state - start)
             self._stage_hist["generate"].observe(after_generate - after_state)

@@ -97,7 +97,7 @@ def read_impressions(settings: Settings, start: list[TopicPartition], wanted: se
         if msg is None or msg.error():
             continue
         decoded = serde.decode(msg.value())
-        assert decoded.schema_name == "Impression"
+        assert decoded.schema_name == "ugt.events.Impression"
         if decoded.record["request_id"] in wanted:
             assert msg.key() == decoded.record["user_id"].encode()
             found[decoded.record["request_id"]] = decoded.record
@@ -143,7 +143,10 @@ def test_arms_follow_the_assignment_and_impressions_match_the_responses(served, 
         assert [(i["item_id"], i["position"], i["score"]) for i in record["items"]] == [
             (i["item_id"], n, i["score"]) for n, i in enumerate(body["items"])]
         assert abs(record["served_at"].timestamp() - time.time()) < 120
-    assert published(served) >= len(bodies)
+    deadline = time.monotonic() + 10  # delivery reports reach the engine's counter a poll (<= 50 ms) after
+    while published(served) < len(bodies) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert published(served) >= len(bodies), requests.get(f"{served}/metrics", timeout=10).text
 
 
 def test_kafka_stopped_requests_unaffected_impressions_dropped_and_counted(served, kafka_registry_redis):
