@@ -168,3 +168,11 @@ def test_arm_generators_are_keyed_by_domain_experiment_and_arm():
                           env={})
     assert set(Experiments(config).routes()) == {("movie", "e", "a"), ("book", "e", "a")}
     assert Experiments(config).routes()[("book", "e", "a")] == DomainConfig("book", generator_version="v7")
+
+
+def test_impression_keys_are_off_by_default_and_bounded():
+    config = build_config({}, env={})
+    assert config.impressions is False and config.experiments == ()
+    assert build_config({}, env={"UGT_SERVING_IMPRESSIONS": "true"}).impressions is True
+    with pytest.raises(ConfigError, match="impression_buffer: Input should be greater than or equal to 1"):
+        build_config({"impression_buffer": 0}, env={})
