@@ -27,6 +27,7 @@ from serving.config import build_config
 from serving.experiments import Experiments
 from streams.serde import AvroSerde, SchemaRegistryClient
 from streams.topics import ensure_pipeline
+from tests.integration.test_serving import ensure_feast_applied, push_states
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 RUN = uuid.uuid4().hex[:8]
 DOMAIN = f"itest-ab-{RUN}"
 POPULAR = {str(i): float(100 - i) for i in range(30)}
+KNOWN = {f"itest-ab-{RUN}-{n}": ["0", "1"] for n in range(80)}  # with state: the arm's model answers them
 NEEDED = ["kafka", "registry", "redis"]
 CONFIG = {
     "generator": "popularity", "default_domain": DOMAIN, "log_level": "warning", "impressions": True,
@@ -49,6 +51,8 @@ def kafka_registry_redis() -> Iterator[Settings]:
     settings = get_settings()
     was_up = {str(row["service"]) for row in stack_mod.status(only=NEEDED, settings=settings) if row["healthy"]}
     stack_mod.up(only=NEEDED, settings=settings, log=lambda line: None, after_kafka=ensure_pipeline)
+    ensure_feast_applied(settings)
+    push_states(settings, KNOWN)
     client = redis.Redis.from_url(settings.redis_url)
     client.zadd(f"ugt:popularity:{DOMAIN}", POPULAR)
     yield settings
@@ -130,6 +134,10 @@ def test_arms_follow_the_assignment_and_impressions_match_the_responses(served, 
         expected = experiments.assign(DOMAIN, user)
         assert body["arm"] == (expected.arm if expected else None)
         assert body["experiment"] == (f"ab-{RUN}" if expected else None)
+        # the arm's model answered (treatment: popularity v2 over the domain's v1), history left out
+        assert not body["fallback"], body
+        assert body["model"] == ("popularity-v2" if body["arm"] == "treatment" else "popularity-v1")
+        assert [i["item_id"] for i in body["items"]] == ["2", "3", "4", "5", "6"]
         bodies[body["request_id"]] = body
     assert {b["arm"] for b in bodies.values()} >= {"treatment", "control"}
     found = read_impressions(settings, start, set(bodies))
