@@ -25,6 +25,7 @@ class Topics:
     items: str = "items.catalog"
     tokens: str = "events.tokens"
     dlq: str = "events.dlq"
+    impressions: str = "events.impressions"  # the lists /recommend served (schemas/impression.avsc)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,8 +23,10 @@ from serving.batcher import DynamicBatcher
 from serving.config import ConfigError, DomainConfig, ServingConfig, routes
 from serving.engine_core import EngineCore, MetricsHub, serve
 from serving.engine_process import EngineProcess
+from serving.experiments import Experiments
 from serving.fallback import PopularityFallback, PopularityGenerator, load_popularity_file
 from serving.generator import Generator
+from serving.impressions import ImpressionPublisher
 from serving.metrics import ServingMetrics
 from serving.ratelimit import RateLimiter
 from serving.reranker import FilterReranker, Reranker, RuleReranker
@@ -46,8 +48,10 @@ def build_components(settings: Settings, config: ServingConfig, client: redis.Re
     """The real parts named by the config; raises ConfigError with what is wrong."""
     fallback = _popularity(config, client)
     reader = _state_reader(settings, config, client)
-    generators = _generators(config, fallback, settings)
+    loaded: dict[tuple[str, str, str], Generator] = {}
+    generators = _generators(config, fallback, settings, loaded)
     rerankers = _rerankers(config, client, settings)
+    arm_routes = Experiments(config).routes()
     default = routes(config)[config.default_domain]
     return Components(
         state_reader=reader,
@@ -56,6 +60,8 @@ def build_components(settings: Settings, config: ServingConfig, client: redis.Re
         reranker=rerankers[default.name],
         generators=generators if config.domains else {},
         rerankers=rerankers if config.domains else {},
+        arm_generators=_generators(config, fallback, settings, loaded, arm_routes),
+        arm_rerankers=_rerankers(config, client, settings, arm_routes),
     )
 
 
@@ -98,20 +104,24 @@ def _state_reader(settings: Settings, config: ServingConfig, client: redis.Redis
     return RedisStateReader(client, layout, config.feature_view)
 
 
-def _generators(config: ServingConfig, fallback: PopularityFallback,
-                settings: Settings | None = None) -> dict[str, Generator]:
-    """The router's model per domain; a checkpoint several domains name is loaded once."""
-    loaded: dict[tuple[str, str, str], Generator] = {}
-    out: dict[str, Generator] = {}
-    if config.torch_threads and any(r.generator == "ugt" for r in routes(config).values()):
+def _generators(config: ServingConfig, fallback: PopularityFallback, settings: Settings | None = None,
+                loaded: dict[tuple[str, str, str], Generator] | None = None,
+                by_key: Mapping[Any, DomainConfig] | None = None) -> dict[Any, Generator]:
+    """The model per route (the router's domains, or ``by_key``: the experiment arms); a checkpoint several
+    routes name is loaded once (``loaded`` is shared across calls)."""
+    loaded = {} if loaded is None else loaded
+    by_key = routes(config) if by_key is None else by_key
+    out: dict[Any, Generator] = {}
+    if config.torch_threads and any(r.generator == "ugt" for r in by_key.values()):
         import torch
 
         torch.set_num_threads(config.torch_threads)  # process-wide: once, before any model loads
-    for name, route in routes(config).items():
+    for name, route in by_key.items():
         key = (route.generator, route.generator_version, route.checkpoint)
         if key not in loaded:
             if route.generator == "ugt":
-                loaded[key] = _load_ugt(name, route, config, settings)
+                where = f"experiments.{name[1]}.arms.{name[2]}" if isinstance(name, tuple) else name
+                loaded[key] = _load_ugt(where, route, config, settings)
             else:
                 loaded[key] = PopularityGenerator(fallback, version=route.generator_version)
         out[name] = loaded[key]
@@ -134,7 +144,8 @@ def _load_ugt(name: str, route: DomainConfig, config: ServingConfig, settings: S
                                  redis_factory=_feed_client(settings) if settings else None,
                                  sid_version=config.sid_version)
     except CheckpointError as exc:
-        where = f"domains.{name}.checkpoint" if config.domains else "checkpoint"
+        where = (f"{name}.checkpoint" if name.startswith("experiments.")
+                 else f"domains.{name}.checkpoint" if config.domains else "checkpoint")
         raise ConfigError(f"{where}: {exc}") from exc
     if generator.engine.config.rank_top > 0:
         log.info("%s: the ranking head reorders retrieval's top %d", route.checkpoint,
@@ -149,11 +160,13 @@ def _feed_client(settings: Settings) -> Callable[[], redis.Redis]:
     return lambda: redis.Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
 
 
-def _rerankers(config: ServingConfig, client: redis.Redis, settings: Settings) -> dict[str, Reranker]:
-    """The router's rules per domain; item categories come from Feast's item_metadata view in Redis."""
-    out: dict[str, Reranker] = {}
+def _rerankers(config: ServingConfig, client: redis.Redis, settings: Settings,
+               by_key: Mapping[Any, DomainConfig] | None = None) -> dict[Any, Reranker]:
+    """The rules per route (the router's domains, or ``by_key``: the experiment arms); item categories come
+    from Feast's item_metadata view in Redis."""
+    out: dict[Any, Reranker] = {}
     catalog = None
-    for name, route in routes(config).items():
+    for name, route in (routes(config) if by_key is None else by_key).items():
         if not route.rerank.active:
             out[name] = FilterReranker()
             continue
@@ -166,8 +179,11 @@ def _rerankers(config: ServingConfig, client: redis.Redis, settings: Settings) -
 
 
 def served_generators(components: Components, config: ServingConfig) -> dict[str, Generator]:
-    """The model of each served domain (the default domain's alone without a router)."""
-    return components.generators or {config.default_domain: components.generator}
+    """The model of each served domain (the default domain's alone without a router), and of each experiment
+    arm with its own (keyed ``domain/experiment/arm``)."""
+    own = components.generators or {config.default_domain: components.generator}
+    arms = {"/".join(key): gen for key, gen in components.arm_generators.items()}
+    return {**own, **arms}
 
 
 def domains_on_gpu(by_domain: dict[str, Generator]) -> list[str]:
@@ -279,6 +295,9 @@ def compose(settings: Settings, config: ServingConfig, components: Components | 
         metrics.watch_kv_caches(kv_caches(components, config))
         metrics.watch_live_items(live)
     service = RecommendService(config, components, metrics)
+    if config.impressions:
+        service.impressions = ImpressionPublisher(settings, metrics, config.impression_buffer,
+                                                  config.impression_timeout_ms)
     log.info("serving config: %s (engine: %s)", asdict(config), engine)
     if client is not None:
         try:

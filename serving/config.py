@@ -112,6 +112,71 @@ class DomainConfig:
     rerank: RerankConfig = Field(default_factory=RerankConfig)
 
 
+BUCKETS = 10_000  # users hash to this many buckets per experiment; a share is a whole number of them
+
+
+def _mapping_to_named(value: Any) -> Any:
+    """YAML's ``{name: {...}}`` as ``[{name, ...}]``, in the order written (arm order lays out the buckets)."""
+    if not isinstance(value, Mapping):
+        return _none_is_nothing(value)
+    return [{**(raw or {}), "name": str(name)} if isinstance(raw, Mapping | None) else raw
+            for name, raw in value.items()]
+
+
+@dataclass(frozen=True, config=STRICT)
+class ArmConfig:
+    """One arm of an experiment: its traffic share and what serves it (unset keys: the domain's route).
+
+    A ``holdout`` arm is served by the domain's own route and may not name a model: the users kept out.
+    """
+
+    name: DomainName
+    share: Float = Field(ge=0, le=1)  # of all users; a multiple of 1/BUCKETS (0.0001)
+    holdout: bool = False
+    generator: Generator | None = None
+    generator_version: Annotated[str, Field(min_length=1)] | None = None
+    checkpoint: Text = ""
+    rerank: RerankConfig | None = None
+
+    @property
+    def buckets(self) -> int:
+        return round(self.share * BUCKETS)
+
+    @model_validator(mode="after")
+    def _check(self) -> ArmConfig:
+        if abs(self.share * BUCKETS - self.buckets) > 1e-6:
+            raise ValueError(f"share must be a multiple of {1 / BUCKETS:g} ({BUCKETS} buckets), got {self.share}")
+        if self.holdout and (self.generator or self.generator_version or self.checkpoint or self.rerank):
+            raise ValueError("a holdout arm is served by the domain's own route: it names no generator, "
+                             "generator_version, checkpoint or rerank")
+        return self
+
+
+@dataclass(frozen=True, config=STRICT)
+class ExperimentConfig:
+    """A named experiment: on the requests of ``domains`` (default: default_domain), users hash to arms.
+
+    Arms own contiguous bucket ranges laid out in the order written; buckets past the last arm are not in the
+    experiment. docs/SERVING.md "Experiments and impressions" states what a change of shares moves.
+    """
+
+    name: DomainName
+    arms: Annotated[tuple[ArmConfig, ...], BeforeValidator(_mapping_to_named)]
+    domains: Strings = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        names = [a.name for a in self.arms]
+        if not names:
+            raise ValueError("an experiment needs at least one arm")
+        if len(set(names)) != len(names):
+            raise ValueError(f"arm names must be unique, got {names}")
+        total = sum(a.buckets for a in self.arms)
+        if total > BUCKETS:
+            raise ValueError(f"arm shares add up to {total / BUCKETS:g}, more than 1")
+        return self
+
+
 @dataclass(frozen=True, config=STRICT)
 class ServingConfig:
     host: NonEmpty = "127.0.0.1"  # where `ugt serve` listens
@@ -180,6 +245,12 @@ class ServingConfig:
     request_timeout_ms: Float = Field(1000.0, ge=1, le=60_000)  # no answer by then -> the fallback (reason timeout)
     rerank: RerankConfig = Field(default_factory=RerankConfig)  # the rules of domains without their own
     domains: Annotated[tuple[DomainConfig, ...], BeforeValidator(_none_is_nothing)] = ()  # the router; empty = every domain, the top-level generator
+    # A/B tests: name -> {domains, arms: {arm: {share, holdout, generator, ...}}} (serving/experiments.py)
+    experiments: Annotated[tuple[ExperimentConfig, ...], BeforeValidator(_mapping_to_named)] = ()
+    # each served list is published to Topics.impressions (schemas/impression.avsc) from a bounded buffer
+    impressions: bool = False
+    impression_buffer: Int = Field(10_000, ge=1, le=10_000_000)  # impressions waiting for Kafka; past it: dropped
+    impression_timeout_ms: Float = Field(10_000.0, ge=100, le=600_000)  # unconfirmed by Kafka this long: dropped
 
     @property
     def model_name(self) -> str:
@@ -226,9 +297,30 @@ class ServingConfig:
         for d in self.domains:
             if d.generator == "ugt":
                 out += _checkpoint_problems(f"domains.{d.name}.checkpoint", d.checkpoint)
+        out += self._experiment_problems()
         if out:
             raise ValueError(_BULLET.join(out))
         return self
+
+
+    def _experiment_problems(self) -> list[str]:
+        """Each experiment's domains are served, no domain runs two experiments, ugt arms have checkpoints."""
+        out: list[str] = []
+        served = set(routes(self))
+        owner: dict[str, str] = {}
+        for exp in self.experiments:
+            for domain in exp.domains or (self.default_domain,):
+                if self.domains and domain not in served:
+                    out.append(f"experiments.{exp.name}.domains: {domain!r} is not one of domains {sorted(served)}")
+                if domain in owner:
+                    out.append(f"experiments.{exp.name}: domain {domain!r} already runs experiment {owner[domain]!r}")
+                owner.setdefault(domain, exp.name)
+            for arm in exp.arms:
+                if arm.generator == "ugt":
+                    out += _checkpoint_problems(f"experiments.{exp.name}.arms.{arm.name}.checkpoint", arm.checkpoint)
+        if len({e.name for e in self.experiments}) != len(self.experiments):
+            out.append("experiments: names must be unique")
+        return out
 
 
 def _checkpoint_problems(where: str, checkpoint: str) -> list[str]:
@@ -260,6 +352,11 @@ def _resolved(values: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
     out = fix(values)
     if isinstance(out.get("domains"), Mapping):
         out["domains"] = {n: fix(d) if isinstance(d, Mapping) else d for n, d in out["domains"].items()}
+    if isinstance(out.get("experiments"), Mapping):
+        out["experiments"] = {
+            n: {**e, "arms": {a: fix(r) if isinstance(r, Mapping) else r for a, r in e["arms"].items()}}
+            if isinstance(e, Mapping) and isinstance(e.get("arms"), Mapping) else e
+            for n, e in out["experiments"].items()}
     return out
 
 
@@ -268,7 +365,7 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(ServingConfig):
         name = ENV_PREFIX + f.name.upper()
-        if f.name in ("rerank", "domains") or name not in env:
+        if f.name in ("rerank", "domains", "experiments") or name not in env:
             continue
         out[f.name] = env[name]
         if f.name == "api_keys":
@@ -297,7 +394,8 @@ def _where(loc: tuple[Any, ...], data: Any) -> str:
 
 def _known_keys(loc: tuple[Any, ...]) -> str:
     where = [p for p in loc[:-1] if isinstance(p, str)]
-    kind = RerankConfig if "rerank" in where else DomainConfig if where[:1] == ["domains"] else ServingConfig
+    kind = (RerankConfig if "rerank" in where else DomainConfig if where[:1] == ["domains"]
+            else ArmConfig if "arms" in where else ExperimentConfig if where[:1] == ["experiments"] else ServingConfig)
     return ", ".join(sorted(f.name for f in fields(kind) if f.name != "name"))
 
 

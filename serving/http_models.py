@@ -88,6 +88,9 @@ class RecommendResponse(BaseModel):
         json_schema_extra={
             "examples": [
                 {
+                    "request_id": "9f1c2e4b7a0d4d6e8b1f3a5c7e9d0b2a",
+                    "experiment": "ugt_vs_popularity",
+                    "arm": "treatment",
                     "user_id": "42",
                     "items": [{"item_id": "2858", "score": 3428.0}, {"item_id": "260", "score": 2991.0}],
                     "fallback": False,
@@ -97,6 +100,9 @@ class RecommendResponse(BaseModel):
                     "timings_ms": {"queue": 0.5, "state": 0.21, "generate": 0.05, "rerank": 0.01, "total": 0.81},
                 },
                 {
+                    "request_id": "0c5d1e2f3a4b4c5d8e6f7a8b9c0d1e2f",
+                    "experiment": None,
+                    "arm": None,
                     "user_id": "new-user",
                     "items": [{"item_id": "2858", "score": 3428.0}],
                     "fallback": True,
@@ -109,6 +115,15 @@ class RecommendResponse(BaseModel):
         }
     )
 
+    request_id: str = Field(description="This answer's id (a uuid4 in hex); its impression event carries it.")
+    experiment: str | None = Field(
+        default=None, description="The experiment running on the request's domain, or null when none applies."
+    )
+    arm: str | None = Field(
+        default=None,
+        description="The user's arm of that experiment (sticky per experiment and user), or null when the user's "
+        "bucket is outside every arm.",
+    )
     user_id: str
     items: list[ScoredItemOut]
     fallback: bool = Field(description="True when the answer did not come from the main model.")

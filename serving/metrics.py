@@ -37,7 +37,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 class ServingMetrics:
     """Names (all prefixed ``ugt_serving_``): requests_total, stage_seconds, batch_size, fallbacks_total,
-    errors_total, popularity_source_total, kv_cache_lookups_total, kv_cache_bytes, engine_restarts_total, and for UGT models that
+    errors_total, popularity_source_total, impressions_published_total, impressions_dropped_total,
+    kv_cache_lookups_total, kv_cache_bytes, engine_restarts_total, and for UGT models that
     follow new items: live_items, live_items_rejected_total, live_items_feed_errors_total, live_item_delay_seconds."""
 
     content_type = CONTENT_TYPE_LATEST
@@ -113,8 +114,26 @@ class ServingMetrics:
             "Users whose state was read (divided by state_round_trips: users per round trip).",
             registry=self.registry,
         )
+        self._impression_metrics()
         for stage in STAGES:  # expose every series from the start, so dashboards see zeros rather than gaps
             self.stage_seconds.labels(stage)
+
+    def _impression_metrics(self) -> None:
+        """The impression publisher's counters (serving/impressions.py), every reason exposed from the start."""
+        self.impressions_published = Counter(
+            "ugt_serving_impressions_published",
+            "Impressions (served lists) Kafka confirmed on Topics.impressions (impressions: true).",
+            registry=self.registry,
+        )
+        self.impressions_dropped = Counter(
+            "ugt_serving_impressions_dropped",
+            "Impressions not published, by reason (buffer_full, kafka_error, registry_error, encode_error); "
+            "never a failed request.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("buffer_full", "kafka_error", "registry_error", "encode_error"):
+            self.impressions_dropped.labels(reason)
 
     def watch_kv_caches(self, caches: dict[str, object]) -> None:
         """Expose each UGT generator's prefix-cache hits, appends, misses and bytes (read at scrape time, by domain)."""

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import orjson
 
@@ -21,6 +23,7 @@ from contracts.tokenizer import ACTION_TOKEN
 from contracts.user_state_rule import STATE_VERSION
 from serving.batcher import Queued
 from serving.config import DomainConfig, ServingConfig, routes
+from serving.experiments import Assignment, Experiments
 from serving.fallback import NoPopularity, PopularityFallback
 from serving.generator import GenerationRequest, Generator, NoModelAnswer, ScoredItem, has_batch
 from serving.http_models import RecommendRequest, RecommendResponse
@@ -45,6 +48,12 @@ PER_REQUEST_STAGES = ("queue", "rerank", "total")  # state and generate are obse
 CONTEXT_ACTION = ACTION_TOKEN["VIEW"]  # session items in `context` count as views without a rating
 
 
+class ImpressionSink(Protocol):
+    """Where served lists go as impressions (serving/impressions.py); ``offer`` must never block or raise."""
+
+    def offer(self, answer: Answer) -> None: ...
+
+
 class UnknownDomain(ValueError):
     """The request's domain is not served (not in the config's ``domains``, or, without them, no popularity
     source knows it); the client's error: the HTTP layer answers 422."""
@@ -64,6 +73,9 @@ class Components:
     reranker: Reranker
     generators: dict[str, Generator] = field(default_factory=dict)
     rerankers: dict[str, Reranker] = field(default_factory=dict)
+    # (domain, experiment, arm) -> the arm's own model / rules; an arm without an entry uses its domain's
+    arm_generators: dict[tuple[str, str, str], Generator] = field(default_factory=dict)
+    arm_rerankers: dict[tuple[str, str, str], Reranker] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,6 +90,13 @@ class _Job:
     candidates: list[ScoredItem] | None = None
     model: str = ""
     error: NoPopularity | None = None
+    assignment: Assignment | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def arm_key(self) -> tuple[str, str, str] | None:
+        a = self.assignment
+        return (self.domain, a.experiment, a.arm) if a is not None else None
 
 
 def _ms(seconds: float) -> float:
@@ -98,9 +117,16 @@ class Answer:
     model: str
     batch_size: int
     timings_ms: dict[str, float]
+    request_id: str = ""
+    experiment: str | None = None
+    arm: str | None = None
+    domain: str = ""
 
     def to_dict(self) -> dict:
         return {
+            "request_id": self.request_id,
+            "experiment": self.experiment,
+            "arm": self.arm,
             "user_id": self.user_id,
             "items": [{"item_id": i.item_id, "score": float(i.score)} for i in self.items],
             "fallback": self.reason is not None,
@@ -119,7 +145,9 @@ class Answer:
 
 def _answer(job: _Job, items: list[ScoredItem], size: int, stages: dict[str, float]) -> Answer:
     timings = {stage: _ms(seconds) for stage, seconds in stages.items()}
-    return Answer(job.request.user_id, items, job.reason, job.model, size, timings)
+    a = job.assignment
+    return Answer(job.request.user_id, items, job.reason, job.model, size, timings, job.request_id,
+                  a.experiment if a else None, a.arm if a else None, job.domain)
 
 
 def with_context(state: UserStateView | None, user_id: str, context: Sequence[str], now_ms: int) -> UserStateView | None:
@@ -148,6 +176,9 @@ class RecommendService:
         self.parts = components
         self.routes: dict[str, DomainConfig] = routes(config)
         self.open_domains = not config.domains  # no router configured: every domain, one model
+        self.experiments = Experiments(config)
+        self._deadline_s = config.request_timeout_ms / 1000.0
+        self.impressions: ImpressionSink | None = None  # compose sets it when config.impressions is on
         default = self.generator_for(config.default_domain)
         self.model_name = f"{default.name}-{default.version}"
         self._last_log: dict[str, tuple[float, int]] = {}
@@ -159,6 +190,8 @@ class RecommendService:
         # labelled children looked up once: .labels() costs more than the observation itself
         self._stage_hist = {stage: metrics.stage_seconds.labels(stage) for stage in STAGES}
         self.parts.fallback.observer = lambda source: metrics.popularity_source.labels(source).inc()
+        if getattr(self.impressions, "metrics", None) is not None:
+            self.impressions.metrics = metrics  # type: ignore[union-attr]
 
     # -- routing ---------------------------------------------------------------------------------------
     def domain_of(self, request: RecommendRequest) -> str:
@@ -173,6 +206,26 @@ class RecommendService:
 
     def reranker_for(self, domain: str) -> Reranker:
         return self.parts.rerankers.get(domain, self.parts.reranker)
+
+    def _job(self, request: RecommendRequest, queued_s: float, reason: str | None = None) -> _Job:
+        """A request's job with its arm decided, once: the arm's model and rules answer it."""
+        domain = request.domain or self.config.default_domain
+        job = _Job(request, domain, queued_s, reason=reason)
+        if self.experiments:
+            job.assignment = self.experiments.assign(domain, request.user_id)
+        return job
+
+    def _generator_of(self, job: _Job) -> Generator:
+        key = job.arm_key
+        if key is not None and key in self.parts.arm_generators:
+            return self.parts.arm_generators[key]
+        return self.generator_for(job.domain)
+
+    def _reranker_of(self, job: _Job) -> Reranker:
+        key = job.arm_key
+        if key is not None and key in self.parts.arm_rerankers:
+            return self.parts.arm_rerankers[key]
+        return self.reranker_for(job.domain)
 
     # -- logging ---------------------------------------------------------------------------------------
     def _log_sometimes(
@@ -232,7 +285,7 @@ class RecommendService:
             job.reason = UNKNOWN_USER if state is None else None
 
     def _candidates_wanted(self, job: _Job) -> int:
-        pool = getattr(self.reranker_for(job.domain), "pool", 1)
+        pool = getattr(self._reranker_of(job), "pool", 1)
         return min(job.request.k * max(1, pool), job.request.k + 1000)
 
     def _seen(self, job: _Job) -> frozenset[str]:
@@ -242,18 +295,18 @@ class RecommendService:
         return frozenset(seen)
 
     def _generate(self, jobs: list[_Job]) -> None:
-        by_domain: dict[str, list[_Job]] = {}
+        by_model: dict[tuple[str, int], list[_Job]] = {}  # one call per (domain, model): arms split a domain
         for job in jobs:
             if job.state is not None:
-                by_domain.setdefault(job.domain, []).append(job)
-        for domain, group in by_domain.items():
+                by_model.setdefault((job.domain, id(self._generator_of(job))), []).append(job)
+        for (domain, _), group in by_model.items():
+            generator = self._generator_of(group[0])
             try:
-                answers = self._generate_group(domain, group)
+                answers = self._generate_group(domain, generator, group)
             except NoPopularity as exc:  # the popularity model has nothing for this domain: nor has the fallback
                 for job in group:
                     job.error = exc
                 continue
-            generator = self.generator_for(domain)
             model = f"{generator.name}-{generator.version}"
             for job, answer in zip(group, answers, strict=True):
                 if isinstance(answer, NoModelAnswer):
@@ -268,9 +321,9 @@ class RecommendService:
                     job.candidates = answer
                     job.model = model
 
-    def _generate_group(self, domain: str, group: list[_Job]) -> list[list[ScoredItem] | NoModelAnswer | Exception]:
-        """One domain's answers, in order; a failure is that request's answer, NoPopularity escapes."""
-        generator = self.generator_for(domain)
+    def _generate_group(self, domain: str, generator: Generator,
+                        group: list[_Job]) -> list[list[ScoredItem] | NoModelAnswer | Exception]:
+        """One domain's (and model's) answers, in order; a failure is that request's answer, NoPopularity escapes."""
         if has_batch(generator):  # a batch of one too: the engine path has the KV cache and CUDA graphs
             requests = [
                 GenerationRequest(job.state, self._candidates_wanted(job), self._seen(job), domain)  # type: ignore[arg-type]
@@ -319,11 +372,7 @@ class RecommendService:
         """Answers for a batch, in order: a response, or for a request nothing can answer NoPopularity (503), or
         UnknownDomain (422) when its domain is neither routed nor known to popularity."""
         start = time.perf_counter()
-        jobs: list[_Job] = []
-        for entry in entries:
-            request = entry.item
-            domain = request.domain or self.config.default_domain
-            jobs.append(_Job(request, domain, start - entry.arrived))
+        jobs = [self._job(entry.item, start - entry.arrived) for entry in entries]
         shed_after = self.config.queue_timeout_ms / 1000.0
         live = []
         for job in jobs:
@@ -348,7 +397,7 @@ class RecommendService:
                 out.append(error)
                 continue
             rerank_start = time.perf_counter()
-            items = self.reranker_for(job.domain).rerank(job.candidates or [], job.request.k, self._seen(job))
+            items = self._reranker_of(job).rerank(job.candidates or [], job.request.k, self._seen(job))
             rerank_s = time.perf_counter() - rerank_start
             stages = {
                 "queue": job.queued_s,
@@ -361,7 +410,10 @@ class RecommendService:
                 self._stage_hist[stage].observe(stages[stage])
             if job.reason is not None:
                 self.metrics.fallbacks.labels(job.reason).inc()
-            out.append(_answer(job, items, size, stages))
+            answer = _answer(job, items, size, stages)
+            # past request_timeout_ms the HTTP side has already answered with the timeout fallback (and published
+            # that): this answer is never seen, so it is no impression
+            out.append(self._published(answer) if stages["total"] < self._deadline_s else answer)
         if jobs:  # state and generate are the batch's: observed once per batch
             self._stage_hist["state"].observe(after_state - start)
             self._stage_hist["generate"].observe(after_generate - after_state)
@@ -378,13 +430,19 @@ class RecommendService:
     def fallback_answer(self, request: RecommendRequest, reason: str, waited_s: float) -> Answer:
         """The popularity answer given when the pipeline ran out of time (no state: history is not excluded);
         raises NoPopularity or UnknownDomain as :meth:`run_batch` answers them."""
-        job = _Job(request, request.domain or self.config.default_domain, waited_s, reason=reason)
+        job = self._job(request, waited_s, reason=reason)
         start = time.perf_counter()
         self._fall_back(job)
         if job.error is not None:
             raise self._no_answer(job.domain, job.error)
-        items = self.reranker_for(job.domain).rerank(job.candidates or [], request.k, self._seen(job))
+        items = self._reranker_of(job).rerank(job.candidates or [], request.k, self._seen(job))
         self.metrics.fallbacks.labels(reason).inc()
         took = time.perf_counter() - start
         stages = {"queue": waited_s, "state": 0.0, "generate": took, "rerank": 0.0, "total": waited_s + took}
-        return _answer(job, items, 1, stages)
+        return self._published(_answer(job, items, 1, stages))
+
+    def _published(self, answer: Answer) -> Answer:
+        """The answer, its impression handed to the sink (never blocks: a full buffer drops and counts)."""
+        if self.impressions is not None:
+            self.impressions.offer(answer)
+        return answer

@@ -23,7 +23,7 @@ from streams.serde import load_schema
 
 # which schema each kind of event uses, and which field is its Kafka key (a user's events share a partition)
 SCHEMA_FOR_KIND = {"user": "user_event", "item": "item_event"}
-KEY_FIELD = {"user_event": "user_id", "item_event": "item_id"}
+KEY_FIELD = {"user_event": "user_id", "item_event": "item_id", "impression": "user_id"}
 MAX_REPORTED = 20  # problems listed per file before the rest are only counted
 
 

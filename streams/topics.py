@@ -47,6 +47,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(t.items, 2, {"cleanup.policy": "compact"}),
         TopicSpec(t.tokens),
         TopicSpec(t.dlq, 1),
+        TopicSpec(t.impressions),  # keyed by user id, like the user events they are joined with
     ]
 
 
@@ -113,7 +114,8 @@ def ensure_topics(
 
 
 # schema of each pipeline topic (Topics field -> schemas/<name>.avsc)
-TOPIC_SCHEMAS = {"raw": "user_event", "items": "item_event", "tokens": "tokenized_event", "dlq": "dead_letter"}
+TOPIC_SCHEMAS = {"raw": "user_event", "items": "item_event", "tokens": "tokenized_event", "dlq": "dead_letter",
+                 "impressions": "impression"}
 CONTENT_TYPE = {"Content-Type": "application/vnd.schemaregistry.v1+json"}
 
 
