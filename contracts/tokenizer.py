@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from contracts.limits import MAX_ID_CHARS
+from contracts.limits import DOMAIN_PATTERN, MAX_ID_CHARS
 
 TOKENIZER_VERSION = 2  # 2: weekday_token, sid_version
 
@@ -174,12 +175,13 @@ def _as_epoch_ms(value: Any) -> int:
 
 
 _NUMBER = (int, float)
+_DOMAIN = re.compile(DOMAIN_PATTERN)
 
 
 def _plainly_valid(event: dict[str, Any]) -> bool:
     get = event.get
     eid, uid, iid, action, t = get("event_id"), get("user_id"), get("item_id"), get("action"), get("event_time")
-    rating, duration, context = get("rating"), get("duration_s"), get("context")
+    rating, duration, context, domain = get("rating"), get("duration_s"), get("context"), get("domain")
     return (
         eid.__class__ is str and uid.__class__ is str and iid.__class__ is str and action.__class__ is str
         and t.__class__ is int and bool(eid and uid and iid and action)
@@ -187,13 +189,15 @@ def _plainly_valid(event: dict[str, Any]) -> bool:
         and (rating is None or (rating.__class__ in _NUMBER and -_MAX_FLOAT <= rating <= _MAX_FLOAT))
         and (duration is None or (duration.__class__ in _NUMBER and -_MAX_FLOAT <= duration <= _MAX_FLOAT))
         and (context is None or context.__class__ is dict)
+        and (not domain or (domain.__class__ is str and _DOMAIN.match(domain) is not None))
     )
 
 
 def validate_event(event: Mapping[str, Any]) -> None:
     """Raise :class:`TokenizeError` with MISSING_FIELD / WRONG_TYPE / BAD_VALUE when the event is malformed.
 
-    BAD_VALUE: an empty id, a user or item id over MAX_ID_CHARS, a rating or duration that is not a finite float.
+    BAD_VALUE: an empty id, a user or item id over MAX_ID_CHARS, a rating or duration that is not a finite float,
+    a domain that is not a name /recommend accepts (contracts.limits.DOMAIN_PATTERN; empty means "movie").
     """
     if event.__class__ is dict and _plainly_valid(event):
         return  # the common case, checked in one expression; anything else takes the path that names the fault
@@ -227,6 +231,12 @@ def validate_event(event: Mapping[str, Any]) -> None:
     context = event.get("context") or {}
     if not isinstance(context, Mapping):
         raise TokenizeError("WRONG_TYPE", f"field 'context' must be a map, got {type(context).__name__}")
+    domain = event.get("domain")
+    if domain and not isinstance(domain, str):
+        raise TokenizeError("WRONG_TYPE", f"field 'domain' must be a string, got {type(domain).__name__}")
+    if domain and _DOMAIN.match(domain) is None:
+        raise TokenizeError("BAD_VALUE", f"field 'domain' must be 1-64 letters, digits, '_', '.' or '-' starting "
+                            f"with a letter or digit (it names Redis keys), got {domain[:70]!r}")
 
 
 def tokenize_event(

@@ -19,6 +19,8 @@ import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
+from contracts.limits import DOMAIN_PATTERN
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "default.yaml"
 ENV_PREFIX = "UGT_SERVING_"
 
@@ -34,7 +36,6 @@ LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 STATE_READERS: tuple[str, ...] = get_args(StateReader)
 ENGINES: tuple[str, ...] = get_args(Engine)
 GENERATORS: tuple[str, ...] = get_args(Generator)
-DOMAIN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 PATH_KEYS = ("checkpoint", "popularity_file")  # relative to where they were written (module docstring)
 
 

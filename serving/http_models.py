@@ -10,12 +10,14 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
-from contracts.limits import MAX_ID_CHARS  # user and item ids; the jobs dead-letter longer ones
+from contracts.limits import (  # user and item ids; the jobs dead-letter longer ones
+    DOMAIN_PATTERN,
+    MAX_ID_CHARS,
+)
 
 MAX_K = 1000
 HARD_MAX_CONTEXT = 1000  # the config's max_context is checked in the app, below this hard cap
 HARD_MAX_EXCLUDE = 100_000  # the config's max_exclude is checked in the app, below this hard cap
-DOMAIN_REGEX = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # it becomes part of a Redis key
 
 ItemId = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS)]
 
@@ -49,7 +51,7 @@ class RecommendRequest(BaseModel):
     )
     domain: StrictStr | None = Field(
         default=None,
-        pattern=DOMAIN_REGEX,
+        pattern=DOMAIN_PATTERN,  # it becomes part of a Redis key
         description="Item domain (movie, product, ...): picks the model and rules; default_domain when absent.",
     )
     context: list[ItemId] = Field(

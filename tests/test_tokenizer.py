@@ -111,6 +111,29 @@ def test_the_id_bound_is_the_one_recommend_enforces():
             RecommendRequest(**bad)
 
 
+@pytest.mark.parametrize("domain", ["a b", "-movie", "movie/eu", "x" * 65, "ca\u00f1on"])
+def test_a_domain_recommend_could_never_name_is_bad_value(domain):
+    with pytest.raises(TokenizeError, match="field 'domain' must be") as info:
+        tokenize_event(make_event(domain=domain))
+    assert info.value.reason_code == "BAD_VALUE"
+
+
+@pytest.mark.parametrize("domain", ["movie", "shop-eu.v2", "x" * 64, ""])
+def test_domains_recommend_accepts_pass_and_empty_means_movie(domain):
+    assert tokenize_event(make_event(domain=domain)).domain == (domain or "movie")
+
+
+def test_the_domain_rule_is_the_one_recommend_enforces():
+    from pydantic import ValidationError
+
+    from serving.http_models import RecommendRequest
+
+    RecommendRequest(user_id="u", domain="shop-eu.v2")
+    for bad in ("a b", "x" * 65):
+        with pytest.raises(ValidationError):
+            RecommendRequest(user_id="u", domain=bad)
+
+
 def test_missing_key_is_missing_field():
     event = make_event()
     del event["user_id"]
