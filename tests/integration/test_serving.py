@@ -118,6 +118,17 @@ def push_states(settings: Settings, histories: dict[str, list[str]]) -> None:
     store.push("user_recent_events_push", frame, to=PushMode.ONLINE)
 
 
+def seed_serving_state(settings: Settings, histories: dict[str, list[str]], domain: str,
+                       popular: dict[str, float]) -> redis.Redis:
+    """What a served domain needs in Redis: the Feast repo applied, users' states pushed, a popularity list;
+    returns the client (the caller deletes ``ugt:popularity:<domain>`` when done)."""
+    ensure_feast_applied(settings)
+    push_states(settings, histories)
+    client = redis.Redis.from_url(settings.redis_url)
+    client.zadd(f"ugt:popularity:{domain}", popular)
+    return client
+
+
 @pytest.fixture(scope="module")
 def seeded(stack: Settings) -> Iterator[Settings]:
     ensure_feast_applied(stack)

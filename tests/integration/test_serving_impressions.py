@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 import requests
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,7 +26,7 @@ from serving.config import build_config
 from serving.experiments import Experiments
 from streams.serde import AvroSerde, SchemaRegistryClient
 from streams.topics import ensure_pipeline
-from tests.integration.test_serving import ensure_feast_applied, push_states
+from tests.integration.test_serving import seed_serving_state
 
 pytestmark = pytest.mark.integration
 
@@ -51,10 +50,7 @@ def kafka_registry_redis() -> Iterator[Settings]:
     settings = get_settings()
     was_up = {str(row["service"]) for row in stack_mod.status(only=NEEDED, settings=settings) if row["healthy"]}
     stack_mod.up(only=NEEDED, settings=settings, log=lambda line: None, after_kafka=ensure_pipeline)
-    ensure_feast_applied(settings)
-    push_states(settings, KNOWN)
-    client = redis.Redis.from_url(settings.redis_url)
-    client.zadd(f"ugt:popularity:{DOMAIN}", POPULAR)
+    client = seed_serving_state(settings, KNOWN, DOMAIN, POPULAR)
     yield settings
     client.delete(f"ugt:popularity:{DOMAIN}")
     started = [name for name in NEEDED if name not in was_up]

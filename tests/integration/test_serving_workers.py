@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,7 +24,7 @@ from infra import stack as stack_mod
 from infra.settings import Settings, get_settings
 from serving.app import create_app
 from serving.config import build_config
-from tests.integration.test_serving import Served, ensure_feast_applied, push_states
+from tests.integration.test_serving import Served, seed_serving_state
 
 pytestmark = pytest.mark.integration
 
@@ -42,10 +41,7 @@ def redis_only() -> Iterator[Settings]:
     """Only Redis of the stack (this test needs nothing else), user states pushed through Feast."""
     settings = get_settings()
     stack_mod.up(only=["redis"], settings=settings, log=lambda line: None)
-    ensure_feast_applied(settings)
-    push_states(settings, USERS)
-    client = redis.Redis.from_url(settings.redis_url)
-    client.zadd(f"ugt:popularity:{DOMAIN}", POPULAR)
+    client = seed_serving_state(settings, USERS, DOMAIN, POPULAR)
     yield settings
     client.delete(f"ugt:popularity:{DOMAIN}")
 
