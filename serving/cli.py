@@ -83,11 +83,14 @@ SWITCH_INTERVAL_S = 0.001
 def _serve_workers(settings, config, workers: int, port: int) -> int:
     """N HTTP workers and one shared engine, supervised (serving/supervisor.py); the service is composed once here."""
     from serving.compose import compose
+    from serving.engine_spawn import on_cpu, wants_spawn
     from serving.supervisor import Supervisor, bind
 
     try:
-        runtime = compose(settings, config)  # checks the config and loads the model once, before any fork
-        supervisor = Supervisor(runtime, bind(config.host, port), workers)
+        spawn = wants_spawn(config)  # a CUDA model: the engine is spawned and loads it; our copy stays on the CPU
+        # checks the config and loads the model once, before any fork
+        runtime = compose(settings, on_cpu(config) if spawn else config)
+        supervisor = Supervisor(runtime, bind(config.host, port), workers, spawn_config=config if spawn else None)
     except ConfigError as exc:
         print(f"ugt serve: {exc}", file=sys.stderr)
         return 2

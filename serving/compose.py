@@ -142,7 +142,7 @@ def _load_ugt(name: str, route: DomainConfig, config: ServingConfig, settings: S
                                  compile_cpu=config.torch_compile, rank_top=config.rank_top,
                                  beam_size=config.beam_size, live_items=config.live_items,
                                  redis_factory=_feed_client(settings) if settings else None,
-                                 sid_version=config.sid_version)
+                                 sid_version=config.sid_version, device=config.device)
     except CheckpointError as exc:
         where = (f"{name}.checkpoint" if name.startswith("experiments.")
                  else f"domains.{name}.checkpoint" if config.domains else "checkpoint")
@@ -280,8 +280,9 @@ class Runtime:
 
 
 def compose(settings: Settings, config: ServingConfig, components: Components | None = None,
-            client: redis.Redis | None = None) -> Runtime:
-    """Build (or take) the components, pick the engine, and wire the service, metrics and batch runner."""
+            client: redis.Redis | None = None, batcher: bool = True) -> Runtime:
+    """Build (or take) the components, pick the engine, and wire the service, metrics and batch runner
+    (``batcher=False``: none, for a spawned engine process, which runs :func:`engine_main` itself)."""
     if client is None and components is None:
         client = redis_client(settings, config)
     if components is None:
@@ -309,5 +310,6 @@ def compose(settings: Settings, config: ServingConfig, components: Components | 
     log.info("model %s, state reader %s, Redis %s", service.model_name, components.state_reader.name,
              settings.redis_url)
     runtime = Runtime(settings, config, client, components, metrics, service, engine, None, live)
-    runtime.batcher = build_batcher(runtime)
+    if batcher:
+        runtime.batcher = build_batcher(runtime)
     return runtime

@@ -32,6 +32,11 @@ Engine = Literal["auto", "thread", "process"]
 # a request the engine's full queue refuses: 429 + Retry-After (reject), or the popularity answer marked "overloaded"
 Overload = Literal["reject", "fallback"]
 Generator = Literal["popularity", "ugt"]  # ugt: serving/ugt_generator.py, needs `checkpoint`
+# where UGT models run: auto = CUDA when torch sees a GPU, else CPU
+Device = Literal["auto", "cpu", "cuda"]
+# how `ugt serve --workers N` starts its engine: fork (the loaded service, copy-on-write), spawn (a fresh process
+# that loads the model itself), auto = spawn when a model runs on CUDA, else fork
+EngineStart = Literal["auto", "fork", "spawn"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 STATE_READERS: tuple[str, ...] = get_args(StateReader)
 ENGINES: tuple[str, ...] = get_args(Engine)
@@ -236,6 +241,10 @@ class ServingConfig:
     # an engine process with its own GIL, and the server process only does HTTP (serving/engine_process.py);
     # auto (the shipped configs): process on CPU, thread when a model runs on CUDA
     engine: Engine = "thread"
+    # where UGT models run (auto: CUDA when there is a GPU). With `ugt serve --workers N` a CUDA model's engine is
+    # started as a fresh process (spawned: CUDA does not survive a fork) that loads the model itself
+    device: Device = "auto"
+    engine_start: EngineStart = "auto"  # --workers N: fork or spawn the shared engine (serving/engine_spawn.py)
     # an engine process that answers nothing this long while asked is restarted
     engine_hang_timeout_ms: Float = Field(10000.0, ge=100, le=600_000)
     # requests waiting in the engine at most (back-pressure): past it a request is refused at once, as overload_response

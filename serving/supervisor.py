@@ -13,7 +13,8 @@ and compiled, Redis pinged), binds the listening socket, then forks:
 Then it supervises: a worker that dies is forked again (the others keep serving); an engine that dies is forked
 again, and the workers answer the requests it had in flight with the marked fallback (``engine_unavailable``) and
 reconnect. Each role is restarted at most once per RESTART_MIN_INTERVAL_S. SIGTERM / SIGINT stop everything.
-Forking needs a model on the CPU (CUDA does not survive a fork): a GPU model is refused for now.
+A model on CUDA cannot be forked: then the parent's own copy is composed on the CPU and the engine is spawned
+instead, loading the model on the GPU itself (serving/engine_spawn.py).
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from serving.compose import Runtime, domains_on_gpu, engine_main, served_generators
-from serving.config import ConfigError
+from serving.config import ConfigError, ServingConfig
 from serving.engine_ipc import EngineClient
+from serving.engine_spawn import spawn_engine
 from serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -53,12 +56,12 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def check_forkable(runtime: Runtime) -> None:
-    """ConfigError when a model runs on CUDA: it is forked into the engine, and CUDA does not survive a fork."""
+    """ConfigError when the parent's own copy of a model runs on CUDA (its children are forked, and CUDA does not
+    survive a fork); the CLI composes that copy with ``device: cpu`` and spawns a CUDA engine instead."""
     on_gpu = domains_on_gpu(served_generators(runtime.components, runtime.config))
     if on_gpu:
-        raise ConfigError("--workers N > 1 forks the loaded model into one shared engine process, and CUDA does not "
-                          "survive a fork: run a GPU model with --workers 1 for now "
-                          f"(domains {on_gpu} run on the GPU)")
+        raise ConfigError("the supervisor forks its workers, and CUDA does not survive a fork: compose its copy of "
+                          f"the service with device: cpu and spawn the engine (domains {on_gpu} run on the GPU)")
 
 
 def worker_main(runtime: Runtime, listener: socket.socket, path: str, replacement: bool) -> None:
@@ -81,9 +84,13 @@ def worker_main(runtime: Runtime, listener: socket.socket, path: str, replacemen
 class Supervisor:
     """Forks the engine and the workers, and forks again whichever dies, until told to stop."""
 
-    def __init__(self, runtime: Runtime, listener: socket.socket, workers: int):
+    def __init__(self, runtime: Runtime, listener: socket.socket, workers: int,
+                 spawn_config: ServingConfig | None = None):
+        """``spawn_config``: spawn the engine with this config (a model on CUDA) instead of forking it."""
         check_forkable(runtime)
         self.runtime = runtime
+        self.spawn_config = spawn_config
+        self.spawned: subprocess.Popen | None = None  # the spawned engine (reaped by os.wait like the rest)
         self.listener = listener
         self.workers = workers
         self.folder = Path(tempfile.mkdtemp(prefix="ugt-serve-"))
@@ -99,6 +106,12 @@ class Supervisor:
             time.sleep(wait)  # a role that dies at once is not forked in a tight loop
         self.started[role] = time.monotonic()
         parent = os.getpid()
+        if role == ENGINE and self.spawn_config is not None:
+            process = spawn_engine(self.runtime.settings, self.spawn_config, self.engine_restarts, self.path, parent)
+            self.spawned = process
+            self.children[process.pid] = role
+            log.info("engine %d spawned (its model on the GPU)", process.pid)
+            return
         pid = os.fork()
         if pid == 0:
             self._child(role, parent, replacement)

@@ -81,7 +81,8 @@ class UGTGenerator:
                  inference: InferenceConfig | None = None, kv_cache_users: int = 0, kv_cache_bytes: int = 0,
                  compile_cpu: bool = False,
                  rank_top: int = -1, beam_size: int = 0, live_items: int = 0,
-                 redis_factory: Callable[[], object] | None = None, sid_version: str = ""):
+                 redis_factory: Callable[[], object] | None = None, sid_version: str = "",
+                 device: str = "auto"):
         from models.checkpoint import load_checkpoint, long_history_len
 
         path = Path(checkpoint)
@@ -119,7 +120,10 @@ class UGTGenerator:
             # models/ugt/runner/slot_cache.py), on CPU too; kv_cache_bytes > 0 caps the pool's bytes
             # compile_cpu: torch.compile the CPU path (CUDA has CUDA graphs instead)
             # rank_top: -1 = the checkpoint's own (when it has a ranking head and there is a KV cache to read)
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            elif device == "cuda" and not torch.cuda.is_available():
+                raise CheckpointError("device: cuda, but torch sees no CUDA GPU here: set device: auto or cpu")
             if rank_top < 0:
                 rank_top = model.config.heads.rank_top if model.ranker is not None and kv_cache_users > 0 else 0
             inference = InferenceConfig(device=device, cache_slots=kv_cache_users, cache_bytes=kv_cache_bytes,

@@ -46,13 +46,17 @@ def redis_only() -> Iterator[Settings]:
     client.delete(f"ugt:popularity:{DOMAIN}")
 
 
-@pytest.fixture(scope="module")
-def served(redis_only: Settings, tmp_path_factory) -> Iterator[tuple[str, int, dict]]:
+@pytest.fixture(scope="module", params=["fork", "spawn"])
+def served(request, redis_only: Settings, tmp_path_factory) -> Iterator[tuple[str, int, dict]]:
+    """The engine forked (CPU models) or spawned (how a CUDA model's engine starts: serving/engine_spawn.py)."""
     folder = tmp_path_factory.mktemp("workers")
     config = {"generator": "popularity", "default_domain": DOMAIN, "log_level": "warning",
-              "api_keys": ["itest-key-a", "itest-key-b", "itest-key-c"], "rate_limit_rps": RATE, "rate_limit_burst": BURST}
+              "api_keys": ["itest-key-a", "itest-key-b", "itest-key-c"], "rate_limit_rps": RATE, "rate_limit_burst": BURST,
+              "engine_start": request.param}
     server = start_server("workers", folder, os.environ | {"PYTHONPATH": str(REPO)}, config, workers=2)
     try:
+        # a spawned engine imports and composes the service itself: it answers a moment after the workers do
+        _all_200_until_served(f"http://127.0.0.1:{server.port}", next(iter(USERS)), key="itest-key-b")
         yield f"http://127.0.0.1:{server.port}", server.proc.pid, config
     finally:
         server.stop()
@@ -78,7 +82,8 @@ def test_two_workers_answer_as_the_single_process_service(served, redis_only: Se
     url, pid, config = served
     assert len(children(pid)) == 3  # two workers and the engine
     shared = {user: recommend(url, user, key="itest-key-b") for user in USERS}
-    single = Served(create_app(redis_only, build_config(config | {"rate_limit_rps": 0}, env={}, base_dir=tmp_path)))
+    alone_config = config | {"rate_limit_rps": 0, "engine_start": "auto"}
+    single = Served(create_app(redis_only, build_config(alone_config, env={}, base_dir=tmp_path)))
     try:
         alone = {user: single.post({"user_id": user, "k": 5}, headers={"x-api-key": "itest-key-b"}) for user in USERS}
     finally:
@@ -116,11 +121,12 @@ def test_metrics_on_any_worker_add_up_every_process(served):
     assert after[("ugt_serving_state_users_total", ())] >= after[("ugt_serving_state_round_trips_total", ())] > 0
 
 
-def _all_200_until_served(url: str, user: str, timeout_s: float = 30.0) -> tuple[set[int], set[str]]:
+def _all_200_until_served(url: str, user: str, timeout_s: float = 30.0,
+                          key: str = "itest-key-c") -> tuple[set[int], set[str]]:
     statuses, reasons = set(), set()
     deadline = time.monotonic() + timeout_s
     while True:
-        r = recommend(url, user, key="itest-key-c")
+        r = recommend(url, user, key=key)
         statuses.add(r.status_code)
         body = r.json()
         if r.status_code == 200 and not body["fallback"]:
@@ -149,5 +155,5 @@ def test_a_killed_worker_and_a_killed_engine_are_replaced_with_fallbacks_only(se
             time.sleep(0.1)
     time.sleep(1.5)
     restarts = samples(url)
-    assert restarts[("ugt_serving_engine_restarts_total", ())] == 1
+    assert restarts[("ugt_serving_engine_restarts_total", ())] == 1  # each param has its own server
     assert restarts[("ugt_serving_worker_restarts_total", ())] >= 1
