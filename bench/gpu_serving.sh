@@ -4,6 +4,9 @@
 #   bash bench/gpu_serving.sh test                 # kernel + inference parity tests on the GPU
 #   bash bench/gpu_serving.sh train MINUTES        # a short ML-1M UGT run -> $OUT/checkpoint.pt, summary.json
 #   bash bench/gpu_serving.sh bench [ARGS...]      # bench/serving_gpu.py ARGS --out $OUT/serving_gpu.json
+#   bash bench/gpu_serving.sh e2e [ARGS...]        # bench/serving_gpu_e2e.py ARGS --out $OUT/serving_gpu_e2e.json:
+#        `ugt serve --workers N` over HTTP with Redis; carry .ugtdata/debs (Debian's redis-tools, liblzf1,
+#        libjemalloc2, libatomic1: `apt-get download` them), .ugtdata/datasets/ml-1m.tgz and the wheels in .whl
 # Several steps in one call: bash bench/gpu_serving.sh test && bash bench/gpu_serving.sh bench --smoke
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,10 +17,13 @@ export UGT_COMMIT=${UGT_COMMIT:-}
 out=${OUT:-/tmp/ugt-bench-out}
 mkdir -p "$out"
 d=$UGT_CACHE/datasets/ml-1m
-if [ ! -f "$d/.complete" ]; then
+if [ ! -f "$d/.complete" ] && [ -f .ugtdata/datasets/ml-1m.tgz ]; then
+  mkdir -p "$UGT_CACHE/datasets" && tar xzf .ugtdata/datasets/ml-1m.tgz -C "$UGT_CACHE/datasets" && touch "$d/.complete"
+fi
+if [ ! -f "$d/.complete" ] && [ -f .ugtdata/ml-1m.inter.gz ]; then
   mkdir -p "$d" && zcat .ugtdata/ml-1m.inter.gz > "$d/ml-1m.inter" && cp .ugtdata/ml-1m.item .ugtdata/ml-1m.user .ugtdata/SOURCE "$d/" && touch "$d/.complete"
 fi
-if ! python3 -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import pytest, fastapi, uvicorn, redis, confluent_kafka" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -34,6 +40,16 @@ case "$step" in
       && cp /tmp/ugt-ml1m/checkpoint.pt /tmp/ugt-ml1m/summary.json "$out/" ;;
   bench)
     python3 bench/serving_gpu.py --out "$out/serving_gpu.json" "$@" ;;
+  e2e)
+    # redis-server from the carried Debian packages, unpacked beside the system (never into /)
+    r=/tmp/redis-root
+    mkdir -p $r && for f in .ugtdata/debs/*.deb; do dpkg -x "$f" $r; done
+    ln -sf redis-check-rdb $r/usr/bin/redis-server  # Debian's redis-server is this binary under another name
+    export PATH=$r/usr/bin:$PATH LD_LIBRARY_PATH=$r/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    redis-server --version || exit 1
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+    python3 bench/serving_gpu_e2e.py --out "$out/serving_gpu_e2e.json" "$@" ;;
   *)
-    echo "usage: bash bench/gpu_serving.sh test | train MINUTES | bench [bench/serving_gpu.py args]" >&2; exit 2 ;;
+    echo "usage: bash bench/gpu_serving.sh test | train MINUTES | bench [bench/serving_gpu.py args] | e2e [args]" >&2
+    exit 2 ;;
 esac

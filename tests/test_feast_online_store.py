@@ -65,3 +65,23 @@ def test_layout_from_the_repo_accepts_the_extension_and_refuses_other_stores(tmp
     (tmp_path / "feature_store.yaml").write_text("project: p\nonline_store:\n  type: sqlite\n")
     with pytest.raises(ValueError, match="plain Redis online store"):
         FeastRedisLayout.from_repo(tmp_path)
+
+
+def test_the_benchmarks_feast_free_state_writer_stores_feasts_bytes():
+    """bench/state_bytes.py writes states on the GPU machine (no Feast there): same bytes as write_rows stores."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from bench.state_bytes import FEATURE_VIEW, KEY_TTL_S, state_fields
+    from infra.feast_store import feature_field
+
+    view = repo_feature_views(REPO)[FEATURE_VIEW]
+    stamp = datetime(2030, 1, 1, 12, 30, 5, 250_000, tzinfo=timezone.utc)
+    for row in (ROWS[FEATURE_VIEW], {**ROWS[FEATURE_VIEW], "recent_item_ids": [], "event_count": 0}):
+        [(_, values, at, _)] = entry_builder(view)([row], stamp)
+        ts = Timestamp()
+        ts.FromDatetime(at)
+        want = {feature_field(FEATURE_VIEW, name): value.SerializeToString() for name, value in values.items()}
+        want[f"_ts:{FEATURE_VIEW}".encode()] = ts.SerializeToString()
+        assert state_fields(row, stamp) == want
+    config = load_repo_config(REPO, REPO / "feature_store.yaml")
+    assert config.online_store.key_ttl_seconds == KEY_TTL_S

@@ -1,0 +1,112 @@
+"""The users of bench/serving_gpu_e2e.py: ML-1M's users replayed from the dataset, their states and new events.
+
+Each ML-1M user (events in time order, tokenized as the tokenize job does for a RATE event: the action token and
+:func:`contracts.tokenizer.rating_token`) starts with a state of their first ``min(n, MAX_EVENTS - room)`` events,
+so ``room`` new events fit before the window slides (a full window shifts with every event, which no prefix
+cache can reuse). New events are the user's next real events, then (when those run out) items drawn from the
+catalog a minute apart. ``clones`` copies of each user, each with its own id and its own new events, make the
+population larger than the KV cache's hot set. A state is the row the user_state job writes
+(contracts.user_state_rule ``UserState.to_feature_row``), written in Feast's layout (bench/state_bytes.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from bench.state_bytes import StateWriter
+from contracts.tokenizer import ACTION_TOKEN, rating_token
+from contracts.user_state_rule import DEFAULT_MAX_EVENTS, STATE_VERSION
+from infra.feast_store import FeastRedisLayout
+
+RATE = ACTION_TOKEN["RATE"]
+
+
+@dataclass
+class Users:
+    """User ids, each with a base user's events (items, times in ms, rating tokens) and how many of them are in
+    the state now (``shown``); ``seen``: users 0..seen-1 have been requested since the server started."""
+
+    ids: list[str]
+    base: np.ndarray  # per user: the index of the ML-1M user whose events they replay
+    items: list[list[str]]  # per base user: every event's item, then catalog draws
+    times: list[list[int]]
+    ratings: list[list[int]]
+    shown: np.ndarray  # per user: events in their state now
+    first: np.ndarray  # per user: events in their first state
+    seen: int = 0
+    base_users: int = 0
+    events: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, u: int) -> dict[str, Any]:
+        """User ``u``'s state row now: the last MAX_EVENTS of their shown events."""
+        b, n = int(self.base[u]), int(self.shown[u])
+        lo = max(0, n - DEFAULT_MAX_EVENTS)
+        times = self.times[b][lo:n]
+        return {"user_id": self.ids[u], "recent_item_ids": self.items[b][lo:n],
+                "recent_action_tokens": [RATE] * (n - lo), "recent_rating_tokens": self.ratings[b][lo:n],
+                "recent_event_times": times, "event_count": n, "last_event_time": times[-1],
+                "state_version": STATE_VERSION}
+
+    def append_row(self, u: int) -> dict[str, Any]:
+        """User ``u``'s state after one more event (their next one)."""
+        b = int(self.base[u])
+        if self.shown[u] >= len(self.items[b]):
+            raise IndexError(f"user {self.ids[u]} has no new event left (raise the catalog draws)")
+        self.shown[u] += 1
+        return self.row(u)
+
+    def write_initial(self, client: Any, chunk: int = 2000) -> None:
+        """Every user's first state, pipelined in chunks (a progress bar: 250k users take a while)."""
+        writer = StateWriter(client, FeastRedisLayout("ugt"))
+        self.shown[:] = self.first
+        for lo in tqdm(range(0, len(self.ids), chunk), desc="states", unit_scale=chunk, mininterval=5):
+            writer.write([self.row(u) for u in range(lo, min(lo + chunk, len(self.ids)))])
+        client.zadd("ugt:popularity:movie", self.extra.pop("popularity", {}) or {"_": 0.0})
+
+    def reset(self) -> None:
+        """A new server: nobody has been requested yet (their states keep the events written so far)."""
+        self.seen = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"users": len(self.ids), "base_users": self.base_users, "dataset_events": self.events,
+                "mean_first_state": round(float(np.mean(self.first)), 1), **self.extra}
+
+
+def ml1m_users(checkpoint: Path, clones: int, room: int, seed: int, draws: int = 4096) -> Users:
+    """ML-1M's users (items outside the checkpoint's vocabulary dropped), ``clones`` ids each, shuffled."""
+    import torch
+
+    from contracts.datasets import load_dataset
+
+    vocab = list(torch.load(checkpoint, map_location="cpu", weights_only=False)["vocab"])
+    known = set(vocab)
+    data = load_dataset("ml-1m").ratings.sort_values(["user_id", "timestamp", "row"], kind="stable")
+    data = data[data["item_id"].astype(str).isin(known)]
+    rng = np.random.default_rng(seed)
+    items, times, ratings, first = [], [], [], []
+    keep = max(1, DEFAULT_MAX_EVENTS - room)
+    for _, group in data.groupby("user_id", sort=True):
+        its = group["item_id"].astype(str).tolist()
+        ts = (group["timestamp"].astype(np.int64) * 1000).tolist()
+        rs = [rating_token(r) for r in group["rating"].tolist()]
+        more = rng.choice(len(vocab), size=draws)  # after the user's real events: catalog draws, a minute apart
+        items.append(its + [vocab[i] for i in more])
+        times.append(ts + [ts[-1] + 60_000 * (j + 1) for j in range(draws)])
+        ratings.append(rs + [8] * draws)
+        first.append(min(len(its), keep))
+    n_base = len(items)
+    order = rng.permutation(n_base * clones)  # clones spread over the population, not adjacent
+    base = order % n_base
+    ids = [f"ml1m-{int(b)}~{int(c)}" for b, c in zip(base, order // n_base, strict=True)]
+    counts = data["item_id"].astype(str).value_counts()
+    popularity = {str(item): float(n) for item, n in counts.head(500).items()}
+    first_arr = np.asarray(first, dtype=np.int64)[base]
+    return Users(ids=ids, base=base, items=items, times=times, ratings=ratings, shown=first_arr.copy(),
+                 first=first_arr, base_users=n_base, events=len(data),
+                 extra={"popularity": popularity, "append_room": room, "clones": clones})
