@@ -12,7 +12,9 @@ and the load processes' CPU.
 
 Anchors in the same run: (a) ``anchor-http``: a trivial FastAPI endpoint (constant answer) with the same W
 workers: the HTTP ceiling of this host; (b) ``single-process``: `ugt serve --workers 1`, the service before the
-shared engine (one process, the engine a thread beside the event loop), at the same rates until it saturates.
+shared engine (one process, the engine a thread beside the event loop), at the same rates until it saturates;
+(c) ``generator-alone``: the served model in the bench process with the same mix, no HTTP, IPC or Redis
+(bench/e2e_generator.py).
 
 The model: ``ml1m``, the trained ML-1M UGT (--checkpoint; the users are ML-1M's 6,040 replayed from the dataset:
 each state holds the user's first events, leaving room for --append-room new ones, which are the user's next real
@@ -62,22 +64,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--writers", type=int, default=2, help="state-writer processes (the stream of new events)")
     p.add_argument("--rates", default="5000,10000,20000,30000,40000,50000", help="offered req/s, comma list")
     p.add_argument("--single-rates", default="2000,5000,10000,20000", help="rates of the --workers 1 anchor")
+    p.add_argument("--generator-rates", default="10000,20000,50000,100000",
+                   help="rates of the generator-alone anchor (c)")
     p.add_argument("--duration", type=float, default=8.0, help="seconds per rate")
     p.add_argument("--mix", default="0.1,0.2,0.7", help="miss,hit,append shares (default: %(default)s)")
     p.add_argument("--clones", type=int, default=40, help="copies of each ML-1M user (distinct ids)")
-    p.add_argument("--warm-users", type=int, default=100_000, help="users requested once before the rates (seen)")
+    p.add_argument("--warm-users", type=int, default=60_000, help="users requested once before the rates (seen)")
     p.add_argument("--append-room", type=int, default=64, help="events of room left in each state for appends")
     p.add_argument("--lead-ms", type=float, default=20.0, help="a new event is written this long before its request")
-    p.add_argument("--kv-cache-bytes", type=int, default=40 << 30, help="the engine's KV pool (bytes)")
+    p.add_argument("--kv-cache-bytes", type=int, default=48 << 30, help="the engine's KV pool (bytes)")
     p.add_argument("--batch-max", type=int, default=256, help="serving batch_max_size")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--max-connections", type=int, default=256, help="per load process")
-    p.add_argument("--skip", default="", help="comma list of row groups to skip: anchor-http, single-process")
+    p.add_argument("--skip", default="",
+                   help="comma list of row groups to skip: ugt-serve, single-process, anchor-http, generator-alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes and rates (a dry run of the whole path)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.rates, args.single_rates, args.duration = "200,400", "200", 2.0
+        args.rates, args.single_rates, args.generator_rates, args.duration = "200,400", "200", "400", 2.0
         args.clones, args.warm_users, args.workers, args.load_processes, args.writers = 1, 500, 2, 1, 1
         args.kv_cache_bytes = 256 << 20
     return args
@@ -312,9 +317,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             anchor = serve_anchor(workdir, env, args.workers)
             try:
                 wait_served(anchor, users.ids[0], model=False)
+                warm(anchor, users, args, redis_port)  # every worker up and every connection opened once
                 run_rates(anchor, users, rates, args, redis_port, rows)
             finally:
                 anchor.stop()
+        if "generator-alone" not in skip:
+            from bench.e2e_generator import generator_rows
+
+            print("== generator-alone", flush=True)
+            rows += generator_rows(args.checkpoint, users, [float(r) for r in args.generator_rates.split(",")], args)
     finally:
         redis_proc.terminate()
         redis_proc.wait()
