@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--append-room", type=int, default=64, help="events of room left in each state for appends")
     p.add_argument("--lead-ms", type=float, default=20.0, help="a new event is written this long before its request")
     p.add_argument("--kv-cache-bytes", type=int, default=48 << 30, help="the engine's KV pool (bytes)")
-    p.add_argument("--batch-max", type=int, default=256, help="serving batch_max_size")
+    p.add_argument("--batch-max", type=int, default=128, help="serving batch_max_size")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--max-connections", type=int, default=256, help="per load process")
     p.add_argument("--skip", default="",
