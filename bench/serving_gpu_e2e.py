@@ -66,9 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--single-rates", default="2000,5000,10000,20000", help="rates of the --workers 1 anchor")
     p.add_argument("--generator-rates", default="10000,20000,50000,100000",
                    help="rates of the generator-alone anchor (c)")
-    p.add_argument("--duration", type=float, default=8.0, help="seconds per rate")
+    p.add_argument("--duration", type=float, default=6.0, help="seconds per rate")
     p.add_argument("--mix", default="0.1,0.2,0.7", help="miss,hit,append shares (default: %(default)s)")
-    p.add_argument("--clones", type=int, default=40, help="copies of each ML-1M user (distinct ids)")
+    p.add_argument("--clones", type=int, default=20, help="copies of each ML-1M user (distinct ids)")
     p.add_argument("--warm-users", type=int, default=60_000, help="users requested once before the rates (seen)")
     p.add_argument("--append-room", type=int, default=64, help="events of room left in each state for appends")
     p.add_argument("--lead-ms", type=float, default=20.0, help="a new event is written this long before its request")
@@ -282,7 +282,8 @@ def run_rates(server: Server, users: Users, rates: list[float], args: argparse.N
             break
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
+    """Every row group in turn; ``save(result)`` after each (a run cut short by a time limit keeps its rows)."""
     import redis
 
     args.mix_shares = tuple(float(x) for x in args.mix.split(","))
@@ -293,43 +294,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = os.environ | {"UGT_REDIS_PORT": str(redis_port), "UGT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
                         "PYTHONPATH": str(REPO)}
     rows: list[dict[str, Any]] = []
+    users = ml1m_users(Path(args.checkpoint), args.clones, args.append_room, args.seed)
+
+    def ugt_group(name: str, workers: int, group_rates: list[float]) -> None:
+        server = serve_ugt(name, workdir, env, ugt_config(args, users), workers)
+        try:
+            wait_served(server, users.ids[0], model=True)
+            print(f"== {name}: warm-up", flush=True)
+            warm(server, users, args, redis_port)
+            run_rates(server, users, group_rates, args, redis_port, rows)
+        finally:
+            server.stop()
+
+    def anchor_group() -> None:
+        anchor = serve_anchor(workdir, env, args.workers)
+        try:
+            wait_served(anchor, users.ids[0], model=False)
+            warm(anchor, users, args, redis_port)  # every worker up and every connection opened once
+            run_rates(anchor, users, rates, args, redis_port, rows)
+        finally:
+            anchor.stop()
+
+    def generator_group() -> None:
+        from bench.e2e_generator import generator_rows
+
+        print("== generator-alone", flush=True)
+        rows.extend(generator_rows(args.checkpoint, users, [float(r) for r in args.generator_rates.split(",")], args))
+
+    groups = {"ugt-serve": lambda: ugt_group("ugt-serve", args.workers, rates), "anchor-http": anchor_group,
+              "generator-alone": generator_group,
+              "single-process": lambda: ugt_group("single-process", 1,
+                                                  [float(r) for r in args.single_rates.split(",")])}
     try:
-        users = ml1m_users(Path(args.checkpoint), args.clones, args.append_room, args.seed)
         began = time.perf_counter()
         users.write_initial(redis.Redis(port=redis_port))
         print(f"{len(users.ids)} user states written in {time.perf_counter() - began:.1f} s", flush=True)
-        config = ugt_config(args, users)
-        for name, workers, group_rates in (("ugt-serve", args.workers, rates),
-                                           ("single-process", 1, [float(r) for r in args.single_rates.split(",")])):
+        for name, group in groups.items():  # in order of what matters most, should a time limit cut the run
             if name in skip:
                 continue
             users.reset()
-            server = serve_ugt(name, workdir, env, config, workers)
-            try:
-                wait_served(server, users.ids[0], model=True)
-                print(f"== {name}: warm-up", flush=True)
-                warm(server, users, args, redis_port)
-                run_rates(server, users, group_rates, args, redis_port, rows)
-            finally:
-                server.stop()
-        if "anchor-http" not in skip:
-            users.reset()
-            anchor = serve_anchor(workdir, env, args.workers)
-            try:
-                wait_served(anchor, users.ids[0], model=False)
-                warm(anchor, users, args, redis_port)  # every worker up and every connection opened once
-                run_rates(anchor, users, rates, args, redis_port, rows)
-            finally:
-                anchor.stop()
-        if "generator-alone" not in skip:
-            from bench.e2e_generator import generator_rows
-
-            print("== generator-alone", flush=True)
-            rows += generator_rows(args.checkpoint, users, [float(r) for r in args.generator_rates.split(",")], args)
+            group()
+            if save:
+                save({"device": device_name(args.device), "users": users.describe(), "rows": rows, "complete": False})
     finally:
         redis_proc.terminate()
         redis_proc.wait()
-    return {"device": device_name(args.device), "users": users.describe(), "rows": rows}
+    return {"device": device_name(args.device), "users": users.describe(), "rows": rows, "complete": True}
 
 
 def device_name(device: str) -> str:
@@ -342,9 +352,9 @@ def device_name(device: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
     conditions = {k: v for k, v in vars(args).items() if k not in ("out", "mix_shares")}
     conditions["latency"] = "from each request's scheduled send time (open loop, Poisson arrivals)"
+    result = run(args, save=lambda partial: write_result(Path(args.out), "serving_gpu_e2e", conditions, partial))
     print_table(result["rows"], COLUMNS)
     write_result(Path(args.out), "serving_gpu_e2e", conditions, result)
     return 0
