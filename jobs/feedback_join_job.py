@@ -50,14 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def watermarks(cfg):
+    """Bounded-out-of-orderness watermarks per input, from the time the decoder put in each row."""
     from pyflink.common import Duration, WatermarkStrategy
 
     from jobs.operators.feedback_join_fn import RecordTime
 
     x = cfg.extra
+    # the assigner last: PyFlink's with_idleness returns a strategy without the Python assigner
     return WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(x["out_of_orderness_ms"])) \
-        .with_timestamp_assigner(RecordTime()) \
-        .with_idleness(Duration.of_millis(x["idle_ms"]))
+        .with_idleness(Duration.of_millis(x["idle_ms"])) \
+        .with_timestamp_assigner(RecordTime())
 
 
 def build_pipeline(env, t_env, cfg) -> None:

@@ -254,7 +254,8 @@ class ArmState:
     """What the aggregation keeps per (experiment, arm)."""
 
     windows: dict[int, ArmWindow] = field(default_factory=dict)  # window start -> sums
-    covered: set[str] = field(default_factory=set)  # every item the arm has shown (catalog coverage)
+    # item -> the first window that showed it: coverage up to a window does not depend on when it is emitted
+    covered: dict[str, int] = field(default_factory=dict)
 
 
 class ArmAggregator:
@@ -270,7 +271,9 @@ class ArmAggregator:
         if due <= watermark:  # cannot happen: the join drops impressions behind its own (earlier) watermark
             return None
         state.windows.setdefault(start, ArmWindow()).add(o, self.config)
-        state.covered.update(o.items)
+        for item in o.items:
+            if state.covered.get(item, start) >= start:
+                state.covered[item] = start
         return due
 
     def emit_at(self, start: int) -> int:
@@ -279,7 +282,8 @@ class ArmAggregator:
 
     def on_timer(self, state: ArmState, experiment: str, arm: str, timestamp: int) -> list[dict[str, Any]]:
         done = sorted(s for s in state.windows if self.emit_at(s) <= timestamp)
-        return [self.metrics(experiment, arm, s, state.windows.pop(s), len(state.covered)) for s in done]
+        return [self.metrics(experiment, arm, s, state.windows.pop(s), sum(f <= s for f in state.covered.values()))
+                for s in done]
 
     def metrics(self, experiment: str, arm: str, start: int, w: ArmWindow, covered: int) -> dict[str, Any]:
         """The metrics row of one window: counts (additive over windows) and their rates."""
@@ -328,19 +332,24 @@ def row_from_redis(fields: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:
 def offline_metrics(impressions: Iterable[Impression], events: Iterable[Feedback],
                     config: JoinConfig) -> list[dict[str, Any]]:
     """The same metrics computed in one pass over complete data (no lateness): the reference the stream must
-    equal. Records in arrival order; duplicates count once."""
+    equal. Records in arrival order; duplicates count once. Outcomes reach the arms at their close time and a
+    window is emitted at :meth:`ArmAggregator.emit_at`, as the stream's timers do."""
     joiner, aggregator = FeedbackJoiner(config), ArmAggregator(config)
     users: dict[str, UserJoinState] = {}
     for imp in impressions:
         joiner.on_impression(users.setdefault(imp.user_id, UserJoinState()), imp, NO_WATERMARK)
     for event in events:
         joiner.on_event(users.setdefault(event.user_id, UserJoinState()), event, NO_WATERMARK)
+    outcomes = [o for state in users.values() for o in joiner.on_timer(state, 2**62)[0]]
     arms: dict[tuple[str, str], ArmState] = {}
-    for state in users.values():
-        outcomes, _ = joiner.on_timer(state, 2**62)
-        for o in sorted(outcomes, key=lambda o: o.served_at):
-            aggregator.on_outcome(arms.setdefault((o.experiment, o.arm), ArmState()), o, NO_WATERMARK)
-    rows = []
-    for (experiment, arm), state in sorted(arms.items()):
-        rows += aggregator.on_timer(state, experiment, arm, 2**62)
+    steps: list[tuple[int, int, Outcome | tuple[str, str]]] = []
+    for o in outcomes:
+        steps.append((o.served_at + config.attribution_ms, 0, o))
+        steps.append((aggregator.emit_at(config.window_start(o.served_at)), 1, (o.experiment, o.arm)))
+    rows: list[dict[str, Any]] = []
+    for at, kind, what in sorted(steps, key=lambda s: (s[0], s[1], repr(s[2]))):
+        if kind == 0:
+            aggregator.on_outcome(arms.setdefault((what.experiment, what.arm), ArmState()), what, NO_WATERMARK)
+        else:
+            rows += aggregator.on_timer(arms[what], what[0], what[1], at)
     return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import random
 
 import pytest
@@ -188,15 +189,19 @@ def test_the_stream_order_equals_the_offline_reference() -> None:
         if t is not None:
             timers.append((t, r.user_id))
     arms: dict[tuple[str, str], ArmState] = {}
-    arm_timers: list[tuple[int, tuple[str, str]]] = []
-    for t, user in sorted(set(timers)):  # Flink fires each (key, time) once, in time order
-        for o in joiner.on_timer(users[user], t)[0]:
-            key = (o.experiment, o.arm)
-            due = aggregator.on_outcome(arms.setdefault(key, ArmState()), o, t - 1)
-            arm_timers.append((due, key))
-    got = []
-    for t, key in sorted(set(arm_timers)):
-        got += aggregator.on_timer(arms[key], key[0], key[1], t)
+    queue = [(t, 0, user) for t, user in set(timers)]  # Flink fires each (key, time) once, in time order;
+    heapq.heapify(queue)  # the arms' timers at t after the join's (the watermark passes t after both)
+    got, fired = [], set()
+    while queue:
+        t, stage, key = heapq.heappop(queue)
+        if stage == 1:
+            if (t, key) not in fired:
+                fired.add((t, key))
+                got += aggregator.on_timer(arms[key], key[0], key[1], t)
+            continue
+        for o in joiner.on_timer(users[key], t)[0]:
+            arm = (o.experiment, o.arm)
+            heapq.heappush(queue, (aggregator.on_outcome(arms.setdefault(arm, ArmState()), o, t - 1), 1, arm))
     assert sorted(got, key=window_of) == sorted(want, key=window_of)
 
 
