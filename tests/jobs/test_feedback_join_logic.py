@@ -219,3 +219,21 @@ def test_config_checks() -> None:
         JoinConfig(conversions=frozenset({"BUY"}))
     with pytest.raises(ValueError):
         JoinConfig(ctr_ks=(0,))
+
+
+def test_job_options_are_checked() -> None:
+    import argparse
+
+    from jobs.common import JobSetupError
+    from jobs.feedback_join_job import add_arguments, job_options
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    options = job_options(parser.parse_args(["--ctr-k", "10,1", "--conversions", "purchase,like",
+                                             "--attribution-min", "0.5"]))
+    assert options["join"]["ctr_ks"] == [1, 10] and options["join"]["conversions"] == ["LIKE", "PURCHASE"]
+    assert options["join"]["attribution_ms"] == 30_000
+    with pytest.raises(JobSetupError, match="conversion"):
+        job_options(parser.parse_args(["--conversions", "BUY"]))
+    with pytest.raises(JobSetupError):
+        job_options(parser.parse_args(["--idle-s", "0"]))
