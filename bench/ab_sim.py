@@ -177,24 +177,38 @@ def flush_windows(settings: Any, publisher: Any, domain: str) -> None:
 
 
 def wait_metrics(settings: Any, experiment: str, expected_impressions: int, timeout_s: float) -> list[dict]:
-    from ugt.experiment_cli import rows_from_redis
+    import redis
 
+    from jobs.feedback_join_logic import metrics_from_redis
+
+    client = redis.Redis.from_url(settings.redis_url)
     deadline = time.monotonic() + timeout_s
     rows: list[dict] = []
     while time.monotonic() < deadline:
-        rows = rows_from_redis(settings.redis_url, experiment)
+        rows = metrics_from_redis(client, experiment)
         if sum(r["impressions"] for r in rows) >= expected_impressions:
             return rows
         time.sleep(2.0)
     return rows
 
 
-def readout(rows: list[dict], sim: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Per arm: what the stream measured beside what the simulator did; the test and whether the lift came back."""
-    from ugt.experiment_stats import report, totals_by_arm
+def report_json(experiment: str) -> dict[str, Any]:
+    """`ugt experiment report NAME --json`, the CLI a person would run (bench may not import ugt/)."""
+    import json
+    import subprocess
 
-    result = report(rows, [CONTROL, TREATMENT], {CONTROL: 0.5, TREATMENT: 0.5})
-    totals = totals_by_arm(rows)
+    shares = f"{CONTROL}=0.5,{TREATMENT}=0.5"
+    out = subprocess.run([sys.executable, "-m", "ugt", "experiment", "report", experiment, "--json", "--shares", shares],
+                         capture_output=True, text=True, cwd=REPO)
+    if out.returncode != 0:
+        raise SystemExit(f"bench.ab_sim: ugt experiment report failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def readout(experiment: str, rows: list[dict], sim: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Per arm: what the stream measured beside what the simulator did; the test and whether the lift came back."""
+    result = report_json(experiment)
+    clicked = {arm: sum(r["clicked"] for r in rows if r["arm"] == arm) for arm in (CONTROL, TREATMENT)}
     arms = {}
     for arm in result["arms"]:
         name, truth = arm["arm"], sim["truth"].get(arm["arm"], {})
@@ -205,7 +219,7 @@ def readout(rows: list[dict], sim: dict[str, Any], args: argparse.Namespace) -> 
             "fallback_rate": arm["fallback_rate"],
             "simulated": {"impressions": truth.get("impressions", 0), "clicked": truth.get("clicked", 0),
                           "users": sim["users_per_arm"].get(name, 0)},
-            "measured_clicked": totals[name].counts["clicked"],
+            "measured_clicked": clicked.get(name, 0),
             "planted_click_p": args.p_control * (1 + (args.lift if name == TREATMENT else 0.0)),
         }
         if "vs_control" in arm:
@@ -252,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         for jid in jids:
             cancel(settings.flink_rest_url, jid)
-    results = readout(rows, sim, args)
+    results = readout(experiment, rows, sim, args)
     results.update({"requests": sim["requests"], "traffic_s": round(sim["traffic_s"], 1),
                     "requests_per_s": round(sim["requests"] / sim["traffic_s"], 1),
                     "flush_to_metrics_s": round(metrics_delay, 1), "windows": len(rows)})

@@ -329,6 +329,18 @@ def row_from_redis(fields: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:
     return out
 
 
+def metrics_from_redis(client: Any, experiment: str) -> list[dict[str, Any]]:
+    """Every window the job wrote for the experiment (contracts.redis_keys), in one pipelined round trip."""
+    from contracts.redis_keys import experiment_index_key, experiment_window_key
+
+    members = client.zrange(experiment_index_key(experiment), 0, -1)
+    pipe = client.pipeline(transaction=False)
+    for member in members:
+        arm, _, start = (member.decode() if isinstance(member, bytes) else member).rpartition(":")
+        pipe.hgetall(experiment_window_key(experiment, arm, int(start)))
+    return [row_from_redis(fields) for fields in pipe.execute() if fields]
+
+
 def offline_metrics(impressions: Iterable[Impression], events: Iterable[Feedback],
                     config: JoinConfig) -> list[dict[str, Any]]:
     """The same metrics computed in one pass over complete data (no lateness): the reference the stream must

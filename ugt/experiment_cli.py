@@ -49,17 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def rows_from_redis(url: str, experiment: str) -> list[dict[str, Any]]:
     import redis
 
-    from contracts.redis_keys import experiment_index_key, experiment_window_key
-    from jobs.feedback_join_logic import row_from_redis
+    from jobs.feedback_join_logic import metrics_from_redis
 
     client = redis.Redis.from_url(url, socket_timeout=5)
     try:
-        members = client.zrange(experiment_index_key(experiment), 0, -1)
-        pipe = client.pipeline(transaction=False)
-        for member in members:
-            arm, _, start = member.decode().rpartition(":")
-            pipe.hgetall(experiment_window_key(experiment, arm, int(start)))
-        return [row_from_redis(fields) for fields in pipe.execute() if fields]
+        return metrics_from_redis(client, experiment)
     except redis.RedisError as exc:
         raise ReportError(f"Redis at {url} is unreachable ({exc}); is the stack up? `ugt stack status`") from exc
     finally:
@@ -114,7 +108,11 @@ def configured_arms(config_path: str | None, experiment: str, shares_text: str) 
     try:
         config = load_config(config_path) if config_path else load_config()
     except (ConfigError, OSError) as exc:
-        raise ReportError(f"serving config: {exc}") from exc
+        if config_path:
+            raise ReportError(f"serving config: {exc}") from exc
+        print(f"ugt experiment: the default serving config does not load ({exc}); no shares for the sample-ratio "
+              "check (pass --config or --shares)", file=sys.stderr)
+        return [], {}
     for exp in config.experiments:
         if exp.name == experiment:
             return [a.name for a in exp.arms], {a.name: a.share for a in exp.arms}
