@@ -6,7 +6,9 @@ it came from); a record it cannot decode is a dead letter on DLQ_TAG. ``Feedback
 and ``ArmMetricsFunction`` (keyed by experiment and arm) keep their state as one pickled value per key and run on
 event-time timers. Late and undecodable records go to events.dlq (LATE_EVENT, LATE_IMPRESSION, serde codes), once.
 Counters (group `ugt`): decode: `impressions`, `events`, `dead_lettered`; join: `joined`, `duplicates`,
-`late_impressions`, `late_events`, `no_experiment`, `outcomes`; aggregation: `windows_emitted`.
+`late_impressions`, `late_events`, `no_experiment`, `outcomes`; aggregation: `windows_emitted`, and per
+experiment and arm (labels) `arm_impressions`, `arm_users`, `arm_clicked`, `arm_conversions`, `arm_item_clicks`,
+`arm_items_shown`, `arm_fallbacks`, counted when a window is emitted.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from streams.serde import (
 )
 
 DLQ_TAG = OutputTag("dead-letters", key_value_type())
+ARM_COUNTERS = ("impressions", "users", "clicked", "conversions", "item_clicks", "items_shown", "fallbacks")
 IMPRESSION, EVENT = "impression", "event"
 
 
@@ -224,7 +227,9 @@ class ArmMetricsFunction(KeyedProcessFunction):
         self.state = runtime_context.get_state(descriptor)
         self.aggregator = ArmAggregator(self.config)
         self.redis = redis.Redis.from_url(self.redis_url) if self.redis_url else None
-        self.windows = runtime_context.get_metrics_group().add_group("ugt").counter("windows_emitted")
+        self.group = runtime_context.get_metrics_group().add_group("ugt")
+        self.windows = self.group.counter("windows_emitted")
+        self.arm_counters: dict[tuple[str, str], dict] = {}
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         outcome = pickle.loads(value)
@@ -244,7 +249,18 @@ class ArmMetricsFunction(KeyedProcessFunction):
             self._write(rows)
         self.windows.inc(len(rows))
         for row in rows:
+            self._count(row)
             yield Row(k=f"{experiment}:{arm}".encode(), v=metrics_json(row))
+
+    def _count(self, row: dict) -> None:
+        """Per-arm counters for Prometheus: experiment and arm become labels (Flink key-value metric groups)."""
+        key = (row["experiment"], row["arm"])
+        if key not in self.arm_counters:
+            group = self.group.add_group("experiment", key[0]).add_group("arm", key[1])
+            self.arm_counters[key] = {name: group.counter(f"arm_{name}") for name in ARM_COUNTERS}
+        for name, counter in self.arm_counters[key].items():
+            if row[name]:
+                counter.inc(row[name])
 
     def _write(self, rows: list[dict]) -> None:
         """HSET each window's hash and index it; idempotent (a replay writes the same values)."""

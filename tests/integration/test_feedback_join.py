@@ -177,6 +177,8 @@ def test_feedback_join_metrics_equal_the_offline_reference(stack) -> None:
         counts = wait_for(lambda: (c := job_counters(base, jid)).get("late_events") and c, 20, "the late event")
         assert counts["late_events"] == 1 and counts["late_impressions"] == 0 and counts["duplicates"] == 7
         assert counts["outcomes"] == len(impressions) and counts["no_experiment"] == 1
+        assert counts["arm_impressions"] == len(impressions)  # per-arm counters (labels), summed over both arms
+        assert counts["arm_clicked"] == sum(r["clicked"] for r in want)
         assert dead_letter_codes(settings, AvroSerde(SchemaRegistryClient(settings.registry_url))) == ["LATE_EVENT"]
     finally:
         cancel(base, jid)
