@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="actions that convert an impression, comma-separated (default: %(default)s)")
     g.add_argument("--dedup-hours", type=float, default=24.0,
                    help="event and request ids remembered this long for deduplication (default: %(default)s)")
+    g.add_argument("--update-grace-min", type=float, default=60.0,
+                   help="an emitted window is emitted again, whole, when outcomes still reach it this long after "
+                        "(a join instance that was idle); later ones are dropped and counted (default: %(default)s)")
     g.add_argument("--state-ttl-days", type=float, default=30.0,
                    help="Flink state TTL of an idle user or arm (default: %(default)s)")
     g.add_argument("--redis-ttl-days", type=float, default=30.0,
@@ -118,7 +121,8 @@ def job_options(args: argparse.Namespace) -> dict:
         join = JoinConfig(attribution_ms=int(args.attribution_min * 60_000),
                           metric_window_ms=int(args.window_min * 60_000), ctr_ks=ks,
                           conversions=frozenset(a.strip().upper() for a in args.conversions.split(",") if a.strip()),
-                          dedup_horizon_ms=int(args.dedup_hours * 3600_000))
+                          dedup_horizon_ms=int(args.dedup_hours * 3600_000),
+                          update_grace_ms=int(args.update_grace_min * 60_000))
     except ValueError as exc:
         raise JobSetupError(str(exc)) from exc
     if args.out_of_orderness_s < 0 or args.idle_s <= 0 or args.state_ttl_days <= 0 or args.redis_ttl_days < 0:

@@ -44,6 +44,8 @@ class JoinConfig:
     conversions: frozenset[str] = frozenset({"PURCHASE"})  # actions that convert an impression
     max_positions: int = 50  # position-wise CTR for positions 0 .. max_positions-1
     dedup_horizon_ms: int = 24 * 3600_000  # event ids / request ids remembered this long past their event time
+    # an emitted window is kept this long (event time) and emitted again, whole, if outcomes still arrive for it
+    update_grace_ms: int = 60 * 60_000
 
     def __post_init__(self) -> None:
         if self.attribution_ms < 1 or self.metric_window_ms < 1 or self.max_positions < 1:
@@ -204,6 +206,7 @@ class FeedbackJoiner:
                        imp.fallback, n == 0, 2 * n + 1, x * (2 * c + 1), (n + 1) * (c + x) - n * c)
 
 
+ARM_COUNTERS = ("impressions", "users", "clicked", "conversions", "item_clicks", "items_shown", "fallbacks")
 ADDITIVE = ("impressions", "users", "fallbacks", "items_shown", "item_clicks", "clicked", "conversions",
             "user_n2", "user_c2", "user_nc")  # what sums over windows (the report adds them up)
 
@@ -217,6 +220,7 @@ class ArmWindow:
     position_impressions: list[int] = field(default_factory=list)
     position_clicks: list[int] = field(default_factory=list)
     items: set[str] = field(default_factory=set)
+    reported: dict[str, int] = field(default_factory=dict)  # counts at the last emission (Prometheus deltas)
 
     def add(self, o: Outcome, config: JoinConfig) -> None:
         c = self.counts
@@ -253,7 +257,8 @@ def _rate(num: int, den: int) -> float:
 class ArmState:
     """What the aggregation keeps per (experiment, arm)."""
 
-    windows: dict[int, ArmWindow] = field(default_factory=dict)  # window start -> sums
+    windows: dict[int, ArmWindow] = field(default_factory=dict)  # window start -> sums, not emitted yet
+    emitted: dict[int, ArmWindow] = field(default_factory=dict)  # emitted, kept for update_grace_ms
     # item -> the first window that showed it: coverage up to a window does not depend on when it is emitted
     covered: dict[str, int] = field(default_factory=dict)
 
@@ -265,16 +270,33 @@ class ArmAggregator:
         self.config = config
 
     def on_outcome(self, state: ArmState, o: Outcome, watermark: int) -> int | None:
-        """Add the outcome; the timer that emits its window (None: the window was already emitted)."""
+        """Add the outcome; when its window is due (None: too late even to update it, dropped).
+
+        An outcome normally arrives before its window is due. One can arrive after, when the join instance that
+        closed it was idle and another instance's watermark emitted the window (Flink ignores idle inputs); the
+        window, kept for ``update_grace_ms``, then takes it, and a due time at or behind the watermark says: emit
+        it again, whole, now (the operator does so on a processing-time timer)."""
         start = self.config.window_start(o.served_at)
         due = self.emit_at(start)
-        if due <= watermark:  # cannot happen: the join drops impressions behind its own (earlier) watermark
-            return None
-        state.windows.setdefault(start, ArmWindow()).add(o, self.config)
+        if start not in state.windows:
+            if due + self.config.update_grace_ms <= watermark:
+                return None
+            state.windows[start] = state.emitted.pop(start, None) or ArmWindow()
+        state.windows[start].add(o, self.config)
         for item in o.items:
             if state.covered.get(item, start) >= start:
                 state.covered[item] = start
         return due
+
+    def newly_counted(self, state: ArmState, row: Mapping[str, Any]) -> dict[str, int]:
+        """What an emitted row adds to the arm's running counters: all of it the first time, the difference when
+        a window is emitted again (so Prometheus counters never count an impression twice)."""
+        window = state.emitted.get(row["window_start"])
+        before = window.reported if window is not None else {}
+        delta = {k: int(row[k]) - before.get(k, 0) for k in ARM_COUNTERS}
+        if window is not None:
+            window.reported = {k: int(row[k]) for k in ARM_COUNTERS}
+        return delta
 
     def emit_at(self, start: int) -> int:
         """When a window is complete: every impression served in it has been closed by then."""
@@ -282,8 +304,13 @@ class ArmAggregator:
 
     def on_timer(self, state: ArmState, experiment: str, arm: str, timestamp: int) -> list[dict[str, Any]]:
         done = sorted(s for s in state.windows if self.emit_at(s) <= timestamp)
-        return [self.metrics(experiment, arm, s, state.windows.pop(s), sum(f <= s for f in state.covered.values()))
-                for s in done]
+        rows = []
+        for s in done:
+            state.emitted[s] = state.windows.pop(s)
+            rows.append(self.metrics(experiment, arm, s, state.emitted[s], sum(f <= s for f in state.covered.values())))
+        horizon = timestamp - self.config.update_grace_ms
+        state.emitted = {s: w for s, w in state.emitted.items() if self.emit_at(s) > horizon}
+        return rows
 
     def metrics(self, experiment: str, arm: str, start: int, w: ArmWindow, covered: int) -> dict[str, Any]:
         """The metrics row of one window: counts (additive over windows) and their rates."""

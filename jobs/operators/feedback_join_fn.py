@@ -6,7 +6,7 @@ it came from); a record it cannot decode is a dead letter on DLQ_TAG. ``Feedback
 and ``ArmMetricsFunction`` (keyed by experiment and arm) keep their state as one pickled value per key and run on
 event-time timers. Late and undecodable records go to events.dlq (LATE_EVENT, LATE_IMPRESSION, serde codes), once.
 Counters (group `ugt`): decode: `impressions`, `events`, `dead_lettered`; join: `joined`, `duplicates`,
-`late_impressions`, `late_events`, `no_experiment`, `outcomes`; aggregation: `windows_emitted`, and per
+`late_impressions`, `late_events`, `no_experiment`, `outcomes`; aggregation: `windows_emitted`, `late_outcomes` (past --update-grace-min), and per
 experiment and arm (labels) `arm_impressions`, `arm_users`, `arm_clicked`, `arm_conversions`, `arm_item_clicks`,
 `arm_items_shown`, `arm_fallbacks`, counted when a window is emitted.
 """
@@ -18,13 +18,14 @@ import time
 
 from pyflink.common import Row, Types
 from pyflink.common.watermark_strategy import TimestampAssigner
-from pyflink.datastream import KeyedProcessFunction, OutputTag, ProcessFunction, RuntimeContext
+from pyflink.datastream import KeyedProcessFunction, OutputTag, ProcessFunction, RuntimeContext, TimeDomain
 from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
 
 from contracts.redis_keys import experiment_index_key, experiment_window_key
 from jobs.common import key_value_type
 from jobs.dead_letters import dead_letter_key, dead_letter_record
 from jobs.feedback_join_logic import (
+    ARM_COUNTERS,
     DUPLICATE,
     JOB_NAME,
     LATE,
@@ -52,7 +53,6 @@ from streams.serde import (
 )
 
 DLQ_TAG = OutputTag("dead-letters", key_value_type())
-ARM_COUNTERS = ("impressions", "users", "clicked", "conversions", "item_clicks", "items_shown", "fallbacks")
 IMPRESSION, EVENT = "impression", "event"
 
 
@@ -229,38 +229,49 @@ class ArmMetricsFunction(KeyedProcessFunction):
         self.redis = redis.Redis.from_url(self.redis_url) if self.redis_url else None
         self.group = runtime_context.get_metrics_group().add_group("ugt")
         self.windows = self.group.counter("windows_emitted")
+        self.dropped = self.group.counter("late_outcomes")
         self.arm_counters: dict[tuple[str, str], dict] = {}
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         outcome = pickle.loads(value)
         state = self.state.value() or ArmState()
-        due = self.aggregator.on_outcome(state, outcome, ctx.timer_service().current_watermark())
-        if due is not None:
-            ctx.timer_service().register_event_time_timer(due)
+        timers = ctx.timer_service()
+        watermark = timers.current_watermark()
+        due = self.aggregator.on_outcome(state, outcome, watermark)
+        if due is None:
+            self.dropped.inc()
+        elif due > watermark:
+            timers.register_event_time_timer(due)
+            self.state.update(state)
+        else:  # an update of an emitted window: now, not at the next watermark (there may be none for long)
+            timers.register_processing_time_timer(timers.current_processing_time() + 100)
             self.state.update(state)
         return iter(())
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         state = self.state.value() or ArmState()
         experiment, arm = ctx.get_current_key().split(":", 1)
+        if ctx.time_domain() == TimeDomain.PROCESSING_TIME:  # updates: every window due by the watermark
+            timestamp = ctx.timer_service().current_watermark()
         rows = self.aggregator.on_timer(state, experiment, arm, timestamp)
+        for row in rows:
+            self._count(row, self.aggregator.newly_counted(state, row))
         self.state.update(state)
         if rows and self.redis is not None:
             self._write(rows)
         self.windows.inc(len(rows))
         for row in rows:
-            self._count(row)
             yield Row(k=f"{experiment}:{arm}".encode(), v=metrics_json(row))
 
-    def _count(self, row: dict) -> None:
+    def _count(self, row: dict, delta: dict[str, int]) -> None:
         """Per-arm counters for Prometheus: experiment and arm become labels (Flink key-value metric groups)."""
         key = (row["experiment"], row["arm"])
         if key not in self.arm_counters:
             group = self.group.add_group("experiment", key[0]).add_group("arm", key[1])
             self.arm_counters[key] = {name: group.counter(f"arm_{name}") for name in ARM_COUNTERS}
         for name, counter in self.arm_counters[key].items():
-            if row[name]:
-                counter.inc(row[name])
+            if delta[name] > 0:
+                counter.inc(delta[name])
 
     def _write(self, rows: list[dict]) -> None:
         """HSET each window's hash and index it; idempotent (a replay writes the same values)."""

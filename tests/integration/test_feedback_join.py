@@ -153,7 +153,7 @@ def test_feedback_join_metrics_equal_the_offline_reference(stack) -> None:
     args = ["--", "--impressions-topic", TOPICS["impressions"], "--events-topic", TOPICS["tokens"],
             "--metrics-topic", TOPICS["metrics"], "--dlq-topic", TOPICS["dlq"], "--startup", "earliest",
             "--group-id", group, "--window-min", "1", "--attribution-min", "2", "--ctr-k", "1,3",
-            "--out-of-orderness-s", "300", "--idle-s", "3", "--checkpoint-interval-ms", "1000"]
+            "--out-of-orderness-s", "300", "--idle-s", "3", "--checkpoint-interval-ms", "1000", "--parallelism", "2"]
     jid = submit("feedback_join", args, detached=True)
     assert jid
     try:
@@ -169,16 +169,20 @@ def test_feedback_join_metrics_equal_the_offline_reference(stack) -> None:
         publisher.send(events=[Feedback(f"{RUN}-late", "u1", impressions[1].items[0], "CLICK", T0 + 10_000)])
         want = offline_metrics(impressions, events, CONFIG)
         url = settings.redis_url
-        got = wait_for(lambda: (rows := rows_from_redis(url, EXPERIMENT)) and len(rows) >= len(want) and rows,
-                       30, "the metrics in Redis")
-        assert differences(got, want) == []
+        # a window can be emitted twice (a join instance that was idle delivers after another emitted it): the
+        # last emission is whole, so wait for the metrics to settle
+        deadline = time.monotonic() + 30
+        while differences(rows_from_redis(url, EXPERIMENT), want) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert differences(rows_from_redis(url, EXPERIMENT), want) == []
         assert differences(rows_from_kafka(settings.kafka_bootstrap, TOPICS["metrics"], EXPERIMENT), want) == []
         wait_for(lambda: read_all(settings, group), 30, "the job to read phase 3")
         counts = wait_for(lambda: (c := job_counters(base, jid)).get("late_events") and c, 20, "the late event")
         assert counts["late_events"] == 1 and counts["late_impressions"] == 0 and counts["duplicates"] == 7
-        assert counts["outcomes"] == len(impressions) and counts["no_experiment"] == 1
-        assert counts["arm_impressions"] == len(impressions)  # per-arm counters (labels), summed over both arms
-        assert counts["arm_clicked"] == sum(r["clicked"] for r in want)
+        assert counts["outcomes"] == len(impressions)
+        assert counts.get("late_outcomes", 0) == 0
+        assert counts["arm_impressions"] == len(impressions)  # per-arm counters (labels), summed over both arms,
+        assert counts["arm_clicked"] == sum(r["clicked"] for r in want)  # once each when a window is emitted again
         assert dead_letter_codes(settings, AvroSerde(SchemaRegistryClient(settings.registry_url))) == ["LATE_EVENT"]
     finally:
         cancel(base, jid)

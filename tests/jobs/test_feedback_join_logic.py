@@ -8,6 +8,7 @@ import random
 import pytest
 
 from jobs.feedback_join_logic import (
+    ARM_COUNTERS,
     DUPLICATE,
     LATE,
     NO_EXPERIMENT,
@@ -169,7 +170,26 @@ def test_a_window_is_emitted_only_once_its_impressions_are_final() -> None:
     assert aggregator.on_timer(state, "exp", "B", due - 1) == []
     [row] = aggregator.on_timer(state, "exp", "B", due)
     assert row["impressions"] == 1 and state.windows == {}
-    assert aggregator.on_outcome(state, outcomes[0], due) is None  # behind the watermark: never twice
+
+
+def test_an_outcome_after_its_window_was_emitted_updates_it_within_the_grace() -> None:
+    """A join instance that was idle can deliver after another instance's watermark emitted the window."""
+    config = JoinConfig(attribution_ms=10 * MIN, metric_window_ms=5 * MIN, update_grace_ms=30 * MIN)
+    aggregator, state, joiner = ArmAggregator(config), ArmState(), FeedbackJoiner(config)
+    outcomes, _ = run(joiner, UserJoinState(), [imp("r1", MIN, user="u1")], 60 * MIN)
+    late, _ = run(joiner, UserJoinState(), [imp("r2", 2 * MIN, items=("z",), user="u2")], 60 * MIN)
+    due = aggregator.on_outcome(state, outcomes[0], NO_WATERMARK)
+    [first] = aggregator.on_timer(state, "exp", "B", due)
+    assert first["impressions"] == 1 and first["items_covered"] == 3
+    assert aggregator.newly_counted(state, first)["impressions"] == 1
+    again = aggregator.on_outcome(state, late[0], due + MIN)
+    assert again == due  # behind the watermark: emit again now
+    [second] = aggregator.on_timer(state, "exp", "B", due + MIN)
+    assert second["impressions"] == 2 and second["users"] == 2 and second["items_covered"] == 4
+    assert aggregator.newly_counted(state, second) == {**dict.fromkeys(ARM_COUNTERS, 0), "impressions": 1,
+                                                       "users": 1, "items_shown": 1}
+    assert aggregator.on_timer(state, "exp", "B", due + 31 * MIN) == [] and state.emitted == {}
+    assert aggregator.on_outcome(state, late[0], due + 31 * MIN) is None  # past the grace: dropped
 
 
 def test_the_stream_order_equals_the_offline_reference() -> None:
