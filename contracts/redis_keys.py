@@ -13,6 +13,11 @@ Popularity (written by the user_state job, read by serving's fallback)::
 
     ZINCRBY ugt:popularity:<domain> 1 <item_id>
     SET     ugt:popularity-applied:<domain>:<user_id> "n origin"
+
+Experiments (written by the feedback_join job, read by `ugt experiment report` and dashboards)::
+
+    HSET ugt:exp:<experiment>:<arm>:<window_start_ms> <metric> <value>    one arm's metrics of one window
+    ZADD ugt:exp:<experiment>:windows <window_start_ms> "<arm>:<window_start_ms>"   the windows written so far
 """
 
 from __future__ import annotations
@@ -31,6 +36,17 @@ ACTIVE_KEY = "ugt:sid:active"  # Redis string: the artifact version readers (tok
 ARTIFACTS_KEY = "ugt:sid:artifacts"  # Redis hash version -> artifact folder, so a job can follow a flip
 POPULARITY_PREFIX = "ugt:popularity:"
 APPLIED_PREFIX = "ugt:popularity-applied:"
+EXPERIMENT_PREFIX = "ugt:exp:"
+
+
+def experiment_window_key(experiment: str, arm: str, window_start_ms: int) -> str:
+    """The hash of one arm's metrics in one window (experiment and arm names match DOMAIN_PATTERN: no ':')."""
+    return f"{EXPERIMENT_PREFIX}{experiment}:{arm}:{int(window_start_ms)}"
+
+
+def experiment_index_key(experiment: str) -> str:
+    """ZSET of ``<arm>:<window_start_ms>`` members scored by window start: every window written so far."""
+    return f"{EXPERIMENT_PREFIX}{experiment}:windows"
 
 def active_version(client: Any, key: str = ACTIVE_KEY) -> str | None:
     """The semantic-ID version readers should use (``GET ugt:sid:active``), or None when none is active yet.

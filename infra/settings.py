@@ -26,6 +26,7 @@ class Topics:
     tokens: str = "events.tokens"
     dlq: str = "events.dlq"
     impressions: str = "events.impressions"  # the lists /recommend served (schemas/impression.avsc)
+    experiment_metrics: str = "experiments.metrics"  # feedback_join: JSON metrics per (experiment, arm, window)
 
 
 @dataclass(frozen=True)

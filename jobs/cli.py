@@ -2,6 +2,7 @@
 
     ugt jobs submit tokenize --detached -- --parallelism 2
     ugt jobs submit all -- --bounded --startup earliest   # + item_semantic_ids once a semantic-ID version is active
+    ugt jobs submit feedback_join --detached -- --attribution-min 30   # experiment metrics (docs/EXPERIMENTS.md)
     ugt jobs list
     ugt jobs wait tokenize --timeout 600
     ugt jobs cancel user_state
@@ -28,8 +29,9 @@ import requests
 from infra.settings import REPO_ROOT, get_settings
 
 JOBS = ("tokenize", "user_state")  # `submit all` and the demo
+EXPERIMENT_JOB = "feedback_join"  # joins impressions with feedback; submitted on its own (needs impressions)
 ITEM_JOB = "item_semantic_ids"  # `submit all` adds it once an artifact is registered for the active version
-SUBMITTABLE = (*JOBS, ITEM_JOB)  # what `submit <job>` accepts
+SUBMITTABLE = (*JOBS, ITEM_JOB, EXPERIMENT_JOB)  # what `submit <job>` accepts
 
 
 def job_file(job: str) -> Path:

@@ -48,6 +48,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(t.tokens),
         TopicSpec(t.dlq, 1),
         TopicSpec(t.impressions),  # keyed by user id, like the user events they are joined with
+        TopicSpec(t.experiment_metrics, 1),  # JSON rows of the feedback_join job, keyed "<experiment>:<arm>"
     ]
 
 

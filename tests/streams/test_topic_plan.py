@@ -10,7 +10,7 @@ def test_pipeline_topics_and_extras() -> None:
     settings = get_settings()
     plan = {s.name: s for s in planned_topics(settings, ["my.topic", TopicSpec("big", 12)])}
     t = settings.topics
-    assert set(plan) == {t.raw, t.items, t.tokens, t.dlq, t.impressions, "my.topic", "big"}
+    assert set(plan) == {t.raw, t.items, t.tokens, t.dlq, t.impressions, t.experiment_metrics, "my.topic", "big"}
     assert plan[t.items].config == {"cleanup.policy": "compact"}  # latest version of every item kept
     assert plan["big"].partitions == 12 and plan["my.topic"].partitions == plan[t.raw].partitions
 
