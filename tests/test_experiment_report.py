@@ -110,3 +110,13 @@ def test_report_cli_rejects_bad_shares(capsys) -> None:
     experiment_cli.add_arguments(parser)
     assert experiment_cli.run(parser.parse_args(["report", "exp", "--shares", "a=half"])) == 1
     assert "--shares" in capsys.readouterr().err
+
+
+def test_the_chi_square_tail_matches_the_tables():
+    """chi2_sf (no scipy: docs/DEPENDENCIES.md) against textbook critical values and scipy's own outputs."""
+    from ugt.experiment_stats import chi2_sf
+
+    for x, df, p in ((3.841, 1, 0.0500137), (5.991, 2, 0.0500116), (0.5, 1, 0.4795001), (20.0, 3, 1.6974244e-4),
+                     (0.01, 4, 0.9999875), (12.5, 7, 0.0852693), (100.0, 2, 1.9287498e-22)):
+        assert abs(chi2_sf(x, df) - p) <= 1e-6 * max(p, 1e-16) + 1e-12, (x, df)
+    assert chi2_sf(0.0, 3) == 1.0

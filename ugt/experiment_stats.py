@@ -10,6 +10,11 @@ from U users, N = Σn and C = Σc, and the sums Σn², Σc², Σnc that the feed
 conversion and item CTR get Wilson intervals over impressions (documented as impression-level). The sample-ratio
 check is a chi-square of users per arm against the configured shares: a p-value below 0.001 means the split is
 broken (assignment, logging or joins lose one arm's users) and no other number of the report can be trusted.
+
+The distributions come from the standard library (statistics.NormalDist) and :func:`chi2_sf` (a dozen lines of
+Numerical Recipes), not scipy: Feast's offline store imports dask, which imports scipy.sparse when scipy is
+installed, and scipy's pybind11 modules deadlock inside PyFlink's thread-mode interpreter (the user_state job's
+task hung in open()). docs/DEPENDENCIES.md says so.
 """
 
 from __future__ import annotations
@@ -17,9 +22,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
-
-from scipy import stats
 
 from jobs.feedback_join_logic import ADDITIVE
 
@@ -64,8 +68,47 @@ def totals_by_arm(rows: Iterable[Mapping[str, Any]]) -> dict[str, ArmTotals]:
     return out
 
 
+_NORMAL = NormalDist()
+
+
 def z_of(confidence: float) -> float:
-    return float(stats.norm.ppf(0.5 + confidence / 2))
+    return _NORMAL.inv_cdf(0.5 + confidence / 2)
+
+
+def chi2_sf(x: float, df: int) -> float:
+    """P(X > x) for X ~ chi-square(df): Q(df/2, x/2), the regularized upper incomplete gamma function, by its
+    series below a + 1 and Lentz's continued fraction above (Numerical Recipes, 2nd ed., 6.2)."""
+    if x <= 0:
+        return 1.0
+    a, z = df / 2.0, x / 2.0
+    log_front = -z + a * math.log(z) - math.lgamma(a)
+    if z < a + 1.0:
+        term = total = 1.0 / a
+        ap = a
+        for _ in range(10_000):
+            ap += 1.0
+            term *= z / ap
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return max(0.0, 1.0 - total * math.exp(log_front))
+    tiny = 1e-300
+    b = z + 1.0 - a
+    c, d = 1.0 / tiny, 1.0 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * h
 
 
 def wilson(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -106,7 +149,7 @@ def compare(control: ArmTotals, arm: ArmTotals, confidence: float = 0.95) -> dic
     # delta method on r1 / r0 (independent arms): var ≈ v1 / r0² + r1² v0 / r0⁴
     lift_se = math.sqrt(v1 / r0**2 + r1**2 * v0 / r0**4) if r0 > 0 and not math.isnan(se) else math.nan
     stat = diff / se if se and not math.isnan(se) else math.nan
-    p = float(2 * stats.norm.sf(abs(stat))) if not math.isnan(stat) else math.nan
+    p = 2 * (1 - _NORMAL.cdf(abs(stat))) if not math.isnan(stat) else math.nan
     return {"diff": diff, "diff_ci_low": diff - z * se, "diff_ci_high": diff + z * se,
             "lift": lift, "lift_ci_low": lift - z * lift_se, "lift_ci_high": lift + z * lift_se,
             "z": stat, "p_value": p}
@@ -122,10 +165,8 @@ def sample_ratio(observed: Mapping[str, int], shares: Mapping[str, float]) -> di
         return {"arms": arms, "observed": counts, "expected": [], "chi2": math.nan, "p_value": math.nan,
                 "mismatch": False}
     expected = [n * shares[a] / total_share for a in arms]
-    # Pearson's statistic by hand, then the chi2 tail: stats.chisquare goes through scipy's array-API layer, which
-    # breaks where a process has blocked torch (sys.modules["torch"] = None, as the Flink operators do)
-    chi2 = sum((o - e) ** 2 / e for o, e in zip(counts, expected, strict=True))
-    p = stats.chi2.sf(chi2, len(arms) - 1)
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(counts, expected, strict=True))  # Pearson's statistic
+    p = chi2_sf(chi2, len(arms) - 1)
     return {"arms": arms, "observed": counts, "expected": expected, "chi2": float(chi2), "p_value": float(p),
             "mismatch": bool(p < SRM_ALPHA)}
 
