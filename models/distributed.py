@@ -207,3 +207,49 @@ def restore_rng(saved: dict[str, Any], env: DistEnv, device: torch.device, seed:
             torch.cuda.set_rng_state_all([t.cpu() for t in saved["cuda_rng"]])
     else:
         torch.manual_seed(int(np.random.SeedSequence([seed, epoch, env.rank]).generate_state(1)[0]))
+
+
+# ---- FSDP: whole weights and optimizer state from the shards (every rank calls these) ----------------------
+
+
+def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) state dict of an FSDP-wrapped module, on CPU, on rank 0 (empty elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
+    """The optimizer state a checkpoint keeps: torch's own format, or under FSDP the whole state keyed by
+    parameter name (rank 0; gathered from every rank's shard)."""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _param_names(module: torch.nn.Module) -> list[str]:
+    """Parameter names in optimizer order, as FSDP's state dicts name them (no DDP ``module.``, no ``_orig_mod.``)."""
+    return [name.removeprefix("module.").replace("_orig_mod.", "") for name, _ in module.named_parameters()]
+
+
+def load_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, fmt: str | None) -> None:
+    """Restore a checkpoint's optimizer state into this run's wrapping, whichever wrote it: torch's format (one
+    process, DDP) and the name-keyed one (FSDP) map onto each other by parameter name."""
+    names = _param_names(module)
+    sharded = hasattr(module, "set_requires_gradient_sync")
+    if fmt == "fqn" and not sharded:
+        index = {name: i for i, name in enumerate(names)}
+        state = {"state": {index[k]: v for k, v in state["state"].items()},
+                 "param_groups": [{**g, "params": [index[p] for p in g["params"]]} for g in state["param_groups"]]}
+    elif fmt != "fqn" and sharded:
+        state = {"state": {names[k]: v for k, v in state["state"].items()},
+                 "param_groups": [{**g, "params": [names[p] for p in g["params"]]} for g in state["param_groups"]]}
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))

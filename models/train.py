@@ -161,8 +161,8 @@ class TrainRun:
         model.to(device)
         self.codes_t = torch.as_tensor(self.codes, device=device) if self.codes is not None else None
         self.excluded = torch.as_tensor(cold, device=device) if cold is not None else None  # held-out items
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                           weight_decay=cfg.weight_decay)
+        self.sharded = self.env.active and self.env.kind == "fsdp"
+        self.optimizer = self._optimizer(model.parameters())
         self.state: dict[str, Any] = {"epoch": 0, "best_metric": -1.0, "best_epoch": -1, "bad_evals": 0, "stage": 2,
                                       "history": []}
         self.loss_fn: torch.nn.Module | None = None  # StepLoss, wrapped for the world (start)
@@ -177,11 +177,10 @@ class TrainRun:
         """Load ``resume`` (weights, optimizer, train state; from a ``last.pt`` also the best weights and the RNG
         states) if given, compile, and keep the best; returns the minutes the run had already spent."""
         saved: dict[str, Any] = {}
+        ckpt: dict[str, Any] = {}
         if resume:
             ckpt = torch.load(resume, map_location=self.device, weights_only=False)
             self.model.load_state_dict(ckpt["state_dict"])
-            if ckpt.get("optimizer"):
-                self.optimizer.load_state_dict(ckpt["optimizer"])
             self.state = ckpt["train_state"]
             saved = ckpt.get("resume") or {}
             if saved:
@@ -189,11 +188,28 @@ class TrainRun:
                 distributed.restore_rng(saved, self.env, self.device, self.cfg.seed, self.state["epoch"])
             log.info("resumed from %s at epoch %d", resume, self.state["epoch"])
         self.summary["parameters"] = sum(p.numel() for p in self.model.parameters())
-        compiled = _compiled(self.model, self.cfg, self.device)
-        self.eager = compiled is self.model
-        self.loss_fn = self._wrap(compiled)
         self.best_state = copy.deepcopy(saved.get("best_state_dict") or self.model.state_dict())
+        if self.sharded:  # FSDP shards a copy; self.model stays whole on every rank: rank 0 evaluates and saves it
+            self.loss_fn = self._wrap(copy.deepcopy(self.model))
+            self.optimizer = self._optimizer(self.loss_fn.parameters())
+        else:
+            compiled = _compiled(self.model, self.cfg, self.device)
+            self.eager = compiled is self.model
+            self.loss_fn = self._wrap(compiled)
+        if ckpt.get("optimizer"):
+            distributed.load_optimizer(self.loss_fn, self.optimizer, ckpt["optimizer"], ckpt.get("optimizer_format"))
         return float(self.state.get("minutes", 0.0))
+
+    def _optimizer(self, params: Any) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.cfg.lr, betas=tuple(self.cfg.betas),
+                                 weight_decay=self.cfg.weight_decay)
+
+    def sync_model(self) -> None:
+        """Under FSDP, gather the trained shards into ``self.model`` on rank 0 (every rank takes part)."""
+        if self.sharded:
+            full = distributed.full_model_state(self.loss_fn)
+            if self.env.main:
+                self.model.load_state_dict({k.removeprefix("inner."): v for k, v in full.items()})
 
     def _wrap(self, inner: torch.nn.Module) -> torch.nn.Module:
         return distributed.wrap(StepLoss(inner, self.cfg, self.codes_t, self.amp, self.excluded), self.env,
@@ -203,6 +219,7 @@ class TrainRun:
         """last.pt (rank 0 writes it): all ``start`` needs to continue here, at this or another world size (every
         rank's torch RNG); best weights only if not the current (it travels)."""
         ranks = self.env.gather(distributed.rng_state(self.device))
+        optimizer = distributed.full_optimizer_state(self.loss_fn, self.optimizer, self.sharded)
         if not self.env.main:
             return
         self.state["minutes"] = (time.time() - t0) / 60
@@ -211,8 +228,9 @@ class TrainRun:
                  "torch_rng": torch.get_rng_state(), "rank_rngs": ranks,
                  "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
         partial = self.last_path.with_suffix(".pt.partial")
-        save_checkpoint(partial, self.model, self.cfg, self.data, self.optimizer, self.state, self.codes, self.sizes,
-                        extra={"resume": saved})
+        save_checkpoint(partial, self.model, self.cfg, self.data, None, self.state, self.codes, self.sizes,
+                        extra={"resume": saved, "optimizer": optimizer,
+                               "optimizer_format": "fqn" if self.sharded else "torch"})
         os.replace(partial, self.last_path)
 
     def past_deadline(self, seconds: float) -> bool:  # never without a deadline
@@ -221,7 +239,7 @@ class TrainRun:
     def step(self, micro: list[distributed.Micro]) -> float:
         """One stage-2 optimizer step over this rank's micro-batches; returns its share of the step's mean loss.
         A compiled step that fails falls back to eager for the rest of the run."""
-        self.model.train()
+        self.loss_fn.train()
         self.optimizer.zero_grad(set_to_none=True)
         try:
             share = self._backward(micro)
@@ -271,8 +289,8 @@ class TrainRun:
                 state.update(best_metric=v["ndcg@10"], best_epoch=epoch, bad_evals=0, best_stage=stage)
                 self.best_state.clear()
                 self.best_state.update(copy.deepcopy(self.model.state_dict()))
-                save_checkpoint(self.ckpt_path, self.model, cfg, self.data, self.optimizer, state, self.codes,
-                                self.sizes)
+                save_checkpoint(self.ckpt_path, self.model, cfg, self.data, None if self.sharded else self.optimizer,
+                                state, self.codes, self.sizes)
             else:
                 state["bad_evals"] += 1
         state["history"].append(entry)
@@ -293,6 +311,7 @@ class TrainRun:
             started = time.time()
             loss = self.run_epoch(rng)
             state["epoch"] = epoch
+            self.sync_model()
             stop = self.log_eval(epoch, loss, 2) if self.env.main else False
             self.epoch_seconds = time.time() - started
             bar.set_postfix(loss=f"{loss:.4f}", best=f"{state['best_metric']:.4f}@{state['best_epoch']}")

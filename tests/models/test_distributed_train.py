@@ -1,12 +1,14 @@
 """`ugt train` under `torchrun --nproc-per-node 2` (gloo, CPU) on ML-100K: the same run as one process, resumable.
 
-A tiny UGT (models/configs/ugt_ml100k_tiny.yaml, 300 users, no dropout so one process and two ranks draw no different
-masks) trained 3 epochs with the global batch of the config (64 rows per optimizer step: 32 per rank on two):
+A tiny UGT (models/configs/ugt_ml100k_tiny.yaml, 200 users, no dropout so one process and two ranks draw no different
+masks) trained 2 epochs with the global batch of the config (64 rows per optimizer step: 32 per rank on two):
 - two ranks follow one process's loss curve within LOSS_RTOL (1 % per epoch; what is left differs: the MoE balance
   loss is computed per rank's half batch, and float sums run in another order);
 - a two-rank run stopped after epoch 1 (UGT_TRAIN_DEADLINE) and resumed on two ranks is the uninterrupted run, to
   float round-off (every rank's RNG, the optimizer and the data order are in last.pt);
-- the same last.pt resumed in one process (2 -> 1) finishes the run on the same curve within LOSS_RTOL.
+- the same last.pt resumed in one process (2 -> 1) finishes the run on the same curve within LOSS_RTOL, and so does
+  one written by a two-rank FSDP run (``distributed: fsdp``, FSDP2 ``fully_shard`` on gloo): its weights and optimizer
+  state are gathered from the shards.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch.distributed.tensor import DTensor
 
 from models.data import build_sequences, make_split
 from models.distributed import DistEnv, step_batches
@@ -28,7 +32,7 @@ from models.train_config import load_config
 from tests.models.conftest import random_dataset
 
 CONFIG = "models/configs/ugt_ml100k_tiny.yaml"
-SETS = {"max_epochs": 3, "patience": 10, "max_users": 300, "model_config.dropout": 0,
+SETS = {"max_epochs": 2, "patience": 10, "max_users": 200, "model_config.dropout": 0,
         "model_config.embedding.dropout": 0, "device": "cpu"}
 LOSS_RTOL = 0.01
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,15 +53,16 @@ def _losses(out: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """The uninterrupted two-rank run, and one stopped by the deadline after epoch 1."""
+    """The uninterrupted two-rank run, and two stopped by the deadline after epoch 1 (DDP, FSDP)."""
     base = tmp_path_factory.mktemp("ddp")
     whole = _torchrun(base / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
-    parted = _torchrun(base / "parts", deadline="1")  # long past: stop after the first epoch
-    # torchrun reports its workers' INTERRUPTED_EXIT as a failure; rank 0 printed where to resume
-    assert f"exitcode  : {INTERRUPTED_EXIT}" in parted.stderr, parted.stderr[-3000:]
-    assert json.loads(parted.stdout.strip().splitlines()[-1])["interrupted"] == "deadline after epoch 1"
-    return {"whole": base / "whole", "parts": base / "parts"}
+    for name, extra in (("parts", ()), ("fsdp_parts", ("--set", "distributed=fsdp"))):
+        parted = _torchrun(base / name, *extra, deadline="1")  # long past: stop after the first epoch
+        # torchrun reports its workers' INTERRUPTED_EXIT as a failure; rank 0 printed where to resume
+        assert f"exitcode  : {INTERRUPTED_EXIT}" in parted.stderr, parted.stderr[-3000:]
+        assert json.loads(parted.stdout.strip().splitlines()[-1])["interrupted"] == "deadline after epoch 1"
+    return {"whole": base / "whole", "parts": base / "parts", "fsdp_parts": base / "fsdp_parts"}
 
 
 def test_step_batches_split_each_global_batch_between_ranks_without_overlap():
@@ -86,7 +91,7 @@ def test_two_ranks_follow_one_process(runs, tmp_path):
     cfg = load_config(CONFIG, {**SETS, "out_dir": str(tmp_path), "progress": False})
     one = fit(cfg)
     two = json.loads((runs["whole"] / "summary.json").read_text())
-    assert two["world_size"] == 2 and one["world_size"] == 1 and two["epochs_run"] == one["epochs_run"] == 3
+    assert two["world_size"] == 2 and one["world_size"] == 1 and two["epochs_run"] == one["epochs_run"] == 2
     assert _losses(runs["whole"]) == pytest.approx(_losses(tmp_path), rel=LOSS_RTOL)
     assert (runs["whole"] / "checkpoint.pt").exists() and not (runs["whole"] / "last.pt").exists()
 
@@ -103,11 +108,15 @@ def test_a_resumed_two_rank_run_continues_identically(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_two_rank_checkpoint_resumes_in_one_process(runs, tmp_path):
+@pytest.mark.parametrize("stopped", ["parts", "fsdp_parts"])
+def test_a_two_rank_checkpoint_resumes_in_one_process(runs, tmp_path, stopped):
     parts = tmp_path / "parts"
-    shutil.copytree(runs["parts"], parts)
+    shutil.copytree(runs[stopped], parts)
+    saved = torch.load(parts / "last.pt", weights_only=False)
+    assert saved["optimizer_format"] == ("fqn" if stopped == "fsdp_parts" else "torch")
+    assert len(saved["resume"]["rank_rngs"]) == 2 and not any(isinstance(v, DTensor) for v in saved["state_dict"].values())
     cfg = load_config(CONFIG, {**SETS, "out_dir": str(parts), "progress": False})
     summary = fit(cfg, resume=parts / "last.pt")
-    assert summary["world_size"] == 1 and summary["epochs_run"] == 3 and not (parts / "last.pt").exists()
+    assert summary["world_size"] == 1 and summary["epochs_run"] == 2 and not (parts / "last.pt").exists()
     assert _losses(parts) == pytest.approx(_losses(runs["whole"]), rel=LOSS_RTOL)
-    assert summary["test"]["users"] == 300
+    assert summary["test"]["users"] == 200
