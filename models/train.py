@@ -40,6 +40,7 @@ from models import distributed
 from models.baselines.popularity import Popularity
 from models.checkpoint import build_model, load_data, long_history_len, save_checkpoint
 from models.data import Batchable, SequenceData, cold_item_mask, iterate_batches, make_split, without_items
+from models.distill import Teacher
 from models.distributed import DistEnv
 from models.dpo import PreferenceStep
 from models.eval import batch_to_device, evaluate
@@ -121,6 +122,8 @@ def cold_holdout(cfg: TrainConfig, data: SequenceData) -> tuple[np.ndarray | Non
     dpo = DPOConfig(**(cfg.dpo or {}))
     if holdout and dpo.enabled and dpo.epochs > 0:
         raise ValueError("cold_items holdout with DPO (stage 3) is not supported: set dpo.enabled=false")
+    if holdout and cfg.distill:
+        raise ValueError("cold_items holdout with distill is not supported: the teacher scores the held-out items")
     return cold, holdout
 
 
@@ -161,6 +164,7 @@ class TrainRun:
         model.to(device)
         self.codes_t = torch.as_tensor(self.codes, device=device) if self.codes is not None else None
         self.excluded = torch.as_tensor(cold, device=device) if cold is not None else None  # held-out items
+        self.teacher = Teacher(cfg.distill, cfg, data, device) if cfg.distill else None  # models/distill.py
         self.sharded = self.env.active and self.env.kind == "fsdp"
         self.optimizer = self._optimizer(model.parameters())
         self.state: dict[str, Any] = {"epoch": 0, "best_metric": -1.0, "best_epoch": -1, "bad_evals": 0, "stage": 2,
@@ -212,8 +216,8 @@ class TrainRun:
                 self.model.load_state_dict({k.removeprefix("inner."): v for k, v in full.items()})
 
     def _wrap(self, inner: torch.nn.Module) -> torch.nn.Module:
-        return distributed.wrap(StepLoss(inner, self.cfg, self.codes_t, self.amp, self.excluded), self.env,
-                                self.device)
+        return distributed.wrap(StepLoss(inner, self.cfg, self.codes_t, self.amp, self.excluded, self.teacher),
+                                self.env, self.device)
 
     def save_resume(self, rng: np.random.Generator, t0: float) -> None:
         """last.pt (rank 0 writes it): all ``start`` needs to continue here, at this or another world size (every

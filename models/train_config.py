@@ -53,6 +53,7 @@ class TrainConfig:
     contrastive_temperature: float = 0.1
     semantic_ids: dict = field(default_factory=dict)  # {} | {"artifact": path} | {"build": {...builder kwargs}}
     dpo: dict = field(default_factory=dict)  # DPOConfig fields
+    distill: dict = field(default_factory=dict)  # {} | models.distill.DistillConfig fields (teacher, weight, ...)
     eval_batch_size: int = 512
     mask_history: str = "window"
     device: str = "auto"

@@ -14,7 +14,10 @@ from models.ugt.ranking import ranking_loss
 
 
 def stage2_loss(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, codes_t: torch.Tensor | None,
-                amp: bool, excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                amp: bool, excluded: torch.Tensor | None = None, teacher: Any = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The step's loss and its parts; with a ``teacher`` (models/distill.py) the next-token loss is mixed with the
+    KL to the teacher's scores."""
     device_type = batch["ids"].device.type
     core = getattr(model, "_orig_mod", model)
     ranking = isinstance(core, UGT) and core.ranker is not None
@@ -26,8 +29,12 @@ def stage2_loss(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, co
         table = model.item_embeddings()
     targets = batch["targets"]
     ntp = sampled_softmax_loss(user, targets, table, cfg.num_negatives, cfg.temperature, excluded=excluded)
-    total = ntp + aux.float()
     parts = {"ntp": float(ntp.detach()), "aux": float(aux.detach())}
+    if teacher is not None:
+        kd = teacher.loss(user, table, batch, cfg.temperature)
+        parts["distill"] = float(kd.detach())
+        ntp = (1 - teacher.config.weight) * ntp + teacher.config.weight * kd
+    total = ntp + aux.float()
     if ranking:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
             rank = ranking_loss(core, user, *kept, batch, table)
@@ -53,10 +60,11 @@ class StepLoss(torch.nn.Module):
     the heads run inside the wrapped forward and their gradients sync with the encoder's."""
 
     def __init__(self, inner: torch.nn.Module, cfg: TrainConfig, codes_t: torch.Tensor | None, amp: bool,
-                 excluded: torch.Tensor | None):
+                 excluded: torch.Tensor | None, teacher: Any = None):
         super().__init__()
         self.inner = inner
         self.cfg, self.codes_t, self.amp, self.excluded = cfg, codes_t, amp, excluded
+        self.teacher = teacher  # a plain object, not a submodule: DDP/FSDP never see its frozen weights
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return stage2_loss(self.inner, batch, self.cfg, self.codes_t, self.amp, self.excluded)[0]
+        return stage2_loss(self.inner, batch, self.cfg, self.codes_t, self.amp, self.excluded, self.teacher)[0]
