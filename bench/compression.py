@@ -6,7 +6,8 @@ last, the last is the target, the request time is the target's; the whole histor
 and one int8 engine (CPU, fp32 activations, one torch thread as serving runs, no KV cache: every request a
 prefill). Reported per row: HR@10 / NDCG@10 of the engine's top 10, HR@10 loss and ratio vs fp32, the top-10
 overlap with fp32, requests/s at each batch size (best of --repeats passes over all users) and cpu_speedup (int8
-req/s over fp32 req/s at the largest batch). ``speedup`` (GPU engine vs bf16) is null: no GPU INT8/FP8 path here.
+req/s over fp32 req/s at the largest batch). ``speedup`` (GPU engine vs bf16) is null: no GPU INT8/FP8 path here. The distilled
+student's fp32 row also carries its HR@10 ratio and CPU speedup against its teacher's fp32 row.
 
   python -m bench.compression                    # writes bench/results/compression.json
   python -m bench.compression --variants tiny    # one variant
@@ -27,13 +28,17 @@ from bench.common import REPO, print_table, result_path, write_result
 
 PROG = "python -m bench.compression"
 TINY_CONFIG = "models/configs/ugt_ml100k_tiny.yaml"
-# name -> overrides of the tiny config: the shipped tiny model, and a wider one (where matmuls weigh more)
+# name -> overrides of the tiny config: the shipped tiny model, a wider one (where matmuls weigh more), and the tiny
+# shape distilled from the wide one (models/distill.py; {work} is --work-dir)
 VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": {},
     "wide": {"name": "ugt-ml100k-wide", "model_config.d_model": 128, "model_config.num_layers": 2,
              "model_config.num_heads": 2, "model_config.dqk": 64, "model_config.dv": 64,
              "model_config.moe.d_ff": 256, "max_epochs": 6},
+    "student": {"name": "ugt-ml100k-student", "distill": {"teacher": "{work}/wide/checkpoint.pt", "weight": 0.5,
+                                                          "temperature": 2.0}},
 }
+TEACHER = {"student": "wide"}
 
 
 def trained(variant: str, work: Path) -> Path:
@@ -44,10 +49,26 @@ def trained(variant: str, work: Path) -> Path:
         from models.train import fit
         from models.train_config import load_config
 
+        overrides = dict(VARIANTS[variant])
+        if variant in TEACHER:
+            trained(TEACHER[variant], work)
+            overrides["distill"] = {**overrides["distill"],
+                                    "teacher": overrides["distill"]["teacher"].format(work=work)}
         print(f"training {variant} once into {out} ...", file=sys.stderr)
-        fit(load_config(str(REPO / TINY_CONFIG), {**VARIANTS[variant], "out_dir": str(out), "progress": True,
+        fit(load_config(str(REPO / TINY_CONFIG), {**overrides, "out_dir": str(out), "progress": True,
                                                    "device": "cpu"}))
     return checkpoint
+
+
+def against_teachers(rows: list[dict[str, Any]], last: str) -> None:
+    """A distilled student's fp32 row against its teacher's fp32 row of the same run (HR@10 ratio, CPU speedup)."""
+    fp32 = {row["variant"]: row for row in rows if row["quantize"] == "none"}
+    for student, teacher in TEACHER.items():
+        if student in fp32 and teacher in fp32:
+            mine, theirs = fp32[student], fp32[teacher]
+            mine.update({"teacher": theirs["config"],
+                         "hr@10_ratio_vs_teacher": round(mine["hr@10"] / theirs["hr@10"], 4),
+                         "cpu_speedup_vs_teacher": round(mine[last] / theirs[last], 3)})
 
 
 def requests(model: Any, cfg: Any, data: Any) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray], np.ndarray]:
@@ -132,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(args.threads)
     rows = [row for v in variants for row in measure(v, Path(args.work_dir), batches, args.repeats)]
+    against_teachers(rows, f"req_s@{max(batches)}")
     print_table(rows, ["config", "parameters", "hr@10", "ndcg@10", "hr@10_loss", "hr@10_ratio",
-                       "top10_overlap_vs_fp32", *[f"req_s@{b}" for b in batches], "cpu_speedup"])
+                       "top10_overlap_vs_fp32", *[f"req_s@{b}" for b in batches], "cpu_speedup",
+                       "hr@10_ratio_vs_teacher", "cpu_speedup_vs_teacher"])
     conditions = {"dataset": "ml-100k (all 943 users; target = each user's last event, whole history excluded)",
                   "recipe": {v: {"config": TINY_CONFIG, "overrides": VARIANTS[v]} for v in variants},
                   "engine": "models.ugt.inference.UGTInference, CPU, fp32 activations, no KV cache (every request "
