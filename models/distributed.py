@@ -16,6 +16,7 @@ Rank 0 evaluates, logs, writes checkpoints and decides whether to stop (patience
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -106,8 +107,8 @@ def setup(kind: str, device_name: str) -> tuple[DistEnv, torch.device]:
         torch.cuda.set_device(device)
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if owns:  # rank 0 validates while the others wait at the broadcast: allow it an hour, not NCCL's 10 minutes
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
     return DistEnv(rank, world, local, kind, owns), device
 
 
