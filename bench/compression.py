@@ -16,6 +16,7 @@ student's fp32 row also carries its HR@10 ratio and CPU speedup against its teac
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -152,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(args.threads)
+    for v in variants:  # training (untimed) first, so the load averages below are the measurement's
+        trained(v, Path(args.work_dir))
+    load_before = os.getloadavg()[0]
     rows = [row for v in variants for row in measure(v, Path(args.work_dir), batches, args.repeats)]
+    load_after = os.getloadavg()[0]
     against_teachers(rows, f"req_s@{max(batches)}")
     print_table(rows, ["config", "parameters", "hr@10", "ndcg@10", "hr@10_loss", "hr@10_ratio",
                        "top10_overlap_vs_fp32", *[f"req_s@{b}" for b in batches], "cpu_speedup",
@@ -165,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                           "(models/ugt/quantize.py); activations quantized per batch",
                   "torch_threads": args.threads, "batches": batches, "repeats": args.repeats,
                   "torch": torch.__version__, "quantized_engine": torch.backends.quantized.engine,
-                  "box": "the 2-core CPU box, shared with other work (timings are best of repeats)"}
+                  "box": "the 2-core CPU box, shared with other work (timings are best of repeats)",
+                  "load_average_1min": {"before": round(load_before, 2), "after": round(load_after, 2)}}
     write_result(args.out, "compression", conditions, {"rows": rows}, argv, PROG)
     return 0
 
