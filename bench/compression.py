@@ -5,8 +5,8 @@ For each model variant (trained here once, cached): every user's next-item reque
 last, the last is the target, the request time is the target's; the whole history excluded) runs through one fp32
 and one int8 engine (CPU, fp32 activations, one torch thread as serving runs, no KV cache: every request a
 prefill). Reported per row: HR@10 / NDCG@10 of the engine's top 10, HR@10 loss and ratio vs fp32, the top-10
-overlap with fp32, requests/s at each batch size (best of --repeats passes over all users) and cpu_speedup (int8
-req/s over fp32 req/s at the largest batch). ``speedup`` (GPU engine vs bf16) is null: no GPU INT8/FP8 path here. The distilled
+overlap with fp32, requests/s at each batch size (best of --repeats passes over all users, every engine taking its
+turn in each repeat) and cpu_speedup (int8 req/s over fp32 req/s at the largest batch). ``speedup`` (GPU engine vs bf16) is null: no GPU INT8/FP8 path here. The distilled
 student's fp32 row also carries its HR@10 ratio and CPU speedup against its teacher's fp32 row.
 
   python -m bench.compression                    # writes bench/results/compression.json
@@ -96,52 +96,69 @@ def quality(top: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     return {"hr@10": float(found.mean()), "ndcg@10": float((found / np.log2(rank + 2)).mean())}
 
 
-def throughput(engine: Any, vectors: np.ndarray, excl: np.ndarray, batch: int, repeats: int) -> float:
-    """Requests per second over all users in batches of ``batch``, best of ``repeats`` passes."""
-    n, best = len(vectors), float("inf")
-    engine.recommend_packed(vectors[:batch], excl[:batch], 10)  # warm-up
+def one_pass(engine: Any, vectors: np.ndarray, excl: np.ndarray, batch: int) -> float:
+    """Seconds to answer every user's request in batches of ``batch``."""
+    began = time.perf_counter()
+    for start in range(0, len(vectors), batch):
+        engine.recommend_packed(vectors[start : start + batch], excl[start : start + batch], 10)
+    return time.perf_counter() - began
+
+
+def throughputs(engines: dict[str, tuple[Any, np.ndarray, np.ndarray]], batches: list[int],
+                repeats: int) -> dict[str, dict[int, float]]:
+    """Requests/s per engine and batch size, best of ``repeats``; the engines take turns within each repeat, so a
+    change in the shared box's load falls on all of them rather than on whichever ran last."""
+    best = {name: dict.fromkeys(batches, float("inf")) for name in engines}
+    for engine, vectors, excl in engines.values():
+        engine.recommend_packed(vectors[:32], excl[:32], 10)  # warm-up
     for _ in range(repeats):
-        began = time.perf_counter()
-        for start in range(0, n, batch):
-            engine.recommend_packed(vectors[start : start + batch], excl[start : start + batch], 10)
-        best = min(best, time.perf_counter() - began)
-    return n / best
+        for name, (engine, vectors, excl) in engines.items():
+            for b in batches:
+                best[name][b] = min(best[name][b], one_pass(engine, vectors, excl, b))
+    return {name: {b: len(engines[name][1]) / t for b, t in by.items()} for name, by in best.items()}
 
 
-def measure(variant: str, work: Path, batches: list[int], repeats: int) -> list[dict[str, Any]]:
-    """The fp32 and int8 rows of one variant."""
+def measure(variant: str, work: Path) -> tuple[list[dict[str, Any]], dict[str, tuple[Any, np.ndarray, np.ndarray]]]:
+    """The fp32 and int8 rows of one variant (quality), and their engines with their packed requests (timing)."""
     from models.checkpoint import load_checkpoint
     from models.ugt.inference import InferenceConfig, UGTInference
 
     model, cfg, data, _ = load_checkpoint(trained(variant, work))
     rows, excludes, targets = requests(model, cfg, data)
-    out, tops = [], {}
+    out, tops, engines = [], {}, {}
     for quantize in ("none", "int8"):
         engine = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", quantize=quantize))
         vectors, excl = engine.row_vectors(rows), engine.exclusion_matrix(excludes)
         tops[quantize] = np.stack([t.indices for t in engine.recommend_packed(vectors, excl, 10)])
-        row = {"config": f"{cfg.name} {'int8' if quantize == 'int8' else 'fp32'}", "variant": variant,
-               "quantize": quantize, "parameters": sum(p.numel() for p in model.parameters()),
-               **quality(tops[quantize], targets)}
-        for b in batches:
-            row[f"req_s@{b}"] = round(throughput(engine, vectors, excl, b, repeats), 1)
-        out.append(row)
-    base, last = out[0], f"req_s@{max(batches)}"
+        name = f"{cfg.name} {'int8' if quantize == 'int8' else 'fp32'}"
+        engines[name] = (engine, vectors, excl)
+        out.append({"config": name, "variant": variant, "quantize": quantize,
+                    "parameters": sum(p.numel() for p in model.parameters()), **quality(tops[quantize], targets)})
+    base = out[0]
     for row in out:
         row.update({"hr@10_loss": round(base["hr@10"] - row["hr@10"], 4),
                     "hr@10_ratio": round(row["hr@10"] / base["hr@10"], 4) if base["hr@10"] else None,
                     "top10_overlap_vs_fp32": float(np.mean([len(set(a) & set(b)) / 10 for a, b in
                                                             zip(tops["none"].tolist(), tops[row["quantize"]].tolist(),
-                                                                strict=True)])),
-                    "cpu_speedup": round(row[last] / base[last], 3), "speedup": None})
-    return out
+                                                                strict=True)]))})
+    return out, engines
+
+
+def add_speeds(rows: list[dict[str, Any]], speeds: dict[str, dict[int, float]], batches: list[int]) -> None:
+    """req/s columns, and cpu_speedup: int8 over its fp32 row at the largest batch (``speedup``, GPU: null)."""
+    last = max(batches)
+    fp32 = {row["variant"]: row["config"] for row in rows if row["quantize"] == "none"}
+    for row in rows:
+        row.update({f"req_s@{b}": round(speeds[row["config"]][b], 1) for b in batches})
+        row.update(cpu_speedup=round(speeds[row["config"]][last] / speeds[fp32[row["variant"]]][last], 3),
+                   speedup=None)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     parser.add_argument("--batches", default="1,32", help="batch sizes to time (comma-separated)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes over all users; the best counts")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes over all users; the best counts")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (serving's torch_threads: 1)")
     parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "ugt" / "bench" / "compression"),
                         help="where the trained variants are cached")
@@ -155,8 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     for v in variants:  # training (untimed) first, so the load averages below are the measurement's
         trained(v, Path(args.work_dir))
+    rows, engines = [], {}
+    for v in variants:
+        variant_rows, variant_engines = measure(v, Path(args.work_dir))
+        rows += variant_rows
+        engines.update(variant_engines)
     load_before = os.getloadavg()[0]
-    rows = [row for v in variants for row in measure(v, Path(args.work_dir), batches, args.repeats)]
+    add_speeds(rows, throughputs(engines, batches, args.repeats), batches)
     load_after = os.getloadavg()[0]
     against_teachers(rows, f"req_s@{max(batches)}")
     print_table(rows, ["config", "parameters", "hr@10", "ndcg@10", "hr@10_loss", "hr@10_ratio",
