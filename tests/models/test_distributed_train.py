@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from models.data import build_sequences, make_split
 from models.distributed import DistEnv, step_batches
 from models.train import INTERRUPTED_EXIT, fit
-from models.train_config import load_config
+from models.train_config import TrainConfig, load_config
 from tests.models.conftest import random_dataset
 
 CONFIG = "models/configs/ugt_ml100k_tiny.yaml"
@@ -120,3 +121,20 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(runs, tmp_path, stopped):
     assert summary["world_size"] == 1 and summary["epochs_run"] == 2 and not (parts / "last.pt").exists()
     assert _losses(parts) == pytest.approx(_losses(runs["whole"]), rel=LOSS_RTOL)
     assert summary["test"]["users"] == 200
+
+
+def test_grad_accum_keeps_the_run_of_one_batch(tmp_path):
+    """The same global batch in 4 micro-batches: the same losses as in one (no dropout, full softmax, no MoE)."""
+    data = build_sequences(random_dataset(users=24, events=16), "stable")
+    losses = []
+    for accum in (1, 4):
+        cfg = TrainConfig(name="a", model="hstu", max_len=10, batch_size=8, grad_accum=accum, max_epochs=3,
+                          patience=5, progress=False, device="cpu", out_dir=str(tmp_path / str(accum)),
+                          model_config={"embedding_dim": 8, "dqk": 8, "dv": 8, "dropout": 0.0}, num_negatives=0,
+                          eval_batch_size=8)
+        summary = fit(cfg, data=data)
+        assert summary["grad_accum"] == accum
+        losses.append(_losses(tmp_path / str(accum)))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    with pytest.raises(ValueError, match="at least world size 1 x grad_accum 16"):
+        fit(replace(cfg, grad_accum=16), data=data)
