@@ -18,6 +18,9 @@ Resume across processes: after every stage-2 epoch and at its end, ``last.pt`` h
 weights, RNG states and minutes spent, so ``--resume <out_dir>/last.pt`` continues as if never stopped (and
 ``max_minutes`` counts all processes). A run that would pass ``UGT_TRAIN_DEADLINE`` (UNIX time) with one more epoch
 or stage 3 stops after saving it, with no summary.json (`ugt train` exits INTERRUPTED_EXIT); a finished run drops it.
+
+Under torchrun every rank runs :func:`fit`: DDP or FSDP, the global batch dealt to ranks and micro-batches, rank 0
+evaluating and saving (models/distributed.py, docs/TRAINING.md). ``distill`` trains against a teacher (models/distill.py).
 """
 
 from __future__ import annotations
