@@ -18,6 +18,9 @@ Resume across processes: after every stage-2 epoch and at its end, ``last.pt`` h
 weights, RNG states and minutes spent, so ``--resume <out_dir>/last.pt`` continues as if never stopped (and
 ``max_minutes`` counts all processes). A run that would pass ``UGT_TRAIN_DEADLINE`` (UNIX time) with one more epoch
 or stage 3 stops after saving it, with no summary.json (`ugt train` exits INTERRUPTED_EXIT); a finished run drops it.
+
+Under torchrun every rank runs :func:`fit`: DDP or FSDP, the global batch dealt to ranks and micro-batches, rank 0
+evaluating and saving (models/distributed.py, docs/TRAINING.md). ``distill`` trains against a teacher (models/distill.py).
 """
 
 from __future__ import annotations
@@ -28,24 +31,30 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from models import distributed
 from models.baselines.popularity import Popularity
 from models.checkpoint import build_model, load_data, long_history_len, save_checkpoint
 from models.data import Batchable, SequenceData, cold_item_mask, iterate_batches, make_split, without_items
+from models.distill import Teacher
+from models.distributed import DistEnv
 from models.dpo import PreferenceStep
 from models.eval import batch_to_device, evaluate
-from models.losses import sampled_softmax_loss, semantic_contrastive_loss
-from models.train_config import DPOConfig, TrainConfig, pick_device
+from models.semantic_stage import codes_for_vocab, semantic_codes
+from models.train_config import DPOConfig, TrainConfig
+from models.train_curves import plot_curves
+from models.train_loss import StepLoss, stage2_loss
 from models.ugt.model import UGT
-from models.ugt.ranking import ranking_loss
+
+__all__ = ["INTERRUPTED_EXIT", "TrainRun", "codes_for_vocab", "cold_holdout", "fit", "make_splits", "semantic_codes",
+           "stage2_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -116,121 +125,9 @@ def cold_holdout(cfg: TrainConfig, data: SequenceData) -> tuple[np.ndarray | Non
     dpo = DPOConfig(**(cfg.dpo or {}))
     if holdout and dpo.enabled and dpo.epochs > 0:
         raise ValueError("cold_items holdout with DPO (stage 3) is not supported: set dpo.enabled=false")
+    if holdout and cfg.distill:
+        raise ValueError("cold_items holdout with distill is not supported: the teacher scores the held-out items")
     return cold, holdout
-
-
-# ---- stage 1: semantic IDs ----------------------------------------------------------------------
-
-
-def semantic_codes(cfg: TrainConfig, data: SequenceData) -> tuple[np.ndarray | None, list[int]]:
-    """Stage 1: semantic-ID codes per vocabulary index ([V + 1, L], row 0 unused) and codebook sizes.
-
-    ``semantic_ids: {artifact: path}`` loads a saved ``models.semantic_ids`` artifact (or an ``.npz`` with
-    codes / item_ids / codebook_sizes exported from one); ``{build: {...}}`` runs the builder
-    (``models.semantic_ids.stage1``, its config as the value) into ``<out_dir>/semantic_ids``.
-    """
-    spec = cfg.semantic_ids or {}
-    if not spec:
-        return None, []
-    if "artifact" in spec:
-        path = Path(spec["artifact"])
-        if path.suffix == ".npz":
-            with np.load(path) as z:
-                artifact = SimpleNamespace(codes=z["codes"], item_ids=[str(i) for i in z["item_ids"]],
-                                           codebook_sizes=[int(k) for k in z["codebook_sizes"]])
-        else:
-            from models.semantic_ids import SemanticIdArtifact
-
-            artifact = SemanticIdArtifact.load(path)
-    elif "build" in spec:
-        from models.semantic_ids import stage1
-
-        artifact = stage1(cfg.dataset, spec.get("build") or {}, cfg.output_dir / "semantic_ids", dataset=cfg.dataset)
-    else:
-        raise ValueError("semantic_ids needs 'artifact' or 'build'")
-    return codes_for_vocab(artifact, data), list(artifact.codebook_sizes)
-
-
-def codes_for_vocab(artifact: Any, data: SequenceData) -> np.ndarray:
-    """Rows of ``artifact.codes`` in vocabulary order (row 0 = padding, zeros)."""
-    position = {str(item): i for i, item in enumerate(artifact.item_ids)}
-    codes = np.zeros((data.num_items + 1, len(artifact.codebook_sizes)), dtype=np.int64)
-    missing = []
-    for item_id, index in data.vocab.item_to_index.items():
-        row = position.get(item_id)
-        if row is None:
-            missing.append(item_id)
-        else:
-            codes[index] = artifact.codes[row]
-    if missing:
-        raise ValueError(f"{len(missing)} vocabulary items have no semantic ID, e.g. {missing[0]!r}")
-    return codes
-
-
-# ---- losses of one step ---------------------------------------------------------------------------
-
-
-def stage2_loss(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, codes_t: torch.Tensor | None,
-                amp: bool, excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    device_type = batch["ids"].device.type
-    core = getattr(model, "_orig_mod", model)
-    ranking = isinstance(core, UGT) and core.ranker is not None
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
-        if ranking:  # the ranking head reads every layer's input of this same forward
-            user, aux, kept = model(batch, keep=True)
-        else:
-            user, aux = model(batch)
-        table = model.item_embeddings()
-    targets = batch["targets"]
-    ntp = sampled_softmax_loss(user, targets, table, cfg.num_negatives, cfg.temperature, excluded=excluded)
-    total = ntp + aux.float()
-    parts = {"ntp": float(ntp.detach()), "aux": float(aux.detach())}
-    if ranking:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
-            rank = ranking_loss(core, user, *kept, batch, table)
-        total = total + core.config.heads.ranking_loss_weight * rank
-        parts["rank"] = float(rank.detach())
-    if isinstance(core, UGT) and codes_t is not None:
-        mask = targets > 0
-        u = user[mask].float()
-        tgt = targets[mask]
-        if core.sid_head is not None and core.config.heads.sid_loss_weight > 0:
-            sid = core.sid_head.loss(u, codes_t[tgt])
-            total = total + core.config.heads.sid_loss_weight * sid
-            parts["sid"] = float(sid.detach())
-        if cfg.contrastive_weight > 0:
-            con = semantic_contrastive_loss(u, core.embed.sid_vectors(tgt).float(), tgt, cfg.contrastive_temperature)
-            total = total + cfg.contrastive_weight * con
-            parts["contrastive"] = float(con.detach())
-    return total, parts
-
-
-# ---- logs, plots ------------------------------------------------------------------------------------
-
-
-def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ep = [h["epoch"] for h in history if "loss" in h]
-    axes[0].plot(ep, [h["loss"] for h in history if "loss" in h], label="train loss")
-    axes[0].set_xlabel("epoch")
-    axes[0].set_title("training loss")
-    axes[0].legend()
-    ev = [h for h in history if "valid_ndcg@10" in h]
-    axes[1].plot([h["epoch"] for h in ev], [h["valid_hr@10"] for h in ev], label="valid HR@10")
-    axes[1].plot([h["epoch"] for h in ev], [h["valid_ndcg@10"] for h in ev], label="valid NDCG@10")
-    axes[1].set_xlabel("epoch")
-    axes[1].set_title("validation")
-    axes[1].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -261,19 +158,22 @@ class TrainRun:
 
     def __init__(self, cfg: TrainConfig, model: Any, data: SequenceData, splits: dict[str, Batchable],
                  device: torch.device, semantic: tuple[np.ndarray | None, list[int]], cold: np.ndarray | None,
-                 summary: dict[str, Any]):
+                 summary: dict[str, Any], env: DistEnv | None = None):
         self.cfg, self.model, self.data, self.splits, self.device = cfg, model, data, splits, device
+        self.env = env or DistEnv()
         self.amp = cfg.bf16 and device.type == "cuda"
         self.codes, self.sizes = semantic
         self.summary = summary
         model.to(device)
         self.codes_t = torch.as_tensor(self.codes, device=device) if self.codes is not None else None
         self.excluded = torch.as_tensor(cold, device=device) if cold is not None else None  # held-out items
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                           weight_decay=cfg.weight_decay)
+        self.teacher = Teacher(cfg.distill, cfg, data, device) if cfg.distill else None  # models/distill.py
+        self.sharded = self.env.active and self.env.kind == "fsdp"
+        self.optimizer = self._optimizer(model.parameters())
         self.state: dict[str, Any] = {"epoch": 0, "best_metric": -1.0, "best_epoch": -1, "bad_evals": 0, "stage": 2,
                                       "history": []}
-        self.step_model = model
+        self.loss_fn: torch.nn.Module | None = None  # StepLoss, wrapped for the world (start)
+        self.eager = True  # the step runs the model uncompiled
         self.best_state: dict[str, torch.Tensor] = {}
         self.ckpt_path = cfg.output_dir / "checkpoint.pt"
         self.last_path = cfg.output_dir / "last.pt"
@@ -284,58 +184,99 @@ class TrainRun:
         """Load ``resume`` (weights, optimizer, train state; from a ``last.pt`` also the best weights and the RNG
         states) if given, compile, and keep the best; returns the minutes the run had already spent."""
         saved: dict[str, Any] = {}
+        ckpt: dict[str, Any] = {}
         if resume:
             ckpt = torch.load(resume, map_location=self.device, weights_only=False)
             self.model.load_state_dict(ckpt["state_dict"])
-            if ckpt.get("optimizer"):
-                self.optimizer.load_state_dict(ckpt["optimizer"])
             self.state = ckpt["train_state"]
             saved = ckpt.get("resume") or {}
             if saved:
                 rng.bit_generator.state = saved["numpy_rng"]
-                torch.set_rng_state(saved["torch_rng"].cpu())
-                if saved.get("cuda_rng") and self.device.type == "cuda":
-                    torch.cuda.set_rng_state_all([t.cpu() for t in saved["cuda_rng"]])
+                distributed.restore_rng(saved, self.env, self.device, self.cfg.seed, self.state["epoch"])
             log.info("resumed from %s at epoch %d", resume, self.state["epoch"])
         self.summary["parameters"] = sum(p.numel() for p in self.model.parameters())
-        self.step_model = _compiled(self.model, self.cfg, self.device)
         self.best_state = copy.deepcopy(saved.get("best_state_dict") or self.model.state_dict())
+        if self.sharded:  # FSDP shards a copy; self.model stays whole on every rank: rank 0 evaluates and saves it
+            self.loss_fn = self._wrap(copy.deepcopy(self.model))
+            self.optimizer = self._optimizer(self.loss_fn.parameters())
+        else:
+            compiled = _compiled(self.model, self.cfg, self.device)
+            self.eager = compiled is self.model
+            self.loss_fn = self._wrap(compiled)
+        if ckpt.get("optimizer"):
+            distributed.load_optimizer(self.loss_fn, self.optimizer, ckpt["optimizer"], ckpt.get("optimizer_format"))
         return float(self.state.get("minutes", 0.0))
 
+    def _optimizer(self, params: Any) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.cfg.lr, betas=tuple(self.cfg.betas),
+                                 weight_decay=self.cfg.weight_decay)
+
+    def sync_model(self) -> None:
+        """Under FSDP, gather the trained shards into ``self.model`` on rank 0 (every rank takes part)."""
+        if self.sharded:
+            full = distributed.full_model_state(self.loss_fn)
+            if self.env.main:
+                self.model.load_state_dict({k.removeprefix("inner."): v for k, v in full.items()})
+
+    def _wrap(self, inner: torch.nn.Module) -> torch.nn.Module:
+        return distributed.wrap(StepLoss(inner, self.cfg, self.codes_t, self.amp, self.excluded, self.teacher),
+                                self.env, self.device)
+
     def save_resume(self, rng: np.random.Generator, t0: float) -> None:
-        """last.pt: all ``start`` needs to continue here; best weights only if not the current (it travels)."""
+        """last.pt (rank 0 writes it): all ``start`` needs to continue here, at this or another world size (every
+        rank's torch RNG); best weights only if not the current (it travels)."""
+        ranks = self.env.gather(distributed.rng_state(self.device))
+        optimizer = distributed.full_optimizer_state(self.loss_fn, self.optimizer, self.sharded)
+        if not self.env.main:
+            return
         self.state["minutes"] = (time.time() - t0) / 60
         best_is_current = self.state["best_epoch"] == self.state["epoch"] or self.state.get("stage2_done")
         saved = {"best_state_dict": None if best_is_current else self.best_state, "numpy_rng": rng.bit_generator.state,
-                 "torch_rng": torch.get_rng_state(),
+                 "torch_rng": torch.get_rng_state(), "rank_rngs": ranks,
                  "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
         partial = self.last_path.with_suffix(".pt.partial")
-        save_checkpoint(partial, self.model, self.cfg, self.data, self.optimizer, self.state, self.codes, self.sizes,
-                        extra={"resume": saved})
+        save_checkpoint(partial, self.model, self.cfg, self.data, None, self.state, self.codes, self.sizes,
+                        extra={"resume": saved, "optimizer": optimizer,
+                               "optimizer_format": "fqn" if self.sharded else "torch"})
         os.replace(partial, self.last_path)
 
     def past_deadline(self, seconds: float) -> bool:  # never without a deadline
         return self.deadline is not None and time.time() + seconds > self.deadline
 
-    def step(self, batch: dict[str, torch.Tensor], _np: dict) -> float:
-        """One stage-2 optimizer step; a compiled step that fails falls back to eager for the rest of the run."""
-        model, optimizer = self.model, self.optimizer
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
+    def step(self, micro: list[distributed.Micro]) -> float:
+        """One stage-2 optimizer step over this rank's micro-batches; returns its share of the step's mean loss.
+        A compiled step that fails falls back to eager for the rest of the run."""
+        self.loss_fn.train()
+        self.optimizer.zero_grad(set_to_none=True)
         try:
-            loss, _ = stage2_loss(self.step_model, batch, self.cfg, self.codes_t, self.amp, self.excluded)
-            loss.backward()
+            share = self._backward(micro)
         except Exception as exc:
-            if self.step_model is model:
+            if self.eager:
                 raise
             log.warning("compiled step failed (%s: %s); continuing eagerly", type(exc).__name__, exc)
             self.summary["compile_fallback"] = f"{type(exc).__name__}: {exc}"[:300]
-            self.step_model = model
-            optimizer.zero_grad(set_to_none=True)
-            loss, _ = stage2_loss(model, batch, self.cfg, self.codes_t, self.amp, self.excluded)
-            loss.backward()
-        optimizer.step()
-        return float(loss.detach())
+            self.eager, self.loss_fn = True, self._wrap(self.model)
+            self.optimizer.zero_grad(set_to_none=True)
+            share = self._backward(micro)
+        self.optimizer.step()
+        return share
+
+    def _backward(self, micro: list[distributed.Micro]) -> float:
+        """Gradients of the weighted micro-batch losses, synced across ranks on the last one."""
+        share = 0.0
+        for i, (np_batch, weight) in enumerate(micro):
+            with distributed.grad_sync(self.loss_fn, i == len(micro) - 1):
+                loss = self.loss_fn(batch_to_device(np_batch, self.device))
+                (loss * weight).backward()
+            share += float(loss.detach()) * weight / self.env.world_size  # the ranks' shares sum to the step's loss
+        return share
+
+    def run_epoch(self, rng: np.random.Generator) -> float:
+        """One pass over the training split: the mean over optimizer steps of each step's loss (ranks' shares summed)."""
+        batches = distributed.step_batches(self.splits["train"], self.cfg.batch_size, self.cfg.grad_accum, self.env,
+                                           rng)
+        shares = [self.step(micro) for micro in batches]
+        return self.env.all_sum(float(np.sum(shares))) / len(shares) if shares else float("nan")
 
     def evaluate(self, split: str, **kwargs: Any) -> dict[str, Any]:
         """The current model on ``split`` (or ``rows`` of it), as evaluation is configured for this run."""
@@ -355,8 +296,8 @@ class TrainRun:
                 state.update(best_metric=v["ndcg@10"], best_epoch=epoch, bad_evals=0, best_stage=stage)
                 self.best_state.clear()
                 self.best_state.update(copy.deepcopy(self.model.state_dict()))
-                save_checkpoint(self.ckpt_path, self.model, cfg, self.data, self.optimizer, state, self.codes,
-                                self.sizes)
+                save_checkpoint(self.ckpt_path, self.model, cfg, self.data, None if self.sharded else self.optimizer,
+                                state, self.codes, self.sizes)
             else:
                 state["bad_evals"] += 1
         state["history"].append(entry)
@@ -372,31 +313,44 @@ class TrainRun:
             self.summary.update({k: v for k, v in state.items() if k in ("stage2_best", "stopped_by_time")})
             return True
         bar = tqdm(range(state["epoch"] + 1, cfg.max_epochs + 1), desc=f"{cfg.name} stage 2",
-                   disable=not cfg.progress)
+                   disable=not cfg.progress or not self.env.main)
         for epoch in bar:
             started = time.time()
-            loss = _run_epoch(self.step, self.splits["train"], cfg, rng, self.device)
+            loss = self.run_epoch(rng)
             state["epoch"] = epoch
-            stop = self.log_eval(epoch, loss, 2)
+            self.sync_model()
+            stop = self.log_eval(epoch, loss, 2) if self.env.main else False
             self.epoch_seconds = time.time() - started
             bar.set_postfix(loss=f"{loss:.4f}", best=f"{state['best_metric']:.4f}@{state['best_epoch']}")
-            if stop:
+            action = self.env.broadcast(self.next_action(stop, epoch, t0, minutes))  # rank 0 decides for all
+            if action == "patience":
                 break
-            if minutes > 0 and (time.time() - t0) / 60 > minutes:
+            if action == "time":
                 state["stopped_by_time"] = epoch
                 log.warning("stage 2 stopped by max_minutes at epoch %d", epoch)
                 break
             self.save_resume(rng, t0)
-            if epoch < cfg.max_epochs and self.past_deadline(self.epoch_seconds):
+            if action == "deadline":
                 bar.close()
                 self.summary["interrupted"] = f"deadline after epoch {epoch}"
                 return False
         bar.close()
         state["stage2_best"] = {"epoch": state["best_epoch"], "valid_ndcg@10": state["best_metric"]}
         self.summary.update({k: v for k, v in state.items() if k in ("stage2_best", "stopped_by_time")})
-        self.model.load_state_dict(self.best_state)
+        if self.env.main:  # the other ranks stop here (fit)
+            self.model.load_state_dict(self.best_state)
         state["stage2_done"] = True
         return True
+
+    def next_action(self, stop: bool, epoch: int, t0: float, minutes: float) -> str:
+        """After an epoch: "patience" (ran out), "time" (max_minutes), "deadline" (save and stop) or "go"."""
+        if stop:
+            return "patience"
+        if minutes > 0 and (time.time() - t0) / 60 > minutes:
+            return "time"
+        if epoch < self.cfg.max_epochs and self.past_deadline(self.epoch_seconds):
+            return "deadline"
+        return "go"
 
     def stage3(self, dpo: DPOConfig, rng: np.random.Generator, t0: float) -> dict[str, Any]:
         """DPO on preference pairs, reference = the best stage-2 model; ends on the best state; returns its report."""
@@ -436,12 +390,30 @@ class TrainRun:
                                           rerank_top=rerank_top, new_items=cold)
 
 
-def _use_device(cfg: TrainConfig) -> torch.device:
-    device = pick_device(cfg.device)
+def _use_tf32(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return device
+
+
+def _stage1(cfg: TrainConfig, data: SequenceData, env: DistEnv) -> tuple[np.ndarray | None, list[int]]:
+    """Semantic IDs; under torchrun a ``build`` runs on rank 0 and the other ranks load what it wrote."""
+    if not env.active or "build" not in (cfg.semantic_ids or {}):
+        return semantic_codes(cfg, data)
+    built = semantic_codes(cfg, data) if env.main else None
+    env.barrier()
+    return built or semantic_codes(replace(cfg, semantic_ids={"artifact": str(cfg.output_dir / "semantic_ids")}), data)
+
+
+def _check_world(cfg: TrainConfig, env: DistEnv) -> None:
+    """What the run cannot do at this world size, as a clear error before any step."""
+    if cfg.batch_size < env.world_size * cfg.grad_accum:
+        raise ValueError(f"batch_size {cfg.batch_size} is the global batch of one optimizer step: it must be at least "
+                         f"world size {env.world_size} x grad_accum {cfg.grad_accum}")
+    dpo = DPOConfig(**(cfg.dpo or {}))
+    if env.active and dpo.enabled and dpo.epochs > 0:
+        raise ValueError("stage 3 (DPO) runs in one process: set dpo.enabled=false under torchrun (world size "
+                         f"{env.world_size})")
 
 
 def _fit_popularity(model: Popularity, cfg: TrainConfig, data: SequenceData, splits: dict[str, Batchable],
@@ -457,31 +429,46 @@ def _fit_popularity(model: Popularity, cfg: TrainConfig, data: SequenceData, spl
 
 
 def fit(cfg: TrainConfig, resume: str | Path | None = None, data: SequenceData | None = None) -> dict[str, Any]:
-    """Train (stages 1-3), keep the best validation state, evaluate it on test; returns the summary."""
+    """Train (stages 1-3), keep the best validation state, evaluate it on test; returns the summary.
+
+    Under torchrun every rank calls this; rank 0's summary is the run's (the others stop after stage 2)."""
+    env, device = distributed.setup(cfg.distributed, cfg.device)
+    try:
+        return _fit(cfg, env, device, resume, data)
+    finally:
+        distributed.teardown(env)
+
+
+def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, resume: str | Path | None,
+         data: SequenceData | None) -> dict[str, Any]:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    device = _use_device(cfg)
+    _use_tf32(device)
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if env.main:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     data = load_data(cfg, data)
     cold, holdout = cold_holdout(cfg, data)
     splits = make_splits(cfg, data, cold if holdout else None)
-    codes, sizes = semantic_codes(cfg, data)
+    codes, sizes = _stage1(cfg, data, env)
     model = build_model(cfg, data, codes, sizes)
     if holdout:
         hold_out_features(model.embed, torch.as_tensor(cold))
     summary: dict[str, Any] = {"name": cfg.name, "model": cfg.model, "tie_order": cfg.tie_order,
-                               "dataset": cfg.dataset, "device": str(device), "data_fingerprint": fingerprint(data)}
+                               "dataset": cfg.dataset, "device": str(device), "data_fingerprint": fingerprint(data),
+                               "world_size": env.world_size, "grad_accum": cfg.grad_accum}
     if isinstance(model, Popularity):
-        return _fit_popularity(model, cfg, data, splits, device, summary, t0)
-
-    run = TrainRun(cfg, model, data, splits, device, (codes, sizes), cold if holdout else None, summary)
+        return _fit_popularity(model, cfg, data, splits, device, summary, t0) if env.main else summary
+    _check_world(cfg, env)
+    if env.rank > 0:  # its own dropout masks and negatives; the weights are rank 0's (built above, DDP broadcasts)
+        torch.manual_seed(cfg.seed + env.rank)
+    run = TrainRun(cfg, model, data, splits, device, (codes, sizes), cold if holdout else None, summary, env)
     t0 -= run.start(resume, rng) * 60  # minutes spent before a resume count toward max_minutes
     dpo = DPOConfig(**(cfg.dpo or {}))
     dpo_on = dpo.enabled and dpo.epochs > 0
-    if not run.stage2(rng, t0, cfg.max_minutes * (0.8 if dpo_on else 1.0)):  # leave DPO a fifth of the time
+    if not run.stage2(rng, t0, cfg.max_minutes * (0.8 if dpo_on else 1.0)) or not env.main:  # DPO gets a fifth
         return summary
     if dpo_on:
         run.save_resume(rng, t0)  # a stop inside stage 3 restarts stage 3 from here

@@ -38,7 +38,9 @@ class TrainConfig:
     model_config: dict = field(default_factory=dict)  # fields of the model's config dataclass
     seed: int = 42
     max_len: int = 200
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch of one optimizer step, at any world size (models/distributed.py)
+    grad_accum: int = 1  # micro-batches per optimizer step on each rank (batch_size / (world size * grad_accum) rows)
+    distributed: str = "ddp"  # under torchrun: ddp (replicated weights) | fsdp (FSDP2 fully_shard, sharded weights)
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.98])
@@ -51,6 +53,7 @@ class TrainConfig:
     contrastive_temperature: float = 0.1
     semantic_ids: dict = field(default_factory=dict)  # {} | {"artifact": path} | {"build": {...builder kwargs}}
     dpo: dict = field(default_factory=dict)  # DPOConfig fields
+    distill: dict = field(default_factory=dict)  # {} | models.distill.DistillConfig fields (teacher, weight, ...)
     eval_batch_size: int = 512
     mask_history: str = "window"
     device: str = "auto"
@@ -79,6 +82,9 @@ class TrainConfig:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.max_len < 2 or self.batch_size < 1 or self.max_epochs < 0 or self.eval_every < 1:
             raise ValueError("max_len >= 2, batch_size >= 1, max_epochs >= 0 and eval_every >= 1 are required")
+        if self.grad_accum < 1 or self.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"grad_accum >= 1 and distributed ddp|fsdp are required, got {self.grad_accum} and "
+                             f"{self.distributed!r}")
 
     @property
     def output_dir(self) -> Path:

@@ -29,6 +29,7 @@ StateReader = Literal["feast", "redis"]
 # where the batcher runs the pipeline: a thread of the server, its own forked process, or auto = process unless a
 # model runs on CUDA (which does not survive a fork)
 Engine = Literal["auto", "thread", "process"]
+Quantize = Literal["none", "int8"]  # models/ugt/quantize.py
 # a request the engine's full queue refuses: 429 + Retry-After (reject), or the popularity answer marked "overloaded"
 Overload = Literal["reject", "fallback"]
 Generator = Literal["popularity", "ugt"]  # ugt: serving/ugt_generator.py, needs `checkpoint`
@@ -221,6 +222,10 @@ class ServingConfig:
     # true: each UGT model served on CPU runs torch.compile'd prefill/decode steps (inductor, C++ wrapper), compiled
     # at start-up (~30-70 s; inductor's disk cache makes restarts faster). Needs a C++ compiler. No effect on CUDA
     torch_compile: bool = False
+    # int8: each UGT model served on CPU runs its stack's weight matmuls as int8 GEMMs (models/ugt/quantize.py;
+    # ranking agreement and speed in docs/TRAINING.md). CPU engine only, not with torch_compile: a model that would
+    # run on CUDA, or both keys on, stops the start with the reason. none = the trained weights as they are
+    quantize: Quantize = "none"
     # target-aware ranking (models/ugt/ranking.py): the checkpoint's ranking head reorders this many retrieval
     # candidates, each attending to the user's cached history. -1 = the checkpoint's heads.rank_top when it was
     # trained with a ranking head, else off; 0 = off; > 0 needs a ranking head and kv_cache_users > 0
@@ -308,6 +313,8 @@ class ServingConfig:
             if d.generator == "ugt":
                 out += _checkpoint_problems(f"domains.{d.name}.checkpoint", d.checkpoint)
         out += self._experiment_problems()
+        if self.quantize == "int8" and self.torch_compile:
+            out.append("quantize: int8 runs uncompiled (fbgemm int8 GEMMs): set torch_compile: false")
         if out:
             raise ValueError(_BULLET.join(out))
         return self

@@ -79,7 +79,7 @@ class UGTGenerator:
 
     def __init__(self, checkpoint: str | Path, *, clock: Callable[[], float] = time.time,
                  inference: InferenceConfig | None = None, kv_cache_users: int = 0, kv_cache_bytes: int = 0,
-                 compile_cpu: bool = False,
+                 compile_cpu: bool = False, quantize: str = "none",
                  rank_top: int = -1, beam_size: int = 0, live_items: int = 0,
                  redis_factory: Callable[[], object] | None = None, sid_version: str = "",
                  device: str = "auto"):
@@ -127,7 +127,7 @@ class UGTGenerator:
             if rank_top < 0:
                 rank_top = model.config.heads.rank_top if model.ranker is not None and kv_cache_users > 0 else 0
             inference = InferenceConfig(device=device, cache_slots=kv_cache_users, cache_bytes=kv_cache_bytes,
-                                        compile=compile_cpu and device == "cpu", rank_top=rank_top,
+                                        compile=compile_cpu and device == "cpu", quantize=quantize, rank_top=rank_top,
                                         beam_size=beam_size, merge="rrf" if beam_size > 0 else "retrieval")
         self.codes = ckpt.get("semantic_codes")
         self.live: LiveCatalog | None = None
@@ -150,6 +150,8 @@ class UGTGenerator:
                 hint = "; set the serving key rank_top: 0, or -1 to follow the checkpoint (and kv_cache_users > 0)"
             if "cache_bytes" in str(exc):
                 hint = "; raise the serving key kv_cache_bytes, or 0 for no byte budget"
+            if "quantize" in str(exc):
+                hint = "; set the serving key quantize: none (int8 runs on the CPU engine, with torch_compile: false)"
             if "semantic-ID head" in str(exc):
                 hint = "; set the serving key beam_size: 0 for this checkpoint"
             raise CheckpointError(f"cannot serve {str(path)!r}: {exc}{hint}") from exc

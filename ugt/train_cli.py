@@ -1,10 +1,15 @@
-"""`ugt train --config models/configs/<x>.yaml`: train semantic IDs (stage 1), the generator (stage 2), DPO (stage 3)."""
+"""`ugt train --config models/configs/<x>.yaml`: train semantic IDs (stage 1), the generator (stage 2), DPO (stage 3).
+
+Under ``torchrun --nproc-per-node N -m ugt train ...`` every rank runs this; rank 0 logs, shows progress, writes the
+checkpoints and prints the result line (models/distributed.py, docs/TRAINING.md).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config (models/configs/*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (YAML value; dotted keys reach into dicts), repeatable")
-    parser.add_argument("--resume", help="checkpoint.pt to continue from (same config)")
+    parser.add_argument("--resume", help="checkpoint.pt or last.pt to continue from (same config; last.pt also at "
+                        "another torchrun world size)")
     parser.add_argument("--out-dir", help="where checkpoints, logs and curves go (default runs/<name>)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: config's, auto = cuda if present)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -49,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
     from models.semantic_ids.dedup import DedupOverflowError
     from models.train import fit
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main_rank = os.environ.get("RANK", "0").strip() in ("", "0")  # torchrun: rank 0 speaks for the run
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg, data = _config_and_data(args)
         summary = fit(cfg, resume=args.resume, data=data)
@@ -59,9 +67,12 @@ def run(args: argparse.Namespace) -> int:
     if summary.get("interrupted"):  # stopped by UGT_TRAIN_DEADLINE (models/train.py): resumable
         from models.train import INTERRUPTED_EXIT
 
-        print(json.dumps({"name": cfg.name, "interrupted": summary["interrupted"],
-                          "resume": str(cfg.output_dir / "last.pt")}))
+        if main_rank:
+            print(json.dumps({"name": cfg.name, "interrupted": summary["interrupted"],
+                              "resume": str(cfg.output_dir / "last.pt")}))
         return INTERRUPTED_EXIT
+    if not main_rank:
+        return 0
     test = summary["test"]
     print(json.dumps({"name": cfg.name, "model": cfg.model, "dataset": cfg.dataset, "tie_order": cfg.tie_order,
                       **{k: round(test[k], 4) for k in REPORTED if k in test},

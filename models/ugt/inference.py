@@ -30,6 +30,7 @@ import torch
 from models.kernels.hstu_attention import triton_status
 from models.ugt.heads import PrefixTrie, TrieEdit
 from models.ugt.model import UGT
+from models.ugt.quantize import quantize_int8
 from models.ugt.runner.append import suffix_width
 from models.ugt.runner.batch import (
     COMPACT_WIDTH,
@@ -60,6 +61,8 @@ class UGTInference:
         self.device = torch.device(c.device)
         self.dtype = c.torch_dtype()
         self.model = copy.deepcopy(model).to(self.device, self.dtype).eval().requires_grad_(False)
+        if c.quantize == "int8":
+            quantize_int8(self.model)
         self.model.embed.reserve(c.new_item_slots)
         ms = self.model.config.multiscale
         self.N = ms.recent_len

@@ -69,9 +69,13 @@ class MoEFeedForward(nn.Module):
 
         ``with_loss=False`` (inference) skips the loss: a dozen small kernels per layer that serving never reads.
         """
-        h = torch.einsum("bld,edf->blef", x, self.w1) + self.b1
-        h = F.dropout(F.gelu(h), p=self.config.dropout, training=self.training)
-        y = torch.einsum("blef,efd->bled", h, self.w2) + self.b2  # (B, L, E, D)
+        experts = getattr(self, "experts", None)  # int8 inference (models/ugt/quantize.py): per-expert Linears
+        if experts is not None:
+            y = experts(x)
+        else:
+            h = torch.einsum("bld,edf->blef", x, self.w1) + self.b1
+            h = F.dropout(F.gelu(h), p=self.config.dropout, training=self.training)
+            y = torch.einsum("blef,efd->bled", h, self.w2) + self.b2  # (B, L, E, D)
         if self.gate is None:
             return y[:, :, 0], x.new_zeros((), dtype=torch.float32)
         combine, probs, top_i = self.route(x)

@@ -18,8 +18,9 @@ def attn_inputs(block: HSTUBlock, x: torch.Tensor):
     B, N, _ = x.shape
     H = block.num_heads
     normed = F.layer_norm(x, (block.d_model,), eps=block.eps)
-    u, v, q, k = torch.split(F.silu(normed @ block.uvqk), [block.dv * H, block.dv * H, block.dqk * H, block.dqk * H],
-                             dim=-1)
+    proj = getattr(block, "uvqk_proj", None)  # int8 inference (models/ugt/quantize.py): the same product as a Linear
+    projected = proj(normed) if proj is not None else normed @ block.uvqk
+    u, v, q, k = torch.split(F.silu(projected), [block.dv * H, block.dv * H, block.dqk * H, block.dqk * H], dim=-1)
     return u, q.view(B, N, H, block.dqk), k.view(B, N, H, block.dqk), v.view(B, N, H, block.dv)
 
 

@@ -164,3 +164,13 @@ def test_configs_built_in_code_are_validated_too():
     with pytest.raises(ValueError, match="less than or equal to 65535"):
         ServingConfig(port=70000)
     assert replace(ServingConfig(), max_context=3).max_context == 3
+
+
+def test_quantize_is_none_or_int8_and_int8_runs_uncompiled():
+    assert ServingConfig().quantize == "none"
+    assert build_config({"quantize": "int8"}, env={}).quantize == "int8"
+    assert build_config({}, env={"UGT_SERVING_QUANTIZE": "int8"}).quantize == "int8"
+    with pytest.raises(ConfigError, match="quantize: Input should be 'none' or 'int8'"):
+        build_config({"quantize": "int4"}, env={})
+    with pytest.raises(ConfigError, match="quantize: int8 runs uncompiled"):
+        build_config({"quantize": "int8", "torch_compile": True}, env={})

@@ -369,3 +369,19 @@ def test_a_checkpoint_with_a_ranking_head_is_served_ranked_as_the_eval_cascade(t
     assert UGTGenerator(trained, kv_cache_users=16).engine.config.rank_top == 0  # -1 follows the checkpoint
     with pytest.raises(CheckpointError, match="beam_size: 0"):  # this checkpoint has no semantic-ID head
         UGTGenerator(trained_with_ranking, kv_cache_users=16, beam_size=20)
+
+
+def test_quantize_int8_serves_the_checkpoint_with_int8_layers(trained, loaded, served):
+    """The serving key quantize: int8 reaches the engine; its answers are the fp32 generator's, near-ties aside."""
+    cfg, data = loaded
+    gen, clock = served
+    int8 = UGTGenerator(trained, clock=clock, quantize="int8")
+    assert isinstance(int8.engine.model.layers[0].attn.o, torch.ao.nn.quantized.dynamic.Linear)
+    overlap = []
+    for u in range(20):
+        end = len(data.items[u]) - 1
+        clock.now = float(data.times[u][end])
+        got = [{g.item_id for g in x.recommend(view_of(data, u, end, x), 10, set(), domain="movie")}
+               for x in (gen, int8)]
+        overlap.append(len(got[0] & got[1]) / 10)
+    assert np.mean(overlap) >= 0.8, overlap

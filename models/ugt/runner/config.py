@@ -32,6 +32,8 @@ class InferenceConfig:
     # CUDA, merge="rrf": retrieval + constrained beam search + fusion replayed as one CUDA graph per (batch bucket,
     # exclusion width, k) instead of ~150 small kernel launches; recaptured when the catalog or trie changes
     heads_graph: bool = True
+    # "int8": the stack's weight matmuls as int8 GEMMs (models/ugt/quantize.py; CPU, fp32 engine, not compiled)
+    quantize: str = "none"
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -47,6 +49,11 @@ class InferenceConfig:
         if self.rank_top > 0 and model.ranker is None:
             raise ValueError("rank_top > 0 needs a model trained with the ranking head (heads.ranking: true); "
                              "set rank_top to 0 for this checkpoint")
+        if self.quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be 'none' or 'int8', got {self.quantize!r}")
+        if self.quantize == "int8" and (torch.device(self.device).type != "cpu" or self.torch_dtype() != torch.float32
+                                        or self.compile):
+            raise ValueError("quantize int8 runs on the CPU engine in fp32, uncompiled (fbgemm int8 GEMMs)")
         if self.cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0 (0 = no byte budget), got {self.cache_bytes}")
         if self.rank_top > 0 and self.cache_slots <= 0:
