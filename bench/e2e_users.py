@@ -39,25 +39,33 @@ class Users:
     shown: np.ndarray  # per user: events in their state now
     first: np.ndarray  # per user: events in their first state
     seen: int = 0
+    draws: int = 1  # catalog draws after each base user's real events
     base_users: int = 0
     events: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def row(self, u: int) -> dict[str, Any]:
-        """User ``u``'s state row now: the last MAX_EVENTS of their shown events."""
+        """User ``u``'s state row now: the last MAX_EVENTS of their shown events (past the catalog draws, the
+        draws again, a minute apart: a hot user can be asked for more new events than were drawn)."""
         b, n = int(self.base[u]), int(self.shown[u])
         lo = max(0, n - DEFAULT_MAX_EVENTS)
-        times = self.times[b][lo:n]
-        return {"user_id": self.ids[u], "recent_item_ids": self.items[b][lo:n],
-                "recent_action_tokens": [RATE] * (n - lo), "recent_rating_tokens": self.ratings[b][lo:n],
+        size = len(self.items[b])
+        if n <= size:
+            items, times, ratings = self.items[b][lo:n], self.times[b][lo:n], self.ratings[b][lo:n]
+        else:
+            real = size - self.draws
+            at = [i if i < size else real + (i - real) % self.draws for i in range(lo, n)]
+            items = [self.items[b][i] for i in at]
+            ratings = [self.ratings[b][i] for i in at]
+            last = self.times[b][real - 1]
+            times = [self.times[b][i] if i < size else last + 60_000 * (i - real + 1) for i in range(lo, n)]
+        return {"user_id": self.ids[u], "recent_item_ids": items,
+                "recent_action_tokens": [RATE] * (n - lo), "recent_rating_tokens": ratings,
                 "recent_event_times": times, "event_count": n, "last_event_time": times[-1],
                 "state_version": STATE_VERSION}
 
     def append_row(self, u: int) -> dict[str, Any]:
         """User ``u``'s state after one more event (their next one)."""
-        b = int(self.base[u])
-        if self.shown[u] >= len(self.items[b]):
-            raise IndexError(f"user {self.ids[u]} has no new event left (raise the catalog draws)")
         self.shown[u] += 1
         return self.row(u)
 
@@ -78,7 +86,7 @@ class Users:
                 "mean_first_state": round(float(np.mean(self.first)), 1), **self.extra}
 
 
-def ml1m_users(checkpoint: Path, clones: int, room: int, seed: int, draws: int = 4096) -> Users:
+def ml1m_users(checkpoint: Path, clones: int, room: int, seed: int, draws: int = 1024) -> Users:
     """ML-1M's users (items outside the checkpoint's vocabulary dropped), ``clones`` ids each, shuffled."""
     import torch
 
@@ -108,5 +116,5 @@ def ml1m_users(checkpoint: Path, clones: int, room: int, seed: int, draws: int =
     popularity = {str(item): float(n) for item, n in counts.head(500).items()}
     first_arr = np.asarray(first, dtype=np.int64)[base]
     return Users(ids=ids, base=base, items=items, times=times, ratings=ratings, shown=first_arr.copy(),
-                 first=first_arr, base_users=n_base, events=len(data),
+                 first=first_arr, draws=draws, base_users=n_base, events=len(data),
                  extra={"popularity": popularity, "append_room": room, "clones": clones})

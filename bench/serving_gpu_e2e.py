@@ -272,9 +272,9 @@ def ugt_config(args: argparse.Namespace, users: Users) -> dict[str, Any]:
 
 
 def run_rates(server: Server, users: Users, rates: list[float], args: argparse.Namespace, redis_port: int,
-              rows: list[dict[str, Any]]) -> None:
+              rows: list[dict[str, Any]], mix: tuple[float, float, float] | None = None) -> None:
     for i, rate in enumerate(rates):
-        row = drive(server, users, rate, args, redis_port, seed=args.seed + i)
+        row = drive(server, users, rate, args, redis_port, seed=args.seed + i, mix=mix)
         rows.append(row)
         print_table([row], COLUMNS)
         if row["p99_ms"] > 1000 or row["errors"] > 0.05 * row["requests"]:
@@ -292,7 +292,7 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="ugt-e2e-"))
     redis_proc, redis_port = start_redis(workdir)
     env = os.environ | {"UGT_REDIS_PORT": str(redis_port), "UGT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                        "PYTHONPATH": str(REPO)}
+                        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     rows: list[dict[str, Any]] = []
     users = ml1m_users(Path(args.checkpoint), args.clones, args.append_room, args.seed)
 
@@ -311,7 +311,7 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
         try:
             wait_served(anchor, users.ids[0], model=False)
             warm(anchor, users, args, redis_port)  # every worker up and every connection opened once
-            run_rates(anchor, users, rates, args, redis_port, rows)
+            run_rates(anchor, users, rates, args, redis_port, rows, mix=(0.1, 0.9, 0.0))  # it reads no state
         finally:
             anchor.stop()
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from contracts.tokenizer import time_gap_bucket
-from models.data import history_row
+from models.data import history_row, time_gap_bucket_array
 from models.eval import batch_to_device, last_states
 from models.ugt.inference import InferenceConfig, UGTInference, prefix_fingerprint
 from serving.generator import BatchAnswer, GenerationRequest, NoModelAnswer, ScoredItem
@@ -203,7 +203,9 @@ class UGTGenerator:
             row["query_times"][0, last] = query_time
             row["query_gaps"][0, last] = time_gap_bucket(float(query_time - row["times"][0, last]))
             return cached
-        row = self.model_input(state, query_time)
+        row = self.extended_row(cached, state, query_time) if cached is not None else None
+        if row is None:
+            row = self.model_input(state, query_time)
         if row is None:
             return None
         known = {self.item_to_index[i] for i in state.item_ids if i in self.item_to_index}
@@ -216,6 +218,35 @@ class UGTGenerator:
             if len(self.prepared) > self.prepared_capacity:
                 self.prepared.popitem(last=False)
         return prepared
+
+    def extended_row(self, cached: PreparedUser, state: UserStateView, query_time: int) -> dict[str, np.ndarray] | None:
+        """The cached row plus the state's new events, when the state only appended known items to the cached
+        events and the window does not slide (None otherwise: :meth:`model_input` rebuilds it). Equal to
+        :meth:`model_input` of the whole state (tests/serving/test_ugt_generator.py), at a fraction of its cost: a
+        stream of new events is the common case, and rebuilding every row in Python bounded the GPU engine."""
+        old = len(cached.item_ids)
+        new_items = state.item_ids[old:]
+        if (not new_items or state.item_ids[:old] != cached.item_ids or state.event_times[:old] != cached.event_times
+                or state.rating_tokens[:old] != cached.rating_tokens):
+            return None
+        row = cached.row
+        n = int(row["lengths"][0])
+        if n != old or n + len(new_items) > self.max_len or any(i not in self.item_to_index for i in new_items):
+            return None  # an unknown item dropped, or the window would slide: rebuild
+        m = n + len(new_items)
+        out = {key: value.copy() for key, value in row.items()}
+        times = np.asarray(state.event_times[old:], dtype=np.int64) // 1000  # ms -> s, as trained
+        out["ids"][0, n:m] = [self.item_to_index[i] for i in new_items]
+        out["times"][0, n:m] = times
+        out["ratings"][0, n:m] = state.rating_tokens[old:]
+        before = out["times"][0, n - 1] if n else times[0]
+        out["gaps"][0, n:m] = time_gap_bucket_array(np.diff(times, prepend=before))
+        lo = max(n - 1, 0)
+        out["query_times"][0, lo:m] = np.append(out["times"][0, lo + 1:m], query_time)
+        query_gaps = time_gap_bucket_array(out["query_times"][0, lo:m] - out["times"][0, lo:m])
+        out["query_gaps"][0, lo:m] = query_gaps
+        out["lengths"][0] = m
+        return out
 
     def exclusions(self, prepared: PreparedUser, exclude: Set[str]) -> np.ndarray:
         """Sorted vocabulary indices to mask: the history's, plus any requested item outside the history."""

@@ -385,3 +385,34 @@ def test_quantize_int8_serves_the_checkpoint_with_int8_layers(trained, loaded, s
                for x in (gen, int8)]
         overlap.append(len(got[0] & got[1]) / 10)
     assert np.mean(overlap) >= 0.8, overlap
+
+
+def test_a_state_with_new_events_extends_the_cached_row_as_a_rebuild_would(trained, loaded):
+    """New events appended to a cached user's state patch the cached row (no rebuild): it must equal
+    model_input of the whole state, for 1 and 3 new events, and a sliding window is rebuilt instead."""
+    gen = UGTGenerator(trained, clock=Clock(), kv_cache_users=4)
+    _, data = loaded
+    u = next(i for i in range(len(data.items)) if len(data.items[i]) >= 30)
+    first = view_of(data, u, 20, gen)
+    gen.prepare(first, first.last_event_time // 1000 + 60)
+    for end in (21, 24):
+        longer = view_of(data, u, end, gen)
+        query_time = longer.last_event_time // 1000 + 3_600
+        cached = gen.prepared[longer.user_id]
+        extended = gen.extended_row(cached, longer, query_time)
+        assert extended is not None
+        fresh = gen.model_input(longer, query_time)
+        assert set(fresh) == set(extended)
+        for key, value in fresh.items():
+            np.testing.assert_array_equal(extended[key], value, err_msg=f"{end}: {key}")
+        prepared = gen.prepare(longer, query_time)
+        assert prepared.fingerprint == prefix_fingerprint_of(prepared.row)
+    full = view_of(data, u, gen.max_len + 1, gen) if len(data.items[u]) > gen.max_len else None
+    if full is not None:  # past the window: the cached row cannot be extended
+        assert gen.extended_row(gen.prepared[full.user_id], full, full.last_event_time // 1000) is None
+
+
+def prefix_fingerprint_of(row):
+    from models.ugt.inference import prefix_fingerprint
+
+    return prefix_fingerprint(row)
