@@ -321,10 +321,11 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
         print("== generator-alone", flush=True)
         rows.extend(generator_rows(args.checkpoint, users, [float(r) for r in args.generator_rates.split(",")], args))
 
+    # the generator-alone group holds the GPU in this process until the end: it runs last
     groups = {"ugt-serve": lambda: ugt_group("ugt-serve", args.workers, rates), "anchor-http": anchor_group,
-              "generator-alone": generator_group,
               "single-process": lambda: ugt_group("single-process", 1,
-                                                  [float(r) for r in args.single_rates.split(",")])}
+                                                  [float(r) for r in args.single_rates.split(",")]),
+              "generator-alone": generator_group}
     try:
         began = time.perf_counter()
         users.write_initial(redis.Redis(port=redis_port))
