@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import fcntl
-import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from infra.processes import (
     terminate,
     write_pids,
 )
+from infra.redis_conf import redis_server_args
 from infra.settings import REPO_ROOT, Settings, get_settings
 from infra.stack_errors import StackError
 
@@ -163,15 +163,10 @@ def _redis(s: Settings) -> Service:
             return False
 
     def start() -> list[int]:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise StackError("redis-server not found: run `bash infra/install.sh` (apt-get install redis-server)")
         data = s.var_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
         log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [exe, "--port", str(s.redis_port), "--bind", "127.0.0.1", "-::1", "--dir", str(data),
-               "--logfile", str(log), "--daemonize", "no", "--save", "60 1000", "--appendonly", "no",
-               "--protected-mode", "yes"]
+        cmd = redis_server_args(s.redis_port, data, log, s.redis_appendfsync)
         return [spawn(cmd, s.log_dir / "redis" / "redis.out")]
 
     return Service("redis", s.redis_port, lambda: log, healthy, start)
