@@ -48,7 +48,8 @@ class Settings:
     flink_taskmanagers: int = field(default_factory=lambda: int(_env("UGT_FLINK_TASKMANAGERS", "2")))
     # "single" (the default: one broker, one Redis) or "cluster" (3 Kafka brokers + a 3-voter KRaft quorum, a Redis
     # Cluster of 3 masters + 3 replicas, 3 TaskManagers; infra/stack_cluster.py, docs/STACK.md)
-    profile: str = field(default_factory=lambda: _env("UGT_PROFILE", "single"))
+    # (UGT_PROFILE, else the profile `ugt stack up --profile` recorded in var/run/profile, else single)
+    profile: str = field(default_factory=lambda: _env("UGT_PROFILE", ""))
     # the cluster profile's ports: brokers kafka_port.., controllers kafka_cluster_controller_port..,
     # Redis nodes redis_cluster_port.. (each a run of consecutive ports)
     kafka_cluster_controller_port: int = field(
@@ -56,6 +57,8 @@ class Settings:
     redis_cluster_port: int = field(default_factory=lambda: int(_env("UGT_REDIS_CLUSTER_PORT", "0")))
     kafka_brokers: int = 3  # brokers of the cluster profile (each also a controller: a 3-voter quorum)
     redis_masters: int = 3  # masters of the cluster profile's Redis Cluster, one replica each
+    # parallelism of the jobs `ugt jobs submit` starts: 1 on the single node, 2 in the cluster profile
+    job_parallelism: int = field(default_factory=lambda: int(_env("UGT_JOB_PARALLELISM", "0")))
     # var/: logs, Kafka/Redis data, Flink checkpoints of the local stack (ignored by git)
     var_dir: Path = field(default_factory=lambda: Path(_env("UGT_VAR", str(REPO_ROOT / "var"))))
     # cache: downloads that survive a fresh clone (Maven jars, datasets)
@@ -63,6 +66,9 @@ class Settings:
     topics: Topics = field(default_factory=Topics)
 
     def __post_init__(self) -> None:
+        if not self.profile:
+            recorded = self.var_dir / "run" / "profile"
+            object.__setattr__(self, "profile", recorded.read_text().strip() if recorded.is_file() else "single")
         if self.profile not in PROFILES:
             raise ValueError(f"UGT_PROFILE must be one of {', '.join(PROFILES)}, got {self.profile!r}")
         if self.kafka_cluster_controller_port == 0:  # next to the single node's controller port
@@ -71,6 +77,8 @@ class Settings:
             object.__setattr__(self, "redis_cluster_port", self.redis_port + 1)
         if self.profile == "cluster" and "UGT_FLINK_TASKMANAGERS" not in os.environ:
             object.__setattr__(self, "flink_taskmanagers", 3)
+        if self.job_parallelism == 0:
+            object.__setattr__(self, "job_parallelism", 2 if self.profile == "cluster" else 1)
 
     @property
     def cluster(self) -> bool:
