@@ -79,8 +79,9 @@ def resolve_sid_version(redis_url: str, version: str = "") -> str:
     import redis
 
     from contracts.redis_keys import ACTIVE_KEY, item_key
+    from infra.redis_client import redis_from_url
 
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    client = redis_from_url(redis_url, socket_timeout=5)
     try:
         chosen = version or (client.get(ACTIVE_KEY) or b"").decode()
         if not chosen:

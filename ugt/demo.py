@@ -357,7 +357,7 @@ def serve_and_query(serve: list[str], args: argparse.Namespace, users: list[str]
 
 
 def run(args: argparse.Namespace) -> int:
-    import redis
+    from infra.redis_client import redis_client
 
     settings = get_settings()
     ugt = str(BIN / "ugt")
@@ -371,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
     step(f"3. fetch {args.dataset} and convert it to UGT events")
     sh(ugt, "data", "fetch", args.dataset)
 
-    r = redis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
 
     step(f"4. semantic IDs for {args.dataset}: build or reuse the artifact")
     artifact = ensure_artifact(args.dataset)
