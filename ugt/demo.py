@@ -274,6 +274,7 @@ def publish_items(ugt: str, dataset_name: str, redis_client, timeout_s: float) -
     """Publish the catalog and NEW_ITEMS, wait until they are indexed and print each new item's delay;
     returns the loaded dataset (its ratings are replayed next)."""
     from contracts.datasets import load_dataset
+    from contracts.redis_keys import item_key
     from streams.producer import EventPublisher
 
     sh(ugt, "publish", "replay", dataset_name, "--items", "--limit", "0")
@@ -289,7 +290,7 @@ def publish_items(ugt: str, dataset_name: str, redis_client, timeout_s: float) -
     version, delays = wait_items_indexed(redis_client, [str(i) for i in dataset.items["item_id"]], new_ids,
                                          published_at, timeout_s)
     for movie in NEW_ITEMS:
-        code = redis_client.hget(f"ugt:sid:item:{version}", movie["item_id"]).decode()
+        code = redis_client.hget(item_key(version), movie["item_id"]).decode()
         print(f"  new item {movie['title']!r:24} -> semantic ID {code}  decodable {delays[movie['item_id']]:.2f} s "
               "after publish")
     print(f"new-item delay (publish -> decodable by the generator index, version {version}): "
