@@ -53,7 +53,7 @@ from infra.stack_service import Service
 KAFKA_TEMPLATES = REPO_ROOT / "infra" / "kafka"
 SERVICES = ("kafka", "registry", "redis", "flink")
 # seconds from the start of `up` (generous: a 2-core box shared with builds and tests can be 10x loaded)
-START_TIMEOUT_S = {"kafka": 120.0, "registry": 60.0, "redis": 30.0, "flink": 180.0}
+START_TIMEOUT_S = {"kafka": 120.0, "registry": 60.0, "redis": 60.0, "flink": 180.0}
 
 
 # ---------------------------------------------------------------------------------------------
