@@ -73,9 +73,8 @@ def test_kill_redis_mid_stream_loses_no_event(stack: Settings, tmp_path: Path) -
     cluster = PrivateFlinkCluster(settings, tmp_path / "flink")
     common = ["--startup", "earliest", "--checkpoint-interval-ms", "2000",
               "--checkpoint-dir", str(tmp_path / "flink" / "checkpoints")]
-    # user_state at parallelism 1: two of its subtasks opening at once in one thread-mode TaskManager (one
-    # embedded CPython) deadlocked in open() in a run here (gdb: one importing scipy's pybind11 module waited
-    # for the GIL, the other on a lock)
+    # user_state at parallelism 1: one writer, so the kill lands between its flushes and its checkpoints
+    # (the exactly-once test covers parallelism 2)
     submissions = [
         ("tokenize", [*common, "--parallelism", "2", "--delivery", "exactly-once", "--group-id", f"rk-{run}-tok",
                       "--source-topic", raw, "--tokens-topic", tokens, "--dlq-topic", dlq]),
