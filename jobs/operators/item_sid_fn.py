@@ -83,7 +83,6 @@ class ItemSidFunction(KeyedProcessFunction):
 
         # Feast imports torch when installed (slow, large); nothing here needs it (see user_state_fn)
         sys.modules.setdefault("torch", None)
-        sys.modules.setdefault("scipy", None)  # deadlocks pemja when dask imports it (see user_state_fn)
         from infra.feast_store import open_feature_store
         from jobs.common import _JobSettings
         from jobs.item_semantic_ids_logic import ItemBatcher, feast_item_writer, follow_active

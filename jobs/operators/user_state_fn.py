@@ -115,10 +115,6 @@ class UserStateFunction(KeyedProcessFunction):
         # Feast imports torch at import time when it is installed (~10 s and ~300 MB per Python worker on the
         # 2-core box); nothing in this worker uses it, so make that import fail fast (feast handles it).
         sys.modules.setdefault("torch", None)
-        # Feast's file offline store imports dask.array, which imports scipy.sparse when scipy is installed; scipy's
-        # pybind11 modules call PyGILState_Ensure at import, which deadlocks inside pemja's thread-mode interpreter
-        # (the task hangs in open(), seen with scipy 1.17). Nothing here uses scipy; dask skips it on ImportError.
-        sys.modules.setdefault("scipy", None)
         from pyflink.common.time import Time
 
         from infra.feast_store import open_feature_store
