@@ -32,8 +32,13 @@ def redis_server() -> str:
     return exe
 
 
-def redis_server_args(port: int, data_dir: Path, log: Path, appendfsync: str, cluster: bool = False) -> list[str]:
-    """The redis-server command line of one node (data and AOF in ``data_dir``, which is also its cwd)."""
+def redis_server_args(port: int, data_dir: Path, log: Path, appendfsync: str, cluster: bool = False,
+                      bus_port: int = 0) -> list[str]:
+    """The redis-server command line of one node (data and AOF in ``data_dir``, which is also its cwd).
+
+    A cluster node also listens on its cluster bus port (``bus_port``; Redis's default port + 10000 would land in
+    Linux's ephemeral range 32768-60999 for ports above 22768, where an outgoing connection can hold it).
+    """
     if appendfsync not in APPENDFSYNC_CHOICES:
         raise StackError(f"UGT_REDIS_APPENDFSYNC must be one of {', '.join(APPENDFSYNC_CHOICES)}, got {appendfsync!r}")
     args = [redis_server(), "--port", str(port), "--bind", "127.0.0.1", "-::1", "--dir", str(data_dir),
@@ -45,4 +50,6 @@ def redis_server_args(port: int, data_dir: Path, log: Path, appendfsync: str, cl
     if cluster:
         args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                  "--cluster-node-timeout", "5000", "--cluster-announce-ip", "127.0.0.1"]
+        if bus_port:
+            args += ["--cluster-port", str(bus_port)]
     return args

@@ -101,6 +101,13 @@ class Settings:
         return [self.redis_cluster_port + i for i in range(2 * self.redis_masters)]
 
     @property
+    def redis_cluster_bus_ports(self) -> list[int]:
+        """Each node's cluster bus port: its port + 100 (UGT_REDIS_CLUSTER_BUS_OFFSET), not Redis's +10000, which
+        lands in the kernel's ephemeral port range for the high ports test stacks use."""
+        offset = int(_env("UGT_REDIS_CLUSTER_BUS_OFFSET", "100"))
+        return [port + offset for port in self.redis_cluster_ports]
+
+    @property
     def topic_replication(self) -> int:
         """Replication factor of the pipeline's topics: 1 on one broker, 3 in the cluster profile."""
         return min(3, len(self.kafka_broker_ports))

@@ -21,7 +21,7 @@ from pathlib import Path
 from string import Template
 
 from infra.jars import lib_dir
-from infra.processes import java, spawn
+from infra.processes import java, port_open, spawn
 from infra.redis_conf import redis_server_args
 from infra.settings import REPO_ROOT, Settings
 from infra.stack_errors import StackError
@@ -128,7 +128,8 @@ def redis_node_dir(s: Settings, port: int) -> Path:
 def redis_cluster_commands(s: Settings) -> list[list[str]]:
     """One redis-server command line per node (masters first: `--cluster create` makes the first N masters)."""
     return [redis_server_args(port, redis_node_dir(s, port), s.log_dir / "redis" / f"node-{port}.log",
-                              s.redis_appendfsync, cluster=True) for port in s.redis_cluster_ports]
+                              s.redis_appendfsync, cluster=True, bus_port=bus)
+            for port, bus in zip(s.redis_cluster_ports, s.redis_cluster_bus_ports, strict=True)]
 
 
 def redis_cluster_create_command(s: Settings) -> list[str]:
@@ -140,11 +141,11 @@ def _cluster_info(port: int) -> dict[str, str]:
     import redis
 
     try:
-        info = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1).execute_command("CLUSTER INFO")
+        info = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1,
+                           decode_responses=True).cluster("INFO")  # redis-py parses it into a dict
     except redis.RedisError:
         return {}
-    text = info.decode() if isinstance(info, bytes) else str(info)
-    return dict(line.split(":", 1) for line in text.split() if ":" in line)
+    return {str(k): str(v) for k, v in info.items()}
 
 
 def redis_cluster_healthy(s: Settings) -> bool:
@@ -177,6 +178,10 @@ def redis_cluster_service(s: Settings) -> Service:
 
     def start() -> list[int]:
         log_dir.mkdir(parents=True, exist_ok=True)
+        taken = [p for p in (*s.redis_cluster_ports, *s.redis_cluster_bus_ports) if port_open(p)]
+        if taken:
+            raise StackError(f"Redis Cluster port(s) {taken} are taken: free them or move the nodes with "
+                             "UGT_REDIS_CLUSTER_PORT / UGT_REDIS_CLUSTER_BUS_OFFSET")
         pids = []
         for port, cmd in zip(s.redis_cluster_ports, redis_cluster_commands(s), strict=True):
             redis_node_dir(s, port).mkdir(parents=True, exist_ok=True)

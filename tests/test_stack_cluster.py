@@ -80,6 +80,7 @@ def test_redis_cluster_nodes_and_create_command(cluster: Settings) -> None:
         assert c[c.index("--cluster-enabled") + 1] == "yes"
         assert c[c.index("--appendonly") + 1] == "yes" and c[c.index("--appendfsync") + 1] == "everysec"
         assert c[c.index("--dir") + 1] == str(cluster.var_dir / "redis" / f"cluster-{port}")
+        assert c[c.index("--cluster-port") + 1] == str(port + 100)  # below the ephemeral range, unlike +10000
     create = stack_cluster.redis_cluster_create_command(cluster)
     assert create[:3] == ["redis-cli", "--cluster", "create"] and "127.0.0.1:26385" in create
     assert create[-3:] == ["--cluster-replicas", "1", "--cluster-yes"]
