@@ -88,6 +88,16 @@ def write_kafka_cluster_conf(s: Settings) -> list[Path]:
     return paths
 
 
+def start_kafka_node(s: Settings, node: int) -> int:
+    """Spawn cluster node `node` (1-based) from its rendered, formatted folder; its pid. The drills restart one
+    node this way (`ugt stack up` waits for a service whose processes run, so it does not restart one node)."""
+    log_dir = s.log_dir / "kafka"
+    jvm = [a.replace(f"-Dkafka.logs.dir={log_dir}", f"-Dkafka.logs.dir={log_dir / f'broker-{node}'}")
+           for a in kafka_jvm(s, log_dir)]
+    props = broker_dir(s, node) / "server.properties"
+    return spawn([*jvm, "kafka.Kafka", str(props)], log_dir / f"broker-{node}.out")
+
+
 def kafka_cluster_service(s: Settings, new_cluster_id) -> Service:
     log_dir = s.log_dir / "kafka"
 
@@ -107,13 +117,9 @@ def kafka_cluster_service(s: Settings, new_cluster_id) -> Service:
         if not cluster_file.exists():
             cluster_file.write_text(new_cluster_id() + "\n")
         jvm = kafka_jvm(s, log_dir)
-        pids = []
         for node, props in enumerate(write_kafka_cluster_conf(s), 1):
             format_kafka_storage(jvm, cluster_file.read_text().strip(), props, broker_dir(s, node) / "data")
-            node_jvm = [a.replace(f"-Dkafka.logs.dir={log_dir}", f"-Dkafka.logs.dir={log_dir / f'broker-{node}'}")
-                        for a in jvm]
-            pids.append(spawn([*node_jvm, "kafka.Kafka", str(props)], log_dir / f"broker-{node}.out"))
-        return pids
+        return [start_kafka_node(s, node) for node in range(1, len(s.kafka_broker_ports) + 1)]
 
     return Service("kafka", s.kafka_broker_ports[0], lambda: log_dir / "broker-1" / "server.log", healthy, start)
 
