@@ -4,20 +4,29 @@ Semantic IDs (written by the item_semantic_ids job, read by tokenize and the gen
 
     GET  ugt:sid:active                      the version readers use now (a backfill flips it with one SET)
     HSET ugt:sid:artifacts <version> <dir>   where each version's artifact lives
-    HSET ugt:sid:index:<version> "l1-l2-...-dedup" <item_id>    code -> item
-    HSET ugt:sid:item:<version>  <item_id> "l1-l2-...-dedup"    item -> code
-    XADD ugt:sid:feed:<version> ... item_id <id> code <code> categories <json> year <y>   items coded later
-    ugt:sid:dedup:<version>:...              the shared dedup allocator's namespace
+    HSET ugt:sid:index:{<version>} "l1-l2-...-dedup" <item_id>    code -> item
+    HSET ugt:sid:item:{<version>}  <item_id> "l1-l2-...-dedup"    item -> code
+    XADD ugt:sid:feed:{<version>} ... item_id <id> code <code> categories <json> year <y>   items coded later
+    ugt:sid:dedup:<version>:{<prefix>}       the shared dedup allocator's namespace (one key per prefix)
 
 Popularity (written by the user_state job, read by serving's fallback)::
 
     ZINCRBY ugt:popularity:<domain> 1 <item_id>
-    SET     ugt:popularity-applied:<domain>:<user_id> "n origin"
+    SET     ugt:popularity-applied:{ugt:popularity:<domain>}:<user_id> "n origin"
 
 Experiments (written by the feedback_join job, read by `ugt experiment report` and dashboards)::
 
     HSET ugt:exp:<experiment>:<arm>:<window_start_ms> <metric> <value>    one arm's metrics of one window
     ZADD ugt:exp:<experiment>:windows <window_start_ms> "<arm>:<window_start_ms>"   the windows written so far
+
+Redis Cluster hash tags. A multi-key command or script runs on a cluster only when its keys share a hash slot, and
+a key's slot is the CRC16 of its `{...}` part when it has one (else of the whole key). So the keys that one call
+touches carry the same tag: a version's index, item and feed (`{<version>}`: the item_semantic_ids job writes all
+three in one script), and each user's applied key carries `{ugt:popularity:<domain>}`, the WHOLE name of its
+domain's popularity set, so the popularity script's keys share that set's slot while the set keeps its plain name
+(serving's fallback and every popularity reader are unchanged). Stacks written before the tags (2026-12): restart
+the item_semantic_ids job (it seeds its version's index again) and, for popularity, let user_state resume from a
+savepoint taken after the upgrade (an older checkpoint's replay would not find the old applied keys).
 """
 
 from __future__ import annotations
@@ -88,17 +97,17 @@ def activate(client: Any, version: str, key: str = ACTIVE_KEY) -> str | None:
 
 def index_key(version: str) -> str:
     """Redis hash code string -> item_id: what the generator decodes generated IDs with."""
-    return f"{INDEX_PREFIX}{version}"
+    return f"{INDEX_PREFIX}{{{version}}}"
 
 
 def item_key(version: str) -> str:
     """Redis hash item_id -> code string (the reverse of :func:`index_key`)."""
-    return f"{ITEM_PREFIX}{version}"
+    return f"{ITEM_PREFIX}{{{version}}}"
 
 
 def feed_key(version: str) -> str:
     """The stream of items given a code under `version` after its artifact was built (the live generators' feed)."""
-    return f"{FEED_PREFIX}{version}"
+    return f"{FEED_PREFIX}{{{version}}}"
 
 
 def feed_entry(item: Mapping[str, Any], code: str) -> dict[str, str]:
@@ -132,4 +141,4 @@ def popularity_key(domain: str) -> str:
 
 def applied_key(domain: str, user_id: str) -> str:
     """Where the popularity script records the last event sequence number it counted for a user."""
-    return f"{APPLIED_PREFIX}{domain or 'movie'}:{user_id}"
+    return f"{APPLIED_PREFIX}{{{popularity_key(domain)}}}:{user_id}"  # the set's slot (module docstring)

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from feast import FeatureView
-from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
+from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig, RedisType
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import (
     BoolList,
@@ -37,7 +37,7 @@ from feast.repo_config import RepoConfig
 from feast.value_type import ValueType
 from pydantic import Field, StrictStr
 
-from infra.feast_store import UGT_ONLINE_STORE, FeastRedisLayout, redis_connection_string
+from infra.feast_store import UGT_ONLINE_STORE, FeastRedisLayout, redis_connection_string, redis_type
 from infra.settings import get_settings
 
 Entry = tuple[EntityKey, dict[str, Value], datetime, None]  # what OnlineStore.online_write_batch takes
@@ -67,11 +67,17 @@ def _stack_connection_string() -> str:
     return redis_connection_string(get_settings())
 
 
+def _stack_redis_type() -> RedisType:
+    return RedisType(redis_type(get_settings()))
+
+
 class UgtRedisOnlineStoreConfig(RedisOnlineStoreConfig):
-    """Feast's Redis config; ``connection_string`` defaults to the stack's Redis (UGT_REDIS_URL / _PORT)."""
+    """Feast's Redis config; ``connection_string`` and ``redis_type`` default to the stack's Redis (UGT_REDIS_URL /
+    _PORT; in the cluster profile its Redis Cluster: ``redis_cluster``)."""
 
     type: Literal["infra.feast_online_store.UgtRedisOnlineStore"] = UGT_ONLINE_STORE  # type: ignore[assignment]
     connection_string: StrictStr = Field(default_factory=_stack_connection_string)
+    redis_type: RedisType = Field(default_factory=_stack_redis_type)
 
 
 def _builder(view: str, name: str, value_type: ValueType, builders: Mapping[ValueType, Callable[[Any], Value]]):

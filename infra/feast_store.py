@@ -27,25 +27,39 @@ from infra.settings import Settings, get_settings
 # The online store class feature_store.yaml names, and Feast's own Redis store: both write the same layout.
 UGT_ONLINE_STORE = "infra.feast_online_store.UgtRedisOnlineStore"
 LAYOUT_STORE_TYPES = ("redis", UGT_ONLINE_STORE)
+LAYOUT_REDIS_TYPES = ("redis", "redis_cluster")
 _STRING_TYPE = 2  # feast ValueType.STRING, as written into serialized entity keys
 
 
 def redis_connection_string(settings: Settings) -> str:
-    """Feast's `host:port,db=N` form of Settings.redis_url."""
+    """Feast's form of Settings.redis_url: `host:port,db=N` for one node, `host:port,host:port,...` for a cluster."""
+    from infra.redis_client import cluster_nodes, is_cluster_url
+
+    if is_cluster_url(settings.redis_url):
+        return ",".join(f"{host}:{port}" for host, port in cluster_nodes(settings.redis_url))
     parsed = urlparse(settings.redis_url)
     db = (parsed.path or "/0").lstrip("/") or "0"
     return f"{parsed.hostname or 'localhost'}:{parsed.port or 6379},db={db}"
 
 
+def redis_type(settings: Settings) -> str:
+    """Feast's `redis_type`: `redis_cluster` when Settings.redis_url names a cluster (the cluster profile)."""
+    from infra.redis_client import is_cluster_url
+
+    return "redis_cluster" if is_cluster_url(settings.redis_url) else "redis"
+
+
 def open_feature_store(settings: Settings | None = None, repo: Path | None = None):  # -> feast.FeatureStore
-    """A FeatureStore for the repo, its online store pointed at the Redis of ``settings``."""
+    """A FeatureStore for the repo, its online store pointed at the Redis of ``settings`` (a node or a cluster)."""
     from feast import FeatureStore
+    from feast.infra.online_stores.redis import RedisType
     from feast.repo_config import load_repo_config
 
     settings = settings or get_settings()
     repo = Path(repo or settings.feature_repo)
     config = load_repo_config(repo, repo / "feature_store.yaml")
     config.online_store.connection_string = redis_connection_string(settings)
+    config.online_store.redis_type = RedisType(redis_type(settings))
     return FeatureStore(repo_path=str(repo), config=config)
 
 
@@ -104,9 +118,11 @@ class FeastRedisLayout:
         if isinstance(registry, dict) and registry.get("enable_online_feature_view_versioning"):
             raise ValueError("direct Redis reads do not support enable_online_feature_view_versioning")
         online = config.get("online_store") or {}
-        if online.get("type") not in LAYOUT_STORE_TYPES or online.get("redis_type", "redis") != "redis":
+        # a Redis Cluster holds the same keys (each entity's hash is one key, so one slot): the layout is the same
+        if online.get("type") not in LAYOUT_STORE_TYPES or online.get("redis_type", "redis") not in LAYOUT_REDIS_TYPES:
             raise ValueError(
-                f"direct Redis reads need a plain Redis online store (type one of {LAYOUT_STORE_TYPES}), got {online}"
+                f"direct Redis reads need a Redis online store (type one of {LAYOUT_STORE_TYPES}, redis_type one of "
+                f"{LAYOUT_REDIS_TYPES}), got {online}"
             )
         return cls(project=str(config["project"]), entity_key_serialization_version=version)
 

@@ -64,18 +64,22 @@ def write_pids(s: Settings, name: str, pids: Iterable[int]) -> None:
 
 def _is_ours(s: Settings, name: str, pid: int, args: list[str]) -> bool:
     """Is this process the stack's `name`, started from this var/? (by its arguments or, for
-    redis-server, which rewrites its title, by its working directory var/redis)."""
+    redis-server, which rewrites its title, by its working directory under var/redis)."""
     exe = os.path.basename(args[0]) if args else ""
     joined = " ".join(args)
     if name == "kafka":
-        return exe.startswith("java") and str(s.var_dir / "kafka" / "server.properties") in joined
+        # the single node's var/kafka/server.properties, a cluster-profile node's var/kafka/broker-<n>/server.properties
+        return exe.startswith("java") and re.search(
+            re.escape(str(s.var_dir / "kafka")) + r"/(broker-\d+/)?server\.properties", joined) is not None
     if name == "registry":
         return "infra.schema_registry" in joined and str(s.var_dir / "registry" / "registry.json") in joined
     if name == "flink":
         return exe.startswith("java") and str(flink_conf_dir(s)) in joined
     if name == "redis":
         try:
-            return exe.startswith("redis-server") and os.readlink(f"/proc/{pid}/cwd") == str(s.var_dir / "redis")
+            cwd = os.readlink(f"/proc/{pid}/cwd")  # the single node's var/redis, a cluster node's var/redis/cluster-<port>
+            return exe.startswith("redis-server") and re.fullmatch(
+                re.escape(str(s.var_dir / "redis")) + r"(/cluster-\d+)?", cwd) is not None
         except OSError:
             return False
     return False

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import fcntl
-import shutil
 import subprocess
 import sys
 import time
@@ -22,14 +21,12 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
 from infra.flink_home import flink_env, flink_pid_dir, pyflink_home, write_flink_conf
-from infra.jars import ensure_jars, ensure_parquet_jars, lib_dir
+from infra.jars import ensure_jars, ensure_parquet_jars
 from infra.processes import (
-    java,
     log_tail,
     owned_pids,
     pid_alive,
@@ -42,37 +39,26 @@ from infra.processes import (
     terminate,
     write_pids,
 )
+from infra.redis_conf import redis_server_args
 from infra.settings import REPO_ROOT, Settings, get_settings
+from infra.stack_cluster import (
+    format_kafka_storage,
+    kafka_cluster_service,
+    kafka_jvm,
+    redis_cluster_service,
+)
 from infra.stack_errors import StackError
+from infra.stack_service import Service
 
 KAFKA_TEMPLATES = REPO_ROOT / "infra" / "kafka"
 SERVICES = ("kafka", "registry", "redis", "flink")
 # seconds from the start of `up` (generous: a 2-core box shared with builds and tests can be 10x loaded)
-START_TIMEOUT_S = {"kafka": 120.0, "registry": 60.0, "redis": 30.0, "flink": 180.0}
+START_TIMEOUT_S = {"kafka": 120.0, "registry": 60.0, "redis": 60.0, "flink": 180.0}
 
 
 # ---------------------------------------------------------------------------------------------
 # services
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class Service:
-    """One part of the stack: how to tell it is healthy, how to start it, where it logs."""
-
-    name: str
-    port: int
-    find_log: Callable[[], Path]  # the main log file (Flink's name carries user and host)
-    healthy: Callable[[], bool]
-    start: Callable[[], list[int]]  # spawns and returns the pids to record
-
-    @property
-    def log(self) -> Path:
-        return self.find_log()
-
-    def status(self, s: Settings) -> dict[str, object]:
-        pids = owned_pids(s, self.name)
-        return {"service": self.name, "port": self.port, "pid": pids, "healthy": self.healthy(), "log": self.log}
-
-
 def new_cluster_id() -> str:
     """A Kafka cluster id like `kafka-storage random-uuid`: 16 random bytes, url-safe base64 without
     padding, never starting with '-' (Kafka's Uuid rule, so it cannot be mistaken for a flag)."""
@@ -110,23 +96,13 @@ def _kafka(s: Settings) -> Service:
             return False
 
     def start() -> list[int]:
-        cp = f"{lib_dir(s) / 'kafka'}/*"
         props = write_kafka_conf(s)
         cluster_file = data / "cluster.id"
         if not cluster_file.exists():
             cluster_file.write_text(new_cluster_id() + "\n")
-        jvm = [java(), "-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
-               "-Djava.awt.headless=true", f"-Dkafka.logs.dir={log_dir}",
-               f"-Dlog4j2.configurationFile={KAFKA_TEMPLATES / 'log4j2.properties'}", "-cp", cp]
-        if not (data / "data" / "meta.properties").exists():
-            log_dir.mkdir(parents=True, exist_ok=True)
-            fmt = subprocess.run(
-                [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_file.read_text().strip(),
-                 "-c", str(props), "--ignore-formatted"],
-                capture_output=True, text=True,
-            )
-            if fmt.returncode != 0:
-                raise StackError(f"kafka storage format failed:\n{fmt.stdout}{fmt.stderr}")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        jvm = kafka_jvm(s, log_dir)
+        format_kafka_storage(jvm, cluster_file.read_text().strip(), props, data / "data")
         return [spawn([*jvm, "kafka.Kafka", str(props)], log_dir / "kafka.out")]
 
     return Service("kafka", s.kafka_port, lambda: log_dir / "server.log", healthy, start)
@@ -163,15 +139,10 @@ def _redis(s: Settings) -> Service:
             return False
 
     def start() -> list[int]:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise StackError("redis-server not found: run `bash infra/install.sh` (apt-get install redis-server)")
         data = s.var_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
         log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [exe, "--port", str(s.redis_port), "--bind", "127.0.0.1", "-::1", "--dir", str(data),
-               "--logfile", str(log), "--daemonize", "no", "--save", "60 1000", "--appendonly", "no",
-               "--protected-mode", "yes"]
+        cmd = redis_server_args(s.redis_port, data, log, s.redis_appendfsync)
         return [spawn(cmd, s.log_dir / "redis" / "redis.out")]
 
     return Service("redis", s.redis_port, lambda: log, healthy, start)
@@ -240,6 +211,8 @@ def services(s: Settings | None = None, only: Iterable[str] | None = None) -> li
     if unknown:
         raise StackError(f"unknown service(s) {', '.join(unknown)}; choose from {', '.join(SERVICES)}")
     makers = {"kafka": _kafka, "registry": _registry, "redis": _redis, "flink": _flink}
+    if s.cluster:  # the cluster profile's replicated Kafka and Redis (infra/stack_cluster.py)
+        makers.update(kafka=lambda s: kafka_cluster_service(s, new_cluster_id), redis=redis_cluster_service)
     return [makers[n](s) for n in SERVICES if n in chosen]
 
 

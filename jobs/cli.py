@@ -208,9 +208,10 @@ def jobs_for_all() -> tuple[str, ...]:
     import redis
 
     from contracts.redis_keys import active_version, artifact_path_of
+    from infra.redis_client import redis_client
 
     try:
-        client = redis.Redis.from_url(get_settings().redis_url)
+        client = redis_client(get_settings())
         version = active_version(client)
         path = artifact_path_of(client, version) if version else None
     except redis.RedisError:

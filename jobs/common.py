@@ -62,7 +62,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, job_name: str) -> None
     g.add_argument("--registry", default=s.registry_url, help="Schema Registry URL (default: %(default)s)")
     g.add_argument("--redis", default=s.redis_url, help="Redis URL of the Feast online store (default: %(default)s)")
     g.add_argument("--group-id", default=f"ugt-{job_name}", help="Kafka consumer group (default: %(default)s)")
-    g.add_argument("--parallelism", type=int, default=1, help="operator parallelism (default: %(default)s)")
+    g.add_argument("--parallelism", type=int, default=s.job_parallelism,
+                   help="operator parallelism (default: %(default)s; UGT_JOB_PARALLELISM, 2 in the cluster profile)")
     g.add_argument("--bounded", action="store_true",
                    help="stop at the latest offsets present at start (tests, backfills); else run forever")
     g.add_argument("--startup", choices=sorted(STARTUP_MODES), default="group",

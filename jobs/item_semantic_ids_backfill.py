@@ -168,14 +168,14 @@ def backfill(settings: Any, artifact: str | Path, topic: str | None = None, acti
 
     `after_pass1` is a hook for tests (publish while the backfill is between its passes).
     """
-    import redis
     from confluent_kafka import Consumer
 
+    from infra.redis_client import redis_client
     from streams.serde import AvroSerde, SchemaRegistryClient
 
     started = time.monotonic()
     topic = topic or settings.topics.items
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     version, assigner = redis_assigner(client, artifact)  # step 1
     register_artifact(client, version, artifact)
     previous = active_version(client, active_key)

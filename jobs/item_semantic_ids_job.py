@@ -68,10 +68,11 @@ def active_artifact(redis_url: str, active_key: str) -> str:
     import redis
 
     from contracts.redis_keys import active_version, artifact_path_of
+    from infra.redis_client import redis_from_url
     from jobs.common import JobSetupError
 
     try:
-        client = redis.Redis.from_url(redis_url)
+        client = redis_from_url(redis_url)
         version = active_version(client, active_key)
         path = artifact_path_of(client, version) if version else None
     except redis.RedisError as exc:

@@ -12,7 +12,8 @@ semantic ID (the artifact's L levels + a dedup index) and writes:
       HSET ugt:sid:index:<version> "l1-l2-...-dedup" <item_id>    # code -> item
       HSET ugt:sid:item:<version>  <item_id> "l1-l2-...-dedup"    # item -> code
 
-* the new-item feed live generators follow (serving/live_items.py), in the same transaction as the hashes::
+* the new-item feed live generators follow (serving/live_items.py), written with the hashes by one Lua script
+  (atomic; the three keys share the version's hash tag, so a Redis Cluster runs it too)::
 
       XADD ugt:sid:feed:<version> MAXLEN ~ 1000000 * item_id <id> code "l1-..-dedup" categories <json> year <y>
 
@@ -165,6 +166,21 @@ class DictSidIndex(SidIndex):
         self.feed.extend(dict(e) for e in entries)
 
 
+# KEYS = index, item, feed of one version (one hash slot). ARGV[1] = feed MAXLEN (approximate), ARGV[2] = entries,
+# then per entry: code, item_id, the number of feed fields, then the feed's field/value pairs.
+WRITE_NEW_SCRIPT = """
+local a = 3
+for _ = 1, tonumber(ARGV[2]) do
+  local code, item, m = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  redis.call('HSET', KEYS[1], code, item)
+  redis.call('HSET', KEYS[2], item, code)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, a + 3, a + 2 + m))
+  a = a + 3 + m
+end
+return 0
+"""
+
+
 class RedisSidIndex(SidIndex):
     """The two hashes :func:`index_key` / :func:`item_key` of one version, written in one pipeline per batch."""
 
@@ -188,13 +204,22 @@ class RedisSidIndex(SidIndex):
         pipe.execute()
 
     def write_new(self, entries: Sequence[Mapping[str, str]]) -> None:
-        # one MULTI: a reader never sees a feed entry whose code is not in the hashes, nor the reverse after a crash
-        pipe = self.redis.pipeline(transaction=True)
+        # one script (atomic, like MULTI, and a Redis Cluster runs it: the three keys share the version's hash
+        # tag): a reader never sees a feed entry whose code is not in the hashes, nor the reverse after a crash
+        if not entries:
+            return
+        args: list[Any] = [FEED_MAXLEN, len(entries)]
         for e in entries:
-            pipe.hset(index_key(self.version), e["code"], e["item_id"])
-            pipe.hset(item_key(self.version), e["item_id"], e["code"])
-            pipe.xadd(feed_key(self.version), dict(e), maxlen=FEED_MAXLEN, approximate=True)
-        pipe.execute()
+            fields = [x for pair in dict(e).items() for x in pair]
+            args += [e["code"], e["item_id"], len(fields), *fields]
+        self._write_new(keys=[index_key(self.version), item_key(self.version), feed_key(self.version)], args=args)
+
+    @property
+    def _write_new(self) -> Callable[..., Any]:
+        script = getattr(self, "_write_new_script", None)
+        if script is None:
+            script = self._write_new_script = self.redis.register_script(WRITE_NEW_SCRIPT)
+        return script
 
 
 @dataclass(frozen=True)

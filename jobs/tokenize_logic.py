@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from contracts.redis_keys import item_key
 from contracts.tokenizer import MAX_FUTURE_SKEW_MS, TokenizedEvent, TokenizeError, tokenize_event
 from jobs.dead_letters import DeadLetterError, dead_letter_key, dead_letter_record
 from streams.avro_codegen import compile_encoder
@@ -78,9 +79,10 @@ def resolve_sid_version(redis_url: str, version: str = "") -> str:
     """The version the job would read: `version`, else ugt:sid:active; ValueError saying what to do if none."""
     import redis
 
-    from contracts.redis_keys import ACTIVE_KEY, item_key
+    from contracts.redis_keys import ACTIVE_KEY
+    from infra.redis_client import redis_from_url
 
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    client = redis_from_url(redis_url, socket_timeout=5)
     try:
         chosen = version or (client.get(ACTIVE_KEY) or b"").decode()
         if not chosen:
@@ -227,7 +229,7 @@ class EventTokenizer:
         check_event_time(event, now_ms, self.rules)
         if sids is not None and levels is None and self.rules.unknown_items == "dlq":
             raise DeadLetterError(
-                "UNKNOWN_ITEM", f"item {event.item_id!r} has no semantic ID in ugt:sid:item:{sids.version}")
+                "UNKNOWN_ITEM", f"item {event.item_id!r} has no semantic ID in {item_key(sids.version)}")
         return event
 
     def process(self, data: bytes | None, topic: str, partition: int, offset: int) -> Output:

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from infra.redis_client import redis_from_url
 from infra.settings import Settings
 from serving.batcher import DynamicBatcher
 from serving.config import ConfigError, DomainConfig, ServingConfig, routes
@@ -41,7 +42,7 @@ WARMUP_USER = "__ugt_serving_warmup__"
 def redis_client(settings: Settings, config: ServingConfig) -> redis.Redis:
     """Serving's own Redis client, with timeouts so a hung Redis costs one timeout, not a hung request."""
     timeout = config.redis_timeout_ms / 1000.0
-    return redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    return redis_from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 def build_components(settings: Settings, config: ServingConfig, client: redis.Redis) -> Components:
@@ -157,7 +158,7 @@ def _load_ugt(name: str, route: DomainConfig, config: ServingConfig, settings: S
 
 def _feed_client(settings: Settings) -> Callable[[], redis.Redis]:
     """Redis clients for a live catalog's feed thread: its own connection, with room for XREAD BLOCK (1 s)."""
-    return lambda: redis.Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+    return lambda: redis_from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
 
 
 def _rerankers(config: ServingConfig, client: redis.Redis, settings: Settings,

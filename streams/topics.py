@@ -2,9 +2,10 @@
 
 `ensure_topics(settings)` is safe to call any number of times (the stack calls it on `ugt stack up`,
 the publish CLI before publishing): it creates what is missing and leaves existing topics alone.
-Replication follows the cluster (min(3, brokers)), so the same call serves one local broker and the
-multi-broker scale test. `ensure_subjects(settings)` registers each topic's schema under `<topic>-value`
-with the compatibility rule of schemas/history/compatibility.json, so the registry refuses exactly the
+Replication follows the profile (Settings.topic_replication: 1 on the single node, 3 with min.insync.replicas=2
+in the cluster profile; min(3, brokers) on a bootstrap that reaches more brokers) and refuses to create topics
+with fewer replicas than the profile wants. `ensure_subjects(settings)` registers each topic's schema under
+`<topic>-value` with the compatibility rule of schemas/history/compatibility.json, so the registry refuses exactly the
 changes tests/test_schema_compat.py forbids.
 """
 
@@ -60,6 +61,16 @@ def planned_topics(settings: Settings, extra: Iterable[TopicSpec | str] = ()) ->
     return list(specs.values())
 
 
+def topic_replication(settings: Settings, brokers: int) -> int:
+    """The profile's replication factor (Settings.topic_replication: 1 single, 3 cluster); a bootstrap that reaches
+    more brokers than the profile names (the multi-broker scale test) gets min(3, brokers)."""
+    wanted = max(settings.topic_replication, min(3, brokers))
+    if wanted > brokers:
+        raise TopicError(f"the {settings.profile} profile wants replication factor {wanted}, but only {brokers} "
+                         f"broker(s) answer at {settings.kafka_bootstrap}; is every broker up? `ugt stack status`")
+    return wanted
+
+
 def admin_client(settings: Settings) -> AdminClient:
     from streams.producer import KAFKA_LOG  # librdkafka logs through logging, deduplicated
 
@@ -82,7 +93,7 @@ def ensure_topics(
             f"Kafka at {settings.kafka_bootstrap} is unreachable ({exc}); is the stack up? `ugt stack status`"
         ) from exc
     brokers = max(1, len(metadata.brokers))
-    replication = min(3, brokers)
+    replication = topic_replication(settings, brokers)
     result: dict[str, str] = {}
     new: list[NewTopic] = []
     for spec in specs:
@@ -94,8 +105,8 @@ def ensure_topics(
                             spec.name, len(existing.partitions), spec.partitions)
             continue
         config = dict(spec.config)
-        if replication >= 3:
-            config.setdefault("min.insync.replicas", "2")
+        if replication >= 3:  # an acks=all write survives one lost broker, and one more broker may be down
+            config.setdefault("min.insync.replicas", str(replication - 1))
         new.append(NewTopic(spec.name, num_partitions=spec.partitions, replication_factor=replication, config=config))
     if not new:
         return result

@@ -63,8 +63,24 @@ def test_config_reaches_the_stack_redis(monkeypatch):
 def test_layout_from_the_repo_accepts_the_extension_and_refuses_other_stores(tmp_path):
     assert FeastRedisLayout.from_repo(REPO) == FeastRedisLayout("ugt", 3)
     (tmp_path / "feature_store.yaml").write_text("project: p\nonline_store:\n  type: sqlite\n")
-    with pytest.raises(ValueError, match="plain Redis online store"):
+    with pytest.raises(ValueError, match="need a Redis online store"):
         FeastRedisLayout.from_repo(tmp_path)
+    (tmp_path / "feature_store.yaml").write_text("project: p\nonline_store:\n  type: redis\n  redis_type: redis_cluster\n")
+    assert FeastRedisLayout.from_repo(tmp_path) == FeastRedisLayout("p", 3)  # same keys on a Redis Cluster
+    (tmp_path / "feature_store.yaml").write_text("project: p\nonline_store:\n  type: redis\n  redis_type: redis_sentinel\n")
+    with pytest.raises(ValueError, match="redis_type one of"):
+        FeastRedisLayout.from_repo(tmp_path)
+
+
+def test_the_cluster_profile_points_feast_at_the_redis_cluster(monkeypatch):
+    monkeypatch.delenv("UGT_REDIS_URL", raising=False)
+    monkeypatch.setenv("UGT_PROFILE", "cluster")
+    monkeypatch.setenv("UGT_REDIS_PORT", "26379")
+    config = UgtRedisOnlineStoreConfig()
+    assert config.connection_string == ",".join(f"localhost:{p}" for p in range(26380, 26386))
+    assert config.redis_type.value == "redis_cluster"
+    monkeypatch.setenv("UGT_PROFILE", "single")
+    assert UgtRedisOnlineStoreConfig().redis_type.value == "redis"
 
 
 def test_the_benchmarks_feast_free_state_writer_stores_feasts_bytes():

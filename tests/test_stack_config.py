@@ -59,3 +59,17 @@ def test_cluster_ids_are_kafka_uuids() -> None:
 def test_unknown_service_is_a_clear_error(settings: Settings) -> None:
     with pytest.raises(StackError, match="unknown service"):
         stack.services(settings, ["kafka", "zookeeper"])
+
+
+def test_redis_runs_the_aof_with_the_profile_fsync(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra.redis_conf import redis_server_args
+
+    monkeypatch.delenv("UGT_REDIS_APPENDFSYNC", raising=False)
+    args = redis_server_args(settings.redis_port, settings.var_dir, settings.var_dir / "r.log", settings.redis_appendfsync)
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] == "always"  # single node: fsync before reply
+    assert "--cluster-enabled" not in args
+    cluster = redis_server_args(26380, settings.var_dir, settings.var_dir / "r.log", "everysec", cluster=True)
+    assert cluster[cluster.index("--cluster-enabled") + 1] == "yes"
+    with pytest.raises(StackError, match="UGT_REDIS_APPENDFSYNC"):
+        redis_server_args(26380, settings.var_dir, settings.var_dir / "r.log", "sometimes")

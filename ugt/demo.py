@@ -274,6 +274,7 @@ def publish_items(ugt: str, dataset_name: str, redis_client, timeout_s: float) -
     """Publish the catalog and NEW_ITEMS, wait until they are indexed and print each new item's delay;
     returns the loaded dataset (its ratings are replayed next)."""
     from contracts.datasets import load_dataset
+    from contracts.redis_keys import item_key
     from streams.producer import EventPublisher
 
     sh(ugt, "publish", "replay", dataset_name, "--items", "--limit", "0")
@@ -289,7 +290,7 @@ def publish_items(ugt: str, dataset_name: str, redis_client, timeout_s: float) -
     version, delays = wait_items_indexed(redis_client, [str(i) for i in dataset.items["item_id"]], new_ids,
                                          published_at, timeout_s)
     for movie in NEW_ITEMS:
-        code = redis_client.hget(f"ugt:sid:item:{version}", movie["item_id"]).decode()
+        code = redis_client.hget(item_key(version), movie["item_id"]).decode()
         print(f"  new item {movie['title']!r:24} -> semantic ID {code}  decodable {delays[movie['item_id']]:.2f} s "
               "after publish")
     print(f"new-item delay (publish -> decodable by the generator index, version {version}): "
@@ -357,7 +358,7 @@ def serve_and_query(serve: list[str], args: argparse.Namespace, users: list[str]
 
 
 def run(args: argparse.Namespace) -> int:
-    import redis
+    from infra.redis_client import redis_client
 
     settings = get_settings()
     ugt = str(BIN / "ugt")
@@ -371,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
     step(f"3. fetch {args.dataset} and convert it to UGT events")
     sh(ugt, "data", "fetch", args.dataset)
 
-    r = redis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
 
     step(f"4. semantic IDs for {args.dataset}: build or reuse the artifact")
     artifact = ensure_artifact(args.dataset)

@@ -176,12 +176,11 @@ def _backfill(args: argparse.Namespace) -> int:
 
 
 def _active(args: argparse.Namespace) -> int:
-    import redis
-
     from contracts.redis_keys import ARTIFACTS_KEY, active_version, index_key
+    from infra.redis_client import redis_client
     from infra.settings import get_settings
 
-    client = redis.Redis.from_url(get_settings().redis_url)
+    client = redis_client(get_settings())
     active = active_version(client)
     print(f"active: {active or '(none)'}")
     for version, path in sorted(client.hgetall(ARTIFACTS_KEY).items()):

@@ -79,7 +79,7 @@ class ItemSidFunction(KeyedProcessFunction):
     def open(self, runtime_context: RuntimeContext) -> None:
         import sys
 
-        import redis
+        from infra.redis_client import redis_from_url
 
         # Feast imports torch when installed (slow, large); nothing here needs it (see user_state_fn)
         sys.modules.setdefault("torch", None)
@@ -87,7 +87,7 @@ class ItemSidFunction(KeyedProcessFunction):
         from jobs.common import _JobSettings
         from jobs.item_semantic_ids_logic import ItemBatcher, feast_item_writer, follow_active
 
-        self.redis = redis.Redis.from_url(self.redis_url)
+        self.redis = redis_from_url(self.redis_url)
         feast = open_feature_store(_JobSettings(redis_override=self.redis_url), repo=self.feature_repo)
         # loads the artifact once per worker, seeds its dedup store + index, activates it if none is active,
         # then follows ugt:sid:active (a backfill's flip) batch by batch

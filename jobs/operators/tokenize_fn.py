@@ -40,11 +40,10 @@ class TokenizeFunction(ProcessFunction):
         serde = AvroSerde(SchemaRegistryClient(self.registry_url))
         sids = None
         if self.redis_url:
-            import redis
-
+            from infra.redis_client import redis_from_url
             from jobs.sid_cache import SemanticIdCache
 
-            sids = SemanticIdCache(redis.Redis.from_url(self.redis_url), version=self.sid_version or None)
+            sids = SemanticIdCache(redis_from_url(self.redis_url), version=self.sid_version or None)
         self.tokenizer = EventTokenizer(serde, self.tokens_topic, self.dlq_topic, rules=self.rules, sids=sids)
         self.metrics = runtime_context.get_metrics_group().add_group("ugt")
         self.counts = CounterBatch({"processed": self.metrics.counter("processed"),

@@ -110,7 +110,7 @@ class UserStateFunction(KeyedProcessFunction):
     def open(self, runtime_context: RuntimeContext) -> None:
         import sys
 
-        import redis
+        from infra.redis_client import redis_from_url
 
         # Feast imports torch at import time when it is installed (~10 s and ~300 MB per Python worker on the
         # 2-core box); nothing in this worker uses it, so make that import fail fast (feast handles it).
@@ -136,7 +136,7 @@ class UserStateFunction(KeyedProcessFunction):
         self.store = _FlinkStore(*(runtime_context.get_state(d) for d in descriptors),
                                  runtime_context.get_list_state(log))
         store = open_feature_store(_JobSettings(redis_override=self.redis_url), repo=self.feature_repo)
-        self.redis = redis.Redis.from_url(self.redis_url)
+        self.redis = redis_from_url(self.redis_url)
         writer = OnlineStateWriter(
             feast_direct_writer(store) if self.feast_write == "direct" else feast_row_writer(store),
             redis_popularity_writer(self.redis, ttl_s=max(1, self.config.state_ttl_ms // 1000)),

@@ -200,6 +200,11 @@ def test_redis_modes(rendered: dict[str, list[dict]]) -> None:
         assert len(feast["connection_string"].split(",")) == nodes
         jobs = {j["metadata"]["name"] for j in of_kind(objects, "Job")}
         assert ("ugt-redis-cluster-create" in jobs) == (nodes > 1) and "ugt-feast-apply" in jobs
+        serving = [c for d in of_kind(objects, "Deployment") for c in d["spec"]["template"]["spec"]["containers"]
+                   if c["name"] == "serving"]
+        url = {e["name"]: e.get("value") for e in serving[0]["env"]}["UGT_REDIS_URL"]
+        # the jobs and serving open a cluster client for every node (infra/redis_client.py), as Feast does
+        assert url == ("redis+cluster://" + feast["connection_string"] if nodes > 1 else "redis://ugt-redis:6379/0")
 
 
 def test_feast_config_is_the_repos_with_the_release_redis(default_objects: list[dict]) -> None:

@@ -24,7 +24,7 @@ from confluent_kafka.admin import AdminClient
 from test_user_state_exactly_once import ensure_feast_applied, online_rows, popularity, wait_for
 
 from contracts.datasets import load_dataset, user_events
-from contracts.redis_keys import popularity_key
+from contracts.redis_keys import applied_key, popularity_key
 from contracts.tokenizer import tokenize_event
 from contracts.user_state_rule import (
     FEATURE_NAMES,
@@ -131,4 +131,4 @@ def test_stop_with_savepoint_then_resume_keeps_the_state(stack: Settings, tmp_pa
                 jobs_cli.cancel(base, jid)
             except jobs_cli.JobsError:
                 pass  # already finished
-        client.delete(popularity_key(domain), *client.scan_iter(f"ugt:popularity-applied:{domain}:*", count=1000))
+        client.delete(popularity_key(domain), *client.scan_iter(applied_key(domain, "*"), count=1000))

@@ -30,7 +30,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from user_state_exactly_once_cluster import PrivateFlinkCluster
 
 from contracts.datasets import load_dataset, user_events
-from contracts.redis_keys import popularity_key
+from contracts.redis_keys import applied_key, popularity_key
 from contracts.tokenizer import tokenize_event
 from contracts.user_state_rule import (
     FEATURE_NAMES,
@@ -237,4 +237,4 @@ def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path
         for jid in jobs:
             cluster.cancel(jid)
         cluster.stop()
-        client.delete(popularity_key(domain), *client.scan_iter(f"ugt:popularity-applied:{domain}:*", count=1000))
+        client.delete(popularity_key(domain), *client.scan_iter(applied_key(domain, "*"), count=1000))

@@ -219,7 +219,7 @@ def test_artifact_version_keys_and_check_artifact(artifact, tmp_path):
     art, path = artifact
     version = artifact_version(path)
     assert len(version) == 16 and version == artifact_version(path / "manifest.json")
-    assert index_key(version) == f"ugt:sid:index:{version}" and item_key(version) == f"ugt:sid:item:{version}"
+    assert index_key(version) == f"ugt:sid:index:{{{version}}}" and item_key(version) == f"ugt:sid:item:{{{version}}}"
     assert check_artifact(str(path)) == str(path)
     with pytest.raises(JobSetupError, match="no such file"):
         check_artifact(str(tmp_path / "missing"))

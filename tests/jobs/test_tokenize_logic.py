@@ -208,7 +208,7 @@ def test_tokens_carry_semantic_ids_and_unknown_items_pass_or_die(serde: AvroSerd
     assert token.semantic_ids == () and token.sid_version == ""
     strict = EventTokenizer(serde, TOKENS, DLQ, clock=lambda: NOW_S, sids=sids, rules=Rules(unknown_items="dlq"))
     code, reason = dead(strict, unknown)
-    assert code == "UNKNOWN_ITEM" and "item5" in reason and "ugt:sid:item:v1" in reason
+    assert code == "UNKNOWN_ITEM" and "item5" in reason and "ugt:sid:item:{v1}" in reason
     assert strict.process(known, RAW, 0, 3).dead is None
 
 

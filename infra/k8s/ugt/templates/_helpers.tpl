@@ -38,9 +38,14 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- printf "http://%s-schema-registry:%d/apis/ccompat/v7" (include "ugt.fullname" .) (int .Values.schemaRegistry.port) -}}
 {{- end -}}
 
-{{/* Redis URL of the jobs and serving (UGT_REDIS_URL): the cluster's Service or the standalone master. */}}
+{{/* Redis URL of the jobs and serving (UGT_REDIS_URL): a Redis Cluster's nodes as redis+cluster://host:port,...
+     (infra/redis_client.py opens a cluster client for it), or the standalone master. */}}
 {{- define "ugt.redisUrl" -}}
+{{- if eq .Values.redis.mode "cluster" -}}
+{{- printf "redis+cluster://%s" (include "ugt.feastConnection" .) -}}
+{{- else -}}
 {{- printf "redis://%s-redis:%d/0" (include "ugt.fullname" .) (int .Values.redis.port) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Feast's connection_string: every node of a Redis Cluster (the client discovers the slots), or the master. */}}
