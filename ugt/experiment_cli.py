@@ -49,9 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def rows_from_redis(url: str, experiment: str) -> list[dict[str, Any]]:
     import redis
 
+    from infra.redis_client import redis_from_url
     from jobs.feedback_join_logic import metrics_from_redis
 
-    client = redis.Redis.from_url(url, socket_timeout=5)
+    client = redis_from_url(url, socket_timeout=5)
     try:
         return metrics_from_redis(client, experiment)
     except redis.RedisError as exc:

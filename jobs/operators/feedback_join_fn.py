@@ -220,13 +220,13 @@ class ArmMetricsFunction(KeyedProcessFunction):
         self.state_ttl_ms = state_ttl_ms
 
     def open(self, runtime_context: RuntimeContext) -> None:
-        import redis
+        from infra.redis_client import redis_from_url
 
         descriptor = ValueStateDescriptor("arm", Types.PICKLED_BYTE_ARRAY())
         descriptor.enable_time_to_live(_ttl(self.state_ttl_ms))
         self.state = runtime_context.get_state(descriptor)
         self.aggregator = ArmAggregator(self.config)
-        self.redis = redis.Redis.from_url(self.redis_url) if self.redis_url else None
+        self.redis = redis_from_url(self.redis_url) if self.redis_url else None  # a Redis Cluster URL too
         self.group = runtime_context.get_metrics_group().add_group("ugt")
         self.windows = self.group.counter("windows_emitted")
         self.dropped = self.group.counter("late_outcomes")
