@@ -22,7 +22,7 @@ from serving.http_models import REQUEST_EXAMPLES, ErrorResponse, RecommendReques
 from serving.metrics import ServingMetrics
 from serving.ratelimit import RateLimiter
 
-ENDPOINTS = ("/recommend", "/health", "/metrics", "/docs", "/openapi.json")
+ENDPOINTS = ("/recommend", "/health", "/metrics", "/docs", "/openapi.json", "/similar")
 
 
 def error_response(
@@ -163,7 +163,8 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         status = {"code": 500}
-        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        path = "/similar" if scope["path"].startswith("/similar/") else scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
 
         async def counting_send(message: dict) -> None:
             if message["type"] == "http.response.start":

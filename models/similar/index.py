@@ -118,7 +118,8 @@ class SimilarIndex:
             index.add(np.ascontiguousarray(vectors[start : start + CHUNK]))
             if progress is not None:
                 progress(len(vectors[start : start + CHUNK]))
-        return cls(index, list(tables.item_ids), vectors, tables, weights, config, dict(source or {}))
+        source = {**(source or {}), "semantic_ids_version": tables.sid_version}
+        return cls(index, list(tables.item_ids), vectors, tables, weights, config, source)
 
     # -- queries ---------------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -203,7 +204,8 @@ class SimilarIndex:
                 item_ids=arrays["trained_ids"].tolist(), collab=arrays.get("collab"),
                 genre_table=arrays.get("genre_table"), genres=arrays["genres"], year_table=arrays.get("year_table"),
                 years=arrays["years"], code_table=arrays.get("code_table"), codes=arrays.get("codes"),
-                codebook_sizes=list(manifest["codebook_sizes"]), genre_names=list(manifest["genre_names"]))
+                codebook_sizes=list(manifest["codebook_sizes"]), genre_names=list(manifest["genre_names"]),
+                sid_version=str((manifest.get("source") or {}).get("semantic_ids_version") or ""))
             config = IndexConfig(**{f.name: manifest["config"][f.name] for f in fields(IndexConfig)})
             weights = VectorWeights(**manifest["weights"])
         except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:

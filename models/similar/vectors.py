@@ -45,6 +45,7 @@ class ItemTables:
     codes: np.ndarray | None = None  # (V + 1, L) shifted codes
     codebook_sizes: list[int] = field(default_factory=list)
     genre_names: list[str] = field(default_factory=list)
+    sid_version: str = ""  # the semantic-ID artifact version the codes come from (whose feed brings new items)
 
     @property
     def dim(self) -> int:
@@ -94,6 +95,7 @@ class ItemTables:
             codes=state["embed.item_codes"].cpu().numpy().astype(np.int64) if with_codes else None,
             codebook_sizes=[int(k) for k in ckpt.get("codebook_sizes") or []] if with_codes else [],
             genre_names=[str(g) for g in meta.get("genre_names", [])],
+            sid_version=str(ckpt.get("semantic_ids_version") or "") if with_codes else "",
         )
 
     # -- content ---------------------------------------------------------------------------------------
