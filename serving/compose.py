@@ -245,6 +245,8 @@ def engine_main(runtime: Runtime, restarts: int, *, path: str | None = None, soc
         metrics.engine_restarts.inc(restarts)  # the engine alone counts them: added up across processes once
     runtime.service.use_metrics(metrics)
     start_background(runtime.live)  # the feed threads run where the models serve
+    if runtime.components.similar is not None and config.similar_candidates:
+        runtime.components.similar.start_background()  # the candidate source's copy of the index
     limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps else None
     refused = {reason: metrics.engine_refused.labels(reason) for reason in ("queue_full", "rate_limited")}
     core = EngineCore(runtime.service.run_batch, max_size=config.batch_max_size,

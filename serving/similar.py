@@ -81,11 +81,15 @@ class SimilarItems:
     def size(self) -> int:
         return len(self.index.item_ids)
 
+    def start_background(self) -> None:
+        """Follow the new-item feed in this process (the HTTP process for /similar, the engine for /recommend)."""
+        if self.live is not None:
+            self.live.ensure_started(self._code_of)
+
     def refresh(self) -> int:
-        """Index the items the feed brought since the last call (starting the feed thread in this process)."""
+        """Index the items the feed brought since the last call; returns how many."""
         if self.live is None:
             return 0
-        self.live.ensure_started(self._code_of)
         new = self.live.take()
         if new is None:
             return 0
