@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node")
     build.add_argument("--ef-construction", type=int, default=200, help="HNSW build-time beam")
     build.add_argument("--ef-search", type=int, default=128, help="HNSW query-time beam")
-    build.add_argument("--ivf-lists", type=int, default=0, help="IVF lists (0: 4 * sqrt(items))")
+    build.add_argument("--ivf-lists", type=int, default=0, help="IVF lists (0: 4 * sqrt(items), at most items / 39)")
     build.add_argument("--ivf-probe", type=int, default=8, help="IVF lists searched per query")
     build.add_argument("--collab-weight", type=float, default=1.0, help="weight of the ID-row half")
     build.add_argument("--content-weight", type=float, default=1.0, help="weight of the content half")

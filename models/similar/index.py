@@ -42,7 +42,7 @@ class IndexConfig:
     hnsw_m: int = 32
     ef_construction: int = 200
     ef_search: int = 128
-    ivf_lists: int = 0  # 0: 4 * sqrt(items), at least 1
+    ivf_lists: int = 0  # 0: 4 * sqrt(items), at most items / 39
     ivf_probe: int = 8
 
     def __post_init__(self) -> None:
@@ -59,7 +59,8 @@ def make_index(dim: int, config: IndexConfig, train: np.ndarray) -> faiss.Index:
         index.hnsw.efConstruction = config.ef_construction
         index.hnsw.efSearch = config.ef_search
         return index
-    lists = config.ivf_lists or max(1, int(4 * np.sqrt(len(train))))
+    # 4 * sqrt(n) lists, but at least 39 training points per list (faiss's k-means minimum)
+    lists = config.ivf_lists or max(1, min(int(4 * np.sqrt(len(train))), len(train) // 39))
     lists = min(lists, len(train))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
     index.train(np.ascontiguousarray(train, np.float32))
