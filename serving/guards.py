@@ -50,7 +50,7 @@ async def validation_error(_request: Request | None, exc: Exception) -> JSONResp
             )
     errors = []
     for problem in problems:
-        field = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
+        field = ".".join(str(part) for part in problem.get("loc", ()) if part not in ("body", "query", "path")) or "body"
         text = str(problem.get("msg", "invalid"))
         if field == "body" and problem.get("type") in ("model_attributes_type", "model_type"):
             text = "must be a JSON object sent as Content-Type: application/json, like " + json.dumps(
