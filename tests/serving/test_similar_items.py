@@ -189,3 +189,19 @@ def test_the_index_follows_the_new_item_feed(tmp_path):
     assert not vector[:dim].any() and vector[dim:].any()  # placed by content alone
     assert similar.index.tables.shift_codes(np.array([code])).tolist() == [[code[0] + 1, 0]]  # the unseen part dropped
     assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["items"] == n  # the file is unchanged
+
+
+def test_the_cli_queries_an_index_and_says_what_is_wrong(generator, index_dir, tmp_path, capsys):
+    item = generator.index_to_item[10]
+    assert ugt_main(["similar", "query", str(index_dir), item, "--k", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert [line.split()[0] for line in printed.splitlines()[2:]] == [
+        i for i, _ in SimilarIndex.load(index_dir).neighbours(item, 3)]
+    assert ugt_main(["similar", "query", str(index_dir), "no-such-movie"]) == 1
+    assert "is not in the index" in capsys.readouterr().err
+    assert ugt_main(["similar", "query", str(tmp_path), item]) == 1
+    assert "has no manifest.json" in capsys.readouterr().err
+    assert ugt_main(["similar", "build", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path)]) == 1
+    with pytest.raises(SystemExit) as done:
+        ugt_main(["similar", "build", "--help"])
+    assert done.value.code == 0 and "--checkpoint" in capsys.readouterr().out
