@@ -14,6 +14,7 @@ neighbours alone answer.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -48,6 +49,8 @@ class SimilarItems:
         self.index = index
         self.version = str(index.source.get("checkpoint_sha256", ""))[:8] or "v1"
         self._lock = threading.Lock()
+        # an engine forked while a request thread holds a lock would wait on it forever: the child starts unlocked
+        os.register_at_fork(after_in_child=self._fresh_locks)
         self.live: LiveCatalog | None = None
         tables = index.tables
         if live_items > 0 and redis_factory is not None and tables.embeds_new_items:
@@ -58,6 +61,11 @@ class SimilarItems:
                 redis_factory, trained_codes=trained, codebook_sizes=tables.codebook_sizes,
                 genre_names=tables.genre_names, known=list(index.item_ids), slots=live_items,
                 wanted_version=sid_version or tables.sid_version or None, with_trie=False)
+
+    def _fresh_locks(self) -> None:
+        self._lock = threading.Lock()
+        if self.live is not None:
+            self.live._lock = threading.Lock()  # the feed thread does not survive the fork; its lock must not either
 
     @classmethod
     def load(cls, folder: str | Path, **options: Any) -> SimilarItems:

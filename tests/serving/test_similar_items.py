@@ -5,6 +5,8 @@ and popularity only."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -160,9 +162,8 @@ def test_merge_by_rank_and_candidates():
     assert merged[0].score == pytest.approx(1 / 63 + 1 / 61)
 
 
-def test_the_index_follows_the_new_item_feed(tmp_path):
-    from test_live_items import FakeRedis, announce
-
+def synthetic_index(folder: Path) -> tuple[ItemTables, int, int]:
+    """300 items with two-level codes (second level 0..3 of 8 used) saved as an index at ``folder``."""
     rng = np.random.default_rng(0)
     dim, n = 8, 300
     codes = np.stack([rng.integers(0, 4, n + 1), rng.integers(0, 4, n + 1)], axis=1) + np.array([0, 4]) + 1
@@ -172,7 +173,26 @@ def test_the_index_follows_the_new_item_feed(tmp_path):
                         year_table=rng.normal(size=(5, dim)), years=rng.integers(1, 5, n + 1),
                         code_table=rng.normal(size=(13, dim)), codes=codes, codebook_sizes=[4, 8],
                         genre_names=["Action", "Comedy", "Drama"], sid_version="v1")
-    SimilarIndex.build(tables).save(tmp_path / "idx")
+    SimilarIndex.build(tables).save(folder)
+    return tables, n, dim
+
+
+def test_a_forked_engine_does_not_inherit_a_held_lock(tmp_path):
+    synthetic_index(tmp_path / "idx")
+    similar = SimilarItems.load(tmp_path / "idx", live_items=5, redis_factory=lambda: None)
+    with similar._lock:  # a request thread searching while the engine is forked again
+        child = os.fork()
+        if child == 0:  # the engine: its first query must not wait on the parent's lock (SIGALRM kills it if so)
+            signal.alarm(20)
+            os._exit(0 if len(similar.neighbours("i1", 3)) == 3 else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_index_follows_the_new_item_feed(tmp_path):
+    from test_live_items import FakeRedis, announce
+
+    tables, n, dim = synthetic_index(tmp_path / "idx")
     feed = FakeRedis()
     similar = SimilarItems.load(tmp_path / "idx", live_items=5, redis_factory=lambda: feed)
     assert similar.live is not None and similar.live.wanted_version == "v1"
