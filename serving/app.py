@@ -55,6 +55,8 @@ def _lifespan(runtime: Runtime):
         if runtime.engine == "thread":
             start_background(runtime.live)
         runtime.batcher.start()
+        if runtime.components.similar is not None:  # /similar answers here, whatever the engine (after its fork)
+            runtime.components.similar.start_background()
         yield
         runtime.batcher.close()
 

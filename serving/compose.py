@@ -32,6 +32,7 @@ from serving.metrics import ServingMetrics
 from serving.ratelimit import RateLimiter
 from serving.reranker import FilterReranker, Reranker, RuleReranker
 from serving.service import Components, RecommendService
+from serving.similar import SimilarItems
 from serving.user_state_reader import UserStateReader, read_many
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def build_components(settings: Settings, config: ServingConfig, client: redis.Re
     rerankers = _rerankers(config, client, settings)
     arm_routes = Experiments(config).routes()
     default = routes(config)[config.default_domain]
+    similar = _similar(config, settings) if config.similar_index else None
     return Components(
         state_reader=reader,
         generator=generators[default.name],
@@ -63,7 +65,22 @@ def build_components(settings: Settings, config: ServingConfig, client: redis.Re
         rerankers=rerankers if config.domains else {},
         arm_generators=_generators(config, fallback, settings, loaded, arm_routes),
         arm_rerankers=_rerankers(config, client, settings, arm_routes),
+        similar=similar,
     )
+
+
+def _similar(config: ServingConfig, settings: Settings) -> SimilarItems:
+    """The similar-items index the config names; a missing or corrupt folder is a ConfigError."""
+    from models.similar import SimilarIndexError
+
+    try:
+        similar = SimilarItems.load(config.similar_index, live_items=config.live_items,
+                                    redis_factory=_feed_client(settings), sid_version=config.sid_version)
+    except SimilarIndexError as exc:
+        raise ConfigError(f"similar_index: {exc}") from exc
+    log.info("similar items: %d items from %s%s", similar.size, config.similar_index,
+             " (new items join from the item job's feed)" if similar.live is not None else "")
+    return similar
 
 
 def _popularity(config: ServingConfig, client: redis.Redis) -> PopularityFallback:
@@ -229,6 +246,8 @@ def engine_main(runtime: Runtime, restarts: int, *, path: str | None = None, soc
         metrics.engine_restarts.inc(restarts)  # the engine alone counts them: added up across processes once
     runtime.service.use_metrics(metrics)
     start_background(runtime.live)  # the feed threads run where the models serve
+    if runtime.components.similar is not None and config.similar_candidates:
+        runtime.components.similar.start_background()  # the candidate source's copy of the index
     limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps else None
     refused = {reason: metrics.engine_refused.labels(reason) for reason in ("queue_full", "rate_limited")}
     core = EngineCore(runtime.service.run_batch, max_size=config.batch_max_size,
@@ -297,6 +316,8 @@ def compose(settings: Settings, config: ServingConfig, components: Components | 
         metrics.watch_kv_caches(kv_caches(components, config))
         metrics.watch_live_items(live)
     service = RecommendService(config, components, metrics)
+    if components.similar is not None:
+        metrics.watch_similar(components.similar)
     if config.impressions:
         service.impressions = ImpressionPublisher(settings, metrics, config.impression_buffer,
                                                   config.impression_timeout_ms)

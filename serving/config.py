@@ -42,7 +42,7 @@ LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 STATE_READERS: tuple[str, ...] = get_args(StateReader)
 ENGINES: tuple[str, ...] = get_args(Engine)
 GENERATORS: tuple[str, ...] = get_args(Generator)
-PATH_KEYS = ("checkpoint", "popularity_file")  # relative to where they were written (module docstring)
+PATH_KEYS = ("checkpoint", "popularity_file", "similar_index")  # relative to where they were written (module docstring)
 
 
 class ConfigError(ValueError):
@@ -241,6 +241,11 @@ class ServingConfig:
     # the semantic-ID version whose feed to follow; "" = the checkpoint's (from `ugt train`), else the active one.
     # Either way the version's codes must match the checkpoint's
     sid_version: Text = ""
+    similar_index: Text = ""  # a `ugt similar build` folder: GET /similar/{item_id} and the source below; "" = off
+    # /recommend: merge this many neighbours of the user's last items into the model's list for users with fewer
+    # than similar_max_events events (a first session); 0 = off. Needs similar_index
+    similar_candidates: Int = Field(0, ge=0, le=10_000)
+    similar_max_events: Int = Field(3, ge=1, le=100_000)
     batch_max_wait_ms: Float = Field(1.0, ge=0, le=1000)  # how long the first request of a batch waits for company
     # thread: the batcher is a thread beside the event loop (one GIL); process: the built service is forked into
     # an engine process with its own GIL, and the server process only does HTTP (serving/engine_process.py);
@@ -300,6 +305,10 @@ class ServingConfig:
             out += _checkpoint_problems("checkpoint", self.checkpoint)
         if self.popularity_file and not Path(self.popularity_file).is_file():
             out.append(f"popularity_file: no such file {self.popularity_file!r}")
+        if self.similar_index and not Path(self.similar_index).is_dir():
+            out.append(f"similar_index: no such folder {self.similar_index!r} (build one with `ugt similar build`)")
+        if self.similar_candidates and not self.similar_index:
+            out.append("similar_candidates: needs similar_index (a `ugt similar build` folder)")
         needed = MAX_K + self.max_exclude + self.max_history
         if self.popularity_cache_size < needed:
             out.append(

@@ -13,6 +13,8 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 from serving.user_state_reader import UserStateView
 
+NO_KNOWN_ITEMS = "no_known_items"  # fallback reason: the model knows none of the user's items
+
 
 class ScoredItem(NamedTuple):
     """One answer item. A named tuple, not a frozen dataclass: a model answer builds k of them per request,

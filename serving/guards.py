@@ -22,7 +22,7 @@ from serving.http_models import REQUEST_EXAMPLES, ErrorResponse, RecommendReques
 from serving.metrics import ServingMetrics
 from serving.ratelimit import RateLimiter
 
-ENDPOINTS = ("/recommend", "/health", "/metrics", "/docs", "/openapi.json")
+ENDPOINTS = ("/recommend", "/health", "/metrics", "/docs", "/openapi.json", "/similar")
 
 
 def error_response(
@@ -50,7 +50,7 @@ async def validation_error(_request: Request | None, exc: Exception) -> JSONResp
             )
     errors = []
     for problem in problems:
-        field = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
+        field = ".".join(str(part) for part in problem.get("loc", ()) if part not in ("body", "query", "path")) or "body"
         text = str(problem.get("msg", "invalid"))
         if field == "body" and problem.get("type") in ("model_attributes_type", "model_type"):
             text = "must be a JSON object sent as Content-Type: application/json, like " + json.dumps(
@@ -163,7 +163,8 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         status = {"code": 500}
-        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        path = "/similar" if scope["path"].startswith("/similar/") else scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
 
         async def counting_send(message: dict) -> None:
             if message["type"] == "http.response.start":

@@ -170,3 +170,12 @@ class HealthResponse(BaseModel):
     )
     model: str
     checks: dict[str, CheckOut]
+
+
+class SimilarResponse(BaseModel):
+    """GET /similar/{item_id}: the items nearest to one item in the similar-items index, best first."""
+
+    item_id: str
+    items: list[ScoredItemOut] = Field(description="Nearest items by inner product of the index vectors "
+                                       "(collaborative + content halves), never the item itself.")
+    model: str = Field(description="The index: similar-<first 8 hex digits of its checkpoint's sha256>.")

@@ -109,6 +109,12 @@ class ServingMetrics:
             "Round trips to the state store (one per batch with a batched reader; one per user without).",
             registry=self.registry,
         )
+        self.similar_answers = Counter(
+            "ugt_serving_similar_answers",
+            "/recommend answers the similar-items source took part in, by how (merged, alone).",
+            ["how"],
+            registry=self.registry,
+        )
         self.state_users = Counter(
             "ugt_serving_state_users",
             "Users whose state was read (divided by state_round_trips: users per round trip).",
@@ -134,6 +140,12 @@ class ServingMetrics:
         )
         for reason in ("buffer_full", "kafka_error", "registry_error", "encode_error"):
             self.impressions_dropped.labels(reason)
+
+    def watch_similar(self, similar: object) -> None:
+        """The similar-items index's size, read at scrape time (it grows as new items arrive)."""
+        gauge = Gauge("ugt_serving_similar_items", "Items in the similar-items index (trained + arrived since).",
+                      registry=self.registry)
+        gauge.set_function(lambda: float(similar.size))  # type: ignore[attr-defined]
 
     def watch_kv_caches(self, caches: dict[str, object]) -> None:
         """Expose each UGT generator's prefix-cache hits, appends, misses and bytes (read at scrape time, by domain)."""

@@ -11,8 +11,9 @@ import logging
 import time
 from typing import Any
 
+import orjson
 import redis
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -39,13 +40,16 @@ from serving.guards import (
     validation_error,
 )
 from serving.http_models import (
+    MAX_K,
     REQUEST_EXAMPLES,
     ErrorResponse,
     HealthResponse,
     RecommendRequest,
     RecommendResponse,
+    SimilarResponse,
 )
 from serving.service import ENGINE_UNAVAILABLE, OVERLOADED, TIMEOUT, Answer, Components, UnknownDomain
+from serving.similar import UnknownItem
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +229,42 @@ def add_routes(app: FastAPI, runtime: Runtime) -> RecommendRoute:
             body = metrics.render()
         return Response(content=body, media_type=metrics.content_type)
 
+    add_similar_route(app, runtime, route.guards)
     add_openapi(app)
     return route
+
+
+def add_similar_route(app: FastAPI, runtime: Runtime, guards: RequestGuards) -> None:
+    """GET /similar/{item_id}?k=N: 404 for an item the index does not hold (or no index), 422 for a bad k."""
+    similar = runtime.components.similar
+    errors = {401: {"model": ErrorResponse, "description": "Missing or unknown X-API-Key (when api_keys are set)."},
+              404: {"model": ErrorResponse, "description": "The item is not in the index, or no index is served."},
+              422: {"model": ErrorResponse, "description": "k is not a whole number in 1..1000."},
+              429: {"model": ErrorResponse, "description": "Rate limit of the API key exceeded; see Retry-After."}}
+
+    @app.get("/similar/{item_id}", response_model=SimilarResponse, responses=errors,
+             openapi_extra={"parameters": [KEY_HEADER]})
+    def similar_items(http: Request, item_id: str = Path(description="An item id of the catalog."),
+                      k: int = Query(10, ge=1, le=MAX_K, description="How many items to return.")) -> Response:
+        """The k items nearest to an item in the similar-items index (serving key similar_index)."""
+        key = http.headers.get("x-api-key")
+        if guards.api_keys and key not in guards.api_keys:
+            what = "missing" if key is None else "unknown"
+            return guards.refuse("unauthorized", 401, f"X-API-Key header {what}: send one of the service's API keys")
+        if guards.limiter is not None:
+            wait = guards.limiter.acquire(key or (http.client.host if http.client else None) or "anonymous")
+            if wait > 0:
+                return guards.rate_limited(wait)
+        if similar is None:
+            return guards.refuse("not_found", 404, "similar items are not served here: set the serving key "
+                                 "similar_index to a `ugt similar build` folder")
+        try:
+            items = similar.neighbours(item_id, k)
+        except UnknownItem as exc:
+            return guards.refuse("not_found", 404, str(exc))
+        body = {"item_id": item_id, "items": [{"item_id": i.item_id, "score": i.score} for i in items],
+                "model": f"{similar.name}-{similar.version}"}
+        return Response(content=orjson.dumps(body), media_type="application/json")
 
 
 def add_openapi(app: FastAPI) -> None:

@@ -25,10 +25,18 @@ from serving.batcher import Queued
 from serving.config import DomainConfig, ServingConfig, routes
 from serving.experiments import Assignment, Experiments
 from serving.fallback import NoPopularity, PopularityFallback
-from serving.generator import GenerationRequest, Generator, NoModelAnswer, ScoredItem, has_batch
+from serving.generator import (
+    NO_KNOWN_ITEMS,
+    GenerationRequest,
+    Generator,
+    NoModelAnswer,
+    ScoredItem,
+    has_batch,
+)
 from serving.http_models import RecommendRequest, RecommendResponse
 from serving.metrics import STAGES, ServingMetrics
 from serving.reranker import Reranker
+from serving.similar import SimilarItems, merge_by_rank
 from serving.user_state_reader import BadState, StateUnavailable, UserStateReader, UserStateView, read_many
 
 log = logging.getLogger(__name__)
@@ -76,6 +84,7 @@ class Components:
     # (domain, experiment, arm) -> the arm's own model / rules; an arm without an entry uses its domain's
     arm_generators: dict[tuple[str, str, str], Generator] = field(default_factory=dict)
     arm_rerankers: dict[tuple[str, str, str], Reranker] = field(default_factory=dict)
+    similar: SimilarItems | None = None  # the similar-items index (GET /similar; similar_candidates)
 
 
 @dataclass
@@ -350,6 +359,34 @@ class RecommendService:
                 out.append(exc)
         return out
 
+    def _add_similar(self, jobs: list[_Job]) -> None:
+        """First sessions (fewer than similar_max_events events): the neighbours of the user's last items merged
+        with the model's list by rank, or alone when the model knows none of the user's items."""
+        similar, wanted = self.parts.similar, self.config.similar_candidates
+        if similar is None or not wanted:
+            return
+        for job in jobs:
+            state = job.state
+            if state is None or len(state.item_ids) >= self.config.similar_max_events:
+                continue
+            if job.candidates is None and job.reason != NO_KNOWN_ITEMS:
+                continue  # the state or the model failed: the fallback's answer, as without this source
+            try:
+                found = similar.candidates(state.item_ids, wanted, self._seen(job))
+            except Exception as exc:  # an index fault must not fail the request: the model's answer stands
+                self._log_sometimes(logging.ERROR, "similar_error", "similar items failed: %r", exc)
+                continue
+            if not found:
+                continue
+            if job.candidates is None:
+                job.candidates, job.reason = found, None
+                job.model = f"{similar.name}-{similar.version}"
+                self.metrics.similar_answers.labels("alone").inc()
+            else:
+                job.candidates = merge_by_rank(job.candidates, found, self._candidates_wanted(job) + wanted)
+                job.model = f"{job.model}+{similar.name}"
+                self.metrics.similar_answers.labels("merged").inc()
+
     def _no_answer(self, domain: str, exc: NoPopularity) -> NoPopularity | UnknownDomain:
         """Nothing to answer with: the client's error (UnknownDomain, 422) when the domain is neither routed nor
         known to any popularity source that answered, else the server's (NoPopularity, 503)."""
@@ -383,6 +420,7 @@ class RecommendService:
         self._read_states(live)
         after_state = time.perf_counter()
         self._generate(live)
+        self._add_similar(live)
         for job in jobs:
             if job.candidates is None and job.error is None:
                 self._fall_back(job)

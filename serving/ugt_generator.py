@@ -25,12 +25,11 @@ from contracts.tokenizer import time_gap_bucket
 from models.data import history_row, time_gap_bucket_array
 from models.eval import batch_to_device, last_states
 from models.ugt.inference import InferenceConfig, UGTInference, prefix_fingerprint
-from serving.generator import BatchAnswer, GenerationRequest, NoModelAnswer, ScoredItem
+from serving.generator import NO_KNOWN_ITEMS, BatchAnswer, GenerationRequest, NoModelAnswer, ScoredItem
 from serving.live_items import LiveCatalog
 from serving.user_state_reader import UserStateView
 
 log = logging.getLogger("ugt.serving.ugt_generator")
-NO_KNOWN_ITEMS = "no_known_items"  # fallback reason: none of the user's history items is in the model's vocab
 HASH_CHARS = 8
 
 

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serving.cli", "run the /recommend HTTP service"),
     "semantic-ids": ("ugt.semantic_ids_cli", "build semantic IDs (encoders + RQ-VAE / RQ-k-means + dedup) or report on an artifact"),
     "train": ("ugt.train_cli", "train semantic IDs and the UGT generator from a YAML config"),
+    "similar": ("ugt.similar_cli", "build a similar-items index (faiss over a trained model's item vectors) or query one"),
     "eval": ("ugt.eval_cli", "evaluate a trained model with the HSTU protocol (full ranking, leave-one-out)"),
     "experiment": ("ugt.experiment_cli", "read out an A/B experiment: per-arm CTR with intervals, lift, p-value, sample-ratio check"),
     "demo": ("ugt.demo", "the main job end to end: stack up, fetch ML-1M, replay, jobs, query /recommend"),
