@@ -124,3 +124,14 @@ def test_report_says_when_the_serving_url_is_wrong(monkeypatch, capsys, serving_
     monkeypatch.setattr(experiment_cli, "rows_from_redis", lambda url, name: [])
     assert experiment_cli.run(parse(["--serving-url", serving_url + "/nothing"])) == 1
     assert f"serving metrics at {serving_url}/nothing are unreachable" in capsys.readouterr().err
+
+
+def test_the_command_bench_ab_sim_prints_is_one_the_cli_accepts():
+    from bench.ab_sim import report_command
+
+    command = report_command("ab-1234", "http://127.0.0.1:8000")
+    assert command[:3] == ["ugt", "experiment", "report"]
+    parser = argparse.ArgumentParser()
+    experiment_cli.add_arguments(parser)
+    args = parser.parse_args(command[2:])
+    assert (args.name, args.shares, args.serving_url) == ("ab-1234", "control=0.5,treatment=0.5", "http://127.0.0.1:8000")
