@@ -203,7 +203,7 @@ def report_json(experiment: str, serving_url: str | None = None) -> dict[str, An
     import json
     import subprocess
 
-    out = subprocess.run([sys.executable, "-m", *report_command(experiment, serving_url)[1:], "--json"],
+    out = subprocess.run([sys.executable, "-m", *report_command(experiment, serving_url), "--json"],
                          capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         raise SystemExit(f"bench.ab_sim: ugt experiment report failed: {out.stderr[-2000:]}")
