@@ -192,22 +192,28 @@ def wait_metrics(settings: Any, experiment: str, expected_impressions: int, time
     return rows
 
 
-def report_json(experiment: str) -> dict[str, Any]:
-    """`ugt experiment report NAME --json`, the CLI a person would run (bench may not import ugt/)."""
+def report_command(experiment: str, serving_url: str | None = None) -> list[str]:
+    """`ugt experiment report NAME`, the CLI a person would run (bench may not import ugt/)."""
+    command = ["ugt", "experiment", "report", experiment, "--shares", f"{CONTROL}=0.5,{TREATMENT}=0.5"]
+    return command + (["--serving-url", serving_url] if serving_url else [])
+
+
+def report_json(experiment: str, serving_url: str | None = None) -> dict[str, Any]:
+    """The readout as JSON, with each arm's serving p99 and failures while the service still runs."""
     import json
     import subprocess
 
-    shares = f"{CONTROL}=0.5,{TREATMENT}=0.5"
-    out = subprocess.run([sys.executable, "-m", "ugt", "experiment", "report", experiment, "--json", "--shares", shares],
+    out = subprocess.run([sys.executable, "-m", *report_command(experiment, serving_url), "--json"],
                          capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         raise SystemExit(f"bench.ab_sim: ugt experiment report failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout)
 
 
-def readout(experiment: str, rows: list[dict], sim: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def readout(experiment: str, rows: list[dict], sim: dict[str, Any], args: argparse.Namespace,
+            serving_url: str | None = None) -> dict[str, Any]:
     """Per arm: what the stream measured beside what the simulator did; the test and whether the lift came back."""
-    result = report_json(experiment)
+    result = report_json(experiment, serving_url)
     clicked = {arm: sum(r["clicked"] for r in rows if r["arm"] == arm) for arm in (CONTROL, TREATMENT)}
     arms = {}
     for arm in result["arms"]:
@@ -220,6 +226,7 @@ def readout(experiment: str, rows: list[dict], sim: dict[str, Any], args: argpar
             "simulated": {"impressions": truth.get("impressions", 0), "clicked": truth.get("clicked", 0),
                           "users": sim["users_per_arm"].get(name, 0)},
             "measured_clicked": clicked.get(name, 0),
+            "serving": ((result.get("serving") or {}).get("arms") or {}).get(name),  # p99_s, fallback/error rate
             "planted_click_p": args.p_control * (1 + (args.lift if name == TREATMENT else 0.0)),
         }
         if "vs_control" in arm:
@@ -262,11 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         in_experiment = sum(v["impressions"] for k, v in sim["truth"].items() if k != "none")
         rows = wait_metrics(settings, experiment, in_experiment, args.timeout)
         metrics_delay = time.monotonic() - flushed
+        results = readout(experiment, rows, sim, args, f"http://127.0.0.1:{server.port}")
     finally:
         server.stop()
         for jid in jids:
             cancel(settings.flink_rest_url, jid)
-    results = readout(experiment, rows, sim, args)
     results.update({"requests": sim["requests"], "traffic_s": round(sim["traffic_s"], 1),
                     "requests_per_s": round(sim["requests"] / sim["traffic_s"], 1),
                     "flush_to_metrics_s": round(metrics_delay, 1), "windows": len(rows)})
@@ -282,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
               f"[{arm['ctr_ci'][0]:.4f}, {arm['ctr_ci'][1]:.4f}], simulated {arm['simulated']}")
     print(f"lift {results['measured_lift']}, p {results['p_value']}, SRM p {results['srm_p_value']}, "
           f"recovered {results['planted_lift_recovered']}, exact {results['stream_equals_simulation']}")
+    print(f"the readout again (the metrics stay in Redis): {' '.join(report_command(experiment))}")
     return 0
 
 

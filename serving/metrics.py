@@ -32,12 +32,14 @@ STAGE_BUCKETS = (
     2.5,
 )
 STAGES = ("queue", "state", "generate", "rerank", "total")
+# How an experiment arm's /recommend request ended (the `outcome` label of ugt_serving_arm_requests_total).
+ARM_OUTCOMES = ("model", "fallback", "error")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class ServingMetrics:
     """Names (all prefixed ``ugt_serving_``): requests_total, stage_seconds, batch_size, fallbacks_total,
-    errors_total, popularity_source_total, impressions_published_total, impressions_dropped_total,
+    errors_total, popularity_source_total, arm_latency_seconds, arm_requests_total, impressions_published_total, impressions_dropped_total,
     kv_cache_lookups_total, kv_cache_bytes, engine_restarts_total, and for UGT models that
     follow new items: live_items, live_items_rejected_total, live_items_feed_errors_total, live_item_delay_seconds."""
 
@@ -121,8 +123,34 @@ class ServingMetrics:
             registry=self.registry,
         )
         self._impression_metrics()
+        self._arm_metrics()
         for stage in STAGES:  # expose every series from the start, so dashboards see zeros rather than gaps
             self.stage_seconds.labels(stage)
+
+    def _arm_metrics(self) -> None:
+        """Per experiment arm, so a readout can set an arm's latency and failures beside its CTR (impressions carry
+        neither, and a failed request has none): one series per configured arm, cardinality arms x outcomes."""
+        self.arm_latency = Histogram(
+            "ugt_serving_arm_latency_seconds",
+            "Seconds per /recommend answer of an experiment arm (stage total, the timeout fallback's included).",
+            ["experiment", "arm"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.arm_requests = Counter(
+            "ugt_serving_arm_requests",
+            "/recommend requests of an experiment arm by outcome: model (the arm's own answer), fallback (any "
+            "fallback reason), error (nothing to answer with, a 503).",
+            ["experiment", "arm", "outcome"],
+            registry=self.registry,
+        )
+
+    def watch_arms(self, arms: list[tuple[str, str]]) -> None:
+        """Expose every (experiment, arm) series from the start: a dashboard and the readout see zeros, not gaps."""
+        for experiment, arm in arms:
+            self.arm_latency.labels(experiment, arm)
+            for outcome in ARM_OUTCOMES:
+                self.arm_requests.labels(experiment, arm, outcome)
 
     def _impression_metrics(self) -> None:
         """The impression publisher's counters (serving/impressions.py), every reason exposed from the start."""

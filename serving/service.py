@@ -34,7 +34,7 @@ from serving.generator import (
     has_batch,
 )
 from serving.http_models import RecommendRequest, RecommendResponse
-from serving.metrics import STAGES, ServingMetrics
+from serving.metrics import ARM_OUTCOMES, STAGES, ServingMetrics
 from serving.reranker import Reranker
 from serving.similar import SimilarItems, merge_by_rank
 from serving.user_state_reader import BadState, StateUnavailable, UserStateReader, UserStateView, read_many
@@ -198,9 +198,28 @@ class RecommendService:
         self.metrics = metrics
         # labelled children looked up once: .labels() costs more than the observation itself
         self._stage_hist = {stage: metrics.stage_seconds.labels(stage) for stage in STAGES}
+        arms = [(exp.name, arm.name) for exp in self.config.experiments for arm in exp.arms]
+        metrics.watch_arms(arms)
+        self._arm_series = {
+            key: (metrics.arm_latency.labels(*key), {o: metrics.arm_requests.labels(*key, o) for o in ARM_OUTCOMES})
+            for key in arms
+        }
         self.parts.fallback.observer = lambda source: metrics.popularity_source.labels(source).inc()
         if getattr(self.impressions, "metrics", None) is not None:
             self.impressions.metrics = metrics  # type: ignore[union-attr]
+
+    def _observe_arm(self, job: _Job, outcome: str, seconds: float | None = None) -> None:
+        """Count the request in its arm (outcome model / fallback / error) and its latency; no arm, nothing."""
+        a = job.assignment
+        if a is None:
+            return
+        series = self._arm_series.get((a.experiment, a.arm))
+        if series is None:  # an arm outside the config (cannot happen: assignments come from it); never a 5xx
+            return
+        latency, outcomes = series
+        outcomes[outcome].inc()
+        if seconds is not None:
+            latency.observe(seconds)
 
     # -- routing ---------------------------------------------------------------------------------------
     def domain_of(self, request: RecommendRequest) -> str:
@@ -432,6 +451,7 @@ class RecommendService:
                 error = self._no_answer(job.domain, job.error)
                 if isinstance(error, NoPopularity):  # an unknown domain is counted by the HTTP layer's 422
                     self.metrics.errors.labels("no_popularity").inc()
+                    self._observe_arm(job, "error")
                 out.append(error)
                 continue
             rerank_start = time.perf_counter()
@@ -450,8 +470,11 @@ class RecommendService:
                 self.metrics.fallbacks.labels(job.reason).inc()
             answer = _answer(job, items, size, stages)
             # past request_timeout_ms the HTTP side has already answered with the timeout fallback (and published
-            # that): this answer is never seen, so it is no impression
-            out.append(self._published(answer) if stages["total"] < self._deadline_s else answer)
+            # and counted that): this answer is never seen, so it is no impression and not the arm's answer
+            if stages["total"] < self._deadline_s:
+                self._observe_arm(job, "fallback" if job.reason is not None else "model", stages["total"])
+                answer = self._published(answer)
+            out.append(answer)
         if jobs:  # state and generate are the batch's: observed once per batch
             self._stage_hist["state"].observe(after_state - start)
             self._stage_hist["generate"].observe(after_generate - after_state)
@@ -472,11 +495,15 @@ class RecommendService:
         start = time.perf_counter()
         self._fall_back(job)
         if job.error is not None:
-            raise self._no_answer(job.domain, job.error)
+            error = self._no_answer(job.domain, job.error)
+            if isinstance(error, NoPopularity):
+                self._observe_arm(job, "error")
+            raise error
         items = self._reranker_of(job).rerank(job.candidates or [], request.k, self._seen(job))
         self.metrics.fallbacks.labels(reason).inc()
         took = time.perf_counter() - start
         stages = {"queue": waited_s, "state": 0.0, "generate": took, "rerank": 0.0, "total": waited_s + took}
+        self._observe_arm(job, "fallback", stages["total"])
         return self._published(_answer(job, items, 1, stages))
 
     def _published(self, answer: Answer) -> Answer:

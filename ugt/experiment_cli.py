@@ -3,12 +3,14 @@
     ugt experiment report ugt_vs_popularity                       # from Redis (ugt:exp:<name>:...)
     ugt experiment report ugt_vs_popularity --source kafka --json # from the experiments.metrics topic, as JSON
     ugt experiment report ab --config serving/configs/ab.yaml --control control
+    ugt experiment report ab --serving-url http://localhost:8000  # plus per-arm serving p99 and failures
 
 Per arm: impressions, users, CTR (an interaction within the attribution window) with its user-clustered interval,
 CTR@k, conversion, item CTR, position-wise CTR, catalog coverage and the fallback rate; per arm against the control
 (default: the first arm of the config): the difference and relative lift with intervals and a two-sided p-value;
-and a sample-ratio-mismatch check of users per arm against the shares of the serving config. Statistics:
-ugt/experiment_stats.py; the metrics: docs/EXPERIMENTS.md.
+and a sample-ratio-mismatch check of users per arm against the shares of the serving config; with --serving-url,
+each arm's serving p99 and fallback / error rates from the service's /metrics (ugt/experiment_serving.py).
+Statistics: ugt/experiment_stats.py; the metrics: docs/EXPERIMENTS.md.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="arm=share,... instead of the config's (e.g. A=0.5,B=0.5); '' = from --config")
     rep.add_argument("--control", default=None, help="the arm others are compared with (default: the first arm)")
     rep.add_argument("--confidence", type=float, default=0.95, help="interval level (default: %(default)s)")
+    rep.add_argument("--serving-url", default=None,
+                     help="the service's Prometheus /metrics (http://host:port or a full URL) for each arm's serving "
+                          "p99 and fallback / error rates (default: not read, the report says so)")
     rep.add_argument("--json", action="store_true", help="print the report as JSON (for machines)")
 
 
@@ -130,10 +135,18 @@ def _interval(pair) -> str:
 
 
 def format_report(name: str, result: Mapping[str, Any]) -> str:
+    from ugt.experiment_serving import format_serving
+
+    serving = format_serving(result.get("serving"), [arm["arm"] for arm in result["arms"]])
+    if not result["arms"]:
+        return "\n".join([f"experiment {name}: no metrics yet", *serving])
+    return "\n".join([*_stream_lines(name, result), *serving])
+
+
+def _stream_lines(name: str, result: Mapping[str, Any]) -> list[str]:
+    """The feedback_join part: the per-arm table, position CTR and the sample-ratio check."""
     from tabulate import tabulate
 
-    if not result["arms"]:
-        return f"experiment {name}: no metrics yet"
     level = f"{100 * result['confidence']:g}%"
     table = []
     for arm in result["arms"]:
@@ -160,9 +173,7 @@ def format_report(name: str, result: Mapping[str, Any]) -> str:
         expected = ", ".join(f"{a} {o} vs {e:.0f}" for a, o, e in zip(srm["arms"], srm["observed"], srm["expected"],
                                                                       strict=True))
         lines.append(f"sample ratio (users): {expected}; chi2 {srm['chi2']:.2f}, p {srm['p_value']:.3g}: {verdict}")
-    lines.append("serving latency and errors per arm are not in impressions (schemas/impression.avsc); "
-                 "see ugt_serving_stage_seconds / ugt_serving_errors_total")
-    return "\n".join(lines)
+    return lines
 
 
 def _plain(value: Any) -> Any:
@@ -174,6 +185,20 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
+
+
+def serving_of(url: str | None, experiment: str) -> dict[str, Any] | None:
+    """Per-arm serving metrics from ``url`` (None when not asked for); ReportError when unreadable."""
+    from ugt.experiment_serving import ServingMetricsError, arm_serving_metrics, fetch_exposition, metrics_url
+
+    if not url:
+        return None
+    try:
+        return {"url": metrics_url(url), "arms": arm_serving_metrics(fetch_exposition(url), experiment)}
+    except ServingMetricsError as exc:
+        raise ReportError(str(exc)) from exc
+    except ValueError as exc:  # the parser's: not a Prometheus exposition
+        raise ReportError(f"{metrics_url(url)} is not a Prometheus exposition ({exc})") from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,10 +215,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             rows = rows_from_kafka(args.bootstrap or settings.kafka_bootstrap,
                                    args.topic or settings.topics.experiment_metrics, args.name)
+        serving = serving_of(args.serving_url, args.name)
     except ReportError as exc:
         print(f"ugt experiment: {exc}", file=sys.stderr)
         return 1
-    result = report(rows, order, shares, args.control, args.confidence)
+    result = {**report(rows, order, shares, args.control, args.confidence), "serving": serving}
     if args.json:
         print(json.dumps(_plain({"experiment": args.name, **result}), indent=2))
     else:

@@ -16,6 +16,7 @@ from serving.experiments import Experiments, bucket_of, bucket_ranges
 from serving.fallback import PopularityFallback, PopularityGenerator
 from serving.reranker import FilterReranker
 from serving.service import Components
+from ugt.experiment_serving import arm_serving_metrics
 
 USERS = [f"user-{i}" for i in range(100_000)]
 
@@ -176,3 +177,51 @@ def test_impression_keys_are_off_by_default_and_bounded():
     assert build_config({}, env={"UGT_SERVING_IMPRESSIONS": "true"}).impressions is True
     with pytest.raises(ConfigError, match="impression_buffer: Input should be greater than or equal to 1"):
         build_config({"impression_buffer": 0}, env={})
+
+
+class FailingGenerator(FixedGenerator):
+    """Raises on every call: the service answers with the generator_error fallback."""
+
+    def recommend(self, state, k, exclude, *, domain):
+        raise RuntimeError("broken model")
+
+    def recommend_batch(self, requests):
+        raise RuntimeError("broken model")
+
+
+@pytest.mark.parametrize("engine", ["thread", "process"])
+def test_serving_latency_and_outcomes_are_counted_per_arm(engine):
+    """ugt_serving_arm_* per (experiment, arm), read back the way `ugt experiment report --serving-url` reads them
+    (with engine: process the scrape adds up the engine's and the HTTP process's series)."""
+    config = experiment_config({"ugt": {"share": 0.5, "generator_version": "v2"}, "base": {"share": 0.3}},
+                               engine=engine)
+    broken = FailingGenerator("arm-model", ["m7"])
+    experiments = Experiments(config)
+    users = USERS[:120]
+    with TestClient(app_with_arms(config, {("movie", "ranker", "ugt"): broken},
+                                  FixedGenerator("base", ["m5", "m6"]))) as client:
+        for user in users:
+            assert client.post("/recommend", json={"user_id": user, "k": 2}).status_code == 200
+        text = client.get("/metrics").text
+    arms = Counter(a.arm for u in users if (a := experiments.assign("movie", u)) is not None)
+    got = arm_serving_metrics(text, "ranker")
+    assert set(got) == {"ugt", "base"}
+    assert (got["ugt"]["requests"], got["ugt"]["fallback"], got["ugt"]["model"]) == (arms["ugt"], arms["ugt"], 0)
+    assert (got["base"]["requests"], got["base"]["model"], got["base"]["error"]) == (arms["base"], arms["base"], 0)
+    assert got["ugt"]["fallback_rate"] == 1.0 and got["base"]["fallback_rate"] == 0.0
+    assert 0 < got["base"]["p99_s"] < 2.5
+    counts = {s.split("{")[1]: float(s.split()[-1]) for s in text.splitlines()
+              if s.startswith("ugt_serving_arm_latency_seconds_count")}
+    assert sum(counts.values()) == arms["ugt"] + arms["base"]  # one latency per answered arm request, no other
+
+
+def test_a_request_nothing_can_answer_counts_as_its_arms_error():
+    config = experiment_config({"only": {"share": 1.0}})
+    redis = FakeZsetRedis({})  # no popularity list: the fallback has nothing either
+    fallback = PopularityFallback(redis, clock=FakeClock())
+    parts = Components(state_reader=FakeStateReader({}), generator=FailingGenerator("m", []), fallback=fallback,
+                       reranker=FilterReranker())
+    with TestClient(create_app(config=config, components=parts, client=redis)) as client:
+        assert client.post("/recommend", json={"user_id": "u1", "k": 2}).status_code == 503
+        got = arm_serving_metrics(client.get("/metrics").text, "ranker")["only"]
+    assert (got["requests"], got["error"], got["error_rate"]) == (1, 1, 1.0)

@@ -1,4 +1,5 @@
-"""infra/grafana/ugt-serving.json queries only metrics the service exports, with the labels it uses."""
+"""infra/grafana/ugt-serving.json queries only metrics the service (and, in the per-arm row, the feedback_join job)
+exports, with the labels they carry."""
 
 from __future__ import annotations
 
@@ -10,9 +11,16 @@ from types import SimpleNamespace
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
+from jobs.feedback_join_logic import ARM_COUNTERS
 from serving.metrics import ServingMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "infra" / "grafana" / "ugt-serving.json"
+# Flink's Prometheus reporter names a metric by its logical scope: a key-value group's key joins the name and its
+# value becomes a label (docs/JOBS.md: group ugt, reason=<code>, counter dead_lettered ->
+# flink_taskmanager_job_task_operator_ugt_reason_dead_lettered{reason}). feedback_join's per-arm counters sit in
+# ugt -> experiment=<e> -> arm=<a> (jobs/operators/feedback_join_fn.py).
+FLINK_ARM_PREFIX = "flink_taskmanager_job_task_operator_ugt_experiment_arm_arm_"
+SERIES = re.compile(r"(?:ugt_serving_|flink_taskmanager_)\w+")
 
 
 def exported() -> dict[str, set[str]]:
@@ -35,22 +43,48 @@ def exported() -> dict[str, set[str]]:
         suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(kind, ("",))
         for suffix in suffixes:
             out[name + suffix] = labels
+    for counter in ARM_COUNTERS:  # the feedback_join job's, through Flink's reporter (its own labels not listed)
+        out[FLINK_ARM_PREFIX + counter] = {"experiment", "arm"}
     return out
+
+
+def dashboard_exprs() -> list[str]:
+    """Every query of the dashboard (a row panel has none; a collapsed row keeps its panels inside)."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    panels = [*panels, *(inner for p in panels for inner in p.get("panels", []))]
+    return [t["expr"] for panel in panels for t in panel.get("targets", [])]
 
 
 def test_every_dashboard_query_uses_exported_series_and_labels():
     series = exported()
-    dash = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for panel in dash["panels"] for t in panel["targets"]]
+    exprs = dashboard_exprs()
     assert len(exprs) >= 8
     for expr in exprs:
-        for name in re.findall(r"ugt_serving_\w+", expr):
-            assert name in series, f"{name} in {expr!r} is not exported by serving/metrics.py"
+        names = SERIES.findall(expr)
+        for name in names:
+            assert name in series, f"{name} in {expr!r} is not exported by serving/metrics.py or feedback_join"
         for label in re.findall(r"by \(([^)]*)\)", expr):
             for lab in (x.strip() for x in label.split(",")):
                 if lab not in ("le", "job"):
-                    names = re.findall(r"ugt_serving_\w+", expr)
                     assert any(lab in series[n] for n in names), f"label {lab!r} not on {names}"
+        for name, selector in re.findall(r"(\w+)\{([^}]*)\}", expr):
+            for lab in re.findall(r"(\w+)\s*=~?", selector):
+                assert lab == "job" or lab in series[name], f"label {lab!r} in {expr!r} is not on {name}"
+
+
+def test_the_experiment_row_plots_ctr_p99_and_failures_per_arm():
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    rows = [p for p in panels if p["type"] == "row" and "arm" in p["title"]]
+    assert len(rows) == 1
+    exprs = "\n".join(dashboard_exprs())
+    assert f"{FLINK_ARM_PREFIX}clicked" in exprs and f"{FLINK_ARM_PREFIX}impressions" in exprs  # CTR
+    assert "histogram_quantile(0.99, sum by (le, experiment, arm) (rate(ugt_serving_arm_latency_seconds_bucket" in exprs
+    assert 'ugt_serving_arm_requests_total{outcome="fallback"' in exprs
+    assert 'ugt_serving_arm_requests_total{outcome="error"' in exprs
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    boxes = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in panels]
+    assert len(boxes) == len(set(boxes))  # no panel drawn over another
 
 
 def test_metric_names_follow_prometheus_conventions():
