@@ -111,12 +111,6 @@ class ServingMetrics:
             "Round trips to the state store (one per batch with a batched reader; one per user without).",
             registry=self.registry,
         )
-        self.similar_answers = Counter(
-            "ugt_serving_similar_answers",
-            "/recommend answers the similar-items source took part in, by how (merged, alone).",
-            ["how"],
-            registry=self.registry,
-        )
         self.state_users = Counter(
             "ugt_serving_state_users",
             "Users whose state was read (divided by state_round_trips: users per round trip).",
@@ -124,8 +118,18 @@ class ServingMetrics:
         )
         self._impression_metrics()
         self._arm_metrics()
+        self._similar_metrics()
         for stage in STAGES:  # expose every series from the start, so dashboards see zeros rather than gaps
             self.stage_seconds.labels(stage)
+
+    def _similar_metrics(self) -> None:
+        """The similar-items source's share in /recommend answers (serving/similar.py)."""
+        self.similar_answers = Counter(
+            "ugt_serving_similar_answers",
+            "/recommend answers the similar-items source took part in, by how (merged, alone).",
+            ["how"],
+            registry=self.registry,
+        )
 
     def _arm_metrics(self) -> None:
         """Per experiment arm, so a readout can set an arm's latency and failures beside its CTR (impressions carry

@@ -17,10 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import orjson
-
-from contracts.tokenizer import ACTION_TOKEN
 from contracts.user_state_rule import STATE_VERSION
+from serving.answers import CONTEXT_ACTION, Answer, rounded_ms, with_context  # noqa: F401 (re-exported)
 from serving.batcher import Queued
 from serving.config import DomainConfig, ServingConfig, routes
 from serving.experiments import Assignment, Experiments
@@ -53,7 +51,6 @@ ENGINE_UNAVAILABLE = "engine_unavailable"  # engine: process, and the engine pro
 
 LOG_EVERY_S = 10.0
 PER_REQUEST_STAGES = ("queue", "rerank", "total")  # state and generate are observed once per batch
-CONTEXT_ACTION = ACTION_TOKEN["VIEW"]  # session items in `context` count as views without a rating
 
 
 class ImpressionSink(Protocol):
@@ -108,75 +105,11 @@ class _Job:
         return (self.domain, a.experiment, a.arm) if a is not None else None
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 3)
-
-
-@dataclass(slots=True)
-class Answer:
-    """One request's answer as the pipeline made it; serialized straight to JSON on the hot path.
-
-    Building a validated pydantic RecommendResponse per request cost more than the state read;
-    :meth:`to_response` gives one (same fields, validated) where an object is wanted.
-    """
-
-    user_id: str
-    items: list[ScoredItem]
-    reason: str | None
-    model: str
-    batch_size: int
-    timings_ms: dict[str, float]
-    request_id: str = ""
-    experiment: str | None = None
-    arm: str | None = None
-    domain: str = ""
-
-    def to_dict(self) -> dict:
-        return {
-            "request_id": self.request_id,
-            "experiment": self.experiment,
-            "arm": self.arm,
-            "user_id": self.user_id,
-            "items": [{"item_id": i.item_id, "score": float(i.score)} for i in self.items],
-            "fallback": self.reason is not None,
-            "fallback_reason": self.reason,
-            "model": self.model,
-            "batch_size": self.batch_size,
-            "timings_ms": self.timings_ms,
-        }
-
-    def to_json(self) -> bytes:
-        return orjson.dumps(self.to_dict())
-
-    def to_response(self) -> RecommendResponse:
-        return RecommendResponse.model_validate(self.to_dict())
-
-
 def _answer(job: _Job, items: list[ScoredItem], size: int, stages: dict[str, float]) -> Answer:
-    timings = {stage: _ms(seconds) for stage, seconds in stages.items()}
+    timings = {stage: rounded_ms(seconds) for stage, seconds in stages.items()}
     a = job.assignment
     return Answer(job.request.user_id, items, job.reason, job.model, size, timings, job.request_id,
                   a.experiment if a else None, a.arm if a else None, job.domain)
-
-
-def with_context(state: UserStateView | None, user_id: str, context: Sequence[str], now_ms: int) -> UserStateView | None:
-    """The state with the request's session items appended (newest last); a state from them alone if none."""
-    items = [item for item in context if not state or item not in state.item_ids[-len(context):]]
-    if not items:
-        return state
-    base = state or UserStateView(user_id, (), (), (), (), 0, 0, STATE_VERSION)
-    n = len(items)
-    last = max(now_ms, base.last_event_time)
-    return UserStateView(
-        user_id=user_id,
-        item_ids=base.item_ids + tuple(items),
-        action_tokens=base.action_tokens + (CONTEXT_ACTION,) * n,
-        rating_tokens=base.rating_tokens + (0,) * n,
-        event_times=base.event_times + (last,) * n,
-        event_count=base.event_count + n,
-        last_event_time=last,
-        state_version=base.state_version,
-    )
 
 
 class RecommendService:
