@@ -191,4 +191,4 @@ def join_throughput(settings: Any, run: str, impressions: int, seed: int, wait_r
             "join_cpu_s": round(net_s, 2), "join_read_records": seen, "wall_s": round(wall_s, 1),
             "impressions_per_core_s": round(impressions / net_s, 1) if net_s > 0 else None,
             "impressions_per_wall_s": round(impressions / wall_s, 1), "taskmanagers": len(managers),
-            "note": "wall ends when Flink's REST read-records (refreshed ~10 s) reach the backlog: an upper bound"}
+            "wall_ends": "when Flink's REST read-records (refreshed ~10 s) reach the backlog: an upper bound"}
