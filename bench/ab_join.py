@@ -84,15 +84,17 @@ def stack_taskmanagers(settings: Any) -> list[Any]:
 
 
 def synthetic_backlog(run: str, impressions: int, seed: int) -> tuple[list[dict], list[dict], str]:
-    """Impressions (2 arms, 1,000 users, 10 items) 5 ms apart over the last minutes, ~10 % clicked after 1 s."""
+    """Impressions (2 arms, 1,000 users, 10 items) spread over 5 s of event time (inside the job's 10 s
+    out-of-orderness: the source reads its partitions unevenly, and a backlog spread wider turns late), ~10 %
+    clicked 1 s later."""
     from contracts.tokenizer import ACTION_TOKEN
 
     rng = random.Random(seed)
     experiment = f"fjbench-{run}"
-    start = int(time.time() * 1000) - impressions * 5 - 60_000
+    start = int(time.time() * 1000) - 60_000
     imps, events = [], []
     for n in range(impressions):
-        user, at = f"fjb-{run}-u{n % 1000}", start + n * 5
+        user, at = f"fjb-{run}-u{n % 1000}", start + n * 5000 // impressions
         items = [str(i) for i in rng.sample(range(1000), 10)]
         imps.append({"request_id": f"{run}-{n}", "user_id": user, "experiment": experiment, "arm": "ab"[n % 2],
                      "model": "popularity-v1", "domain": "movie", "served_at": at, "fallback": False,
@@ -179,8 +181,8 @@ def join_throughput(settings: Any, run: str, impressions: int, seed: int, wait_r
                 break
         wall_s, cpu_s = time.monotonic() - started, taskmanager_cpu(managers) - cpu_before
         produce(settings, closing)
-        client, counted = redis.Redis.from_url(settings.redis_url), 0
-        while counted < impressions and time.monotonic() < deadline:
+        client, counted, settled = redis.Redis.from_url(settings.redis_url), 0, time.monotonic() + 60
+        while counted < impressions and time.monotonic() < min(deadline, settled):
             time.sleep(1.0)
             counted = sum(r["impressions"] for r in metrics_from_redis(client, experiment))
     finally:

@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "click model between two popularity arms (default: %(default)s)")
     p.add_argument("--users", type=int, default=600, help="simulated users (relevance: at most 943) (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="requests per user (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=30.0, help="requests per second, paced (0: as fast as the service "
+                   "answers); live traffic keeps moving the watermark that closes windows (default: %(default)s)")
     p.add_argument("--k", type=int, default=10, help="items per answer (default: %(default)s)")
     p.add_argument("--past-share", type=float, default=0.7, help="relevance: share of each user's ratings that is "
                    "their history; the rest is their future (default: %(default)s)")
@@ -197,7 +199,9 @@ def simulate(args: argparse.Namespace, port: int, domain: str, futures: dict[str
     order = rng.sample(sorted(futures), len(futures)) * args.rounds
     session = requests.Session()
     started = time.monotonic()
-    for user in tqdm(order, desc="requests", unit="req"):
+    for n, user in enumerate(tqdm(order, desc="requests", unit="req")):
+        if args.rate > 0:
+            time.sleep(max(0.0, started + n / args.rate - time.monotonic()))
         sent = int(time.time() * 1000)
         response = session.post(f"http://127.0.0.1:{port}/recommend",
                                 json={"user_id": user, "k": args.k, "domain": domain}, timeout=30)
@@ -381,7 +385,7 @@ def conditions_of(args: argparse.Namespace) -> dict[str, Any]:
     clicks = (f"planted: p {args.p_control} control, x{1 + args.lift} treatment" if args.mode == "planted" else
               f"cascade: examine 1/log2(i+2), click p_hit {args.p_hit} if in held-out future else p_base "
               f"{args.p_base}; history = first {args.past_share:.0%} of each ML-100K user's ratings")
-    return {"mode": args.mode, "users": args.users, "rounds": args.rounds, "k": args.k, "clicks": clicks,
+    return {"mode": args.mode, "users": args.users, "rounds": args.rounds, "rate_req_s": args.rate, "k": args.k, "clicks": clicks,
             "buy": args.buy, "seed": args.seed, "shares": "50/50", "arms": arms, "window_s": args.window_s,
             "attribution_s": args.attribution_s, "out_of_orderness_s": args.out_of_orderness_s,
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
