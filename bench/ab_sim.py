@@ -1,6 +1,6 @@
 """A/B traffic simulator: real `ugt serve` + Kafka + the tokenize and feedback_join jobs, UGT against popularity.
 
-    python -m bench.ab_sim [--mode relevance|planted] [--users 600] [--rounds 2]   # on a running stack
+    python -m bench.ab_sim [--mode relevance|planted] [--users 900] [--rounds 3] [--rate 30]   # on a running stack
 
 ``--mode relevance`` (default): ML-100K users (bench/ab_users.py), each with the first 70 % of their ratings as
 their state in Feast and the rest held out as their future, call POST /recommend on a service running a two-arm
@@ -43,8 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("relevance", "planted"), default="relevance",
                    help="relevance: UGT vs popularity, clicks on held-out futures; planted: a known lift in the "
                         "click model between two popularity arms (default: %(default)s)")
-    p.add_argument("--users", type=int, default=600, help="simulated users (relevance: at most 943) (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=2, help="requests per user (default: %(default)s)")
+    p.add_argument("--users", type=int, default=900, help="simulated users (relevance: at most 943) (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="requests per user (default: %(default)s)")
     p.add_argument("--rate", type=float, default=30.0, help="requests per second, paced (0: as fast as the service "
                    "answers); live traffic keeps moving the watermark that closes windows (default: %(default)s)")
     p.add_argument("--k", type=int, default=10, help="items per answer (default: %(default)s)")
@@ -330,7 +330,7 @@ def serving_config(args: argparse.Namespace, domain: str, experiment: str) -> di
                 CONTROL: {"share": 0.5}, TREATMENT: treatment}}}}
 
 
-def seed(args: argparse.Namespace, settings: Any, run: str, domain: str) -> dict[str, frozenset[str]]:
+def seed_arm_users(args: argparse.Namespace, settings: Any, run: str, domain: str) -> dict[str, frozenset[str]]:
     """The users' states in Feast and the popularity list; returns each user's held-out future (planted: none)."""
     ensure_feature_repo(settings)
     if args.mode == "planted":
@@ -353,7 +353,7 @@ def run_traffic(args: argparse.Namespace, settings: Any, run: str) -> tuple[str,
     from streams.producer import EventPublisher
 
     domain, experiment = f"absim-{run}", f"ab-{run}"
-    futures = seed(args, settings, run, domain)
+    futures = seed_arm_users(args, settings, run, domain)
     config = serving_config(args, domain, experiment)
     jids = start_jobs(run, settings, args)
     server = start_server("ab_sim", Path(tempfile.mkdtemp(prefix="ab_sim-")), dict(os.environ), config, workers=1)
