@@ -77,10 +77,9 @@ def click_delays(clicks: list[tuple[str, int, int]], first_seen: dict[tuple[str,
 
 def stack_taskmanagers(settings: Any) -> list[Any]:
     """This stack's TaskManager processes (their command line names our var dir; other stacks share the box)."""
-    var = str(settings.var_dir) if hasattr(settings, "var_dir") else ""
+    var = str(settings.var_dir)
     found = proc_cpu.processes_running("TaskManagerRunner")
-    mine = [p for p in found if var and any(var in part for part in (p.info["cmdline"] or []))]
-    return mine or found
+    return [p for p in found if any(var in part for part in (p.info["cmdline"] or []))]
 
 
 def synthetic_backlog(run: str, impressions: int, seed: int) -> tuple[list[dict], list[dict], str]:
