@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "delivery": {"at-least-once": "checkpoint every 10 s (the default)",
                      "exactly-once": f"both jobs --delivery exactly-once {args.exactly_once_args}".strip()
                      + ("" if "--checkpoint-interval-ms" in args.exactly_once_args else
-                        " (default checkpoint interval 500 ms, min-pause 250 ms)")} if args.exactly_once else None,
+                        " (default checkpoint interval 250 ms, min-pause 125 ms)")} if args.exactly_once else None,
         "probe_rate_per_s": args.probe_rate,
         "anchor_events": args.anchor_events,
         "item_rate_per_s": args.item_rate,

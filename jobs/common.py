@@ -27,7 +27,7 @@ DELIVERY = ("at-least-once", "exactly-once", "none")
 # The default checkpoint interval per --delivery. Under exactly-once the Kafka sink's transactions commit when a
 # checkpoint completes, so a downstream read_committed job (user_state) sees an event only after the next
 # checkpoint: the interval bounds event -> visible state (docs/JOBS.md, "Exactly-once freshness").
-DEFAULT_CHECKPOINT_MS = {"at-least-once": 10_000, "none": 10_000, "exactly-once": 500}
+DEFAULT_CHECKPOINT_MS = {"at-least-once": 10_000, "none": 10_000, "exactly-once": 250}
 
 
 class JobSetupError(RuntimeError):
@@ -76,7 +76,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, job_name: str) -> None
     g.add_argument("--local", action="store_true",
                    help="run in an in-process mini-cluster (no Flink cluster needed)")
     g.add_argument("--checkpoint-interval-ms", type=int, default=None,
-                   help="checkpoint interval; 0 disables checkpointing (default: 10000, or 500 with --delivery "
+                   help="checkpoint interval; 0 disables checkpointing (default: 10000, or 250 with --delivery "
                         "exactly-once, whose output becomes visible only when a checkpoint completes)")
     g.add_argument("--checkpoint-min-pause-ms", type=int, default=None,
                    help="execution.checkpointing.min-pause: the least time between the end of one checkpoint and "
@@ -352,7 +352,7 @@ def kafka_sink_ddl(table: str, topic: str, cfg: JobConfig) -> str:
         # must not exceed the broker's transaction.max.timeout.ms (15 min by default)
         options["properties.transaction.timeout.ms"] = "900000"
         # reuse a small pool of transactional ids instead of a new one per checkpoint (INCREMENTING): at a
-        # checkpoint every 500 ms that would be 170,000 ids a day for the broker to keep (needs Kafka 3.0+)
+        # checkpoint every 250 ms that would be 345,600 ids a day for the broker to keep (needs Kafka 3.0+)
         options["sink.transaction-naming-strategy"] = "POOLING"
     return (
         f"CREATE TEMPORARY TABLE `{table}` (\n  `k` BYTES,\n  `v` BYTES\n"

@@ -36,8 +36,8 @@ def connector(tmp_path: Path) -> Path:
 def test_exactly_once_defaults_to_a_sub_second_interval(connector: Path) -> None:
     eo = config_from_args(parse("--delivery", "exactly-once", connector=connector), "tokenize")
     alo = config_from_args(parse(connector=connector), "tokenize")
-    assert eo.checkpoint_interval_ms == DEFAULT_CHECKPOINT_MS["exactly-once"] == 500
-    assert eo.checkpoint_min_pause_ms == 250
+    assert eo.checkpoint_interval_ms == DEFAULT_CHECKPOINT_MS["exactly-once"] == 250
+    assert eo.checkpoint_min_pause_ms == 125
     assert alo.checkpoint_interval_ms == 10_000 and alo.checkpoint_min_pause_ms == 5_000
 
 
