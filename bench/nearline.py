@@ -39,7 +39,7 @@ from typing import Any
 
 from bench import proc_cpu
 from bench.common import print_table, result_path, write_result
-from bench.nearline_paths import TARGET_EVENTS_PER_S, item_path, summary, user_path
+from bench.nearline_paths import TARGET_EVENTS_PER_S, item_path, stack_scope, summary, user_path
 
 PROG = "python -m bench.nearline"
 
@@ -90,9 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def stale_code_warning() -> str | None:
     """In thread mode the TaskManager's embedded CPython keeps modules imported by earlier jobs: if the TM started
     before the job code last changed, a new job may run the old code. Says so (the result records it)."""
-    from infra.settings import REPO_ROOT
+    from infra.settings import REPO_ROOT, get_settings
 
-    started = [p.create_time() for p in proc_cpu.processes_running("TaskManagerRunner")]
+    started = [p.create_time() for p in proc_cpu.processes_running("TaskManagerRunner", stack_scope(get_settings()))]
     if not started:
         return None
     files = [f for folder in ("jobs", "models", "streams") for f in (REPO_ROOT / folder).rglob("*.py")]

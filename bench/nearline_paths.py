@@ -23,6 +23,12 @@ from bench import proc_cpu
 TARGET_EVENTS_PER_S = 50_000  # the issue's target for the 2-core box (tokenize + user_state, sustained)
 
 
+def stack_scope(settings: Any) -> tuple[str, ...]:
+    """What marks this stack's processes on a box shared with other stacks: its var folder (Flink, Kafka, the
+    registry and flink run clients name it) and its Redis port; the CPU profile counts only those."""
+    return str(settings.var_dir), f":{settings.redis_port}"
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100)."""
     ordered = sorted(values)
@@ -215,10 +221,11 @@ def throughput_window(run: UserRun, publisher: Any, events: list[dict[str, Any]]
     """All events at full speed until the last is applied in Redis, with the CPU profile of that window."""
     args = run.args
     print(f"== throughput: {len(events):,} {args.dataset} events at full speed")
-    cpu_before = proc_cpu.snapshot(os.getpid())
+    scope = stack_scope(run.settings)
+    cpu_before = proc_cpu.snapshot(os.getpid(), scope)
     spies = []
     if args.py_spy:  # every TaskManager: each embeds its own CPython
-        for pid in [p.pid for p in proc_cpu.processes_running("TaskManagerRunner")]:
+        for pid in [p.pid for p in proc_cpu.processes_running("TaskManagerRunner", scope)]:
             out = f"/tmp/ugt-bench-{run.run_id}-py-spy-{pid}.txt"
             spies.append((proc_cpu.start_py_spy(args.py_spy, pid, out), out))
     start = time.time()
@@ -232,7 +239,7 @@ def throughput_window(run: UserRun, publisher: Any, events: list[dict[str, Any]]
             raise SystemExit(f"bench: {done - base:,} of {len(events):,} applied after {args.timeout_s:.0f} s")
         time.sleep(0.2)
     throughput_s = time.time() - start
-    cpu = proc_cpu.diff(cpu_before, proc_cpu.snapshot(os.getpid()))
+    cpu = proc_cpu.diff(cpu_before, proc_cpu.snapshot(os.getpid(), scope))
     cpu["budget"] = cpu_budget(cpu["cpu_s_by_process"], len(events), os.cpu_count() or 1, TARGET_EVENTS_PER_S)
     cpu["taskmanagers_by_job"] = placement(run.settings, run.job_ids)
     if len({tuple(tms) for tms in cpu["taskmanagers_by_job"].values()}) < len(cpu["taskmanagers_by_job"]):
