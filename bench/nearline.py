@@ -7,7 +7,11 @@ Measures, in one run on one box (the shared standalone Flink cluster, Kafka, Red
                     --warmup-events (other users) go through first, so the TaskManagers' JIT and caches are
                     as warm as in a job that has been running
   freshness_p50_s   probe events at a steady rate: produced -> the user's state visible in Redis
-  freshness_p99_s
+  freshness_p99_s   (both jobs --delivery at-least-once, checkpoints every 10 s)
+  freshness_exactly_once_p50_s   the same again on a second pair of jobs with --delivery exactly-once (their
+  freshness_exactly_once_p99_s   default checkpoint interval, or --exactly-once-args): user_state reads
+                    read_committed, so an event waits for tokenize's next checkpoint; flink_cpu_us_per_event
+                    beside flink_cpu_us_per_event_exactly_once is what the shorter interval + transactions cost
   new_item_p50_s    brand-new catalog items at a steady rate through item_semantic_ids (the artifact of
   new_item_p99_s    --artifact): produced -> its code in the generator's decode index (ugt:sid:item:<version>)
   cpu               who ate the CPU during the throughput window (bench.proc_cpu: per process, per thread)
@@ -22,6 +26,7 @@ semantic-ID artifact (`ugt semantic-ids build --dataset ml-1m --config models/co
     python -m bench.nearline                                  # full run -> bench/results/nearline.json
     python -m bench.nearline --events 20000 --warmup-events 0 --probes 50 --new-items 20 --anchor-events 20000 \
         --name nearline-quick
+    python -m bench.nearline --only freshness --events 50000 --warmup-events 10000   # both deliveries, no anchor
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 
 from bench import proc_cpu
 from bench.common import print_table, result_path, write_result
-from bench.nearline_paths import TARGET_EVENTS_PER_S, item_path, summary, user_path
+from bench.nearline_paths import TARGET_EVENTS_PER_S, item_path, stack_scope, summary, user_path
 
 PROG = "python -m bench.nearline"
 
@@ -71,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--py-spy", default=None,
                         help="path of a py-spy binary: sample the TaskManager's Python stacks during the throughput "
                         "window (where inside the Python operators the time goes)")
+    parser.add_argument("--exactly-once", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the user path with --delivery exactly-once (default: %(default)s)")
+    parser.add_argument("--exactly-once-args", default="",
+                        help="extra options of the exactly-once jobs, e.g. \"--checkpoint-interval-ms 1000\"")
+    parser.add_argument("--only", choices=("all", "freshness"), default="all",
+                        help="freshness: only the user paths (throughput, CPU, freshness of both deliveries), "
+                        "no Kafka anchor and no item path (default: %(default)s)")
     parser.add_argument("--timeout-s", type=float, default=1800.0)
     parser.add_argument("--name", default="nearline", help="result file bench/results/<name>.json")
     return parser.parse_args(argv)
@@ -78,9 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def stale_code_warning() -> str | None:
     """In thread mode the TaskManager's embedded CPython keeps modules imported by earlier jobs: if the TM started
     before the job code last changed, a new job may run the old code. Says so (the result records it)."""
-    from infra.settings import REPO_ROOT
+    from infra.settings import REPO_ROOT, get_settings
 
-    started = [p.create_time() for p in proc_cpu.processes_running("TaskManagerRunner")]
+    started = [p.create_time() for p in proc_cpu.processes_running("TaskManagerRunner", stack_scope(get_settings()))]
     if not started:
         return None
     files = [f for folder in ("jobs", "models", "streams") for f in (REPO_ROOT / folder).rglob("*.py")]
@@ -91,9 +103,28 @@ def stale_code_warning() -> str | None:
             f"({time.ctime(newest.stat().st_mtime)}): thread-mode jobs may run modules an earlier job imported")
 
 
+def flink_us(users: dict[str, Any] | None) -> float | None:
+    """Flink's CPU per event in the user path's throughput window (load-independent, unlike events/s)."""
+    return users["cpu"]["budget"]["flink_us_per_event"] if users and users.get("cpu") else None
+
+
+def exactly_once_record(eo: dict[str, Any] | None) -> dict[str, Any]:
+    """The exactly-once user path's headline numbers (None when it did not run)."""
+    fresh = eo["freshness"] if eo else {}
+    return {
+        "freshness_exactly_once_p50_s": fresh.get("p50"),
+        "freshness_exactly_once_p99_s": fresh.get("p99"),
+        "freshness_exactly_once_max_s": fresh.get("max"),
+        "events_per_s_exactly_once": eo["events_per_s"] if eo else None,
+        "flink_cpu_us_per_event_exactly_once": flink_us(eo),
+        "exactly_once": eo,
+    }
+
+
 def nearline_record(args: argparse.Namespace, anchor: Any, users: dict[str, Any],
-                    items: dict[str, Any] | None) -> dict[str, Any]:
-    """The result's numbers: the user path, the item path and the Kafka anchor side by side."""
+                    items: dict[str, Any] | None, eo: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The result's numbers: the user paths (both deliveries), the item path and the Kafka anchor side by side."""
+    anchor_rate = round(anchor.events_per_s, 1) if anchor else None
     return {
         "events": users["events"],
         "events_per_s": users["events_per_s"],
@@ -107,9 +138,12 @@ def nearline_record(args: argparse.Namespace, anchor: Any, users: dict[str, Any]
         "new_item_p99_s": items["new_item"]["p99"] if items else None,
         "new_item_max_s": items["new_item"]["max"] if items else None,
         "items": items,
-        "kafka_raw_events_per_s": round(anchor.events_per_s, 1),
-        "kafka_raw": anchor.as_dict(),
-        "ratio_to_anchor": round(users["events_per_s"] / anchor.events_per_s, 4) if users["events_per_s"] else None,
+        "flink_cpu_us_per_event": flink_us(users),
+        **exactly_once_record(eo),
+        "kafka_raw_events_per_s": anchor_rate,
+        "kafka_raw": anchor.as_dict() if anchor else None,
+        "ratio_to_anchor": round(users["events_per_s"] / anchor_rate, 4) if users["events_per_s"] and anchor_rate
+        else None,
         "cpu_during_throughput": users["cpu"],
     }
 
@@ -124,6 +158,12 @@ def print_summary(result: dict[str, Any]) -> None:
         {"measure": "ratio to anchor", "value": result["ratio_to_anchor"], "target": ""},
         {"measure": "freshness p50 (s)", "value": result["freshness_p50_s"], "target": ""},
         {"measure": "freshness p99 (s)", "value": result["freshness_p99_s"], "target": "<= 1"},
+        {"measure": "freshness exactly-once p50 (s)", "value": result["freshness_exactly_once_p50_s"], "target": ""},
+        {"measure": "freshness exactly-once p99 (s)", "value": result["freshness_exactly_once_p99_s"],
+         "target": "<= 1"},
+        {"measure": "Flink CPU µs/event at-least-once", "value": result["flink_cpu_us_per_event"], "target": "<= 40"},
+        {"measure": "Flink CPU µs/event exactly-once", "value": result["flink_cpu_us_per_event_exactly_once"],
+         "target": "<= 40"},
         {"measure": "new item p50 (s)", "value": result["new_item_p50_s"], "target": ""},
         {"measure": "new item p99 (s)", "value": result["new_item_p99_s"], "target": "<= 10"},
     ])
@@ -165,14 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     if stale:
         print(f"warning: {stale}")
     load_before = os.getloadavg()[0]
-    print(f"== anchor: {args.anchor_events:,} Avro events through Kafka, no Flink")
-    anchor = kafka_raw_anchor(settings, args.anchor_events)
+    anchor = None
+    if args.only == "all":
+        print(f"== anchor: {args.anchor_events:,} Avro events through Kafka, no Flink")
+        anchor = kafka_raw_anchor(settings, args.anchor_events)
     users = user_path(args, settings, run_id, r) if args.events > 0 else None
-    items = item_path(args, settings, run_id, r) if args.new_items > 0 else None
+    eo = user_path(args, settings, f"{run_id}-eo", r, "exactly-once") if args.events > 0 and args.exactly_once \
+        else None
+    items = item_path(args, settings, run_id, r) if args.new_items > 0 and args.only == "all" else None
     if users is None:
         users = {"events": 0, "events_per_s": None, "produce_s": None, "throughput_s": None, "freshness_probes": 0,
                  "freshness": summary([]), "cpu": None}
-    result = nearline_record(args, anchor, users, items)
+    result = nearline_record(args, anchor, users, items, eo)
     conditions = {
         "dataset": args.dataset,
         "events": args.events,
@@ -181,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_events": args.warmup_events,
         "tokenize_args": args.tokenize_args,
         "user_state_args": args.user_state_args,
+        "only": args.only,
+        "delivery": {"at-least-once": "checkpoint every 10 s (the default)",
+                     "exactly-once": f"both jobs --delivery exactly-once {args.exactly_once_args}".strip()
+                     + ("" if "--checkpoint-interval-ms" in args.exactly_once_args else
+                        " (default checkpoint interval 250 ms, min-pause 125 ms)")} if args.exactly_once else None,
         "probe_rate_per_s": args.probe_rate,
         "anchor_events": args.anchor_events,
         "item_rate_per_s": args.item_rate,

@@ -23,6 +23,12 @@ from bench import proc_cpu
 TARGET_EVENTS_PER_S = 50_000  # the issue's target for the 2-core box (tokenize + user_state, sustained)
 
 
+def stack_scope(settings: Any) -> tuple[str, ...]:
+    """What marks this stack's processes on a box shared with other stacks: its var folder (Flink, Kafka, the
+    registry and flink run clients name it) and its Redis port; the CPU profile counts only those."""
+    return str(settings.var_dir), f":{settings.redis_port}"
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100)."""
     ordered = sorted(values)
@@ -141,6 +147,7 @@ class UserRun:
     domain: str
     pop_key: str  # the domain's popularity zset: its scores add up to the events applied
     lake: Path
+    delivery: str = "at-least-once"  # both jobs' --delivery (exactly-once: its own checkpoint interval too)
     job_ids: list[str | None] = field(default_factory=list)
 
     def applied(self) -> int:
@@ -162,8 +169,11 @@ def submit_user_jobs(run: UserRun) -> None:
 
     args = run.args
     lake_args = [] if "--lake" in args.tokenize_args else ["--lake", str(run.lake)]
-    print(f"== submitting tokenize + user_state (run {run.run_id})")
-    common = ["--startup", "earliest", "--parallelism", str(args.parallelism), "--execution-mode", args.execution_mode]
+    print(f"== submitting tokenize + user_state (run {run.run_id}, {run.delivery})")
+    common = ["--startup", "earliest", "--parallelism", str(args.parallelism), "--execution-mode", args.execution_mode,
+              "--delivery", run.delivery]
+    if run.delivery == "exactly-once":
+        common += shlex.split(args.exactly_once_args)
     run.job_ids = [
         submit("tokenize", ["--source-topic", run.raw, "--tokens-topic", run.tokens, "--dlq-topic", run.dlq,
                             "--group-id", f"bench-{run.run_id}-tokenize", *common, *lake_args,
@@ -211,10 +221,11 @@ def throughput_window(run: UserRun, publisher: Any, events: list[dict[str, Any]]
     """All events at full speed until the last is applied in Redis, with the CPU profile of that window."""
     args = run.args
     print(f"== throughput: {len(events):,} {args.dataset} events at full speed")
-    cpu_before = proc_cpu.snapshot(os.getpid())
+    scope = stack_scope(run.settings)
+    cpu_before = proc_cpu.snapshot(os.getpid(), scope)
     spies = []
     if args.py_spy:  # every TaskManager: each embeds its own CPython
-        for pid in [p.pid for p in proc_cpu.processes_running("TaskManagerRunner")]:
+        for pid in [p.pid for p in proc_cpu.processes_running("TaskManagerRunner", scope)]:
             out = f"/tmp/ugt-bench-{run.run_id}-py-spy-{pid}.txt"
             spies.append((proc_cpu.start_py_spy(args.py_spy, pid, out), out))
     start = time.time()
@@ -228,7 +239,7 @@ def throughput_window(run: UserRun, publisher: Any, events: list[dict[str, Any]]
             raise SystemExit(f"bench: {done - base:,} of {len(events):,} applied after {args.timeout_s:.0f} s")
         time.sleep(0.2)
     throughput_s = time.time() - start
-    cpu = proc_cpu.diff(cpu_before, proc_cpu.snapshot(os.getpid()))
+    cpu = proc_cpu.diff(cpu_before, proc_cpu.snapshot(os.getpid(), scope))
     cpu["budget"] = cpu_budget(cpu["cpu_s_by_process"], len(events), os.cpu_count() or 1, TARGET_EVENTS_PER_S)
     cpu["taskmanagers_by_job"] = placement(run.settings, run.job_ids)
     if len({tuple(tms) for tms in cpu["taskmanagers_by_job"].values()}) < len(cpu["taskmanagers_by_job"]):
@@ -267,8 +278,27 @@ def freshness_lags(run: UserRun, publisher: Any, events: list[dict[str, Any]]) -
     return lags
 
 
-def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> dict[str, Any]:
-    """tokenize + user_state: throughput (with the CPU profile of that window) and freshness."""
+def checkpoint_stats(settings: Any, job_ids: list[str | None]) -> dict[str, Any]:
+    """Per job: checkpoints completed and their end-to-end duration (Flink's REST summary), what a short interval
+    costs and how long a transactional commit waits beyond the interval."""
+    import requests
+
+    stats: dict[str, Any] = {}
+    for jid in filter(None, job_ids):
+        try:
+            info = requests.get(f"{settings.flink_rest_url}/jobs/{jid}/checkpoints", timeout=10).json()
+            duration = info.get("summary", {}).get("end_to_end_duration", {})
+            stats[jid] = {"completed": info.get("counts", {}).get("completed"),
+                          "failed": info.get("counts", {}).get("failed"),
+                          "duration_ms": {k: duration.get(k) for k in ("avg", "p50", "p99", "max")}}
+        except (requests.RequestException, ValueError) as exc:  # an extra, not worth losing the run for
+            stats[jid] = {"error": f"{exc.__class__.__name__}: {exc}"}
+    return stats
+
+
+def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any,
+              delivery: str = "at-least-once") -> dict[str, Any]:
+    """tokenize + user_state with `delivery`: throughput (with the CPU profile of that window) and freshness."""
     from contracts.redis_keys import popularity_key
     from jobs.cli import cancel
     from streams.producer import EventPublisher
@@ -277,7 +307,7 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
     # the run's own lake folder, removed at the end: bench users must not land in the lake training reads
     run = UserRun(args, settings, run_id, r, raw=f"bench.{run_id}.events.raw", tokens=f"bench.{run_id}.events.tokens",
                   dlq=f"bench.{run_id}.events.dlq", domain=f"bench-{run_id}", pop_key=popularity_key(f"bench-{run_id}"),
-                  lake=settings.var_dir / "bench" / f"lake-{run_id}")
+                  lake=settings.var_dir / "bench" / f"lake-{run_id}", delivery=delivery)
     ensure_topics(settings, extra=[TopicSpec(run.raw), TopicSpec(run.tokens), TopicSpec(run.dlq, 1)])
     submit_user_jobs(run)
     try:
@@ -288,13 +318,14 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> d
         base = warm_up_jobs(run, publisher, events)
         result = throughput_window(run, publisher, events, base)
         lags = freshness_lags(run, publisher, events)
+        result["checkpoints"] = checkpoint_stats(settings, run.job_ids)
     finally:
         for jid in run.job_ids:  # only this run's jobs: the demo's may be running beside them
             if jid:
                 cancel(settings.flink_rest_url, jid)
         drop_topics(settings, [run.raw, run.tokens, run.dlq])
         shutil.rmtree(run.lake, ignore_errors=True)
-    return {**result, "freshness": summary(lags), "freshness_probes": len(lags)}
+    return {**result, "delivery": delivery, "freshness": summary(lags), "freshness_probes": len(lags)}
 
 
 def item_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> dict[str, Any]:

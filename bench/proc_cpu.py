@@ -42,9 +42,17 @@ def _classify(cmdline: str) -> str | None:
     return None
 
 
-def processes_running(needle: str) -> list[psutil.Process]:
-    """The processes with ``needle`` in one of their command-line arguments (e.g. "TaskManagerRunner")."""
-    return [p for p in psutil.process_iter(["cmdline"]) if any(needle in part for part in (p.info["cmdline"] or []))]
+def in_scope(cmdline: str, scope: tuple[str, ...]) -> bool:
+    """True when ``scope`` is empty or one of its strings is in ``cmdline``: on a box shared by several stacks,
+    e.g. (the stack's var folder, ":<its redis port>") keeps one stack's processes and drops the others'."""
+    return not scope or any(marker in cmdline for marker in scope)
+
+
+def processes_running(needle: str, scope: tuple[str, ...] = ()) -> list[psutil.Process]:
+    """The processes with ``needle`` in one of their command-line arguments (e.g. "TaskManagerRunner"),
+    of this stack only when ``scope`` is given (in_scope)."""
+    return [p for p in psutil.process_iter(["cmdline"]) if any(needle in part for part in (p.info["cmdline"] or []))
+            and in_scope(" ".join(p.info["cmdline"] or []), scope)]
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -113,13 +121,14 @@ class Snapshot:
     threads: dict[tuple[int, int], tuple[str, str, int]] = field(default_factory=dict)  # (pid, tid) -> (class, name, ticks)
 
 
-def snapshot(own_pid: int | None = None) -> Snapshot:
-    """CPU times of every process we can classify (and of `own_pid` as 'bench (producer, probes)')."""
+def snapshot(own_pid: int | None = None, scope: tuple[str, ...] = ()) -> Snapshot:
+    """CPU times of every process we can classify (and of `own_pid` as 'bench (producer, probes)'); with
+    ``scope``, only the processes of one stack (in_scope), not those of other stacks on the same box."""
     snap = Snapshot(time.monotonic())
     for process in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(process.info["cmdline"] or [])
         label = "bench (producer, probes)" if process.pid == own_pid else _classify(cmdline)
-        if label is None:
+        if label is None or (process.pid != own_pid and not in_scope(cmdline, scope)):
             continue
         try:
             times = process.cpu_times()

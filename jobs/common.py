@@ -24,6 +24,10 @@ log = logging.getLogger("ugt.jobs")
 CONNECTOR_JAR_NAME = "flink-sql-connector-kafka-5.0.0-2.2.jar"
 STARTUP_MODES = {"earliest": "earliest-offset", "latest": "latest-offset", "group": "group-offsets"}
 DELIVERY = ("at-least-once", "exactly-once", "none")
+# The default checkpoint interval per --delivery. Under exactly-once the Kafka sink's transactions commit when a
+# checkpoint completes, so a downstream read_committed job (user_state) sees an event only after the next
+# checkpoint: the interval bounds event -> visible state (docs/JOBS.md, "Exactly-once freshness").
+DEFAULT_CHECKPOINT_MS = {"at-least-once": 10_000, "none": 10_000, "exactly-once": 250}
 
 
 class JobSetupError(RuntimeError):
@@ -45,6 +49,8 @@ class JobConfig:
     local: bool = False
     checkpoint_interval_ms: int = 10_000
     checkpoint_dir: str = ""
+    checkpoint_min_pause_ms: int = 0
+    unaligned_checkpoints: bool = False
     delivery: str = "at-least-once"
     execution_mode: str = "thread"  # PyFlink python.execution-mode: thread (pemja) | process (Beam workers)
     bundle_size: int = 1000
@@ -70,8 +76,16 @@ def add_common_arguments(parser: argparse.ArgumentParser, job_name: str) -> None
                    help="where to start reading: committed group offsets (earliest when none), earliest or latest")
     g.add_argument("--local", action="store_true",
                    help="run in an in-process mini-cluster (no Flink cluster needed)")
-    g.add_argument("--checkpoint-interval-ms", type=int, default=10_000,
-                   help="checkpoint interval; 0 disables checkpointing (default: %(default)s)")
+    g.add_argument("--checkpoint-interval-ms", type=int, default=None,
+                   help="checkpoint interval; 0 disables checkpointing (default: 10000, or 250 with --delivery "
+                        "exactly-once, whose output becomes visible only when a checkpoint completes)")
+    g.add_argument("--checkpoint-min-pause-ms", type=int, default=None,
+                   help="execution.checkpointing.min-pause: the least time between the end of one checkpoint and "
+                        "the start of the next, so slow checkpoints cannot run back to back (default: half the "
+                        "interval)")
+    g.add_argument("--unaligned-checkpoints", action="store_true",
+                   help="execution.checkpointing.unaligned.enabled: barriers overtake buffered records, so a "
+                        "backpressured job still checkpoints (and commits exactly-once output) on time")
     g.add_argument("--checkpoint-dir", default=str(s.var_dir / "flink" / "checkpoints"),
                    help="checkpoint storage folder (default: %(default)s)")
     g.add_argument("--delivery", choices=DELIVERY, default="at-least-once",
@@ -86,14 +100,24 @@ def add_common_arguments(parser: argparse.ArgumentParser, job_name: str) -> None
                    help=f"path of {CONNECTOR_JAR_NAME} (default: the one `ugt stack up` fetched)")
 
 
+def checkpoint_interval_ms(args: argparse.Namespace) -> int:
+    """--checkpoint-interval-ms, else the default of the --delivery profile (DEFAULT_CHECKPOINT_MS)."""
+    explicit = getattr(args, "checkpoint_interval_ms", None)
+    return DEFAULT_CHECKPOINT_MS[args.delivery] if explicit is None else explicit
+
+
 def config_from_args(args: argparse.Namespace, job_name: str, **extra: Any) -> JobConfig:
     if args.parallelism < 1:
         raise JobSetupError(f"--parallelism must be >= 1, got {args.parallelism}")
-    if args.checkpoint_interval_ms < 0:
-        raise JobSetupError(f"--checkpoint-interval-ms must be >= 0, got {args.checkpoint_interval_ms}")
-    if args.delivery == "exactly-once" and args.checkpoint_interval_ms == 0:
+    interval = checkpoint_interval_ms(args)
+    if interval < 0:
+        raise JobSetupError(f"--checkpoint-interval-ms must be >= 0, got {interval}")
+    if args.delivery == "exactly-once" and interval == 0:
         raise JobSetupError("--delivery exactly-once commits Kafka transactions on checkpoints: "
                             "set --checkpoint-interval-ms > 0")
+    min_pause = interval // 2 if args.checkpoint_min_pause_ms is None else args.checkpoint_min_pause_ms
+    if min_pause < 0:
+        raise JobSetupError(f"--checkpoint-min-pause-ms must be >= 0, got {min_pause}")
     return JobConfig(
         job_name=job_name,
         bootstrap=args.bootstrap,
@@ -104,8 +128,10 @@ def config_from_args(args: argparse.Namespace, job_name: str, **extra: Any) -> J
         bounded=args.bounded,
         startup=args.startup,
         local=args.local,
-        checkpoint_interval_ms=args.checkpoint_interval_ms,
+        checkpoint_interval_ms=interval,
         checkpoint_dir=str(Path(args.checkpoint_dir).resolve()),
+        checkpoint_min_pause_ms=min_pause,
+        unaligned_checkpoints=args.unaligned_checkpoints,
         delivery=args.delivery,
         execution_mode=args.execution_mode,
         bundle_size=args.bundle_size,
@@ -235,6 +261,8 @@ def flink_configuration(cfg: JobConfig) -> dict[str, str]:
     if cfg.checkpoint_interval_ms > 0:
         conf.update({
             "execution.checkpointing.interval": f"{cfg.checkpoint_interval_ms} ms",
+            "execution.checkpointing.min-pause": f"{cfg.checkpoint_min_pause_ms} ms",
+            "execution.checkpointing.unaligned.enabled": str(cfg.unaligned_checkpoints).lower(),
             "execution.checkpointing.mode": "EXACTLY_ONCE",
             "execution.checkpointing.dir": Path(cfg.checkpoint_dir).as_uri(),
             "execution.checkpointing.storage": "filesystem",
@@ -324,6 +352,9 @@ def kafka_sink_ddl(table: str, topic: str, cfg: JobConfig) -> str:
         options["sink.transactional-id-prefix"] = f"{cfg.group_id}-{table}"
         # must not exceed the broker's transaction.max.timeout.ms (15 min by default)
         options["properties.transaction.timeout.ms"] = "900000"
+        # reuse a small pool of transactional ids instead of a new one per checkpoint (INCREMENTING): at a
+        # checkpoint every 250 ms that would be 345,600 ids a day for the broker to keep (needs Kafka 3.0+)
+        options["sink.transaction-naming-strategy"] = "POOLING"
     return (
         f"CREATE TEMPORARY TABLE `{table}` (\n  `k` BYTES,\n  `v` BYTES\n"
         f") WITH (\n  {_with(options)}\n)"
