@@ -19,7 +19,7 @@ import time
 from pyflink.common import Row, Types
 from pyflink.common.watermark_strategy import TimestampAssigner
 from pyflink.datastream import KeyedProcessFunction, OutputTag, ProcessFunction, RuntimeContext, TimeDomain
-from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
+from pyflink.datastream.state import ValueStateDescriptor
 
 from contracts.redis_keys import experiment_index_key, experiment_window_key
 from jobs.common import key_value_type
@@ -43,6 +43,7 @@ from jobs.feedback_join_logic import (
     redis_fields,
 )
 from jobs.operators.counters import CounterBatch
+from jobs.operators.state_ttl import state_ttl
 from streams.serde import (
     AvroSerde,
     SchemaRegistryClient,
@@ -81,19 +82,6 @@ class _DeadLetters:
     def row(self, data, topic: str, partition: int, offset: int, code: str, reason: str) -> Row:
         record = dead_letter_record(data, topic, partition, offset, code, reason, JOB_NAME, int(time.time() * 1000))
         return Row(k=dead_letter_key(topic, partition, offset), v=encode_with_id(self.schema_id, self.schema, record))
-
-
-def _ttl(ms: int) -> StateTtlConfig:
-    from pyflink.common.time import Time
-
-    # cleanup named explicitly: PyFlink's default adds a RocksDB strategy a thread-mode worker cannot build
-    return StateTtlConfig.new_builder(Time.milliseconds(ms)) \
-        .set_update_type(StateTtlConfig.UpdateType.OnCreateAndWrite) \
-        .set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired) \
-        .disable_cleanup_in_background() \
-        .cleanup_incrementally(10, False) \
-        .cleanup_full_snapshot() \
-        .build()
 
 
 class DecodeFunction(ProcessFunction):
@@ -148,7 +136,7 @@ class FeedbackJoinFunction(KeyedProcessFunction):
 
     def open(self, runtime_context: RuntimeContext) -> None:
         descriptor = ValueStateDescriptor("join", Types.PICKLED_BYTE_ARRAY())
-        descriptor.enable_time_to_live(_ttl(self.state_ttl_ms))
+        descriptor.enable_time_to_live(state_ttl(self.state_ttl_ms))
         self.state = runtime_context.get_state(descriptor)
         self.joiner = FeedbackJoiner(self.config)
         self.letters = _DeadLetters(self.registry_url, self.dlq_topic)
@@ -223,7 +211,7 @@ class ArmMetricsFunction(KeyedProcessFunction):
         from infra.redis_client import redis_from_url
 
         descriptor = ValueStateDescriptor("arm", Types.PICKLED_BYTE_ARRAY())
-        descriptor.enable_time_to_live(_ttl(self.state_ttl_ms))
+        descriptor.enable_time_to_live(state_ttl(self.state_ttl_ms))
         self.state = runtime_context.get_state(descriptor)
         self.aggregator = ArmAggregator(self.config)
         self.redis = redis_from_url(self.redis_url) if self.redis_url else None  # a Redis Cluster URL too

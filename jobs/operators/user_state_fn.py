@@ -18,12 +18,13 @@ import time
 
 from pyflink.common import Row, Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
-from pyflink.datastream.state import ListStateDescriptor, StateTtlConfig, ValueStateDescriptor
+from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 
 from contracts.user_state_rule import DUPLICATE, LATE
 from jobs.common import key_value_type
 from jobs.dead_letters import dead_letter_key, dead_letter_record
 from jobs.operators.counters import CounterBatch
+from jobs.operators.state_ttl import state_ttl
 from jobs.popularity_writer import redis_popularity_writer
 from jobs.user_state_logic import (
     APPLIED,
@@ -115,20 +116,13 @@ class UserStateFunction(KeyedProcessFunction):
         # Feast imports torch at import time when it is installed (~10 s and ~300 MB per Python worker on the
         # 2-core box); nothing in this worker uses it, so make that import fail fast (feast handles it).
         sys.modules.setdefault("torch", None)
-        from pyflink.common.time import Time
 
         from infra.feast_store import open_feature_store
         from jobs.common import _JobSettings
 
-        # Background cleanup is named explicitly: PyFlink's default adds a RocksDB strategy whose Duration
-        # needs the py4j gateway, which a thread-mode worker does not have.
-        ttl = StateTtlConfig.new_builder(Time.milliseconds(self.config.state_ttl_ms)) \
-            .set_update_type(StateTtlConfig.UpdateType.OnCreateAndWrite) \
-            .set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired) \
-            .disable_cleanup_in_background() \
-            .cleanup_incrementally(10, False) \
-            .cleanup_full_snapshot() \
-            .build()
+        # cleanup named explicitly (jobs/operators/state_ttl.py): PyFlink's default adds a RocksDB strategy whose
+        # Duration needs the py4j gateway, which a thread-mode worker does not have
+        ttl = state_ttl(self.config.state_ttl_ms)
         descriptors = [ValueStateDescriptor(name, Types.PICKLED_BYTE_ARRAY()) for name in ("user_state", "long_term")]
         log = ListStateDescriptor("event_log", Types.PICKLED_BYTE_ARRAY())
         for descriptor in (*descriptors, log):

@@ -43,7 +43,8 @@ class ArtifactError(RuntimeError):
     """A semantic-ID artifact that is missing, corrupt or of an unknown version."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (artifacts and indexes record and check it)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -162,7 +163,7 @@ class SemanticIdArtifact:
             "encoder": {"type": "fusion", "options": enc_options, "dim": self.encoder.dim},
             "config": self.config,
             "metrics": self.metrics,
-            "files": {ARRAYS: {"sha256": _sha256(tmp), "bytes": tmp.stat().st_size}},
+            "files": {ARRAYS: {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}},
         }
         os.replace(tmp, folder / ARRAYS)
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
@@ -189,7 +190,7 @@ class SemanticIdArtifact:
             raise ArtifactError(f"{folder}: artifact format {version!r} is not supported (this code reads {FORMAT_VERSION!r})")
         expected = manifest.get("files", {}).get(ARRAYS, {}).get("sha256")
         if verify:
-            actual = _sha256(arrays_path)
+            actual = sha256_file(arrays_path)
             if actual != expected:
                 raise ArtifactError(
                     f"{arrays_path} is corrupt: sha256 {actual[:16]}... does not match the manifest's "

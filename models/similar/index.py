@@ -11,7 +11,6 @@ truncated or changed file raises :class:`SimilarIndexError` saying which and to 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -21,6 +20,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from models.semantic_ids.artifact import sha256_file
 from models.similar.vectors import ItemTables, VectorWeights, new_item_vectors, trained_vectors
 
 FORMAT = "ugt-similar-items/1"
@@ -79,14 +79,6 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     """Mean share of each row of ``exact`` that ``found`` holds (same k)."""
     hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, exact, strict=True)]
     return float(np.mean(hits) / exact.shape[1]) if len(hits) else 0.0
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -179,7 +171,7 @@ class SimilarIndex:
             "format": FORMAT, "items": len(self.item_ids), "dim": int(self.vectors.shape[1]),
             "config": asdict(self.config), "weights": asdict(self.weights), "source": self.source,
             "codebook_sizes": t.codebook_sizes, "genre_names": t.genre_names,
-            "sha256": {INDEX_FILE: _sha256(out / INDEX_FILE), ARRAYS: _sha256(out / ARRAYS)},
+            "sha256": {INDEX_FILE: sha256_file(out / INDEX_FILE), ARRAYS: sha256_file(out / ARRAYS)},
         }
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         return out
@@ -194,7 +186,7 @@ class SimilarIndex:
             path = root / name
             if not path.is_file():
                 raise SimilarIndexError(f"similar-items index {str(root)!r}: {name} is missing: {fix}")
-            if _sha256(path) != digest:
+            if sha256_file(path) != digest:
                 raise SimilarIndexError(f"similar-items index {str(root)!r}: {name} does not match its checksum "
                                         f"(truncated or changed): {fix}")
         try:

@@ -17,8 +17,6 @@ from serving_fakes import FakeClock, FakeStateReader, FakeZsetRedis, view
 
 from infra.settings import Settings
 from models.similar import ItemTables, SimilarIndex
-from models.train import fit
-from models.train_config import load_config
 from serving.app import create_app
 from serving.compose import _similar
 from serving.config import ConfigError, ServingConfig, build_config
@@ -29,17 +27,6 @@ from serving.service import Components
 from serving.similar import SimilarItems, UnknownItem, merge_by_rank
 from serving.ugt_generator import UGTGenerator
 from ugt.cli import main as ugt_main
-
-CONFIG = "models/configs/ugt_ml100k_tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ugt")
-    cfg = load_config(CONFIG, {"out_dir": str(out), "progress": False, "device": "cpu", "max_epochs": 1,
-                                  "max_users": 400})
-    fit(cfg)
-    return out / "checkpoint.pt"
 
 
 @pytest.fixture(scope="module")

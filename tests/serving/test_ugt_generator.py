@@ -23,15 +23,6 @@ CONFIG = "models/configs/ugt_ml100k_tiny.yaml"
 USERS = (0, 1, 7, 42, 150, 399)  # row indices into the test split (users with >= 3 events, sorted ids)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ugt")
-    cfg = load_config(CONFIG, {"out_dir": str(out), "progress": False, "device": "cpu", "max_epochs": 1,
-                                  "max_users": 400})
-    fit(cfg)
-    return out / "checkpoint.pt"
-
-
 class Clock:
     """The request time the generator sees (epoch seconds); tests set it to the eval target's time."""
 
