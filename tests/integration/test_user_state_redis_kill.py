@@ -90,9 +90,10 @@ def test_kill_redis_mid_stream_loses_no_event(stack: Settings, tmp_path: Path) -
     cluster = PrivateFlinkCluster(settings, tmp_path / "flink")
     common = ["--startup", "earliest", "--checkpoint-interval-ms", "2000",
               "--checkpoint-dir", str(tmp_path / "flink" / "checkpoints")]
-    # user_state at parallelism 1 (the exactly-once test covers 2) and in process mode: with scipy in the venv
-    # (2026-12-06), Feast's dask import pulls in scipy's pybind11 modules, whose import deadlocks inside the
-    # thread-mode (pemja) interpreter; the task hung in open() (gdb: PyGILState_Ensure in PyInit_pypocketfft)
+    # user_state at parallelism 1 (the exactly-once test covers 2) and in process mode (the exactly-once test
+    # covers thread mode). Process mode was first chosen while scipy was in the venv: Feast's dask import pulls in
+    # scipy's pybind11 modules, whose import deadlocks inside the thread-mode (pemja) interpreter (the task hung in
+    # open()); the project no longer depends on scipy (docs/DEPENDENCIES.md)
     submissions = [
         ("tokenize", [*common, "--parallelism", "2", "--delivery", "exactly-once", "--group-id", f"rk-{run}-tok",
                       "--source-topic", raw, "--tokens-topic", tokens, "--dlq-topic", dlq]),
