@@ -154,14 +154,27 @@ def _cluster_info(port: int) -> dict[str, str]:
     return {str(k): str(v) for k, v in info.items()}
 
 
+def _replication_up(port: int) -> bool:
+    """A master with a replica attached, or a replica whose link to its master is up (clients then see it)."""
+    import redis
+
+    try:
+        info = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1).info("replication")
+    except redis.RedisError:
+        return False
+    if info.get("role") == "master":
+        return int(info.get("connected_slaves", 0)) >= 1
+    return info.get("master_link_status") == "up"
+
+
 def redis_cluster_healthy(s: Settings) -> bool:
-    """Every slot served and every node known, as each node sees it."""
+    """Every slot served, every node known and every master's replica attached, as each node sees it."""
     want = str(len(s.redis_cluster_ports))
     for port in s.redis_cluster_ports:
         info = _cluster_info(port)
         if info.get("cluster_state") != "ok" or info.get("cluster_known_nodes") != want:
             return False
-    return True
+    return all(_replication_up(port) for port in s.redis_cluster_ports)
 
 
 def _form_cluster(s: Settings, timeout_s: float = 30.0) -> None:
