@@ -167,14 +167,29 @@ def _replication_up(port: int) -> bool:
     return info.get("master_link_status") == "up"
 
 
+def _slots_replicated(port: int) -> bool:
+    """In this node's CLUSTER SLOTS every slot range names a replica beside its master (a client that starts from
+    this node discovers every node: a replica is gossiped to the other nodes a moment after it attaches)."""
+    import redis
+
+    try:
+        ranges = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1).execute_command("CLUSTER SLOTS")
+    except redis.RedisError:
+        return False
+    if isinstance(ranges, dict):  # redis-py's parsed form: {(start, end): {"primary": ..., "replicas": [...]}}
+        return bool(ranges) and all(entry.get("replicas") for entry in ranges.values())
+    return bool(ranges) and all(len(entry) >= 4 for entry in ranges)  # [start, end, master, replica, ...]
+
+
 def redis_cluster_healthy(s: Settings) -> bool:
-    """Every slot served, every node known and every master's replica attached, as each node sees it."""
+    """Every slot served, every node known and every master's replica attached and known, as each node sees it."""
     want = str(len(s.redis_cluster_ports))
     for port in s.redis_cluster_ports:
         info = _cluster_info(port)
         if info.get("cluster_state") != "ok" or info.get("cluster_known_nodes") != want:
             return False
-    return all(_replication_up(port) for port in s.redis_cluster_ports)
+    return (all(_replication_up(port) for port in s.redis_cluster_ports)
+            and all(_slots_replicated(port) for port in s.redis_cluster_ports))
 
 
 def _form_cluster(s: Settings, timeout_s: float = 30.0) -> None:

@@ -68,6 +68,17 @@ def recommend(url: str, user: str, key: str = "itest-key-a") -> requests.Respons
                          "connection": "close"}, timeout=10)
 
 
+def served_by_model(url: str, user: str, attempts: int = 20) -> requests.Response:
+    """The model's answer for ``user``: a request that timed out on a loaded box (a marked fallback) is asked
+    again, a few times; what is compared is the answer, not the box's speed."""
+    for _ in range(attempts):
+        answer = recommend(url, user, key="itest-key-b")
+        if answer.status_code != 200 or not answer.json()["fallback"]:
+            return answer
+        time.sleep(0.2)
+    return answer
+
+
 def children(pid: int) -> list[int]:
     return sorted(p.pid for p in process_tree(pid) if p.pid != pid)
 
@@ -81,7 +92,7 @@ def samples(url: str) -> dict[tuple[str, tuple], float]:
 def test_two_workers_answer_as_the_single_process_service(served, redis_only: Settings, tmp_path):
     url, pid, config = served
     assert len(children(pid)) == 3  # two workers and the engine
-    shared = {user: recommend(url, user, key="itest-key-b") for user in USERS}
+    shared = {user: served_by_model(url, user) for user in USERS}
     alone_config = config | {"rate_limit_rps": 0, "engine_start": "auto"}
     single = Served(create_app(redis_only, build_config(alone_config, env={}, base_dir=tmp_path)))
     try:
