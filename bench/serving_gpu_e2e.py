@@ -2,7 +2,9 @@
 KV-cache mix, beside its anchors, in one run on one host.
 
 What runs (all on this host): a private redis-server; the users' states written into it in Feast's layout; `ugt serve
---workers W` (W HTTP workers, one engine process owning the model on the GPU: serving/engine_spawn.py); P load
+--workers W` (W HTTP workers, one engine process owning the model on the GPU: serving/engine_spawn.py), first with
+``engine_scope: model`` (``ugt-serve-model``: the workers run the pipeline, the engine only the model), then with the
+engine running every request's whole pipeline (``ugt-serve``, engine_scope: pipeline); P load
 processes and a few state-writer processes (bench/e2e_load.py). Per offered rate: 70% of requests from seen users
 with a new event since their last request (written to Redis just before: a KV append), 20% seen users with no new
 event (a hit), 10% users never requested (a miss) (--mix); users drawn Zipf-like. Rows record the latency from each
@@ -77,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--max-connections", type=int, default=256, help="per load process")
     p.add_argument("--skip", default="",
-                   help="comma list of row groups to skip: ugt-serve, single-process, anchor-http, generator-alone")
+                   help="comma list of row groups to skip: ugt-serve-model, ugt-serve, single-process, anchor-http, "
+                        "generator-alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes and rates (a dry run of the whole path)")
     args = p.parse_args(argv)
@@ -296,8 +299,8 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     users = ml1m_users(Path(args.checkpoint), args.clones, args.append_room, args.seed)
 
-    def ugt_group(name: str, workers: int, group_rates: list[float]) -> None:
-        server = serve_ugt(name, workdir, env, ugt_config(args, users), workers)
+    def ugt_group(name: str, workers: int, group_rates: list[float], scope: str = "pipeline") -> None:
+        server = serve_ugt(name, workdir, env, ugt_config(args, users) | {"engine_scope": scope}, workers)
         try:
             wait_served(server, users.ids[0], model=True)
             print(f"== {name}: warm-up", flush=True)
@@ -322,7 +325,8 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
         rows.extend(generator_rows(args.checkpoint, users, [float(r) for r in args.generator_rates.split(",")], args))
 
     # the generator-alone group holds the GPU in this process until the end: it runs last
-    groups = {"ugt-serve": lambda: ugt_group("ugt-serve", args.workers, rates), "anchor-http": anchor_group,
+    groups = {"ugt-serve-model": lambda: ugt_group("ugt-serve-model", args.workers, rates, scope="model"),
+              "ugt-serve": lambda: ugt_group("ugt-serve", args.workers, rates), "anchor-http": anchor_group,
               "single-process": lambda: ugt_group("single-process", 1,
                                                   [float(r) for r in args.single_rates.split(",")]),
               "generator-alone": generator_group}

@@ -55,9 +55,13 @@ def _lifespan(runtime: Runtime):
         if runtime.engine == "thread":
             start_background(runtime.live)
         runtime.batcher.start()
+        if runtime.pipeline is not None:
+            runtime.pipeline.start()
         if runtime.components.similar is not None:  # /similar answers here, whatever the engine (after its fork)
             runtime.components.similar.start_background()
         yield
+        if runtime.pipeline is not None:
+            runtime.pipeline.close()
         runtime.batcher.close()
 
     return lifespan

@@ -23,6 +23,7 @@ from infra.settings import Settings
 from serving.batcher import DynamicBatcher
 from serving.config import ConfigError, DomainConfig, ServingConfig, routes
 from serving.engine_core import EngineCore, MetricsHub, serve
+from serving.engine_model import serve_model
 from serving.engine_process import EngineProcess
 from serving.experiments import Experiments
 from serving.fallback import PopularityFallback, PopularityGenerator, load_popularity_file
@@ -248,6 +249,12 @@ def engine_main(runtime: Runtime, restarts: int, *, path: str | None = None, soc
     start_background(runtime.live)  # the feed threads run where the models serve
     if runtime.components.similar is not None and config.similar_candidates:
         runtime.components.similar.start_background()  # the candidate source's copy of the index
+    if config.engine_scope == "model" and path is not None:  # `--workers N`: the workers run the pipeline
+        from serving.remote_model import model_routes
+
+        serve_model(model_routes(served_generators(runtime.components, config)), config, metrics,
+                    MetricsHub(metrics.render), path=path, parent_pid=parent_pid)
+        return
     limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps else None
     refused = {reason: metrics.engine_refused.labels(reason) for reason in ("queue_full", "rate_limited")}
     core = EngineCore(runtime.service.run_batch, max_size=config.batch_max_size,
@@ -270,6 +277,20 @@ def build_batcher(runtime: Runtime) -> DynamicBatcher | EngineProcess:
 
     return EngineProcess(in_engine, hang_timeout_s=config.engine_hang_timeout_ms / 1000.0,
                          exposition=runtime.metrics.render)
+
+
+def model_pipeline(worker: Runtime, path: str) -> DynamicBatcher:
+    """A `--workers N` worker's own batcher (engine_scope: model): its UGT models sent to the engine at ``path``."""
+    from serving.remote_model import ModelChannel, use_remote_models
+
+    config = worker.config
+    channel = ModelChannel(path, timeout_s=config.engine_hang_timeout_ms / 1000.0)
+    served = served_generators(worker.components, config)
+    if not use_remote_models(worker.components, served, channel, prepared_users=config.kv_cache_users):
+        log.warning("engine_scope: model, but no domain serves a UGT model: the engine has nothing to run")
+    return DynamicBatcher(worker.service.run_batch, max_size=config.batch_max_size,
+                          max_wait_s=config.batch_max_wait_ms / 1000.0,
+                          on_batch=worker.metrics.batch_size.observe, max_queue=config.engine_queue_max)
 
 
 def warm_up(parts: Components) -> None:
@@ -297,6 +318,7 @@ class Runtime:
     engine: str  # thread | process | shared (a `--workers N` worker: serving/supervisor.py)
     batcher: Any  # DynamicBatcher | serving.engine_ipc.EngineConnection (EngineProcess, or a worker's EngineClient)
     live: dict[str, Any]  # domain -> generator with a live catalog (its feed thread starts with the app)
+    pipeline: Any = None  # engine_scope: model: a worker's own DynamicBatcher (its engine runs only the model)
 
 
 def compose(settings: Settings, config: ServingConfig, components: Components | None = None,

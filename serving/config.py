@@ -1,10 +1,8 @@
 """Serving configuration: frozen pydantic dataclasses read from a YAML file, then ``UGT_SERVING_*`` env overrides.
 
-Everything is validated when the service starts, so a typo or a bad value stops ``ugt serve`` at once with a
-message naming the key, instead of surfacing as a wrong answer or a 500 under load. The bounds live on the fields
-(pydantic checks them, also when a config is built in code); what spans several keys is ``_cross_checks``.
-A relative path resolves against the folder of the YAML file that wrote it, or against the working directory when
-it comes from the environment or the command line.
+Everything is validated at start: a typo or a bad value stops ``ugt serve`` with a message naming the key. Bounds
+live on the fields (checked also for configs built in code); what spans several keys is ``_cross_checks``. A
+relative path resolves against the folder of the YAML file that wrote it, else against the working directory.
 """
 
 from __future__ import annotations
@@ -26,8 +24,7 @@ ENV_PREFIX = "UGT_SERVING_"
 
 # Feast SDK get_online_features | direct read of Feast's Redis hashes
 StateReader = Literal["feast", "redis"]
-# where the batcher runs the pipeline: a thread of the server, its own forked process, or auto = process unless a
-# model runs on CUDA (which does not survive a fork)
+# the batcher: a thread of the server, a forked process, auto = process unless a model runs on CUDA (no fork)
 Engine = Literal["auto", "thread", "process"]
 Quantize = Literal["none", "int8"]  # models/ugt/quantize.py
 # a request the engine's full queue refuses: 429 + Retry-After (reject), or the popularity answer marked "overloaded"
@@ -35,9 +32,9 @@ Overload = Literal["reject", "fallback"]
 Generator = Literal["popularity", "ugt"]  # ugt: serving/ugt_generator.py, needs `checkpoint`
 # where UGT models run: auto = CUDA when torch sees a GPU, else CPU
 Device = Literal["auto", "cpu", "cuda"]
-# how `ugt serve --workers N` starts its engine: fork (the loaded service, copy-on-write), spawn (a fresh process
-# that loads the model itself), auto = spawn when a model runs on CUDA, else fork
+# `--workers N`'s engine: fork (copy-on-write), spawn (loads the model itself), auto = spawn for a CUDA model
 EngineStart = Literal["auto", "fork", "spawn"]
+EngineScope = Literal["pipeline", "model"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 STATE_READERS: tuple[str, ...] = get_args(StateReader)
 ENGINES: tuple[str, ...] = get_args(Engine)
@@ -206,8 +203,7 @@ class ServingConfig:
     max_history: Int = Field(200, ge=0, le=100_000)  # user-state events assumed at most (contracts.user_state_rule)
     log_level: Annotated[LogLevel, BeforeValidator(_lower)] = "info"  # uvicorn / logging level
     max_context: Int = Field(50, ge=0, le=1000)  # longest accepted `context` list (session items not yet stored)
-    # accepted X-API-Key values; empty = no authentication
-    api_keys: ApiKeys = ()
+    api_keys: ApiKeys = ()  # accepted X-API-Key values; empty = no authentication
     rate_limit_rps: Float = Field(0.0, ge=0, le=1e6)  # per API key (or client address without keys); 0 = no limit
     rate_limit_burst: Int = Field(50, ge=1, le=1_000_000)  # token-bucket depth of the rate limit
     batch_max_size: Int = Field(64, ge=1, le=4096)  # the dynamic batcher's largest batch (serving/batcher.py)
@@ -255,6 +251,10 @@ class ServingConfig:
     # started as a fresh process (spawned: CUDA does not survive a fork) that loads the model itself
     device: Device = "auto"
     engine_start: EngineStart = "auto"  # --workers N: fork or spawn the shared engine (serving/engine_spawn.py)
+    # --workers N: the shared engine runs every request's whole pipeline, or (model) only the UGT model on rows the
+    # workers pack; they run the rest themselves and scale with cores (serving/engine_model.py)
+    engine_scope: EngineScope = "pipeline"
+    engine_max_rows: Int = Field(128, ge=1, le=4096)  # engine_scope: model: rows per model step across workers
     # an engine process that answers nothing this long while asked is restarted
     engine_hang_timeout_ms: Float = Field(10000.0, ge=100, le=600_000)
     # requests waiting in the engine at most (back-pressure): past it a request is refused at once, as overload_response

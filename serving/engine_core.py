@@ -25,18 +25,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from serving.batcher import Queued, check_limits, run_process
 from serving.engine_ipc import (
+    ADMIT,
     ANSWER,
     BUSY,
     FAILED,
     METRICS,
     METRICS_PUSH,
     METRICS_REPLY,
+    MODEL,
     NO_POPULARITY,
     RATE_LIMITED,
     RECV_BYTES,
@@ -65,6 +67,16 @@ class Waiting:
     conn: int
     ident: int
     entry: Queued[RecommendRequest]
+
+
+class Core(Protocol):
+    """What the socket loop drives: :class:`EngineCore`, or serving.engine_model.ModelCore (engine_scope: model)."""
+
+    def admit(self, conn: int, frame: Frame) -> bytes | None: ...
+
+    def due_in(self) -> float | None: ...
+
+    def run_due(self) -> dict[int, bytearray]: ...
 
 
 class MetricsHub:
@@ -191,7 +203,7 @@ def _listen(path: str) -> socket.socket:
     return listener
 
 
-def serve(core: EngineCore, hub: MetricsHub, *, path: str | None = None, sock: socket.socket | None = None,
+def serve(core: Core, hub: MetricsHub, *, path: str | None = None, sock: socket.socket | None = None,
           parent_pid: int | None = None) -> None:
     """Answer the HTTP processes until the parent is gone: the workers that connect to ``path`` (`--workers N`),
     or the one HTTP process at the other end of ``sock`` (``engine: process``: then the engine also ends when
@@ -236,7 +248,7 @@ def _add(sock: socket.socket, selector: selectors.BaseSelector, connections: dic
     selector.register(sock, selectors.EVENT_READ, conn_id)
 
 
-def _read(connections: dict[int, _Connection], conn_id: int, core: EngineCore, hub: MetricsHub,
+def _read(connections: dict[int, _Connection], conn_id: int, core: Core, hub: MetricsHub,
           selector: selectors.BaseSelector) -> None:
     """Everything this worker has sent: requests admitted or refused at once, metrics kept or answered."""
     conn = connections.get(conn_id)
@@ -260,9 +272,12 @@ def _read(connections: dict[int, _Connection], conn_id: int, core: EngineCore, h
         _send(connections, conn_id, bytes(replies), hub, selector)
 
 
-def _handle(conn: _Connection, conn_id: int, frame: Frame, core: EngineCore, hub: MetricsHub) -> bytes:
-    if frame.kind == REQUEST:
+def _handle(conn: _Connection, conn_id: int, frame: Frame, core: Core, hub: MetricsHub) -> bytes:
+    if frame.kind in (REQUEST, MODEL):  # a whole request (engine_scope: pipeline), or rows (model)
         return core.admit(conn_id, frame) or b""
+    admit_key = getattr(core, "admit_key", None)  # only the model engine keeps the rate limit for ADMIT frames
+    if frame.kind == ADMIT and admit_key is not None:
+        return admit_key(frame)
     if frame.kind in (METRICS, METRICS_PUSH):
         conn.pid = int(frame.number)
         hub.update(conn.pid, frame.payload)

@@ -46,6 +46,8 @@ PUSH_METRICS_EVERY_S = 1.0
 REQUEST = 1  # payload: orjson {"request": fields, "key": rate-limit key or null}; number: arrival (perf_counter)
 METRICS = 2  # payload: the worker's exposition; number: its pid. Answered with METRICS_REPLY (every process added up)
 METRICS_PUSH = 3  # payload: the worker's exposition; number: its pid. Kept by the engine, not answered
+MODEL = 4  # engine_scope: model: payload a batch of packed rows (serving/model_wire.py); answered with MODEL_ANSWER
+ADMIT = 5  # engine_scope: model: payload a rate-limit key; answered with ADMITTED or RATE_LIMITED
 # engine -> worker
 ANSWER = 10  # payload: the answer's JSON body
 NO_POPULARITY = 11  # payload: the message (the worker answers 503)
@@ -54,6 +56,8 @@ FAILED = 13  # payload: the message (the batch itself failed: a 500 with a body)
 BUSY = 14  # the engine's queue is full (back-pressure); number: seconds to wait before retrying
 RATE_LIMITED = 15  # the key is over its rate limit, counted in the engine for every worker; number: seconds to wait
 METRICS_REPLY = 16  # payload: every process's exposition added up
+MODEL_ANSWER = 17  # payload: the rows' top-k (serving/model_wire.py)
+ADMITTED = 18  # the key is within its rate limit
 
 
 class FrameError(ValueError):
@@ -209,6 +213,10 @@ class EngineConnection(abc.ABC):
             raise BatcherClosed("the engine connection is closed")
         return await self._call(REQUEST, time.perf_counter(), request_payload(fields, limit_key), timeout_s)
 
+    async def admit(self, key: str, timeout_s: float | None = None) -> None:
+        """Pass the engine's rate limit of ``key`` (engine_scope: model), or raise RateLimited / EngineUnavailable."""
+        await self._call(ADMIT, 0.0, key.encode(), timeout_s)
+
     async def metrics(self, timeout_s: float = 2.0) -> bytes | None:
         """Every process's exposition added up by the engine; None when it does not answer in time."""
         if self._sock is None:
@@ -305,7 +313,7 @@ class EngineConnection(abc.ABC):
         future = self._pending.get(frame.ident)
         if future is None or future.done():  # timed out already
             return
-        if frame.kind in (ANSWER, METRICS_REPLY):
+        if frame.kind in (ANSWER, METRICS_REPLY, ADMITTED):
             future.set_result(frame.payload)
         elif frame.kind == BUSY:
             future.set_exception(Overloaded(frame.number))

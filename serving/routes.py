@@ -104,12 +104,15 @@ class RecommendRoute:
 
     def __init__(self, runtime: Runtime):
         self.service = runtime.service
-        self.batcher = runtime.batcher
+        self.batcher = runtime.pipeline or runtime.batcher
         # the engine runs in another process (engine: process, or a `--workers N` worker's shared engine): the
         # request travels as its fields, the answer comes back as JSON bytes, the rate limit is kept there
-        self.remote = isinstance(runtime.batcher, EngineConnection)
+        self.remote = isinstance(self.batcher, EngineConnection)
+        # engine_scope: model: this worker runs the pipeline, the shared engine keeps the rate limit (ADMIT)
+        self.engine = runtime.batcher if runtime.pipeline is not None and runtime.config.rate_limit_rps else None
         self.overload_fallback = runtime.config.overload_response == "fallback"
-        self.guards = RequestGuards(runtime.config, runtime.metrics, limit_here=not self.remote)
+        self.guards = RequestGuards(runtime.config, runtime.metrics,
+                                    limit_here=not isinstance(runtime.batcher, EngineConnection))
         self.asgi = GuardMiddleware(self._asgi, max_body_bytes=runtime.config.max_body_bytes,
                                     metrics=runtime.metrics)
 
@@ -143,6 +146,8 @@ class RecommendRoute:
         try:
             if self.remote:
                 return await self._run_remote(call)
+            if self.engine is not None:
+                await self._admit(call)
             return await self.batcher.submit(call.request, self.guards.timeout_s)
         except (TimeoutError, EngineUnavailable, Overloaded) as exc:
             if isinstance(exc, Overloaded) and not self.overload_fallback:
@@ -154,6 +159,13 @@ class RecommendRoute:
                 )
             except (NoPopularity, UnknownDomain) as no_answer:
                 return no_answer
+
+    async def _admit(self, call: RecommendCall) -> None:
+        """The shared engine's rate limit (RateLimited when over); without an answer in time, the request passes."""
+        try:
+            await self.engine.admit(limit_key(call), self.guards.timeout_s)
+        except (TimeoutError, EngineUnavailable):
+            pass
 
     async def _run_remote(self, call: RecommendCall) -> bytes | NoPopularity | UnknownDomain:
         """The engine process's answer body; its refusals as the in-process service raises them."""

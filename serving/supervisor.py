@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serving.compose import Runtime, domains_on_gpu, engine_main, served_generators
+from serving.compose import Runtime, domains_on_gpu, engine_main, model_pipeline, served_generators
 from serving.config import ConfigError, ServingConfig
 from serving.engine_ipc import EngineClient
 from serving.engine_spawn import spawn_engine
@@ -76,6 +76,8 @@ def worker_main(runtime: Runtime, listener: socket.socket, path: str, replacemen
     runtime.service.use_metrics(metrics)  # the fallback answers given here are counted here
     client = EngineClient(path, exposition=metrics.render)
     worker = dataclasses.replace(runtime, metrics=metrics, batcher=client, engine="shared")
+    if runtime.config.engine_scope == "model":  # this worker runs the pipeline; the engine only the model
+        worker.pipeline = model_pipeline(worker, path)
     config = runtime.config
     server = uvicorn.Server(uvicorn.Config(app_for(worker), log_level=config.log_level, access_log=False))
     server.run(sockets=[listener])

@@ -15,7 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,19 @@ class PreparedUser:
     def same_events(self, state: UserStateView) -> bool:
         return (self.item_ids == state.item_ids and self.event_times == state.event_times
                 and self.rating_tokens == state.rating_tokens)
+
+
+@dataclass(slots=True)
+class Gathered:
+    """A batch's rows for the model (:meth:`UGTGenerator.gather`): ``where`` says which request each row is."""
+
+    answers: list[BatchAnswer] = field(default_factory=list)
+    rows: list[dict[str, np.ndarray]] = field(default_factory=list)
+    excludes: list[np.ndarray] = field(default_factory=list)
+    keys: list[str | None] = field(default_factory=list)
+    prints: list[bytes] = field(default_factory=list)
+    where: list[int] = field(default_factory=list)
+    k: int = 0
 
 
 class CheckpointError(ValueError):
@@ -302,24 +315,28 @@ class UGTGenerator:
         A user with no known item gets a NoModelAnswer in their place; the others are unaffected.
         """
         self.apply_new_items()
+        batch = self.gather(requests)
+        if batch.rows:
+            tops = self.engine.recommend(batch.rows, batch.excludes, batch.k, batch.keys, batch.prints)
+            for i, top in zip(batch.where, tops, strict=True):
+                batch.answers[i] = self.answer(top.indices, top.scores, requests[i].k)
+        return batch.answers
+
+    def gather(self, requests: list[GenerationRequest]) -> Gathered:
+        """The model rows of a batch: the users the model knows, and a NoModelAnswer in place of each other."""
         now = int(self.clock())
-        answers: list[BatchAnswer] = []
-        rows, excludes, keys, prints, where = [], [], [], [], []
+        batch = Gathered()
         for i, req in enumerate(requests):
             prepared = self.prepare(req.state, now)
             if prepared is None:
-                answers.append(NoModelAnswer(
+                batch.answers.append(NoModelAnswer(
                     NO_KNOWN_ITEMS, f"none of the {len(req.state.item_ids)} history items is in {self.version}'s vocabulary"))
                 continue
-            answers.append([])
-            rows.append(prepared.row)
-            excludes.append(self.exclusions(prepared, req.exclude))
-            keys.append(req.state.user_id)
-            prints.append(prepared.fingerprint)
-            where.append(i)
-        if rows:
-            k = max(requests[i].k for i in where)
-            tops = self.engine.recommend(rows, excludes, k, keys, prints)
-            for i, top in zip(where, tops, strict=True):
-                answers[i] = self.answer(top.indices, top.scores, requests[i].k)
-        return answers
+            batch.answers.append([])
+            batch.rows.append(prepared.row)
+            batch.excludes.append(self.exclusions(prepared, req.exclude))
+            batch.keys.append(req.state.user_id)
+            batch.prints.append(prepared.fingerprint)
+            batch.where.append(i)
+            batch.k = max(batch.k, req.k)
+        return batch

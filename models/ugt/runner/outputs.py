@@ -44,14 +44,20 @@ class Pending:
         """True once result() would not wait."""
         return self.done is None or self.done.query()
 
-    def result(self) -> list[TopK]:
-        """Wait for the batch (only this one: later batches keep running) and split it into TopKs."""
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Wait for the batch (only this one: later batches keep running): (valid counts (n,), indices (n, k),
+        scores (n, k)), row b's answer the first counts[b] of its indices and scores."""
         if self.n == 0:
-            return []
+            return np.zeros(0, np.int64), np.zeros((0, self.k), np.int64), np.zeros((0, self.k), np.float32)
         if self.done is not None:
             self.done.synchronize()
         values = self.values.numpy().copy()  # copies: the pinned blocks go back to the allocator
         indices = self.indices.numpy().copy()
         counts = self.counts.numpy()
         m = np.minimum(np.minimum(self.k, counts), np.isfinite(values).sum(1))
+        return m, indices, values
+
+    def result(self) -> list[TopK]:
+        """:meth:`arrays` split into one TopK per row."""
+        m, indices, values = self.arrays()
         return [TopK(indices[b, : m[b]], values[b, : m[b]]) for b in range(self.n)]
