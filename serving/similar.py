@@ -18,13 +18,15 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.similar import SimilarIndex
 from serving.generator import ScoredItem
 from serving.live_items import LiveCatalog
+
+if TYPE_CHECKING:  # faiss is imported only by a service that loads an index (a GPU host may lack it)
+    from models.similar import SimilarIndex
 
 log = logging.getLogger("ugt.serving.similar")
 
@@ -73,6 +75,8 @@ class SimilarItems:
         import faiss
 
         faiss.omp_set_num_threads(1)  # one query at a time: idle OpenMP workers would spin on the event loop's cores
+        from models.similar import SimilarIndex
+
         return cls(SimilarIndex.load(folder), **options)
 
     def trained_codes(self) -> np.ndarray:
