@@ -1,0 +1,87 @@
+"""Where a GPU engine step's time goes: the worker's share (rows) and the engine's (one batch through the model).
+
+A diagnosis tool for docs/SERVING.md, not a benchmark (it writes no result file): the trained ML-1M UGT on the
+GPU, its KV cache warmed on the seen users, then batches of ``--batch`` requests with the e2e bench's traffic mix
+(bench/e2e_load.py), each split into what an ``engine_scope: model`` worker does (``UGTGenerator.gather`` and
+the packing) and what the engine does (``submit_packed`` and the top-k back), with cProfile over the engine's part.
+
+  python -m bench.engine_profile --checkpoint ckpt.pt --batches 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import numpy as np
+
+from bench.e2e_generator import state_view
+from bench.e2e_load import APPEND, make_schedule
+from bench.e2e_users import ml1m_users
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--clones", type=int, default=20)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--warm-users", type=int, default=60_000)
+    p.add_argument("--mix", default="0.1,0.2,0.7", help="miss,hit,append shares")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--top", type=int, default=30, help="functions listed by own time")
+    args = p.parse_args(argv)
+    from pathlib import Path
+
+    from serving.generator import GenerationRequest
+    from serving.ugt_generator import UGTGenerator
+
+    users = ml1m_users(Path(args.checkpoint), args.clones, 64, 0)
+    gen = UGTGenerator(args.checkpoint, kv_cache_users=len(users.ids), live_items=0, device=args.device)
+
+    def batch_of(schedule, lo: int, hi: int) -> list:
+        out = []
+        for r in range(lo, hi):
+            u = int(schedule.users[r])
+            view = state_view(users.append_row(u) if schedule.classes[r] == APPEND else users.row(u))
+            out.append(GenerationRequest(view, 10, frozenset(view.item_ids), "movie"))
+        return out
+
+    warm = make_schedule(1e5, args.warm_users / 1e5, (1.0, 0.0, 0.0), 0, len(users.ids), seed=999)
+    for lo in range(0, len(warm.times), args.batch):
+        gen.recommend_batch(batch_of(warm, lo, min(lo + args.batch, len(warm.times))))
+    users.seen = warm.seen_after
+    mix = tuple(float(x) for x in args.mix.split(","))
+    schedule = make_schedule(1e5, args.batch * args.batches / 1e5, mix, users.seen, len(users.ids), seed=1)
+    prof = cProfile.Profile()
+    worker_s = engine_s = 0.0
+    before = dict(gen.engine.cache.stats())
+    for b in range(args.batches):
+        t0 = time.perf_counter()
+        batch = gen.gather(batch_of(schedule, b * args.batch, (b + 1) * args.batch))
+        vectors, excl = gen.engine.row_vectors(batch.rows), gen.engine.exclusion_matrix(batch.excludes)
+        t1 = time.perf_counter()
+        prof.enable()
+        gen.engine.submit_packed(vectors, excl, batch.k, batch.keys, batch.prints).arrays()
+        prof.disable()
+        worker_s += t1 - t0
+        engine_s += time.perf_counter() - t1
+    after = gen.engine.cache.stats()
+    n = args.batch * args.batches
+    print(f"{args.batches} batches of {args.batch} on {args.device}: cache "
+          f"{ {k: after[k] - before.get(k, 0) for k in after} }")
+    print(f"worker share (gather + pack): {1e6 * worker_s / n:.1f} us/request; "
+          f"engine share (submit_packed + top-k): {1e3 * engine_s / args.batches:.2f} ms/batch = "
+          f"{1e6 * engine_s / n:.1f} us/request -> one engine thread ~{n / engine_s:,.0f} req/s")
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
+    print(out.getvalue())
+    print(f"rows per request: {np.mean([len(r['ids'][0]) for r in batch.rows]):.0f} columns")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
