@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mix", default="0.1,0.2,0.7", help="miss,hit,append shares")
     p.add_argument("--device", default="cuda")
     p.add_argument("--top", type=int, default=30, help="functions listed by own time")
+    p.add_argument("--profile", choices=["engine", "worker"], default="engine", help="whose share cProfile watches")
     args = p.parse_args(argv)
     from pathlib import Path
 
@@ -60,11 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     worker_s = engine_s = 0.0
     before = dict(gen.engine.cache.stats())
     for b in range(args.batches):
+        requests = batch_of(schedule, b * args.batch, (b + 1) * args.batch)
         t0 = time.perf_counter()
-        batch = gen.gather(batch_of(schedule, b * args.batch, (b + 1) * args.batch))
+        if args.profile == "worker":
+            prof.enable()
+        batch = gen.gather(requests)
         vectors, excl = gen.engine.row_vectors(batch.rows), gen.engine.exclusion_matrix(batch.excludes)
         t1 = time.perf_counter()
-        prof.enable()
+        prof.disable()
+        if args.profile == "engine":
+            prof.enable()
         gen.engine.submit_packed(vectors, excl, batch.k, batch.keys, batch.prints).arrays()
         prof.disable()
         worker_s += t1 - t0

@@ -216,13 +216,18 @@ class UGTGenerator:
             row["query_gaps"][0, last] = time_gap_bucket(float(query_time - row["times"][0, last]))
             return cached
         row = self.extended_row(cached, state, query_time) if cached is not None else None
-        if row is None:
+        if row is not None and cached is not None:  # only known items were appended: extend the exclusions too
+            old = len(cached.item_ids)
+            seen = np.union1d(cached.seen, row["ids"][0, old : int(row["lengths"][0])])
+            history = cached.history.union(state.item_ids[old:])
+        else:
             row = self.model_input(state, query_time)
-        if row is None:
-            return None
-        known = {self.item_to_index[i] for i in state.item_ids if i in self.item_to_index}
-        prepared = PreparedUser(state.item_ids, state.event_times, state.rating_tokens, frozenset(state.item_ids),
-                                row, np.fromiter(sorted(known), dtype=np.int64, count=len(known)),
+            if row is None:
+                return None
+            known = {self.item_to_index[i] for i in state.item_ids if i in self.item_to_index}
+            seen = np.fromiter(sorted(known), dtype=np.int64, count=len(known))
+            history = frozenset(state.item_ids)
+        prepared = PreparedUser(state.item_ids, state.event_times, state.rating_tokens, history, row, seen,
                                 prefix_fingerprint(row))
         if self.prepared_capacity:
             self.prepared[state.user_id] = prepared

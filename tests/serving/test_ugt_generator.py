@@ -398,6 +398,9 @@ def test_a_state_with_new_events_extends_the_cached_row_as_a_rebuild_would(train
             np.testing.assert_array_equal(extended[key], value, err_msg=f"{end}: {key}")
         prepared = gen.prepare(longer, query_time)
         assert prepared.fingerprint == prefix_fingerprint_of(prepared.row)
+        rebuilt = UGTGenerator(trained, clock=Clock(), kv_cache_users=4).prepare(longer, query_time)
+        np.testing.assert_array_equal(prepared.seen, rebuilt.seen)  # the extended exclusions as a rebuild's
+        assert prepared.history == rebuilt.history
     full = view_of(data, u, gen.max_len + 1, gen) if len(data.items[u]) > gen.max_len else None
     if full is not None:  # past the window: the cached row cannot be extended
         assert gen.extended_row(gen.prepared[full.user_id], full, full.last_event_time // 1000) is None
