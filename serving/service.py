@@ -98,6 +98,8 @@ class _Job:
     error: NoPopularity | None = None
     assignment: Assignment | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    seen: frozenset[str] | None = None  # _seen's answer, for the state it was built from
+    seen_of: UserStateView | None = None
 
     @property
     def arm_key(self) -> tuple[str, str, str] | None:
@@ -250,10 +252,13 @@ class RecommendService:
         return min(job.request.k * max(1, pool), job.request.k + 1000)
 
     def _seen(self, job: _Job) -> frozenset[str]:
-        seen = set(job.request.exclude)
-        if job.state is not None:
-            seen.update(job.state.item_ids)
-        return frozenset(seen)
+        """The items a request must not get: its exclude list and its history (built once per request)."""
+        if job.seen is None or job.seen_of is not job.state:
+            seen = set(job.request.exclude)
+            if job.state is not None:
+                seen.update(job.state.item_ids)
+            job.seen, job.seen_of = frozenset(seen), job.state
+        return job.seen
 
     def _generate(self, jobs: list[_Job]) -> None:
         by_model: dict[tuple[str, int], list[_Job]] = {}  # one call per (domain, model): arms split a domain

@@ -177,7 +177,7 @@ class UGTInference:
             idx = [i for i, k in enumerate(kinds) if k == kind]
             if not idx:
                 continue
-            sel = torch.as_tensor(idx, device=self.device)
+            sel = self._index(idx)
             sub = self._sub_batch(dev.index_select(0, sel), len(idx))
             if kind == APPEND:
                 if starts is None:
@@ -186,10 +186,16 @@ class UGTInference:
                 longest = max(int(host[i, 6 * self.N]) - first[j] for j, i in enumerate(idx))
                 first += first[:1] * (sub.shape[0] - len(idx))
                 width = suffix_width(longest, self.graphs_on)
-                out[sel] = self.stack.run_append(sub, torch.as_tensor(first, device=self.device), width)[: len(idx)]
+                out[sel] = self.stack.run_append(sub, self._index(first), width)[: len(idx)]
             else:
                 out[sel] = self.step("decode" if kind == HIT else "prefill", sub)[: len(idx)]
         return out, dev
+
+    def _index(self, values: Sequence[int]) -> torch.Tensor:
+        """A small int64 tensor on the device, queued on the stream from pinned memory: ``torch.as_tensor(...,
+        device=cuda)`` copies from pageable memory, which waits for the GPU and so for the batch in flight."""
+        host = torch.tensor(values, dtype=torch.int64)
+        return host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
 
     def _sub_batch(self, sub: torch.Tensor, n: int) -> torch.Tensor:
         """``sub`` padded to its bucket with copies of its first row writing to the scratch slot."""
