@@ -124,6 +124,8 @@ class ModelCore:
             self._finish(self.inflight.popleft(), out)
         if self.queue and len(self.inflight) < self.depth:
             self._start(out)
+            while self.inflight and self.inflight[0].ready():  # on the CPU a step is done when submitted
+                self._finish(self.inflight.popleft(), out)
         return out
 
     def _take(self) -> list[_Asked]:
