@@ -18,7 +18,7 @@ from pathlib import Path
 from infra.settings import REPO_ROOT, get_settings
 
 SIMILAR_OUT = "runs/similar/ml1m-demo"
-KNOWN_TITLE = "Matrix, The (1999)"  # the known movie whose neighbours the demo shows (else a recommended one)
+KNOWN_TITLE = "Matrix, The"  # the known movie whose neighbours the demo shows (else a recommended one)
 AB_SHARES = "control=0.5,treatment=0.5"
 
 
