@@ -8,6 +8,9 @@ experiment (control: popularity over the histories; treatment: a UGT checkpoint 
 A user looks down the list (position i examined with probability 1/log2(i + 2)) and clicks the first examined item
 with probability --p-hit if it is in their held-out future, --p-base otherwise (a cascade model), sometimes buys
 it, sometimes skips another item. The lift is then the model's: its lists hold more of the users' futures.
+A click is followed by a VIEW that reports the seconds watched of a WATCH_LENGTH_S item (its length in the event's
+context, ``item_length_s``): the whole item with probability --p-finish-hit for an item of the user's future,
+--p-finish-base otherwise, else a uniform share of 5-60 %; the join turns these into watch time and completion.
 
 ``--mode planted``: seeded synthetic histories, both arms popularity, and the click probability itself raised by
 --lift in the treatment: a known effect, to check the measurement (join, attribution, statistics).
@@ -35,6 +38,7 @@ from typing import Any
 from bench.common import REPO, result_path, write_result
 
 ITEMS = 500  # the simulated catalog
+WATCH_LENGTH_S = 6000.0  # every simulated item is a 100-minute movie (the VIEW's context says so)
 CONTROL, TREATMENT = "control", "treatment"
 
 
@@ -57,6 +61,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--p-control", type=float, default=0.10, help="planted: click probability per answer, control")
     p.add_argument("--lift", type=float, default=0.30, help="planted: relative lift of the treatment's click rate")
     p.add_argument("--buy", type=float, default=0.25, help="probability a click is followed by a purchase")
+    p.add_argument("--p-finish-hit", type=float, default=0.7, help="a clicked item of the user's future is watched "
+                   "to the end with this probability (default: %(default)s)")
+    p.add_argument("--p-finish-base", type=float, default=0.2, help="any other clicked item is watched to the end "
+                   "with this probability (default: %(default)s)")
+    p.add_argument("--tokenize", choices=("submit", "running"), default="submit",
+                   help="submit: a tokenize job of our own; running: use the stack's running tokenize job (the "
+                        "demo's; one Flink slot fewer) (default: %(default)s)")
+    p.add_argument("--run-id", default="", help="names the experiment ab-<run-id> and its domain (default: random)")
     p.add_argument("--window-s", type=int, default=15, help="the join's metric window (default: %(default)s)")
     p.add_argument("--attribution-s", type=int, default=15, help="the join's attribution window (default: %(default)s)")
     p.add_argument("--out-of-orderness-s", type=int, default=5, help="the join's watermark delay (default: %(default)s)")
@@ -125,9 +137,10 @@ def start_jobs(run: str, settings: Any, args: argparse.Namespace) -> list[str]:
     from jobs.cli import submit
 
     common = ["--startup", "latest", "--checkpoint-interval-ms", "2000"]
+    own_tokenize = args.tokenize == "submit"
     jids = [
         submit("tokenize", ["--", *common, "--group-id", f"absim-tok-{run}", "--no-semantic-ids", "--lake", ""],
-               detached=True),
+               detached=True) if own_tokenize else None,
         submit("feedback_join", ["--", *common, "--group-id", f"absim-fj-{run}",
                                  "--window-min", str(args.window_s / 60), "--attribution-min",
                                  str(args.attribution_s / 60), "--out-of-orderness-s", str(args.out_of_orderness_s),
@@ -157,10 +170,11 @@ def relevance_position(answer: dict[str, Any], future: frozenset[str], p_hit: fl
     return None
 
 
-def click_events(answer: dict[str, Any], position: int | None, buy: float,
+def click_events(answer: dict[str, Any], position: int | None, buy: float, p_finish: float,
                  rng: random.Random) -> tuple[list[dict], int | None]:
-    """The user's reaction to one answer: the click at ``position`` (maybe a purchase) and sometimes a skip;
-    returns the events and the click's event time."""
+    """The user's reaction to one answer: the click at ``position``, its VIEW (the whole item with probability
+    ``p_finish``, else 5-60 % of it), maybe a purchase, and sometimes a skip; returns the events and the click's
+    event time."""
     items = [it["item_id"] for it in answer["items"]]
     now = int(time.time() * 1000)
     out: list[dict[str, Any]] = []
@@ -176,6 +190,9 @@ def click_events(answer: dict[str, Any], position: int | None, buy: float,
         return out, None
     click_ms = rng.randint(200, 2000)
     out.append(event(items[position], "CLICK", click_ms))
+    watched = WATCH_LENGTH_S if rng.random() < p_finish else round(WATCH_LENGTH_S * rng.uniform(0.05, 0.6))
+    out.append(event(items[position], "VIEW", click_ms + rng.randint(100, 400))  # reported at once, not at its end
+               | {"duration_s": float(watched), "context": {"source": "ab_sim", "item_length_s": str(WATCH_LENGTH_S)}})
     if rng.random() < buy:
         out.append(event(items[position], "PURCHASE", click_ms + rng.randint(500, 1500)))
     return out, now + click_ms
@@ -209,7 +226,8 @@ def simulate(args: argparse.Namespace, port: int, domain: str, futures: dict[str
         answered = int(time.time() * 1000)
         answer = response.json() | {"domain": domain}
         arm = answer.get("arm")
-        counts = truth.setdefault(arm or "none", {"impressions": 0, "clicked": 0, "fallbacks": 0, "hits": 0})
+        counts = truth.setdefault(arm or "none", {"impressions": 0, "clicked": 0, "fallbacks": 0, "hits": 0,
+                                                  "watch_ms": 0, "completions": 0})
         counts["impressions"] += 1
         counts["fallbacks"] += bool(answer.get("fallback"))
         counts["hits"] += sum(it["item_id"] in futures[user] for it in answer["items"])
@@ -220,8 +238,13 @@ def simulate(args: argparse.Namespace, port: int, domain: str, futures: dict[str
             position = planted_position(answer, planted[arm], rng)
         else:
             position = relevance_position(answer, futures[user], args.p_hit, args.p_base, rng)
-        events, clicked_at = click_events(answer, position, args.buy, rng)
+        hit = position is not None and answer["items"][position]["item_id"] in futures[user]
+        events, clicked_at = click_events(answer, position, args.buy,
+                                          args.p_finish_hit if hit else args.p_finish_base, rng)
         counts["clicked"] += clicked_at is not None
+        views = [e["duration_s"] for e in events if e["action"] == "VIEW"]
+        counts["watch_ms"] += sum(round(d * 1000) for d in views)
+        counts["completions"] += any(d >= 0.9 * WATCH_LENGTH_S for d in views)  # the join's default share
         if clicked_at is not None and sent // window_ms == answered // window_ms:  # the impression's window is known
             clicks.append((arm, sent - sent % window_ms, clicked_at))
         for record in events:
@@ -295,7 +318,13 @@ def readout(experiment: str, rows: list[dict], sim: dict[str, Any], args: argpar
             "ctr_at": {k: v["ctr"] for k, v in arm["ctr_at"].items()}, "conversion_rate": arm["conversion_rate"],
             "position_ctr": arm["position_ctr"][:args.k], "items_covered": arm["items_covered"],
             "fallback_rate": arm["fallback_rate"],
+            "watch_s_per_impression": arm["watch_s_per_impression"], "watch_s_ci": arm["watch_s_ci"],
+            "completion_rate": arm["completion_rate"], "completion_ci": arm["completion_ci"],
+            "watch_vs_control": arm.get("watch_vs_control"), "completion_vs_control": arm.get("completion_vs_control"),
+            "measured_watch_ms": sum(r["watch_ms"] for r in rows if r["arm"] == name),
+            "measured_completions": sum(r["completions"] for r in rows if r["arm"] == name),
             "simulated": {"impressions": truth.get("impressions", 0), "clicked": truth.get("clicked", 0),
+                          "watch_ms": truth.get("watch_ms", 0), "completions": truth.get("completions", 0),
                           "users": sim["users_per_arm"].get(name, 0),
                           "future_items_per_list": round(truth.get("hits", 0) / max(1, truth.get("impressions", 0)),
                                                          3)},
@@ -309,7 +338,9 @@ def readout(experiment: str, rows: list[dict], sim: dict[str, Any], args: argpar
     vs = arms.get(TREATMENT, {}).get("vs_control", {})
     sim_ctr = {a: v["simulated"]["clicked"] / max(1, v["simulated"]["impressions"]) for a, v in arms.items()}
     exact = all(a["measured_clicked"] == a["simulated"]["clicked"]
-                and a["impressions"] == a["simulated"]["impressions"] for a in arms.values())
+                and a["impressions"] == a["simulated"]["impressions"]
+                and a["measured_watch_ms"] == a["simulated"]["watch_ms"]
+                and a["measured_completions"] == a["simulated"]["completions"] for a in arms.values())
     out = {"arms": arms, "srm_p_value": (result["srm"] or {}).get("p_value"),
            "srm_mismatch": (result["srm"] or {}).get("mismatch"), "measured_lift": vs.get("lift"),
            "lift_ci": [vs.get("lift_ci_low"), vs.get("lift_ci_high")], "p_value": vs.get("p_value"),
@@ -395,9 +426,12 @@ def conditions_of(args: argparse.Namespace) -> dict[str, Any]:
     clicks = (f"planted: p {args.p_control} control, x{1 + args.lift} treatment" if args.mode == "planted" else
               f"cascade: examine 1/log2(i+2), click p_hit {args.p_hit} if in held-out future else p_base "
               f"{args.p_base}; history = first {args.past_share:.0%} of each ML-100K user's ratings")
+    clicks += (f"; each click's VIEW: the whole {WATCH_LENGTH_S:.0f} s item with p {args.p_finish_hit} (an item of the "
+               f"user's future) / {args.p_finish_base} (other), else 5-60 % of it")
     return {"mode": args.mode, "users": args.users, "rounds": args.rounds, "rate_req_s": args.rate, "k": args.k, "clicks": clicks,
             "buy": args.buy, "seed": args.seed, "shares": "50/50", "arms": arms, "window_s": args.window_s,
             "attribution_s": args.attribution_s, "out_of_orderness_s": args.out_of_orderness_s,
+            "tokenize": "own job" if args.tokenize == "submit" else "the stack's running tokenize job",
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
             "path": "ugt serve (1 worker) -> events.impressions; clicks -> events.raw -> tokenize (Flink) -> "
                     "events.tokens; feedback_join (Flink, parallelism 1) -> Redis",
@@ -412,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     settings = get_settings()
-    run = uuid.uuid4().hex[:8]
+    run = args.run_id or uuid.uuid4().hex[:8]
     conditions = conditions_of(args)
     ensure_pipeline(settings)
     experiment, sim, rows = run_traffic(args, settings, run)

@@ -66,9 +66,13 @@ REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
     "event_time": (int,),
 }
 OPTIONAL_NUMBER_FIELDS = ("rating", "duration_s")
+# The context key a client (a player) reports the item's length under, in seconds: feedback_join's completion rule
+# compares the event's duration_s with it (docs/EXPERIMENTS.md). Context values are strings; kept when positive.
+ITEM_LENGTH_KEY = "item_length_s"
 # ids /recommend must be able to ask for: a longer one would be stored where no request can read it
 BOUNDED_ID_FIELDS = ("user_id", "item_id")
 _MAX_FLOAT = sys.float_info.max  # `-_MAX_FLOAT <= x <= _MAX_FLOAT` is False for NaN, ±inf and ints no float holds
+_MAX_FLOAT32 = 3.4028234663852886e38  # the largest Avro float: the raw seconds kept in tokens must fit it
 
 
 class TokenizeError(ValueError):
@@ -98,6 +102,9 @@ class TokenizedEvent:
     tokenizer_version: int = TOKENIZER_VERSION
     weekday_token: int = 0
     sid_version: str = ""  # the semantic-ID store version the levels came from ("" = none looked up)
+    # not tokens: the raw seconds, for feedback_join's watch time and completion (the bucket above loses them)
+    duration_s: float | None = None
+    item_length_s: float | None = None  # the raw event's context[ITEM_LENGTH_KEY], when a positive number
 
     def grouped(self) -> list[tuple[str, int, Any]]:
         """(slot, token group, value) in :data:`TOKEN_LAYOUT` order; list slots expand element by element."""
@@ -119,6 +126,7 @@ class TokenizedEvent:
             "hour_token": self.hour_token, "context_tokens": list(self.context_tokens),
             "semantic_ids": list(self.semantic_ids), "tokenizer_version": self.tokenizer_version,
             "weekday_token": self.weekday_token, "sid_version": self.sid_version,
+            "duration_s": self.duration_s, "item_length_s": self.item_length_s,
         }
 
     @classmethod
@@ -148,6 +156,26 @@ def duration_token(duration_s: float | None) -> int:
     if duration_s is None or duration_s < 0:
         return 0
     return min(NUM_DURATION_TOKENS - 1, 1 + int(math.log2(1.0 + float(duration_s))))
+
+
+def item_length(context: Mapping[str, Any] | None) -> float | None:
+    """The item's length in seconds from the event's context (:data:`ITEM_LENGTH_KEY`), None unless a positive,
+    finite number: the context is free-form, so a bad value is left out rather than failing the event."""
+    if not context:
+        return None
+    raw = context.get(ITEM_LENGTH_KEY)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if 0 < value <= _MAX_FLOAT32 else None
+
+
+def raw_seconds(value: float | None) -> float | None:
+    """A duration kept for metrics: None when absent or negative, capped at the largest Avro float."""
+    return None if value is None or value < 0 else min(float(value), _MAX_FLOAT32)
 
 
 def time_gap_bucket(gap_seconds: float) -> int:
@@ -265,6 +293,8 @@ def tokenize_event(
         semantic_ids=semantic_ids if semantic_ids.__class__ is tuple else tuple(int(s) for s in semantic_ids),
         weekday_token=(event_time // 86_400_000 + 3) % 7 + 1,
         sid_version=sid_version,
+        duration_s=raw_seconds(event.get("duration_s")),
+        item_length_s=item_length(context),
     )
 
 

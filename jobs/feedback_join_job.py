@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ctr-k", default="1,5,10", help="CTR@k cut-offs, comma-separated (default: %(default)s)")
     g.add_argument("--conversions", default="PURCHASE",
                    help="actions that convert an impression, comma-separated (default: %(default)s)")
+    g.add_argument("--completion-share", type=float, default=0.9,
+                   help="an attributed event completes its item when its duration_s is at least this share of the "
+                        "item's length (tokens' item_length_s, from the event's context) (default: %(default)s)")
+    g.add_argument("--completion-actions", default="RATE",
+                   help="when an event lacks a duration or the item's length: actions that complete the item, "
+                        "comma-separated; '' = none (default: %(default)s)")
     g.add_argument("--dedup-hours", type=float, default=24.0,
                    help="event and request ids remembered this long for deduplication (default: %(default)s)")
     g.add_argument("--update-grace-min", type=float, default=60.0,
@@ -86,7 +92,8 @@ def build_pipeline(env, t_env, cfg) -> None:
 
     x = cfg.extra
     join = x["join"]
-    config = JoinConfig(**{**join, "ctr_ks": tuple(join["ctr_ks"]), "conversions": frozenset(join["conversions"])})
+    config = JoinConfig(**{**join, "ctr_ks": tuple(join["ctr_ks"]), "conversions": frozenset(join["conversions"]),
+                           "completion_actions": frozenset(join["completion_actions"])})
     decoded = []
     for kind, table, topic in ((IMPRESSION, "impressions_source", x["impressions_topic"]),
                                (EVENT, "events_source", x["events_topic"])):
@@ -122,7 +129,10 @@ def job_options(args: argparse.Namespace) -> dict:
                           metric_window_ms=int(args.window_min * 60_000), ctr_ks=ks,
                           conversions=frozenset(a.strip().upper() for a in args.conversions.split(",") if a.strip()),
                           dedup_horizon_ms=int(args.dedup_hours * 3600_000),
-                          update_grace_ms=int(args.update_grace_min * 60_000))
+                          update_grace_ms=int(args.update_grace_min * 60_000),
+                          completion_share=args.completion_share,
+                          completion_actions=frozenset(a.strip().upper() for a in args.completion_actions.split(",")
+                                                       if a.strip()))
     except ValueError as exc:
         raise JobSetupError(str(exc)) from exc
     if args.out_of_orderness_s < 0 or args.idle_s <= 0 or args.state_ttl_days <= 0 or args.redis_ttl_days < 0:
@@ -131,7 +141,8 @@ def job_options(args: argparse.Namespace) -> dict:
     return {
         "impressions_topic": args.impressions_topic, "events_topic": args.events_topic,
         "metrics_topic": args.metrics_topic, "dlq_topic": args.dlq_topic,
-        "join": {**vars(join), "ctr_ks": list(join.ctr_ks), "conversions": sorted(join.conversions)},
+        "join": {**vars(join), "ctr_ks": list(join.ctr_ks), "conversions": sorted(join.conversions),
+                 "completion_actions": sorted(join.completion_actions)},
         "out_of_orderness_ms": int(args.out_of_orderness_s * 1000), "idle_ms": int(args.idle_s * 1000),
         "state_ttl_ms": int(args.state_ttl_days * 86_400_000), "redis_ttl_s": int(args.redis_ttl_days * 86_400),
     }

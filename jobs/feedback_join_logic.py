@@ -15,7 +15,13 @@ Two keyed stages, so the join scales with users and the aggregation with arms:
 
 Users are the randomisation unit, so each outcome also carries how it changes its user's running
 ``n² , c², n·c`` (n impressions, c clicked ones, per user and arm): summed per arm they give the user-clustered
-(delta-method) variance of the CTR that ``ugt experiment report`` tests with, without a per-user pass.
+(delta-method) variance of the CTR that ``ugt experiment report`` tests with, without a per-user pass; the same
+for watch time (w: milliseconds) and completions (m: completed impressions).
+
+Watch time of an impression: the ``duration_s`` of the events attributed to it, summed (whole milliseconds, so
+sums are exact in any order). Completed: one attributed event completes its item (:meth:`JoinConfig.completes`):
+its duration is at least ``completion_share`` of the item's length when the event carries both, else its action
+is one of ``completion_actions``.
 """
 
 from __future__ import annotations
@@ -46,15 +52,27 @@ class JoinConfig:
     dedup_horizon_ms: int = 24 * 3600_000  # event ids / request ids remembered this long past their event time
     # an emitted window is kept this long (event time) and emitted again, whole, if outcomes still arrive for it
     update_grace_ms: int = 60 * 60_000
+    completion_share: float = 0.9  # a view of at least this share of the item's length completes it
+    # when the event lacks a duration or the item's length: actions that mean "finished the item" (a rating of a
+    # title follows watching it, as in MovieLens); empty = only measured views complete
+    completion_actions: frozenset[str] = frozenset({"RATE"})
 
     def __post_init__(self) -> None:
         if self.attribution_ms < 1 or self.metric_window_ms < 1 or self.max_positions < 1:
             raise ValueError("attribution_ms, metric_window_ms and max_positions must be >= 1")
         if not self.ctr_ks or min(self.ctr_ks) < 1:
             raise ValueError(f"ctr_ks must be positive, got {self.ctr_ks}")
-        unknown = set(self.conversions) - set(ACTIONS)
+        unknown = (set(self.conversions) | set(self.completion_actions)) - set(ACTIONS)
         if unknown:
-            raise ValueError(f"unknown conversion actions {sorted(unknown)}; known: {', '.join(ACTIONS)}")
+            raise ValueError(f"unknown conversion or completion actions {sorted(unknown)}; known: {', '.join(ACTIONS)}")
+        if not 0 < self.completion_share <= 1:
+            raise ValueError(f"completion_share must be in (0, 1], got {self.completion_share}")
+
+    def completes(self, event: Feedback) -> bool:
+        """Did this (attributed) event finish its item? Measured when it can be, by its action otherwise."""
+        if event.duration_s is not None and event.item_length_s is not None:
+            return event.duration_s >= self.completion_share * event.item_length_s
+        return event.action in self.completion_actions
 
     def window_start(self, served_at: int) -> int:
         return served_at - served_at % self.metric_window_ms
@@ -89,6 +107,8 @@ class Feedback:
     item_id: str
     action: str
     event_time: int
+    duration_s: float | None = None  # watch / dwell seconds (tokens keep them whole since schema v3)
+    item_length_s: float | None = None  # the item's length as the client reported it
 
     @classmethod
     def from_token(cls, record: Mapping[str, Any]) -> Feedback:
@@ -96,7 +116,12 @@ class Feedback:
         action = ACTIONS[token] if 0 <= token < len(ACTIONS) else "UNKNOWN"
         time = record["event_time"]
         time_ms = time if isinstance(time, int) else int(time.timestamp() * 1000)
-        return cls(str(record["event_id"]), str(record["user_id"]), str(record["item_id"]), action, time_ms)
+        return cls(str(record["event_id"]), str(record["user_id"]), str(record["item_id"]), action, time_ms,
+                   record.get("duration_s"), record.get("item_length_s"))
+
+    def watch_ms(self) -> int:
+        """The duration in whole milliseconds (0 without one): integer sums do not depend on their order."""
+        return round(self.duration_s * 1000) if self.duration_s is not None and self.duration_s > 0 else 0
 
 
 @dataclass(slots=True)
@@ -104,6 +129,8 @@ class OpenImpression:
     impression: Impression
     clicked: set[int] = field(default_factory=set)  # positions interacted with
     converted: bool = False
+    watch_ms: int = 0  # the attributed events' durations, summed
+    completed: bool = False  # an attributed event finished its item
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +148,12 @@ class Outcome:
     d_n2: int  # change of the user's n², c², n·c (n impressions, c clicked impressions)
     d_c2: int
     d_nc: int
+    watch_ms: int = 0
+    completed: bool = False
+    d_w2: int = 0  # change of the user's w², n·w (w their watch ms) and m², n·m (m completed impressions)
+    d_nw: int = 0
+    d_m2: int = 0
+    d_nm: int = 0
 
 
 @dataclass
@@ -131,7 +164,8 @@ class UserJoinState:
     pending: list[Feedback] = field(default_factory=list)  # events waiting for the watermark
     seen_events: dict[str, int] = field(default_factory=dict)  # event_id -> event time
     seen_requests: dict[str, int] = field(default_factory=dict)  # request_id -> served_at
-    totals: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # (exp, arm) -> (n, c)
+    # (exp, arm) -> (n, c, w, m): impressions, clicked ones, watch ms, completed ones (2-tuples in older state)
+    totals: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)
 
     def empty(self) -> bool:
         return not (self.open or self.pending or self.seen_events or self.seen_requests or self.totals)
@@ -194,21 +228,27 @@ class FeedbackJoiner:
             return False
         best.clicked.add(best.impression.items.index(event.item_id))
         best.converted = best.converted or event.action in self.config.conversions
+        best.watch_ms += event.watch_ms()
+        best.completed = best.completed or self.config.completes(event)
         return True
 
     def _close(self, state: UserJoinState, final: OpenImpression) -> Outcome:
         imp = final.impression
         key = (str(imp.experiment), str(imp.arm))
-        n, c = state.totals.get(key, (0, 0))
-        x = 1 if final.clicked else 0
-        state.totals[key] = (n + 1, c + x)
+        n, c, w, m = (*state.totals.get(key, ()), 0, 0, 0, 0)[:4]
+        x, dw, dm = 1 if final.clicked else 0, final.watch_ms, 1 if final.completed else 0
+        state.totals[key] = (n + 1, c + x, w + dw, m + dm)
         return Outcome(key[0], key[1], imp.served_at, imp.items, tuple(sorted(final.clicked)), final.converted,
-                       imp.fallback, n == 0, 2 * n + 1, x * (2 * c + 1), (n + 1) * (c + x) - n * c)
+                       imp.fallback, n == 0, 2 * n + 1, x * (2 * c + 1), (n + 1) * (c + x) - n * c,
+                       dw, final.completed, dw * (2 * w + dw), (n + 1) * (w + dw) - n * w,
+                       dm * (2 * m + dm), (n + 1) * (m + dm) - n * m)
 
 
-ARM_COUNTERS = ("impressions", "users", "clicked", "conversions", "item_clicks", "items_shown", "fallbacks")
+ARM_COUNTERS = ("impressions", "users", "clicked", "conversions", "item_clicks", "items_shown", "fallbacks",
+                "watch_ms", "completions")
 ADDITIVE = ("impressions", "users", "fallbacks", "items_shown", "item_clicks", "clicked", "conversions",
-            "user_n2", "user_c2", "user_nc")  # what sums over windows (the report adds them up)
+            "watch_ms", "watched", "completions",
+            "user_n2", "user_c2", "user_nc", "user_w2", "user_nw", "user_m2", "user_nm")  # sums over windows
 
 
 @dataclass
@@ -224,6 +264,8 @@ class ArmWindow:
 
     def add(self, o: Outcome, config: JoinConfig) -> None:
         c = self.counts
+        if len(c) != len(ADDITIVE):  # a window restored from an older job's state lacks the newer sums
+            self.counts = c = {k: c.get(k, 0) for k in ADDITIVE}
         c["impressions"] += 1
         c["users"] += o.new_user
         c["fallbacks"] += o.fallback
@@ -231,9 +273,16 @@ class ArmWindow:
         c["item_clicks"] += len(o.clicked)
         c["clicked"] += bool(o.clicked)
         c["conversions"] += o.converted
+        c["watch_ms"] += o.watch_ms
+        c["watched"] += o.watch_ms > 0
+        c["completions"] += o.completed
         c["user_n2"] += o.d_n2
         c["user_c2"] += o.d_c2
         c["user_nc"] += o.d_nc
+        c["user_w2"] += o.d_w2
+        c["user_nw"] += o.d_nw
+        c["user_m2"] += o.d_m2
+        c["user_nm"] += o.d_nm
         for k in config.ctr_ks:
             self.clicked_at[k] = self.clicked_at.get(k, 0) + (bool(o.clicked) and o.clicked[0] < k)
         shown = min(len(o.items), config.max_positions)
@@ -324,6 +373,9 @@ class ArmAggregator:
             "item_ctr": _rate(c["item_clicks"], c["items_shown"]),
             "conversion_rate": _rate(c["conversions"], n),
             "fallback_rate": _rate(c["fallbacks"], n),
+            "watch_s": c["watch_ms"] / 1000,
+            "watch_s_per_impression": _rate(c["watch_ms"], n) / 1000,
+            "completion_rate": _rate(c["completions"], n),
             "clicked_at": {str(k): v for k, v in sorted(w.clicked_at.items())},
             "ctr_at": {str(k): _rate(v, n) for k, v in sorted(w.clicked_at.items())},
             "position_impressions": w.position_impressions,

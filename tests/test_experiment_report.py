@@ -89,6 +89,38 @@ def test_arms_without_data_and_unknown_control() -> None:
     assert math.isnan(compare(ArmTotals("a"), ArmTotals("b"))["p_value"])
 
 
+def watch_rows(users: int, seconds: dict[str, float], seed: int = 3) -> list[dict]:
+    """Each user views one item of each of 3 impressions for their arm's mean seconds (±50 %) of a 100 s item."""
+    rng = random.Random(seed)
+    impressions, events = [], []
+    for u in range(users):
+        arm = "AB"[u % 2]
+        for i in range(3):
+            at = i * 20 * MIN + rng.randint(0, 5 * MIN)  # a user's impressions' attribution windows do not overlap
+            impressions.append(Impression(f"{u}-{i}", str(u), "exp", arm, at, ("a", "b")))
+            duration = round(seconds[arm] * rng.uniform(0.5, 1.5))
+            events.append(Feedback(f"{u}-{i}", str(u), "a", "VIEW", at + 1000, float(duration), 100.0))
+    return offline_metrics(impressions, events, CONFIG)
+
+
+def test_watch_time_and_completion_are_reported_with_intervals_and_lifts() -> None:
+    """Watch time per impression and the completion rate: ratios of per-user sums, with clustered intervals that
+    hold the truth, and lifts against the control."""
+    result = report(watch_rows(2000, {"A": 40.0, "B": 60.0}), ["A", "B"], {"A": 0.5, "B": 0.5})
+    a, b = result["arms"]
+    assert a["watch_s_per_impression"] == pytest.approx(40.0, rel=0.03)
+    assert a["watch_s_ci"][0] < a["watch_s_per_impression"] < a["watch_s_ci"][1]
+    assert a["watch_s"] == pytest.approx(a["watch_s_per_impression"] * a["impressions"])
+    assert a["watched"] == a["impressions"] == 3000
+    # a view completes at >= 90 s of the 100 s item: A's durations (20..60 s) never do, B's (30..90 s) at 90 only
+    assert a["completions"] == 0 and 0 < b["completion_rate"] < 0.05
+    assert b["completion_ci"][0] <= b["completion_rate"] <= b["completion_ci"][1]
+    watch = b["watch_vs_control"]
+    assert watch["lift"] == pytest.approx(0.5, abs=0.05) and watch["p_value"] < 1e-6
+    assert watch["diff"] == pytest.approx(20.0, abs=2.0) and watch["diff_ci_low"] < watch["diff"]
+    assert "completion_vs_control" in b and "watch_vs_control" not in a
+
+
 def test_report_cli_prints_a_table_and_json(monkeypatch, capsys) -> None:
     rows = simulated_rows(400, {"control": 0.1, "treatment": 0.2})
     monkeypatch.setattr(experiment_cli, "rows_from_redis", lambda url, name: rows)
@@ -98,6 +130,7 @@ def test_report_cli_prints_a_table_and_json(monkeypatch, capsys) -> None:
     assert experiment_cli.run(args) == 0
     out = capsys.readouterr().out
     assert "control (control)" in out and "sample ratio (users)" in out and "lift vs control" in out
+    assert "watch time treatment: 0.0 s per impression" in out and "completion treatment: 0.00%" in out
     args = parser.parse_args(["report", "exp", "--shares", "control=0.5,treatment=0.5", "--json"])
     assert experiment_cli.run(args) == 0
     data = json.loads(capsys.readouterr().out)

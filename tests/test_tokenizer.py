@@ -90,6 +90,23 @@ def test_huge_finite_numbers_land_in_the_top_bucket():
     assert tokenize_event(make_event(rating=-1e308)).rating_token == 1
 
 
+def test_the_raw_duration_and_the_items_length_are_kept_for_watch_metrics():
+    """Tokens keep duration_s whole (the bucket loses it) and the item's length from the context when it is a
+    positive number; a bad context value is left out, never a dead letter; both fit an Avro float."""
+    from streams.avro_codegen import compile_encoder
+    from streams.serde import load_schema
+
+    tokens = tokenize_event(make_event(duration_s=5400.5, context={"item_length_s": "6000", "device": "tv"}))
+    assert (tokens.duration_s, tokens.item_length_s) == (5400.5, 6000.0)
+    assert tokens.duration_token == duration_token(5400.5)
+    for bad in ("-5", "0", "long", "nan", "inf", "1e300"):
+        assert tokenize_event(make_event(context={"item_length_s": bad})).item_length_s is None, bad
+    assert tokenize_event(make_event(duration_s=-3.0)).duration_s is None
+    huge = tokenize_event(make_event(duration_s=1e308))
+    assert huge.duration_s == 3.4028234663852886e38
+    compile_encoder(load_schema("tokenized_event"))(huge.to_record())  # no OverflowError packing a float
+
+
 @pytest.mark.parametrize("field", ["user_id", "item_id"])
 def test_ids_longer_than_recommend_accepts_are_bad_values(field):
     assert tokenize_event(make_event(**{field: "x" * MAX_ID_CHARS})).to_record()[field] == "x" * MAX_ID_CHARS

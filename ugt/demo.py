@@ -3,9 +3,11 @@
 stack up -> feast apply -> fetch ML-1M -> build (or reuse) the semantic-ID artifact -> submit the Flink jobs
 (tokenize, user_state, item_semantic_ids) -> publish the catalog and a few brand-new items, wait until they are
 indexed (prints the new-item delay) -> replay events into Kafka -> wait until the user_state job has applied
-them -> retrain a small UGT on the parquet lake the tokenize job wrote (`ugt train --lake`) -> start /recommend
-with it -> query a few users -> publish one more movie and time it until /recommend can answer with it -> print.
-Each step runs the same `ugt` / `feast` command the README shows, so the demo proves those commands.
+them -> retrain a small UGT on the parquet lake the tokenize job wrote (`ugt train --lake`) and build its
+similar-items index -> start /recommend with both -> query a few users -> publish one more movie and time it until
+/recommend can answer with it; its similar items and a known movie's -> a short A/B (popularity vs a small UGT,
+simulated users) read out by `ugt experiment report` -> print. Each step runs the same `ugt` / `feast` command the
+README shows, so the demo proves those commands.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from infra.settings import REPO_ROOT, get_settings
+from ugt.demo_steps import build_similar_index, known_item, run_ab, show_similar
 
 if TYPE_CHECKING:
     from contracts.datasets import Dataset
@@ -38,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="ugt", choices=("ugt", "popularity"),
                         help="what /recommend serves: ugt = retrain the demo's small UGT on the lake the stream "
                              "wrote, then serve it; popularity = the default config (default: %(default)s)")
+    parser.add_argument("--ab-users", type=int, default=400,
+                        help="simulated users of the closing A/B (2 requests each, ~2-3 min in all); 0 skips it "
+                             "(default: %(default)s)")
 
 
 DEMO_MODEL_CONFIG = "models/configs/ugt_ml1m_demo.yaml"
@@ -149,12 +155,14 @@ def wait_for_lake(lake: Path, events: int, timeout_s: float) -> None:
         time.sleep(2.0)
 
 
-def write_serving_config(folder: Path, checkpoint: Path) -> Path:
-    """serving/configs/default.yaml with the UGT generator on the given checkpoint."""
+def write_serving_config(folder: Path, checkpoint: Path, similar_index: Path | None = None) -> Path:
+    """serving/configs/default.yaml with the UGT generator on the given checkpoint (and GET /similar on the index)."""
     import yaml
 
     config = yaml.safe_load((REPO_ROOT / "serving" / "configs" / "default.yaml").read_text())
     config.update(generator="ugt", checkpoint=str(checkpoint))
+    if similar_index is not None:
+        config.update(similar_index=str(similar_index))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "serving.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -223,8 +231,9 @@ def live_items_served(base: str, user: str) -> tuple[float, str]:
     return sum(float(v) for _, v in rows), "; ".join(labels for labels, _ in rows)
 
 
-def show_live_items(base: str, user: str, title_of: dict, timeout_s: float) -> None:
-    """Publish LATE_ITEM now and time it until /recommend can answer with it; show where the new movies rank."""
+def show_live_items(base: str, user: str, title_of: dict, timeout_s: float) -> dict:
+    """Publish LATE_ITEM now and time it until /recommend can answer with it; show where the new movies rank.
+    Returns the movie as published (its id is new on every run)."""
     import requests
 
     from streams.producer import EventPublisher
@@ -254,6 +263,7 @@ def show_live_items(base: str, user: str, title_of: dict, timeout_s: float) -> N
         where = f"#{ranks[new['item_id']]}" if new["item_id"] in ranks else "not in the top 1000"
         print(f"  {new['title']!r:24} in user {user}'s ranking: {where} (no ID row: scored by its semantic ID, "
               "genres and year)")
+    return movie
 
 
 def submit_jobs(ugt: str, artifact: Path) -> None:
@@ -300,7 +310,8 @@ def publish_items(ugt: str, dataset_name: str, redis_client, timeout_s: float) -
 
 
 def retrain_on_lake(ugt: str, artifact: Path, events: int, timeout_s: float) -> Path:
-    """Train the demo's small UGT on the tokenize job's parquet lake; returns the serving config that serves it."""
+    """Train the demo's small UGT on the tokenize job's parquet lake and index its items for GET /similar; returns
+    the serving config that serves both."""
     settings = get_settings()
     lake = settings.var_dir / "lake" / "events_tokens"
     wait_for_lake(lake, events, timeout_s)
@@ -308,7 +319,8 @@ def retrain_on_lake(ugt: str, artifact: Path, events: int, timeout_s: float) -> 
     # the item job's artifact: the model embeds items by semantic ID too, so it can serve items coded later
     sh(ugt, "train", "--config", DEMO_MODEL_CONFIG, "--lake", str(lake), "--out-dir", str(out_dir), "--device", "cpu",
        "--set", f"semantic_ids={{artifact: {artifact}}}")
-    return write_serving_config(settings.var_dir / "demo", out_dir / "checkpoint.pt")
+    similar = build_similar_index(ugt, out_dir / "checkpoint.pt", sh)
+    return write_serving_config(settings.var_dir / "demo", out_dir / "checkpoint.pt", similar)
 
 
 def wait_until_serving(server: subprocess.Popen, base: str) -> None:
@@ -350,11 +362,24 @@ def serve_and_query(serve: list[str], args: argparse.Namespace, users: list[str]
         query_users(base, users, args.k, title_of)
         if args.model == "ugt":
             step("11. a movie published while /recommend runs: item job -> semantic ID -> feed -> the generator")
-            show_live_items(base, users[0], title_of, args.timeout_s)
+            movie = show_live_items(base, users[0], title_of, args.timeout_s)
+            step("12. similar items (GET /similar/{item_id}): the new movie, from its content alone, and a known one")
+            top = requests_top_item(base, users[0])
+            titles = {**title_of, **{m["item_id"]: m["title"] for m in NEW_ITEMS}, movie["item_id"]: movie["title"]}
+            known = known_item(title_of, top)
+            show_similar(base, [(movie["item_id"], movie["title"]), (known, titles.get(known, known))], titles)
     finally:
         if not args.keep_serving:
             server.terminate()
             server.wait(timeout=30)
+
+
+def requests_top_item(base: str, user: str) -> str:
+    """The first item /recommend answers the user with (the known movie when the catalog lacks KNOWN_TITLE)."""
+    import requests
+
+    items = requests.post(f"{base}/recommend", json={"user_id": user, "k": 1}, timeout=10).json().get("items", [])
+    return items[0]["item_id"] if items else ""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -408,5 +433,8 @@ def run(args: argparse.Namespace) -> int:
     step("10. serve /recommend and query it")
     users = list(ordered["user_id"].value_counts().index[: args.users]) + ["no-such-user"]
     serve_and_query(serve, args, users, title_of)
+    if args.ab_users > 0:
+        step("13. a short A/B: popularity vs a small UGT, simulated users, joined by feedback_join, read out")
+        run_ab(ugt, args.ab_users, sh)
     print("\nDone. The stack and the Flink jobs keep running: `ugt jobs list`, `ugt stack status`, `ugt stack down`.")
     return 0

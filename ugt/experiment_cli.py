@@ -6,8 +6,9 @@
     ugt experiment report ab --serving-url http://localhost:8000  # plus per-arm serving p99 and failures
 
 Per arm: impressions, users, CTR (an interaction within the attribution window) with its user-clustered interval,
-CTR@k, conversion, item CTR, position-wise CTR, catalog coverage and the fallback rate; per arm against the control
-(default: the first arm of the config): the difference and relative lift with intervals and a two-sided p-value;
+CTR@k, conversion, item CTR, position-wise CTR, catalog coverage, the fallback rate, watch time per impression and
+the completion rate (user-clustered intervals too); per arm against the control (default: the first arm of the
+config): the difference and relative lift of CTR, watch time and completion with intervals and two-sided p-values;
 and a sample-ratio-mismatch check of users per arm against the shares of the serving config; with --serving-url,
 each arm's serving p99 and fallback / error rates from the service's /metrics (ugt/experiment_serving.py).
 Statistics: ugt/experiment_stats.py; the metrics: docs/EXPERIMENTS.md.
@@ -165,6 +166,7 @@ def _stream_lines(name: str, result: Mapping[str, Any]) -> list[str]:
     for arm in result["arms"]:
         pos = " ".join(_pct(x) for x in arm["position_ctr"][:10])
         lines.append(f"position CTR {arm['arm']}: {pos}")
+    lines += _watch_lines(result["arms"])
     srm = result.get("srm")
     if srm is None:
         lines.append("sample ratio: no configured shares (pass --config or --shares)")
@@ -173,6 +175,30 @@ def _stream_lines(name: str, result: Mapping[str, Any]) -> list[str]:
         expected = ", ".join(f"{a} {o} vs {e:.0f}" for a, o, e in zip(srm["arms"], srm["observed"], srm["expected"],
                                                                       strict=True))
         lines.append(f"sample ratio (users): {expected}; chi2 {srm['chi2']:.2f}, p {srm['p_value']:.3g}: {verdict}")
+    return lines
+
+
+def _seconds(x: float | None) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.1f} s"
+
+
+def _versus(vs: Mapping[str, float] | None) -> str:
+    if vs is None:
+        return ""
+    return f", lift {_pct(vs['lift'])} [{_pct(vs['lift_ci_low'])}, {_pct(vs['lift_ci_high'])}] p {vs['p_value']:.3g}"
+
+
+def _watch_lines(arms: list[Mapping[str, Any]]) -> list[str]:
+    """Watch time per impression and completion rate per arm (user-clustered intervals), with lifts."""
+    lines = []
+    for arm in arms:
+        low, high = arm.get("watch_s_ci", (math.nan, math.nan))
+        lines.append(f"watch time {arm['arm']}: {_seconds(arm.get('watch_s_per_impression'))} per impression "
+                     f"[{_seconds(low)}, {_seconds(high)}] ({arm.get('watch_s', 0) / 3600:.1f} h over "
+                     f"{arm.get('watched', 0)} watched impressions){_versus(arm.get('watch_vs_control'))}")
+        lines.append(f"completion {arm['arm']}: {_pct(arm.get('completion_rate'))} "
+                     f"{_interval(arm.get('completion_ci', (math.nan, math.nan)))} ({arm.get('completions', 0)} "
+                     f"completed impressions){_versus(arm.get('completion_vs_control'))}")
     return lines
 
 

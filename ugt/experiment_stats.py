@@ -6,7 +6,9 @@ variance is the delta method's over users (Deng et al., "Applying the Delta Meth
 
     R = C / N,   var(R) = (s²_c - 2 R s_nc + R² s²_n) / (U n̄²)
 
-from U users, N = Σn and C = Σc, and the sums Σn², Σc², Σnc that the feedback_join job adds up per arm. CTR@k,
+from U users, N = Σn and C = Σc, and the sums Σn², Σc², Σnc that the feedback_join job adds up per arm. Watch time
+per impression (C = Σ watch ms) and the completion rate (C = Σ completed impressions) are ratios of per-user sums
+the same way, from Σw², Σnw and Σm², Σnm (:data:`RATIO_METRICS`). CTR@k,
 conversion and item CTR get Wilson intervals over impressions (documented as impression-level). The sample-ratio
 check is a chi-square of users per arm against the configured shares: a p-value below 0.001 means the split is
 broken (assignment, logging or joins lose one arm's users) and no other number of the report can be trusted.
@@ -28,6 +30,9 @@ from typing import Any
 from jobs.feedback_join_logic import ADDITIVE
 
 SRM_ALPHA = 0.001  # the usual threshold: SRM checks run on every experiment, so false alarms must be rare
+# per-user ratio metrics over impressions: name -> (numerator Σc, its Σc² over users, Σnc over users)
+RATIO_METRICS = {"ctr": ("clicked", "user_c2", "user_nc"), "watch_ms": ("watch_ms", "user_w2", "user_nw"),
+                 "completion": ("completions", "user_m2", "user_nm")}
 
 
 @dataclass
@@ -122,26 +127,29 @@ def wilson(successes: int, n: int, confidence: float = 0.95) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def ratio_and_variance(t: ArmTotals) -> tuple[float, float]:
-    """The CTR C/N and its user-clustered (delta-method) variance; variance nan with fewer than 2 users."""
+def ratio_and_variance(t: ArmTotals, metric: str = "ctr") -> tuple[float, float]:
+    """A ratio metric C/N (:data:`RATIO_METRICS`, the CTR by default) and its user-clustered (delta-method)
+    variance; variance nan with fewer than 2 users."""
     c = t.counts
-    users, n_sum, c_sum = c["users"], c["impressions"], c["clicked"]
+    numerator, c2, nc = RATIO_METRICS[metric]
+    users, n_sum, c_sum = c["users"], c["impressions"], c[numerator]
     if n_sum == 0:
         return 0.0, math.nan
     ratio = c_sum / n_sum
     if users < 2:
         return ratio, math.nan
     var_n = (c["user_n2"] - n_sum * n_sum / users) / (users - 1)
-    var_c = (c["user_c2"] - c_sum * c_sum / users) / (users - 1)
-    cov = (c["user_nc"] - n_sum * c_sum / users) / (users - 1)
+    var_c = (c[c2] - c_sum * c_sum / users) / (users - 1)
+    cov = (c[nc] - n_sum * c_sum / users) / (users - 1)
     mean_n = n_sum / users
     return ratio, max(0.0, (var_c - 2 * ratio * cov + ratio * ratio * var_n) / (users * mean_n * mean_n))
 
 
-def compare(control: ArmTotals, arm: ArmTotals, confidence: float = 0.95) -> dict[str, float]:
-    """The arm's CTR against the control's: difference, relative lift (with intervals) and a two-sided z-test."""
-    r0, v0 = ratio_and_variance(control)
-    r1, v1 = ratio_and_variance(arm)
+def compare(control: ArmTotals, arm: ArmTotals, confidence: float = 0.95, metric: str = "ctr") -> dict[str, float]:
+    """The arm's metric (the CTR by default) against the control's: difference, relative lift (with intervals)
+    and a two-sided z-test."""
+    r0, v0 = ratio_and_variance(control, metric)
+    r1, v1 = ratio_and_variance(arm, metric)
     se = math.sqrt(v0 + v1) if not (math.isnan(v0) or math.isnan(v1)) else math.nan
     z = z_of(confidence)
     diff = r1 - r0
@@ -177,6 +185,10 @@ def arm_summary(t: ArmTotals, confidence: float = 0.95) -> dict[str, Any]:
     n = c["impressions"]
     ctr, var = ratio_and_variance(t)
     half = z_of(confidence) * math.sqrt(var) if not math.isnan(var) else math.nan
+    watch_ms, watch_var = ratio_and_variance(t, "watch_ms")
+    watch_half = z_of(confidence) * math.sqrt(watch_var) / 1000 if not math.isnan(watch_var) else math.nan
+    done, done_var = ratio_and_variance(t, "completion")
+    done_half = z_of(confidence) * math.sqrt(done_var) if not math.isnan(done_var) else math.nan
     ctr_at = {k: {"ctr": v / n if n else 0.0, "ci": wilson(v, n, confidence)}
               for k, v in sorted(t.clicked_at.items(), key=lambda kv: int(kv[0]))}
     return {
@@ -189,6 +201,10 @@ def arm_summary(t: ArmTotals, confidence: float = 0.95) -> dict[str, Any]:
                                                                    strict=True)],
         "items_covered": t.items_covered,
         "fallback_rate": c["fallbacks"] / n if n else 0.0,
+        "watch_s": c["watch_ms"] / 1000, "watched": c["watched"],
+        "watch_s_per_impression": watch_ms / 1000,
+        "watch_s_ci": (watch_ms / 1000 - watch_half, watch_ms / 1000 + watch_half),
+        "completions": c["completions"], "completion_rate": done, "completion_ci": (done - done_half, done + done_half),
         "first_window": t.first_window, "last_window_end": t.last_window_end,
     }
 
@@ -206,6 +222,9 @@ def report(rows: Iterable[Mapping[str, Any]], arm_order: Sequence[str], shares: 
         summary = arm_summary(totals[name], confidence)
         if name != control:
             summary["vs_control"] = compare(totals[control], totals[name], confidence)
+            watch = compare(totals[control], totals[name], confidence, "watch_ms")
+            summary["watch_vs_control"] = {k: v / 1000 if k.startswith("diff") else v for k, v in watch.items()}
+            summary["completion_vs_control"] = compare(totals[control], totals[name], confidence, "completion")
         arms.append(summary)
     observed = {a: totals[a].counts["users"] for a in totals}
     return {"arms": arms, "control": control, "confidence": confidence,

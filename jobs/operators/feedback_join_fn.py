@@ -8,7 +8,7 @@ event-time timers. Late and undecodable records go to events.dlq (LATE_EVENT, LA
 Counters (group `ugt`): decode: `impressions`, `events`, `dead_lettered`; join: `joined`, `duplicates`,
 `late_impressions`, `late_events`, `no_experiment`, `outcomes`; aggregation: `windows_emitted`, `late_outcomes` (past --update-grace-min), and per
 experiment and arm (labels) `arm_impressions`, `arm_users`, `arm_clicked`, `arm_conversions`, `arm_item_clicks`,
-`arm_items_shown`, `arm_fallbacks`, counted when a window is emitted.
+`arm_items_shown`, `arm_fallbacks`, `arm_watch_ms`, `arm_completions`, counted when a window is emitted.
 """
 
 from __future__ import annotations

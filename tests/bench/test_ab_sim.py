@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from bench.ab_join import click_delays, percentile, synthetic_backlog
-from bench.ab_sim import click_events, planted_position, relevance_position
+from bench.ab_sim import WATCH_LENGTH_S, click_events, planted_position, relevance_position
 from bench.ab_users import write_past_dataset
 
 
@@ -41,12 +41,24 @@ def test_planted_click_rate_and_position_bias() -> None:
 
 def test_click_events_carry_the_click_and_its_time() -> None:
     rng = random.Random(4)
-    events, clicked_at = click_events(answer(["x", "y"]), 1, 1.0, rng)
+    events, clicked_at = click_events(answer(["x", "y"]), 1, 1.0, 1.0, rng)
     clicks = [e for e in events if e["action"] == "CLICK"]
     assert [e["item_id"] for e in clicks] == ["y"] and clicks[0]["event_time"] == clicked_at
     assert any(e["action"] == "PURCHASE" and e["event_time"] > clicked_at for e in events)
-    events, clicked_at = click_events(answer(["x"]), None, 1.0, rng)
+    [view] = [e for e in events if e["action"] == "VIEW"]  # watched to the end (p_finish 1), its length in context
+    assert view["item_id"] == "y" and view["event_time"] > clicked_at
+    assert view["duration_s"] == WATCH_LENGTH_S and float(view["context"]["item_length_s"]) == WATCH_LENGTH_S
+    events, clicked_at = click_events(answer(["x"]), None, 1.0, 1.0, rng)
     assert clicked_at is None and all(e["action"] == "SKIP" for e in events)
+
+
+def test_an_unfinished_view_is_a_whole_number_of_seconds_between_5_and_60_percent() -> None:
+    rng = random.Random(5)
+    for _ in range(50):
+        events, _ = click_events(answer(["x"]), 0, 0.0, 0.0, rng)
+        [view] = [e for e in events if e["action"] == "VIEW"]
+        assert 0.05 * WATCH_LENGTH_S <= view["duration_s"] <= 0.6 * WATCH_LENGTH_S
+        assert view["duration_s"] == int(view["duration_s"])  # an Avro float holds it exactly
 
 
 def test_click_delays_leave_out_flushed_and_unseen_windows() -> None:

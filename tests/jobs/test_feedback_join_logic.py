@@ -34,8 +34,9 @@ def imp(request_id: str, at: int, items=("a", "b", "c"), user="u1", arm="B", exp
     return Impression(request_id, user, experiment, arm, at, tuple(items))
 
 
-def click(event_id: str, item: str, at: int, action: str = "CLICK", user: str = "u1") -> Feedback:
-    return Feedback(event_id, user, item, action, at)
+def click(event_id: str, item: str, at: int, action: str = "CLICK", user: str = "u1",
+          duration_s: float | None = None, length_s: float | None = None) -> Feedback:
+    return Feedback(event_id, user, item, action, at, duration_s, length_s)
 
 
 def run(joiner: FeedbackJoiner, state: UserJoinState, records, until: int):
@@ -142,6 +143,88 @@ def test_user_sums_telescope_to_each_users_squares() -> None:
     assert got == want
 
 
+def test_completion_is_measured_when_the_event_can_tell_else_by_its_action() -> None:
+    config = JoinConfig(completion_share=0.9, completion_actions=frozenset({"RATE"}))
+    assert config.completes(click("e", "a", 0, "VIEW", duration_s=90.0, length_s=100.0))  # 90 >= 0.9 * 100
+    assert not config.completes(click("e", "a", 0, "VIEW", duration_s=89.9, length_s=100.0))
+    # a rating with a measured short view did not finish the item; without a length its action decides
+    assert not config.completes(click("e", "a", 0, "RATE", duration_s=10.0, length_s=100.0))
+    assert config.completes(click("e", "a", 0, "RATE", duration_s=10.0))
+    assert config.completes(click("e", "a", 0, "RATE", length_s=100.0))
+    assert not config.completes(click("e", "a", 0, "VIEW", duration_s=5000.0))  # no length, not a completing action
+    assert not JoinConfig(completion_actions=frozenset()).completes(click("e", "a", 0, "RATE"))
+    with pytest.raises(ValueError, match="completion"):
+        JoinConfig(completion_actions=frozenset({"FINISH"}))
+    with pytest.raises(ValueError, match="completion_share"):
+        JoinConfig(completion_share=0.0)
+
+
+def test_watch_time_and_completion_of_an_impression() -> None:
+    """Watch time sums the durations of the events attributed to the impression, in whole ms; skips, events
+    outside the window and events of other impressions' items add nothing."""
+    joiner, state = FeedbackJoiner(CONFIG), UserJoinState()
+    outcomes, attributed = run(joiner, state, [
+        imp("r1", 0, items=("a", "b", "c")),
+        click("e1", "a", 1_000, "VIEW", duration_s=600.25, length_s=1000.0),  # 60 %: not complete
+        click("e2", "b", 2_000, "VIEW", duration_s=95.0, length_s=100.0),  # complete
+        click("e3", "c", 3_000, "SKIP", duration_s=4.0),  # not an interaction
+        click("e4", "a", 10 * MIN, "VIEW", duration_s=50.0),  # after the attribution window
+        click("e5", "z", 4_000, "VIEW", duration_s=70.0),  # an item it did not show
+        imp("r2", 30 * MIN, items=("a",)),
+        click("e6", "a", 30 * MIN + 1, "VIEW", duration_s=10.0, length_s=1000.0),
+    ], 60 * MIN)
+    assert attributed == 3
+    first, second = sorted(outcomes, key=lambda o: o.served_at)
+    assert (first.watch_ms, first.completed) == (695_250, True)
+    assert (second.watch_ms, second.completed) == (10_000, False)
+    [row_a, row_b] = sorted(offline_metrics([imp("r1", 0, items=("a", "b", "c")), imp("r2", 30 * MIN, items=("a",))],
+                                            [click("e1", "a", 1_000, "VIEW", duration_s=600.25, length_s=1000.0),
+                                             click("e2", "b", 2_000, "VIEW", duration_s=95.0, length_s=100.0),
+                                             click("e6", "a", 30 * MIN + 1, "VIEW", duration_s=10.0)], CONFIG),
+                            key=lambda r: r["window_start"])
+    assert (row_a["watch_ms"], row_a["watched"], row_a["completions"]) == (695_250, 1, 1)
+    assert row_a["watch_s"] == 695.25 and row_a["watch_s_per_impression"] == 695.25
+    assert row_a["completion_rate"] == 1.0
+    assert (row_b["watch_ms"], row_b["completions"], row_b["completion_rate"]) == (10_000, 0, 0.0)
+
+
+def test_watch_and_completion_sums_telescope_to_each_users_squares() -> None:
+    """Summed deltas per arm = sum over users of w², n·w, m², n·m (w watch ms, m completed impressions)."""
+    joiner = FeedbackJoiner(CONFIG)
+    rng = random.Random(11)
+    want = {"w2": 0, "nw": 0, "m2": 0, "nm": 0}
+    got = dict.fromkeys(want, 0)
+    for u in range(30):
+        state, records, n, w, m = UserJoinState(), [], rng.randint(1, 6), 0, 0
+        for i in range(n):
+            records.append(imp(f"{u}-{i}", i * 20 * MIN, user=str(u)))
+            if rng.random() < 0.6:
+                seconds = rng.choice([1.5, 40.0, 100.0])
+                records.append(click(f"{u}-{i}-v", "b", i * 20 * MIN + 1, "VIEW", str(u), seconds, 100.0))
+                w += round(seconds * 1000)
+                m += seconds >= 90.0
+        outcomes, _ = run(joiner, state, records, 10**9)
+        for key, value in (("w2", w * w), ("nw", n * w), ("m2", m * m), ("nm", n * m)):
+            want[key] += value
+        for key in want:
+            got[key] += sum(getattr(o, f"d_{key}") for o in outcomes)
+    assert got == want
+
+
+def test_older_state_without_watch_sums_still_closes() -> None:
+    """A user's totals restored from a job version before watch time (2-tuples) and an arm window without the
+    new sums: the join and the aggregation carry on from zeros."""
+    joiner, state = FeedbackJoiner(CONFIG), UserJoinState(totals={("exp", "B"): (2, 1)})
+    [o], _ = run(joiner, state, [imp("r1", 0), click("e1", "a", 1, "VIEW", duration_s=2.0)], 60 * MIN)
+    assert (o.d_n2, o.d_w2, o.d_nw) == (5, 4_000_000, 6_000) and state.totals[("exp", "B")] == (3, 2, 2000, 0)
+    aggregator, arm = ArmAggregator(CONFIG), ArmState()
+    aggregator.on_outcome(arm, o, NO_WATERMARK)
+    window = arm.windows[0]
+    window.counts = {k: v for k, v in window.counts.items() if not k.startswith(("watch", "user_w", "user_m"))}
+    aggregator.on_outcome(arm, o, NO_WATERMARK)
+    assert window.counts["impressions"] == 2 and window.counts["watch_ms"] == 2000
+
+
 def test_window_metrics_ctr_at_k_positions_and_coverage() -> None:
     impressions = [imp("r1", 0, items=("a", "b", "c", "d"), user="u1"),
                    imp("r2", MIN, items=("a", "e", "f", "g"), user="u2"),
@@ -197,8 +280,11 @@ def test_the_stream_order_equals_the_offline_reference() -> None:
     rng = random.Random(3)
     impressions = [imp(f"r{i}", rng.randint(0, 30 * MIN), items=tuple(rng.sample("abcdefgh", 4)),
                        user=f"u{i % 7}", arm="AB"[i % 2]) for i in range(60)]
-    events = [click(f"e{i}", rng.choice("abcdefgh"), rng.randint(0, 40 * MIN), user=f"u{i % 7}") for i in range(80)]
+    events = [click(f"e{i}", rng.choice("abcdefgh"), rng.randint(0, 40 * MIN), rng.choice(["VIEW", "RATE"]),
+                    user=f"u{i % 7}", duration_s=rng.choice([None, 0.5, 30.25, 600.0]),
+                    length_s=rng.choice([None, 100.0, 1000.0])) for i in range(80)]
     want = offline_metrics(impressions, events, CONFIG)
+    assert sum(r["watch_ms"] for r in want) > 0 and sum(r["completions"] for r in want) > 0
     joiner, aggregator = FeedbackJoiner(CONFIG), ArmAggregator(CONFIG)
     users: dict[str, UserJoinState] = {}
     timers: list[tuple[int, str]] = []
@@ -250,10 +336,15 @@ def test_job_options_are_checked() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     options = job_options(parser.parse_args(["--ctr-k", "10,1", "--conversions", "purchase,like",
-                                             "--attribution-min", "0.5"]))
+                                             "--attribution-min", "0.5", "--completion-actions", "rate, like",
+                                             "--completion-share", "0.8"]))
     assert options["join"]["ctr_ks"] == [1, 10] and options["join"]["conversions"] == ["LIKE", "PURCHASE"]
+    assert options["join"]["completion_actions"] == ["LIKE", "RATE"] and options["join"]["completion_share"] == 0.8
+    assert job_options(parser.parse_args(["--completion-actions", ""]))["join"]["completion_actions"] == []
     assert options["join"]["attribution_ms"] == 30_000
     with pytest.raises(JobSetupError, match="conversion"):
         job_options(parser.parse_args(["--conversions", "BUY"]))
     with pytest.raises(JobSetupError):
         job_options(parser.parse_args(["--idle-s", "0"]))
+    with pytest.raises(JobSetupError, match="completion_share"):
+        job_options(parser.parse_args(["--completion-share", "1.5"]))

@@ -78,6 +78,7 @@ def test_the_experiment_row_plots_ctr_p99_and_failures_per_arm():
     assert len(rows) == 1
     exprs = "\n".join(dashboard_exprs())
     assert f"{FLINK_ARM_PREFIX}clicked" in exprs and f"{FLINK_ARM_PREFIX}impressions" in exprs  # CTR
+    assert f"{FLINK_ARM_PREFIX}watch_ms" in exprs and f"{FLINK_ARM_PREFIX}completions" in exprs  # watch, completion
     assert "histogram_quantile(0.99, sum by (le, experiment, arm) (rate(ugt_serving_arm_latency_seconds_bucket" in exprs
     assert 'ugt_serving_arm_requests_total{outcome="fallback"' in exprs
     assert 'ugt_serving_arm_requests_total{outcome="error"' in exprs

@@ -36,7 +36,7 @@ SAMPLES = {
         "event_id": "e-1", "user_id": "u-42", "item_id": "i-7", "event_time": MS, "domain": "movie",
         "action_token": 3, "rating_token": 5, "duration_token": 0, "hour_token": 22,
         "context_tokens": [2**40, -5], "semantic_ids": [12, 7, 1], "tokenizer_version": 2,
-        "weekday_token": 2, "sid_version": "sid-v1",
+        "weekday_token": 2, "sid_version": "sid-v1", "duration_s": 1234.5, "item_length_s": None,
     },
     "dead_letter": {
         "original": b"\x01\x02garbage", "topic": "events.raw", "partition": 3, "offset": 2**33,
@@ -74,19 +74,22 @@ def test_registry_round_trip(serde: AvroSerde, name: str) -> None:
 def v1_tokenized_schema() -> dict:
     """tokenized_event as tokenizer version 1 wrote it: no weekday_token, no sid_version."""
     schema = json.loads(schema_text("tokenized_event"))
-    schema["fields"] = [f for f in schema["fields"] if f["name"] not in ("weekday_token", "sid_version")]
+    schema["fields"] = [f for f in schema["fields"]
+                        if f["name"] not in ("weekday_token", "sid_version", "duration_s", "item_length_s")]
     return schema
 
 
 def test_v1_tokenized_records_read_with_v2_defaults() -> None:
-    old = {k: v for k, v in SAMPLES["tokenized_event"].items() if k not in ("weekday_token", "sid_version")}
+    newer = ("weekday_token", "sid_version", "duration_s", "item_length_s")
+    old = {k: v for k, v in SAMPLES["tokenized_event"].items() if k not in newer}
     old["tokenizer_version"] = 1
     writer = fastavro.parse_schema(v1_tokenized_schema())
     buffer = io.BytesIO()
     fastavro.schemaless_writer(buffer, writer, old)
     buffer.seek(0)
     record = fastavro.schemaless_reader(buffer, writer, load_schema("tokenized_event"))
-    assert as_written(record) == {**old, "weekday_token": 0, "sid_version": ""}
+    assert as_written(record) == {**old, "weekday_token": 0, "sid_version": "", "duration_s": None,
+                                  "item_length_s": None}
 
 
 def test_v2_tokenized_schema_is_backward_compatible_in_registry(serde: AvroSerde) -> None:
