@@ -14,6 +14,7 @@ Counters (group `ugt`): `events`, `applied`, `duplicates`, `late_events`, `rows_
 
 from __future__ import annotations
 
+import logging
 import time
 
 from pyflink.common import Row, Types
@@ -23,6 +24,8 @@ from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 from contracts.user_state_rule import DUPLICATE, LATE
 from jobs.common import key_value_type
 from jobs.dead_letters import dead_letter_key, dead_letter_record
+from jobs.operators.bundle_flush import on_bundle_end
+from jobs.operators.bundle_flush import remove as remove_bundle_hook
 from jobs.operators.counters import CounterBatch
 from jobs.operators.state_ttl import state_ttl
 from jobs.popularity_writer import redis_popularity_writer
@@ -138,6 +141,13 @@ class UserStateFunction(KeyedProcessFunction):
             write_long_rows=feast_long_term_writer(store),
         )
         self.processor = UserStateProcessor(writer, self.config)
+        # process mode: flush at the end of every bundle, which Flink ends before a checkpoint barrier passes
+        # (jobs/operators/bundle_flush.py); thread mode: the confirm timers alone (jobs/user_state_logic.py)
+        self.bundle_hook = f"user_state-{runtime_context.get_index_of_this_subtask()}"
+        self.flushes_at_barrier = on_bundle_end(self.bundle_hook, self._flush_at_bundle_end)
+        logging.getLogger(__name__).info("user_state subtask %s: writes flushed %s", self.bundle_hook,
+                                         "at every bundle end (before each checkpoint barrier)"
+                                         if self.flushes_at_barrier else "by the confirm timers (thread mode)")
         self.serde = AvroSerde(SchemaRegistryClient(self.registry_url))
         self.letters = _DeadLetters(self.serde, self.dlq_topic)
         group = runtime_context.get_metrics_group().add_group("ugt")
@@ -188,6 +198,11 @@ class UserStateFunction(KeyedProcessFunction):
         self.counts.flush()
         return iter(())
 
+    def _flush_at_bundle_end(self) -> None:
+        """Write every buffered row and increment now: a failure here fails the bundle and the checkpoint."""
+        if self.processor.writer.pending():
+            self._count(self.processor.writer.flush())
+
     def _count(self, _: int) -> None:
         """Move the processor's running totals into the Flink counters."""
         written, compactions = self.processor.writer.rows_written, self.processor.compactions
@@ -198,6 +213,8 @@ class UserStateFunction(KeyedProcessFunction):
         self.counted = (written, compactions)
 
     def close(self) -> None:
+        if getattr(self, "bundle_hook", None):
+            remove_bundle_hook(self.bundle_hook)
         processor = getattr(self, "processor", None)
         if processor is not None:
             processor.writer.flush()
