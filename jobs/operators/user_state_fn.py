@@ -9,7 +9,8 @@ encoded UserState + its write track; the long-term groups) and a ListState (even
 with StateTtlConfig (--state-ttl-days), processing-time timers (confirm flushes, nearline compaction) and
 LATE_EVENT dead letters on LATE_TAG.
 Counters (group `ugt`): `events`, `applied`, `duplicates`, `late_events`, `rows_written`, `compactions`,
-`dead_lettered`.
+`dead_lettered`, `bundle_flushes` (process mode: flushes at a bundle end, jobs/operators/bundle_flush.py).
+With --redis-wait-replicas every flush ends with a WAIT on each Redis master (jobs/replica_wait.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from jobs.operators.bundle_flush import remove as remove_bundle_hook
 from jobs.operators.counters import CounterBatch
 from jobs.operators.state_ttl import state_ttl
 from jobs.popularity_writer import redis_popularity_writer
+from jobs.replica_wait import ReplicaBarrier
 from jobs.user_state_logic import (
     APPLIED,
     JOB_NAME,
@@ -102,7 +104,8 @@ class _FlinkStore:
 
 class UserStateFunction(KeyedProcessFunction):
     def __init__(self, redis_url: str, feature_repo: str, registry_url: str, dlq_topic: str,
-                 config: ProcessorConfig, flush_rows: int, feast_write: str = "direct"):
+                 config: ProcessorConfig, flush_rows: int, feast_write: str = "direct",
+                 wait_replicas: int = 0, wait_timeout_ms: int = 1000):
         self.redis_url = redis_url
         self.feature_repo = feature_repo
         self.registry_url = registry_url
@@ -110,6 +113,8 @@ class UserStateFunction(KeyedProcessFunction):
         self.config = config
         self.flush_rows = flush_rows
         self.feast_write = feast_write
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
 
     def open(self, runtime_context: RuntimeContext) -> None:
         import sys
@@ -139,6 +144,8 @@ class UserStateFunction(KeyedProcessFunction):
             redis_popularity_writer(self.redis, ttl_s=max(1, self.config.state_ttl_ms // 1000)),
             max_rows=self.flush_rows, max_delay_s=self.config.flush_ms / 1000.0,
             write_long_rows=feast_long_term_writer(store),
+            after_write=ReplicaBarrier(self.redis, self.wait_replicas, self.wait_timeout_ms)
+            if self.wait_replicas > 0 else None,
         )
         self.processor = UserStateProcessor(writer, self.config)
         # process mode: flush at the end of every bundle, which Flink ends before a checkpoint barrier passes
@@ -153,7 +160,8 @@ class UserStateFunction(KeyedProcessFunction):
         group = runtime_context.get_metrics_group().add_group("ugt")
         # per-event counts go to Flink in sums (jobs.operators.counters); flushed on timers and dead letters too
         self.counts = CounterBatch({name: group.counter(name) for name in (
-            "events", "applied", "duplicates", "late_events", "dead_lettered", "rows_written", "compactions")})
+            "events", "applied", "duplicates", "late_events", "dead_lettered", "rows_written", "compactions",
+            "bundle_flushes")})
         self.counted = (0, 0)
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
@@ -202,6 +210,7 @@ class UserStateFunction(KeyedProcessFunction):
         """Write every buffered row and increment now: a failure here fails the bundle and the checkpoint."""
         if self.processor.writer.pending():
             self._count(self.processor.writer.flush())
+            self.counts.add("bundle_flushes")
 
     def _count(self, _: int) -> None:
         """Move the processor's running totals into the Flink counters."""
