@@ -26,6 +26,11 @@ _callbacks: dict[str, Callable[[], None]] = {}
 _installed = False
 
 
+def in_process_mode() -> bool:
+    """Does this Python worker run keyed functions in bundles (process mode)?"""
+    return getattr(sys.modules.get(PROCESS_MODE_OPERATIONS), "StatefulOperation", None) is not None
+
+
 def on_bundle_end(name: str, callback: Callable[[], None]) -> bool:
     """Call `callback` at the end of every bundle of this Python worker, before its keyed state is committed.
 

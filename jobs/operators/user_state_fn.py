@@ -25,7 +25,7 @@ from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 from contracts.user_state_rule import DUPLICATE, LATE
 from jobs.common import key_value_type
 from jobs.dead_letters import dead_letter_key, dead_letter_record
-from jobs.operators.bundle_flush import on_bundle_end
+from jobs.operators.bundle_flush import in_process_mode, on_bundle_end
 from jobs.operators.bundle_flush import remove as remove_bundle_hook
 from jobs.operators.counters import CounterBatch
 from jobs.operators.state_ttl import state_ttl
@@ -150,8 +150,10 @@ class UserStateFunction(KeyedProcessFunction):
         self.processor = UserStateProcessor(writer, self.config)
         # process mode: flush at the end of every bundle, which Flink ends before a checkpoint barrier passes
         # (jobs/operators/bundle_flush.py); thread mode: the confirm timers alone (jobs/user_state_logic.py)
-        self.bundle_hook = f"user_state-{runtime_context.get_index_of_this_subtask()}"
-        self.flushes_at_barrier = on_bundle_end(self.bundle_hook, self._flush_at_bundle_end)
+        # (the subtask index names the hook; PyFlink 2.2's thread-mode runtime context cannot give it)
+        self.bundle_hook = f"user_state-{runtime_context.get_index_of_this_subtask()}" if in_process_mode() else ""
+        self.flushes_at_barrier = bool(self.bundle_hook) and on_bundle_end(self.bundle_hook,
+                                                                           self._flush_at_bundle_end)
         logging.getLogger(__name__).info("user_state subtask %s: writes flushed %s", self.bundle_hook,
                                          "at every bundle end (before each checkpoint barrier)"
                                          if self.flushes_at_barrier else "by the confirm timers (thread mode)")

@@ -74,3 +74,9 @@ def test_thread_mode_has_no_bundles(monkeypatch):
     monkeypatch.setattr(bundle_flush, "_callbacks", {})
     assert not bundle_flush.on_bundle_end("op-0", lambda: None)
     assert bundle_flush._callbacks == {}
+
+
+def test_process_mode_is_told_by_the_loaded_operations(process_mode, monkeypatch):
+    assert bundle_flush.in_process_mode()
+    monkeypatch.delitem(sys.modules, bundle_flush.PROCESS_MODE_OPERATIONS)
+    assert not bundle_flush.in_process_mode()
