@@ -152,6 +152,7 @@ class UserStateFunction(KeyedProcessFunction):
         # (jobs/operators/bundle_flush.py); thread mode: the confirm timers alone (jobs/user_state_logic.py)
         # (the subtask index names the hook; PyFlink 2.2's thread-mode runtime context cannot give it)
         self.bundle_hook = f"user_state-{runtime_context.get_index_of_this_subtask()}" if in_process_mode() else ""
+        self.bundle_flushed = False
         self.flushes_at_barrier = bool(self.bundle_hook) and on_bundle_end(self.bundle_hook,
                                                                            self._flush_at_bundle_end)
         logging.getLogger(__name__).info("user_state subtask %s: writes flushed %s", self.bundle_hook,
@@ -211,8 +212,12 @@ class UserStateFunction(KeyedProcessFunction):
     def _flush_at_bundle_end(self) -> None:
         """Write every buffered row and increment now: a failure here fails the bundle and the checkpoint."""
         if self.processor.writer.pending():
-            self._count(self.processor.writer.flush())
+            users = self.processor.writer.flush()
+            self._count(users)
             self.counts.add("bundle_flushes")
+            if not self.bundle_flushed:  # once per worker: the hook runs in the real worker (the Redis-kill test)
+                self.bundle_flushed = True
+                logging.getLogger(__name__).info("%s: first flush at a bundle end, %d users", self.bundle_hook, users)
 
     def _count(self, _: int) -> None:
         """Move the processor's running totals into the Flink counters."""
