@@ -19,8 +19,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-# the module a process-mode worker runs its keyed functions from; a thread-mode (pemja) interpreter never loads it
+# the module a process-mode worker runs its keyed functions from (a thread-mode interpreter imports it too, through
+# pyflink's async-function module); and the module only a thread-mode (pemja) interpreter runs them from
 PROCESS_MODE_OPERATIONS = "pyflink.fn_execution.datastream.process.operations"
+THREAD_MODE_OPERATIONS = "pyflink.fn_execution.embedded.operations"
 
 _callbacks: dict[str, Callable[[], None]] = {}
 _installed = False
@@ -28,6 +30,8 @@ _installed = False
 
 def in_process_mode() -> bool:
     """Does this Python worker run keyed functions in bundles (process mode)?"""
+    if THREAD_MODE_OPERATIONS in sys.modules:
+        return False
     return getattr(sys.modules.get(PROCESS_MODE_OPERATIONS), "StatefulOperation", None) is not None
 
 
@@ -39,10 +43,9 @@ def on_bundle_end(name: str, callback: Callable[[], None]) -> bool:
     guarantee. An exception from `callback` fails the bundle, and with it the pending checkpoint and the task.
     """
     global _installed
-    operations = sys.modules.get(PROCESS_MODE_OPERATIONS)
-    operation = getattr(operations, "StatefulOperation", None)
-    if operation is None:
+    if not in_process_mode():
         return False
+    operation = sys.modules[PROCESS_MODE_OPERATIONS].StatefulOperation
     if not _installed:
         finish = operation.finish
 

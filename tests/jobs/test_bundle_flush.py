@@ -25,6 +25,7 @@ def process_mode(monkeypatch):
     module = types.ModuleType(bundle_flush.PROCESS_MODE_OPERATIONS)
     module.StatefulOperation = type("StatefulOperation", (StatefulOperation,), {})
     monkeypatch.setitem(sys.modules, bundle_flush.PROCESS_MODE_OPERATIONS, module)
+    monkeypatch.delitem(sys.modules, bundle_flush.THREAD_MODE_OPERATIONS, raising=False)
     monkeypatch.setattr(bundle_flush, "_installed", False)
     monkeypatch.setattr(bundle_flush, "_callbacks", {})
     return module.StatefulOperation
@@ -80,3 +81,10 @@ def test_process_mode_is_told_by_the_loaded_operations(process_mode, monkeypatch
     assert bundle_flush.in_process_mode()
     monkeypatch.delitem(sys.modules, bundle_flush.PROCESS_MODE_OPERATIONS)
     assert not bundle_flush.in_process_mode()
+
+
+def test_thread_mode_also_loads_the_process_module_but_is_told_apart(process_mode, monkeypatch):
+    """pyflink's embedded (thread-mode) operations import the process-mode module too, through async functions."""
+    monkeypatch.setitem(sys.modules, bundle_flush.THREAD_MODE_OPERATIONS, types.ModuleType("embedded"))
+    assert not bundle_flush.in_process_mode()
+    assert not bundle_flush.on_bundle_end("op-0", lambda: None)
