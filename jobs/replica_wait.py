@@ -8,10 +8,10 @@ dying master held, so with ``--redis-wait-replicas N`` each flush ends with, on 
 
 WAIT waits for the replication offset of the connection's last write. The barrier key's SET makes that the
 master's current offset, which covers every earlier write to that master from any connection (Feast's pipeline,
-the popularity script). A master answers how many replicas acknowledged; fewer than min(N, replicas attached)
+the popularity script). A master answers how many replicas acknowledged; fewer than min(N, replicas online)
 raises :class:`ReplicaWaitError`, which fails the flush and so the bundle, the checkpoint and the task (the
 restore replays the writes). A master with no replica attached (its replica died, or was just promoted and its old
-master has not come back yet) is not waited for: there is no copy to lose the write to, and its AOF keeps what it
+master has not come back yet, or is still in its first sync) is not waited for: there is no copy to lose the write to, and its AOF keeps what it
 acknowledged across a kill -9 (docs/STACK.md, "Redis durability"). Redis 7.0 has no WAITAOF.
 """
 
@@ -43,8 +43,10 @@ def barrier_keys(primaries: Iterable[str], owner_of: Callable[[str], str], limit
 
 
 def connected_replicas(info: dict[str, Any]) -> int:
-    """`connected_slaves` of an INFO replication answer."""
-    return int(info.get("connected_slaves", 0))
+    """Replicas of an INFO replication answer that are online (a replica still in its first sync, e.g. waiting for
+    the master's RDB, acknowledges nothing until it is; the RDB plus the stream after it then hold every write)."""
+    return sum(1 for key, value in info.items()
+               if key.startswith("slave") and isinstance(value, dict) and value.get("state") == "online")
 
 
 def check_acks(node: str, required: int, attached: int, acked: int, timeout_ms: int) -> None:

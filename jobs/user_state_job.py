@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after each flush, WAIT until this many replicas of every Redis master acknowledged "
                              "it (jobs/replica_wait.py); -1 = 1 when --redis names a Redis Cluster (the cluster "
                              "profile), else 0 (default: %(default)s)")
-    parser.add_argument("--redis-wait-timeout-ms", type=int, default=1000,
+    parser.add_argument("--redis-wait-timeout-ms", type=int, default=5000,
                         help="how long WAIT may take before the flush fails (default: %(default)s)")
     add_common_arguments(parser, "user_state")
 

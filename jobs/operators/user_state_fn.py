@@ -105,7 +105,7 @@ class _FlinkStore:
 class UserStateFunction(KeyedProcessFunction):
     def __init__(self, redis_url: str, feature_repo: str, registry_url: str, dlq_topic: str,
                  config: ProcessorConfig, flush_rows: int, feast_write: str = "direct",
-                 wait_replicas: int = 0, wait_timeout_ms: int = 1000):
+                 wait_replicas: int = 0, wait_timeout_ms: int = 5000):
         self.redis_url = redis_url
         self.feature_repo = feature_repo
         self.registry_url = registry_url

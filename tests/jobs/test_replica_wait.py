@@ -6,7 +6,14 @@ import zlib
 
 import pytest
 
-from jobs.replica_wait import BARRIER_PREFIX, ReplicaBarrier, ReplicaWaitError, barrier_keys, check_acks
+from jobs.replica_wait import (
+    BARRIER_PREFIX,
+    ReplicaBarrier,
+    ReplicaWaitError,
+    barrier_keys,
+    check_acks,
+    connected_replicas,
+)
 
 
 def owner_by_crc(masters: list[str]):
@@ -85,3 +92,11 @@ def test_wait_replicas_default_follows_the_profile(requested: int, url: str, res
 
     monkeypatch.delenv("UGT_REDIS_CLUSTER", raising=False)
     assert wait_replicas(requested, url) == resolved
+
+
+def test_only_online_replicas_count():
+    info = {"role": "master", "connected_slaves": 2,  # as redis-py parses INFO replication
+            "slave0": {"ip": "127.0.0.1", "port": 7004, "state": "online", "offset": 10, "lag": 0},
+            "slave1": {"ip": "127.0.0.1", "port": 7005, "state": "wait_bgsave", "offset": 0, "lag": 0}}
+    assert connected_replicas(info) == 1
+    assert connected_replicas({"role": "master", "connected_slaves": 0}) == 0
