@@ -8,6 +8,7 @@
     ugt jobs cancel user_state
     ugt jobs stop user_state                              # stop with a savepoint; prints where it is
     ugt jobs submit user_state --detached --from-savepoint <path> -- <the job's args>   # resume (or upgrade)
+    ugt jobs rebuild-user-state                           # Redis lost its data: user_state's rows from the lake
 
 `submit` runs `<pyflink>/bin/flink run [-d] [-s <savepoint> [-n]] -py jobs/<job>_job.py <job args>` with the stack's
 FLINK_CONF_DIR (infra.flink_home.flink_env); the others use Flink's REST API at Settings.flink_rest_url.
@@ -77,6 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="fire every timer and end the job's windows first (only when it will not be resumed)")
     stop.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the savepoint "
                                                                   "(default: %(default)s)")
+    from jobs.user_state_rebuild import add_arguments as add_rebuild_arguments
+
+    add_rebuild_arguments(sub.add_parser(
+        "rebuild-user-state", help="rebuild user_state's Redis data (Feast rows, popularity) from the token lake "
+                                   "after Redis lost it; stop user_state first (docs/STACK.md)"))
     parser.add_argument("--rest", default=None, help="Flink REST URL (default: Settings.flink_rest_url)")
 
 
@@ -353,6 +359,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"cancelled {jid}")
             print("note: cancel discards the job's state (user_state's users, timers); `ugt jobs stop` keeps it in a "
                   "savepoint to resume from")
+        elif args.action == "rebuild-user-state":
+            from jobs.user_state_rebuild import rebuild
+
+            return rebuild(args, base)
         elif args.action == "stop":
             for jid, location in stop_with_savepoint(base, args.job, args.savepoint_dir, args.drain, args.timeout):
                 print(f"stopped {jid}; savepoint {location}")

@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feast-write", choices=("direct", "push"), default="direct",
                         help="direct: write_rows of UGT's Feast online store (docs/FEAST.md; 0.6x "
                              "the CPU of push); push: store.push(..., to=PushMode.ONLINE) (default: %(default)s)")
+    parser.add_argument("--redis-wait-replicas", type=int, default=-1,
+                        help="after each flush, WAIT until this many replicas of every Redis master acknowledged "
+                             "it (jobs/replica_wait.py); -1 = 1 when --redis names a Redis Cluster (the cluster "
+                             "profile), else 0 (default: %(default)s)")
+    parser.add_argument("--redis-wait-timeout-ms", type=int, default=5000,
+                        help="how long WAIT may take before the flush fails (default: %(default)s)")
     add_common_arguments(parser, "user_state")
 
 
@@ -66,7 +72,7 @@ def build_pipeline(env, t_env, cfg) -> None:
     )
     states = keyed_kafka_source(t_env, "tokens_source", x["source_topic"], cfg) \
         .process(UserStateFunction(cfg.redis, x["feature_repo"], cfg.registry, x["dlq_topic"], config,
-                                   x["flush_rows"], x["feast_write"]),
+                                   x["flush_rows"], x["feast_write"], x["wait_replicas"], x["wait_timeout_ms"]),
                  output_type=Types.BOOLEAN()) \
         .name("user-state").uid("user-state")
     discard(states)
@@ -76,12 +82,21 @@ def build_pipeline(env, t_env, cfg) -> None:
     statements.attach_as_datastream()
 
 
+def wait_replicas(requested: int, redis_url: str) -> int:
+    """--redis-wait-replicas resolved: -1 means 1 on a Redis Cluster (a replica per master), 0 on one node."""
+    from infra.redis_client import is_cluster_url
+
+    return (1 if is_cluster_url(redis_url) else 0) if requested == -1 else requested
+
+
 def main(argv: list[str] | None = None) -> int:
     from jobs.common import JobSetupError, run_job
 
     def options(args: argparse.Namespace) -> dict:
         if args.max_events < 1 or args.flush_rows < 1 or args.flush_ms < 1:
             raise JobSetupError("--max-events, --flush-rows and --flush-ms must be >= 1")
+        if args.redis_wait_replicas < -1 or args.redis_wait_timeout_ms < 1:
+            raise JobSetupError("--redis-wait-replicas must be >= -1 and --redis-wait-timeout-ms >= 1")
         if args.compact_interval_min <= 0 or args.state_ttl_days <= 0 or args.state_cache_users < 0:
             raise JobSetupError("--compact-interval-min and --state-ttl-days must be > 0, "
                                 "--state-cache-users >= 0")
@@ -89,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                 "feature_repo": args.feature_repo, "flush_rows": args.flush_rows, "flush_ms": args.flush_ms,
                 "feast_write": args.feast_write, "allowed_lateness_s": args.allowed_lateness_s,
                 "compact_interval_min": args.compact_interval_min, "state_ttl_days": args.state_ttl_days,
-                "state_cache_users": args.state_cache_users}
+                "state_cache_users": args.state_cache_users,
+                "wait_replicas": wait_replicas(args.redis_wait_replicas, args.redis),
+                "wait_timeout_ms": args.redis_wait_timeout_ms}
 
     return run_job("user_state", __doc__, add_arguments, options, build_pipeline, argv)
 

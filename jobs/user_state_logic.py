@@ -118,8 +118,8 @@ class OnlineStateWriter:
 
     `write_rows(rows)` / `write_long_rows(rows)` write Feast rows and `incr_popularity(batch)` applies
     popularity (batch: {domain: {user_id: (origin, [(n, item_id), ...])}}). A batch goes out when it holds
-    `max_rows` users or its oldest entry waited `max_delay_s`; the operator also flushes on timers and at
-    close. `epoch()` names the batch a user is queued in; `is_flushed(epoch)` says that batch was written.
+    `max_rows` users or its oldest entry waited `max_delay_s`; the operator also flushes on timers, at the end of
+    each process-mode bundle and at close; `after_write()` runs after each batch's writes (a replica WAIT). `epoch()` names the batch a user is queued in; `is_flushed(epoch)` says that batch was written.
     """
 
     def __init__(
@@ -130,12 +130,14 @@ class OnlineStateWriter:
         max_delay_s: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
         write_long_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+        after_write: Callable[[], None] | None = None,
     ):
         if max_rows < 1 or max_delay_s < 0:
             raise ValueError(f"max_rows must be >= 1 and max_delay_s >= 0, got {max_rows}, {max_delay_s}")
         self.write_rows = write_rows
         self.write_long_rows = write_long_rows or (lambda rows: None)
         self.incr_popularity = incr_popularity
+        self.after_write = after_write or (lambda: None)  # e.g. WAIT for replicas (jobs/replica_wait.py)
         self.max_rows = max_rows
         self.max_delay_s = max_delay_s
         self.clock = clock
@@ -195,6 +197,8 @@ class OnlineStateWriter:
             self.write_long_rows(list(long_rows.values()))
         if popularity:
             self.incr_popularity(popularity)
+        if rows or long_rows or popularity:
+            self.after_write()  # raises when the writes are not durable as configured: the flush fails
         return len(rows)
 
 

@@ -9,11 +9,13 @@ encoded UserState + its write track; the long-term groups) and a ListState (even
 with StateTtlConfig (--state-ttl-days), processing-time timers (confirm flushes, nearline compaction) and
 LATE_EVENT dead letters on LATE_TAG.
 Counters (group `ugt`): `events`, `applied`, `duplicates`, `late_events`, `rows_written`, `compactions`,
-`dead_lettered`.
+`dead_lettered`, `bundle_flushes` (process mode: flushes at a bundle end, jobs/operators/bundle_flush.py).
+With --redis-wait-replicas every flush ends with a WAIT on each Redis master (jobs/replica_wait.py).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from pyflink.common import Row, Types
@@ -23,9 +25,12 @@ from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 from contracts.user_state_rule import DUPLICATE, LATE
 from jobs.common import key_value_type
 from jobs.dead_letters import dead_letter_key, dead_letter_record
+from jobs.operators.bundle_flush import in_process_mode, on_bundle_end
+from jobs.operators.bundle_flush import remove as remove_bundle_hook
 from jobs.operators.counters import CounterBatch
 from jobs.operators.state_ttl import state_ttl
 from jobs.popularity_writer import redis_popularity_writer
+from jobs.replica_wait import ReplicaBarrier
 from jobs.user_state_logic import (
     APPLIED,
     JOB_NAME,
@@ -99,7 +104,8 @@ class _FlinkStore:
 
 class UserStateFunction(KeyedProcessFunction):
     def __init__(self, redis_url: str, feature_repo: str, registry_url: str, dlq_topic: str,
-                 config: ProcessorConfig, flush_rows: int, feast_write: str = "direct"):
+                 config: ProcessorConfig, flush_rows: int, feast_write: str = "direct",
+                 wait_replicas: int = 0, wait_timeout_ms: int = 5000):
         self.redis_url = redis_url
         self.feature_repo = feature_repo
         self.registry_url = registry_url
@@ -107,6 +113,8 @@ class UserStateFunction(KeyedProcessFunction):
         self.config = config
         self.flush_rows = flush_rows
         self.feast_write = feast_write
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
 
     def open(self, runtime_context: RuntimeContext) -> None:
         import sys
@@ -136,14 +144,27 @@ class UserStateFunction(KeyedProcessFunction):
             redis_popularity_writer(self.redis, ttl_s=max(1, self.config.state_ttl_ms // 1000)),
             max_rows=self.flush_rows, max_delay_s=self.config.flush_ms / 1000.0,
             write_long_rows=feast_long_term_writer(store),
+            after_write=ReplicaBarrier(self.redis, self.wait_replicas, self.wait_timeout_ms)
+            if self.wait_replicas > 0 else None,
         )
         self.processor = UserStateProcessor(writer, self.config)
+        # process mode: flush at the end of every bundle, which Flink ends before a checkpoint barrier passes
+        # (jobs/operators/bundle_flush.py); thread mode: the confirm timers alone (jobs/user_state_logic.py)
+        # (the subtask index names the hook; PyFlink 2.2's thread-mode runtime context cannot give it)
+        self.bundle_hook = f"user_state-{runtime_context.get_index_of_this_subtask()}" if in_process_mode() else ""
+        self.bundle_flushed = False
+        self.flushes_at_barrier = bool(self.bundle_hook) and on_bundle_end(self.bundle_hook,
+                                                                           self._flush_at_bundle_end)
+        logging.getLogger(__name__).info("user_state subtask %s: writes flushed %s", self.bundle_hook,
+                                         "at every bundle end (before each checkpoint barrier)"
+                                         if self.flushes_at_barrier else "by the confirm timers (thread mode)")
         self.serde = AvroSerde(SchemaRegistryClient(self.registry_url))
         self.letters = _DeadLetters(self.serde, self.dlq_topic)
         group = runtime_context.get_metrics_group().add_group("ugt")
         # per-event counts go to Flink in sums (jobs.operators.counters); flushed on timers and dead letters too
         self.counts = CounterBatch({name: group.counter(name) for name in (
-            "events", "applied", "duplicates", "late_events", "dead_lettered", "rows_written", "compactions")})
+            "events", "applied", "duplicates", "late_events", "dead_lettered", "rows_written", "compactions",
+            "bundle_flushes")})
         self.counted = (0, 0)
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
@@ -188,6 +209,16 @@ class UserStateFunction(KeyedProcessFunction):
         self.counts.flush()
         return iter(())
 
+    def _flush_at_bundle_end(self) -> None:
+        """Write every buffered row and increment now: a failure here fails the bundle and the checkpoint."""
+        if self.processor.writer.pending():
+            users = self.processor.writer.flush()
+            self._count(users)
+            self.counts.add("bundle_flushes")
+            if not self.bundle_flushed:  # once per worker: the hook runs in the real worker (the Redis-kill test)
+                self.bundle_flushed = True
+                logging.getLogger(__name__).info("%s: first flush at a bundle end, %d users", self.bundle_hook, users)
+
     def _count(self, _: int) -> None:
         """Move the processor's running totals into the Flink counters."""
         written, compactions = self.processor.writer.rows_written, self.processor.compactions
@@ -198,6 +229,8 @@ class UserStateFunction(KeyedProcessFunction):
         self.counted = (written, compactions)
 
     def close(self) -> None:
+        if getattr(self, "bundle_hook", None):
+            remove_bundle_hook(self.bundle_hook)
         processor = getattr(self, "processor", None)
         if processor is not None:
             processor.writer.flush()

@@ -3,13 +3,17 @@
 Before the stack ran the AOF, Redis kept RDB snapshots only: a kill -9 lost what it had acknowledged since its last
 snapshot, while user_state had already confirmed those writes (its confirm timers cleared them) and checkpointed
 past them, so the restore never wrote them again and users stayed events short for good. Now the stack's Redis
-runs the AOF (appendfsync always on the single node, infra/redis_conf.py): an acknowledged write is on disk.
+runs the AOF (appendfsync always on the single node, infra/redis_conf.py): an acknowledged write is on disk. And
+user_state (process mode here) flushes its buffered writes at the end of every bundle, which Flink ends before a
+checkpoint barrier passes, so a checkpoint completes only over writes Redis acknowledged (the test finds
+each worker's log line of its first bundle-end flush: the hook ran in the real workers).
 
 Mirrors tests/integration/test_user_state_exactly_once.py (its helpers, its offline reference): tokenize +
 user_state run on a PRIVATE Flink cluster; once user_state has checkpointed and written part of the replay, the
 STACK's redis-server gets `kill -9` and is started again by `infra.stack.up(only=["redis"])`; user_state fails on
 the lost connection, restores from its last checkpoint and finishes. Then every user's `user_recent_events` row
-equals the offline fold, and the popularity ZSET counts every applied event exactly once.
+equals the offline fold, and the popularity ZSET counts every applied event exactly once. A loss names its layer:
+the tokens topic (tokenize) or user_state's popularity writes (a user's applied n short).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from test_user_state_exactly_once import (
     make_events,
     online_rows,
     popularity,
+    read_topic,
     wait_for,
 )
 from user_state_exactly_once_cluster import PrivateFlinkCluster
@@ -62,6 +67,22 @@ def kill_redis(settings: Settings) -> list[int]:
     return pids
 
 
+def where_lost(settings: Settings, client: redis.Redis, domain: str, tokens_topic: str,
+               expected: Counter[str]) -> str:
+    """Which layer lost events: the tokens topic (tokenize) or user_state's writes (a user's applied n short)."""
+    from streams.serde import AvroSerde, SchemaRegistryClient
+
+    serde = AvroSerde(SchemaRegistryClient(settings.registry_url))
+    in_topic = Counter(serde.decode(v).record["user_id"] for v in read_topic(settings, tokens_topic))
+    topic_short = {u: n - in_topic[u] for u, n in expected.items() if in_topic[u] < n}
+    applied = {u: client.get(applied_key(domain, u)) for u in expected}
+    written_short = {u: n - int((applied[u] or b"0 ").split()[0]) for u, n in expected.items()
+                     if int((applied[u] or b"0 ").split()[0]) < n}
+    return (f"tokens topic short for {len(topic_short)} users ({sum(topic_short.values())} events, "
+            f"e.g. {dict(list(topic_short.items())[:3])}); popularity writes short for {len(written_short)} users "
+            f"({sum(written_short.values())} events, e.g. {dict(list(written_short.items())[:3])})")
+
+
 def settle(count, total: int, quiet_s: float = 90.0) -> int:
     """Wait until `count()` reaches `total`, or stops moving for `quiet_s` (a loss), or CONVERGE_TIMEOUT_S passes."""
     deadline = time.monotonic() + CONVERGE_TIMEOUT_S
@@ -79,9 +100,6 @@ def settle(count, total: int, quiet_s: float = 90.0) -> int:
     return count()
 
 
-@pytest.mark.xfail(strict=False, reason="issue #20: a clean-clone run lost 10 of 100,000 events across a Redis kill -9 "
-                   "with appendfsync always (two earlier runs lost none); the loss is upstream of Redis, most likely "
-                   "user_state writes still buffered when a checkpoint completed (docs/STACK.md)")
 def test_kill_redis_mid_stream_loses_no_event(stack: Settings, tmp_path: Path) -> None:
     settings = stack
     assert redis.Redis.from_url(settings.redis_url).config_get("appendonly")["appendonly"] == "yes"
@@ -157,8 +175,15 @@ def test_kill_redis_mid_stream_loses_no_event(stack: Settings, tmp_path: Path) -
 
         wait_for("user_state to restore from a checkpoint", user_state_restored, 180)
         counted = settle(lambda: sum(popularity(client, domain).values()), total)
-        assert counted == total, f"{total - counted} events lost (or {counted - total} counted twice)"
+        assert counted == total, (f"{total - counted} events lost (or {counted - total} counted twice): "
+                                  + where_lost(settings, client, domain, tokens,
+                                               Counter(t.user_id for t in token_events)))
         assert popularity(client, domain) == expected_popularity  # 0 lost, 0 applied twice
+        # process mode: the writes went out at bundle ends, before each barrier (jobs/operators/bundle_flush.py);
+        # each worker logs its first one (the restored worker too)
+        flushed = [line for path in cluster.log.glob("*taskexecutor*.log")
+                   for line in path.read_text(errors="replace").splitlines() if "first flush at a bundle end" in line]
+        assert len(flushed) >= 2, f"user_state's bundle-end flush did not run in both workers: {flushed}"
 
         def recent_rows_match() -> list[str]:
             recent = online_rows(settings, "user_recent_events", FEATURE_NAMES, users)
