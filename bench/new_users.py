@@ -12,8 +12,10 @@ Anchors in the same run, on the same states: ``popularity`` (the training users'
 ``similar`` (serving's similar-items source: faiss neighbours of the user's last items, models/similar built from
 this checkpoint) and ``ugt+similar`` (serving's first-session merge, reciprocal rank of the two lists).
 
-    python -m bench.new_users                     # trains once (~1-2 min on 2 cores), bench/results/new_users.json
-    python -m bench.new_users --redis-url redis://localhost:16390/0 --holdout 0.05 --epochs 1 --out /tmp/x.json
+Three held-out draws (seeds 0, 1, 2; one checkpoint each, ~1 min of training each on 2 cores) pool their users.
+
+    python -m bench.new_users --redis-url redis://localhost:16390/0     # bench/results/new_users.json
+    python -m bench.new_users --seeds 0 --holdout 0.05 --epochs 1 --max-users 20 --out /tmp/x.json
 """
 
 from __future__ import annotations
@@ -46,14 +48,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="models/configs/ugt_ml100k_tiny.yaml", help="the UGT config trained")
     p.add_argument("--holdout", type=float, default=0.1, help="share of users held out of training (0..1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out draw (training keeps its config seed)")
+    p.add_argument("--seeds", default="0,1,2", help="comma list: one held-out draw (and one checkpoint) per seed, "
+                   "the users of all pooled (training keeps its config seed)")
     p.add_argument("--epochs", type=int, default=8, help="training epochs (max_epochs, the config's 8; early stopping may cut)")
     p.add_argument("--after", default="1,3,5", help="comma list: events replayed before each target")
-    p.add_argument("--max-users", type=int, default=0, help="evaluate at most this many held-out users (0: all)")
+    p.add_argument("--max-users", type=int, default=0, help="evaluate at most this many held-out users per seed "
+                   "(0: all)")
     p.add_argument("--redis-url", default="", help="the Redis the states go through (default: the stack's, "
                    "UGT_REDIS_PORT)")
-    p.add_argument("--work-dir", default="", help="where the checkpoint is trained (default: the cache, "
-                   "<cache>/bench/new-users-<recipe>; reused when its recipe matches)")
+    p.add_argument("--work-dir", default="", help="where the checkpoints are trained, one folder per seed "
+                   "(default: the cache, <cache>/bench/new-users; each reused when its recipe matches)")
     p.add_argument("--out", default=str(result_path("new_users")))
     return p.parse_args(argv)
 
@@ -186,6 +190,27 @@ def rates(sums: dict[tuple[str, int], list[float]], users: dict[int, int]) -> di
     return out
 
 
+def run_seed(args: argparse.Namespace, cfg: Any, data: Any, seed: int, after: list[int],
+             client: Any) -> dict[str, Any]:
+    """One held-out draw: its checkpoint (trained or reused), then the replay of its users."""
+    from infra.settings import get_settings
+
+    train, held = split_users(data, args.holdout, seed)
+    recipe = {"config": args.config, "dataset": cfg.dataset, "max_epochs": args.epochs, "holdout": args.holdout,
+              "holdout_seed": seed, "train_seed": cfg.seed, "train_users": train.num_users,
+              "held_out_users": len(held), "device": "cpu"}
+    root = Path(args.work_dir) if args.work_dir else get_settings().cache_dir / "bench" / "new-users"
+    work = root / f"{Path(args.config).stem}-h{args.holdout}-s{seed}-e{args.epochs}"
+    checkpoint = train_checkpoint(recipe, train, work)
+    evaluated = held[: args.max_users] if args.max_users > 0 else held
+    found = replay(data, evaluated, after, Sources(checkpoint, popularity_order(train)), client)
+    summary = json.loads((work / "summary.json").read_text()) if (work / "summary.json").is_file() else {}
+    test = summary.get("test", {})
+    recipe.update(evaluated_users=len(evaluated), checkpoint_best_epoch=summary.get("best_epoch"),
+                  checkpoint_test_hr10_train_users=test.get("hr@10"))
+    return {"recipe": recipe, **found}
+
+
 def main(argv: list[str] | None = None) -> int:
     import redis
 
@@ -196,31 +221,24 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     after = sorted({int(x) for x in args.after.split(",") if x.strip()})
-    if not after or after[0] < 1:
-        raise SystemExit("--after: a comma list of event counts >= 1")
-    settings = get_settings()
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    if not after or after[0] < 1 or not seeds:
+        raise SystemExit("--after: a comma list of event counts >= 1; --seeds: a comma list of integers")
     cfg = load_config(str(REPO / args.config))
     data = build_sequences(load_dataset(cfg.dataset), cfg.tie_order)
-    train, held = split_users(data, args.holdout, args.seed)
-    recipe = {"config": args.config, "dataset": cfg.dataset, "max_epochs": args.epochs,
-              "holdout": args.holdout, "holdout_seed": args.seed, "train_seed": cfg.seed,
-              "train_users": train.num_users, "held_out_users": len(held), "device": "cpu"}
-    work = Path(args.work_dir) if args.work_dir else (
-        settings.cache_dir / "bench" / f"new-users-{Path(args.config).stem}-h{args.holdout}-s{args.seed}-e{args.epochs}")
-    checkpoint = train_checkpoint(recipe, train, work)
-    evaluated = held[: args.max_users] if args.max_users > 0 else held
-    client = redis.Redis.from_url(args.redis_url or f"redis://localhost:{settings.redis_port}/0", socket_timeout=10)
+    url = args.redis_url or f"redis://localhost:{get_settings().redis_port}/0"
+    client = redis.Redis.from_url(url, socket_timeout=10)
     client.ping()
-    sources = Sources(checkpoint, popularity_order(train))
-    found = replay(data, evaluated, after, sources, client)
-    results = rates(found["sums"], found["users"])
-    summary = json.loads((work / "summary.json").read_text()) if (work / "summary.json").is_file() else {}
-    results.update(users={str(n): c for n, c in found["users"].items()}, catalog_items=data.num_items,
-                   checkpoint_test=summary.get("test", {}), checkpoint_best_epoch=summary.get("best_epoch"))
+    runs = [run_seed(args, cfg, data, seed, after, client) for seed in seeds]
+    sums = {key: [sum(r["sums"][key][i] for r in runs) for i in (0, 1)] for key in runs[0]["sums"]}
+    users = {n: sum(r["users"][n] for r in runs) for n in after}
+    results: dict[str, Any] = rates(sums, users)
+    results.update(users={str(n): c for n, c in users.items()}, catalog_items=data.num_items,
+                   per_seed={str(seed): rates(r["sums"], r["users"]) for seed, r in zip(seeds, runs, strict=True)})
     print_table([{"source": s, **{f"hr@{K} after {n}": results[f"{KEY_PREFIX[s]}_hr@{K}_after_{n}"] for n in after},
                   **{f"ndcg@{K} after {n}": results[f"{KEY_PREFIX[s]}_ndcg@{K}_after_{n}"] for n in after}}
                  for s in SOURCES])
-    conditions = {"recipe": recipe, "after_events": after, "evaluated_users": len(evaluated), "k": K,
+    conditions = {"recipes": [r["recipe"] for r in runs], "seeds": seeds, "after_events": after, "k": K,
                   "ranking": "full catalog, the user's history masked", "target": "the (n+1)-th event",
                   "path": "tokenized RATE events -> user_state rule -> StateWriter (Feast layout) -> Redis -> "
                           "RedisStateReader -> UGTGenerator (CPU)",
