@@ -44,21 +44,31 @@ def register_output_schemas(registry_url: str, tokens_topic: str, dlq_topic: str
             registry.register(subject_for(dlq_topic), schema_text("dead_letter")))
 
 
+def tokenized_query(source: str, options: str) -> str:
+    """One row per record of `source` (value, src_topic, src_partition, src_offset): a token or a dead letter."""
+    return (f"SELECT t.* FROM `{source}` AS r, LATERAL TABLE(`ugt_tokenize`(r.`value`, r.`src_topic`, "
+            f"r.`src_partition`, r.`src_offset`, '{options}')) AS t")
+
+
+def add_tokenize_function(env, t_env) -> None:
+    """Ship jobs/jvm/ (compiled) and its Avro jars with the job and register `ugt_tokenize`."""
+    from infra.jars import tokenize_jvm_jars
+
+    env.add_jars(*[jar.resolve().as_uri() for jar in tokenize_jvm_jars()])
+    t_env.execute_sql(f"CREATE TEMPORARY FUNCTION `ugt_tokenize` AS '{JVM_FUNCTION}' LANGUAGE JAVA")
+
+
 def build_sql_pipeline(env, t_env, cfg) -> None:
     """events.raw -> ugt_tokenize (JVM) -> events.tokens + events.dlq (+ the lake), all in Flink SQL."""
-    from infra.jars import tokenize_jvm_jars
     from jobs.common import kafka_sink_ddl, kafka_source_ddl
     from jobs.lake import LAKE_FIELDS, add_lake_sink, cluster_has_parquet
 
     x = cfg.extra
-    env.add_jars(*[jar.resolve().as_uri() for jar in tokenize_jvm_jars()])
+    add_tokenize_function(env, t_env)
     tokens_id, dlq_id = register_output_schemas(cfg.registry, x["tokens_topic"], x["dlq_topic"])
     options = jvm_options(cfg.registry, tokens_id, dlq_id, x["rules"])
     t_env.execute_sql(kafka_source_ddl("raw_source", x["source_topic"], cfg))
-    t_env.execute_sql(f"CREATE TEMPORARY FUNCTION `ugt_tokenize` AS '{JVM_FUNCTION}' LANGUAGE JAVA")
-    t_env.create_temporary_view("tokenized", t_env.sql_query(
-        "SELECT t.* FROM `raw_source`, LATERAL TABLE(`ugt_tokenize`(`value`, `src_topic`, `src_partition`, "
-        f"`src_offset`, '{options}')) AS t"))
+    t_env.create_temporary_view("tokenized", t_env.sql_query(tokenized_query("raw_source", options)))
     t_env.execute_sql(kafka_sink_ddl("tokens_sink", x["tokens_topic"], cfg))
     t_env.execute_sql(kafka_sink_ddl("dlq_sink", x["dlq_topic"], cfg))
     statements = t_env.create_statement_set()

@@ -139,3 +139,40 @@ def test_context_hash_is_blake2b_as_python_computes_it(serde: AvroSerde, registr
     got = run_jvm(tmp_path, jvm_options(registry_url, tokens_id, dlq_id, vars(RULES)), [(data, RAW, 0, 1)])[0]
     token = decode_body(load_schema("tokenized_event"), bytes.fromhex(got["v"])[5:])
     assert token["context_tokens"] == [stable_hash64(f"{k}={context[k]}") for k in sorted(context)]
+
+
+@pytest.mark.slow
+def test_table_function_in_flink_sql_on_minicluster(serde: AvroSerde, registry_url: str) -> None:
+    """`ugt_tokenize` as the job runs it (Flink SQL, LATERAL TABLE, one row per record), on in-process Flink."""
+    from pyflink.common import Row
+    from pyflink.table import DataTypes
+
+    from jobs.common import JobConfig, connector_jar, create_env, python_executable
+    from jobs.tokenize_sql import add_tokenize_function, tokenized_query
+
+    records = [serde.encode(f"{RAW}-value", "user_event", make_event(i, user=f"u{i % 3}")) for i in range(12)]
+    records += [b"junk", struct.pack(">bI", 0, 55_555) + b"\x02", records[0][:-4]]
+    cfg = JobConfig(job_name="tokenize", bootstrap="unused:9092", registry=registry_url, redis="", group_id="t",
+                    parallelism=2, local=True, checkpoint_interval_ms=0, connector_jar=str(connector_jar()),
+                    python=python_executable())
+    env, t_env = create_env(cfg)
+    add_tokenize_function(env, t_env)
+    t_env.create_temporary_view("raw", t_env.from_elements(
+        [Row(bytearray(data), RAW, i % 2, i) for i, data in enumerate(records)],
+        DataTypes.ROW([DataTypes.FIELD("value", DataTypes.BYTES()), DataTypes.FIELD("src_topic", DataTypes.STRING()),
+                       DataTypes.FIELD("src_partition", DataTypes.INT()),
+                       DataTypes.FIELD("src_offset", DataTypes.BIGINT())])))
+    tokens_id, dlq_id = register_output_schemas(registry_url, TOKENS, DLQ)
+    options = jvm_options(registry_url, tokens_id, dlq_id, vars(RULES))
+    table = t_env.sql_query(f"SELECT `src_offset`, `k`, `v`, `dead`, `context_tokens` FROM ({tokenized_query('raw', options)})")
+    with table.execute().collect() as results:
+        rows = {row[0]: row for row in results}
+    python = EventTokenizer(serde, TOKENS, DLQ, rules=RULES)
+    assert sorted(rows) == list(range(len(records)))
+    for offset, data in enumerate(records):
+        want = python.process(data, RAW, offset % 2, offset)
+        _, key, value, dead, context = rows[offset]
+        assert (dead, bytes(key)) == (want.dead, want.key)
+        if dead is None:  # a token carries no clock: byte-equal (a dead letter's failed_at is the wall clock)
+            assert bytes(value) == want.value and list(context) == list(want.event.context_tokens)
+    assert [rows[o][3] for o in (12, 13, 14)] == ["BAD_MAGIC", "UNKNOWN_SCHEMA", "DECODE_ERROR"]
