@@ -176,3 +176,26 @@ def test_table_function_in_flink_sql_on_minicluster(serde: AvroSerde, registry_u
         if dead is None:  # a token carries no clock: byte-equal (a dead letter's failed_at is the wall clock)
             assert bytes(value) == want.value and list(context) == list(want.event.context_tokens)
     assert [rows[o][3] for o in (12, 13, 14)] == ["BAD_MAGIC", "UNKNOWN_SCHEMA", "DECODE_ERROR"]
+
+
+def test_engine_option_and_what_the_sql_engine_refuses() -> None:
+    import argparse
+
+    from jobs import tokenize_job
+    from jobs.common import JobSetupError
+
+    parser = argparse.ArgumentParser()
+    tokenize_job.add_arguments(parser)
+    assert tokenize_job.job_options(parser.parse_args([]))["engine"] == "python"  # the default is unchanged
+    assert tokenize_job.job_options(parser.parse_args(["--engine", "sql", "--no-semantic-ids"]))["engine"] == "sql"
+    with pytest.raises(JobSetupError, match="--no-semantic-ids"):
+        tokenize_job.job_options(parser.parse_args(["--engine", "sql"]))
+
+
+def test_jvm_options_refuse_what_would_break_the_sql_literal() -> None:
+    rules = vars(RULES)
+    assert jvm_options("http://r:1/apis", 3, 4, rules).split(";")[0] == "registry=http://r:1/apis"
+    with pytest.raises(ValueError, match="quote"):
+        jvm_options("http://r:1/it's", 3, 4, rules)
+    with pytest.raises(ValueError, match="quote"):
+        jvm_options("http://r:1/a;b", 3, 4, rules)
