@@ -41,8 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="records larger than this are OVERSIZED (default: %(default)s, the maximum)")
     g.add_argument("--engine", choices=("python", "sql"), default="python",
                    help="python: the Python operator per record (jobs/tokenize_logic.py); sql: decode, validate and "
-                        "tokenize in the JVM inside Flink SQL (jobs/tokenize_sql.py, jobs/jvm/; needs "
-                        "--no-semantic-ids) (default: %(default)s)")
+                        "tokenize in the JVM inside Flink SQL (jobs/tokenize_sql.py, jobs/jvm/) (default: %(default)s)")
     g.add_argument("--lake", default=str(default_lake_dir()),
                    help="parquet data lake folder (partitions dt=YYYY-MM-DD, files commit on checkpoints); "
                         "'' = no lake (default: %(default)s)")
@@ -91,9 +90,9 @@ def job_options(args: argparse.Namespace) -> dict:
         raise JobSetupError(str(exc)) from exc
     if args.no_semantic_ids and args.unknown_items == "dlq":
         raise JobSetupError("--unknown-items dlq needs the semantic-ID store; drop --no-semantic-ids")
-    if args.engine == "sql" and not args.no_semantic_ids:
-        raise JobSetupError("--engine sql does not look up semantic IDs yet: add --no-semantic-ids "
-                            "(or use --engine python)")
+    if args.engine == "sql" and not args.no_semantic_ids and not args.redis.startswith(("redis://", "redis+cluster://")):
+        raise JobSetupError(f"--engine sql reads semantic IDs over redis:// or redis+cluster:// only, not {args.redis}: "
+                            "use --engine python, or --no-semantic-ids")
     if args.unknown_items == "dlq":
         try:
             resolve_sid_version(args.redis, args.sid_version)

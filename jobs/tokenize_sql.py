@@ -8,8 +8,9 @@ The raw bytes are read once; `ugt.flink.TokenizeRecord` (jobs/jvm/, a Java table
 infra.jars.tokenize_jvm_jars) returns exactly one row per record: the encoded token (TokenizedEvent, Confluent
 wire format, keyed by user_id) or the encoded dead letter (DeadLetter with the original bytes, the same reason
 codes as jobs.tokenize_logic), plus the lake's columns, and SQL splits the rows into the two Kafka sinks and
-the lake. No Python runs per record. It is a port of EventTokenizer without the semantic-ID lookup, so it
-refuses to start unless --no-semantic-ids; tests/jobs/test_tokenize_jvm.py holds the two to the same bytes.
+the lake. No Python runs per record. It is a port of EventTokenizer, semantic-ID cache included
+(jobs/jvm/ugt/flink/SemanticIds.java: jobs.sid_cache.SemanticIdCache over a small RESP client, redis:// and
+redis+cluster:// only); tests/jobs/test_tokenize_jvm.py holds the two to the same bytes.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ JVM_FUNCTION = "ugt.flink.TokenizeRecord"
 
 
 def jvm_options(registry_url: str, tokens_schema_id: int, dlq_schema_id: int, rules: dict[str, Any],
-                job: str = "tokenize") -> str:
-    """The table function's options as one SQL string literal's content: key=value;..."""
+                redis_url: str = "", sid_version: str = "", job: str = "tokenize") -> str:
+    """The table function's options as one SQL string literal's content: key=value;...
+
+    redis_url '' = no semantic-ID lookup; sid_version '' = follow ugt:sid:active."""
     options = {
         "registry": registry_url, "tokens_schema_id": tokens_schema_id, "dlq_schema_id": dlq_schema_id,
         "max_record_bytes": rules["max_record_bytes"], "max_future_skew_ms": rules["max_future_skew_ms"],
         "min_event_time_ms": rules["min_event_time_ms"], "max_id_chars": MAX_ID_CHARS, "job": job,
+        "redis": redis_url, "sid_version": sid_version, "unknown_items": rules.get("unknown_items", "pass"),
     }
     text = ";".join(f"{key}={value}" for key, value in options.items())
     if "'" in text or text.count(";") != len(options) - 1:
@@ -66,7 +70,7 @@ def build_sql_pipeline(env, t_env, cfg) -> None:
     x = cfg.extra
     add_tokenize_function(env, t_env)
     tokens_id, dlq_id = register_output_schemas(cfg.registry, x["tokens_topic"], x["dlq_topic"])
-    options = jvm_options(cfg.registry, tokens_id, dlq_id, x["rules"])
+    options = jvm_options(cfg.registry, tokens_id, dlq_id, x["rules"], x["sid_redis"], x["sid_version"])
     t_env.execute_sql(kafka_source_ddl("raw_source", x["source_topic"], cfg))
     t_env.create_temporary_view("tokenized", t_env.sql_query(tokenized_query("raw_source", options)))
     t_env.execute_sql(kafka_sink_ddl("tokens_sink", x["tokens_topic"], cfg))

@@ -188,8 +188,9 @@ def test_engine_option_and_what_the_sql_engine_refuses() -> None:
     tokenize_job.add_arguments(parser)
     assert tokenize_job.job_options(parser.parse_args([]))["engine"] == "python"  # the default is unchanged
     assert tokenize_job.job_options(parser.parse_args(["--engine", "sql", "--no-semantic-ids"]))["engine"] == "sql"
-    with pytest.raises(JobSetupError, match="--no-semantic-ids"):
-        tokenize_job.job_options(parser.parse_args(["--engine", "sql"]))
+    assert tokenize_job.job_options(parser.parse_args(["--engine", "sql", "--redis", "redis://h:1/0"]))["engine"] == "sql"
+    with pytest.raises(JobSetupError, match="redis:// or redis"):  # the JVM's small client speaks plain TCP only
+        tokenize_job.job_options(parser.parse_args(["--engine", "sql", "--redis", "rediss://h:1/0"]))
 
 
 def test_jvm_options_refuse_what_would_break_the_sql_literal() -> None:
@@ -199,3 +200,70 @@ def test_jvm_options_refuse_what_would_break_the_sql_literal() -> None:
         jvm_options("http://r:1/it's", 3, 4, rules)
     with pytest.raises(ValueError, match="quote"):
         jvm_options("http://r:1/a;b", 3, 4, rules)
+
+
+@pytest.fixture()
+def redis_url(tmp_path: Path):
+    """A redis-server of this test's own on a free port of 16379-16399 (db 2, to exercise SELECT)."""
+    import socket
+    import time
+
+    import redis
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server")
+    for port in range(16379, 16400):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                break
+    else:
+        pytest.skip("no free port in 16379-16399")
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
+                               "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/2"
+    client = redis.Redis.from_url(url)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield url
+    server.terminate()
+    server.wait(10)
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_semantic_ids_and_unknown_items_equal_the_python_tokenizer(serde: AvroSerde, registry_url: str,
+                                                                    redis_url: str, tmp_path: Path,
+                                                                    pinned: bool) -> None:
+    """The JVM's semantic-ID cache (HSCAN at load, HMGET for misses) and UNKNOWN_ITEM, against SemanticIdCache."""
+    import redis
+
+    from contracts.redis_keys import ACTIVE_KEY, item_key
+    from jobs.sid_cache import SemanticIdCache
+
+    client = redis.Redis.from_url(redis_url)
+    version = "v-jvm"
+    client.hset(item_key(version), mapping={f"item{i}": f"{i % 3}-{i}-0" for i in range(6)})  # item6 has none
+    client.hset(item_key("other"), mapping={"item0": "9-9-9"})
+    client.set(ACTIVE_KEY, "other" if pinned else version)
+    rules = Rules(max_record_bytes=4096, unknown_items="dlq")
+    tokens_id, dlq_id = register_output_schemas(registry_url, TOKENS, DLQ)
+    records = [serde.encode(f"{RAW}-value", "user_event", make_event(i, context={})) for i in range(14)]
+    records += [b"junk", serde.encode(f"{RAW}-value", "user_event", make_event(99, user=""))]
+    python = EventTokenizer(serde, TOKENS, DLQ, clock=lambda: NOW_MS / 1000, rules=rules,
+                            sids=SemanticIdCache(client, version=version if pinned else None))
+    options = jvm_options(registry_url, tokens_id, dlq_id, vars(rules), redis_url, version if pinned else "")
+    print("OPTIONS", options, client.hgetall(item_key(version)))
+    jvm = run_jvm(tmp_path, options, [(data, RAW, 0, i) for i, data in enumerate(records)])
+    dead = []
+    for offset, (data, got) in enumerate(zip(records, jvm, strict=True)):
+        want = python.process(data, RAW, 0, offset)
+        reason = decode_body(load_schema("dead_letter"), bytes.fromhex(got["v"])[5:])["reason"] if got["dead"] else ""
+        assert (got["dead"], bytes.fromhex(got["k"])) == (want.dead, want.key), (offset, reason)
+        if want.dead is None:
+            assert bytes.fromhex(got["v"]) == want.value, offset
+            assert want.event.sid_version == version and want.event.semantic_ids
+        dead.append(want.dead)
+    assert dead.count("UNKNOWN_ITEM") == 2 and "BAD_MAGIC" in dead and "BAD_VALUE" in dead

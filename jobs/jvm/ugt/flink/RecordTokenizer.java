@@ -64,6 +64,8 @@ final class RecordTokenizer {
 
     private final Schemas schemas;
     private final Rules rules;
+    final SemanticIds sids; // null: no semantic-ID lookup (--no-semantic-ids)
+    private final boolean unknownItemsDlq;
     private final String job;
     private final Schema tokenSchema;
     private final Schema dlqSchema;
@@ -93,9 +95,15 @@ final class RecordTokenizer {
     }
 
     RecordTokenizer(Schemas schemas, Rules rules, String job, Schema tokenSchema, int tokenSchemaId,
-                    Schema dlqSchema, int dlqSchemaId) {
+                    Schema dlqSchema, int dlqSchemaId, SemanticIds sids, boolean unknownItemsDlq) {
+        if (unknownItemsDlq && (sids == null || sids.version == null)) {
+            throw new IllegalArgumentException("unknown_items=dlq needs a semantic-ID store: no version is active "
+                    + "(ugt:sid:active) and none was given (--sid-version); run the item_semantic_ids job first");
+        }
         this.schemas = schemas;
         this.rules = rules;
+        this.sids = sids;
+        this.unknownItemsDlq = unknownItemsDlq;
         this.job = job;
         this.tokenSchema = tokenSchema;
         this.dlqSchema = dlqSchema;
@@ -123,8 +131,11 @@ final class RecordTokenizer {
                 Long.parseLong(o.get("min_event_time_ms")), Integer.parseInt(o.get("max_id_chars")));
         int tokensId = Integer.parseInt(o.get("tokens_schema_id"));
         int dlqId = Integer.parseInt(o.get("dlq_schema_id"));
+        String redis = o.getOrDefault("redis", "");
+        SemanticIds sids = redis.isEmpty() ? null
+                : new SemanticIds(new RedisLite(redis), o.getOrDefault("sid_version", ""), 5000, 1000);
         return new RecordTokenizer(schemas, rules, o.get("job"), schemas.byId(tokensId), tokensId,
-                schemas.byId(dlqId), dlqId);
+                schemas.byId(dlqId), dlqId, sids, "dlq".equals(o.get("unknown_items")));
     }
 
     private static byte[] header(int schemaId) {
@@ -234,6 +245,18 @@ final class RecordTokenizer {
     /** Bytes -> the TokenizedEvent record (no semantic IDs), or DeadLetter. */
     GenericRecord tokenize(byte[] data, long nowMs) throws DeadLetter, IOException {
         Object decoded = decode(data, nowMs);
+        int[] levels = null;
+        if (sids != null) { // looked up before validation, as EventTokenizer.tokenize does
+            if (!(decoded instanceof GenericRecord)) { // Python's record.get() on what is no dict
+                throw new DeadLetter("PROCESSING_ERROR", "AttributeError: '" + Fields.pythonType(decoded, null)
+                        + "' object has no attribute 'get'");
+            }
+            GenericRecord record = (GenericRecord) decoded;
+            Object item = Fields.get(record, "item_id");
+            if (item != null && Fields.pythonType(item, Fields.branch(record, "item_id", item)).equals("str")) {
+                levels = sids.get(item.toString());
+            }
+        }
         if (!(decoded instanceof GenericRecord)) {
             throw new DeadLetter("WRONG_TYPE", "event must be a record, got " + Fields.pythonType(decoded, null));
         }
@@ -252,10 +275,16 @@ final class RecordTokenizer {
         token.put("duration_token", durationToken(Fields.number(Fields.get(event, "duration_s"))));
         token.put("hour_token", (int) Math.floorMod(Math.floorDiv(eventTime, 3_600_000L), 24L));
         token.put("context_tokens", contextTokens(Fields.get(event, "context")));
-        token.put("semantic_ids", new ArrayList<Integer>(0));
+        List<Integer> semanticIds = new ArrayList<>(levels == null ? 0 : levels.length);
+        if (levels != null) {
+            for (int level : levels) {
+                semanticIds.add(level);
+            }
+        }
+        token.put("semantic_ids", semanticIds);
         token.put("tokenizer_version", TOKENIZER_VERSION);
         token.put("weekday_token", (int) (Math.floorMod(Math.floorDiv(eventTime, 86_400_000L) + 3, 7L) + 1));
-        token.put("sid_version", "");
+        token.put("sid_version", levels == null || sids.version == null ? "" : sids.version);
         if (eventTime > nowMs + rules.maxFutureSkewMs) {
             throw new DeadLetter("FAR_FUTURE", "event_time " + eventTime + " is more than " + rules.maxFutureSkewMs
                     + " ms after now (" + nowMs + ")");
@@ -263,6 +292,10 @@ final class RecordTokenizer {
         if (eventTime < rules.minEventTimeMs) {
             throw new DeadLetter("TOO_OLD", "event_time " + eventTime + " is before the floor "
                     + rules.minEventTimeMs + " (--min-event-time)");
+        }
+        if (sids != null && levels == null && unknownItemsDlq) {
+            throw new DeadLetter("UNKNOWN_ITEM", "item '" + token.get("item_id") + "' has no semantic ID in "
+                    + SemanticIds.itemKey(sids.version));
         }
         return token;
     }

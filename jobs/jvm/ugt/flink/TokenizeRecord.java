@@ -32,6 +32,8 @@ public class TokenizeRecord extends TableFunction<Row> {
     private transient Counter processed;
     private transient Counter tokenized;
     private transient Counter deadLettered;
+    private transient Counter sidRoundTrips;
+    private transient long sidRoundTripsSeen;
     private transient Map<String, Counter> byReason;
 
     @Override
@@ -40,7 +42,15 @@ public class TokenizeRecord extends TableFunction<Row> {
         processed = metrics.counter("processed");
         tokenized = metrics.counter("tokenized");
         deadLettered = metrics.counter("dead_lettered");
+        sidRoundTrips = metrics.counter("sid_round_trips");
         byReason = new HashMap<>();
+    }
+
+    @Override
+    public void close() {
+        if (tokenizer != null && tokenizer.sids != null) {
+            tokenizer.sids.close();
+        }
     }
 
     public void eval(byte[] value, String topic, Integer partition, Long offset, String config) {
@@ -52,6 +62,7 @@ public class TokenizeRecord extends TableFunction<Row> {
                 throw new UncheckedIOException("tokenize: the Schema Registry did not give the output schemas", exc);
             }
             configSeen = config;
+            sidRoundTripsSeen = 0;
         }
         RecordTokenizer.Result out;
         try {
@@ -60,6 +71,10 @@ public class TokenizeRecord extends TableFunction<Row> {
             throw new UncheckedIOException("tokenize: Schema Registry unreachable", exc);
         }
         processed.inc();
+        if (tokenizer.sids != null && tokenizer.sids.roundTrips != sidRoundTripsSeen) {
+            sidRoundTrips.inc(tokenizer.sids.roundTrips - sidRoundTripsSeen);
+            sidRoundTripsSeen = tokenizer.sids.roundTrips;
+        }
         if (out.dead != null) {
             deadLettered.inc();
             byReason.computeIfAbsent(out.dead, code -> metrics.addGroup("reason", code).counter("dead_lettered"))
@@ -75,6 +90,6 @@ public class TokenizeRecord extends TableFunction<Row> {
         collect(Row.of(out.key, out.value, null, t.get("event_id"), t.get("user_id"), t.get("item_id"),
                 t.get("event_time"), t.get("domain"), t.get("action_token"), t.get("rating_token"),
                 t.get("duration_token"), t.get("hour_token"), t.get("weekday_token"), context.toArray(new Long[0]),
-                new Integer[0], t.get("sid_version"), t.get("tokenizer_version"), partition, offset));
+                ((List<?>) t.get("semantic_ids")).toArray(new Integer[0]), t.get("sid_version"), t.get("tokenizer_version"), partition, offset));
     }
 }
