@@ -75,10 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--user-state-args", default="", help="extra user_state job options, one string")
     parser.add_argument("--tokenize-engines", default="python",
                         help="tokenize --engine of the user path, or several comma-separated (e.g. python,sql): the "
-                        "user path runs once per engine, in this order, each on its own topics; with several, every "
-                        "engine also gets --no-semantic-ids (sql looks none up) and the result holds "
-                        "flink_cpu_us_per_event_by_engine; the headline numbers are the first engine's "
-                        "(default: %(default)s)")
+                        "user path runs once per engine, in this order, each on its own topics; with several, the "
+                        "result holds flink_cpu_us_per_event_by_engine; the headline numbers and the exactly-once "
+                        "path are the first engine's (default: %(default)s)")
     parser.add_argument("--py-spy", default=None,
                         help="path of a py-spy binary: sample the TaskManager's Python stacks during the throughput "
                         "window (where inside the Python operators the time goes)")
@@ -109,18 +108,15 @@ def stale_code_warning() -> str | None:
             f"({time.ctime(newest.stat().st_mtime)}): thread-mode jobs may run modules an earlier job imported")
 
 
-def engine_args(args: argparse.Namespace, engine: str, compare: bool) -> argparse.Namespace:
-    """args with tokenize's --engine (and --no-semantic-ids when engines are compared: the same work for each)."""
-    extra = f" --engine {engine}"
-    if compare and "--no-semantic-ids" not in args.tokenize_args:
-        extra += " --no-semantic-ids"
-    return argparse.Namespace(**{**vars(args), "tokenize_args": (args.tokenize_args + extra).strip()})
+def engine_args(args: argparse.Namespace, engine: str) -> argparse.Namespace:
+    """args with tokenize's --engine added to the tokenize args."""
+    return argparse.Namespace(**{**vars(args), "tokenize_args": f"{args.tokenize_args} --engine {engine}".strip()})
 
 
 def engine_paths(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> dict[str, dict[str, Any]]:
     """The at-least-once user path once per --tokenize-engines engine, back to back on the same stack."""
     engines = [e.strip() for e in args.tokenize_engines.split(",") if e.strip()]
-    return {engine: user_path(engine_args(args, engine, len(engines) > 1), settings, f"{run_id}-{engine}", r)
+    return {engine: user_path(engine_args(args, engine), settings, f"{run_id}-{engine}", r)
             for engine in engines}
 
 
@@ -231,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== anchor: {args.anchor_events:,} Avro events through Kafka, no Flink")
         anchor = kafka_raw_anchor(settings, args.anchor_events)
     by_engine = engine_paths(args, settings, run_id, r) if args.events > 0 else {}
-    first = engine_args(args, next(iter(by_engine)), len(by_engine) > 1) if by_engine else args
+    first = engine_args(args, next(iter(by_engine))) if by_engine else args
     users = next(iter(by_engine.values())) if by_engine else None
     eo = user_path(first, settings, f"{run_id}-eo", r, "exactly-once") if args.events > 0 and args.exactly_once \
         else None

@@ -30,15 +30,13 @@ def test_budget_without_outside_processes_has_no_ceiling() -> None:
     assert b["max_events_per_s_at_measured_cost"] == 20_000
 
 
-def test_compared_engines_do_the_same_work() -> None:
-    """With several tokenize engines each gets --no-semantic-ids (the sql engine looks none up); one engine alone
-    keeps the given tokenize args."""
+
+def test_each_engine_run_gets_its_engine_on_top_of_the_tokenize_args() -> None:
     import argparse
 
     from bench.nearline import engine_args
 
     args = argparse.Namespace(tokenize_args="--lake ''", events=10)
-    assert engine_args(args, "python", compare=True).tokenize_args == "--lake '' --engine python --no-semantic-ids"
-    assert engine_args(args, "sql", compare=True).tokenize_args == "--lake '' --engine sql --no-semantic-ids"
-    assert engine_args(args, "python", compare=False).tokenize_args == "--lake '' --engine python"
+    assert engine_args(args, "sql").tokenize_args == "--lake '' --engine sql"
+    assert engine_args(argparse.Namespace(tokenize_args=""), "python").tokenize_args == "--engine python"
     assert args.tokenize_args == "--lake ''"

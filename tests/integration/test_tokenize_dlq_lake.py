@@ -70,8 +70,7 @@ def malformed(serde: AvroSerde, subject: str, good: dict[str, Any], run: str) ->
 
 @pytest.mark.parametrize("engine", ["python", "sql"])
 def test_every_malformed_kind_semantic_ids_and_the_lake(stack: Any, tmp_path: Path, engine: str) -> None:
-    """engine sql (the JVM tokenizer, jobs/tokenize_sql.py) looks up no semantic IDs yet: the same run without
-    them, so without UNKNOWN_ITEM."""
+    """engine: tokenize's --engine (sql: decode, validate, tokenize and the semantic-ID lookup in the JVM)."""
     settings = get_settings()
     run = uuid.uuid4().hex[:8]
     raw, tokens, dlq = f"itk-{run}.raw", f"itk-{run}.tokens", f"itk-{run}.dlq"
@@ -92,11 +91,6 @@ def test_every_malformed_kind_semantic_ids_and_the_lake(stack: Any, tmp_path: Pa
         for e in events:
             publisher.publish_user_event(e, topic=raw)
     bad = malformed(serde, f"{raw}-value", events[0], run)
-    sid_args = ["--sid-version", version, "--unknown-items", "dlq"]
-    if engine == "sql":
-        del bad["UNKNOWN_ITEM"]
-        sid_args = ["--engine", "sql", "--no-semantic-ids"]
-        codes, version = {item: () for item in codes}, ""
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True})
     for data in bad.values():
         producer.produce(raw, data)
@@ -109,7 +103,8 @@ def test_every_malformed_kind_semantic_ids_and_the_lake(stack: Any, tmp_path: Pa
         # TaskManager, which keeps the modules of whatever job imported them first)
         "--execution-mode", "process",
         "--delivery", "exactly-once", "--group-id", f"itk-{run}", "--source-topic", raw, "--tokens-topic", tokens,
-        "--dlq-topic", dlq, *sid_args, "--max-record-bytes", str(MAX_BYTES),
+        "--dlq-topic", dlq, "--sid-version", version, "--unknown-items", "dlq", "--max-record-bytes", str(MAX_BYTES),
+        "--engine", engine,
         "--lake", str(lake)], settings)
 
     # -- dead letters: one per kind, with its code and original bytes --

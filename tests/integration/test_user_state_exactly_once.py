@@ -122,8 +122,7 @@ def wait_for(what: str, check, timeout_s: float, every_s: float = 1.0):
 
 @pytest.mark.parametrize("engine", ["python", "sql"])
 def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path: Path, engine: str) -> None:
-    """engine: tokenize's --engine (sql: the JVM tokenizer, which looks up no semantic IDs; the expected tokens
-    carry none either way)."""
+    """engine: tokenize's --engine (sql: decode, validate and tokenize in the JVM, jobs/tokenize_sql.py)."""
     settings = stack
     started = time.monotonic()
 
@@ -144,7 +143,7 @@ def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path
     submissions = [
         ("tokenize", [*common, "--delivery", "exactly-once", "--group-id", f"eo-{run}-tok",
                       "--source-topic", raw, "--tokens-topic", tokens, "--dlq-topic", dlq,
-                      *(["--engine", "sql", "--no-semantic-ids"] if engine == "sql" else [])]),
+                      "--engine", engine]),
         ("user_state", [*common, "--group-id", f"eo-{run}-us", "--source-topic", tokens, "--dlq-topic", dlq,
                         "--max-events", str(MAX_EVENTS), "--allowed-lateness-s", str(LATENESS_S),
                         "--compact-interval-min", str(COMPACT_MIN), "--flush-ms", "200"]),

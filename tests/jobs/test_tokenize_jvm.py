@@ -255,7 +255,6 @@ def test_semantic_ids_and_unknown_items_equal_the_python_tokenizer(serde: AvroSe
     python = EventTokenizer(serde, TOKENS, DLQ, clock=lambda: NOW_MS / 1000, rules=rules,
                             sids=SemanticIdCache(client, version=version if pinned else None))
     options = jvm_options(registry_url, tokens_id, dlq_id, vars(rules), redis_url, version if pinned else "")
-    print("OPTIONS", options, client.hgetall(item_key(version)))
     jvm = run_jvm(tmp_path, options, [(data, RAW, 0, i) for i, data in enumerate(records)])
     dead = []
     for offset, (data, got) in enumerate(zip(records, jvm, strict=True)):

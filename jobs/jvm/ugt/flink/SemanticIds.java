@@ -38,8 +38,9 @@ final class SemanticIds {
         return System.nanoTime() / 1_000_000L;
     }
 
+    /** contracts.redis_keys.item_key: the version as a hash tag (one cluster slot per version). */
     static String itemKey(String version) {
-        return ITEM_PREFIX + version;
+        return ITEM_PREFIX + "{" + version + "}";
     }
 
     private void refresh(boolean force, long nowMs) throws IOException {
