@@ -98,6 +98,7 @@ def tokenize_jvm_jars(s: Settings | None = None, log: Callable[[str], None] = pr
     """The tokenize job's `--engine sql` jars: jobs/jvm/ compiled (javac, once per source version, named by a
     hash of the sources) first, then its Avro/Jackson dependencies; all of them go on `pipeline.jars`."""
     import hashlib
+    import os
     import tempfile
 
     s = s or get_settings()
@@ -120,7 +121,7 @@ def tokenize_jvm_jars(s: Settings | None = None, log: Callable[[str], None] = pr
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise StackError(f"javac failed on {JVM_SOURCES}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-        partial = jar.with_suffix(".tmp")
+        partial = jar.parent / f".{jar.name}.{os.getpid()}.tmp"  # jobs starting at once each build their own
         subprocess.run([jar_tool, "cf", str(partial), "-C", classes, "."], check=True)
         partial.replace(jar)
     log(f"compiled {len(sources)} sources of {JVM_SOURCES} into {jar}")
