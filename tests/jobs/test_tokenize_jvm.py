@@ -40,6 +40,15 @@ def variant_record(serde: AvroSerde, subject: str, schema_json: str, record: dic
     return encode_with_id(schema_id, fastavro.parse_schema(json.loads(schema_json)), record)
 
 
+def zigzag(n: int) -> bytes:
+    """An Avro long (zig-zag varint)."""
+    n, out = (n << 1) ^ (n >> 63), bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    return bytes([*out, n])
+
+
 def corpus(serde: AvroSerde) -> dict[str, bytes | None]:
     """name -> record: valid events over the tokenizer's edges, then every malformed kind the JVM handles."""
     subject = f"{RAW}-value"
@@ -68,6 +77,9 @@ def corpus(serde: AvroSerde) -> dict[str, bytes | None]:
         "BAD_MAGIC-byte": b"\x01" + valid[1:], "BAD_MAGIC-null": None,
         "UNKNOWN_SCHEMA": struct.pack(">bI", 0, 987_654) + valid[5:],
         "DECODE_ERROR-truncated": valid[:-6], "DECODE_ERROR-trailing": valid + b"\x02\x04",
+        # lengths the record cannot hold: a 2 GB event_id, a map of 2^30 pairs (never allocated: -Xmx256m below)
+        "DECODE_ERROR-huge-string": valid[:5] + zigzag(2_000_000_000) + b"abc",
+        "DECODE_ERROR-huge-map": event(1, context={})[:-1] + zigzag(1 << 30) + b"\x02a",
         "OVERSIZED": b"\x00" * (RULES.max_record_bytes + 1),
         "MISSING_FIELD": variant_record(serde, "tj-missing-value", user_event_variant(drop="item_id"),
                                         {k: v for k, v in make_event(1).items() if k != "item_id"}),
@@ -95,7 +107,7 @@ def run_jvm(tmp_path: Path, options: str, records: list[tuple[bytes | None, str,
     request = tmp_path / "in.json"
     request.write_text(json.dumps({"config": options, "now_ms": NOW_MS, "records": [
         [None if data is None else data.hex(), topic, partition, offset] for data, topic, partition, offset in records]}))
-    done = subprocess.run(["java", "-cp", ":".join(map(str, jars)), "ugt.flink.TokenizeCheck", str(request)],
+    done = subprocess.run(["java", "-Xmx256m", "-cp", ":".join(map(str, jars)), "ugt.flink.TokenizeCheck", str(request)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)

@@ -56,6 +56,28 @@ final class RecordTokenizer {
         }
     }
 
+    /** No string, bytes or collection of a record can be longer than the record (at most 1 MiB, --max-record-bytes):
+     * Avro Java allocates a claimed length before reading it, so a 10-byte record claiming a 2 GB string would
+     * exhaust the TaskManager's heap (an Error, not a dead letter). Its limits (JVM-wide system properties, left
+     * alone when set) make such a claim a SystemLimitException, i.e. DECODE_ERROR as fastavro says. */
+    static final long AVRO_LENGTH_LIMIT = 1 << 20;
+
+    static {
+        for (String property : new String[] {"org.apache.avro.limits.string.maxLength",
+                "org.apache.avro.limits.bytes.maxLength", "org.apache.avro.limits.collectionItems.maxLength"}) {
+            if (System.getProperty(property) == null) {
+                System.setProperty(property, Long.toString(AVRO_LENGTH_LIMIT));
+            }
+        }
+        try { // the limits are read once, when Avro first uses them: read them again in case that was earlier
+            java.lang.reflect.Method reset = org.apache.avro.SystemLimitException.class.getDeclaredMethod("resetLimits");
+            reset.setAccessible(true);
+            reset.invoke(null);
+        } catch (ReflectiveOperationException | RuntimeException exc) {
+            // an Avro without resetLimits reads the properties at its first use, which comes after this
+        }
+    }
+
     static final String[] ACTIONS = {"VIEW", "CLICK", "RATE", "LIKE", "PURCHASE", "SKIP", "SHARE", "UNKNOWN"};
     static final String[] REQUIRED = {"event_id", "user_id", "item_id", "action", "event_time"};
     static final int MAX_REASON_CHARS = 1000;
