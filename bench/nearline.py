@@ -73,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenize-args", default="",
                         help="extra tokenize job options, one string (e.g. \"--lake ''\" for no parquet lake)")
     parser.add_argument("--user-state-args", default="", help="extra user_state job options, one string")
+    parser.add_argument("--tokenize-engines", default="python",
+                        help="tokenize --engine of the user path, or several comma-separated (e.g. python,sql): the "
+                        "user path runs once per engine, in this order, each on its own topics; with several, the "
+                        "result holds flink_cpu_us_per_event_by_engine; the headline numbers and the exactly-once "
+                        "path are the first engine's (default: %(default)s)")
     parser.add_argument("--py-spy", default=None,
                         help="path of a py-spy binary: sample the TaskManager's Python stacks during the throughput "
                         "window (where inside the Python operators the time goes)")
@@ -101,6 +106,18 @@ def stale_code_warning() -> str | None:
         return None
     return (f"the TaskManager started {time.ctime(min(started))}, before {newest.relative_to(REPO_ROOT)} changed "
             f"({time.ctime(newest.stat().st_mtime)}): thread-mode jobs may run modules an earlier job imported")
+
+
+def engine_args(args: argparse.Namespace, engine: str) -> argparse.Namespace:
+    """args with tokenize's --engine added to the tokenize args."""
+    return argparse.Namespace(**{**vars(args), "tokenize_args": f"{args.tokenize_args} --engine {engine}".strip()})
+
+
+def engine_paths(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> dict[str, dict[str, Any]]:
+    """The at-least-once user path once per --tokenize-engines engine, back to back on the same stack."""
+    engines = [e.strip() for e in args.tokenize_engines.split(",") if e.strip()]
+    return {engine: user_path(engine_args(args, engine), settings, f"{run_id}-{engine}", r)
+            for engine in engines}
 
 
 def flink_us(users: dict[str, Any] | None) -> float | None:
@@ -209,21 +226,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.only == "all":
         print(f"== anchor: {args.anchor_events:,} Avro events through Kafka, no Flink")
         anchor = kafka_raw_anchor(settings, args.anchor_events)
-    users = user_path(args, settings, run_id, r) if args.events > 0 else None
-    eo = user_path(args, settings, f"{run_id}-eo", r, "exactly-once") if args.events > 0 and args.exactly_once \
+    by_engine = engine_paths(args, settings, run_id, r) if args.events > 0 else {}
+    first = engine_args(args, next(iter(by_engine))) if by_engine else args
+    users = next(iter(by_engine.values())) if by_engine else None
+    eo = user_path(first, settings, f"{run_id}-eo", r, "exactly-once") if args.events > 0 and args.exactly_once \
         else None
     items = item_path(args, settings, run_id, r) if args.new_items > 0 and args.only == "all" else None
     if users is None:
         users = {"events": 0, "events_per_s": None, "produce_s": None, "throughput_s": None, "freshness_probes": 0,
                  "freshness": summary([]), "cpu": None}
     result = nearline_record(args, anchor, users, items, eo)
+    if len(by_engine) > 1:
+        result["flink_cpu_us_per_event_by_engine"] = {e: flink_us(u) for e, u in by_engine.items()}
+        result["events_per_s_by_engine"] = {e: u["events_per_s"] for e, u in by_engine.items()}
+        result["freshness_p99_s_by_engine"] = {e: u["freshness"]["p99"] for e, u in by_engine.items()}
+        result["engines"] = {e: {"events_per_s": u["events_per_s"], "freshness": u["freshness"], "cpu": u["cpu"],
+                                 "checkpoints": u.get("checkpoints")} for e, u in by_engine.items()}
     conditions = {
         "dataset": args.dataset,
         "events": args.events,
         "parallelism": args.parallelism,
         "execution_mode": args.execution_mode,
         "warmup_events": args.warmup_events,
-        "tokenize_args": args.tokenize_args,
+        "tokenize_args": first.tokenize_args,
+        "tokenize_engines": list(by_engine) or None,
         "user_state_args": args.user_state_args,
         "only": args.only,
         "delivery": {"at-least-once": "checkpoint every 10 s (the default)",

@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
-command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
+# a JDK, not only a JRE: tokenize --engine sql compiles jobs/jvm/ with javac (infra.jars.tokenize_jvm_jars)
+command -v javac >/dev/null 2>&1 || need_apt+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
 # torch.compile of the CPU serving steps (serving key torch_compile, on in the shipped configs) builds C++
 command -v g++ >/dev/null 2>&1 || command -v clang++ >/dev/null 2>&1 || need_apt+=(g++)

@@ -77,3 +77,52 @@ def ensure_parquet_jars(s: Settings, log: Callable[[str], None] = print) -> None
     if any((lib_dir(s) / "flink-parquet").glob("flink-parquet-*.jar")):
         return
     _maven_package("flink-parquet.xml", "the lake's parquet jars", s, log)
+
+
+JVM_SOURCES = REPO_ROOT / "jobs" / "jvm"
+
+
+def tokenize_jvm_dependency_jars(s: Settings | None = None, log: Callable[[str], None] = print) -> list[Path]:
+    """Avro and Jackson for the tokenize job's JVM engine (infra/maven/tokenize-jvm.xml), resolved once."""
+    s = s or get_settings()
+    folder = lib_dir(s) / "tokenize-jvm"
+    if not any(folder.glob("avro-*.jar")):
+        _maven_package("tokenize-jvm.xml", "the tokenize JVM engine's Avro jars", s, log)
+    jars = sorted(folder.glob("*.jar"))
+    if not any(j.name.startswith("avro-") for j in jars):
+        raise StackError(f"Maven ran but {folder} still lacks the Avro jar")
+    return jars
+
+
+def tokenize_jvm_jars(s: Settings | None = None, log: Callable[[str], None] = print) -> list[Path]:
+    """The tokenize job's `--engine sql` jars: jobs/jvm/ compiled (javac, once per source version, named by a
+    hash of the sources) first, then its Avro/Jackson dependencies; all of them go on `pipeline.jars`."""
+    import hashlib
+    import os
+    import tempfile
+
+    s = s or get_settings()
+    deps = tokenize_jvm_dependency_jars(s, log)
+    sources = sorted(JVM_SOURCES.rglob("*.java"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+    jar = lib_dir(s) / "ugt-jvm" / f"ugt-tokenize-{digest}.jar"
+    if jar.is_file():
+        return [jar, *deps]
+    javac, jar_tool = shutil.which("javac"), shutil.which("jar")
+    if javac is None or jar_tool is None:
+        raise StackError("javac/jar not found: the tokenize job's --engine sql compiles jobs/jvm/ (needs a JDK 17+)")
+    import pyflink
+
+    classpath = [*sorted((Path(pyflink.__file__).parent / "lib").glob("*.jar")), *deps]
+    jar.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as classes:
+        done = subprocess.run([javac, "-nowarn", "--release", "17", "-d", classes,
+                               "-cp", ":".join(map(str, classpath)), *map(str, sources)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise StackError(f"javac failed on {JVM_SOURCES}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+        partial = jar.parent / f".{jar.name}.{os.getpid()}.tmp"  # jobs starting at once each build their own
+        subprocess.run([jar_tool, "cf", str(partial), "-C", classes, "."], check=True)
+        partial.replace(jar)
+    log(f"compiled {len(sources)} sources of {JVM_SOURCES} into {jar}")
+    return [jar, *deps]

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "2000-2003, ML-100K from 1997 (default: %(default)s)")
     g.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
                    help="records larger than this are OVERSIZED (default: %(default)s, the maximum)")
+    g.add_argument("--engine", choices=("python", "sql"), default="python",
+                   help="python: the Python operator per record (jobs/tokenize_logic.py); sql: decode, validate and "
+                        "tokenize in the JVM inside Flink SQL (jobs/tokenize_sql.py, jobs/jvm/) (default: %(default)s)")
     g.add_argument("--lake", default=str(default_lake_dir()),
                    help="parquet data lake folder (partitions dt=YYYY-MM-DD, files commit on checkpoints); "
                         "'' = no lake (default: %(default)s)")
@@ -52,6 +55,11 @@ def build_pipeline(env, t_env, cfg) -> None:
     from jobs.tokenize_logic import Rules
 
     x = cfg.extra
+    if x["engine"] == "sql":
+        from jobs.tokenize_sql import build_sql_pipeline
+
+        build_sql_pipeline(env, t_env, cfg)
+        return
     rules = Rules(**x["rules"])
     raw = kafka_source(t_env, "raw_source", x["source_topic"], cfg)
     fn = TokenizeFunction(cfg.registry, x["tokens_topic"], x["dlq_topic"], rules=rules,
@@ -82,6 +90,9 @@ def job_options(args: argparse.Namespace) -> dict:
         raise JobSetupError(str(exc)) from exc
     if args.no_semantic_ids and args.unknown_items == "dlq":
         raise JobSetupError("--unknown-items dlq needs the semantic-ID store; drop --no-semantic-ids")
+    if args.engine == "sql" and not args.no_semantic_ids and not args.redis.startswith(("redis://", "redis+cluster://")):
+        raise JobSetupError(f"--engine sql reads semantic IDs over redis:// or redis+cluster:// only, not {args.redis}: "
+                            "use --engine python, or --no-semantic-ids")
     if args.unknown_items == "dlq":
         try:
             resolve_sid_version(args.redis, args.sid_version)
@@ -93,6 +104,7 @@ def job_options(args: argparse.Namespace) -> dict:
         "source_topic": args.source_topic, "tokens_topic": args.tokens_topic, "dlq_topic": args.dlq_topic,
         "rules": vars(rules), "sid_redis": "" if args.no_semantic_ids else args.redis,
         "sid_version": args.sid_version, "lake": args.lake,
+        "engine": args.engine,
     }
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,3 +28,15 @@ def test_budget_without_outside_processes_has_no_ceiling() -> None:
     assert b["outside_flink_us_per_event"] == 0
     assert b["max_events_per_s_if_flink_were_free"] is None
     assert b["max_events_per_s_at_measured_cost"] == 20_000
+
+
+
+def test_each_engine_run_gets_its_engine_on_top_of_the_tokenize_args() -> None:
+    import argparse
+
+    from bench.nearline import engine_args
+
+    args = argparse.Namespace(tokenize_args="--lake ''", events=10)
+    assert engine_args(args, "sql").tokenize_args == "--lake '' --engine sql"
+    assert engine_args(argparse.Namespace(tokenize_args=""), "python").tokenize_args == "--engine python"
+    assert args.tokenize_args == "--lake ''"

@@ -127,7 +127,9 @@ def run_on_cluster(job: str, args: list[str], settings: Settings) -> None:
     assert state == "FINISHED", f"{job} ({jid}) ended {state}; see var/log/flink/"
 
 
-def test_event_path_on_the_cluster(stack: Any) -> None:
+@pytest.mark.parametrize("engine", ["python", "sql"])
+def test_event_path_on_the_cluster(stack: Any, engine: str) -> None:
+    """engine: tokenize's --engine (sql: decode, validate and tokenize in the JVM, jobs/tokenize_sql.py)."""
     settings = get_settings()
     run = uuid.uuid4().hex[:8]
     raw, tokens, dlq = f"it-{run}.raw", f"it-{run}.tokens", f"it-{run}.dlq"
@@ -156,7 +158,7 @@ def test_event_path_on_the_cluster(stack: Any) -> None:
     # exactly-once: tokens and dead letters are Kafka transactions committed on checkpoints
     # no semantic-ID lookup (the expected tokens carry none) and no lake (test_tokenize_dlq_lake covers both)
     run_on_cluster("tokenize", [*common, "--delivery", "exactly-once", "--group-id", f"it-{run}-tokenize",
-                                "--no-semantic-ids", "--lake", "", "--source-topic", raw,
+                                "--no-semantic-ids", "--lake", "", "--engine", engine, "--source-topic", raw,
                                 "--tokens-topic", tokens, "--dlq-topic", dlq], settings)
     token_records = read_topic(settings, tokens)
     # what user_state must dead-letter itself: bytes that are no TokenizedEvent, and a valid token (a copy of

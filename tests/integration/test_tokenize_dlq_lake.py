@@ -68,7 +68,9 @@ def malformed(serde: AvroSerde, subject: str, good: dict[str, Any], run: str) ->
     }
 
 
-def test_every_malformed_kind_semantic_ids_and_the_lake(stack: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["python", "sql"])
+def test_every_malformed_kind_semantic_ids_and_the_lake(stack: Any, tmp_path: Path, engine: str) -> None:
+    """engine: tokenize's --engine (sql: decode, validate, tokenize and the semantic-ID lookup in the JVM)."""
     settings = get_settings()
     run = uuid.uuid4().hex[:8]
     raw, tokens, dlq = f"itk-{run}.raw", f"itk-{run}.tokens", f"itk-{run}.dlq"
@@ -102,6 +104,7 @@ def test_every_malformed_kind_semantic_ids_and_the_lake(stack: Any, tmp_path: Pa
         "--execution-mode", "process",
         "--delivery", "exactly-once", "--group-id", f"itk-{run}", "--source-topic", raw, "--tokens-topic", tokens,
         "--dlq-topic", dlq, "--sid-version", version, "--unknown-items", "dlq", "--max-record-bytes", str(MAX_BYTES),
+        "--engine", engine,
         "--lake", str(lake)], settings)
 
     # -- dead letters: one per kind, with its code and original bytes --

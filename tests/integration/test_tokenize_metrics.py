@@ -56,7 +56,9 @@ def scrape(port: int) -> dict[tuple[str, str], float]:
     return out
 
 
-def test_tokenize_counters_reach_prometheus(stack: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["python", "sql"])
+def test_tokenize_counters_reach_prometheus(stack: Any, tmp_path: Path, engine: str) -> None:
+    """engine sql: the same counters, registered by the JVM table function on its operator's group."""
     import pyflink
 
     settings = get_settings()
@@ -89,7 +91,7 @@ def test_tokenize_counters_reach_prometheus(stack: Any, tmp_path: Path) -> None:
         [sys.executable, str(REPO_ROOT / "tests" / "integration" / "tokenize_metrics_job.py"), str(port), "--",
          "--startup", "earliest", "--group-id", f"itm-{run}", "--parallelism", "1", "--source-topic", raw,
          "--tokens-topic", tokens, "--dlq-topic", dlq, "--no-semantic-ids", "--lake", "",
-         "--checkpoint-interval-ms", "0"],
+         "--checkpoint-interval-ms", "0", "--engine", engine],
         cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     want = {("processed", ""): float(N_VALID + len(bad)), ("tokenized", ""): float(N_VALID),
             ("dead_lettered", ""): float(len(bad)),

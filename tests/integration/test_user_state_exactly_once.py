@@ -120,7 +120,9 @@ def wait_for(what: str, check, timeout_s: float, every_s: float = 1.0):
         time.sleep(every_s)
 
 
-def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["python", "sql"])
+def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path: Path, engine: str) -> None:
+    """engine: tokenize's --engine (sql: decode, validate and tokenize in the JVM, jobs/tokenize_sql.py)."""
     settings = stack
     started = time.monotonic()
 
@@ -140,7 +142,8 @@ def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path
               "--checkpoint-dir", str(tmp_path / "flink" / "checkpoints")]
     submissions = [
         ("tokenize", [*common, "--delivery", "exactly-once", "--group-id", f"eo-{run}-tok",
-                      "--source-topic", raw, "--tokens-topic", tokens, "--dlq-topic", dlq]),
+                      "--source-topic", raw, "--tokens-topic", tokens, "--dlq-topic", dlq,
+                      "--engine", engine]),
         ("user_state", [*common, "--group-id", f"eo-{run}-us", "--source-topic", tokens, "--dlq-topic", dlq,
                         "--max-events", str(MAX_EVENTS), "--allowed-lateness-s", str(LATENESS_S),
                         "--compact-interval-min", str(COMPACT_MIN), "--flush-ms", "200"]),
