@@ -59,16 +59,16 @@ class BatchLayout:
         return out
 
     def committed_print(self, vector: np.ndarray, m: int) -> bytes:
-        """Hash of a packed row's first ``m`` recent positions (every ROW_FIELD) and its long-term input.
+        """A packed row's first ``m`` recent positions (every ROW_FIELD) and its long-term input, as bytes.
 
         The K/V of those positions depend on nothing else (attention is causal, embedding, norms and FFN are per
-        token), so two rows with the same print have the same K/V there: what an append may keep.
+        token), so two rows with the same print have the same K/V there: what an append may keep. The bytes
+        themselves, not a hash of them: comparing ~10 KB is a memcmp, hashing them was 25 us per row of the
+        engine's one thread (bench/engine_profile.py), and a cached user keeps them beside a K/V slot of ~40x that.
         """
-        h = hashlib.blake2b(digest_size=16)
-        h.update(int(m).to_bytes(8, "little"))
-        h.update(np.ascontiguousarray(vector[: len(ROW_FIELDS) * self.N].reshape(len(ROW_FIELDS), self.N)[:, :m]))
-        h.update(np.ascontiguousarray(vector[len(ROW_FIELDS) * self.N + 1 : self.width]))
-        return h.digest()
+        recent = vector[: len(ROW_FIELDS) * self.N].reshape(len(ROW_FIELDS), self.N)[:, :m]
+        return b"".join((int(m).to_bytes(8, "little"), recent.tobytes(),
+                         vector[len(ROW_FIELDS) * self.N + 1 : self.width].tobytes()))
 
     def _host(self, shape: tuple[int, int], fresh: bool) -> torch.Tensor:
         """A host block: pinned on CUDA, fresh from the caching allocator or one reused buffer per shape."""
