@@ -64,7 +64,10 @@ def corpus(serde: AvroSerde) -> dict[str, bytes | None]:
     for i, duration in enumerate((None, -1.0, 0.0, 0.4, 1.0, 3.0, 7.0, 1023.5, 1e6, 3e38)):
         records[f"duration-{duration}"] = event(40 + i, duration_s=duration)
     contexts = ({}, {"device": "ios", "page": "home", "a": "1"}, {"ключ": "значение", "é": "ü", "😀": "x"},
-                {"long": "v" * 300}, {"k" * 127: ""}, {"z": "", "": "empty key"})
+                {"long": "v" * 300}, {"k" * 127: ""}, {"z": "", "": "empty key"},
+                *({"item_length_s": length, "a": "b"} for length in (  # contracts.tokenizer.item_length's float()
+                    "120", " 1_000.5\n", "-3", "0", "abc", "1e400", "3.5e38", "٣٠", "nan", "inf", "1__0", "2.", ".5",
+                    "1e1_0", "0x10", "1d", "")))
     for i, context in enumerate(contexts):
         records[f"context-{i}"] = event(60 + i, context=context)
     for i, t in enumerate((631_152_000_000, 978_307_200_000, 1_600_000_000_123, NOW_MS + 86_400_000)):
@@ -201,7 +204,7 @@ def test_engine_option_and_what_the_sql_engine_refuses() -> None:
     assert tokenize_job.job_options(parser.parse_args([]))["engine"] == "python"  # the default is unchanged
     assert tokenize_job.job_options(parser.parse_args(["--engine", "sql", "--no-semantic-ids"]))["engine"] == "sql"
     assert tokenize_job.job_options(parser.parse_args(["--engine", "sql", "--redis", "redis://h:1/0"]))["engine"] == "sql"
-    with pytest.raises(JobSetupError, match="redis:// or redis"):  # the JVM's small client speaks plain TCP only
+    with pytest.raises(JobSetupError, match="redis:// or redis"):  # the JVM side is set up for plain TCP only
         tokenize_job.job_options(parser.parse_args(["--engine", "sql", "--redis", "rediss://h:1/0"]))
 
 
