@@ -82,21 +82,28 @@ def ensure_parquet_jars(s: Settings, log: Callable[[str], None] = print) -> None
 JVM_SOURCES = REPO_ROOT / "jobs" / "jvm"
 
 
+TOKENIZE_JVM_LIBRARIES = ("avro-", "jedis-", "bcprov-")  # infra/maven/tokenize-jvm.xml's direct dependencies
+
+
 def tokenize_jvm_dependency_jars(s: Settings | None = None, log: Callable[[str], None] = print) -> list[Path]:
-    """Avro and Jackson for the tokenize job's JVM engine (infra/maven/tokenize-jvm.xml), resolved once."""
+    """Avro (+ Jackson), Jedis (+ commons-pool2, gson, org.json) and BouncyCastle for the tokenize job's JVM
+    engine (infra/maven/tokenize-jvm.xml), resolved once; a cache from before a library was added resolves again."""
     s = s or get_settings()
     folder = lib_dir(s) / "tokenize-jvm"
-    if not any(folder.glob("avro-*.jar")):
-        _maven_package("tokenize-jvm.xml", "the tokenize JVM engine's Avro jars", s, log)
-    jars = sorted(folder.glob("*.jar"))
-    if not any(j.name.startswith("avro-") for j in jars):
-        raise StackError(f"Maven ran but {folder} still lacks the Avro jar")
-    return jars
+
+    def missing() -> list[str]:
+        return [prefix for prefix in TOKENIZE_JVM_LIBRARIES if not any(folder.glob(f"{prefix}*.jar"))]
+
+    if missing():
+        _maven_package("tokenize-jvm.xml", "the tokenize JVM engine's jars (Avro, Jedis, BouncyCastle)", s, log)
+    if missing():
+        raise StackError(f"Maven ran but {folder} still lacks the {', '.join(missing())} jar(s)")
+    return sorted(folder.glob("*.jar"))
 
 
 def tokenize_jvm_jars(s: Settings | None = None, log: Callable[[str], None] = print) -> list[Path]:
     """The tokenize job's `--engine sql` jars: jobs/jvm/ compiled (javac, once per source version, named by a
-    hash of the sources) first, then its Avro/Jackson dependencies; all of them go on `pipeline.jars`."""
+    hash of the sources) first, then its dependencies (Avro, Jedis, BouncyCastle); all of them go on `pipeline.jars`."""
     import hashlib
     import os
     import tempfile

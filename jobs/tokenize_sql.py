@@ -9,7 +9,7 @@ infra.jars.tokenize_jvm_jars) returns exactly one row per record: the encoded to
 wire format, keyed by user_id) or the encoded dead letter (DeadLetter with the original bytes, the same reason
 codes as jobs.tokenize_logic), plus the lake's columns, and SQL splits the rows into the two Kafka sinks and
 the lake. No Python runs per record. It is a port of EventTokenizer, semantic-ID cache included
-(jobs/jvm/ugt/flink/SemanticIds.java: jobs.sid_cache.SemanticIdCache over a small RESP client, redis:// and
+(jobs/jvm/ugt/flink/SemanticIds.java: jobs.sid_cache.SemanticIdCache over Jedis, redis:// and
 redis+cluster:// only); tests/jobs/test_tokenize_jvm.py holds the two to the same bytes.
 """
 

@@ -64,7 +64,10 @@ def corpus(serde: AvroSerde) -> dict[str, bytes | None]:
     for i, duration in enumerate((None, -1.0, 0.0, 0.4, 1.0, 3.0, 7.0, 1023.5, 1e6, 3e38)):
         records[f"duration-{duration}"] = event(40 + i, duration_s=duration)
     contexts = ({}, {"device": "ios", "page": "home", "a": "1"}, {"ключ": "значение", "é": "ü", "😀": "x"},
-                {"long": "v" * 300}, {"k" * 127: ""}, {"z": "", "": "empty key"})
+                {"long": "v" * 300}, {"k" * 127: ""}, {"z": "", "": "empty key"},
+                *({"item_length_s": length, "a": "b"} for length in (  # contracts.tokenizer.item_length's float()
+                    "120", " 1_000.5\n", "-3", "0", "abc", "1e400", "3.5e38", "٣٠", "nan", "inf", "1__0", "2.", ".5",
+                    "1e1_0", "0x10", "1d", "")))
     for i, context in enumerate(contexts):
         records[f"context-{i}"] = event(60 + i, context=context)
     for i, t in enumerate((631_152_000_000, 978_307_200_000, 1_600_000_000_123, NOW_MS + 86_400_000)):
@@ -98,6 +101,14 @@ def corpus(serde: AvroSerde) -> dict[str, bytes | None]:
 
 
 def run_jvm(tmp_path: Path, options: str, records: list[tuple[bytes | None, str, int, int]]) -> list[dict]:
+    done = run_check(tmp_path, options, records)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def run_check(tmp_path: Path, options: str,
+              records: list[tuple[bytes | None, str, int, int]]) -> subprocess.CompletedProcess[str]:
+    """`ugt.flink.TokenizeCheck` over the records, as a finished process (its exit status unchecked)."""
     import pyflink
 
     from infra.jars import tokenize_jvm_jars
@@ -107,10 +118,8 @@ def run_jvm(tmp_path: Path, options: str, records: list[tuple[bytes | None, str,
     request = tmp_path / "in.json"
     request.write_text(json.dumps({"config": options, "now_ms": NOW_MS, "records": [
         [None if data is None else data.hex(), topic, partition, offset] for data, topic, partition, offset in records]}))
-    done = subprocess.run(["java", "-Xmx256m", "-cp", ":".join(map(str, jars)), "ugt.flink.TokenizeCheck", str(request)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    return subprocess.run(["java", "-Xmx256m", "-cp", ":".join(map(str, jars)), "ugt.flink.TokenizeCheck",
+                           str(request)], capture_output=True, text=True, timeout=120)
 
 
 def test_jvm_tokens_and_dead_letters_equal_the_python_tokenizer(serde: AvroSerde, registry_url: str,
@@ -201,7 +210,7 @@ def test_engine_option_and_what_the_sql_engine_refuses() -> None:
     assert tokenize_job.job_options(parser.parse_args([]))["engine"] == "python"  # the default is unchanged
     assert tokenize_job.job_options(parser.parse_args(["--engine", "sql", "--no-semantic-ids"]))["engine"] == "sql"
     assert tokenize_job.job_options(parser.parse_args(["--engine", "sql", "--redis", "redis://h:1/0"]))["engine"] == "sql"
-    with pytest.raises(JobSetupError, match="redis:// or redis"):  # the JVM's small client speaks plain TCP only
+    with pytest.raises(JobSetupError, match="redis:// or redis"):  # the JVM side is set up for plain TCP only
         tokenize_job.job_options(parser.parse_args(["--engine", "sql", "--redis", "rediss://h:1/0"]))
 
 
@@ -278,3 +287,25 @@ def test_semantic_ids_and_unknown_items_equal_the_python_tokenizer(serde: AvroSe
             assert want.event.sid_version == version and want.event.semantic_ids
         dead.append(want.dead)
     assert dead.count("UNKNOWN_ITEM") == 2 and "BAD_MAGIC" in dead and "BAD_VALUE" in dead
+
+
+def test_a_redis_error_mid_run_fails_instead_of_dead_lettering(serde: AvroSerde, registry_url: str, redis_url: str,
+                                                                tmp_path: Path) -> None:
+    """A user whose ACL allows the version's load (GET, HSCAN) but not HMGET: the first unknown item's lookup
+    fails, and that ends the run (the task, in Flink) instead of dead-lettering the record as PROCESSING_ERROR."""
+    import redis
+
+    from contracts.redis_keys import ACTIVE_KEY, item_key
+
+    client = redis.Redis.from_url(redis_url)
+    client.hset(item_key("v-acl"), mapping={"item0": "1-2-0"})
+    client.set(ACTIVE_KEY, "v-acl")
+    client.acl_setuser("tok", enabled=True, passwords=["+s3cr%t"], keys=["*"],
+                       commands=["+@connection", "+select", "+get", "+hscan"])
+    url = redis_url.replace("redis://", "redis://tok:s3cr%25t@")  # user and a %-escaped password, as redis-py reads
+    tokens_id, dlq_id = register_output_schemas(registry_url, TOKENS, DLQ)
+    records = [serde.encode(f"{RAW}-value", "user_event", make_event(i, context={})) for i in range(2)]
+    done = run_check(tmp_path, jvm_options(registry_url, tokens_id, dlq_id, vars(RULES), url),
+                     [(data, RAW, 0, i) for i, data in enumerate(records)])
+    assert done.returncode != 0 and done.stdout == ""
+    assert "semantic IDs: Redis HMGET failed" in done.stderr and "NOPERM" in done.stderr, done.stderr[-3000:]

@@ -3,6 +3,7 @@ package ugt.flink;
 import java.io.ByteArrayOutputStream;
 import java.io.IOException;
 import java.nio.ByteBuffer;
+import java.nio.ByteOrder;
 import java.nio.charset.StandardCharsets;
 import java.util.ArrayList;
 import java.util.HashMap;
@@ -19,6 +20,7 @@ import org.apache.avro.io.BinaryDecoder;
 import org.apache.avro.io.BinaryEncoder;
 import org.apache.avro.io.DecoderFactory;
 import org.apache.avro.io.EncoderFactory;
+import org.bouncycastle.crypto.digests.Blake2bDigest;
 
 /**
  * The tokenize job's per-record logic in the JVM, without Flink: raw Kafka bytes -> TokenizedEvent bytes, or a
@@ -83,6 +85,12 @@ final class RecordTokenizer {
     static final int MAX_REASON_CHARS = 1000;
     static final long UNKNOWN_SCHEMA_RETRY_MS = 5000;
     static final int TOKENIZER_VERSION = 2;
+    static final String ITEM_LENGTH_KEY = "item_length_s";
+    static final double MAX_FLOAT32 = Float.MAX_VALUE; // the largest Avro float (contracts.tokenizer._MAX_FLOAT32)
+    /** A finite decimal number as Python's float() parses it (digits may be Unicode; '_' only between digits). */
+    private static final java.util.regex.Pattern PYTHON_FLOAT = java.util.regex.Pattern.compile(
+            "(?U)[+-]?(?:\\d(?:_?\\d)*(?:\\.(?:\\d(?:_?\\d)*)?)?|\\.\\d(?:_?\\d)*)(?:[eE][+-]?\\d(?:_?\\d)*)?");
+    private static final ThreadLocal<Blake2bDigest> BLAKE2B_64 = ThreadLocal.withInitial(() -> new Blake2bDigest(64));
 
     private final Schemas schemas;
     private final Rules rules;
@@ -155,7 +163,7 @@ final class RecordTokenizer {
         int dlqId = Integer.parseInt(o.get("dlq_schema_id"));
         String redis = o.getOrDefault("redis", "");
         SemanticIds sids = redis.isEmpty() ? null
-                : new SemanticIds(new RedisLite(redis), o.getOrDefault("sid_version", ""), 5000, 1000);
+                : new SemanticIds(SemanticIds.connect(redis), o.getOrDefault("sid_version", ""), 5000, 1000);
         return new RecordTokenizer(schemas, rules, o.get("job"), schemas.byId(tokensId), tokensId,
                 schemas.byId(dlqId), dlqId, sids, "dlq".equals(o.get("unknown_items")));
     }
@@ -307,6 +315,9 @@ final class RecordTokenizer {
         token.put("tokenizer_version", TOKENIZER_VERSION);
         token.put("weekday_token", (int) (Math.floorMod(Math.floorDiv(eventTime, 86_400_000L) + 3, 7L) + 1));
         token.put("sid_version", levels == null || sids.version == null ? "" : sids.version);
+        Double duration = Fields.number(Fields.get(event, "duration_s")); // contracts.tokenizer.raw_seconds
+        token.put("duration_s", duration == null || duration < 0 ? null : (float) Math.min(duration, MAX_FLOAT32));
+        token.put("item_length_s", itemLength(Fields.get(event, "context")));
         if (eventTime > nowMs + rules.maxFutureSkewMs) {
             throw new DeadLetter("FAR_FUTURE", "event_time " + eventTime + " is more than " + rules.maxFutureSkewMs
                     + " ms after now (" + nowMs + ")");
@@ -357,9 +368,57 @@ final class RecordTokenizer {
         }
         List<Long> tokens = new ArrayList<>(sorted.size());
         for (Map.Entry<String, String> pair : sorted.entrySet()) {
-            tokens.add(Blake2b64.hash((pair.getKey() + "=" + pair.getValue()).getBytes(StandardCharsets.UTF_8)));
+            tokens.add(stableHash64(pair.getKey() + "=" + pair.getValue()));
         }
         return tokens;
+    }
+
+    /**
+     * {@code contracts.tokenizer.stable_hash64}: BLAKE2b with an 8-byte digest and no key (Python's
+     * {@code hashlib.blake2b(text.encode(), digest_size=8)}), read little-endian as a signed long. The JDK has no
+     * BLAKE2; BouncyCastle's digest resets itself after doFinal, so each thread keeps one.
+     */
+    static long stableHash64(String text) {
+        byte[] data = text.getBytes(StandardCharsets.UTF_8);
+        byte[] digest = new byte[8];
+        Blake2bDigest blake2b = BLAKE2B_64.get();
+        blake2b.update(data, 0, data.length);
+        blake2b.doFinal(digest, 0);
+        return ByteBuffer.wrap(digest).order(ByteOrder.LITTLE_ENDIAN).getLong();
+    }
+
+    /**
+     * contracts.tokenizer.item_length: the context's item_length_s as Python's float() reads it (ASCII or Unicode
+     * digits, '_' between digits, surrounding whitespace), kept when positive and within an Avro float.
+     */
+    static Float itemLength(Object context) {
+        if (!Fields.truthy(context)) {
+            return null;
+        }
+        Object raw = null;
+        for (Map.Entry<?, ?> pair : Fields.asMap(context).entrySet()) {
+            if (ITEM_LENGTH_KEY.equals(pair.getKey().toString())) {
+                raw = pair.getValue();
+            }
+        }
+        double value;
+        if (raw instanceof CharSequence) {
+            String text = raw.toString().strip();
+            if (!PYTHON_FLOAT.matcher(text).matches()) {
+                return null;
+            }
+            StringBuilder ascii = new StringBuilder(text.length());
+            text.codePoints().filter(c -> c != '_').forEach(c -> ascii.append(
+                    Character.isDigit(c) ? (char) ('0' + Character.digit(c, 10)) : (char) c));
+            value = Double.parseDouble(ascii.toString());
+        } else if (raw instanceof Boolean) {
+            value = (Boolean) raw ? 1.0 : 0.0;
+        } else if (raw instanceof Number) {
+            value = ((Number) raw).doubleValue();
+        } else {
+            return null;
+        }
+        return value > 0 && value <= MAX_FLOAT32 ? (float) value : null;
     }
 
     static int byCodePoint(String a, String b) {

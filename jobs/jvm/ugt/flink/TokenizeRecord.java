@@ -59,7 +59,8 @@ public class TokenizeRecord extends TableFunction<Row> {
             try {
                 tokenizer = RecordTokenizer.fromOptions(options, new RegistrySchemas(options.get("registry")));
             } catch (IOException exc) {
-                throw new UncheckedIOException("tokenize: the Schema Registry did not give the output schemas", exc);
+                throw new UncheckedIOException("tokenize: the output schemas or semantic IDs could not be loaded: "
+                        + exc.getMessage(), exc);
             }
             configSeen = config;
             sidRoundTripsSeen = 0;
@@ -67,8 +68,8 @@ public class TokenizeRecord extends TableFunction<Row> {
         RecordTokenizer.Result out;
         try {
             out = tokenizer.process(value, topic, partition, offset, System.currentTimeMillis());
-        } catch (IOException exc) { // a registry outage is not the record's fault: Flink restarts the task
-            throw new UncheckedIOException("tokenize: Schema Registry unreachable", exc);
+        } catch (IOException exc) { // a registry or Redis outage is not the record's fault: Flink restarts the task
+            throw new UncheckedIOException("tokenize: Schema Registry or Redis unreachable: " + exc.getMessage(), exc);
         }
         processed.inc();
         if (tokenizer.sids != null && tokenizer.sids.roundTrips != sidRoundTripsSeen) {
