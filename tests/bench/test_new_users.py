@@ -4,48 +4,22 @@ hits over the users counted (NDCG@10 never above HR@10)."""
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from bench import new_users
+from tests.private_redis import private_redis
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 AFTER = (1, 3)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def redis_port(tmp_path) -> Iterator[int]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (infra/install.sh)")
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port, socket_timeout=5)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            if client.ping():
-                break
-        except redis.ConnectionError:
-            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    try:
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+    with private_redis(tmp_path) as client:
+        yield client.connection_pool.connection_kwargs["port"]
 
 
 def test_tiny_run_writes_rates_over_the_users_counted(redis_port, tmp_path):

@@ -4,9 +4,6 @@ GET /similar's index within seconds, placed by content, and a replayed announcem
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,39 +15,17 @@ import redis
 from contracts.redis_keys import code_string, feed_entry, feed_key, item_key
 from models.similar import ItemTables, SimilarIndex
 from serving.similar import SimilarItems
+from tests.private_redis import private_redis
 
 pytestmark = pytest.mark.integration
 VERSION = "itest-similar-v1"
 SIZES = [4, 8]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def own_redis(tmp_path) -> Iterator[redis.Redis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (infra/install.sh)")
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port, socket_timeout=5)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            if client.ping():
-                break
-        except redis.ConnectionError:
-            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    try:
+    with private_redis(tmp_path) as client:
         yield client
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
 
 
 def catalog(folder: Path) -> tuple[ItemTables, np.ndarray]:
