@@ -58,7 +58,8 @@ def lake_events(frame: Any) -> list[TokenizedEvent]:
     fields = TokenizedEvent.__dataclass_fields__
     out = []
     for row in ordered.itertuples(index=False):
-        values = {name: getattr(row, name) for name in fields}
+        # the lake keeps the tokens, not every field of the event (duration_s, item_length_s): those keep defaults
+        values = {name: getattr(row, name) for name in fields if hasattr(row, name)}
         values["event_time"] = int(values["event_time"])
         values["context_tokens"] = tuple(int(v) for v in values["context_tokens"])
         values["semantic_ids"] = tuple(int(v) for v in values["semantic_ids"])
