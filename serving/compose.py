@@ -28,6 +28,7 @@ from serving.engine_process import EngineProcess
 from serving.experiments import Experiments
 from serving.fallback import PopularityFallback, PopularityGenerator, load_popularity_file
 from serving.generator import Generator
+from serving.http_models import DEFAULT_K
 from serving.impressions import ImpressionPublisher
 from serving.metrics import ServingMetrics
 from serving.ratelimit import RateLimiter
@@ -249,6 +250,7 @@ def engine_main(runtime: Runtime, restarts: int, *, path: str | None = None, soc
     start_background(runtime.live)  # the feed threads run where the models serve
     if runtime.components.similar is not None and config.similar_candidates:
         runtime.components.similar.start_background()  # the candidate source's copy of the index
+    capture_graphs_at_start(runtime.components, config)
     if config.engine_scope == "model" and path is not None:  # `--workers N`: the workers run the pipeline
         from serving.remote_model import model_routes
 
@@ -262,6 +264,21 @@ def engine_main(runtime: Runtime, restarts: int, *, path: str | None = None, soc
                       limiter=limiter, on_queue=metrics.engine_queue.set, on_batch=metrics.batch_size.observe,
                       on_refused=lambda reason: refused[reason].inc())
     serve(core, MetricsHub(metrics.render), path=path, sock=sock, parent_pid=parent_pid)
+
+
+def capture_graphs_at_start(components: Components, config: ServingConfig) -> None:
+    """Every CUDA graph the engine's UGT models can need, captured before the first request (none on CPU)."""
+    from models.ugt.runner.warmup import capture_graphs
+
+    ks = sorted({DEFAULT_K, DEFAULT_K * config.rerank.pool})
+    for domain, generator in served_generators(components, config).items():
+        engine = getattr(generator, "engine", None)
+        if engine is None or not getattr(engine, "graphs_on", False):
+            continue
+        started = time.perf_counter()
+        count = capture_graphs(engine, ks, engine.N + engine.E)
+        log.info("%s: %d CUDA graphs captured at start in %.1f s (k %s)", domain, count,
+                 time.perf_counter() - started, ks)
 
 
 def build_batcher(runtime: Runtime) -> DynamicBatcher | EngineProcess:

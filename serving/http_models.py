@@ -16,6 +16,7 @@ from contracts.limits import (  # user and item ids; the jobs dead-letter longer
 )
 
 MAX_K = 1000
+DEFAULT_K = 10  # items a request gets when it names no k
 HARD_MAX_CONTEXT = 1000  # the config's max_context is checked in the app, below this hard cap
 HARD_MAX_EXCLUDE = 100_000  # the config's max_exclude is checked in the app, below this hard cap
 
@@ -43,7 +44,7 @@ class RecommendRequest(BaseModel):
     user_id: StrictStr = Field(
         min_length=1, max_length=MAX_ID_CHARS, description="The user id as published in user events."
     )
-    k: StrictInt = Field(default=10, ge=1, le=MAX_K, description="How many items to return.")
+    k: StrictInt = Field(default=DEFAULT_K, ge=1, le=MAX_K, description="How many items to return.")
     exclude: list[ItemId] = Field(
         default_factory=list,
         max_length=HARD_MAX_EXCLUDE,
