@@ -164,12 +164,18 @@ class UGTInference:
     def users(self, host: torch.Tensor, kinds: Sequence[str], starts: Sequence[int] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(user states (B, D) fp32, the device buffer): one H2D copy, then decode (hit), append (from ``starts``)
-        and/or prefill (miss) by each row's kind."""
+        and/or prefill (miss) by each row's kind. A batch with appends runs its hits in the append step (an append
+        of their last event alone; the slot then holds that event's K/V at this request time, which later steps
+        recompute anyway): one graph fewer per mixed batch."""
         dev = host.to(self.device, non_blocking=True)
         if self.cache is None or all(kind == MISS for kind in kinds):
             return self.step("prefill", dev), dev
         if all(kind == HIT for kind in kinds):
             return self.step("decode", dev), dev
+        if HIT in kinds and APPEND in kinds:  # one step for both: a hit is an append of its last event alone
+            starts = [int(host[i, 6 * self.N]) - 1 if kind == HIT else s
+                      for i, (kind, s) in enumerate(zip(kinds, starts or [0] * len(kinds), strict=True))]
+            kinds = [APPEND if kind == HIT else kind for kind in kinds]
         out = torch.empty(dev.shape[0], self.model.config.d_model, device=self.device)
         # Hits and appends read their slots before the misses write: a miss in this batch may have evicted (and
         # now prefills into) the slot of a user looked up earlier in it when the batch has more users than slots.
