@@ -51,5 +51,5 @@ def test_drill_loses_and_doubles_nothing(cluster_profile: Settings, drill: str) 
     result = JOB_DRILLS[drill](cluster_profile, EVENTS, RATE)
     print(result)
     assert result["restored"], f"{drill}: the jobs did not resume from a checkpoint or savepoint: {result}"
-    assert (result["lost"], result["doubled"], result["users_differing"]) == (0, 0, 0), result
+    assert (result["lost"], result["doubled"], result["users_differing"], result["dead_letters"]) == (0, 0, 0, 0), result
     assert result["users"] > 10
