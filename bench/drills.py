@@ -32,6 +32,7 @@ from infra import stack as stack_mod
 from infra.processes import read_pids, write_pids
 from infra.settings import REPO_ROOT, Settings
 from infra.stack_cluster import start_kafka_node
+from infra.stack_errors import StackError
 from streams.topics import ensure_pipeline
 
 DRILLS = ("broker", *JOB_DRILLS)
@@ -162,7 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     services = ["kafka", "registry"] if chosen == ["broker"] else None  # the jobs' drills: the whole profile
     rows = []
     try:
-        stack_mod.up(only=services, settings=s, log=print, after_kafka=ensure_pipeline)
+        try:
+            stack_mod.up(only=services, settings=s, log=print, after_kafka=ensure_pipeline)
+        except StackError as exc:  # a loaded box: `up` again waits once more for what is still starting
+            print(f"{exc}\nwaiting once more ...", flush=True)
+            stack_mod.up(only=services, settings=s, log=print, after_kafka=ensure_pipeline)
         for drill in chosen:
             print(f"drill {drill} ...", flush=True)
             rows.append(broker_drill(s, args.events) if drill == "broker"
