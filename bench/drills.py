@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drills", default=",".join(DRILLS), help="comma-separated (default: %(default)s)")
     parser.add_argument("--events", type=int, default=100_000,
                         help="ML-1M events of the broker drill (default: %(default)s)")
-    parser.add_argument("--job-events", type=int, default=20_000,
+    parser.add_argument("--job-events", type=int, default=10_000,
                         help="ML-1M events of each drill under the jobs (default: %(default)s)")
-    parser.add_argument("--rate", type=float, default=200.0,
+    parser.add_argument("--rate", type=float, default=100.0,
                         help="events/s published into the jobs, so the failure meets a running stream "
                              "(default: %(default)s)")
     parser.add_argument("--port-offset", type=int, default=400,
