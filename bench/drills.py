@@ -1,12 +1,13 @@
 """Failure drills on the cluster profile (issue #20): kill -9 a node under load, count what was lost or doubled.
 
-Built so far: `broker` only. A private cluster-profile Kafka (3 KRaft broker+controller nodes, the stack's ports +
+`broker`: a private cluster-profile Kafka (3 KRaft broker+controller nodes, the stack's ports +
 --port-offset, its own var/ folder) takes a replay of ML-1M events from streams.producer.EventPublisher (acks=all,
 idempotent) into a topic at replication factor 3, min.insync.replicas=2. Once a third of them is published, one
 broker gets `kill -9`; publishing goes on, the broker is started again, and the topic is read back from the start
 (read_committed): lost = published ids missing, doubled = ids read more than once. failover_s: from the kill until
 no partition is led by the dead broker; recovery_s: from its restart until every partition is in sync (3 ISRs)
-again. The drills that need the Flink jobs (a Redis master, a TaskManager) are not built yet.
+again. The drills under the Flink jobs (`redis_master`, `taskmanager`, `restart`: bench/drills_jobs.py) bring up
+the whole cluster profile on those ports (3 brokers, the registry, 3+3 Redis Cluster, Flink with 3 TaskManagers).
 `python -m bench.drills --help`.
 """
 
@@ -25,25 +26,37 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.common import print_table, result_path, write_result
+from bench.drills_jobs import JOB_DRILLS
 from contracts.datasets import load_dataset, user_events
 from infra import stack as stack_mod
 from infra.processes import read_pids, write_pids
-from infra.settings import Settings
+from infra.settings import REPO_ROOT, Settings
 from infra.stack_cluster import start_kafka_node
+from infra.stack_errors import StackError
+from streams.topics import ensure_pipeline
 
-DRILLS = ("broker",)
+DRILLS = ("broker", *JOB_DRILLS)
 
 
-def drill_settings(offset: int) -> Settings:
-    """The cluster profile on the stack's ports + offset, in var/drills/ (so the stack itself may keep running)."""
+def drill_settings(offset: int, folder: str = "drills") -> Settings:
+    """The cluster profile on the stack's ports + offset, in var/<folder>/ (so the stack itself may keep running).
+    Sets the UGT_* variables, so the processes it starts (Flink's TaskManagers, `flink run`) see the same; and puts
+    this checkout first on PYTHONPATH, so `flink run -py` imports its packages (not an editable install's)."""
     base = Settings()
     os.environ.update({
-        "UGT_PROFILE": "cluster", "UGT_VAR": str(base.var_dir / "drills"),
+        "UGT_PROFILE": "cluster", "UGT_VAR": str(base.var_dir / folder),
         "UGT_KAFKA_PORT": str(base.kafka_port + offset),
         "UGT_KAFKA_CONTROLLER_PORT": str(base.kafka_controller_port + offset),
         "UGT_REGISTRY_PORT": str(base.registry_port + offset),
-        "UGT_REDIS_PORT": str(base.redis_port + offset)})
-    os.environ.pop("UGT_KAFKA_BOOTSTRAP", None)
+        "UGT_REDIS_PORT": str(base.redis_port + offset),
+        "UGT_FLINK_PORT": str(base.flink_rest_port + offset),
+        "UGT_FLINK_RPC_PORT": str(base.flink_rpc_port + offset),
+        "UGT_FLINK_METRICS_PORT": str(base.flink_metrics_port + offset),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)})
+    for name in ("UGT_KAFKA_BOOTSTRAP", "UGT_REDIS_URL", "UGT_REGISTRY_URL", "UGT_FLINK_REST",
+                 "UGT_KAFKA_CLUSTER_CONTROLLER_PORT", "UGT_REDIS_CLUSTER_PORT", "UGT_FLINK_TASKMANAGERS",
+                 "UGT_JOB_PARALLELISM"):
+        os.environ.pop(name, None)
     return Settings()
 
 
@@ -130,8 +143,14 @@ def broker_drill(s: Settings, n_events: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--drills", default="broker", help=f"comma-separated, of {','.join(DRILLS)}")
-    parser.add_argument("--events", type=int, default=100_000, help="ML-1M events per drill (default: %(default)s)")
+    parser.add_argument("--drills", default=",".join(DRILLS), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--events", type=int, default=100_000,
+                        help="ML-1M events of the broker drill (default: %(default)s)")
+    parser.add_argument("--job-events", type=int, default=10_000,
+                        help="ML-1M events of each drill under the jobs (default: %(default)s)")
+    parser.add_argument("--rate", type=float, default=100.0,
+                        help="events/s published into the jobs, so the failure meets a running stream "
+                             "(default: %(default)s)")
     parser.add_argument("--port-offset", type=int, default=400,
                         help="the drill cluster's ports = the stack's + this (default: %(default)s)")
     parser.add_argument("--out", default=str(result_path("drills")))
@@ -141,17 +160,29 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown drill(s) {unknown}; built: {', '.join(DRILLS)}")
     s = drill_settings(args.port_offset)
+    services = ["kafka", "registry"] if chosen == ["broker"] else None  # the jobs' drills: the whole profile
     rows = []
     try:
-        stack_mod.up(only=["kafka", "registry"], settings=s, log=print)
-        rows.append(broker_drill(s, args.events))
+        try:
+            stack_mod.up(only=services, settings=s, log=print, after_kafka=ensure_pipeline)
+        except StackError as exc:  # a loaded box: `up` again waits once more for what is still starting
+            print(f"{exc}\nwaiting once more ...", flush=True)
+            stack_mod.up(only=services, settings=s, log=print, after_kafka=ensure_pipeline)
+        for drill in chosen:
+            print(f"drill {drill} ...", flush=True)
+            rows.append(broker_drill(s, args.events) if drill == "broker"
+                        else JOB_DRILLS[drill](s, args.job_events, args.rate))
+            print_table(rows[-1:])
     finally:
-        stack_mod.down(only=["kafka", "registry"], settings=s, log=print)
+        stack_mod.down(only=services, settings=s, log=print)
     print_table(rows)
     write_result(args.out, "drills", {
         "profile": "cluster profile on one box (infra/stack_cluster.py), loopback, own ports and var/drills/",
         "load": f"shared 2-core VM, load average {os.getloadavg()[0]:.1f} at the end",
-        "events": "ML-1M user events in event-time order (contracts.datasets.user_events)",
+        "events": "ML-1M user events in event-time order (contracts.datasets.user_events); the broker drill "
+                  f"{args.events}, each drill under the jobs {args.job_events} published at {args.rate:g}/s",
+        "jobs": "tokenize (--delivery exactly-once) + user_state (thread mode, --redis-wait-replicas default 1) at "
+                f"parallelism {s.job_parallelism} on {s.flink_taskmanagers} TaskManagers, checkpoints every 2 s",
     }, {"rows": rows}, argv=argv, prog="python -m bench.drills" if argv is not None else None)
 
 

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import RedisError
+
 from contracts.redis_keys import item_key
 from contracts.tokenizer import MAX_FUTURE_SKEW_MS, TokenizedEvent, TokenizeError, tokenize_event
 from jobs.dead_letters import DeadLetterError, dead_letter_key, dead_letter_record
@@ -238,7 +240,10 @@ class EventTokenizer:
             event = self.tokenize(data, now_ms)
         except DeadLetterError as exc:
             return self.dead_letter(data, topic, partition, offset, exc.reason_code, exc.reason, now_ms)
-        except RegistryError:
+        except (RegistryError, RedisError):
+            # the registry or the semantic-ID store is down (e.g. a Redis Cluster failover): not the record's fault.
+            # Fail the task, so the restore from the checkpoint tokenizes it again (the cluster-profile drill once
+            # found 15 good events dead-lettered as PROCESSING_ERROR during a Redis master's failover)
             raise
         except Exception as exc:  # the record made the decoder or tokenizer fail in a way nobody named yet
             reason = f"{exc.__class__.__name__}: {exc}"

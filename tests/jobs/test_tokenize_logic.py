@@ -212,6 +212,21 @@ def test_tokens_carry_semantic_ids_and_unknown_items_pass_or_die(serde: AvroSerd
     assert strict.process(known, RAW, 0, 3).dead is None
 
 
+def test_a_semantic_id_store_outage_fails_instead_of_dead_lettering(serde: AvroSerde):
+    """A Redis master down mid-failover (ConnectionError on the lookup) is not the record's fault: the task fails
+    and its restore tokenizes the record again; a dead letter would lose a good event for good."""
+    import redis
+
+    sids = sid_store({"item1": "4-2-0"})
+    def refused(key, fields):
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6380. Connection refused.")
+
+    sids.client.hmget = refused
+    tokenizer = EventTokenizer(serde, TOKENS, DLQ, clock=lambda: NOW_S, sids=sids)
+    with pytest.raises(redis.ConnectionError):
+        tokenizer.process(serde.encode(f"{RAW}-value", "user_event", make_event(5)), RAW, 0, 1)
+
+
 def test_unknown_items_dlq_without_a_store_fails_at_start(serde: AvroSerde):
     from test_sid_cache import FakeRedis
 

@@ -1,0 +1,55 @@
+"""The failure drills under the jobs on the cluster profile (issue #20), small: 0 lost, 0 doubled, every row equal.
+
+Brings up the whole cluster profile (3 KRaft brokers, the registry, a 3+3 Redis Cluster, Flink with 3
+TaskManagers) on the stack's ports + 600 in var/drills-test/ (bench.drills.drill_settings), then runs each drill of
+bench/drills_jobs.py with a few thousand ML-1M events streamed at a steady rate into tokenize + user_state at
+parallelism 2: kill -9 a Redis master, kill -9 a TaskManager, stop and start the whole stack. Each drill compares
+the online state with the offline fold of its events. `python -m bench.drills` runs the same functions, larger,
+and records their timings. Skipped when the box has too little free memory for the profile (~9 GiB).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from bench.drills import drill_settings
+from bench.drills_jobs import JOB_DRILLS
+from infra import stack as stack_mod
+from infra.settings import Settings
+from streams.topics import ensure_pipeline
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PORT_OFFSET = 600
+MIN_FREE_GIB = 9.0
+EVENTS = 3000
+RATE = 60.0  # events/s: the stream lasts ~50 s, so each failure meets it running
+
+
+@pytest.fixture(scope="module")
+def cluster_profile() -> Iterator[Settings]:
+    free_gib = psutil.virtual_memory().available / 2**30
+    if free_gib < MIN_FREE_GIB:
+        pytest.skip(f"the cluster profile needs ~{MIN_FREE_GIB:.0f} GiB free; {free_gib:.1f} GiB available")
+    saved = dict(os.environ)
+    settings = drill_settings(PORT_OFFSET, folder="drills-test")
+    try:
+        stack_mod.up(settings=settings, log=print, after_kafka=ensure_pipeline)
+        yield settings
+    finally:
+        stack_mod.down(settings=settings, log=print)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.mark.parametrize("drill", list(JOB_DRILLS))
+def test_drill_loses_and_doubles_nothing(cluster_profile: Settings, drill: str) -> None:
+    result = JOB_DRILLS[drill](cluster_profile, EVENTS, RATE)
+    print(result)
+    assert result["restored"], f"{drill}: the jobs did not resume from a checkpoint or savepoint: {result}"
+    assert (result["lost"], result["doubled"], result["users_differing"], result["dead_letters"]) == (0, 0, 0, 0), result
+    assert result["users"] > 10
