@@ -26,7 +26,7 @@ ENV_PREFIX = "UGT_SERVING_"
 StateReader = Literal["feast", "redis"]
 # the batcher: a thread of the server, a forked process, auto = process unless a model runs on CUDA (no fork)
 Engine = Literal["auto", "thread", "process"]
-Quantize = Literal["none", "int8"]  # models/ugt/quantize.py
+Quantize = Literal["none", "int8", "fp8", "int8_weight"]  # models/ugt/quantize.py, models/ugt/weight_quant.py
 # a request the engine's full queue refuses: 429 + Retry-After (reject), or the popularity answer marked "overloaded"
 Overload = Literal["reject", "fallback"]
 Generator = Literal["popularity", "ugt"]  # ugt: serving/ugt_generator.py, needs `checkpoint`
@@ -220,7 +220,9 @@ class ServingConfig:
     torch_compile: bool = False
     # int8: each UGT model served on CPU runs its stack's weight matmuls as int8 GEMMs (models/ugt/quantize.py;
     # ranking agreement and speed in docs/TRAINING.md). CPU engine only, not with torch_compile: a model that would
-    # run on CUDA, or both keys on, stops the start with the reason. none = the trained weights as they are
+    # run on CUDA, or both keys on, stops the start with the reason. fp8: FP8 weights and activations, FP8 GEMMs
+    # (models/ugt/weight_quant.py; CUDA bf16 engine, compute capability >= 8.9: H100/H200). int8_weight: int8
+    # weights dequantized inside each matmul (any device). none = the trained weights as they are
     quantize: Quantize = "none"
     # target-aware ranking (models/ugt/ranking.py): the checkpoint's ranking head reorders this many retrieval
     # candidates, each attending to the user's cached history. -1 = the checkpoint's heads.rank_top when it was
@@ -322,7 +324,8 @@ class ServingConfig:
             if d.generator == "ugt":
                 out += _checkpoint_problems(f"domains.{d.name}.checkpoint", d.checkpoint)
         out += self._experiment_problems()
-        if self.quantize == "int8" and self.torch_compile:
+        if self.quantize == "int8" and self.torch_compile:  # fp8 / int8_weight: torch_compile is CPU-only, the
+            # engine refuses the pair there (models/ugt/runner/config.py) and ignores torch_compile on CUDA
             out.append("quantize: int8 runs uncompiled (fbgemm int8 GEMMs): set torch_compile: false")
         if out:
             raise ValueError(_BULLET.join(out))
