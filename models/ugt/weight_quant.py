@@ -63,8 +63,11 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
-        scale_a = _row_scales(rows, FP8_MAX)  # (M, 1)
-        quantized = (rows.float() / scale_a).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        # four passes over the activations: the row amax (abs and max in one reduction), the scaling (bf16 * fp32
+        # promotes to fp32 in the same kernel), the clamp (fp32 rounding may land a hair above 448), the cast
+        amax = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True).float().clamp_(min=1e-12)
+        scale_a = amax / FP8_MAX  # (M, 1)
+        quantized = torch.mul(rows, FP8_MAX / amax).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
         inside = self.bias if self.bias_in_gemm else None
         out = torch._scaled_mm(quantized, self.weight_t, scale_a, self.scale_b, bias=inside, out_dtype=x.dtype)
         if self.bias is not None and not self.bias_in_gemm:
@@ -139,14 +142,17 @@ def _fp8_or_reason(name: str, linear: nn.Linear) -> tuple[nn.Module | None, str]
 
 
 @torch.no_grad()
-def fused_linear_forms(model: UGT) -> UGT:
+def fused_linear_forms(model: UGT, drop_dense: bool = False) -> UGT:
     """Give each block's u/v/q/k projection a Linear form and each MoE's experts :class:`FusedExperts`, in place
-    (same outputs)."""
+    (same outputs). ``drop_dense``: delete the raw matrices they copy, which only training's forward reads (the
+    engine's steps use the forms), so the quantized stack does not also carry its bf16 weights."""
     for layer in model.layers:
         block = layer.attn
         block.uvqk_proj = as_linear(block.uvqk.T, None)
         ffn = layer.ffn
         ffn.experts = FusedExperts(ffn.w1, ffn.b1, ffn.w2, ffn.b2)
+        if drop_dense:
+            del block.uvqk, ffn.w1, ffn.b1, ffn.w2, ffn.b2
     return model
 
 
@@ -155,7 +161,7 @@ def quantize_weights(model: UGT, scheme: str) -> QuantizedLayers:
     """``model``'s stack (eval, on its serving device and dtype) with 8-bit Linear weights, in place."""
     if scheme not in SCHEMES:
         raise ValueError(f"weight quantization scheme must be one of {SCHEMES}, got {scheme!r}")
-    fused_linear_forms(model)
+    fused_linear_forms(model, drop_dense=True)
     report = QuantizedLayers(scheme)
     targets = [(f"layers.{name}", module) for name, module in model.layers.named_modules()
                if isinstance(module, nn.Linear)]

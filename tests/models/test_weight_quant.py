@@ -106,6 +106,7 @@ def test_int8_weight_ranks_as_fp32_does(served):
     fp32 = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32"))
     int8 = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", quantize="int8_weight", cache_slots=8))
     assert isinstance(int8.model.layers[0].attn.o, Int8WeightLinear)
+    assert not hasattr(int8.model.layers[0].attn, "uvqk") and not hasattr(int8.model.layers[0].ffn, "w1")
     assert int8.quantized.kept == {} and len(int8.quantized.quantized) == 2 * (3 + 2 + 1)  # uvqk, o, up, 2 down, gate
     assert _overlap(_top10(fp32, rows, excludes), _top10(int8, rows, excludes)) >= TOP10_OVERLAP
     for top, seen in zip(_top10(int8, rows, excludes), excludes, strict=True):  # the KV cache path, history excluded
