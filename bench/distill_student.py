@@ -10,7 +10,7 @@ bench/compression_gpu.py: leave-one-out, full ranking, the input window masked) 
 requests/s (fp32, ``--threads`` torch threads as serving runs, no KV cache: every request a prefill) on the first
 ``--cpu-users`` test users, best of ``--repeats`` passes with the two engines taking turns.
 
-  python -m bench.distill_student --teacher .ugtdata/quality-ml1m/ugt-stable-s42/last.pt --minutes 5   # GPU
+  python -m bench.distill_student --teacher .ugtdata/quality-ml1m/ugt-stable-s42/last.pt --minutes 4   # GPU
   python -m bench.distill_student --teacher ckpt.pt --device cpu --minutes 0.2 --max-users 100        # smoke
 """
 

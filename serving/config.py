@@ -218,11 +218,9 @@ class ServingConfig:
     # true: each UGT model served on CPU runs torch.compile'd prefill/decode steps (inductor, C++ wrapper), compiled
     # at start-up (~30-70 s; inductor's disk cache makes restarts faster). Needs a C++ compiler. No effect on CUDA
     torch_compile: bool = False
-    # int8: each UGT model served on CPU runs its stack's weight matmuls as int8 GEMMs (models/ugt/quantize.py;
-    # ranking agreement and speed in docs/TRAINING.md). CPU engine only, not with torch_compile: a model that would
-    # run on CUDA, or both keys on, stops the start with the reason. fp8: FP8 weights and activations, FP8 GEMMs
-    # (models/ugt/weight_quant.py; CUDA bf16 engine, compute capability >= 8.9: H100/H200). int8_weight: int8
-    # weights dequantized inside each matmul (any device). none = the trained weights as they are
+    # int8: each UGT model on CPU runs its stack's weight matmuls as int8 GEMMs (models/ugt/quantize.py), not with
+    # torch_compile. fp8 (CUDA, H100/H200) / int8_weight (any device): 8-bit weights (models/ugt/weight_quant.py).
+    # What a device cannot run stops the start with the reason (docs/TRAINING.md). none = the trained weights
     quantize: Quantize = "none"
     # target-aware ranking (models/ugt/ranking.py): the checkpoint's ranking head reorders this many retrieval
     # candidates, each attending to the user's cached history. -1 = the checkpoint's heads.rank_top when it was
@@ -324,8 +322,7 @@ class ServingConfig:
             if d.generator == "ugt":
                 out += _checkpoint_problems(f"domains.{d.name}.checkpoint", d.checkpoint)
         out += self._experiment_problems()
-        if self.quantize == "int8" and self.torch_compile:  # fp8 / int8_weight: torch_compile is CPU-only, the
-            # engine refuses the pair there (models/ugt/runner/config.py) and ignores torch_compile on CUDA
+        if self.quantize == "int8" and self.torch_compile:  # fp8 / int8_weight: the engine refuses it on CPU
             out.append("quantize: int8 runs uncompiled (fbgemm int8 GEMMs): set torch_compile: false")
         if out:
             raise ValueError(_BULLET.join(out))
