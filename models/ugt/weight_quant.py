@@ -134,7 +134,7 @@ def _fp8_or_reason(name: str, linear: nn.Linear) -> tuple[nn.Module | None, str]
         try:
             layer(probe)
             return layer, ""
-        except RuntimeError as exc:  # this device's _scaled_mm refuses the layout (or the bias in the GEMM)
+        except (RuntimeError, TypeError, ValueError) as exc:  # this device's _scaled_mm refuses the layout or bias
             errors.append(str(exc).splitlines()[0])
             if linear.bias is None:
                 break
