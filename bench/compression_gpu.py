@@ -1,7 +1,8 @@
 """Compressed inference on the GPU: FP8 and INT8 weight-only (models/ugt/weight_quant.py) against bf16, side by side
 through the serving engine, on a trained UGT checkpoint (ML-1M on the GPU machine; a tiny ML-100K one in the test).
 
-For each variant (bf16 = the anchor, fp8, int8_weight; ``InferenceConfig.quantize``) one engine on ``--device``
+For each variant (bf16 = the anchor, fp8, int8_weight: ``InferenceConfig.quantize``; bf16_forms, an ablation: bf16
+with the quantized variants' Linear forms) one engine on ``--device``
 (bf16 activations, CUDA graphs per batch bucket on CUDA, Triton HSTU attention where it runs, no KV cache: every
 request a full prefill of the user's history). Quality: test HR@10 / NDCG@10 under the HSTU protocol that
 models/eval.py computes (leave-one-out: each user's last event is the target, the rows as ``make_split("test")``
@@ -30,7 +31,10 @@ import torch
 from bench.common import print_table, result_path, write_result
 
 PROG = "python -m bench.compression_gpu"
-VARIANTS = {"bf16": "none", "fp8": "fp8", "int8_weight": "int8_weight"}  # row name -> InferenceConfig.quantize
+# row name -> InferenceConfig.quantize; bf16_forms (an ablation): bf16 with the quantized variants' Linear forms (the
+# u/v/q/k projection as a Linear, the experts as one up GEMM + one down GEMM each), so a gap between fp8 and bf16 can
+# be told apart from the one the restructured experts alone make
+VARIANTS = {"bf16": "none", "fp8": "fp8", "int8_weight": "int8_weight", "bf16_forms": "none"}
 ROW_KEYS = ("ids", "times", "query_times", "ratings", "gaps", "query_gaps", "lengths", "long_ids", "long_times")
 
 
@@ -125,19 +129,24 @@ def stack_ms(engine: Any, vectors: np.ndarray, excl: np.ndarray, batch: int, sec
 
 
 def stack_megabytes(engine: Any) -> float:
-    """Bytes of the layer stack's parameters and buffers (the weights quantization shrinks), in MB."""
+    """MB of the layer stack's weights (parameters and value buffers: the bytes quantization shrinks; integer index
+    buffers such as position tables left out)."""
     tensors = [*engine.model.layers.parameters(), *engine.model.layers.buffers()]
-    return round(sum(t.numel() * t.element_size() for t in tensors) / 1e6, 3)
+    weights = [t for t in tensors if t.dtype not in (torch.int64, torch.int32, torch.bool)]
+    return round(sum(t.numel() * t.element_size() for t in weights) / 1e6, 3)
 
 
 def build_engines(model: Any, args: argparse.Namespace, batches: list[int]) -> dict[str, Any]:
     from models.ugt.inference import InferenceConfig, UGTInference
+    from models.ugt.weight_quant import fused_linear_forms
 
     engines = {}
     for name in args.variants:
         config = InferenceConfig(device=args.device, dtype="bf16", quantize=VARIANTS[name],
                                  batch_buckets=tuple(sorted(batches)), cache_slots=0)
         engines[name] = UGTInference(model, config)
+        if name == "bf16_forms":  # before the first batch: the graphs are captured on first use
+            fused_linear_forms(engines[name].model, drop_dense=True)
         print(f"[{name}] engine ready on {args.device}", flush=True)
     return engines
 
@@ -209,6 +218,8 @@ def conditions_of(pool: dict[str, Any], args: argparse.Namespace, batches: list[
         "quantized": "the layer stack's Linears (u/v/q/k projection, output projection, MoE experts as one fused "
                      "up-projection and one down-projection per expert, router); embeddings, item table, heads "
                      "and attention stay bf16",
+        "bf16_forms": "ablation: bf16 with the Linear forms fp8 and int8_weight quantize (no quantization)",
+        "stack_mb": "MB of the layer stack's weights (parameters and value buffers, index buffers left out)",
         "batches": batches, "seconds_per_point": args.seconds, "repeats": args.repeats,
         "timing": "req_s: back-to-back recommend_packed calls (host rows to top 10 on the host); stack_ms: the "
                   "prefill step alone on a device batch; CUDA-synchronized, best of the repeats, after 3 warm-up calls",

@@ -35,7 +35,7 @@ def test_compression_gpu_runs_every_variant_on_cpu(tiny_checkpoint, tmp_path):
     assert record["benchmark"] == "compression_gpu" and record["conditions"]["device"] == "cpu"
     assert record["conditions"]["users"] == 40
     rows = {row["variant"]: row for row in record["rows"]}
-    assert list(rows) == ["bf16", "fp8", "int8_weight"]
+    assert list(rows) == ["bf16", "fp8", "int8_weight", "bf16_forms"]
     for row in rows.values():
         for key in ("config", "hr@10", "hr@10_loss", "hr@10_ratio", "speedup", "req_s@8", "req_s@32", "stack_ms@32"):
             assert row[key] is not None, key
@@ -45,6 +45,7 @@ def test_compression_gpu_runs_every_variant_on_cpu(tiny_checkpoint, tmp_path):
     assert rows["fp8"]["quantized_layers"] == 5  # uvqk, o, experts' up, 2 downs; the 32 -> 2 router stays bf16
     assert list(rows["fp8"]["kept_layers"]) == ["layers.0.ffn.gate"]
     assert rows["int8_weight"]["quantized_layers"] == 6 and rows["int8_weight"]["kept_layers"] == {}
+    assert rows["bf16_forms"]["top10_overlap_vs_bf16"] >= 0.9  # the same function, bf16 rounding aside
     assert rows["int8_weight"]["stack_mb"] < rows["bf16"]["stack_mb"] and rows["fp8"]["stack_mb"] < rows["bf16"]["stack_mb"]
 
 
