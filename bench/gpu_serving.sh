@@ -4,6 +4,10 @@
 #   bash bench/gpu_serving.sh test                 # kernel + inference parity tests on the GPU
 #   bash bench/gpu_serving.sh train MINUTES        # a short ML-1M UGT run -> $OUT/checkpoint.pt, summary.json
 #   bash bench/gpu_serving.sh bench [ARGS...]      # bench/serving_gpu.py ARGS --out $OUT/serving_gpu.json
+#   bash bench/gpu_serving.sh compress [ARGS...]   # bench/compression_gpu.py ARGS --out $OUT/compression_gpu.json:
+#        bf16 vs fp8 vs int8_weight engines on a trained checkpoint (--checkpoint, carried under .ugtdata)
+#   bash bench/gpu_serving.sh distill [ARGS...]    # bench/distill_student.py ARGS --out $OUT/distill_student.json:
+#        a smaller student trained from a teacher checkpoint's scores (--teacher), then both: HR@10, CPU req/s
 #   bash bench/gpu_serving.sh e2e [ARGS...]        # bench/serving_gpu_e2e.py ARGS --out $OUT/serving_gpu_e2e.json:
 #        `ugt serve --workers N` over HTTP with Redis; carry .ugtdata/debs (Debian's redis-tools, liblzf1,
 #        libjemalloc2, libatomic1: `apt-get download` them), .ugtdata/datasets/ml-1m.tgz and the wheels in .whl
@@ -34,13 +38,20 @@ case "$step" in
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
     python3 -m pytest -q -p no:cacheprovider tests/models/test_hstu_kernel.py tests/models/test_inference.py \
       tests/models/test_ranking.py tests/models/test_generation.py tests/models/test_kv_append.py \
-      tests/models/test_graph_warmup.py ;;
+      tests/models/test_graph_warmup.py tests/models/test_weight_quant.py ;;
   train)
     python3 -m ugt.cli train --config models/configs/ugt_ml1m.yaml --out-dir /tmp/ugt-ml1m --quiet \
       --set "max_minutes=${1:-4}" --set dpo.enabled=false --set "semantic_ids={artifact: .ugtdata/sid-ml1m.npz}" \
       && cp /tmp/ugt-ml1m/checkpoint.pt /tmp/ugt-ml1m/summary.json "$out/" ;;
   bench)
     python3 bench/serving_gpu.py --out "$out/serving_gpu.json" "$@" ;;
+  compress)
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+    python3 -m bench.compression_gpu --out "$out/compression_gpu.json" "$@" ;;
+  distill)
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+    python3 -m bench.distill_student --work-dir /tmp/ugt-distill-student --out "$out/distill_student.json" "$@" \
+      && cp /tmp/ugt-distill-student/summary.json "$out/distill_student_summary.json" ;;
   e2e)
     # redis-server from the carried Debian packages, unpacked beside the system (never into /)
     r=/tmp/redis-root
@@ -51,6 +62,6 @@ case "$step" in
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
     python3 bench/serving_gpu_e2e.py --out "$out/serving_gpu_e2e.json" "$@" ;;
   *)
-    echo "usage: bash bench/gpu_serving.sh test | train MINUTES | bench [bench/serving_gpu.py args] | e2e [args]" >&2
+    echo "usage: bash bench/gpu_serving.sh test | train MINUTES | bench [bench/serving_gpu.py args] | compress [args] | distill [args] | e2e [args]" >&2
     exit 2 ;;
 esac

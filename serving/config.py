@@ -26,7 +26,7 @@ ENV_PREFIX = "UGT_SERVING_"
 StateReader = Literal["feast", "redis"]
 # the batcher: a thread of the server, a forked process, auto = process unless a model runs on CUDA (no fork)
 Engine = Literal["auto", "thread", "process"]
-Quantize = Literal["none", "int8"]  # models/ugt/quantize.py
+Quantize = Literal["none", "int8", "fp8", "int8_weight"]  # models/ugt/quantize.py, models/ugt/weight_quant.py
 # a request the engine's full queue refuses: 429 + Retry-After (reject), or the popularity answer marked "overloaded"
 Overload = Literal["reject", "fallback"]
 Generator = Literal["popularity", "ugt"]  # ugt: serving/ugt_generator.py, needs `checkpoint`
@@ -218,9 +218,9 @@ class ServingConfig:
     # true: each UGT model served on CPU runs torch.compile'd prefill/decode steps (inductor, C++ wrapper), compiled
     # at start-up (~30-70 s; inductor's disk cache makes restarts faster). Needs a C++ compiler. No effect on CUDA
     torch_compile: bool = False
-    # int8: each UGT model served on CPU runs its stack's weight matmuls as int8 GEMMs (models/ugt/quantize.py;
-    # ranking agreement and speed in docs/TRAINING.md). CPU engine only, not with torch_compile: a model that would
-    # run on CUDA, or both keys on, stops the start with the reason. none = the trained weights as they are
+    # int8: each UGT model on CPU runs its stack's weight matmuls as int8 GEMMs (models/ugt/quantize.py), not with
+    # torch_compile. fp8 (CUDA, H100/H200) / int8_weight (any device): 8-bit weights (models/ugt/weight_quant.py).
+    # What a device cannot run stops the start with the reason (docs/TRAINING.md). none = the trained weights
     quantize: Quantize = "none"
     # target-aware ranking (models/ugt/ranking.py): the checkpoint's ranking head reorders this many retrieval
     # candidates, each attending to the user's cached history. -1 = the checkpoint's heads.rank_top when it was
@@ -322,7 +322,7 @@ class ServingConfig:
             if d.generator == "ugt":
                 out += _checkpoint_problems(f"domains.{d.name}.checkpoint", d.checkpoint)
         out += self._experiment_problems()
-        if self.quantize == "int8" and self.torch_compile:
+        if self.quantize == "int8" and self.torch_compile:  # fp8 / int8_weight: the engine refuses it on CPU
             out.append("quantize: int8 runs uncompiled (fbgemm int8 GEMMs): set torch_compile: false")
         if out:
             raise ValueError(_BULLET.join(out))

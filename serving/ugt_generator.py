@@ -163,7 +163,7 @@ class UGTGenerator:
             if "cache_bytes" in str(exc):
                 hint = "; raise the serving key kv_cache_bytes, or 0 for no byte budget"
             if "quantize" in str(exc):
-                hint = "; set the serving key quantize: none (int8 runs on the CPU engine, with torch_compile: false)"
+                hint = "; set the serving key quantize: none, or change what the reason names (torch_compile, device)"
             if "semantic-ID head" in str(exc):
                 hint = "; set the serving key beam_size: 0 for this checkpoint"
             raise CheckpointError(f"cannot serve {str(path)!r}: {exc}{hint}") from exc

@@ -47,6 +47,8 @@ from models.ugt.runner.merge import RRF_K
 from models.ugt.runner.outputs import Pending, TopK
 from models.ugt.runner.slot_cache import APPEND, HIT, MISS, PrefixCache, SlotPool
 from models.ugt.runner.stack import StackRunner
+from models.ugt.weight_quant import SCHEMES as WEIGHT_SCHEMES
+from models.ugt.weight_quant import QuantizedLayers, quantize_weights
 
 __all__ = ["APPEND", "COMPACT_WIDTH", "HIT", "MISS", "ROW_FIELDS", "RRF_K", "BatchDescriptor", "InferenceConfig",
            "Pending", "PrefixCache", "TopK", "UGTInference", "prefix_fingerprint"]
@@ -61,8 +63,11 @@ class UGTInference:
         self.device = torch.device(c.device)
         self.dtype = c.torch_dtype()
         self.model = copy.deepcopy(model).to(self.device, self.dtype).eval().requires_grad_(False)
+        self.quantized: QuantizedLayers | None = None  # fp8 / int8_weight: which Linears were quantized
         if c.quantize == "int8":
             quantize_int8(self.model)
+        elif c.quantize in WEIGHT_SCHEMES:
+            self.quantized = quantize_weights(self.model, c.quantize)
         self.model.embed.reserve(c.new_item_slots)
         ms = self.model.config.multiscale
         self.N = ms.recent_len

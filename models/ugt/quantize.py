@@ -23,10 +23,8 @@ from torch import nn
 
 from models.ugt.model import UGT
 
-QUANTIZE = ("none", "int8")
 
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+def as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """An ``nn.Linear`` computing ``x @ weight.T + bias`` (weight: (out, in))."""
     out_features, in_features = weight.shape
     linear = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
@@ -44,8 +42,8 @@ class ExpertLinears(nn.Module):
     def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor):
         super().__init__()
         experts = w1.shape[0]
-        self.up = nn.ModuleList(_linear(w1[e].T, b1[e]) for e in range(experts))
-        self.down = nn.ModuleList(_linear(w2[e].T, b2[e]) for e in range(experts))
+        self.up = nn.ModuleList(as_linear(w1[e].T, b1[e]) for e in range(experts))
+        self.down = nn.ModuleList(as_linear(w2[e].T, b2[e]) for e in range(experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([down(F.gelu(up(x))) for up, down in zip(self.up, self.down, strict=True)], dim=2)
@@ -56,7 +54,7 @@ def linear_forms(model: UGT) -> UGT:
     """Give each block's u/v/q/k projection and each MoE's experts an ``nn.Linear`` form, in place (same outputs)."""
     for layer in model.layers:
         block = layer.attn
-        block.uvqk_proj = _linear(block.uvqk.T, None)
+        block.uvqk_proj = as_linear(block.uvqk.T, None)
         ffn = layer.ffn
         ffn.experts = ExpertLinears(ffn.w1, ffn.b1, ffn.w2, ffn.b2)
     return model

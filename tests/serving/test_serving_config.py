@@ -166,11 +166,15 @@ def test_configs_built_in_code_are_validated_too():
     assert replace(ServingConfig(), max_context=3).max_context == 3
 
 
-def test_quantize_is_none_or_int8_and_int8_runs_uncompiled():
+def test_quantize_names_a_known_variant_and_int8_runs_uncompiled():
     assert ServingConfig().quantize == "none"
     assert build_config({"quantize": "int8"}, env={}).quantize == "int8"
     assert build_config({}, env={"UGT_SERVING_QUANTIZE": "int8"}).quantize == "int8"
-    with pytest.raises(ConfigError, match="quantize: Input should be 'none' or 'int8'"):
+    assert build_config({"quantize": "fp8"}, env={}).quantize == "fp8"
+    assert build_config({}, env={"UGT_SERVING_QUANTIZE": "int8_weight"}).quantize == "int8_weight"
+    with pytest.raises(ConfigError, match="quantize: Input should be 'none', 'int8', 'fp8' or 'int8_weight'"):
         build_config({"quantize": "int4"}, env={})
     with pytest.raises(ConfigError, match="quantize: int8 runs uncompiled"):
         build_config({"quantize": "int8", "torch_compile": True}, env={})
+    # fp8 / int8_weight: torch_compile only acts on CPU, where the engine refuses the pair at start
+    assert build_config({"quantize": "fp8", "torch_compile": True}, env={}).quantize == "fp8"

@@ -378,6 +378,17 @@ def test_quantize_int8_serves_the_checkpoint_with_int8_layers(trained, loaded, s
     assert np.mean(overlap) >= 0.8, overlap
 
 
+def test_quantize_int8_weight_reaches_the_engine_and_fp8_on_cpu_stops_the_start(trained):
+    """The GPU variants through the serving key: int8_weight serves anywhere (its layers in the engine); fp8 on the
+    CPU fp32 engine is refused at start with the reason and the serving keys to change."""
+    from models.ugt.weight_quant import Int8WeightLinear
+
+    gen = UGTGenerator(trained, clock=Clock(), quantize="int8_weight", device="cpu")
+    assert isinstance(gen.engine.model.layers[0].attn.o, Int8WeightLinear)
+    with pytest.raises(CheckpointError, match="fp8 runs on the bf16 engine.*quantize: none"):
+        UGTGenerator(trained, clock=Clock(), quantize="fp8", device="cpu")
+
+
 def test_a_state_with_new_events_extends_the_cached_row_as_a_rebuild_would(trained, loaded):
     """New events appended to a cached user's state patch the cached row (no rebuild): it must equal
     model_input of the whole state, for 1 and 3 new events, and a sliding window is rebuilt instead."""

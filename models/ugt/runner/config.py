@@ -7,6 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from models.ugt.model import UGT
+from models.ugt.weight_quant import fp8_supported
+
+# none | int8 (CPU dynamic, models/ugt/quantize.py) | fp8, int8_weight (models/ugt/weight_quant.py)
+QUANTIZE = ("none", "int8", "fp8", "int8_weight")
 
 
 @dataclass
@@ -32,7 +36,9 @@ class InferenceConfig:
     # CUDA, merge="rrf": retrieval + constrained beam search + fusion replayed as one CUDA graph per (batch bucket,
     # exclusion width, k) instead of ~150 small kernel launches; recaptured when the catalog or trie changes
     heads_graph: bool = True
-    # "int8": the stack's weight matmuls as int8 GEMMs (models/ugt/quantize.py; CPU, fp32 engine, not compiled)
+    # "int8": the stack's weight matmuls as int8 GEMMs (models/ugt/quantize.py; CPU, fp32 engine, not compiled);
+    # "fp8": float8 weights and activations, FP8 GEMMs (models/ugt/weight_quant.py; bf16 engine, H100/H200);
+    # "int8_weight": int8 weights dequantized in each matmul (models/ugt/weight_quant.py; any device and dtype)
     quantize: str = "none"
 
     def torch_dtype(self) -> torch.dtype:
@@ -49,13 +55,29 @@ class InferenceConfig:
         if self.rank_top > 0 and model.ranker is None:
             raise ValueError("rank_top > 0 needs a model trained with the ranking head (heads.ranking: true); "
                              "set rank_top to 0 for this checkpoint")
-        if self.quantize not in ("none", "int8"):
-            raise ValueError(f"quantize must be 'none' or 'int8', got {self.quantize!r}")
-        if self.quantize == "int8" and (torch.device(self.device).type != "cpu" or self.torch_dtype() != torch.float32
-                                        or self.compile):
-            raise ValueError("quantize int8 runs on the CPU engine in fp32, uncompiled (fbgemm int8 GEMMs)")
+        self.check_quantize()
         if self.cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0 (0 = no byte budget), got {self.cache_bytes}")
         if self.rank_top > 0 and self.cache_slots <= 0:
             raise ValueError("rank_top > 0 reads each user's history keys/values from the KV cache: "
                              "set cache_slots > 0")
+
+    def check_quantize(self) -> None:
+        """A ValueError at start for a quantization this engine cannot run (unknown name, device, dtype)."""
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {list(QUANTIZE)}, got {self.quantize!r}")
+        if self.quantize == "none":
+            return
+        if self.compile:
+            raise ValueError(f"quantize {self.quantize} runs uncompiled: set compile false")
+        device = torch.device(self.device)
+        if self.quantize == "int8" and (device.type != "cpu" or self.torch_dtype() != torch.float32):
+            raise ValueError("quantize int8 runs on the CPU engine in fp32, uncompiled (fbgemm int8 GEMMs); on CUDA "
+                             "use fp8 or int8_weight")
+        if self.quantize == "fp8":
+            if self.torch_dtype() != torch.bfloat16:
+                raise ValueError("quantize fp8 runs on the bf16 engine (dtype bf16, or auto on CUDA); on the CPU fp32 "
+                                 "engine use int8")
+            ok, why = fp8_supported(device)
+            if not ok:
+                raise ValueError(f"quantize fp8: {why}")
