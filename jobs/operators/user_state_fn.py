@@ -9,7 +9,8 @@ encoded UserState + its write track; the long-term groups) and a ListState (even
 with StateTtlConfig (--state-ttl-days), processing-time timers (confirm flushes, nearline compaction) and
 LATE_EVENT dead letters on LATE_TAG.
 Counters (group `ugt`): `events`, `applied`, `duplicates`, `late_events`, `rows_written`, `compactions`,
-`dead_lettered`, `bundle_flushes` (process mode: flushes at a bundle end, jobs/operators/bundle_flush.py).
+`dead_lettered`, `bundle_flushes` (process mode: flushes at a bundle end, jobs/operators/bundle_flush.py),
+`batches` (UserStateBatchFunction: micro-batches of jobs/user_state_batch.py).
 With --redis-wait-replicas every flush ends with a WAIT on each Redis master (jobs/replica_wait.py).
 """
 
@@ -179,7 +180,7 @@ class UserStateFunction(KeyedProcessFunction):
         # per-event counts go to Flink in sums (jobs.operators.counters); flushed on timers and dead letters too
         self.counts = CounterBatch({name: group.counter(name) for name in (
             "events", "applied", "duplicates", "late_events", "dead_lettered", "rows_written", "compactions",
-            "bundle_flushes")})
+            "bundle_flushes", "batches")})
         self.counted = (0, 0)
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
@@ -268,6 +269,7 @@ class UserStateBatchFunction(UserStateFunction):
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         key, topic = value[1], value[2]
         now_ms = int(time.time() * 1000)
+        self.counts.add("batches")  # events / batches = the mean batch size
         for data, partition, offset in unpack_records(value[0]):
             yield from self._record(data, key, topic, partition, offset, ctx, now_ms)
         self.store.end_key()
