@@ -114,7 +114,7 @@ def engine_args(args: argparse.Namespace, variant: str) -> argparse.Namespace:
     `sql:--batch-ms 0`) also adds USER_STATE_ARGS to user_state's."""
     engine, _, user_state = variant.partition(":")
     return argparse.Namespace(**{**vars(args), "tokenize_args": f"{args.tokenize_args} --engine {engine}".strip(),
-                                 "user_state_args": f"{args.user_state_args} {user_state}".strip()})
+                                 "user_state_args": f"{getattr(args, 'user_state_args', '')} {user_state}".strip()})
 
 
 def engine_paths(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> dict[str, dict[str, Any]]:
