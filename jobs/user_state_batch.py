@@ -56,6 +56,19 @@ def unpack_records(data: bytes) -> list[tuple[bytes | None, int, int]]:
     return records
 
 
+def batch_jars() -> list:
+    """jobs/jvm/ compiled (+ its dependencies), which holds ugt.flink.KeyBatchOperator; JobSetupError without a JDK."""
+    from infra.jars import tokenize_jvm_jars
+    from infra.stack_errors import StackError
+    from jobs.common import JobSetupError
+
+    try:
+        return tokenize_jvm_jars()
+    except StackError as exc:
+        raise JobSetupError(f"user_state's micro-batches run ugt.flink.KeyBatchOperator from jobs/jvm/: {exc}\n"
+                            "(or run one Python call per record: --batch-ms 0)") from exc
+
+
 def batched_kafka_source(env, t_env, table: str, topic: str, cfg, max_delay_ms: int, max_records: int):
     """A KeyedStream of Row(records, k, src_topic) batches, keyed by the record key as text ('' when unkeyed), like
     jobs.common.keyed_kafka_source but one row per (key, batch): SQL reads the topic, ugt.flink.KeyBatchOperator
@@ -64,10 +77,9 @@ def batched_kafka_source(env, t_env, table: str, topic: str, cfg, max_delay_ms: 
     from pyflink.datastream.data_stream import DataStream, KeyedStream
     from pyflink.java_gateway import get_gateway
 
-    from infra.jars import tokenize_jvm_jars
     from jobs.common import kafka_source_ddl
 
-    env.add_jars(*[jar.resolve().as_uri() for jar in tokenize_jvm_jars()])
+    env.add_jars(*[jar.resolve().as_uri() for jar in batch_jars()])
     t_env.execute_sql(kafka_source_ddl(table, topic, cfg, with_key=True))
     rows = t_env.sql_query(
         "SELECT COALESCE(CAST(`k` AS STRING), '') AS `key`, `value`, `k`, `src_topic`, `src_partition`, "

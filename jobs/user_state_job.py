@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             raise JobSetupError("--max-events, --flush-rows and --flush-ms must be >= 1")
         if args.batch_ms < 0 or args.batch_records < 1:
             raise JobSetupError("--batch-ms must be >= 0 and --batch-records >= 1")
+        if args.batch_ms > 0:
+            from jobs.user_state_batch import batch_jars
+
+            batch_jars()  # compiled once; fails here, with what to do, where there is no JDK
         if args.redis_wait_replicas < -1 or args.redis_wait_timeout_ms < 1:
             raise JobSetupError("--redis-wait-replicas must be >= -1 and --redis-wait-timeout-ms >= 1")
         if args.compact_interval_min <= 0 or args.state_ttl_days <= 0 or args.state_cache_users < 0:

@@ -107,3 +107,17 @@ def test_log_entries_of_a_batch_reach_flink_state_in_one_call() -> None:
     assert log.items == [b"e5"] and store.log_get() == [b"e5"]
     store.end_key()  # nothing added: no call
     assert log.calls == 5  # get, add_all, clear, add_all, get
+
+
+def test_without_a_jdk_the_batched_job_fails_at_start_saying_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    import infra.jars
+    from infra.stack_errors import StackError
+    from jobs.common import JobSetupError
+    from jobs.user_state_batch import batch_jars
+
+    def no_jdk(*_args, **_kwargs):
+        raise StackError("javac/jar not found")
+
+    monkeypatch.setattr(infra.jars, "tokenize_jvm_jars", no_jdk)
+    with pytest.raises(JobSetupError, match="--batch-ms 0"):
+        batch_jars()
