@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tokenize --engine of the user path, or several comma-separated (e.g. python,sql): the "
                         "user path runs once per engine, in this order, each on its own topics; with several, the "
                         "result holds flink_cpu_us_per_event_by_engine; the headline numbers and the exactly-once "
-                        "path are the first engine's (default: %(default)s)")
+                        "path are the first engine's; an entry ENGINE:USER_STATE_ARGS (e.g. \"sql,sql:--batch-ms 0\") "
+                        "also gives that run's user_state those options (default: %(default)s)")
     parser.add_argument("--py-spy", default=None,
                         help="path of a py-spy binary: sample the TaskManager's Python stacks during the throughput "
                         "window (where inside the Python operators the time goes)")
@@ -108,16 +109,19 @@ def stale_code_warning() -> str | None:
             f"({time.ctime(newest.stat().st_mtime)}): thread-mode jobs may run modules an earlier job imported")
 
 
-def engine_args(args: argparse.Namespace, engine: str) -> argparse.Namespace:
-    """args with tokenize's --engine added to the tokenize args."""
-    return argparse.Namespace(**{**vars(args), "tokenize_args": f"{args.tokenize_args} --engine {engine}".strip()})
+def engine_args(args: argparse.Namespace, variant: str) -> argparse.Namespace:
+    """args with tokenize's --engine added to the tokenize args; a variant `ENGINE:USER_STATE_ARGS` (e.g.
+    `sql:--batch-ms 0`) also adds USER_STATE_ARGS to user_state's."""
+    engine, _, user_state = variant.partition(":")
+    return argparse.Namespace(**{**vars(args), "tokenize_args": f"{args.tokenize_args} --engine {engine}".strip(),
+                                 "user_state_args": f"{getattr(args, 'user_state_args', '')} {user_state}".strip()})
 
 
 def engine_paths(args: argparse.Namespace, settings: Any, run_id: str, r: Any) -> dict[str, dict[str, Any]]:
     """The at-least-once user path once per --tokenize-engines engine, back to back on the same stack."""
     engines = [e.strip() for e in args.tokenize_engines.split(",") if e.strip()]
-    return {engine: user_path(engine_args(args, engine), settings, f"{run_id}-{engine}", r)
-            for engine in engines}
+    return {engine: user_path(engine_args(args, engine), settings, f"{run_id}-{i}", r)
+            for i, engine in enumerate(engines)}
 
 
 def flink_us(users: dict[str, Any] | None) -> float | None:
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_events": args.warmup_events,
         "tokenize_args": first.tokenize_args,
         "tokenize_engines": list(by_engine) or None,
-        "user_state_args": args.user_state_args,
+        "user_state_args": first.user_state_args,
         "only": args.only,
         "delivery": {"at-least-once": "checkpoint every 10 s (the default)",
                      "exactly-once": f"both jobs --delivery exactly-once {args.exactly_once_args}".strip()

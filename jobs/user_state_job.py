@@ -48,17 +48,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "profile), else 0 (default: %(default)s)")
     parser.add_argument("--redis-wait-timeout-ms", type=int, default=5000,
                         help="how long WAIT may take before the flush fails (default: %(default)s)")
+    parser.add_argument("--batch-ms", type=int, default=50,
+                        help="group each user's records in the JVM for up to this long and run the Python operator "
+                             "once per (user, batch) (jobs/user_state_batch.py); batches also end at --batch-records, "
+                             "before each checkpoint barrier and at the end of input; 0 = one Python call per record "
+                             "(default: %(default)s)")
+    parser.add_argument("--batch-records", type=int, default=2000,
+                        help="... or once this many records wait, all users together (default: %(default)s)")
     add_common_arguments(parser, "user_state")
 
 
 def build_pipeline(env, t_env, cfg) -> None:
     """events.tokens -> keyed by the record key (= user_id) -> UserStateFunction (decodes; writes Feast + Redis);
     bad or late -> DLQ. Keyed by the Kafka key in the JVM (jobs.common.keyed_kafka_source), not by a decoded
-    field: no Python call before the shuffle, no pickled event."""
+    field: no Python call before the shuffle, no pickled event. With --batch-ms > 0 the JVM also groups each
+    key's records into micro-batches (jobs.user_state_batch) and UserStateBatchFunction runs once per batch."""
     from pyflink.common import Types
 
     from jobs.common import add_kafka_sink, discard, keyed_kafka_source
-    from jobs.operators.user_state_fn import DLQ_TAG, LATE_TAG, UserStateFunction
+    from jobs.operators.user_state_fn import DLQ_TAG, LATE_TAG, UserStateBatchFunction, UserStateFunction
+    from jobs.user_state_batch import batched_kafka_source
     from jobs.user_state_logic import ProcessorConfig
 
     x = cfg.extra
@@ -70,10 +79,15 @@ def build_pipeline(env, t_env, cfg) -> None:
         state_ttl_ms=int(x["state_ttl_days"] * 86_400_000),
         cache_size=x["state_cache_users"],
     )
-    states = keyed_kafka_source(t_env, "tokens_source", x["source_topic"], cfg) \
-        .process(UserStateFunction(cfg.redis, x["feature_repo"], cfg.registry, x["dlq_topic"], config,
-                                   x["flush_rows"], x["feast_write"], x["wait_replicas"], x["wait_timeout_ms"]),
-                 output_type=Types.BOOLEAN()) \
+    if x["batch_ms"] > 0:
+        source = batched_kafka_source(env, t_env, "tokens_source", x["source_topic"], cfg, x["batch_ms"],
+                                      x["batch_records"])
+        function = UserStateBatchFunction
+    else:
+        source, function = keyed_kafka_source(t_env, "tokens_source", x["source_topic"], cfg), UserStateFunction
+    states = source.process(function(cfg.redis, x["feature_repo"], cfg.registry, x["dlq_topic"], config,
+                                     x["flush_rows"], x["feast_write"], x["wait_replicas"], x["wait_timeout_ms"]),
+                            output_type=Types.BOOLEAN()) \
         .name("user-state").uid("user-state")
     discard(states)
     statements = t_env.create_statement_set()
@@ -95,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     def options(args: argparse.Namespace) -> dict:
         if args.max_events < 1 or args.flush_rows < 1 or args.flush_ms < 1:
             raise JobSetupError("--max-events, --flush-rows and --flush-ms must be >= 1")
+        if args.batch_ms < 0 or args.batch_records < 1:
+            raise JobSetupError("--batch-ms must be >= 0 and --batch-records >= 1")
+        if args.batch_ms > 0:
+            from jobs.user_state_batch import batch_jars
+
+            batch_jars()  # compiled once; fails here, with what to do, where there is no JDK
         if args.redis_wait_replicas < -1 or args.redis_wait_timeout_ms < 1:
             raise JobSetupError("--redis-wait-replicas must be >= -1 and --redis-wait-timeout-ms >= 1")
         if args.compact_interval_min <= 0 or args.state_ttl_days <= 0 or args.state_cache_users < 0:
@@ -105,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 "feast_write": args.feast_write, "allowed_lateness_s": args.allowed_lateness_s,
                 "compact_interval_min": args.compact_interval_min, "state_ttl_days": args.state_ttl_days,
                 "state_cache_users": args.state_cache_users,
+                "batch_ms": args.batch_ms, "batch_records": args.batch_records,
                 "wait_replicas": wait_replicas(args.redis_wait_replicas, args.redis),
                 "wait_timeout_ms": args.redis_wait_timeout_ms}
 

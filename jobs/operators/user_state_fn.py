@@ -9,7 +9,8 @@ encoded UserState + its write track; the long-term groups) and a ListState (even
 with StateTtlConfig (--state-ttl-days), processing-time timers (confirm flushes, nearline compaction) and
 LATE_EVENT dead letters on LATE_TAG.
 Counters (group `ugt`): `events`, `applied`, `duplicates`, `late_events`, `rows_written`, `compactions`,
-`dead_lettered`, `bundle_flushes` (process mode: flushes at a bundle end, jobs/operators/bundle_flush.py).
+`dead_lettered`, `bundle_flushes` (process mode: flushes at a bundle end, jobs/operators/bundle_flush.py),
+`batches` (UserStateBatchFunction: micro-batches of jobs/user_state_batch.py).
 With --redis-wait-replicas every flush ends with a WAIT on each Redis master (jobs/replica_wait.py).
 """
 
@@ -31,6 +32,7 @@ from jobs.operators.counters import CounterBatch
 from jobs.operators.state_ttl import state_ttl
 from jobs.popularity_writer import redis_popularity_writer
 from jobs.replica_wait import ReplicaBarrier
+from jobs.user_state_batch import unpack_records
 from jobs.user_state_logic import (
     APPLIED,
     JOB_NAME,
@@ -73,12 +75,16 @@ class _DeadLetters:
 
 
 class _FlinkStore:
-    """KeyedStore over the two ValueStates and the log ListState (Flink scopes them to the current key)."""
+    """KeyedStore over the two ValueStates and the log ListState (Flink scopes them to the current key).
+
+    Log entries added during one call for a key (a micro-batch) go to the ListState in one add_all at its end
+    (:meth:`end_key`): one crossing into the JVM per batch instead of one per event."""
 
     def __init__(self, state, long_state, log):
         self.state = state
         self.long_state = long_state
         self.log = log
+        self.added: list[bytes] = []
 
     def get(self):
         return self.state.value()
@@ -93,13 +99,23 @@ class _FlinkStore:
         self.long_state.update(data)
 
     def log_get(self):
-        return self.log.get()
+        stored = self.log.get()
+        if not self.added:
+            return stored
+        return [*(stored or ()), *self.added]
 
     def log_add(self, data: bytes) -> None:
-        self.log.add(data)
+        self.added.append(data)
 
     def log_clear(self) -> None:
+        self.added = []
         self.log.clear()
+
+    def end_key(self) -> None:
+        """Write the log entries added for the current key (call before Flink moves to another key)."""
+        if self.added:
+            self.log.add_all(self.added)
+            self.added = []
 
 
 class UserStateFunction(KeyedProcessFunction):
@@ -164,11 +180,18 @@ class UserStateFunction(KeyedProcessFunction):
         # per-event counts go to Flink in sums (jobs.operators.counters); flushed on timers and dead letters too
         self.counts = CounterBatch({name: group.counter(name) for name in (
             "events", "applied", "duplicates", "late_events", "dead_lettered", "rows_written", "compactions",
-            "bundle_flushes")})
+            "bundle_flushes", "batches")})
         self.counted = (0, 0)
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
-        data, key, topic, partition, offset = value[0], value[1], value[2], value[3], value[4]
+        """One record: Row(value, k, src_topic, src_partition, src_offset)."""
+        yield from self._record(value[0], value[1], value[2], value[3], value[4], ctx, int(time.time() * 1000))
+        self.store.end_key()
+        self._count(self.processor.flush_if_due())
+        self.counts.record()
+
+    def _record(self, data, key, topic: str, partition: int, offset: int, ctx: KeyedProcessFunction.Context,
+                now_ms: int):
         counts = self.counts
         try:
             event = decode_token_event(self.serde, data)
@@ -182,8 +205,8 @@ class UserStateFunction(KeyedProcessFunction):
             return
         counts.add("events")
         timers = ctx.timer_service()
-        # wall clock, as Flink's processing-time service reads it: one JNI call less per event (8 % in a profile)
-        outcome = self.processor.on_event(event, self.store, int(time.time() * 1000))
+        # now_ms: wall clock, as Flink's processing-time service reads it: one JNI call less per event
+        outcome = self.processor.on_event(event, self.store, now_ms)
         if outcome.status == APPLIED:
             counts.add("applied")
             for _, at in outcome.timers:
@@ -197,14 +220,13 @@ class UserStateFunction(KeyedProcessFunction):
             reason = (f"event_time {event.event_time} is more than {self.processor.config.allowed_lateness_ms} ms "
                       f"older than user {event.user_id!r}'s newest event")
             yield LATE_TAG, self.letters.row(data, topic, partition, offset, LATE_EVENT, reason)
-        self._count(self.processor.flush_if_due())
-        counts.record()
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         timers = ctx.timer_service()
         for _, at in self.processor.on_timer(ctx.get_current_key(), timestamp, self.store,
                                              timers.current_processing_time()):
             timers.register_processing_time_timer(at)
+        self.store.end_key()
         self._count(self.processor.flush_if_due())
         self.counts.flush()
         return iter(())
@@ -238,3 +260,18 @@ class UserStateFunction(KeyedProcessFunction):
             self.counts.flush()
         if getattr(self, "redis", None) is not None:
             self.redis.close()
+
+
+class UserStateBatchFunction(UserStateFunction):
+    """UserStateFunction fed micro-batches (jobs/user_state_batch.py): Row(records, k, src_topic), one call per
+    (user, batch); each record goes through the same per-record path, in arrival order."""
+
+    def process_element(self, value, ctx: KeyedProcessFunction.Context):
+        key, topic = value[1], value[2]
+        now_ms = int(time.time() * 1000)
+        self.counts.add("batches")  # events / batches = the mean batch size
+        for data, partition, offset in unpack_records(value[0]):
+            yield from self._record(data, key, topic, partition, offset, ctx, now_ms)
+        self.store.end_key()
+        self._count(self.processor.flush_if_due())
+        self.counts.record()

@@ -40,3 +40,6 @@ def test_each_engine_run_gets_its_engine_on_top_of_the_tokenize_args() -> None:
     assert engine_args(args, "sql").tokenize_args == "--lake '' --engine sql"
     assert engine_args(argparse.Namespace(tokenize_args=""), "python").tokenize_args == "--engine python"
     assert args.tokenize_args == "--lake ''"
+    variant = engine_args(argparse.Namespace(tokenize_args="", user_state_args="--max-events 50"), "sql:--batch-ms 0")
+    assert (variant.tokenize_args, variant.user_state_args) == ("--engine sql", "--max-events 50 --batch-ms 0")
+    assert engine_args(args, "sql").user_state_args == ""
