@@ -74,7 +74,7 @@ def build_model(cfg: TrainConfig, data: SequenceData, codes: np.ndarray | None =
     config = UGTConfig.from_dict({**mc, "num_items": data.num_items})
     if "sid" in config.embedding.item_repr and codes is None:
         raise ValueError("UGT item_repr uses semantic IDs: set semantic_ids in the config")
-    return UGT(config, data.item_genres, data.item_year_bucket, codes, codebook_sizes)
+    return UGT(config, data.item_genres, data.item_year_bucket, codes, codebook_sizes, data.item_release_year)
 
 
 def model_config_dict(model: Any) -> dict[str, Any]:
