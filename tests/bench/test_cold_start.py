@@ -72,3 +72,14 @@ def test_cpu_size_run_on_ml100k_writes_the_headline_keys(tmp_path):
         assert key in result, key
     assert 0.0 <= result["cold_item_hr@10"] <= result["cold_item_hr@200"] <= 1.0
     assert result["popularity_cold_item_hr@200"] == 0.0  # new items have no training events
+
+
+def test_content_knn_search_is_the_same_exact_search_without_faiss(monkeypatch):
+    from bench.cold_anchors import exact_search
+
+    rows = np.random.default_rng(0).random((40, 6)).astype(np.float32)
+    scores, found, engine = exact_search(rows, rows[:4], 5)
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # as on a machine without faiss
+    np_scores, np_found, np_engine = exact_search(rows, rows[:4], 5)
+    assert (engine, np_engine) == ("faiss", "numpy") and (found == np_found).all()
+    assert np.allclose(scores, np_scores, atol=1e-5) and (found[:, 0] == np.arange(4)).all()
