@@ -77,7 +77,8 @@ def test_cpu_size_run_on_ml100k_writes_the_headline_keys(tmp_path):
 def test_content_knn_search_is_the_same_exact_search_without_faiss(monkeypatch):
     from bench.cold_anchors import exact_search
 
-    rows = np.random.default_rng(0).random((40, 6)).astype(np.float32)
+    rows = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)  # unit rows: each is its own nearest
     scores, found, engine = exact_search(rows, rows[:4], 5)
     monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # as on a machine without faiss
     np_scores, np_found, np_engine = exact_search(rows, rows[:4], 5)
