@@ -59,6 +59,8 @@ METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "mrr")
 KNOWN_VARIANTS = {
     "freshness": "model_config.freshness.enabled=true;model_config.freshness.idless_share=0.5",
     "freshness_no_idless": "model_config.freshness.enabled=true",
+    "freshness_recent": "model_config.freshness.enabled=true;model_config.freshness.idless_share=0.5;"
+                        "model_config.freshness.recent_days=7",
 }
 NEW_USER_KEYS = ("new_user_hr@10_after_1", "new_user_hr@10_after_3", "new_user_hr@10_after_5",
                  "popularity_new_user_hr@10_after_5")
@@ -83,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", default="runs/cold_start")
     p.add_argument("--out", default="bench/results/cold_start.json")
     p.add_argument("--collect-only", action="store_true", help="only gather existing summaries")
+    p.add_argument("--skip-done", action="store_true", help="do not rerun runs whose summary.json exists")
     return p.parse_args(argv)
 
 
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = plan(args)
     if not args.collect_only:
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-            list(pool.map(lambda r: launch(r, args.set), runs))
+            list(pool.map(lambda r: launch(r, args.set), [r for r in runs if not (args.skip_done and collect(r))]))
     rows = [row for row in (collect(r) for r in runs) if row is not None]
     missing = [r["name"] for r in runs if collect(r) is None]
     cold_spec = {k: v for k, v in yaml.safe_load(args.cold).items() if k != "holdout"}

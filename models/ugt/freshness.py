@@ -38,6 +38,26 @@ class FreshnessConfig:
     # trained catalog) is embedded and scored without its ID row, with the ID-less bucket values
     idless_share: float = 0.0
     young_years: int = 1
+    # > 0: also a term from the item's event count over the `recent_days` days before the position's day (log2
+    # buckets), from the event log the model is built with: what a live counter in the stream would give a new item
+    recent_days: int = 0
+
+
+COUNT_BUCKETS = 12  # log2(1 + count) buckets of the recent-count term: 0, 1, 2-3, ..., >= 2^11 - 1
+DAY = 86400
+
+
+def recent_count_buckets(items: np.ndarray, times: np.ndarray, num_items: int, days: int
+                         ) -> tuple[int, np.ndarray]:
+    """(first day, (D + 1, V + 1) uint8): per calendar day since the first event's, the log2 bucket of each item's
+    event count over the ``days`` days before it (that day's own events not counted)."""
+    first = int(times.min()) // DAY
+    day = times // DAY - first
+    counts = np.zeros((int(day.max()) + 2, num_items + 1), np.int64)
+    np.add.at(counts, (day + 1, items), 1)  # row d + 1: the events of day d
+    total = np.cumsum(counts, axis=0)  # row d: the events before day d
+    window = total - np.concatenate([np.zeros((days, num_items + 1), np.int64), total[:-days]])[: len(total)]
+    return first, np.clip(np.floor(np.log2(1 + window)), 0, COUNT_BUCKETS - 1).astype(np.uint8)
 
 
 def year_starts() -> torch.Tensor:
@@ -49,7 +69,8 @@ def year_starts() -> torch.Tensor:
 class FreshnessTerm(nn.Module):
     """``forward(user (M, D), query_times (M,), idless (V + 1,) bool)`` -> the term (M, V + 1), in cosine units."""
 
-    def __init__(self, d_model: int, num_items: int, config: FreshnessConfig, item_release: np.ndarray | None = None):
+    def __init__(self, d_model: int, num_items: int, config: FreshnessConfig, item_release: np.ndarray | None = None,
+                 event_log: tuple[np.ndarray, np.ndarray] | None = None):
         super().__init__()
         if sorted(config.edges) != list(config.edges) or not config.edges or config.edges[0] < 1:
             raise ValueError(f"freshness.edges must be increasing ages >= 1, got {config.edges}")
@@ -65,6 +86,15 @@ class FreshnessTerm(nn.Module):
         self.register_buffer("year_starts", year_starts(), persistent=False)
         self.bias = nn.Parameter(torch.zeros(2, self.num_buckets))  # [with ID row, without]
         self.proj = nn.Parameter(torch.zeros(2, self.num_buckets, d_model)) if config.per_user else None
+        self.recent_bias = self.recent_proj = None
+        if config.recent_days > 0:
+            if event_log is None or not len(event_log[0]):
+                raise ValueError("freshness.recent_days needs the event log the model is built with")
+            first, table = recent_count_buckets(*event_log, num_items, config.recent_days)
+            self.register_buffer("first_day", torch.tensor(first), persistent=True)
+            self.register_buffer("recent_table", torch.as_tensor(table), persistent=True)
+            self.recent_bias = nn.Parameter(torch.zeros(2, COUNT_BUCKETS))
+            self.recent_proj = nn.Parameter(torch.zeros(2, COUNT_BUCKETS, d_model)) if config.per_user else None
 
     def query_years(self, query_times: torch.Tensor) -> torch.Tensor:
         """Calendar year (UTC) of each epoch-seconds time."""
@@ -96,7 +126,22 @@ class FreshnessTerm(nn.Module):
         for year in torch.unique(years).tolist():
             rows = years == year
             out[rows] = values[rows].index_select(1, sets + self.buckets(int(year)))
+        if self.recent_bias is not None:
+            out = out + self.recent_term(user, query_times, idless)
         return out
+
+    def recent_term(self, user: torch.Tensor, query_times: torch.Tensor, idless: torch.Tensor) -> torch.Tensor:
+        """(M, V + 1): the values of each item's recent-count bucket on the position's day."""
+        M = user.shape[0]
+        values = self.recent_bias.view(1, -1).expand(M, -1)
+        if self.recent_proj is not None:
+            values = values + user.float() @ self.recent_proj.view(2 * COUNT_BUCKETS, -1).T
+        day = (query_times.long() // DAY - self.first_day).clamp(0, self.recent_table.shape[0] - 1)
+        width = self.item_release.shape[0]
+        buckets = self.recent_table[day][:, :width].long()  # rows reserved while serving: no count (bucket 0)
+        if buckets.shape[1] < width:
+            buckets = torch.nn.functional.pad(buckets, (0, width - buckets.shape[1]))
+        return values.gather(1, buckets + idless.long() * COUNT_BUCKETS)
 
     def idless(self, step_drop: torch.Tensor | None = None) -> torch.Tensor:
         """Items scored with the ID-less values: no trained ID row, or dropped for this training step."""

@@ -97,12 +97,12 @@ class UGT(nn.Module):
 
     def __init__(self, config: UGTConfig, item_genres: np.ndarray | None = None, item_year: np.ndarray | None = None,
                  item_codes: np.ndarray | None = None, codebook_sizes: list[int] | None = None,
-                 item_release: np.ndarray | None = None):
+                 item_release: np.ndarray | None = None, event_log: tuple[np.ndarray, np.ndarray] | None = None):
         super().__init__()
         self.config = c = config
         self.embed = UnifiedEmbedding(c.d_model, c.num_items, c.total_len, c.embedding, item_genres, item_year,
                                       item_codes, codebook_sizes)
-        self.freshness = (FreshnessTerm(c.d_model, c.num_items, c.freshness, item_release)
+        self.freshness = (FreshnessTerm(c.d_model, c.num_items, c.freshness, item_release, event_log)
                           if c.freshness.enabled else None)
         self.compressor = LongTermCompressor(c.d_model, c.multiscale) if c.multiscale.long_groups > 0 else None
         self.context = RealTimeContext(c.d_model) if c.multiscale.use_context else None

@@ -90,3 +90,32 @@ def test_rows_reserved_for_live_items_take_their_release_year():
     assert term.item_release.tolist() == [0, 1999, 1990, 0, 2001]
     assert term.trained.tolist() == [True, True, True, False, False]
     assert term.buckets(2001).tolist() == [6, 1, 4, 6, 0]  # ages 2, 11, unknown, 0
+
+
+def test_recent_counts_cover_the_days_before_the_positions_day_only():
+    from models.ugt.freshness import recent_count_buckets
+
+    day = 86400
+    items = np.array([1, 1, 2, 1, 1, 1])
+    times = np.array([0, 10, day, 2 * day, 2 * day + 5, 9 * day]) + 100 * day
+    first, table = recent_count_buckets(items, times, 2, 7)
+    assert first == 100
+    # item 1: 2 events on day 0, 2 on day 2, 1 on day 9; bucket = floor(log2(1 + count over the 7 days before))
+    assert table[:, 1].tolist() == [0, 1, 1, 2, 2, 2, 2, 2, 1, 1, 1]
+    assert table[:, 2].tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+
+
+def test_the_recent_count_term_reads_each_items_bucket_on_the_positions_day():
+    day = 86400
+    log = (np.array([1, 1, 1, 2]), np.array([0, 1, 2, 3]) + 100 * day)
+    term = FreshnessTerm(3, 2, FreshnessConfig(enabled=True, per_user=False, recent_days=3), np.zeros(3, np.int64),
+                         log)
+    with torch.no_grad():
+        term.recent_bias[0] = torch.arange(12, dtype=torch.float32)
+        term.recent_bias[1] = 100 + torch.arange(12, dtype=torch.float32)
+    out = term.recent_term(torch.zeros(2, 3), torch.tensor([100 * day + 50, 101 * day]),
+                           torch.tensor([False, False, True]))
+    assert out.tolist() == [[0.0, 0.0, 100.0],  # on the day itself nothing is counted yet
+                            [0.0, 2.0, 101.0]]  # next day: item 1 had 3 events (bucket 2); item 2, ID-less, 1
+    with pytest.raises(ValueError, match="event log"):
+        FreshnessTerm(3, 2, FreshnessConfig(enabled=True, recent_days=3), np.zeros(3, np.int64))
