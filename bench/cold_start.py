@@ -26,7 +26,8 @@ Test metrics: full ranking over every catalog item (new ones included), input-wi
     # on one GPU with no network (bench/gpu_ml1m.sh unpacks the carried .ugtdata/; about 8 minutes in all; its
     # $OUT/cold_start.json is bench/results/cold_start.json):
     UGT_COMMIT=<sha> BENCH_TIMEOUT=480 BENCH_SCRIPT=bench/cold_start.py bash bench/gpu_ml1m.sh --id-dropout "" \
-        --variants freshness --parallel 3 --set max_minutes=5 --set "semantic_ids={artifact: .ugtdata/sid/ml1m}"
+        --variants freshness,freshness_recent --parallel 4 --set max_minutes=5 \
+        --set "semantic_ids={artifact: .ugtdata/sid/ml1m}"
     # the CI-size run on CPU (ML-100K, the 1997 releases as new items; a few minutes):
     python bench/cold_start.py --config models/configs/ugt_ml100k_tiny.yaml --cold "{year_from: 1997}" \
         --id-dropout "" --variants freshness --out /tmp/cold.json
