@@ -24,7 +24,7 @@ done
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 python3 -c "import torch, numpy, pandas; print('torch', torch.__version__, 'numpy', numpy.__version__, 'pandas', pandas.__version__)"
 if [ -n "${BENCH_SCRIPT:-}" ]; then  # the cold-start harness (same GPU, its own runs and result)
-  timeout "$budget" python3 "$BENCH_SCRIPT" "$@" --runs-dir /tmp/runs --out "$out/ml1m_cold_start.json"
+  timeout "$budget" python3 "$BENCH_SCRIPT" "$@" --runs-dir /tmp/runs --out "$out/cold_start.json"
   rc=$?
   tar czf "$out/runs.tgz" --exclude='*.pt' -C /tmp runs
   exit $rc

@@ -74,7 +74,10 @@ def build_model(cfg: TrainConfig, data: SequenceData, codes: np.ndarray | None =
     config = UGTConfig.from_dict({**mc, "num_items": data.num_items})
     if "sid" in config.embedding.item_repr and codes is None:
         raise ValueError("UGT item_repr uses semantic IDs: set semantic_ids in the config")
-    return UGT(config, data.item_genres, data.item_year_bucket, codes, codebook_sizes)
+    log = None
+    if config.freshness.recent_days > 0 and data.items:  # every event of the data: the stream's item counts
+        log = (np.concatenate(data.items), np.concatenate(data.times))
+    return UGT(config, data.item_genres, data.item_year_bucket, codes, codebook_sizes, data.item_release_year, log)
 
 
 def model_config_dict(model: Any) -> dict[str, Any]:

@@ -87,6 +87,9 @@ def evaluate(model: Any, data: SequenceData, split_data: Batchable, split: str =
                     user, _ = model(batch)
             state = last_states(user.float(), batch["lengths"])
             scores = state @ table.T
+            fresh = _freshness(model, state, batch)
+            if fresh is not None:
+                scores = scores + fresh
         else:
             state = None
             scores = model.score(len(batch["lengths"])).to(device)
@@ -125,6 +128,15 @@ def evaluate(model: Any, data: SequenceData, split_data: Batchable, split: str =
     if rank_ranks:
         result["target_aware"] = {"rerank_top": rerank_top, **accuracy_from_ranks(torch.cat(rank_ranks), ks)}
     return result
+
+
+def _freshness(model: Any, state: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The item-age term at each row's request time (the target's time), or None (models/ugt/freshness.py)."""
+    if getattr(model, "freshness", None) is None:
+        return None
+    lengths = batch["lengths"]
+    request_time = batch["query_times"].gather(1, (lengths - 1).clamp(min=0).view(-1, 1)).view(-1)
+    return model.freshness_scores(state, request_time)
 
 
 def _reranked_ranks(model: Any, kept, batch: dict[str, torch.Tensor], state: torch.Tensor, table: torch.Tensor,

@@ -19,12 +19,15 @@ import torch.nn.functional as F
 
 def sampled_softmax_loss(user: torch.Tensor, targets: torch.Tensor, item_table: torch.Tensor,
                          num_negatives: int = 128, temperature: float = 0.05,
-                         generator: torch.Generator | None = None, excluded: torch.Tensor | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None, excluded: torch.Tensor | None = None,
+                         logit_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Mean sampled-softmax loss over positions with ``targets > 0``.
 
     user: (..., D) L2-normalised user embeddings; targets: (...) item indices (0 = no target);
     item_table: (V + 1, D) L2-normalised item embeddings (row 0 = padding, never sampled);
-    excluded: (V + 1,) bool, items that are never negatives (the cold-start holdout: not in the catalog yet).
+    excluded: (V + 1,) bool, items that are never negatives (the cold-start holdout: not in the catalog yet);
+    logit_bias: (M, V + 1) added to the cosine scores of the M supervised positions (in their order), before the
+    temperature: the item-freshness term (models/ugt/freshness.py).
     """
     mask = targets > 0
     if not bool(mask.any()):
@@ -33,14 +36,20 @@ def sampled_softmax_loss(user: torch.Tensor, targets: torch.Tensor, item_table: 
     pos = targets[mask]
     table = item_table.float()
     pos_logits = (u * table[pos]).sum(-1, keepdim=True)  # (M, 1)
+    if logit_bias is not None:
+        pos_logits = pos_logits + logit_bias.gather(1, pos.unsqueeze(1))
     num_items = table.shape[0] - 1
     if num_negatives <= 0 or num_negatives >= num_items:
         logits = u @ table[1:].T  # (M, V): every catalog item; the positive sits at column pos - 1
+        if logit_bias is not None:
+            logits = logits + logit_bias[:, 1:]
         if excluded is not None:
             logits = logits.masked_fill(excluded[1:], float("-inf"))
         return F.cross_entropy(logits / temperature, pos - 1)
     neg = torch.randint(1, num_items + 1, (u.shape[0], num_negatives), device=u.device, generator=generator)
     neg_logits = torch.einsum("md,mrd->mr", u, table[neg])
+    if logit_bias is not None:
+        neg_logits = neg_logits + logit_bias.gather(1, neg)
     drop = neg == pos.unsqueeze(1)
     if excluded is not None:
         drop = drop | excluded[neg]

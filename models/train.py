@@ -456,6 +456,8 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, resume: str | Pat
     model = build_model(cfg, data, codes, sizes)
     if holdout:
         hold_out_features(model.embed, torch.as_tensor(cold))
+        if getattr(model, "freshness", None) is not None:  # scored with the ID-less freshness values
+            model.freshness.trained[torch.as_tensor(cold)] = False
     summary: dict[str, Any] = {"name": cfg.name, "model": cfg.model, "tie_order": cfg.tie_order,
                                "dataset": cfg.dataset, "device": str(device), "data_fingerprint": fingerprint(data),
                                "world_size": env.world_size, "grad_accum": cfg.grad_accum}

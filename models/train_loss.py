@@ -21,6 +21,8 @@ def stage2_loss(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, co
     device_type = batch["ids"].device.type
     core = getattr(model, "_orig_mod", model)
     ranking = isinstance(core, UGT) and core.ranker is not None
+    if isinstance(core, UGT) and core.training:
+        core.start_step()
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
         if ranking:  # the ranking head reads every layer's input of this same forward
             user, aux, kept = model(batch, keep=True)
@@ -28,7 +30,10 @@ def stage2_loss(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, co
             user, aux = model(batch)
         table = model.item_embeddings()
     targets = batch["targets"]
-    ntp = sampled_softmax_loss(user, targets, table, cfg.num_negatives, cfg.temperature, excluded=excluded)
+    fresh = (core.freshness_scores(user[targets > 0].float(), batch["query_times"][targets > 0])
+             if isinstance(core, UGT) else None)
+    ntp = sampled_softmax_loss(user, targets, table, cfg.num_negatives, cfg.temperature, excluded=excluded,
+                               logit_bias=fresh)
     parts = {"ntp": float(ntp.detach()), "aux": float(aux.detach())}
     if teacher is not None:
         kd = teacher.loss(user, table, batch, cfg.temperature)

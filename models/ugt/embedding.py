@@ -73,6 +73,9 @@ class UnifiedEmbedding(nn.Module):
                               if config.content_tower else None)
         if self.content_tower is not None:  # which items have a trained ID row (False: the tower stands in)
             self.register_buffer("has_id", torch.ones(num_items + 1, dtype=torch.bool), persistent=True)
+        # training only: items embedded without their ID row this step (models.ugt.freshness, idless_share)
+        self.register_buffer("id_drop", torch.zeros(num_items + 1, dtype=torch.bool), persistent=False)
+        self.drops_ids = False
         self.genre_emb = nn.Embedding(int(genres.max()) + 1, d_model, padding_idx=0)
         self.year_emb = nn.Embedding(int(year.max()) + 1, d_model, padding_idx=0)
         self.rating_emb = nn.Embedding(NUM_RATING_TOKENS, d_model)
@@ -113,6 +116,8 @@ class UnifiedEmbedding(nn.Module):
                 out = torch.where(use.unsqueeze(-1), stand_in.to(out.dtype), out)
             elif keep is not None:
                 out = out * keep.unsqueeze(-1).to(out.dtype)
+            if self.training and self.drops_ids:
+                out = out * (~self.id_drop[ids]).unsqueeze(-1).to(out.dtype)
         else:
             out = self.item_emb.weight.new_zeros(*ids.shape, self.d_model)
         if "sid" in repr_:
@@ -133,6 +138,12 @@ class UnifiedEmbedding(nn.Module):
         """Rows of :meth:`output_table` for the given item indices."""
         return F.normalize(self.item_vectors(ids, self.config.output_features), dim=-1, eps=1e-6)
 
+    @torch.no_grad()
+    def set_id_drop(self, drop: torch.Tensor) -> None:
+        """Items (V + 1 bool) whose ID row is left out while training, until the next call."""
+        self.id_drop.copy_(drop)
+        self.drops_ids = True
+
     @property
     def capacity(self) -> int:
         """How many item indices the tables hold (trained items plus :meth:`reserve`'d rows)."""
@@ -152,6 +163,7 @@ class UnifiedEmbedding(nn.Module):
         self.item_emb = nn.Embedding.from_pretrained(grown, freeze=True, padding_idx=0)
         self.item_genres = torch.cat([self.item_genres, self.item_genres.new_zeros(extra, self.item_genres.shape[1])])
         self.item_year = torch.cat([self.item_year, self.item_year.new_zeros(extra)])
+        self.id_drop = torch.cat([self.id_drop, self.id_drop.new_zeros(extra)])
         if self.content_tower is not None:
             self.has_id = torch.cat([self.has_id, self.has_id.new_zeros(extra)])
         if self.item_codes is not None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from contracts.tokenizer import TOKEN_GROUP_ITEM
 from models.hstu import HSTUBlock
 from models.ugt.embedding import EmbeddingConfig, UnifiedEmbedding
+from models.ugt.freshness import FreshnessConfig, FreshnessTerm
 from models.ugt.gln import GLNConfig, GroupLayerNorm
 from models.ugt.heads import HeadsConfig, PrefixTrie, SemanticIDHead
 from models.ugt.moe import MoEConfig, MoEFeedForward
@@ -46,12 +47,13 @@ class UGTConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     gln: GLNConfig = field(default_factory=GLNConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    freshness: FreshnessConfig = field(default_factory=FreshnessConfig)  # item-age logit term (models/ugt/freshness.py)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> UGTConfig:
         """Build from a (YAML) dict; unknown keys raise so typos never pass silently."""
         nested = {"embedding": EmbeddingConfig, "multiscale": MultiScaleConfig, "moe": MoEConfig,
-                  "gln": GLNConfig, "heads": HeadsConfig}
+                  "gln": GLNConfig, "heads": HeadsConfig, "freshness": FreshnessConfig}
         known = set(cls.__dataclass_fields__)
         unknown = set(values) - known
         if unknown:
@@ -94,11 +96,14 @@ class UGT(nn.Module):
     """The generator. ``forward(batch)`` -> (user states (B, N, D) L2-normalised, auxiliary loss)."""
 
     def __init__(self, config: UGTConfig, item_genres: np.ndarray | None = None, item_year: np.ndarray | None = None,
-                 item_codes: np.ndarray | None = None, codebook_sizes: list[int] | None = None):
+                 item_codes: np.ndarray | None = None, codebook_sizes: list[int] | None = None,
+                 item_release: np.ndarray | None = None, event_log: tuple[np.ndarray, np.ndarray] | None = None):
         super().__init__()
         self.config = c = config
         self.embed = UnifiedEmbedding(c.d_model, c.num_items, c.total_len, c.embedding, item_genres, item_year,
                                       item_codes, codebook_sizes)
+        self.freshness = (FreshnessTerm(c.d_model, c.num_items, c.freshness, item_release, event_log)
+                          if c.freshness.enabled else None)
         self.compressor = LongTermCompressor(c.d_model, c.multiscale) if c.multiscale.long_groups > 0 else None
         self.context = RealTimeContext(c.d_model) if c.multiscale.use_context else None
         self.layers = nn.ModuleList(UGTLayer(c) for _ in range(c.num_layers))
@@ -113,6 +118,23 @@ class UGT(nn.Module):
 
     def item_embeddings(self) -> torch.Tensor:
         return self.embed.output_table()
+
+    def start_step(self) -> None:
+        """Before a training step: draw which young items go without their ID row this step (freshness.idless_share),
+        for their input tokens, their output rows and their freshness values alike."""
+        if self.freshness is None or self.freshness.config.idless_share <= 0:
+            return
+        young = self.freshness.young()
+        draw = torch.rand(young.shape, device=young.device) < self.freshness.config.idless_share
+        self.embed.set_id_drop(young & draw)
+
+    def freshness_scores(self, user: torch.Tensor, query_times: torch.Tensor) -> torch.Tensor | None:
+        """The item-age term (M, V + 1) to add to the cosine scores of ``user`` (M, D) at ``query_times`` (M,),
+        or None without freshness. In training mode the step's dropped items take the ID-less values."""
+        if self.freshness is None:
+            return None
+        drop = self.embed.id_drop if self.training and self.embed.drops_ids else None
+        return self.freshness(user, query_times, self.freshness.idless(drop))
 
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states at the recent positions (B, N, D) and the summed MoE balancing loss."""
