@@ -11,13 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from models.checkpoint import load_checkpoint
-from models.data import build_sequences, history_row
-from models.train import fit
-from models.train_config import TrainConfig
 from models.ugt.inference import InferenceConfig, UGTInference
 from models.ugt.weight_quant import Fp8Linear, FusedExperts, Int8WeightLinear, fused_linear_forms
-from tests.models.conftest import random_dataset
+from tests.models import test_quantize
+
+# test_quantize's trained UGT: every Linear but the 2-expert router is a multiple of 16 wide, as FP8 needs
+served = test_quantize.served
 
 MAX_LEN = 16
 # relative error (Frobenius) of one layer's output: e4m3 keeps 3 mantissa bits on both operands (measured ~0.035);
@@ -26,26 +25,6 @@ FP8_LAYER_ERROR, INT8_LAYER_ERROR = 0.06, 0.012
 TOP10_OVERLAP = 0.8  # int8_weight: the weights' rounding may swap near-ties at the end of a list
 FP8_TOP10_OVERLAP = 0.7  # fp8 also rounds every activation row; measured 0.9+ on this model
 CUDA_FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A UGT trained a few epochs on synthetic data (2 layers, 2 MoE experts; every Linear but the 2-expert router
-    a multiple of 16 wide), and every user's next-item request."""
-    data = build_sequences(random_dataset(users=60, items=50, events=20, seed=1), "stable")
-    out = tmp_path_factory.mktemp("w8")
-    cfg = TrainConfig(name="q", model="ugt", max_len=MAX_LEN, batch_size=16, max_epochs=4, patience=10,
-                      progress=False, device="cpu", out_dir=str(out), num_negatives=0, temperature=0.1,
-                      eval_batch_size=64, model_config={
-                          "d_model": 32, "num_layers": 2, "num_heads": 2, "dqk": 16, "dv": 16, "dropout": 0.0,
-                          "embedding": {"item_repr": "id"}, "multiscale": {"long_groups": 2, "max_long": 8},
-                          "moe": {"d_ff": 64, "num_experts": 2, "top_k": 1}, "heads": {"semantic_id": False}})
-    fit(cfg, data=data)
-    model = load_checkpoint(out / "checkpoint.pt", data=data)[0]
-    rows = [history_row(s[:-1], t[:-1], r[:-1], MAX_LEN, 8, query_time=int(t[-1]))
-            for s, t, r in zip(data.items, data.times, data.ratings, strict=True)]
-    excludes = [np.unique(s[:-1]) for s in data.items]
-    return model, rows, excludes
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
