@@ -52,6 +52,7 @@ def drill_settings(offset: int, folder: str = "drills") -> Settings:
         "UGT_FLINK_PORT": str(base.flink_rest_port + offset),
         "UGT_FLINK_RPC_PORT": str(base.flink_rpc_port + offset),
         "UGT_FLINK_METRICS_PORT": str(base.flink_metrics_port + offset),
+        "UGT_SERVING_PORT": str(base.serving_port + offset),
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)})
     for name in ("UGT_KAFKA_BOOTSTRAP", "UGT_REDIS_URL", "UGT_REGISTRY_URL", "UGT_FLINK_REST",
                  "UGT_KAFKA_CLUSTER_CONTROLLER_PORT", "UGT_REDIS_CLUSTER_PORT", "UGT_FLINK_TASKMANAGERS",
