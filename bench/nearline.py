@@ -27,7 +27,7 @@ semantic-ID artifact (`ugt semantic-ids build --dataset ml-1m --config models/co
     python -m bench.nearline --events 20000 --warmup-events 0 --probes 50 --new-items 20 --anchor-events 20000 \
         --name nearline-quick
     python -m bench.nearline --only freshness --events 50000 --warmup-events 10000   # both deliveries, no anchor
-    python -m bench.nearline --profiles single,cluster --new-items 0 --name nearline-profiles
+    python -m bench.nearline --stack-profiles single,cluster --new-items 0 --name nearline-profiles
         # the same workload on the single-node stack, then on a cluster profile of its own (ports + 200): one
         # result, each profile's numbers under `profiles`, CPU per event side by side (the cost of replication)
 """
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="events for the raw-Kafka anchor (default: %(default)s)")
     parser.add_argument("--parallelism", type=int, default=None,
                         help="Flink parallelism of the jobs (default: the profile's, 1 single-node, 2 cluster)")
-    parser.add_argument("--profiles", default=None,
+    parser.add_argument("--stack-profiles", default=None,
                         help="single,cluster: the same workload on the stack (single-node profile) and then on a "
                         "cluster profile of the bench's own (3 brokers RF 3, Redis Cluster 3+3, Flink 3 TaskManagers; "
                         "ports + --cluster-port-offset, var/nearline-cluster/, stopped at the end), one after the "
@@ -242,7 +242,7 @@ def profile_stack(profile: str | None, port_offset: int) -> Iterator[Any]:
     if profile != "cluster":
         settings = get_settings()
         if profile == "single" and settings.cluster:
-            raise SystemExit("bench: --profiles single runs on the stack of the UGT_* ports, and that stack is the "
+            raise SystemExit("bench: --stack-profiles single runs on the stack of the UGT_* ports, which is the "
                              "cluster profile; bring up the single-node profile there (`ugt stack up`)")
         yield settings
         return
@@ -339,22 +339,22 @@ def cpu_per_event(result: dict[str, Any]) -> dict[str, Any]:
 
 def combine(runs: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Several profiles' runs in one result: the first one's numbers where a single run's are (so readers of
-    nearline.json keep working), each profile's in `profiles`, and their CPU per event side by side."""
+    nearline.json keep working), each profile's in `stack_profiles`, and their CPU per event side by side."""
     first_name = next(iter(runs))
     result, conditions = runs[first_name]
-    result = {**result, "profile": first_name,
-              "cpu_per_event_by_profile": {name: cpu_per_event(r) for name, (r, _) in runs.items()},
-              "profiles": {name: r for name, (r, _) in runs.items()}}
-    conditions = {**conditions, "profiles": {name: c for name, (_, c) in runs.items()}}
+    result = {**result, "stack_profile": first_name,
+              "cpu_per_event_by_stack_profile": {name: cpu_per_event(r) for name, (r, _) in runs.items()},
+              "stack_profiles": {name: r for name, (r, _) in runs.items()}}
+    conditions = {**conditions, "stack_profiles": {name: c for name, (_, c) in runs.items()}}
     return result, conditions
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    profiles = [p.strip() for p in (args.profiles or "").split(",") if p.strip()] or [None]
+    profiles = [p.strip() for p in (args.stack_profiles or "").split(",") if p.strip()] or [None]
     unknown = sorted(set(profiles) - {None, "single", "cluster"})
     if unknown or len(set(profiles)) < len(profiles):
-        raise SystemExit(f"bench: --profiles takes single and/or cluster, each once; got {args.profiles!r}")
+        raise SystemExit(f"bench: --stack-profiles takes single and/or cluster, each once; got {args.stack_profiles!r}")
     runs: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     for profile in profiles:
         with profile_stack(profile, args.cluster_port_offset) as settings:
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(runs) > 1:
         print()
         print_table([{"profile": name, **{k: v for k, v in row.items() if k != "us_per_event_by_process"}}
-                     for name, row in result["cpu_per_event_by_profile"].items()])
+                     for name, row in result["cpu_per_event_by_stack_profile"].items()])
     write_result(result_path(args.name), "nearline", conditions, result, argv, PROG)
     return 0
 

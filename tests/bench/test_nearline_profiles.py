@@ -1,4 +1,4 @@
-"""bench.nearline --profiles: the cluster profile's settings and CPU scope, and two runs in one result (no stack)."""
+"""bench.nearline --stack-profiles: the cluster profile's settings and CPU scope, and two runs in one result (no stack)."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ def test_two_profiles_make_one_result_with_cpu_per_event_side_by_side() -> None:
     single, cluster = run_result(30.0, 10.0, 5000.0), run_result(45.0, 25.5, 2000.0)
     result, conditions = nearline.combine({"single": (single, {"events": 9, "stack": "s"}),
                                            "cluster": (cluster, {"events": 9, "stack": "c"})})
-    assert result["events_per_s"] == 5000.0 and result["profile"] == "single"  # a single run's readers keep working
-    assert result["profiles"] == {"single": single, "cluster": cluster}
-    by_profile = result["cpu_per_event_by_profile"]
+    assert result["events_per_s"] == 5000.0 and result["stack_profile"] == "single"  # a single run's readers keep working
+    assert result["stack_profiles"] == {"single": single, "cluster": cluster}
+    by_profile = result["cpu_per_event_by_stack_profile"]
     assert by_profile["single"]["total_us_per_event"] == 40.0
     assert by_profile["cluster"]["total_us_per_event"] == 70.5
     assert by_profile["cluster"]["us_per_event_by_process"] == {"flink-taskmanager": 45.0, "redis": 25.5}
     assert by_profile["cluster"]["flink_us_per_event_exactly_once"] == 90.0
-    assert conditions["profiles"]["cluster"]["stack"] == "c"
+    assert conditions["stack_profiles"]["cluster"]["stack"] == "c"
 
 
 def test_a_run_without_cpu_has_no_cpu_per_event() -> None:
@@ -63,8 +63,8 @@ def test_the_single_profile_refuses_a_cluster_stack(monkeypatch) -> None:
 
 def test_unknown_or_repeated_profiles_are_refused() -> None:
     for bad in ("single,edge", "cluster,cluster"):
-        with pytest.raises(SystemExit, match="--profiles"):
-            nearline.main(["--profiles", bad])
+        with pytest.raises(SystemExit, match="--stack-profiles"):
+            nearline.main(["--stack-profiles", bad])
 
 
 def test_the_single_profile_scope_is_its_var_folder_and_its_redis_port(monkeypatch) -> None:
