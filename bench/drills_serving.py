@@ -10,7 +10,9 @@ kept with its time; `summary` counts them against the kill and the failover:
   unknown_user for a user the model had already answered (a known user's state that went missing);
 * unknown_user answers of users the stream had not reached yet are counted apart (the stream's own progress);
 * http_5xx (every one a defect), http_4xx, no_answer (timeouts, refused connections: also defects);
-* the window of the failure's fallbacks, in seconds from the kill, beside the failover time.
+* the window of the failure's fallbacks, in seconds from the kill, beside the failover time: by when each call was
+  sent (fallback_window_s: a call sent just before the kill may be answered by a fallback after it) and by when
+  its answer came back (fallback_answered_window_s).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class Asked:
     status: int | None  # None: no HTTP answer (timeout, connection refused)
     fallback: bool = False
     reason: str | None = None
+    done: float | None = None  # when the answer (or the error) came back; None: same as `at`
+
+    @property
+    def answered(self) -> float:
+        return self.at if self.done is None else self.done
 
 
 class ServingLoad:
@@ -93,7 +100,7 @@ class ServingLoad:
                 response = session.post(f"{self.url}/recommend", json={"user_id": user, "k": 10},
                                          timeout=self.timeout_s)
             except requests.RequestException:
-                self.asked.append(Asked(at, user, None))
+                self.asked.append(Asked(at, user, None, done=time.monotonic()))
                 continue
             body: dict[str, Any] = {}
             if response.status_code == 200:
@@ -102,7 +109,7 @@ class ServingLoad:
                 except ValueError:
                     body = {}
             self.asked.append(Asked(at, user, response.status_code, bool(body.get("fallback")),
-                                    body.get("fallback_reason")))
+                                    body.get("fallback_reason"), done=time.monotonic()))
 
     def stop(self) -> None:
         """Stop asking and stop the server (SIGTERM, then SIGKILL after 30 s)."""
@@ -138,6 +145,7 @@ class ServingLoad:
         first_model_after = next((a.at - killed_at for a in after if not a.fallback), None)
         window = ([round(failure_fallbacks[0].at - killed_at, 2), round(failure_fallbacks[-1].at - killed_at, 2)]
                   if failure_fallbacks else None)
+        answered = sorted(a.answered - killed_at for a in failure_fallbacks)
         window_end = killed_at + max(failover_s, window[1] if window else 0.0)
         before = [a for a in self.asked if a.at < killed_at]
         return {
@@ -147,6 +155,7 @@ class ServingLoad:
             "fallback_answers": len(failure_fallbacks),
             "fallback_reasons": dict(Counter(a.reason for a in failure_fallbacks)),
             "fallback_window_s": window,
+            "fallback_answered_window_s": [round(answered[0], 2), round(answered[-1], 2)] if answered else None,
             "unknown_user_not_yet_streamed": new_users,
             "http_5xx": sum(n for code, n in statuses.items() if code is not None and code >= 500),
             "http_4xx": sum(n for code, n in statuses.items() if code is not None and 400 <= code < 500),
