@@ -263,11 +263,16 @@ def measure(args: argparse.Namespace, settings: Any) -> tuple[dict[str, Any], di
     from bench.drills_jobs import ensure_feast_applied
     from infra import stack
     from infra.redis_client import redis_client
+    from infra.stack_errors import StackError
     from streams.bench_anchor import kafka_raw_anchor
     from streams.topics import ensure_pipeline
 
     args = argparse.Namespace(**{**vars(args), "parallelism": args.parallelism or settings.job_parallelism})
-    stack.up(settings=settings, after_kafka=ensure_pipeline)
+    try:
+        stack.up(settings=settings, after_kafka=ensure_pipeline)
+    except StackError as exc:  # a loaded box (3 brokers, 3 TaskManagers): `up` again waits once more, as drills do
+        print(f"{exc}\nwaiting once more ...", flush=True)
+        stack.up(settings=settings, after_kafka=ensure_pipeline)
     ensure_feast_applied(settings)  # a fresh profile's registry (var/nearline-cluster/) has no views yet
     run_id = uuid.uuid4().hex[:8]
     r = redis_client(settings)
