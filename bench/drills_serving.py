@@ -50,6 +50,15 @@ class Asked:
         return self.at if self.done is None else self.done
 
 
+def reason_windows(fallbacks: list[Asked], killed_at: float) -> dict[str, list[float]]:
+    """Per fallback reason, the first and last answer's time from the kill: tells the failover's state_unavailable
+    from load-shedding (overloaded, timeout) on a busy box."""
+    times: dict[str, list[float]] = {}
+    for asked in fallbacks:
+        times.setdefault(str(asked.reason), []).append(asked.answered - killed_at)
+    return {reason: [round(min(ts), 2), round(max(ts), 2)] for reason, ts in times.items()}
+
+
 class ServingLoad:
     """`ugt serve` on ``s.serving_port`` and a thread asking it for ``users`` at ``rate`` requests/s."""
 
@@ -156,6 +165,7 @@ class ServingLoad:
             "fallback_reasons": dict(Counter(a.reason for a in failure_fallbacks)),
             "fallback_window_s": window,
             "fallback_answered_window_s": [round(answered[0], 2), round(answered[-1], 2)] if answered else None,
+            "fallback_answered_by_reason_s": reason_windows(failure_fallbacks, killed_at),
             "unknown_user_not_yet_streamed": new_users,
             "http_5xx": sum(n for code, n in statuses.items() if code is not None and code >= 500),
             "http_4xx": sum(n for code, n in statuses.items() if code is not None and 400 <= code < 500),

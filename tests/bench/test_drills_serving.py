@@ -31,6 +31,8 @@ def test_fallbacks_of_the_failure_are_counted_and_placed_against_the_kill() -> N
     assert summary["fallback_reasons"] == {"state_unavailable": 1, "unknown_user": 1, "timeout": 1}
     assert summary["fallback_window_s"] == [-0.5, 9.0]  # by when each call was sent
     assert summary["fallback_answered_window_s"] == [0.5, 9.0]  # by when its answer came back
+    assert summary["fallback_answered_by_reason_s"] == {"state_unavailable": [0.5, 0.5], "unknown_user": [2.0, 2.0],
+                                                         "timeout": [9.0, 9.0]}
     assert summary["unknown_user_not_yet_streamed"] == 1
     assert (summary["http_5xx"], summary["http_4xx"], summary["no_answer"]) == (1, 1, 1)
     assert summary["serving_answers_before_kill"] == 4
