@@ -52,6 +52,7 @@ def drill_settings(offset: int, folder: str = "drills") -> Settings:
         "UGT_FLINK_PORT": str(base.flink_rest_port + offset),
         "UGT_FLINK_RPC_PORT": str(base.flink_rpc_port + offset),
         "UGT_FLINK_METRICS_PORT": str(base.flink_metrics_port + offset),
+        "UGT_SERVING_PORT": str(base.serving_port + offset),
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)})
     for name in ("UGT_KAFKA_BOOTSTRAP", "UGT_REDIS_URL", "UGT_REGISTRY_URL", "UGT_FLINK_REST",
                  "UGT_KAFKA_CLUSTER_CONTROLLER_PORT", "UGT_REDIS_CLUSTER_PORT", "UGT_FLINK_TASKMANAGERS",
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=100.0,
                         help="events/s published into the jobs, so the failure meets a running stream "
                              "(default: %(default)s)")
+    parser.add_argument("--serving-rate", type=float, default=30.0,
+                        help="/recommend calls/s to `ugt serve` during the redis_master drill (default: %(default)s)")
     parser.add_argument("--port-offset", type=int, default=400,
                         help="the drill cluster's ports = the stack's + this (default: %(default)s)")
     parser.add_argument("--out", default=str(result_path("drills")))
@@ -170,8 +173,12 @@ def main(argv: list[str] | None = None) -> None:
             stack_mod.up(only=services, settings=s, log=print, after_kafka=ensure_pipeline)
         for drill in chosen:
             print(f"drill {drill} ...", flush=True)
-            rows.append(broker_drill(s, args.events) if drill == "broker"
-                        else JOB_DRILLS[drill](s, args.job_events, args.rate))
+            if drill == "broker":
+                rows.append(broker_drill(s, args.events))
+            elif drill == "redis_master":
+                rows.append(JOB_DRILLS[drill](s, args.job_events, args.rate, serving_rate=args.serving_rate))
+            else:
+                rows.append(JOB_DRILLS[drill](s, args.job_events, args.rate))
             print_table(rows[-1:])
     finally:
         stack_mod.down(only=services, settings=s, log=print)
@@ -183,6 +190,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"{args.events}, each drill under the jobs {args.job_events} published at {args.rate:g}/s",
         "jobs": "tokenize (--delivery exactly-once) + user_state (thread mode, --redis-wait-replicas default 1) at "
                 f"parallelism {s.job_parallelism} on {s.flink_taskmanagers} TaskManagers, checkpoints every 2 s",
+        "serving": f"redis_master: one `ugt serve` (thread engine, default config: direct Redis state reads, the "
+                   f"popularity model) on port {s.serving_port}, /recommend for the stream's users round robin at "
+                   f"{args.serving_rate:g}/s, 3 s client timeout, from the first applied event until 5 s after the "
+                   "dead node rejoined; fallback_answers: fallbacks the failure caused (any reason but unknown_user, "
+                   "and unknown_user of a user the model had answered)",
     }, {"rows": rows}, argv=argv, prog="python -m bench.drills" if argv is not None else None)
 
 

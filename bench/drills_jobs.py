@@ -8,6 +8,8 @@ applied a third of them and completed a checkpoint, the drill breaks one thing:
 * ``redis_master_drill``: `kill -9` the Redis Cluster master that holds the run's popularity set (user_state writes
   there on every flush, `--redis-wait-replicas` at its cluster default 1). failover_s: until another node serves
   that slot; recovery_s: until user_state runs again, restored from its checkpoint. The node is started again.
+  Meanwhile `ugt serve` answers /recommend for the stream's users (bench/drills_serving.py): fallback_answers
+  counts the fallbacks the failure caused, with their reasons and their window from the kill.
 * ``taskmanager_drill``: `kill -9` the TaskManager running user_state's first subtask. failover_s: until the
   JobManager has failed the job over; recovery_s: until it runs again on the other TaskManagers, restored from its
   checkpoint. A new TaskManager is started afterwards.
@@ -36,6 +38,7 @@ from typing import Any
 
 import requests
 
+from bench.drills_serving import ServingLoad
 from contracts.datasets import load_dataset, user_events
 from contracts.redis_keys import applied_key, popularity_key
 from contracts.tokenizer import tokenize_event
@@ -349,10 +352,16 @@ def restart_redis_node(s: Settings, port: int) -> None:
     wait_until(lambda: redis_cluster_healthy(s), 120, "the Redis Cluster healthy again", every_s=1)
 
 
-def redis_master_drill(s: Settings, n_events: int, rate: float) -> dict[str, Any]:
+def redis_master_drill(s: Settings, n_events: int, rate: float, serving_rate: float = 30.0) -> dict[str, Any]:
+    """Also serves: `ugt serve` asked for the stream's users from the first applied event until after the dead
+    node rejoined (bench/drills_serving.py); its answers are counted against the kill and the failover."""
     run = start_run(s, n_events)
+    load = ServingLoad(s, run.domain, sorted(run.expected_rows), rate=serving_rate)
     try:
+        load.start_server()
         publisher = publish_in_background(run, run.events, rate)
+        wait_until(lambda: applied(run) > 0, 300, "the first event applied")
+        load.start_asking()
         at = wait_mid_stream(run)
         client = redis_client(s)
         key = popularity_key(run.domain)
@@ -371,12 +380,17 @@ def redis_master_drill(s: Settings, n_events: int, rate: float) -> dict[str, Any
         if publisher.errors:  # type: ignore[attr-defined]
             raise publisher.errors[0]  # type: ignore[attr-defined]
         restart_redis_node(s, port)
+        time.sleep(5)  # serving goes on past the rejoin
+        load.stop()
         counts = verify(run)
-        return row("kill -9 the Redis Cluster master of the popularity slot while user_state writes "
-                   f"(killed at {at} applied; WAIT 1 replica per flush)", run, counts,
-                   failover_s=round(failover_s, 2), recovery_s=None if recovery_s is None else round(recovery_s, 2),
-                   restarts=restarts(s, jid), restored=bool(restarted))
+        return {**row("kill -9 the Redis Cluster master of the popularity slot while user_state writes and "
+                      f"`ugt serve` answers (killed at {at} applied; WAIT 1 replica per flush)", run, counts,
+                      failover_s=round(failover_s, 2),
+                      recovery_s=None if recovery_s is None else round(recovery_s, 2),
+                      restarts=restarts(s, jid), restored=bool(restarted)),
+                **load.summary(killed, failover_s)}
     finally:
+        load.stop()
         finish(run)
 
 

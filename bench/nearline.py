@@ -27,6 +27,9 @@ semantic-ID artifact (`ugt semantic-ids build --dataset ml-1m --config models/co
     python -m bench.nearline --events 20000 --warmup-events 0 --probes 50 --new-items 20 --anchor-events 20000 \
         --name nearline-quick
     python -m bench.nearline --only freshness --events 50000 --warmup-events 10000   # both deliveries, no anchor
+    python -m bench.nearline --stack-profiles single,cluster --new-items 0 --name nearline-profiles
+        # the same workload on the single-node stack, then on a cluster profile of its own (ports + 200): one
+        # result, each profile's numbers under `profiles`, CPU per event side by side (the cost of replication)
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import argparse
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from bench import proc_cpu
@@ -59,7 +64,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-rate", type=float, default=20.0, help="probe events per second (default: %(default)s)")
     parser.add_argument("--anchor-events", type=int, default=100_000,
                         help="events for the raw-Kafka anchor (default: %(default)s)")
-    parser.add_argument("--parallelism", type=int, default=1, help="Flink parallelism of the jobs (default: %(default)s)")
+    parser.add_argument("--parallelism", type=int, default=None,
+                        help="Flink parallelism of the jobs (default: the profile's, 1 single-node, 2 cluster)")
+    parser.add_argument("--stack-profiles", default=None,
+                        help="single,cluster: the same workload on the stack (single-node profile) and then on a "
+                        "cluster profile of the bench's own (3 brokers RF 3, Redis Cluster 3+3, Flink 3 TaskManagers; "
+                        "ports + --cluster-port-offset, var/nearline-cluster/, stopped at the end), one after the "
+                        "other, in one result with CPU per event side by side (default: the stack's own profile)")
+    parser.add_argument("--cluster-port-offset", type=int, default=200,
+                        help="the cluster profile's ports = the stack's + this (default: %(default)s)")
     parser.add_argument("--new-items", type=int, default=100,
                         help="new catalog items for new_item_p99_s; 0 skips the item phase (default: %(default)s)")
     parser.add_argument("--item-rate", type=float, default=5.0, help="new items per second (default: %(default)s)")
@@ -208,19 +221,61 @@ def print_summary(result: dict[str, Any]) -> None:
         print_table([{"repo function on the stack": k, "share": v} for k, v in profile["repo_inclusive"].items()])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import redis
+def profile_label(settings: Any) -> dict[str, Any]:
+    """What a profile's row ran on: brokers, topic replication, Redis, TaskManagers, the jobs' parallelism."""
+    return {"profile": settings.profile, "kafka_brokers": len(settings.kafka_broker_ports),
+            "topic_replication": settings.topic_replication,
+            "redis": (f"Redis Cluster {settings.redis_masters} masters + {settings.redis_masters} replicas, AOF "
+                      f"appendfsync {settings.redis_appendfsync}") if settings.cluster
+            else f"one Redis, AOF appendfsync {settings.redis_appendfsync}",
+            "flink_taskmanagers": settings.flink_taskmanagers, "var": str(settings.var_dir)}
 
+
+@contextmanager
+def profile_stack(profile: str | None, port_offset: int) -> Iterator[Any]:
+    """The Settings a profile's run uses. None: the stack as configured (what the bench always did). single: the
+    same stack, which must be the single-node profile. cluster: a cluster profile of the bench's own, on the
+    stack's ports + port_offset in var/nearline-cluster/ (bench.drills.drill_settings), stopped at the end."""
     from infra import stack
     from infra.settings import get_settings
+
+    if profile != "cluster":
+        settings = get_settings()
+        if profile == "single" and settings.cluster:
+            raise SystemExit("bench: --stack-profiles single runs on the stack of the UGT_* ports, which is the "
+                             "cluster profile; bring up the single-node profile there (`ugt stack up`)")
+        yield settings
+        return
+    from bench.drills import drill_settings
+
+    saved = dict(os.environ)
+    settings = drill_settings(port_offset, folder="nearline-cluster")
+    try:
+        yield settings
+    finally:
+        stack.down(settings=settings, log=print)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def measure(args: argparse.Namespace, settings: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One profile's run on `settings`' stack (brought up if down): (the result, its conditions)."""
+    from bench.drills_jobs import ensure_feast_applied
+    from infra import stack
+    from infra.redis_client import redis_client
+    from infra.stack_errors import StackError
     from streams.bench_anchor import kafka_raw_anchor
     from streams.topics import ensure_pipeline
 
-    settings = get_settings()
-    stack.up(settings=settings, after_kafka=ensure_pipeline)
+    args = argparse.Namespace(**{**vars(args), "parallelism": args.parallelism or settings.job_parallelism})
+    try:
+        stack.up(settings=settings, after_kafka=ensure_pipeline)
+    except StackError as exc:  # a loaded box (3 brokers, 3 TaskManagers): `up` again waits once more, as drills do
+        print(f"{exc}\nwaiting once more ...", flush=True)
+        stack.up(settings=settings, after_kafka=ensure_pipeline)
+    ensure_feast_applied(settings)  # a fresh profile's registry (var/nearline-cluster/) has no views yet
     run_id = uuid.uuid4().hex[:8]
-    r = redis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
 
     stale = stale_code_warning()
     if stale:
@@ -246,7 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         result["freshness_p99_s_by_engine"] = {e: u["freshness"]["p99"] for e, u in by_engine.items()}
         result["engines"] = {e: {"events_per_s": u["events_per_s"], "freshness": u["freshness"], "cpu": u["cpu"],
                                  "checkpoints": u.get("checkpoints")} for e, u in by_engine.items()}
-    conditions = {
+    return result, run_conditions(args, first, by_engine, stale, load_before)
+
+
+def run_conditions(args: argparse.Namespace, first: argparse.Namespace, by_engine: dict[str, Any],
+                   stale: str | None, load_before: float) -> dict[str, Any]:
+    return {
         "dataset": args.dataset,
         "events": args.events,
         "parallelism": args.parallelism,
@@ -268,7 +328,50 @@ def main(argv: list[str] | None = None) -> int:
         "stale_code_warning": stale,
         "load_avg_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},  # the box is shared
     }
-    print_summary(result)
+
+
+def cpu_per_event(result: dict[str, Any]) -> dict[str, Any]:
+    """A profile's CPU per event in the at-least-once throughput window: what replication costs, load aside."""
+    cpu = result.get("cpu_during_throughput") or {}
+    budget = cpu.get("budget") or {}
+    flink, outside = budget.get("flink_us_per_event"), budget.get("outside_flink_us_per_event")
+    return {"events_per_s": result["events_per_s"], "flink_us_per_event": flink,
+            "outside_flink_us_per_event": outside,
+            "total_us_per_event": round(flink + outside, 1) if flink is not None and outside is not None else None,
+            "us_per_event_by_process": budget.get("us_per_event_by_process"),
+            "flink_us_per_event_exactly_once": result["flink_cpu_us_per_event_exactly_once"]}
+
+
+def combine(runs: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Several profiles' runs in one result: the first one's numbers where a single run's are (so readers of
+    nearline.json keep working), each profile's in `stack_profiles`, and their CPU per event side by side."""
+    first_name = next(iter(runs))
+    result, conditions = runs[first_name]
+    result = {**result, "stack_profile": first_name,
+              "cpu_per_event_by_stack_profile": {name: cpu_per_event(r) for name, (r, _) in runs.items()},
+              "stack_profiles": {name: r for name, (r, _) in runs.items()}}
+    conditions = {**conditions, "stack_profiles": {name: c for name, (_, c) in runs.items()}}
+    return result, conditions
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    profiles = [p.strip() for p in (args.stack_profiles or "").split(",") if p.strip()] or [None]
+    unknown = sorted(set(profiles) - {None, "single", "cluster"})
+    if unknown or len(set(profiles)) < len(profiles):
+        raise SystemExit(f"bench: --stack-profiles takes single and/or cluster, each once; got {args.stack_profiles!r}")
+    runs: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for profile in profiles:
+        with profile_stack(profile, args.cluster_port_offset) as settings:
+            print(f"== profile {settings.profile}: {profile_label(settings)}")
+            result, conditions = measure(args, settings)
+            runs[settings.profile] = result, {**conditions, "stack": profile_label(settings)}
+            print_summary(result)
+    result, conditions = runs[next(iter(runs))] if len(runs) == 1 else combine(runs)
+    if len(runs) > 1:
+        print()
+        print_table([{"profile": name, **{k: v for k, v in row.items() if k != "us_per_event_by_process"}}
+                     for name, row in result["cpu_per_event_by_stack_profile"].items()])
     write_result(result_path(args.name), "nearline", conditions, result, argv, PROG)
     return 0
 

@@ -25,8 +25,10 @@ TARGET_EVENTS_PER_S = 50_000  # the issue's target for the 2-core box (tokenize 
 
 def stack_scope(settings: Any) -> tuple[str, ...]:
     """What marks this stack's processes on a box shared with other stacks: its var folder (Flink, Kafka, the
-    registry and flink run clients name it) and its Redis port; the CPU profile counts only those."""
-    return str(settings.var_dir), f":{settings.redis_port}"
+    registry and flink run clients name it) and its Redis port, or every node's port of the cluster profile's
+    Redis Cluster (`redis-server 127.0.0.1:<port> [cluster]`); the CPU profile counts only those."""
+    ports = settings.redis_cluster_ports if settings.cluster else [settings.redis_port]
+    return str(settings.var_dir), *(f":{port}" for port in ports)
 
 
 def percentile(values: list[float], q: float) -> float:
