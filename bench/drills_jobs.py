@@ -379,7 +379,9 @@ def redis_master_drill(s: Settings, n_events: int, rate: float, serving_rate: fl
         publisher.join()
         if publisher.errors:  # type: ignore[attr-defined]
             raise publisher.errors[0]  # type: ignore[attr-defined]
+        rejoin = [time.monotonic() - killed]
         restart_redis_node(s, port)
+        rejoin.append(time.monotonic() - killed)
         time.sleep(5)  # serving goes on past the rejoin
         load.stop()
         counts = verify(run)
@@ -388,7 +390,7 @@ def redis_master_drill(s: Settings, n_events: int, rate: float, serving_rate: fl
                       failover_s=round(failover_s, 2),
                       recovery_s=None if recovery_s is None else round(recovery_s, 2),
                       restarts=restarts(s, jid), restored=bool(restarted)),
-                **load.summary(killed, failover_s)}
+                **load.summary(killed, failover_s, rejoin)}
     finally:
         load.stop()
         finish(run)

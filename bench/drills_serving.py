@@ -59,6 +59,15 @@ def reason_windows(fallbacks: list[Asked], killed_at: float) -> dict[str, list[f
     return {reason: [round(min(ts), 2), round(max(ts), 2)] for reason, ts in times.items()}
 
 
+FALLBACK_GRACE_S = 5.0  # serving's clients learn a new slot owner on their next error; a call on the dead node ends
+# at serving's 1 s request timeout
+
+
+def in_window(t: float, window: list[float] | None) -> bool:
+    """Whether ``t`` (seconds from the kill) lies in ``window`` [start, end], extended by FALLBACK_GRACE_S."""
+    return window is not None and window[0] <= t <= window[1] + FALLBACK_GRACE_S
+
+
 class ServingLoad:
     """`ugt serve` on ``s.serving_port`` and a thread asking it for ``users`` at ``rate`` requests/s."""
 
@@ -135,8 +144,10 @@ class ServingLoad:
         if self._log is not None:
             self._log.close()
 
-    def summary(self, killed_at: float, failover_s: float) -> dict[str, Any]:
-        """Counts of the answers, and the failure's fallbacks placed against the kill (``killed_at``, monotonic)."""
+    def summary(self, killed_at: float, failover_s: float, rejoin_s: list[float] | None = None) -> dict[str, Any]:
+        """Counts of the answers, and the failure's fallbacks placed against the kill (``killed_at``, monotonic): those
+        answered within ``FALLBACK_GRACE_S`` of the failover, or of the killed node's restart and rejoin (``rejoin_s``,
+        seconds from the kill), are the failover window's; any other is counted in ``fallbacks_outside_windows``."""
         answered_by_model: set[str] = set()
         failure_fallbacks: list[Asked] = []
         new_users = 0
@@ -166,6 +177,10 @@ class ServingLoad:
             "fallback_window_s": window,
             "fallback_answered_window_s": [round(answered[0], 2), round(answered[-1], 2)] if answered else None,
             "fallback_answered_by_reason_s": reason_windows(failure_fallbacks, killed_at),
+            "rejoin_s": None if rejoin_s is None else [round(t, 2) for t in rejoin_s],
+            "fallbacks_during_rejoin": sum(1 for t in answered if in_window(t, rejoin_s)),
+            "fallbacks_outside_windows": sum(1 for t in answered
+                                             if not (in_window(t, [0.0, failover_s]) or in_window(t, rejoin_s))),
             "unknown_user_not_yet_streamed": new_users,
             "http_5xx": sum(n for code, n in statuses.items() if code is not None and code >= 500),
             "http_4xx": sum(n for code, n in statuses.items() if code is not None and 400 <= code < 500),

@@ -32,7 +32,6 @@ SERVING_RATE = 30.0  # /recommend calls/s during the Redis-master drill
 # Fallbacks caused by the kill may come from the kill until this long after the failover completed: serving's
 # clients learn the new slot owner on their next error (a refresh of the cluster's slot map), and a request
 # already waiting on the dead node ends at serving's request timeout (1 s).
-FALLBACK_TOLERANCE_S = 5.0
 CLIENT_TIMEOUT_S = 3.0  # bench.drills_serving.ServingLoad's
 
 
@@ -69,8 +68,8 @@ def check_serving(result: dict) -> None:
     assert (result["http_5xx"], result["no_answer"]) == (0, 0), result
     assert result["serving_answers_before_kill"] > 0, result
     sent, answered = result["fallback_window_s"], result["fallback_answered_window_s"]
-    if answered is not None:  # each fallback came back after the kill, and none later than the tolerance
-        assert 0 <= answered[0] and answered[1] <= result["failover_s"] + FALLBACK_TOLERANCE_S, result
+    if answered is not None:  # each fallback came back in the failover or the rejoin window (+ grace), none before
+        assert 0 <= answered[0] and result["fallbacks_outside_windows"] == 0, result
         assert -CLIENT_TIMEOUT_S <= sent[0], result  # a call in flight at the kill, at most one timeout before it
     assert result["fallback_answers"] == sum(result["fallback_reasons"].values()), result
     assert result["model_answers_after_window"] > 0, result
