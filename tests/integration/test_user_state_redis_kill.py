@@ -179,11 +179,16 @@ def test_kill_redis_mid_stream_loses_no_event(stack: Settings, tmp_path: Path) -
                                   + where_lost(settings, client, domain, tokens,
                                                Counter(t.user_id for t in token_events)))
         assert popularity(client, domain) == expected_popularity  # 0 lost, 0 applied twice
-        # process mode: the writes went out at bundle ends, before each barrier (jobs/operators/bundle_flush.py);
-        # each worker logs its first one (the restored worker too)
-        flushed = [line for path in cluster.log.glob("*taskexecutor*.log")
-                   for line in path.read_text(errors="replace").splitlines() if "first flush at a bundle end" in line]
-        assert len(flushed) >= 2, f"user_state's bundle-end flush did not run in both workers: {flushed}"
+        # process mode: every worker (the restored one too) hooks the end of each bundle, which Flink ends before a
+        # barrier passes (jobs/operators/bundle_flush.py), and the writes went out there. A worker logs its first
+        # bundle-end flush only when rows were still pending then: with micro-batches (--batch-ms) a restored worker
+        # may have written everything at its batches' own due flushes, so one such line is required, not one each.
+        lines = [line for path in cluster.log.glob("*taskexecutor*.log")
+                 for line in path.read_text(errors="replace").splitlines()]
+        hooked = [line for line in lines if "writes flushed at every bundle end" in line]
+        flushed = [line for line in lines if "first flush at a bundle end" in line]
+        assert len(hooked) >= 2, f"user_state's bundle-end hook was not installed in both workers: {hooked}"
+        assert flushed, "user_state never flushed at a bundle end"
 
         def recent_rows_match() -> list[str]:
             recent = online_rows(settings, "user_recent_events", FEATURE_NAMES, users)
