@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lead-ms", type=float, default=20.0, help="a new event is written this long before its request")
     p.add_argument("--kv-cache-bytes", type=int, default=48 << 30, help="the engine's KV pool (bytes)")
     p.add_argument("--batch-max", type=int, default=128, help="serving batch_max_size")
+    p.add_argument("--engine-max-rows", type=int, default=128,
+                   help="serving engine_max_rows: rows per model step across workers (CUDA graph buckets up to it)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--max-connections", type=int, default=256, help="per load process")
     p.add_argument("--skip", default="",
@@ -270,6 +272,7 @@ def ugt_config(args: argparse.Namespace, users: Users) -> dict[str, Any]:
     return {"generator": "ugt", "checkpoint": str(Path(args.checkpoint).resolve()), "default_domain": "movie",
             "state_reader": "redis", "device": args.device, "kv_cache_users": len(users.ids),
             "kv_cache_bytes": args.kv_cache_bytes, "batch_max_size": args.batch_max, "batch_max_wait_ms": 1.0,
+            "engine_max_rows": args.engine_max_rows,
             "engine_queue_max": 16384, "live_items": 0, "log_level": "warning", "request_timeout_ms": 2000.0,
             "queue_timeout_ms": 1000.0, "max_history": 200}
 

@@ -162,7 +162,9 @@ def _load_ugt(name: str, route: DomainConfig, config: ServingConfig, settings: S
                                  compile_cpu=config.torch_compile, quantize=config.quantize, rank_top=config.rank_top,
                                  beam_size=config.beam_size, live_items=config.live_items,
                                  redis_factory=_feed_client(settings) if settings else None,
-                                 sid_version=config.sid_version, device=config.device)
+                                 sid_version=config.sid_version, device=config.device,
+                                 max_batch=max(config.batch_max_size, config.engine_max_rows
+                                               if config.engine_scope == "model" else 0))
     except CheckpointError as exc:
         where = (f"{name}.checkpoint" if name.startswith("experiments.")
                  else f"domains.{name}.checkpoint" if config.domains else "checkpoint")

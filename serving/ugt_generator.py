@@ -80,6 +80,14 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:HASH_CHARS]
 
 
+def batch_buckets_up_to(max_batch: int) -> tuple[int, ...]:
+    """The default buckets (1, 8, 32, 128), then powers of two up to ``max_batch`` (rounded up to one)."""
+    buckets = list(InferenceConfig.batch_buckets)
+    while buckets[-1] < max_batch:
+        buckets.append(buckets[-1] * 2)
+    return tuple(buckets)
+
+
 class UGTGenerator:
     """Top-k items by the UGT retrieval head; ``version`` = the checkpoint's run name + a file hash.
 
@@ -94,7 +102,7 @@ class UGTGenerator:
                  compile_cpu: bool = False, quantize: str = "none",
                  rank_top: int = -1, beam_size: int = 0, live_items: int = 0,
                  redis_factory: Callable[[], object] | None = None, sid_version: str = "",
-                 device: str = "auto"):
+                 device: str = "auto", max_batch: int = 128):
         from models.checkpoint import load_checkpoint, long_history_len
 
         path = Path(checkpoint)
@@ -138,7 +146,10 @@ class UGTGenerator:
                 raise CheckpointError("device: cuda, but torch sees no CUDA GPU here: set device: auto or cpu")
             if rank_top < 0:
                 rank_top = model.config.heads.rank_top if model.ranker is not None and kv_cache_users > 0 else 0
+            # max_batch: the most rows one model step gets (batch_max_size, or engine_max_rows with engine_scope:
+            # model); buckets up to it, so a batch past 128 replays a captured graph instead of running eager
             inference = InferenceConfig(device=device, cache_slots=kv_cache_users, cache_bytes=kv_cache_bytes,
+                                        batch_buckets=batch_buckets_up_to(max_batch),
                                         compile=compile_cpu and device == "cpu", quantize=quantize, rank_top=rank_top,
                                         beam_size=beam_size, merge="rrf" if beam_size > 0 else "retrieval")
         self.codes = ckpt.get("semantic_codes")
