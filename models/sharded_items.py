@@ -22,8 +22,9 @@ ignored there) and receives every rank's contribution through the collectives, s
 size: the two together are the gradient of the global batch's mean loss, as in one process.
 
 Built on torch.distributed directly (gloo and NCCL both have all_gather, all_to_all and reduce_scatter), not
-TorchRec: TorchRec brings its own fbgemm-gpu kernels, pinned to one torch and CUDA build, no CPU/gloo test path
-for its sharded planner, and its own optimizer fusion in place of AdamW and DDP (docs/TRAINING.md).
+TorchRec: TorchRec shards lookups, not an output layer under a full softmax; its tables train with fbgemm's fused
+optimizers outside AdamW and the checkpoints' format; and it needs fbgemm-gpu, which is not in the lock
+(docs/TRAINING.md).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class ShardGroup:
 
     def __init__(self, rows: int, rank: int, world: int):
         self.rows, self.rank, self.world = rows, rank, world
+        self.pg: Any = None  # the process group of the table's collectives (None: the default one)
         self.block = math.ceil(rows / world)
         self.offset = rank * self.block
 
@@ -60,16 +62,17 @@ class ShardGroup:
         return part.clone()
 
 
-def _gather_padded(x: torch.Tensor, world: int) -> tuple[torch.Tensor, list[int]]:
+def _gather_padded(x: torch.Tensor, group: ShardGroup) -> tuple[torch.Tensor, list[int]]:
     """All ranks' ``x`` (n_r, ...) stacked as (world, n_max, ...), zero-padded, and every rank's n_r."""
+    world = group.world
     sizes = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
     all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
-    dist.all_gather(all_sizes, sizes)
+    dist.all_gather(all_sizes, sizes, group=group.pg)
     counts = [int(s.item()) for s in all_sizes]
     n_max = max(max(counts), 1)
     padded = torch.cat([x, x.new_zeros(n_max - x.shape[0], *x.shape[1:])])
     out = x.new_empty(world * n_max, *x.shape[1:])
-    dist.all_gather_into_tensor(out, padded.contiguous())
+    dist.all_gather_into_tensor(out, padded.contiguous(), group=group.pg)
     return out.view(world, n_max, *x.shape[1:]), counts
 
 
@@ -78,13 +81,12 @@ class _Lookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, group: ShardGroup) -> torch.Tensor:
-        world = group.world
-        all_ids, counts = _gather_padded(ids, world)  # (W, n_max)
+        all_ids, _ = _gather_padded(ids, group)  # (W, n_max)
         mine, local = group.owned(all_ids)
         mine = mine & (all_ids > 0) if group.offset == 0 else mine  # row 0 is padding: no gradient (padding_idx)
         rows = weight[local] * mine.unsqueeze(-1).to(weight.dtype)  # (W, n_max, D): my rows of everyone's ids
         received = torch.empty_like(rows)
-        dist.all_to_all_single(received, rows.contiguous())  # piece q: owner q's rows of my ids
+        dist.all_to_all_single(received, rows.contiguous(), group=group.pg)  # piece q: owner q's rows of my ids
         ctx.save_for_backward(local, mine)
         ctx.group, ctx.n, ctx.shape = group, ids.shape[0], weight.shape
         return received.sum(0)[: ids.shape[0]]
@@ -92,7 +94,7 @@ class _Lookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
         local, mine = ctx.saved_tensors
-        all_grad, _ = _gather_padded(grad.contiguous(), ctx.group.world)  # (W, n_max, D)
+        all_grad, _ = _gather_padded(grad.contiguous(), ctx.group)  # (W, n_max, D)
         weight_grad = grad.new_zeros(ctx.shape)
         weight_grad.index_add_(0, local[mine], all_grad[mine])
         return None, weight_grad, None
@@ -109,6 +111,9 @@ class ShardedEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = full_weight.shape
         self.group = ShardGroup(self.num_embeddings, rank, world)
+        # its own communicator: the table's collectives run inside forward and backward, and on a group of their
+        # own they never interleave with DDP's gradient all-reduces (whose order a rank's unused parameters change)
+        self.group.pg = dist.new_group() if dist.is_initialized() and world > 1 else None
         self.weight = nn.Parameter(self.group.shard_of(full_weight.detach()))
         self.weight.register_hook(lambda g: g / world)  # DDP averages the others; this one gets every rank's sum
 
@@ -125,7 +130,7 @@ class ShardedEmbedding(nn.Module):
         None on the others. Every rank calls it."""
         part = (self.weight if tensor is None else tensor).detach().contiguous()
         out = part.new_empty(self.group.world * self.group.block, *part.shape[1:])
-        dist.all_gather_into_tensor(out, part)
+        dist.all_gather_into_tensor(out, part, group=self.group.pg)
         return out[: self.num_embeddings].clone() if self.group.rank == 0 else None
 
 
@@ -137,22 +142,22 @@ class _ShardedCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, user: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
                 group: ShardGroup, temperature: float) -> torch.Tensor:
         world = group.world
-        all_user, counts = _gather_padded(user, world)  # (W, m_max, D)
-        all_tgt, _ = _gather_padded(targets, world)
+        all_user, _ = _gather_padded(user, group)  # (W, m_max, D)
+        all_tgt, _ = _gather_padded(targets, group)
         m_max = all_user.shape[1]
         all_user, all_tgt = all_user.reshape(world * m_max, -1), all_tgt.reshape(-1)
         logits = (all_user @ table.T) / temperature  # (W * m_max, block)
         logits = logits.masked_fill(~valid, float("-inf"))
         row_max = logits.max(1).values.clamp(min=-1e30)
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group.pg)
         exp = (logits - row_max.unsqueeze(1)).exp_()
         del logits
         sum_exp = exp.sum(1)
-        dist.all_reduce(sum_exp)
+        dist.all_reduce(sum_exp, group=group.pg)
         mine, local = group.owned(all_tgt)
         mine = mine & (all_tgt > 0)  # padded rows (target 0) have no target
         target_logit = (all_user * table[local]).sum(-1) / temperature * mine.to(user.dtype)
-        dist.all_reduce(target_logit)
+        dist.all_reduce(target_logit, group=group.pg)
         loss = sum_exp.log() + row_max - target_logit
         exp /= sum_exp.unsqueeze(1)  # now the softmax over the whole vocabulary, this rank's columns
         ctx.save_for_backward(all_user, table, exp, local, mine)
@@ -164,8 +169,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None, None]:
         all_user, table, softmax, local, mine = ctx.saved_tensors
-        world = ctx.group.world
-        all_grad, _ = _gather_padded(grad.contiguous(), world)
+        all_grad, _ = _gather_padded(grad.contiguous(), ctx.group)
         g = all_grad.reshape(-1) / ctx.temperature
         grad_logits = softmax * g.unsqueeze(1)
         rows = torch.nonzero(mine).squeeze(1)
@@ -173,7 +177,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         grad_table = grad_logits.T @ all_user
         partial = grad_logits @ table  # (W * m_max, D): this shard's share of every row's gradient
         grad_user = partial.new_empty(ctx.m_max, partial.shape[1])
-        dist.reduce_scatter_tensor(grad_user, partial.contiguous())
+        dist.reduce_scatter_tensor(grad_user, partial.contiguous(), group=ctx.group.pg)
         return grad_user[: ctx.n], grad_table, None, None, None, None
 
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from models.checkpoint import load_checkpoint
-from models.sharded_items import ShardGroup, check_shardable
+from models.distributed import DistEnv
+from models.sharded_items import ItemShards, ShardGroup, check_shardable
 from models.train import INTERRUPTED_EXIT, fit
 from models.train_config import TrainConfig, load_config
 
@@ -74,6 +75,20 @@ def test_shard_items_refuses_what_scores_whole_logits_rows():
 
     with pytest.raises(ValueError, match=r"num_negatives: 0"):
         check_shardable(Model(), cfg, None, None)
+
+
+def test_one_process_trains_the_unsharded_table(tiny_data, tmp_path):
+    """``shard_items`` in a world of one changes nothing: the model keeps its ``nn.Embedding`` (so the run is the
+    unsharded one, bit for bit) and every ItemShards step is a no-op."""
+    from models.checkpoint import build_model
+
+    cfg = _config(tmp_path, shard_items=True)
+    model = build_model(cfg, tiny_data)
+    table = model.embed.item_emb
+    items = ItemShards(model, DistEnv(), cfg)
+    assert not items.active and model.embed.item_emb is table and isinstance(table, torch.nn.Embedding)
+    state = {"state": {}, "param_groups": []}
+    assert items.shard_optimizer(None, state, "torch") is state
 
 
 def test_sharded_loss_and_gradients_equal_unsharded():
