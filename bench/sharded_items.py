@@ -186,7 +186,7 @@ def _ml1m(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any], Any]
         while True:
             yield from iterate_batches(split, cfg.batch_size, shuffle=True, rng=rng)
 
-    info = {"config": "models/configs/ugt_ml1m.yaml", "semantic_ids": artifact.exists(), "items": data.num_items,
+    info = {"config_file": "models/configs/ugt_ml1m.yaml", "semantic_ids": artifact.exists(), "items": data.num_items,
             "batch_rows": cfg.batch_size, "train_rows": len(split), "loss": "full softmax (num_negatives 0)"}
     return model, cfg, batches(), info, codes
 
