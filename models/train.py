@@ -306,8 +306,8 @@ class TrainRun:
                 state.update(best_metric=v["ndcg@10"], best_epoch=epoch, bad_evals=0, best_stage=stage)
                 self.best_state.clear()
                 self.best_state.update(copy.deepcopy(self.model.state_dict()))
-                save_checkpoint(self.ckpt_path, self.model, cfg, self.data, None if self.sharded else self.optimizer,
-                                state, self.codes, self.sizes)
+                save_checkpoint(self.ckpt_path, self.model, cfg, self.data, None if self.sharded or self.items.active
+                                else self.optimizer, state, self.codes, self.sizes)  # shards: last.pt has it
             else:
                 state["bad_evals"] += 1
         state["history"].append(entry)
