@@ -10,7 +10,8 @@ softmax over the rank's columns and the logits it came from, for all ranks' ``--
 plus the gathered user states), for 1M and 10M items, d = 256, world sizes 1/2/4/8, as the formula gives it; and,
 where it runs (1M items at world 1 and 2, CPU processes over gloo), as measured on the real tensors after one AdamW
 step: the shard, its ``.grad``, the optimizer's state tensors, and the loss's recorded peak
-(``models.sharded_items.LAST_LOSS_BYTES``). The unsharded DDP figure is beside it: every rank holds the whole table
+(``models.sharded_items.LAST_LOSS_BYTES``), plus each process's peak resident memory (``peak_rss_gib``: the whole
+process, Python and torch included, and freed temporaries). The unsharded DDP figure is beside it: every rank holds the whole table
 (4 x V x d x 4 bytes with gradient and moments) and scores its ``positions / world`` rows against all V items.
 
 ``throughput`` (bench/results/train_throughput.json): training samples (rows) per second and supervised positions
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -87,6 +89,7 @@ def _measure_rank(rank: int, world: int, items: int, dim: int, positions: int, p
            "adamw_gib": state / GIB, "loss_peak_gib": sh.LAST_LOSS_BYTES["peak"] / GIB,
            "step_seconds": seconds, "loss": float(loss.detach())}
     row["total_gib"] = row["params_gib"] + row["grads_gib"] + row["adamw_gib"] + row["loss_peak_gib"]
+    row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # the whole process
     queue.put(row)
     dist.destroy_process_group()
 
@@ -114,7 +117,7 @@ def run_memory(args: argparse.Namespace) -> None:
         rows.append(formula_row(args.measure_items, args.dim, world, args.measure_positions))
         rows.extend(measure(args.measure_items, args.dim, world, args.measure_positions, args.port))
     print_table(rows, ["source", "items", "world", "positions", "rank", "params_gib", "grads_gib", "adamw_gib", "loss_peak_gib",
-                       "total_gib", "ddp_total_gib"])
+                       "total_gib", "peak_rss_gib", "ddp_total_gib"])
     conditions = {"dtype": "float32", "dim": args.dim, "positions_per_step": args.positions,
                   "measured_positions_per_step": args.measure_positions,
                   "optimizer": "AdamW (exp_avg + exp_avg_sq)", "measured_on": "CPU processes, gloo, one thread each",

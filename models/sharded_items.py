@@ -83,11 +83,10 @@ class _Lookup(torch.autograd.Function):
     def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, group: ShardGroup) -> torch.Tensor:
         all_ids, _ = _gather_padded(ids, group)  # (W, n_max)
         mine, local = group.owned(all_ids)
-        mine = mine & (all_ids > 0) if group.offset == 0 else mine  # row 0 is padding: no gradient (padding_idx)
         rows = weight[local] * mine.unsqueeze(-1).to(weight.dtype)  # (W, n_max, D): my rows of everyone's ids
         received = torch.empty_like(rows)
         dist.all_to_all_single(received, rows.contiguous(), group=group.pg)  # piece q: owner q's rows of my ids
-        ctx.save_for_backward(local, mine)
+        ctx.save_for_backward(local, mine & (all_ids > 0))  # row 0 is padding: no gradient (padding_idx)
         ctx.group, ctx.n, ctx.shape = group, ids.shape[0], weight.shape
         return received.sum(0)[: ids.shape[0]]
 

@@ -42,6 +42,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     whole = torch.nn.Embedding(ITEMS + 1, DIM, padding_idx=0)
+    torch.nn.init.normal_(whole.weight)  # row 0 too, as UnifiedEmbedding's init leaves it: looked up, never trained
     linear = torch.nn.Linear(DIM, DIM)
     batches = [rank_batch(r) for r in range(world)]
     # reference: one process, the whole batch; the loss is the mean over every rank's targets
