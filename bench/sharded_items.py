@@ -7,7 +7,7 @@
 ``memory`` (bench/results/sharded_items_memory.json): per rank, the item table's parameters, gradients and AdamW
 moments, and the peak activation of the full-softmax loss (:func:`models.sharded_items.activation_bytes`: the
 softmax over the rank's columns and the logits it came from, for all ranks' ``--positions`` supervised positions,
-plus the gathered user states), for 1M and 10M items, d = 256, world sizes 1/2/4/8, as the formula gives it; and,
+plus the gathered user states and the shard's output vectors), for 1M and 10M items, d = 256, world sizes 1/2/4/8, as the formula gives it; and,
 where it runs (1M items at world 1 and 2, CPU processes over gloo), as measured on the real tensors after one AdamW
 step: the shard, its ``.grad``, the optimizer's state tensors, and the loss's recorded peak
 (``models.sharded_items.LAST_LOSS_BYTES``), plus each process's peak resident memory (``peak_rss_gib``: the whole
@@ -51,7 +51,7 @@ def formula_row(items: int, dim: int, world: int, positions: int) -> dict[str, A
     table = block * dim * 4
     loss = activation_bytes(positions, block, dim)
     ddp_table = (items + 1) * dim * 4
-    ddp_loss = activation_bytes(math.ceil(positions / world), items + 1, dim) - math.ceil(positions / world) * dim * 4
+    ddp_loss = activation_bytes(math.ceil(positions / world), items + 1, dim)  # its rows x all V, the whole table
     return {"items": items, "dim": dim, "world": world, "positions": positions, "source": "formula",
             "params_gib": table / GIB, "grads_gib": table / GIB, "adamw_gib": 2 * table / GIB,
             "loss_peak_gib": loss / GIB, "total_gib": (4 * table + loss) / GIB,
@@ -122,7 +122,7 @@ def run_memory(args: argparse.Namespace) -> None:
                   "measured_positions_per_step": args.measure_positions,
                   "optimizer": "AdamW (exp_avg + exp_avg_sq)", "measured_on": "CPU processes, gloo, one thread each",
                   "loss": "full softmax, distributed logsumexp (models/sharded_items.py)",
-                  "ddp_total": "unsharded DDP per rank: whole table x 4 + (positions / world) x V logits x 2"}
+                  "ddp_total": "unsharded DDP per rank: whole table x 4 + (positions / world) x V logits x 2 + output table"}
     write_result(args.out or result_path("sharded_items_memory"), "sharded_items_memory", conditions, {"rows": rows})
 
 

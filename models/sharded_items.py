@@ -161,7 +161,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         exp /= sum_exp.unsqueeze(1)  # now the softmax over the whole vocabulary, this rank's columns
         ctx.save_for_backward(all_user, table, exp, local, mine)
         ctx.group, ctx.temperature, ctx.m_max, ctx.n = group, temperature, m_max, user.shape[0]
-        LAST_LOSS_BYTES["peak"] = exp.numel() * exp.element_size() * 2 + all_user.numel() * all_user.element_size()
+        LAST_LOSS_BYTES["peak"] = sum(t.numel() * t.element_size() for t in (exp, exp, all_user, table))
         start = group.rank * m_max
         return loss[start : start + user.shape[0]]
 
@@ -195,8 +195,9 @@ def sharded_softmax_loss(user: torch.Tensor, targets: torch.Tensor, table: torch
 
 def activation_bytes(rows: int, block: int, dim: int, bytes_per: int = 4) -> int:
     """Peak bytes the sharded loss keeps per rank: the softmax over its columns (and the logits it came from, alive
-    together once), plus the gathered user states; what :class:`_ShardedCrossEntropy` records in ``LAST_LOSS_BYTES``."""
-    return 2 * rows * block * bytes_per + rows * dim * bytes_per
+    together once), the gathered user states and the shard's output vectors; what :class:`_ShardedCrossEntropy`
+    records in ``LAST_LOSS_BYTES``."""
+    return (2 * rows * block + rows * dim + block * dim) * bytes_per
 
 
 def shard_output(embed: Any) -> tuple[torch.Tensor, torch.Tensor]:
