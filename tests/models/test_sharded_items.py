@@ -111,7 +111,7 @@ def reference(tmp_path_factory) -> list[float]:
     return _losses(out)
 
 
-@pytest.mark.slow  # a torchrun launch and two in-process runs: ~40 s on an idle 2-core box
+@pytest.mark.slow  # a torchrun launch and two in-process runs: 60-90 s on the loaded 2-core box
 def test_sharded_training_follows_one_process_and_resumes_at_another_world_size(reference, tmp_path):
     """Two ranks with the table sharded train epoch 1 on the one-process curve; their last.pt holds the whole table
     and its whole AdamW moments; one process resumes it (2 -> 1) and finishes on the same curve. (One torchrun
