@@ -7,12 +7,13 @@
 ``memory`` (bench/results/sharded_items_memory.json): per rank, the item table's parameters, gradients and AdamW
 moments, and the peak activation of the full-softmax loss (:func:`models.sharded_items.activation_bytes`: the
 softmax over the rank's columns and the logits it came from, for all ranks' ``--positions`` supervised positions,
-plus the gathered user states and the shard's output vectors), for 1M and 10M items, d = 256, world sizes 1/2/4/8, as the formula gives it; and,
-where it runs (1M items at world 1 and 2, CPU processes over gloo), as measured on the real tensors after one AdamW
-step: the shard, its ``.grad``, the optimizer's state tensors, and the loss's recorded peak
-(``models.sharded_items.LAST_LOSS_BYTES``), plus each process's peak resident memory (``peak_rss_gib``: the whole
-process, Python and torch included, and freed temporaries). The unsharded DDP figure is beside it: every rank holds the whole table
-(4 x V x d x 4 bytes with gradient and moments) and scores its ``positions / world`` rows against all V items.
+plus the gathered user states and the shard's output vectors), for 1M and 10M items, d = 256, world sizes
+1/2/4/8, as the formula gives it; and, where it runs (1M items at world 1 and 2, CPU processes over gloo), as
+measured on the real tensors after one AdamW step: the shard, its ``.grad``, the optimizer's state tensors, and
+the loss's recorded peak (``models.sharded_items.LAST_LOSS_BYTES``), plus each process's peak resident memory
+(``peak_rss_gib``: the whole process, Python and torch included, and freed temporaries). The unsharded DDP figure
+is beside it: every rank holds the whole table (4 x V x d x 4 bytes with gradient and moments) and scores its
+``positions / world`` rows against all V items.
 
 ``throughput`` (bench/results/train_throughput.json): training samples (rows) per second and supervised positions
 per second of the stage-2 step (forward, loss, backward, AdamW; bf16 autocast and TF32 on CUDA, eager) in one
@@ -116,13 +117,14 @@ def run_memory(args: argparse.Namespace) -> None:
         print(f"measuring {args.measure_items:,} items at world {world} ...", flush=True)
         rows.append(formula_row(args.measure_items, args.dim, world, args.measure_positions))
         rows.extend(measure(args.measure_items, args.dim, world, args.measure_positions, args.port))
-    print_table(rows, ["source", "items", "world", "positions", "rank", "params_gib", "grads_gib", "adamw_gib", "loss_peak_gib",
-                       "total_gib", "peak_rss_gib", "ddp_total_gib"])
+    print_table(rows, ["source", "items", "world", "positions", "rank", "params_gib", "grads_gib", "adamw_gib",
+                       "loss_peak_gib", "total_gib", "peak_rss_gib", "ddp_total_gib"])
     conditions = {"dtype": "float32", "dim": args.dim, "positions_per_step": args.positions,
                   "measured_positions_per_step": args.measure_positions,
                   "optimizer": "AdamW (exp_avg + exp_avg_sq)", "measured_on": "CPU processes, gloo, one thread each",
                   "loss": "full softmax, distributed logsumexp (models/sharded_items.py)",
-                  "ddp_total": "unsharded DDP per rank: whole table x 4 + (positions / world) x V logits x 2 + output table"}
+                  "ddp_total": "unsharded DDP per rank: whole table x 4 + (positions / world) x V logits x 2 "
+                               "+ output table"}
     write_result(args.out or result_path("sharded_items_memory"), "sharded_items_memory", conditions, {"rows": rows})
 
 

@@ -29,6 +29,7 @@ optimizers outside AdamW and the checkpoints' format; and it needs fbgemm-gpu, w
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+TABLE_KEY = "embed.item_emb.weight"  # the sharded table's name in a UGT state dict
 LAST_LOSS_BYTES = {"peak": 0}  # the last sharded loss's peak activation bytes on this rank (bench/sharded_items.py)
 
 
@@ -234,7 +236,8 @@ class ItemShards:
     Inactive (every method a no-op) unless ``shard_items`` is on and the world has more than one rank: a world of
     one trains the unsharded model, exactly."""
 
-    def __init__(self, model: Any, env: Any, cfg: Any, excluded: Any = None, teacher: Any = None):
+    def __init__(self, model: Any, env: Any, cfg: Any, excluded: Any = None, teacher: Any = None,
+                 best_state: dict | None = None):
         self.active = bool(getattr(cfg, "shard_items", False)) and env.active
         self.main = env.main
         if not self.active:
@@ -246,6 +249,13 @@ class ItemShards:
         self.shard.weight.sharded_rows = True  # models.distributed.wrap keeps it out of DDP
         self.whole = whole.cpu() if env.main else None
         self.embed.item_emb = self.shard
+        if best_state and TABLE_KEY in best_state:  # rank 0's best weights keep their table in host memory too
+            best_state[TABLE_KEY] = best_state[TABLE_KEY].cpu()
+
+    def host_copy(self, state: dict) -> dict:
+        """A copy of a (whole) state dict to keep as the best weights; the item table's copy in host memory."""
+        return {k: (v.detach().cpu().clone() if self.active and k == TABLE_KEY else copy.deepcopy(v))
+                for k, v in state.items()}
 
     def sync(self) -> None:
         """Rank 0's whole copy from the shards (every rank calls it)."""

@@ -196,9 +196,9 @@ class TrainRun:
                 distributed.restore_rng(saved, self.env, self.device, self.cfg.seed, self.state["epoch"])
             log.info("resumed from %s at epoch %d", resume, self.state["epoch"])
         self.summary["parameters"] = sum(p.numel() for p in self.model.parameters())
-        best = saved.get("best_state_dict") or self.model.state_dict()  # rank 0's to keep (log_eval)
+        best = saved.get("best_state_dict") or self.model.state_dict()  # rank 0's to keep
         self.best_state = copy.deepcopy(best) if self.env.main else {}
-        self.items = ItemShards(self.model, self.env, self.cfg, self.excluded, self.teacher)  # shard_items
+        self.items = ItemShards(self.model, self.env, self.cfg, self.excluded, self.teacher, self.best_state)
         if self.items.active:
             self.optimizer = self._optimizer(self.model.parameters())  # over the shard
         if self.sharded:  # FSDP shards a copy; self.model stays whole on every rank: rank 0 evaluates and saves it
@@ -305,7 +305,7 @@ class TrainRun:
             if v["ndcg@10"] > state["best_metric"]:
                 state.update(best_metric=v["ndcg@10"], best_epoch=epoch, bad_evals=0, best_stage=stage)
                 self.best_state.clear()
-                self.best_state.update(copy.deepcopy(self.model.state_dict()))
+                self.best_state.update(self.items.host_copy(self.model.state_dict()))
                 save_checkpoint(self.ckpt_path, self.model, cfg, self.data, None if self.sharded or self.items.active
                                 else self.optimizer, state, self.codes, self.sizes)  # shards: last.pt has it
             else:

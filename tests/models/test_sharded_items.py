@@ -40,7 +40,8 @@ def _torchrun(*args: str, deadline: str = "") -> subprocess.CompletedProcess:
 
 
 def _train(out: Path, deadline: str = "") -> subprocess.CompletedProcess:
-    sets = [arg for key, value in {**SETS, "shard_items": True}.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    sets = [arg for key, value in {**SETS, "shard_items": True}.items()
+            for arg in ("--set", f"{key}={json.dumps(value)}")]
     return _torchrun("-m", "ugt", "train", "--config", CONFIG, "--out-dir", str(out), "--quiet", *sets,
                      deadline=deadline)
 
