@@ -6,6 +6,8 @@
 #   bash bench/gpu_serving.sh bench [ARGS...]      # bench/serving_gpu.py ARGS --out $OUT/serving_gpu.json
 #   bash bench/gpu_serving.sh compress [ARGS...]   # bench/compression_gpu.py ARGS --out $OUT/compression_gpu.json:
 #        bf16 vs fp8 vs int8_weight engines on a trained checkpoint (--checkpoint, carried under .ugtdata)
+#   bash bench/gpu_serving.sh throughput [ARGS...] # bench/sharded_items.py throughput --device cuda ARGS
+#        --out $OUT/train_throughput.json: single-GPU training samples/s, ML-1M and industrial (about 2 minutes)
 #   bash bench/gpu_serving.sh distill [ARGS...]    # bench/distill_student.py ARGS --out $OUT/distill_student.json:
 #        a smaller student trained from a teacher checkpoint's scores (--teacher), then both: HR@10, CPU req/s
 #   bash bench/gpu_serving.sh e2e [ARGS...]        # bench/serving_gpu_e2e.py ARGS --out $OUT/serving_gpu_e2e.json:
@@ -48,6 +50,9 @@ case "$step" in
   compress)
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
     python3 -m bench.compression_gpu --out "$out/compression_gpu.json" "$@" ;;
+  throughput)
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+    python3 -m bench.sharded_items throughput --device cuda --out "$out/train_throughput.json" "$@" ;;
   distill)
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
     python3 -m bench.distill_student --work-dir /tmp/ugt-distill-student --out "$out/distill_student.json" "$@" \

@@ -133,6 +133,8 @@ def wrap(module: torch.nn.Module, env: DistEnv, device: torch.device) -> torch.n
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
+    own = [name for name, p in module.named_parameters() if getattr(p, "sharded_rows", False)]  # a rank's own rows
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, own)
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
 
 

@@ -48,6 +48,7 @@ from models.distributed import DistEnv
 from models.dpo import PreferenceStep
 from models.eval import batch_to_device, evaluate
 from models.semantic_stage import codes_for_vocab, semantic_codes
+from models.sharded_items import ItemShards
 from models.train_config import DPOConfig, TrainConfig
 from models.train_curves import plot_curves
 from models.train_loss import StepLoss, stage2_loss
@@ -195,16 +196,22 @@ class TrainRun:
                 distributed.restore_rng(saved, self.env, self.device, self.cfg.seed, self.state["epoch"])
             log.info("resumed from %s at epoch %d", resume, self.state["epoch"])
         self.summary["parameters"] = sum(p.numel() for p in self.model.parameters())
-        self.best_state = copy.deepcopy(saved.get("best_state_dict") or self.model.state_dict())
+        best = saved.get("best_state_dict") or self.model.state_dict()  # rank 0's to keep
+        self.best_state = copy.deepcopy(best) if self.env.main else {}
+        self.items = ItemShards(self.model, self.env, self.cfg, self.excluded, self.teacher, self.best_state)
+        if self.items.active:
+            self.optimizer = self._optimizer(self.model.parameters())  # over the shard
         if self.sharded:  # FSDP shards a copy; self.model stays whole on every rank: rank 0 evaluates and saves it
             self.loss_fn = self._wrap(copy.deepcopy(self.model))
             self.optimizer = self._optimizer(self.loss_fn.parameters())
         else:
-            compiled = _compiled(self.model, self.cfg, self.device)
+            compiled = self.model if self.items.active else _compiled(self.model, self.cfg, self.device)
             self.eager = compiled is self.model
             self.loss_fn = self._wrap(compiled)
         if ckpt.get("optimizer"):
-            distributed.load_optimizer(self.loss_fn, self.optimizer, ckpt["optimizer"], ckpt.get("optimizer_format"))
+            fmt = ckpt.get("optimizer_format")
+            state = self.items.shard_optimizer(self.optimizer, ckpt["optimizer"], fmt)
+            distributed.load_optimizer(self.loss_fn, self.optimizer, state, fmt)
         return float(self.state.get("minutes", 0.0))
 
     def _optimizer(self, params: Any) -> torch.optim.Optimizer:
@@ -212,7 +219,8 @@ class TrainRun:
                                  weight_decay=self.cfg.weight_decay)
 
     def sync_model(self) -> None:
-        """Under FSDP, gather the trained shards into ``self.model`` on rank 0 (every rank takes part)."""
+        """Under FSDP or shard_items, gather the trained shards into ``self.model`` on rank 0 (every rank calls it)."""
+        self.items.sync()
         if self.sharded:
             full = distributed.full_model_state(self.loss_fn)
             if self.env.main:
@@ -226,7 +234,8 @@ class TrainRun:
         """last.pt (rank 0 writes it): all ``start`` needs to continue here, at this or another world size (every
         rank's torch RNG); best weights only if not the current (it travels)."""
         ranks = self.env.gather(distributed.rng_state(self.device))
-        optimizer = distributed.full_optimizer_state(self.loss_fn, self.optimizer, self.sharded)
+        optimizer = self.items.full_optimizer(self.optimizer, distributed.full_optimizer_state(
+            self.loss_fn, self.optimizer, self.sharded))
         if not self.env.main:
             return
         self.state["minutes"] = (time.time() - t0) / 60
@@ -235,9 +244,10 @@ class TrainRun:
                  "torch_rng": torch.get_rng_state(), "rank_rngs": ranks,
                  "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
         partial = self.last_path.with_suffix(".pt.partial")
-        save_checkpoint(partial, self.model, self.cfg, self.data, None, self.state, self.codes, self.sizes,
-                        extra={"resume": saved, "optimizer": optimizer,
-                               "optimizer_format": "fqn" if self.sharded else "torch"})
+        with self.items.whole_model(self.device):
+            save_checkpoint(partial, self.model, self.cfg, self.data, None, self.state, self.codes, self.sizes,
+                            extra={"resume": saved, "optimizer": optimizer,
+                                   "optimizer_format": "fqn" if self.sharded else "torch"})
         os.replace(partial, self.last_path)
 
     def past_deadline(self, seconds: float) -> bool:  # never without a deadline
@@ -295,9 +305,9 @@ class TrainRun:
             if v["ndcg@10"] > state["best_metric"]:
                 state.update(best_metric=v["ndcg@10"], best_epoch=epoch, bad_evals=0, best_stage=stage)
                 self.best_state.clear()
-                self.best_state.update(copy.deepcopy(self.model.state_dict()))
-                save_checkpoint(self.ckpt_path, self.model, cfg, self.data, None if self.sharded else self.optimizer,
-                                state, self.codes, self.sizes)
+                self.best_state.update(self.items.host_copy(self.model.state_dict()))
+                save_checkpoint(self.ckpt_path, self.model, cfg, self.data, None if self.sharded or self.items.active
+                                else self.optimizer, state, self.codes, self.sizes)  # shards: last.pt has it
             else:
                 state["bad_evals"] += 1
         state["history"].append(entry)
@@ -319,7 +329,8 @@ class TrainRun:
             loss = self.run_epoch(rng)
             state["epoch"] = epoch
             self.sync_model()
-            stop = self.log_eval(epoch, loss, 2) if self.env.main else False
+            with self.items.whole_model(self.device):
+                stop = self.log_eval(epoch, loss, 2) if self.env.main else False
             self.epoch_seconds = time.time() - started
             bar.set_postfix(loss=f"{loss:.4f}", best=f"{state['best_metric']:.4f}@{state['best_epoch']}")
             action = self.env.broadcast(self.next_action(stop, epoch, t0, minutes))  # rank 0 decides for all
@@ -338,6 +349,7 @@ class TrainRun:
         state["stage2_best"] = {"epoch": state["best_epoch"], "valid_ndcg@10": state["best_metric"]}
         self.summary.update({k: v for k, v in state.items() if k in ("stage2_best", "stopped_by_time")})
         if self.env.main:  # the other ranks stop here (fit)
+            self.items.finish(self.device)
             self.model.load_state_dict(self.best_state)
         state["stage2_done"] = True
         return True

@@ -41,6 +41,7 @@ class TrainConfig:
     batch_size: int = 128  # the global batch of one optimizer step, at any world size (models/distributed.py)
     grad_accum: int = 1  # micro-batches per optimizer step on each rank (batch_size / (world size * grad_accum) rows)
     distributed: str = "ddp"  # under torchrun: ddp (replicated weights) | fsdp (FSDP2 fully_shard, sharded weights)
+    shard_items: bool = False  # under torchrun (ddp): the item ID table row-wise across ranks (models/sharded_items.py)
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.98])

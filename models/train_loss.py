@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from models.losses import sampled_softmax_loss, semantic_contrastive_loss
+from models.sharded_items import shard_output, sharded_softmax_loss
 from models.train_config import TrainConfig
 from models.ugt.model import UGT
 from models.ugt.ranking import ranking_loss
@@ -28,12 +29,16 @@ def stage2_loss(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, co
             user, aux, kept = model(batch, keep=True)
         else:
             user, aux = model(batch)
-        table = model.item_embeddings()
+        shards = getattr(getattr(getattr(core, "embed", None), "item_emb", None), "group", None)
+        table, table_ids = shard_output(core.embed) if shards is not None else (model.item_embeddings(), None)
     targets = batch["targets"]
-    fresh = (core.freshness_scores(user[targets > 0].float(), batch["query_times"][targets > 0])
-             if isinstance(core, UGT) else None)
-    ntp = sampled_softmax_loss(user, targets, table, cfg.num_negatives, cfg.temperature, excluded=excluded,
-                               logit_bias=fresh)
+    if shards is not None:  # the item table row-wise over the ranks (models/sharded_items.py)
+        ntp = sharded_softmax_loss(user, targets, table, table_ids, shards, cfg.temperature)
+    else:
+        fresh = (core.freshness_scores(user[targets > 0].float(), batch["query_times"][targets > 0])
+                 if isinstance(core, UGT) else None)
+        ntp = sampled_softmax_loss(user, targets, table, cfg.num_negatives, cfg.temperature, excluded=excluded,
+                                   logit_bias=fresh)
     parts = {"ntp": float(ntp.detach()), "aux": float(aux.detach())}
     if teacher is not None:
         kd = teacher.loss(user, table, batch, cfg.temperature)

@@ -102,11 +102,13 @@ class UnifiedEmbedding(nn.Module):
             out = out + self.year_emb(self.item_year[ids])
         return out
 
-    def item_vectors(self, ids: torch.Tensor, with_features: bool = True) -> torch.Tensor:
-        """The item token content (..., D): ID and/or semantic-ID part, plus metadata features."""
+    def item_vectors(self, ids: torch.Tensor, with_features: bool = True,
+                     id_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The item token content (..., D): ID and/or semantic-ID part, plus metadata features. ``id_rows`` are the
+        ID rows of ``ids`` when the caller already holds them (a rank's own shard: models/sharded_items.py)."""
         repr_ = self.config.item_repr
         if "id" in repr_.split("+"):
-            out = self.item_emb(ids)
+            out = self.item_emb(ids) if id_rows is None else id_rows
             keep = None
             if self.training and self.config.id_dropout > 0:
                 keep = torch.rand(ids.shape, device=ids.device) >= self.config.id_dropout
@@ -134,9 +136,9 @@ class UnifiedEmbedding(nn.Module):
         ids = torch.arange(self.item_emb.num_embeddings, device=self.item_emb.weight.device)
         return self.output_vectors(ids)
 
-    def output_vectors(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of :meth:`output_table` for the given item indices."""
-        return F.normalize(self.item_vectors(ids, self.config.output_features), dim=-1, eps=1e-6)
+    def output_vectors(self, ids: torch.Tensor, id_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of :meth:`output_table` for the given item indices (``id_rows``: see :meth:`item_vectors`)."""
+        return F.normalize(self.item_vectors(ids, self.config.output_features, id_rows), dim=-1, eps=1e-6)
 
     @torch.no_grad()
     def set_id_drop(self, drop: torch.Tensor) -> None:
