@@ -88,6 +88,29 @@ def batch_buckets_up_to(max_batch: int) -> tuple[int, ...]:
     return tuple(buckets)
 
 
+def default_inference(model: torch.nn.Module, device: str, kv_cache_users: int, kv_cache_bytes: int, compile_cpu: bool,
+                      quantize: str, rank_top: int, beam_size: int, max_batch: int) -> InferenceConfig:
+    """The engine settings the serving keys ask for.
+
+    kv_cache_users > 0: a user whose events did not change since the last request runs only the last event through
+    the layers against the cached prefix, one with new events only those (an append; models/ugt/runner/slot_cache.py),
+    on CPU too; kv_cache_bytes > 0 caps the pool's bytes. compile_cpu: torch.compile the CPU path (CUDA has CUDA graphs
+    instead). rank_top: -1 = the checkpoint's own (when it has a ranking head and there is a KV cache to read).
+    max_batch: the most rows one model step gets (batch_max_size, or engine_max_rows with engine_scope: model);
+    buckets up to it, so a batch past 128 replays a captured graph instead of running eager.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device: cuda, but torch sees no CUDA GPU here: set device: auto or cpu")
+    if rank_top < 0:
+        rank_top = model.config.heads.rank_top if model.ranker is not None and kv_cache_users > 0 else 0
+    return InferenceConfig(device=device, cache_slots=kv_cache_users, cache_bytes=kv_cache_bytes,
+                           batch_buckets=batch_buckets_up_to(max_batch), compile=compile_cpu and device == "cpu",
+                           quantize=quantize, rank_top=rank_top, beam_size=beam_size,
+                           merge="rrf" if beam_size > 0 else "retrieval")
+
+
 class UGTGenerator:
     """Top-k items by the UGT retrieval head; ``version`` = the checkpoint's run name + a file hash.
 
@@ -135,23 +158,8 @@ class UGTGenerator:
         with torch.inference_mode():
             self.table = self.model.item_embeddings().float()  # fixed after training: computed once
         if inference is None:  # GPU when there is one (bf16, CUDA graphs, fused attention), else CPU fp32
-            # kv_cache_users > 0: a user whose events did not change since the last request runs only the last
-            # event through the layers against the cached prefix, one with new events only those (an append;
-            # models/ugt/runner/slot_cache.py), on CPU too; kv_cache_bytes > 0 caps the pool's bytes
-            # compile_cpu: torch.compile the CPU path (CUDA has CUDA graphs instead)
-            # rank_top: -1 = the checkpoint's own (when it has a ranking head and there is a KV cache to read)
-            if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            elif device == "cuda" and not torch.cuda.is_available():
-                raise CheckpointError("device: cuda, but torch sees no CUDA GPU here: set device: auto or cpu")
-            if rank_top < 0:
-                rank_top = model.config.heads.rank_top if model.ranker is not None and kv_cache_users > 0 else 0
-            # max_batch: the most rows one model step gets (batch_max_size, or engine_max_rows with engine_scope:
-            # model); buckets up to it, so a batch past 128 replays a captured graph instead of running eager
-            inference = InferenceConfig(device=device, cache_slots=kv_cache_users, cache_bytes=kv_cache_bytes,
-                                        batch_buckets=batch_buckets_up_to(max_batch),
-                                        compile=compile_cpu and device == "cpu", quantize=quantize, rank_top=rank_top,
-                                        beam_size=beam_size, merge="rrf" if beam_size > 0 else "retrieval")
+            inference = default_inference(model, device, kv_cache_users, kv_cache_bytes, compile_cpu, quantize,
+                                          rank_top, beam_size, max_batch)
         self.codes = ckpt.get("semantic_codes")
         self.live: LiveCatalog | None = None
         if live_items > 0 and redis_factory is not None:
