@@ -267,6 +267,8 @@ class UGTGenerator:
 
     def exclusions(self, prepared: PreparedUser, exclude: Set[str]) -> np.ndarray:
         """Sorted vocabulary indices to mask: the history's, plus any requested item outside the history."""
+        if exclude == prepared.history:  # the service's usual exclude (history, no extra items): no new set
+            return prepared.seen
         outside = frozenset(exclude) - prepared.history  # frozenset(a frozenset) is the same object: no copy
         extra = {self.item_to_index[i] for i in outside if i in self.item_to_index}
         if not extra:
