@@ -146,6 +146,45 @@ def warm_up(server: Server, users: Any, args: argparse.Namespace, redis_port: in
         args.duration = saved
 
 
+# Run in a subprocess with a tree's own code: the CPU of RedisStateReader's decode of stored states (the raw HMGET
+# rows read once from Redis), thread CPU per state over ``rounds`` passes; prints one JSON line.
+DECODE_PROBE = """
+import json, sys, time
+import redis
+from contracts.user_state_rule import FEATURE_NAMES
+from infra.feast_store import FeastRedisLayout, feature_field
+from serving.user_state_reader import RedisStateReader
+port, ids, rounds = int(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+layout = FeastRedisLayout("ugt")
+reader = RedisStateReader(redis.Redis(port=port), layout, "user_recent_events")
+pipe = reader.client.pipeline(transaction=False)
+for user in ids:
+    pipe.hmget(layout.entity_key("user_id", user), reader.fields)
+rows = pipe.execute()
+best = float("inf")
+for _ in range(rounds):
+    started = time.thread_time()
+    for user, raw in zip(ids, rows):
+        reader._view(user, raw)
+    best = min(best, time.thread_time() - started)
+print(json.dumps({"decode_us_per_state": round(1e6 * best / len(ids), 2), "states": len(ids),
+                  "mean_events": sum(len(reader._view(u, r).item_ids) for u, r in zip(ids, rows)) / len(ids)}))
+"""
+
+
+def decode_cost(trees: dict[str, Path], redis_port: int, ids: list[str], rounds: int,
+                passes: int) -> list[dict[str, Any]]:
+    """Each tree's state decode per user (the best of ``rounds`` in each of ``passes`` interleaved subprocesses)."""
+    out = []
+    for i in range(passes):
+        for name, tree in trees.items() if i % 2 == 0 else reversed(trees.items()):
+            got = subprocess.run([sys.executable, "-c", DECODE_PROBE, str(redis_port), json.dumps(ids), str(rounds)],
+                                 cwd=tree, env=os.environ | {"PYTHONPATH": str(tree)}, check=True,
+                                 capture_output=True, text=True)
+            out.append({"config": name, "pass": i, **json.loads(got.stdout.strip().splitlines()[-1])})
+    return out
+
+
 def summary(rows: list[dict[str, Any]], names: tuple[str, str]) -> list[dict[str, Any]]:
     """Per rate: each tree's mean worker CPU per request over the repeats, and current / baseline."""
     out = []
@@ -174,8 +213,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = ("baseline", "current")
     servers: dict[str, Server] = {}
     rows: list[dict[str, Any]] = []
+    decode: list[dict[str, Any]] = []
     try:
         users.write_initial(redis.Redis(port=redis_port))
+        decode = decode_cost(dict(zip(names, (base_tree, REPO), strict=True)), redis_port, users.ids[:2000],
+                             rounds=5, passes=4)
+        print_table(decode)
         for name, tree in zip(names, (base_tree, REPO), strict=True):
             servers[name] = serve(name, tree, workdir, env, config, args.workers)
         seen: dict[str, int] = {}
@@ -200,7 +243,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server.stop()
         redis_proc.terminate()
         redis_proc.wait()
-    return {"baseline_commit": base_commit, "users": users.describe(), "rows": rows,
+    return {"baseline_commit": base_commit, "users": users.describe(), "decode": decode, "rows": rows,
             "summary": summary(rows, names)}
 
 
