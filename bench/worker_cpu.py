@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-processes", type=int, default=1)
     p.add_argument("--writers", type=int, default=1)
     p.add_argument("--max-connections", type=int, default=64)
+    p.add_argument("--probe-passes", type=int, default=4, help="interleaved in-process probe runs per tree")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(result_path("worker_cpu")), help="result file (default: %(default)s)")
     args = p.parse_args(argv)
@@ -172,16 +173,56 @@ print(json.dumps({"decode_us_per_state": round(1e6 * best / len(ids), 2), "state
 """
 
 
-def decode_cost(trees: dict[str, Path], redis_port: int, ids: list[str], rounds: int,
-                passes: int) -> list[dict[str, Any]]:
-    """Each tree's state decode per user (the best of ``rounds`` in each of ``passes`` interleaved subprocesses)."""
+# Run like DECODE_PROBE: the rows step of the worker's batch (UGTGenerator.prepare + exclusions, what `gather` does
+# per request) for users whose state has one new event since their cached row (an append) and for unchanged ones
+# (a hit), on the stored states; thread CPU per request, the best of ``rounds``.
+ROWS_PROBE = """
+import json, sys, time
+from pathlib import Path
+import redis
+from infra.feast_store import FeastRedisLayout
+from serving.ugt_generator import UGTGenerator
+from serving.user_state_reader import RedisStateReader, UserStateView
+port, ids, rounds, checkpoint = int(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+reader = RedisStateReader(redis.Redis(port=port), FeastRedisLayout("ugt"), "user_recent_events")
+states = [s for s in reader.read_many(ids) if s is not None]
+gen = UGTGenerator(Path(checkpoint), kv_cache_users=len(states) + 1, device="cpu")
+vocab = list(gen.item_to_index)
+def grown(s, r):
+    t = s.event_times[-1] + 60_000
+    return UserStateView(s.user_id, s.item_ids + (vocab[r % len(vocab)],), s.action_tokens + (2,),
+                         s.rating_tokens + (8,), s.event_times + (t,), s.event_count + 1, t, s.state_version)
+now = int(time.time())
+for s in states:
+    gen.prepare(s, now)
+best = {"append": float("inf"), "hit": float("inf")}
+for r in range(rounds):
+    states = [grown(s, r) for s in states]
+    for kind in ("append", "hit"):
+        started = time.thread_time()
+        for s in states:
+            gen.exclusions(gen.prepare(s, now), frozenset(s.item_ids))
+        best[kind] = min(best[kind], time.thread_time() - started)
+print(json.dumps({f"rows_{k}_us_per_request": round(1e6 * v / len(states), 2) for k, v in best.items()}))
+"""
+
+
+def probe(code: str, tree: Path, *argv: str) -> dict[str, Any]:
+    got = subprocess.run([sys.executable, "-c", code, *argv], cwd=tree, env=os.environ | {"PYTHONPATH": str(tree)},
+                         check=True, capture_output=True, text=True)
+    return json.loads(got.stdout.strip().splitlines()[-1])
+
+
+def decode_cost(trees: dict[str, Path], redis_port: int, ids: list[str], rounds: int, passes: int,
+                checkpoint: str) -> list[dict[str, Any]]:
+    """Each tree's state decode per user and rows per request (the best of ``rounds`` in each of ``passes``
+    interleaved subprocesses per tree)."""
     out = []
     for i in range(passes):
         for name, tree in trees.items() if i % 2 == 0 else reversed(trees.items()):
-            got = subprocess.run([sys.executable, "-c", DECODE_PROBE, str(redis_port), json.dumps(ids), str(rounds)],
-                                 cwd=tree, env=os.environ | {"PYTHONPATH": str(tree)}, check=True,
-                                 capture_output=True, text=True)
-            out.append({"config": name, "pass": i, **json.loads(got.stdout.strip().splitlines()[-1])})
+            row = probe(DECODE_PROBE, tree, str(redis_port), json.dumps(ids), str(rounds))
+            row |= probe(ROWS_PROBE, tree, str(redis_port), json.dumps(ids), str(rounds), checkpoint)
+            out.append({"config": name, "pass": i, **row})
     return out
 
 
@@ -217,9 +258,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         users.write_initial(redis.Redis(port=redis_port))
         decode = decode_cost(dict(zip(names, (base_tree, REPO), strict=True)), redis_port, users.ids[:2000],
-                             rounds=5, passes=4)
+                             rounds=5, passes=args.probe_passes, checkpoint=str(Path(args.checkpoint).resolve()))
         print_table(decode)
-        for name, tree in zip(names, (base_tree, REPO), strict=True):
+        rates = [float(r) for r in args.rates.split(",") if r]
+        for name, tree in zip(names, (base_tree, REPO), strict=True) if rates else ():  # --rates "": probes only
             servers[name] = serve(name, tree, workdir, env, config, args.workers)
         seen: dict[str, int] = {}
         for name, server in servers.items():
@@ -227,7 +269,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             users.reset()
             warm_up(server, users, args, redis_port)
             seen[name] = users.seen
-        rates = [float(r) for r in args.rates.split(",") if r]
         for repeat in range(args.repeats):
             for i, rate in enumerate(rates):
                 order = names if (repeat + i) % 2 == 0 else names[::-1]  # who goes first alternates
@@ -250,8 +291,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     conditions = {k: v for k, v in vars(args).items() if k not in ("out", "mix_shares", "smoke")}
-    conditions["measured"] = ("CPU seconds of the HTTP worker processes (psutil, user + system) over the rate's "
-                              "window / requests sent; the supervisor, the engine and the load processes apart")
+    conditions["measured"] = ("rows: CPU seconds of the HTTP worker processes (psutil, user + system) over the "
+                              "rate's window / requests sent; the supervisor, the engine and the load processes apart. "
+                              "decode: each tree's code in its own subprocess on the same stored states (2,000 users "
+                              "read once from Redis): thread CPU of RedisStateReader's decode per state, and of "
+                              "UGTGenerator.prepare + exclusions per request for a state with one new event (append) "
+                              "and an unchanged one (hit); best of 5 rounds per subprocess")
     conditions["started"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     result = run(args)
     print_table(result["summary"])
