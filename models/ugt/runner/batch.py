@@ -19,14 +19,13 @@ COMPACT_WIDTH = len(ROW_FIELDS) + 2  # the last event's ROW_FIELDS, the length, 
 
 def prefix_fingerprint(row: dict[str, np.ndarray]) -> bytes:
     """Hash of everything in a one-row input except the last position's request time: the cache key."""
-    # one update of the joined bytes (the same digest as one update per array: tobytes is C order whatever the
-    # layout); per-array updates cost half again as much, and serving computes this for every changed user
-    q = max(int(row["lengths"][0]) - 1, 0)
-    return hashlib.blake2b(b"".join((
-        row["ids"].tobytes(), row["times"].tobytes(), row["ratings"].tobytes(), row["gaps"].tobytes(),
-        row["long_ids"].tobytes(), row["long_times"].tobytes(),
-        row["query_times"][0, :q].tobytes(), row["query_gaps"][0, :q].tobytes(),
-    )), digest_size=16).digest()
+    n = int(row["lengths"][0])
+    h = hashlib.blake2b(digest_size=16)
+    for key in ("ids", "times", "ratings", "gaps", "long_ids", "long_times"):
+        h.update(np.ascontiguousarray(row[key]).tobytes())
+    for key in ("query_times", "query_gaps"):
+        h.update(np.ascontiguousarray(row[key][0, : max(n - 1, 0)]).tobytes())
+    return h.digest()
 
 
 def exclusion_matrix(excludes: list[np.ndarray]) -> np.ndarray:
