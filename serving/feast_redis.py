@@ -87,11 +87,70 @@ def decode_value(data: bytes | None) -> Any:
     return value
 
 
+# The first byte of a stored Value whose oneof holds these kinds: (field number << 3) | wire type.
+_INT64_TAG = (4 << 3) | 0  # int64_val: a varint
+_INT64_LIST_TAG = (14 << 3) | 2  # int64_list_val: a length-delimited Int64List
+_PACKED_TAG = (1 << 3) | 2  # Int64List.val, packed (proto3's default): a length-delimited run of varints
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The unsigned varint at ``pos`` and the position after it; (-1, pos) when it runs past the end."""
+    value = shift = 0
+    while pos < len(data):
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    return -1, pos
+
+
+def _fast_int64(data: bytes) -> int | None:
+    """An int64_val read straight from its bytes, or None when they are anything else (upb decides then)."""
+    if data[0] != _INT64_TAG:
+        return None
+    value, end = _varint(data, 1)
+    if value < 0 or end != len(data):
+        return None
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _fast_small_int64s(data: bytes) -> tuple[int, ...] | None:
+    """An int64_list_val of values 0..127 read straight from its bytes (each value one varint byte, so the packed
+    run is the values), or None for any other layout or value (upb decides then). Action and rating tokens are such
+    lists, and this skips the protobuf container's per-element conversion."""
+    if data[0] != _INT64_LIST_TAG:
+        return None
+    size, pos = _varint(data, 1)
+    if size != len(data) - pos:
+        return None
+    if size == 0:
+        return ()
+    if data[pos] != _PACKED_TAG:
+        return None
+    run, start = _varint(data, pos + 1)
+    if run != len(data) - start:
+        return None
+    values = data[start:]
+    return tuple(values) if values.isascii() else None
+
+
 def decode_typed(data: bytes | None, kind: str) -> Any:
     """Like :func:`decode_value`, but the value must be stored as ``kind`` (e.g. "int64_list_val");
-    lists come back as tuples straight from the protobuf container (no per-element Python conversion)."""
+    lists come back as tuples straight from the protobuf container (no per-element Python conversion).
+    int64 scalars and lists of small int64s are read from their bytes without protobuf (the same values:
+    tests/serving/test_serving_feast_redis.py compares both ways)."""
     if not data:
         return None
+    if kind == "int64_val":
+        fast = _fast_int64(data)
+        if fast is not None:
+            return fast
+    elif kind == "int64_list_val":
+        fast_list = _fast_small_int64s(data)
+        if fast_list is not None:
+            return fast_list
     message = _Value()
     message.ParseFromString(data)
     which = message.WhichOneof("val")

@@ -275,17 +275,23 @@ class UGTGenerator:
         out["ids"][0, n:m] = [self.item_to_index[i] for i in new_items]
         out["times"][0, n:m] = times
         out["ratings"][0, n:m] = state.rating_tokens[old:]
-        before = out["times"][0, n - 1] if n else times[0]
-        out["gaps"][0, n:m] = time_gap_bucket_array(np.diff(times, prepend=before))
+        all_times = out["times"][0]
         lo = max(n - 1, 0)
-        out["query_times"][0, lo:m] = np.append(out["times"][0, lo + 1:m], query_time)
-        query_gaps = time_gap_bucket_array(out["query_times"][0, lo:m] - out["times"][0, lo:m])
-        out["query_gaps"][0, lo:m] = query_gaps
+        # each new event's gap to the one before it (the first's to the cached last event), without the
+        # temporaries of np.diff(prepend=) / np.append: the same numbers
+        gaps = all_times[n:m] - all_times[n - 1:m - 1] if n else np.diff(times, prepend=times[0])
+        out["gaps"][0, n:m] = time_gap_bucket_array(gaps)
+        query_times = out["query_times"][0]
+        query_times[lo:m - 1] = all_times[lo + 1:m]
+        query_times[m - 1] = query_time
+        out["query_gaps"][0, lo:m] = time_gap_bucket_array(query_times[lo:m] - all_times[lo:m])
         out["lengths"][0] = m
         return out
 
     def exclusions(self, prepared: PreparedUser, exclude: Set[str]) -> np.ndarray:
         """Sorted vocabulary indices to mask: the history's, plus any requested item outside the history."""
+        if exclude == prepared.history:  # the service's usual exclude (history, no extra items): no new set
+            return prepared.seen
         outside = frozenset(exclude) - prepared.history  # frozenset(a frozenset) is the same object: no copy
         extra = {self.item_to_index[i] for i in outside if i in self.item_to_index}
         if not extra:

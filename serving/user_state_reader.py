@@ -30,6 +30,13 @@ STORED_KIND: dict[str, str] = {
 }
 
 
+# The stored kind of each feature in FEATURE_NAMES' order, the order RedisStateReader reads them in.
+_KINDS = tuple(STORED_KIND[name] for name in FEATURE_NAMES)
+if FEATURE_NAMES != ("recent_item_ids", "recent_action_tokens", "recent_rating_tokens", "recent_event_times",
+                     "event_count", "last_event_time", "state_version"):
+    raise ImportError(f"contracts.user_state_rule.FEATURE_NAMES changed ({FEATURE_NAMES}): update RedisStateReader")
+
+
 class StateError(Exception):
     """Base of the errors a state read can raise."""
 
@@ -77,13 +84,9 @@ class UserStateView:
 
     def checked(self) -> UserStateView:
         """The view itself, or BadState when its per-event lists disagree in length."""
-        lengths = {
-            len(self.item_ids),
-            len(self.action_tokens),
-            len(self.rating_tokens),
-            len(self.event_times),
-        }
-        if len(lengths) != 1:
+        n = len(self.item_ids)
+        if len(self.action_tokens) != n or len(self.rating_tokens) != n or len(self.event_times) != n:
+            lengths = {n, len(self.action_tokens), len(self.rating_tokens), len(self.event_times)}
             raise BadState(
                 f"state of user {self.user_id!r} has per-event lists of different lengths {sorted(lengths)}"
             )
@@ -223,24 +226,15 @@ class RedisStateReader:
 
     def _view(self, user_id: str, raw: Sequence[bytes | None]) -> UserStateView | None:
         try:
-            v = {
-                name: decode_typed(data, STORED_KIND[name])
-                for name, data in zip(FEATURE_NAMES, raw, strict=True)
-            }
+            values = [decode_typed(data, kind) for data, kind in zip(raw, _KINDS, strict=True)]
         except (UnsupportedValue, DecodeError) as exc:
             raise BadState(f"state of user {user_id!r} cannot be decoded: {exc}") from exc
-        if all(value is None for value in v.values()):
+        items, actions, ratings, times, count, last, version = values  # FEATURE_NAMES' order (checked at import)
+        if items is None and actions is None and ratings is None and times is None and count is None \
+                and last is None and version is None:
             return None
-        return UserStateView(
-            user_id=user_id,
-            item_ids=v["recent_item_ids"] or (),
-            action_tokens=v["recent_action_tokens"] or (),
-            rating_tokens=v["recent_rating_tokens"] or (),
-            event_times=v["recent_event_times"] or (),
-            event_count=v["event_count"] or 0,
-            last_event_time=v["last_event_time"] or 0,
-            state_version=v["state_version"] or 0,
-        ).checked()
+        return UserStateView(user_id, items or (), actions or (), ratings or (), times or (), count or 0, last or 0,
+                             version or 0).checked()
 
     def check(self) -> str:
         return _ping(self.client)

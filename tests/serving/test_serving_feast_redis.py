@@ -6,7 +6,7 @@ import pytest
 
 from contracts.user_state_rule import FEATURE_NAMES
 from infra.feast_store import FeastRedisLayout, feature_field
-from serving.feast_redis import UnsupportedValue, decode_typed, decode_value
+from serving.feast_redis import UnsupportedValue, _Value, decode_typed, decode_value, encode_typed
 from serving.user_state_reader import BadState, RedisStateReader, UserStateView
 
 REPO = Path(__file__).resolve().parents[2] / "feature_repo"
@@ -87,6 +87,42 @@ def test_decode_typed_checks_the_stored_kind():
     assert decode_typed(None, "int64_val") is None
     with pytest.raises(UnsupportedValue, match="stored as string_list_val, expected int64_list_val"):
         decode_typed(b"b\x08\n\x02i1\n\x02i2", "int64_list_val")
+
+
+def _upb_typed(data: bytes, kind: str):
+    """What the protobuf runtime reads from ``data``: (kind, value), the reference for the byte-level fast paths."""
+    message = _Value()
+    message.ParseFromString(data)
+    which = message.WhichOneof("val")
+    value = getattr(message, which) if which else None
+    return which, tuple(value.val) if which and which.endswith("_list_val") else value
+
+
+INT64S = [0, 1, 5, 127, 128, 300, 2**31, 2**62, 2**63 - 1, -1, -5, -(2**63), 978_307_200_000]
+
+
+@pytest.mark.parametrize("values", [[], [0], [3, 7, 9], list(range(128)), [127, 128], [5, -1, 6],
+                                    [978_307_200_000, 1], INT64S, [2**63 - 1] * 3])
+def test_int64_list_fast_path_reads_what_protobuf_reads(values):
+    data = encode_typed(values, "int64_list_val")
+    assert decode_typed(data, "int64_list_val") == _upb_typed(data, "int64_list_val")[1] == tuple(values)
+
+
+@pytest.mark.parametrize("value", INT64S)
+def test_int64_fast_path_reads_what_protobuf_reads(value):
+    data = encode_typed(value, "int64_val")
+    assert decode_typed(data, "int64_val") == _upb_typed(data, "int64_val")[1] == value
+
+
+def test_fast_paths_leave_other_layouts_to_protobuf():
+    unpacked = b"r\x06\x08\x03\x08\x07\x08\x09"  # Int64List.val unpacked: every value its own field, still valid
+    assert _upb_typed(unpacked, "int64_list_val") == ("int64_list_val", (3, 7, 9))
+    assert decode_typed(unpacked, "int64_list_val") == (3, 7, 9)
+    assert decode_typed(b" \x02\x28\x01", "int64_val") == 2  # an unknown field after the value: protobuf skips it
+    with pytest.raises(UnsupportedValue, match="stored as int32_val, expected int64_val"):
+        decode_typed(encode_typed(4, "int32_val"), "int64_val")
+    with pytest.raises(UnsupportedValue, match="stored as int32_list_val, expected int64_list_val"):
+        decode_typed(encode_typed([1, 2], "int32_list_val"), "int64_list_val")
 
 
 class HashClient:
