@@ -388,6 +388,9 @@ class TrainRun:
         for name, rows in (("test_cold", is_cold), ("test_warm", ~is_cold)):
             summary[name] = self.evaluate("test", rows=rows, beyond=False, generative=generative,
                                           rerank_top=rerank_top, new_items=cold)
+        valid_cold = cold[self.splits["valid"].targets]  # what variants are chosen on (never the test rows)
+        for name, rows in (("valid_cold", valid_cold), ("valid_warm", ~valid_cold)):
+            summary[name] = self.evaluate("valid", rows=rows, beyond=False)
 
 
 def _use_tf32(device: torch.device) -> None:

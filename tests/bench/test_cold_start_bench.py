@@ -84,3 +84,16 @@ def test_content_knn_search_is_the_same_exact_search_without_faiss(monkeypatch):
     np_scores, np_found, np_engine = exact_search(rows, rows[:4], 5)
     assert (engine, np_engine) == ("faiss", "numpy") and (found == np_found).all()
     assert np.allclose(scores, np_scores, atol=1e-5) and (found[:, 0] == np.arange(4)).all()
+
+
+def test_the_headline_row_is_chosen_on_validation_within_the_warm_budget():
+    def held(run: str, cold: float, warm: float) -> dict:
+        return {"run": run, "valid_cold": {"hr@10": cold, "hr@200": 0.5}, "valid_warm": {"hr@10": warm},
+                "test_cold": {"hr@10": 0.9}}  # test numbers never take part
+
+    rows = [held("new_items", 0.01, 0.160), held("new_items+stream_k8_c0.6", 0.12, 0.140),
+            held("new_items+stream_k32_c0.7", 0.05, 0.157), held("new_items+freshness", 0.03, 0.158),
+            {"run": "trained_on_all", "valid_cold": {"hr@10": 0.3, "hr@200": 0.9}, "valid_warm": {"hr@10": 0.2}}]
+    assert cold_start.pick_on_valid(rows) == "new_items+stream_k32_c0.7"  # best cold among losses <= 0.005
+    assert cold_start.pick_on_valid(rows[:2]) == "new_items"  # the other loses 0.02: the least loss wins
+    assert cold_start.pick_on_valid(rows[1:]) == ""  # no new_items row to measure the loss against
