@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from models.checkpoint import load_checkpoint, long_history_len
-from models.data import cold_item_mask, make_split, without_items
+from models.data import cold_item_mask, make_split
 from models.eval import evaluate
-from models.ugt.stream_items import daily_sums, mean_state
+from models.ugt.stream_items import daily_sums, mean_state, training_events
 
 PARTS = ("test", "test_cold", "test_warm", "valid_cold", "valid_warm")
 METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "mrr")
@@ -35,8 +35,9 @@ def stream_rows(run_dir: str | Path, run_name: str, specs: list[tuple[float, flo
     max_long = long_history_len(cfg)
     splits = {s: make_split(data, s, cfg.max_len, max_long) for s in ("valid", "test")}
     sums = daily_sums(model, data, cold, cfg.max_len, max_long, device, cfg.eval_batch_size)
-    trained = make_split(without_items(data, cold), "train", cfg.max_len, max_long, all_windows=True, min_window=1)
-    sums.center = mean_state(model, trained, device, cfg.eval_batch_size)
+    stored = getattr(model.embed, "stream_mean", None)  # what `ugt train` stored for serving (stream_k > 0)
+    sums.center = stored if stored is not None and bool(stored.any()) else mean_state(
+        model, training_events(data, cold, cfg.max_len, max_long), device, cfg.eval_batch_size)
     rows = []
     for k, gamma in specs:
         sums.k, sums.gamma = float(k), float(gamma)

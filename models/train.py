@@ -52,6 +52,7 @@ from models.train_config import DPOConfig, TrainConfig
 from models.train_curves import plot_curves
 from models.train_loss import StepLoss, stage2_loss
 from models.ugt.model import UGT
+from models.ugt.stream_items import mean_state, training_events
 
 __all__ = ["INTERRUPTED_EXIT", "TrainRun", "codes_for_vocab", "cold_holdout", "fit", "make_splits", "semantic_codes",
            "stage2_loss"]
@@ -484,6 +485,10 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, resume: str | Pat
     state = run.state
     summary.update(best_epoch=state["best_epoch"], best_stage=state.get("best_stage", 2), epochs_run=state["epoch"],
                    train_minutes=(time.time() - t0) / 60)
+    if getattr(model.embed, "stream_mean", None) is not None:  # what serving's stream vectors center on
+        model.embed.stream_mean.copy_(mean_state(model, training_events(
+            data, cold if holdout else None, cfg.max_len, long_history_len(cfg)), device))
+        save_checkpoint(run.ckpt_path, model, cfg, data, None, state, codes, sizes)
     run.test_report(cold, holdout)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     run.last_path.unlink(missing_ok=True)  # finished: nothing left to resume

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.data import Batchable, SequenceData, iterate_batches, make_split
+from models.data import Batchable, SequenceData, iterate_batches, make_split, without_items
 
 DAY = 86400
 
@@ -49,10 +49,11 @@ class StreamSums:
     their ID row and gain nothing).
     """
 
-    def __init__(self, capacity: int, d_model: int, k: float):
+    def __init__(self, capacity: int, d_model: int, k: float, center: np.ndarray | None = None, gamma: float = 0.0):
         if k <= 0:
             raise ValueError(f"stream_k must be > 0, got {k}")
-        self.k = float(k)
+        self.k, self.gamma = float(k), float(gamma)
+        self.center = np.zeros(d_model, np.float32) if center is None else np.asarray(center, np.float32)
         self.sums = np.zeros((capacity + 1, d_model), np.float32)
         self.counts = np.zeros(capacity + 1, np.int64)
         self.tracked = np.zeros(capacity + 1, bool)
@@ -74,7 +75,8 @@ class StreamSums:
     def vectors(self, items: np.ndarray, content: torch.Tensor) -> torch.Tensor:
         """(n, D) the served rows of ``items`` given their content rows (n, D)."""
         items = np.asarray(items, np.int64)
-        sums = torch.as_tensor(self.sums[items], device=content.device)
+        centered = self.sums[items] - self.gamma * self.counts[items, None] * self.center  # as DailySums.rescore
+        sums = torch.as_tensor(centered, device=content.device)
         counts = torch.as_tensor(self.counts[items], device=content.device)
         return blend(content, sums, counts, self.k).to(content.dtype)
 
@@ -145,6 +147,12 @@ def state_sums(model: torch.nn.Module, split: Batchable, items: np.ndarray, days
     if was_training:
         model.train()
     return sums, counts
+
+
+def training_events(data: SequenceData, cold: np.ndarray | None, max_len: int, max_long: int) -> Batchable:
+    """Every training event as a target once (the held-out items' events removed): what :func:`mean_state` reads."""
+    kept = without_items(data, cold) if cold is not None else data
+    return make_split(kept, "train", max_len, max_long, all_windows=True, min_window=1)
 
 
 @torch.no_grad()
