@@ -92,9 +92,8 @@ class UGTGenerator:
 
     def __init__(self, checkpoint: str | Path, *, clock: Callable[[], float] = time.time,
                  inference: InferenceConfig | None = None, kv_cache_users: int = 0, kv_cache_bytes: int = 0,
-                 compile_cpu: bool = False, quantize: str = "none",
-                 rank_top: int = -1, beam_size: int = 0, live_items: int = 0,
-                 redis_factory: Callable[[], object] | None = None, sid_version: str = "",
+                 compile_cpu: bool = False, quantize: str = "none", rank_top: int = -1, beam_size: int = 0,
+                 live_items: int = 0, redis_factory: Callable[[], object] | None = None, sid_version: str = "",
                  device: str = "auto"):
         from models.checkpoint import load_checkpoint, long_history_len
 
@@ -170,9 +169,13 @@ class UGTGenerator:
             raise CheckpointError(f"cannot serve {str(path)!r}: {exc}{hint}") from exc
         if self.engine.cache is not None:  # the byte budget may hold fewer users: keep as many rows as slots
             self.prepared_capacity = min(self.prepared_capacity, self.engine.cache.capacity)
-        # live items scored by their stream vectors (serving/live_stream.py), when the checkpoint asks for them
-        self.stream = (LiveStreamVectors(self.model, self.max_len, self.max_long)
-                       if self.live is not None and model.config.embedding.stream_k > 0 else None)
+        self.stream = self._stream_vectors()
+
+    def _stream_vectors(self) -> LiveStreamVectors | None:
+        """Live items scored by their stream vectors (serving/live_stream.py), when the checkpoint asks for them."""
+        if self.live is None or self.model.config.embedding.stream_k <= 0:
+            return None
+        return LiveStreamVectors(self.model, self.max_len, self.max_long)
 
     def _code_of(self, item_id: str) -> tuple[int, ...]:
         return tuple(int(c) for c in self.codes[self.item_to_index[item_id]])
