@@ -12,10 +12,15 @@ below is one `ugt train` of models/configs/ugt_ml1m.yaml, side by side in one ha
   without its ID row with that probability), so the semantic-ID part learns to stand in for a missing ID.
 * ``new_items+<variant>`` (``--variants``): the same with more overrides, e.g. ``freshness``: the item-age logit term
   with young items trained ID-less (models/ugt/freshness.py).
+* ``<held-out run>+stream_k<K>_c<GAMMA>`` (``--stream K:GAMMA,...``): no training; the run's checkpoint with its new
+  items scored by their stream vectors (models/ugt/stream_items.py, bench/cold_stream.py): the mean user state
+  before each of their events on the days before the request's, blended with the content vector (serving does the
+  same, serving/live_stream.py).
 * ``popularity`` and ``content_knn``: untrained anchors on the same test rows (bench/cold_anchors.py).
 
 The result file also carries issue #22's headline keys: ``cold_item_hr@10`` / ``cold_item_hr@200`` / ``warm_hr@10``
-of the ``--headline`` row (default: the last variant), ``warm_hr@10_loss`` against ``new_items`` (the same model
+of the ``--headline`` row (default: with ``--stream``, the row chosen on the validation rows, ``pick_on_valid``; else
+the last variant), ``warm_hr@10_loss`` against ``new_items`` (the same model
 without the change), the anchors' ``*_cold_item_hr@10``, and the new-user keys of ``--new-users``
 (bench/results/new_users.json, written by bench/new_users.py) when that file exists.
 
@@ -26,11 +31,11 @@ Test metrics: full ranking over every catalog item (new ones included), input-wi
     # on one GPU with no network (bench/gpu_ml1m.sh unpacks the carried .ugtdata/; about 8 minutes in all; its
     # $OUT/cold_start.json is bench/results/cold_start.json):
     UGT_COMMIT=<sha> BENCH_TIMEOUT=470 BENCH_SCRIPT=bench/cold_start.py bash bench/gpu_ml1m.sh --id-dropout "" \
-        --variants freshness,freshness_recent --parallel 4 --set max_minutes=4.5 \
-        --set "semantic_ids={artifact: .ugtdata/sid/ml1m}"
+        --variants freshness_recent --stream 128:0.7,256:0.5,256:0.7,512:0.7,1024:0.7 --parallel 4 \
+        --set max_minutes=4.5 --set "semantic_ids={artifact: .ugtdata/sid/ml1m}"
     # the CI-size run on CPU (ML-100K, the 1997 releases as new items; a few minutes):
     python bench/cold_start.py --config models/configs/ugt_ml100k_tiny.yaml --cold "{year_from: 1997}" \
-        --id-dropout "" --variants freshness --out /tmp/cold.json
+        --id-dropout "" --variants freshness_recent --stream 128:0.7,256:0.5,512:0.7 --out /tmp/cold.json
 """
 
 from __future__ import annotations
