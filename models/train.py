@@ -485,7 +485,7 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, resume: str | Pat
     state = run.state
     summary.update(best_epoch=state["best_epoch"], best_stage=state.get("best_stage", 2), epochs_run=state["epoch"],
                    train_minutes=(time.time() - t0) / 60)
-    if getattr(model.embed, "stream_mean", None) is not None:  # what serving's stream vectors center on
+    if getattr(getattr(model, "embed", None), "stream_mean", None) is not None:  # serving's stream vectors center
         model.embed.stream_mean.copy_(mean_state(model, training_events(
             data, cold if holdout else None, cfg.max_len, long_history_len(cfg)), device))
         save_checkpoint(run.ckpt_path, model, cfg, data, None, state, codes, sizes)
