@@ -57,13 +57,15 @@ def evaluate(model: Any, data: SequenceData, split_data: Batchable, split: str =
              device: torch.device | str = "cpu", batch_size: int = 512, ks=DEFAULT_KS, mask_history: str = "window",
              top_k: int = 10, popularity: np.ndarray | None = None, beyond: bool = True,
              generative: bool = False, beam_size: int = 100, amp: bool = False,
-             rerank_top: int = 0, new_items: np.ndarray | None = None, quotas: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
+             rerank_top: int = 0, new_items: np.ndarray | None = None, quotas: tuple[int, ...] = (1, 2),
+             stream: Any = None) -> dict[str, Any]:
     """Accuracy (HR/NDCG@ks, MRR) and, when ``beyond``, list metrics of the top-``top_k`` lists.
 
     ``model`` is a sequential recommender (forward -> (user states, aux), item_embeddings()) or a
     :class:`models.baselines.popularity.Popularity`.
     ``new_items`` (V + 1 bool) adds ``new_item_quota``: HR/NDCG@10 when each top-10 list keeps ``q`` slots for the
     best-scoring new items (the q best of them plus the 10 - q best of the rest, in score order), per ``quotas``.
+    ``stream`` (:class:`models.ugt.stream_items.DailySums`): the items it holds are scored by their stream vectors.
     """
     device = torch.device(device)
     is_neural = isinstance(model, torch.nn.Module)
@@ -90,6 +92,8 @@ def evaluate(model: Any, data: SequenceData, split_data: Batchable, split: str =
             fresh = _freshness(model, state, batch)
             if fresh is not None:
                 scores = scores + fresh
+            if stream is not None:  # items without an ID row scored by their stream vectors (models/ugt/stream_items)
+                scores = stream.rescore(scores, state, table, _request_times(batch))
         else:
             state = None
             scores = model.score(len(batch["lengths"])).to(device)
@@ -134,9 +138,13 @@ def _freshness(model: Any, state: torch.Tensor, batch: dict[str, torch.Tensor]) 
     """The item-age term at each row's request time (the target's time), or None (models/ugt/freshness.py)."""
     if getattr(model, "freshness", None) is None:
         return None
+    return model.freshness_scores(state, _request_times(batch))
+
+
+def _request_times(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) each eval row's request time: the time of the target its last position predicts."""
     lengths = batch["lengths"]
-    request_time = batch["query_times"].gather(1, (lengths - 1).clamp(min=0).view(-1, 1)).view(-1)
-    return model.freshness_scores(state, request_time)
+    return batch["query_times"].gather(1, (lengths - 1).clamp(min=0).view(-1, 1)).view(-1)
 
 
 def _reranked_ranks(model: Any, kept, batch: dict[str, torch.Tensor], state: torch.Tensor, table: torch.Tensor,

@@ -42,17 +42,19 @@ from tqdm.auto import tqdm
 from models import distributed
 from models.baselines.popularity import Popularity
 from models.checkpoint import build_model, load_data, long_history_len, save_checkpoint
-from models.data import Batchable, SequenceData, cold_item_mask, iterate_batches, make_split, without_items
+from models.data import Batchable, SequenceData, iterate_batches, make_split, without_items
 from models.distill import Teacher
 from models.distributed import DistEnv
 from models.dpo import PreferenceStep
 from models.eval import batch_to_device, evaluate
 from models.semantic_stage import codes_for_vocab, semantic_codes
 from models.sharded_items import ItemShards
+from models.train_cold import cold_holdout, hold_out_features
 from models.train_config import DPOConfig, TrainConfig
 from models.train_curves import plot_curves
 from models.train_loss import StepLoss, stage2_loss
 from models.ugt.model import UGT
+from models.ugt.stream_items import mean_state, training_events
 
 __all__ = ["INTERRUPTED_EXIT", "TrainRun", "codes_for_vocab", "cold_holdout", "fit", "make_splits", "semantic_codes",
            "stage2_loss"]
@@ -93,42 +95,6 @@ def make_splits(cfg: TrainConfig, data: SequenceData, cold: np.ndarray | None = 
     train_data = without_items(data, cold) if cold is not None else data
     return {s: make_split(train_data if s == "train" else data, s, cfg.max_len, max_long,
                           all_windows=cfg.train_windows == "all") for s in ("train", "valid", "test")}
-
-
-@torch.no_grad()
-def hold_out_features(embed: Any, cold: torch.Tensor) -> None:
-    """Describe the held-out items as the serving live catalog would: no ID row, and no part that only they have
-    (the model never trains it): a semantic-ID code no other item has is dropped, a newer decade is clamped to the
-    latest one the other items have, a genre only they have is dropped
-    (:meth:`models.ugt.embedding.UnifiedEmbedding.set_items` applies the same rule to items coded after training)."""
-    embed.item_emb.weight[cold] = 0
-    if getattr(embed, "content_tower", None) is not None:
-        embed.has_id[cold] = False
-    warm = ~cold
-    warm[0] = False
-    if embed.item_codes is not None:
-        codes = embed.item_codes[cold]
-        embed.item_codes[cold] = torch.where(torch.isin(codes, embed.item_codes[warm].unique()), codes,
-                                             torch.zeros_like(codes))
-    latest = int(embed.item_year[warm].max())
-    embed.item_year[cold] = embed.item_year[cold].clamp(max=latest)
-    genres = embed.item_genres[cold]
-    known = torch.isin(genres, embed.item_genres[warm].unique())
-    embed.item_genres[cold] = torch.where(known, genres, torch.zeros_like(genres))
-
-
-def cold_holdout(cfg: TrainConfig, data: SequenceData) -> tuple[np.ndarray | None, bool]:
-    """(the cold-start item mask or None, whether training holds those items out)."""
-    cold = cold_item_mask(data, {k: v for k, v in (cfg.cold_items or {}).items() if k != "holdout"})
-    holdout = cold is not None and bool((cfg.cold_items or {}).get("holdout", True))
-    if holdout and cfg.model != "ugt":
-        raise ValueError("cold_items holdout needs model: ugt (new items are embedded by semantic ID and metadata)")
-    dpo = DPOConfig(**(cfg.dpo or {}))
-    if holdout and dpo.enabled and dpo.epochs > 0:
-        raise ValueError("cold_items holdout with DPO (stage 3) is not supported: set dpo.enabled=false")
-    if holdout and cfg.distill:
-        raise ValueError("cold_items holdout with distill is not supported: the teacher scores the held-out items")
-    return cold, holdout
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -400,6 +366,9 @@ class TrainRun:
         for name, rows in (("test_cold", is_cold), ("test_warm", ~is_cold)):
             summary[name] = self.evaluate("test", rows=rows, beyond=False, generative=generative,
                                           rerank_top=rerank_top, new_items=cold)
+        valid_cold = cold[self.splits["valid"].targets]  # what variants are chosen on (never the test rows)
+        for name, rows in (("valid_cold", valid_cold), ("valid_warm", ~valid_cold)):
+            summary[name] = self.evaluate("valid", rows=rows, beyond=False)
 
 
 def _use_tf32(device: torch.device) -> None:
@@ -493,6 +462,10 @@ def _fit(cfg: TrainConfig, env: DistEnv, device: torch.device, resume: str | Pat
     state = run.state
     summary.update(best_epoch=state["best_epoch"], best_stage=state.get("best_stage", 2), epochs_run=state["epoch"],
                    train_minutes=(time.time() - t0) / 60)
+    if getattr(getattr(model, "embed", None), "stream_mean", None) is not None:  # serving's stream vectors center
+        model.embed.stream_mean.copy_(mean_state(model, training_events(
+            data, cold if holdout else None, cfg.max_len, long_history_len(cfg)), device))
+        save_checkpoint(run.ckpt_path, model, cfg, data, None, state, codes, sizes)
     run.test_report(cold, holdout)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     run.last_path.unlink(missing_ok=True)  # finished: nothing left to resume

@@ -27,6 +27,7 @@ from models.eval import batch_to_device, last_states
 from models.ugt.inference import InferenceConfig, UGTInference, prefix_fingerprint
 from serving.generator import NO_KNOWN_ITEMS, BatchAnswer, GenerationRequest, NoModelAnswer, ScoredItem
 from serving.live_items import LiveCatalog
+from serving.live_stream import LiveStreamVectors
 from serving.user_state_reader import UserStateView
 
 log = logging.getLogger("ugt.serving.ugt_generator")
@@ -188,6 +189,13 @@ class UGTGenerator:
             raise CheckpointError(f"cannot serve {str(path)!r}: {exc}{hint}") from exc
         if self.engine.cache is not None:  # the byte budget may hold fewer users: keep as many rows as slots
             self.prepared_capacity = min(self.prepared_capacity, self.engine.cache.capacity)
+        self.stream = self._stream_vectors()
+
+    def _stream_vectors(self) -> LiveStreamVectors | None:
+        """Live items scored by their stream vectors (serving/live_stream.py), when the checkpoint asks for them."""
+        if self.live is None or self.model.config.embedding.stream_k <= 0:
+            return None
+        return LiveStreamVectors(self.model, self.max_len, self.max_long)
 
     def _code_of(self, item_id: str) -> tuple[int, ...]:
         return tuple(int(c) for c in self.codes[self.item_to_index[item_id]])
@@ -246,6 +254,8 @@ class UGTGenerator:
             known = {self.item_to_index[i] for i in state.item_ids if i in self.item_to_index}
             seen = np.fromiter(sorted(known), dtype=np.int64, count=len(known))
             history = frozenset(state.item_ids)
+        if self.stream is not None:  # the user's events changed: count any new event on a live item
+            self.observe_stream(state)
         prepared = PreparedUser(state.item_ids, state.event_times, state.rating_tokens, history, row, seen,
                                 prefix_fingerprint(row))
         if self.prepared_capacity:
@@ -254,6 +264,20 @@ class UGTGenerator:
             if len(self.prepared) > self.prepared_capacity:
                 self.prepared.popitem(last=False)
         return prepared
+
+    def observe_stream(self, state: UserStateView) -> None:
+        """Add the state's uncounted live-item events to their stream sums and rewrite those items' served rows."""
+        keep = [i for i, item in enumerate(state.item_ids) if item in self.item_to_index]
+        items = np.asarray([self.item_to_index[state.item_ids[i]] for i in keep], dtype=np.int64)
+        if not len(items) or int(items.max()) < self.stream.live_from:
+            return
+        times = np.asarray([state.event_times[i] // 1000 for i in keep], dtype=np.int64)  # ms -> s, as trained
+        ratings = np.asarray([state.rating_tokens[i] for i in keep], dtype=np.int64)
+        changed = self.stream.observe(state.user_id, items, times, ratings)
+        if len(changed):
+            rows = self.stream.rows(changed)
+            index = torch.as_tensor(changed)
+            self.engine.table[index.to(self.engine.table.device)] = rows.to(self.engine.table.dtype)
 
     def extended_row(self, cached: PreparedUser, state: UserStateView, query_time: int) -> dict[str, np.ndarray] | None:
         """The cached row plus the state's new events, when the state only appended known items to the cached

@@ -38,6 +38,10 @@ class EmbeddingConfig:
     # an MLP from an item's semantic-ID + metadata vector to an ID vector, standing in for the ID row of items that
     # have none (items coded after training, the cold-start holdout) and, with id_dropout, of dropped occurrences
     content_tower: bool = False
+    # > 0: serving scores items without an ID row by their stream vectors (models/ugt/stream_items.py): blend count
+    # k, and the share of the mean training state (buffer stream_mean, set by `ugt train`) taken out of their means
+    stream_k: float = 0.0
+    stream_center: float = 0.7
 
 
 class UnifiedEmbedding(nn.Module):
@@ -73,6 +77,8 @@ class UnifiedEmbedding(nn.Module):
                               if config.content_tower else None)
         if self.content_tower is not None:  # which items have a trained ID row (False: the tower stands in)
             self.register_buffer("has_id", torch.ones(num_items + 1, dtype=torch.bool), persistent=True)
+        if config.stream_k > 0:  # the mean state before the training events (models.ugt.stream_items.mean_state)
+            self.register_buffer("stream_mean", torch.zeros(d_model), persistent=True)
         # training only: items embedded without their ID row this step (models.ugt.freshness, idless_share)
         self.register_buffer("id_drop", torch.zeros(num_items + 1, dtype=torch.bool), persistent=False)
         self.drops_ids = False

@@ -84,3 +84,38 @@ def test_content_knn_search_is_the_same_exact_search_without_faiss(monkeypatch):
     np_scores, np_found, np_engine = exact_search(rows, rows[:4], 5)
     assert (engine, np_engine) == ("faiss", "numpy") and (found == np_found).all()
     assert np.allclose(scores, np_scores, atol=1e-5) and (found[:, 0] == np.arange(4)).all()
+
+
+def test_the_headline_row_is_chosen_on_validation_within_the_warm_budget():
+    def held(run: str, cold: float, warm: float) -> dict:
+        return {"run": run, "valid_cold": {"hr@10": cold, "hr@200": 0.5}, "valid_warm": {"hr@10": warm},
+                "test_cold": {"hr@10": 0.9}}  # test numbers never take part
+
+    rows = [held("new_items", 0.01, 0.160), held("new_items+stream_k8_c0.6", 0.12, 0.140),
+            held("new_items+stream_k32_c0.7", 0.05, 0.157), held("new_items+freshness", 0.03, 0.158),
+            {"run": "trained_on_all", "valid_cold": {"hr@10": 0.3, "hr@200": 0.9}, "valid_warm": {"hr@10": 0.2}}]
+    assert cold_start.pick_on_valid(rows) == "new_items+stream_k32_c0.7"  # best cold among losses <= 0.005
+    assert cold_start.pick_on_valid(rows[:2]) == "new_items"  # the other loses 0.02: the least loss wins
+    assert cold_start.pick_on_valid(rows[1:]) == ""  # no new_items row to measure the loss against
+
+
+def test_a_held_out_run_stores_its_mean_state_and_gets_stream_rows_on_valid_and_test(tmp_path):
+    from bench.cold_stream import stream_rows
+    from models.checkpoint import load_checkpoint
+    from models.train import fit
+    from models.train_config import load_config
+
+    cfg = load_config("models/configs/ugt_ml100k_tiny.yaml", {
+        "out_dir": str(tmp_path), "progress": False, "device": "cpu", "max_epochs": 1, "max_users": 200,
+        "model_config.embedding.stream_k": 64.0, "cold_items": {"year_from": 1997}})
+    summary = fit(cfg)
+    assert summary["valid_cold"]["users"] + summary["valid_warm"]["users"] == summary["valid"]["users"]
+    model = load_checkpoint(tmp_path / "checkpoint.pt")[0]
+    assert model.embed.stream_mean.abs().sum() > 0  # what serving centers the live items' sums on
+    rows = stream_rows(tmp_path, "new_items", [(64.0, 0.7), (1e12, 0.7)])
+    assert [r["run"] for r in rows] == ["new_items+stream_k64_c0.7", "new_items+stream_k1e+12_c0.7"]
+    for part in ("test", "test_cold", "test_warm", "valid_cold", "valid_warm"):
+        assert rows[0][part]["users"] == summary[part]["users"]
+    # with K past any event count the stream weighs nothing: the run's own scores come back
+    assert rows[1]["test_cold"]["hr@200"] == pytest.approx(summary["test_cold"]["hr@200"], abs=1e-4)
+    assert rows[1]["valid_warm"]["hr@10"] == pytest.approx(summary["valid_warm"]["hr@10"], abs=1e-4)
