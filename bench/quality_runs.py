@@ -158,12 +158,45 @@ def run_rows(rows: list[Row], runs_dir: Path, parallel: int, deadline_s: float |
     return outcomes
 
 
+def slim_moments(path: Path) -> None:
+    """Rewrite a resume file with its AdamW moments in bf16 (weights and the best weights stay fp32).
+
+    Why: the next call carries every row's last.pt in a 64 MiB tree; a UGT row's is 18 MiB, half of it the
+    moments, so only two UGT rows fit a call. In bf16 (relative rounding <= 2**-8) three do. The resumed optimizer
+    casts them back to fp32 (torch's ``Optimizer.load_state_dict`` casts state to each parameter's dtype), so a
+    row resumed across calls follows its uninterrupted run up to that rounding, not bit for bit; bench.json counts
+    the calls at which it happened (``moments_bf16``)."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("optimizer_format", "torch") != "torch":
+        return
+    slimmed = False
+    for state in ckpt.get("optimizer", {}).get("state", {}).values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+                state[key] = value.to(torch.bfloat16)
+                slimmed = True
+    if not slimmed:
+        return
+    partial = path.with_name(path.name + ".partial")
+    torch.save(ckpt, partial)
+    partial.replace(path)
+    rec = record(path.parent)
+    rec.setdefault("moments_bf16", []).append(len(rec["calls"]))
+    (path.parent / "bench.json").write_text(json.dumps(rec, indent=2) + "\n")
+
+
 def pack(runs_dir: Path, out_dir: Path, budget_mib: float) -> list[Path]:
     """Tar + gzip the runs folder (no best checkpoints) into parts of at most 15 MiB under ``out_dir``.
 
     Over ``budget_mib`` (what the next call can carry), the resume files of the least advanced rows are left out
     (those rows restart); bench.json says so."""
     files = sorted(p for p in runs_dir.rglob("*") if p.is_file() and p.name not in SKIP_IN_PACK)
+    for path in files:
+        if path.name == "last.pt":
+            slim_moments(path)
     resume = sorted((p for p in files if p.name == "last.pt"), key=lambda p: status(p.parent)["epoch"] or 0)
     total = sum(p.stat().st_size for p in files)
     while resume and total > budget_mib * 2**20:
