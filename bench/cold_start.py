@@ -83,9 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default="", help="more held-out runs NAME:KEY=VALUE;KEY=VALUE (comma list), e.g. "
                    "content_tower:model_config.embedding.content_tower=true;model_config.embedding.id_dropout=0.5; "
                    f"a bare NAME of {sorted(KNOWN_VARIANTS)} takes its known overrides")
-    p.add_argument("--stream", default="", help="comma list K:GAMMA: each held-out run's checkpoint is also scored "
-                   "with its new items' stream vectors (models/ugt/stream_items.py; blend count K, share GAMMA of the "
-                   "mean state taken out), one row <run>+stream_k<K>_c<GAMMA> each (bench/cold_stream.py)")
+    p.add_argument("--stream", default="", help="comma list K:GAMMA[:SCALE]: each held-out run's checkpoint is also "
+                   "scored with its new items' stream vectors (models/ugt/stream_items.py; blend count K, share GAMMA "
+                   "of the mean state taken out, row length SCALE, default 1), one row "
+                   "<run>+stream_k<K>_c<GAMMA>[_s<SCALE>] each (bench/cold_stream.py)")
     p.add_argument("--headline", default="", help="the row whose numbers are the headline keys (default: with "
                    "--stream, the held-out row chosen on validation (pick_on_valid); else the last variant, else "
                    "new_items)")
@@ -156,14 +157,15 @@ def collect(run: dict) -> dict | None:
 
 
 def stream_rows_of(runs: list[dict], done: list[str], specs: str) -> list[dict]:
-    """bench/cold_stream.py's rows for every finished held-out run, one per K:GAMMA of ``specs``."""
+    """bench/cold_stream.py's rows for every finished held-out run, one per K:GAMMA[:SCALE] of ``specs``."""
     import torch
 
     from bench.cold_stream import stream_rows
 
     parsed = [tuple(float(v) for v in spec.split(":")) for spec in specs.split(",") if spec]
-    if any(len(p) != 2 for p in parsed):
-        raise SystemExit(f"--stream wants K:GAMMA pairs, got {specs!r}")
+    if any(len(p) not in (2, 3) for p in parsed):
+        raise SystemExit(f"--stream wants K:GAMMA or K:GAMMA:SCALE, got {specs!r}")
+    parsed = [p if len(p) == 3 else (*p, 1.0) for p in parsed]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = []
     for run in runs:

@@ -20,11 +20,12 @@ PARTS = ("test", "test_cold", "test_warm", "valid_cold", "valid_warm")
 METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "mrr")
 
 
-def stream_rows(run_dir: str | Path, run_name: str, specs: list[tuple[float, float]],
+def stream_rows(run_dir: str | Path, run_name: str, specs: list[tuple[float, float, float]],
                 device: str = "cpu") -> list[dict[str, Any]]:
-    """Rows ``<run_name>+stream_k<k>_c<gamma>`` (bench/cold_start.py's row shape) for each (k, gamma) of ``specs``:
-    the stream blend's ``k``, and the share ``gamma`` of the mean training state taken out of each new item's state
-    mean (models/ugt/stream_items.mean_state)."""
+    """Rows ``<run_name>+stream_k<k>_c<gamma>[_s<scale>]`` (bench/cold_start.py's row shape) for each (k, gamma,
+    scale) of ``specs``: the stream blend's ``k``, the share ``gamma`` of the mean training state taken out of each
+    new item's state mean (models/ugt/stream_items.mean_state), and the rows' length ``scale`` (1 = a trained
+    row's)."""
     run_dir = Path(run_dir)
     model, cfg, data, _ = load_checkpoint(run_dir / "checkpoint.pt", map_location=device)
     model.to(device).eval()
@@ -39,10 +40,11 @@ def stream_rows(run_dir: str | Path, run_name: str, specs: list[tuple[float, flo
     sums.center = stored if stored is not None and bool(stored.any()) else mean_state(
         model, training_events(data, cold, cfg.max_len, max_long), device, cfg.eval_batch_size)
     rows = []
-    for k, gamma in specs:
-        sums.k, sums.gamma = float(k), float(gamma)
-        row: dict[str, Any] = {"run": f"{run_name}+stream_k{k:g}_c{gamma:g}", "stream_k": float(k),
-                               "stream_center": float(gamma), "from_run": run_name}
+    for k, gamma, scale in specs:
+        sums.k, sums.gamma, sums.scale = float(k), float(gamma), float(scale)
+        name = f"{run_name}+stream_k{k:g}_c{gamma:g}" + (f"_s{scale:g}" if scale != 1 else "")
+        row: dict[str, Any] = {"run": name, "stream_k": float(k), "stream_center": float(gamma),
+                               "stream_scale": float(scale), "from_run": run_name}
         for part in PARTS:
             split = part.split("_")[0]
             rows_of = splits[split]

@@ -42,7 +42,8 @@ class LiveStreamVectors:
         center = model.embed.stream_mean.detach().float().cpu().numpy()
         self.model, self.max_len, self.max_long = model, max_len, max_long
         self.live_from = model.embed.num_items + 1  # reserved rows: items added while serving
-        self.sums = StreamSums(model.embed.capacity, model.config.d_model, c.stream_k, center, c.stream_center)
+        self.sums = StreamSums(model.embed.capacity, model.config.d_model, c.stream_k, center, c.stream_center,
+                               c.stream_scale)
         self.sums.track(np.arange(self.live_from, model.embed.capacity + 1))
         self.counted: set[tuple[str, int]] = set()
 

@@ -42,6 +42,9 @@ class EmbeddingConfig:
     # k, and the share of the mean training state (buffer stream_mean, set by `ugt train`) taken out of their means
     stream_k: float = 0.0
     stream_center: float = 0.7
+    # the length of a stream row (1 = a trained row's): < 1 scales a new item's cosine down, keeping its order
+    # among new items, so it displaces fewer trained items from everyone's top k (docs/RESULTS.md, cold start)
+    stream_scale: float = 1.0
 
 
 class UnifiedEmbedding(nn.Module):

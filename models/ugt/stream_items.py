@@ -31,14 +31,17 @@ from models.data import Batchable, SequenceData, iterate_batches, make_split, wi
 DAY = 86400
 
 
-def blend(content: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, k: float) -> torch.Tensor:
-    """(..., D) unit vectors: ``content`` (..., D) unit rows blended with the normalised state ``sums`` (..., D) by
-    ``w = counts / (counts + k)``; an item with no event keeps its content vector."""
+def blend(content: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, k: float,
+          scale: float = 1.0) -> torch.Tensor:
+    """(..., D) vectors of length ``scale``: ``content`` (..., D) unit rows blended with the normalised state
+    ``sums`` (..., D) by ``w = counts / (counts + k)``; an item with no event keeps its content vector."""
     if k <= 0:
         raise ValueError(f"stream_k must be > 0, got {k}")
+    if scale <= 0:
+        raise ValueError(f"stream_scale must be > 0, got {scale}")
     w = (counts.float() / (counts.float() + k)).unsqueeze(-1)
     mean = F.normalize(sums.float(), dim=-1, eps=1e-6)
-    return F.normalize((1 - w) * content.float() + w * mean, dim=-1, eps=1e-6)
+    return scale * F.normalize((1 - w) * content.float() + w * mean, dim=-1, eps=1e-6)
 
 
 class StreamSums:
@@ -49,10 +52,11 @@ class StreamSums:
     their ID row and gain nothing).
     """
 
-    def __init__(self, capacity: int, d_model: int, k: float, center: np.ndarray | None = None, gamma: float = 0.0):
+    def __init__(self, capacity: int, d_model: int, k: float, center: np.ndarray | None = None, gamma: float = 0.0,
+                 scale: float = 1.0):
         if k <= 0:
             raise ValueError(f"stream_k must be > 0, got {k}")
-        self.k, self.gamma = float(k), float(gamma)
+        self.k, self.gamma, self.scale = float(k), float(gamma), float(scale)
         self.center = np.zeros(d_model, np.float32) if center is None else np.asarray(center, np.float32)
         self.sums = np.zeros((capacity + 1, d_model), np.float32)
         self.counts = np.zeros(capacity + 1, np.int64)
@@ -78,7 +82,7 @@ class StreamSums:
         centered = self.sums[items] - self.gamma * self.counts[items, None] * self.center  # as DailySums.rescore
         sums = torch.as_tensor(centered, device=content.device)
         counts = torch.as_tensor(self.counts[items], device=content.device)
-        return blend(content, sums, counts, self.k).to(content.dtype)
+        return blend(content, sums, counts, self.k, self.scale).to(content.dtype)
 
 
 class DailySums:
@@ -86,9 +90,10 @@ class DailySums:
     before ``first_day + r`` (evaluation: a request on day d sees only the stream before that day)."""
 
     def __init__(self, items: np.ndarray, first_day: int, sums: torch.Tensor, counts: torch.Tensor, k: float = 1.0,
-                 center: torch.Tensor | None = None, gamma: float = 0.0):
+                 center: torch.Tensor | None = None, gamma: float = 0.0, scale: float = 1.0):
         self.items, self.first_day, self.sums, self.counts, self.k = items, first_day, sums, counts, k
         self.center, self.gamma = center, gamma  # (D,) mean_state, and the share of it taken out of each mean
+        self.scale = scale  # the rows' length (EmbeddingConfig.stream_scale)
 
     def at(self, request_times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sums (B, C, D), counts (B, C)) as of each request time's day."""
@@ -104,7 +109,7 @@ class DailySums:
         sums, counts = self.at(request_times)
         if self.center is not None and self.gamma:
             sums = sums - self.gamma * counts.unsqueeze(-1).float() * self.center
-        vectors = blend(content.unsqueeze(0).expand_as(sums), sums, counts, self.k)
+        vectors = blend(content.unsqueeze(0).expand_as(sums), sums, counts, self.k, self.scale)
         stream = torch.einsum("bcd,bd->bc", vectors, state.float())
         out = scores.clone()
         out[:, ids] += stream - state.float() @ content.T

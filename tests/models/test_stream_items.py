@@ -26,6 +26,20 @@ def test_blend_keeps_the_content_vector_without_events_and_trusts_the_stream_as_
         blend(content, sums, torch.zeros(3), k=0.0)
 
 
+def test_the_scale_shortens_stream_rows_and_keeps_their_direction():
+    content = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    sums = torch.tensor([[0.0, 5.0], [3.0, 0.0]])
+    counts = torch.tensor([2, 7])
+    full, short = blend(content, sums, counts, k=2.0), blend(content, sums, counts, k=2.0, scale=0.5)
+    assert torch.allclose(short, 0.5 * full)
+    with pytest.raises(ValueError, match="stream_scale"):
+        blend(content, sums, counts, k=2.0, scale=0.0)
+    running = StreamSums(capacity=2, d_model=2, k=2.0, scale=0.5)
+    running.track(np.array([1, 2]))
+    running.add(np.array([1, 2]), np.array([[0.0, 1.0], [1.0, 0.0]]))
+    assert torch.allclose(running.vectors(np.array([1, 2]), content).norm(dim=-1), torch.full((2,), 0.5))
+
+
 def test_running_sums_keep_only_tracked_items_and_give_their_blended_rows():
     sums = StreamSums(capacity=5, d_model=2, k=1.0)
     sums.track(np.array([4, 5]))
