@@ -21,7 +21,7 @@ import itertools
 import logging
 import socket
 import threading
-from collections.abc import Set
+from collections.abc import Iterable, Set
 from typing import Any
 
 import numpy as np
@@ -120,6 +120,9 @@ class RemoteModel:
         if local.stream is not None:
             local.stream_outbox = StreamEvents()  # the engine counts them: it owns the model and the table
         self.asked: set[str] = set()  # unknown ids asked about since the engine's catalog last grew
+
+    def fresh_items(self, item_ids: Iterable[str]) -> set[str]:
+        return self.local.fresh_items(item_ids)
 
     def recommend(self, state: UserStateView, k: int, exclude: Set[str], *, domain: str) -> list[ScoredItem]:
         answer = self.recommend_batch([GenerationRequest(state, k, frozenset(exclude), domain)])[0]

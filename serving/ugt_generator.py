@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Set
+from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,6 +282,10 @@ class UGTGenerator:
             self.stream.observe(state.user_id, items, times, ratings)
         else:
             self.stream_outbox.extend(self.stream.pending(state.user_id, items, times, ratings, self.stream_sent))
+
+    def fresh_items(self, item_ids: Iterable[str]) -> set[str]:
+        """Which of these items arrived after training (live items): what the reranker's exploration places."""
+        return {i for i in item_ids if self.item_to_index.get(i, 0) > self.num_items}
 
     def learn_items(self, names: dict[int, str]) -> int:
         """Take the ids of items the engine serves past this copy's vocabulary (an engine_scope: model worker:
