@@ -6,6 +6,9 @@ generator (the pipeline's engine) and of a worker's RemoteModel whose model runs
 (serving/engine_model.py, over its Unix socket): same items, same scores, also after users' events on the new
 items moved their rows. What fails without the model scope's wiring: the worker drops the new items from histories
 (its vocabulary lacks them) and nobody counts their events, so its answers differ and the rows never move.
+
+Also here, on the same model and feed: the reranker's fresh-item exploration (rerank key fresh_slots) puts the live
+items the generator scored into its candidate pool into answers, within the bound.
 """
 
 from __future__ import annotations
@@ -197,3 +200,42 @@ def test_both_scopes_give_the_same_answers_as_stream_rows_move(checkpoint: Path,
         child.terminate()
         child.join(10)
         pipeline.live.stop()
+
+
+def test_exploration_puts_live_items_from_the_pool_into_answers_within_the_bound(checkpoint: Path, feed: str,
+                                                                               redis_port: int, one_thread):
+    from serving.reranker import FilterReranker, FreshExplorer
+
+    gen = generator(checkpoint, feed, redis_port)
+    gen.start_background()
+    served, deadline = 0, time.monotonic() + 30
+    while served < 2 and time.monotonic() < deadline:
+        served += gen.apply_new_items()
+        time.sleep(0.01)
+    assert served == 2, gen.live.stats
+    k, pool = 10, (gen.num_items + 2) // 10 + 1  # a pool of the whole catalog: both live items are candidates
+    users = [view(f"x{n}", HISTORY[n % 5 :] + ["7", "12"][: n % 3]) for n in range(12)]
+    reranker = FilterReranker(pool, FreshExplorer(1))
+    fresh_answers = 0
+    try:
+        for user, candidates in zip(users, ask(gen, users, gen.num_items + 2), strict=True):
+            pool_items = [item for item, _ in candidates]
+            fresh = gen.fresh_items(pool_items)
+            assert fresh == {"new-a", "new-b"}  # what the generator calls live
+            picked = reranker.rerank(_scored(candidates), k, set())
+            out, placed = reranker.fresh.explore(picked, _scored(candidates), k, set(), fresh, f"{user.user_id}|1")
+            got = [i.item_id for i in out]
+            assert len(got) == k and sum(i in fresh for i in got) <= 1  # the bound
+            assert placed == (1 if fresh and not fresh & {i.item_id for i in picked} else 0)
+            fresh_answers += any(i in fresh for i in got)
+            if placed:  # the best-scored live item of the pool
+                assert set(got) & fresh == {next(i for i in pool_items if i in fresh)}
+        assert fresh_answers == len(users)
+    finally:
+        gen.live.stop()
+
+
+def _scored(candidates: list[tuple[str, float]]):
+    from serving.generator import ScoredItem
+
+    return [ScoredItem(item, score) for item, score in candidates]
