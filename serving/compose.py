@@ -32,7 +32,7 @@ from serving.http_models import DEFAULT_K
 from serving.impressions import ImpressionPublisher
 from serving.metrics import ServingMetrics
 from serving.ratelimit import RateLimiter
-from serving.reranker import FilterReranker, Reranker, RuleReranker
+from serving.reranker import FilterReranker, FreshExplorer, Reranker, RuleReranker
 from serving.service import Components, RecommendService
 from serving.similar import SimilarItems
 from serving.user_state_reader import UserStateReader, read_many
@@ -189,8 +189,9 @@ def _rerankers(config: ServingConfig, client: redis.Redis, settings: Settings,
     out: dict[Any, Reranker] = {}
     catalog = None
     for name, route in (routes(config) if by_key is None else by_key).items():
-        if not route.rerank.active:
-            out[name] = FilterReranker()
+        if not route.rerank.active:  # no rule: the generator's order, explored in k * pool when fresh_slots > 0
+            fresh = FreshExplorer(route.rerank.fresh_slots, route.rerank.fresh_rate) if route.rerank.fresh_slots else None
+            out[name] = FilterReranker(route.rerank.pool if fresh else 1, fresh)
             continue
         if catalog is None:
             from serving.items import ItemCatalog

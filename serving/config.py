@@ -88,10 +88,8 @@ STRICT = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
 @dataclass(frozen=True, config=STRICT)
 class RerankConfig:
-    """Business rules and diversity for one domain (serving/reranker.py); all off by default.
-
-    Categories come from the Feast ``item_metadata`` view (``categories``, e.g. ML genres).
-    """
+    """Business rules, diversity and fresh-item exploration for one domain (serving/reranker.py); all off by default.
+    Categories come from the Feast ``item_metadata`` view (``categories``, e.g. ML genres)."""
 
     diversity: Float = Field(0.0, ge=0, lt=1)  # MMR weight of diversity in [0, 1): 0 = keep the generator's order
     pool: Int = Field(3, ge=1, le=20)  # the generator is asked for k * pool candidates when any rule is on
@@ -99,6 +97,8 @@ class RerankConfig:
     drop_categories: Strings = ()
     boosts: Boosts = ()  # category -> score multiplier in (0, 1000]
     caps: Caps = ()  # category -> at most this many items per answer
+    fresh_slots: Int = Field(0, ge=0, le=10)  # at most this many (and k // 2) slots for live items in the pool
+    fresh_rate: Float = Field(1.0, ge=0, le=1)  # the share of answers (drawn per user and state) that explore
 
     @property
     def active(self) -> bool:

@@ -11,6 +11,12 @@ Each step takes every frame that has arrived (up to ``max_rows`` rows; no extra 
 groups them by served model, and submits each group with ``UGTInference.submit_packed``; up to ``depth`` steps are
 in flight at once, so on CUDA the next step is packed and copied while the GPU runs the last one. Answers go back
 in the order steps finish, one write per worker per step.
+
+Live items (serving/live_items.py) are this engine's: it follows the feed, adds them to its model and table before
+each step, and names every item past a worker's vocabulary in its answers (a frame of no rows, which a worker sends
+when a history holds an id it does not know, is answered at once with only those). With stream vectors the live-item
+events the workers found come in their frames and are counted here, before the rows run: the same order as the
+pipeline's engine, so both scopes give the same answers (tests/serving/test_stream_scopes.py).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 
 from serving.engine_core import BUSY_RETRY_AFTER_S
 from serving.engine_ipc import ADMITTED, BUSY, FAILED, MODEL_ANSWER, RATE_LIMITED, Frame, encode
+from serving.live_stream import StreamEvents
 from serving.model_wire import ModelRows, ModelTop, WireError, decode_rows, encode_top
 from serving.ratelimit import RateLimiter
 
@@ -102,6 +109,12 @@ class ModelCore:
             return encode(FAILED, frame.ident, 0.0, str(exc).encode())
         if rows.route not in self.models:
             return encode(FAILED, frame.ident, 0.0, f"no served model {rows.route!r} in this engine".encode())
+        if not rows.keys:  # only asks for the names of items added while serving
+            generator = self.models[rows.route]
+            generator.apply_new_items()
+            empty = np.zeros((0, 0), np.int64)
+            return encode(MODEL_ANSWER, frame.ident, 0.0, encode_top(_top(generator, rows.known, np.zeros(0, np.int64),
+                                                                          empty, empty.astype(np.float32))))
         if self.queued_rows + len(rows.keys) > self.queue_max and self.queue:
             self.on_refused("queue_full")
             return encode(BUSY, frame.ident, BUSY_RETRY_AFTER_S)
@@ -149,6 +162,7 @@ class ModelCore:
             generator = self.models[route]
             try:
                 generator.apply_new_items()
+                _observe(generator, asked)
                 vectors, excl, keys, prints, k = _stack(asked)
                 pending = generator.engine.submit_packed(vectors, excl, k, keys, prints)
             except Exception as exc:  # one model's failure fails its frames alone
@@ -170,16 +184,31 @@ class ModelCore:
             at = 0
             for a in asked:
                 n = len(a.rows.keys)
-                top = _top(generator, counts[at : at + n], indices[at : at + n], scores[at : at + n])
+                top = _top(generator, a.rows.known, counts[at : at + n], indices[at : at + n], scores[at : at + n])
                 out.setdefault(a.conn, bytearray()).extend(encode(MODEL_ANSWER, a.ident, 0.0, encode_top(top)))
                 at += n
 
 
-def _top(generator: Any, counts: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> ModelTop:
-    """One frame's answer; the ids of items added while serving ride along (the workers' vocabularies lack them)."""
-    live = indices[indices > generator.num_items]
-    names = {int(i): generator.index_to_item[int(i)] for i in np.unique(live)} if live.size else {}
+def _top(generator: Any, known: int, counts: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> ModelTop:
+    """One frame's answer, with the ids of the items added while serving that the worker (``known`` items in its
+    vocabulary) does not have yet: it then names every index and holds those items in its rows."""
+    first = max(known, generator.num_items + 1)
+    names = {i: generator.index_to_item[i] for i in range(first, len(generator.index_to_item))}
     return ModelTop(counts, indices, scores, names)
+
+
+def _observe(generator: Any, asked: list[_Asked]) -> None:
+    """Count the live-item events the workers found in their users' histories (stream vectors), before the rows
+    of the same step run: the pipeline's engine counts a batch's events before its model call too."""
+    if getattr(generator, "stream", None) is None:
+        return
+    events = StreamEvents()
+    for a in asked:
+        if a.rows.stream_users:
+            events.extend(StreamEvents(list(a.rows.stream_users), a.rows.stream_items.tolist(),
+                                       list(a.rows.stream_vectors)))
+    if events.users:
+        generator.stream.observe_packed(events)
 
 
 def _refuse(asked: list[_Asked], exc: BaseException, out: dict[int, bytearray]) -> None:

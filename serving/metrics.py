@@ -119,6 +119,7 @@ class ServingMetrics:
         self._impression_metrics()
         self._arm_metrics()
         self._similar_metrics()
+        self._fresh_metrics()
         for stage in STAGES:  # expose every series from the start, so dashboards see zeros rather than gaps
             self.stage_seconds.labels(stage)
 
@@ -130,6 +131,23 @@ class ServingMetrics:
             ["how"],
             registry=self.registry,
         )
+
+    def _fresh_metrics(self) -> None:
+        """Fresh-item exploration (rerank key fresh_slots): how many answers carried a live item, and how."""
+        self.fresh_answers = Counter(
+            "ugt_serving_fresh_answers",
+            "/recommend answers of domains with fresh_slots that carried a live item (added after training): "
+            "scored (on the generator's score alone) or explored (placed by the bounded exploration).",
+            ["how"],
+            registry=self.registry,
+        )
+        self.fresh_explored = Counter(
+            "ugt_serving_fresh_explored_items",
+            "Live items placed into /recommend answers by the bounded exploration (rerank key fresh_slots).",
+            registry=self.registry,
+        )
+        for how in ("scored", "explored"):
+            self.fresh_answers.labels(how)
 
     def _arm_metrics(self) -> None:
         """Per experiment arm, so a readout can set an arm's latency and failures beside its CTR (impressions carry

@@ -7,13 +7,16 @@ users' cache keys and prefix fingerprints; the engine answers with each row's to
 pickled or parsed per request: a frame is a small JSON head and numpy buffers, copied once into pinned memory.
 
 Item indices of items the engine added while serving (live items, beyond the vocabulary the workers loaded) come
-back with their ids, so a worker can name every item it is given.
+back with their ids: every one past the worker's vocabulary size (``known``), so a worker can name every item it is
+given and hold them in the rows it builds. A frame of no rows only asks for those. With stream vectors (checkpoint
+``embedding.stream_k`` > 0) a frame also carries the live-item events the worker found in its users' histories,
+each as its user, its item and its prefix row (serving/live_stream.py); the engine counts them before the rows run.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
@@ -38,6 +41,10 @@ class ModelRows:
     prints: list[bytes]
     vectors: np.ndarray  # (n, W) packed rows
     excl: np.ndarray  # (n, X) exclusions, 0-padded
+    known: int = 0  # the worker's vocabulary size: the engine names every item index from here on
+    stream_users: list[str] = field(default_factory=list)  # live-item events to count (serving/live_stream.py)
+    stream_items: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (m,)
+    stream_vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # (m, W) prefix rows
 
 
 @dataclass(slots=True)
@@ -63,10 +70,15 @@ def encode_rows(rows: ModelRows) -> bytes:
                         f"{len(rows.prints)} prints")
     if any(len(p) != PRINT_BYTES for p in rows.prints):
         raise WireError(f"prefix fingerprints must be {PRINT_BYTES} bytes")
-    head = orjson.dumps({"route": rows.route, "k": rows.k, "keys": rows.keys,
-                         "width": rows.vectors.shape[1], "excl": rows.excl.shape[1]})
+    m = len(rows.stream_users)
+    if len(rows.stream_items) != m or (m and rows.stream_vectors.shape != (m, rows.vectors.shape[1])):
+        raise WireError(f"{m} stream users but {len(rows.stream_items)} items and prefix rows of shape "
+                        f"{rows.stream_vectors.shape}")
+    head = orjson.dumps({"route": rows.route, "k": rows.k, "keys": rows.keys, "width": rows.vectors.shape[1],
+                         "excl": rows.excl.shape[1], "known": rows.known, "stream_users": rows.stream_users})
+    stream = (_int32(rows.stream_items, "stream items"), _int32(rows.stream_vectors, "prefix rows")) if m else ()
     return b"".join((_LEN.pack(len(head)), head, *rows.prints,
-                     _int32(rows.vectors, "rows"), _int32(rows.excl, "exclusions")))
+                     _int32(rows.vectors, "rows"), _int32(rows.excl, "exclusions"), *stream))
 
 
 def decode_rows(payload: bytes) -> ModelRows:
@@ -80,9 +92,15 @@ def decode_rows(payload: bytes) -> ModelRows:
         vectors = np.frombuffer(payload, dtype=np.int32, count=n * width, offset=at).reshape(n, width)
         at += 4 * n * width
         excl = np.frombuffer(payload, dtype=np.int32, count=n * x, offset=at).reshape(n, x)
-        if at + 4 * n * x != len(payload):
-            raise WireError(f"model frame of {len(payload)} bytes, its head says {at + 4 * n * x}")
-        return ModelRows(str(head["route"]), int(head["k"]), list(head["keys"]), prints, vectors, excl)
+        at += 4 * n * x
+        users = [str(u) for u in head.get("stream_users", [])]
+        m = len(users)
+        items = np.frombuffer(payload, dtype=np.int32, count=m, offset=at)
+        prefixes = np.frombuffer(payload, dtype=np.int32, count=m * width, offset=at + 4 * m).reshape(m, width)
+        if at + 4 * m * (1 + width) != len(payload):
+            raise WireError(f"model frame of {len(payload)} bytes, its head says {at + 4 * m * (1 + width)}")
+        return ModelRows(str(head["route"]), int(head["k"]), list(head["keys"]), prints, vectors, excl,
+                         int(head.get("known", 0)), users, items, prefixes)
     except (struct.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, WireError):
             raise

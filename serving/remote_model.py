@@ -6,6 +6,11 @@ work scales with the workers. For a UGT model it builds each batch's rows exactl
 fingerprints), packs them, and sends them to the engine in one frame over its own blocking Unix socket
 (serving/model_wire.py); the engine's top-k comes back as item indices, named here from the same vocabulary.
 
+Items added while serving are the engine's (it follows the feed): each answer names those past this worker's
+vocabulary, which learns them, so its rows hold them and mask them as seen as the engine's own would; a batch whose
+histories hold an id unknown here first asks the engine (a frame of no rows). With stream vectors, the live-item
+events found while building rows travel with them and the engine counts them (serving/live_stream.py).
+
 When the engine is gone or refuses (restarting, its queue full), the batch's users get a NoModelAnswer with the
 reason (``engine_unavailable``, ``overloaded``), which the service answers with the marked popularity fallback.
 """
@@ -16,7 +21,7 @@ import itertools
 import logging
 import socket
 import threading
-from collections.abc import Set
+from collections.abc import Iterable, Set
 from typing import Any
 
 import numpy as np
@@ -33,12 +38,15 @@ from serving.engine_ipc import (
     encode,
 )
 from serving.generator import BatchAnswer, GenerationRequest, NoModelAnswer, ScoredItem
+from serving.live_stream import StreamEvents, remember
 from serving.model_wire import ModelRows, ModelTop, WireError, decode_top, encode_rows
 from serving.service import ENGINE_UNAVAILABLE, OVERLOADED
 from serving.ugt_generator import UGTGenerator
 from serving.user_state_reader import UserStateView
 
 log = logging.getLogger(__name__)
+
+MAX_UNKNOWN = 100_000  # ids asked about that the engine did not know either; forgotten past this many
 
 
 class EngineBusy(RuntimeError):
@@ -109,7 +117,12 @@ class RemoteModel:
         self.channel = channel
         self.name, self.version = local.name, local.version
         local.prepared_capacity = prepared_users  # the parent's copy kept one: this worker's own row cache
-        self.names = local.item_names
+        if local.stream is not None:
+            local.stream_outbox = StreamEvents()  # the engine counts them: it owns the model and the table
+        self.asked: set[str] = set()  # unknown ids asked about since the engine's catalog last grew
+
+    def fresh_items(self, item_ids: Iterable[str]) -> set[str]:
+        return self.local.fresh_items(item_ids)
 
     def recommend(self, state: UserStateView, k: int, exclude: Set[str], *, domain: str) -> list[ScoredItem]:
         answer = self.recommend_batch([GenerationRequest(state, k, frozenset(exclude), domain)])[0]
@@ -118,19 +131,23 @@ class RemoteModel:
         return answer  # type: ignore[return-value]
 
     def recommend_batch(self, requests: list[GenerationRequest]) -> list[BatchAnswer]:
+        self._learn_unknown(requests)
         batch = self.local.gather(requests)
+        events = self._take_events()
         if not batch.rows:
             return batch.answers
         engine = self.local.engine
         rows = ModelRows(self.route, batch.k, batch.keys, batch.prints, engine.row_vectors(batch.rows),
-                         engine.exclusion_matrix(batch.excludes))
+                         engine.exclusion_matrix(batch.excludes), len(self.local.index_to_item), events.users,
+                         np.asarray(events.items, np.int64), events.matrix(engine.width))
         try:
             top = decode_top(self.channel.call(encode_rows(rows)))
         except (EngineUnavailable, EngineBusy, WireError) as exc:
             reason = OVERLOADED if isinstance(exc, EngineBusy) else ENGINE_UNAVAILABLE
             for i in batch.where:
                 batch.answers[i] = NoModelAnswer(reason, str(exc))
-            return batch.answers
+            return batch.answers  # the events were not counted: sent again when their users' rows are rebuilt
+        remember(self.local.stream_sent, list(zip(events.users, events.items, strict=True)))
         names = self._names(top)
         for j, i in enumerate(batch.where):
             n = min(int(top.counts[j]), requests[i].k)
@@ -140,13 +157,36 @@ class RemoteModel:
 
     def _names(self, top: ModelTop) -> np.ndarray:
         """The index -> item id array, grown by the live items the engine named (kept for later batches)."""
-        if top.names and max(top.names) >= len(self.names):
-            grown = np.empty(max(top.names) + 1, dtype=object)
-            grown[: len(self.names)] = self.names
-            self.names = grown
-        for index, item_id in top.names.items():
-            self.names[index] = item_id
-        return self.names
+        if self.local.learn_items(top.names):
+            self.asked.clear()  # the catalog grew: an id unknown before may be served now
+        return self.local.item_names
+
+    def _take_events(self) -> StreamEvents:
+        """The live-item events the batch's rows brought up (none without stream vectors)."""
+        events = self.local.stream_outbox
+        if events is None:
+            return StreamEvents()
+        self.local.stream_outbox = StreamEvents()
+        return events
+
+    def _learn_unknown(self, requests: list[GenerationRequest]) -> None:
+        """When a history holds an id this worker does not know and has not asked about, ask the engine for the
+        items it added (a frame of no rows): rows then hold them as the engine's own would. Best effort: an engine
+        that does not answer is met again by the batch itself."""
+        vocab = self.local.item_to_index
+        unknown = {i for r in requests for i in r.state.item_ids if i not in vocab and i not in self.asked}
+        if not unknown or self.local.live is None:
+            return
+        if len(self.asked) > MAX_UNKNOWN:
+            self.asked.clear()
+        self.asked |= unknown
+        engine = self.local.engine
+        empty = ModelRows(self.route, 0, [], [], np.zeros((0, engine.width), np.int64), np.zeros((0, 1), np.int64),
+                          len(self.local.index_to_item))
+        try:
+            self._names(decode_top(self.channel.call(encode_rows(empty))))
+        except (EngineUnavailable, EngineBusy, WireError) as exc:
+            log.debug("could not ask the engine for its new items: %s", exc)
 
 
 def model_routes(served: dict[str, Any]) -> dict[str, UGTGenerator]:

@@ -1,12 +1,16 @@
 """The last step before the response: business rules over the generator's candidates.
 
 FilterReranker only keeps the contract every answer must keep (nothing seen or excluded, no duplicates, at
-most k); RuleReranker adds the domain's business rules and MMR diversity over item categories.
+most k); RuleReranker adds the domain's business rules and MMR diversity over item categories. Either may carry a
+:class:`FreshExplorer` (``fresh_slots`` > 0): a bounded exploration share for live items (added after training)
+that the generator scored into the candidate pool but the answer left out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Set
+import hashlib
+import random
+from collections.abc import Iterable, Sequence, Set
 from typing import Protocol, runtime_checkable
 
 from serving.config import RerankConfig
@@ -22,10 +26,65 @@ class Reranker(Protocol):
         ...
 
 
+class FreshExplorer:
+    """Puts up to ``slots`` fresh items from the candidate pool into an answer that lacks them, in a share
+    ``rate`` of answers.
+
+    Why: a live item's score starts from its content and its few stream events (docs/RESULTS.md, cold start), so
+    it often ranks just below the cut and never gets the events that would lift it. Bounded: at most ``slots`` and
+    at most ``k // 2`` slots hold fresh items (those already in the answer on their own score count), only items
+    the generator put in its ``k * pool`` candidates qualify (best-scored first), and the answer's lowest non-fresh
+    items make room. Deterministic: whether an answer explores and where the items go are drawn from a hash of
+    the request's ``key`` (user and state), so the same request gets the same answer.
+    """
+
+    def __init__(self, slots: int, rate: float = 1.0):
+        if slots < 0 or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"fresh_slots must be >= 0 and fresh_rate in [0, 1], got {slots} and {rate}")
+        self.slots, self.rate = slots, rate
+
+    def explore(self, picked: Sequence[ScoredItem], candidates: Sequence[ScoredItem], k: int, exclude: Set[str],
+                fresh: Set[str], key: str) -> tuple[list[ScoredItem], int]:
+        """The answer with fresh items placed in it, and how many were placed."""
+        slots = min(self.slots, k // 2)
+        if slots <= 0 or not fresh:
+            return list(picked), 0
+        rng = random.Random(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little"))
+        if rng.random() >= self.rate:
+            return list(picked), 0
+        taken = {item.item_id for item in picked}
+        want = slots - len(taken & fresh)
+        extra: list[ScoredItem] = []
+        for item in candidates:
+            if len(extra) >= want:
+                break
+            if item.item_id in fresh and item.item_id not in taken and item.item_id not in exclude:
+                extra.append(item)
+                taken.add(item.item_id)
+        if not extra:
+            return list(picked), 0
+        kept = list(picked)
+        while len(kept) > k - len(extra):  # drop the lowest-placed non-fresh item (fresh ones are <= k // 2)
+            kept.pop(max(i for i, item in enumerate(kept) if item.item_id not in fresh))
+        n = len(kept) + len(extra)
+        at = set(rng.sample(range(n), len(extra)))
+        placed, rest = iter(extra), iter(kept)
+        return [next(placed) if p in at else next(rest) for p in range(n)], len(extra)
+
+
 class FilterReranker:
-    """Drop seen / excluded items and duplicates (first occurrence wins), keep the generator's order, cut to k."""
+    """Drop seen / excluded items and duplicates (first occurrence wins), keep the generator's order, cut to k.
+
+    ``pool`` > 1 (only with a ``fresh`` explorer) asks the generator for ``k * pool`` candidates to explore in."""
 
     name = "filter"
+
+    def __init__(self, pool: int = 1, fresh: FreshExplorer | None = None):
+        self.pool, self.fresh = pool, fresh
+
+    def allowed(self, candidates: Sequence[ScoredItem]) -> list[ScoredItem]:
+        """The candidates an exploration may place (no rule here)."""
+        return list(candidates)
 
     def rerank(self, candidates: Iterable[ScoredItem], k: int, exclude: Set[str]) -> list[ScoredItem]:
         out: list[ScoredItem] = []
@@ -71,6 +130,14 @@ class RuleReranker:
         self.drop = frozenset(rules.drop_categories)
         self.boosts = dict(rules.boosts)
         self.caps = dict(rules.caps)
+        self.fresh = FreshExplorer(rules.fresh_slots, rules.fresh_rate) if rules.fresh_slots else None
+
+    def allowed(self, candidates: Sequence[ScoredItem]) -> list[ScoredItem]:
+        """The candidates an exploration may place: none in ``drop_categories`` (caps and diversity do not apply)."""
+        if not self.drop or not candidates:
+            return list(candidates)
+        cats = self.catalog.categories(item.item_id for item in candidates)
+        return [item for item in candidates if not frozenset(cats.get(item.item_id, ())) & self.drop]
 
     def rerank(self, candidates: Iterable[ScoredItem], k: int, exclude: Set[str]) -> list[ScoredItem]:
         pool = FilterReranker().rerank(candidates, 1_000_000, exclude)

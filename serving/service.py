@@ -393,7 +393,7 @@ class RecommendService:
                 out.append(error)
                 continue
             rerank_start = time.perf_counter()
-            items = self._reranker_of(job).rerank(job.candidates or [], job.request.k, self._seen(job))
+            items = self._rerank(job)
             rerank_s = time.perf_counter() - rerank_start
             stages = {
                 "queue": job.queued_s,
@@ -417,6 +417,27 @@ class RecommendService:
             self._stage_hist["state"].observe(after_state - start)
             self._stage_hist["generate"].observe(after_generate - after_state)
         return out
+
+    def _rerank(self, job: _Job) -> list[ScoredItem]:
+        """The reranker's answer, with live items from the candidates explored into it when the domain sets
+        ``fresh_slots`` and the model answered (serving/reranker.py, FreshExplorer); counted in /metrics."""
+        reranker, candidates, k = self._reranker_of(job), job.candidates or [], job.request.k
+        items = reranker.rerank(candidates, k, self._seen(job))
+        explorer = getattr(reranker, "fresh", None)
+        fresh_of = getattr(self._generator_of(job), "fresh_items", None)
+        if explorer is None or fresh_of is None or job.reason is not None or job.state is None:
+            return items
+        fresh = fresh_of(c.item_id for c in candidates)
+        s = job.state
+        key = f"{job.request.user_id}|{job.domain}|{k}|{s.event_count}|{s.last_event_time}"  # same state, same draw
+        pool = reranker.allowed([c for c in candidates if c.item_id in fresh])
+        items, placed = explorer.explore(items, pool, k, self._seen(job), fresh, key)
+        if placed:
+            self.metrics.fresh_answers.labels("explored").inc()
+            self.metrics.fresh_explored.inc(placed)
+        elif any(item.item_id in fresh for item in items):
+            self.metrics.fresh_answers.labels("scored").inc()
+        return items
 
     def recommend(self, request: RecommendRequest) -> RecommendResponse:
         """One request as a batch of one (no batcher); raises NoPopularity or UnknownDomain when nothing can answer."""

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Set
+from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from models.eval import batch_to_device, last_states
 from models.ugt.inference import InferenceConfig, UGTInference, prefix_fingerprint
 from serving.generator import NO_KNOWN_ITEMS, BatchAnswer, GenerationRequest, NoModelAnswer, ScoredItem
 from serving.live_items import LiveCatalog
-from serving.live_stream import LiveStreamVectors
+from serving.live_stream import LiveStreamVectors, StreamEvents
 from serving.user_state_reader import UserStateView
 
 log = logging.getLogger("ugt.serving.ugt_generator")
@@ -190,12 +190,16 @@ class UGTGenerator:
         if self.engine.cache is not None:  # the byte budget may hold fewer users: keep as many rows as slots
             self.prepared_capacity = min(self.prepared_capacity, self.engine.cache.capacity)
         self.stream = self._stream_vectors()
+        # engine_scope: model's workers: live-item events found here go to the engine with the batch's rows
+        self.stream_outbox: StreamEvents | None = None
+        self.stream_sent: set[tuple[str, int]] = set()  # (user, item) pairs sent to the engine already
 
     def _stream_vectors(self) -> LiveStreamVectors | None:
         """Live items scored by their stream vectors (serving/live_stream.py), when the checkpoint asks for them."""
         if self.live is None or self.model.config.embedding.stream_k <= 0:
             return None
-        return LiveStreamVectors(self.model, self.max_len, self.max_long)
+        e = self.engine  # the served model: its tables hold the reserved live rows, its table is what is scored
+        return LiveStreamVectors(e.model, e.layout, e.table, self.max_len, self.max_long)
 
     def _code_of(self, item_id: str) -> tuple[int, ...]:
         return tuple(int(c) for c in self.codes[self.item_to_index[item_id]])
@@ -266,18 +270,36 @@ class UGTGenerator:
         return prepared
 
     def observe_stream(self, state: UserStateView) -> None:
-        """Add the state's uncounted live-item events to their stream sums and rewrite those items' served rows."""
+        """Add the state's uncounted live-item events to their stream sums and rewrite those items' served rows
+        (or, in an engine_scope: model worker, keep them for the engine, which owns the model and the table)."""
         keep = [i for i, item in enumerate(state.item_ids) if item in self.item_to_index]
         items = np.asarray([self.item_to_index[state.item_ids[i]] for i in keep], dtype=np.int64)
         if not len(items) or int(items.max()) < self.stream.live_from:
             return
         times = np.asarray([state.event_times[i] // 1000 for i in keep], dtype=np.int64)  # ms -> s, as trained
         ratings = np.asarray([state.rating_tokens[i] for i in keep], dtype=np.int64)
-        changed = self.stream.observe(state.user_id, items, times, ratings)
-        if len(changed):
-            rows = self.stream.rows(changed)
-            index = torch.as_tensor(changed)
-            self.engine.table[index.to(self.engine.table.device)] = rows.to(self.engine.table.dtype)
+        if self.stream_outbox is None:
+            self.stream.observe(state.user_id, items, times, ratings)
+        else:
+            self.stream_outbox.extend(self.stream.pending(state.user_id, items, times, ratings, self.stream_sent))
+
+    def fresh_items(self, item_ids: Iterable[str]) -> set[str]:
+        """Which of these items arrived after training (live items): what the reranker's exploration places."""
+        return {i for i in item_ids if self.item_to_index.get(i, 0) > self.num_items}
+
+    def learn_items(self, names: dict[int, str]) -> int:
+        """Take the ids of items the engine serves past this copy's vocabulary (an engine_scope: model worker:
+        its rows then hold them, and mask them as seen); returns how many were new here."""
+        added = 0
+        for index in sorted(names):
+            if index == len(self.index_to_item):  # the engine names them in order from this copy's size
+                self.index_to_item.append(names[index])
+                self.item_to_index[names[index]] = index
+                added += 1
+        if added:
+            self.item_names = np.asarray(self.index_to_item, dtype=object)
+            self.prepared.clear()  # a kept row may have dropped one of these items from a history as unknown
+        return added
 
     def extended_row(self, cached: PreparedUser, state: UserStateView, query_time: int) -> dict[str, np.ndarray] | None:
         """The cached row plus the state's new events, when the state only appended known items to the cached

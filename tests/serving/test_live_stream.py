@@ -10,8 +10,9 @@ import torch
 from models.data import build_sequences
 from models.ugt.embedding import EmbeddingConfig
 from models.ugt.model import UGT, UGTConfig
+from models.ugt.runner.batch import BatchLayout
 from models.ugt.stream_items import DailySums
-from serving.live_stream import LiveStreamVectors, new_events
+from serving.live_stream import LiveStreamVectors, StreamEvents, new_events
 from tests.models.conftest import random_dataset
 
 
@@ -39,12 +40,14 @@ def served_model(k: float = 4.0) -> tuple[UGT, int]:
 
 def test_a_live_items_served_row_scores_as_the_bench_scores_it():
     model, trained = served_model()
-    live = LiveStreamVectors(model, max_len=10, max_long=8)
+    table = model.embed.output_vectors(torch.arange(trained + 3)).float().clone()
+    live = LiveStreamVectors(model, BatchLayout(10, 8, torch.device("cpu")), table, max_len=10, max_long=8)
     new = trained + 1
     items = np.array([3, 7, new, 9, 4])
     times = np.arange(5) * 86400 + 1_000_000
     changed = live.observe("u1", items, times, np.full(5, 3))
     assert changed.tolist() == [new]
+    assert torch.equal(table[new], live.rows(np.array([new]))[0])  # the served table's row rewritten
     assert live.observe("u1", items, times, np.full(5, 3)).size == 0  # the same history again: counted once
     live.observe("u2", np.array([5, 6, new]), times[:3], np.full(3, 3))
     assert live.sums.counts[new] == 2
@@ -58,3 +61,29 @@ def test_a_live_items_served_row_scores_as_the_bench_scores_it():
     assert torch.isclose(bench, served, atol=1e-5)
     assert not torch.allclose(live.rows(np.array([new])), content[new])  # the stream moved it
     assert torch.allclose(live.rows(np.array([new + 1])), content[new + 1])  # no event yet: its content row
+
+
+def test_packed_prefix_rows_count_as_the_history_itself_and_once_per_user_and_item():
+    """What a worker sends (``pending``'s packed rows) gives the engine the same sums as its own ``observe``."""
+    model, trained = served_model()
+    new = trained + 1
+    items, times, ratings = np.array([3, 7, new, 9, new + 1]), np.arange(5) * 86400 + 1_000_000, np.full(5, 3)
+    layout = BatchLayout(10, 8, torch.device("cpu"))
+
+    def fresh() -> LiveStreamVectors:
+        table = model.embed.output_vectors(torch.arange(trained + 3)).float().clone()
+        return LiveStreamVectors(model, layout, table, max_len=10, max_long=8)
+
+    direct, remote = fresh(), fresh()
+    direct.observe("u1", items, times, ratings)
+    sent: set[tuple[str, int]] = set()
+    events = remote.pending("u1", items, times, ratings, sent)  # the worker's own set, not the engine's
+    assert events.items == [new, new + 1] and events.matrix(layout.width).shape == (2, layout.width)
+    twice = StreamEvents()
+    twice.extend(events)
+    twice.extend(events)  # two workers sent the same events: counted once
+    assert sorted(remote.observe_packed(twice).tolist()) == [new, new + 1]
+    assert remote.observe_packed(events).size == 0
+    assert np.array_equal(remote.sums.counts, direct.sums.counts)
+    assert np.allclose(remote.sums.sums, direct.sums.sums, atol=1e-6)
+    assert torch.allclose(remote.table, direct.table)

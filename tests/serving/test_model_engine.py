@@ -34,12 +34,13 @@ from serving.model_wire import (
 from serving.ratelimit import RateLimiter
 
 
-def rows(route: str, first: list[int], k: int = 3, width: int = 5) -> ModelRows:
+def rows(route: str, first: list[int], k: int = 3, width: int = 5, known: int = 200) -> ModelRows:
     n = len(first)
     vectors = np.zeros((n, width), dtype=np.int64)
     vectors[:, 0] = first
     excl = np.arange(n * 2, dtype=np.int64).reshape(n, 2)
-    return ModelRows(route, k, [f"u{v}" for v in first], [bytes([v % 256]) * 16 for v in first], vectors, excl)
+    return ModelRows(route, k, [f"u{v}" for v in first], [bytes([v % 256]) * 16 for v in first], vectors, excl,
+                     known)
 
 
 def test_rows_and_top_k_cross_the_wire_unchanged():
@@ -48,6 +49,15 @@ def test_rows_and_top_k_cross_the_wire_unchanged():
     assert (got.route, got.k, got.keys, got.prints) == (sent.route, sent.k, sent.keys, sent.prints)
     np.testing.assert_array_equal(got.vectors, sent.vectors)
     np.testing.assert_array_equal(got.excl, sent.excl)
+    assert got.known == 200 and got.stream_users == [] and got.stream_vectors.shape == (0, 5)
+    sent.stream_users, sent.stream_items = ["u7", "u9"], np.array([150, 151])
+    sent.stream_vectors = np.arange(10).reshape(2, 5)
+    got = decode_rows(encode_rows(sent))
+    assert got.stream_users == ["u7", "u9"] and got.stream_items.tolist() == [150, 151]
+    np.testing.assert_array_equal(got.stream_vectors, sent.stream_vectors)
+    sent.stream_items = np.array([150])
+    with pytest.raises(WireError, match="stream users"):
+        encode_rows(sent)
     top = ModelTop(np.array([2, 1]), np.array([[5, 6], [7, 0]]), np.array([[0.5, 0.25], [1.0, 0.0]]), {7: "new"})
     back = decode_top(encode_top(top))
     np.testing.assert_array_equal(back.counts, [2, 1])
@@ -115,7 +125,7 @@ def test_frames_of_two_workers_run_as_one_step_and_each_gets_its_rows_back():
     model = _Model()
     core = ModelCore({"movie": model}, max_rows=64, queue_max=100)
     assert core.admit(1, frame(10, encode_rows(rows("movie", [3, 4])))) is None
-    assert core.admit(2, frame(20, encode_rows(rows("movie", [150], k=2)))) is None
+    assert core.admit(2, frame(20, encode_rows(rows("movie", [150], k=2, known=197)))) is None
     assert core.due_in() == 0.0
     got = answers(core.run_due())
     assert [n for n, _ in model.engine.steps] == [3]  # one step for both frames
@@ -124,8 +134,20 @@ def test_frames_of_two_workers_run_as_one_step_and_each_gets_its_rows_back():
     np.testing.assert_array_equal(one.indices, [[3, 4, 5], [4, 5, 6]])
     two = decode_top(got[2][20].payload)
     assert two.indices.shape == (1, 3)  # the step's k is the largest asked
-    assert two.names == {150: "150", 151: "151", 152: "152"}  # beyond the trained items: named
+    assert two.names == {197: "197", 198: "198", 199: "199"}  # past the worker's vocabulary: named
+    assert one.names == {}
     assert core.due_in() is None
+
+
+def test_a_frame_of_no_rows_is_answered_at_once_with_the_items_the_worker_lacks():
+    model = _Model()
+    core = ModelCore({"movie": model}, max_rows=64, queue_max=100)
+    reply = core.admit(1, frame(5, encode_rows(rows("movie", [], known=0))))
+    (answer,) = FrameDecoder().feed(reply)
+    top = decode_top(answer.payload)
+    assert answer.kind == MODEL_ANSWER and top.indices.shape[0] == 0
+    assert sorted(top.names) == list(range(101, 200))  # never the trained items, whatever the worker says
+    assert core.due_in() is None and model.engine.steps == []
 
 
 def test_a_step_takes_at_most_max_rows_and_the_queue_is_bounded():

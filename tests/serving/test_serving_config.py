@@ -153,7 +153,7 @@ def test_rerank_errors_name_the_category_and_env_values_are_parsed(tmp_path):
     text = str(info.value)
     assert "rerank.boosts.Comedy: Input should be greater than 0, got 0" in text
     assert "rerank.caps.Horror: Input should be a valid integer" in text
-    assert "rerank.colour: unknown key (known keys: boosts, caps, diversity, drop_categories, pool)" in text
+    assert "rerank.colour: unknown key (known keys: boosts, caps, diversity, drop_categories, fresh_rate, fresh_slots, pool)" in text
     env = {"UGT_SERVING_TORCH_COMPILE": "yes", "UGT_SERVING_RATE_LIMIT_RPS": "2.5", "UGT_SERVING_LOG_LEVEL": "DEBUG"}
     config = build_config({"generator_version": 2}, env=env, base_dir=tmp_path)
     assert (config.torch_compile, config.rate_limit_rps, config.log_level, config.model_name) == (
