@@ -112,6 +112,7 @@ def engine_rate(engine: Any, vectors: np.ndarray, excl: np.ndarray, batch: int, 
     return calls * batch / (time.perf_counter() - began)
 
 
+@torch.inference_mode()  # the engine's graphs were captured at start under inference mode: replay under it too
 def stack_ms(engine: Any, vectors: np.ndarray, excl: np.ndarray, batch: int, seconds: float) -> float:
     """Milliseconds per prefill step (the layer stack alone) of one device batch of ``batch`` requests."""
     idx = batch_of(len(vectors), batch, 0)
