@@ -40,11 +40,23 @@ class InferenceConfig:
     # "fp8": float8 weights and activations, FP8 GEMMs (models/ugt/weight_quant.py; bf16 engine, H100/H200);
     # "int8_weight": int8 weights dequantized in each matmul (models/ugt/weight_quant.py; any device and dtype)
     quantize: str = "none"
+    # exact retrieval ``retrieval_block`` items at a time (models/ugt/runner/blocked_topk.py) once the catalog serves
+    # at least ``retrieval_block_min_items``: the same answer with memory bounded by a (batch, block) score block
+    # instead of (batch, items); below it (ML-1M: 3,883 items) one pass. retrieval_block 0 = always one pass.
+    # Measured: bench/topk_retrieval.py, docs/SERVING.md "Retrieval at 1M items"
+    retrieval_block: int = 16384
+    retrieval_block_min_items: int = 65536
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
         return {"bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
+
+    def retrieval_block_for(self, num_items: int) -> int:
+        """Items per retrieval block for a catalog of ``num_items`` (0: the plain one-pass path)."""
+        if self.retrieval_block > 0 and num_items >= self.retrieval_block_min_items:
+            return self.retrieval_block
+        return 0
 
     def check(self, model: UGT) -> None:
         """A ValueError at start for settings this model cannot serve."""
@@ -56,6 +68,9 @@ class InferenceConfig:
             raise ValueError("rank_top > 0 needs a model trained with the ranking head (heads.ranking: true); "
                              "set rank_top to 0 for this checkpoint")
         self.check_quantize()
+        if self.retrieval_block < 0 or self.retrieval_block_min_items < 0:
+            raise ValueError(f"retrieval_block and retrieval_block_min_items must be >= 0 (retrieval_block 0 = one "
+                             f"pass), got {self.retrieval_block} and {self.retrieval_block_min_items}")
         if self.cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0 (0 = no byte budget), got {self.cache_bytes}")
         if self.rank_top > 0 and self.cache_slots <= 0:
