@@ -29,8 +29,10 @@ def mask_block(scores: torch.Tensor, excl: torch.Tensor, start: int) -> None:
     width = scores.shape[1]
     local = excl - start
     inside = (local >= 0) & (local < width)
-    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
-    scores.scatter_reduce_(1, local.clamp(0, width - 1), torch.where(inside, -inf, inf), reduce="amin")
+    # filled on the device, not copied from the host (a host copy is not allowed while a CUDA graph captures)
+    fill = torch.full(excl.shape, float("inf"), dtype=scores.dtype, device=scores.device)
+    fill.masked_fill_(inside, float("-inf"))
+    scores.scatter_reduce_(1, local.clamp(0, width - 1), fill, reduce="amin")
 
 
 def block_bounds(num_items: int, block: int) -> list[tuple[int, int]]:
