@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.ugt.inference import InferenceConfig, UGTInference
-from models.ugt.runner.blocked_topk import block_bounds, blocked_topk, mask_block
+from models.ugt.runner.blocked_topk import BlockMask, block_bounds, blocked_topk
 from models.ugt.runner.retrieval import retrieve
 from tests.models.test_inference import NUM_ITEMS, excludes_of, make_model, user_rows
 
@@ -85,12 +85,22 @@ def test_a_block_emptied_by_exclusions_and_row_zero_never_returned():
     assert 0 not in blocked[1].tolist()
 
 
-def test_mask_block_masks_only_its_own_columns_whatever_the_duplicates():
-    scores = torch.arange(12, dtype=torch.float32).reshape(2, 6)
-    excl = torch.tensor([[0, 3, 11, 12, 25], [13, 14, 0, 0, 1]])  # block = items 10..15; 0, 3, 25: elsewhere
-    mask_block(scores, excl, 10)
+def test_block_mask_masks_only_its_own_columns_whatever_the_duplicates():
+    excl = torch.tensor([[0, 3, 11, 12, 25], [13, 14, 0, 0, 1]])  # blocks of 10 items: 0..9, 10..19, 20..29
+    mask = BlockMask(excl, 10, torch.float32)
     inf = float("-inf")
+    scores = torch.arange(12, dtype=torch.float32).reshape(2, 6)  # block 1
+    mask.apply(scores, 1)
     assert scores.tolist() == [[0, inf, inf, 3, 4, 5], [6, 7, 8, inf, inf, 11]]
+    last = torch.arange(12, dtype=torch.float32).reshape(2, 6)  # block 2, 6 columns wide (items 20..25)
+    mask.apply(last, 2)
+    assert last.tolist() == [[0, 1, 2, 3, 4, inf], [6, 7, 8, 9, 10, 11]]
+    short = torch.zeros(1, 4)  # a last block of 4 columns (items 20..23): 19 and 9 clamp onto column 3, kept
+    BlockMask(torch.tensor([[19, 21, 9]]), 10, torch.float32).apply(short, 2)
+    assert short.tolist() == [[0, inf, 0, 0]]
+    first = torch.zeros(2, 10)
+    mask.apply(first, 0)
+    assert first[0].tolist() == [inf, 0, 0, inf] + [0] * 6 and first[1].tolist() == [inf, inf] + [0] * 8
 
 
 def test_block_bounds_cover_every_column_once():

@@ -19,20 +19,30 @@ from __future__ import annotations
 import torch
 
 
-def mask_block(scores: torch.Tensor, excl: torch.Tensor, start: int) -> None:
-    """Set to -inf, in place, the columns of ``scores`` (B, W), the items start..start+W-1, that a row excludes.
+class BlockMask:
+    """The exclusions (B, X) (item indices, 0 = padding) split once by block, so that masking a block costs two
+    kernels (a compare-select and a scatter) instead of a handful: at 1M items there are tens of blocks, and the
+    eager GPU path pays a launch per kernel.
 
-    ``excl`` (B, X) holds item indices (0 = padding). Exclusions outside the block are aimed at a clamped column
-    with +inf under an ``amin`` scatter, which leaves it as it was: no data-dependent shapes, and duplicates of a
-    clamped column are harmless whatever order the scatter runs in.
+    Exclusions outside a block are aimed at their index within their own block (clamped into the last, shorter
+    block) with +inf under an ``amin`` scatter, which leaves that column as it was: no data-dependent shapes, and
+    several exclusions on one column give the same result whatever order the scatter runs in.
     """
-    width = scores.shape[1]
-    local = excl - start
-    inside = (local >= 0) & (local < width)
-    # filled on the device, not copied from the host (a host copy is not allowed while a CUDA graph captures)
-    fill = torch.full(excl.shape, float("inf"), dtype=scores.dtype, device=scores.device)
-    fill.masked_fill_(inside, float("-inf"))
-    scores.scatter_reduce_(1, local.clamp(0, width - 1), fill, reduce="amin")
+
+    def __init__(self, excl: torch.Tensor, block: int, dtype: torch.dtype):
+        self.block = block
+        self.block_of = torch.div(excl, block, rounding_mode="floor")
+        self.local = excl - self.block_of * block
+        # 0-d tensors filled on the device (a host copy is not allowed while a CUDA graph captures)
+        self.masked = torch.full((), float("-inf"), dtype=dtype, device=excl.device)
+        self.kept = torch.full((), float("inf"), dtype=dtype, device=excl.device)
+
+    def apply(self, scores: torch.Tensor, index: int) -> None:
+        """Set to -inf, in place, the columns of ``scores`` (B, W), block ``index``, that a row excludes."""
+        width = scores.shape[1]
+        local = self.local if width == self.block else self.local.clamp(max=width - 1)
+        fill = torch.where(self.block_of == index, self.masked, self.kept)
+        scores.scatter_reduce_(1, local, fill, reduce="amin")
 
 
 def block_bounds(num_items: int, block: int) -> list[tuple[int, int]]:
@@ -49,10 +59,11 @@ def blocked_topk(user: torch.Tensor, excl: torch.Tensor, table: torch.Tensor, nu
     ``block`` items scored at a time. Rows of ``table`` past ``num_items`` (spare capacity) are never read."""
     u = user.to(table.dtype)
     want = min(k, num_items)
+    mask = BlockMask(excl, block, table.dtype)
     values, indices = [], []
-    for start, stop in block_bounds(num_items, block):
+    for index, (start, stop) in enumerate(block_bounds(num_items, block)):
         scores = u @ table[start:stop].T  # (B, stop - start)
-        mask_block(scores, excl, start)
+        mask.apply(scores, index)
         if start == 0:
             scores[:, 0] = float("-inf")
         top = scores.topk(min(want, stop - start), dim=1)
