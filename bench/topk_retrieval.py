@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--items", type=int_list, default=[100_000, 1_000_000], help="catalog sizes V")
     p.add_argument("--dims", type=int_list, default=[64, 256])
-    p.add_argument("--batches", type=int_list, default=None, help="default: CUDA 64,128,512; CPU 64,128")
+    p.add_argument("--batches", type=int_list, default=None, help="default: CUDA 8,64,128,512; CPU 8,64,128")
     p.add_argument("--ks", type=int_list, default=[10], help="e.g. 10,100")
     p.add_argument("--blocks", type=int_list, default=None,
                    help="block sizes tried (default: CPU 4096,16384,65536; CUDA 16384,32768,65536,131072,262144)")
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32  # what the engine serves in (config dtype "auto")
     args.blocks = args.blocks or ([16384, 32768, 65536, 131072, 262144] if cuda else [4096, 16384, 65536])
-    args.batches = args.batches or ([64, 128, 512] if cuda else [64, 128])
+    args.batches = args.batches or ([8, 64, 128, 512] if cuda else [8, 64, 128])
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 0)
     args.repeats = args.repeats or (30 if cuda else 3)
     run(args, device, dtype, argv)

@@ -12,8 +12,9 @@ import torch
 
 from models.ugt.inference import InferenceConfig, UGTInference
 from models.ugt.runner.blocked_topk import BlockMask, block_bounds, blocked_topk
+from models.ugt.runner.config import RETRIEVAL_BLOCK
 from models.ugt.runner.retrieval import retrieve
-from tests.models.test_inference import NUM_ITEMS, excludes_of, make_model, user_rows
+from tests.models.test_inference import excludes_of, make_model, user_rows
 
 
 def exclusions(rows: int, num_items: int, width: int, gen: torch.Generator) -> torch.Tensor:
@@ -116,10 +117,13 @@ def test_blocked_topk_alone_returns_the_table_dtype():
     assert values.dtype == torch.bfloat16 and indices.shape == (2, 5)
 
 
-def test_the_config_switches_blocks_on_past_its_threshold_and_refuses_negatives():
-    config = InferenceConfig(retrieval_block=1024, retrieval_block_min_items=100_000)
-    assert config.retrieval_block_for(3_883) == 0 and config.retrieval_block_for(1_000_000) == 1024
-    assert InferenceConfig(retrieval_block=0, retrieval_block_min_items=0).retrieval_block_for(10**6) == 0
+def test_the_config_switches_blocks_on_for_large_catalogs_and_batches_and_refuses_negatives():
+    config = InferenceConfig(retrieval_block=1024, retrieval_block_min_batch=32)
+    assert config.retrieval_block_for(64, 3_883) == 1024 and config.retrieval_block_for(64, 1_000) == 0
+    assert config.retrieval_block_for(8, 1_000_000) == 0 and config.retrieval_block_for(32, 1_000_000) == 1024
+    assert InferenceConfig(retrieval_block=0, retrieval_block_min_batch=0).retrieval_block_for(512, 10**6) == 0
+    assert InferenceConfig(device="cpu").retrieval_block_for(512, 10**6) == RETRIEVAL_BLOCK["cpu"]
+    assert InferenceConfig(device="cpu").retrieval_block_for(512, 3_883) == 0  # ML-1M: one pass
     with pytest.raises(ValueError, match="retrieval_block"):
         UGTInference(make_model(), InferenceConfig(retrieval_block=-1))
 
@@ -134,7 +138,7 @@ def test_the_engine_retrieves_in_blocks_when_configured(monkeypatch):
     rows = user_rows(5, seed=8)
     one_pass = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", retrieval_block=0))
     blocks = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", retrieval_block=7,
-                                                 retrieval_block_min_items=NUM_ITEMS))
+                                                 retrieval_block_min_batch=1))
     want = one_pass.recommend(rows, excludes_of(rows), 12)
     assert not calls
     got = blocks.recommend(rows, excludes_of(rows), 12)

@@ -41,9 +41,10 @@ class HeadRunner:
 
     def retrieve(self, user: torch.Tensor, excl: torch.Tensor, k: int) -> HeadOutput:
         """Top-k (scores, indices) over the served items with padding and exclusions masked, + valid counts; in
-        blocks of items past ``retrieval_block_min_items`` (the same answer, memory bounded by a block)."""
+        blocks of items for a large catalog and batch (the same answer, memory bounded by a block)."""
         num_items = self.catalog.num_items
-        return retrieve(user, excl, self.catalog.table, num_items, k, self.config.retrieval_block_for(num_items))
+        block = self.config.retrieval_block_for(user.shape[0], num_items)  # shapes only: fixed in a captured graph
+        return retrieve(user, excl, self.catalog.table, num_items, k, block)
 
     def generate(self, user: torch.Tensor, excl: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Constrained semantic-ID beam search: (items (B, beam), log-probs), excluded items dropped (-inf)."""
