@@ -26,7 +26,9 @@ class BlockMask:
 
     Exclusions outside a block are aimed at their index within their own block (clamped into the last, shorter
     block) with +inf under an ``amin`` scatter, which leaves that column as it was: no data-dependent shapes, and
-    several exclusions on one column give the same result whatever order the scatter runs in.
+    several exclusions on one column give the same result whatever order the scatter runs in. (CUDA's
+    ``scatter_reduce`` is flagged nondeterministic: under ``torch.use_deterministic_algorithms(True)``, which the
+    engine does not set, it raises.)
     """
 
     def __init__(self, excl: torch.Tensor, block: int, dtype: torch.dtype):
