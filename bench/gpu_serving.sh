@@ -8,6 +8,8 @@
 #        bf16 vs fp8 vs int8_weight engines on a trained checkpoint (--checkpoint, carried under .ugtdata)
 #   bash bench/gpu_serving.sh throughput [ARGS...] # bench/sharded_items.py throughput --device cuda ARGS
 #        --out $OUT/train_throughput.json: single-GPU training samples/s, ML-1M and industrial (about 2 minutes)
+#   bash bench/gpu_serving.sh topk [ARGS...]       # bench/topk_retrieval.py --device cuda ARGS --out
+#        $OUT/topk_retrieval_gpu.json: exact top-k at 100k/1M items, plain vs blocked, eager and graph replay
 #   bash bench/gpu_serving.sh distill [ARGS...]    # bench/distill_student.py ARGS --out $OUT/distill_student.json:
 #        a smaller student trained from a teacher checkpoint's scores (--teacher), then both: HR@10, CPU req/s
 #   bash bench/gpu_serving.sh e2e [ARGS...]        # bench/serving_gpu_e2e.py ARGS --out $OUT/serving_gpu_e2e.json:
@@ -40,7 +42,7 @@ case "$step" in
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
     python3 -m pytest -q -p no:cacheprovider tests/models/test_hstu_kernel.py tests/models/test_inference.py \
       tests/models/test_ranking.py tests/models/test_generation.py tests/models/test_kv_append.py \
-      tests/models/test_graph_warmup.py tests/models/test_weight_quant.py ;;
+      tests/models/test_graph_warmup.py tests/models/test_weight_quant.py tests/models/test_blocked_topk.py ;;
   train)
     python3 -m ugt.cli train --config models/configs/ugt_ml1m.yaml --out-dir /tmp/ugt-ml1m --quiet \
       --set "max_minutes=${1:-4}" --set dpo.enabled=false --set "semantic_ids={artifact: .ugtdata/sid-ml1m.npz}" \
@@ -53,6 +55,9 @@ case "$step" in
   throughput)
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
     python3 -m bench.sharded_items throughput --device cuda --out "$out/train_throughput.json" "$@" ;;
+  topk)
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+    python3 -m bench.topk_retrieval --device cuda --out "$out/topk_retrieval_gpu.json" "$@" ;;
   distill)
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
     python3 -m bench.distill_student --work-dir /tmp/ugt-distill-student --out "$out/distill_student.json" "$@" \
@@ -67,6 +72,6 @@ case "$step" in
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
     python3 bench/serving_gpu_e2e.py --out "$out/serving_gpu_e2e.json" "$@" ;;
   *)
-    echo "usage: bash bench/gpu_serving.sh test | train MINUTES | bench [bench/serving_gpu.py args] | compress [args] | distill [args] | e2e [args]" >&2
+    echo "usage: bash bench/gpu_serving.sh test | train MINUTES | bench [bench/serving_gpu.py args] | compress [args] | throughput [args] | topk [args] | distill [args] | e2e [args]" >&2
     exit 2 ;;
 esac

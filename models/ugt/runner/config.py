@@ -11,6 +11,10 @@ from models.ugt.weight_quant import fp8_supported
 
 # none | int8 (CPU dynamic, models/ugt/quantize.py) | fp8, int8_weight (models/ugt/weight_quant.py)
 QUANTIZE = ("none", "int8", "fp8", "int8_weight")
+# items per retrieval block by device type: CPU measured (bench/results/topk_retrieval.json: 4,096 and 16,384 tie,
+# 65,536 is slower); CUDA not yet measured: fewer, larger blocks (each block is ~6 kernel launches when eager) until
+# `bash bench/gpu_serving.sh topk` says otherwise
+RETRIEVAL_BLOCK = {"cpu": 16384, "cuda": 65536}
 
 
 @dataclass
@@ -40,11 +44,27 @@ class InferenceConfig:
     # "fp8": float8 weights and activations, FP8 GEMMs (models/ugt/weight_quant.py; bf16 engine, H100/H200);
     # "int8_weight": int8 weights dequantized in each matmul (models/ugt/weight_quant.py; any device and dtype)
     quantize: str = "none"
+    # exact retrieval ``retrieval_block`` items at a time (models/ugt/runner/blocked_topk.py): the same answer with
+    # memory bounded by a (batch, block) score block instead of (batch, items). It runs for a catalog of more than
+    # one block and a batch of at least ``retrieval_block_min_batch`` rows (CPU, measured: one pass wins at 1-8 rows,
+    # blocks from 32); otherwise (ML-1M: 3,883 items) one pass. None = the device's default (RETRIEVAL_BLOCK);
+    # 0 = always one pass. Measured: bench/topk_retrieval.py, docs/SERVING.md "Retrieval at 1M items"
+    retrieval_block: int | None = None
+    retrieval_block_min_batch: int = 32
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
         return {"bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
+
+    def retrieval_block_for(self, batch: int, num_items: int) -> int:
+        """Items per retrieval block for ``batch`` rows over ``num_items`` items (0: the plain one-pass path)."""
+        block = self.retrieval_block
+        if block is None:
+            block = RETRIEVAL_BLOCK.get(torch.device(self.device).type, RETRIEVAL_BLOCK["cpu"])
+        if 0 < block <= num_items and batch >= self.retrieval_block_min_batch:
+            return block
+        return 0
 
     def check(self, model: UGT) -> None:
         """A ValueError at start for settings this model cannot serve."""
@@ -56,6 +76,9 @@ class InferenceConfig:
             raise ValueError("rank_top > 0 needs a model trained with the ranking head (heads.ranking: true); "
                              "set rank_top to 0 for this checkpoint")
         self.check_quantize()
+        if (self.retrieval_block is not None and self.retrieval_block < 0) or self.retrieval_block_min_batch < 0:
+            raise ValueError(f"retrieval_block and retrieval_block_min_batch must be >= 0 (retrieval_block 0 = one "
+                             f"pass), got {self.retrieval_block} and {self.retrieval_block_min_batch}")
         if self.cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0 (0 = no byte budget), got {self.cache_bytes}")
         if self.rank_top > 0 and self.cache_slots <= 0:

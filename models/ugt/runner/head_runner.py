@@ -1,6 +1,7 @@
 """The heads over the users' states: retrieval, the constrained beam search, their merge, and target-aware ranking.
 
-* Retrieval (:mod:`.retrieval`): exact dot-product top-k over the item table, history and exclusions masked.
+* Retrieval (:mod:`.retrieval`): exact dot-product top-k over the item table, history and exclusions masked; in
+  blocks of items (:mod:`.blocked_topk`) for a large catalog.
 * With ``merge="rrf"`` the semantic-ID beam search (:mod:`.beam`) runs too and the two lists are fused by
   reciprocal rank (:mod:`.merge`). On CUDA with ``heads_graph`` all of it is one captured graph per (batch
   bucket, exclusion width, k, catalog) instead of ~150 small kernel launches.
@@ -39,8 +40,11 @@ class HeadRunner:
     # ---- the single heads --------------------------------------------------------------------------
 
     def retrieve(self, user: torch.Tensor, excl: torch.Tensor, k: int) -> HeadOutput:
-        """Top-k (scores, indices) over the served items with padding and exclusions masked, + valid counts."""
-        return retrieve(user, excl, self.catalog.table, self.catalog.num_items, k)
+        """Top-k (scores, indices) over the served items with padding and exclusions masked, + valid counts; in
+        blocks of items for a large catalog and batch (the same answer, memory bounded by a block)."""
+        num_items = self.catalog.num_items
+        block = self.config.retrieval_block_for(user.shape[0], num_items)  # shapes only: fixed in a captured graph
+        return retrieve(user, excl, self.catalog.table, num_items, k, block)
 
     def generate(self, user: torch.Tensor, excl: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Constrained semantic-ID beam search: (items (B, beam), log-probs), excluded items dropped (-inf)."""

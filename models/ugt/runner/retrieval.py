@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import torch
 
+from models.ugt.runner.blocked_topk import blocked_topk
+
 
 def retrieve(user: torch.Tensor, excl: torch.Tensor, table: torch.Tensor, num_items: int,
-             k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             k: int, block: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k (scores fp32, indices) over items 1..num_items with padding and exclusions (B, X) masked, + the
-    number of valid items per row (what a row can be answered with at most)."""
+    number of valid items per row (what a row can be answered with at most).
+
+    ``block`` > 0 and smaller than the catalog: the same answer ``block`` items at a time
+    (:mod:`.blocked_topk`), so memory is bounded by a block instead of the (B, V + 1) score matrix.
+    """
+    counts = num_items - (excl > 0).sum(1)
+    if 0 < block <= num_items:
+        values, indices = blocked_topk(user, excl, table, num_items, k, block)
+        return values.float(), indices, counts
     scores = user.to(table.dtype) @ table[: num_items + 1].T  # (B, V + 1), model dtype (bf16 on GPU)
     scores.scatter_(1, excl, float("-inf"))  # exclusions are unique per row; index 0 pads them
     scores[:, 0] = float("-inf")
-    counts = num_items - (excl > 0).sum(1)
     top = scores.topk(min(k, num_items), dim=1)
     return top.values.float(), top.indices, counts
 
