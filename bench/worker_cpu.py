@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-connections", type=int, default=64)
     p.add_argument("--probe-passes", type=int, default=4, help="interleaved in-process probe runs per tree")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port-base", type=int, default=None,
+                   help="the baseline server listens on this port, the current one on the next (default: free ports)")
+    p.add_argument("--redis-port", type=int, default=None, help="the private Redis's port (default: a free one)")
     p.add_argument("--out", default=str(result_path("worker_cpu")), help="result file (default: %(default)s)")
     args = p.parse_args(argv)
     args.mix_shares = tuple(float(x) for x in args.mix.split(","))
@@ -82,9 +85,11 @@ def extract(revision: str, into: Path) -> tuple[Path, str]:
     return into, commit
 
 
-def serve(name: str, tree: Path, workdir: Path, env: dict[str, str], config: dict[str, Any], workers: int) -> Server:
-    """`python -m ugt serve` run from ``tree`` (its own code: cwd and PYTHONPATH are the tree)."""
-    port = free_port()
+def serve(name: str, tree: Path, workdir: Path, env: dict[str, str], config: dict[str, Any], workers: int,
+          port: int | None = None) -> Server:
+    """`python -m ugt serve` run from ``tree`` (its own code: cwd and PYTHONPATH are the tree) on ``port``
+    (default: a free one)."""
+    port = port or free_port()
     path = workdir / f"{name}.yaml"
     path.write_text(json.dumps(config))
     server = Server.__new__(Server)
@@ -246,7 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     workdir = Path(tempfile.mkdtemp(prefix="ugt-worker-cpu-"))
     base_tree, base_commit = extract(args.baseline, workdir / "baseline-tree")
-    redis_proc, redis_port = start_redis(workdir)
+    redis_proc, redis_port = start_redis(workdir, args.redis_port)
     env = os.environ | {"UGT_REDIS_PORT": str(redis_port), "UGT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
     users = ml1m_users(Path(args.checkpoint), args.clones, args.append_room, args.seed)
     config = ugt_config(args, users) | {"engine_scope": "model", "engine_start": "spawn",
@@ -261,8 +266,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              rounds=5, passes=args.probe_passes, checkpoint=str(Path(args.checkpoint).resolve()))
         print_table(decode)
         rates = [float(r) for r in args.rates.split(",") if r]
-        for name, tree in zip(names, (base_tree, REPO), strict=True) if rates else ():  # --rates "": probes only
-            servers[name] = serve(name, tree, workdir, env, config, args.workers)
+        for i, (name, tree) in enumerate(zip(names, (base_tree, REPO), strict=True) if rates else ()):
+            port = args.port_base + i if args.port_base else None  # --rates "": probes only
+            servers[name] = serve(name, tree, workdir, env, config, args.workers, port)
         seen: dict[str, int] = {}
         for name, server in servers.items():
             wait_served(server, users.ids[0], model=True)
