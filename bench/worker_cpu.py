@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.mix_shares = tuple(float(x) for x in args.mix.split(","))
     args.device, args.kv_cache_bytes = "cpu", 1 << 30
+    args.engine_max_rows = args.batch_max  # serving_gpu_e2e.ugt_config's key: one model step per worker batch
     args.smoke = False
     return args
 
