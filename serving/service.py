@@ -145,7 +145,15 @@ class RecommendService:
             key: (metrics.arm_latency.labels(*key), {o: metrics.arm_requests.labels(*key, o) for o in ARM_OUTCOMES})
             for key in arms
         }
-        self.parts.fallback.observer = lambda source: metrics.popularity_source.labels(source).inc()
+        sources: dict[str, object] = {}  # source -> its popularity_source_total child, looked up once
+
+        def count_source(source: str) -> None:
+            child = sources.get(source)
+            if child is None:
+                child = sources[source] = metrics.popularity_source.labels(source)
+            child.inc()  # type: ignore[attr-defined]
+
+        self.parts.fallback.observer = count_source
         if getattr(self.impressions, "metrics", None) is not None:
             self.impressions.metrics = metrics  # type: ignore[union-attr]
 
