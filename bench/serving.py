@@ -86,10 +86,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
+def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, int]:
+    """A private redis-server on ``port`` (default: a free one), its data in ``workdir``; (process, port)."""
     import redis
 
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(workdir)],

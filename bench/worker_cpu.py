@@ -63,10 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-connections", type=int, default=64)
     p.add_argument("--probe-passes", type=int, default=4, help="interleaved in-process probe runs per tree")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port-base", type=int, default=None,
+                   help="the baseline server listens on this port, the current one on the next (default: free ports)")
+    p.add_argument("--redis-port", type=int, default=None, help="the private Redis's port (default: a free one)")
     p.add_argument("--out", default=str(result_path("worker_cpu")), help="result file (default: %(default)s)")
     args = p.parse_args(argv)
     args.mix_shares = tuple(float(x) for x in args.mix.split(","))
     args.device, args.kv_cache_bytes = "cpu", 1 << 30
+    args.engine_max_rows = args.batch_max  # serving_gpu_e2e.ugt_config's key: one model step per worker batch
     args.smoke = False
     return args
 
@@ -82,9 +86,11 @@ def extract(revision: str, into: Path) -> tuple[Path, str]:
     return into, commit
 
 
-def serve(name: str, tree: Path, workdir: Path, env: dict[str, str], config: dict[str, Any], workers: int) -> Server:
-    """`python -m ugt serve` run from ``tree`` (its own code: cwd and PYTHONPATH are the tree)."""
-    port = free_port()
+def serve(name: str, tree: Path, workdir: Path, env: dict[str, str], config: dict[str, Any], workers: int,
+          port: int | None = None) -> Server:
+    """`python -m ugt serve` run from ``tree`` (its own code: cwd and PYTHONPATH are the tree) on ``port``
+    (default: a free one)."""
+    port = port or free_port()
     path = workdir / f"{name}.yaml"
     path.write_text(json.dumps(config))
     server = Server.__new__(Server)
@@ -207,21 +213,64 @@ print(json.dumps({f"rows_{k}_us_per_request": round(1e6 * v / len(states), 2) fo
 """
 
 
-def probe(code: str, tree: Path, *argv: str) -> dict[str, Any]:
-    got = subprocess.run([sys.executable, "-c", code, *argv], cwd=tree, env=os.environ | {"PYTHONPATH": str(tree)},
+# Run like DECODE_PROBE, with the bench's Redis in UGT_REDIS_PORT: the worker's /recommend lane in one process
+# without uvicorn (the app's ASGI callable called with a parsed request, as uvicorn's protocol calls it) through
+# the batcher thread: guards, parse, submit, the batch (a pipelined state read of the stored states, the popularity
+# generator, the reranker, the answer's JSON, the metrics) and the response messages. ``concurrency`` requests at a
+# time so batches form; process CPU (both threads) per request, the best of ``rounds``.
+LANE_PROBE = """
+import asyncio, json, sys, time
+import uvloop
+from infra.settings import get_settings
+from serving.app import create_app
+from serving.config import ServingConfig
+ids, rounds, concurrency = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+config = ServingConfig(generator="popularity", engine="thread", batch_max_wait_ms=0.5, log_level="warning")
+app = create_app(get_settings(), config)
+bodies = [json.dumps({"user_id": user, "k": 10}).encode() for user in ids]
+async def one(body):
+    sent = []
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+    async def send(message):
+        sent.append(message)
+    scope = {"type": "http", "method": "POST", "path": "/recommend", "client": ("127.0.0.1", 5000),
+             "headers": [(b"host", b"bench"), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())]}
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 200, sent
+async def main():
+    async with app.router.lifespan_context(app):
+        best = float("inf")
+        for r in range(rounds + 1):
+            started = time.process_time()
+            for lo in range(0, len(bodies), concurrency):
+                await asyncio.gather(*[one(b) for b in bodies[lo:lo + concurrency]])
+            if r:  # the first round warms up
+                best = min(best, time.process_time() - started)
+    print(json.dumps({"lane_us_per_request": round(1e6 * best / len(bodies), 2), "lane_concurrency": concurrency}))
+uvloop.install()
+asyncio.run(main())
+"""
+
+
+def probe(code: str, tree: Path, *argv: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    got = subprocess.run([sys.executable, "-c", code, *argv], cwd=tree,
+                         env=os.environ | (env or {}) | {"PYTHONPATH": str(tree)},
                          check=True, capture_output=True, text=True)
     return json.loads(got.stdout.strip().splitlines()[-1])
 
 
 def decode_cost(trees: dict[str, Path], redis_port: int, ids: list[str], rounds: int, passes: int,
-                checkpoint: str) -> list[dict[str, Any]]:
-    """Each tree's state decode per user and rows per request (the best of ``rounds`` in each of ``passes``
-    interleaved subprocesses per tree)."""
+                checkpoint: str, env: dict[str, str]) -> list[dict[str, Any]]:
+    """Each tree's state decode per user, rows per request and HTTP lane per request (the best of ``rounds`` in
+    each of ``passes`` interleaved subprocesses per tree)."""
     out = []
     for i in range(passes):
         for name, tree in trees.items() if i % 2 == 0 else reversed(trees.items()):
             row = probe(DECODE_PROBE, tree, str(redis_port), json.dumps(ids), str(rounds))
             row |= probe(ROWS_PROBE, tree, str(redis_port), json.dumps(ids), str(rounds), checkpoint)
+            row |= probe(LANE_PROBE, tree, json.dumps(ids), str(rounds), "16", env=env)
             out.append({"config": name, "pass": i, **row})
     return out
 
@@ -246,7 +295,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     workdir = Path(tempfile.mkdtemp(prefix="ugt-worker-cpu-"))
     base_tree, base_commit = extract(args.baseline, workdir / "baseline-tree")
-    redis_proc, redis_port = start_redis(workdir)
+    redis_proc, redis_port = start_redis(workdir, args.redis_port)
     env = os.environ | {"UGT_REDIS_PORT": str(redis_port), "UGT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
     users = ml1m_users(Path(args.checkpoint), args.clones, args.append_room, args.seed)
     config = ugt_config(args, users) | {"engine_scope": "model", "engine_start": "spawn",
@@ -258,11 +307,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         users.write_initial(redis.Redis(port=redis_port))
         decode = decode_cost(dict(zip(names, (base_tree, REPO), strict=True)), redis_port, users.ids[:2000],
-                             rounds=5, passes=args.probe_passes, checkpoint=str(Path(args.checkpoint).resolve()))
+                             rounds=5, passes=args.probe_passes, checkpoint=str(Path(args.checkpoint).resolve()),
+                             env=env)
         print_table(decode)
         rates = [float(r) for r in args.rates.split(",") if r]
-        for name, tree in zip(names, (base_tree, REPO), strict=True) if rates else ():  # --rates "": probes only
-            servers[name] = serve(name, tree, workdir, env, config, args.workers)
+        for i, (name, tree) in enumerate(zip(names, (base_tree, REPO), strict=True) if rates else ()):
+            port = args.port_base + i if args.port_base else None  # --rates "": probes only
+            servers[name] = serve(name, tree, workdir, env, config, args.workers, port)
         seen: dict[str, int] = {}
         for name, server in servers.items():
             wait_served(server, users.ids[0], model=True)

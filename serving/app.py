@@ -26,10 +26,10 @@ from serving.service import Components
 class UGTApp(FastAPI):
     """FastAPI with a direct lane for the hot route.
 
-    ``POST /recommend`` is answered by a plain ASGI handler (wrapped in :class:`GuardMiddleware`) before
-    Starlette's middleware stack and router: those layers (error and telemetry middleware, routing, the
-    request/response wrappers) cost as much CPU per request as the whole model path, on the one event loop
-    that every request shares. Everything else (health, metrics, docs, the OpenAPI spec, which still
+    ``POST /recommend`` is answered by a bare ASGI handler (:class:`serving.recommend_lane.RecommendLane`, which
+    caps the body and counts the response itself) before Starlette's middleware stack and router: those layers
+    (error and telemetry middleware, routing, the request/response wrappers) cost more CPU per request than
+    uvicorn's own protocol (bench/http_floor.py), on the one event loop that every request shares. Everything else (health, metrics, docs, the OpenAPI spec, which still
     documents /recommend through the FastAPI route) goes through FastAPI as usual.
     """
 

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -87,6 +88,49 @@ def _expire(future: asyncio.Future) -> None:
         future.set_exception(TimeoutError())
 
 
+class Deadlines:
+    """One event loop's waiting futures in deadline order, and one timer for the earliest still waiting.
+
+    Every request of a service has the same time budget, so deadlines arrive in order: a deque append per request
+    replaces a timer per request (uvloop's ``call_later`` is a libuv timer handle, started and then cancelled for
+    almost every request). A request whose deadline would come before the last one's gets its own timer.
+    """
+
+    __slots__ = ("loop", "waiting", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.waiting: deque[tuple[float, asyncio.Future]] = deque()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, future: asyncio.Future, timeout_s: float) -> asyncio.TimerHandle | None:
+        """``future`` gets TimeoutError after ``timeout_s`` unless done before; its own timer when out of order."""
+        deadline = self.loop.time() + timeout_s
+        waiting = self.waiting
+        if waiting and deadline < waiting[-1][0]:
+            return self.loop.call_at(deadline, _expire, future)
+        while waiting and waiting[0][1].done():  # answered ones leave as they reach the head (not held a budget)
+            waiting.popleft()
+        waiting.append((deadline, future))
+        if self.timer is None:
+            self.timer = self.loop.call_at(deadline, self._sweep)
+        return None
+
+    def _sweep(self) -> None:
+        """Expire every future past its deadline, drop the answered ones, and wait for the next deadline."""
+        self.timer = None
+        now = self.loop.time()
+        waiting = self.waiting
+        while waiting:
+            deadline, future = waiting[0]
+            if not future.done():
+                if deadline > now:
+                    self.timer = self.loop.call_at(deadline, self._sweep)
+                    return
+                future.set_exception(TimeoutError())
+            waiting.popleft()
+
+
 class DynamicBatcher(Generic[T, R]):
     """Groups submitted items into batches of at most ``max_size``, waiting at most ``max_wait_s``.
 
@@ -116,6 +160,7 @@ class DynamicBatcher(Generic[T, R]):
         self._started = False
         self._closed = False
         self._lock = threading.Lock()
+        self._deadlines: Deadlines | None = None  # the submitting loop's (a new loop gets its own)
 
     def start(self) -> None:
         with self._lock:
@@ -133,16 +178,23 @@ class DynamicBatcher(Generic[T, R]):
     async def submit(self, item: T, timeout_s: float | None = None) -> R:
         """The result of ``process`` for ``item``, computed in some batch; TimeoutError after ``timeout_s``.
 
-        (A timer on the future, not asyncio.wait_for: no task per request. The batch still runs the item.)
+        (The loop's :class:`Deadlines`, not asyncio.wait_for: no task and no timer per request. The batch still
+        runs the item.)
         """
         if self._closed:
             raise BatcherClosed("the batcher is closed")
         if self.max_queue is not None and self._queue.qsize() >= self.max_queue:
             raise Overloaded()
-        self.start()
+        if not self._started:
+            self.start()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        timer = loop.call_later(timeout_s, _expire, future) if timeout_s is not None else None
+        timer = None
+        if timeout_s is not None:
+            deadlines = self._deadlines
+            if deadlines is None or deadlines.loop is not loop:
+                deadlines = self._deadlines = Deadlines(loop)
+            timer = deadlines.add(future, timeout_s)
         self._queue.put(Queued(item, time.perf_counter(), future, loop))
         try:
             return await future

@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from serving.batcher import BatcherClosed, Overloaded
+from serving.batcher import BatcherClosed, Deadlines, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,6 @@ class EngineUnavailable(RuntimeError):
     fallback, ``engine_unavailable``)."""
 
 
-def _expire(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
-
-
 class EngineConnection(abc.ABC):
     """The HTTP process's end of its connection to an engine in another process, on the event loop (never blocks it).
 
@@ -148,6 +143,7 @@ class EngineConnection(abc.ABC):
         self.exposition = exposition
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
+        self._deadlines: Deadlines | None = None  # the calling loop's (a new loop gets its own)
         # ident -> when it was sent, for every call the engine has not answered (whether or not its caller still
         # waits). Oldest first (dict order); with _last_heard, what a hang watchdog needs.
         self._unanswered: dict[int, float] = {}
@@ -234,7 +230,12 @@ class EngineConnection(abc.ABC):
         ident = next(self._ids)
         frame = encode(kind, ident, number, payload)
         self._pending[ident] = future
-        timer = loop.call_later(timeout_s, _expire, future) if timeout_s is not None else None
+        timer = None
+        if timeout_s is not None:  # one timer per loop for the calls' deadlines (serving/batcher.py, Deadlines)
+            deadlines = self._deadlines
+            if deadlines is None or deadlines.loop is not loop:
+                deadlines = self._deadlines = Deadlines(loop)
+            timer = deadlines.add(future, timeout_s)
         try:
             self._write(frame)
             self._unanswered[ident] = time.monotonic()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import Counter as Tally
+from collections.abc import Sequence
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -266,6 +270,24 @@ class _LiveItemsCollector:
                 buckets.append((bound, cumulative))
             delay.add_metric([domain], buckets, stats.delay_sum)
         yield from (items, rejected, errors, delay)
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for every v (a child with its labels set), with the same sum and bucket counts, in
+    one increment per bucket touched: the pipeline observes a batch's per-request stages together, where a Python
+    loop over the buckets and two locks per value cost more than the value is worth."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None:  # a prometheus_client without these internals
+        for value in values:
+            histogram.observe(value)
+        return
+    if not values:
+        return
+    for index, count in Tally(bisect_left(bounds, value) for value in values).items():
+        buckets[index].inc(count)  # observe() counts a value in the first bucket whose bound is >= it
+    total.inc(sum(values))
 
 
 def _escape(value: str, quote: bool) -> str:

@@ -31,7 +31,6 @@ from serving.engine_ipc import (
 )
 from serving.fallback import NoPopularity
 from serving.guards import (
-    GuardMiddleware,
     RecommendCall,
     RequestGuards,
     error_response,
@@ -48,6 +47,7 @@ from serving.http_models import (
     RecommendResponse,
     SimilarResponse,
 )
+from serving.recommend_lane import RecommendLane
 from serving.service import ENGINE_UNAVAILABLE, OVERLOADED, TIMEOUT, Answer, Components, UnknownDomain
 from serving.similar import UnknownItem
 
@@ -92,13 +92,6 @@ def error_responses(max_body_bytes: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def _header(scope: dict, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
 class RecommendRoute:
     """POST /recommend: parse, guard, route the domain, run the pipeline within the time budget, answer."""
 
@@ -113,11 +106,14 @@ class RecommendRoute:
         self.overload_fallback = runtime.config.overload_response == "fallback"
         self.guards = RequestGuards(runtime.config, runtime.metrics,
                                     limit_here=not isinstance(runtime.batcher, EngineConnection))
-        self.asgi = GuardMiddleware(self._asgi, max_body_bytes=runtime.config.max_body_bytes,
-                                    metrics=runtime.metrics)
+        self.asgi = RecommendLane(self.answer, self.internal_error, runtime.config.max_body_bytes, runtime.metrics)
 
-    async def answer(self, body: bytes, api_key: str | None, client_host: str | None) -> Response:
-        """The response to one call, never an exception: every failure is an ErrorResponse body."""
+    def internal_error(self) -> Response:
+        return self.guards.refuse("internal", 500, "internal error while answering; see the service log")
+
+    async def answer(self, body: bytes, api_key: str | None, client_host: str | None) -> bytes | Response:
+        """The 200 answer's JSON bytes, or the error response; never an exception: every failure is an
+        ErrorResponse body."""
         try:
             call = RecommendCall(parse_request(body), api_key, client_host)
         except RequestValidationError as exc:
@@ -137,7 +133,7 @@ class RecommendRoute:
             return self.guards.overloaded(exc.retry_after_s)
         except Exception:  # the batch itself failed (a bug): still never a bare 500 without a body
             log.exception("batch failed")
-            return self.guards.refuse("internal", 500, "internal error while answering; see the service log")
+            return self.internal_error()
         return self._respond(answer)
 
     async def _run(self, call: RecommendCall) -> Answer | bytes | NoPopularity | UnknownDomain:
@@ -178,27 +174,15 @@ class RecommendRoute:
                 return NoPopularity(str(exc))
             raise
 
-    def _respond(self, answer: Answer | bytes | NoPopularity | UnknownDomain) -> Response:
+    def _respond(self, answer: Answer | bytes | NoPopularity | UnknownDomain) -> bytes | Response:
+        if isinstance(answer, bytes):  # an engine process serializes in the engine
+            return answer
         if isinstance(answer, UnknownDomain):  # no route and no popular items: the client's domain is wrong
             return self.guards.invalid("domain", str(answer))
         if isinstance(answer, NoPopularity):
             return error_response(503, "no_recommendations", f"no recommendations available: {answer}")
-        if isinstance(answer, bytes):  # an engine process serializes in the engine
-            return Response(content=answer, media_type="application/json")
         # serialized once here: FastAPI would validate the model again and walk it with jsonable_encoder
-        return Response(content=answer.to_json(), media_type="application/json")
-
-    async def _asgi(self, scope: dict, receive: Any, send: Any) -> None:
-        """The direct lane (see UGTApp): GuardMiddleware has capped the body and replays it in one message."""
-        message = await receive()
-        client = scope.get("client")
-        try:
-            response = await self.answer(message.get("body", b""), _header(scope, b"x-api-key"),
-                                         client[0] if client else None)
-        except Exception:  # as ServerErrorMiddleware would: a JSON 500, never a dropped connection
-            log.exception("recommend failed")
-            response = self.guards.refuse("internal", 500, "internal error while answering; see the service log")
-        await response(scope, receive, send)
+        return answer.to_json()
 
 
 def add_routes(app: FastAPI, runtime: Runtime) -> RecommendRoute:
@@ -215,7 +199,8 @@ def add_routes(app: FastAPI, runtime: Runtime) -> RecommendRoute:
     async def recommend(http: Request) -> Response:
         """Top-k items for a user: state -> generator -> reranker, or the popularity fallback (marked)."""
         client_host = http.client.host if http.client else None
-        return await route.answer(await http.body(), http.headers.get("x-api-key"), client_host)
+        answer = await route.answer(await http.body(), http.headers.get("x-api-key"), client_host)
+        return Response(content=answer, media_type="application/json") if isinstance(answer, bytes) else answer
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     def health() -> Any:

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from contracts.user_state_rule import STATE_VERSION
-from serving.answers import CONTEXT_ACTION, Answer, rounded_ms, with_context  # noqa: F401 (re-exported)
+from serving.answers import (  # noqa: F401 (CONTEXT_ACTION re-exported)
+    CONTEXT_ACTION,
+    Answer,
+    request_ids,
+    rounded_ms,
+    with_context,
+)
 from serving.batcher import Queued
 from serving.config import DomainConfig, ServingConfig, routes
 from serving.experiments import Assignment, Experiments
@@ -32,7 +37,7 @@ from serving.generator import (
     has_batch,
 )
 from serving.http_models import RecommendRequest, RecommendResponse
-from serving.metrics import ARM_OUTCOMES, STAGES, ServingMetrics
+from serving.metrics import ARM_OUTCOMES, STAGES, ServingMetrics, observe_many
 from serving.reranker import Reranker
 from serving.similar import SimilarItems, merge_by_rank
 from serving.user_state_reader import BadState, StateUnavailable, UserStateReader, UserStateView, read_many
@@ -97,7 +102,7 @@ class _Job:
     model: str = ""
     error: NoPopularity | None = None
     assignment: Assignment | None = None
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = ""  # set by RecommendService._job (request_ids: a uuid4 in hex)
     seen: frozenset[str] | None = None  # _seen's answer, for the state it was built from
     seen_of: UserStateView | None = None
 
@@ -133,15 +138,30 @@ class RecommendService:
         self.metrics = metrics
         # labelled children looked up once: .labels() costs more than the observation itself
         self._stage_hist = {stage: metrics.stage_seconds.labels(stage) for stage in STAGES}
+        self._fallback_counts: dict[str, object] = {}  # reason -> its fallbacks_total child
         arms = [(exp.name, arm.name) for exp in self.config.experiments for arm in exp.arms]
         metrics.watch_arms(arms)
         self._arm_series = {
             key: (metrics.arm_latency.labels(*key), {o: metrics.arm_requests.labels(*key, o) for o in ARM_OUTCOMES})
             for key in arms
         }
-        self.parts.fallback.observer = lambda source: metrics.popularity_source.labels(source).inc()
+        sources: dict[str, object] = {}  # source -> its popularity_source_total child, looked up once
+
+        def count_source(source: str) -> None:
+            child = sources.get(source)
+            if child is None:
+                child = sources[source] = metrics.popularity_source.labels(source)
+            child.inc()  # type: ignore[attr-defined]
+
+        self.parts.fallback.observer = count_source
         if getattr(self.impressions, "metrics", None) is not None:
             self.impressions.metrics = metrics  # type: ignore[union-attr]
+
+    def _count_fallback(self, reason: str) -> None:
+        child = self._fallback_counts.get(reason)
+        if child is None:
+            child = self._fallback_counts[reason] = self.metrics.fallbacks.labels(reason)
+        child.inc()  # type: ignore[attr-defined]
 
     def _observe_arm(self, job: _Job, outcome: str, seconds: float | None = None) -> None:
         """Count the request in its arm (outcome model / fallback / error) and its latency; no arm, nothing."""
@@ -170,10 +190,11 @@ class RecommendService:
     def reranker_for(self, domain: str) -> Reranker:
         return self.parts.rerankers.get(domain, self.parts.reranker)
 
-    def _job(self, request: RecommendRequest, queued_s: float, reason: str | None = None) -> _Job:
-        """A request's job with its arm decided, once: the arm's model and rules answer it."""
+    def _job(self, request: RecommendRequest, queued_s: float, reason: str | None = None,
+             request_id: str | None = None) -> _Job:
+        """A request's job with its id and its arm decided, once: the arm's model and rules answer it."""
         domain = request.domain or self.config.default_domain
-        job = _Job(request, domain, queued_s, reason=reason)
+        job = _Job(request, domain, queued_s, reason=reason, request_id=request_id or request_ids(1)[0])
         if self.experiments:
             job.assignment = self.experiments.assign(domain, request.user_id)
         return job
@@ -366,7 +387,8 @@ class RecommendService:
         """Answers for a batch, in order: a response, or for a request nothing can answer NoPopularity (503), or
         UnknownDomain (422) when its domain is neither routed nor known to popularity."""
         start = time.perf_counter()
-        jobs = [self._job(entry.item, start - entry.arrived) for entry in entries]
+        jobs = [self._job(entry.item, start - entry.arrived, request_id=rid)
+                for entry, rid in zip(entries, request_ids(len(entries)), strict=True)]
         shed_after = self.config.queue_timeout_ms / 1000.0
         live = []
         for job in jobs:
@@ -384,6 +406,7 @@ class RecommendService:
         after_generate = time.perf_counter()
         out: list[Answer | NoPopularity | UnknownDomain] = []
         size = len(jobs)
+        observed: dict[str, list[float]] = {stage: [] for stage in PER_REQUEST_STAGES}
         for job in jobs:
             if job.error is not None:
                 error = self._no_answer(job.domain, job.error)
@@ -403,9 +426,9 @@ class RecommendService:
                 "total": job.queued_s + (time.perf_counter() - start),
             }
             for stage in PER_REQUEST_STAGES:
-                self._stage_hist[stage].observe(stages[stage])
+                observed[stage].append(stages[stage])
             if job.reason is not None:
-                self.metrics.fallbacks.labels(job.reason).inc()
+                self._count_fallback(job.reason)
             answer = _answer(job, items, size, stages)
             # past request_timeout_ms the HTTP side has already answered with the timeout fallback (and published
             # and counted that): this answer is never seen, so it is no impression and not the arm's answer
@@ -413,6 +436,8 @@ class RecommendService:
                 self._observe_arm(job, "fallback" if job.reason is not None else "model", stages["total"])
                 answer = self._published(answer)
             out.append(answer)
+        for stage, values in observed.items():  # each request's value, added to the buckets once per batch
+            observe_many(self._stage_hist[stage], values)
         if jobs:  # state and generate are the batch's: observed once per batch
             self._stage_hist["state"].observe(after_state - start)
             self._stage_hist["generate"].observe(after_generate - after_state)
@@ -459,7 +484,7 @@ class RecommendService:
                 self._observe_arm(job, "error")
             raise error
         items = self._reranker_of(job).rerank(job.candidates or [], request.k, self._seen(job))
-        self.metrics.fallbacks.labels(reason).inc()
+        self._count_fallback(reason)
         took = time.perf_counter() - start
         stages = {"queue": waited_s, "state": 0.0, "generate": took, "rerank": 0.0, "total": waited_s + took}
         self._observe_arm(job, "fallback", stages["total"])

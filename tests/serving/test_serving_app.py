@@ -289,3 +289,34 @@ def test_engine_process_with_a_model_on_cuda_fails_at_start_and_auto_picks_the_t
         create_app(config=ServingConfig(engine="process"), components=parts(), client=redis)
     app = create_app(config=ServingConfig(engine="auto"), components=parts(), client=redis)
     assert isinstance(app.state.batcher, DynamicBatcher)
+
+
+def test_request_ids_are_uuid4_hex():
+    import uuid
+
+    from serving.answers import request_ids
+
+    ids = request_ids(64)
+    assert len(set(ids)) == 64
+    for rid in ids:
+        parsed = uuid.UUID(hex=rid)
+        assert parsed.hex == rid and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_the_answer_has_the_headers_and_body_of_a_json_response():
+    r = client_for().post("/recommend", json={"user_id": "u1", "k": 2})
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    assert int(r.headers["content-length"]) == len(r.content)
+    body = r.json()
+    assert list(body) == ["request_id", "experiment", "arm", "user_id", "items", "fallback", "fallback_reason",
+                          "model", "batch_size", "timings_ms"]
+    assert r.content.startswith(b'{"request_id":"') and b'"items":[{"item_id":"m2","score":98.0}' in r.content
+
+
+def test_a_bad_content_length_is_400_and_counted():
+    client = client_for()
+    r = client.post("/recommend", content=b'{"user_id": "u1"}',
+                    headers={"content-type": "application/json", "content-length": "x1"})
+    assert r.status_code == 400 and r.json()["error"] == "bad_content_length"
+    assert 'ugt_serving_requests_total{endpoint="/recommend",status="400"} 1.0' in client.get("/metrics").text

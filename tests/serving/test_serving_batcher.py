@@ -108,3 +108,47 @@ def test_closed_batcher_refuses_and_bad_bounds_are_rejected():
         run(batcher.submit(1))
     with pytest.raises(ValueError):
         DynamicBatcher(lambda e: e, max_size=0, max_wait_s=0.0)
+
+
+def test_deadlines_expire_in_order_with_one_timer_and_drop_the_answered():
+    from serving.batcher import Deadlines
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        deadlines = Deadlines(loop)
+        answered, late = loop.create_future(), loop.create_future()
+        assert deadlines.add(answered, 0.05) is None and deadlines.add(late, 0.05) is None
+        first_timer = deadlines.timer
+        answered.set_result("on time")
+        early = loop.create_future()
+        own = deadlines.add(early, 0.001)  # before the last deadline: its own timer, not the queue's
+        assert own is not None and deadlines.timer is first_timer and len(deadlines.waiting) == 2
+        await asyncio.sleep(0.02)
+        assert isinstance(early.exception(), TimeoutError) and not late.done()
+        await asyncio.sleep(0.08)
+        assert isinstance(late.exception(), TimeoutError)
+        assert answered.result() == "on time" and not deadlines.waiting and deadlines.timer is None
+
+    run(body())
+
+
+def test_a_request_past_its_timeout_gets_timeout_error_and_the_next_ones_still_answer():
+    gate = threading.Event()
+
+    def process(entries):
+        gate.wait(5)
+        return [e.item for e in entries]
+
+    batcher = DynamicBatcher(process, max_size=1, max_wait_s=0.0)
+
+    async def body():
+        slow = asyncio.ensure_future(batcher.submit(1, timeout_s=0.05))
+        with pytest.raises(TimeoutError):
+            await slow
+        gate.set()
+        return await batcher.submit(2, timeout_s=5.0)
+
+    try:
+        assert run(body()) == 2
+    finally:
+        batcher.close()

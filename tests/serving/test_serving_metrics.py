@@ -46,3 +46,22 @@ def test_an_engine_that_did_not_answer_leaves_the_http_series():
     http.errors.labels("unauthorized").inc()
     merged = parsed(merge_expositions(http.render(), b""))
     assert merged[("ugt_serving_errors_total", (("kind", "unauthorized"),))] == 1
+
+
+def test_observe_many_gives_what_observing_each_value_gives():
+    from serving.metrics import observe_many
+
+    values = [0.0, 0.0001, 0.00011, 0.003, 0.003, 0.7, 2.5, 7.0, 0.02]
+    one_by_one, together = ServingMetrics(), ServingMetrics()
+    for value in values:
+        one_by_one.stage_seconds.labels("total").observe(value)
+    observe_many(together.stage_seconds.labels("total"), values[:4])
+    observe_many(together.stage_seconds.labels("total"), values[4:])
+    observe_many(together.stage_seconds.labels("total"), [])
+    want, got = parsed(one_by_one.render()), parsed(together.render())
+    total = [key for key in want if key[0].startswith("ugt_serving_stage_seconds") and ("stage", "total") in key[1]]
+    assert len(total) > 10
+    for key in total:
+        if key[0].endswith("_created"):
+            continue
+        assert abs(got[key] - want[key]) < 1e-12, key
