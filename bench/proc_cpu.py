@@ -170,6 +170,9 @@ def diff(before: Snapshot, after: Snapshot, top: int = 8) -> dict[str, object]:
         "cores_busy": round(sum(by_class.values()) / seconds, 2),
         "cpu_s_by_process": {k: round(v, 2) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
         "cpu_s_by_thread": {k: round(v, 2) for k, v in busiest if v > 0},
+        # the JVMs' JIT compiler threads (C1/C2 CompilerThread), every process: a warm-up cost a long-running job
+        # stops paying, so benches report CPU with and without it
+        "cpu_s_jit_compiler": round(sum(v for k, v in by_thread.items() if "CompilerThre" in k), 2),
     }
 
 
