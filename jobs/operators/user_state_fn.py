@@ -33,6 +33,7 @@ from jobs.operators.state_ttl import state_ttl
 from jobs.popularity_writer import redis_popularity_writer
 from jobs.replica_wait import ReplicaBarrier
 from jobs.token_batch import TokenBatchDecoder, decode_keyed
+from jobs.user_state_batch import iter_records
 from jobs.user_state_logic import (
     APPLIED,
     JOB_NAME,
@@ -261,7 +262,12 @@ class UserStateBatchFunction(UserStateFunction):
     """UserStateFunction fed micro-batches (jobs/user_state_batch.py): Row(records, k, src_topic), one call per
     (user, batch). The batch is decoded in one pass (jobs/token_batch.py) and folded with the user's state loaded
     once (UserStateProcessor.on_events); dead letters leave in the records' order, as one call per record sent
-    them."""
+    them. per_record=True (--batch-fold per-record) sends each record through the per-record path instead, as
+    before 2026-12-07: the A/B baseline."""
+
+    def __init__(self, *args, per_record: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.per_record = per_record
 
     def open(self, runtime_context: RuntimeContext) -> None:
         super().open(runtime_context)
@@ -271,6 +277,9 @@ class UserStateBatchFunction(UserStateFunction):
         now_ms = int(time.time() * 1000)
         counts = self.counts
         counts.add("batches")  # events / batches = the mean batch size
+        if self.per_record:
+            yield from self._per_record(value, ctx, now_ms)
+            return
         records = self.decoder.decode(value[0], value[1])
         events = [record[0] for record in records if record[0] is not None]
         statuses: list[str] = []
@@ -290,6 +299,14 @@ class UserStateBatchFunction(UserStateFunction):
         self.store.end_key()
         self._count(self.processor.flush_if_due())
         counts.record()
+
+    def _per_record(self, value, ctx: KeyedProcessFunction.Context, now_ms: int):
+        key, topic = value[1], value[2]
+        for data, partition, offset in iter_records(value[0]):
+            yield from self._record(data, key, topic, partition, offset, ctx, now_ms)
+        self.store.end_key()
+        self._count(self.processor.flush_if_due())
+        self.counts.record()
 
     def _dead_letters(self, records, statuses: list[str], topic: str):
         """The batch's dead letters in record order: records that are not events, then events LATE for the user."""
