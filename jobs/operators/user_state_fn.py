@@ -309,7 +309,7 @@ class UserStateBatchFunction(UserStateFunction):
         self.counts.record()
 
     def _dead_letters(self, records, statuses: list[str], topic: str):
-        """The batch's dead letters in record order: records that are not events, then events LATE for the user."""
+        """The batch's dead letters in record order: each record that is not an event, each event LATE for the user."""
         counts = self.counts
         late = iter(statuses)
         for event, error, data, partition, offset in records:
