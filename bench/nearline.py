@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="dataset events replayed through both jobs (other user ids) before the throughput "
                         "window, so a fresh TaskManager's JIT and caches are warm, as in a job that has been "
                         "running (default: %(default)s)")
+    parser.add_argument("--windows", type=int, default=1,
+                        help="throughput windows back to back per user path, each with the events as new users: "
+                        "the first is the headline (as before), the last the steady-state figure "
+                        "(flink_cpu_us_per_event_steady), once the JIT has run longer (default: %(default)s)")
     parser.add_argument("--probes", type=int, default=300, help="freshness probe events (default: %(default)s)")
     parser.add_argument("--probe-rate", type=float, default=20.0, help="probe events per second (default: %(default)s)")
     parser.add_argument("--anchor-events", type=int, default=100_000,
@@ -142,6 +146,24 @@ def flink_us(users: dict[str, Any] | None) -> float | None:
     return users["cpu"]["budget"]["flink_us_per_event"] if users and users.get("cpu") else None
 
 
+THREAD_GROUPS = {"user_state": ("user-state", "Source: tokens_"), "tokenize_task": ("Source: raw_sou",)}
+
+
+def per_event_us(window: dict[str, Any] | None) -> dict[str, float] | None:
+    """A throughput window's Flink CPU per event split: user_state's threads (its Python operator's task and its
+    source + batcher task), tokenize's task thread, the JIT compiler threads (top thread groups only, but these
+    are the busiest)."""
+    if not window or not window.get("cpu"):
+        return None
+    cpu, events = window["cpu"], window["events"]
+    out = {name: round(sum(v for k, v in cpu["cpu_s_by_thread"].items() if any(n in k for n in names))
+                       / events * 1e6, 1) for name, names in THREAD_GROUPS.items()}
+    out["jit"] = cpu["budget"]["flink_jit_us_per_event"]
+    out["flink"] = cpu["budget"]["flink_us_per_event"]
+    out["flink_without_jit"] = round(out["flink"] - out["jit"], 1)
+    return out
+
+
 def exactly_once_record(eo: dict[str, Any] | None) -> dict[str, Any]:
     """The exactly-once user path's headline numbers (None when it did not run)."""
     fresh = eo["freshness"] if eo else {}
@@ -173,6 +195,7 @@ def nearline_record(args: argparse.Namespace, anchor: Any, users: dict[str, Any]
         "new_item_max_s": items["new_item"]["max"] if items else None,
         "items": items,
         "flink_cpu_us_per_event": flink_us(users),
+        "flink_cpu_us_per_event_steady": flink_us(users.get("steady")),  # the last of --windows (None: one)
         **exactly_once_record(eo),
         "kafka_raw_events_per_s": anchor_rate,
         "kafka_raw": anchor.as_dict() if anchor else None,
@@ -201,6 +224,9 @@ def print_summary(result: dict[str, Any]) -> None:
         {"measure": "new item p50 (s)", "value": result["new_item_p50_s"], "target": ""},
         {"measure": "new item p99 (s)", "value": result["new_item_p99_s"], "target": "<= 10"},
     ])
+    for engine, row in (result.get("engines") or {}).items():
+        print(f"{engine}: Flink µs/event split, first window {row['per_event_us_first_window']}, "
+              f"steady {row['per_event_us_steady']}")
     cpu = result["cpu_during_throughput"]
     if cpu is None:
         return
@@ -299,8 +325,12 @@ def measure(args: argparse.Namespace, settings: Any) -> tuple[dict[str, Any], di
         result["flink_cpu_us_per_event_by_engine"] = {e: flink_us(u) for e, u in by_engine.items()}
         result["events_per_s_by_engine"] = {e: u["events_per_s"] for e, u in by_engine.items()}
         result["freshness_p99_s_by_engine"] = {e: u["freshness"]["p99"] for e, u in by_engine.items()}
+        result["flink_cpu_us_per_event_by_engine_steady"] = {e: flink_us(u.get("steady")) for e, u in by_engine.items()}
         result["engines"] = {e: {"events_per_s": u["events_per_s"], "freshness": u["freshness"], "cpu": u["cpu"],
-                                 "checkpoints": u.get("checkpoints")} for e, u in by_engine.items()}
+                                 "checkpoints": u.get("checkpoints"), "windows": u.get("windows"),
+                                 "per_event_us_first_window": per_event_us(u),
+                                 "per_event_us_steady": per_event_us(u.get("steady"))}
+                             for e, u in by_engine.items()}
     return result, run_conditions(args, first, by_engine, stale, load_before)
 
 
@@ -312,6 +342,7 @@ def run_conditions(args: argparse.Namespace, first: argparse.Namespace, by_engin
         "parallelism": args.parallelism,
         "execution_mode": args.execution_mode,
         "warmup_events": args.warmup_events,
+        "windows": args.windows,
         "tokenize_args": first.tokenize_args,
         "tokenize_engines": list(by_engine) or None,
         "user_state_args": first.user_state_args,
@@ -356,6 +387,8 @@ def combine(runs: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> tuple[dic
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.windows < 1:
+        raise SystemExit("bench: --windows must be >= 1")
     profiles = [p.strip() for p in (args.stack_profiles or "").split(",") if p.strip()] or [None]
     unknown = sorted(set(profiles) - {None, "single", "cluster"})
     if unknown or len(set(profiles)) < len(profiles):

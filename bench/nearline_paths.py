@@ -243,6 +243,8 @@ def throughput_window(run: UserRun, publisher: Any, events: list[dict[str, Any]]
     throughput_s = time.time() - start
     cpu = proc_cpu.diff(cpu_before, proc_cpu.snapshot(os.getpid(), scope))
     cpu["budget"] = cpu_budget(cpu["cpu_s_by_process"], len(events), os.cpu_count() or 1, TARGET_EVENTS_PER_S)
+    flink_jit_s = sum(v for k, v in cpu["cpu_s_jit_compiler"].items() if k.startswith("flink-"))
+    cpu["budget"]["flink_jit_us_per_event"] = round(flink_jit_s / len(events) * 1e6, 1)
     cpu["taskmanagers_by_job"] = placement(run.settings, run.job_ids)
     if len({tuple(tms) for tms in cpu["taskmanagers_by_job"].values()}) < len(cpu["taskmanagers_by_job"]):
         print("bench: warning: tokenize and user_state ran in the same TaskManager (one GIL for both)")
@@ -250,6 +252,21 @@ def throughput_window(run: UserRun, publisher: Any, events: list[dict[str, Any]]
         cpu["python_profile"] = proc_cpu.stop_py_spies(spies)
     return {"events": len(events), "produce_s": round(produced_s, 2), "throughput_s": round(throughput_s, 2),
             "events_per_s": round(len(events) / throughput_s, 1), "cpu": cpu}
+
+
+def later_windows(run: UserRun, publisher: Any, events: list[dict[str, Any]], base: int,
+                  first: dict[str, Any]) -> dict[str, Any]:
+    """--windows - 1 more throughput windows right after the first, each with the same events as new users and
+    event ids: the jobs' JIT and caches warmer each time. The last is the steady-state figure (`steady`); the
+    first stays the headline, as before."""
+    windows = [first]
+    for i in range(1, run.args.windows):
+        again = [dict(e, user_id=f"{e['user_id']}-w{i}", event_id=f"{e['event_id']}-w{i}") for e in events]
+        windows.append(throughput_window(run, publisher, again, base + i * len(events)))
+    return {"steady": windows[-1], "windows": [
+        {"events_per_s": w["events_per_s"], "flink_us_per_event": w["cpu"]["budget"]["flink_us_per_event"],
+         "flink_jit_us_per_event": w["cpu"]["budget"]["flink_jit_us_per_event"],
+         "cpu_s_by_thread": w["cpu"]["cpu_s_by_thread"]} for w in windows]}
 
 
 def freshness_lags(run: UserRun, publisher: Any, events: list[dict[str, Any]]) -> list[float]:
@@ -319,6 +336,8 @@ def user_path(args: argparse.Namespace, settings: Any, run_id: str, r: Any,
         # warm-up: start-up is not counted as throughput
         base = warm_up_jobs(run, publisher, events)
         result = throughput_window(run, publisher, events, base)
+        if args.windows > 1:
+            result.update(later_windows(run, publisher, events, base, result))
         lags = freshness_lags(run, publisher, events)
         result["checkpoints"] = checkpoint_stats(settings, run.job_ids)
     finally:

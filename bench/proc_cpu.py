@@ -165,11 +165,18 @@ def diff(before: Snapshot, after: Snapshot, top: int = 8) -> dict[str, object]:
     for key, (label, name, ticks) in after.threads.items():
         by_thread[f"{label}: {_fold(name)}"] += (ticks - before.threads.get(key, (label, name, 0))[2]) / TICK
     busiest = sorted(by_thread.items(), key=lambda kv: -kv[1])[:top]
+    jit: dict[str, float] = defaultdict(float)
+    for group, cpu_s in by_thread.items():
+        if "CompilerThre" in group:
+            jit[group.split(":", 1)[0]] += cpu_s
     return {
         "window_s": round(seconds, 2),
         "cores_busy": round(sum(by_class.values()) / seconds, 2),
         "cpu_s_by_process": {k: round(v, 2) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
         "cpu_s_by_thread": {k: round(v, 2) for k, v in busiest if v > 0},
+        # the JVMs' JIT compiler threads (C1/C2 CompilerThread) per process class, all of them (not only the top
+        # groups): a warm-up cost a long-running JVM stops paying, so benches report CPU with and without it
+        "cpu_s_jit_compiler": {label: round(v, 2) for label, v in sorted(jit.items())},
     }
 
 

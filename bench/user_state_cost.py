@@ -10,7 +10,11 @@ in µs per event:
     encode the compact blob every event), its writer building the Feast protos and popularity script
     arguments of every flush (no Redis), and its confirm / compaction timers fired at a simulated
     --rate events/s of processing time;
-  * processor_cached: the same with the decoded-state cache (the job's default).
+  * processor_cached: the same with the decoded-state cache (the job's default);
+  * batch_per_record_decode_fold / batch_decode_fold: the events as micro-batches of wire-format records
+    (grouped per user within each --batch-events run of events), decoded and folded as UserStateBatchFunction
+    does with --batch-fold per-record (decode_keyed + on_event per record) and --batch-fold batch
+    (TokenBatchDecoder + on_events per batch); cached state, no timers, no writes.
 No Kafka, Redis or Flink. Writes bench/results/user_state_cost.json.
 """
 
@@ -123,11 +127,66 @@ def processor_run(events: list, cache_users: int, rate: float) -> tuple[float, d
                      "compactions": processor.compactions}
 
 
+class OneSchemaRegistry:
+    """schema_by_id for the one writer schema the batches carry (no registry round trip)."""
+
+    def schema_by_id(self, _: int):
+        from streams.serde import load_schema
+
+        return load_schema("tokenized_event")
+
+
+def key_batches(events: list, batch_events: int) -> list[tuple[bytes, bytes]]:
+    """The events as user_state's micro-batches: wire-format records, grouped per user within each run of
+    `batch_events` consecutive events (what the JVM batcher makes of a --batch-ms window), in the
+    jobs.user_state_batch format."""
+    from jobs.user_state_batch import pack_records
+    from streams.serde import encode_with_id, load_schema
+
+    schema = load_schema("tokenized_event")
+    batches = []
+    for start in range(0, len(events), batch_events):
+        by_user: dict[str, list] = {}
+        for i, event in enumerate(events[start:start + batch_events], start):
+            by_user.setdefault(event.user_id, []).append((encode_with_id(1, schema, event.to_record()), 0, i))
+        batches.extend((user.encode(), pack_records(records)) for user, records in by_user.items())
+    return batches
+
+
+def batch_run(batches: list[tuple[bytes, bytes]], events: int, per_record: bool) -> tuple[float, dict[str, Any]]:
+    """Decode + fold of every micro-batch as UserStateBatchFunction does it (no Flink, no timers, no writes):
+    per_record = each record through decode_keyed and on_event (--batch-fold per-record), else TokenBatchDecoder
+    and on_events (--batch-fold batch)."""
+    from jobs.token_batch import TokenBatchDecoder, decode_keyed
+    from jobs.user_state_batch import iter_records
+    from jobs.user_state_logic import OnlineStateWriter, ProcessorConfig, UserStateProcessor
+    from streams.serde import AvroSerde
+
+    serde = AvroSerde(OneSchemaRegistry())
+    decoder = TokenBatchDecoder(serde)
+    processor = UserStateProcessor(OnlineStateWriter(lambda rows: None, lambda batch: None, max_rows=10**9,
+                                                     max_delay_s=1e9), ProcessorConfig())
+    store = MemoryStore({})
+    start = time.perf_counter()
+    for key, data in batches:
+        store.user = key.decode()
+        if per_record:
+            for value, _, _ in iter_records(data):
+                processor.on_event(decode_keyed(serde, value, key), store, 1_000)
+        else:
+            decoded = [record[0] for record in decoder.decode(data, key)]
+            processor.on_events(decoded, store, 1_000)
+    elapsed = time.perf_counter() - start
+    return elapsed, {"batches": len(batches), "events_per_batch": round(events / len(batches), 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=100_000, help="ML-1M events, in time order")
     parser.add_argument("--repeat", type=int, default=3, help="passes per row; the best counts")
     parser.add_argument("--rate", type=float, default=50_000, help="simulated events/s (when timers fire)")
+    parser.add_argument("--batch-events", type=int, default=2000,
+                        help="the batch rows: consecutive events grouped per user, as a --batch-ms window would")
     parser.add_argument("--profile", action="store_true", help="cProfile one cached pass; print the top 15")
     args = parser.parse_args(argv)
 
@@ -138,10 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     events = [tokenize_event(e) for e in tqdm(user_events(dataset, limit=args.events), total=args.events,
                                               desc="tokenize", unit="ev", unit_scale=True, mininterval=0.5)]
     users = len({e.user_id for e in events})
+    batches = key_batches(events, args.batch_events)
     rows: list[dict[str, Any]] = []
     cases = [("anchor_v1_dict_pickle", lambda: (anchor(events), {})),
              ("processor_no_cache", lambda: processor_run(events, 0, args.rate)),
-             ("processor_cached", lambda: processor_run(events, 5_000, args.rate))]
+             ("processor_cached", lambda: processor_run(events, 5_000, args.rate)),
+             ("batch_per_record_decode_fold", lambda: batch_run(batches, len(events), per_record=True)),
+             ("batch_decode_fold", lambda: batch_run(batches, len(events), per_record=False))]
     for name, case in tqdm(cases, desc="cases", unit="case"):
         best, extra = min((case() for _ in range(args.repeat)), key=lambda r: r[0])
         rows.append({"case": name, "us_per_event": best / len(events) * 1e6,
@@ -151,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         row["speedup_vs_anchor"] = anchor_us / row["us_per_event"]
     print(f"\n{len(events):,} ML-1M events, {users:,} users, best of {args.repeat}")
     table = print_table(rows, ["case", "us_per_event", "events_per_s", "speedup_vs_anchor", "rows_written",
-                               "compactions"])
+                               "compactions", "events_per_batch"])
     profile_text = ""
     if args.profile:
         profiler = cProfile.Profile()
@@ -165,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         profile_text = out.getvalue()
         print(profile_text)
     conditions = {"events": len(events), "users": users, "rate": args.rate, "repeat": args.repeat,
+                  "batch_events": args.batch_events,
                   "anchor": "anchor_v1_dict_pickle"}
     write_result(result_path("user_state_cost"), "user_state_cost", conditions,
                  {"rows": rows, "table": table, "profile": profile_text}, argv, PROG)

@@ -9,14 +9,14 @@ buffered record, so exactly-once and the bundle-end flush (jobs/operators/bundle
 The cost is latency: a record waits up to ``--batch-ms`` before user_state sees it.
 
 `records` packs, per record in arrival order (big-endian): int32 value length (-1 = null), the value, int32
-partition, int64 offset (ugt.flink.KeyBatches); :func:`unpack_records` reads it, :func:`pack_records` writes it
-(tests hold the Java packer to it).
+partition, int64 offset (ugt.flink.KeyBatches); :func:`iter_records` / :func:`unpack_records` read it,
+:func:`pack_records` writes it (tests hold the Java packer to it).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 _SIZE = struct.Struct(">i")
 _ORIGIN = struct.Struct(">iq")
@@ -34,9 +34,8 @@ def pack_records(records: Iterable[tuple[bytes | None, int, int]]) -> bytes:
     return bytes(out)
 
 
-def unpack_records(data: bytes) -> list[tuple[bytes | None, int, int]]:
-    """One batch's bytes -> [(value, partition, offset), ...] in arrival order; ValueError if they are cut short."""
-    records: list[tuple[bytes | None, int, int]] = []
+def iter_records(data: bytes) -> Iterator[tuple[bytes | None, int, int]]:
+    """One batch's bytes -> (value, partition, offset) per record in arrival order; ValueError if cut short."""
     pos, end = 0, len(data)
     try:
         while pos < end:
@@ -50,10 +49,14 @@ def unpack_records(data: bytes) -> list[tuple[bytes | None, int, int]]:
                 pos += size
             partition, offset = _ORIGIN.unpack_from(data, pos)
             pos += 12
-            records.append((value, partition, offset))
+            yield value, partition, offset
     except struct.error as exc:
         raise ValueError(f"batch cut short at byte {pos} of {end}: {exc}") from exc
-    return records
+
+
+def unpack_records(data: bytes) -> list[tuple[bytes | None, int, int]]:
+    """One batch's bytes -> [(value, partition, offset), ...] in arrival order; ValueError if they are cut short."""
+    return list(iter_records(data))
 
 
 def batch_jars() -> list:

@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--batch-records", type=int, default=2000,
                         help="... or once this many records wait, all users together (default: %(default)s)")
+    parser.add_argument("--batch-fold", choices=("batch", "per-record"), default="batch",
+                        help="how user_state takes a micro-batch: batch = decoded in one pass and folded with the "
+                             "user's state loaded once (jobs/token_batch.py); per-record = each record through the "
+                             "per-record path, as before 2026-12-07, for A/B runs (default: %(default)s)")
     add_common_arguments(parser, "user_state")
 
 
@@ -79,15 +83,16 @@ def build_pipeline(env, t_env, cfg) -> None:
         state_ttl_ms=int(x["state_ttl_days"] * 86_400_000),
         cache_size=x["state_cache_users"],
     )
+    options = (cfg.redis, x["feature_repo"], cfg.registry, x["dlq_topic"], config, x["flush_rows"], x["feast_write"],
+               x["wait_replicas"], x["wait_timeout_ms"])
     if x["batch_ms"] > 0:
         source = batched_kafka_source(env, t_env, "tokens_source", x["source_topic"], cfg, x["batch_ms"],
                                       x["batch_records"])
-        function = UserStateBatchFunction
+        function = UserStateBatchFunction(*options, per_record=x["batch_fold"] == "per-record")
     else:
-        source, function = keyed_kafka_source(t_env, "tokens_source", x["source_topic"], cfg), UserStateFunction
-    states = source.process(function(cfg.redis, x["feature_repo"], cfg.registry, x["dlq_topic"], config,
-                                     x["flush_rows"], x["feast_write"], x["wait_replicas"], x["wait_timeout_ms"]),
-                            output_type=Types.BOOLEAN()) \
+        source = keyed_kafka_source(t_env, "tokens_source", x["source_topic"], cfg)
+        function = UserStateFunction(*options)
+    states = source.process(function, output_type=Types.BOOLEAN()) \
         .name("user-state").uid("user-state")
     discard(states)
     statements = t_env.create_statement_set()
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 "feast_write": args.feast_write, "allowed_lateness_s": args.allowed_lateness_s,
                 "compact_interval_min": args.compact_interval_min, "state_ttl_days": args.state_ttl_days,
                 "state_cache_users": args.state_cache_users,
-                "batch_ms": args.batch_ms, "batch_records": args.batch_records,
+                "batch_ms": args.batch_ms, "batch_records": args.batch_records, "batch_fold": args.batch_fold,
                 "wait_replicas": wait_replicas(args.redis_wait_replicas, args.redis),
                 "wait_timeout_ms": args.redis_wait_timeout_ms}
 

@@ -83,6 +83,12 @@ def log_entry(event: TokenizedEvent, at_ms: int) -> bytes:
     return pickle.dumps((_EVENT_FIELDS(event), at_ms), protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def batch_log_entry(fields: list[tuple], at_ms: int) -> bytes:
+    """One log entry for the events a micro-batch applied together (one pickle, one ListState element): a list
+    of :func:`log_entry`'s field tuples and their common apply time."""
+    return pickle.dumps((fields, at_ms), protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def update_state(
     stored: Mapping[str, Any] | None, event: TokenizedEvent, max_events: int = DEFAULT_MAX_EVENTS
 ) -> tuple[UserState, bool]:
@@ -274,10 +280,12 @@ class UserStateProcessor:
             entry[0], entry[1] = state, Track.from_tuple(extra) if extra else Track()
         for logged in store.log_get() or ():
             event, at_ms = pickle.loads(logged)
-            if event.__class__ is tuple:  # the event's fields (entries written before 2026-12 hold the object)
-                event = TokenizedEvent(*event)
-            self._apply(entry, event, store, at_ms)  # same inputs, same result; its timers exist already
-            entry[3] += 1
+            # a batch's field tuples (batch_log_entry), one event's (log_entry), or (before 2026-12) the object
+            events = [TokenizedEvent(*e) for e in event] if event.__class__ is list else \
+                [TokenizedEvent(*event) if event.__class__ is tuple else event]
+            for event in events:
+                self._apply(entry, event, store, at_ms)  # same inputs, same result; its timers exist already
+                entry[3] += 1
         return entry
 
     def _remember(self, entry: list[Any], now_ms: int) -> None:
@@ -297,27 +305,34 @@ class UserStateProcessor:
             entry[3] = 0
 
     # -- per event ------------------------------------------------------------------------------------
-    def _apply(self, entry: list[Any], event: TokenizedEvent, store: KeyedStore, now_ms: int) -> tuple[Outcome, bool]:
-        """The event's effect on state, track and writer; (outcome, whether the long-term state was written)."""
+    def _fold(self, entry: list[Any], event: TokenizedEvent, store: KeyedStore, now_ms: int,
+              timers: list[tuple[int, int]]) -> tuple[str, bool]:
+        """The event's effect on state and track, timers to register appended to `timers`; (status, whether the
+        long-term state was written). The writer is not told (see _apply)."""
         state, status = apply_checked(entry[0], event, self.config.max_events, self.config.allowed_lateness_ms)
         entry[0] = state
-        outcome = Outcome(status)
         if status != APPLIED:
-            return outcome, False
+            return status, False
         track = entry[1]
         track.pending.append((state.event_count, event.domain, event.item_id))
-        self.writer.add(state, track)
         if track.flush_timer == 0:
             track.flush_timer = _align(now_ms + self.config.flush_ms, self.config.flush_ms)
-            outcome.timers.append((FLUSH_TIMER, track.flush_timer))
+            timers.append((FLUSH_TIMER, track.flush_timer))
         if track.compact_timer == 0:
             track.compact_timer = _align(now_ms + self.config.compact_interval_ms, self.config.compact_interval_ms)
-            outcome.timers.append((COMPACT_TIMER, track.compact_timer))
-        folded = False
+            timers.append((COMPACT_TIMER, track.compact_timer))
         if len(state.spill_times) >= self.config.max_events:  # bound the state between compactions
             data = store.get_long()
             store.put_long(compact(LongTermState.decode(data) if data is not None else None, state).encode())
-            folded = True
+            return status, True
+        return status, False
+
+    def _apply(self, entry: list[Any], event: TokenizedEvent, store: KeyedStore, now_ms: int) -> tuple[Outcome, bool]:
+        """The event's effect on state, track and writer; (outcome, whether the long-term state was written)."""
+        outcome = Outcome("")
+        outcome.status, folded = self._fold(entry, event, store, now_ms, outcome.timers)
+        if outcome.status == APPLIED:
+            self.writer.add(entry[0], entry[1])  # read at flush time: later events of the batch are written too
         return outcome, folded
 
     def on_event(self, event: TokenizedEvent, store: KeyedStore, now_ms: int) -> Outcome:
@@ -332,6 +347,38 @@ class UserStateProcessor:
             entry[3] += 1
         self._remember(entry, now_ms)
         return outcome
+
+    def on_events(self, events: list[TokenizedEvent], store: KeyedStore,
+                  now_ms: int) -> tuple[list[str], list[tuple[int, int]]]:
+        """on_event over one key's events of a micro-batch, in order, all at now_ms: (status per event, timers to
+        register). The same state, writes, timers and snapshots as one on_event per event, with the state loaded
+        and cached once, the writer told once (its state is read at flush time), and the events logged since the last snapshot in one log entry
+        (batch_log_entry) instead of one each."""
+        entry = self._load(events[0].user_id, store, now_ms)
+        statuses: list[str] = []
+        timers: list[tuple[int, int]] = []
+        logged: list[tuple] = []  # entry[3] counts them already; they reach the store at the end
+        applied = False
+        fold = self._fold
+        for event in events:
+            status, folded = fold(entry, event, store, now_ms, timers)
+            statuses.append(status)
+            if status != APPLIED:
+                continue
+            if not applied:  # before any snapshot: the stored track must say which writer batch holds the user
+                applied = True
+                self.writer.add(entry[0], entry[1])
+            if folded or entry[3] >= self.log_max:  # where on_event snapshots: the same state in the store
+                self._snapshot(entry, store)
+                logged = []
+            else:
+                logged.append(_EVENT_FIELDS(event))
+                entry[3] += 1
+        if applied:
+            if logged:
+                store.log_add(batch_log_entry(logged, now_ms))
+            self._remember(entry, now_ms)
+        return statuses, timers
 
     # -- timers ---------------------------------------------------------------------------------------
     def on_timer(self, user_id: str, timestamp: int, store: KeyedStore, now_ms: int) -> list[tuple[int, int]]:

@@ -130,7 +130,7 @@ class _Gen:
         count, item = self.var("c"), self.var("i")
         self.emit(indent, f"{target} = {{}}" if name == "map" else f"{target} = []")
         self.emit(indent, "while True:")
-        self.emit(indent + 1, f"{count}, p = rl(b, p)")
+        self.value("long", count, indent + 1)  # a block count: one byte inline, as the other varints
         self.emit(indent + 1, f"if {count} == 0: break")
         self.emit(indent + 1, f"if {count} < 0:")
         self.emit(indent + 2, f"{count} = -{count}; _size, p = rl(b, p)")
@@ -163,20 +163,12 @@ class _Gen:
         self.emit(indent, f"{target} = {{{', '.join(values)}}}")
 
 
-def compile_decoder(parsed_schema: dict[str, Any]) -> Decoder | None:
-    """decode(buffer, start) -> record for this (fastavro-parsed) writer schema; None if not compilable."""
-    gen = _Gen(parsed_schema.get("__named_schemas", {}))
-    try:
-        gen.emit(1, "L = len(b)")
-        gen.record(parsed_schema, "out", 1)
-        gen.emit(1, "if p != L: raise DF(f'{L - p} trailing bytes')")
-        gen.emit(1, "return out")
-    except Unsupported:
-        return None
+def _function(gen: _Gen, name: str) -> Decoder:
+    """The generated lines as decode(buffer, start); failures other than DecodeFailed become DecodeFailed."""
     source = "def dec(b, p):\n" + "\n".join(gen.lines) + "\n"
     namespace: dict[str, Any] = {"rl": read_long, "DF": DecodeFailed, "FLOAT": _FLOAT, "DOUBLE": _DOUBLE,
                                  **gen.consts}
-    exec(compile(source, f"<avro decoder {parsed_schema.get('name')}>", "exec"), namespace)  # noqa: S102
+    exec(compile(source, f"<avro decoder {name}>", "exec"), namespace)  # noqa: S102
     raw = namespace["dec"]
 
     def decode(buffer: bytes, start: int = 0) -> dict[str, Any]:
@@ -189,3 +181,49 @@ def compile_decoder(parsed_schema: dict[str, Any]) -> Decoder | None:
 
     decode.source = source  # type: ignore[attr-defined]
     return decode
+
+
+def compile_decoder(parsed_schema: dict[str, Any]) -> Decoder | None:
+    """decode(buffer, start) -> record for this (fastavro-parsed) writer schema; None if not compilable."""
+    gen = _Gen(parsed_schema.get("__named_schemas", {}))
+    try:
+        gen.emit(1, "L = len(b)")
+        gen.record(parsed_schema, "out", 1)
+        gen.emit(1, "if p != L: raise DF(f'{L - p} trailing bytes')")
+        gen.emit(1, "return out")
+    except Unsupported:
+        return None
+    return _function(gen, str(parsed_schema.get("name")))
+
+
+REQUIRED = object()  # compile_projection: a field without a default (the writer must have it)
+
+
+def compile_projection(parsed_schema: dict[str, Any], fields: dict[str, Any],
+                       as_tuple: frozenset[str] = frozenset()) -> Decoder | None:
+    """decode(buffer, start) -> {name: value} over exactly the names of `fields`: a reader's view of one writer
+    schema, without the whole record's dict (jobs/token_batch.py). Writer fields not in `fields` are read and
+    dropped; names the writer lacks take their value in `fields` (REQUIRED there: not compilable, None); names in
+    `as_tuple` become tuples. Fails exactly where :func:`compile_decoder` fails (DecodeFailed)."""
+    gen = _Gen(parsed_schema.get("__named_schemas", {}))
+    written: dict[str, str] = {}
+    try:
+        gen.emit(1, "L = len(b)")
+        for field in parsed_schema["fields"]:
+            target = gen.var()
+            gen.value(field["type"], target, 1)
+            written[field["name"]] = target
+    except Unsupported:
+        return None
+    values = []
+    for name, default in fields.items():
+        if name in written:
+            value = f"tuple({written[name]})" if name in as_tuple else written[name]
+        elif default is REQUIRED:
+            return None
+        else:
+            value = gen.const(tuple(default) if name in as_tuple else default)
+        values.append(f"{name!r}: {value}")
+    gen.emit(1, "if p != L: raise DF(f'{L - p} trailing bytes')")
+    gen.emit(1, f"return {{{', '.join(values)}}}")
+    return _function(gen, f"{parsed_schema.get('name')} projection")

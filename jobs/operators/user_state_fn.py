@@ -32,7 +32,8 @@ from jobs.operators.counters import CounterBatch
 from jobs.operators.state_ttl import state_ttl
 from jobs.popularity_writer import redis_popularity_writer
 from jobs.replica_wait import ReplicaBarrier
-from jobs.user_state_batch import unpack_records
+from jobs.token_batch import TokenBatchDecoder, decode_keyed
+from jobs.user_state_batch import iter_records
 from jobs.user_state_logic import (
     APPLIED,
     JOB_NAME,
@@ -40,7 +41,6 @@ from jobs.user_state_logic import (
     OnlineStateWriter,
     ProcessorConfig,
     UserStateProcessor,
-    decode_token_event,
     feast_direct_writer,
     feast_long_term_writer,
     feast_row_writer,
@@ -57,9 +57,6 @@ from streams.serde import (
 
 DLQ_TAG = OutputTag("dead-letters", key_value_type())
 LATE_TAG = OutputTag("late-events", key_value_type())
-
-
-KEY_MISMATCH = "KEY_MISMATCH"  # an events.tokens record whose key is not its user_id
 
 
 class _DeadLetters:
@@ -194,10 +191,7 @@ class UserStateFunction(KeyedProcessFunction):
                 now_ms: int):
         counts = self.counts
         try:
-            event = decode_token_event(self.serde, data)
-            if key is None or event.user_id != key.decode("utf-8", "replace"):
-                raise SerdeError(KEY_MISMATCH, f"record key {key!r} is not the event's user_id {event.user_id!r}: "
-                                               "events.tokens must be keyed by user_id (the tokenize job does)")
+            event = decode_keyed(self.serde, data, key)
         except SerdeError as exc:
             counts.add("dead_lettered")
             counts.flush()
@@ -217,9 +211,11 @@ class UserStateFunction(KeyedProcessFunction):
             counts.add("late_events")
             counts.add("dead_lettered")
             counts.flush()
-            reason = (f"event_time {event.event_time} is more than {self.processor.config.allowed_lateness_ms} ms "
-                      f"older than user {event.user_id!r}'s newest event")
-            yield LATE_TAG, self.letters.row(data, topic, partition, offset, LATE_EVENT, reason)
+            yield LATE_TAG, self.letters.row(data, topic, partition, offset, LATE_EVENT, self._late_reason(event))
+
+    def _late_reason(self, event) -> str:
+        return (f"event_time {event.event_time} is more than {self.processor.config.allowed_lateness_ms} ms "
+                f"older than user {event.user_id!r}'s newest event")
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
         timers = ctx.timer_service()
@@ -264,14 +260,65 @@ class UserStateFunction(KeyedProcessFunction):
 
 class UserStateBatchFunction(UserStateFunction):
     """UserStateFunction fed micro-batches (jobs/user_state_batch.py): Row(records, k, src_topic), one call per
-    (user, batch); each record goes through the same per-record path, in arrival order."""
+    (user, batch). The batch is decoded in one pass (jobs/token_batch.py) and folded with the user's state loaded
+    once (UserStateProcessor.on_events); dead letters leave in the records' order, as one call per record sent
+    them. per_record=True (--batch-fold per-record) sends each record through the per-record path instead, as
+    before 2026-12-07: the A/B baseline."""
+
+    def __init__(self, *args, per_record: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.per_record = per_record
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        super().open(runtime_context)
+        self.decoder = TokenBatchDecoder(self.serde)
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
-        key, topic = value[1], value[2]
         now_ms = int(time.time() * 1000)
-        self.counts.add("batches")  # events / batches = the mean batch size
-        for data, partition, offset in unpack_records(value[0]):
+        counts = self.counts
+        counts.add("batches")  # events / batches = the mean batch size
+        if self.per_record:
+            yield from self._per_record(value, ctx, now_ms)
+            return
+        records = self.decoder.decode(value[0], value[1])
+        events = [record[0] for record in records if record[0] is not None]
+        statuses: list[str] = []
+        if events:
+            counts.add("events", len(events))
+            statuses, timers = self.processor.on_events(events, self.store, now_ms)
+            if timers:
+                service = ctx.timer_service()
+                for _, at in timers:
+                    service.register_processing_time_timer(at)
+            applied = statuses.count(APPLIED)
+            counts.add("applied", applied)
+            if applied < len(statuses):
+                counts.add("duplicates", statuses.count(DUPLICATE))
+        if len(events) < len(records) or (events and LATE in statuses):
+            yield from self._dead_letters(records, statuses, value[2])
+        self.store.end_key()
+        self._count(self.processor.flush_if_due())
+        counts.record()
+
+    def _per_record(self, value, ctx: KeyedProcessFunction.Context, now_ms: int):
+        key, topic = value[1], value[2]
+        for data, partition, offset in iter_records(value[0]):
             yield from self._record(data, key, topic, partition, offset, ctx, now_ms)
         self.store.end_key()
         self._count(self.processor.flush_if_due())
         self.counts.record()
+
+    def _dead_letters(self, records, statuses: list[str], topic: str):
+        """The batch's dead letters in record order: each record that is not an event, each event LATE for the user."""
+        counts = self.counts
+        late = iter(statuses)
+        for event, error, data, partition, offset in records:
+            if event is None:
+                counts.add("dead_lettered")
+                counts.flush()
+                yield DLQ_TAG, self.letters.row(data, topic, partition, offset, error.reason_code, error.reason)
+            elif next(late) == LATE:
+                counts.add("late_events")
+                counts.add("dead_lettered")
+                counts.flush()
+                yield LATE_TAG, self.letters.row(data, topic, partition, offset, LATE_EVENT, self._late_reason(event))

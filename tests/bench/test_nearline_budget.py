@@ -43,3 +43,17 @@ def test_each_engine_run_gets_its_engine_on_top_of_the_tokenize_args() -> None:
     variant = engine_args(argparse.Namespace(tokenize_args="", user_state_args="--max-events 50"), "sql:--batch-ms 0")
     assert (variant.tokenize_args, variant.user_state_args) == ("--engine sql", "--max-events 50 --batch-ms 0")
     assert engine_args(args, "sql").user_state_args == ""
+
+
+def test_per_event_split_reads_the_thread_groups_of_a_window() -> None:
+    from bench.nearline import per_event_us
+
+    # thread groups of nearline-engines-batch-3.json's sql window (50,000 events), with its JIT sum
+    threads = {"flink-taskmanager: user-state -> (": 1.12, "flink-taskmanager: Source: raw_sou": 0.75,
+               "flink-taskmanager: CN CompilerThre": 0.6, "flink-taskmanager: Source: tokens_": 0.03}
+    window = {"events": 50_000, "cpu": {"cpu_s_by_thread": threads,
+                                        "budget": {"flink_us_per_event": 60.0, "flink_jit_us_per_event": 12.0}}}
+    split = per_event_us(window)
+    assert split == {"user_state": 23.0, "tokenize_task": 15.0, "jit": 12.0, "flink": 60.0,
+                     "flink_without_jit": 48.0}
+    assert per_event_us(None) is None and per_event_us({"events": 1, "cpu": None}) is None

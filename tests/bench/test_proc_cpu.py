@@ -53,3 +53,17 @@ def test_diff_adds_processes_by_class_and_threads_by_folded_name() -> None:
     assert got["cpu_s_by_process"] == {"kafka": 1.5, "redis": 0.5}
     assert got["cores_busy"] == 1.0
     assert got["cpu_s_by_thread"] == {"kafka: data-plane-N": 3.0}
+
+
+def test_diff_sums_each_process_classs_jit_compiler_threads_beyond_the_top_groups() -> None:
+    tick = proc_cpu.TICK
+    before = proc_cpu.Snapshot(0.0, {1: ("flink-taskmanager", 0.0), 2: ("kafka", 0.0)}, {
+        (1, 10): ("flink-taskmanager", "C2 CompilerThre", 0), (1, 11): ("flink-taskmanager", "C1 CompilerThre", 0),
+        (1, 12): ("flink-taskmanager", "user-state -> (", 0), (2, 20): ("kafka", "C2 CompilerThre", 0)})
+    after = proc_cpu.Snapshot(2.0, {1: ("flink-taskmanager", 9.0), 2: ("kafka", 1.0)}, {
+        (1, 10): ("flink-taskmanager", "C2 CompilerThre", 3 * tick),
+        (1, 11): ("flink-taskmanager", "C1 CompilerThre", 1 * tick),
+        (1, 12): ("flink-taskmanager", "user-state -> (", 5 * tick), (2, 20): ("kafka", "C2 CompilerThre", 1 * tick)})
+    out = proc_cpu.diff(before, after, top=1)
+    assert out["cpu_s_by_thread"] == {"flink-taskmanager: user-state -> (": 5.0}
+    assert out["cpu_s_jit_compiler"] == {"flink-taskmanager": 4.0, "kafka": 1.0}
