@@ -30,36 +30,11 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.common import print_table, result_path, write_result
+from jobs.dict_store import DictKeyedStore
 
 PROG = "python -m bench.user_state_cost"
 
 
-class MemoryStore:
-    """Flink's two keyed ValueStates for the current key, over one dict."""
-
-    def __init__(self, data: dict):
-        self.data, self.user = data, ""
-
-    def get(self):
-        return self.data.get(("s", self.user))
-
-    def put(self, value: bytes) -> None:
-        self.data[("s", self.user)] = value
-
-    def get_long(self):
-        return self.data.get(("l", self.user))
-
-    def put_long(self, value: bytes) -> None:
-        self.data[("l", self.user)] = value
-
-    def log_get(self):
-        return self.data.get(("log", self.user))
-
-    def log_add(self, value: bytes) -> None:
-        self.data[("log", self.user)] = [*self.data.get(("log", self.user), ()), value]
-
-    def log_clear(self) -> None:
-        self.data.pop(("log", self.user), None)
 
 
 class NoRedis:
@@ -104,7 +79,7 @@ def processor_run(events: list, cache_users: int, rate: float) -> tuple[float, d
                                max_rows=500, max_delay_s=0.2, clock=lambda: sim["now_ms"] / 1000,
                                write_long_rows=lambda rows: long_(rows, now_dt))
     processor = UserStateProcessor(writer, ProcessorConfig(cache_size=cache_users, compact_interval_ms=60_000))
-    store = MemoryStore({})
+    store = DictKeyedStore({})
     timers: dict[int, set[str]] = {}
     step_ms = 1000.0 / rate
     start = time.perf_counter()
@@ -166,7 +141,7 @@ def batch_run(batches: list[tuple[bytes, bytes]], events: int, per_record: bool)
     decoder = TokenBatchDecoder(serde)
     processor = UserStateProcessor(OnlineStateWriter(lambda rows: None, lambda batch: None, max_rows=10**9,
                                                      max_delay_s=1e9), ProcessorConfig())
-    store = MemoryStore({})
+    store = DictKeyedStore({})
     start = time.perf_counter()
     for key, data in batches:
         store.user = key.decode()

@@ -8,6 +8,7 @@ from job_events import make_event
 from contracts.redis_keys import popularity_key
 from contracts.tokenizer import TokenizedEvent, tokenize_event
 from contracts.user_state_rule import UserState, states_from_events
+from jobs.dict_store import DictKeyedStore
 from jobs.user_state_logic import (
     MonotonicClock,
     OnlineStateWriter,
@@ -118,32 +119,6 @@ def test_decode_token_event(serde: AvroSerde):
 
 
 # -- the whole keyed operator without Flink: UserStateProcessor with in-memory state and timers --------
-class MemoryStore:
-    """Flink's keyed ValueStates for one key, in a dict shared by all keys."""
-
-    def __init__(self, data: dict, user: str):
-        self.data, self.user = data, user
-
-    def get(self):
-        return self.data.get(("s", self.user))
-
-    def put(self, value: bytes) -> None:
-        self.data[("s", self.user)] = value
-
-    def get_long(self):
-        return self.data.get(("l", self.user))
-
-    def put_long(self, value: bytes) -> None:
-        self.data[("l", self.user)] = value
-
-    def log_get(self):
-        return self.data.get(("log", self.user))
-
-    def log_add(self, value: bytes) -> None:
-        self.data[("log", self.user)] = [*self.data.get(("log", self.user), ()), value]
-
-    def log_clear(self) -> None:
-        self.data.pop(("log", self.user), None)
 
 
 class Sink:
@@ -188,7 +163,7 @@ class Job:
 
     def event(self, event, now_ms: int) -> None:
         self.clock.now = now_ms
-        out = self.processor.on_event(event, MemoryStore(self.data, event.user_id), now_ms)
+        out = self.processor.on_event(event, DictKeyedStore(self.data, event.user_id), now_ms)
         if out.status == "late":
             self.late.append(event.event_id)
         self.timers.update((event.user_id, at) for _, at in out.timers)
@@ -200,7 +175,7 @@ class Job:
         while due := sorted((at, user) for user, at in self.timers if at <= now_ms):
             at, user = due[0]
             self.timers.discard((user, at))
-            for _, new_at in self.processor.on_timer(user, at, MemoryStore(self.data, user), at):
+            for _, new_at in self.processor.on_timer(user, at, DictKeyedStore(self.data, user), at):
                 self.timers.add((user, new_at))
             self.processor.flush_if_due()
 
@@ -308,10 +283,10 @@ def test_state_expires_with_ttl():
     data: dict = {}
     job = Job(Sink(), data, set(), config)
     job.event(tokens(1, "t")[0], now_ms=0)
-    assert job.processor._load("t", MemoryStore(data, "t"), 500)[0] is not None
+    assert job.processor._load("t", DictKeyedStore(data, "t"), 500)[0] is not None
     for key in [k for k in data if k[1] == "t"]:  # Flink's TTL dropped it; the cache must not keep it alive
         del data[key]
-    assert job.processor._load("t", MemoryStore(data, "t"), 2_000)[0] is None
+    assert job.processor._load("t", DictKeyedStore(data, "t"), 2_000)[0] is None
 
 
 def test_log_entries_of_both_formats_replay_the_same():
@@ -327,7 +302,7 @@ def test_log_entries_of_both_formats_replay_the_same():
     states = []
     for old_format in (False, True):
         data: dict = {}
-        store = MemoryStore(data, "fmt")
+        store = DictKeyedStore(data, "fmt")
         job = Job(Sink(), data, set(), CONFIG)
         for i, e in enumerate(events):
             job.event(e, now_ms=i * 10)

@@ -10,36 +10,8 @@ import pytest
 from job_events import make_event
 
 from contracts.tokenizer import tokenize_event
+from jobs.dict_store import DictKeyedStore
 from jobs.user_state_logic import APPLIED, OnlineStateWriter, ProcessorConfig, UserStateProcessor
-
-
-class DictStore:
-    """A KeyedStore over one dict, scoped to `user` as Flink scopes state to the current key."""
-
-    def __init__(self) -> None:
-        self.data: dict = {}
-        self.user = ""
-
-    def get(self):
-        return self.data.get(("s", self.user))
-
-    def put(self, value: bytes) -> None:
-        self.data[("s", self.user)] = value
-
-    def get_long(self):
-        return self.data.get(("l", self.user))
-
-    def put_long(self, value: bytes) -> None:
-        self.data[("l", self.user)] = value
-
-    def log_get(self):
-        return self.data.get(("log", self.user))
-
-    def log_add(self, value: bytes) -> None:
-        self.data.setdefault(("log", self.user), []).append(value)
-
-    def log_clear(self) -> None:
-        self.data.pop(("log", self.user), None)
 
 
 class Side:
@@ -53,7 +25,7 @@ class Side:
         writer = OnlineStateWriter(self.rows.append, self.popularity.append, max_rows=3, max_delay_s=0.2,
                                    clock=lambda: self.now_s, write_long_rows=self.long_rows.append)
         self.processor = UserStateProcessor(writer, config, log_max=log_max)
-        self.store = DictStore()
+        self.store = DictKeyedStore()
         self.timers: set[tuple[int, str]] = set()
 
     def fire(self, now_ms: int) -> None:
