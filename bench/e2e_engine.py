@@ -5,11 +5,14 @@ time: it measures the single-process pipeline, not the engine. In the served sys
 HTTP workers build and pack rows in parallel and the engine process only runs the model on their frames. This row
 group measures that engine: every request's row is built and packed BEFORE the timed loop (untimed, as the workers
 do it in parallel), exactly as a worker does (serving.ugt_generator ``UGTGenerator.gather``, ``row_vectors``,
-``exclusion_matrix``, serving.model_wire ``encode_rows``: one MODEL frame per request). The timed loop is the
-engine process's: the frames that have arrived by each request's scheduled time go through a FrameDecoder into
+``exclusion_matrix``, serving.model_wire ``encode_rows``), into the frames the workers would send
+(``--engine-frames workers``: request r to worker r % W, each worker's batch sent 1 ms after its first request or
+once full, as serving/batcher.py does, but without waiting for its previous frame's answer; ``request``: one frame
+per request). The timed loop is the engine process's: the frames sent by now go through a FrameDecoder into
 serving.engine_model ``ModelCore`` (the engine's own admission, steps of up to ``--engine-max-rows`` rows across
 frames, two steps in flight via ``UGTInference.submit_packed``, answer frames). Open loop: latency = the time its
-answer frame is out - its scheduled arrival. Not counted: the sockets, and the workers' own work.
+answer frame is out - the request's scheduled arrival (the workers' batching wait included). Not counted: the
+sockets, and the workers' own work (state reads, rows, reranking, HTTP).
 """
 
 from __future__ import annotations
@@ -28,43 +31,82 @@ from bench.http_load import pct
 
 ROUTE = "movie"
 PACK_CHUNK = 512  # requests gathered at once while packing (in schedule order, so appends see their own event)
+WORKER_WAIT_S = 1e-3  # the workers' batch_max_wait_ms in bench/serving_gpu_e2e.py's ugt_config
 
 
-def pack_frames(generator: Any, users: Users, schedule: Any, k: int) -> list[bytes | None]:
-    """Every request's MODEL frame (None: no known item, answered by the worker without the engine), built in
-    schedule order from the users' states as a worker builds it; advances the appends' users by one event."""
-    from serving.engine_ipc import MODEL, encode
+def worker_frames(times: np.ndarray, workers: int, wait_s: float, max_rows: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Which requests each frame holds, as ``workers`` workers' batchers send them (serving/batcher.py: request r
+    to worker r % workers; a batch is sent ``wait_s`` after its first request or once ``max_rows`` are in), and
+    when each frame is sent (s), frames in the order sent. ``max_rows=1``: one frame per request, at its arrival."""
+    members: list[np.ndarray] = []
+    send: list[float] = []
+    for w in range(workers):
+        mine = np.arange(w, len(times), workers)
+        at = 0
+        while at < len(mine):
+            end = min(int(np.searchsorted(times[mine], times[mine[at]] + wait_s, side="right")), at + max_rows)
+            end = max(end, at + 1)
+            members.append(mine[at:end])
+            send.append(float(times[mine[end - 1]]) if end - at == max_rows else float(times[mine[at]]) + wait_s)
+            at = end
+    order = np.argsort(np.asarray(send), kind="stable")
+    return [members[f] for f in order], np.asarray(send)[order]
+
+
+def pack_frames(generator: Any, users: Users, schedule: Any, k: int,
+                members: list[np.ndarray]) -> tuple[list[bytes | None], int]:
+    """Every frame's bytes and how many requests had no row; the frames (a MODEL frame, its ident the frame's index; None: none of its users has a known item,
+    answered by the worker without the engine), each request's row built in schedule order from the users'
+    states as a worker builds it; advances the appends' users by one event."""
     from serving.generator import GenerationRequest
-    from serving.model_wire import ModelRows, encode_rows
 
     engine = generator.engine
-    known = len(generator.index_to_item)
     n = len(schedule.times)
-    frames: list[bytes | None] = [None] * n
+    parts: list[tuple | None] = [None] * n  # per request built and not yet framed: (vector, exclusions, key, print)
+    frames: list[bytes | None] = [None] * len(members)
+    by_last = sorted(range(len(members)), key=lambda f: int(members[f][-1]))
+    next_frame = built = 0
     for lo in tqdm(range(0, n, PACK_CHUNK), desc="packing", unit_scale=PACK_CHUNK, mininterval=5, leave=False):
+        hi = min(lo + PACK_CHUNK, n)
         requests = []
-        for r in range(lo, min(lo + PACK_CHUNK, n)):
+        for r in range(lo, hi):
             u = int(schedule.users[r])
             view = state_view(users.append_row(u) if schedule.classes[r] == APPEND else users.row(u))
             requests.append(GenerationRequest(view, k, frozenset(view.item_ids), ROUTE))
         batch = generator.gather(requests)
-        if not batch.rows:
-            continue
-        vectors = engine.row_vectors(batch.rows)
+        vectors = engine.row_vectors(batch.rows) if batch.rows else None
+        built += len(batch.where)
         for j, i in enumerate(batch.where):
-            rows = ModelRows(ROUTE, batch.k, [batch.keys[j]], [batch.prints[j]], vectors[j : j + 1],
-                             engine.exclusion_matrix([batch.excludes[j]]), known)
-            frames[lo + i] = encode(MODEL, lo + i, 0.0, encode_rows(rows))
-    return frames
+            parts[lo + i] = (vectors[j], batch.excludes[j], batch.keys[j], batch.prints[j])
+        while next_frame < len(by_last) and int(members[by_last[next_frame]][-1]) < hi:
+            f = by_last[next_frame]
+            frames[f] = _frame(engine, f, [parts[r] for r in members[f]], k, len(generator.index_to_item))
+            for r in members[f]:
+                parts[r] = None
+            next_frame += 1
+    return frames, n - built
 
 
-def serve_frames(core: Any, times: np.ndarray, frames: list[bytes | None]) -> tuple[np.ndarray, int]:
-    """The engine loop over ``frames`` arriving at ``times`` (s): per request its latency (ms; NaN: no frame or
-    refused), and how many were refused."""
+def _frame(engine: Any, ident: int, parts: list[tuple | None], k: int, known: int) -> bytes | None:
+    """One worker frame of these requests' rows (serving/remote_model.py ``RemoteModel.recommend_batch``)."""
+    from serving.engine_ipc import MODEL, encode
+    from serving.model_wire import ModelRows, encode_rows
+
+    built = [p for p in parts if p is not None]
+    if not built:
+        return None
+    rows = ModelRows(ROUTE, k, [p[2] for p in built], [p[3] for p in built], np.stack([p[0] for p in built]),
+                     engine.exclusion_matrix([p[1] for p in built]), known)
+    return encode(MODEL, ident, 0.0, encode_rows(rows))
+
+
+def serve_frames(core: Any, times: np.ndarray, members: list[np.ndarray], send: np.ndarray,
+                 frames: list[bytes | None]) -> tuple[np.ndarray, int]:
+    """The engine loop over ``frames`` arriving at ``send`` (s): per request its latency from its own arrival
+    ``times`` (ms; NaN: no row or refused), and how many requests the engine refused."""
     from serving.engine_ipc import MODEL_ANSWER, FrameDecoder
 
-    n = len(times)
-    latency = np.full(n, np.nan)
+    latency = np.full(len(times), np.nan)
     inbox, answers = FrameDecoder(), FrameDecoder()
     expected = sum(frame is not None for frame in frames)
     done = refused = 0
@@ -72,7 +114,7 @@ def serve_frames(core: Any, times: np.ndarray, frames: list[bytes | None]) -> tu
     t0 = time.perf_counter()
     while done < expected:
         now = time.perf_counter() - t0
-        j = int(np.searchsorted(times, now, side="right"))
+        j = int(np.searchsorted(send, now, side="right"))
         out = bytearray()
         if j > i:
             for frame in inbox.feed(b"".join(f for f in frames[i:j] if f is not None)):
@@ -84,15 +126,16 @@ def serve_frames(core: Any, times: np.ndarray, frames: list[bytes | None]) -> tu
         if wait == 0.0:
             out.extend(core.run_due().get(0, b""))
         if out:
-            stamp = (time.perf_counter() - t0) * 1000.0
+            stamp = time.perf_counter() - t0
             for frame in answers.feed(bytes(out)):
                 done += 1
                 if frame.kind == MODEL_ANSWER:
-                    latency[frame.ident] = stamp - times[frame.ident] * 1000.0
+                    asked = members[frame.ident]
+                    latency[asked] = (stamp - times[asked]) * 1000.0
                 else:
-                    refused += 1
+                    refused += len(members[frame.ident])
             continue
-        until = times[i] - (time.perf_counter() - t0) if i < n else float("inf")
+        until = send[i] - (time.perf_counter() - t0) if i < len(send) else float("inf")
         pause = min(until, wait if wait is not None else float("inf"))
         if pause > 100e-6:
             time.sleep(min(pause - 50e-6, 0.01))
@@ -104,15 +147,19 @@ def engine_rate(generator: Any, users: Users, schedule: Any, args: Any) -> dict[
     from serving.engine_model import ModelCore
 
     began = time.perf_counter()
-    frames = pack_frames(generator, users, schedule, args.k)
+    if args.engine_frames == "request":
+        members, send = worker_frames(schedule.times, 1, 0.0, 1)
+    else:
+        members, send = worker_frames(schedule.times, args.workers, WORKER_WAIT_S, args.batch_max)
+    frames, no_row = pack_frames(generator, users, schedule, args.k, members)
     packed_s = time.perf_counter() - began
     sizes: list[int] = []
-    core = ModelCore({ROUTE: generator}, max_rows=args.engine_max_rows, queue_max=len(frames) + 1, depth=2,
+    core = ModelCore({ROUTE: generator}, max_rows=args.engine_max_rows, queue_max=len(schedule.times) + 1, depth=2,
                      on_batch=sizes.append)
     gc.collect()
     gc.disable()
     try:
-        latency, refused = serve_frames(core, schedule.times, frames)
+        latency, refused = serve_frames(core, schedule.times, members, send, frames)
     finally:
         gc.enable()
     answered = latency[~np.isnan(latency)]
@@ -120,9 +167,8 @@ def engine_rate(generator: Any, users: Users, schedule: Any, args: Any) -> dict[
     values = answered.tolist()
     return {"requests": len(latency), "served_qps": round(len(answered) / max(done_by, args.duration), 1),
             "p50_ms": round(pct(values, 50), 2), "p99_ms": round(pct(values, 99), 2),
-            "p999_ms": round(pct(values, 99.9), 2), "errors": refused,
-            "fallbacks": sum(frame is None for frame in frames),
-            "mean_batch": round(float(np.mean(sizes)), 1) if sizes else 0.0, "packed_untimed_s": round(packed_s, 1),
+            "p999_ms": round(pct(values, 99.9), 2), "errors": refused, "fallbacks": no_row,
+            "frames": sum(frame is not None for frame in frames), "mean_batch": round(float(np.mean(sizes)), 1) if sizes else 0.0, "packed_untimed_s": round(packed_s, 1),
             "planned_mix": {name: int((schedule.classes == c).sum()) for c, name in enumerate(CLASS_NAMES)}}
 
 

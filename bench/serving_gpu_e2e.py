@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-max", type=int, default=128, help="serving batch_max_size")
     p.add_argument("--engine-max-rows", type=int, default=128,
                    help="serving engine_max_rows: rows per model step across workers (CUDA graph buckets up to it)")
+    p.add_argument("--engine-frames", default="workers", choices=("workers", "request"),
+                   help="generator-engine: frames as the --workers workers' batchers send them (1 ms wait, up to "
+                        "--batch-max rows), or one frame per request")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--max-connections", type=int, default=256, help="per load process")
     p.add_argument("--skip", default="",
