@@ -177,6 +177,10 @@ def engine_rows(checkpoint: str, users: Users, rates: list[float], args: Any) ->
     from serving.ugt_generator import UGTGenerator
 
     gc.collect()  # the generator-alone group's model and KV pool, if it ran before, are gone before this one's
+    if args.device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
     generator = UGTGenerator(checkpoint, kv_cache_users=len(users.ids), kv_cache_bytes=args.kv_cache_bytes,
                              live_items=0, device=args.device, max_batch=max(args.batch_max, args.engine_max_rows))
     users.reset()

@@ -374,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     conditions = {k: v for k, v in vars(args).items() if k not in ("out", "mix_shares")}
     conditions["latency"] = "from each request's scheduled send time (open loop, Poisson arrivals)"
+    conditions["generator_engine"] = ("every request's row built and packed into the workers' frames BEFORE the timed "
+                                      "loop (untimed: the workers do it in parallel); timed: the model-scope engine "
+                                      "(ModelCore) on those frames, two steps in flight (bench/e2e_engine.py)")
     result = run(args, save=lambda partial: write_result(Path(args.out), "serving_gpu_e2e", conditions, partial))
     print_table(result["rows"], COLUMNS)
     write_result(Path(args.out), "serving_gpu_e2e", conditions, result)
