@@ -44,12 +44,13 @@ def worker_frames(times: np.ndarray, workers: int, wait_s: float, max_rows: int)
     send: list[float] = []
     for w in range(workers):
         mine = np.arange(w, len(times), workers)
+        arrived = times[mine]
         at = 0
         while at < len(mine):
-            end = min(int(np.searchsorted(times[mine], times[mine[at]] + wait_s, side="right")), at + max_rows)
+            end = min(int(np.searchsorted(arrived, arrived[at] + wait_s, side="right")), at + max_rows)
             end = max(end, at + 1)
             members.append(mine[at:end])
-            send.append(float(times[mine[end - 1]]) if end - at == max_rows else float(times[mine[at]]) + wait_s)
+            send.append(float(arrived[end - 1]) if end - at == max_rows else float(arrived[at]) + wait_s)
             at = end
     order = np.argsort(np.asarray(send), kind="stable")
     return [members[f] for f in order], np.asarray(send)[order]
@@ -170,7 +171,8 @@ def engine_rate(generator: Any, users: Users, schedule: Any, args: Any) -> dict[
     return {"requests": len(latency), "served_qps": round(len(answered) / max(done_by, args.duration), 1),
             "p50_ms": round(pct(values, 50), 2), "p99_ms": round(pct(values, 99), 2),
             "p999_ms": round(pct(values, 99.9), 2), "errors": refused, "fallbacks": no_row,
-            "frames": sum(frame is not None for frame in frames), "mean_batch": round(float(np.mean(sizes)), 1) if sizes else 0.0, "packed_untimed_s": round(packed_s, 1),
+            "frames": sum(frame is not None for frame in frames),
+            "mean_batch": round(float(np.mean(sizes)), 1) if sizes else 0.0, "packed_untimed_s": round(packed_s, 1),
             "planned_mix": {name: int((schedule.classes == c).sum()) for c, name in enumerate(CLASS_NAMES)}}
 
 
