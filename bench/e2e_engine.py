@@ -58,9 +58,9 @@ def worker_frames(times: np.ndarray, workers: int, wait_s: float, max_rows: int)
 
 def pack_frames(generator: Any, users: Users, schedule: Any, k: int,
                 members: list[np.ndarray]) -> tuple[list[bytes | None], int]:
-    """Every frame's bytes and how many requests had no row; the frames (a MODEL frame, its ident the frame's index; None: none of its users has a known item,
-    answered by the worker without the engine), each request's row built in schedule order from the users'
-    states as a worker builds it; advances the appends' users by one event."""
+    """Every frame's bytes (a MODEL frame, its ident the frame's index; None: none of its users has a known item,
+    answered by the worker without the engine) and how many requests had no row. Each request's row is built in
+    schedule order from the users' states as a worker builds it; the appends' users move on by one event."""
     from serving.generator import GenerationRequest
 
     engine = generator.engine
