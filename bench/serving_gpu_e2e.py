@@ -15,8 +15,11 @@ and the load processes' CPU.
 Anchors in the same run: (a) ``anchor-http``: a trivial FastAPI endpoint (constant answer) with the same W
 workers: the HTTP ceiling of this host; (b) ``single-process``: `ugt serve --workers 1`, the service before the
 shared engine (one process, the engine a thread beside the event loop), at the same rates until it saturates;
-(c) ``generator-alone``: the served model in the bench process with the same mix, no HTTP, IPC or Redis
-(bench/e2e_generator.py).
+(c) ``generator-alone``: the served model in the bench process with the same mix, no HTTP, IPC or Redis, each
+request's row built in the timed loop one batch at a time: the single-process pipeline (bench/e2e_generator.py);
+``generator-engine``: the model-scope engine alone (serving/engine_model.py's ModelCore), every request's packed
+frame built before the timed loop (untimed: the workers build rows in parallel), two steps in flight
+(bench/e2e_engine.py).
 
 The model: ``ml1m``, the trained ML-1M UGT (--checkpoint; the users are ML-1M's 6,040 replayed from the dataset:
 each state holds the user's first events, leaving room for --append-room new ones, which are the user's next real
@@ -67,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rates", default="5000,10000,20000,30000,40000,50000", help="offered req/s, comma list")
     p.add_argument("--single-rates", default="2000,5000,10000,20000", help="rates of the --workers 1 anchor")
     p.add_argument("--generator-rates", default="10000,20000,50000,100000",
-                   help="rates of the generator-alone anchor (c)")
+                   help="rates of the generator-alone and generator-engine anchors (c)")
     p.add_argument("--duration", type=float, default=6.0, help="seconds per rate")
     p.add_argument("--mix", default="0.1,0.2,0.7", help="miss,hit,append shares (default: %(default)s)")
     p.add_argument("--clones", type=int, default=20, help="copies of each ML-1M user (distinct ids)")
@@ -78,11 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-max", type=int, default=128, help="serving batch_max_size")
     p.add_argument("--engine-max-rows", type=int, default=128,
                    help="serving engine_max_rows: rows per model step across workers (CUDA graph buckets up to it)")
+    p.add_argument("--engine-frames", default="workers", choices=("workers", "request"),
+                   help="generator-engine: frames as the --workers workers' batchers send them (1 ms wait, up to "
+                        "--batch-max rows), or one frame per request")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--max-connections", type=int, default=256, help="per load process")
     p.add_argument("--skip", default="",
                    help="comma list of row groups to skip: ugt-serve-model, ugt-serve, single-process, anchor-http, "
-                        "generator-alone")
+                        "generator-alone, generator-engine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes and rates (a dry run of the whole path)")
     args = p.parse_args(argv)
@@ -327,12 +333,18 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
         print("== generator-alone", flush=True)
         rows.extend(generator_rows(args.checkpoint, users, [float(r) for r in args.generator_rates.split(",")], args))
 
-    # the generator-alone group holds the GPU in this process until the end: it runs last
+    def engine_group() -> None:
+        from bench.e2e_engine import engine_rows
+
+        print("== generator-engine (rows packed untimed before each rate)", flush=True)
+        rows.extend(engine_rows(args.checkpoint, users, [float(r) for r in args.generator_rates.split(",")], args))
+
+    # the generator-alone and generator-engine groups hold the GPU in this process until the end: they run last
     groups = {"ugt-serve-model": lambda: ugt_group("ugt-serve-model", args.workers, rates, scope="model"),
               "ugt-serve": lambda: ugt_group("ugt-serve", args.workers, rates), "anchor-http": anchor_group,
               "single-process": lambda: ugt_group("single-process", 1,
                                                   [float(r) for r in args.single_rates.split(",")]),
-              "generator-alone": generator_group}
+              "generator-alone": generator_group, "generator-engine": engine_group}
     try:
         began = time.perf_counter()
         users.write_initial(redis.Redis(port=redis_port))
@@ -362,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     conditions = {k: v for k, v in vars(args).items() if k not in ("out", "mix_shares")}
     conditions["latency"] = "from each request's scheduled send time (open loop, Poisson arrivals)"
+    conditions["generator_engine"] = ("every request's row built and packed into the workers' frames BEFORE the timed "
+                                      "loop (untimed: the workers do it in parallel); timed: the model-scope engine "
+                                      "(ModelCore) on those frames, two steps in flight (bench/e2e_engine.py)")
     result = run(args, save=lambda partial: write_result(Path(args.out), "serving_gpu_e2e", conditions, partial))
     print_table(result["rows"], COLUMNS)
     write_result(Path(args.out), "serving_gpu_e2e", conditions, result)
