@@ -14,20 +14,6 @@ from bench.e2e_load import make_schedule
 from bench.e2e_users import RATE, Users
 from bench.serving_gpu_e2e import parse_args
 
-TINY_CONFIG = "models/configs/ugt_ml100k_tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    from models.train import fit
-    from models.train_config import load_config
-
-    out = tmp_path_factory.mktemp("ugt")
-    cfg = load_config(TINY_CONFIG, {"out_dir": str(out), "progress": False, "device": "cpu", "max_epochs": 1,
-                                    "max_users": 400})
-    fit(cfg)
-    return out / "checkpoint.pt"
-
 
 def tiny_users(checkpoint: Path, base_users: int = 40, clones: int = 3, events: int = 8, draws: int = 16) -> Users:
     """``base_users`` users of ``events`` real events (items of the checkpoint's vocabulary) and ``draws`` more,
