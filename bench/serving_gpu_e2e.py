@@ -13,7 +13,8 @@ front end's CPU per request (the HTTP workers' CPU seconds / requests), the engi
 and the load processes' CPU.
 
 Anchors in the same run: (a) ``anchor-http``: a trivial FastAPI endpoint (constant answer) with the same W
-workers: the HTTP ceiling of this host; (b) ``single-process``: `ugt serve --workers 1`, the service before the
+workers: the HTTP ceiling of this host; ``anchor-asgi``: the same answer from a bare ASGI callable on uvicorn, the
+shape of serving's own lane for /recommend (serving/recommend_lane.py), so the floor /recommend actually sits on; (b) ``single-process``: `ugt serve --workers 1`, the service before the
 shared engine (one process, the engine a thread beside the event loop), at the same rates until it saturates;
 (c) ``generator-alone``: the served model in the bench process with the same mix, no HTTP, IPC or Redis, each
 request's row built in the timed loop one batch at a time: the single-process pipeline (bench/e2e_generator.py);
@@ -88,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-connections", type=int, default=256, help="per load process")
     p.add_argument("--skip", default="",
                    help="comma list of row groups to skip: ugt-serve-model, ugt-serve, single-process, anchor-http, "
-                        "generator-alone, generator-engine")
+                        "anchor-asgi, generator-alone, generator-engine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes and rates (a dry run of the whole path)")
     args = p.parse_args(argv)
@@ -130,10 +131,16 @@ def serve_ugt(name: str, workdir: Path, env: dict[str, str], config: dict[str, A
     return Server(name, cmd, env, workdir, port)
 
 
-def serve_anchor(workdir: Path, env: dict[str, str], workers: int) -> Server:
+def serve_anchor(workdir: Path, env: dict[str, str], workers: int, name: str = "anchor-http") -> Server:
+    """A constant answer on ``workers`` uvicorn workers: ``anchor-http`` a FastAPI route (bench/serving.py),
+    ``anchor-asgi`` a bare ASGI callable, the shape of serving's own lane for /recommend (bench/http_floor.py)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "bench.serving", "--serve-anchor", str(port), "--workers", str(workers)]
-    return Server("anchor-http", cmd, env, workdir, port)
+    if name == "anchor-asgi":
+        cmd = [sys.executable, "-m", "bench.http_floor", "--serve", "uvicorn-asgi", "--port", str(port),
+               "--workers", str(workers)]
+    else:
+        cmd = [sys.executable, "-m", "bench.serving", "--serve-anchor", str(port), "--workers", str(workers)]
+    return Server(name, cmd, env, workdir, port)
 
 
 def wait_served(server: Server, user: str, model: bool, timeout_s: float = 600.0) -> None:
@@ -318,8 +325,8 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
         finally:
             server.stop()
 
-    def anchor_group() -> None:
-        anchor = serve_anchor(workdir, env, args.workers)
+    def anchor_group(name: str = "anchor-http") -> None:
+        anchor = serve_anchor(workdir, env, args.workers, name)
         try:
             wait_served(anchor, users.ids[0], model=False)
             warm(anchor, users, args, redis_port)  # every worker up and every connection opened once
@@ -342,6 +349,7 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
     # the generator-alone and generator-engine groups hold the GPU in this process until the end: they run last
     groups = {"ugt-serve-model": lambda: ugt_group("ugt-serve-model", args.workers, rates, scope="model"),
               "ugt-serve": lambda: ugt_group("ugt-serve", args.workers, rates), "anchor-http": anchor_group,
+              "anchor-asgi": lambda: anchor_group("anchor-asgi"),
               "single-process": lambda: ugt_group("single-process", 1,
                                                   [float(r) for r in args.single_rates.split(",")]),
               "generator-alone": generator_group, "generator-engine": engine_group}
