@@ -19,19 +19,27 @@ from models.ugt.model import UGT, UGTConfig
 REPO = Path(__file__).resolve().parent.parent
 
 
-def industrial_model(items: int, history: int, seed: int = 0) -> UGT:
-    """8 layers, d = 256, 4 heads x 64, MoE 4 x 256 top-2 (computed densely: a 1,024-wide FFN's cost),
-    history ``history`` (one token per event), ``items`` items, random semantic IDs (3 x 256) + SID head."""
-    torch.manual_seed(seed)
+def industrial_codes(items: int, seed: int = 0) -> np.ndarray:
+    """Random distinct semantic IDs (3 x 256) for ``items`` items; row 0 the padding item."""
     rng = np.random.default_rng(seed)
     flat = rng.choice(256**3, size=items, replace=False)
     codes = np.zeros((items + 1, 3), np.int64)
     codes[1:] = np.stack([flat // 65536, (flat // 256) % 256, flat % 256], 1)
+    return codes
+
+
+def industrial_model(items: int, history: int, seed: int = 0, layers: int = 8, dim: int = 256) -> UGT:
+    """8 layers, d = 256, 4 heads x 64, MoE 4 x 256 top-2 (computed densely: a 1,024-wide FFN's cost),
+    history ``history`` (one token per event), ``items`` items, random semantic IDs (3 x 256) + SID head;
+    ``layers`` and ``dim`` (heads of 64: dim / 64 of them, MoE experts dim wide) scale it."""
+    torch.manual_seed(seed)
+    codes = industrial_codes(items, seed)
     cfg = UGTConfig.from_dict({
-        "num_items": items, "d_model": 256, "num_layers": 8, "num_heads": 4, "dqk": 64, "dv": 64, "dropout": 0.0,
+        "num_items": items, "d_model": dim, "num_layers": layers, "num_heads": max(1, dim // 64), "dqk": 64, "dv": 64,
+        "dropout": 0.0,
         "embedding": {"item_repr": "id", "use_genres": False, "use_year": False},
         "multiscale": {"recent_len": history, "long_groups": 0},
-        "moe": {"d_ff": 256, "num_experts": 4, "top_k": 2}, "heads": {"semantic_id": True, "ranking": True},
+        "moe": {"d_ff": dim, "num_experts": 4, "top_k": 2}, "heads": {"semantic_id": True, "ranking": True},
     })
     return UGT(cfg, None, None, codes, [256, 256, 256]).eval()
 
