@@ -16,13 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.serving_gpu_workloads import industrial_codes, industrial_model
 from contracts.tokenizer import TokenVocab
-from models.checkpoint import LAKE_PREFIX, save_checkpoint
-from models.data import SequenceData
-from models.train_config import TrainConfig
 
-DATASET = LAKE_PREFIX + "synthetic-industrial"  # not a lake: the prefix makes the checkpoint self-contained
+DATASET = "lake:synthetic-industrial"  # not a lake: models.checkpoint's LAKE_PREFIX makes the file self-contained
 # the issue's industrial size, and a smoke size a CPU runs in seconds
 SIZES = {"industrial": {"items": 1_000_000, "layers": 8, "dim": 256, "history": 1024, "users": 1_000_000},
          "smoke": {"items": 5000, "layers": 2, "dim": 64, "history": 64, "users": 2000}}
@@ -49,8 +45,10 @@ def resolve_size(args: argparse.Namespace) -> None:
         raise SystemExit(f"--first-events must be in 1..--history ({args.history}), got {args.first_events}")
 
 
-def industrial_data(items: int) -> SequenceData:
+def industrial_data(items: int):
     """The item side of the synthetic catalog: ids, no genres, no years, no titles (what serving needs)."""
+    from models.data import SequenceData
+
     vocab = TokenVocab({item_name(i): i + 1 for i in range(items)})
     return SequenceData(name=DATASET, tie_order="stable", vocab=vocab, user_ids=[], items=[], times=[], ratings=[],
                         genre_names=[], item_genres=np.zeros((items + 1, 1), np.int64),
@@ -59,6 +57,10 @@ def industrial_data(items: int) -> SequenceData:
 
 def write_industrial_checkpoint(path: Path, items: int, layers: int, dim: int, history: int, seed: int = 0) -> Path:
     """A checkpoint.pt of the random-weight industrial UGT at ``path`` (its folder made); returns ``path``."""
+    from bench.serving_gpu_workloads import industrial_codes, industrial_model
+    from models.checkpoint import save_checkpoint
+    from models.train_config import TrainConfig
+
     began = time.perf_counter()
     model = industrial_model(items, history, seed=seed, layers=layers, dim=dim)
     data = industrial_data(items)

@@ -25,10 +25,17 @@ frame built before the timed loop (untimed: the workers build rows in parallel),
 The model: ``ml1m``, the trained ML-1M UGT (--checkpoint; the users are ML-1M's 6,040 replayed from the dataset:
 each state holds the user's first events, leaving room for --append-room new ones, which are the user's next real
 events; --clones copies of each user, with their own ids, make the user population larger than the KV cache's
-hot set).
+hot set). ``industrial`` (--size industrial): a random-weight UGT of 8 layers, d = 256, history 1,024 and 1M
+items (--layers, --dim, --history, --items), written as a checkpoint into the run's folder (bench/e2e_industrial.py)
+so `ugt serve` and every anchor load it unchanged; --users synthetic users (default 1M) whose states start with
+--first-events events (default history - append room) drawn Zipf-like over the items (bench/e2e_users.py
+``synthetic_users``). Writing the first states costs about 1 ms of CPU and 23 KiB of Redis memory per user at the
+default sizes (960 events each; measured on a 2-core CPU box): 1M users ~23 GiB of Redis and ~1,000 CPU-seconds,
+spread over --state-writers processes; fewer users or shorter first states cost proportionally less.
 
   python bench/serving_gpu_e2e.py --checkpoint ckpt.pt --out $OUT/serving_gpu_e2e.json     # on the GPU host
   python bench/serving_gpu_e2e.py --smoke --checkpoint ckpt.pt --device cpu --out /tmp/e2e.json   # CPU dry run
+  python bench/serving_gpu_e2e.py --size industrial --smoke --device cpu --out /tmp/e2e.json    # industrial, CPU
 """
 
 from __future__ import annotations
@@ -49,10 +56,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from the repo root
 
 from bench.common import print_table, write_result  # noqa: E402
+from bench.e2e_industrial import item_name, resolve_size, write_industrial_checkpoint  # noqa: E402
 from bench.e2e_load import APPEND, CLASS_NAMES, make_schedule, run_load, run_writer, share  # noqa: E402
-from bench.e2e_users import Users, ml1m_users  # noqa: E402
+from bench.e2e_users import Users, ml1m_users, synthetic_users  # noqa: E402
 from bench.http_load import pct  # noqa: E402
 from bench.serving import free_port, start_redis  # noqa: E402
+from serving.http_models import MAX_K  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 COLUMNS = ("config", "offered_qps", "served_qps", "p50_ms", "p99_ms", "p999_ms", "errors", "fallbacks",
@@ -62,7 +71,23 @@ COLUMNS = ("config", "offered_qps", "served_qps", "p50_ms", "p99_ms", "p999_ms",
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python bench/serving_gpu_e2e.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="the trained ML-1M UGT checkpoint.pt (`ugt train`)")
+    p.add_argument("--size", default="ml1m", choices=("ml1m", "industrial"),
+                   help="ml1m: the trained ML-1M UGT (--checkpoint) and ML-1M's users; industrial: a random-weight "
+                        "UGT of --layers/--dim/--history/--items and --users synthetic users (default: %(default)s)")
+    p.add_argument("--checkpoint", default="", help="the trained ML-1M UGT checkpoint.pt (`ugt train`); --size ml1m")
+    p.add_argument("--items", type=int, help="industrial: catalog size (default 1,000,000; smoke 5,000)")
+    p.add_argument("--layers", type=int, help="industrial: layers (default 8; smoke 2)")
+    p.add_argument("--dim", type=int, help="industrial: model width d, heads of 64 (default 256; smoke 64)")
+    p.add_argument("--history", type=int, help="industrial: history / state window in events (default 1,024; smoke 64)")
+    p.add_argument("--users", type=int,
+                   help="industrial: synthetic users (default 1,000,000: ~23 GiB of Redis and ~1,000 CPU-s to write "
+                        "at 960 first events each, ~1 ms and 23 KiB per user on a CPU box; smoke 2,000)")
+    p.add_argument("--first-events", type=int,
+                   help="industrial: events in each user's first state (default --history - --append-room); the "
+                        "write cost per user scales with it")
+    p.add_argument("--zipf", type=float, default=1.0, help="industrial: item popularity exponent of the histories")
+    p.add_argument("--state-writers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
+                   help="processes writing the first states into Redis (default: %(default)s)")
     p.add_argument("--out", default="bench/results/serving_gpu_e2e.json", help="result file (default: %(default)s)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where the engine runs the model")
     p.add_argument("--workers", type=int, default=8, help="HTTP worker processes of `ugt serve` and the anchor")
@@ -76,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mix", default="0.1,0.2,0.7", help="miss,hit,append shares (default: %(default)s)")
     p.add_argument("--clones", type=int, default=20, help="copies of each ML-1M user (distinct ids)")
     p.add_argument("--warm-users", type=int, default=60_000, help="users requested once before the rates (seen)")
+    p.add_argument("--warm-rate", type=float, help="req/s of the warm-up (all misses; default 10,000, industrial "
+                                                   "3,000, smoke 2,000)")
     p.add_argument("--append-room", type=int, default=64, help="events of room left in each state for appends")
     p.add_argument("--lead-ms", type=float, default=20.0, help="a new event is written this long before its request")
     p.add_argument("--kv-cache-bytes", type=int, default=48 << 30, help="the engine's KV pool (bytes)")
@@ -91,16 +118,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of row groups to skip: ugt-serve-model, ugt-serve, single-process, anchor-http, "
                         "anchor-asgi, generator-alone, generator-engine")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--redis-port", type=int, default=0, help="the private redis-server's port (default: a free one)")
+    p.add_argument("--http-port", type=int, default=0,
+                   help="the servers take ports from this one up, one each (default: free ones)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and rates (a dry run of the whole path)")
     args = p.parse_args(argv)
     if args.smoke:
         args.rates, args.single_rates, args.generator_rates, args.duration = "200,400", "200", "400", 2.0
         args.clones, args.warm_users, args.workers, args.load_processes, args.writers = 1, 500, 2, 1, 1
         args.kv_cache_bytes = 256 << 20
+    resolve_size(args)
+    if args.size == "ml1m" and not args.checkpoint:
+        p.error("--size ml1m needs --checkpoint (a trained ML-1M UGT)")
+    if args.warm_rate is None:
+        args.warm_rate = 2000.0 if args.smoke else 3000.0 if args.size == "industrial" else 10_000.0
     return args
 
 
 # -- the servers ---------------------------------------------------------------------------------------------
+HTTP_PORTS: list[int] = []  # --http-port's range, taken in turn by the servers started; empty: free ports
+
+
+def server_port() -> int:
+    return HTTP_PORTS.pop(0) if HTTP_PORTS else free_port()
+
+
 class Server:
     """`ugt serve` (or the anchor) in its own process group, with its log."""
 
@@ -124,7 +166,7 @@ class Server:
 
 
 def serve_ugt(name: str, workdir: Path, env: dict[str, str], config: dict[str, Any], workers: int) -> Server:
-    port = free_port()
+    port = server_port()
     path = workdir / f"{name}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     cmd = [sys.executable, "-m", "ugt", "serve", "--config", str(path), "--port", str(port), "--workers", str(workers)]
@@ -134,7 +176,7 @@ def serve_ugt(name: str, workdir: Path, env: dict[str, str], config: dict[str, A
 def serve_anchor(workdir: Path, env: dict[str, str], workers: int, name: str = "anchor-http") -> Server:
     """A constant answer on ``workers`` uvicorn workers: ``anchor-http`` a FastAPI route (bench/serving.py),
     ``anchor-asgi`` a bare ASGI callable, the shape of serving's own lane for /recommend (bench/http_floor.py)."""
-    port = free_port()
+    port = server_port()
     if name == "anchor-asgi":
         cmd = [sys.executable, "-m", "bench.http_floor", "--serve", "uvicorn-asgi", "--port", str(port),
                "--workers", str(workers)]
@@ -272,7 +314,7 @@ def warm(server: Server, users: Users, args: argparse.Namespace, redis_port: int
     """Ask every user of the seen pool once (all misses), at a rate the service sustains."""
     target = min(args.warm_users, len(users.ids))
     saved = args.duration
-    rate = 2000.0 if args.smoke else 10_000.0
+    rate = args.warm_rate
     args.duration = max(1.0, (target - users.seen) / rate)
     try:
         return drive(server, users, rate, args, redis_port, seed=999, mix=(1.0, 0.0, 0.0))
@@ -287,7 +329,8 @@ def ugt_config(args: argparse.Namespace, users: Users) -> dict[str, Any]:
             "kv_cache_bytes": args.kv_cache_bytes, "batch_max_size": args.batch_max, "batch_max_wait_ms": 1.0,
             "engine_max_rows": args.engine_max_rows,
             "engine_queue_max": 16384, "live_items": 0, "log_level": "warning", "request_timeout_ms": 2000.0,
-            "queue_timeout_ms": 1000.0, "max_history": 200}
+            "queue_timeout_ms": 1000.0, "max_history": users.window,
+            "popularity_cache_size": max(2500, MAX_K + 1000 + users.window)}  # >= k + max_exclude + history
 
 
 def run_rates(server: Server, users: Users, rates: list[float], args: argparse.Namespace, redis_port: int,
@@ -309,11 +352,12 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
     rates = [float(r) for r in args.rates.split(",") if r]
     skip = set(filter(None, args.skip.split(",")))
     workdir = Path(tempfile.mkdtemp(prefix="ugt-e2e-"))
-    redis_proc, redis_port = start_redis(workdir)
+    redis_proc, redis_port = start_redis(workdir, args.redis_port or None)
+    HTTP_PORTS[:] = range(args.http_port, args.http_port + 20) if args.http_port else []
     env = os.environ | {"UGT_REDIS_PORT": str(redis_port), "UGT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
                         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     rows: list[dict[str, Any]] = []
-    users = ml1m_users(Path(args.checkpoint), args.clones, args.append_room, args.seed)
+    users = make_users(args, workdir)
 
     def ugt_group(name: str, workers: int, group_rates: list[float], scope: str = "pipeline") -> None:
         server = serve_ugt(name, workdir, env, ugt_config(args, users) | {"engine_scope": scope}, workers)
@@ -355,19 +399,32 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
               "generator-alone": generator_group, "generator-engine": engine_group}
     try:
         began = time.perf_counter()
-        users.write_initial(redis.Redis(port=redis_port))
+        users.write_initial(redis.Redis(port=redis_port), processes=args.state_writers)
         print(f"{len(users.ids)} user states written in {time.perf_counter() - began:.1f} s", flush=True)
         for name, group in groups.items():  # in order of what matters most, should a time limit cut the run
             if name in skip:
                 continue
             users.reset()
             group()
+            for row in rows:
+                row["size"] = args.size
             if save:
                 save({"device": device_name(args.device), "users": users.describe(), "rows": rows, "complete": False})
     finally:
         redis_proc.terminate()
         redis_proc.wait()
     return {"device": device_name(args.device), "users": users.describe(), "rows": rows, "complete": True}
+
+
+def make_users(args: argparse.Namespace, workdir: Path) -> Users:
+    """The size's users; for industrial, its random-weight checkpoint written into ``workdir`` first (--checkpoint
+    then names it, for the groups that load it)."""
+    if args.size == "ml1m":
+        return ml1m_users(Path(args.checkpoint), args.clones, args.append_room, args.seed)
+    args.checkpoint = str(write_industrial_checkpoint(workdir / "industrial" / "checkpoint.pt", args.items,
+                                                      args.layers, args.dim, args.history, args.seed))
+    names = np.asarray([item_name(i) for i in range(args.items)], dtype=object)
+    return synthetic_users(args.users, names, args.history, args.first_events, args.append_room, args.seed, args.zipf)
 
 
 def device_name(device: str) -> str:
@@ -380,7 +437,13 @@ def device_name(device: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    conditions = {k: v for k, v in vars(args).items() if k not in ("out", "mix_shares")}
+    conditions = {k: v for k, v in vars(args).items() if k not in ("out", "mix_shares") and v is not None}
+    conditions["size"] = args.size
+    conditions["model"] = (
+        {"weights": "random (bench/e2e_industrial.py)", "layers": args.layers, "d_model": args.dim,
+         "history": args.history, "items": args.items, "users": args.users, "first_events": args.first_events,
+         "zipf": args.zipf}
+        if args.size == "industrial" else "the trained ML-1M UGT (--checkpoint)")
     conditions["latency"] = "from each request's scheduled send time (open loop, Poisson arrivals)"
     conditions["generator_engine"] = ("every request's row built and packed into the workers' frames BEFORE the timed "
                                       "loop (untimed: the workers do it in parallel); timed: the model-scope engine "
