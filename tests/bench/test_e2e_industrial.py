@@ -1,7 +1,7 @@
 """The e2e bench's industrial size on the CPU, in smoke size (bench/e2e_industrial.py, e2e_users.synthetic_users):
 the random-weight checkpoint loads as `ugt serve` loads one, synthetic users are written into a real redis-server in
 Feast's layout and read back by serving's reader, and the whole bench runs through `ugt serve` (one group, one
-rate). No timing assertions. Redis on port 16395 and HTTP from 24000 (this suite's ports)."""
+rate). No timing assertions. Redis and HTTP on free ports."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ import pytest
 from bench.e2e_industrial import item_name, write_industrial_checkpoint
 from bench.e2e_users import synthetic_users
 
-REDIS_PORT = 16395
-HTTP_PORT = 24000
 SMOKE = {"items": 5000, "layers": 2, "dim": 64, "history": 64}
 
 
@@ -23,7 +21,7 @@ def redis_client(tmp_path):
     from bench.serving import start_redis
 
     redis = pytest.importorskip("redis")
-    proc, port = start_redis(tmp_path, REDIS_PORT)
+    proc, port = start_redis(tmp_path)
     client = redis.Redis(port=port)
     yield client
     client.close()
@@ -91,8 +89,7 @@ def test_industrial_smoke_run_through_ugt_serve(tmp_path):
     out = tmp_path / "e2e.json"
     skip = "ugt-serve,single-process,anchor-http,anchor-asgi,generator-alone,generator-engine"
     assert main(["--size", "industrial", "--smoke", "--device", "cpu", "--skip", skip, "--users", "300",
-                 "--state-writers", "1",
-                 "--redis-port", str(REDIS_PORT), "--http-port", str(HTTP_PORT), "--out", str(out)]) == 0
+                 "--state-writers", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["complete"] and result["conditions"]["size"] == "industrial"
     assert result["conditions"]["model"]["history"] == SMOKE["history"]
