@@ -124,6 +124,15 @@ class ServingMetrics:
         self._arm_metrics()
         self._similar_metrics()
         self._fresh_metrics()
+        self.interest_answers = Counter(
+            "ugt_serving_interest_answers",
+            "/recommend answers shaped by the request's declared interests, by how: popular (popularity within "
+            "them, no state) or boosted (the model's candidates of a short history).",
+            ["how"],
+            registry=self.registry,
+        )
+        for how in ("popular", "boosted"):
+            self.interest_answers.labels(how)
         for stage in STAGES:  # expose every series from the start, so dashboards see zeros rather than gaps
             self.stage_seconds.labels(stage)
 
