@@ -14,9 +14,9 @@ this checkpoint) and ``ugt+similar`` (serving's first-session merge, reciprocal 
 
 Declared interests (serving/interests.py, the request field ``interests``): the user's top 2 genres over their
 first 5 events stand in for an onboarding form's answer. ``interests`` (after 0 events: no state) is serving's
-popularity within them; ``ugt+interests`` is serving's bounded boost of UGT's top ``K * POOL`` candidates (applied
-below interests.DEFAULT_MAX_EVENTS events, so after 5 it equals ``ugt``). For targets among those first 5 events
-the declared genres include the target's by construction, as a truthful form's answer would.
+popularity within them; ``ugt+interests`` is serving's bounded boost of UGT's top ``K * DEFAULT_POOL``
+candidates (applied below interests.DEFAULT_MAX_EVENTS events, so after 5 it equals ``ugt``). For targets among
+those first 5 events the declared genres include the target's by construction, as a truthful form's answer would.
 
 Five held-out draws (seeds 0..4; one checkpoint each, trained up to 40 epochs with early stopping on the training
 users' validation split) pool their users.
@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: the repo's packages importable
     sys.path.insert(0, str(REPO))
 from bench.common import print_table, result_path, write_result  # noqa: E402
+from serving.interests import DEFAULT_POOL  # noqa: E402
 
 PROG = "python -m bench.new_users"
 K = 10
@@ -52,7 +53,6 @@ KEY_PREFIX = {"ugt": "new_user", "popularity": "popularity_new_user", "similar":
               "ugt+interests": "ugt_interests_new_user"}
 INTEREST_EVENTS = 5  # the declared interests: the top genres of the user's first 5 events (an onboarding proxy)
 INTEREST_GENRES = 2
-POOL = 5  # candidates per answer slot the interest boost re-sorts (serving's rerank pool)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -129,7 +129,7 @@ class Sources:
         from serving.similar import merge_by_rank
 
         history = frozenset(state.item_ids)
-        pool = self.generator.recommend(state, K * POOL, frozenset(), domain=DOMAIN)
+        pool = self.generator.recommend(state, K * DEFAULT_POOL, frozenset(), domain=DOMAIN)
         ugt = pool[:K]
         similar = self.similar.candidates(state.item_ids, K, history)
         popular = [item for item in self.popularity[: K + len(history)] if item not in history][:K]
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                   "item vectors (models/similar), neighbours of the last 3 items", "ugt+similar": "RRF of both lists",
                   "interests": f"declared interests proxy: the user's top {INTEREST_GENRES} genres over their first "
                   f"{INTEREST_EVENTS} events (stands in for an onboarding form); serving.interests popular_in "
-                  "(after 0 events)", "ugt+interests": f"serving.interests boost of UGT's top {K * POOL} "
+                  "(after 0 events)", "ugt+interests": f"serving.interests boost of UGT's top {K * DEFAULT_POOL} "
                   "(below DEFAULT_MAX_EVENTS events)"}
     write_result(args.out, "new_users", conditions, results, argv, PROG if argv is not None else None)
     return 0

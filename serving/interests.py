@@ -5,8 +5,8 @@ they like (item categories the catalog already knows, e.g. ML genres) shapes tho
 
 - no state (the popularity fallback answers): popularity within the declared categories, padded with overall
   popularity when they hold fewer than the answer needs;
-- a short history (fewer than ``max_events`` events): a bounded boost of the model's candidates in those
-  categories: scores min-max scaled to [0, 1] over the candidates, ``boost`` added to matching items, then
+- a short history (fewer than ``max_events`` events): a bounded boost of the model's ``k * pool`` candidates
+  in those categories: scores min-max scaled to [0, 1] over the candidates, ``boost`` added to matching items, then
   re-sorted, so a matching item overtakes only items within ``boost`` of it (scores in the answer stay the
   model's). From ``max_events`` events on the user's own history decides alone.
 
@@ -25,6 +25,7 @@ from serving.generator import ScoredItem
 
 DEFAULT_MAX_EVENTS = 5  # the "first session": the bench's new users are measured up to their 5th event
 DEFAULT_BOOST = 0.25  # in units of the candidates' min-max scaled score
+DEFAULT_POOL = 5  # the model is asked for k * pool candidates when a request names interests (room for the boost)
 
 
 class CategorySource(Protocol):
@@ -52,12 +53,13 @@ class InterestRanker:
     """Known categories per domain, popularity within declared categories, and the short-history boost."""
 
     def __init__(self, popularity: PopularityFallback, catalog: CategorySource, *,
-                 max_events: int = DEFAULT_MAX_EVENTS, boost: float = DEFAULT_BOOST, ttl_s: float = 300.0,
+                 max_events: int = DEFAULT_MAX_EVENTS, boost: float = DEFAULT_BOOST, pool: int = DEFAULT_POOL,
+                 ttl_s: float = 300.0,
                  clock: Callable[[], float] = time.monotonic):
         if max_events < 0 or not 0.0 <= boost <= 1.0:
             raise ValueError(f"interests: max_events must be >= 0 and boost in [0, 1], got {max_events}, {boost}")
         self.popularity, self.catalog = popularity, catalog
-        self.max_events, self.boost, self.ttl_s, self.clock = max_events, boost, ttl_s, clock
+        self.max_events, self.boost, self.pool, self.ttl_s, self.clock = max_events, boost, max(1, pool), ttl_s, clock
         self._known: dict[str, tuple[frozenset[str], float]] = {}
 
     def known(self, domain: str) -> frozenset[str]:

@@ -286,6 +286,8 @@ class RecommendService:
 
     def _candidates_wanted(self, job: _Job) -> int:
         pool = getattr(self._reranker_of(job), "pool", 1)
+        if job.request.interests and self.parts.interests is not None:  # room for the interests' boost
+            pool = max(pool, self.parts.interests.pool)
         return min(job.request.k * max(1, pool), job.request.k + 1000)
 
     def _seen(self, job: _Job) -> frozenset[str]:
