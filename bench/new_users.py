@@ -51,6 +51,7 @@ SOURCES = ("ugt", "popularity", "similar", "ugt+similar", "interests", "ugt+inte
 KEY_PREFIX = {"ugt": "new_user", "popularity": "popularity_new_user", "similar": "similar_new_user",
               "ugt+similar": "ugt_similar_new_user", "interests": "interests_new_user",
               "ugt+interests": "ugt_interests_new_user"}
+SOURCES_WITHOUT_STATE = ("popularity", "interests")  # after 0 events: no state for the model to read
 INTEREST_EVENTS = 5  # the declared interests: the top genres of the user's first 5 events (an onboarding proxy)
 INTEREST_GENRES = 2
 
@@ -197,6 +198,11 @@ def user_events(data: Any, u: int, n: int) -> list[Any]:
             action_token=ACTION_TOKEN["RATE"], rating_token=int(data.ratings[u][j]), duration_token=0,
             hour_token=hour_token(ms), weekday_token=weekday_token(ms)))
     return events
+
+
+def sources_at(n: int) -> tuple[str, ...]:
+    """The sources measured after ``n`` events."""
+    return SOURCES_WITHOUT_STATE if n == 0 else tuple(s for s in SOURCES if s != "interests")
 
 
 def add_hit(sums: dict[tuple[str, int], list[float]], name: str, n: int, top: list[str], target: str) -> None:
