@@ -25,6 +25,7 @@ from serving.generator import ScoredItem
 
 DEFAULT_MAX_EVENTS = 5  # the "first session": the bench's new users are measured up to their 5th event
 DEFAULT_BOOST = 0.25  # in units of the candidates' min-max scaled score
+EMPTY_TTL_S = 10.0  # how long "no category known" is kept for a domain
 DEFAULT_POOL = 5  # the model is asked for k * pool candidates when a request names interests (room for the boost)
 
 
@@ -70,12 +71,12 @@ class InterestRanker:
             return hit[0]
         try:
             ranked, _ = self.popularity.ranking(domain)
-        except Exception:  # no popularity (NoPopularity) yet: nothing known, asked again next time
-            return frozenset()
+        except Exception:  # no popularity (NoPopularity) yet: nothing known
+            ranked = ()
         cats = self.catalog.categories(item.item_id for item in ranked)
         known = frozenset(cat for item_cats in cats.values() for cat in item_cats)
-        if known:
-            self._known[domain] = (known, now + self.ttl_s)
+        # nothing known is asked again sooner, but not per request (this runs on the HTTP event loop)
+        self._known[domain] = (known, now + (self.ttl_s if known else min(self.ttl_s, EMPTY_TTL_S)))
         return known
 
     def unknown(self, domain: str, interests: Sequence[str]) -> str | None:

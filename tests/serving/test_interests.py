@@ -54,7 +54,10 @@ def test_unknown_names_list_the_known_ones_and_known_is_cached():
     calls = r.catalog.calls  # type: ignore[attr-defined]
     r.unknown("movie", ["Drama"])
     assert r.catalog.calls == calls  # type: ignore[attr-defined]
-    assert "none yet" in (ranker(genres={}).unknown("movie", ["Comedy"]) or "")
+    empty = ranker(genres={})
+    assert "none yet" in (empty.unknown("movie", ["Comedy"]) or "")
+    empty.unknown("movie", ["Comedy"])
+    assert empty.catalog.calls == 1  # type: ignore[attr-defined]  # "nothing known" is cached too, briefly
 
 
 def test_the_boost_is_bounded_and_keeps_the_models_scores():
@@ -75,7 +78,7 @@ def test_shaped_only_below_max_events():
         ranker(boost=2.0)
 
 
-def client_for(generator=None, interests: bool = True, states=None) -> TestClient:
+def client_for(generator=None, interests: bool = True, states=None, **config) -> TestClient:
     redis = FakeZsetRedis(POPULAR)
     fallback = PopularityFallback(redis, clock=FakeClock())
     parts = Components(
@@ -85,7 +88,7 @@ def client_for(generator=None, interests: bool = True, states=None) -> TestClien
         reranker=FilterReranker(),
         interests=InterestRanker(fallback, DictCatalog(GENRES), clock=FakeClock()) if interests else None,
     )
-    return TestClient(create_app(config=ServingConfig(), components=parts, client=redis))
+    return TestClient(create_app(config=ServingConfig(**config), components=parts, client=redis))
 
 
 def ids(body) -> list[str]:
@@ -102,6 +105,14 @@ def test_a_new_user_with_interests_gets_popularity_within_them():
     assert body["model"] == "popularity-fallback-v1+interests"
     assert set(body) == set(plain)  # the answer's shape does not change
     assert 'ugt_serving_interest_answers_total{how="popular"} 1.0' in client.get("/metrics").text
+
+
+def test_interests_travel_to_the_engine_process():
+    with client_for(engine="process") as client:  # the request is rebuilt in the forked engine
+        body = client.post("/recommend", json={"user_id": "new", "k": 2, "interests": ["Sci-Fi"]}).json()
+        assert ids(body) == ["m5", "m10"] and body["model"] == "popularity-fallback-v1+interests"
+        r = client.post("/recommend", json={"user_id": "new", "interests": ["Horror"]})
+        assert r.status_code == 422 and "known: ['Comedy', 'Drama', 'Sci-Fi']" in r.json()["message"]
 
 
 def test_unknown_interests_are_422_listing_the_known_ones():
