@@ -13,7 +13,8 @@ Anchors in the same run, on the same states: ``popularity`` (the training users'
 this checkpoint) and ``ugt+similar`` (serving's first-session merge, reciprocal rank of the two lists).
 
 Declared interests (serving/interests.py, the request field ``interests``): the user's top 2 genres over their
-first 5 events stand in for an onboarding form's answer. ``interests`` (after 0 events: no state) is serving's
+first 5 events stand in for an onboarding form's answer (``@later`` rows: over their events from the 7th on, which
+hold none of the targets). ``interests`` (after 0 events: no state) is serving's
 popularity within them; ``ugt+interests`` is serving's bounded boost of UGT's top ``K * DEFAULT_POOL``
 candidates (applied below interests.DEFAULT_MAX_EVENTS events, so after 5 it equals ``ugt``). For targets among
 those first 5 events the declared genres include the target's by construction, as a truthful form's answer would.
@@ -47,12 +48,17 @@ from serving.interests import DEFAULT_POOL  # noqa: E402
 PROG = "python -m bench.new_users"
 K = 10
 DOMAIN = "movie"
-SOURCES = ("ugt", "popularity", "similar", "ugt+similar", "interests", "ugt+interests")
+SOURCES = ("ugt", "popularity", "similar", "ugt+similar", "interests", "ugt+interests", "interests@later",
+           "ugt+interests@later")
 KEY_PREFIX = {"ugt": "new_user", "popularity": "popularity_new_user", "similar": "similar_new_user",
               "ugt+similar": "ugt_similar_new_user", "interests": "interests_new_user",
-              "ugt+interests": "ugt_interests_new_user"}
-SOURCES_WITHOUT_STATE = ("popularity", "interests")  # after 0 events: no state for the model to read
-INTEREST_EVENTS = 5  # the declared interests: the top genres of the user's first 5 events (an onboarding proxy)
+              "ugt+interests": "ugt_interests_new_user", "interests@later": "interests_later_new_user",
+              "ugt+interests@later": "ugt_interests_later_new_user"}
+SOURCES_WITHOUT_STATE = ("popularity", "interests", "interests@later")  # after 0 events: no state to read
+# The declared interests (an onboarding proxy): the top genres of the user's first 5 events ("first"), or of their
+# events from the 7th on ("later": no target of the table, the 1st to 6th event, is among them)
+INTEREST_EVENTS = 5
+LATER_FROM = 6
 INTEREST_GENRES = 2
 
 
@@ -126,7 +132,7 @@ class Sources:
         fallback = PopularityFallback(None, {DOMAIN: ranked}, cache_size=len(ranked))
         self.interests = InterestRanker(fallback, GenreCatalog(genres))
 
-    def top(self, state: Any, interests: list[str]) -> dict[str, list[str]]:
+    def top(self, state: Any, interests: dict[str, list[str]]) -> dict[str, list[str]]:
         from serving.similar import merge_by_rank
 
         history = frozenset(state.item_ids)
@@ -135,15 +141,19 @@ class Sources:
         similar = self.similar.candidates(state.item_ids, K, history)
         popular = [item for item in self.popularity[: K + len(history)] if item not in history][:K]
         fused = merge_by_rank(ugt, similar, K)
-        shaped = self.interests.shaped(pool, interests, len(state.item_ids))[:K]
-        return {"ugt": [s.item_id for s in ugt], "popularity": popular,
-                "similar": [s.item_id for s in similar], "ugt+similar": [s.item_id for s in fused],
-                "ugt+interests": [s.item_id for s in shaped]}
+        out = {"ugt": [s.item_id for s in ugt], "popularity": popular,
+               "similar": [s.item_id for s in similar], "ugt+similar": [s.item_id for s in fused]}
+        for proxy, names in interests.items():
+            shaped = self.interests.shaped(pool, names, len(state.item_ids))[:K]
+            out["ugt+interests" + proxy] = [s.item_id for s in shaped]
+        return out
 
-    def top_without_state(self, interests: list[str]) -> dict[str, list[str]]:
+    def top_without_state(self, interests: dict[str, list[str]]) -> dict[str, list[str]]:
         """After 0 events: overall popularity, and serving's popularity within the declared interests."""
-        within = self.interests.popular_in(DOMAIN, interests, K, frozenset())
-        return {"popularity": self.popularity[:K], "interests": [s.item_id for s in within]}
+        out = {"popularity": self.popularity[:K]}
+        for proxy, names in interests.items():
+            out["interests" + proxy] = [s.item_id for s in self.interests.popular_in(DOMAIN, names, K, frozenset())]
+        return out
 
 
 class GenreCatalog:
@@ -163,11 +173,18 @@ def item_genres(data: Any) -> dict[str, tuple[str, ...]]:
             for i, row in enumerate(data.item_genres) if i in names}
 
 
-def declared_interests(data: Any, u: int, genres: dict[str, tuple[str, ...]]) -> list[str]:
-    """The user's top INTEREST_GENRES genres over their first INTEREST_EVENTS events (ties: by name)."""
+def declared_interests(data: Any, u: int, genres: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
+    """The two proxies, by source-name suffix: "" the user's top INTEREST_GENRES genres over their first
+    INTEREST_EVENTS events, "@later" over their events from index LATER_FROM on (ties: by name)."""
+    return {"": top_genres(data, u, genres, 0, INTEREST_EVENTS),
+            "@later": top_genres(data, u, genres, LATER_FROM, len(data.items[u]))}
+
+
+def top_genres(data: Any, u: int, genres: dict[str, tuple[str, ...]], start: int, end: int) -> list[str]:
+    """User ``u``'s INTEREST_GENRES most frequent genres over their events ``start:end`` (ties: by name)."""
     names = {index: item for item, index in data.vocab.item_to_index.items()}
     counts: dict[str, int] = {}
-    for index in data.items[u][:INTEREST_EVENTS]:
+    for index in data.items[u][start:end]:
         for genre in genres.get(names[int(index)], ()):
             counts[genre] = counts.get(genre, 0) + 1
     return sorted(counts, key=lambda g: (-counts[g], g))[:INTEREST_GENRES]
@@ -202,7 +219,7 @@ def user_events(data: Any, u: int, n: int) -> list[Any]:
 
 def sources_at(n: int) -> tuple[str, ...]:
     """The sources measured after ``n`` events."""
-    return SOURCES_WITHOUT_STATE if n == 0 else tuple(s for s in SOURCES if s != "interests")
+    return SOURCES_WITHOUT_STATE if n == 0 else tuple(s for s in SOURCES if not s.startswith("interests"))
 
 
 def add_hit(sums: dict[tuple[str, int], list[float]], name: str, n: int, top: list[str], target: str) -> None:
@@ -320,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                   "item vectors (models/similar), neighbours of the last 3 items", "ugt+similar": "RRF of both lists",
                   "interests": f"declared interests proxy: the user's top {INTEREST_GENRES} genres over their first "
                   f"{INTEREST_EVENTS} events (stands in for an onboarding form); serving.interests popular_in "
-                  "(after 0 events)", "ugt+interests": f"serving.interests boost of UGT's top {K * DEFAULT_POOL} "
+                  "(after 0 events)", "interests@later": f"the same with the top {INTEREST_GENRES} genres over "
+                  f"the user's events from the {LATER_FROM + 1}th on (none of the targets)", "ugt+interests": f"serving.interests boost of UGT's top {K * DEFAULT_POOL} "
                   "(below DEFAULT_MAX_EVENTS events)"}
     write_result(args.out, "new_users", conditions, results, argv, PROG if argv is not None else None)
     return 0
