@@ -12,7 +12,15 @@ Anchors in the same run, on the same states: ``popularity`` (the training users'
 ``similar`` (serving's similar-items source: faiss neighbours of the user's last items, models/similar built from
 this checkpoint) and ``ugt+similar`` (serving's first-session merge, reciprocal rank of the two lists).
 
-Three held-out draws (seeds 0, 1, 2; one checkpoint each, ~1 min of training each on 2 cores) pool their users.
+Declared interests (serving/interests.py, the request field ``interests``): the user's top 2 genres over their
+first 5 events stand in for an onboarding form's answer (``@later`` rows: over their events from the 7th on, which
+hold none of the targets). ``interests`` (after 0 events: no state) is serving's
+popularity within them; ``ugt+interests`` is serving's bounded boost of UGT's top ``K * DEFAULT_POOL``
+candidates (applied below interests.DEFAULT_MAX_EVENTS events, so after 5 it equals ``ugt``). For targets among
+those first 5 events the declared genres include the target's by construction, as a truthful form's answer would.
+
+Five held-out draws (seeds 0..4; one checkpoint each, trained up to 40 epochs with early stopping on the training
+users' validation split) pool their users.
 
     python -m bench.new_users --redis-url redis://localhost:16390/0     # bench/results/new_users.json
     python -m bench.new_users --seeds 0 --holdout 0.05 --epochs 1 --max-users 20 --out /tmp/x.json
@@ -35,23 +43,35 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: the repo's packages importable
     sys.path.insert(0, str(REPO))
 from bench.common import print_table, result_path, write_result  # noqa: E402
+from serving.interests import DEFAULT_POOL  # noqa: E402
 
 PROG = "python -m bench.new_users"
 K = 10
 DOMAIN = "movie"
-SOURCES = ("ugt", "popularity", "similar", "ugt+similar")
+SOURCES = ("ugt", "popularity", "similar", "ugt+similar", "interests", "ugt+interests", "interests@later",
+           "ugt+interests@later")
 KEY_PREFIX = {"ugt": "new_user", "popularity": "popularity_new_user", "similar": "similar_new_user",
-              "ugt+similar": "ugt_similar_new_user"}
+              "ugt+similar": "ugt_similar_new_user", "interests": "interests_new_user",
+              "ugt+interests": "ugt_interests_new_user", "interests@later": "interests_later_new_user",
+              "ugt+interests@later": "ugt_interests_later_new_user"}
+SOURCES_WITHOUT_STATE = ("popularity", "interests", "interests@later")  # after 0 events: no state to read
+# The declared interests (an onboarding proxy): the top genres of the user's first 5 events ("first"), or of their
+# events from the 7th on ("later": no target of the table, the 1st to 6th event, is among them)
+INTEREST_EVENTS = 5
+LATER_FROM = 6
+INTEREST_GENRES = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="models/configs/ugt_ml100k_tiny.yaml", help="the UGT config trained")
     p.add_argument("--holdout", type=float, default=0.1, help="share of users held out of training (0..1)")
-    p.add_argument("--seeds", default="0,1,2", help="comma list: one held-out draw (and one checkpoint) per seed, "
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma list: one held-out draw (and one checkpoint) per seed, "
                    "the users of all pooled (training keeps its config seed)")
-    p.add_argument("--epochs", type=int, default=8, help="training epochs (max_epochs, the config's 8; early stopping may cut)")
-    p.add_argument("--after", default="1,3,5", help="comma list: events replayed before each target")
+    p.add_argument("--epochs", type=int, default=40, help="max_epochs; early stopping on the training users' "
+                   "validation split (the config's patience 3) picks the checkpoint, never the test split")
+    p.add_argument("--after", default="0,1,3,5", help="comma list: events replayed before each target (0: no "
+                   "state, popularity and declared interests only)")
     p.add_argument("--max-users", type=int, default=0, help="evaluate at most this many held-out users per seed "
                    "(0: all)")
     p.add_argument("--redis-url", default="", help="the Redis the states go through (default: the stack's, "
@@ -96,8 +116,11 @@ def train_checkpoint(recipe: dict[str, Any], train: Any, work: Path) -> Path:
 class Sources:
     """Each source's top-K item ids for a state read back from Redis (history masked)."""
 
-    def __init__(self, checkpoint: Path, popularity: list[str]):
+    def __init__(self, checkpoint: Path, popularity: list[str], genres: dict[str, tuple[str, ...]]):
         from models.similar import ItemTables, SimilarIndex
+        from serving.fallback import PopularityFallback
+        from serving.generator import ScoredItem
+        from serving.interests import InterestRanker
         from serving.similar import SimilarItems
         from serving.ugt_generator import UGTGenerator
 
@@ -105,17 +128,66 @@ class Sources:
         self.generator = UGTGenerator(checkpoint, clock=lambda: self.query_time, device="cpu")
         self.similar = SimilarItems(SimilarIndex.build(ItemTables.from_checkpoint(checkpoint)))
         self.popularity = popularity  # every catalog item, most events first
+        ranked = [ScoredItem(item, float(len(popularity) - i)) for i, item in enumerate(popularity)]
+        fallback = PopularityFallback(None, {DOMAIN: ranked}, cache_size=len(ranked))
+        self.interests = InterestRanker(fallback, GenreCatalog(genres))
 
-    def top(self, state: Any) -> dict[str, list[str]]:
+    def top(self, state: Any, interests: dict[str, list[str]]) -> dict[str, list[str]]:
         from serving.similar import merge_by_rank
 
         history = frozenset(state.item_ids)
-        ugt = self.generator.recommend(state, K, frozenset(), domain=DOMAIN)
+        pool = self.generator.recommend(state, K * DEFAULT_POOL, frozenset(), domain=DOMAIN)
+        ugt = pool[:K]
         similar = self.similar.candidates(state.item_ids, K, history)
         popular = [item for item in self.popularity[: K + len(history)] if item not in history][:K]
         fused = merge_by_rank(ugt, similar, K)
-        return {"ugt": [s.item_id for s in ugt], "popularity": popular,
-                "similar": [s.item_id for s in similar], "ugt+similar": [s.item_id for s in fused]}
+        out = {"ugt": [s.item_id for s in ugt], "popularity": popular,
+               "similar": [s.item_id for s in similar], "ugt+similar": [s.item_id for s in fused]}
+        for proxy, names in interests.items():
+            shaped = self.interests.shaped(pool, names, len(state.item_ids))[:K]
+            out["ugt+interests" + proxy] = [s.item_id for s in shaped]
+        return out
+
+    def top_without_state(self, interests: dict[str, list[str]]) -> dict[str, list[str]]:
+        """After 0 events: overall popularity, and serving's popularity within the declared interests."""
+        out = {"popularity": self.popularity[:K]}
+        for proxy, names in interests.items():
+            out["interests" + proxy] = [s.item_id for s in self.interests.popular_in(DOMAIN, names, K, frozenset())]
+        return out
+
+
+class GenreCatalog:
+    """serving's CategorySource over the dataset's item genres (what Feast's item_metadata view holds)."""
+
+    def __init__(self, genres: dict[str, tuple[str, ...]]):
+        self.genres = genres
+
+    def categories(self, item_ids: Any) -> dict[str, tuple[str, ...]]:
+        return {item: self.genres.get(item, ()) for item in item_ids}
+
+
+def item_genres(data: Any) -> dict[str, tuple[str, ...]]:
+    """Item id -> its genre names, from the dataset's catalog."""
+    names = {index: item for item, index in data.vocab.item_to_index.items()}
+    return {names[i]: tuple(data.genre_names[g - 1] for g in row if g > 0)
+            for i, row in enumerate(data.item_genres) if i in names}
+
+
+def declared_interests(data: Any, u: int, genres: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
+    """The two proxies, by source-name suffix: "" the user's top INTEREST_GENRES genres over their first
+    INTEREST_EVENTS events, "@later" over their events from index LATER_FROM on (ties: by name)."""
+    return {"": top_genres(data, u, genres, 0, INTEREST_EVENTS),
+            "@later": top_genres(data, u, genres, LATER_FROM, len(data.items[u]))}
+
+
+def top_genres(data: Any, u: int, genres: dict[str, tuple[str, ...]], start: int, end: int) -> list[str]:
+    """User ``u``'s INTEREST_GENRES most frequent genres over their events ``start:end`` (ties: by name)."""
+    names = {index: item for item, index in data.vocab.item_to_index.items()}
+    counts: dict[str, int] = {}
+    for index in data.items[u][start:end]:
+        for genre in genres.get(names[int(index)], ()):
+            counts[genre] = counts.get(genre, 0) + 1
+    return sorted(counts, key=lambda g: (-counts[g], g))[:INTEREST_GENRES]
 
 
 def popularity_order(train: Any) -> list[str]:
@@ -145,6 +217,19 @@ def user_events(data: Any, u: int, n: int) -> list[Any]:
     return events
 
 
+def sources_at(n: int) -> tuple[str, ...]:
+    """The sources measured after ``n`` events."""
+    return SOURCES_WITHOUT_STATE if n == 0 else tuple(s for s in SOURCES if not s.startswith("interests"))
+
+
+def add_hit(sums: dict[tuple[str, int], list[float]], name: str, n: int, top: list[str], target: str) -> None:
+    """Count one answer: a hit and its NDCG gain when ``target`` is in ``top``."""
+    row = sums.setdefault((name, n), [0.0, 0.0])
+    if target in top:
+        row[0] += 1.0
+        row[1] += 1.0 / math.log2(top.index(target) + 2)
+
+
 def replay(data: Any, held: list[int], after: list[int], sources: Sources, client: Any) -> dict[str, Any]:
     """Hits and NDCG sums per (source, n) over the held-out users, and how many users each n counted."""
     from bench.state_bytes import FEATURE_VIEW, StateWriter
@@ -155,26 +240,29 @@ def replay(data: Any, held: list[int], after: list[int], sources: Sources, clien
     layout = FeastRedisLayout("ugt")
     writer, reader = StateWriter(client, layout), RedisStateReader(client, layout, FEATURE_VIEW)
     index_to_item = {index: item for item, index in data.vocab.item_to_index.items()}
-    sums = {(s, n): [0.0, 0.0] for s in SOURCES for n in after}
+    genres = sources.interests.catalog.genres  # type: ignore[attr-defined]
+    sums: dict[tuple[str, int], list[float]] = {}
     users = dict.fromkeys(after, 0)
     written = []
     for u in tqdm(held, desc="held-out users", unit="user"):
+        interests = declared_interests(data, u, genres)
         for n in after:
             if len(data.items[u]) <= n:
                 continue  # no (n+1)-th event to predict
+            target = index_to_item[int(data.items[u][n])]
+            users[n] += 1
+            if n == 0:  # no state to write: what a request with no history gets
+                for name, top in sources.top_without_state(interests).items():
+                    add_hit(sums, name, n, top, target)
+                continue
             state = states_from_events(user_events(data, u, n))[f"newuser-{data.user_ids[u]}"]
             writer.write([state.to_feature_row()])
             written.append(state.user_id)
             view = reader.read(state.user_id)
             assert view is not None and len(view.item_ids) == n, f"state of {state.user_id} did not round-trip"
             sources.query_time = int(data.times[u][n])  # the request comes at the target's time
-            target = index_to_item[int(data.items[u][n])]
-            users[n] += 1
-            for name, top in sources.top(view).items():
-                if target in top:
-                    rank = top.index(target)
-                    sums[name, n][0] += 1.0
-                    sums[name, n][1] += 1.0 / math.log2(rank + 2)
+            for name, top in sources.top(view, interests).items():
+                add_hit(sums, name, n, top, target)
     if written:
         client.delete(*{layout.entity_key("user_id", w) for w in written})
     return {"sums": sums, "users": users}
@@ -203,7 +291,8 @@ def run_seed(args: argparse.Namespace, cfg: Any, data: Any, seed: int, after: li
     work = root / f"{Path(args.config).stem}-h{args.holdout}-s{seed}-e{args.epochs}"
     checkpoint = train_checkpoint(recipe, train, work)
     evaluated = held[: args.max_users] if args.max_users > 0 else held
-    found = replay(data, evaluated, after, Sources(checkpoint, popularity_order(train)), client)
+    sources = Sources(checkpoint, popularity_order(train), item_genres(data))
+    found = replay(data, evaluated, after, sources, client)
     summary = json.loads((work / "summary.json").read_text()) if (work / "summary.json").is_file() else {}
     test = summary.get("test", {})
     recipe.update(evaluated_users=len(evaluated), checkpoint_best_epoch=summary.get("best_epoch"),
@@ -222,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     after = sorted({int(x) for x in args.after.split(",") if x.strip()})
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    if not after or after[0] < 1 or not seeds:
-        raise SystemExit("--after: a comma list of event counts >= 1; --seeds: a comma list of integers")
+    if not after or after[0] < 0 or not seeds:
+        raise SystemExit("--after: a comma list of event counts >= 0; --seeds: a comma list of integers")
     cfg = load_config(str(REPO / args.config))
     data = build_sequences(load_dataset(cfg.dataset), cfg.tie_order)
     url = args.redis_url or f"redis://localhost:{get_settings().redis_port}/0"
@@ -231,19 +320,26 @@ def main(argv: list[str] | None = None) -> int:
     client.ping()
     runs = [run_seed(args, cfg, data, seed, after, client) for seed in seeds]
     sums = {key: [sum(r["sums"][key][i] for r in runs) for i in (0, 1)] for key in runs[0]["sums"]}
+    nan = float("nan")
     users = {n: sum(r["users"][n] for r in runs) for n in after}
     results: dict[str, Any] = rates(sums, users)
     results.update(users={str(n): c for n, c in users.items()}, catalog_items=data.num_items,
                    per_seed={str(seed): rates(r["sums"], r["users"]) for seed, r in zip(seeds, runs, strict=True)})
-    print_table([{"source": s, **{f"hr@{K} after {n}": results[f"{KEY_PREFIX[s]}_hr@{K}_after_{n}"] for n in after},
-                  **{f"ndcg@{K} after {n}": results[f"{KEY_PREFIX[s]}_ndcg@{K}_after_{n}"] for n in after}}
+    print_table([{"source": s, **{f"hr@{K} after {n}": results.get(f"{KEY_PREFIX[s]}_hr@{K}_after_{n}", nan)
+                                  for n in after},
+                  **{f"ndcg@{K} after {n}": results.get(f"{KEY_PREFIX[s]}_ndcg@{K}_after_{n}", nan) for n in after}}
                  for s in SOURCES])
     conditions = {"recipes": [r["recipe"] for r in runs], "seeds": seeds, "after_events": after, "k": K,
                   "ranking": "full catalog, the user's history masked", "target": "the (n+1)-th event",
                   "path": "tokenized RATE events -> user_state rule -> StateWriter (Feast layout) -> Redis -> "
                           "RedisStateReader -> UGTGenerator (CPU)",
                   "popularity": "training users' event counts", "similar": "faiss HNSW over the checkpoint's "
-                  "item vectors (models/similar), neighbours of the last 3 items", "ugt+similar": "RRF of both lists"}
+                  "item vectors (models/similar), neighbours of the last 3 items", "ugt+similar": "RRF of both lists",
+                  "interests": f"declared interests proxy: the user's top {INTEREST_GENRES} genres over their first "
+                  f"{INTEREST_EVENTS} events (stands in for an onboarding form); serving.interests popular_in "
+                  "(after 0 events)", "interests@later": f"the same with the top {INTEREST_GENRES} genres over "
+                  f"the user's events from the {LATER_FROM + 1}th on (none of the targets)", "ugt+interests": f"serving.interests boost of UGT's top {K * DEFAULT_POOL} "
+                  "(below DEFAULT_MAX_EVENTS events)"}
     write_result(args.out, "new_users", conditions, results, argv, PROG if argv is not None else None)
     return 0
 

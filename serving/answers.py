@@ -11,7 +11,8 @@ import orjson
 
 from contracts.tokenizer import ACTION_TOKEN
 from contracts.user_state_rule import STATE_VERSION
-from serving.generator import ScoredItem
+from serving.fallback import NoPopularity
+from serving.generator import GenerationRequest, Generator, NoModelAnswer, ScoredItem, has_batch
 from serving.http_models import RecommendResponse
 from serving.user_state_reader import UserStateView
 
@@ -92,3 +93,29 @@ def with_context(state: UserStateView | None, user_id: str, context: Sequence[st
         last_event_time=last,
         state_version=base.state_version,
     )
+
+
+def generate_all(generator: Generator,
+                 requests: list[GenerationRequest]) -> list[list[ScoredItem] | NoModelAnswer | Exception]:
+    """One domain's (and model's) answers, in order: one ``recommend_batch`` call when the generator has it (a
+    batch of one too: the engine path has the KV cache and CUDA graphs), else ``recommend`` per request. A
+    failure is that request's answer (the whole batch's when the batch call fails); NoPopularity escapes."""
+    if has_batch(generator):
+        try:
+            answers = list(generator.recommend_batch(requests))  # type: ignore[attr-defined]
+            if len(answers) != len(requests):
+                raise RuntimeError(f"recommend_batch gave {len(answers)} answers for {len(requests)}")
+            return answers
+        except NoPopularity:
+            raise
+        except Exception as exc:
+            return [exc] * len(requests)
+    out: list[list[ScoredItem] | NoModelAnswer | Exception] = []
+    for r in requests:
+        try:
+            out.append(generator.recommend(r.state, r.k, r.exclude, domain=r.domain))
+        except NoPopularity:
+            raise
+        except Exception as exc:
+            out.append(exc)
+    return out

@@ -30,6 +30,7 @@ from serving.fallback import PopularityFallback, PopularityGenerator, load_popul
 from serving.generator import Generator
 from serving.http_models import DEFAULT_K
 from serving.impressions import ImpressionPublisher
+from serving.interests import InterestRanker
 from serving.metrics import ServingMetrics
 from serving.ratelimit import RateLimiter
 from serving.reranker import FilterReranker, FreshExplorer, Reranker, RuleReranker
@@ -68,7 +69,20 @@ def build_components(settings: Settings, config: ServingConfig, client: redis.Re
         arm_generators=_generators(config, fallback, settings, loaded, arm_routes),
         arm_rerankers=_rerankers(config, client, settings, arm_routes),
         similar=similar,
+        interests=_interests(fallback, client, settings),
     )
+
+
+def _interests(fallback: PopularityFallback, client: redis.Redis, settings: Settings) -> InterestRanker | None:
+    """Declared interests (request field ``interests``): categories from Feast's item_metadata view in Redis;
+    None (a request naming interests gets a 422 saying so) when the feature repo cannot be read."""
+    from serving.items import ItemCatalog
+
+    try:
+        return InterestRanker(fallback, ItemCatalog.from_repo(client, settings.feature_repo))
+    except (OSError, ValueError) as exc:
+        log.warning("declared interests not served: the feature repo's layout cannot be read (%s)", exc)
+        return None
 
 
 def _similar(config: ServingConfig, settings: Settings) -> SimilarItems:

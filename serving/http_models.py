@@ -18,6 +18,7 @@ from contracts.limits import (  # user and item ids; the jobs dead-letter longer
 MAX_K = 1000
 DEFAULT_K = 10  # items a request gets when it names no k
 HARD_MAX_CONTEXT = 1000  # the config's max_context is checked in the app, below this hard cap
+MAX_INTERESTS = 20  # declared interests per request (serving/interests.py)
 HARD_MAX_EXCLUDE = 100_000  # the config's max_exclude is checked in the app, below this hard cap
 
 ItemId = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS)]
@@ -60,6 +61,14 @@ class RecommendRequest(BaseModel):
         max_length=HARD_MAX_CONTEXT,
         description="Item ids of this session not yet in the stored state, oldest first (at most max_context); "
         "treated as recent views and never returned.",
+    )
+    interests: list[StrictStr] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_INTERESTS,
+        description="Declared interests (an onboarding form's answer): item categories the domain's catalog knows, "
+        "e.g. ML genres. Shape the answer of a user with no state (popularity within them) or a short history "
+        "(a bounded boost); an unknown name is a 422 listing the known ones.",
     )
 
     @field_validator("user_id")

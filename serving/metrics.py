@@ -124,6 +124,7 @@ class ServingMetrics:
         self._arm_metrics()
         self._similar_metrics()
         self._fresh_metrics()
+        self._interest_metrics()
         for stage in STAGES:  # expose every series from the start, so dashboards see zeros rather than gaps
             self.stage_seconds.labels(stage)
 
@@ -135,6 +136,18 @@ class ServingMetrics:
             ["how"],
             registry=self.registry,
         )
+
+    def _interest_metrics(self) -> None:
+        """Declared interests (request field ``interests``, serving/interests.py): how often they shaped an answer."""
+        self.interest_answers = Counter(
+            "ugt_serving_interest_answers",
+            "/recommend answers shaped by the request's declared interests, by how: popular (popularity within "
+            "them, no state) or boosted (the model's candidates of a short history).",
+            ["how"],
+            registry=self.registry,
+        )
+        for how in ("popular", "boosted"):
+            self.interest_answers.labels(how)
 
     def _fresh_metrics(self) -> None:
         """Fresh-item exploration (rerank key fresh_slots): how many answers carried a live item, and how."""

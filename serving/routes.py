@@ -123,8 +123,8 @@ class RecommendRoute:
             return refused
         try:
             self.service.domain_of(call.request)
-        except UnknownDomain as exc:
-            return self.guards.invalid("domain", str(exc))
+        except UnknownDomain as exc:  # or UnknownInterests: its field is "interests"
+            return self.guards.invalid(exc.field, str(exc))
         try:
             answer = await self._run(call)
         except RateLimited as exc:  # counted by the engine process for every HTTP process

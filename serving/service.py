@@ -20,6 +20,7 @@ from contracts.user_state_rule import STATE_VERSION
 from serving.answers import (  # noqa: F401 (CONTEXT_ACTION re-exported)
     CONTEXT_ACTION,
     Answer,
+    generate_all,
     request_ids,
     rounded_ms,
     with_context,
@@ -34,9 +35,9 @@ from serving.generator import (
     Generator,
     NoModelAnswer,
     ScoredItem,
-    has_batch,
 )
 from serving.http_models import RecommendRequest, RecommendResponse
+from serving.interests import InterestRanker
 from serving.metrics import ARM_OUTCOMES, STAGES, ServingMetrics, observe_many
 from serving.reranker import Reranker
 from serving.similar import SimilarItems, merge_by_rank
@@ -66,7 +67,15 @@ class ImpressionSink(Protocol):
 
 class UnknownDomain(ValueError):
     """The request's domain is not served (not in the config's ``domains``, or, without them, no popularity
-    source knows it); the client's error: the HTTP layer answers 422."""
+    source knows it); the client's error: the HTTP layer answers 422 on ``field``."""
+
+    field = "domain"
+
+
+class UnknownInterests(UnknownDomain):
+    """The request's ``interests`` name categories the domain's catalog does not know (422)."""
+
+    field = "interests"
 
 
 @dataclass
@@ -87,6 +96,7 @@ class Components:
     arm_generators: dict[tuple[str, str, str], Generator] = field(default_factory=dict)
     arm_rerankers: dict[tuple[str, str, str], Reranker] = field(default_factory=dict)
     similar: SimilarItems | None = None  # the similar-items index (GET /similar; similar_candidates)
+    interests: InterestRanker | None = None  # declared interests (serving/interests.py); None: not served
 
 
 @dataclass
@@ -182,6 +192,12 @@ class RecommendService:
         domain = request.domain or self.config.default_domain
         if not self.open_domains and domain not in self.routes:
             raise UnknownDomain(f"domain {domain!r} is not served; served domains: {sorted(self.routes)}")
+        if request.interests:
+            if self.parts.interests is None:
+                raise UnknownInterests("interests are not served here (no item metadata configured)")
+            unknown = self.parts.interests.unknown(domain, request.interests)
+            if unknown:
+                raise UnknownInterests(unknown)
         return domain
 
     def generator_for(self, domain: str) -> Generator:
@@ -270,6 +286,8 @@ class RecommendService:
 
     def _candidates_wanted(self, job: _Job) -> int:
         pool = getattr(self._reranker_of(job), "pool", 1)
+        if job.request.interests and self.parts.interests is not None:  # room for the interests' boost
+            pool = max(pool, self.parts.interests.pool)
         return min(job.request.k * max(1, pool), job.request.k + 1000)
 
     def _seen(self, job: _Job) -> frozenset[str]:
@@ -289,7 +307,9 @@ class RecommendService:
         for (domain, _), group in by_model.items():
             generator = self._generator_of(group[0])
             try:
-                answers = self._generate_group(domain, generator, group)
+                requests = [GenerationRequest(job.state, self._candidates_wanted(job), self._seen(job), domain)  # type: ignore[arg-type]
+                            for job in group]
+                answers = generate_all(generator, requests)
             except NoPopularity as exc:  # the popularity model has nothing for this domain: nor has the fallback
                 for job in group:
                     job.error = exc
@@ -307,35 +327,6 @@ class RecommendService:
                 else:
                     job.candidates = answer
                     job.model = model
-
-    def _generate_group(self, domain: str, generator: Generator,
-                        group: list[_Job]) -> list[list[ScoredItem] | NoModelAnswer | Exception]:
-        """One domain's (and model's) answers, in order; a failure is that request's answer, NoPopularity escapes."""
-        if has_batch(generator):  # a batch of one too: the engine path has the KV cache and CUDA graphs
-            requests = [
-                GenerationRequest(job.state, self._candidates_wanted(job), self._seen(job), domain)  # type: ignore[arg-type]
-                for job in group
-            ]
-            try:
-                answers = list(generator.recommend_batch(requests))  # type: ignore[attr-defined]
-                if len(answers) != len(group):
-                    raise RuntimeError(f"recommend_batch gave {len(answers)} answers for {len(group)}")
-                return answers
-            except NoPopularity:
-                raise
-            except Exception as exc:
-                return [exc] * len(group)
-        out: list[list[ScoredItem] | NoModelAnswer | Exception] = []
-        for job in group:
-            try:
-                out.append(
-                    generator.recommend(job.state, self._candidates_wanted(job), self._seen(job), domain=domain)  # type: ignore[arg-type]
-                )
-            except NoPopularity:
-                raise
-            except Exception as exc:
-                out.append(exc)
-        return out
 
     def _add_similar(self, jobs: list[_Job]) -> None:
         """First sessions (fewer than similar_max_events events): the neighbours of the user's last items merged
@@ -374,13 +365,18 @@ class RecommendService:
         return exc
 
     def _fall_back(self, job: _Job) -> None:
-        fallback = self.parts.fallback
+        """Popularity; within the request's declared interests when it names them (serving/interests.py)."""
+        fallback, interests, wanted = self.parts.fallback, job.request.interests, self._candidates_wanted(job)
         try:
-            job.candidates = fallback.recommend(job.domain, self._candidates_wanted(job), self._seen(job)).items
+            if interests and self.parts.interests is not None:
+                job.candidates = self.parts.interests.popular_in(job.domain, interests, wanted, self._seen(job))
+                self.metrics.interest_answers.labels("popular").inc()
+            else:
+                job.candidates = fallback.recommend(job.domain, wanted, self._seen(job)).items
         except NoPopularity as exc:
             job.error = exc
             return
-        job.model = f"{fallback.name}-{fallback.version}"
+        job.model = f"{fallback.name}-{fallback.version}" + ("+interests" if interests else "")
 
     # -- the pipeline ----------------------------------------------------------------------------------
     def run_batch(self, entries: Sequence[Queued[RecommendRequest]]) -> list[Answer | NoPopularity | UnknownDomain]:
@@ -447,6 +443,11 @@ class RecommendService:
         """The reranker's answer, with live items from the candidates explored into it when the domain sets
         ``fresh_slots`` and the model answered (serving/reranker.py, FreshExplorer); counted in /metrics."""
         reranker, candidates, k = self._reranker_of(job), job.candidates or [], job.request.k
+        shaper, interests = self.parts.interests, job.request.interests
+        if shaper and interests and job.reason is None and job.state and len(job.state.item_ids) < shaper.max_events:
+            candidates = shaper.shaped(candidates, interests, len(job.state.item_ids))  # a short history's boost
+            job.model = f"{job.model}+interests"
+            self.metrics.interest_answers.labels("boosted").inc()
         items = reranker.rerank(candidates, k, self._seen(job))
         explorer = getattr(reranker, "fresh", None)
         fresh_of = getattr(self._generator_of(job), "fresh_items", None)

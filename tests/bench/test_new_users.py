@@ -13,7 +13,7 @@ from bench import new_users
 from tests.private_redis import private_redis
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-AFTER = (1, 3)
+AFTER = (0, 1, 3)
 
 
 @pytest.fixture()
@@ -34,11 +34,12 @@ def test_tiny_run_writes_rates_over_the_users_counted(redis_port, tmp_path):
     assert recipe["held_out_users"] == round(0.02 * 943) and recipe["train_users"] == 943 - recipe["held_out_users"]
     for n in AFTER:
         users = result["users"][str(n)]
-        assert users == 6  # every ML-100K user has at least 20 events: a target after 1 and 3
-        for prefix in new_users.KEY_PREFIX.values():
+        assert users == 6  # every ML-100K user has at least 20 events: a target after 0, 1 and 3
+        for prefix in (new_users.KEY_PREFIX[source] for source in new_users.sources_at(n)):
             hr, ndcg = result[f"{prefix}_hr@10_after_{n}"], result[f"{prefix}_ndcg@10_after_{n}"]
             assert 0.0 <= ndcg <= hr <= 1.0, (prefix, n, hr, ndcg)
             assert abs(hr * users - round(hr * users)) < 1e-3, f"{prefix} after {n}: {hr} is not hits / {users}"
     assert "new_user_hr@10_after_5" not in result  # only the --after counts asked for
+    assert "new_user_hr@10_after_0" not in result and "interests_new_user_hr@10_after_1" not in result
     # the states it wrote were removed: the Redis holds nothing of the run
     assert redis.Redis(port=redis_port).dbsize() == 0
