@@ -50,6 +50,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N_EVENTS = 100_000
 N_LATE = 20
+# the first BACKLOG events wait in Kafka before the jobs start; the rest arrive at PACE_PER_S while they run, so the
+# replay lasts seconds and the kill lands after a completed checkpoint (user_state applies 100,000 events in ~3 s,
+# faster than its first checkpoint can complete behind them)
+BACKLOG = 20_000
+PACE_PER_S = 10_000
 MAX_EVENTS = 50  # a small window, so many users spill into the long-term history
 LATENESS_S = 86_400
 COMPACT_MIN = 0.05  # 3 s
@@ -86,6 +91,16 @@ def ensure_feast_applied(settings: Settings) -> None:
     except Exception:  # registry empty or older than the repo: apply it (what `ugt stack up` users do once)
         subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "feast"), "-c", str(settings.feature_repo), "apply"],
                        check=True)
+
+
+def publish(settings: Settings, events: list[dict[str, Any]], topic: str, per_s: float = 0.0) -> None:
+    """Publish ``events`` in order (at most ``per_s`` a second when given), flushed before returning."""
+    with EventPublisher(settings) as publisher:
+        began = time.monotonic()
+        for i, e in enumerate(events):
+            if per_s and i % 1000 == 0 and (ahead := i / per_s - (time.monotonic() - began)) > 0:
+                time.sleep(ahead)
+            publisher.publish_user_event(e, topic=topic)
 
 
 def make_events(run: str, domain: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -144,7 +159,11 @@ def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path
         ("tokenize", [*common, "--delivery", "exactly-once", "--group-id", f"eo-{run}-tok",
                       "--source-topic", raw, "--tokens-topic", tokens, "--dlq-topic", dlq,
                       "--engine", engine]),
-        ("user_state", [*common, "--group-id", f"eo-{run}-us", "--source-topic", tokens, "--dlq-topic", dlq,
+        # user_state checkpoints every 500 ms: with the batch fold it applies a tokenize checkpoint's worth of
+        # tokens (read committed, every 2 s) faster than one 2-s interval, and the kill must land mid-replay
+        # after a completed checkpoint
+        ("user_state", [*common, "--checkpoint-interval-ms", "500", "--group-id", f"eo-{run}-us",
+                        "--source-topic", tokens, "--dlq-topic", dlq,
                         "--max-events", str(MAX_EVENTS), "--allowed-lateness-s", str(LATENESS_S),
                         "--compact-interval-min", str(COMPACT_MIN), "--flush-ms", "200"]),
     ]
@@ -155,15 +174,13 @@ def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path
         with ThreadPoolExecutor(2) as pool:
             jobs.extend(pool.map(lambda sub: cluster.submit(*sub), submissions))
 
-    background = ThreadPoolExecutor(1)
+    background = ThreadPoolExecutor(2)
     starting = background.submit(start_jobs)  # overlaps the publishing and the offline reference below
     try:
         events, late = make_events(run, domain)
-        with EventPublisher(settings) as publisher:
-            for e in events + late:
-                publisher.publish_user_event(e, topic=raw)
-
-        lap(f"published {len(events) + len(late)} events")
+        ordered = events + late  # the late events last, after their users' first ones
+        publish(settings, ordered[:BACKLOG], raw)
+        lap(f"published a backlog of {BACKLOG} events")
         # the offline reference: the same code over the same events, in publish (= per-user Kafka) order
         token_events = [tokenize_event(e) for e in events + late]
         states, late_ref = fold_events(token_events, MAX_EVENTS, LATENESS_S * 1000)
@@ -178,6 +195,7 @@ def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path
         starting.result()
         tokenize_jid, user_state_jid = jobs
         lap("cluster up, both jobs submitted")
+        pacing = background.submit(publish, settings, ordered[BACKLOG:], raw, PACE_PER_S)
         total = sum(expected_popularity.values())
 
         # -- mid-replay: user_state has checkpointed and written part of the events, not all --
@@ -210,6 +228,8 @@ def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path
 
         restored_from = wait_for("both jobs to restore from a checkpoint", restored, 180)
         lap(f"restored from checkpoints {restored_from}")
+        pacing.result()
+        lap(f"published all {len(ordered)} events")
 
         # -- the replay finishes: popularity, recent rows, long-term rows all equal the offline reference --
         wait_for("popularity to reach the offline count", lambda: popularity(client, domain) == expected_popularity
