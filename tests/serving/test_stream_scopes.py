@@ -152,17 +152,24 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def serving_live_items(checkpoint: Path, feed: str, redis_port: int):
+    """A generator on the feed, started, once it serves the feed's two live items."""
+    gen = generator(checkpoint, feed, redis_port)
+    gen.start_background()
+    served, deadline = 0, time.monotonic() + 30
+    while served < 2 and time.monotonic() < deadline:
+        served += gen.apply_new_items()
+        time.sleep(0.01)
+    assert served == 2, gen.live.stats
+    return gen
+
+
 def test_both_scopes_give_the_same_answers_as_stream_rows_move(checkpoint: Path, feed: str, redis_port: int,
                                                                 tmp_path, one_thread):
     from serving.remote_model import ModelChannel, RemoteModel
 
-    pipeline = generator(checkpoint, feed, redis_port)
-    pipeline.start_background()
-    served, deadline = 0, time.monotonic() + 30
-    while served < 2 and time.monotonic() < deadline:
-        served += pipeline.apply_new_items()
-        time.sleep(0.01)
-    assert served == 2, pipeline.live.stats
+    deadline = time.monotonic() + 30  # the engine's waits below are counted from here
+    pipeline = serving_live_items(checkpoint, feed, redis_port)
 
     model_copy = generator(checkpoint, feed, redis_port)  # the parent's copy: the engine forks it, a worker uses it
     path = str(tmp_path / "engine.sock")
@@ -206,13 +213,7 @@ def test_exploration_puts_live_items_from_the_pool_into_answers_within_the_bound
                                                                                redis_port: int, one_thread):
     from serving.reranker import FilterReranker, FreshExplorer
 
-    gen = generator(checkpoint, feed, redis_port)
-    gen.start_background()
-    served, deadline = 0, time.monotonic() + 30
-    while served < 2 and time.monotonic() < deadline:
-        served += gen.apply_new_items()
-        time.sleep(0.01)
-    assert served == 2, gen.live.stats
+    gen = serving_live_items(checkpoint, feed, redis_port)
     k, pool = 10, (gen.num_items + 2) // 10 + 1  # a pool of the whole catalog: both live items are candidates
     users = [view(f"x{n}", HISTORY[n % 5 :] + ["7", "12"][: n % 3]) for n in range(12)]
     reranker = FilterReranker(pool, FreshExplorer(1))
