@@ -24,6 +24,7 @@ itself keep the engine's dtype.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -183,9 +184,27 @@ def quantize_weights(model: UGT, scheme: str) -> QuantizedLayers:
     return report
 
 
+@functools.cache
+def _cpu_fp8_refusal() -> str:
+    """Why this torch build's CPU ``_scaled_mm`` refuses an e4m3 GEMM ("" when it runs one): older releases
+    (e.g. 2.11) have no CPU kernel for it."""
+    a = torch.ones(16, 16, dtype=torch.float8_e4m3fn)
+    one = torch.ones((), dtype=torch.float32)
+    try:
+        torch._scaled_mm(a, a.t(), one, one, out_dtype=torch.bfloat16)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+        return str(exc).splitlines()[0]
+    return ""
+
+
 def fp8_supported(device: torch.device) -> tuple[bool, str]:
-    """Whether this device runs FP8 GEMMs (CUDA compute capability >= 8.9: Ada, Hopper; CPU: torch's reference)."""
+    """Whether this device runs FP8 GEMMs (CUDA compute capability >= 8.9: Ada, Hopper; CPU: torch's reference
+    kernel, where this torch build has one)."""
     if device.type == "cpu":
+        refusal = _cpu_fp8_refusal()
+        if refusal:
+            return False, (f"fp8 on CPU needs torch's CPU _scaled_mm, which torch {torch.__version__} refuses "
+                           f"({refusal}); serve with quantize int8_weight or none, or on an H100/H200")
         return True, ""
     if device.type != "cuda" or not torch.cuda.is_available():
         return False, f"fp8 needs a CUDA GPU of compute capability >= 8.9 (H100/H200), not {device}"
