@@ -11,10 +11,10 @@ from models.ugt.weight_quant import fp8_supported
 
 # none | int8 (CPU dynamic, models/ugt/quantize.py) | fp8, int8_weight (models/ugt/weight_quant.py)
 QUANTIZE = ("none", "int8", "fp8", "int8_weight")
-# items per retrieval block by device type: CPU measured (bench/results/topk_retrieval.json: 4,096 and 16,384 tie,
-# 65,536 is slower); CUDA not yet measured: fewer, larger blocks (each block is ~6 kernel launches when eager) until
-# `bash bench/gpu_serving.sh topk` says otherwise
-RETRIEVAL_BLOCK = {"cpu": 16384, "cuda": 0}  # CUDA: one pass until bench/topk_retrieval.py has run on a GPU
+# items per retrieval block by device type, both measured: CPU (bench/results/topk_retrieval.json: 4,096 and 16,384
+# tie, 65,536 is slower); CUDA one pass (bench/results/topk_retrieval_gpu.json, H100: one pass is as fast as any
+# block up to 128 rows at 1M items; blocks of 262,144 win 1.27x only at 512 rows)
+RETRIEVAL_BLOCK = {"cpu": 16384, "cuda": 0}
 
 
 @dataclass
