@@ -191,7 +191,7 @@ def engine_rows(checkpoint: str, users: Users, rates: list[float], args: Any) ->
                              live_items=0, device=args.device, max_batch=max(args.batch_max, args.engine_max_rows))
     users.reset()
     warm = make_schedule(50_000.0, min(args.warm_users, len(users.ids)) / 50_000.0, (1.0, 0.0, 0.0), 0,
-                         len(users.ids), seed=999)
+                         len(users.ids), seed=999, popular_last=True)
     engine_rate(generator, users, warm, args)
     users.seen = warm.seen_after
     rows = []

@@ -65,7 +65,7 @@ def generator_rows(checkpoint: str, users: Users, rates: list[float], args: Any)
                              live_items=0, device=args.device)
     users.reset()
     warm = make_schedule(50_000.0, min(args.warm_users, len(users.ids)) / 50_000.0, (1.0, 0.0, 0.0), 0,
-                         len(users.ids), seed=999)
+                         len(users.ids), seed=999, popular_last=True)
     _serve(generator, users, warm, args.batch_max, args.k)
     users.seen = warm.seen_after
     rows = []

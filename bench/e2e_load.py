@@ -51,10 +51,13 @@ class Schedule:
 
 
 def make_schedule(rate: float, duration_s: float, mix: tuple[float, float, float], seen: int, total_users: int,
-                  seed: int) -> Schedule:
+                  seed: int, popular_last: bool = False) -> Schedule:
     """Poisson arrivals; ``mix`` = (miss, hit, append) shares; users 0..seen-1 have been requested before.
 
-    A miss takes the next never-requested user (the schedule stops asking for misses when none is left)."""
+    A miss takes the next never-requested user (the schedule stops asking for misses when none is left).
+    ``popular_last``: the misses' users in reverse order, the most popular (lowest index) last. A warm-up asks
+    that way, so a KV pool smaller than the warmed set ends up holding the popular users, as a server that has
+    been running does (in index order an LRU pool would keep the least popular)."""
     rng = np.random.default_rng(seed)
     n = int(rate * duration_s)
     times = np.cumsum(rng.exponential(1.0 / rate, size=n))
@@ -70,6 +73,9 @@ def make_schedule(rate: float, duration_s: float, mix: tuple[float, float, float
             if classes[i] == MISS:
                 classes[i] = HIT  # no unseen user left
             users[i] = int((fresh if fresh else 1) ** u[i]) - 1  # Zipf-like (s = 1) over the seen users
+    if popular_last:
+        misses = classes == MISS
+        users[misses] = users[misses][::-1]
     return Schedule(times, users, classes, fresh)
 
 

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             out.append(GenerationRequest(view, 10, frozenset(view.item_ids), "movie"))
         return out
 
-    warm = make_schedule(1e5, args.warm_users / 1e5, (1.0, 0.0, 0.0), 0, len(users.ids), seed=999)
+    warm = make_schedule(1e5, args.warm_users / 1e5, (1.0, 0.0, 0.0), 0, len(users.ids), seed=999, popular_last=True)
     for lo in range(0, len(warm.times), args.batch):
         gen.recommend_batch(batch_of(warm, lo, min(lo + args.batch, len(warm.times))))
     users.seen = warm.seen_after

@@ -247,9 +247,10 @@ def server_cpu(server: Server) -> tuple[float, float]:
 
 # -- one rate ------------------------------------------------------------------------------------------------
 def drive(server: Server, users: Users, rate: float, args: argparse.Namespace, redis_port: int, seed: int,
-          mix: tuple[float, float, float] | None = None) -> dict[str, Any]:
+          mix: tuple[float, float, float] | None = None, popular_last: bool = False) -> dict[str, Any]:
     """Send one schedule at ``rate`` (writers stream the appends' new events first); the row of results."""
-    schedule = make_schedule(rate, args.duration, mix or args.mix_shares, users.seen, len(users.ids), seed)
+    schedule = make_schedule(rate, args.duration, mix or args.mix_shares, users.seen, len(users.ids), seed,
+                             popular_last)
     before, cpu_before = scrape(server), server_cpu(server)
     start_at = time.time() + 1.5
     P, W = args.load_processes, max(1, args.writers)
@@ -311,13 +312,13 @@ def drive(server: Server, users: Users, rate: float, args: argparse.Namespace, r
 
 
 def warm(server: Server, users: Users, args: argparse.Namespace, redis_port: int) -> dict[str, Any]:
-    """Ask every user of the seen pool once (all misses), at a rate the service sustains."""
+    """Ask every user of the seen pool once (all misses, the most popular last), at a rate the service sustains."""
     target = min(args.warm_users, len(users.ids))
     saved = args.duration
     rate = args.warm_rate
     args.duration = max(1.0, (target - users.seen) / rate)
     try:
-        return drive(server, users, rate, args, redis_port, seed=999, mix=(1.0, 0.0, 0.0))
+        return drive(server, users, rate, args, redis_port, seed=999, mix=(1.0, 0.0, 0.0), popular_last=True)
     finally:
         args.duration = saved
 

@@ -27,3 +27,12 @@ def test_seen_users_are_drawn_zipf_like_and_misses_stop_when_nobody_is_left():
     full = make_schedule(2000.0, 1.0, (1.0, 0.0, 0.0), seen=0, total_users=50, seed=3)
     assert np.sum(full.classes == MISS) == 50 and set(full.classes[50:]) == {HIT}
     assert APPEND not in set(full.classes)
+
+
+def test_a_popular_last_warm_up_asks_the_same_users_most_popular_last():
+    plain = make_schedule(5000.0, 1.0, (1.0, 0.0, 0.0), seen=0, total_users=3000, seed=4)
+    warm = make_schedule(5000.0, 1.0, (1.0, 0.0, 0.0), seen=0, total_users=3000, seed=4, popular_last=True)
+    assert plain.seen_after == warm.seen_after == 3000
+    first = warm.users[warm.classes == MISS]
+    assert sorted(first.tolist()) == list(range(3000)) and first[-1] == 0 and first[0] == 2999
+    assert list(plain.users[plain.classes == MISS][:3]) == [0, 1, 2]  # the default order is unchanged
