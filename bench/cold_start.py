@@ -157,15 +157,16 @@ def collect(run: dict) -> dict | None:
 
 
 def stream_rows_of(runs: list[dict], done: list[str], specs: str) -> list[dict]:
-    """bench/cold_stream.py's rows for every finished held-out run, one per K:GAMMA[:SCALE] of ``specs``."""
+    """bench/cold_stream.py's rows for every finished held-out run, one per K:GAMMA[:SCALE[:BACKGROUND]] of
+    ``specs``."""
     import torch
 
     from bench.cold_stream import stream_rows
 
     parsed = [tuple(float(v) for v in spec.split(":")) for spec in specs.split(",") if spec]
-    if any(len(p) not in (2, 3) for p in parsed):
-        raise SystemExit(f"--stream wants K:GAMMA or K:GAMMA:SCALE, got {specs!r}")
-    parsed = [p if len(p) == 3 else (*p, 1.0) for p in parsed]
+    if any(len(p) not in (2, 3, 4) for p in parsed):
+        raise SystemExit(f"--stream wants K:GAMMA, K:GAMMA:SCALE or K:GAMMA:SCALE:BACKGROUND, got {specs!r}")
+    parsed = [p if len(p) >= 3 else (*p, 1.0) for p in parsed]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = []
     for run in runs:

@@ -94,6 +94,24 @@ class DailySums:
         self.items, self.first_day, self.sums, self.counts, self.k = items, first_day, sums, counts, k
         self.center, self.gamma = center, gamma  # (D,) mean_state, and the share of it taken out of each mean
         self.scale = scale  # the rows' length (EmbeddingConfig.stream_scale)
+        # (rows, C, D) like sums: the softmax's pull on each item over every event before the day
+        # (:func:`background_sums`), and the share of it taken out of each item's sum
+        self.background: torch.Tensor | None = None
+        self.background_share = 0.0
+
+    def vectors_by_day(self, table: torch.Tensor) -> torch.Tensor:
+        """(rows, C, D) the items' blended stream vectors as of each day row (what :meth:`rescore` scores by)."""
+        content = table[torch.as_tensor(self.items, device=table.device)].float()
+        return blend(content.unsqueeze(0).expand_as(self.sums), self.centered(self.sums, self.counts, None),
+                     self.counts, self.k, self.scale)
+
+    def centered(self, sums: torch.Tensor, counts: torch.Tensor, row: torch.Tensor | None) -> torch.Tensor:
+        """``sums`` minus the shares of the mean state (``gamma``) and of the background (``background_share``)."""
+        if self.center is not None and self.gamma:
+            sums = sums - self.gamma * counts.unsqueeze(-1).float() * self.center
+        if self.background is not None and self.background_share:
+            sums = sums - self.background_share * (self.background if row is None else self.background[row])
+        return sums
 
     def at(self, request_times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sums (B, C, D), counts (B, C)) as of each request time's day."""
@@ -106,10 +124,10 @@ class DailySums:
         the cosine with their blended stream vectors as of each row's request day; other terms kept."""
         ids = torch.as_tensor(self.items, device=scores.device)
         content = table[ids].float()
-        sums, counts = self.at(request_times)
-        if self.center is not None and self.gamma:
-            sums = sums - self.gamma * counts.unsqueeze(-1).float() * self.center
-        vectors = blend(content.unsqueeze(0).expand_as(sums), sums, counts, self.k, self.scale)
+        row = (request_times.long() // DAY - self.first_day).clamp(0, self.sums.shape[0] - 1)
+        sums, counts = self.sums[row], self.counts[row]
+        vectors = blend(content.unsqueeze(0).expand_as(sums), self.centered(sums, counts, row), counts, self.k,
+                        self.scale)
         stream = torch.einsum("bcd,bd->bc", vectors, state.float())
         out = scores.clone()
         out[:, ids] += stream - state.float() @ content.T
@@ -152,6 +170,47 @@ def state_sums(model: torch.nn.Module, split: Batchable, items: np.ndarray, days
     if was_training:
         model.train()
     return sums, counts
+
+
+@torch.no_grad()
+def event_states(model: torch.nn.Module, data: SequenceData, first_day: int, max_len: int, max_long: int,
+                 device: torch.device | str = "cpu", batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(states (n, D), day rows (n,)) of every event in the log: the model's state before it and the row of
+    :class:`DailySums` its day's events count in (``day - first_day + 1``)."""
+    split = make_split(_all_events(data), "train", max_len, max_long, all_windows=True, min_window=1)
+    states, rows = [], []
+    for np_batch in iterate_batches(split, batch_size, shuffle=False):
+        batch = {k: torch.as_tensor(v, device=device) for k, v in np_batch.items()}
+        user, _ = model(batch)
+        hit = batch["targets"] > 0
+        states.append(user.float()[hit])
+        rows.append(batch["query_times"][hit].long() // DAY - first_day + 1)
+    return torch.cat(states), torch.cat(rows)
+
+
+@torch.no_grad()
+def background_sums(sums: DailySums, table: torch.Tensor, states: torch.Tensor, rows: torch.Tensor,
+                    temperature: float, chunk: int = 2048) -> torch.Tensor:
+    """(rows, C, D) cumulative over days: sum over every event e before the day of p_i(u_e) u_e, the full-softmax
+    probability of new item i for e's state times that state, with the items scored by their stream vectors as of
+    e's day (``sums``' current k, gamma, scale) at ``temperature``.
+
+    Why: a softmax step on the events moves item i's row by (sum of its events' states) - (this sum). The stream
+    vector is the first part alone; an item whose vector every recent user's state points at gets a large second
+    part, which pulls it back for the users who do not pick it: what a retrain's negatives do.
+    """
+    by_day = sums.vectors_by_day(table)  # (rows, C, D)
+    ids = torch.as_tensor(sums.items, device=table.device)
+    out = torch.zeros_like(sums.sums)
+    last = sums.sums.shape[0] - 1
+    for lo in range(0, len(states), chunk):
+        u, row = states[lo:lo + chunk], rows[lo:lo + chunk].clamp(1, last)
+        logits = u @ table.T
+        logits[:, 0] = float("-inf")  # the padding row
+        logits[:, ids] = torch.einsum("ncd,nd->nc", by_day[row - 1], u)
+        p = torch.softmax(logits / temperature, dim=-1)[:, ids]  # (n, C)
+        out.index_add_(0, row, p.unsqueeze(-1) * u.unsqueeze(1))
+    return out.cumsum(0)
 
 
 def training_events(data: SequenceData, cold: np.ndarray | None, max_len: int, max_long: int) -> Batchable:

@@ -112,9 +112,15 @@ def test_a_held_out_run_stores_its_mean_state_and_gets_stream_rows_on_valid_and_
     assert summary["valid_cold"]["users"] + summary["valid_warm"]["users"] == summary["valid"]["users"]
     model = load_checkpoint(tmp_path / "checkpoint.pt")[0]
     assert model.embed.stream_mean.abs().sum() > 0  # what serving centers the live items' sums on
-    rows = stream_rows(tmp_path, "new_items", [(64.0, 0.7, 1.0), (1e12, 0.7, 1.0), (64.0, 0.7, 0.5)])
+    rows = stream_rows(tmp_path, "new_items", [(64.0, 0.7, 1.0), (1e12, 0.7, 1.0), (64.0, 0.7, 0.5),
+                                               (64.0, 0.0, 1.0, 0.5), (1e12, 0.0, 1.0, 0.5)])
     assert [r["run"] for r in rows] == ["new_items+stream_k64_c0.7", "new_items+stream_k1e+12_c0.7",
-                                        "new_items+stream_k64_c0.7_s0.5"]
+                                        "new_items+stream_k64_c0.7_s0.5", "new_items+stream_k64_c0_b0.5",
+                                        "new_items+stream_k1e+12_c0_b0.5"]
+    assert rows[3]["stream_background"] == 0.5 and rows[3]["test_cold"]["users"] == rows[0]["test_cold"]["users"]
+    # the background moves the new items' rows; with K past any event count the content rows come back regardless
+    assert rows[3]["test_cold"] != rows[0]["test_cold"]
+    assert rows[4]["test_cold"]["hr@200"] == pytest.approx(summary["test_cold"]["hr@200"], abs=1e-4)
     assert rows[2]["stream_scale"] == 0.5 and rows[2]["test_cold"]["users"] == rows[0]["test_cold"]["users"]
     for part in ("test", "test_cold", "test_warm", "valid_cold", "valid_warm"):
         assert rows[0][part]["users"] == summary[part]["users"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from models.data import build_sequences
 from models.ugt.model import UGT, UGTConfig
-from models.ugt.stream_items import DAY, DailySums, StreamSums, blend, daily_sums
+from models.ugt.stream_items import DAY, DailySums, StreamSums, background_sums, blend, daily_sums
 from tests.models.conftest import random_dataset
 
 
@@ -80,3 +80,27 @@ def test_daily_sums_hold_every_event_of_the_tracked_items_once():
     assert int(daily.counts[-1].sum()) == events
     assert daily.items.tolist() == [1, 2, 3]
     assert bool((daily.counts[1:] >= daily.counts[:-1]).all())  # cumulated over days
+
+
+def test_the_background_is_the_softmax_pull_of_the_days_before_and_comes_out_of_the_stream_sum():
+    # one new item (table row 3) with one event's state on day 10 (row 1) pointing along y
+    sums = torch.zeros(4, 1, 2)
+    counts = torch.zeros(4, 1, dtype=torch.long)
+    sums[2:, 0] = torch.tensor([0.0, 1.0])
+    counts[2:, 0] = 1
+    daily = DailySums(np.array([3]), first_day=10, sums=sums, counts=counts, k=1.0)
+    table = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.6, 0.8], [1.0, 0.0]])
+    states = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
+    rows = torch.tensor([1, 2, 3])  # events on days 10, 11, 12
+    got = background_sums(daily, table, states, rows, temperature=0.5)
+    want = torch.zeros(4, 1, 2)
+    vectors = daily.vectors_by_day(table)  # the item's row as of each day: content on day 10, stream after
+    for u, r in zip(states, rows.tolist(), strict=True):
+        logits = torch.stack([torch.tensor(float("-inf")), u @ table[1], u @ table[2], vectors[r - 1, 0] @ u])
+        want[r:] += torch.softmax(logits / 0.5, dim=0)[3] * u
+    assert torch.allclose(got, want, atol=1e-6)
+    assert got[0].abs().sum() == 0 and got[1].abs().sum() > 0  # the day-10 event counts from row 1 on
+    daily.background, daily.background_share = got, 0.5
+    scores = daily.rescore(torch.zeros(1, 4), torch.tensor([[0.0, 1.0]]), table, torch.tensor([13 * DAY]))
+    centred = F.normalize(0.5 * table[3] + 0.5 * F.normalize(sums[3, 0] - 0.5 * got[3, 0], dim=0), dim=0)
+    assert scores[0, 3] == pytest.approx(float(centred[1]), abs=1e-6)
