@@ -52,6 +52,9 @@ class PreparedUser:
     fingerprint: bytes  # the KV cache's key for this prefix: it does not depend on the request time
 
     def same_events(self, state: UserStateView) -> bool:
+        if self.item_ids is state.item_ids and self.event_times is state.event_times \
+                and self.rating_tokens is state.rating_tokens:  # the reader's kept view: the same tuples
+            return True
         return (self.item_ids == state.item_ids and self.event_times == state.event_times
                 and self.rating_tokens == state.rating_tokens)
 
@@ -250,14 +253,14 @@ class UGTGenerator:
         if row is not None and cached is not None:  # only known items were appended: extend the exclusions too
             old = len(cached.item_ids)
             seen = np.union1d(cached.seen, row["ids"][0, old : int(row["lengths"][0])])
-            history = cached.history.union(state.item_ids[old:])
+            history = state.history()
         else:
             row = self.model_input(state, query_time)
             if row is None:
                 return None
             known = {self.item_to_index[i] for i in state.item_ids if i in self.item_to_index}
             seen = np.fromiter(sorted(known), dtype=np.int64, count=len(known))
-            history = frozenset(state.item_ids)
+            history = state.history()
         if self.stream is not None:  # the user's events changed: count any new event on a live item
             self.observe_stream(state)
         prepared = PreparedUser(state.item_ids, state.event_times, state.rating_tokens, history, row, seen,
@@ -336,7 +339,7 @@ class UGTGenerator:
 
     def exclusions(self, prepared: PreparedUser, exclude: Set[str]) -> np.ndarray:
         """Sorted vocabulary indices to mask: the history's, plus any requested item outside the history."""
-        if exclude == prepared.history:  # the service's usual exclude (history, no extra items): no new set
+        if exclude is prepared.history or exclude == prepared.history:  # the usual exclude (history): no new set
             return prepared.seen
         outside = frozenset(exclude) - prepared.history  # frozenset(a frozenset) is the same object: no copy
         extra = {self.item_to_index[i] for i in outside if i in self.item_to_index}
