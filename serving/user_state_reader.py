@@ -199,13 +199,15 @@ def _first(values: Sequence[Any] | None) -> Any:
 
 
 def _decoded(raw: Sequence[bytes | None], kept: tuple[list[bytes | None], list[Any], UserStateView] | None
-             ) -> list[Any]:
-    """The stored values of FEATURE_NAMES decoded; a list equal to the kept state's reuses its values, one that
-    only grew decodes only its new values."""
+             ) -> tuple[list[Any], int]:
+    """The stored values of FEATURE_NAMES decoded, and how many kept item ids start the item ids when only new ones
+    follow them (else 0); a list equal to the kept state's reuses its values, one that grew decodes only its new
+    values."""
     if kept is None:
-        return [decode_typed(data, kind) for data, kind in zip(raw, _KINDS, strict=True)]
+        return [decode_typed(data, kind) for data, kind in zip(raw, _KINDS, strict=True)], 0
     old_raw, old_values, _ = kept
     out = []
+    grew_from = 0
     for data, kind, old, old_value in zip(raw, _KINDS, old_raw, old_values, strict=True):
         if data == old:
             out.append(old_value)
@@ -213,10 +215,11 @@ def _decoded(raw: Sequence[bytes | None], kept: tuple[list[bytes | None], list[A
         if data and old and isinstance(old_value, tuple):
             grown = decode_appended(old, old_value, data, kind)
             if grown is not None:
+                grew_from = grew_from or (len(old_value) if not out else 0)  # the first field: the item ids
                 out.append(grown)
                 continue
         out.append(decode_typed(data, kind))
-    return out
+    return out, grew_from
 
 
 class RedisStateReader:
@@ -280,7 +283,7 @@ class RedisStateReader:
                         self.recent.move_to_end(user_id)
                 return kept[2]
         try:
-            values = _decoded(raw, kept)
+            values, grew_from = _decoded(raw, kept)
         except (UnsupportedValue, DecodeError) as exc:
             raise BadState(f"state of user {user_id!r} cannot be decoded: {exc}") from exc
         items, actions, ratings, times, count, last, version = values  # FEATURE_NAMES' order (checked at import)
@@ -289,6 +292,8 @@ class RedisStateReader:
             return None
         view = UserStateView(user_id, items or (), actions or (), ratings or (), times or (), count or 0, last or 0,
                              version or 0).checked()
+        if grew_from and kept is not None and kept[2]._history is not None:  # the kept items and new ones
+            object.__setattr__(view, "_history", kept[2]._history.union(items[grew_from:]))
         if self.recent_users:
             with self.lock:
                 self.recent[user_id] = (raw, values, view)

@@ -18,14 +18,21 @@ COMPACT_WIDTH = len(ROW_FIELDS) + 2  # the last event's ROW_FIELDS, the length, 
 
 
 def prefix_fingerprint(row: dict[str, np.ndarray]) -> bytes:
-    """Hash of everything in a one-row input except the last position's request time: the cache key."""
+    """Hash of everything in a one-row input except the last position's request time: the cache key.
+
+    SHA-256 (its first 16 bytes) of the length, the ``n`` filled positions of the per-event arrays (past them a
+    row is zeros) and the long-term input: at history 1,024 this is ~0.06 ms of a worker's CPU per new row with
+    blake2b over the whole padded arrays, about half with SHA-256 (CPUs hash it in hardware) over what is filled.
+    """
     n = int(row["lengths"][0])
-    h = hashlib.blake2b(digest_size=16)
-    for key in ("ids", "times", "ratings", "gaps", "long_ids", "long_times"):
-        h.update(np.ascontiguousarray(row[key]).tobytes())
+    h = hashlib.sha256(n.to_bytes(8, "little"))
+    for key in ("ids", "times", "ratings", "gaps"):
+        h.update(np.ascontiguousarray(row[key][0, :n]))
+    for key in ("long_ids", "long_times"):
+        h.update(np.ascontiguousarray(row[key]))
     for key in ("query_times", "query_gaps"):
-        h.update(np.ascontiguousarray(row[key][0, : max(n - 1, 0)]).tobytes())
-    return h.digest()
+        h.update(np.ascontiguousarray(row[key][0, : max(n - 1, 0)]))
+    return h.digest()[:16]
 
 
 def exclusion_matrix(excludes: list[np.ndarray]) -> np.ndarray:
