@@ -87,7 +87,10 @@ def instrument(service: Any, remote: Any, spent: dict[str, float]) -> None:
         if hasattr(owner, attr):
             setattr(owner, attr, timed(spent, name, getattr(owner, attr)))
     for module, attr, name in ((remote_model, "encode_rows", "encode_frame"),
-                               (ugt_generator, "prefix_fingerprint", "gather_fingerprint")):
+                               (ugt_generator, "prefix_fingerprint", "gather_fingerprint"),  # trees up to b01720d
+                               (ugt_generator, "prefix_hash", "gather_fingerprint"),  # later: a hash an append extends
+                               (ugt_generator, "extend_hash", "gather_fingerprint"),
+                               (ugt_generator, "fingerprint_from", "gather_fingerprint")):
         if hasattr(module, attr):
             setattr(module, attr, timed(spent, name, getattr(module, attr)))
 

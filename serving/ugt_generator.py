@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ import torch
 from contracts.tokenizer import time_gap_bucket
 from models.data import history_row, time_gap_bucket_array
 from models.eval import batch_to_device, last_states
-from models.ugt.inference import InferenceConfig, UGTInference, prefix_fingerprint
+from models.ugt.inference import InferenceConfig, UGTInference
+from models.ugt.runner.batch import extend_hash, fingerprint_from, prefix_hash
 from serving.generator import NO_KNOWN_ITEMS, BatchAnswer, GenerationRequest, NoModelAnswer, ScoredItem
 from serving.live_items import LiveCatalog
 from serving.live_stream import LiveStreamVectors, StreamEvents
@@ -51,6 +53,7 @@ class PreparedUser:
     row: dict[str, np.ndarray]
     seen: np.ndarray  # sorted vocabulary indices of the known history items
     fingerprint: bytes  # the KV cache's key for this prefix: it does not depend on the request time
+    hashed: Any  # the fingerprint's hash of the row's positions before its last (an append extends a copy)
 
     def same_events(self, state: UserStateView) -> bool:
         if self.item_ids is state.item_ids and self.event_times is state.event_times \
@@ -273,6 +276,7 @@ class UGTGenerator:
             old = len(cached.item_ids)
             seen = sorted_union(cached.seen, row["ids"][0, old : int(row["lengths"][0])])
             history = state.history()
+            hashed = extend_hash(cached.hashed.copy(), row, old - 1, int(row["lengths"][0]) - 1)
         else:
             indices = self.item_indices(state.item_ids)
             row = self.model_input(state, query_time, indices)
@@ -280,10 +284,11 @@ class UGTGenerator:
                 return None
             seen = np.unique(indices[indices > 0])  # sorted, each known history item once
             history = state.history()
+            hashed = prefix_hash(row, int(row["lengths"][0]) - 1)
         if self.stream is not None:  # the user's events changed: count any new event on a live item
             self.observe_stream(state)
         prepared = PreparedUser(state.item_ids, state.event_times, state.rating_tokens, history, row, seen,
-                                prefix_fingerprint(row))
+                                fingerprint_from(hashed, row), hashed)
         if self.prepared_capacity:
             self.prepared[state.user_id] = prepared
             self.prepared.move_to_end(state.user_id)

@@ -244,3 +244,22 @@ def test_kept_states_read_what_a_fresh_reader_reads():
         keeping.read("u1")
     assert keeping.read("someone-else") is None
     assert list(keeping.recent) == ["u1"] and len(keeping.recent) <= keeping.recent_users
+
+
+def test_a_redis_reader_keeps_as_many_states_as_the_models_keep_rows():
+    """compose's keep_states: the largest row cache of the served UGT models (a worker's RemoteModel: its local
+    generator's), never lowered; a model without one (popularity) keeps none."""
+    from types import SimpleNamespace
+
+    from serving.compose import keep_states
+
+    reader = reader_over(STORED_U1)
+    keep_states(reader, {"movie": SimpleNamespace(name="popularity")})
+    assert reader.recent_users == 0
+    keep_states(reader, {"movie": SimpleNamespace(prepared_capacity=5), "book": SimpleNamespace(prepared_capacity=3)})
+    assert reader.recent_users == 5
+    keep_states(reader, {"movie": SimpleNamespace(local=SimpleNamespace(prepared_capacity=9))})
+    assert reader.recent_users == 9
+    keep_states(reader, {"movie": SimpleNamespace(prepared_capacity=2)})
+    assert reader.recent_users == 9
+    keep_states(SimpleNamespace(name="feast"), {"movie": SimpleNamespace(prepared_capacity=5)})  # no such reader
