@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         redis_proc.terminate()
         redis_proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)  # the baseline tree and the checkpoints
     return {"baseline_commit": base_commit, "rows": rows, "summary": summary(rows, names)}
 
 
