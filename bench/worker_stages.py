@@ -4,7 +4,8 @@ Run with a source tree's own code (bench/worker_cpu_industrial.py starts it once
 the service's batch pipeline (``RecommendService.run_batch``: the pipelined state read and its decode, the history
 sets, the UGT rows through :class:`serving.remote_model.RemoteModel` (``gather``: prepare, fingerprint,
 exclusions), the packed rows, the exclusion matrix, the model frame, the answer's names, the reranker, the answer)
-in one thread, on synthetic users' states (bench/e2e_users.py ``synthetic_users``, ``history - 64`` events each)
+in one thread, on synthetic users' states (bench/e2e_users.py ``synthetic_users``, ``history - 64`` events each, or
+half the history when it is shorter than 128)
 stored in a real Redis in Feast's layout. The engine is a stand-in that answers every frame with a fixed top-k (its
 own time is reported apart, not counted): what is measured is the worker's side only, with a random-weight
 checkpoint of the given history (the worker never runs the model, so its size does not matter).
@@ -132,7 +133,8 @@ def run(checkpoint: str, redis_port: int, n_users: int, batch: int, rounds: int)
     service, remote, channel = build(checkpoint, n_users)
     history = remote.local.max_len
     names = np.asarray([item_name(i) for i in range(remote.local.num_items)], dtype=object)
-    users = synthetic_users(n_users, names, history, history - 64, 64, seed=0)
+    room = min(64, history // 2)  # new events that fit before the window slides
+    users = synthetic_users(n_users, names, history, history - room, room, seed=0)
     client = redis.Redis(port=redis_port)
     users.write_initial(client, chunk=256)
     writer = StateWriter(client, FeastRedisLayout("ugt"))
