@@ -223,6 +223,14 @@ def served_generators(components: Components, config: ServingConfig) -> dict[str
     return {**own, **arms}
 
 
+def keep_states(reader: Any, served: dict[str, Generator]) -> None:
+    """A Redis state reader keeps as many users' decoded states as the UGT models keep rows (0 without one): an
+    unchanged state is then not decoded again, a grown one only in its new events (serving/user_state_reader.py)."""
+    rows = max((getattr(getattr(gen, "local", gen), "prepared_capacity", 0) for gen in served.values()), default=0)
+    if isinstance(getattr(reader, "recent_users", None), int):
+        reader.recent_users = max(reader.recent_users, rows)
+
+
 def domains_on_gpu(by_domain: dict[str, Generator]) -> list[str]:
     """The domains whose model runs on CUDA, which does not survive a fork into an engine process."""
     return sorted(domain for domain, gen in by_domain.items()
@@ -322,6 +330,7 @@ def model_pipeline(worker: Runtime, path: str) -> DynamicBatcher:
     served = served_generators(worker.components, config)
     if not use_remote_models(worker.components, served, channel, prepared_users=config.kv_cache_users):
         log.warning("engine_scope: model, but no domain serves a UGT model: the engine has nothing to run")
+    keep_states(worker.components.state_reader, served_generators(worker.components, config))
     return DynamicBatcher(worker.service.run_batch, max_size=config.batch_max_size,
                           max_wait_s=config.batch_max_wait_ms / 1000.0,
                           on_batch=worker.metrics.batch_size.observe, max_queue=config.engine_queue_max)
@@ -365,6 +374,7 @@ def compose(settings: Settings, config: ServingConfig, components: Components | 
         assert client is not None
         components = build_components(settings, config, client)
     engine = pick_engine(config, served_generators(components, config))
+    keep_states(components.state_reader, served_generators(components, config))
     metrics = ServingMetrics()
     live = {domain: gen for domain, gen in served_generators(components, config).items()
             if getattr(gen, "live", None) is not None}

@@ -68,6 +68,8 @@ def _value_class():
 
 
 _Value = _value_class()
+_StringList = message_factory.GetMessageClass(_Value.DESCRIPTOR.fields_by_name["string_list_val"].message_type)
+_Int64List = message_factory.GetMessageClass(_Value.DESCRIPTOR.fields_by_name["int64_list_val"].message_type)
 
 
 def decode_value(data: bytes | None) -> Any:
@@ -91,6 +93,7 @@ def decode_value(data: bytes | None) -> Any:
 _INT64_TAG = (4 << 3) | 0  # int64_val: a varint
 _INT64_LIST_TAG = (14 << 3) | 2  # int64_list_val: a length-delimited Int64List
 _PACKED_TAG = (1 << 3) | 2  # Int64List.val, packed (proto3's default): a length-delimited run of varints
+_STRING_LIST_TAG = (12 << 3) | 2  # string_list_val: a length-delimited StringList (its values: tag 1 entries)
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -134,6 +137,51 @@ def _fast_small_int64s(data: bytes) -> tuple[int, ...] | None:
         return None
     values = data[start:]
     return tuple(values) if values.isascii() else None
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def list_values_at(data: bytes, kind: str) -> int | None:
+    """Where the values of a stored non-empty string list or packed int64 list start (past the Value's header and,
+    for an int64 list, the packed run's), or None for any other kind or layout."""
+    tag = {"string_list_val": _STRING_LIST_TAG, "int64_list_val": _INT64_LIST_TAG}.get(kind)
+    if tag is None or not data or data[0] != tag:
+        return None
+    size, pos = _varint(data, 1)
+    if size <= 0 or size != len(data) - pos:
+        return None
+    if kind == "string_list_val":
+        return pos
+    if data[pos] != _PACKED_TAG:
+        return None
+    run, start = _varint(data, pos + 1)
+    return start if run == len(data) - start else None
+
+
+def decode_appended(old: bytes, old_values: tuple, new: bytes, kind: str) -> tuple | None:
+    """The values of ``new`` when it stores the list ``old`` stores (whose values are ``old_values``) followed by
+    more: ``old_values`` plus the new ones, only those decoded (a state that gained events: its lists' stored runs
+    grow at the end). None when ``new`` is anything else: the caller decodes it whole. The same tuple
+    :func:`decode_typed` gives (tests/serving/test_serving_feast_redis.py)."""
+    a, b = list_values_at(old, kind), list_values_at(new, kind)
+    if a is None or b is None:
+        return None
+    kept = len(old) - a
+    if len(new) - b <= kept or not new.startswith(old[a:], b):
+        return None
+    tail = new[b + kept :]  # whole values: the old run ends where a value ends, and so the new run's next one starts
+    if kind == "string_list_val":
+        return old_values + tuple(_StringList.FromString(tail).val)
+    if tail.isascii():  # every value one varint byte: the bytes are the values (as _fast_small_int64s reads them)
+        return old_values + tuple(tail)
+    return old_values + tuple(_Int64List.FromString(bytes((_PACKED_TAG,)) + _varint_bytes(len(tail)) + tail).val)
 
 
 def decode_typed(data: bytes | None, kind: str) -> Any:

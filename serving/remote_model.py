@@ -173,9 +173,11 @@ class RemoteModel:
         """When a history holds an id this worker does not know and has not asked about, ask the engine for the
         items it added (a frame of no rows): rows then hold them as the engine's own would. Best effort: an engine
         that does not answer is met again by the batch itself."""
+        if self.local.live is None:  # no live catalog here: nothing to learn (and no set over every history)
+            return
         vocab = self.local.item_to_index
         unknown = {i for r in requests for i in r.state.item_ids if i not in vocab and i not in self.asked}
-        if not unknown or self.local.live is None:
+        if not unknown:
             return
         if len(self.asked) > MAX_UNKNOWN:
             self.asked.clear()

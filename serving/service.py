@@ -294,8 +294,8 @@ class RecommendService:
         """The items a request must not get: its exclude list and its history (built once per request)."""
         if job.seen is None or job.seen_of is not job.state:
             seen = set(job.request.exclude)
-            if job.state is not None:
-                seen.update(job.state.item_ids)
+            if job.state is not None:  # the history alone: the view's own set (kept with a kept view)
+                seen = seen.union(job.state.item_ids) if seen else job.state.history()
             job.seen, job.seen_of = frozenset(seen), job.state
         return job.seen
 

@@ -117,28 +117,43 @@ def test_kv_cache_decode_equals_a_fresh_prefill_at_a_new_request_time():
     assert keys[0] not in cached.cache.entries and cached.cache.hits == 5
 
 
-def test_prefix_fingerprint_is_the_per_array_digest_and_ignores_the_request_time():
-    """The cache key is blake2b over the row's arrays in a fixed order (the last query time and gap left out); the
-    joined-bytes form must give the digest of one update per array, for contiguous and strided arrays alike."""
+def test_prefix_fingerprint_is_the_position_digest_and_ignores_the_request_time():
+    """The cache key is SHA-256 (16 bytes) of the long-term input, the positions before the last one (every
+    ROW_FIELD, position by position), the last one's fields but its query time and gap, and the length; for
+    contiguous and strided arrays alike; a hash of the positions before the last, extended by new positions, gives
+    what a whole hash gives; rows that differ in one event, or only in their length, differ."""
     import hashlib
+
+    from models.ugt.runner.batch import ROW_FIELDS, extend_hash, fingerprint_from, prefix_hash
 
     rng = np.random.default_rng(5)
     for n in (1, 7, 40):
         row = history_row(rng.integers(1, 50, n), np.sort(rng.integers(10**9, 2 * 10**9, n)), rng.integers(1, 9, n),
                           16, 8, 3 * 10**9)
-        reference = hashlib.blake2b(digest_size=16)
-        for key in ("ids", "times", "ratings", "gaps", "long_ids", "long_times"):
-            reference.update(np.ascontiguousarray(row[key]).tobytes())
-        for key in ("query_times", "query_gaps"):
-            reference.update(np.ascontiguousarray(row[key][0, : max(int(row["lengths"][0]) - 1, 0)]).tobytes())
-        assert prefix_fingerprint(row) == reference.digest()
+        m = int(row["lengths"][0])
+        reference = hashlib.sha256(row["long_ids"].tobytes() + row["long_times"].tobytes())
+        for i in range(m - 1):
+            reference.update(np.asarray([row[key][0, i] for key in ROW_FIELDS], dtype=np.int64).tobytes())
+        reference.update(np.asarray([row[key][0, m - 1] for key in ("ids", "times", "ratings", "gaps")]).tobytes())
+        reference.update(m.to_bytes(8, "little"))
+        assert prefix_fingerprint(row) == reference.digest()[:16]
+        split = max(m - 3, 0)  # a hash of the first positions, extended by the rest
+        assert fingerprint_from(extend_hash(prefix_hash(row, split), row, split, max(m - 1, 0)), row) \
+            == reference.digest()[:16]
+        other = {key: value.copy() for key, value in row.items()}
+        other["ratings"][0, 0] += 1
+        assert prefix_fingerprint(other) != prefix_fingerprint(row)
+        if m > 1:
+            shorter = {key: value.copy() for key, value in row.items()}
+            shorter["lengths"][0] = m - 1
+            assert prefix_fingerprint(shorter) != prefix_fingerprint(row)
         strided = {key: np.repeat(value, 2, axis=-1)[..., ::2] for key, value in row.items()}  # same values, strided
         assert not strided["ids"].flags.c_contiguous
-        assert prefix_fingerprint(strided) == reference.digest()
+        assert prefix_fingerprint(strided) == reference.digest()[:16]
         later = {key: value.copy() for key, value in row.items()}
         later["query_times"][0, int(row["lengths"][0]) - 1] += 3600
         later["query_gaps"][0, int(row["lengths"][0]) - 1] += 1
-        assert prefix_fingerprint(later) == reference.digest()
+        assert prefix_fingerprint(later) == reference.digest()[:16]
 
 
 def test_prefix_cache_lru_and_scratch():

@@ -6,7 +6,14 @@ import pytest
 
 from contracts.user_state_rule import FEATURE_NAMES
 from infra.feast_store import FeastRedisLayout, feature_field
-from serving.feast_redis import UnsupportedValue, _Value, decode_typed, decode_value, encode_typed
+from serving.feast_redis import (
+    UnsupportedValue,
+    _Value,
+    decode_appended,
+    decode_typed,
+    decode_value,
+    encode_typed,
+)
 from serving.user_state_reader import BadState, RedisStateReader, UserStateView
 
 REPO = Path(__file__).resolve().parents[2] / "feature_repo"
@@ -169,3 +176,90 @@ def test_redis_reader_refuses_bad_state():
         reader_over(short).read("u1")
     with pytest.raises(BadState, match="cannot be decoded"):
         reader_over({**STORED_U1, GOLDEN_FIELDS["state_version"]: b"\xff\xff\xff"}).read("u1")
+
+
+@pytest.mark.parametrize("kind, old, new", [
+    ("string_list_val", ["a", "bb"], ["a", "bb", "c"]),
+    ("string_list_val", ["ü" * 70, "x"], ["ü" * 70, "x", "y" * 200, ""]),  # multi-byte lengths and values
+    ("int64_list_val", [8, 10], [8, 10, 6]),  # small values: the bytes are the values
+    ("int64_list_val", INT64S, INT64S + [978_307_260_000, -7, 3]),
+    ("int64_list_val", [1, 2], [1, 2, 2**40]),
+])
+def test_decode_appended_reads_what_a_whole_decode_reads(kind, old, new):
+    old_data, new_data = encode_typed(old, kind), encode_typed(new, kind)
+    got = decode_appended(old_data, decode_typed(old_data, kind), new_data, kind)
+    assert got == decode_typed(new_data, kind) == tuple(new)
+
+
+@pytest.mark.parametrize("kind, old, new", [
+    ("string_list_val", ["a", "bb"], ["a", "bb"]),  # unchanged: not grown
+    ("string_list_val", ["a", "bb"], ["a"]),  # shorter
+    ("string_list_val", ["a", "bb"], ["bb", "c"]),  # the window slid
+    ("string_list_val", ["a", "bb"], ["a", "bc", "d"]),  # an old value changed
+    ("string_list_val", ["a", "b"], ["a", "bc"]),  # the last old value grew: bytes extend, values do not
+    ("string_list_val", [], ["a"]),  # nothing kept
+    ("int64_list_val", [1, 2], [1, 3, 4]),
+    ("int64_list_val", [1, 2], [1, 2 + 128]),  # a varint that grew a byte
+    ("int64_list_val", [1, 2], [1]),
+])
+def test_decode_appended_refuses_what_did_not_only_grow(kind, old, new):
+    old_data, new_data = encode_typed(old, kind), encode_typed(new, kind)
+    assert decode_appended(old_data, decode_typed(old_data, kind) or (), new_data, kind) is None
+
+
+def stored_state(items, times):
+    """A user's stored hash: ``items`` (ids) at ``times`` (ms), one RATE each."""
+    return {
+        GOLDEN_FIELDS["recent_item_ids"]: encode_typed(items, "string_list_val"),
+        GOLDEN_FIELDS["recent_action_tokens"]: encode_typed([2] * len(items), "int64_list_val"),
+        GOLDEN_FIELDS["recent_rating_tokens"]: encode_typed([8 + i % 3 for i in range(len(items))], "int64_list_val"),
+        GOLDEN_FIELDS["recent_event_times"]: encode_typed(times, "int64_list_val"),
+        GOLDEN_FIELDS["event_count"]: encode_typed(len(items), "int64_val"),
+        GOLDEN_FIELDS["last_event_time"]: encode_typed(times[-1], "int64_val"),
+        GOLDEN_FIELDS["state_version"]: encode_typed(1, "int64_val"),
+    }
+
+
+def test_kept_states_read_what_a_fresh_reader_reads():
+    """A reader that keeps states hands the same view back for an unchanged state, decodes a grown one's new
+    events onto the kept ones (its history set grown from the kept set), and reads anything else whole: always the
+    view a reader that keeps nothing reads."""
+    items = [f"item-{i}" for i in range(300)]
+    times = [978_307_200_000 + 60_000 * i for i in range(300)]
+    stored: dict = {}
+    keeping, fresh = reader_over(stored), reader_over(stored)
+    keeping.recent_users = 2
+    stored |= stored_state(items[:200], times[:200])
+    first = keeping.read("u1")
+    assert first == fresh.read("u1") and keeping.read("u1") is first
+    assert first.history() == frozenset(items[:200]) and first.history() is first.history()
+    stored |= stored_state(items[:203], times[:203])  # three new events
+    grown = keeping.read("u1")
+    assert grown == fresh.read("u1") and grown is not first and grown.item_ids[:200] == first.item_ids
+    assert grown._history == frozenset(items[:203])  # built from the kept set
+    stored |= stored_state(items[1:204], times[1:204])  # the window slid: read whole
+    assert keeping.read("u1") == fresh.read("u1")
+    stored |= {**stored_state(items[1:205], times[1:205]), GOLDEN_FIELDS["state_version"]: b"\xff\xff\xff"}
+    with pytest.raises(BadState, match="cannot be decoded"):
+        keeping.read("u1")
+    assert keeping.read("someone-else") is None
+    assert list(keeping.recent) == ["u1"] and len(keeping.recent) <= keeping.recent_users
+
+
+def test_a_redis_reader_keeps_as_many_states_as_the_models_keep_rows():
+    """compose's keep_states: the largest row cache of the served UGT models (a worker's RemoteModel: its local
+    generator's), never lowered; a model without one (popularity) keeps none."""
+    from types import SimpleNamespace
+
+    from serving.compose import keep_states
+
+    reader = reader_over(STORED_U1)
+    keep_states(reader, {"movie": SimpleNamespace(name="popularity")})
+    assert reader.recent_users == 0
+    keep_states(reader, {"movie": SimpleNamespace(prepared_capacity=5), "book": SimpleNamespace(prepared_capacity=3)})
+    assert reader.recent_users == 5
+    keep_states(reader, {"movie": SimpleNamespace(local=SimpleNamespace(prepared_capacity=9))})
+    assert reader.recent_users == 9
+    keep_states(reader, {"movie": SimpleNamespace(prepared_capacity=2)})
+    assert reader.recent_users == 9
+    keep_states(SimpleNamespace(name="feast"), {"movie": SimpleNamespace(prepared_capacity=5)})  # no such reader

@@ -431,3 +431,24 @@ def test_batch_buckets_reach_the_largest_model_step():
     assert batch_buckets_up_to(128) == (1, 8, 32, 128)
     assert batch_buckets_up_to(256) == (1, 8, 32, 128, 256)
     assert batch_buckets_up_to(300) == (1, 8, 32, 128, 256, 512)
+
+
+def test_sorted_union_is_union1d():
+    """An append's exclusions grow by insertion into the sorted history indices: the same array np.union1d gives."""
+    from serving.ugt_generator import sorted_union
+
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        seen = np.unique(rng.integers(1, 60, rng.integers(1, 40)))
+        new = rng.integers(1, 80, rng.integers(1, 6))
+        got = sorted_union(seen, new)
+        assert got.dtype == np.int64 and got.tolist() == np.union1d(seen, new).tolist()
+    assert sorted_union(np.zeros(0, np.int64), np.asarray([5, 2, 5])).tolist() == [2, 5]
+
+
+def test_item_indices_mark_unknown_items_zero(trained):
+    gen = UGTGenerator(trained, clock=Clock())
+    known = list(gen.item_to_index)[:3]
+    got = gen.item_indices((known[0], "not-an-item", known[2], known[0]))
+    assert got.dtype == np.int64
+    assert got.tolist() == [gen.item_to_index[known[0]], 0, gen.item_to_index[known[2]], gen.item_to_index[known[0]]]
