@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -348,10 +349,17 @@ def main(argv: list[str] | None = None) -> int:
                               "read once from Redis): thread CPU of RedisStateReader's decode per state, and of "
                               "UGTGenerator.prepare + exclusions per request for a state with one new event (append) "
                               "and an unchanged one (hit); best of 5 rounds per subprocess")
+    return run_and_write(args, "worker_cpu", conditions, run, lambda result: result["summary"])
+
+
+def run_and_write(args: argparse.Namespace, name: str, conditions: dict[str, Any],
+                  run: Callable[[argparse.Namespace], dict[str, Any]],
+                  table: Callable[[dict[str, Any]], list[dict[str, Any]]]) -> int:
+    """Stamp the start, run the bench, print ``table(result)`` and write the result file ``args.out``; 0."""
     conditions["started"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     result = run(args)
-    print_table(result["summary"])
-    write_result(Path(args.out), "worker_cpu", conditions, result)
+    print_table(table(result))
+    write_result(Path(args.out), name, conditions, result)
     return 0
 
 

@@ -23,13 +23,12 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, print_table, result_path, write_result
+from bench.common import REPO, result_path
 from bench.serving import start_redis
-from bench.worker_cpu import extract, probe
+from bench.worker_cpu import extract, probe, run_and_write
 
 MIX = {"miss": 0.1, "hit": 0.2, "append": 0.7}  # bench/serving_gpu_e2e.py's default traffic mix
 STAGES_CODE = (REPO / "bench" / "worker_stages.py").read_text()
@@ -40,11 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", default="HEAD", help="git revision of the baseline tree (default: %(default)s)")
     p.add_argument("--histories", default="200,1024", help="history lengths (the model's window), comma list")
-    p.add_argument("--users", type=int, default=512, help="synthetic users per probe")
-    p.add_argument("--batch", type=int, default=32, help="requests per worker batch")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of miss, hit, append per probe (the best kept)")
-    p.add_argument("--passes", type=int, default=5, help="interleaved probe subprocesses per tree and history")
-    p.add_argument("--items", type=int, default=50_000, help="catalog size of the random checkpoints")
+    for flag, default, what in (("--users", 512, "synthetic users per probe"),
+                                ("--batch", 32, "requests per worker batch"),
+                                ("--rounds", 3, "rounds of miss, hit, append per probe (the best kept)"),
+                                ("--passes", 5, "interleaved probe subprocesses per tree and history"),
+                                ("--items", 50_000, "catalog size of the random checkpoints")):
+        p.add_argument(flag, type=int, default=default, help=what)
     p.add_argument("--redis-port", type=int, default=None, help="the private Redis's port (default: a free one)")
     p.add_argument("--out", default=str(result_path("worker_cpu_probes_industrial")),
                    help="result file (default: %(default)s)")
@@ -118,11 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         "request of the batch calls, the other stages wall time per request (perf_counter around the tree's own "
         "functions; gather includes gather_prepare, which includes gather_fingerprint; state_read includes "
         "state_decode); per kind the best of --rounds rounds, then the median over --passes subprocesses per tree")
-    conditions["started"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    result = run(args)
-    print_table([r for r in result["summary"] if r["stage"] == "cpu_us"])
-    write_result(Path(args.out), "worker_cpu_industrial", conditions, result)
-    return 0
+    return run_and_write(args, "worker_cpu_industrial", conditions, run,
+                         lambda result: [r for r in result["summary"] if r["stage"] == "cpu_us"])
 
 
 if __name__ == "__main__":
