@@ -106,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--append-room", type=int, default=64, help="events of room left in each state for appends")
     p.add_argument("--lead-ms", type=float, default=20.0, help="a new event is written this long before its request")
     p.add_argument("--kv-cache-bytes", type=int, default=48 << 30, help="the engine's KV pool (bytes)")
+    p.add_argument("--kv-admission", choices=["lru", "second_sight"], default="lru",
+                   help="the KV pool's admission rule (serving key kv_cache_admission)")
     p.add_argument("--batch-max", type=int, default=128, help="serving batch_max_size")
     p.add_argument("--engine-max-rows", type=int, default=128,
                    help="serving engine_max_rows: rows per model step across workers (CUDA graph buckets up to it)")
@@ -331,7 +333,9 @@ def ugt_config(args: argparse.Namespace, users: Users) -> dict[str, Any]:
             "engine_max_rows": args.engine_max_rows,
             "engine_queue_max": 16384, "live_items": 0, "log_level": "warning", "request_timeout_ms": 2000.0,
             "queue_timeout_ms": 1000.0, "max_history": users.window,
-            "popularity_cache_size": max(2500, MAX_K + 1000 + users.window)}  # >= k + max_exclude + history
+            "popularity_cache_size": max(2500, MAX_K + 1000 + users.window),  # >= k + max_exclude + history
+            # only when asked: a baseline tree (bench/worker_cpu.py) may not know the key
+            **({"kv_cache_admission": args.kv_admission} if getattr(args, "kv_admission", "lru") != "lru" else {})}
 
 
 def run_rates(server: Server, users: Users, rates: list[float], args: argparse.Namespace, redis_port: int,

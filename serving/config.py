@@ -22,10 +22,10 @@ from contracts.limits import DOMAIN_PATTERN
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "default.yaml"
 ENV_PREFIX = "UGT_SERVING_"
 
-# Feast SDK get_online_features | direct read of Feast's Redis hashes
-StateReader = Literal["feast", "redis"]
+StateReader = Literal["feast", "redis"]  # Feast SDK get_online_features | direct read of Feast's Redis hashes
 # the batcher: a thread of the server, a forked process, auto = process unless a model runs on CUDA (no fork)
 Engine = Literal["auto", "thread", "process"]
+Admission = Literal["lru", "second_sight"]  # models/ugt/runner/slot_cache.py
 Quantize = Literal["none", "int8", "fp8", "int8_weight"]  # models/ugt/quantize.py, models/ugt/weight_quant.py
 # a request the engine's full queue refuses: 429 + Retry-After (reject), or the popularity answer marked "overloaded"
 Overload = Literal["reject", "fallback"]
@@ -207,11 +207,11 @@ class ServingConfig:
     rate_limit_rps: Float = Field(0.0, ge=0, le=1e6)  # per API key (or client address without keys); 0 = no limit
     rate_limit_burst: Int = Field(50, ge=1, le=1_000_000)  # token-bucket depth of the rate limit
     batch_max_size: Int = Field(64, ge=1, le=4096)  # the dynamic batcher's largest batch (serving/batcher.py)
-    # users whose prefix K/V each UGT generator keeps (0 = recompute every request)
-    kv_cache_users: Int = Field(10000, ge=0, le=10_000_000)
-    # > 0: each UGT generator's KV pool (slots of the whole window, docs/SERVING.md) fits in this many bytes, holding
-    # fewer than kv_cache_users when they would not fit; LRU evicts when it is full. 0 = kv_cache_users alone decides
+    kv_cache_users: Int = Field(10000, ge=0, le=10_000_000)  # users whose prefix K/V each UGT model keeps (0 = none)
+    # > 0: each UGT generator's KV pool (slots of the whole window, docs/SERVING.md) fits in this many bytes, fewer
+    # than kv_cache_users when they would not fit; kv_cache_admission then decides who enters. 0 = no byte budget
     kv_cache_bytes: Int = Field(0, ge=0, le=1 << 40)
+    kv_cache_admission: Admission = "lru"  # second_sight: a new user enters a full pool on its second miss only
     # PyTorch CPU threads per serving process. 1: a served batch is a few hundred small ops, too small to split,
     # and idle OpenMP workers spin on the cores the event loop needs (measured: docs/SERVING.md). 0 = torch's default
     torch_threads: Int = Field(1, ge=0, le=256)

@@ -97,7 +97,8 @@ def batch_buckets_up_to(max_batch: int) -> tuple[int, ...]:
 
 
 def default_inference(model: torch.nn.Module, device: str, kv_cache_users: int, kv_cache_bytes: int, compile_cpu: bool,
-                      quantize: str, rank_top: int, beam_size: int, max_batch: int) -> InferenceConfig:
+                      quantize: str, rank_top: int, beam_size: int, max_batch: int,
+                      kv_cache_admission: str = "lru") -> InferenceConfig:
     """The engine settings the serving keys ask for.
 
     kv_cache_users > 0: a user whose events did not change since the last request runs only the last event through
@@ -114,6 +115,7 @@ def default_inference(model: torch.nn.Module, device: str, kv_cache_users: int, 
     if rank_top < 0:
         rank_top = model.config.heads.rank_top if model.ranker is not None and kv_cache_users > 0 else 0
     return InferenceConfig(device=device, cache_slots=kv_cache_users, cache_bytes=kv_cache_bytes,
+                           cache_admission=kv_cache_admission,
                            batch_buckets=batch_buckets_up_to(max_batch), compile=compile_cpu and device == "cpu",
                            quantize=quantize, rank_top=rank_top, beam_size=beam_size,
                            merge="rrf" if beam_size > 0 else "retrieval")
@@ -142,7 +144,7 @@ class UGTGenerator:
                  compile_cpu: bool = False, quantize: str = "none",
                  rank_top: int = -1, beam_size: int = 0, live_items: int = 0,
                  redis_factory: Callable[[], object] | None = None, sid_version: str = "",
-                 device: str = "auto", max_batch: int = 128):
+                 device: str = "auto", max_batch: int = 128, kv_cache_admission: str = "lru"):
         from models.checkpoint import load_checkpoint, long_history_len
 
         path = Path(checkpoint)
@@ -176,7 +178,7 @@ class UGTGenerator:
             self.table = self.model.item_embeddings().float()  # fixed after training: computed once
         if inference is None:  # GPU when there is one (bf16, CUDA graphs, fused attention), else CPU fp32
             inference = default_inference(model, device, kv_cache_users, kv_cache_bytes, compile_cpu, quantize,
-                                          rank_top, beam_size, max_batch)
+                                          rank_top, beam_size, max_batch, kv_cache_admission)
         self.codes = ckpt.get("semantic_codes")
         self.live: LiveCatalog | None = None
         if live_items > 0 and redis_factory is not None:

@@ -78,7 +78,7 @@ class UGTInference:
         self.slot_bytes = SlotPool.slot_bytes(len(self.model.layers), blk.num_heads, self.T, blk.dqk, blk.dv,
                                               self.dtype)
         slots = self.cache_slots_within(c)
-        self.cache = PrefixCache(slots, self.slot_bytes) if slots > 0 else None
+        self.cache = PrefixCache(slots, self.slot_bytes, c.cache_admission) if slots > 0 else None
         self.layout = BatchLayout(self.N, self.E, self.device, self.cache.scratch if self.cache is not None else 0)
         self.width = self.layout.width
         self.fused = c.fused_attention and self.device.type == "cuda" and triton_status(self.device)[0]

@@ -130,6 +130,23 @@ def test_the_pool_keeps_to_its_byte_budget_and_evicts_the_least_recent_user():
     assert smaller.cache.capacity == 2  # the slot count still caps the pool
 
 
+def test_a_refused_user_is_prefilled_in_scratch_and_answered_as_an_admitted_one():
+    model, users = make_model(1), histories(5, seed=11)
+    lru = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=2))
+    door = UGTInference(model, InferenceConfig(device="cpu", dtype="fp32", cache_slots=2,
+                                               cache_admission="second_sight"))
+    for i, h in enumerate(users):  # u2.. meet a full pool: refused by second_sight, evicting under lru
+        want = lru.recommend([row_of(h, 5)], [np.array([0])], 5, [f"u{i}"])[0]
+        got = door.recommend([row_of(h, 5)], [np.array([0])], 5, [f"u{i}"])[0]
+        assert got.indices.tolist() == want.indices.tolist() and np.allclose(got.scores, want.scores, atol=1e-5)
+    assert door.cache.refused == 3 and list(door.cache.entries) == ["u0", "u1"]
+    again = door.recommend([row_of(users[4], 7, 10)], [np.array([0])], 5, ["u4"])[0]  # second sight: admitted
+    assert list(door.cache.entries) == ["u1", "u4"]
+    assert again.indices.tolist() == lru.recommend([row_of(users[4], 7, 10)], [np.array([0])], 5, ["u4"])[0].indices.tolist()
+    with pytest.raises(ValueError, match="cache_admission"):
+        UGTInference(model, InferenceConfig(device="cpu", cache_slots=2, cache_admission="lfu"))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_ranking_after_an_append_reads_the_appended_prefix(device):
     from tests.models.test_ranking import make_model as ranked_model

@@ -92,6 +92,24 @@ def test_prefix_cache_evicts_the_least_recent_user_and_a_moved_prefix_keeps_its_
     assert new == [slots[0]] and list(cache.entries) == ["b", "c"] and cache.hits == 1 and cache.misses == 4
 
 
+def test_second_sight_keeps_a_one_off_user_out_of_a_full_pool_and_admits_it_when_it_comes_back():
+    cache = PrefixCache(2, admission="second_sight")
+    first = cache.assign(["a", "b"], [b"1", b"1"])[0]  # free slots: admitted at once
+    slots, hits = cache.assign(["c"], [b"1"])  # the pool is full and c is new: prefilled into scratch
+    assert slots == [cache.scratch] and hits == [False] and list(cache.entries) == ["a", "b"]
+    assert cache.stats()["refused"] == 1 and cache.misses == 3
+    slots, _ = cache.assign(["c"], [b"1"])  # its second sight: admitted, evicting the least recent (a)
+    assert slots == [first[0]] and list(cache.entries) == ["b", "c"] and not cache.refused_keys
+    for i in range(20):  # the doorkeeper remembers at most 4 x capacity refused users
+        cache.assign([f"x{i}"], [b"1"])
+    assert len(cache.refused_keys) == 8 and cache.refused == 21 and list(cache.entries) == ["b", "c"]
+    lru = PrefixCache(2)
+    lru.assign(["a", "b", "c"], [b"1"] * 3)
+    assert list(lru.entries) == ["b", "c"] and lru.refused == 0
+    with pytest.raises(ValueError, match="admission"):
+        PrefixCache(2, admission="lfu")
+
+
 def test_lookup_appends_only_a_longer_row_whose_committed_positions_match_and_counts_each_kind():
     cache = PrefixCache(4, slot_bytes=100)
     committed = {(0, 2): b"p", (0, 4): b"q", (1, 1): b"r"}  # (row, m) -> print; anything else differs
@@ -108,7 +126,7 @@ def test_lookup_appends_only_a_longer_row_whose_committed_positions_match_and_co
     assert second.slots[0] == first.slots[0] and second.slots[2:] == [cache.scratch] * 2
     assert cache.lookup(["a"], [b"3"], [5], prints_of).kinds == [HIT]
     edited = cache.lookup(["a"], [b"4"], [6], lambda row, m: b"edited")  # a past event changed: a miss
-    assert edited.kinds == [MISS] and cache.stats() == {"hit": 1, "append": 1, "miss": 4, "users": 2,
+    assert edited.kinds == [MISS] and cache.stats() == {"hit": 1, "append": 1, "miss": 4, "refused": 0, "users": 2,
                                                          "bytes_used": 200, "bytes_reserved": 500}
     assert cache.lookup(["a"], [b"5"], [7]).kinds == [MISS]  # without committed prints nothing appends
 

@@ -166,6 +166,13 @@ def test_configs_built_in_code_are_validated_too():
     assert replace(ServingConfig(), max_context=3).max_context == 3
 
 
+def test_kv_cache_admission_is_lru_unless_second_sight_is_asked_for():
+    assert ServingConfig().kv_cache_admission == "lru"
+    assert build_config({}, env={"UGT_SERVING_KV_CACHE_ADMISSION": "second_sight"}).kv_cache_admission == "second_sight"
+    with pytest.raises(ConfigError, match="kv_cache_admission: Input should be 'lru' or 'second_sight'"):
+        build_config({"kv_cache_admission": "lfu"}, env={})
+
+
 def test_quantize_names_a_known_variant_and_int8_runs_uncompiled():
     assert ServingConfig().quantize == "none"
     assert build_config({"quantize": "int8"}, env={}).quantize == "int8"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from models.ugt.model import UGT
+from models.ugt.runner.slot_cache import ADMISSIONS
 from models.ugt.weight_quant import fp8_supported
 
 # none | int8 (CPU dynamic, models/ugt/quantize.py) | fp8, int8_weight (models/ugt/weight_quant.py)
@@ -30,6 +31,9 @@ class InferenceConfig:
     # > 0: the KV pool (every slot + one scratch, each the whole window) fits in this many bytes: fewer slots than
     # cache_slots when they would not fit; LRU evicts when the pool is full. 0 = cache_slots alone decides
     cache_bytes: int = 0
+    # "lru": every miss is cached; "second_sight": a new user enters a full pool only on its second miss
+    # (models/ugt/runner/slot_cache.py): one-off users do not evict returning ones
+    cache_admission: str = "lru"
     beam_size: int = 0  # > 0: also semantic-ID beam search (needs the model's semantic-ID head)
     merge: str = "retrieval"  # "retrieval" (dot-product top-k only) | "rrf" (retrieval + beam, rank-fused; with
     # rank_top > 0 the ranking head orders the union of both lists instead)
@@ -79,6 +83,8 @@ class InferenceConfig:
         if (self.retrieval_block is not None and self.retrieval_block < 0) or self.retrieval_block_min_batch < 0:
             raise ValueError(f"retrieval_block and retrieval_block_min_batch must be >= 0 (retrieval_block 0 = one "
                              f"pass), got {self.retrieval_block} and {self.retrieval_block_min_batch}")
+        if self.cache_admission not in ADMISSIONS:
+            raise ValueError(f"cache_admission must be one of {list(ADMISSIONS)}, got {self.cache_admission!r}")
         if self.cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0 (0 = no byte budget), got {self.cache_bytes}")
         if self.rank_top > 0 and self.cache_slots <= 0:

@@ -13,6 +13,12 @@ of that user is one of:
 
 Slot ``capacity`` is scratch: padding rows, ``None`` keys and a key repeated within a batch write there,
 and nothing reads it back.
+
+Admission (``admission``): ``"lru"`` caches every miss, evicting the least recently used user when the pool is
+full. ``"second_sight"`` caches a new user into a full pool only on its second miss within the last
+``4 x capacity`` refused users (a doorkeeper, as TinyLFU's): under Zipf traffic a user seen once (and maybe never
+again) then prefills into scratch instead of evicting a returning one. Refused misses are counted in ``refused``
+(and in ``misses``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import NamedTuple
 import torch
 
 HIT, APPEND, MISS = "hit", "append", "miss"
+ADMISSIONS = ("lru", "second_sight")
 
 
 @dataclass(slots=True)
@@ -54,16 +61,21 @@ class PrefixCache:
     the whole window: see :meth:`SlotPool.slot_bytes`).
     """
 
-    def __init__(self, capacity: int, slot_bytes: int = 0):
+    def __init__(self, capacity: int, slot_bytes: int = 0, admission: str = "lru"):
         if capacity < 0:
             raise ValueError(f"cache capacity must be >= 0, got {capacity}")
+        if admission not in ADMISSIONS:
+            raise ValueError(f"cache admission must be one of {list(ADMISSIONS)}, got {admission!r}")
         self.capacity = capacity
         self.slot_bytes = slot_bytes
+        self.admission = admission
         self.entries: OrderedDict[str, CachedPrefix] = OrderedDict()
+        self.refused_keys: OrderedDict[str, None] = OrderedDict()  # second_sight's doorkeeper
         self.free = list(range(capacity - 1, -1, -1))
         self.hits = 0
         self.appends = 0
         self.misses = 0
+        self.refused = 0
 
     @property
     def scratch(self) -> int:
@@ -81,8 +93,8 @@ class PrefixCache:
 
     def stats(self) -> dict[str, int]:
         """The counters and bytes, as /metrics and the benches read them."""
-        return {"hit": self.hits, "append": self.appends, "miss": self.misses, "users": len(self.entries),
-                "bytes_used": self.bytes_used, "bytes_reserved": self.bytes_reserved}
+        return {"hit": self.hits, "append": self.appends, "miss": self.misses, "refused": self.refused,
+                "users": len(self.entries), "bytes_used": self.bytes_used, "bytes_reserved": self.bytes_reserved}
 
     def assign(self, keys: list[str | None], prints: list[bytes]) -> tuple[list[int], list[bool]]:
         """(slot, hit) per row, without appends (no committed prints): :meth:`lookup` for callers that only hit."""
@@ -109,6 +121,10 @@ class PrefixCache:
                     continue
                 slot = entry.slot  # the prefix moved: appended or prefilled again, in the user's own slot
                 start = self._append_start(entry, b, lengths, committed)
+            elif self._refuse(key):
+                self._add(found, self.scratch, MISS, 0)
+                self.misses += 1
+                continue
             else:
                 slot = self._free_slot()
             length = int(lengths[b]) if lengths is not None else 0
@@ -137,6 +153,19 @@ class PrefixCache:
         if int(lengths[b]) <= entry.length or committed(b, entry.length - 1) != entry.committed:
             return -1
         return entry.length - 1
+
+    def _refuse(self, key: str) -> bool:
+        """second_sight: whether a new ``key`` stays out of a full pool (its first miss among the recent refusals)."""
+        if self.admission == "lru" or self.free:
+            return False
+        if key in self.refused_keys:  # its second sight: admitted
+            del self.refused_keys[key]
+            return False
+        self.refused_keys[key] = None
+        if len(self.refused_keys) > 4 * self.capacity:
+            self.refused_keys.popitem(last=False)
+        self.refused += 1
+        return True
 
     def _free_slot(self) -> int:
         """A free slot, evicting the least recently used user when none is left."""
