@@ -206,7 +206,7 @@ def engine_rows(checkpoint: str, users: Users, rates: list[float], args: Any) ->
         users.seen = schedule.seen_after
         after = dict(generator.engine.cache.stats()) if generator.engine.cache is not None else {}
         row = {"config": "generator-engine", "offered_qps": rate, **measured}
-        for result in ("hit", "append", "miss"):
+        for result in ("hit", "append", "miss", "refused"):  # refused (second_sight) are misses too
             row[f"cache_{result}"] = int(after.get(result, 0) - before.get(result, 0))
         # a user asked twice within one step: the later row runs in the scratch slot, not looked up (uncounted)
         counted = row["cache_hit"] + row["cache_append"] + row["cache_miss"]

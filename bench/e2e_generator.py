@@ -87,7 +87,7 @@ def generator_rows(checkpoint: str, users: Users, rates: list[float], args: Any)
                "p50_ms": round(pct(latency.tolist(), 50), 2), "p99_ms": round(pct(latency.tolist(), 99), 2),
                "p999_ms": round(pct(latency.tolist(), 99.9), 2), "errors": 0, "fallbacks": 0,
                "mean_batch": round(float(np.mean(sizes)), 1)}
-        for result in ("hit", "append", "miss"):
+        for result in ("hit", "append", "miss", "refused"):  # refused (second_sight) are misses too
             row[f"cache_{result}"] = int(after.get(result, 0) - before.get(result, 0))
         rows.append(row)
         if row["p99_ms"] > 1000:
