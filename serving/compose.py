@@ -330,7 +330,7 @@ def model_pipeline(worker: Runtime, path: str) -> DynamicBatcher:
     served = served_generators(worker.components, config)
     if not use_remote_models(worker.components, served, channel, prepared_users=config.kv_cache_users):
         log.warning("engine_scope: model, but no domain serves a UGT model: the engine has nothing to run")
-    keep_states(worker.components.state_reader, served_generators(worker.components, config))
+    keep_states(worker.components.state_reader, served)  # the UGT generators (or what now wraps them) keep rows
     return DynamicBatcher(worker.service.run_batch, max_size=config.batch_max_size,
                           max_wait_s=config.batch_max_wait_ms / 1000.0,
                           on_batch=worker.metrics.batch_size.observe, max_queue=config.engine_queue_max)
@@ -373,11 +373,11 @@ def compose(settings: Settings, config: ServingConfig, components: Components | 
     if components is None:
         assert client is not None
         components = build_components(settings, config, client)
-    engine = pick_engine(config, served_generators(components, config))
-    keep_states(components.state_reader, served_generators(components, config))
+    served = served_generators(components, config)
+    engine = pick_engine(config, served)
+    keep_states(components.state_reader, served)
     metrics = ServingMetrics()
-    live = {domain: gen for domain, gen in served_generators(components, config).items()
-            if getattr(gen, "live", None) is not None}
+    live = {domain: gen for domain, gen in served.items() if getattr(gen, "live", None) is not None}
     if engine == "thread":  # else the engine process watches them (engine_main): they serve there
         metrics.watch_kv_caches(kv_caches(components, config))
         metrics.watch_live_items(live)

@@ -113,9 +113,13 @@ class DailySums:
             sums = sums - self.background_share * (self.background if row is None else self.background[row])
         return sums
 
+    def rows(self, request_times: torch.Tensor) -> torch.Tensor:
+        """The day row each request time reads: the days before its own."""
+        return (request_times.long() // DAY - self.first_day).clamp(0, self.sums.shape[0] - 1)
+
     def at(self, request_times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sums (B, C, D), counts (B, C)) as of each request time's day."""
-        row = (request_times.long() // DAY - self.first_day).clamp(0, self.sums.shape[0] - 1)
+        row = self.rows(request_times)
         return self.sums[row], self.counts[row]
 
     def rescore(self, scores: torch.Tensor, state: torch.Tensor, table: torch.Tensor,
@@ -124,7 +128,7 @@ class DailySums:
         the cosine with their blended stream vectors as of each row's request day; other terms kept."""
         ids = torch.as_tensor(self.items, device=scores.device)
         content = table[ids].float()
-        row = (request_times.long() // DAY - self.first_day).clamp(0, self.sums.shape[0] - 1)
+        row = self.rows(request_times)
         sums, counts = self.sums[row], self.counts[row]
         vectors = blend(content.unsqueeze(0).expand_as(sums), self.centered(sums, counts, row), counts, self.k,
                         self.scale)
