@@ -6,6 +6,7 @@ Own user id and popularity domain per run, so nothing the Flink jobs write is to
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.integration
 RUN = uuid.uuid4().hex[:8]
 DOMAIN = f"itest-ugt-{RUN}"
 USER = f"itest-ugt-user-{RUN}"
+OTHER = f"itest-ugt-other-{RUN}"  # a second user, for a KV pool of one
 HISTORY = ["50", "181", "100", "258", "1", "286", "294", "121", "300", "288"]  # ML-100K item ids, oldest first
 
 
@@ -50,9 +52,10 @@ def seeded(stack: Settings) -> Iterator[Settings]:
     ensure_feast_applied(stack)
     base = 1_750_000_000_000
     events = [
-        TokenizedEvent(event_id=f"{USER}-{n}", user_id=USER, item_id=item, event_time=base + n * 60_000,
+        TokenizedEvent(event_id=f"{user}-{n}", user_id=user, item_id=item, event_time=base + n * 60_000,
                        domain=DOMAIN, action_token=2, rating_token=8, duration_token=0, hour_token=10)
-        for n, item in enumerate(HISTORY)
+        for user, history in ((USER, HISTORY), (OTHER, HISTORY[::-1][:6]))
+        for n, item in enumerate(history)
     ]
     frame = pd.DataFrame([s.to_feature_row() for s in states_from_events(events).values()])
     frame["event_timestamp"] = datetime.now(timezone.utc)
@@ -61,7 +64,8 @@ def seeded(stack: Settings) -> Iterator[Settings]:
     key = f"ugt:popularity:{DOMAIN}"
     client.zadd(key, {"1": 3.0, "2": 2.0, "3": 1.0})
     yield stack
-    client.delete(key, FeastRedisLayout.from_repo(stack.feature_repo).entity_key("user_id", USER))
+    layout = FeastRedisLayout.from_repo(stack.feature_repo)
+    client.delete(key, layout.entity_key("user_id", USER), layout.entity_key("user_id", OTHER))
 
 
 def test_ugt_generator_answers_recommend(seeded: Settings, checkpoint: Path, tmp_path):
@@ -82,3 +86,32 @@ def test_ugt_generator_answers_recommend(seeded: Settings, checkpoint: Path, tmp
         assert [item["item_id"] for item in r.json()["items"]] == got[2:7]
     finally:
         server.stop()
+
+
+def _lookups(server: Served) -> dict[str, float]:
+    """ugt_serving_kv_cache_lookups_total by result, from the server's /metrics."""
+    text = server.get("/metrics").text
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r'^ugt_serving_kv_cache_lookups_total\{[^}]*result="(\w+)"[^}]*\} (\S+)$', text, re.M)}
+
+
+def test_second_sight_keeps_a_new_user_out_of_a_full_kv_pool_over_http(seeded: Settings, checkpoint: Path, tmp_path):
+    answers, lookups = {}, {}
+    for admission in ("lru", "second_sight"):
+        config = build_config({"generator": "ugt", "checkpoint": str(checkpoint), "default_domain": DOMAIN,
+                               "kv_cache_users": 1, "kv_cache_admission": admission}, env={}, base_dir=tmp_path)
+        server = Served(create_app(seeded, config))
+        try:
+            got = []
+            for user in (USER, OTHER, OTHER, OTHER):
+                r = server.post({"user_id": user, "k": 10})
+                assert r.status_code == 200 and r.json()["fallback"] is False, r.text
+                got.append([item["item_id"] for item in r.json()["items"]])
+            answers[admission], lookups[admission] = got, _lookups(server)
+        finally:
+            server.stop()
+    assert answers["second_sight"] == answers["lru"]  # who is cached never changes an answer
+    # lru: OTHER evicts USER at once, then hits twice; second_sight: OTHER's first request is refused (the pool of
+    # one is full), its second admits it (a miss), its third hits
+    assert lookups["lru"] == {"hit": 2.0, "append": 0.0, "miss": 2.0}
+    assert lookups["second_sight"] == {"hit": 1.0, "append": 0.0, "miss": 3.0}
