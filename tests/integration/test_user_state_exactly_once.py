@@ -195,6 +195,10 @@ def test_kill_taskmanager_mid_replay_then_exactly_once(stack: Settings, tmp_path
         starting.result()
         tokenize_jid, user_state_jid = jobs
         lap("cluster up, both jobs submitted")
+        # the rest only once user_state has a completed checkpoint: the kill then lands mid-replay on a slow box
+        # too (the backlog alone can be applied before the first checkpoint completes)
+        wait_for("a completed user_state checkpoint", lambda: cluster.checkpoints(user_state_jid).get(
+            "counts", {}).get("completed", 0) >= 1, 300, every_s=0.5)
         pacing = background.submit(publish, settings, ordered[BACKLOG:], raw, PACE_PER_S)
         total = sum(expected_popularity.values())
 
