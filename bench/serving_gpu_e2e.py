@@ -106,6 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--append-room", type=int, default=64, help="events of room left in each state for appends")
     p.add_argument("--lead-ms", type=float, default=20.0, help="a new event is written this long before its request")
     p.add_argument("--kv-cache-bytes", type=int, default=48 << 30, help="the engine's KV pool (bytes)")
+    p.add_argument("--history-hop", type=int, default=0,
+                   help="the serving key history_hop: the window's start moves in steps of this many events, so "
+                        "users past a full window still append to their KV prefix (0 = slide per event)")
+    p.add_argument("--compare-hop", type=int, default=-1,
+                   help=">= 0: ugt-serve-model also runs with this history_hop, before the --history-hop group "
+                        "(the same rates; its rows are ugt-serve-model-hopN)")
     p.add_argument("--kv-admission", choices=["lru", "second_sight"], default="lru",
                    help="the KV pool's admission rule (serving key kv_cache_admission)")
     p.add_argument("--batch-max", type=int, default=128, help="serving batch_max_size")
@@ -335,7 +341,8 @@ def ugt_config(args: argparse.Namespace, users: Users) -> dict[str, Any]:
             "queue_timeout_ms": 1000.0, "max_history": users.window,
             "popularity_cache_size": max(2500, MAX_K + 1000 + users.window),  # >= k + max_exclude + history
             # only when asked: a baseline tree (bench/worker_cpu.py) may not know the key
-            **({"kv_cache_admission": args.kv_admission} if getattr(args, "kv_admission", "lru") != "lru" else {})}
+            **({"kv_cache_admission": args.kv_admission} if getattr(args, "kv_admission", "lru") != "lru" else {}),
+            **({"history_hop": args.history_hop} if getattr(args, "history_hop", 0) else {})}
 
 
 def run_rates(server: Server, users: Users, rates: list[float], args: argparse.Namespace, redis_port: int,
@@ -364,8 +371,10 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     users = make_users(args, workdir)
 
-    def ugt_group(name: str, workers: int, group_rates: list[float], scope: str = "pipeline") -> None:
-        server = serve_ugt(name, workdir, env, ugt_config(args, users) | {"engine_scope": scope}, workers)
+    def ugt_group(name: str, workers: int, group_rates: list[float], scope: str = "pipeline",
+                  hop: int | None = None) -> None:
+        config = ugt_config(args, users) | {"engine_scope": scope} | ({} if hop is None else {"history_hop": hop})
+        server = serve_ugt(name, workdir, env, config, workers)
         try:
             wait_served(server, users.ids[0], model=True)
             print(f"== {name}: warm-up", flush=True)
@@ -396,7 +405,10 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
         rows.extend(engine_rows(args.checkpoint, users, [float(r) for r in args.generator_rates.split(",")], args))
 
     # the generator-alone and generator-engine groups hold the GPU in this process until the end: they run last
-    groups = {"ugt-serve-model": lambda: ugt_group("ugt-serve-model", args.workers, rates, scope="model"),
+    groups = {} if args.compare_hop < 0 else {  # the comparison first: later groups meet fuller windows
+        f"ugt-serve-model-hop{args.compare_hop}": lambda: ugt_group(f"ugt-serve-model-hop{args.compare_hop}",
+                                                                    args.workers, rates, "model", args.compare_hop)}
+    groups |= {"ugt-serve-model": lambda: ugt_group("ugt-serve-model", args.workers, rates, scope="model"),
               "ugt-serve": lambda: ugt_group("ugt-serve", args.workers, rates), "anchor-http": anchor_group,
               "anchor-asgi": lambda: anchor_group("anchor-asgi"),
               "single-process": lambda: ugt_group("single-process", 1,

@@ -328,8 +328,21 @@ def _row_ends(data: SequenceData, split: str, max_len: int, all_windows: bool, m
     return rows_spec
 
 
+def window_start(count: int, max_len: int, hop: int = 0) -> int:
+    """The index of the first event in the model's window over a user's first ``count`` events: the last
+    ``max_len`` (hop 0), or, with ``hop`` > 0, a start that moves in steps of ``hop`` events (a multiple of it), so
+    the window holds ``max_len - hop + 1`` to ``max_len`` events and stays put for ``hop - 1`` new events. Serving
+    (the ``history_hop`` key) and the evaluator (``ugt eval --history-hop``) share it: a window that moves with
+    every event changes every position of the row, which no KV prefix cache can reuse."""
+    if count <= max_len:
+        return 0
+    if hop <= 0:
+        return count - max_len
+    return -(-(count - max_len) // hop) * hop
+
+
 def make_split(data: SequenceData, split: str, max_len: int, max_long: int = 0, all_windows: bool = False,
-               min_window: int = 10) -> Batchable:
+               min_window: int = 10, hop: int = 0) -> Batchable:
     """Padded arrays for ``split`` with at most ``max_len`` model positions per row.
 
     train: each user's events except the last two; input = events[:-1] (last max_len), targets = next
@@ -339,6 +352,8 @@ def make_split(data: SequenceData, split: str, max_len: int, max_long: int = 0, 
     ``all_windows`` (train only): users longer than one window also get rows for earlier, non-overlapping
     windows (at least ``min_window`` events), so every training event is a target once per epoch
     instead of only the last ``max_len`` per user (HSTU's protocol trains on the last window only).
+    ``hop`` (valid/test): the window starts at :func:`window_start` (as serving's ``history_hop`` starts it); the
+    events before it are long-term input as usual.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -366,7 +381,7 @@ def make_split(data: SequenceData, split: str, max_len: int, max_long: int = 0, 
             target_ratings[r, :n] = ratings[start + 1 : end]
             qt = times[start + 1 : end]
         else:
-            start = max(0, end - N)
+            start = window_start(end, N, hop)
             hist = slice(start, end)
             n = end - start
             targets[r] = items[end]

@@ -18,8 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=["valid", "test"], default="test")
     parser.add_argument("--mask-history", choices=["window", "all", "none"], default="window",
                         help="window = HSTU's (items in the model's input window); all = whole history")
+    parser.add_argument("--history-hop", type=int, default=0,
+                        help="the window's start moves in steps of this many events, as serving's history_hop "
+                             "key moves it (0 = the last max_len events)")
     parser.add_argument("--top-k", type=int, default=10, help="list length for beyond-accuracy metrics")
-    parser.add_argument("--beam-size", type=int, default=100, help="beams for generative (semantic-ID) retrieval")
+    parser.add_argument("--beam-size", type=int, default=100, help="beams for generative (semantic-ID) retrieval (0 = skip that row)")
     parser.add_argument("--rerank-top", type=int, default=-1,
                         help="with a ranking head: retrieval candidates it reorders (-1 = the checkpoint's "
                              "heads.rank_top, 0 = skip the cascade row)")
@@ -83,10 +86,13 @@ def _evaluate(args: argparse.Namespace, data: Any) -> int:
         raise ValueError(f"{args.checkpoint} was trained on the lake {cfg.dataset[len(LAKE_PREFIX):]}; evaluate it "
                          "with `ugt eval --checkpoint ... [--lake PATH]`, which reads the lake's held-out events")
     model.to(device)
-    split = make_split(data, args.split, cfg.max_len, long_history_len(cfg))
+    if not 0 <= args.history_hop < cfg.max_len:
+        raise ValueError(f"--history-hop must be in 0..{cfg.max_len - 1} (the checkpoint's max_len - 1), "
+                         f"got {args.history_hop}")
+    split = make_split(data, args.split, cfg.max_len, long_history_len(cfg), hop=args.history_hop)
     if len(split) == 0:
         raise ValueError(f"no user of {cfg.dataset} has the 3 events a leave-one-out {args.split} split needs")
-    generative = isinstance(model, UGT) and model.sid_head is not None
+    generative = isinstance(model, UGT) and model.sid_head is not None and args.beam_size > 0
     ranked = isinstance(model, UGT) and model.ranker is not None
     rerank_top = (model.config.heads.rank_top if args.rerank_top < 0 else args.rerank_top) if ranked else 0
     result = evaluate(model, data, split, args.split, device=device, mask_history=args.mask_history,
@@ -102,10 +108,12 @@ def _evaluate(args: argparse.Namespace, data: Any) -> int:
         rows.append({"model": "popularity", **pop})
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "rows": rows}, indent=2))
+    report = {"checkpoint": str(args.checkpoint), "history_hop": args.history_hop, "rows": rows}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
     table = markdown_table(rows, ["model"] + ACCURACY + BEYOND)
     (out / "report.md").write_text(
-        f"# {cfg.name}: {args.split} ({cfg.dataset}, ties={cfg.tie_order}, mask={args.mask_history})\n\n{table}\n"
+        f"# {cfg.name}: {args.split} ({cfg.dataset}, ties={cfg.tie_order}, mask={args.mask_history}, "
+        f"history_hop={args.history_hop})\n\n{table}\n"
     )
     plot_report([r for r in rows if "ild" in r], out)
     print(table)

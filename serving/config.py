@@ -208,10 +208,11 @@ class ServingConfig:
     rate_limit_burst: Int = Field(50, ge=1, le=1_000_000)  # token-bucket depth of the rate limit
     batch_max_size: Int = Field(64, ge=1, le=4096)  # the dynamic batcher's largest batch (serving/batcher.py)
     kv_cache_users: Int = Field(10000, ge=0, le=10_000_000)  # users whose prefix K/V each UGT model keeps (0 = none)
-    # > 0: each UGT generator's KV pool (slots of the whole window, docs/SERVING.md) fits in this many bytes, fewer
-    # than kv_cache_users when they would not fit; kv_cache_admission then decides who enters. 0 = no byte budget
-    kv_cache_bytes: Int = Field(0, ge=0, le=1 << 40)
+    # > 0: each UGT generator's KV pool (slots of the whole window) fits in this many bytes, fewer than
+    kv_cache_bytes: Int = Field(0, ge=0, le=1 << 40)  # kv_cache_users when they would not; 0 = no byte budget
     kv_cache_admission: Admission = "lru"  # second_sight: a new user enters a full pool on its second miss only
+    # > 0: the model's window starts on a multiple of this many events (models.data.window_start), so a user with a
+    history_hop: Int = Field(0, ge=0, le=100_000)  # full window appends to their KV prefix; 0 = slide per event
     # PyTorch CPU threads per serving process. 1: a served batch is a few hundred small ops, too small to split,
     # and idle OpenMP workers spin on the cores the event loop needs (measured: docs/SERVING.md). 0 = torch's default
     torch_threads: Int = Field(1, ge=0, le=256)
@@ -230,9 +231,8 @@ class ServingConfig:
     # retrieval; the two lists are merged by reciprocal rank, or ordered together by the ranking head (rank_top).
     # Needs a checkpoint with a semantic-ID head. 0 = retrieval only
     beam_size: Int = Field(0, ge=0, le=10_000)
-    # new items served without a retrain (serving/live_items.py): each UGT generator follows the item_semantic_ids
-    # job's feed and keeps room for this many items that arrive after training (0 = off; a checkpoint that embeds
-    # items by ID only cannot serve them and says so)
+    # new items served without a retrain (serving/live_items.py): each UGT generator follows the item_semantic_ids job's
+    # feed, room for this many items that arrive after training (0 = off; an ID-only checkpoint says it cannot)
     live_items: Int = Field(10000, ge=0, le=10_000_000)
     # the semantic-ID version whose feed to follow; "" = the checkpoint's (from `ugt train`), else the active one.
     # Either way the version's codes must match the checkpoint's

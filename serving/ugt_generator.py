@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from contracts.tokenizer import time_gap_bucket
-from models.data import history_row, time_gap_bucket_array
+from models.data import history_row, time_gap_bucket_array, window_start
 from models.eval import batch_to_device, last_states
 from models.ugt.inference import InferenceConfig, UGTInference
 from models.ugt.runner.batch import extend_hash, fingerprint_from, prefix_hash
@@ -144,7 +144,8 @@ class UGTGenerator:
                  compile_cpu: bool = False, quantize: str = "none",
                  rank_top: int = -1, beam_size: int = 0, live_items: int = 0,
                  redis_factory: Callable[[], object] | None = None, sid_version: str = "",
-                 device: str = "auto", max_batch: int = 128, kv_cache_admission: str = "lru"):
+                 device: str = "auto", max_batch: int = 128, kv_cache_admission: str = "lru",
+                 history_hop: int = 0):
         from models.checkpoint import load_checkpoint, long_history_len
 
         path = Path(checkpoint)
@@ -165,6 +166,10 @@ class UGTGenerator:
         self.model = model.eval()
         self.max_len = cfg.max_len
         self.max_long = long_history_len(cfg)
+        if not 0 <= history_hop < self.max_len:
+            raise CheckpointError(f"the serving key history_hop ({history_hop}) must be in 0..{self.max_len - 1}: "
+                                  f"below {str(path)!r}'s window of {self.max_len} events")
+        self.history_hop = history_hop
         self.item_to_index: dict[str, int] = dict(ckpt["vocab"])
         self.index_to_item = [""] * (data.num_items + 1)
         for item_id, index in self.item_to_index.items():
@@ -263,8 +268,25 @@ class UGTGenerator:
             indices, times, ratings = indices[known], times[known], ratings[known]
         return history_row(indices, times, ratings, self.max_len, self.max_long, query_time)
 
+    def windowed(self, state: UserStateView) -> UserStateView:
+        """The state's events from :func:`models.data.window_start` on (with ``history_hop`` > 0 the window's
+        start moves in steps of that many events, so a user with a full window appends to their cached prefix
+        for ``hop - 1`` new events instead of missing on each); the state itself when nothing is cut."""
+        n = len(state.item_ids)
+        if not self.history_hop or n <= self.max_len - self.history_hop + 1:
+            return state
+        count = max(state.event_count, n)  # the events before the kept ones count from the stream's start
+        cut = window_start(count, self.max_len, self.history_hop) - (count - n)
+        if cut <= 0:
+            return state
+        return dataclasses.replace(state, item_ids=state.item_ids[cut:], action_tokens=state.action_tokens[cut:],
+                                   rating_tokens=state.rating_tokens[cut:], event_times=state.event_times[cut:],
+                                   _history=None)
+
     def prepare(self, state: UserStateView, query_time: int) -> PreparedUser | None:
-        """The user's row for a request at ``query_time`` (reused and patched when their events are unchanged)."""
+        """The user's row for a request at ``query_time`` (reused and patched when their events are unchanged).
+        The row and its ``seen`` are the :meth:`windowed` state's (a request's exclusions past them are added)."""
+        state = self.windowed(state)
         cached = self.prepared.get(state.user_id) if self.prepared_capacity else None
         if cached is not None and cached.same_events(state):
             self.prepared.move_to_end(state.user_id)
@@ -380,7 +402,7 @@ class UGTGenerator:
 
     def scores(self, state: UserStateView) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores over item indices 0..V, invalid mask) for the user; raises NoModelAnswer."""
-        row = self.model_input(state, int(self.clock()))
+        row = self.model_input(self.windowed(state), int(self.clock()))
         if row is None:
             raise NoModelAnswer(
                 NO_KNOWN_ITEMS, f"none of the {len(state.item_ids)} history items is in {self.version}'s vocabulary"

@@ -83,19 +83,21 @@ def test_synthetic_users_are_stable_zipf_like_and_read_back_from_redis(redis_cli
 
 def test_industrial_smoke_run_through_ugt_serve(tmp_path):
     """The bench itself: --size industrial --smoke on the CPU, `ugt serve` (model scope) at the smoke rates (a
-    slow shared CPU may saturate at the second and skip the rest)."""
+    slow shared CPU may saturate at the second and skip the rest), with history_hop 8 after its hop-0 comparison."""
     from bench.serving_gpu_e2e import main
 
     out = tmp_path / "e2e.json"
     skip = "ugt-serve,single-process,anchor-http,anchor-asgi,generator-alone,generator-engine"
     assert main(["--size", "industrial", "--smoke", "--device", "cpu", "--skip", skip, "--users", "300",
-                 "--state-writers", "1", "--out", str(out)]) == 0
+                 "--state-writers", "1", "--history-hop", "8", "--compare-hop", "0", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["complete"] and result["conditions"]["size"] == "industrial"
     assert result["conditions"]["model"]["history"] == SMOKE["history"]
     assert result["users"]["users"] == 300 and result["users"]["synthetic"]
     rows = result["rows"]
-    assert rows and all(r["config"] == "ugt-serve-model" and r["size"] == "industrial" for r in rows)
-    assert all(r["errors"] == 0 for r in rows)
-    first = rows[0]  # the lowest rate: answered by the model, the KV cache consulted
-    assert first["requests"] > first["fallbacks"] and first["cache_hit"] + first["cache_append"] > 0
+    assert rows and {r["config"] for r in rows} == {"ugt-serve-model-hop0", "ugt-serve-model"}
+    assert rows[0]["config"] == "ugt-serve-model-hop0" and result["conditions"]["history_hop"] == 8
+    assert all(r["size"] == "industrial" and r["errors"] == 0 for r in rows)
+    for config in ("ugt-serve-model-hop0", "ugt-serve-model"):
+        first = next(r for r in rows if r["config"] == config)  # its lowest rate: the model answers, KV consulted
+        assert first["requests"] > first["fallbacks"] and first["cache_hit"] + first["cache_append"] > 0

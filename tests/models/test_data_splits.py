@@ -104,3 +104,30 @@ def test_bad_input_is_rejected():
         make_split(data, "holdout", max_len=5)
     with pytest.raises(ValueError):
         make_split(data, "test", max_len=0)
+
+
+@pytest.mark.parametrize("max_len,hop", [(2, 1), (2, 0), (3, 2), (50, 4), (1024, 64)])
+def test_window_start_moves_in_hops_and_keeps_between_max_len_minus_hop_and_max_len(max_len, hop):
+    from models.data import window_start
+
+    starts = [window_start(count, max_len, hop) for count in range(1, 3 * max_len + 5)]
+    for count, start in enumerate(starts, start=1):
+        assert start == 0 if count <= max_len else 0 < start <= count
+        held = count - start
+        assert held <= max_len and (count <= max_len or held >= max_len - max(hop, 1) + 1)
+        if hop:
+            assert start % hop == 0
+    moves = sum(a != b for a, b in zip(starts, starts[1:], strict=False))
+    assert moves == (3 * max_len + 4 - max_len + max(hop, 1) - 1) // max(hop, 1)  # once per hop past a full window
+
+
+def test_valid_and_test_rows_start_where_window_start_says_and_keep_older_events_long():
+    data = build_sequences(_dataset(), "stable")
+    plain = make_split(data, "test", max_len=2, max_long=4)
+    hopped = make_split(data, "test", max_len=2, max_long=4, hop=2)
+    # user 1's test history is its first four events: the last two (hop 0), or from index 2 (4 - 2 = 2, a multiple
+    # of 2): the same here; with three events before the target (valid) hop 2 starts at index 2, one event held
+    assert hopped.lengths[0] == plain.lengths[0] == 2
+    valid = make_split(data, "valid", max_len=2, max_long=4, hop=2)
+    assert valid.lengths[0] == 1 and valid.ids[0, 0] == data.items[0][2]
+    assert valid.long_ids[0, :2].tolist() == data.items[0][:2].tolist()

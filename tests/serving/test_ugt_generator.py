@@ -251,6 +251,46 @@ def test_kv_cache_users_answer_as_without_and_append_new_events(trained, loaded)
     assert engine.bytes_used == 2 * cached.engine.slot_bytes
 
 
+def test_history_hop_keeps_a_full_window_appending_and_answers_as_a_fresh_row(trained, loaded):
+    """history_hop 4: a user past a full window keeps their window's start for 3 new events (KV appends, not a
+    miss per event) and the row is the one built from scratch over the events from models.data.window_start on;
+    the cut events still masked when the request excludes them; a hop of max_len or more stops the start."""
+    from models.data import window_start
+    from serving.generator import GenerationRequest
+
+    clock = Clock()
+    hop = 4
+    cached = UGTGenerator(trained, clock=clock, kv_cache_users=8, history_hop=hop)
+    plain = UGTGenerator(trained, clock=clock, history_hop=hop)
+    _, data = loaded
+    full = cached.max_len
+    u = next(u for u in range(len(data.items)) if len(data.items[u]) >= full + 12)
+    starts = []
+    for step, end in enumerate(range(full + 1, full + 10)):
+        state = view_of(data, u, end, cached)
+        clock.now = state.last_event_time / 1000 + 600 + 60 * step
+        request = GenerationRequest(state, 10, frozenset(state.item_ids), "movie")
+        got, want = cached.recommend_batch([request])[0], plain.recommend_batch([request])[0]
+        assert [x.item_id for x in got] == [x.item_id for x in want]
+        assert np.abs(np.array([x.score for x in got]) - [x.score for x in want]).max() < 1e-5
+        start = window_start(end, full, hop)
+        starts.append(start)
+        prepared = cached.prepared[state.user_id]
+        assert prepared.item_ids == state.item_ids[start:]
+        fresh = history_row(data.items[u][start:end], data.times[u][start:end], data.ratings[u][start:end], full,
+                            cached.max_long, int(clock.now))
+        for key, value in fresh.items():
+            np.testing.assert_array_equal(prepared.row[key], value, err_msg=key)
+        cut = {cached.item_to_index[i] for i in state.item_ids[:start]} - set(prepared.seen.tolist())
+        assert cut <= set(cached.exclusions(prepared, frozenset(state.item_ids)).tolist())
+        assert not {x.item_id for x in got} & set(state.item_ids)
+    moves = sum(a != b for a, b in zip(starts, starts[1:], strict=False))
+    engine = cached.engine.cache
+    assert moves == 2 and engine.misses == 1 + moves and engine.appends == len(starts) - 1 - moves
+    with pytest.raises(CheckpointError, match="history_hop"):
+        UGTGenerator(trained, history_hop=full)
+
+
 def test_kv_cache_bytes_caps_the_users_kept_and_a_budget_below_one_user_stops_the_start(trained):
     probe = UGTGenerator(trained, kv_cache_users=1)
     budget = 3 * probe.engine.slot_bytes  # two users and the scratch slot
