@@ -6,6 +6,9 @@ GPU, its KV cache warmed on the seen users, then batches of ``--batch`` requests
 the packing) and what the engine does (``submit_packed`` and the top-k back), with cProfile over the engine's part.
 
   python -m bench.engine_profile --checkpoint ckpt.pt --batches 200
+  python -m bench.engine_profile --size industrial --users 200000 --warm-users 5000 --kernels
+      # the random-weight industrial UGT (bench/e2e_industrial.py); --kernels: torch.profiler's table of the
+      # engine's share by GPU time per op (which kernels a batch spends its GPU time in)
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ from bench.e2e_users import ml1m_users
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="the trained ML-1M UGT (--size ml1m)")
+    p.add_argument("--size", choices=["ml1m", "industrial"], default="ml1m")
+    p.add_argument("--users", type=int, default=200_000, help="industrial: synthetic users")
+    p.add_argument("--history-hop", type=int, default=0, help="the serving key history_hop")
+    p.add_argument("--smoke", action="store_true", help="industrial: the e2e bench's smoke size (a CPU check)")
+    p.add_argument("--kernels", action="store_true", help="torch.profiler over the engine's share: ops by GPU time")
     p.add_argument("--clones", type=int, default=20)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--batches", type=int, default=200)
@@ -40,8 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     from serving.generator import GenerationRequest
     from serving.ugt_generator import UGTGenerator
 
-    users = ml1m_users(Path(args.checkpoint), args.clones, 64, 0)
-    gen = UGTGenerator(args.checkpoint, kv_cache_users=len(users.ids), live_items=0, device=args.device)
+    if args.size == "ml1m":
+        if not args.checkpoint:
+            p.error("--size ml1m needs --checkpoint")
+        users = ml1m_users(Path(args.checkpoint), args.clones, 64, 0)
+    else:
+        users = industrial(args)
+    gen = UGTGenerator(args.checkpoint, kv_cache_users=len(users.ids), kv_cache_bytes=48 << 30, live_items=0,
+                       device=args.device, max_batch=args.batch, history_hop=args.history_hop)
 
     def batch_of(schedule, lo: int, hi: int) -> list:
         out = []
@@ -58,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     mix = tuple(float(x) for x in args.mix.split(","))
     schedule = make_schedule(1e5, args.batch * args.batches / 1e5, mix, users.seen, len(users.ids), seed=1)
     prof = cProfile.Profile()
+    kernels = torch_profiler(args)
     worker_s = engine_s = 0.0
     before = dict(gen.engine.cache.stats())
     for b in range(args.batches):
@@ -71,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         prof.disable()
         if args.profile == "engine":
             prof.enable()
+        if kernels is not None:
+            kernels.start()
         gen.engine.submit_packed(vectors, excl, batch.k, batch.keys, batch.prints).arrays()
+        if kernels is not None:
+            kernels.stop()
         prof.disable()
         worker_s += t1 - t0
         engine_s += time.perf_counter() - t1
@@ -86,7 +105,54 @@ def main(argv: list[str] | None = None) -> int:
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
     print(out.getvalue())
     print(f"rows per request: {np.mean([len(r['ids'][0]) for r in batch.rows]):.0f} columns")
+    if kernels is not None:
+        print(kernels.table())
     return 0
+
+
+def industrial(args: argparse.Namespace):
+    """The e2e bench's industrial users over its random-weight checkpoint (written to a temporary folder)."""
+    import tempfile
+    from pathlib import Path
+
+    from bench.e2e_industrial import SIZES, item_name, write_industrial_checkpoint
+    from bench.e2e_users import synthetic_users
+
+    size = SIZES["smoke" if args.smoke else "industrial"]
+    folder = Path(tempfile.mkdtemp(prefix="ugt-engine-profile-"))
+    args.checkpoint = str(write_industrial_checkpoint(folder / "checkpoint.pt", size["items"], size["layers"],
+                                                      size["dim"], size["history"]))
+    names = np.asarray([item_name(i) for i in range(size["items"])], dtype=object)
+    room = 16 if args.smoke else 64
+    return synthetic_users(args.users, names, size["history"], size["history"] - room, room, 0)
+
+
+class _Kernels:
+    """torch.profiler started and stopped around each engine share; its ops table by device time at the end."""
+
+    def __init__(self, device: str, top: int):
+        import torch.profiler as tp
+
+        activities = [tp.ProfilerActivity.CPU] + ([tp.ProfilerActivity.CUDA] if device == "cuda" else [])
+        self.profiler = tp.profile(activities=activities)
+        self.sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        self.top, self.started = top, False
+
+    def start(self) -> None:
+        if not self.started:
+            self.profiler.__enter__()
+            self.started = True
+
+    def stop(self) -> None:
+        pass  # one profile over every measured batch (entering and leaving per batch costs seconds)
+
+    def table(self) -> str:
+        self.profiler.__exit__(None, None, None)
+        return self.profiler.key_averages().table(sort_by=self.sort, row_limit=self.top)
+
+
+def torch_profiler(args: argparse.Namespace) -> _Kernels | None:
+    return _Kernels(args.device, args.top) if args.kernels else None
 
 
 if __name__ == "__main__":
