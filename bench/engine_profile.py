@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         gen.recommend_batch(batch_of(warm, lo, min(lo + args.batch, len(warm.times))))
     users.seen = warm.seen_after
     mix = tuple(float(x) for x in args.mix.split(","))
-    schedule = make_schedule(1e5, args.batch * args.batches / 1e5, mix, users.seen, len(users.ids), seed=1)
+    # Poisson arrivals: ask for a tenth more than the batches take, so a short draw still fills them
+    schedule = make_schedule(1e5, 1.1 * args.batch * args.batches / 1e5, mix, users.seen, len(users.ids), seed=1)
     prof = cProfile.Profile()
     kernels = torch_profiler(args)
     worker_s = engine_s = 0.0
