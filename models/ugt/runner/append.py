@@ -8,7 +8,10 @@ prefill. Exact, not an approximation: attention is causal and the rest of a laye
 positions' K/V are what a prefill of the longer row computes there (``tests/models/test_kv_append.py``).
 
 Rows are padded to one suffix width S (a power of two with CUDA graphs, one graph per (batch bucket, S));
-suffix tokens past a row's length are padding, written nowhere (index T, one past the window, is dropped).
+suffix tokens past a row's length are padding (:func:`suffix_writes` makes their writes repeat a live token's).
+Only the suffix's K/V are written, in place (``index_put`` on the slots): copying each row's whole window per layer
+out and back, as this step first did, was about half of an industrial-size engine step's GPU time (1,024
+positions, docs/SERVING.md) and ran out of memory at 512 rows a step.
 """
 
 from __future__ import annotations
@@ -69,11 +72,42 @@ def suffix_tokens(model: UGT, batch: dict[str, torch.Tensor], starts: torch.Tens
     return x, take, p, dest, tok_valid
 
 
-def append_step(model: UGT, pool: SlotPool, G: int, batch: dict[str, torch.Tensor], slots: torch.Tensor,
-                starts: torch.Tensor, width: int):
-    """(user states (B, D) fp32, every layer's K/V of the whole window (L, B, H, T, d), times, valid (B, T)).
+def suffix_writes(dest: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each suffix token's K/V goes, with padding made harmless for an in-place scatter: (the suffix index
+    each token takes its values from (B, S), its position (B, S), rows with a live token (B,)).
 
-    Pure: :meth:`StackRunner.append` writes the result into the slots.
+    A row's live tokens come first (``dest`` < T) and padding after (``dest`` = T, one past the window). Padding
+    repeats the row's last live token (the same values at the same place: duplicate writes agree); a row with no
+    live token writes position T - 1 with what is there already (``keep_or``)."""
+    B, S = dest.shape
+    n_live = (dest < T).sum(1)
+    pick = torch.minimum(torch.arange(S, device=dest.device).view(1, S), (n_live - 1).clamp(min=0).view(B, 1))
+    return pick, dest.gather(1, pick).clamp(max=T - 1), n_live > 0
+
+
+def write_suffix(cache: torch.Tensor, rows: torch.Tensor, at: torch.Tensor, values: torch.Tensor) -> None:
+    """In place: ``cache`` (R, H, T, d) gets ``values`` (B, S, H, d) at rows ``rows`` (B,) and positions ``at``
+    (B, S) (index_put on the position-major view: no copy of the whole window)."""
+    B, S = at.shape
+    cache.transpose(1, 2).index_put_((rows.view(B, 1).expand(B, S), at), values)
+
+
+def keep_or(new: torch.Tensor, pick: torch.Tensor, at: torch.Tensor, live_rows: torch.Tensor,
+            window: torch.Tensor) -> torch.Tensor:
+    """The (B, S, H, d) values to write: each token's own (``pick``), or for a row with no live token what
+    ``window`` (B, H, T, d) holds at ``at`` already."""
+    B, S, H, d = new.shape
+    mine = new.gather(1, pick.view(B, S, 1, 1).expand(B, S, H, d))
+    there = window.transpose(1, 2)[torch.arange(B, device=at.device).view(B, 1), at]
+    return torch.where(live_rows.view(B, 1, 1, 1), mine, there)
+
+
+def append_step(model: UGT, pool: SlotPool, G: int, batch: dict[str, torch.Tensor], slots: torch.Tensor,
+                starts: torch.Tensor, width: int) -> torch.Tensor:
+    """User states (B, D) fp32; writes the suffix's K/V, times and validity into the slots.
+
+    Per layer the rows' cached windows are read once (``index_select``, for the attention) and only the suffix's
+    positions are written, into that copy and into the pool: the step moves each window once, not five times.
     """
     B = slots.shape[0]
     T = pool.times.shape[1]
@@ -86,18 +120,21 @@ def append_step(model: UGT, pool: SlotPool, G: int, batch: dict[str, torch.Tenso
     pos_index = p.unsqueeze(-1) - ar + rab.max_len - 1
     buckets = bucketize_time_gaps(take["query_times"].unsqueeze(-1) - times.unsqueeze(1), rab.num_buckets)
     types = torch.full_like(take["ids"], TOKEN_GROUP_ITEM)
-    ks, vs = [], []
+    pick, at, live_rows = suffix_writes(dest, T)
+    rows = torch.arange(B, device=slots.device)
     for li, layer in enumerate(model.layers):
         blk = layer.attn
         u, q, k, v = attn_inputs(blk, x)  # (B, S, H, d)
-        index = dest.view(B, 1, width, 1)
-        kc = put(pool.k[li].index_select(0, slots), 2, index.expand(-1, blk.num_heads, -1, blk.dqk), k.transpose(1, 2))
-        vc = put(pool.v[li].index_select(0, slots), 2, index.expand(-1, blk.num_heads, -1, blk.dv), v.transpose(1, 2))
-        ks.append(kc)
-        vs.append(vc)
+        kc, vc = pool.read(li, slots)  # (B, H, T, d) copies
+        k_new, v_new = keep_or(k, pick, at, live_rows, kc), keep_or(v, pick, at, live_rows, vc)
+        write_suffix(kc, rows, at, k_new)
+        write_suffix(vc, rows, at, v_new)
+        write_suffix(pool.k[li], slots, at, k_new)
+        write_suffix(pool.v[li], slots, at, v_new)
         x = attn_output(blk, x, u, attend_rows(blk, q, kc, vc, mask, pos_index, buckets))
         h, _ = layer.ffn(layer.norm(x, types), tok_valid, with_loss=False)
         x = x + h
+    pool.times.index_copy_(0, slots, times)
+    pool.valid.index_copy_(0, slots, valid)
     last = (batch["lengths"] - 1 - starts).clamp(min=0, max=width - 1)
-    user = F.normalize(x[torch.arange(B, device=slots.device), last].float(), dim=-1, eps=1e-6)
-    return user, torch.stack(ks), torch.stack(vs), times, valid
+    return F.normalize(x[torch.arange(B, device=slots.device), last].float(), dim=-1, eps=1e-6)

@@ -180,9 +180,7 @@ class StackRunner:
             raise RuntimeError("append needs cache_slots > 0")
         batch = self.layout.unpack(buf[:, : self.layout.width])
         slots = buf[:, self.layout.width]
-        user, ks, vs, times, valid = append_step(self.model, self.pool, self.G, batch, slots, starts, width)
-        self.pool.write(slots, ks, vs, times, valid)
-        return user
+        return append_step(self.model, self.pool, self.G, batch, slots, starts, width)
 
     def run_append(self, buf: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
         """:meth:`append` of a device batch, through a graph per (batch, suffix width) on CUDA (eager on CPU,
