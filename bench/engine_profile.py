@@ -26,7 +26,7 @@ from bench.e2e_load import APPEND, make_schedule
 from bench.e2e_users import ml1m_users
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="the trained ML-1M UGT (--size ml1m)")
     p.add_argument("--size", choices=["ml1m", "industrial"], default="ml1m")
@@ -43,14 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=30, help="functions listed by own time")
     p.add_argument("--profile", choices=["engine", "worker"], default="engine", help="whose share cProfile watches")
     args = p.parse_args(argv)
+    if args.size == "ml1m" and not args.checkpoint:
+        p.error("--size ml1m needs --checkpoint")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from pathlib import Path
 
     from serving.generator import GenerationRequest
     from serving.ugt_generator import UGTGenerator
 
     if args.size == "ml1m":
-        if not args.checkpoint:
-            p.error("--size ml1m needs --checkpoint")
         users = ml1m_users(Path(args.checkpoint), args.clones, 64, 0)
     else:
         users = industrial(args)
