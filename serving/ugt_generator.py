@@ -286,7 +286,7 @@ class UGTGenerator:
     def prepare(self, state: UserStateView, query_time: int) -> PreparedUser | None:
         """The user's row for a request at ``query_time`` (reused and patched when their events are unchanged).
         The row and its ``seen`` are the :meth:`windowed` state's (a request's exclusions past them are added)."""
-        state = self.windowed(state)
+        whole, state = state, self.windowed(state)
         cached = self.prepared.get(state.user_id) if self.prepared_capacity else None
         if cached is not None and cached.same_events(state):
             self.prepared.move_to_end(state.user_id)
@@ -310,7 +310,7 @@ class UGTGenerator:
             history = state.history()
             hashed = prefix_hash(row, int(row["lengths"][0]) - 1)
         if self.stream is not None:  # the user's events changed: count any new event on a live item
-            self.observe_stream(state)
+            self.observe_stream(whole)  # every stored event, also those before the window's start
         prepared = PreparedUser(state.item_ids, state.event_times, state.rating_tokens, history, row, seen,
                                 fingerprint_from(hashed, row), hashed)
         if self.prepared_capacity:
