@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", choices=["ml1m", "industrial"], default="ml1m")
     p.add_argument("--users", type=int, default=200_000, help="industrial: synthetic users")
     p.add_argument("--history-hop", type=int, default=0, help="the serving key history_hop")
+    p.add_argument("--rank-top", type=int, default=-1,
+                   help="the serving key rank_top (-1: the checkpoint's; the industrial one has a ranking head)")
     p.add_argument("--smoke", action="store_true", help="industrial: the e2e bench's smoke size (a CPU check)")
     p.add_argument("--kernels", action="store_true", help="torch.profiler over the engine's share: ops by GPU time")
     p.add_argument("--clones", type=int, default=20)
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         users = industrial(args)
     gen = UGTGenerator(args.checkpoint, kv_cache_users=len(users.ids), kv_cache_bytes=48 << 30, live_items=0,
-                       device=args.device, max_batch=args.batch, history_hop=args.history_hop)
+                       device=args.device, max_batch=args.batch, history_hop=args.history_hop, rank_top=args.rank_top)
 
     def batch_of(schedule, lo: int, hi: int) -> list:
         out = []

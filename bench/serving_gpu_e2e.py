@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--history-hop", type=int, default=0,
                    help="the serving key history_hop: the window's start moves in steps of this many events, so "
                         "users past a full window still append to their KV prefix (0 = slide per event)")
+    p.add_argument("--rank-top", type=int, default=-1,
+                   help="the serving key rank_top (-1: the checkpoint's own; the industrial checkpoint has a ranking "
+                        "head, so its top 100 are reordered unless 0)")
     p.add_argument("--compare-hop", type=int, default=-1,
                    help=">= 0: ugt-serve-model also runs with this history_hop, before the --history-hop group "
                         "(the same rates; its rows are ugt-serve-model-hopN)")
@@ -342,7 +345,8 @@ def ugt_config(args: argparse.Namespace, users: Users) -> dict[str, Any]:
             "popularity_cache_size": max(2500, MAX_K + 1000 + users.window),  # >= k + max_exclude + history
             # only when asked: a baseline tree (bench/worker_cpu.py) may not know the key
             **({"kv_cache_admission": args.kv_admission} if getattr(args, "kv_admission", "lru") != "lru" else {}),
-            **({"history_hop": args.history_hop} if getattr(args, "history_hop", 0) else {})}
+            **({"history_hop": args.history_hop} if getattr(args, "history_hop", 0) else {}),
+            **({"rank_top": args.rank_top} if getattr(args, "rank_top", -1) >= 0 else {})}
 
 
 def run_rates(server: Server, users: Users, rates: list[float], args: argparse.Namespace, redis_port: int,
