@@ -182,3 +182,23 @@ def test_cuda_bf16_appends_agree_with_a_bf16_full_recompute():
     for g, w in zip(got, plain.recommend(rows2, excludes_of(rows2), 10), strict=True):
         assert len(set(g.indices[:5].tolist()) & set(w.indices.tolist())) >= 4
         np.testing.assert_allclose(g.scores, w.scores, atol=0.05)
+
+
+def test_suffix_writes_repeat_a_live_token_for_padding_and_leave_a_row_without_one_unchanged():
+    """The append step's in-place writes: padding tokens (position T) repeat their row's last live token (same
+    values, same place), and a row with no live token writes position T - 1 with what it holds already."""
+    from models.ugt.runner.append import keep_or, suffix_writes, write_suffix
+
+    T, H, d = 6, 2, 3
+    dest = torch.tensor([[2, 3, T, T], [T, T, T, T], [5, T, T, T]])
+    pick, at, live_rows = suffix_writes(dest, T)
+    assert pick.tolist() == [[0, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert at.tolist() == [[2, 3, 3, 3], [T - 1] * 4, [5, 5, 5, 5]] and live_rows.tolist() == [True, False, True]
+    window = torch.randn(3, H, T, d)
+    new = torch.randn(3, 4, H, d)
+    values = keep_or(new, pick, at, live_rows, window)
+    cache = window.clone()
+    write_suffix(cache, torch.arange(3), at, values)
+    want = window.clone()
+    want[0, :, 2], want[0, :, 3], want[2, :, 5] = new[0, 0], new[0, 1], new[2, 0]
+    assert torch.equal(cache, want)  # row 1 unchanged; nothing past each row's live tokens written
