@@ -86,10 +86,11 @@ def _evaluate(args: argparse.Namespace, data: Any) -> int:
         raise ValueError(f"{args.checkpoint} was trained on the lake {cfg.dataset[len(LAKE_PREFIX):]}; evaluate it "
                          "with `ugt eval --checkpoint ... [--lake PATH]`, which reads the lake's held-out events")
     model.to(device)
-    if not 0 <= args.history_hop < cfg.max_len:
+    hop = getattr(args, "history_hop", 0)  # a Namespace built by hand (tests) may predate the option
+    if not 0 <= hop < cfg.max_len:
         raise ValueError(f"--history-hop must be in 0..{cfg.max_len - 1} (the checkpoint's max_len - 1), "
-                         f"got {args.history_hop}")
-    split = make_split(data, args.split, cfg.max_len, long_history_len(cfg), hop=args.history_hop)
+                         f"got {hop}")
+    split = make_split(data, args.split, cfg.max_len, long_history_len(cfg), hop=hop)
     if len(split) == 0:
         raise ValueError(f"no user of {cfg.dataset} has the 3 events a leave-one-out {args.split} split needs")
     generative = isinstance(model, UGT) and model.sid_head is not None and args.beam_size > 0
@@ -108,12 +109,12 @@ def _evaluate(args: argparse.Namespace, data: Any) -> int:
         rows.append({"model": "popularity", **pop})
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
-    report = {"checkpoint": str(args.checkpoint), "history_hop": args.history_hop, "rows": rows}
+    report = {"checkpoint": str(args.checkpoint), "history_hop": hop, "rows": rows}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     table = markdown_table(rows, ["model"] + ACCURACY + BEYOND)
     (out / "report.md").write_text(
         f"# {cfg.name}: {args.split} ({cfg.dataset}, ties={cfg.tie_order}, mask={args.mask_history}, "
-        f"history_hop={args.history_hop})\n\n{table}\n"
+        f"history_hop={hop})\n\n{table}\n"
     )
     plot_report([r for r in rows if "ild" in r], out)
     print(table)
