@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank-top", type=int, default=-1,
                    help="the serving key rank_top (-1: the checkpoint's; the industrial one has a ranking head)")
     p.add_argument("--smoke", action="store_true", help="industrial: the e2e bench's smoke size (a CPU check)")
-    p.add_argument("--kernels", action="store_true", help="torch.profiler over the engine's share: ops by GPU time")
+    p.add_argument("--kernels", action="store_true", help="torch.profiler over the measured batches: ops by GPU time")
     p.add_argument("--clones", type=int, default=20)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--batches", type=int, default=200)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     # Poisson arrivals: ask for a tenth more than the batches take, so a short draw still fills them
     schedule = make_schedule(1e5, 1.1 * args.batch * args.batches / 1e5, mix, users.seen, len(users.ids), seed=1)
     prof = cProfile.Profile()
-    kernels = torch_profiler(args)
+    kernels = kernel_profiler(args)  # over every measured batch; the worker's share adds only CPU ops
     worker_s = engine_s = 0.0
     before = dict(gen.engine.cache.stats())
     for b in range(args.batches):
@@ -94,11 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         prof.disable()
         if args.profile == "engine":
             prof.enable()
-        if kernels is not None:
-            kernels.start()
         gen.engine.submit_packed(vectors, excl, batch.k, batch.keys, batch.prints).arrays()
-        if kernels is not None:
-            kernels.stop()
         prof.disable()
         worker_s += t1 - t0
         engine_s += time.perf_counter() - t1
@@ -114,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     print(out.getvalue())
     print(f"rows per request: {np.mean([len(r['ids'][0]) for r in batch.rows]):.0f} columns")
     if kernels is not None:
-        print(kernels.table())
+        kernels.stop()
+        sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        print(kernels.key_averages().table(sort_by=sort, row_limit=args.top))
     return 0
 
 
@@ -135,32 +133,16 @@ def industrial(args: argparse.Namespace):
     return synthetic_users(args.users, names, size["history"], size["history"] - room, room, 0)
 
 
-class _Kernels:
-    """torch.profiler started and stopped around each engine share; its ops table by device time at the end."""
+def kernel_profiler(args: argparse.Namespace):
+    """With --kernels: a started torch.profiler (CPU, and CUDA on a GPU), else None."""
+    if not args.kernels:
+        return None
+    import torch.profiler as tp
 
-    def __init__(self, device: str, top: int):
-        import torch.profiler as tp
-
-        activities = [tp.ProfilerActivity.CPU] + ([tp.ProfilerActivity.CUDA] if device == "cuda" else [])
-        self.profiler = tp.profile(activities=activities)
-        self.sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-        self.top, self.started = top, False
-
-    def start(self) -> None:
-        if not self.started:
-            self.profiler.__enter__()
-            self.started = True
-
-    def stop(self) -> None:
-        pass  # one profile over every measured batch (entering and leaving per batch costs seconds)
-
-    def table(self) -> str:
-        self.profiler.__exit__(None, None, None)
-        return self.profiler.key_averages().table(sort_by=self.sort, row_limit=self.top)
-
-
-def torch_profiler(args: argparse.Namespace) -> _Kernels | None:
-    return _Kernels(args.device, args.top) if args.kernels else None
+    activities = [tp.ProfilerActivity.CPU] + ([tp.ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    profiler = tp.profile(activities=activities)
+    profiler.start()
+    return profiler
 
 
 if __name__ == "__main__":
