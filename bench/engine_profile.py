@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the serving key rank_top (-1: the checkpoint's; the industrial one has a ranking head)")
     p.add_argument("--smoke", action="store_true", help="industrial: the e2e bench's smoke size (a CPU check)")
     p.add_argument("--kernels", action="store_true", help="torch.profiler over the measured batches: ops by GPU time")
+    p.add_argument("--eager", action="store_true",
+                   help="no CUDA graphs: slower, but --kernels then names the PyTorch ops, not only the kernels")
     p.add_argument("--clones", type=int, default=20)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--batches", type=int, default=200)
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         users = industrial(args)
     gen = UGTGenerator(args.checkpoint, kv_cache_users=len(users.ids), kv_cache_bytes=48 << 30, live_items=0,
                        device=args.device, max_batch=args.batch, history_hop=args.history_hop, rank_top=args.rank_top)
+    if args.eager:  # every step eager (and unpadded) from the first batch on
+        gen.engine.dispatcher.enabled = gen.engine.graphs_on = False
 
     def batch_of(schedule, lo: int, hi: int) -> list:
         out = []
@@ -111,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rows per request: {np.mean([len(r['ids'][0]) for r in batch.rows]):.0f} columns")
     if kernels is not None:
         kernels.stop()
-        sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
-        print(kernels.key_averages().table(sort_by=sort, row_limit=args.top))
+        on = "cuda" if args.device == "cuda" else "cpu"
+        table = kernels.key_averages()
+        print(table.table(sort_by=f"{on}_time_total", row_limit=args.top))  # steps (step:<kind>) and ops, inclusive
+        print(table.table(sort_by=f"self_{on}_time_total", row_limit=args.top))  # kernels by their own time
     return 0
 
 

@@ -89,7 +89,8 @@ class UGTInference:
         if self.cache is not None:
             pool = SlotPool(len(self.model.layers), slots, blk.num_heads, self.T, blk.dqk, blk.dv, self.device,
                             self.dtype)
-        self.stack = StackRunner(self.model, self.layout, pool, self.G, self.fused, self.dispatcher)
+        self.stack = StackRunner(self.model, self.layout, pool, self.G, self.fused, self.dispatcher,
+                                 c.eager_prefill_tokens)
         self.heads = HeadRunner(c, self.catalog, self.layout, self.stack, self.dispatcher, self.dtype)
         if c.compile:
             self.stack.compile()
@@ -174,6 +175,11 @@ class UGTInference:
         recompute anyway): one graph fewer per mixed batch."""
         dev = host.to(self.device, non_blocking=True)
         if self.cache is None or all(kind == MISS for kind in kinds):
+            n = len(kinds)
+            if n < dev.shape[0] and self.stack.eager_prefill(n):  # the padding rows' answers are never read
+                user = torch.zeros(dev.shape[0], self.model.config.d_model, device=self.device)
+                user[:n] = self.step("prefill", dev[:n])
+                return user, dev
             return self.step("prefill", dev), dev
         if all(kind == HIT for kind in kinds):
             return self.step("decode", dev), dev
@@ -189,7 +195,9 @@ class UGTInference:
             if not idx:
                 continue
             sel = self._index(idx)
-            sub = self._sub_batch(dev.index_select(0, sel), len(idx))
+            sub = dev.index_select(0, sel)
+            if not (kind == MISS and self.stack.eager_prefill(len(idx))):
+                sub = self._sub_batch(sub, len(idx))
             if kind == APPEND:
                 if starts is None:
                     raise ValueError("appended rows need their starts (PrefixCache.lookup)")

@@ -27,6 +27,10 @@ class InferenceConfig:
     fused_attention: bool = True  # Triton HSTU attention where it runs (CUDA)
     cuda_graphs: bool = True  # capture prefill/decode per batch bucket (CUDA only)
     batch_buckets: tuple[int, ...] = (1, 8, 32, 128)
+    # CUDA: a prefill of at least this many tokens (rows x window) runs eagerly on its own rows instead of replaying
+    # the graph of its padded bucket: its kernels outweigh their launches, and 18 misses of an industrial step
+    # (window 1,024) padded to the 32-row graph nearly doubled the step's prefill time (docs/SERVING.md). 0 = never
+    eager_prefill_tokens: int = 16_384
     cache_slots: int = 0  # users whose prefix K/V is kept (0 = no KV cache)
     # > 0: the KV pool (every slot + one scratch, each the whole window) fits in this many bytes: fewer slots than
     # cache_slots when they would not fit; LRU evicts when the pool is full. 0 = cache_slots alone decides

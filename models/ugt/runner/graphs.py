@@ -78,13 +78,16 @@ class GraphDispatcher:
         return bucket_size(n, self.buckets, self.enabled, minimum)
 
     def run(self, key: BatchDescriptor, fn: Callable, *inputs: torch.Tensor):
-        """``fn(*inputs)``: the graph of ``key`` replayed (captured on first use), or eager when off."""
-        if not self.enabled:
-            return fn(*inputs)
-        captured = self.graphs.get(key)
-        if captured is None:
-            captured = self.graphs[key] = capture(fn, *inputs)
-        return replay(captured, *inputs)
+        """``fn(*inputs)``: the graph of ``key`` replayed (captured on first use), or eager when off.
+
+        Labelled ``step:<kind>`` for torch.profiler (bench/engine_profile.py --kernels: GPU time per step kind)."""
+        with torch.profiler.record_function(f"step:{key.kind}"):
+            if not self.enabled:
+                return fn(*inputs)
+            captured = self.graphs.get(key)
+            if captured is None:
+                captured = self.graphs[key] = capture(fn, *inputs)
+            return replay(captured, *inputs)
 
     def drop(self, stale: Callable[[BatchDescriptor], bool]) -> None:
         """Forget the graphs whose key is ``stale`` (their memory goes back when nothing replays them)."""

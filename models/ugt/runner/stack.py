@@ -32,13 +32,19 @@ class StackRunner:
     """Runs ``model``'s layers on :class:`BatchLayout` buffers; ``pool`` holds the cached prefixes (or None)."""
 
     def __init__(self, model: UGT, layout: BatchLayout, pool: SlotPool | None, long_groups: int, fused: bool,
-                 dispatcher: GraphDispatcher):
+                 dispatcher: GraphDispatcher, eager_prefill_tokens: int = 0):
         self.model, self.layout, self.pool = model, layout, pool
         self.G = long_groups
         self.T = long_groups + layout.N
         self.fused = fused
         self.dispatcher = dispatcher
         self.compiled = False
+        self.eager_prefill_tokens = eager_prefill_tokens
+
+    def eager_prefill(self, rows: int) -> bool:
+        """Whether a prefill of ``rows`` rows runs eagerly and unpadded (graphs on, and at least
+        ``eager_prefill_tokens`` tokens: :class:`.config.InferenceConfig`)."""
+        return self.dispatcher.enabled and 0 < self.eager_prefill_tokens <= rows * self.T
 
     # ---- prefill -----------------------------------------------------------------------------------
 
@@ -197,6 +203,9 @@ class StackRunner:
             raise ValueError(f"unknown step {kind!r}; one of {STEPS}")
         fn = getattr(self, kind)
         buf = self.layout.stack_columns(buf, compact=kind == "decode_compact")
+        if kind == "prefill" and self.eager_prefill(buf.shape[0]):
+            with torch.profiler.record_function("step:prefill_eager"):
+                return fn(buf)
         if self.compiled:  # one memory layout whatever the exclusion width, so the compiled code's guards hold
             return fn(batch_dim_dynamic(buf.contiguous()))
         return self.dispatcher.run(BatchDescriptor(kind, buf.shape[0]), fn, buf)
