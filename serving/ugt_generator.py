@@ -89,7 +89,7 @@ def _file_hash(path: Path) -> str:
 
 
 def batch_buckets_up_to(max_batch: int) -> tuple[int, ...]:
-    """The default buckets (1, 8, 16, 32, 64, 128), then powers of two up to ``max_batch`` (rounded up to one)."""
+    """The default buckets (1, 8, 32, 128), then powers of two up to ``max_batch`` (rounded up to one)."""
     buckets = list(InferenceConfig.batch_buckets)
     while buckets[-1] < max_batch:
         buckets.append(buckets[-1] * 2)

@@ -467,10 +467,10 @@ def test_batch_buckets_reach_the_largest_model_step():
     """Batches past 128 rows (engine_max_rows 256/512) get a bucket, so CUDA replays a graph instead of running eager."""
     from serving.ugt_generator import batch_buckets_up_to
 
-    assert batch_buckets_up_to(64) == (1, 8, 16, 32, 64, 128)
-    assert batch_buckets_up_to(128) == (1, 8, 16, 32, 64, 128)
-    assert batch_buckets_up_to(256) == (1, 8, 16, 32, 64, 128, 256)
-    assert batch_buckets_up_to(300) == (1, 8, 16, 32, 64, 128, 256, 512)
+    assert batch_buckets_up_to(64) == (1, 8, 32, 128)
+    assert batch_buckets_up_to(128) == (1, 8, 32, 128)
+    assert batch_buckets_up_to(256) == (1, 8, 32, 128, 256)
+    assert batch_buckets_up_to(300) == (1, 8, 32, 128, 256, 512)
 
 
 def test_sorted_union_is_union1d():

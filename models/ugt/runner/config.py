@@ -26,7 +26,7 @@ class InferenceConfig:
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
     fused_attention: bool = True  # Triton HSTU attention where it runs (CUDA)
     cuda_graphs: bool = True  # capture prefill/decode per batch bucket (CUDA only)
-    batch_buckets: tuple[int, ...] = (1, 8, 16, 32, 64, 128)
+    batch_buckets: tuple[int, ...] = (1, 8, 32, 128)
     # CUDA: a prefill of at least this many tokens (rows x window) runs eagerly on its own rows instead of replaying
     # the graph of its padded bucket: its kernels outweigh their launches, and 18 misses of an industrial step
     # (window 1,024) padded to the 32-row graph nearly doubled the step's prefill time (docs/SERVING.md). 0 = never
