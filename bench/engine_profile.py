@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the serving key rank_top (-1: the checkpoint's; the industrial one has a ranking head)")
     p.add_argument("--smoke", action="store_true", help="industrial: the e2e bench's smoke size (a CPU check)")
     p.add_argument("--kernels", action="store_true", help="torch.profiler over the measured batches: ops by GPU time")
+    p.add_argument("--paged-attention", action="store_true",
+                   help="the cached steps read the KV pool in place (InferenceConfig.paged_attention)")
     p.add_argument("--eager", action="store_true",
                    help="no CUDA graphs: slower, but --kernels then names the PyTorch ops, not only the kernels")
     p.add_argument("--clones", type=int, default=20)
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         users = industrial(args)
     gen = UGTGenerator(args.checkpoint, kv_cache_users=len(users.ids), kv_cache_bytes=48 << 30, live_items=0,
                        device=args.device, max_batch=args.batch, history_hop=args.history_hop, rank_top=args.rank_top)
+    gen.engine.config.paged_attention = gen.engine.stack.paged = args.paged_attention
     if args.eager:  # every step eager (and unpadded) from the first batch on
         gen.engine.dispatcher.enabled = gen.engine.graphs_on = False
 

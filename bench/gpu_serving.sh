@@ -42,7 +42,8 @@ case "$step" in
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
     python3 -m pytest -q -p no:cacheprovider tests/models/test_hstu_kernel.py tests/models/test_inference.py \
       tests/models/test_ranking.py tests/models/test_generation.py tests/models/test_kv_append.py \
-      tests/models/test_graph_warmup.py tests/models/test_weight_quant.py tests/models/test_blocked_topk.py ;;
+      tests/models/test_graph_warmup.py tests/models/test_weight_quant.py tests/models/test_blocked_topk.py \
+      tests/models/test_slot_attention.py ;;
   train)
     python3 -m ugt.cli train --config models/configs/ugt_ml1m.yaml --out-dir /tmp/ugt-ml1m --quiet \
       --set "max_minutes=${1:-4}" --set dpo.enabled=false --set "semantic_ids={artifact: .ugtdata/sid-ml1m.npz}" \

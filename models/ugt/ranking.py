@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from contracts.tokenizer import TOKEN_GROUP_ITEM
 from models.data import _GAP_THRESHOLDS
 from models.hstu import bucketize_time_gaps
+from models.kernels.slot_attention import slot_attention
 from models.ugt.steps import attend_one, attn_inputs, attn_output
 
 _GAP_BOUNDS: dict[torch.device, torch.Tensor] = {}  # per device: no host-to-device copy inside a CUDA graph
@@ -74,6 +75,9 @@ class Prefix:
     buckets: torch.Tensor  # (B, T) time bucket of request time - event time
     request_time: torch.Tensor  # (B,)
     last_time: torch.Tensor  # (B,) time of the prefix's last event
+    # set: keys/values are the KV pool's layers (R, H, T, d) and row b reads slot slots[b] in place
+    # (models/kernels/slot_attention.py); None: they are the rows' own (B, H, T, d)
+    slots: torch.Tensor | None = None
 
 
 def prefix_indices(max_len: int, num_buckets: int, times: torch.Tensor, valid: torch.Tensor, end: torch.Tensor,
@@ -126,7 +130,13 @@ def candidate_layer(layer, xc: torch.Tensor, keys: torch.Tensor, values: torch.T
     blk = layer.attn
     B, C, _ = xc.shape
     u, q, k, v = attn_inputs(blk, xc)  # (B, C, H, d)
-    attn = attend_one(blk, q, keys, values, prefix.key_mask, prefix.pos_index, prefix.buckets)  # the history
+    if prefix.slots is None:  # the history
+        attn = attend_one(blk, q, keys, values, prefix.key_mask, prefix.pos_index, prefix.buckets)
+    else:  # read in the pool: one (B, 1, T) row of indices per user, expanded over the candidates
+        shape = (B, C, prefix.key_mask.shape[1])
+        attn = slot_attention(q, keys, values, prefix.slots, prefix.key_mask.unsqueeze(1).expand(shape),
+                              prefix.pos_index.unsqueeze(1).expand(shape), prefix.buckets.unsqueeze(1).expand(shape),
+                              blk.rab.pos_w, blk.rab.ts_w, blk.max_len)
     own = (q * k).sum(-1) + (blk.rab.pos_w[blk.rab.max_len - 1] + blk.rab.ts_w[0]).to(q.dtype)  # distance 0, gap 0
     w_own = F.silu(own) / float(blk.max_len) * cand_valid.unsqueeze(-1).to(q.dtype)  # (B, C, H)
     x = attn_output(blk, xc, u, attn + (w_own.unsqueeze(-1) * v).reshape(B, C, -1))

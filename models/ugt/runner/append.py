@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from contracts.tokenizer import TOKEN_GROUP_ITEM
 from models.hstu import HSTUBlock
 from models.kernels.reference import bucketize_time_gaps
+from models.kernels.slot_attention import slot_attention
 from models.ugt.model import UGT
 from models.ugt.runner.batch import ROW_FIELDS
 from models.ugt.runner.slot_cache import SlotPool
@@ -93,21 +94,24 @@ def write_suffix(cache: torch.Tensor, rows: torch.Tensor, at: torch.Tensor, valu
 
 
 def keep_or(new: torch.Tensor, pick: torch.Tensor, at: torch.Tensor, live_rows: torch.Tensor,
-            window: torch.Tensor) -> torch.Tensor:
+            window: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """The (B, S, H, d) values to write: each token's own (``pick``), or for a row with no live token what
-    ``window`` (B, H, T, d) holds at ``at`` already."""
+    ``window`` (R, H, T, d) holds at ``at`` already in row ``rows`` (B,) (default: row b of a (B, H, T, d) copy)."""
     B, S, H, d = new.shape
     mine = new.gather(1, pick.view(B, S, 1, 1).expand(B, S, H, d))
-    there = window.transpose(1, 2)[torch.arange(B, device=at.device).view(B, 1), at]
+    if rows is None:
+        rows = torch.arange(B, device=at.device)
+    there = window[rows.view(B, 1).expand(B, S), :, at]  # (B, S, H, d)
     return torch.where(live_rows.view(B, 1, 1, 1), mine, there)
 
 
 def append_step(model: UGT, pool: SlotPool, G: int, batch: dict[str, torch.Tensor], slots: torch.Tensor,
-                starts: torch.Tensor, width: int) -> torch.Tensor:
+                starts: torch.Tensor, width: int, paged: bool = False) -> torch.Tensor:
     """User states (B, D) fp32; writes the suffix's K/V, times and validity into the slots.
 
-    Per layer the rows' cached windows are read once (``index_select``, for the attention) and only the suffix's
-    positions are written, into that copy and into the pool: the step moves each window once, not five times.
+    Per layer only the suffix's positions are written into the pool. ``paged``: the attention reads the pool in
+    place (:func:`models.kernels.slot_attention.slot_attention`); else each row's cached window is read once
+    (``index_select``) and the suffix written into that copy too.
     """
     B = slots.shape[0]
     T = pool.times.shape[1]
@@ -125,13 +129,20 @@ def append_step(model: UGT, pool: SlotPool, G: int, batch: dict[str, torch.Tenso
     for li, layer in enumerate(model.layers):
         blk = layer.attn
         u, q, k, v = attn_inputs(blk, x)  # (B, S, H, d)
-        kc, vc = pool.read(li, slots)  # (B, H, T, d) copies
-        k_new, v_new = keep_or(k, pick, at, live_rows, kc), keep_or(v, pick, at, live_rows, vc)
-        write_suffix(kc, rows, at, k_new)
-        write_suffix(vc, rows, at, v_new)
-        write_suffix(pool.k[li], slots, at, k_new)
-        write_suffix(pool.v[li], slots, at, v_new)
-        x = attn_output(blk, x, u, attend_rows(blk, q, kc, vc, mask, pos_index, buckets))
+        if paged:
+            write_suffix(pool.k[li], slots, at, keep_or(k, pick, at, live_rows, pool.k[li], slots))
+            write_suffix(pool.v[li], slots, at, keep_or(v, pick, at, live_rows, pool.v[li], slots))
+            attn = slot_attention(q, pool.k[li], pool.v[li], slots, mask, pos_index, buckets, blk.rab.pos_w,
+                                  blk.rab.ts_w, blk.max_len)
+        else:
+            kc, vc = pool.read(li, slots)  # (B, H, T, d) copies
+            k_new, v_new = keep_or(k, pick, at, live_rows, kc), keep_or(v, pick, at, live_rows, vc)
+            write_suffix(kc, rows, at, k_new)
+            write_suffix(vc, rows, at, v_new)
+            write_suffix(pool.k[li], slots, at, k_new)
+            write_suffix(pool.v[li], slots, at, v_new)
+            attn = attend_rows(blk, q, kc, vc, mask, pos_index, buckets)
+        x = attn_output(blk, x, u, attn)
         h, _ = layer.ffn(layer.norm(x, types), tok_valid, with_loss=False)
         x = x + h
     pool.times.index_copy_(0, slots, times)

@@ -31,6 +31,10 @@ class InferenceConfig:
     # the graph of its padded bucket: its kernels outweigh their launches, and 18 misses of an industrial step
     # (window 1,024) padded to the 32-row graph nearly doubled the step's prefill time (docs/SERVING.md). 0 = never
     eager_prefill_tokens: int = 16_384
+    # the cached steps (append, decode, ranking) attend to the KV pool in place with a Triton kernel
+    # (models/kernels/slot_attention.py) instead of copying each row's window per layer; needs the KV cache and
+    # Triton (CUDA, or CPU under TRITON_INTERPRET=1); off until its GPU speed is measured
+    paged_attention: bool = False
     cache_slots: int = 0  # users whose prefix K/V is kept (0 = no KV cache)
     # > 0: the KV pool (every slot + one scratch, each the whole window) fits in this many bytes: fewer slots than
     # cache_slots when they would not fit; LRU evicts when the pool is full. 0 = cache_slots alone decides
@@ -94,6 +98,13 @@ class InferenceConfig:
         if self.rank_top > 0 and self.cache_slots <= 0:
             raise ValueError("rank_top > 0 reads each user's history keys/values from the KV cache: "
                              "set cache_slots > 0")
+        if self.paged_attention:
+            from models.kernels.hstu_attention import triton_status
+
+            usable, why = triton_status(self.device)
+            if not usable or self.cache_slots <= 0 or self.compile:
+                raise ValueError("paged_attention reads the KV cache with a Triton kernel: it needs cache_slots > 0, "
+                                 f"no compile, and Triton ({why or 'available'}); set paged_attention: false")
 
     def check_quantize(self) -> None:
         """A ValueError at start for a quantization this engine cannot run (unknown name, device, dtype)."""

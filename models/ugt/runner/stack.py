@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from contracts.tokenizer import TOKEN_GROUP_ITEM
 from models.kernels.hstu_attention import RelBias, fused_hstu_attention
 from models.kernels.reference import bucketize_time_gaps, hstu_attention
+from models.kernels.slot_attention import slot_attention
 from models.ugt.model import UGT
 from models.ugt.ranking import Prefix, prefix_indices
 from models.ugt.runner.append import append_step
@@ -32,7 +33,7 @@ class StackRunner:
     """Runs ``model``'s layers on :class:`BatchLayout` buffers; ``pool`` holds the cached prefixes (or None)."""
 
     def __init__(self, model: UGT, layout: BatchLayout, pool: SlotPool | None, long_groups: int, fused: bool,
-                 dispatcher: GraphDispatcher, eager_prefill_tokens: int = 0):
+                 dispatcher: GraphDispatcher, eager_prefill_tokens: int = 0, paged: bool = False):
         self.model, self.layout, self.pool = model, layout, pool
         self.G = long_groups
         self.T = long_groups + layout.N
@@ -40,6 +41,7 @@ class StackRunner:
         self.dispatcher = dispatcher
         self.compiled = False
         self.eager_prefill_tokens = eager_prefill_tokens
+        self.paged = paged  # cached steps attend to the pool in place (models/kernels/slot_attention.py)
 
     def eager_prefill(self, rows: int) -> bool:
         """Whether a prefill of ``rows`` rows runs eagerly and unpadded (graphs on, and at least
@@ -158,13 +160,21 @@ class StackRunner:
         for li, layer in enumerate(m.layers):
             blk = layer.attn
             u, q, k, v = attn_inputs(blk, x)  # q, k: (B, 1, H, dqk)
-            kc, vc = pool.read(li, slots)  # (B, H, T, d)
-            kc[rows, :, p] = k[:, 0]
-            vc[rows, :, p] = v[:, 0]
+            if self.paged:  # the last event's K/V into the slot (recomputed by its next step anyway), read in place
+                pool.k[li][slots, :, p] = k[:, 0]
+                pool.v[li][slots, :, p] = v[:, 0]
+                kc, vc = pool.k[li], pool.v[li]
+                attn = slot_attention(q, kc, vc, slots, mask.unsqueeze(1), pos_index.unsqueeze(1),
+                                      buckets.unsqueeze(1), blk.rab.pos_w, blk.rab.ts_w, blk.max_len)
+            else:
+                kc, vc = pool.read(li, slots)  # (B, H, T, d)
+                kc[rows, :, p] = k[:, 0]
+                vc[rows, :, p] = v[:, 0]
+                attn = attend_one(blk, q, kc, vc, mask, pos_index, buckets)
             if keep:
                 keys.append(kc)
                 values.append(vc)
-            x = attn_output(blk, x, u, attend_one(blk, q, kc, vc, mask, pos_index, buckets))
+            x = attn_output(blk, x, u, attn)
             h, _ = layer.ffn(layer.norm(x, types), tok_valid, with_loss=False)
             x = x + h
         user = F.normalize(x[:, 0].float(), dim=-1, eps=1e-6)
@@ -175,7 +185,8 @@ class StackRunner:
         valid_c[rows, p] = tok_valid[:, 0]
         key_mask, pos_index_c, buckets_c, last_time = prefix_indices(rab.max_len, rab.num_buckets, times_c, valid_c,
                                                                      p + 1, request_time)
-        return user, Prefix(keys, values, key_mask, pos_index_c, buckets_c, request_time, last_time)
+        return user, Prefix(keys, values, key_mask, pos_index_c, buckets_c, request_time, last_time,
+                            slots if self.paged else None)
 
     # ---- append ------------------------------------------------------------------------------------
 
@@ -186,7 +197,7 @@ class StackRunner:
             raise RuntimeError("append needs cache_slots > 0")
         batch = self.layout.unpack(buf[:, : self.layout.width])
         slots = buf[:, self.layout.width]
-        return append_step(self.model, self.pool, self.G, batch, slots, starts, width)
+        return append_step(self.model, self.pool, self.G, batch, slots, starts, width, self.paged)
 
     def run_append(self, buf: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
         """:meth:`append` of a device batch, through a graph per (batch, suffix width) on CUDA (eager on CPU,
