@@ -186,12 +186,14 @@ def quantize_weights(model: UGT, scheme: str) -> QuantizedLayers:
 
 @functools.cache
 def _cpu_fp8_refusal() -> str:
-    """Why this torch build's CPU ``_scaled_mm`` refuses an e4m3 GEMM ("" when it runs one): older releases
-    (e.g. 2.11) have no CPU kernel for it."""
+    """Why this torch build's CPU ``_scaled_mm`` refuses an e4m3 GEMM of :class:`Fp8Linear`'s form, per-row scales
+    on both operands ("" when it runs one): older releases have no CPU kernel for it. On the GPU machine's torch
+    2.11 a probe with one scale per tensor passed while every layer's per-row GEMM then failed (4 tests of
+    tests/models/test_weight_quant.py), so the probe takes the layers' form."""
     a = torch.ones(16, 16, dtype=torch.float8_e4m3fn)
-    one = torch.ones((), dtype=torch.float32)
+    rows, cols = torch.ones(16, 1, dtype=torch.float32), torch.ones(1, 16, dtype=torch.float32)
     try:
-        torch._scaled_mm(a, a.t(), one, one, out_dtype=torch.bfloat16)
+        torch._scaled_mm(a, a.t(), rows, cols, out_dtype=torch.bfloat16)
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
         return str(exc).splitlines()[0]
     return ""
