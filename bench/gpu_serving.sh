@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU generator's steps on a GPU machine with no network (the device tool's machine): unpacks ML-1M from
-# .ugtdata (ignored by git; carry it), installs carried wheels (.whl) only if pytest is missing, then
+# .ugtdata (ignored by git; carry it), installs carried wheels (.whl) only if pytest is missing (bench/gpu_stage.sh
+# makes both on a machine with the network), then
 #   bash bench/gpu_serving.sh test                 # kernel + inference parity tests on the GPU
 #   bash bench/gpu_serving.sh train MINUTES        # a short ML-1M UGT run -> $OUT/checkpoint.pt, summary.json
 #   bash bench/gpu_serving.sh bench [ARGS...]      # bench/serving_gpu.py ARGS --out $OUT/serving_gpu.json
@@ -12,6 +13,8 @@
 #        $OUT/topk_retrieval_gpu.json: exact top-k at 100k/1M items, plain vs blocked, eager and graph replay
 #   bash bench/gpu_serving.sh distill [ARGS...]    # bench/distill_student.py ARGS --out $OUT/distill_student.json:
 #        a smaller student trained from a teacher checkpoint's scores (--teacher), then both: HR@10, CPU req/s
+#   bash bench/gpu_serving.sh profile [ARGS...]    # python -m bench.engine_profile ARGS: where an engine step's time
+#        goes (a diagnosis, no result file), e.g. --size industrial --kernels, or --paged-attention
 #   bash bench/gpu_serving.sh e2e [ARGS...]        # bench/serving_gpu_e2e.py ARGS --out $OUT/serving_gpu_e2e.json:
 #        `ugt serve --workers N` over HTTP with Redis; carry .ugtdata/debs (Debian's redis-tools, liblzf1,
 #        libjemalloc2, libatomic1: `apt-get download` them), .ugtdata/datasets/ml-1m.tgz and the wheels in .whl
@@ -63,6 +66,9 @@ case "$step" in
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
     python3 -m bench.distill_student --work-dir /tmp/ugt-distill-student --out "$out/distill_student.json" "$@" \
       && cp /tmp/ugt-distill-student/summary.json "$out/distill_student_summary.json" ;;
+  profile)
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+    python3 -m bench.engine_profile "$@" ;;
   e2e)
     # redis-server from the carried Debian packages, unpacked beside the system (never into /)
     r=/tmp/redis-root
@@ -73,6 +79,6 @@ case "$step" in
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
     python3 bench/serving_gpu_e2e.py --out "$out/serving_gpu_e2e.json" "$@" ;;
   *)
-    echo "usage: bash bench/gpu_serving.sh test | train MINUTES | bench [bench/serving_gpu.py args] | compress [args] | throughput [args] | topk [args] | distill [args] | e2e [args]" >&2
+    echo "usage: bash bench/gpu_serving.sh test | train MINUTES | bench [bench/serving_gpu.py args] | compress [args] | throughput [args] | topk [args] | distill [args] | profile [args] | e2e [args]" >&2
     exit 2 ;;
 esac
