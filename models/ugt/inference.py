@@ -90,7 +90,7 @@ class UGTInference:
             pool = SlotPool(len(self.model.layers), slots, blk.num_heads, self.T, blk.dqk, blk.dv, self.device,
                             self.dtype)
         self.stack = StackRunner(self.model, self.layout, pool, self.G, self.fused, self.dispatcher,
-                                 c.eager_prefill_tokens, c.paged_attention)
+                                 c.eager_prefill_activations, c.paged_attention)
         self.heads = HeadRunner(c, self.catalog, self.layout, self.stack, self.dispatcher, self.dtype)
         if c.compile:
             self.stack.compile()

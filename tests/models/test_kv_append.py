@@ -207,14 +207,14 @@ def test_suffix_writes_repeat_a_live_token_for_padding_and_leave_a_row_without_o
 @CUDA
 @pytest.mark.parametrize("rank_top", [0, 6])
 def test_cuda_eager_prefills_answer_as_the_graph_replayed_ones(rank_top):
-    """A prefill of at least ``eager_prefill_tokens`` tokens runs eagerly on its own rows (no padded graph):
+    """A prefill of at least ``eager_prefill_activations`` elements runs eagerly on its own rows (no padded graph):
     the same answers as the graph of its bucket, alone and beside appends in one batch, with or without ranking."""
     from tests.models.test_ranking import make_model as ranked_model
 
     model = ranked_model(2, long_groups=3)
     cfg = {"device": "cuda", "dtype": "fp32", "rank_top": rank_top, "batch_buckets": (1, 8, 32)}
-    eager = UGTInference(model, InferenceConfig(**cfg, cache_slots=16, eager_prefill_tokens=1))
-    graphed = UGTInference(model, InferenceConfig(**cfg, cache_slots=16, eager_prefill_tokens=0))
+    eager = UGTInference(model, InferenceConfig(**cfg, cache_slots=16, eager_prefill_activations=1))
+    graphed = UGTInference(model, InferenceConfig(**cfg, cache_slots=16, eager_prefill_activations=0))
     users = histories(7, seed=17)
     keys = [f"u{i}" for i in range(7)]
     rows = [row_of(h, n) for h, n in zip(users[:5], [2, 4, 6, 9, 5], strict=True)]  # 5 misses, bucket 8

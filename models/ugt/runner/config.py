@@ -27,10 +27,11 @@ class InferenceConfig:
     fused_attention: bool = True  # Triton HSTU attention where it runs (CUDA)
     cuda_graphs: bool = True  # capture prefill/decode per batch bucket (CUDA only)
     batch_buckets: tuple[int, ...] = (1, 8, 32, 128)
-    # CUDA: a prefill of at least this many tokens (rows x window) runs eagerly on its own rows instead of replaying
-    # the graph of its padded bucket: its kernels outweigh their launches, and 18 misses of an industrial step
-    # (window 1,024) padded to the 32-row graph nearly doubled the step's prefill time (docs/SERVING.md). 0 = never
-    eager_prefill_tokens: int = 16_384
+    # CUDA: a prefill whose activations (rows x window x d_model) reach this many elements runs eagerly on its own
+    # rows instead of replaying the graph of its padded bucket: its kernels outweigh their launches, and 18 misses of
+    # an industrial step (window 1,024, d 256: eager from 16 rows) padded to the 32-row graph nearly doubled the
+    # step's prefill time (docs/SERVING.md); a small model (ML-1M: 216 x 64) keeps its graphs. 0 = never
+    eager_prefill_activations: int = 1 << 22
     # the cached steps (append, decode, ranking) attend to the KV pool in place with a Triton kernel
     # (models/kernels/slot_attention.py) instead of copying each row's window per layer; needs the KV cache and
     # Triton (CUDA, or CPU under TRITON_INTERPRET=1); off until its GPU speed is measured

@@ -33,20 +33,21 @@ class StackRunner:
     """Runs ``model``'s layers on :class:`BatchLayout` buffers; ``pool`` holds the cached prefixes (or None)."""
 
     def __init__(self, model: UGT, layout: BatchLayout, pool: SlotPool | None, long_groups: int, fused: bool,
-                 dispatcher: GraphDispatcher, eager_prefill_tokens: int = 0, paged: bool = False):
+                 dispatcher: GraphDispatcher, eager_prefill_activations: int = 0, paged: bool = False):
         self.model, self.layout, self.pool = model, layout, pool
         self.G = long_groups
         self.T = long_groups + layout.N
         self.fused = fused
         self.dispatcher = dispatcher
         self.compiled = False
-        self.eager_prefill_tokens = eager_prefill_tokens
+        self.eager_prefill_activations = eager_prefill_activations
         self.paged = paged  # cached steps attend to the pool in place (models/kernels/slot_attention.py)
 
     def eager_prefill(self, rows: int) -> bool:
         """Whether a prefill of ``rows`` rows runs eagerly and unpadded (graphs on, and at least
-        ``eager_prefill_tokens`` tokens: :class:`.config.InferenceConfig`)."""
-        return self.dispatcher.enabled and 0 < self.eager_prefill_tokens <= rows * self.T
+        ``eager_prefill_activations`` elements of activations: :class:`.config.InferenceConfig`)."""
+        size = rows * self.T * self.model.config.d_model
+        return self.dispatcher.enabled and 0 < self.eager_prefill_activations <= size
 
     # ---- prefill -----------------------------------------------------------------------------------
 
