@@ -64,7 +64,8 @@ def slot_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, 
     if q.stride(-1) != 1 or k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1:
         raise ValueError("q and the pools must be contiguous in their last dim")
     out = torch.empty(B, S, H, DV, device=q.device, dtype=q.dtype)
-    mask8 = mask.to(torch.int8)
+    # a bool mask read as bytes: an expanded (stride-0) ranking mask stays a view (.to would materialise it)
+    mask8 = mask.view(torch.int8) if mask.dtype == torch.bool else mask.to(torch.int8)
     cuda = q.device.type == "cuda"
     block_s, block_t, warps = (16, 64, 4) if cuda else (16, 16, 1)
     grid = (-(-S // block_s), B * H)
