@@ -71,6 +71,11 @@ def test_three_brokers_and_rf3_topics(cluster_settings: Settings) -> None:
     created = ensure_topics(s)
     admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap})
     metadata = admin.list_topics(timeout=10)
+    deadline = time.monotonic() + 60  # the broker that answers may not have every new topic in its metadata yet
+    while not all(name in metadata.topics for name in created):
+        assert time.monotonic() < deadline, f"created topics missing from the metadata after 60 s: {created}"
+        time.sleep(0.5)
+        metadata = admin.list_topics(timeout=10)
     assert sorted(b.port for b in metadata.brokers.values()) == s.kafka_broker_ports
     for name in created:
         assert all(len(p.replicas) == 3 for p in metadata.topics[name].partitions.values()), name
