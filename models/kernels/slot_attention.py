@@ -29,8 +29,16 @@ def reference_slot_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
 
     q (B, S, H, dqk); k_pool, v_pool (R, H, T, d); slots (B,); mask, pos_index, buckets (B, S, T).
     """
-    B, S, H, _ = q.shape
     kc, vc = k_pool.index_select(0, slots), v_pool.index_select(0, slots)  # (B, H, T, d)
+    return rows_attention(q, kc, vc, mask, pos_index, buckets, pos_w, ts_w, norm)
+
+
+def rows_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor, pos_index: torch.Tensor,
+                   buckets: torch.Tensor, pos_w: torch.Tensor, ts_w: torch.Tensor, norm: float) -> torch.Tensor:
+    """HSTU attention of S queries per row, each at its own position, against the rows' own keys/values:
+    (B, S, H * dv). q (B, S, H, dqk); kc, vc (B, H, T, d); mask, pos_index, buckets (B, S, T): the query rows of
+    :func:`models.kernels.reference.hstu_attention`'s masked, biased weights."""
+    B, S, _ = mask.shape
     scores = torch.matmul(q.transpose(1, 2), kc.transpose(-1, -2))  # (B, H, S, T)
     bias = (pos_w[pos_index] + ts_w[buckets]).unsqueeze(1)
     w = F.silu(scores + bias.to(scores.dtype)) / float(norm)

@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from contracts.tokenizer import TOKEN_GROUP_ITEM
-from models.hstu import HSTUBlock
 from models.kernels.reference import bucketize_time_gaps
-from models.kernels.slot_attention import slot_attention
+from models.kernels.slot_attention import rows_attention, slot_attention
 from models.ugt.model import UGT
 from models.ugt.runner.batch import ROW_FIELDS
 from models.ugt.runner.slot_cache import SlotPool
@@ -38,21 +37,6 @@ def put(cached: torch.Tensor, dim: int, index: torch.Tensor, values: torch.Tenso
     """``cached`` (size T along ``dim``) with ``values`` written at ``index`` along ``dim``; index T is dropped."""
     pad = torch.zeros_like(cached.narrow(dim, 0, 1))
     return torch.cat([cached, pad], dim).scatter(dim, index, values).narrow(dim, 0, cached.shape[dim])
-
-
-def attend_rows(block: HSTUBlock, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor,
-                pos_index: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-    """HSTU attention of S queries per row, each at its own position: (B, S, H * dv).
-
-    q (B, S, H, dqk); kc, vc (B, H, T, d); mask, pos_index, buckets (B, S, T): the query rows of
-    :func:`models.kernels.reference.hstu_attention`'s masked, biased weights.
-    """
-    B, S, T = mask.shape
-    scores = torch.matmul(q.transpose(1, 2), kc.transpose(-1, -2))  # (B, H, S, T)
-    bias = (block.rab.pos_w[pos_index] + block.rab.ts_w[buckets]).unsqueeze(1)
-    w = F.silu(scores + bias.to(scores.dtype)) / float(block.max_len)
-    w = w * mask.unsqueeze(1).to(w.dtype)
-    return torch.matmul(w, vc).transpose(1, 2).reshape(B, S, -1)
 
 
 def suffix_tokens(model: UGT, batch: dict[str, torch.Tensor], starts: torch.Tensor, width: int, G: int, T: int):
@@ -141,7 +125,7 @@ def append_step(model: UGT, pool: SlotPool, G: int, batch: dict[str, torch.Tenso
             write_suffix(vc, rows, at, v_new)
             write_suffix(pool.k[li], slots, at, k_new)
             write_suffix(pool.v[li], slots, at, v_new)
-            attn = attend_rows(blk, q, kc, vc, mask, pos_index, buckets)
+            attn = rows_attention(q, kc, vc, mask, pos_index, buckets, blk.rab.pos_w, blk.rab.ts_w, blk.max_len)
         x = attn_output(blk, x, u, attn)
         h, _ = layer.ffn(layer.norm(x, types), tok_valid, with_loss=False)
         x = x + h
