@@ -49,7 +49,7 @@ case "$step" in
       tests/models/test_slot_attention.py ;;
   train)
     python3 -m ugt.cli train --config models/configs/ugt_ml1m.yaml --out-dir /tmp/ugt-ml1m --quiet \
-      --set "max_minutes=${1:-4}" --set dpo.enabled=false --set "semantic_ids={artifact: .ugtdata/sid-ml1m.npz}" \
+      --set "max_minutes=${1:-4}" --set dpo.enabled=false --set "semantic_ids={artifact: .ugtdata/sid/ml1m}" \
       && cp /tmp/ugt-ml1m/checkpoint.pt /tmp/ugt-ml1m/summary.json "$out/" ;;
   bench)
     python3 bench/serving_gpu.py --out "$out/serving_gpu.json" "$@" ;;

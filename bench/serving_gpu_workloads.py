@@ -62,7 +62,7 @@ def train_ml1m(minutes: float, out_dir: str) -> Path:
     from models.train_config import load_config
 
     sets: dict[str, Any] = {"out_dir": out_dir, "max_minutes": minutes, "progress": False, "dpo": {"enabled": False}}
-    artifact = REPO / ".ugtdata" / "sid-ml1m.npz"
+    artifact = REPO / ".ugtdata" / "sid" / "ml1m"
     if artifact.exists():
         sets["semantic_ids"] = {"artifact": str(artifact)}
     fit(load_config(str(REPO / "models/configs/ugt_ml1m.yaml"), sets))

@@ -18,7 +18,7 @@ is beside it: every rank holds the whole table (4 x V x d x 4 bytes with gradien
 ``throughput`` (bench/results/train_throughput.json): training samples (rows) per second and supervised positions
 per second of the stage-2 step (forward, loss, backward, AdamW; bf16 autocast and TF32 on CUDA, eager) in one
 process, timed for ``--minutes`` after ``--warmup`` steps: ``ml1m`` (models/configs/ugt_ml1m.yaml's model and loss;
-semantic IDs from .ugtdata/sid-ml1m.npz when there, else items by ID alone, recorded) and ``industrial`` (8 layers,
+semantic IDs from .ugtdata/sid/ml1m (bench/gpu_stage.sh --data) when there, else items by ID alone, recorded) and ``industrial`` (8 layers,
 d = 256, 1M items, history 1,024 as bench/serving_gpu_workloads.py serves it, random full histories, sampled
 softmax with 128 negatives: a full softmax over 1M items at 1,024 positions a row is 4 GB of logits per row).
 """
@@ -173,7 +173,7 @@ def _ml1m(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any], Any]
     from models.train_config import load_config
 
     repo = Path(__file__).resolve().parent.parent
-    artifact = repo / ".ugtdata" / "sid-ml1m.npz"
+    artifact = repo / ".ugtdata" / "sid" / "ml1m"
     sets: dict[str, Any] = {"progress": False, "dpo": {"enabled": False}}
     if artifact.exists():
         sets["semantic_ids"] = {"artifact": str(artifact)}
