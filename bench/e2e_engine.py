@@ -189,7 +189,7 @@ def engine_rows(checkpoint: str, users: Users, rates: list[float], args: Any) ->
         torch.cuda.empty_cache()
     generator = UGTGenerator(checkpoint, kv_cache_users=len(users.ids), kv_cache_bytes=args.kv_cache_bytes,
                              kv_cache_admission=args.kv_admission, history_hop=args.history_hop,
-                             rank_top=args.rank_top,
+                             rank_top=args.rank_top, paged_attention=getattr(args, "paged_attention", False),
                              live_items=0, device=args.device, max_batch=max(args.batch_max, args.engine_max_rows))
     users.reset()
     warm = make_schedule(50_000.0, min(args.warm_users, len(users.ids)) / 50_000.0, (1.0, 0.0, 0.0), 0,

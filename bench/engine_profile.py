@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         users = industrial(args)
     gen = UGTGenerator(args.checkpoint, kv_cache_users=len(users.ids), kv_cache_bytes=48 << 30, live_items=0,
-                       device=args.device, max_batch=args.batch, history_hop=args.history_hop, rank_top=args.rank_top)
-    gen.engine.config.paged_attention = gen.engine.stack.paged = args.paged_attention
+                       device=args.device, max_batch=args.batch, history_hop=args.history_hop, rank_top=args.rank_top,
+                       paged_attention=args.paged_attention)
     if args.eager:  # every step eager (and unpadded) from the first batch on
         gen.engine.dispatcher.enabled = gen.engine.graphs_on = False
 

@@ -115,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-hop", type=int, default=-1,
                    help=">= 0: ugt-serve-model also runs with this history_hop, before the --history-hop group "
                         "(the same rates; its rows are ugt-serve-model-hopN)")
+    p.add_argument("--paged-attention", action="store_true",
+                   help="the serving key paged_attention: the engine's cached steps read the KV pool in place")
     p.add_argument("--kv-admission", choices=["lru", "second_sight"], default="lru",
                    help="the KV pool's admission rule (serving key kv_cache_admission)")
     p.add_argument("--batch-max", type=int, default=128, help="serving batch_max_size")
@@ -346,7 +348,8 @@ def ugt_config(args: argparse.Namespace, users: Users) -> dict[str, Any]:
             # only when asked: a baseline tree (bench/worker_cpu.py) may not know the key
             **({"kv_cache_admission": args.kv_admission} if getattr(args, "kv_admission", "lru") != "lru" else {}),
             **({"history_hop": args.history_hop} if getattr(args, "history_hop", 0) else {}),
-            **({"rank_top": args.rank_top} if getattr(args, "rank_top", -1) >= 0 else {})}
+            **({"rank_top": args.rank_top} if getattr(args, "rank_top", -1) >= 0 else {}),
+            **({"paged_attention": True} if getattr(args, "paged_attention", False) else {})}
 
 
 def run_rates(server: Server, users: Users, rates: list[float], args: argparse.Namespace, redis_port: int,

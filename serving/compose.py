@@ -173,7 +173,7 @@ def _load_ugt(name: str, route: DomainConfig, config: ServingConfig, settings: S
     try:
         generator = UGTGenerator(route.checkpoint, kv_cache_users=config.kv_cache_users,
                                  kv_cache_bytes=config.kv_cache_bytes, kv_cache_admission=config.kv_cache_admission,
-                                 history_hop=config.history_hop,
+                                 history_hop=config.history_hop, paged_attention=config.paged_attention,
                                  compile_cpu=config.torch_compile, quantize=config.quantize, rank_top=config.rank_top,
                                  beam_size=config.beam_size, live_items=config.live_items,
                                  redis_factory=_feed_client(settings) if settings else None,

@@ -213,6 +213,10 @@ class ServingConfig:
     kv_cache_admission: Admission = "lru"  # second_sight: a new user enters a full pool on its second miss only
     # > 0: the model's window starts on a multiple of this many events (models.data.window_start), so a user with a
     history_hop: Int = Field(0, ge=0, le=100_000)  # full window appends to their KV prefix; 0 = slide per event
+    # true: a GPU engine's cached steps (append, decode, ranking) read each user's K/V in the KV pool in place with a
+    # Triton kernel (models/kernels/slot_attention.py) instead of copying it out per step. Needs CUDA + Triton and
+    # kv_cache_users > 0; the start stops with the reason where it cannot run
+    paged_attention: bool = False
     # PyTorch CPU threads per serving process. 1: a served batch is a few hundred small ops, too small to split,
     # and idle OpenMP workers spin on the cores the event loop needs (measured: docs/SERVING.md). 0 = torch's default
     torch_threads: Int = Field(1, ge=0, le=256)

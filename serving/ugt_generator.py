@@ -98,7 +98,7 @@ def batch_buckets_up_to(max_batch: int) -> tuple[int, ...]:
 
 def default_inference(model: torch.nn.Module, device: str, kv_cache_users: int, kv_cache_bytes: int, compile_cpu: bool,
                       quantize: str, rank_top: int, beam_size: int, max_batch: int,
-                      kv_cache_admission: str = "lru") -> InferenceConfig:
+                      kv_cache_admission: str = "lru", paged_attention: bool = False) -> InferenceConfig:
     """The engine settings the serving keys ask for.
 
     kv_cache_users > 0: a user whose events did not change since the last request runs only the last event through
@@ -106,7 +106,8 @@ def default_inference(model: torch.nn.Module, device: str, kv_cache_users: int, 
     on CPU too; kv_cache_bytes > 0 caps the pool's bytes. compile_cpu: torch.compile the CPU path (CUDA has CUDA graphs
     instead). rank_top: -1 = the checkpoint's own (when it has a ranking head and there is a KV cache to read).
     max_batch: the most rows one model step gets (batch_max_size, or engine_max_rows with engine_scope: model);
-    buckets up to it, so a batch past 128 replays a captured graph instead of running eager.
+    buckets up to it, so a batch past 128 replays a captured graph instead of running eager. paged_attention: the
+    cached steps read the KV pool in place (models/kernels/slot_attention.py).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,7 +119,7 @@ def default_inference(model: torch.nn.Module, device: str, kv_cache_users: int, 
                            cache_admission=kv_cache_admission,
                            batch_buckets=batch_buckets_up_to(max_batch), compile=compile_cpu and device == "cpu",
                            quantize=quantize, rank_top=rank_top, beam_size=beam_size,
-                           merge="rrf" if beam_size > 0 else "retrieval")
+                           merge="rrf" if beam_size > 0 else "retrieval", paged_attention=paged_attention)
 
 
 def sorted_union(seen: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -145,7 +146,7 @@ class UGTGenerator:
                  rank_top: int = -1, beam_size: int = 0, live_items: int = 0,
                  redis_factory: Callable[[], object] | None = None, sid_version: str = "",
                  device: str = "auto", max_batch: int = 128, kv_cache_admission: str = "lru",
-                 history_hop: int = 0):
+                 history_hop: int = 0, paged_attention: bool = False):
         from models.checkpoint import load_checkpoint, long_history_len
 
         path = Path(checkpoint)
@@ -183,7 +184,7 @@ class UGTGenerator:
             self.table = self.model.item_embeddings().float()  # fixed after training: computed once
         if inference is None:  # GPU when there is one (bf16, CUDA graphs, fused attention), else CPU fp32
             inference = default_inference(model, device, kv_cache_users, kv_cache_bytes, compile_cpu, quantize,
-                                          rank_top, beam_size, max_batch, kv_cache_admission)
+                                          rank_top, beam_size, max_batch, kv_cache_admission, paged_attention)
         self.codes = ckpt.get("semantic_codes")
         self.live: LiveCatalog | None = None
         if live_items > 0 and redis_factory is not None:
@@ -207,6 +208,8 @@ class UGTGenerator:
                 hint = "; raise the serving key kv_cache_bytes, or 0 for no byte budget"
             if "quantize" in str(exc):
                 hint = "; set the serving key quantize: none, or change what the reason names (torch_compile, device)"
+            if "paged_attention" in str(exc):
+                hint = "; set the serving key paged_attention: false, or serve on a CUDA GPU with kv_cache_users > 0"
             if "semantic-ID head" in str(exc):
                 hint = "; set the serving key beam_size: 0 for this checkpoint"
             raise CheckpointError(f"cannot serve {str(path)!r}: {exc}{hint}") from exc

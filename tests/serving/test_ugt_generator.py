@@ -429,6 +429,16 @@ def test_quantize_int8_weight_reaches_the_engine_and_fp8_on_cpu_stops_the_start(
         UGTGenerator(trained, clock=Clock(), quantize="fp8", device="cpu")
 
 
+def test_paged_attention_reaches_the_engine_and_stops_a_start_that_cannot_run_it(trained, monkeypatch):
+    """The serving key paged_attention: refused at start where it cannot run (no KV cache; no Triton on a plain
+    CPU engine) with the keys to change; under Triton's CPU interpreter the engine reads the pool in place."""
+    with pytest.raises(CheckpointError, match="paged_attention.*set the serving key paged_attention: false"):
+        UGTGenerator(trained, clock=Clock(), kv_cache_users=0, paged_attention=True, device="cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gen = UGTGenerator(trained, clock=Clock(), kv_cache_users=4, paged_attention=True, device="cpu")
+    assert gen.engine.config.paged_attention and gen.engine.stack.paged
+
+
 def test_a_state_with_new_events_extends_the_cached_row_as_a_rebuild_would(trained, loaded):
     """New events appended to a cached user's state patch the cached row (no rebuild): it must equal
     model_input of the whole state, for 1 and 3 new events, and a sliding window is rebuilt instead."""
