@@ -30,10 +30,8 @@ Quantize = Literal["none", "int8", "fp8", "int8_weight"]  # models/ugt/quantize.
 # a request the engine's full queue refuses: 429 + Retry-After (reject), or the popularity answer marked "overloaded"
 Overload = Literal["reject", "fallback"]
 Generator = Literal["popularity", "ugt"]  # ugt: serving/ugt_generator.py, needs `checkpoint`
-# where UGT models run: auto = CUDA when torch sees a GPU, else CPU
-Device = Literal["auto", "cpu", "cuda"]
-# `--workers N`'s engine: fork (copy-on-write), spawn (loads the model itself), auto = spawn for a CUDA model
-EngineStart = Literal["auto", "fork", "spawn"]
+Device = Literal["auto", "cpu", "cuda"]  # where UGT models run: auto = CUDA when torch sees a GPU, else CPU
+EngineStart = Literal["auto", "fork", "spawn"]  # `--workers N`'s engine: fork, spawn, auto = spawn for a CUDA model
 EngineScope = Literal["pipeline", "model"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 STATE_READERS: tuple[str, ...] = get_args(StateReader)
@@ -213,9 +211,7 @@ class ServingConfig:
     kv_cache_admission: Admission = "lru"  # second_sight: a new user enters a full pool on its second miss only
     # > 0: the model's window starts on a multiple of this many events (models.data.window_start), so a user with a
     history_hop: Int = Field(0, ge=0, le=100_000)  # full window appends to their KV prefix; 0 = slide per event
-    # true: a GPU engine's cached steps (append, decode, ranking) read each user's K/V in the KV pool in place with a
-    # Triton kernel (models/kernels/slot_attention.py) instead of copying it out per step. Needs CUDA + Triton and
-    # kv_cache_users > 0; the start stops with the reason where it cannot run
+    # the cached steps read the KV pool in place (models/kernels/slot_attention.py; CUDA + Triton, kv_cache_users > 0)
     paged_attention: bool = False
     # PyTorch CPU threads per serving process. 1: a served batch is a few hundred small ops, too small to split,
     # and idle OpenMP workers spin on the cores the event loop needs (measured: docs/SERVING.md). 0 = torch's default
