@@ -47,8 +47,10 @@ def wants_spawn(config: ServingConfig) -> bool:
 
 def on_cpu(config: ServingConfig) -> ServingConfig:
     """The config the supervisor composes its own copy with: models on the CPU, so its children can be forked,
-    and a one-user KV cache (the copy only checks the checkpoint and config; it never serves a batch)."""
-    return dataclasses.replace(config, device="cpu", kv_cache_users=min(config.kv_cache_users, 1), kv_cache_bytes=0)
+    and a one-user KV cache (the copy only checks the checkpoint and config; it never serves a batch). What only a
+    GPU engine runs (paged attention, fp8) is left to the spawned engine to check."""
+    return dataclasses.replace(config, device="cpu", kv_cache_users=min(config.kv_cache_users, 1), kv_cache_bytes=0,
+                               paged_attention=False, quantize="none" if config.quantize == "fp8" else config.quantize)
 
 
 def _spawned_main(settings: Settings, config: ServingConfig, restarts: int, path: str, parent_pid: int,

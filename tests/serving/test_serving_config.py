@@ -185,3 +185,14 @@ def test_quantize_names_a_known_variant_and_int8_runs_uncompiled():
         build_config({"quantize": "int8", "torch_compile": True}, env={})
     # fp8 / int8_weight: torch_compile only acts on CPU, where the engine refuses the pair at start
     assert build_config({"quantize": "fp8", "torch_compile": True}, env={}).quantize == "fp8"
+
+
+def test_the_supervisors_cpu_copy_leaves_gpu_only_engine_keys_to_the_spawned_engine():
+    """`ugt serve --workers N` on a GPU box composes a CPU copy of the service first (serving/engine_spawn.py): the
+    keys only a CUDA engine runs (paged_attention, fp8) must not stop that copy; the spawned engine checks them."""
+    from serving.engine_spawn import on_cpu
+
+    gpu = build_config({"device": "cuda", "paged_attention": True, "quantize": "fp8", "kv_cache_users": 5000}, env={})
+    copy = on_cpu(gpu)
+    assert (copy.device, copy.paged_attention, copy.quantize, copy.kv_cache_users) == ("cpu", False, "none", 1)
+    assert on_cpu(replace(gpu, quantize="int8_weight")).quantize == "int8_weight"  # it runs on CPU too
