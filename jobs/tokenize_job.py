@@ -39,9 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "2000-2003, ML-100K from 1997 (default: %(default)s)")
     g.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
                    help="records larger than this are OVERSIZED (default: %(default)s, the maximum)")
-    g.add_argument("--engine", choices=("python", "sql"), default="python",
-                   help="python: the Python operator per record (jobs/tokenize_logic.py); sql: decode, validate and "
-                        "tokenize in the JVM inside Flink SQL (jobs/tokenize_sql.py, jobs/jvm/) (default: %(default)s)")
+    g.add_argument("--engine", choices=("python", "sql"), default="sql",
+                   help="sql: decode, validate and tokenize in the JVM inside Flink SQL (jobs/tokenize_sql.py, "
+                        "jobs/jvm/; ~0.3-0.5x the Flink CPU per event, docs/JOBS.md); python: the Python operator "
+                        "per record (jobs/tokenize_logic.py; also rediss:// semantic-ID stores) (default: %(default)s)")
     g.add_argument("--lake", default=str(default_lake_dir()),
                    help="parquet data lake folder (partitions dt=YYYY-MM-DD, files commit on checkpoints); "
                         "'' = no lake (default: %(default)s)")

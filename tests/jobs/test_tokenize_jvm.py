@@ -207,7 +207,7 @@ def test_engine_option_and_what_the_sql_engine_refuses() -> None:
 
     parser = argparse.ArgumentParser()
     tokenize_job.add_arguments(parser)
-    assert tokenize_job.job_options(parser.parse_args([]))["engine"] == "python"  # the default is unchanged
+    assert tokenize_job.job_options(parser.parse_args([]))["engine"] == "sql"  # the JVM engine is the default
     assert tokenize_job.job_options(parser.parse_args(["--engine", "sql", "--no-semantic-ids"]))["engine"] == "sql"
     assert tokenize_job.job_options(parser.parse_args(["--engine", "sql", "--redis", "redis://h:1/0"]))["engine"] == "sql"
     with pytest.raises(JobSetupError, match="redis:// or redis"):  # the JVM side is set up for plain TCP only
