@@ -257,15 +257,16 @@ def simulate(args: argparse.Namespace, port: int, domain: str, futures: dict[str
             "clicks": clicks}
 
 
-def flush_windows(settings: Any, publisher: Any, domain: str) -> None:
+def flush_windows(settings: Any, publisher: Any, domain: str, item_id: str) -> None:
     """Move both inputs' event time an hour on (an impression outside the experiment and a user event), so the
-    watermark passes every window now instead of in real time."""
+    watermark passes every window now instead of in real time. ``item_id``: a catalog item, since the user event
+    also reaches tokenize's lake, which `ugt train --lake` reads (an unknown item stopped the demo's next run)."""
     later = int(time.time() * 1000) + 3_600_000
     record = {"request_id": "ab_sim-flush", "user_id": "ab_sim-flush", "experiment": None, "arm": None,
               "model": "none", "domain": domain, "items": [], "served_at": later, "fallback": False,
               "fallback_reason": None}
     publisher.publish(settings.topics.impressions, "impression", record, key="ab_sim-flush")
-    publisher.publish_user_event({"event_id": uuid.uuid4().hex, "user_id": "ab_sim-flush", "item_id": "0",
+    publisher.publish_user_event({"event_id": uuid.uuid4().hex, "user_id": "ab_sim-flush", "item_id": item_id,
                                   "action": "VIEW", "event_time": later, "rating": None, "duration_s": None,
                                   "domain": domain, "context": {}})
     publisher.flush(30)
@@ -402,7 +403,7 @@ def run_traffic(args: argparse.Namespace, settings: Any, run: str) -> tuple[str,
             time.sleep(3.0)  # the service's impression thread hands its last records to Kafka
             flushed_ms = int(time.time() * 1000)
             flushed = time.monotonic()
-            flush_windows(settings, publisher, domain)
+            flush_windows(settings, publisher, domain, min(min(f) for f in futures.values() if f))
         in_experiment = sum(v["impressions"] for k, v in sim["truth"].items() if k != "none")
         rows = wait_metrics(settings, experiment, in_experiment, args.timeout)
         sim["flush_to_metrics_s"] = round(time.monotonic() - flushed, 1)

@@ -56,5 +56,7 @@ def codes_for_vocab(artifact: Any, data: SequenceData) -> np.ndarray:
         else:
             codes[index] = artifact.codes[row]
     if missing:
-        raise ValueError(f"{len(missing)} vocabulary items have no semantic ID, e.g. {missing[0]!r}")
+        raise ValueError(f"{len(missing)} vocabulary items have no semantic ID in the artifact, e.g. {missing[0]!r}: "
+                         "rebuild it over a catalog that holds them (`ugt semantic-ids build`), or train on "
+                         "events of the artifact's items only")
     return codes
