@@ -33,12 +33,28 @@ STUDENT = {"d_model": 32, "num_layers": 2, "num_heads": 1, "dqk": 32, "dv": 32,
            "moe": {"d_ff": 64, "num_experts": 2, "top_k": 1}, "heads": {"semantic_id": False}}
 
 
+def student_shape(text: str) -> dict[str, Any]:
+    """``--student``: the default shape with ``key=value`` pairs replaced (``d_model=64,num_layers=2,moe.d_ff=128``)."""
+    shape = {**STUDENT, "moe": dict(STUDENT["moe"])}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"--student {pair!r}: expected key=integer, e.g. d_model=64")
+        *parents, leaf = key.strip().split(".")
+        if parents not in ([], ["moe"]) or leaf not in (STUDENT["moe"] if parents else STUDENT) or leaf == "heads":
+            raise ValueError(f"--student {key!r}: one of {sorted(k for k in STUDENT if k != 'heads')} "
+                             f"or moe.{{{','.join(STUDENT['moe'])}}}")
+        (shape["moe"] if parents else shape)[leaf] = int(value)
+    return shape
+
+
 def student_config(teacher: Path, args: argparse.Namespace) -> Any:
     """The teacher's TrainConfig with the student's shape, distillation from ``teacher`` and this run's budget."""
     from models.train_config import TrainConfig
 
     cfg = TrainConfig(**torch.load(teacher, map_location="cpu", weights_only=False)["config"])
-    shape = {**cfg.model_config, **STUDENT, "moe": {**cfg.model_config.get("moe", {}), **STUDENT["moe"]},
+    student = args.shape
+    shape = {**cfg.model_config, **student, "moe": {**cfg.model_config.get("moe", {}), **student["moe"]},
              "embedding": {**cfg.model_config.get("embedding", {}), "item_repr": "id"}}
     values = {**vars(cfg), "name": f"{cfg.name}-student", "model_config": shape, "semantic_ids": {},
               "contrastive_weight": 0.0, "dpo": {**cfg.dpo, "enabled": False}, "out_dir": args.work_dir,
@@ -83,6 +99,8 @@ def measure(teacher: Path, student: Path, args: argparse.Namespace) -> list[dict
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="the trained teacher: a UGT checkpoint.pt or last.pt")
+    p.add_argument("--student", default="", help="the student's shape: key=value pairs replacing the default's "
+                   f"(e.g. d_model=64,num_layers=2,moe.d_ff=128; default {STUDENT})")
     p.add_argument("--device", default="cuda", help="where the student trains and both are evaluated")
     p.add_argument("--minutes", type=float, default=5.0, help="the student's training budget (max_minutes)")
     p.add_argument("--max-epochs", type=int, default=0, help="> 0: also stop after this many epochs")
@@ -97,6 +115,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(result_path("distill_student")), help="result JSON")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
+    try:
+        args.shape = student_shape(args.student)
+    except ValueError as exc:
+        p.error(str(exc))
     if not Path(args.teacher).is_file():
         p.error(f"--teacher {args.teacher}: no such file")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -120,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     conditions = {
         "device": args.device, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, "teacher": args.teacher,
-        "student_recipe": {"shape": STUDENT, "item_repr": "id", "distill": cfg.distill, "max_minutes": args.minutes,
+        "student_recipe": {"shape": args.shape, "item_repr": "id", "distill": cfg.distill, "max_minutes": args.minutes,
                            "max_epochs": cfg.max_epochs, "max_users": args.max_users, "dpo": False,
                            "contrastive_weight": 0.0, "the rest": "the teacher's training config"},
         "student_training": {"seconds": round(trained_s, 1), "epochs": summary.get("epochs"),

@@ -3,7 +3,8 @@
 # .ugtdata (ignored by git; carry it), installs carried wheels (.whl) only if pytest is missing (bench/gpu_stage.sh
 # makes both on a machine with the network), then
 #   bash bench/gpu_serving.sh test                 # kernel + inference parity tests on the GPU
-#   bash bench/gpu_serving.sh train MINUTES        # a short ML-1M UGT run -> $OUT/checkpoint.pt, summary.json
+#   bash bench/gpu_serving.sh train MINUTES [ARGS] # a short ML-1M UGT run -> $OUT/checkpoint.pt, summary.json
+#        (ARGS go to `ugt train`, e.g. --set tie_order=stable)
 #   bash bench/gpu_serving.sh bench [ARGS...]      # bench/serving_gpu.py ARGS --out $OUT/serving_gpu.json
 #   bash bench/gpu_serving.sh compress [ARGS...]   # bench/compression_gpu.py ARGS --out $OUT/compression_gpu.json:
 #        bf16 vs fp8 vs int8_weight engines on a trained checkpoint (--checkpoint, carried under .ugtdata)
@@ -48,8 +49,10 @@ case "$step" in
       tests/models/test_graph_warmup.py tests/models/test_weight_quant.py tests/models/test_blocked_topk.py \
       tests/models/test_slot_attention.py ;;
   train)
+    minutes=${1:-4}
+    shift || true
     python3 -m ugt.cli train --config models/configs/ugt_ml1m.yaml --out-dir /tmp/ugt-ml1m --quiet \
-      --set "max_minutes=${1:-4}" --set dpo.enabled=false --set "semantic_ids={artifact: .ugtdata/sid/ml1m}" \
+      --set "max_minutes=$minutes" --set dpo.enabled=false --set "semantic_ids={artifact: .ugtdata/sid/ml1m}" "$@" \
       && cp /tmp/ugt-ml1m/checkpoint.pt /tmp/ugt-ml1m/summary.json "$out/" ;;
   bench)
     python3 bench/serving_gpu.py --out "$out/serving_gpu.json" "$@" ;;
