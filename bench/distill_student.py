@@ -2,15 +2,15 @@
 (the issue's target: >= 95 % of the teacher's) and CPU requests/s (target: >= 3x the teacher's).
 
 The student is the teacher's own training config (dataset, tie order, max_len, long history, loss) with a smaller
-shape (``--student``: by default 2 layers of d = 32, one head, 2 MoE experts of 64, items by ID only, no
-semantic-ID head, so it needs no semantic-ID artifact), DPO off, and ``distill: {teacher: <the checkpoint>}``;
+shape (``--student``: by default 2 layers of the ML-1M config's block (d = 64, 2 heads, 4 MoE experts of 128,
+top-2), items by ID only, no semantic-ID head, so it needs no semantic-ID artifact), DPO off, and ``distill: {teacher: <the checkpoint>}``;
 it trains on ``--device`` for ``--minutes`` (the trainer's max_minutes; its best validation state is kept). Then
 both models, through the serving engine: HR@10 / NDCG@10 on every test user (the HSTU protocol, as
 bench/compression_gpu.py: leave-one-out, full ranking, the input window masked) on ``--device``, and CPU
 requests/s (fp32, ``--threads`` torch threads as serving runs, no KV cache: every request a prefill) on the first
 ``--cpu-users`` test users, best of ``--repeats`` passes with the two engines taking turns.
 
-  python -m bench.distill_student --teacher .ugtdata/quality-ml1m/ugt-stable-s42/last.pt --minutes 4   # GPU
+  python -m bench.distill_student --teacher .ugtdata/teacher/ugt-ml1m-stable-s42-7m.pt --minutes 6   # GPU
   python -m bench.distill_student --teacher ckpt.pt --device cpu --minutes 0.2 --max-users 100        # smoke
 """
 
@@ -29,8 +29,8 @@ from bench.compression_gpu import load_pool, quality, top10, window_excludes
 
 PROG = "python -m bench.distill_student"
 # the student's shape: model_config keys replaced in the teacher's
-STUDENT = {"d_model": 32, "num_layers": 2, "num_heads": 1, "dqk": 32, "dv": 32,
-           "moe": {"d_ff": 64, "num_experts": 2, "top_k": 1}, "heads": {"semantic_id": False}}
+STUDENT = {"d_model": 64, "num_layers": 2, "num_heads": 2, "dqk": 32, "dv": 32,
+           "moe": {"d_ff": 128, "num_experts": 4, "top_k": 2}, "heads": {"semantic_id": False}}
 
 
 def student_shape(text: str) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +140,18 @@ def submit(s: Settings, job: str, args: list[str], savepoint: str | None = None)
     return found.group(1)
 
 
+def submit_jobs(run: JobsRun, savepoints: dict[str, str] | None = None) -> None:
+    """tokenize and user_state submitted side by side (each `flink run` client is a JVM and a Python of its own:
+    ~30 s apart on a 2-core box), then waited for until every vertex runs."""
+    savepoints = savepoints or {}
+    with ThreadPoolExecutor(2) as pool:
+        jids = {job: pool.submit(submit, run.s, job, run.job_args(job), savepoints.get(job))
+                for job in ("tokenize", "user_state")}
+        run.jids.update({job: future.result() for job, future in jids.items()})
+    for job, jid in run.jids.items():
+        wait_until(lambda jid=jid: job_running(run.s, jid), 300, f"{job} running")
+
+
 def job_running(s: Settings, jid: str) -> bool:
     job = flink_get(s, f"/jobs/{jid}")
     vertices = job.get("vertices") or []
@@ -158,10 +171,7 @@ def start_run(s: Settings, n_events: int) -> JobsRun:
     late_ids = {t.event_id for t in late}
     run.expected_popularity = dict(Counter(t.item_id for t in token_events if t.event_id not in late_ids))
     run.expected_rows = {u: state.to_feature_row() for u, state in states.items()}
-    for job in ("tokenize", "user_state"):
-        run.jids[job] = submit(s, job, run.job_args(job))
-    for job, jid in run.jids.items():
-        wait_until(lambda jid=jid: job_running(s, jid), 300, f"{job} running")
+    submit_jobs(run)
     return run
 
 
@@ -472,10 +482,7 @@ def restart_drill(s: Settings, n_events: int, rate: float) -> dict[str, Any]:
         t_down = time.monotonic()
         stack_mod.up(settings=s, log=lambda line: None, after_kafka=ensure_pipeline)
         t_up = time.monotonic()
-        for job, savepoint in savepoints.items():
-            run.jids[job] = submit(s, job, run.job_args(job), savepoint=savepoint)
-        for job, jid in run.jids.items():
-            wait_until(lambda jid=jid: job_running(s, jid), 300, f"{job} running again")
+        submit_jobs(run, savepoints)
         resumed = time.monotonic()
         publish(s, run.events[half:], run.raw, rate)
         counts = verify(run)

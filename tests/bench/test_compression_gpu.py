@@ -65,17 +65,17 @@ def test_distill_student_trains_and_compares_with_its_teacher_on_cpu(tiny_checkp
     record = json.loads(out.read_text())
     teacher, student = record["rows"]
     assert (teacher["role"], student["role"]) == ("teacher", "student")
-    assert student["shape"]["num_layers"] == 2 and student["shape"]["d_model"] == 32
+    assert student["shape"]["num_layers"] == 2 and student["shape"]["d_model"] == 64
     assert record["conditions"]["student_recipe"]["distill"]["teacher"] == str(tiny_checkpoint)
     assert student["hr@10_ratio_vs_teacher"] is not None and student["cpu_speedup_vs_teacher"] > 0
     assert teacher["cpu_req_s@8"] > 0 and student["users"] == teacher["users"] == 60
 
 
 def test_distill_student_shape_overrides_and_refuses_unknown_keys():
-    shape = distill_student.student_shape("d_model=64, num_layers=3,moe.d_ff=128")
-    assert (shape["d_model"], shape["num_layers"], shape["moe"]["d_ff"]) == (64, 3, 128)
+    shape = distill_student.student_shape("d_model=32, num_layers=3,moe.d_ff=64")
+    assert (shape["d_model"], shape["num_layers"], shape["moe"]["d_ff"]) == (32, 3, 64)
     assert shape["moe"]["num_experts"] == distill_student.STUDENT["moe"]["num_experts"]
-    assert distill_student.STUDENT["d_model"] == 32  # the default is not changed in place
+    assert distill_student.STUDENT["d_model"] == 64  # the default is not changed in place
     for bad in ("width=64", "d_model", "d_model=big", "heads=1", "moe.experts=2", "gln.num_groups=2"):
         with pytest.raises(ValueError, match="--student"):
             distill_student.student_shape(bad)
