@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from bench import proc_cpu
+from bench import jvm_profile, proc_cpu
 from bench.common import print_table, result_path, write_result
 from bench.nearline_paths import TARGET_EVENTS_PER_S, item_path, stack_scope, summary, user_path
 
@@ -99,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--py-spy", default=None,
                         help="path of a py-spy binary: sample the TaskManager's Python stacks during the throughput "
                         "window (where inside the Python operators the time goes)")
+    parser.add_argument("--jfr", action="store_true",
+                        help="Java Flight Recorder on every TaskManager during each throughput window: the Java "
+                        "methods and components (Avro, Kafka, SQL runtime, UGT's Java ...) the CPU went to "
+                        "(bench/jvm_profile.py; needs jcmd and jfr, in any JDK 11+)")
     parser.add_argument("--exactly-once", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the user path with --delivery exactly-once (default: %(default)s)")
     parser.add_argument("--exactly-once-args", default="",
@@ -389,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.windows < 1:
         raise SystemExit("bench: --windows must be >= 1")
+    if args.jfr and (why := jvm_profile.tools_missing()):
+        raise SystemExit(f"bench: --jfr: {why}; install a JDK (e.g. apt-get install openjdk-17-jdk-headless)")
     profiles = [p.strip() for p in (args.stack_profiles or "").split(",") if p.strip()] or [None]
     unknown = sorted(set(profiles) - {None, "single", "cluster"})
     if unknown or len(set(profiles)) < len(profiles):

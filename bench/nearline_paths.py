@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import proc_cpu
+from bench import jvm_profile, proc_cpu
 
 TARGET_EVENTS_PER_S = 50_000  # the target for the 2-core box (tokenize + user_state, sustained)
 
@@ -230,6 +230,11 @@ def throughput_window(run: UserRun, publisher: Any, events: list[dict[str, Any]]
         for pid in [p.pid for p in proc_cpu.processes_running("TaskManagerRunner", scope)]:
             out = f"/tmp/ugt-bench-{run.run_id}-py-spy-{pid}.txt"
             spies.append((proc_cpu.start_py_spy(args.py_spy, pid, out), out))
+    recordings = []
+    if args.jfr:
+        for pid in [p.pid for p in proc_cpu.processes_running("TaskManagerRunner", scope)]:
+            recordings.append((pid, f"/tmp/ugt-bench-{run.run_id}-{pid}-{len(events)}.jfr"))
+            jvm_profile.start(*recordings[-1])
     start = time.time()
     for event in events:
         publisher.publish(run.raw, "user_event", event, event["user_id"])
@@ -250,6 +255,8 @@ def throughput_window(run: UserRun, publisher: Any, events: list[dict[str, Any]]
         print("bench: warning: tokenize and user_state ran in the same TaskManager (one GIL for both)")
     if spies:
         cpu["python_profile"] = proc_cpu.stop_py_spies(spies)
+    if recordings:
+        cpu["java_profile"] = jvm_profile.stop(recordings)
     return {"events": len(events), "produce_s": round(produced_s, 2), "throughput_s": round(throughput_s, 2),
             "events_per_s": round(len(events) / throughput_s, 1), "cpu": cpu}
 

@@ -61,11 +61,12 @@ def test_distill_student_trains_and_compares_with_its_teacher_on_cpu(tiny_checkp
     out = tmp_path / "distill.json"
     assert distill_student.main(["--teacher", str(tiny_checkpoint), "--device", "cpu", "--minutes", "1",
                                  "--max-epochs", "1", "--max-users", "60", "--cpu-users", "16", "--batches", "1,8",
-                                 "--repeats", "1", "--work-dir", str(tmp_path / "student"), "--out", str(out)]) == 0
+                                 "--repeats", "1", "--work-dir", str(tmp_path / "student"), "--out", str(out),
+                                 "--student", "d_model=16,num_heads=1,moe.d_ff=32,moe.num_experts=2,moe.top_k=1"]) == 0
     record = json.loads(out.read_text())
     teacher, student = record["rows"]
     assert (teacher["role"], student["role"]) == ("teacher", "student")
-    assert student["shape"]["num_layers"] == 2 and student["shape"]["d_model"] == 64
+    assert student["shape"]["num_layers"] == 2 and student["shape"]["d_model"] == 16
     assert record["conditions"]["student_recipe"]["distill"]["teacher"] == str(tiny_checkpoint)
     assert student["hr@10_ratio_vs_teacher"] is not None and student["cpu_speedup_vs_teacher"] > 0
     assert teacher["cpu_req_s@8"] > 0 and student["users"] == teacher["users"] == 60
