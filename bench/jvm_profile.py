@@ -3,8 +3,8 @@
 component: Avro, Kafka client, Flink SQL runtime, UGT's own Java, PEMJA's Python bridge ...) and the threads.
 
 A diagnosis for the nearline bench (`python -m bench.nearline --jfr`): py-spy sees the TaskManager's embedded
-Python, this sees its Java. Execution samples only: a thread inside native code (PEMJA running Python, a socket
-write) is sampled as jdk.NativeMethodSample, counted apart as ``native_samples``.
+Python, this sees its Java. Shares are of Java execution samples; a thread inside native code (PEMJA running
+Python, but also one blocked in epoll) is a jdk.NativeMethodSample, only counted (``native_samples``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 from collections import Counter
-from pathlib import Path
 
 RECORDING = "ugt-bench"
 # the first matching prefix names a frame's component (inclusive shares: a sample counts once per component)
@@ -76,9 +75,9 @@ def summarise(events: list[dict], top: int = 15) -> dict[str, object]:
         if not frames:
             continue
         total += 1
-        names = [f"{f['method']['type']['name']}.{f['method']['name']}" for f in frames]
-        self_counts[names[0]] += 1
-        inclusive.update({c for f in frames if (c := component(f["method"]["type"]["name"]))})
+        types = [f["method"]["type"]["name"].replace("/", ".") for f in frames]  # JFR writes a/b/C
+        self_counts[f"{types[0]}.{frames[0]['method']['name']}"] += 1
+        inclusive.update({c for t in types if (c := component(t))})
         thread = (values.get("sampledThread") or {}).get("javaName") or "?"
         threads[re.sub(r"\d+", "N", thread)[:48]] += 1
 
@@ -101,5 +100,5 @@ def stop(recordings: list[tuple[int, str]], top: int = 15) -> dict[str, object]:
         except (subprocess.SubprocessError, OSError) as exc:  # a JVM gone mid-run must not lose the benchmark
             return {"error": f"JFR on pid {pid}: {exc}"}
         events += json.loads(printed.stdout)["recording"]["events"]
-        Path(out).unlink(missing_ok=True)
-    return summarise(events, top)
+    # the recordings stay for a closer look: `jfr print --events jdk.ExecutionSample FILE`, or JDK Mission Control
+    return {**summarise(events, top), "recordings": [out for _, out in recordings]}

@@ -273,7 +273,8 @@ def later_windows(run: UserRun, publisher: Any, events: list[dict[str, Any]], ba
     return {"steady": windows[-1], "windows": [
         {"events_per_s": w["events_per_s"], "flink_us_per_event": w["cpu"]["budget"]["flink_us_per_event"],
          "flink_jit_us_per_event": w["cpu"]["budget"]["flink_jit_us_per_event"],
-         "cpu_s_by_thread": w["cpu"]["cpu_s_by_thread"]} for w in windows]}
+         "cpu_s_by_thread": w["cpu"]["cpu_s_by_thread"],
+         **({"java_profile": w["cpu"]["java_profile"]} if "java_profile" in w["cpu"] else {})} for w in windows]}
 
 
 def freshness_lags(run: UserRun, publisher: Any, events: list[dict[str, Any]]) -> list[float]:

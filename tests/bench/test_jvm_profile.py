@@ -19,7 +19,7 @@ def test_summary_counts_self_methods_components_once_per_sample_and_threads():
                "ugt.flink.TokenizeRecord.eval", "org.apache.flink.table.runtime.X.process"),
         sample("Source: raw_source (1/1)#0", "ugt.flink.RecordTokenizer.tokenize", "ugt.flink.RecordTokenizer.apply",
                "ugt.flink.TokenizeRecord.eval"),
-        sample("kafka-producer-network-thread | p-12", "org.apache.kafka.common.Sender.run"),
+        sample("kafka-producer-network-thread | p-12", "org/apache/kafka/common/Sender.run"),  # JFR's a/b/C
         sample("Thread-3", "java.lang.Object.wait"),
         {"type": "jdk.NativeMethodSample", "values": {}},
         {"type": "jdk.ExecutionSample", "values": {"stackTrace": {"frames": []}}},
