@@ -206,6 +206,7 @@ def nearline_record(args: argparse.Namespace, anchor: Any, users: dict[str, Any]
         "ratio_to_anchor": round(users["events_per_s"] / anchor_rate, 4) if users["events_per_s"] and anchor_rate
         else None,
         "cpu_during_throughput": users["cpu"],
+        "windows": users.get("windows"),  # each --windows window's events/s, Flink CPU, threads (and JFR's profile)
     }
 
 
