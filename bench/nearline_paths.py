@@ -233,7 +233,7 @@ def throughput_window(run: UserRun, publisher: Any, events: list[dict[str, Any]]
     recordings = []
     if args.jfr:
         for pid in [p.pid for p in proc_cpu.processes_running("TaskManagerRunner", scope)]:
-            recordings.append((pid, f"/tmp/ugt-bench-{run.run_id}-{pid}-{len(events)}.jfr"))
+            recordings.append((pid, f"/tmp/ugt-bench-{run.run_id}-{pid}-{time.time():.0f}.jfr"))  # one per window
             jvm_profile.start(*recordings[-1])
     start = time.time()
     for event in events:
