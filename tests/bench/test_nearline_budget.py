@@ -48,7 +48,7 @@ def test_each_engine_run_gets_its_engine_on_top_of_the_tokenize_args() -> None:
 def test_per_event_split_reads_the_thread_groups_of_a_window() -> None:
     from bench.nearline import per_event_us
 
-    # thread groups of nearline-engines-batch-3.json's sql window (50,000 events), with its JIT sum
+    # thread groups of a run's sql window (50,000 events; nearline-engines-batch-3.json, in git at 7e4f99e), with its JIT sum
     threads = {"flink-taskmanager: user-state -> (": 1.12, "flink-taskmanager: Source: raw_sou": 0.75,
                "flink-taskmanager: CN CompilerThre": 0.6, "flink-taskmanager: Source: tokens_": 0.03}
     window = {"events": 50_000, "cpu": {"cpu_s_by_thread": threads,
