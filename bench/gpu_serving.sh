@@ -82,6 +82,6 @@ case "$step" in
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
     python3 bench/serving_gpu_e2e.py --out "$out/serving_gpu_e2e.json" "$@" ;;
   *)
-    echo "usage: bash bench/gpu_serving.sh test | train MINUTES | bench [bench/serving_gpu.py args] | compress [args] | throughput [args] | topk [args] | distill [args] | profile [args] | e2e [args]" >&2
+    echo "usage: bash bench/gpu_serving.sh test | train MINUTES [ugt train args] | bench [bench/serving_gpu.py args] | compress [args] | throughput [args] | topk [args] | distill [args] | profile [args] | e2e [args]" >&2
     exit 2 ;;
 esac
