@@ -90,12 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenize-args", default="",
                         help="extra tokenize job options, one string (e.g. \"--lake ''\" for no parquet lake)")
     parser.add_argument("--user-state-args", default="", help="extra user_state job options, one string")
-    parser.add_argument("--tokenize-engines", default="python",
+    parser.add_argument("--tokenize-engines", default="sql",
                         help="tokenize --engine of the user path, or several comma-separated (e.g. python,sql): the "
                         "user path runs once per engine, in this order, each on its own topics; with several, the "
                         "result holds flink_cpu_us_per_event_by_engine; the headline numbers and the exactly-once "
-                        "path are the first engine's; an entry ENGINE:USER_STATE_ARGS (e.g. \"sql,sql:--batch-ms 0\") "
-                        "also gives that run's user_state those options (default: %(default)s)")
+                        "path are the first engine's; an entry ENGINE TOKENIZE_ARGS:USER_STATE_ARGS (e.g. "
+                        "\"sql,sql:--batch-ms 0\" or \"sql,sql --lake ''\") also gives that run's tokenize and "
+                        "user_state those options (default: %(default)s, the job's default)")
     parser.add_argument("--py-spy", default=None,
                         help="path of a py-spy binary: sample the TaskManager's Python stacks during the throughput "
                         "window (where inside the Python operators the time goes)")
@@ -131,10 +132,12 @@ def stale_code_warning() -> str | None:
 
 
 def engine_args(args: argparse.Namespace, variant: str) -> argparse.Namespace:
-    """args with tokenize's --engine added to the tokenize args; a variant `ENGINE:USER_STATE_ARGS` (e.g.
-    `sql:--batch-ms 0`) also adds USER_STATE_ARGS to user_state's."""
-    engine, _, user_state = variant.partition(":")
-    return argparse.Namespace(**{**vars(args), "tokenize_args": f"{args.tokenize_args} --engine {engine}".strip(),
+    """args with tokenize's --engine added to the tokenize args; a variant `ENGINE TOKENIZE_ARGS:USER_STATE_ARGS`
+    (e.g. `sql --lake '':--batch-ms 0`, both parts optional) also adds those to tokenize's and user_state's."""
+    tokenize, _, user_state = variant.partition(":")
+    engine, _, extra = tokenize.strip().partition(" ")  # `sql --lake ''`: tokenize options of this entry's own
+    tokenize_args = " ".join(filter(None, (args.tokenize_args, f"--engine {engine}", extra.strip())))
+    return argparse.Namespace(**{**vars(args), "tokenize_args": tokenize_args,
                                  "user_state_args": f"{getattr(args, 'user_state_args', '')} {user_state}".strip()})
 
 

@@ -43,6 +43,10 @@ def test_each_engine_run_gets_its_engine_on_top_of_the_tokenize_args() -> None:
     variant = engine_args(argparse.Namespace(tokenize_args="", user_state_args="--max-events 50"), "sql:--batch-ms 0")
     assert (variant.tokenize_args, variant.user_state_args) == ("--engine sql", "--max-events 50 --batch-ms 0")
     assert engine_args(args, "sql").user_state_args == ""
+    # an entry's own tokenize options follow its engine, before the ':'
+    both = engine_args(argparse.Namespace(tokenize_args="", user_state_args=""), "sql --lake '':--batch-ms 0")
+    assert (both.tokenize_args, both.user_state_args) == ("--engine sql --lake ''", "--batch-ms 0")
+    assert engine_args(args, " python --batch 4 ").tokenize_args == "--lake '' --engine python --batch 4"
 
 
 def test_per_event_split_reads_the_thread_groups_of_a_window() -> None:
