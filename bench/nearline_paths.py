@@ -225,16 +225,17 @@ def throughput_window(run: UserRun, publisher: Any, events: list[dict[str, Any]]
     print(f"== throughput: {len(events):,} {args.dataset} events at full speed")
     scope = stack_scope(run.settings)
     cpu_before = proc_cpu.snapshot(os.getpid(), scope)
+    # the samplers watch every TaskManager: each embeds its own CPython (py-spy) beside its Java (JFR)
+    taskmanagers = ([p.pid for p in proc_cpu.processes_running("TaskManagerRunner", scope)]
+                    if args.py_spy or args.jfr else [])
     spies = []
-    if args.py_spy:  # every TaskManager: each embeds its own CPython
-        for pid in [p.pid for p in proc_cpu.processes_running("TaskManagerRunner", scope)]:
-            out = f"/tmp/ugt-bench-{run.run_id}-py-spy-{pid}.txt"
-            spies.append((proc_cpu.start_py_spy(args.py_spy, pid, out), out))
-    recordings = []
-    if args.jfr:
-        for pid in [p.pid for p in proc_cpu.processes_running("TaskManagerRunner", scope)]:
-            recordings.append((pid, f"/tmp/ugt-bench-{run.run_id}-{pid}-{time.time():.0f}.jfr"))  # one per window
-            jvm_profile.start(*recordings[-1])
+    for pid in taskmanagers if args.py_spy else []:
+        out = f"/tmp/ugt-bench-{run.run_id}-py-spy-{pid}.txt"
+        spies.append((proc_cpu.start_py_spy(args.py_spy, pid, out), out))
+    recordings = [(pid, f"/tmp/ugt-bench-{run.run_id}-{pid}-{time.time():.0f}.jfr")  # one per window
+                  for pid in (taskmanagers if args.jfr else [])]
+    for recording in recordings:
+        jvm_profile.start(*recording)
     start = time.time()
     for event in events:
         publisher.publish(run.raw, "user_event", event, event["user_id"])
